@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""The two commands of the README, plus the small chores around them.
+
+    python3 dev.py demo     a real worker on the embedded broker runs the example tasks
+    python3 dev.py test     lint, type-check and the whole test suite
+    python3 dev.py bench    the benchmarks (see benchmarks/README.md)
+
+It needs nothing but Python 3.11+: it creates `.venv` beside this file on first use and installs
+every workspace package (editable, with its entry points) plus the pinned development tools from the
+root `pyproject.toml`. It reinstalls only when a `pyproject.toml` changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tomllib
+import venv
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+STAMP = VENV / ".millpond-installed"
+
+# Pool plugins that monkey-patch the interpreter get their own pytest process each.
+GREEN_SUITES = ["tests/green/gevent", "tests/green/eventlet"]
+
+
+def members() -> list[Path]:
+    return [ROOT / "core", *sorted(p.parent for p in (ROOT / "plugins").glob("*/pyproject.toml"))]
+
+
+def fingerprint() -> str:
+    digest = hashlib.sha256()
+    for path in [ROOT / "pyproject.toml", *(m / "pyproject.toml" for m in members())]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_env() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"millpond needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    if not PY.exists():
+        print("dev.py: creating .venv", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    if STAMP.exists() and STAMP.read_text() == fingerprint():
+        return
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["dependency-groups"]["dev"]
+    args = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    for member in members():
+        args += ["-e", str(member)]
+    print("dev.py: installing the workspace into .venv (first run takes a minute or two)", flush=True)
+    subprocess.run([*args, *dev], check=True)
+    STAMP.write_text(fingerprint())
+
+
+def run(*cmd: str, env: dict[str, str] | None = None) -> int:
+    return subprocess.call(cmd, cwd=ROOT, env=env)
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["VIRTUAL_ENV"] = str(VENV)
+    env.pop("PYTHONHOME", None)
+    return env
+
+
+def demo(extra: list[str]) -> int:
+    return run(str(PY), "examples/demo.py", *extra, env=child_env())
+
+
+def lint() -> int:
+    env = child_env()
+    failed = 0
+    failed |= run(str(BIN / "ruff"), "check", ".", env=env)
+    failed |= run(str(BIN / "ruff"), "format", "--check", ".", env=env)
+    failed |= run(str(BIN / "mypy"), env=env)
+    return failed
+
+
+def count(junit: Path) -> tuple[int, int, int]:
+    """(passed, failed, skipped) from a pytest JUnit report; a missing report counts as a failure."""
+    if not junit.exists():
+        return 0, 1, 0
+    suites = ET.parse(junit).getroot()
+    total = failed = skipped = 0
+    for suite in suites.iter("testsuite"):
+        total += int(suite.get("tests", 0))
+        failed += int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+        skipped += int(suite.get("skipped", 0))
+    return total - failed - skipped, failed, skipped
+
+
+def test(extra: list[str]) -> int:
+    env = child_env()
+    status = 0
+    if not extra and os.environ.get("MILLPOND_SKIP_LINT") != "1":
+        status |= lint()
+    reports = ROOT / ".venv" / "test-reports"
+    reports.mkdir(exist_ok=True)
+    for old in reports.glob("*.xml"):
+        old.unlink()
+    pytest = [str(PY), "-m", "pytest"]
+    sessions: list[list[str]] = []
+    if extra:
+        sessions.append(extra)
+    else:
+        sessions.append(["tests", *(f"--ignore={g}" for g in GREEN_SUITES)])
+        sessions += [[g] for g in GREEN_SUITES if (ROOT / g).is_dir()]
+    totals = [0, 0, 0]
+    for i, session in enumerate(sessions):
+        junit = reports / f"session-{i}.xml"
+        code = run(*pytest, f"--junitxml={junit}", *session, env=env)
+        if code not in (0, 5):
+            status |= 1
+        for j, n in enumerate(count(junit)):
+            totals[j] += n
+    passed, failed, skipped = totals
+    if status and not failed:
+        failed = 1  # lint or a session that crashed before reporting
+    print(f"millpond: {passed} passed, {failed} failed, {skipped} skipped")
+    return 1 if status or failed else 0
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(__doc__)
+        return 0
+    command, extra = argv[0], argv[1:]
+    ensure_env()
+    if command == "demo":
+        return demo(extra)
+    if command == "test":
+        return test(extra)
+    if command == "lint":
+        return lint()
+    if command == "bench":
+        return run(str(PY), "benchmarks/run.py", *extra, env=child_env())
+    if command == "env":
+        return 0
+    print(f"dev.py: unknown command {command!r}\n{__doc__}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
