@@ -168,3 +168,55 @@ def test_worker_twelve_factor_env_only(e2e_env: dict[str, str], tmp_path: Path) 
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert b"tests.e2e.app.add" in out  # the banner lists the registered tasks
+
+
+def test_dlq_list_replay_purge(spawn_worker: Any, e2e_env: dict[str, str], producer: Any) -> None:
+    from millpond.protocol import encode_task
+
+    queue = e2e_env["MILLPOND_QUEUES"]
+    worker = spawn_worker("-P", "solo").wait_ready()
+    producer.broker.publish(queue, encode_task("tests.e2e.app.add", [1], {}))  # wrong arguments
+    wait_until(lambda: producer.broker.dead_letters(queue), 20, "a dead letter")
+    listed = millpond("dlq", "list", env=e2e_env)
+    assert listed.returncode == 0
+    entry = json.loads(listed.stdout.splitlines()[1])
+    assert entry["task"] == "tests.e2e.app.add" and "wrong arguments" in entry["reason"]
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    replayed = millpond("dlq", "replay", env=e2e_env)
+    assert "1 messages moved back" in replayed.stdout
+    assert producer.broker.queue_length(queue) == 1
+    assert millpond("purge", "--force", env=e2e_env).returncode == 0
+    producer.broker.publish(queue, encode_task("no.such", [], {}))
+    spawn_worker("-P", "solo").wait_ready()
+    wait_until(lambda: producer.broker.dead_letters(queue), 20, "a dead letter")
+    assert millpond("dlq", "purge", env=e2e_env).returncode == 2
+    purged = millpond("dlq", "purge", "--force", env=e2e_env)
+    assert "1 messages purged" in purged.stdout
+
+
+def test_signed_messages(spawn_worker: Any, e2e_env: dict[str, str], producer: Any, monkeypatch: Any) -> None:
+    from millpond.protocol import DEATH_REASON, encode_task
+    from millpond.settings import load_settings
+
+    queue = e2e_env["MILLPOND_QUEUES"]
+    key = {"MILLPOND_SIGNING_KEY": "1234567"}  # numeric: must stay text
+    spawn_worker("-P", "solo", env=key).wait_ready()
+    monkeypatch.setenv("MILLPOND_SIGNING_KEY", "1234567")
+    producer.configure(load_settings())
+    from tests.e2e.app import add
+
+    assert add.delay(1, 2).get(timeout=20) == 3  # signed by the producer, verified by the worker
+    forged = encode_task(add.name, [1, 2], {})
+    producer.broker.publish(queue, forged)  # unsigned
+    tampered = encode_task(add.name, [1, 2], {})
+    from millpond.signing import sign
+
+    sign(tampered, "1234567")
+    tampered.body = tampered.body.replace(b"[1,2]", b"[9,9]")
+    producer.broker.publish(queue, tampered)
+    dead = wait_until(lambda: len(producer.broker.dead_letters(queue)) == 2
+                      and producer.broker.dead_letters(queue), 20, "two dead letters")
+    reasons = [m.headers[DEATH_REASON] for m in dead]
+    assert any("signature does not match" in r for r in reasons), reasons
+    assert any("not signed" in r for r in reasons), reasons

@@ -220,6 +220,10 @@ class Millpond:
             headers=headers,
             priority=priority,
         )
+        if self.settings.signing_key:
+            from millpond.signing import sign
+
+            sign(message, self.settings.signing_key)
         task_id = message.headers["id"]
         with telemetry.publish_span(queue, name, task_id, message.headers):
             self.broker.publish(queue, message, eta=eta_ts if eta_ts and eta_ts > now else None)

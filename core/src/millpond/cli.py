@@ -103,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     pu.add_argument("-Q", "--queues", help="comma-separated queues (default: the configured ones)")
     pu.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
 
+    d = sub.add_parser("dlq", help="inspect, replay or purge dead-lettered messages")
+    common(d)
+    d.add_argument("action", choices=("list", "replay", "purge"))
+    d.add_argument("-Q", "--queues", help="comma-separated queues (default: the configured ones)")
+    d.add_argument("--limit", type=int, help="at most this many messages (list: default 20)")
+    d.add_argument("-f", "--force", action="store_true", help="purge without asking")
+
     sub.add_parser("plugins", help="list installed pools, brokers and result backends")
 
     c = sub.add_parser("config", help="print every setting, its value and where it came from")
@@ -251,6 +258,36 @@ def cmd_purge(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dlq(ns: argparse.Namespace) -> int:
+    from millpond.app import Millpond
+    from millpond.broker import dead_letter_queue
+    from millpond.protocol import DEATH_REASON
+
+    settings = _settings(ns)
+    queues = [q.strip() for q in ns.queues.split(",")] if ns.queues else list(settings.queues)
+    app = Millpond("cli", settings=settings)
+    try:
+        for queue in queues:
+            dead = dead_letter_queue(queue)
+            if ns.action == "list":
+                messages = app.broker.dead_letters(queue, ns.limit or 20)
+                print(f"{dead}: {len(messages)} shown")
+                for m in messages:
+                    print(json.dumps({"id": m.headers.get("id"), "task": m.headers.get("task"),
+                                      "reason": m.headers.get(DEATH_REASON),
+                                      "argsrepr": m.headers.get("argsrepr")}))
+            elif ns.action == "replay":
+                moved = app.broker.replay_dead_letters(queue, ns.limit)
+                print(f"{dead}: {moved} messages moved back to {queue}")
+            else:
+                if not ns.force:
+                    raise ConfigurationError("dlq purge deletes messages: pass --force to confirm")
+                print(f"{dead}: {app.broker.purge(dead)} messages purged")
+    finally:
+        app.close()
+    return EXIT_OK
+
+
 def cmd_plugins(ns: argparse.Namespace) -> int:
     from millpond.plugins import BACKENDS, BROKERS, POOLS, describe_installed
 
@@ -284,6 +321,7 @@ COMMANDS = {
     "send": cmd_send,
     "result": cmd_result,
     "purge": cmd_purge,
+    "dlq": cmd_dlq,
     "plugins": cmd_plugins,
     "config": cmd_config,
 }

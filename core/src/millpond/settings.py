@@ -178,6 +178,9 @@ CORE = Section(
                "accepts; add application/x-python-serialize only if every producer is trusted."),
         Option("max_message_size", "int", 10 * 1024 * 1024, "Largest message body accepted, in "
                "bytes; larger messages are dead-lettered.", minimum=1),
+        Option("signing_key", "str", None, "Shared secret: producers sign every message "
+               "(HMAC-SHA256) and workers dead-letter unsigned or altered ones.", nullable=True,
+               secret=True),
         Option("log_level", "str", "INFO", "Log level.",
                choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
         Option("log_format", "str", "auto", "auto (console on a terminal, JSON otherwise), json, "
@@ -214,6 +217,7 @@ class Settings:
     result_expires: float = 86400.0
     accept_content: tuple[str, ...] = ("application/json",)
     max_message_size: int = 10 * 1024 * 1024
+    signing_key: str | None = None
     log_level: str = "INFO"
     log_format: str = "auto"
     log_stdlib: bool = False

@@ -52,8 +52,10 @@ from millpond.pool import FAILURE as OUT_FAILURE
 from millpond.pool import RETRY as OUT_RETRY
 from millpond.pool import REVOKED as OUT_REVOKED
 from millpond.pool import SUCCESS as OUT_SUCCESS
-from millpond.protocol import TaskMessage, decode_task, encode_task
+from millpond.protocol import PICKLE, TaskMessage, decode_task, encode_task
 from millpond.settings import Settings, load_settings
+from millpond.signing import sign as sign_message
+from millpond.signing import verify as verify_signature
 
 if TYPE_CHECKING:
     from millpond.app import Millpond
@@ -177,6 +179,9 @@ class Worker:
 
             logs.configure(self.settings.log_level, self.settings.log_format,
                            stdlib=self.settings.log_stdlib)
+        if PICKLE in self._accept:
+            log.warning("accept_content allows pickle: any producer that can reach the broker can "
+                        "run code in this worker; allow it only if every producer is trusted")
         execution.set_worker_app(self.app)
         telemetry.refresh(parenting="link" if self.settings.trace_link else "parent")
         self._check_capabilities()
@@ -262,6 +267,8 @@ class Worker:
         self._unacked += 1
         settings = self.settings
         try:
+            if settings.signing_key:
+                verify_signature(delivery.message, settings.signing_key)
             msg = decode_task(delivery.message, accept=self._accept,
                               max_size=settings.max_message_size)
             task = self.app.tasks.get(msg.task)
@@ -511,6 +518,8 @@ class Worker:
             old = delivery.message.headers
             if "ignore_result" in old:
                 message.headers["ignore_result"] = old["ignore_result"]
+        if self.settings.signing_key:
+            sign_message(message, self.settings.signing_key)
         log.info("task will retry", task_id=job.task_id, task_name=job.task_name,
                  retries=job.retries + 1, countdown=round(eta - now, 3),
                  reason=f"{outcome.exc_type}: {outcome.exc_message}")
