@@ -43,7 +43,7 @@ def fingerprint() -> str:
 
 
 def ensure_env() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py may be started by an older python3
         sys.exit(f"millpond needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     if not PY.exists():
         print("dev.py: creating .venv", flush=True)
@@ -54,7 +54,9 @@ def ensure_env() -> None:
     args = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     for member in members():
         args += ["-e", str(member)]
-    print("dev.py: installing the workspace into .venv (first run takes a minute or two)", flush=True)
+    print(
+        "dev.py: installing the workspace into .venv (first run takes a minute or two)", flush=True
+    )
     subprocess.run([*args, *dev], check=True)
     STAMP.write_text(fingerprint())
 
@@ -88,7 +90,7 @@ def count(junit: Path) -> tuple[int, int, int]:
     """(passed, failed, skipped) from a pytest JUnit report; a missing report counts as a failure."""
     if not junit.exists():
         return 0, 1, 0
-    suites = ET.parse(junit).getroot()
+    suites = ET.parse(junit).getroot()  # noqa: S314 - our own pytest's report
     total = failed = skipped = 0
     for suite in suites.iter("testsuite"):
         total += int(suite.get("tests", 0))

@@ -26,14 +26,30 @@ def main() -> int:
     from examples.shop import add, app, charge_card, refund, resize_image
 
     print(f"demo: broker {os.environ['MILLPOND_BROKER_URL']} (embedded, no server)")
-    cmd = [sys.executable, "-m", "millpond", "worker", "-A", "examples.shop:app",
-           "-P", "threads", "-c", "4", "--log-format", "console", "-l", "INFO"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "millpond",
+        "worker",
+        "-A",
+        "examples.shop:app",
+        "-P",
+        "threads",
+        "-c",
+        "4",
+        "--log-format",
+        "console",
+        "-l",
+        "INFO",
+    ]
     print("demo: starting", " ".join(["millpond", *cmd[3:]]), flush=True)
     worker = subprocess.Popen(cmd, cwd=ROOT)
     try:
         results = [("add(2, 3)", add.delay(2, 3))]
-        results += [(f"resize_image({n!r}, 640)", resize_image.delay(n, 640))
-                    for n in ("cat.png", "dog.png", "owl.png")]
+        results += [
+            (f"resize_image({n!r}, 640)", resize_image.delay(n, 640))
+            for n in ("cat.png", "dog.png", "owl.png")
+        ]
         results.append(("charge_card('A-17', 12.5)", charge_card.delay("A-17", 12.5)))
         results.append(("refund('B-3')", refund.delay("B-3")))
         print(f"demo: sent {len(results)} tasks; results as they complete:", flush=True)

@@ -10,14 +10,30 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from millpond import envelope
-from millpond.exceptions import MalformedMessage, MessageError, MessageTooLarge, UnsupportedContentType
+from millpond.exceptions import (
+    MalformedMessage,
+    MessageError,
+    MessageTooLarge,
+    UnsupportedContentType,
+)
 from millpond.protocol import PICKLE, Message, decode_task, encode_task
 
 
 def test_round_trip_keeps_every_header() -> None:
-    msg = encode_task("shop.add", (2, 3), {"z": 1}, retries=2, eta=1_700_000_000.5,
-                      expires=1_700_000_100.0, time_limit=30, soft_time_limit=20,
-                      root_id="r", parent_id="p", origin="me@host", headers={"traceparent": "00-ab"})
+    msg = encode_task(
+        "shop.add",
+        (2, 3),
+        {"z": 1},
+        retries=2,
+        eta=1_700_000_000.5,
+        expires=1_700_000_100.0,
+        time_limit=30,
+        soft_time_limit=20,
+        root_id="r",
+        parent_id="p",
+        origin="me@host",
+        headers={"traceparent": "00-ab"},
+    )
     decoded = decode_task(msg)
     assert decoded.task == "shop.add"
     assert decoded.args == (2, 3)
@@ -31,7 +47,12 @@ def test_round_trip_keeps_every_header() -> None:
     assert msg.headers["lang"] == "py"
     assert msg.headers["timelimit"] == [30, 20]
     assert msg.properties["correlation_id"] == decoded.id
-    assert json.loads(msg.body)[2] == {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    assert json.loads(msg.body)[2] == {
+        "callbacks": None,
+        "errbacks": None,
+        "chain": None,
+        "chord": None,
+    }
 
 
 def test_message_sent_by_celery_decodes() -> None:
@@ -39,13 +60,29 @@ def test_message_sent_by_celery_decodes() -> None:
     celery = pytest.importorskip("celery")
     app = celery.Celery("interop", broker="memory://")
     amqp = app.amqp
-    task_msg = amqp.as_task_v2("tid-1", "shop.add", args=(2, 3), kwargs={"k": "v"}, retries=1,
-                               time_limit=10, soft_time_limit=5)
+    task_msg = amqp.as_task_v2(
+        "tid-1",
+        "shop.add",
+        args=(2, 3),
+        kwargs={"k": "v"},
+        retries=1,
+        time_limit=10,
+        soft_time_limit=5,
+    )
     body = json.dumps(task_msg.body).encode()
-    message = Message(body=body, headers=dict(task_msg.headers), content_type="application/json",
-                      properties=dict(task_msg.properties))
+    message = Message(
+        body=body,
+        headers=dict(task_msg.headers),
+        content_type="application/json",
+        properties=dict(task_msg.properties),
+    )
     decoded = decode_task(message)
-    assert (decoded.id, decoded.task, decoded.args, decoded.kwargs) == ("tid-1", "shop.add", (2, 3), {"k": "v"})
+    assert (decoded.id, decoded.task, decoded.args, decoded.kwargs) == (
+        "tid-1",
+        "shop.add",
+        (2, 3),
+        {"k": "v"},
+    )
     assert decoded.retries == 1
     assert (decoded.time_limit, decoded.soft_time_limit) == (10.0, 5.0)
 
@@ -65,7 +102,11 @@ def test_envelope_round_trip() -> None:
         (lambda m: setattr(m, "body", b"{not json"), MalformedMessage, "not valid JSON"),
         (lambda m: setattr(m, "body", b'{"a": 1}'), MalformedMessage, "[args, kwargs, embed]"),
         (lambda m: setattr(m, "body", b'["x", {}, {}]'), MalformedMessage, "args must be an array"),
-        (lambda m: setattr(m, "body", b"[[], [], {}]"), MalformedMessage, "kwargs must be an object"),
+        (
+            lambda m: setattr(m, "body", b"[[], [], {}]"),
+            MalformedMessage,
+            "kwargs must be an object",
+        ),
         (lambda m: setattr(m, "body", b"\xff\xfe"), MalformedMessage, "utf-8"),
         (lambda m: setattr(m, "body", b"[" * 100_000), MalformedMessage, "JSON"),
         (lambda m: m.headers.pop("task"), MalformedMessage, "'task'"),
@@ -76,7 +117,11 @@ def test_envelope_round_trip() -> None:
         (lambda m: m.headers.update(timelimit=[1]), MalformedMessage, "timelimit"),
         (lambda m: m.headers.update(timelimit=[-1, None]), MalformedMessage, "positive"),
         (lambda m: setattr(m, "content_type", PICKLE), UnsupportedContentType, "pickle is refused"),
-        (lambda m: setattr(m, "content_type", "application/x-yaml"), UnsupportedContentType, "yaml"),
+        (
+            lambda m: setattr(m, "content_type", "application/x-yaml"),
+            UnsupportedContentType,
+            "yaml",
+        ),
         (lambda m: setattr(m, "headers", []), MalformedMessage, "headers"),
     ],
 )
@@ -95,7 +140,9 @@ def test_size_limit() -> None:
 
 
 def test_pickle_only_when_explicitly_accepted() -> None:
-    msg = Message(body=pickle.dumps([[1], {}, {}]), headers=encode_task("t").headers, content_type=PICKLE)
+    msg = Message(
+        body=pickle.dumps([[1], {}, {}]), headers=encode_task("t").headers, content_type=PICKLE
+    )
     with pytest.raises(UnsupportedContentType):
         decode_task(msg)
     assert decode_task(msg, accept=frozenset({PICKLE})).args == (1,)
@@ -106,7 +153,12 @@ def test_unserialisable_arguments_fail_at_send() -> None:
         encode_task("t", [object()])
 
 
-@given(st.binary(max_size=512), st.dictionaries(st.text(max_size=8), st.none() | st.integers() | st.text(max_size=8), max_size=6))
+@given(
+    st.binary(max_size=512),
+    st.dictionaries(
+        st.text(max_size=8), st.none() | st.integers() | st.text(max_size=8), max_size=6
+    ),
+)
 def test_decoder_never_crashes_on_arbitrary_input(body: bytes, headers: dict) -> None:  # type: ignore[type-arg]
     """Whatever arrives, the decoder either returns a TaskMessage or raises a MessageError."""
     try:

@@ -25,8 +25,14 @@ def test_defaults() -> None:
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:
-    path = write(tmp_path, 'pool = "solo"\nconcurrency = 3\nqueues = ["a", "b"]\nprefetch_multiplier = 7\n')
-    env = {"MILLPOND_SETTINGS_FILE": str(path), "MILLPOND_CONCURRENCY": "5", "MILLPOND_POOL": "prefork"}
+    path = write(
+        tmp_path, 'pool = "solo"\nconcurrency = 3\nqueues = ["a", "b"]\nprefetch_multiplier = 7\n'
+    )
+    env = {
+        "MILLPOND_SETTINGS_FILE": str(path),
+        "MILLPOND_CONCURRENCY": "5",
+        "MILLPOND_POOL": "prefork",
+    }
     s = load_settings({"pool": "gevent"}, env=env)
     assert s.pool == "gevent" and s.sources["pool"] == "flag"
     assert s.concurrency == 5 and s.sources["concurrency"] == "env MILLPOND_CONCURRENCY"
@@ -52,7 +58,10 @@ def test_env_values_are_typed_explicitly() -> None:
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
-        ({"MILLPOND_CONCURRENCY": "lots"}, "setting 'concurrency' (env MILLPOND_CONCURRENCY) has a bad value 'lots'"),
+        (
+            {"MILLPOND_CONCURRENCY": "lots"},
+            "setting 'concurrency' (env MILLPOND_CONCURRENCY) has a bad value 'lots'",
+        ),
         ({"MILLPOND_CONCURRENCY": "0"}, "too small"),
         ({"MILLPOND_LOG_FORMAT": "xml"}, "one of 'auto', 'json', 'console'"),
         ({"MILLPOND_ACKS_LATE": "maybe"}, "not a boolean"),
@@ -82,11 +91,17 @@ def test_missing_settings_file_is_an_error() -> None:
 
 
 def test_plugin_sections_from_file_and_env(tmp_path: Path) -> None:
-    section = Section("prefork", "Prefork", (Option("max_tasks_per_child", "int", None, "h", nullable=True, minimum=1),))
+    section = Section(
+        "prefork",
+        "Prefork",
+        (Option("max_tasks_per_child", "int", None, "h", nullable=True, minimum=1),),
+    )
     path = write(tmp_path, "[prefork]\nmax_tasks_per_child = 10\n")
     s = load_settings(env={"MILLPOND_SETTINGS_FILE": str(path)})
     assert s.section(section)["max_tasks_per_child"] == 10
-    s = load_settings(env={"MILLPOND_SETTINGS_FILE": str(path), "MILLPOND_PREFORK__MAX_TASKS_PER_CHILD": "3"})
+    s = load_settings(
+        env={"MILLPOND_SETTINGS_FILE": str(path), "MILLPOND_PREFORK__MAX_TASKS_PER_CHILD": "3"}
+    )
     assert s.section(section)["max_tasks_per_child"] == 3
     bad = load_settings(env={"MILLPOND_PREFORK__MAX_TASK_PER_CHILD": "3"})
     with pytest.raises(ConfigurationError, match="did you mean 'max_tasks_per_child'"):

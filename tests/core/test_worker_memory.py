@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from millpond import Millpond, TaskError
-from millpond.result import rebuild_exception
 from millpond.broker import dead_letter_queue
 from millpond.exceptions import MaxRetriesExceededError, TaskRevokedError
 from millpond.exceptions import TimeoutError as MillpondTimeout
 from millpond.protocol import DEATH_REASON, Message, encode_task
+from millpond.result import rebuild_exception
 
 
 class ShopError(Exception):
@@ -55,27 +55,39 @@ def register(app: Millpond) -> dict[str, Any]:
     def started_at() -> float:
         return time.time()
 
-    return {"add": add, "fail": fail, "fail_custom": fail_custom, "flaky": flaky,
-            "always_down": always_down, "early": early, "started_at": started_at, "calls": calls}
+    return {
+        "add": add,
+        "fail": fail,
+        "fail_custom": fail_custom,
+        "flaky": flaky,
+        "always_down": always_down,
+        "early": early,
+        "started_at": started_at,
+        "calls": calls,
+    }
 
 
 def test_results_and_errors_round_trip(memory_app: Millpond, start_worker: Any) -> None:
     t = register(memory_app)
     start_worker(memory_app, pool="solo")
     assert t["add"].delay(2, 3).get(timeout=10) == 5
-    with pytest.raises(ValueError, match="^boom$"):
+    with pytest.raises(ValueError, match=r"^boom$"):
         t["fail"].delay("boom").get(timeout=10)
     with pytest.raises(ShopError, match="custom"):  # its module is imported here: rebuilt as itself
         t["fail_custom"].delay().get(timeout=10)
     result = t["fail"].delay("x")
     assert isinstance(result.get(timeout=10, propagate=False), ValueError)
-    assert result.status == "FAILURE" and result.failed() and "ValueError: x" in (result.traceback or "")
+    assert (
+        result.status == "FAILURE"
+        and result.failed()
+        and "ValueError: x" in (result.traceback or "")
+    )
 
 
 def test_get_times_out_with_a_clear_error(memory_app: Millpond) -> None:
     t = register(memory_app)
     result = t["add"].delay(1, 1)  # no worker running
-    with pytest.raises(MillpondTimeout, match="not ready after 0.2s"):
+    with pytest.raises(MillpondTimeout, match=r"not ready after 0\.2s"):
         result.get(timeout=0.2)
     assert result.status == "PENDING" and not result.ready()
 
@@ -197,7 +209,9 @@ def test_time_limit_on_solo_refused_when_strict(memory_app: Millpond) -> None:
         worker.run()
 
 
-def test_span_tree_publish_process_run(memory_app: Millpond, start_worker: Any, span_exporter: Any) -> None:
+def test_span_tree_publish_process_run(
+    memory_app: Millpond, start_worker: Any, span_exporter: Any
+) -> None:
     t = register(memory_app)
     start_worker(memory_app, pool="solo")
     span_exporter.clear()
@@ -210,7 +224,11 @@ def test_span_tree_publish_process_run(memory_app: Millpond, start_worker: Any, 
         if {f"publish {queue}", f"process {queue}", f"run {t['add'].name}"} <= set(spans):
             break
         time.sleep(0.01)
-    publish, process, run = spans[f"publish {queue}"], spans[f"process {queue}"], spans[f"run {t['add'].name}"]
+    publish, process, run = (
+        spans[f"publish {queue}"],
+        spans[f"process {queue}"],
+        spans[f"run {t['add'].name}"],
+    )
     assert process.parent is not None and process.parent.span_id == publish.context.span_id
     assert run.parent is not None and run.parent.span_id == process.context.span_id
     assert publish.context.trace_id == process.context.trace_id == run.context.trace_id
@@ -222,8 +240,13 @@ def test_span_tree_publish_process_run(memory_app: Millpond, start_worker: Any, 
 
 
 def test_unknown_error_types_become_task_errors() -> None:
-    err = rebuild_exception({"exc_type": "PaymentDeclined", "exc_module": "billing.not.imported",
-                             "exc_message": ["card expired"]})
+    err = rebuild_exception(
+        {
+            "exc_type": "PaymentDeclined",
+            "exc_module": "billing.not.imported",
+            "exc_message": ["card expired"],
+        }
+    )
     assert isinstance(err, TaskError)
     assert type(err).__name__ == "PaymentDeclined"
     assert "card expired" in str(err)

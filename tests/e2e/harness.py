@@ -15,7 +15,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -29,15 +31,19 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
 class WorkerProcess:
     """A `millpond worker` subprocess whose stderr (JSON log lines) goes to a file."""
 
-    def __init__(self, args: list[str], env: Mapping[str, str], log_path: Path,
-                 cwd: Path = ROOT) -> None:
+    def __init__(
+        self, args: list[str], env: Mapping[str, str], log_path: Path, cwd: Path = ROOT
+    ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, **env}
         full_env.setdefault("MILLPOND_LOG_FORMAT", "json")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "millpond", "worker", "--no-banner", *args],
-            cwd=cwd, env=full_env, stdout=self._log, stderr=self._log,
+            cwd=cwd,
+            env=full_env,
+            stdout=self._log,
+            stderr=self._log,
         )
 
     @property
@@ -72,7 +78,9 @@ class WorkerProcess:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"worker {self.pid} did not exit within {timeout} s:\n{self.text()}")
+            raise AssertionError(
+                f"worker {self.pid} did not exit within {timeout} s:\n{self.text()}"
+            )
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -19,10 +19,17 @@ from tests.e2e.harness import ROOT, WorkerProcess, wait_until
 pytestmark = pytest.mark.e2e
 
 
-def millpond(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
-             timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "millpond", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+def millpond(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "millpond", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.parametrize(
@@ -50,11 +57,14 @@ def fake_plugin(tmp_path: Path) -> Path:
     site = tmp_path / "site"
     dist = site / "fakepool-0.1.dist-info"
     dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fakepool\nVersion: 0.1\nRequires-Dist: millpond>=0.1,<0.2\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: fakepool\nVersion: 0.1\nRequires-Dist: millpond>=0.1,<0.2\n"
+    )
     (dist / "entry_points.txt").write_text(
         "[millpond.pools]\nfake = fakepool_impl:FakePool\n\n[millpond.patches]\nfake = fakepool_patch:patch\n"
     )
-    (site / "fakepool_patch.py").write_text(textwrap.dedent("""
+    (site / "fakepool_patch.py").write_text(
+        textwrap.dedent("""
         import json, os, sys
         def patch():
             seen = sorted(m for m in sys.modules if m.split(".")[0] in
@@ -62,11 +72,13 @@ def fake_plugin(tmp_path: Path) -> Path:
             with open(os.environ["MARK"], "w") as fh:
                 json.dump({"imported_before_patch": seen}, fh)
             os.environ["FAKE_PATCHED"] = "1"
-    """))
+    """)
+    )
     (site / "fakepool_impl.py").write_text(
         "from millpond_pool_solo import SoloPool\nclass FakePool(SoloPool):\n    name = 'fake'\n"
     )
-    (site / "fake_app.py").write_text(textwrap.dedent("""
+    (site / "fake_app.py").write_text(
+        textwrap.dedent("""
         import json, os
         from millpond import Millpond
         with open(os.environ["MARK"] + ".app", "w") as fh:
@@ -75,7 +87,8 @@ def fake_plugin(tmp_path: Path) -> Path:
         @app.task
         def hello():
             return "hi"
-    """))
+    """)
+    )
     return site
 
 
@@ -107,7 +120,9 @@ def test_early_patch_runs_before_anything_is_imported(
 
 def test_send_wait_and_result(spawn_worker: Any, e2e_env: dict[str, str]) -> None:
     spawn_worker("-P", "solo").wait_ready()
-    sent = millpond("send", "tests.e2e.app.add", "2", "40", "--wait", "--timeout", "20", env=e2e_env)
+    sent = millpond(
+        "send", "tests.e2e.app.add", "2", "40", "--wait", "--timeout", "20", env=e2e_env
+    )
     assert sent.returncode == 0, sent.stderr
     task_id, value = sent.stdout.split()
     assert json.loads(value) == 42
@@ -140,8 +155,13 @@ def test_plugins_lists_distribution_version_and_status() -> None:
 
 def test_config_shows_values_and_sources(tmp_path: Path) -> None:
     (tmp_path / "millpond.toml").write_text('pool = "solo"\nconcurrency = 2\n')
-    out = millpond("config", "-b", "redis://:s3cret@localhost:6379/0", cwd=tmp_path,
-                   env={"MILLPOND_CONCURRENCY": "3", "PYTHONPATH": str(ROOT)})
+    out = millpond(
+        "config",
+        "-b",
+        "redis://:s3cret@localhost:6379/0",
+        cwd=tmp_path,
+        env={"MILLPOND_CONCURRENCY": "3", "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line for line in out.stdout.splitlines()}
     assert "file millpond.toml" in rows["pool"]
@@ -156,16 +176,25 @@ def test_worker_without_app_says_what_to_do(e2e_env: dict[str, str]) -> None:
 
 
 def test_worker_twelve_factor_env_only(e2e_env: dict[str, str], tmp_path: Path) -> None:
-    env = {**e2e_env, "MILLPOND_APP": "tests.e2e.app:app", "MILLPOND_POOL": "solo",
-           "MILLPOND_LOG_FORMAT": "json"}
-    proc = subprocess.Popen([sys.executable, "-m", "millpond", "worker"], cwd=ROOT,
-                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {
+        **e2e_env,
+        "MILLPOND_APP": "tests.e2e.app:app",
+        "MILLPOND_POOL": "solo",
+        "MILLPOND_LOG_FORMAT": "json",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "millpond", "worker"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         sent = millpond("send", "tests.e2e.app.add", "1", "2", "--wait", "--timeout", "20", env=env)
         assert sent.returncode == 0 and sent.stdout.split()[1] == "3"
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        out, _err = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert b"tests.e2e.app.add" in out  # the banner lists the registered tasks
 
@@ -195,7 +224,9 @@ def test_dlq_list_replay_purge(spawn_worker: Any, e2e_env: dict[str, str], produ
     assert "1 messages purged" in purged.stdout
 
 
-def test_signed_messages(spawn_worker: Any, e2e_env: dict[str, str], producer: Any, monkeypatch: Any) -> None:
+def test_signed_messages(
+    spawn_worker: Any, e2e_env: dict[str, str], producer: Any, monkeypatch: Any
+) -> None:
     from millpond.protocol import DEATH_REASON, encode_task
     from millpond.settings import load_settings
 
@@ -215,8 +246,13 @@ def test_signed_messages(spawn_worker: Any, e2e_env: dict[str, str], producer: A
     sign(tampered, "1234567")
     tampered.body = tampered.body.replace(b"[1,2]", b"[9,9]")
     producer.broker.publish(queue, tampered)
-    dead = wait_until(lambda: len(producer.broker.dead_letters(queue)) == 2
-                      and producer.broker.dead_letters(queue), 20, "two dead letters")
+    dead = wait_until(
+        lambda: (
+            len(producer.broker.dead_letters(queue)) == 2 and producer.broker.dead_letters(queue)
+        ),
+        20,
+        "two dead letters",
+    )
     reasons = [m.headers[DEATH_REASON] for m in dead]
     assert any("signature does not match" in r for r in reasons), reasons
     assert any("not signed" in r for r in reasons), reasons

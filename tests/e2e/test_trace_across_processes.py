@@ -24,8 +24,11 @@ def test_publish_process_run_across_the_process_boundary(
         span_exporter.clear()
         result = add.delay(20, 1)
         assert result.get(timeout=20) == 21
-        publish = next(s for s in span_exporter.get_finished_spans() if s.name == f"publish {queue}"
-                       and s.attributes["messaging.message.id"] == result.id)
+        publish = next(
+            s
+            for s in span_exporter.get_finished_spans()
+            if s.name == f"publish {queue}" and s.attributes["messaging.message.id"] == result.id
+        )
         spans = receiver.wait_for_spans(
             lambda got: {f"process {queue}", f"run {add.name}"} <= {s.name for s in got}, timeout=20
         )

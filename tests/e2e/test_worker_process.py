@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +74,13 @@ def test_bad_messages_are_dead_lettered_and_the_worker_goes_on(
     producer.broker.publish(queue, Message(body=b"\x00not json", headers=encode_task("x").headers))
     producer.broker.publish(queue, encode_task(add.name, [1], {}))  # wrong number of arguments
     assert add.delay(20, 22).get(timeout=20) == 42
-    dead = wait_until(lambda: len(producer.broker.dead_letters(queue)) == 3
-                      and producer.broker.dead_letters(queue), 10, "three dead letters")
+    dead = wait_until(
+        lambda: (
+            len(producer.broker.dead_letters(queue)) == 3 and producer.broker.dead_letters(queue)
+        ),
+        10,
+        "three dead letters",
+    )
     reasons = sorted(m.headers[DEATH_REASON] for m in dead)
     assert any("unknown task 'no.such.task'" in r for r in reasons)
     assert any("not valid" in r for r in reasons)
@@ -96,11 +100,16 @@ def test_missing_pool_is_a_clear_error(spawn_worker: Any) -> None:
 def test_bad_setting_is_a_clear_error(spawn_worker: Any) -> None:
     worker = spawn_worker("-P", "solo", env={"MILLPOND_PREFETCH_MULTIPLIER": "many"})
     assert worker.wait() == 2
-    assert "setting 'prefetch_multiplier' (env MILLPOND_PREFETCH_MULTIPLIER) has a bad value 'many'" in worker.text()
+    assert (
+        "setting 'prefetch_multiplier' (env MILLPOND_PREFETCH_MULTIPLIER) has a bad value 'many'"
+        in worker.text()
+    )
 
 
 def test_flags_beat_env(spawn_worker: Any, producer: Any) -> None:
-    worker = spawn_worker("-P", "solo", "-c", "1", env={"MILLPOND_POOL": "nosuchpool", "MILLPOND_CONCURRENCY": "9"})
+    worker = spawn_worker(
+        "-P", "solo", "-c", "1", env={"MILLPOND_POOL": "nosuchpool", "MILLPOND_CONCURRENCY": "9"}
+    )
     worker.wait_ready()
     ready = next(line for line in worker.lines() if line.get("event") == "worker ready")
     assert ready["pool"] == "solo" and ready["concurrency"] == 1

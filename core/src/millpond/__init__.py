@@ -34,22 +34,51 @@ _EXPORTS = {
     "WorkerLostError": "millpond.exceptions",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = [
+    "AsyncResult",
+    "MaxRetriesExceededError",
+    "Millpond",
+    "MillpondError",
+    "Reject",
+    "Request",
+    "Retry",
+    "SoftTimeLimitExceeded",
+    "Task",
+    "TaskError",
+    "TimeLimitExceeded",
+    "WorkerLostError",
+    "__version__",
+]
 
 if TYPE_CHECKING:
-    from millpond.app import Millpond
+    from millpond.app import Millpond as Millpond
     from millpond.exceptions import (
-        MaxRetriesExceededError,
-        MillpondError,
-        Reject,
-        Retry,
-        SoftTimeLimitExceeded,
-        TaskError,
-        TimeLimitExceeded,
-        WorkerLostError,
+        MaxRetriesExceededError as MaxRetriesExceededError,
     )
-    from millpond.result import AsyncResult
-    from millpond.task import Request, Task
+    from millpond.exceptions import (
+        MillpondError as MillpondError,
+    )
+    from millpond.exceptions import (
+        Reject as Reject,
+    )
+    from millpond.exceptions import (
+        Retry as Retry,
+    )
+    from millpond.exceptions import (
+        SoftTimeLimitExceeded as SoftTimeLimitExceeded,
+    )
+    from millpond.exceptions import (
+        TaskError as TaskError,
+    )
+    from millpond.exceptions import (
+        TimeLimitExceeded as TimeLimitExceeded,
+    )
+    from millpond.exceptions import (
+        WorkerLostError as WorkerLostError,
+    )
+    from millpond.result import AsyncResult as AsyncResult
+    from millpond.task import Request as Request
+    from millpond.task import Task as Task
 
 
 def __getattr__(name: str) -> Any:

@@ -225,11 +225,13 @@ class Millpond:
 
             sign(message, self.settings.signing_key)
         task_id = message.headers["id"]
-        with telemetry.publish_span(queue, name, task_id, message.headers):
+        with telemetry.publish_span(
+            queue, name, task_id, message.headers, system=self.broker.system, retries=retries
+        ):
             self.broker.publish(queue, message, eta=eta_ts if eta_ts and eta_ts > now else None)
         return AsyncResult(task_id, self)
 
-    def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's spelling
+    def AsyncResult(self, task_id: str) -> AsyncResult:
         return AsyncResult(task_id, self)
 
     # -- running ---------------------------------------------------------------------------------

@@ -36,13 +36,13 @@ def mask_url(url: str | None) -> str:
     if not url:
         return ""
     parts = urlsplit(url)
-    if parts.password is None:
+    # the netloc is rewritten as text, not re-assembled from hostname/port: multi-host netlocs
+    # (redis+sentinel://:pw@h1:26379,h2:26379) have no single port, and IPv6 keeps its brackets
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
 def dead_letter_queue(queue: str) -> str:
@@ -168,6 +168,15 @@ class Consumer(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop consuming. Unacknowledged deliveries go back to their queues (cold shutdown)."""
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker answered the consumer's last attempt (False while reconnecting).
+
+        Read from any thread by the readiness probe (`/readyz`); must be cheap and never block.
+        A consumer that cannot tell keeps this default.
+        """
+        return True
 
     def __enter__(self) -> Consumer:
         return self
@@ -345,4 +354,3 @@ def socket_wait(sock: Any, waker: Waker | None, timeout: float) -> bool:
     except (OSError, ValueError):
         return False
     return any(r is sock for r in ready)
-

@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("-P", "--pool", help="execution pool: solo, threads, prefork, gevent, ...")
     w.add_argument("-c", "--concurrency", type=int, help="jobs run at once")
     w.add_argument("-Q", "--queues", help="comma-separated queues to consume")
-    w.add_argument("-l", "--loglevel", dest="log_level", type=str.upper,
-                   help="DEBUG, INFO, WARNING, ERROR")
+    w.add_argument(
+        "-l", "--loglevel", dest="log_level", type=str.upper, help="DEBUG, INFO, WARNING, ERROR"
+    )
     w.add_argument("--log-format", choices=("auto", "json", "console"))
     w.add_argument("-n", "--name", dest="worker_name", help="worker name in logs and spans")
     w.add_argument("--prefetch-multiplier", type=int)
@@ -80,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--soft-time-limit", type=float, help="default soft time limit (seconds)")
     w.add_argument("--shutdown-timeout", type=float, help="seconds a warm shutdown may take")
     w.add_argument("--max-deliveries", type=int, help="redelivery cap before dead-lettering")
+    w.add_argument(
+        "--health-port",
+        type=int,
+        help="serve /livez and /readyz on this port (MILLPOND_HEALTH_PORT)",
+    )
     w.add_argument("--no-banner", action="store_true", help="do not print the start-up banner")
 
     s = sub.add_parser("send", help="send a task by name")
@@ -114,6 +120,15 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="print every setting, its value and where it came from")
     common(c)
+    c.add_argument(
+        "--docs",
+        action="store_true",
+        help="print the settings reference (docs/settings.md) as Markdown instead",
+    )
+
+    n = sub.add_parser("new-pool", help="create a pool plugin package from the template")
+    n.add_argument("name", help="the pool's name (what users type after --pool), e.g. trio")
+    n.add_argument("--dir", default=".", help="where to create millpond-pool-NAME/ (default: .)")
     return parser
 
 
@@ -163,9 +178,23 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     from millpond import logs
     from millpond.settings import load_settings
 
-    flags = _flags(ns, "app", "broker_url", "result_backend", "pool", "concurrency", "log_level",
-                   "log_format", "worker_name", "prefetch_multiplier", "time_limit",
-                   "soft_time_limit", "shutdown_timeout", "max_deliveries")
+    flags = _flags(
+        ns,
+        "app",
+        "broker_url",
+        "result_backend",
+        "pool",
+        "concurrency",
+        "log_level",
+        "log_format",
+        "worker_name",
+        "prefetch_multiplier",
+        "time_limit",
+        "soft_time_limit",
+        "shutdown_timeout",
+        "max_deliveries",
+        "health_port",
+    )
     if ns.queues:
         flags["queues"] = ns.queues
     settings = load_settings(flags)
@@ -201,8 +230,19 @@ def cmd_send(ns: argparse.Namespace) -> int:
         raise ConfigurationError(f"--kwargs is not valid JSON: {exc}") from None
     if not isinstance(kwargs, dict):
         raise ConfigurationError("--kwargs must be a JSON object, e.g. '{\"x\": 1}'")
-    result = app.send_task(ns.task, [_parse_arg(a) for a in ns.args], kwargs, queue=ns.queue,
-                           countdown=ns.countdown)
+    from millpond import observability
+
+    observability.configure_tracing("millpond-send")  # a `publish` span when OTEL_* ask for one
+    try:
+        result = app.send_task(
+            ns.task,
+            [_parse_arg(a) for a in ns.args],
+            kwargs,
+            queue=ns.queue,
+            countdown=ns.countdown,
+        )
+    finally:
+        observability.flush()
     print(result.id, flush=True)
     if not ns.wait:
         return EXIT_OK
@@ -273,9 +313,16 @@ def cmd_dlq(ns: argparse.Namespace) -> int:
                 messages = app.broker.dead_letters(queue, ns.limit or 20)
                 print(f"{dead}: {len(messages)} shown")
                 for m in messages:
-                    print(json.dumps({"id": m.headers.get("id"), "task": m.headers.get("task"),
-                                      "reason": m.headers.get(DEATH_REASON),
-                                      "argsrepr": m.headers.get("argsrepr")}))
+                    print(
+                        json.dumps(
+                            {
+                                "id": m.headers.get("id"),
+                                "task": m.headers.get("task"),
+                                "reason": m.headers.get(DEATH_REASON),
+                                "argsrepr": m.headers.get("argsrepr"),
+                            }
+                        )
+                    )
             elif ns.action == "replay":
                 moved = app.broker.replay_dead_letters(queue, ns.limit)
                 print(f"{dead}: {moved} messages moved back to {queue}")
@@ -308,11 +355,24 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
 def cmd_config(ns: argparse.Namespace) -> int:
     from millpond.settings import describe, plugin_sections
 
+    if ns.docs:
+        from millpond.settings_docs import render
+
+        sys.stdout.write(render())
+        return EXIT_OK
     settings = _settings(ns)
     rows = describe(settings, plugin_sections())
     width = max(len(r[0]) for r in rows)
     for name, env, value, source in rows:
         print(f"{name:<{width}}  {value!s:<30}  {source:<28}  {env}")
+    return EXIT_OK
+
+
+def cmd_new_pool(ns: argparse.Namespace) -> int:
+    from millpond.scaffold import create_pool
+
+    created = create_pool(ns.name, ns.dir)
+    print(created.summary())
     return EXIT_OK
 
 
@@ -324,4 +384,5 @@ COMMANDS = {
     "dlq": cmd_dlq,
     "plugins": cmd_plugins,
     "config": cmd_config,
+    "new-pool": cmd_new_pool,
 }

@@ -55,11 +55,11 @@ class BackendError(MillpondError):
     """The result backend could not store or fetch a result."""
 
 
-class TimeoutError(MillpondError):  # noqa: A001 - mirrors the builtin on purpose, like Celery
+class TimeoutError(MillpondError):
     """`AsyncResult.get` waited longer than its timeout."""
 
 
-class Retry(MillpondError):  # noqa: N818 - the name reads as an instruction: `raise self.retry()`
+class Retry(MillpondError):
     """Raised inside a task to ask for it to run again later; carries when."""
 
     def __init__(
@@ -77,7 +77,7 @@ class Retry(MillpondError):  # noqa: N818 - the name reads as an instruction: `r
         self.max_retries = max_retries
 
 
-class Reject(MillpondError):  # noqa: N818
+class Reject(MillpondError):
     """Raised inside a task to reject its message (dead-letter it, or requeue it if asked)."""
 
     def __init__(self, reason: str = "", requeue: bool = False) -> None:

@@ -5,13 +5,20 @@
 N+1 on a reused thread, and a greenlet's empty context gets exactly what the task needs. Inside it
 attaches the job's trace context, binds the log context, opens the `run <task>` span, calls the
 function, and turns whatever happened into an `Outcome`. It never raises.
+
+`run_job_async` is the same for an event loop (the asyncio pool): the task's coroutine runs in its
+own asyncio task created with a fresh context, and is awaited instead of called. Both share every
+step but the call itself (`_begin`, `_outcome_of`, `_success`), so a sync and an async task get
+identical retries, rejections, spans and log context.
 """
 
 from __future__ import annotations
 
 import contextvars
+import inspect
 import time
 import traceback
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -24,10 +31,13 @@ from millpond.exceptions import (
     UnknownTask,
 )
 from millpond.pool import FAILURE, REJECTED, RETRY, SUCCESS, Job, Outcome
-from millpond.task import Request, _current_request
+from millpond.task import Request, Task, _current_request
 
 if TYPE_CHECKING:
     from millpond.app import Millpond
+
+#: wraps an async task's coroutine before it is awaited (the asyncio pool's soft time limit)
+Guard = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
 
 _app: Millpond | None = None
 
@@ -40,12 +50,40 @@ def set_worker_app(app: Millpond) -> None:
 
 def worker_app() -> Millpond:
     if _app is None:
-        raise RuntimeError("no worker app is set: call millpond.execution.set_worker_app(app) first")
+        raise RuntimeError(
+            "no worker app is set: call millpond.execution.set_worker_app(app) first"
+        )
     return _app
+
+
+def is_async(task: Task) -> bool:
+    """Whether the task's function is `async def` (calling it returns a coroutine, not a result)."""
+    return inspect.iscoroutinefunction(task.fn)
+
+
+def is_async_job(job: Job) -> bool:
+    """Whether the job's task is `async def`; False for an unknown task (run_job reports that)."""
+    task = worker_app().tasks.get(job.task_name)
+    return task is not None and is_async(task)
 
 
 def run_job(job: Job) -> Outcome:
     return contextvars.Context().run(_run, job)
+
+
+async def run_job_async(job: Job, guard: Guard | None = None) -> Outcome:
+    """`run_job` for a running event loop: an `async def` task is awaited, never called blindly.
+
+    The task runs in a new asyncio task created with a fresh `contextvars.Context`, so concurrent
+    coroutines never see each other's trace or log context. Cancelling the caller cancels the task
+    (the CancelledError propagates: the pool decides whether that was a time limit or a terminate).
+    A plain `def` task is called inline on the loop; a pool that wants it off the loop checks
+    `is_async_job` first. `guard`, if given, wraps the task's coroutine before it is awaited.
+    """
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    return await loop.create_task(_run_async(job, guard), context=contextvars.Context())
 
 
 def _failure(exc: BaseException, started: float, tb: str | None = None) -> Outcome:
@@ -59,8 +97,12 @@ def _failure(exc: BaseException, started: float, tb: str | None = None) -> Outco
     )
 
 
-def _run(job: Job) -> Outcome:
-    started = time.perf_counter()
+def _success(result: Any, started: float) -> Outcome:
+    return Outcome(state=SUCCESS, result=result, runtime=time.perf_counter() - started)
+
+
+def _begin(job: Job, started: float) -> Task | Outcome:
+    """Bind the log context and the request, and find the task (or the failure to report)."""
     structlog.contextvars.bind_contextvars(
         task_id=job.task_id, task_name=job.task_name, retries=job.retries
     )
@@ -86,34 +128,83 @@ def _run(job: Job) -> Outcome:
             delivery_count=job.delivery_count,
         )
     )
+    return task
+
+
+def _bind_trace_ids(span: Any) -> None:
+    if span is not None:
+        ids = telemetry.current_ids()
+        if ids:
+            structlog.contextvars.bind_contextvars(trace_id=ids[0], span_id=ids[1])
+
+
+def _async_in_sync_pool(job: Job, started: float) -> Outcome:
+    return _failure(
+        TypeError(
+            f"task {job.task_name} is async def: run it with the asyncio pool "
+            "(pip install millpond-pool-asyncio, then --pool asyncio), or make it a plain def"
+        ),
+        started,
+        tb="",
+    )
+
+
+def _run(job: Job) -> Outcome:
+    started = time.perf_counter()
+    task = _begin(job, started)
+    if isinstance(task, Outcome):
+        return task
+    if is_async(task):
+        return _async_in_sync_pool(job, started)
     with telemetry.run_span(job) as span:
-        if span is not None:
-            ids = telemetry.current_ids()
-            if ids:
-                structlog.contextvars.bind_contextvars(trace_id=ids[0], span_id=ids[1])
+        _bind_trace_ids(span)
         try:
             result: Any = task(*job.args, **job.kwargs)
-        except Retry as req:
-            return _retry_outcome(job, task.options.max_retries, req, started)
-        except Reject as rej:
-            return Outcome(
-                state=REJECTED,
-                exc_type="Reject",
-                exc_module="millpond.exceptions",
-                exc_message=rej.reason,
-                requeue=rej.requeue,
-                runtime=time.perf_counter() - started,
-            )
-        except Exception as exc:
-            if task.options.autoretry_for and isinstance(exc, task.options.autoretry_for):
-                countdown = task.backoff(job.retries)
-                return _retry_outcome(
-                    job, task.options.max_retries, Retry(exc=exc, countdown=countdown), started
-                )
-            return _failure(exc, started)
-        except SystemExit as exc:  # a task calling sys.exit() fails; it does not stop the worker
-            return _failure(exc, started)
-    return Outcome(state=SUCCESS, result=result, runtime=time.perf_counter() - started)
+        except (Exception, SystemExit) as exc:
+            return telemetry.traced(span, _outcome_of(job, task, exc, started), exc)
+    if inspect.iscoroutine(result):  # a plain def that returned a coroutine (a wrapped async def)
+        result.close()
+        return _async_in_sync_pool(job, started)
+    return _success(result, started)
+
+
+async def _run_async(job: Job, guard: Guard | None) -> Outcome:
+    started = time.perf_counter()
+    task = _begin(job, started)
+    if isinstance(task, Outcome):
+        return task
+    with telemetry.run_span(job) as span:
+        _bind_trace_ids(span)
+        try:
+            result: Any = task(*job.args, **job.kwargs)
+            if inspect.iscoroutine(result):
+                result = await (guard(result) if guard is not None else result)
+        except (Exception, SystemExit) as exc:
+            return telemetry.traced(span, _outcome_of(job, task, exc, started), exc)
+    return _success(result, started)
+
+
+def _outcome_of(job: Job, task: Task, exc: BaseException, started: float) -> Outcome:
+    """What an exception out of the task body means: a retry, a rejection, or a failure."""
+    if isinstance(exc, Retry):
+        return _retry_outcome(job, task.options.max_retries, exc, started)
+    if isinstance(exc, Reject):
+        return Outcome(
+            state=REJECTED,
+            exc_type="Reject",
+            exc_module="millpond.exceptions",
+            exc_message=exc.reason,
+            requeue=exc.requeue,
+            runtime=time.perf_counter() - started,
+        )
+    autoretry = task.options.autoretry_for
+    if autoretry and isinstance(exc, Exception) and isinstance(exc, autoretry):
+        countdown = task.backoff(job.retries)
+        return _retry_outcome(
+            job, task.options.max_retries, Retry(exc=exc, countdown=countdown), started
+        )
+    # anything else fails the task; a task calling sys.exit() fails too, it does not stop the worker
+    return _failure(exc, started)
 
 
 def _retry_outcome(job: Job, default_max: int | None, req: Retry, started: float) -> Outcome:

@@ -65,12 +65,16 @@ def _check_core_version(dist: Distribution | None, what: str) -> None:
     core = Version(version("millpond"))
     for line in dist.requires or []:
         req = Requirement(line)
-        if req.name == "millpond" and req.marker is None:
-            if req.specifier and not req.specifier.contains(core, prereleases=True):
-                raise PluginLoadError(
-                    f"{what} from {dist.metadata['Name']} {dist.version} needs millpond{req.specifier}, "
-                    f"but millpond {core} is installed; upgrade one of them so they match"
-                )
+        if (
+            req.name == "millpond"
+            and req.marker is None
+            and req.specifier
+            and not req.specifier.contains(core, prereleases=True)
+        ):
+            raise PluginLoadError(
+                f"{what} from {dist.metadata['Name']} {dist.version} needs millpond{req.specifier}, "
+                f"but millpond {core} is installed; upgrade one of them so they match"
+            )
 
 
 def load(group: str, name: str) -> Any:
@@ -88,8 +92,12 @@ def load(group: str, name: str) -> Any:
         raise PluginNotFound(f"no {kind} named {name!r} is installed (installed: {have}){hint}")
     _check_core_version(matches[0].dist, f"{kind} {name!r}")
     try:
-        manager = DriverManager(namespace=group, name=name, invoke_on_load=False,
-                                on_load_failure_callback=_raise_load_failure)
+        manager = DriverManager(
+            namespace=group,
+            name=name,
+            invoke_on_load=False,
+            on_load_failure_callback=_raise_load_failure,
+        )
     except NoMatches:
         raise PluginNotFound(f"no {kind} named {name!r} could be loaded")
     except PluginLoadError:
@@ -113,7 +121,9 @@ def pool_class(name: str) -> Any:
 
     cls = load(POOLS, name)
     if not (isinstance(cls, type) and issubclass(cls, BasePool)):
-        raise PluginLoadError(f"the pool plugin {name!r} does not name a BasePool subclass: {cls!r}")
+        raise PluginLoadError(
+            f"the pool plugin {name!r} does not name a BasePool subclass: {cls!r}"
+        )
     return cls
 
 
@@ -180,8 +190,16 @@ def describe_installed(groups: tuple[str, ...] = (POOLS, BROKERS, BACKENDS)) -> 
                 ep.load()
                 out.append(PluginInfo(group, ep.name, dist_name, dist_version, True))
             except Exception as exc:
-                out.append(PluginInfo(group, ep.name, dist_name, dist_version, False,
-                                      f"{type(exc).__name__}: {exc}"))
+                out.append(
+                    PluginInfo(
+                        group,
+                        ep.name,
+                        dist_name,
+                        dist_version,
+                        False,
+                        f"{type(exc).__name__}: {exc}",
+                    )
+                )
     return out
 
 

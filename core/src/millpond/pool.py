@@ -111,6 +111,8 @@ class Job:
     producer_traceparent: str | None = None
     producer_tracestate: str | None = None
     delivery_count: int = 1
+    #: the producer's wall-clock publish time (header `millpond_sent_at`), for the queue wait
+    sent_at: float | None = None
     # -- kept in the worker process only --
     delivery: Any = field(default=None, repr=False)
     span: Any = field(default=None, repr=False)
@@ -164,7 +166,7 @@ class BasePool(ABC):
     def default_concurrency(cls) -> int:
         return os.cpu_count() or 1
 
-    @classmethod
+    @classmethod  # noqa: B027 - an optional hook, empty on purpose
     def check_environment(cls) -> None:
         """Raise `RuntimeError` with instructions when the process is not fit for this pool
         (a green pool started without monkey-patching, for instance)."""

@@ -166,7 +166,11 @@ def encode_task(
     kwargs = dict(kwargs or {})
     try:
         body = json.dumps(
-            [list(args), kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
+            [
+                list(args),
+                kwargs,
+                {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+            ],
             separators=(",", ":"),
         ).encode()
     except (TypeError, ValueError) as exc:

@@ -61,7 +61,7 @@ def rebuild_exception(info: Any) -> BaseException:
 class AsyncResult:
     """A handle on a sent task: its `id`, its state, and its outcome once ready."""
 
-    def __init__(self, id: str, app: Millpond) -> None:  # noqa: A002 - Celery users expect .id
+    def __init__(self, id: str, app: Millpond) -> None:
         self.id = id
         self.app = app
         self._meta: ResultMeta | None = None

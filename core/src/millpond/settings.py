@@ -144,53 +144,188 @@ CORE = Section(
     None,
     "Core",
     (
-        Option("app", "str", None, "The app to run, as module:attribute (the -A flag).",
-               nullable=True),
-        Option("broker_url", "str", None, "Broker URL; unset means the embedded sqlite:// broker "
-               "(zero servers, one machine).", nullable=True, secret=True),
-        Option("result_backend", "str", None, "Result backend URL; unset means the broker's own "
-               "store (sqlite, redis; none for amqp).", nullable=True, secret=True),
-        Option("pool", "str", "threads", "Execution pool plugin: solo, threads, prefork, gevent, "
-               "eventlet, asyncio, or any installed third-party pool."),
-        Option("concurrency", "int", None, "Jobs run at once; unset means the pool's default "
-               "(CPU count for threads and prefork, 100 for green pools).", minimum=1, nullable=True),
+        Option(
+            "app", "str", None, "The app to run, as module:attribute (the -A flag).", nullable=True
+        ),
+        Option(
+            "broker_url",
+            "str",
+            None,
+            "Broker URL; unset means the embedded sqlite:// broker (zero servers, one machine).",
+            nullable=True,
+            secret=True,
+        ),
+        Option(
+            "result_backend",
+            "str",
+            None,
+            "Result backend URL; unset means the broker's own "
+            "store (sqlite, redis; none for amqp).",
+            nullable=True,
+            secret=True,
+        ),
+        Option(
+            "pool",
+            "str",
+            "threads",
+            "Execution pool plugin: solo, threads, prefork, gevent, "
+            "eventlet, asyncio, or any installed third-party pool.",
+        ),
+        Option(
+            "concurrency",
+            "int",
+            None,
+            "Jobs run at once; unset means the pool's default "
+            "(CPU count for threads and prefork, 100 for green pools).",
+            minimum=1,
+            nullable=True,
+        ),
         Option("queues", "list", ["celery"], "Queues the worker consumes, in priority order."),
-        Option("default_queue", "str", "celery", "Queue a task is sent to when neither the task "
-               "nor the call names one (Celery's default, so both can share queues)."),
-        Option("prefetch_multiplier", "int", 4, "Unacknowledged messages held per unit of "
-               "concurrency.", minimum=1),
-        Option("acks_late", "bool", True, "Acknowledge after the task finished (at-least-once); "
-               "false acknowledges before it runs (at-most-once)."),
-        Option("max_deliveries", "int", 5, "Deliveries of one message before it is dead-lettered "
-               "instead of run again (the redelivery cap for poison messages).", minimum=1),
-        Option("time_limit", "float", None, "Default hard time limit of a task, in seconds.",
-               minimum=0, nullable=True),
-        Option("soft_time_limit", "float", None, "Default soft time limit of a task, in seconds.",
-               minimum=0, nullable=True),
-        Option("unsupported_options", "str", "warn", "What to do when a task asks for something "
-               "the pool cannot do (a time limit on solo): warn, or error (fail the task).",
-               choices=("warn", "error")),
-        Option("shutdown_timeout", "float", 30.0, "Seconds a warm shutdown waits for running tasks "
-               "before it turns cold.", minimum=0),
+        Option(
+            "default_queue",
+            "str",
+            "celery",
+            "Queue a task is sent to when neither the task "
+            "nor the call names one (Celery's default, so both can share queues).",
+        ),
+        Option(
+            "prefetch_multiplier",
+            "int",
+            4,
+            "Unacknowledged messages held per unit of concurrency.",
+            minimum=1,
+        ),
+        Option(
+            "acks_late",
+            "bool",
+            True,
+            "Acknowledge after the task finished (at-least-once); "
+            "false acknowledges before it runs (at-most-once).",
+        ),
+        Option(
+            "max_deliveries",
+            "int",
+            5,
+            "Deliveries of one message before it is dead-lettered "
+            "instead of run again (the redelivery cap for poison messages).",
+            minimum=1,
+        ),
+        Option(
+            "time_limit",
+            "float",
+            None,
+            "Default hard time limit of a task, in seconds.",
+            minimum=0,
+            nullable=True,
+        ),
+        Option(
+            "soft_time_limit",
+            "float",
+            None,
+            "Default soft time limit of a task, in seconds.",
+            minimum=0,
+            nullable=True,
+        ),
+        Option(
+            "unsupported_options",
+            "str",
+            "warn",
+            "What to do when a task asks for something "
+            "the pool cannot do (a time limit on solo): warn, or error (fail the task).",
+            choices=("warn", "error"),
+        ),
+        Option(
+            "shutdown_timeout",
+            "float",
+            30.0,
+            "Seconds a warm shutdown waits for running tasks before it turns cold.",
+            minimum=0,
+        ),
         Option("ignore_result", "bool", False, "Do not store task results by default."),
         Option("result_expires", "float", 86400.0, "Seconds a stored result is kept.", minimum=1),
-        Option("accept_content", "list", ["application/json"], "Content types the worker "
-               "accepts; add application/x-python-serialize only if every producer is trusted."),
-        Option("max_message_size", "int", 10 * 1024 * 1024, "Largest message body accepted, in "
-               "bytes; larger messages are dead-lettered.", minimum=1),
-        Option("signing_key", "str", None, "Shared secret: producers sign every message "
-               "(HMAC-SHA256) and workers dead-letter unsigned or altered ones.", nullable=True,
-               secret=True),
-        Option("log_level", "str", "INFO", "Log level.",
-               choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
-        Option("log_format", "str", "auto", "auto (console on a terminal, JSON otherwise), json, "
-               "or console.", choices=("auto", "json", "console")),
-        Option("log_stdlib", "bool", False, "Also route the standard logging module's root "
-               "logger through millpond's format (off: the root logger is left alone)."),
-        Option("trace_link", "bool", False, "Start each task's process span as a new trace "
-               "linked to the producer's, instead of continuing the producer's trace."),
-        Option("worker_name", "str", None, "Name of this worker in logs and spans; default "
-               "pid@hostname.", nullable=True),
+        Option(
+            "accept_content",
+            "list",
+            ["application/json"],
+            "Content types the worker "
+            "accepts; add application/x-python-serialize only if every producer is trusted.",
+        ),
+        Option(
+            "max_message_size",
+            "int",
+            10 * 1024 * 1024,
+            "Largest message body accepted, in bytes; larger messages are dead-lettered.",
+            minimum=1,
+        ),
+        Option(
+            "signing_key",
+            "str",
+            None,
+            "Shared secret: producers sign every message "
+            "(HMAC-SHA256) and workers dead-letter unsigned or altered ones.",
+            nullable=True,
+            secret=True,
+        ),
+        Option(
+            "log_level",
+            "str",
+            "INFO",
+            "Log level.",
+            choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        ),
+        Option(
+            "log_format",
+            "str",
+            "auto",
+            "auto (console on a terminal, JSON otherwise), json, or console.",
+            choices=("auto", "json", "console"),
+        ),
+        Option(
+            "log_stdlib",
+            "bool",
+            False,
+            "Also route the standard logging module's root "
+            "logger through millpond's format (off: the root logger is left alone).",
+        ),
+        Option(
+            "trace_link",
+            "bool",
+            False,
+            "Start each task's process span as a new trace "
+            "linked to the producer's, instead of continuing the producer's trace.",
+        ),
+        Option(
+            "health_port",
+            "int",
+            None,
+            "Serve /livez and /readyz (Kubernetes probes) on this "
+            "port; 0 picks a free port (logged); unset means no health endpoint.",
+            minimum=0,
+            nullable=True,
+        ),
+        Option(
+            "health_host",
+            "str",
+            "0.0.0.0",
+            "Address the health endpoint listens on "
+            "(0.0.0.0: reachable by the kubelet on the pod's IP).",
+        ),
+        Option(
+            "health_liveness_timeout",
+            "float",
+            30.0,
+            "/livez fails when the consumer loop "
+            "has not turned for this many seconds (a task running inline on solo counts as "
+            "turning).",
+            minimum=1,
+        ),
+        Option(
+            "worker_name",
+            "str",
+            None,
+            "Name of this worker in logs and spans; default pid@hostname.",
+            nullable=True,
+        ),
     ),
 )
 
@@ -222,11 +357,16 @@ class Settings:
     log_format: str = "auto"
     log_stdlib: bool = False
     trace_link: bool = False
+    health_port: int | None = None
+    health_host: str = "0.0.0.0"
+    health_liveness_timeout: float = 30.0
     worker_name: str | None = None
     #: raw plugin sections by name (validated by `section()`)
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: where each value came from: "default", "file <path>", "env NAME", "flag", "code"
     sources: Mapping[str, str] = field(default_factory=dict)
+    #: environment values exactly as typed ("name" or "section.name"): text settings use these
+    env_text: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
     def section(self, declaration: Section) -> Mapping[str, Any]:
@@ -235,8 +375,11 @@ class Settings:
         raw = self.sections.get(declaration.name, {})
         out: dict[str, Any] = {}
         for opt in declaration.options:
-            where = self.sources.get(f"{declaration.name}.{opt.name}", "default")
+            key = f"{declaration.name}.{opt.name}"
+            where = self.sources.get(key, "default")
             value = raw.get(opt.name, opt.default)
+            if opt.kind == "str" and where.startswith("env ") and key in self.env_text:
+                value = self.env_text[key]
             out[opt.name] = _cast(opt, value, where, declaration.name)
         unknown = set(raw) - {o.name for o in declaration.options}
         if unknown:
@@ -286,8 +429,14 @@ def settings_file(env: Mapping[str, str]) -> Path | None:
 
 def _read_sources(
     path: Path | None, env: Mapping[str, str]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(file values, env values), each a dict of lower-case keys; sections as nested dicts."""
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """(file values, env values, env text), dicts of lower-case keys; sections as nested dicts.
+
+    Env values are parsed as TOML (`5` an int, `true` a bool, `[1, 2]` a list). That parse would
+    mistype text: a numeric password `0x1F` becomes `31` and `1e3` becomes `1000.0`, a date-like
+    name becomes a date, and dynaconf evaluates `@json`/`@format` markers. So the text as typed
+    is kept too (keyed `name` or `section.name`), and text settings use it (see `Option.kind`).
+    """
     from dynaconf import Dynaconf
 
     file_values: dict[str, Any] = {}
@@ -305,6 +454,7 @@ def _read_sources(
         except Exception as exc:
             raise ConfigurationError(f"cannot read settings file {path}: {exc}") from exc
     env_values: dict[str, Any] = {}
+    env_text: dict[str, str] = {}
     names = [k for k in env if k.startswith(ENV_PREFIX) and k not in META_ENV]
     if names:
         # dynaconf parses each value as TOML (1234 -> int, [a, b] -> list, yes -> "yes")
@@ -312,13 +462,18 @@ def _read_sources(
 
         for key in names:
             rest = key[len(ENV_PREFIX) :].lower()
-            value = parse_conf_data(env[key], tomlfy=True, box_settings={})
+            try:
+                value = parse_conf_data(env[key], tomlfy=True, box_settings={})
+            except Exception:  # a malformed @marker: keep the text, the cast reports it
+                value = env[key]
             if "__" in rest:
                 section, _, name = rest.partition("__")
                 env_values.setdefault(section, {})[name] = value
+                env_text[f"{section}.{name}"] = env[key]
             else:
                 env_values[rest] = value
-    return file_values, env_values
+                env_text[rest] = env[key]
+    return file_values, env_values, env_text
 
 
 def load_settings(
@@ -334,7 +489,7 @@ def load_settings(
     """
     env = os.environ if env is None else env
     path = Path(file) if file is not None else settings_file(env)
-    file_values, env_values = _read_sources(path, env)
+    file_values, env_values, env_text = _read_sources(path, env)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     sections: dict[str, dict[str, Any]] = {}
@@ -367,6 +522,8 @@ def load_settings(
     out: dict[str, Any] = {}
     for opt in CORE.options:
         value = values.get(opt.name, opt.default)
+        if opt.kind == "str" and sources.get(opt.name, "").startswith("env "):
+            value = env_text[opt.name]  # exactly as typed, never TOML's reading of it
         cast = _cast(opt, value, sources.get(opt.name, "default"))
         out[opt.name] = tuple(cast) if isinstance(cast, list) else cast
         sources.setdefault(opt.name, "default")
@@ -381,12 +538,17 @@ def load_settings(
         **out,
         sections=MappingProxyType({k: MappingProxyType(v) for k, v in sections.items()}),
         sources=MappingProxyType(sources),
+        env_text=MappingProxyType(env_text),
         warnings=tuple(warnings),
     )
 
 
 def _env_name(name: str, section: str | None) -> str:
-    return f"{ENV_PREFIX}{section.upper()}__{name.upper()}" if section else f"{ENV_PREFIX}{name.upper()}"
+    return (
+        f"{ENV_PREFIX}{section.upper()}__{name.upper()}"
+        if section
+        else f"{ENV_PREFIX}{name.upper()}"
+    )
 
 
 def plugin_sections() -> list[Section]:
@@ -411,18 +573,32 @@ def describe(settings: Settings, extra: Iterable[Section] = ()) -> list[tuple[st
     rows: list[tuple[str, str, str, str]] = []
     for opt in CORE.options:
         value = getattr(settings, opt.name)
-        shown = mask_url(value) if opt.secret and isinstance(value, str) else value
+        shown = value
+        if opt.secret and isinstance(value, str) and value:
+            # a URL keeps its host visible (only the password goes); any other secret goes whole
+            shown = mask_url(value) if "://" in value else "***"
         if isinstance(shown, tuple):
             shown = ",".join(shown)
-        rows.append((opt.name, opt.env_name(None), "" if shown is None else str(shown),
-                     settings.sources.get(opt.name, "default")))
+        rows.append(
+            (
+                opt.name,
+                opt.env_name(None),
+                "" if shown is None else str(shown),
+                settings.sources.get(opt.name, "default"),
+            )
+        )
     for section in extra:
         assert section.name
         values = settings.section(section)
         for opt in section.options:
             value = values[opt.name]
             shown = "***" if opt.secret and value else value
-            rows.append((f"{section.name}.{opt.name}", opt.env_name(section.name),
-                         "" if shown is None else str(shown),
-                         settings.sources.get(f"{section.name}.{opt.name}", "default")))
+            rows.append(
+                (
+                    f"{section.name}.{opt.name}",
+                    opt.env_name(section.name),
+                    "" if shown is None else str(shown),
+                    settings.sources.get(f"{section.name}.{opt.name}", "default"),
+                )
+            )
     return rows

@@ -16,15 +16,29 @@ from millpond.exceptions import SignatureError
 from millpond.protocol import Message
 
 HEADER: Final = "x-millpond-signature"
-_SIGNED_HEADERS: Final = ("id", "task", "eta", "expires", "retries", "timelimit", "root_id",
-                          "parent_id", "group", "ignore_result")
+_SIGNED_HEADERS: Final = (
+    "id",
+    "task",
+    "eta",
+    "expires",
+    "retries",
+    "timelimit",
+    "root_id",
+    "parent_id",
+    "group",
+    "ignore_result",
+)
 
 
 def _digest(message: Message, key: bytes) -> str:
     headers = message.headers
     signed = {name: headers.get(name) for name in _SIGNED_HEADERS}
-    preamble = json.dumps([message.content_type, message.content_encoding, signed],
-                          sort_keys=True, separators=(",", ":"), default=str).encode()
+    preamble = json.dumps(
+        [message.content_type, message.content_encoding, signed],
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    ).encode()
     mac = hmac.new(key, preamble, hashlib.sha256)
     mac.update(b"\n")
     mac.update(bytes(message.body))
@@ -47,5 +61,6 @@ def verify(message: Message, key: str) -> None:
             "send it from a producer configured with the same signing_key"
         )
     if not hmac.compare_digest(given, _digest(message, key.encode())):
-        raise SignatureError("message signature does not match: it was altered, or signed with "
-                             "another key")
+        raise SignatureError(
+            "message signature does not match: it was altered, or signed with another key"
+        )

@@ -115,7 +115,9 @@ def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOpti
         raise TypeError("task option 'autoretry_for' must be a tuple of exception classes")
     opts["autoretry_for"] = tuple(autoretry)
     max_retries = opts.get("max_retries", 3)
-    if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int)):
+    if max_retries is not None and (
+        isinstance(max_retries, bool) or not isinstance(max_retries, int)
+    ):
         raise TypeError("task option 'max_retries' must be an integer or None (unlimited)")
     return TaskOptions(**opts)
 
@@ -199,7 +201,7 @@ class Task:
         if opts.retry_backoff is False:
             return opts.default_retry_delay
         base = 1.0 if opts.retry_backoff is True else float(opts.retry_backoff)
-        delay = min(opts.retry_backoff_max, base * (2**retries))
+        delay: float = min(opts.retry_backoff_max, base * (2**retries))
         if opts.retry_jitter:
             delay = random.uniform(0, delay)  # full jitter spreads a thundering herd
         return delay

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from millpond import execution, plugins, telemetry
+from millpond import execution, metrics, observability, plugins, telemetry
 from millpond.broker import (
     FAILURE,
     RETRY,
@@ -48,7 +48,6 @@ from millpond.exceptions import (
     WorkerLostError,
 )
 from millpond.pool import LOST, REJECTED, TIMEOUT, BasePool, Job, Outcome
-from millpond.pool import FAILURE as OUT_FAILURE
 from millpond.pool import RETRY as OUT_RETRY
 from millpond.pool import REVOKED as OUT_REVOKED
 from millpond.pool import SUCCESS as OUT_SUCCESS
@@ -67,6 +66,19 @@ log = structlog.get_logger("millpond.worker")
 EXIT_OK = 0
 EXIT_COLD = 1
 EXIT_ERROR = 2
+
+
+def _in_main_thread() -> bool:
+    """Whether this is the main thread: only it may install signal handlers.
+
+    Under eventlet's monkey-patching the main greenthread's `current_thread()` is a new
+    `_MainThread` object, not `threading.main_thread()`, so an identity check alone would leave an
+    eventlet worker without its SIGTERM handler (killed outright instead of a warm shutdown).
+    """
+    current, main = threading.current_thread(), threading.main_thread()
+    if current is main:
+        return True
+    return current.name == main.name and type(current).__name__ == type(main).__name__
 
 
 class Worker:
@@ -99,6 +111,8 @@ class Worker:
         self._warned: set[tuple[str, str]] = set()
         self._inline = False
         self.processed = 0
+        #: monotonic time of the consumer loop's last iteration (read by the /livez probe)
+        self.last_turn = 0.0
 
     # -- control ---------------------------------------------------------------------------------
     def stop(self, cold: bool = False) -> None:
@@ -111,15 +125,18 @@ class Worker:
         self.inbox.waker.wake()
 
     def _install_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
+        if not _in_main_thread():
             return
 
         def warm(signum: int, _frame: FrameType | None) -> None:
             if self._stop.is_set() and signum == signal.SIGINT:
                 cold(signum, _frame)
                 return
-            log.info("warm shutdown requested", signal=signal.Signals(signum).name,
-                     running=self._running())
+            log.info(
+                "warm shutdown requested",
+                signal=signal.Signals(signum).name,
+                running=self._running(),
+            )
             self.stop()
 
         def cold(signum: int, _frame: FrameType | None) -> None:
@@ -143,7 +160,7 @@ class Worker:
             f"millpond {plugins.core_version()} worker {self.name}",
             f"  app:         {self.app.name}",
             f"  broker:      {mask_url(self.app.broker_url)}",
-            f"  results:     {mask_url(self.settings.result_backend) or '(the broker’s own store)'}",
+            f"  results:     {mask_url(self.settings.result_backend) or '(kept by the broker)'}",
             f"  pool:        {self.settings.pool} (concurrency {self.concurrency}, "
             f"prefetch {self.prefetch})",
             f"  queues:      {', '.join(self.queues)}",
@@ -177,11 +194,14 @@ class Worker:
         if not structlog.is_configured():
             from millpond import logs
 
-            logs.configure(self.settings.log_level, self.settings.log_format,
-                           stdlib=self.settings.log_stdlib)
+            logs.configure(
+                self.settings.log_level, self.settings.log_format, stdlib=self.settings.log_stdlib
+            )
         if PICKLE in self._accept:
-            log.warning("accept_content allows pickle: any producer that can reach the broker can "
-                        "run code in this worker; allow it only if every producer is trusted")
+            log.warning(
+                "accept_content allows pickle: any producer that can reach the broker can "
+                "run code in this worker; allow it only if every producer is trusted"
+            )
         execution.set_worker_app(self.app)
         telemetry.refresh(parenting="link" if self.settings.trace_link else "parent")
         self._check_capabilities()
@@ -195,11 +215,17 @@ class Worker:
         self._install_signals()
         self.pool.start()  # prefork forks here: after the app import, before consumer threads
         self.consumer = broker.consumer(self.queues, self.prefetch)
-        self.ready.set()
-        log.info("worker ready", worker=self.name, pool=self.settings.pool,
-                 concurrency=self.concurrency, queues=list(self.queues))
         code = EXIT_OK
         try:
+            observability.worker_started(self)  # metrics, probes: after the pool forked
+            self.ready.set()
+            log.info(
+                "worker ready",
+                worker=self.name,
+                pool=self.settings.pool,
+                concurrency=self.concurrency,
+                queues=list(self.queues),
+            )
             self._loop()
         except KeyboardInterrupt:
             self._cold = True
@@ -215,18 +241,23 @@ class Worker:
 
     # -- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
-        assert self.consumer is not None and self.pool is not None
+        assert self.consumer is not None
+        assert self.pool is not None
         consumer, pool, inbox = self.consumer, self.pool, self.inbox
         waker = inbox.waker
         while True:
+            self.last_turn = time.monotonic()
             if len(inbox):
                 self._complete_batch()
             if self._stop.is_set():
                 if self._cold or not self._running():
                     return
                 if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
-                    log.warning("warm shutdown timed out; going cold",
-                                timeout=self.settings.shutdown_timeout, running=self._running())
+                    log.warning(
+                        "warm shutdown timed out; going cold",
+                        timeout=self.settings.shutdown_timeout,
+                        running=self._running(),
+                    )
                     self._cold = True
                     return
             else:
@@ -239,6 +270,12 @@ class Worker:
                             self._receive(delivery)
                         self._dispatch_buffered(pool)
                     continue
+            if waker.is_set and not len(inbox):
+                # stop()'s wake-up, already acted on: clear it, or this wait returns at once and
+                # the loop spins (starving a green pool's tasks, so a warm stop never finishes)
+                waker.clear()
+                if len(inbox):
+                    continue
             waker.wait(0.5)
 
     def _dispatch_buffered(self, pool: BasePool) -> None:
@@ -246,10 +283,14 @@ class Worker:
         while buffer and pool.active < pool.concurrency and not self._stop.is_set():
             job = buffer.popleft()
             if job.expires is not None and time.time() > job.expires:
-                self._finish(job, Outcome.error(OUT_REVOKED, "TaskRevokedError",
-                                                "expired before it could start"))
+                self._finish(
+                    job,
+                    Outcome.error(OUT_REVOKED, "TaskRevokedError", "expired before it could start"),
+                )
                 continue
             job.started = time.monotonic()
+            if metrics.ENABLED:
+                metrics.started(job, time.time())
             if not pool.capabilities.concurrent:
                 self._inline = True
                 try:
@@ -269,8 +310,9 @@ class Worker:
         try:
             if settings.signing_key:
                 verify_signature(delivery.message, settings.signing_key)
-            msg = decode_task(delivery.message, accept=self._accept,
-                              max_size=settings.max_message_size)
+            msg = decode_task(
+                delivery.message, accept=self._accept, max_size=settings.max_message_size
+            )
             task = self.app.tasks.get(msg.task)
             if task is None:
                 raise UnknownTask(
@@ -280,15 +322,20 @@ class Worker:
                 )
             self._check_arguments(task, msg)
         except MessageError as exc:
-            self._dead_letter(delivery, str(exc), task_id=delivery.message.task_id,
-                              task_name=delivery.message.task_name)
+            self._dead_letter(
+                delivery,
+                str(exc),
+                task_id=delivery.message.task_id,
+                task_name=delivery.message.task_name,
+            )
             return
         if delivery.delivery_count > settings.max_deliveries:
             self._dead_letter(
                 delivery,
                 f"delivered {delivery.delivery_count} times, over max_deliveries="
                 f"{settings.max_deliveries}: the task keeps being lost (it may kill its worker)",
-                task_id=msg.id, task_name=msg.task,
+                task_id=msg.id,
+                task_name=msg.task,
             )
             return
         now = time.time()
@@ -299,12 +346,19 @@ class Worker:
             self._ack([delivery])
             return
         job = self._make_job(task, msg, delivery)
+        if metrics.ENABLED:
+            metrics.received(job)
         if msg.expires is not None and now > msg.expires:
-            self._finish(job, Outcome.error(OUT_REVOKED, "TaskRevokedError",
-                                            "expired before a worker received it"))
+            self._finish(
+                job,
+                Outcome.error(
+                    OUT_REVOKED, "TaskRevokedError", "expired before a worker received it"
+                ),
+            )
             return
-        if not (task.options.acks_late if task.options.acks_late is not None
-                else settings.acks_late):
+        if not (
+            task.options.acks_late if task.options.acks_late is not None else settings.acks_late
+        ):
             self._ack([delivery])  # at-most-once: acknowledged before it runs
             job.delivery = None
         self._buffer.append(job)
@@ -335,6 +389,7 @@ class Worker:
             producer_traceparent=msg.traceparent,
             producer_tracestate=msg.tracestate,
             delivery_count=delivery.delivery_count,
+            sent_at=msg.sent_at,
             delivery=delivery,
         )
 
@@ -349,12 +404,13 @@ class Worker:
         )
 
     def _check_arguments(self, task: Task, msg: TaskMessage) -> None:
-        sig = self._signatures.get(task.name, inspect.Signature())
-        if task.name not in self._signatures:
+        if task.name in self._signatures:
+            sig = self._signatures[task.name]
+        else:
             try:
                 sig = inspect.signature(task.fn)
             except (TypeError, ValueError):
-                sig = None  # type: ignore[assignment]
+                sig = None  # a builtin or C function: nothing to check against
             self._signatures[task.name] = sig
         if sig is None:
             return
@@ -368,11 +424,17 @@ class Worker:
 
             raise MalformedMessage(f"wrong arguments for task {task.name}: {exc}") from None
 
-    def _dead_letter(self, delivery: Delivery, reason: str, *, task_id: str | None,
-                     task_name: str | None) -> None:
+    def _dead_letter(
+        self, delivery: Delivery, reason: str, *, task_id: str | None, task_name: str | None
+    ) -> None:
         assert self.consumer is not None
-        log.error("message rejected to the dead-letter queue", reason=reason, task_id=task_id,
-                  task_name=task_name, queue=delivery.queue)
+        log.error(
+            "message rejected to the dead-letter queue",
+            reason=reason,
+            task_id=task_id,
+            task_name=task_name,
+            queue=delivery.queue,
+        )
         try:
             self.consumer.reject(delivery, requeue=False, reason=reason)
         finally:
@@ -400,6 +462,8 @@ class Worker:
     def _finish(self, job: Job, outcome: Outcome, *, defer_ack: bool = False) -> Delivery | None:
         """Store the outcome and settle the message. Returns the delivery to ack when deferred."""
         self.processed += 1
+        if metrics.ENABLED:
+            metrics.finished(job, outcome)
         state = outcome.state
         delivery: Delivery | None = job.delivery
         task = self.app.tasks.get(job.task_name)
@@ -409,34 +473,56 @@ class Worker:
             if not self._publish_retry(job, outcome):
                 return self._settle(delivery, requeue=True, reason="retry could not be published")
         elif state == REJECTED:
-            log.warning("task rejected its message", task_id=job.task_id, task_name=job.task_name,
-                        reason=outcome.exc_message, requeue=outcome.requeue)
-            return self._settle(delivery, requeue=outcome.requeue,
-                                reason=f"rejected by the task: {outcome.exc_message}")
+            log.warning(
+                "task rejected its message",
+                task_id=job.task_id,
+                task_name=job.task_name,
+                reason=outcome.exc_message,
+                requeue=outcome.requeue,
+            )
+            return self._settle(
+                delivery,
+                requeue=outcome.requeue,
+                reason=f"rejected by the task: {outcome.exc_message}",
+            )
         elif state == LOST:
             requeue = task is None or task.options.reject_on_worker_lost
-            log.error("task lost its execution unit", task_id=job.task_id,
-                      task_name=job.task_name, reason=outcome.exc_message, requeue=requeue,
-                      delivery_count=job.delivery_count)
+            log.error(
+                "task lost its execution unit",
+                task_id=job.task_id,
+                task_name=job.task_name,
+                reason=outcome.exc_message,
+                requeue=requeue,
+                delivery_count=job.delivery_count,
+            )
             if requeue and delivery is not None:
                 if job.delivery_count >= self.settings.max_deliveries:
                     return self._settle(
-                        delivery, requeue=False,
+                        delivery,
+                        requeue=False,
                         reason=f"lost {job.delivery_count} times (max_deliveries="
                         f"{self.settings.max_deliveries}): {outcome.exc_message}",
                     )
                 return self._settle(delivery, requeue=True, reason=outcome.exc_message)
             self._store_error(job, outcome, WorkerLostError.__name__)
         elif state == TIMEOUT:
-            log.error("task over its hard time limit", task_id=job.task_id,
-                      task_name=job.task_name, time_limit=job.time_limit)
+            log.error(
+                "task over its hard time limit",
+                task_id=job.task_id,
+                task_name=job.task_name,
+                time_limit=job.time_limit,
+            )
             self._store_error(job, outcome, TimeLimitExceeded.__name__)
         elif state == OUT_REVOKED:
             self._store(job, REVOKED, outcome.exc_message or "revoked")
         else:  # FAILURE, or anything a third-party pool invents
-            log.error("task failed", task_id=job.task_id, task_name=job.task_name,
-                      error=f"{outcome.exc_type}: {outcome.exc_message}",
-                      traceback=outcome.traceback)
+            log.error(
+                "task failed",
+                task_id=job.task_id,
+                task_name=job.task_name,
+                error=f"{outcome.exc_type}: {outcome.exc_message}",
+                traceback=outcome.traceback,
+            )
             self._store_error(job, outcome, outcome.exc_type or "TaskError")
         if delivery is None:
             return None
@@ -445,11 +531,13 @@ class Worker:
         self._ack([delivery])
         return None
 
-    def _settle(self, delivery: Delivery | None, *, requeue: bool, reason: str) -> None:
+    def _settle(self, delivery: Delivery | None, *, requeue: bool, reason: str) -> Delivery | None:
+        """Requeue or dead-letter a delivery. Returns None: nothing is left for `_finish` to ack."""
         if delivery is None or self.consumer is None:
-            return
+            return None
         self._unacked -= 1
         self.consumer.reject(delivery, requeue=requeue, reason=reason)
+        return None
 
     def _ignore_result(self, job: Job) -> bool:
         task = self.app.tasks.get(job.task_name)
@@ -475,17 +563,31 @@ class Worker:
         try:
             backend.store(meta)
         except (TypeError, ValueError) as exc:
-            log.error("task result cannot be stored as JSON", task_id=job.task_id,
-                      task_name=job.task_name, error=str(exc))
-            backend.store(ResultMeta(
-                task_id=job.task_id, status=FAILURE, name=job.task_name,
-                result={"exc_type": "TypeError", "exc_module": "builtins",
-                        "exc_message": [f"result is not JSON serializable: {exc}"]},
-                date_done=meta.date_done,
-            ))
+            log.error(
+                "task result cannot be stored as JSON",
+                task_id=job.task_id,
+                task_name=job.task_name,
+                error=str(exc),
+            )
+            backend.store(
+                ResultMeta(
+                    task_id=job.task_id,
+                    status=FAILURE,
+                    name=job.task_name,
+                    result={
+                        "exc_type": "TypeError",
+                        "exc_module": "builtins",
+                        "exc_message": [f"result is not JSON serializable: {exc}"],
+                    },
+                    date_done=meta.date_done,
+                )
+            )
         except Exception as exc:
-            log.error("cannot store task result; the task ran and its message is acknowledged",
-                      task_id=job.task_id, error=f"{type(exc).__name__}: {exc}")
+            log.error(
+                "cannot store task result; the task ran and its message is acknowledged",
+                task_id=job.task_id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
 
     def _store_error(self, job: Job, outcome: Outcome, exc_type: str) -> None:
         info = {
@@ -520,19 +622,41 @@ class Worker:
                 message.headers["ignore_result"] = old["ignore_result"]
         if self.settings.signing_key:
             sign_message(message, self.settings.signing_key)
-        log.info("task will retry", task_id=job.task_id, task_name=job.task_name,
-                 retries=job.retries + 1, countdown=round(eta - now, 3),
-                 reason=f"{outcome.exc_type}: {outcome.exc_message}")
+        log.info(
+            "task will retry",
+            task_id=job.task_id,
+            task_name=job.task_name,
+            retries=job.retries + 1,
+            countdown=round(eta - now, 3),
+            reason=f"{outcome.exc_type}: {outcome.exc_message}",
+        )
         try:
-            with telemetry.publish_span(job.queue, job.task_name, job.task_id, message.headers,
-                                        parent=job.traceparent):
+            with telemetry.publish_span(
+                job.queue,
+                job.task_name,
+                job.task_id,
+                message.headers,
+                parent=job.traceparent,
+                system=self.app.broker.system,
+                retries=job.retries + 1,
+            ):
                 self.app.broker.publish(job.queue, message, eta=eta if eta > now else None)
         except Exception as exc:
-            log.error("cannot publish the retry; the message goes back to the queue",
-                      task_id=job.task_id, error=f"{type(exc).__name__}: {exc}")
+            log.error(
+                "cannot publish the retry; the message goes back to the queue",
+                task_id=job.task_id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
             return False
-        self._store(job, RETRY, {"exc_type": outcome.exc_type, "exc_module": outcome.exc_module,
-                                 "exc_message": [outcome.exc_message]})
+        self._store(
+            job,
+            RETRY,
+            {
+                "exc_type": outcome.exc_type,
+                "exc_module": outcome.exc_module,
+                "exc_message": [outcome.exc_message],
+            },
+        )
         return True
 
     # -- shutdown --------------------------------------------------------------------------------
@@ -542,8 +666,10 @@ class Worker:
         try:
             if pool is not None:
                 if cold:
-                    log.warning("cold shutdown: abandoning running tasks; their messages go back",
-                                running=pool.active)
+                    log.warning(
+                        "cold shutdown: abandoning running tasks; their messages go back",
+                        running=pool.active,
+                    )
                     pool.terminate()
                 else:
                     pool.stop(self.settings.shutdown_timeout)
@@ -555,6 +681,11 @@ class Worker:
             self._buffer.clear()
             self.app.close()
             self.inbox.waker.close()
-        log.info("worker stopped", worker=self.name, processed=self.processed,
-                 shutdown="cold" if cold else "warm")
+            observability.worker_stopped(self)
+        log.info(
+            "worker stopped",
+            worker=self.name,
+            processed=self.processed,
+            shutdown="cold" if cold else "warm",
+        )
         return EXIT_COLD if cold else EXIT_OK

@@ -23,8 +23,10 @@ class SoloPool(BasePool):
 
     def __init__(self, concurrency: int, *args: object, **kwargs: object) -> None:
         if concurrency != 1:
-            raise ValueError(f"the solo pool runs one task at a time; concurrency must be 1, "
-                             f"got {concurrency} (use threads or prefork for more)")
+            raise ValueError(
+                f"the solo pool runs one task at a time; concurrency must be 1, "
+                f"got {concurrency} (use threads or prefork for more)"
+            )
         super().__init__(concurrency, *args, **kwargs)  # type: ignore[arg-type]
 
     def on_start(self) -> None:

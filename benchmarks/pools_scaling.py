@@ -1,0 +1,149 @@
+"""How the threads and prefork pools scale, measured at the pool itself (no broker in the way).
+
+    .venv/bin/python benchmarks/pools_scaling.py [--rounds 3] [--cpu-tasks 24] [--io-tasks 200]
+
+Each scenario feeds a started pool the way the worker does (a job only while a unit is free) and
+times the wall clock from the first hand-over to the last outcome; rounds are interleaved so
+machine noise hits every configuration alike, and the median is printed.
+
+* ceiling: the same CPU work split over 1 and 2 bare forked processes, no pool: on a shared
+  machine this says how much of a second core was really there during the run;
+* cpu: tasks doing a fixed amount of pure-Python work (~100 ms each on one core), prefork with 1
+  and 2 children (the speed-up is what processes buy on a 2-core machine), and threads with 2
+  threads for contrast (the GIL serialises them);
+* io: tasks that sleep 10 ms (one `time.sleep`, like a network wait), threads 1, 4 and 16;
+* overhead: no-op tasks (`kit.add`), to show what moving a job costs in each pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+from millpond import execution
+from millpond.pool import SUCCESS, BasePool
+from millpond.testing import tasks
+from millpond.testing.pool_kit import Outcomes, Runner, make_job
+from millpond_pool_prefork import PreforkPool
+from millpond_pool_threads import ThreadPool
+
+
+def io_wait(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+tasks.app.task(name="bench.io")(io_wait)  # registered before any fork: children have it
+
+
+def calibrate(target: float) -> int:
+    """Iterations of `kit.work` that take about `target` seconds on one core here."""
+    n = 200_000
+    best = float("inf")
+    for _ in range(5):  # the fastest of a few runs: the least disturbed by other processes
+        started = time.perf_counter()
+        tasks.work(n)
+        best = min(best, time.perf_counter() - started)
+    return max(1, int(target / (best / n)))
+
+
+def timed(
+    make: Callable[[Outcomes], BasePool], name: str, args: tuple[object, ...], count: int
+) -> float:
+    """Seconds to run `count` jobs of `name` through a fresh pool (start/stop not timed)."""
+    outcomes = Outcomes()
+    pool = make(outcomes)
+    pool.start()
+    try:
+        runner = Runner(pool, outcomes, 120)
+        runner.run_all([make_job(name, 0) for _ in range(2 * pool.concurrency)])  # warm up
+        jobs = [make_job(name, *args) for _ in range(count)]
+        started = time.perf_counter()
+        results = runner.run_all(jobs, timeout=300)
+        elapsed = time.perf_counter() - started
+        bad = [o for o in results if o.state != SUCCESS]
+        if bad:
+            raise RuntimeError(f"{len(bad)} jobs failed, e.g. {bad[0]}")
+        return elapsed
+    finally:
+        pool.stop(30)
+
+
+def bare(processes: int, iterations: int, count: int) -> float:
+    """The ceiling: `count` tasks' work split over plain forked processes, no pool at all."""
+    import multiprocessing
+
+    def share(n: int) -> None:
+        for _ in range(n):
+            tasks.work(iterations)
+
+    ctx = multiprocessing.get_context("fork")
+    shares = [count // processes + (i < count % processes) for i in range(processes)]
+    started = time.perf_counter()
+    workers = [ctx.Process(target=share, args=(n,)) for n in shares]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cpu-tasks", type=int, default=20)
+    parser.add_argument("--io-tasks", type=int, default=200)
+    parser.add_argument("--noop-tasks", type=int, default=2000)
+    ns = parser.parse_args()
+    execution.set_worker_app(tasks.app)
+    iterations = calibrate(0.100)
+
+    def prefork(n: int) -> Callable[[Outcomes], BasePool]:
+        return lambda outcomes: PreforkPool(n, outcomes)
+
+    def threads(n: int) -> Callable[[Outcomes], BasePool]:
+        return lambda outcomes: ThreadPool(n, outcomes)
+
+    scenarios: list[
+        tuple[str, str, Callable[[Outcomes], BasePool], str, tuple[object, ...], int]
+    ] = [
+        ("cpu", "prefork -c 1", prefork(1), "kit.work", (iterations,), ns.cpu_tasks),
+        ("cpu", "prefork -c 2", prefork(2), "kit.work", (iterations,), ns.cpu_tasks),
+        ("cpu", "threads -c 2", threads(2), "kit.work", (iterations,), ns.cpu_tasks),
+        ("io", "threads -c 1", threads(1), "bench.io", (0.010,), ns.io_tasks),
+        ("io", "threads -c 4", threads(4), "bench.io", (0.010,), ns.io_tasks),
+        ("io", "threads -c 16", threads(16), "bench.io", (0.010,), ns.io_tasks),
+        ("overhead", "threads -c 4", threads(4), "kit.add", (1, 1), ns.noop_tasks),
+        ("overhead", "prefork -c 2", prefork(2), "kit.add", (1, 1), ns.noop_tasks),
+    ]
+    times: dict[tuple[str, str], list[float]] = {(s[0], s[1]): [] for s in scenarios}
+    ceiling: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(ns.rounds):
+        for n, runs in ceiling.items():
+            runs.append(bare(n, iterations, ns.cpu_tasks))
+        for kind, label, make, name, args, count in scenarios:
+            times[(kind, label)].append(timed(make, name, args, count))
+    print(f"median of {ns.rounds} rounds; cpu task = {iterations} iterations (~100 ms)")
+    print(f"{'scenario':<10} {'pool':<15} {'tasks':>6} {'seconds':>8} {'tasks/s':>9}  note")
+    base: dict[str, float] = {}
+    for kind, label, _make, _name, _args, count in scenarios:
+        seconds = statistics.median(times[(kind, label)])
+        rate = count / seconds
+        base.setdefault(kind, rate)
+        note = (
+            f"x{rate / base[kind]:.2f} vs first {kind} row"
+            if kind != "overhead"
+            else (f"{seconds / count * 1e6:.0f} us per task")
+        )
+        print(f"{kind:<10} {label:<15} {count:>6} {seconds:>8.3f} {rate:>9.1f}  {note}")
+    one, two = (statistics.median(ceiling[n]) for n in (1, 2))
+    print(
+        f"ceiling: the same cpu work in 1 / 2 bare processes took {one:.3f} / {two:.3f} s "
+        f"(x{one / two:.2f}): what this machine gave a second process during the run"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Each framework's own producer: millpond's `app.send_task`, Celery's `celery_app.send_task`.
+
+A fresh app per run, pointed at the run's broker and queue and closed afterwards, so no connection
+or setting leaks from one run into the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from benchmarks.model import CELERY, MILLPOND
+
+
+class Producer(Protocol):
+    def send(self, name: str, args: Sequence[Any] = ()) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MillpondProducer:
+    def __init__(self, broker_url: str, queue: str) -> None:
+        from millpond.app import Millpond
+
+        self.queue = queue
+        self.app = Millpond(
+            "bench-producer", broker_url=broker_url, default_queue=queue, ignore_result=True
+        )
+        # A worker declares its queues when it starts; this one is not running yet, and a broker
+        # that routes (RabbitMQ) drops what is published to a queue nobody declared.
+        self.app.broker.declare([queue])
+
+    def send(self, name: str, args: Sequence[Any] = ()) -> None:
+        self.app.send_task(name, args, queue=self.queue)
+
+    def close(self) -> None:
+        self.app.close()
+
+
+class CeleryProducer:
+    def __init__(self, broker_url: str, queue: str) -> None:
+        from celery import Celery
+
+        self.queue = queue
+        self.app = Celery("bench-producer", broker=broker_url)
+        self.app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=True)
+
+    def send(self, name: str, args: Sequence[Any] = ()) -> None:
+        self.app.send_task(name, args=list(args), queue=self.queue, ignore_result=True)
+
+    def close(self) -> None:
+        self.app.close()
+
+
+def producer(framework: str, broker_url: str, queue: str) -> Producer:
+    if framework == MILLPOND:
+        return MillpondProducer(broker_url, queue)
+    if framework == CELERY:
+        return CeleryProducer(broker_url, queue)
+    raise ValueError(f"unknown framework {framework!r}")

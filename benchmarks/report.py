@@ -1,0 +1,339 @@
+"""From records to markdown: medians per cell, millpond/Celery ratios, targets, failures.
+
+Only ratios between runs of the same session mean anything on a shared machine (PERFORMANCE.md:
+no-op runs spread about +-30 %), so every table puts millpond and Celery side by side from the same
+invocation and the targets are checked against those same figures.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+
+from benchmarks.model import CELERY, MILLPOND, Record
+
+Key = tuple[str, str, int]  # broker, pool, concurrency
+
+#: PERFORMANCE.md's targets, checked against the figures of the same run
+DRAIN_TARGET = {"redis": 8000.0, "amqp": 10000.0}
+LATENCY_TARGET_MS = {"redis": 1.0, "amqp": 1.2}
+SLEEP_TARGET = {"redis": 7000.0, "amqp": 8000.0}
+STARTUP_TARGET_S = 0.2
+RSS_TARGET_MIB = {"solo": 40.0, "prefork": 90.0}
+RATIO_TARGET = 3.0
+BROKER_ORDER = {"sqlite": 0, "redis": 1, "amqp": 2}
+POOL_ORDER = {"solo": 0, "threads": 1, "prefork": 2, "gevent": 3, "eventlet": 4}
+
+
+class Cell:
+    """The runs of one framework in one table cell."""
+
+    def __init__(self, records: list[Record]) -> None:
+        self.records = records
+        self.ok = [r for r in records if r.ok]
+
+    def median(self, get: Callable[[Record], Any] = lambda r: r.value) -> float | None:
+        values = [v for v in (get(r) for r in self.ok) if v is not None]
+        return statistics.median(values) if values else None
+
+    def show(self, value: float | None, fmt: str) -> str:
+        if not self.records:
+            return "-"
+        if value is None:
+            return "n/a" if self.ok else f"FAILED (0/{len(self.records)})"
+        text = format(value, fmt)
+        if len(self.ok) < len(self.records):
+            text += f" ({len(self.ok)}/{len(self.records)} ok)"
+        return text
+
+
+def _group(records: Iterable[Record], scenario: str) -> dict[Key, dict[str, Cell]]:
+    buckets: dict[Key, dict[str, list[Record]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.scenario == scenario:
+            buckets[(r.broker, r.pool, r.concurrency)][r.framework].append(r)
+    ordered = sorted(
+        buckets, key=lambda k: (BROKER_ORDER.get(k[0], 9), k[0], POOL_ORDER.get(k[1], 9), k[2])
+    )
+    return {k: {fw: Cell(rs) for fw, rs in buckets[k].items()} for k in ordered}
+
+
+def _pool(key: Key) -> str:
+    return key[1] if key[1] == "solo" else f"{key[1]} {key[2]}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def _cells(group: dict[str, Cell]) -> tuple[Cell, Cell]:
+    return group.get(MILLPOND, Cell([])), group.get(CELERY, Cell([]))
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return out
+
+
+def drain_table(records: list[Record]) -> list[str]:
+    rows = []
+    for key, group in _group(records, "drain").items():
+        m, c = _cells(group)
+        mv, cv = m.median(), c.median()
+        rows.append([key[0], _pool(key), m.show(mv, ",.0f"), c.show(cv, ",.0f"), _ratio(mv, cv)])
+    return _table(["broker", "pool", "millpond tasks/s", "Celery tasks/s", "millpond/Celery"], rows)
+
+
+def sleep_table(records: list[Record]) -> list[str]:
+    """With the bound the concurrency allows (concurrency / sleep): near it, no pool can do 3x."""
+    rows = []
+    for key, group in _group(records, "sleep").items():
+        m, c = _cells(group)
+        mv, cv = m.median(), c.median()
+        sleeps = [r.metrics.get("sleep_s") for cell in (m, c) for r in cell.records]
+        sleep_s = next((s for s in sleeps if s), None)
+        bound = key[2] / sleep_s if sleep_s else None
+        share = f"{mv / bound:.0%}" if mv is not None and bound else "-"
+        rows.append(
+            [
+                key[0],
+                _pool(key),
+                format(bound, ",.0f") if bound else "-",
+                m.show(mv, ",.0f"),
+                share,
+                c.show(cv, ",.0f"),
+                _ratio(mv, cv),
+            ]
+        )
+    head = [
+        "broker",
+        "pool",
+        "bound tasks/s",
+        "millpond tasks/s",
+        "millpond of bound",
+        "Celery tasks/s",
+        "millpond/Celery",
+    ]
+    return _table(head, rows)
+
+
+def latency_table(records: list[Record]) -> list[str]:
+    rows = []
+    for key, group in _group(records, "latency").items():
+        m, c = _cells(group)
+        mv, cv = m.median(), c.median()
+        mp99 = m.median(lambda r: r.metrics.get("p99_ms"))
+        cp99 = c.median(lambda r: r.metrics.get("p99_ms"))
+        rows.append(
+            [
+                key[0],
+                _pool(key),
+                m.show(mv, ".2f"),
+                m.show(mp99, ".2f"),
+                c.show(cv, ".2f"),
+                c.show(cp99, ".2f"),
+                _ratio(cv, mv),
+            ]
+        )
+    head = [
+        "broker",
+        "pool",
+        "millpond p50 ms",
+        "millpond p99 ms",
+        "Celery p50 ms",
+        "Celery p99 ms",
+        "Celery/millpond (p50)",
+    ]
+    return _table(head, rows)
+
+
+def _metric_of(name: str, record: Record) -> Any:
+    return record.metrics.get(name)
+
+
+def _metric_table(records: list[Record], cols: list[tuple[str, str, str]]) -> list[str]:
+    """A millpond and a Celery column per (metric, title, format), from the drain runs."""
+    rows = []
+    for key, group in _group(records, "drain").items():
+        m, c = _cells(group)
+        row = [key[0], _pool(key)]
+        for metric, _title, fmt in cols:
+            get = partial(_metric_of, metric)
+            row.append(m.show(m.median(get), fmt))
+            row.append(c.show(c.median(get), fmt))
+        rows.append(row)
+    head = ["broker", "pool"]
+    for _metric, title, _fmt in cols:
+        head += [f"millpond {title}", f"Celery {title}"]
+    return _table(head, rows)
+
+
+def lifecycle_table(records: list[Record]) -> list[str]:
+    return _metric_table(
+        records, [("startup_s", "start s", ".3f"), ("stop_s", "warm stop s", ".2f")]
+    )
+
+
+def memory_table(records: list[Record]) -> list[str]:
+    return _metric_table(
+        records, [("peak_rss_mib", "RSS MiB", ".1f"), ("peak_pss_mib", "PSS MiB", ".1f")]
+    )
+
+
+def baseline_table(records: list[Record]) -> list[str]:
+    best_drain: dict[tuple[str, str], float] = {}
+    for key, group in _group(records, "drain").items():
+        for fw, cell in group.items():
+            value = cell.median()
+            if value is not None:
+                best_drain[(key[0], fw)] = max(best_drain.get((key[0], fw), 0.0), value)
+    cells: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for r in records:
+        if r.scenario == "baseline":
+            cells[(r.broker, r.framework)].append(r)
+    rows = []
+    for (broker, method), rs in sorted(cells.items(), key=lambda kv: BROKER_ORDER.get(kv[0][0], 9)):
+        cell = Cell(rs)
+        value = cell.median()
+        rows.append(
+            [
+                broker,
+                method,
+                cell.show(value, ",.0f"),
+                _ratio(best_drain.get((broker, MILLPOND)), value),
+                _ratio(best_drain.get((broker, CELERY)), value),
+            ]
+        )
+    head = [
+        "broker",
+        "no-framework loop",
+        "tasks/s",
+        "best millpond drain / it",
+        "best Celery drain / it",
+    ]
+    return _table(head, rows)
+
+
+def targets_table(records: list[Record]) -> list[str]:
+    """PERFORMANCE.md's targets against this run's figures."""
+    rows: list[list[str]] = []
+
+    def check(what: str, measured: float | None, target: float, higher: bool, fmt: str) -> None:
+        if measured is None:
+            rows.append([what, f"{'≥' if higher else '≤'} {target:{fmt}}", "not measured", "-"])
+            return
+        met = measured >= target if higher else measured <= target
+        sign = "≥" if higher else "≤"
+        rows.append([what, f"{sign} {target:{fmt}}", format(measured, fmt), "yes" if met else "NO"])
+
+    drains = _group(records, "drain")
+    for broker, target in DRAIN_TARGET.items():
+        values = [
+            g[MILLPOND].median() for k, g in drains.items() if k[0] == broker and MILLPOND in g
+        ]
+        best = max((v for v in values if v is not None), default=None)
+        if values:
+            check(f"{broker}: no-op drain, best pool (tasks/s)", best, target, True, ",.0f")
+    for key, group in _group(records, "latency").items():
+        if key[0] in LATENCY_TARGET_MS and MILLPOND in group:
+            check(
+                f"{key[0]} {_pool(key)}: latency p50 (ms)",
+                group[MILLPOND].median(),
+                LATENCY_TARGET_MS[key[0]],
+                False,
+                ".2f",
+            )
+    for key, group in _group(records, "sleep").items():
+        if key[0] in SLEEP_TARGET and key[1] in ("gevent", "eventlet") and MILLPOND in group:
+            check(
+                f"{key[0]} {_pool(key)}: 10 ms sleeps (tasks/s)",
+                group[MILLPOND].median(),
+                SLEEP_TARGET[key[0]],
+                True,
+                ",.0f",
+            )
+    for key, group in drains.items():
+        m = group.get(MILLPOND)
+        if m is None:
+            continue
+        check(
+            f"{key[0]} {_pool(key)}: start to first task (s)",
+            m.median(lambda r: r.metrics.get("startup_s")),
+            STARTUP_TARGET_S,
+            False,
+            ".3f",
+        )
+        if key[1] in RSS_TARGET_MIB:
+            check(
+                f"{key[0]} {_pool(key)}: peak RSS (MiB)",
+                m.median(lambda r: r.metrics.get("peak_rss_mib")),
+                RSS_TARGET_MIB[key[1]],
+                False,
+                ".1f",
+            )
+    # The 3x rule is about the framework's own cost: no-op drains. Sleep runs at threads 16 and
+    # prefork 2 are capped by concurrency / sleep, which Celery already nearly reaches.
+    for scenario in ("drain",):
+        for key, group in _group(records, scenario).items():
+            m, c = _cells(group)
+            mv, cv = m.median(), c.median()
+            if m.records and c.records:
+                ratio = mv / cv if mv is not None and cv else None
+                check(
+                    f"{key[0]} {_pool(key)}: {scenario} millpond/Celery",
+                    ratio,
+                    RATIO_TARGET,
+                    True,
+                    ".2f",
+                )
+    return _table(["target (PERFORMANCE.md)", "wanted", "measured", "met"], rows)
+
+
+def failures(records: list[Record], tail_lines: int = 12) -> list[str]:
+    out: list[str] = []
+    for r in records:
+        if r.ok:
+            continue
+        where = (
+            f"{r.scenario} / {r.broker} / {r.pool} {r.concurrency} / {r.framework} / "
+            f"run {r.repeat + 1}"
+        )
+        extra = ", ".join(f"{k}={v}" for k, v in r.metrics.items())
+        out.append(f"- **{where}**: {r.error}" + (f" ({extra})" if extra else ""))
+        if r.output_tail:
+            tail = "\n".join(r.output_tail.splitlines()[-tail_lines:])
+            out += ["", "  ```", *("  " + line for line in tail.splitlines()), "  ```"]
+    return out
+
+
+def render(records: list[Record], meta: dict[str, Any]) -> str:
+    """The whole report as markdown (what `run.py` prints and what docs/benchmarks.md quotes)."""
+    runs = meta.get("repeats", 1)
+    parts: list[str] = [f"Medians of {runs} interleaved run(s); ratios from the same session."]
+    sections = [
+        (f"No-op drain ({meta.get('tasks', '?')} tasks)", "drain", drain_table),
+        ("Idle-worker latency (send to task start)", "latency", latency_table),
+        (f"10 ms sleep tasks ({meta.get('sleep_tasks', '?')})", "sleep", sleep_table),
+        (
+            "Popen to the first task's start, and SIGTERM to exit (drain runs)",
+            "drain",
+            lifecycle_table,
+        ),
+        ("Peak memory of the worker's process tree (drain runs)", "drain", memory_table),
+        (f"No-framework floors ({meta.get('tasks', '?')} messages)", "baseline", baseline_table),
+    ]
+    for title, scenario, make in sections:
+        if any(r.scenario == scenario for r in records):
+            parts += ["", f"### {title}", "", *make(records)]
+    if any(r.framework == MILLPOND for r in records):
+        parts += ["", "### Against the targets", "", *targets_table(records)]
+    failed = failures(records)
+    if failed:
+        parts += ["", "### Failures", "", *failed]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,238 @@
+"""The broker's own connection: publishing with confirms and the administrative calls.
+
+One connection and one channel (in confirm mode) serve every thread of a process, behind a lock:
+py-amqp connections are not thread-safe, and a confirm wait is one round trip, so a lock costs
+little next to it. After `os.fork()` the child abandons the parent's socket without closing it (the
+parent keeps using it) and opens its own on first use. A lost connection is reopened with
+exponential backoff for at most `publish_retry_timeout` seconds; a nack, an unroutable message or
+an unencodable one fails at once, since retrying cannot help.
+
+Heartbeats are off on this connection: it is often idle, and nobody would serve them while it is.
+A dead link is found by the confirm wait's timeout instead, and cured by the retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import amqp
+from amqp import exceptions as amqp_exc
+from amqp import spec
+
+from millpond.exceptions import BrokerError, PublishError
+from millpond_broker_amqp.connection import (
+    abandon,
+    bounded,
+    close_gracefully,
+    describe,
+    is_transient,
+    open_connection,
+)
+from millpond_broker_amqp.settings import AmqpSettings
+
+log = logging.getLogger("millpond.broker.amqp")
+T = TypeVar("T")
+
+_links: weakref.WeakSet[Link] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for link in list(_links):
+        link.forget_parent()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Link:
+    """A lazily opened, self-healing connection + confirm channel shared by a process's threads."""
+
+    def __init__(self, settings: AmqpSettings, purpose: str = "publisher") -> None:
+        self.settings = settings
+        self.purpose = purpose
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+        self._conn: amqp.Connection | None = None
+        self._chan: amqp.Channel | None = None
+        self._returned: tuple[int, str] | None = None
+        self._nacked = False
+        #: bumped on every new connection; users cache per-connection state against it
+        self.generation = 0
+        self._closed = False
+        _links.add(self)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def forget_parent(self) -> None:
+        """In a forked child: drop the parent's connection without touching its socket state."""
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+        conn, self._conn, self._chan = self._conn, None, None
+        if conn is not None:
+            abandon(conn)
+            self.generation += 1
+
+    def close(self) -> None:
+        self._closed = True
+        if os.getpid() != self._pid:
+            self.forget_parent()
+            return
+        with self._lock:
+            conn, self._conn, self._chan = self._conn, None, None
+            close_gracefully(conn, min(2.0, self.settings.operation_timeout))
+
+    def _channel(self) -> amqp.Channel:
+        """The open confirm channel, connecting first if needed (lock held)."""
+        if self._pid != os.getpid():
+            self.forget_parent()
+        if self._chan is not None and self._conn is not None:
+            return self._chan
+        if self._conn is None:
+            self._conn = open_connection(self.settings, heartbeat=0, purpose=self.purpose)
+            self.generation += 1
+        conn = self._conn
+        with bounded(conn, self.settings.operation_timeout):
+            chan = conn.channel()
+            if self.settings.confirm_publish:
+                chan.confirm_select()
+        chan.events["basic_return"].add(self._on_return)
+        chan.events["basic_nack"].add(self._on_nack)
+        self._chan = chan
+        return chan
+
+    def _drop(self, exc: BaseException) -> None:
+        """Forget a broken connection (lock held)."""
+        conn, self._conn, self._chan = self._conn, None, None
+        if conn is not None:
+            log.warning(
+                "lost the %s connection to RabbitMQ at %s (%s); reconnecting",
+                self.purpose,
+                self.settings.safe_url,
+                describe(exc),
+            )
+            abandon(conn)
+
+    def _drop_channel(self) -> None:
+        """A channel error closed the channel server-side (py-amqp reopens it at once, without
+        confirm mode): close it cleanly and open a fresh one next time (lock held)."""
+        chan, self._chan = self._chan, None
+        if chan is None or self._conn is None:
+            return
+        try:
+            with bounded(self._conn, self.settings.operation_timeout):
+                if chan.is_open:
+                    chan.close()
+                else:
+                    chan.collect()
+        except Exception as exc:
+            self._drop(exc)
+
+    # -- calls -----------------------------------------------------------------------------------
+    def call(self, what: str, fn: Callable[[amqp.Channel], T]) -> T:
+        """Run `fn(channel)`, reconnecting and retrying while the failure is transient, for at
+        most `publish_retry_timeout` seconds. Raises `BrokerError` (or what `fn` raises)."""
+        if self._closed:
+            raise BrokerError(f"the AMQP broker was closed; cannot {what}")
+        deadline = time.monotonic() + self.settings.publish_retry_timeout
+        delay = 0.05
+        while True:
+            with self._lock:
+                try:
+                    chan = self._channel()
+                    with bounded(chan.connection, self.settings.operation_timeout):
+                        return fn(chan)
+                except Exception as exc:
+                    cause = exc.__cause__ if isinstance(exc, BrokerError) else exc
+                    if isinstance(cause, amqp_exc.ChannelError):
+                        self._drop_channel()
+                    elif is_transient(exc):
+                        self._drop(exc)
+                    if not is_transient(exc):
+                        raise
+                    failure = exc
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerError(
+                    f"could not {what} on RabbitMQ at {self.settings.safe_url} within "
+                    f"{self.settings.publish_retry_timeout:g}s ({describe(failure)}); is the "
+                    "server up? (option publish_retry_timeout)"
+                ) from failure
+            time.sleep(min(delay, remaining))  # backoff between reconnects, not synchronisation
+            delay = min(delay * 2, 2.0)
+
+    def publish(
+        self,
+        message: amqp.Message,
+        *,
+        exchange: str,
+        routing_key: str,
+        describe_target: str,
+        before: Callable[[amqp.Channel], None] | None = None,
+    ) -> None:
+        """Publish and wait for the broker's confirm, retrying on a lost connection; raises
+        `PublishError`. `before(channel)` runs first on every attempt (it declares the target
+        on a new connection); `describe_target` names the destination in error messages."""
+
+        def attempt(chan: amqp.Channel) -> None:
+            if before is not None:
+                before(chan)
+            self.publish_on(chan, message, exchange, routing_key, describe_target)
+
+        try:
+            self.call(f"publish to {describe_target}", attempt)
+        except PublishError:
+            raise
+        except BrokerError as exc:
+            raise PublishError(str(exc)) from exc.__cause__
+        except amqp_exc.AMQPError as exc:
+            raise PublishError(
+                f"RabbitMQ rejected the message for {describe_target}: {describe(exc)}"
+            ) from exc
+
+    def publish_on(
+        self,
+        chan: amqp.Channel,
+        message: amqp.Message,
+        exchange: str,
+        routing_key: str,
+        describe_target: str,
+    ) -> None:
+        """One publish on the link's confirm channel, inside `call` (lock held)."""
+        self._returned = None
+        self._nacked = False
+        try:
+            chan.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=True)
+        except (amqp_exc.FrameSyntaxError, TypeError, ValueError, OverflowError) as exc:
+            raise PublishError(
+                f"the message for {describe_target} cannot be encoded as AMQP ({exc}); headers "
+                "and properties may hold only str, bytes, int, float, bool, None, datetime, "
+                "Decimal, lists and dicts"
+            ) from exc
+        if self.settings.confirm_publish:
+            chan.wait([spec.Basic.Ack, spec.Basic.Nack])
+        if self._returned is not None:
+            code, text = self._returned
+            raise PublishError(
+                f"RabbitMQ could not route the message for {describe_target} to any queue "
+                f"({code} {text}); declare the queue first (broker.declare) or enable "
+                "declare_on_publish"
+            )
+        if self._nacked:
+            raise PublishError(
+                f"RabbitMQ refused (nacked) the message for {describe_target}; it was not stored "
+                "(the server may be out of disk or memory, or the queue is full with "
+                "overflow=reject-publish). Check the server log and retry later."
+            )
+
+    # -- py-amqp event handlers ------------------------------------------------------------------
+    def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+        self._returned = (getattr(exc, "code", 0), getattr(exc, "reply_text", "") or str(exc))
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._nacked = True

@@ -1,0 +1,408 @@
+"""The Redis consumer: batched, atomic reservation; batched acks; leases instead of timeouts.
+
+One `fetch` is one round trip whatever the batch size: a Lua script promotes due delayed messages,
+pops up to `max_count` messages from the queues (priority steps first, then queues round-robin) and
+records each in this consumer's `unacked` hash, atomically, so a message is always either in a queue
+or held by a named consumer. `ack` is one HDEL for the whole batch.
+
+Held messages stay held for as long as this consumer's lease is alive (see `heartbeat.py`), however
+long a task runs. When the lease expires (the process died), any consumer's restorer gives them back
+to the front of their queues, counting the delivery.
+
+Connection trouble never crashes the worker loop: a failed fetch logs, waits a little (woken early
+by the waker) and returns an empty list; the next call reconnects. Acks and rejects that cannot
+reach Redis are kept and sent again before the next fetch. A fetch whose reply was lost may have
+reserved messages this consumer never saw: their tags are known (the consumer hands tags out), and
+they are given back, uncounted, as soon as Redis answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from millpond import envelope
+from millpond.broker import Consumer, Delivery, Waker
+from millpond.exceptions import MalformedMessage
+from millpond.protocol import DEATH_REASON, Message
+from millpond_broker_redis import keys
+from millpond_broker_redis.connection import is_transient
+from millpond_broker_redis.doorbell import TIMEOUT, WOKEN, Doorbells
+from millpond_broker_redis.heartbeat import Heartbeat
+
+if TYPE_CHECKING:
+    from millpond_broker_redis.broker import RedisBroker
+
+log = logging.getLogger("millpond.broker.redis")
+
+#: the most messages one fetch reserves (keeps the script's reply and Lua's stack bounded)
+MAX_BATCH = 1000
+_BACKOFF_MIN = 0.05
+_BACKOFF_MAX = 2.0
+
+
+def consumer_id() -> str:
+    """Readable and unique: `redis-cli keys 'millpond:unacked:*'` shows which host holds what."""
+    return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+
+
+def dead_envelope(message: Message, queue: str, reason: str) -> str:
+    """The envelope stored in the dead-letter list: the same message plus the death reason."""
+    headers = dict(message.headers)
+    headers[DEATH_REASON] = reason
+    dead = Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        properties=dict(message.properties),
+    )
+    return envelope.dumps(dead, queue=queue)
+
+
+class RedisConsumer(Consumer):
+    def __init__(self, broker: RedisBroker, queues: Sequence[str], prefetch: int) -> None:
+        if isinstance(queues, str):
+            queues = [queues]
+        if not queues:
+            raise ValueError("a consumer needs at least one queue")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 (0 means no limit), got {prefetch}")
+        self._broker = broker
+        cfg = broker.cfg
+        self._cfg = cfg
+        self.queues = [keys.check_queue(q) for q in dict.fromkeys(queues)]
+        self.prefetch = prefetch
+        self.id = consumer_id()
+        self._unacked_key = keys.unacked_key(self.id)
+        self._lease_key = keys.lease_key(self.id)
+        self._lease_ms = max(1, int(cfg.lease_timeout * 1000))
+        self._steps = [str(s) for s in cfg.priority_steps]
+        self._rotate = cfg.queue_order_strategy == "round_robin" and len(self.queues) > 1
+        self._turn = 0
+        self._next_tag = 1
+        self._held: set[int] = set()
+        self._pending: list[tuple[str, Callable[[redis.Redis], Any]]] = []
+        self._uncertain: list[int] = []
+        self._failing = False
+        self._backoff = _BACKOFF_MIN
+        self._closed = False
+
+        self._pool = broker.pools.new_pool()
+        self._client = redis.Redis(connection_pool=self._pool)
+        self._beat_client = redis.Redis(connection_pool=self._pool)
+        self._scripts = broker.scripts
+        self._bells: Doorbells | None = None
+        self._heartbeat = Heartbeat(
+            self._beat, cfg.heartbeat_interval, name=f"millpond-redis-lease-{self.id}"
+        )
+        self._heartbeat.beat_once()  # the lease exists before the first message is reserved
+        self._heartbeat.start()
+
+    # -- lease -----------------------------------------------------------------------------------
+    def _beat(self) -> tuple[bool, int]:
+        gate_ms = max(50, int(min(1.0, self._cfg.heartbeat_interval) * 1000))
+        alive, restored = self._scripts.beat(
+            keys=[self._lease_key, keys.CONSUMERS, keys.RESTORE_GATE],
+            args=[self._lease_ms, keys.SEP, gate_ms],
+            client=self._beat_client,
+        )
+        return bool(alive), int(restored)
+
+    # -- fetching --------------------------------------------------------------------------------
+    def _order(self) -> list[str]:
+        if not self._rotate:
+            return self.queues
+        turn = self._turn
+        self._turn = (turn + 1) % len(self.queues)
+        return self.queues[turn:] + self.queues[:turn]
+
+    def _room(self, max_count: int) -> int:
+        room = min(max_count, MAX_BATCH)
+        if self.prefetch:
+            room = min(room, self.prefetch - len(self._held))
+        return room
+
+    def fetch(self, max_count: int, timeout: float, waker: Waker | None = None) -> list[Delivery]:
+        if self._closed:
+            raise RuntimeError("fetch() on a closed consumer; create a new one")
+        deadline = time.monotonic() + max(timeout, 0.0)
+        if not self._settle():
+            return self._pause(deadline, waker)
+        while True:
+            room = self._room(max_count)
+            if room <= 0:  # prefetch window full: only a completion (the waker) helps
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    if waker is not None:
+                        waker.wait(remaining)
+                    else:
+                        time.sleep(remaining)
+                return []
+            if self._bells is not None:
+                self._bells.drain()
+            try:
+                deliveries, due_ms = self._reserve(room)
+            except redis.RedisError as exc:  # never crash the worker loop: report, wait, retry
+                self._trouble("fetch", exc)
+                return self._pause(deadline, waker)
+            self._recovered()
+            if deliveries:
+                return deliveries
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            if due_ms >= 0:
+                remaining = min(remaining, due_ms / 1000.0)
+            outcome = self._doorbells().wait(remaining, waker)
+            if outcome == WOKEN or (outcome == TIMEOUT and time.monotonic() >= deadline):
+                return []
+
+    def _reserve(self, room: int) -> tuple[list[Delivery], int]:
+        queues = self._order()
+        first = self._next_tag
+        self._next_tag += room
+        args: list[Any] = [self.id, room, first, self._lease_ms, keys.SEP, len(queues), *queues]
+        args.append(len(self._steps))
+        args.extend(self._steps)
+        try:
+            reply = self._scripts.fetch(
+                keys=[self._unacked_key, self._lease_key, keys.CONSUMERS],
+                args=args,
+                client=self._client,
+            )
+        except redis.RedisError:
+            # the script may have run and its reply been lost: these tags may hold messages
+            self._uncertain.extend(range(first, first + room))
+            raise
+        count = int(reply[0])
+        if count == 0:
+            return [], int(reply[1])
+        out: list[Delivery] = []
+        for i in range(count):
+            qi, n, raw = reply[1 + 3 * i : 4 + 3 * i]
+            tag = first + i
+            queue = queues[int(qi) - 1]
+            try:
+                message = envelope.loads(raw)
+            except MalformedMessage as exc:
+                self._bury_unreadable(tag, queue, raw, exc)
+                continue
+            n = int(n)
+            out.append(Delivery(message, queue, tag, n > 1, n))
+            self._held.add(tag)
+        return out, -1
+
+    def _bury_unreadable(self, tag: int, queue: str, raw: bytes, exc: Exception) -> None:
+        """A list entry that is not a kombu envelope: keep its bytes, in the dead-letter list."""
+        reason = f"not a kombu JSON envelope ({exc}); the original bytes are the body"
+        log.error("redis: message in queue %r is unreadable: %s; dead-lettering it", queue, exc)
+        wrapped = Message(body=bytes(raw), headers={}, content_type="application/octet-stream")
+        self._dead_letter(tag, queue, dead_envelope(wrapped, queue, reason))
+
+    def _doorbells(self) -> Doorbells:
+        if self._bells is None:
+            steps = self._cfg.priority_steps
+            list_keys = [keys.list_key(q, s) for s in steps for q in self.queues]
+            self._bells = Doorbells(
+                self._pool,
+                list_keys,
+                [keys.bell_channel(q) for q in self.queues],
+                self._cfg.idle_timeout,
+                self._cfg.socket_timeout,
+            )
+        return self._bells
+
+    # -- acknowledging ---------------------------------------------------------------------------
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        tags = [d.tag for d in deliveries]
+        if not tags:
+            return
+        self._held.difference_update(tags)
+        self._run(
+            f"ack of {len(tags)} message(s)",
+            lambda c: self._acked(c.hdel(self._unacked_key, *tags), len(tags)),
+        )
+
+    def _acked(self, removed: int, asked: int) -> None:
+        if removed < asked:
+            log.warning(
+                "redis: %d of %d acknowledged message(s) were no longer held by this consumer "
+                "(its lease lapsed and they went back to the queue); they may run again",
+                asked - removed,
+                asked,
+            )
+
+    def reject(self, delivery: Delivery, *, requeue: bool, reason: str = "") -> None:
+        tag = delivery.tag
+        self._held.discard(tag)
+        if requeue:
+            self._run(
+                "requeue",
+                lambda c: self._scripts.requeue(
+                    keys=[self._unacked_key], args=[keys.SEP, 0, tag], client=c
+                ),
+            )
+            return
+        payload = dead_envelope(delivery.message, delivery.queue, reason)
+        self._dead_letter(tag, delivery.queue, payload)
+
+    def _dead_letter(self, tag: int, queue: str, payload: str) -> None:
+        self._held.discard(tag)
+
+        def move(c: redis.Redis) -> None:
+            done = self._scripts.dead_letter(
+                keys=[self._unacked_key, keys.dead_key(queue)], args=[tag, payload], client=c
+            )
+            if not done:
+                log.warning(
+                    "redis: a message of %r was not dead-lettered: this consumer no longer held "
+                    "it (its lease lapsed and it went back to the queue)",
+                    queue,
+                )
+
+        self._run("dead-lettering", move)
+
+    # -- connection trouble ----------------------------------------------------------------------
+    def _run(self, what: str, op: Callable[[redis.Redis], Any]) -> None:
+        """Run `op` now, or keep it for the next call if Redis cannot be reached."""
+        if self._pending:
+            self._settle()
+        if self._pending:
+            self._pending.append((what, op))
+            return
+        try:
+            op(self._client)
+        except redis.RedisError as exc:
+            if is_transient(exc):
+                self._pending.append((what, op))
+                self._trouble(what, exc)
+            else:
+                self._give_up(what, exc)
+        else:
+            self._recovered()
+
+    def _settle(self) -> bool:
+        """Send what is owed (kept acks, rejects, lost reservations); False if Redis is away."""
+        try:
+            if self._uncertain:
+                tags = sorted(self._uncertain, reverse=True)
+                self._scripts.requeue(
+                    keys=[self._unacked_key], args=[keys.SEP, 1, *tags], client=self._client
+                )
+                self._uncertain.clear()
+            while self._pending:
+                what, op = self._pending[0]
+                try:
+                    op(self._client)
+                except redis.RedisError as exc:
+                    if is_transient(exc):
+                        raise
+                    self._give_up(what, exc)
+                self._pending.pop(0)
+        except redis.RedisError as exc:
+            self._trouble("reconnect", exc)
+            return False
+        self._recovered()
+        return True
+
+    def _trouble(self, what: str, exc: BaseException) -> None:
+        if self._bells is not None:
+            self._bells.reset()
+        if not self._failing:
+            if is_transient(exc):
+                log.warning(
+                    "redis: %s failed (%s: %s); consuming continues once %s answers again "
+                    "(acknowledgements are kept and sent then)",
+                    what,
+                    type(exc).__name__,
+                    exc,
+                    self._cfg.masked_url,
+                )
+            else:
+                log.error(
+                    "redis: %s failed: %s said %s: %s; retrying, but this will not clear up by "
+                    "itself: check the server (credentials, ACLs, configuration)",
+                    what,
+                    self._cfg.masked_url,
+                    type(exc).__name__,
+                    exc,
+                )
+        self._failing = True
+
+    def _give_up(self, what: str, exc: BaseException) -> None:
+        """A non-transient refusal of one ack/reject: drop it rather than block every later one.
+        Nothing is lost: the message stays held and goes back to its queue when this consumer
+        closes or its lease expires (so it may run again)."""
+        log.error(
+            "redis: %s refused by %s (%s: %s); the message(s) stay reserved and return to "
+            "their queue when this consumer closes",
+            what,
+            self._cfg.masked_url,
+            type(exc).__name__,
+            exc,
+        )
+
+    def _recovered(self) -> None:
+        if self._failing:
+            log.info("redis: connection to %s is back", self._cfg.masked_url)
+        self._failing = False
+        self._backoff = _BACKOFF_MIN
+
+    def _pause(self, deadline: float, waker: Waker | None) -> list[Delivery]:
+        """After a failure: wait a growing while (bounded by the deadline), then return nothing."""
+        delay = min(self._backoff, max(0.0, deadline - time.monotonic()))
+        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+        if delay > 0:
+            if waker is not None:
+                waker.wait(delay)
+            else:
+                time.sleep(delay)
+        return []
+
+    # -- shutdown --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Give every held message back (to the front of its queue) and stop the lease."""
+        if self._closed:
+            return
+        self._closed = True
+        self._heartbeat.stop()
+        if self._bells is not None:
+            self._bells.close()
+        try:
+            if self._settle():
+                self._scripts.close(
+                    keys=[self._unacked_key, self._lease_key, keys.CONSUMERS],
+                    args=[keys.SEP, self.id],
+                    client=self._client,
+                )
+            else:
+                raise redis.ConnectionError("Redis unreachable")
+        except redis.RedisError as exc:
+            log.error(
+                "redis: could not give back %d held message(s) on close (%s); they return to "
+                "their queues when this consumer's lease expires (lease_timeout=%gs)",
+                len(self._held),
+                exc,
+                self._cfg.lease_timeout,
+            )
+        finally:
+            self._held.clear()
+            self._pool.disconnect()
+
+    @property
+    def connected(self) -> bool:
+        """False from a failed round trip until the next one succeeds (for the readiness probe)."""
+        return not self._failing and not self._closed
+
+    @property
+    def held(self) -> int:
+        """Messages fetched and not yet acknowledged or rejected."""
+        return len(self._held)

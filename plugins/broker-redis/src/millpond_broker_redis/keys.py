@@ -1,0 +1,99 @@
+"""Where everything lives in Redis, in one place.
+
+Queues use kombu's layout so Celery and millpond share them: a queue is a list named after it,
+producers LPUSH and consumers pop from the right (RPOP/BRPOP), so the right end is the front. kombu
+emulates priorities with one list per priority step, `<queue>\\x06\\x16<step>` (step 0 is the plain
+list) and serves lower steps first.
+
+Everything else is millpond's own bookkeeping under `millpond:`, which kombu never reads:
+
+* `millpond:delayed:<queue>`  sorted set of delayed messages scored by eta (epoch seconds); members
+  are `<step>:<envelope>`.
+* `millpond:counts:<queue>`   hash sha1(envelope) -> deliveries so far, for messages that went back
+  to the queue after a delivery (absent for first deliveries, which is the common, free case).
+* `millpond:unacked:<consumer>` hash tag -> `<count>:<len(queue)>:<step>:<queue><envelope>`: the
+  messages a consumer holds.
+* `millpond:lease:<consumer>`  a key whose TTL is the consumer's lease; its heartbeat refreshes it.
+* `millpond:consumers`        set of consumer ids that may hold messages (what the restorer scans).
+* `millpond:restore-gate`     a short-lived key so restorers run at most once a second in total.
+* `millpond:bell:<queue>`     pub/sub channel rung when a delayed message becomes the earliest.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect
+from typing import Final
+
+from millpond.broker import dead_letter_queue
+from millpond.exceptions import ConfigurationError
+
+SEP: Final = "\x06\x16"
+PREFIX: Final = "millpond:"
+CONSUMERS: Final = PREFIX + "consumers"
+RESTORE_GATE: Final = PREFIX + "restore-gate"
+RESULT_PREFIX: Final = "celery-task-meta-"
+#: how long a `counts` hash lives after its last write; a count older than this is forgotten (the
+#: message was most likely taken by a Celery worker, which does not clear it).
+COUNTS_TTL: Final = 7 * 24 * 3600
+MAX_QUEUE_NAME: Final = 1024
+
+
+def check_queue(queue: str) -> str:
+    """A queue name that is safe in kombu's layout; anything else is a clear error."""
+    if not isinstance(queue, str) or not queue:
+        raise ConfigurationError(f"queue name must be a non-empty string, got {queue!r}")
+    if SEP in queue:
+        raise ConfigurationError(
+            f"queue name {queue!r} contains kombu's separator \\x06\\x16; choose another name"
+        )
+    if len(queue) > MAX_QUEUE_NAME:
+        raise ConfigurationError(
+            f"queue name of {len(queue)} characters is too long (at most {MAX_QUEUE_NAME})"
+        )
+    return queue
+
+
+def step_for(priority: object, steps: tuple[int, ...]) -> int:
+    """kombu's mapping of a message priority (0..9, clamped) onto a priority step."""
+    try:
+        value = int(priority)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        value = 0
+    value = min(max(value, 0), 9)
+    return steps[bisect(steps, value) - 1]
+
+
+def list_key(queue: str, step: int) -> str:
+    return f"{queue}{SEP}{step}" if step else queue
+
+
+def list_keys(queue: str, steps: tuple[int, ...]) -> list[str]:
+    return [list_key(queue, s) for s in steps]
+
+
+def dead_key(queue: str) -> str:
+    return dead_letter_queue(queue)
+
+
+def delayed_key(queue: str) -> str:
+    return f"{PREFIX}delayed:{queue}"
+
+
+def counts_key(queue: str) -> str:
+    return f"{PREFIX}counts:{queue}"
+
+
+def unacked_key(consumer_id: str) -> str:
+    return f"{PREFIX}unacked:{consumer_id}"
+
+
+def lease_key(consumer_id: str) -> str:
+    return f"{PREFIX}lease:{consumer_id}"
+
+
+def bell_channel(queue: str) -> str:
+    return f"{PREFIX}bell:{queue}"
+
+
+def result_key(task_id: str) -> str:
+    return f"{RESULT_PREFIX}{task_id}"

@@ -1,0 +1,370 @@
+"""The asyncio pool: `async def` tasks run natively on one event loop in a dedicated thread.
+
+The worker's consumer loop stays synchronous; this pool owns a second thread whose event loop runs
+up to `concurrency` task coroutines at once (a job beyond that waits in the pool until a slot
+frees). Jobs arrive through `call_soon_threadsafe` and outcomes leave through `complete`, which is
+thread-safe. Each coroutine runs in its own asyncio task with a fresh context (the core's
+`run_job_async`), so trace and log context never cross between concurrent tasks.
+
+Time limits are cancellations: the hard limit reports TIMEOUT at the deadline and cancels the task;
+the soft limit raises SoftTimeLimitExceeded at the task's current `await` (see soft_limit.py);
+`terminate_job` reports REVOKED and cancels. A coroutine that swallows CancelledError keeps its
+slot until it ends, so the concurrency limit stays true even then.
+
+Plain `def` tasks run in the loop's default executor (at most `executor_threads` threads, the
+concurrency by default), so a blocking call never stalls the loop. There the limits are best
+effort, as on the threads pool: the outcome is reported on time, and the thread is interrupted with
+an asynchronous exception at its next bytecode (see interrupt.py). `sync_tasks = "refuse"` fails
+them instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+
+import structlog
+
+from millpond import execution
+from millpond.exceptions import (
+    NotSupported,
+    SoftTimeLimitExceeded,
+    TaskRevokedError,
+    TimeLimitExceeded,
+)
+from millpond.pool import (
+    FAILURE,
+    REVOKED,
+    TIMEOUT,
+    BasePool,
+    Capabilities,
+    CompletionCallback,
+    Job,
+    Outcome,
+)
+from millpond.settings import Section
+from millpond_pool_asyncio.interrupt import ThreadSlot
+from millpond_pool_asyncio.settings import SETTINGS
+from millpond_pool_asyncio.soft_limit import SoftLimited
+
+log = structlog.get_logger("millpond.pool.asyncio")
+
+#: seconds `terminate` waits for cancelled coroutines to unwind before it stops the loop anyway
+TERMINATE_GRACE = 1.0
+
+
+class _Running:
+    """One admitted job: its asyncio task and, for a plain `def` task, the thread running it."""
+
+    __slots__ = ("job", "task", "thread")
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.task: asyncio.Task[None] | None = None
+        self.thread: ThreadSlot | None = None
+
+
+class AsyncioPool(BasePool):
+    """Runs `async def` tasks on an event loop; `concurrency` is how many coroutines run at once."""
+
+    name = "asyncio"
+    capabilities = Capabilities(
+        soft_time_limit=True, hard_time_limit=True, terminate_job=True, resize=True
+    )
+    settings: ClassVar[Section] = SETTINGS
+
+    def __init__(
+        self,
+        concurrency: int,
+        on_complete: CompletionCallback,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(concurrency, on_complete, options)
+        self._refuse_sync = self.options.get("sync_tasks", "thread") == "refuse"
+        #: None: as many threads as the concurrency, following resize()
+        self._fixed_threads: int | None = self.options.get("executor_threads")
+        self._executor_threads: int = self._fixed_threads or concurrency
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        # touched only on the loop's thread:
+        self._running: dict[str, _Running] = {}
+        self._waiting: deque[Job] = deque()
+        self._idle: asyncio.Event | None = None
+        self._terminating = False
+
+    @classmethod
+    def default_concurrency(cls) -> int:
+        return 100
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def on_start(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._executor_threads, thread_name_prefix="millpond-asyncio-sync"
+        )
+        loop.set_default_executor(self._executor)
+        ready = threading.Event()
+        self._loop = loop
+        self._thread = threading.Thread(
+            target=self._serve, args=(loop, ready), name="millpond-asyncio", daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+
+    def _serve(self, loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def on_apply(self, job: Job) -> None:
+        if self._loop is None:
+            raise RuntimeError("the asyncio pool is not started")
+        self._loop.call_soon_threadsafe(self._admit, job)
+
+    def on_stop(self, timeout: float | None) -> None:
+        """Warm: every admitted and waiting job finishes; after `timeout` the rest is abandoned."""
+        loop = self._loop
+        if loop is None:
+            return
+        drained = asyncio.run_coroutine_threadsafe(self._drain(), loop)
+        try:
+            drained.result(timeout)
+        except TimeoutError:
+            log.warning(
+                "asyncio pool: jobs still running at the end of the warm stop; abandoning them",
+                running=len(self._running),
+                waiting=len(self._waiting),
+            )
+            self._abandon(loop)
+        self._close(loop)
+
+    def on_terminate(self) -> None:
+        """Cold: cancel everything now; abandoned jobs are not reported (their messages return)."""
+        loop = self._loop
+        if loop is None:
+            return
+        self._abandon(loop)
+        self._close(loop)
+
+    def _abandon(self, loop: asyncio.AbstractEventLoop) -> None:
+        cancelled = asyncio.run_coroutine_threadsafe(self._cancel_all(), loop)
+        with contextlib.suppress(TimeoutError, RuntimeError):
+            cancelled.result(TERMINATE_GRACE + 1)
+
+    def _close(self, loop: asyncio.AbstractEventLoop) -> None:
+        with contextlib.suppress(RuntimeError):  # already closed
+            loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(TERMINATE_GRACE + 1)
+        if self._executor is not None:
+            # a plain `def` task stuck in a C call cannot be stopped: do not wait for its thread
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._loop = None
+
+    async def _drain(self) -> None:
+        assert self._idle is not None
+        await self._idle.wait()
+
+    async def _cancel_all(self) -> None:
+        self._terminating = True
+        self._waiting.clear()
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        for running in list(self._running.values()):
+            self._interrupt_thread(running, TaskRevokedError)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=TERMINATE_GRACE)
+
+    # -- admission (loop thread only) ------------------------------------------------------------
+    def _admit(self, job: Job) -> None:
+        if self._terminating:
+            return
+        assert self._idle is not None
+        self._idle.clear()
+        if len(self._running) < self.concurrency:
+            self._launch(job)
+        else:
+            self._waiting.append(job)
+
+    def _launch(self, job: Job) -> None:
+        assert self._loop is not None
+        running = _Running(job)
+        self._running[job.task_id] = running
+        running.task = self._loop.create_task(self._drive(running), name=f"millpond:{job.task_id}")
+
+    def _release(self, job: Job) -> None:
+        assert self._idle is not None
+        self._running.pop(job.task_id, None)
+        while self._waiting and len(self._running) < self.concurrency:
+            self._launch(self._waiting.popleft())
+        if not self._running and not self._waiting:
+            self._idle.set()
+
+    # -- one job (loop thread only) --------------------------------------------------------------
+    async def _drive(self, running: _Running) -> None:
+        job = running.job
+        loop = asyncio.get_running_loop()
+        timers: list[asyncio.TimerHandle] = []
+        if job.time_limit:
+            timers.append(loop.call_later(job.time_limit, self._hard_limit, running))
+        outcome: Outcome | None = None
+        try:
+            if execution.is_async_job(job):
+                outcome = await execution.run_job_async(job, self._guard(job))
+            elif self._refuse_sync:
+                outcome = _refused(job)
+            else:
+                running.thread = ThreadSlot()
+                if job.soft_time_limit:
+                    timers.append(
+                        loop.call_later(
+                            job.soft_time_limit,
+                            self._interrupt_thread,
+                            running,
+                            SoftTimeLimitExceeded,
+                        )
+                    )
+                outcome = await loop.run_in_executor(None, _run_in_thread, job, running.thread)
+        except asyncio.CancelledError:
+            outcome = None  # a limit or terminate_job already reported it, or we are terminating
+        except Exception as exc:  # the pool's own failure, never the task's (run_job catches those)
+            outcome = Outcome.error(FAILURE, type(exc), f"the asyncio pool failed the job: {exc}")
+        finally:
+            for timer in timers:
+                timer.cancel()
+            # report before releasing the slot: a warm stop returns only after every report
+            if outcome is not None and not self._terminating:
+                self.complete(job, outcome)
+            self._release(job)
+
+    def _guard(self, job: Job) -> execution.Guard | None:
+        soft = job.soft_time_limit
+        if not soft:
+            return None
+        message = f"task {job.task_name}[{job.task_id}] passed its soft time limit of {soft:g}s"
+
+        def guard(coro: Coroutine[Any, Any, Any]) -> SoftLimited:
+            return SoftLimited(coro, soft, message)
+
+        return guard
+
+    def _hard_limit(self, running: _Running) -> None:
+        job = running.job
+        self.complete(
+            job,
+            Outcome.error(
+                TIMEOUT,
+                TimeLimitExceeded,
+                f"task {job.task_name}[{job.task_id}] ran past its hard time limit of "
+                f"{job.time_limit:g}s and was cancelled",
+            ),
+        )
+        self._stop_job(running, TimeLimitExceeded)
+
+    def _stop_job(self, running: _Running, exc_type: type[BaseException]) -> None:
+        self._interrupt_thread(running, exc_type)
+        if running.task is not None:
+            running.task.cancel()
+
+    @staticmethod
+    def _interrupt_thread(running: _Running, exc_type: type[BaseException]) -> None:
+        if running.thread is not None:
+            running.thread.interrupt(exc_type)
+
+    # -- optional capabilities -------------------------------------------------------------------
+    def terminate_job(self, task_id: str) -> bool:
+        """Report the job REVOKED and cancel it (a waiting job never starts)."""
+        loop = self._loop
+        if loop is None:
+            return False
+        with self._lock:
+            job = self._active.get(task_id)
+        if job is None:
+            return False
+        self.complete(
+            job,
+            Outcome.error(
+                REVOKED, TaskRevokedError, f"task {job.task_name}[{task_id}] was terminated"
+            ),
+        )
+        loop.call_soon_threadsafe(self._revoke, task_id)
+        return True
+
+    def _revoke(self, task_id: str) -> None:
+        for job in self._waiting:
+            if job.task_id == task_id:
+                self._waiting.remove(job)
+                self._release(job)  # keeps the idle bookkeeping right
+                return
+        running = self._running.get(task_id)
+        if running is not None:
+            self._stop_job(running, TaskRevokedError)
+
+    def resize(self, concurrency: int) -> None:
+        """Change how many coroutines may run at once; waiting jobs start at once if room grew."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.concurrency = concurrency
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._fill)
+
+    def _fill(self) -> None:
+        if self._fixed_threads is None and self.concurrency > self._executor_threads:
+            # a bigger executor for plain `def` tasks; the old one's threads finish their jobs
+            assert self._loop is not None
+            assert self._executor is not None
+            old = self._executor
+            self._executor_threads = self.concurrency
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.concurrency, thread_name_prefix="millpond-asyncio-sync"
+            )
+            self._loop.set_default_executor(self._executor)
+            old.shutdown(wait=False)
+        while self._waiting and len(self._running) < self.concurrency:
+            self._launch(self._waiting.popleft())
+
+
+def _run_in_thread(job: Job, slot: ThreadSlot) -> Outcome:
+    """A plain `def` job in an executor thread, with a window in which it may be interrupted."""
+    outcome: Outcome | None = None
+    while True:
+        try:
+            if outcome is None:
+                slot.arm()
+                try:
+                    outcome = job.run()
+                except BaseException:
+                    slot.disarm()  # never leave a finished job's thread open to interruption
+                    raise
+            slot.disarm()
+            return outcome
+        except (SoftTimeLimitExceeded, TimeLimitExceeded, TaskRevokedError) as exc:
+            # Landed outside the task body (run_job catches everything inside it): the job is
+            # over either way; report the interruption if there is no outcome yet, then disarm.
+            if outcome is None:
+                outcome = Outcome.error(FAILURE, type(exc), str(exc) or type(exc).__name__)
+
+
+def _refused(job: Job) -> Outcome:
+    return Outcome.error(
+        FAILURE,
+        NotSupported,
+        f"task {job.task_name} is a plain def, and this asyncio pool refuses those "
+        "(asyncio.sync_tasks = refuse): make it async def, or set "
+        "MILLPOND_ASYNCIO__SYNC_TASKS=thread to run it in a thread",
+    )

@@ -1,0 +1,51 @@
+"""The `[threads]` settings section (`MILLPOND_THREADS__*` in the environment)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from millpond.exceptions import ConfigurationError
+from millpond.settings import Option, Section
+
+SECTION = Section(
+    "threads",
+    "Threads pool",
+    (
+        Option(
+            "stack_size",
+            "int",
+            None,
+            "Stack size of each pool thread, in KiB (at least 32); unset keeps the interpreter's "
+            "default. Lower it to run hundreds of threads in less memory, raise it for deeply "
+            "recursive tasks.",
+            minimum=32,
+            nullable=True,
+        ),
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadsConfig:
+    """The validated `[threads]` options, frozen for the pool's hot path."""
+
+    stack_size: int | None = None
+
+
+def resolve(options: Mapping[str, Any]) -> ThreadsConfig:
+    """Check `options` against the section: the worker passes validated values, a test may not."""
+    values: dict[str, Any] = {}
+    for key, value in options.items():
+        opt = SECTION.option(key)
+        if opt is None:
+            known = ", ".join(o.name for o in SECTION.options)
+            raise ConfigurationError(
+                f"unknown threads pool option {key!r}; the [threads] section has: {known}"
+            )
+        try:
+            values[key] = opt.cast(value)
+        except ValueError as exc:
+            raise ConfigurationError(f"threads pool option {key!r}: {exc}") from None
+    return ThreadsConfig(**values)

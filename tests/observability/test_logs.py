@@ -1,0 +1,145 @@
+"""Log lines carry the task's context and its trace; the root logger is left alone unless asked."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from millpond.testing.otlp import OtlpReceiver
+from tests.observability.conftest import Proc, run_python
+
+pytestmark = pytest.mark.e2e
+
+ADD = "tests.observability.obs_app.add"
+NESTED = "tests.observability.obs_app.nested"
+PRODUCE = """
+import json
+from tests.observability.obs_app import add, nested
+a, n = add.delay(2, 3), nested.delay()
+print(json.dumps({"add": a.id, "add_result": a.get(timeout=20), "nested": n.id,
+                  "nested_result": n.get(timeout=20)}))
+"""
+
+
+def _line(worker: Proc, **match: Any) -> dict[str, Any]:
+    return worker.wait_line(
+        lambda ln: all(ln.get(k) == v for k, v in match.items()), 20, f"a log line with {match}"
+    )
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_task_log_lines_carry_task_and_trace_ids(
+    pool: str, spawn: Callable[..., Proc], obs_env: dict[str, str]
+) -> None:
+    """structlog and (with log_stdlib) user code's `logging` lines, in the same JSON format,
+    with the ids of the span that was current: `run`, or a span the task opened itself."""
+    with OtlpReceiver() as receiver:
+        worker = spawn(
+            "-P", pool, "-c", "2", env={**receiver.env("obs-logs"), "MILLPOND_LOG_STDLIB": "true"}
+        ).wait_ready()
+        ids = run_python(PRODUCE, obs_env)
+        assert ids["add_result"] == 5
+        assert ids["nested_result"] == "ok"
+        spans = receiver.wait_for(
+            lambda got: {f"run {ADD}", f"run {NESTED}", "user work"} <= {s.name for s in got},
+            timeout=20,
+            what="the run spans",
+        )
+        structlog_line = _line(worker, event="adding", task_id=ids["add"])
+        stdlib_line = _line(worker, event="stdlib line from user code: 2 + 3")
+        nested_line = _line(worker, event="inside the user span")
+        assert worker.terminate() == 0
+
+    run = next(s for s in spans if s.name == f"run {ADD}")
+    for line in (structlog_line, stdlib_line):
+        assert line["task_id"] == ids["add"]
+        assert line["task_name"] == ADD
+        assert line["retries"] == 0
+        assert line["trace_id"] == run.trace_id
+        assert line["span_id"] == run.span_id
+        assert "timestamp" in line
+        assert line["level"] in ("info", "warning")
+    assert structlog_line["logger"] == "obs.tasks"
+    assert structlog_line["x"] == 2
+    assert stdlib_line["logger"] == "obs.user_code"
+    assert stdlib_line["level"] == "warning"
+    user_span = next(s for s in spans if s.name == "user work")
+    assert nested_line["span_id"] == user_span.span_id  # the current span, not just `run`
+    assert nested_line["trace_id"] == user_span.trace_id
+    assert nested_line["task_id"] == ids["nested"]
+
+
+def test_root_logger_is_left_alone_by_default(
+    spawn: Callable[..., Proc], obs_env: dict[str, str]
+) -> None:
+    """Without log_stdlib, user code's stdlib records are not reformatted (Python's own
+    last-resort handler prints them), while millpond's lines stay JSON without trace ids
+    (tracing is off)."""
+    worker = spawn("-P", "solo").wait_ready()
+    ids = run_python(PRODUCE, obs_env)
+    line = _line(worker, event="adding", task_id=ids["add"])
+    assert "trace_id" not in line
+    assert "span_id" not in line
+    raw = _line(worker, event="stdlib line from user code: 2 + 3", _raw=True)
+    assert raw["event"] == "stdlib line from user code: 2 + 3"  # plain text, not JSON
+    assert worker.terminate() == 0
+
+
+CONFIGURE = """
+import io, json, logging, sys
+from millpond import logs
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+root = logging.getLogger()
+before = list(root.handlers), root.level
+out = {}
+stream = io.StringIO()
+logs.configure("INFO", "auto", stream=stream)
+out["root_untouched"] = (list(root.handlers), root.level) == before
+ours = logging.getLogger("millpond")
+out["ours_handlers"] = [h.get_name() for h in ours.handlers]
+out["ours_propagate"] = ours.propagate
+logging.getLogger("millpond.broker.redis").warning("redis: %s failed", "fetch")
+import structlog
+structlog.get_logger("millpond.test").info("hello", n=1)
+out["lines"] = [json.loads(x) for x in stream.getvalue().splitlines()]
+out["auto_tty_json"] = logs.use_json("auto", Tty())
+out["auto_pipe_json"] = logs.use_json("auto", io.StringIO())
+out["forced_json_on_tty"] = logs.use_json("json", Tty())
+logs.configure("DEBUG", "json", stdlib=True, stream=stream)
+out["root_has_ours"] = [h.get_name() for h in root.handlers].count("millpond")
+out["root_level"] = root.level
+out["ours_after"] = [h.get_name() for h in ours.handlers], ours.propagate
+logs.configure("DEBUG", "json", stdlib=True, stream=stream)
+out["root_has_ours_twice"] = [h.get_name() for h in root.handlers].count("millpond")
+print(json.dumps(out))
+"""
+
+
+def test_configure_keeps_root_alone_and_routes_millponds_own_stdlib_loggers(
+    obs_env: dict[str, str],
+) -> None:
+    out = run_python(CONFIGURE, obs_env)
+    assert out["root_untouched"] is True
+    assert out["ours_handlers"] == ["millpond"]
+    assert out["ours_propagate"] is False
+    redis_line, hello = out["lines"]
+    assert redis_line == {
+        **redis_line,
+        "event": "redis: fetch failed",
+        "level": "warning",
+        "logger": "millpond.broker.redis",
+    }
+    assert hello == {**hello, "event": "hello", "n": 1, "logger": "millpond.test"}
+    assert out["auto_tty_json"] is False
+    assert out["auto_pipe_json"] is True
+    assert out["forced_json_on_tty"] is True
+    assert out["root_has_ours"] == 1
+    assert out["root_level"] == 10
+    assert out["ours_after"] == [[], True]  # the root handler writes them, once
+    assert out["root_has_ours_twice"] == 1  # configuring again does not stack handlers

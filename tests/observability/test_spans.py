@@ -1,0 +1,235 @@
+"""Span details checked in-process (memory:// broker, the session's in-memory span exporter):
+exception and retry events with their attributes, pool-decided failures, sampling decisions
+carried from the producer, tracestate, and what publishing does with tracing off."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+
+from millpond import Millpond, telemetry
+from millpond.pool import LOST, Job, Outcome
+from millpond.protocol import encode_task
+from tests.conftest import unique
+
+
+@pytest.fixture
+def app() -> Iterator[Millpond]:
+    name = unique("obs")
+    application = Millpond(
+        "obs-spans", broker_url=f"memory://{name}", default_queue=name, queues=[name]
+    )
+    calls: dict[str, int] = {}
+
+    @application.task(name="obs.ok")
+    def ok(x: int) -> int:
+        return x
+
+    @application.task(name="obs.broken")
+    def broken() -> None:
+        raise KeyError("missing-thing")
+
+    @application.task(
+        name="obs.flaky", autoretry_for=(ConnectionError,), max_retries=1, retry_backoff=0.01
+    )
+    def flaky() -> str:
+        calls["flaky"] = calls.get("flaky", 0) + 1
+        if calls["flaky"] == 1:
+            raise ConnectionError("db away")
+        return "ok"
+
+    yield application
+    application.close()
+
+
+def _spans(exporter: Any, task_id: str, count: int, timeout: float = 10) -> list[Any]:
+    """The finished spans about message `task_id`, once there are `count` of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [
+            s
+            for s in exporter.get_finished_spans()
+            if s.attributes.get("messaging.message.id") == task_id
+        ]
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"expected {count} spans for {task_id}, got {[s.name for s in found]}"
+            )
+        time.sleep(0.01)
+
+
+def _named(spans: list[Any], prefix: str) -> list[Any]:
+    return sorted((s for s in spans if s.name.startswith(prefix)), key=lambda s: s.start_time)
+
+
+def test_failure_records_the_exception_on_the_run_span(
+    app: Millpond, start_worker: Any, span_exporter: Any
+) -> None:
+    start_worker(app, pool="solo")
+    result = app.tasks["obs.broken"].delay()
+    with pytest.raises(KeyError):
+        result.get(timeout=10)
+    spans = _spans(span_exporter, result.id, 3)
+    (run,) = _named(spans, "run ")
+    (process,) = _named(spans, "process ")
+    (publish,) = _named(spans, "publish ")
+    assert publish.attributes["messaging.system"] == "memory"  # the producer's broker
+    assert process.attributes["messaging.system"] == "memory"
+    assert run.status.status_code == StatusCode.ERROR
+    assert run.status.description == "KeyError: 'missing-thing'"
+    assert run.attributes["error.type"] == "KeyError"
+    (event,) = [e for e in run.events if e.name == "exception"]
+    assert event.attributes["exception.type"] == "KeyError"
+    assert "missing-thing" in event.attributes["exception.message"]
+    assert "raise KeyError" in event.attributes["exception.stacktrace"]
+    assert process.status.status_code == StatusCode.ERROR
+    assert process.attributes["error.type"] == "KeyError"
+    assert process.kind == SpanKind.CONSUMER
+
+
+def test_autoretry_is_an_event_and_a_new_publish(
+    app: Millpond, start_worker: Any, span_exporter: Any
+) -> None:
+    start_worker(app, pool="solo")
+    result = app.tasks["obs.flaky"].delay()
+    assert result.get(timeout=10) == "ok"
+    spans = _spans(span_exporter, result.id, 6)
+    runs, processes = _named(spans, "run "), _named(spans, "process ")
+    publishes = _named(spans, "publish ")
+    assert len(runs) == len(processes) == len(publishes) == 2
+    retry = next(e for e in runs[0].events if e.name == "retry")
+    assert retry.attributes["exception.type"] == "ConnectionError"
+    assert retry.attributes["exception.message"] == "db away"
+    assert retry.attributes["millpond.retry.countdown"] >= 0
+    assert runs[0].status.status_code == StatusCode.UNSET  # retrying is not failing
+    process_retry = next(e for e in processes[0].events if e.name == "retry")
+    assert process_retry.attributes["exception.type"] == "ConnectionError"
+    assert publishes[1].parent is not None
+    assert publishes[1].parent.span_id == processes[0].context.span_id
+    assert publishes[1].attributes["millpond.task.retries"] == 1
+    assert processes[1].parent.span_id == publishes[1].context.span_id
+
+
+def test_the_producers_sampling_decision_is_kept(
+    app: Millpond, start_worker: Any, span_exporter: Any
+) -> None:
+    """A producer that sampled its trace out (flags 00): the worker records nothing of it,
+    and a tracestate entry travels on into the worker's spans."""
+    start_worker(app, pool="solo")
+    queue = app.settings.default_queue
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    unsampled = encode_task("obs.ok", (1,), {})
+    unsampled.headers["traceparent"] = f"00-{trace_id}-00f067aa0ba902b7-00"
+    sampled = encode_task("obs.ok", (2,), {})
+    sampled.headers["traceparent"] = f"00-{trace_id}-00f067aa0ba902b8-01"
+    sampled.headers["tracestate"] = "vendor=abc"
+    app.broker.publish(queue, unsampled)
+    app.broker.publish(queue, sampled)
+    assert app.AsyncResult(unsampled.headers["id"]).get(timeout=10) == 1
+    assert app.AsyncResult(sampled.headers["id"]).get(timeout=10) == 2
+    spans = _spans(span_exporter, sampled.headers["id"], 2)
+    assert not [
+        s
+        for s in span_exporter.get_finished_spans()
+        if s.attributes.get("messaging.message.id") == unsampled.headers["id"]
+    ]
+    (process,) = _named(spans, "process ")
+    assert format(process.context.trace_id, "032x") == trace_id
+    assert process.parent.span_id == 0x00F067AA0BA902B8
+    assert process.context.trace_state.get("vendor") == "abc"
+    (run,) = _named(spans, "run ")
+    assert run.context.trace_state.get("vendor") == "abc"
+
+
+def test_garbage_traceparent_starts_a_fresh_trace(
+    app: Millpond, start_worker: Any, span_exporter: Any
+) -> None:
+    start_worker(app, pool="solo")
+    message = encode_task("obs.ok", (3,), {})
+    message.headers["traceparent"] = "not-a-traceparent"
+    app.broker.publish(app.settings.default_queue, message)
+    assert app.AsyncResult(message.headers["id"]).get(timeout=10) == 3
+    (process,) = _named(_spans(span_exporter, message.headers["id"], 2), "process ")
+    assert process.parent is None
+    assert not process.links
+
+
+def test_lost_job_records_the_pool_error_on_the_process_span(span_exporter: Any) -> None:
+    """LOST / TIMEOUT are decided by the pool: the `run` span may never end (a killed child),
+    so the `process` span carries the error and the exception event itself."""
+    span_exporter.clear()
+    job = Job(task_id=unique("lost"), task_name="obs.lost", args=(), kwargs={}, queue="q")
+    telemetry.start_process_span(job, "prefork")
+    assert job.traceparent
+    assert job.traceparent.startswith("00-")
+    telemetry.end_process_span(
+        job, Outcome.error(LOST, "WorkerLostError", "child 123 killed by SIGKILL")
+    )
+    (span,) = [
+        s
+        for s in span_exporter.get_finished_spans()
+        if s.attributes.get("messaging.message.id") == job.task_id
+    ]
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.attributes["error.type"] == "WorkerLostError"
+    assert span.attributes["millpond.task.state"] == LOST
+    (event,) = span.events
+    assert event.name == "exception"
+    assert event.attributes["exception.message"] == "child 123 killed by SIGKILL"
+    assert job.span is None
+
+
+def test_process_span_never_inherits_the_worker_threads_context(span_exporter: Any) -> None:
+    """A message without trace context starts a new trace even if the calling thread has a
+    current span (an embedding application's)."""
+    job = Job(task_id=unique("ctx"), task_name="obs.ctx", args=(), kwargs={}, queue="q")
+    with trace.get_tracer("embedding-app").start_as_current_span("app span") as outer:
+        telemetry.start_process_span(job, "threads")
+    span = job.span
+    telemetry.end_process_span(job, Outcome(state="SUCCESS"))
+    assert span.parent is None
+    assert span.context.trace_id != outer.get_span_context().trace_id
+
+
+def test_publishing_with_tracing_off_adds_no_headers(
+    app: Millpond, monkeypatch: pytest.MonkeyPatch, span_exporter: Any
+) -> None:
+    monkeypatch.setattr(telemetry, "TRACING", False)
+    result = app.tasks["obs.ok"].delay(1)
+    (message,) = list(_drain(app))
+    assert "traceparent" not in message.headers
+    assert message.headers["id"] == result.id
+
+
+def _drain(app: Millpond) -> list[Any]:
+    consumer = app.broker.consumer([app.settings.default_queue], 10)
+    try:
+        deliveries = consumer.fetch(10, 1.0)
+        consumer.ack(deliveries)
+        return [d.message for d in deliveries]
+    finally:
+        consumer.close()
+
+
+def test_tracing_off_costs_next_to_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With TRACING False the hot-path helpers return at once: measured, not assumed."""
+    monkeypatch.setattr(telemetry, "TRACING", False)
+    job = Job(task_id="t", task_name="obs.ok", args=(), kwargs={}, queue="q")
+    headers: dict[str, Any] = {}
+    rounds = 20_000
+    started = time.perf_counter()
+    for _ in range(rounds):
+        with telemetry.publish_span("q", "obs.ok", "t", headers):
+            pass
+        with telemetry.run_span(job):
+            pass
+    per_task = (time.perf_counter() - started) / rounds
+    assert not headers
+    assert per_task < 20e-6, f"tracing off costs {per_task * 1e6:.2f} µs per task"
