@@ -250,3 +250,26 @@ def test_unknown_error_types_become_task_errors() -> None:
     assert isinstance(err, TaskError)
     assert type(err).__name__ == "PaymentDeclined"
     assert "card expired" in str(err)
+
+
+def test_worker_survives_a_broker_that_raises(
+    memory_app: Millpond, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer that raises (instead of reconnecting inside fetch) does not stop the worker."""
+    from millpond.brokers.memory import MemoryConsumer
+
+    t = register(memory_app)
+    real_fetch = MemoryConsumer.fetch
+    failures = {"left": 2}
+
+    def flaky_fetch(self: MemoryConsumer, *args: Any, **kwargs: Any) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("broker went away")
+        return real_fetch(self, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryConsumer, "fetch", flaky_fetch)
+    running = start_worker(memory_app, pool="solo")
+    assert t["add"].delay(4, 4).get(timeout=10) == 8
+    assert failures["left"] == 0
+    assert running.thread.is_alive()

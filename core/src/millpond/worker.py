@@ -110,6 +110,7 @@ class Worker:
         self._signatures: dict[str, inspect.Signature | None] = {}
         self._warned: set[tuple[str, str]] = set()
         self._inline = False
+        self._backoff = 0.1
         self.processed = 0
         #: monotonic time of the consumer loop's last iteration (read by the /livez probe)
         self.last_turn = 0.0
@@ -264,7 +265,15 @@ class Worker:
                 self._dispatch_buffered(pool)
                 room = self.prefetch - self._unacked
                 if room > 0:
-                    deliveries = consumer.fetch(room, 1.0, waker)
+                    try:
+                        deliveries = consumer.fetch(room, 1.0, waker)
+                    except Exception as exc:
+                        # Brokers reconnect inside fetch; one that raises instead must not take
+                        # the worker down: what it held unacknowledged comes back (at-least-once).
+                        self._broker_trouble("fetch", exc)
+                        waker.wait(self._backoff)
+                        continue
+                    self._backoff = 0.1
                     if deliveries:
                         for delivery in deliveries:
                             self._receive(delivery)
@@ -437,13 +446,26 @@ class Worker:
         )
         try:
             self.consumer.reject(delivery, requeue=False, reason=reason)
+        except Exception as exc:
+            self._broker_trouble("dead-letter", exc)
         finally:
             self._unacked -= 1
 
     def _ack(self, deliveries: Sequence[Delivery]) -> None:
         assert self.consumer is not None
         self._unacked -= len(deliveries)
-        self.consumer.ack(deliveries)
+        try:
+            self.consumer.ack(deliveries)
+        except Exception as exc:  # the broker redelivers what it never saw acknowledged
+            self._broker_trouble("ack", exc)
+
+    def _broker_trouble(self, operation: str, exc: Exception) -> None:
+        log.warning(
+            f"broker {operation} failed; retrying (unacknowledged messages are redelivered)",
+            error=f"{type(exc).__name__}: {exc}",
+            backoff=round(self._backoff, 2),
+        )
+        self._backoff = min(self._backoff * 2, 5.0)
 
     # -- completions -----------------------------------------------------------------------------
     def _on_complete(self, job: Job, outcome: Outcome) -> None:
@@ -536,7 +558,10 @@ class Worker:
         if delivery is None or self.consumer is None:
             return None
         self._unacked -= 1
-        self.consumer.reject(delivery, requeue=requeue, reason=reason)
+        try:
+            self.consumer.reject(delivery, requeue=requeue, reason=reason)
+        except Exception as exc:
+            self._broker_trouble("reject", exc)
         return None
 
     def _ignore_result(self, job: Job) -> bool:
