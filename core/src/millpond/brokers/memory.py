@@ -391,6 +391,10 @@ class MemoryConsumer(Consumer):
                 state.wake(dead)
             state.changed()
 
+    @property
+    def connected(self) -> bool:
+        return not self._closed
+
     def close(self) -> None:
         if self._closed:
             return

@@ -338,6 +338,15 @@ class BrokerContract:
 
     # -- publish, fetch, ack ----------------------------------------------------------------------
 
+    def test_connected_reports_the_consumer_state(
+        self, broker: Broker, queue: str, consumers: ConsumerTracker
+    ) -> None:
+        """The readiness probe reads `connected`: True while consuming, False once closed."""
+        consumer = consumers.open(broker, [queue], 4)
+        assert consumer.connected is True
+        consumers.close(consumer)
+        assert consumer.connected is False
+
     def test_round_trip_is_exact(
         self, broker: Broker, queue: str, consumers: ConsumerTracker
     ) -> None:

@@ -467,6 +467,11 @@ class AmqpConsumer(Consumer):
                 continue
             self._settle_one(delivery, requeue_in_place=False)
 
+    @property
+    def connected(self) -> bool:
+        """False while the consumer connection is lost and being re-established (for /readyz)."""
+        return self._conn is not None and not self._closed
+
     def close(self) -> None:
         if self._closed:
             return
