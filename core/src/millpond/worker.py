@@ -111,6 +111,7 @@ class Worker:
         self._warned: set[tuple[str, str]] = set()
         self._inline = False
         self._backoff = 0.1
+        self._pending_acks: list[Delivery] = []
         self.processed = 0
         #: monotonic time of the consumer loop's last iteration (read by the /livez probe)
         self.last_turn = 0.0
@@ -265,6 +266,7 @@ class Worker:
                 self._dispatch_buffered(pool)
                 room = self.prefetch - self._unacked
                 if room > 0:
+                    self._flush_acks()
                     try:
                         deliveries = consumer.fetch(room, 1.0, waker)
                     except Exception as exc:
@@ -285,6 +287,7 @@ class Worker:
                 waker.clear()
                 if len(inbox):
                     continue
+            self._flush_acks()
             waker.wait(0.5)
 
     def _dispatch_buffered(self, pool: BasePool) -> None:
@@ -352,7 +355,7 @@ class Worker:
             # Not due yet (a producer that does not use broker delays): hand it back to the broker
             # to hold, never to this worker's memory.
             self.app.broker.publish(delivery.queue, delivery.message, eta=msg.eta)
-            self._ack([delivery])
+            self._ack_later([delivery])
             return
         job = self._make_job(task, msg, delivery)
         if metrics.ENABLED:
@@ -479,7 +482,25 @@ class Worker:
             if action is not None:
                 acks.append(action)
         if acks:
-            self._ack(acks)
+            self._ack_later(acks)
+
+    def _ack_later(self, deliveries: Sequence[Delivery]) -> None:
+        """Queue acks for the next flush: the loop flushes before it waits on or fetches from the
+        broker, so a burst of completions (the solo pool's whole prefetch window) costs one round
+        trip instead of one each, and no ack waits on anything but the current turn of the loop."""
+        self._unacked -= len(deliveries)
+        self._pending_acks.extend(deliveries)
+
+    def _flush_acks(self) -> None:
+        pending = self._pending_acks
+        if not pending:
+            return
+        self._pending_acks = []
+        assert self.consumer is not None
+        try:
+            self.consumer.ack(pending)
+        except Exception as exc:  # the broker redelivers what it never saw acknowledged
+            self._broker_trouble("ack", exc)
 
     def _finish(self, job: Job, outcome: Outcome, *, defer_ack: bool = False) -> Delivery | None:
         """Store the outcome and settle the message. Returns the delivery to ack when deferred."""
@@ -550,7 +571,7 @@ class Worker:
             return None
         if defer_ack:
             return delivery
-        self._ack([delivery])
+        self._ack_later([delivery])
         return None
 
     def _settle(self, delivery: Delivery | None, *, requeue: bool, reason: str) -> Delivery | None:
@@ -702,6 +723,7 @@ class Worker:
                 self._complete_batch()
         finally:
             if consumer is not None:
+                self._flush_acks()  # finished tasks are acknowledged before the rest goes back
                 consumer.close()  # unacked (buffered, abandoned) messages return to the broker
             self._buffer.clear()
             self.app.close()
