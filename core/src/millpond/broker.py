@@ -92,6 +92,8 @@ class Waker:
             pass  # already full of wake-ups, or closed at shutdown
 
     def clear(self) -> None:
+        if not self._set:
+            return  # nothing was written since the last clear: skip the recv() syscall
         self._set = False
         try:
             while self._r.recv(4096):
@@ -131,6 +133,10 @@ class Inbox(Generic[T]):
     def put(self, item: T) -> None:
         self._items.append(item)
         self.waker.wake()
+
+    def put_quiet(self, item: T) -> None:
+        """Add without waking: for the loop's own thread, which drains before it next waits."""
+        self._items.append(item)
 
     def drain(self) -> list[T]:
         self.waker.clear()

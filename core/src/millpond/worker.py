@@ -473,7 +473,10 @@ class Worker:
     # -- completions -----------------------------------------------------------------------------
     def _on_complete(self, job: Job, outcome: Outcome) -> None:
         """Called by the pool, from any thread: hand over to the loop."""
-        self.inbox.put((job, outcome))
+        if self._inline:  # the solo pool, in the loop's own thread: no wake-up needed
+            self.inbox.put_quiet((job, outcome))
+        else:
+            self.inbox.put((job, outcome))
 
     def _complete_batch(self) -> None:
         acks: list[Delivery] = []
