@@ -146,6 +146,10 @@ class BasePool(ABC):
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: True for pools whose plugin monkey-patches the interpreter (gevent, eventlet)
     needs_patching: ClassVar[bool] = False
+    #: the prefetch multiplier used when the user sets none (None: the setting's default). The
+    #: solo pool raises it: with one job at a time, a window of 4 costs a broker round trip per 4
+    #: tasks, and that round trip was half of its loop's time.
+    default_prefetch_multiplier: ClassVar[int | None] = None
 
     def __init__(
         self,

@@ -94,7 +94,10 @@ class Worker:
         app.configure(settings)
         self.pool_cls: type[BasePool] = plugins.pool_class(settings.pool)
         self.concurrency = settings.concurrency or self.pool_cls.default_concurrency()
-        self.prefetch = max(1, self.concurrency * settings.prefetch_multiplier)
+        multiplier = settings.prefetch_multiplier
+        if settings.sources.get("prefetch_multiplier", "default") == "default":
+            multiplier = self.pool_cls.default_prefetch_multiplier or multiplier
+        self.prefetch = max(1, self.concurrency * multiplier)
         self.queues = tuple(settings.queues)
         self.name = settings.worker_name or f"{os.getpid()}@{socket.gethostname()}"
         self.inbox: Inbox[tuple[Job, Outcome]] = Inbox()
@@ -533,22 +536,32 @@ class Worker:
             )
         elif state == LOST:
             requeue = task is None or task.options.reject_on_worker_lost
+            capped = job.delivery_count >= self.settings.max_deliveries
             log.error(
                 "task lost its execution unit",
                 task_id=job.task_id,
                 task_name=job.task_name,
                 reason=outcome.exc_message,
-                requeue=requeue,
+                requeue=requeue and not capped,
                 delivery_count=job.delivery_count,
             )
             if requeue and delivery is not None:
-                if job.delivery_count >= self.settings.max_deliveries:
-                    return self._settle(
-                        delivery,
-                        requeue=False,
-                        reason=f"lost {job.delivery_count} times (max_deliveries="
-                        f"{self.settings.max_deliveries}): {outcome.exc_message}",
+                if capped:
+                    reason = (
+                        f"lost {job.delivery_count} times (max_deliveries="
+                        f"{self.settings.max_deliveries}): {outcome.exc_message}"
                     )
+                    # the same line as every other dead-lettering, so one search finds them all;
+                    # and a final FAILURE, so a caller waiting on the result is answered
+                    log.error(
+                        "message rejected to the dead-letter queue",
+                        reason=reason,
+                        task_id=job.task_id,
+                        task_name=job.task_name,
+                        queue=delivery.queue,
+                    )
+                    self._store_error(job, outcome, WorkerLostError.__name__)
+                    return self._settle(delivery, requeue=False, reason=reason)
                 return self._settle(delivery, requeue=True, reason=outcome.exc_message)
             self._store_error(job, outcome, WorkerLostError.__name__)
         elif state == TIMEOUT:

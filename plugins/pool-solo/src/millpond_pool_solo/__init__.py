@@ -16,6 +16,7 @@ __all__ = ["SoloPool"]
 class SoloPool(BasePool):
     name = "solo"
     capabilities = Capabilities(concurrent=False)
+    default_prefetch_multiplier = 16
 
     @classmethod
     def default_concurrency(cls) -> int:
