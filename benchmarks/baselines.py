@@ -141,9 +141,13 @@ METHODS = {
 }
 
 
-def run_baselines(target: brokers.Target, repeat: int, n: int, timeout: float) -> list[Record]:
+def run_baselines(
+    target: brokers.Target, repeat: int, n: int, timeout: float, with_millpond: bool = True
+) -> list[Record]:
     records = []
     for method, fn in METHODS.get(target.name, {}).items():
+        if method == "millpond-consumer" and not with_millpond:
+            continue
         base: dict[str, Any] = {
             "scenario": "baseline",
             "broker": target.name,
