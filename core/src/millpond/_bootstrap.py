@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 
 def pool_from_argv(argv: list[str]) -> str | None:
@@ -44,6 +48,29 @@ def chosen_pool(argv: list[str]) -> str | None:
     return pool_from_argv(argv) or os.environ.get("MILLPOND_POOL") or pool_from_file()
 
 
+_entry_points_cache: dict[str, list[EntryPoint]] | None = None
+
+
+def entry_points_by_group() -> dict[str, list[EntryPoint]]:
+    """Every installed entry point, read once per process (reading them scans every installed
+    distribution: tens of milliseconds in a large environment), grouped by group name."""
+    global _entry_points_cache
+    if _entry_points_cache is None:
+        from importlib.metadata import distributions
+
+        grouped: dict[str, list[EntryPoint]] = {}
+        seen: set[str] = set()
+        for dist in distributions():  # first on sys.path wins, as importlib.metadata does
+            name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+            if name in seen:
+                continue
+            seen.add(name)
+            for ep in dist.entry_points:
+                grouped.setdefault(ep.group, []).append(ep)
+        _entry_points_cache = grouped
+    return _entry_points_cache
+
+
 def early_patch(argv: list[str]) -> str | None:
     """Run the chosen pool's patch entry point, if it has one; returns the pool name patched."""
     if "worker" not in argv:
@@ -51,9 +78,9 @@ def early_patch(argv: list[str]) -> str | None:
     pool = chosen_pool(argv)
     if not pool:
         return None
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group="millpond.patches", name=pool):
+    for ep in entry_points_by_group().get("millpond.patches", []):
+        if ep.name != pool:
+            continue
         ep.load()()
         os.environ["MILLPOND_PATCHED"] = pool
         return pool

@@ -8,8 +8,9 @@ version, says so at load time instead of failing with an AttributeError later.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from importlib.metadata import Distribution, EntryPoint, PackageNotFoundError, entry_points, version
+from importlib.metadata import Distribution, EntryPoint, PackageNotFoundError, version
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,8 +44,10 @@ _KIND = {POOLS: "pool", BROKERS: "broker", BACKENDS: "result backend", PATCHES: 
 
 
 def _entry_points(group: str) -> list[EntryPoint]:
+    from millpond._bootstrap import entry_points_by_group
+
     seen: dict[str, EntryPoint] = {}
-    for ep in entry_points(group=group):
+    for ep in entry_points_by_group().get(group, []):
         seen.setdefault(ep.name, ep)
     return sorted(seen.values(), key=lambda ep: ep.name)
 
@@ -53,26 +56,68 @@ def installed(group: str) -> list[str]:
     return [ep.name for ep in _entry_points(group)]
 
 
+_SIMPLE_CLAUSE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(\d+(?:\.\d+)*)\s*$")
+
+
+def _release(text: str) -> tuple[int, ...] | None:
+    match = re.match(r"^(\d+(?:\.\d+)*)$", text.strip())
+    if not match:
+        return None
+    parts = tuple(int(p) for p in match.group(1).split("."))
+    while len(parts) > 1 and parts[-1] == 0:
+        parts = parts[:-1]
+    return parts
+
+
+def _satisfies(version_text: str, specifier: str) -> bool:
+    """Whether a version meets a specifier such as ">=0.1,<0.2".
+
+    Plain release numbers and comparison operators are checked here; anything else (pre-releases,
+    ~=, wildcards) goes to `packaging`, whose import costs tens of milliseconds at start-up.
+    """
+    have = _release(version_text)
+    clauses = [c for c in specifier.split(",") if c.strip()]
+    parsed = [_SIMPLE_CLAUSE.match(c) for c in clauses]
+    if have is None or not all(parsed):
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import Version
+
+        return SpecifierSet(specifier).contains(Version(version_text), prereleases=True)
+    checks = {
+        ">=": lambda a, b: a >= b,
+        "<=": lambda a, b: a <= b,
+        ">": lambda a, b: a > b,
+        "<": lambda a, b: a < b,
+        "==": lambda a, b: a == b,
+        "!=": lambda a, b: a != b,
+    }
+    for match in parsed:
+        assert match is not None
+        want = _release(match.group(2))
+        assert want is not None
+        if not checks[match.group(1)](have, want):
+            return False
+    return True
+
+
+_REQUIRES_CORE = re.compile(
+    r"^\s*millpond(?![\w.-])\s*(?:\[[^\]]*\])?\s*\(?\s*([^;()]*?)\s*\)?\s*(;.*)?$"
+)
+
+
 def _check_core_version(dist: Distribution | None, what: str) -> None:
     """Refuse a plugin whose declared range of core versions excludes this core."""
     if dist is None or dist.metadata["Name"] == "millpond":
         return
-    try:
-        from packaging.requirements import Requirement
-        from packaging.version import Version
-    except ImportError:  # pragma: no cover - packaging is a core dependency
-        return
-    core = Version(version("millpond"))
+    core = core_version()
     for line in dist.requires or []:
-        req = Requirement(line)
-        if (
-            req.name == "millpond"
-            and req.marker is None
-            and req.specifier
-            and not req.specifier.contains(core, prereleases=True)
-        ):
+        match = _REQUIRES_CORE.match(line)
+        if match is None or match.group(2):  # another package, or only under a marker (extras)
+            continue
+        specifier = match.group(1)
+        if specifier and not _satisfies(core, specifier):
             raise PluginLoadError(
-                f"{what} from {dist.metadata['Name']} {dist.version} needs millpond{req.specifier}, "
+                f"{what} from {dist.metadata['Name']} {dist.version} needs millpond{specifier}, "
                 f"but millpond {core} is installed; upgrade one of them so they match"
             )
 
