@@ -275,13 +275,19 @@ def test_worker_survives_a_broker_that_raises(
     assert running.thread.is_alive()
 
 
-def test_solo_prefetch_window_defaults_to_its_pool_and_yields_to_the_user(memory_app: Millpond) -> None:
+def test_solo_prefetch_window_defaults_to_its_pool_and_yields_to_the_user(
+    memory_app: Millpond,
+) -> None:
     from millpond.settings import load_settings
     from millpond.worker import Worker
 
     solo = Worker(memory_app, settings=load_settings({"pool": "solo"}, env={}))
     assert solo.prefetch == 16  # the solo pool's default multiplier
-    chosen = Worker(memory_app, settings=load_settings({"pool": "solo", "prefetch_multiplier": 2}, env={}))
+    chosen = Worker(
+        memory_app, settings=load_settings({"pool": "solo", "prefetch_multiplier": 2}, env={})
+    )
     assert chosen.prefetch == 2
-    threads = Worker(memory_app, settings=load_settings({"pool": "threads", "concurrency": 3}, env={}))
+    threads = Worker(
+        memory_app, settings=load_settings({"pool": "threads", "concurrency": 3}, env={})
+    )
     assert threads.prefetch == 12
