@@ -17,6 +17,7 @@ Threading rules (they are the contract, not advice):
 from __future__ import annotations
 
 import os
+import re
 import select
 import socket
 from abc import ABC, abstractmethod
@@ -31,11 +32,22 @@ from millpond.protocol import Message
 T = TypeVar("T")
 
 
+#: query parameters that carry a secret (`?sentinel_password=...`, `?token=...`)
+_SECRET_QUERY = re.compile(
+    r"((?:^|[&;])[^=&;]*(?:password|passwd|secret|token)[^=&;]*=)[^&;]*", re.I
+)
+
+
 def mask_url(url: str | None) -> str:
-    """The URL with its password replaced by `***`, for banners and logs."""
+    """The URL with its password (and secret query parameters) replaced by `***`, for banners
+    and logs."""
     if not url:
         return ""
     parts = urlsplit(url)
+    query = _SECRET_QUERY.sub(r"\1***", parts.query)
+    if query != parts.query:
+        parts = parts._replace(query=query)
+        url = urlunsplit(parts)
     # the netloc is rewritten as text, not re-assembled from hostname/port: multi-host netlocs
     # (redis+sentinel://:pw@h1:26379,h2:26379) have no single port, and IPv6 keeps its brackets
     userinfo, at, hosts = parts.netloc.rpartition("@")

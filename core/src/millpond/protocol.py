@@ -102,15 +102,26 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
+def _finite(value: int | float) -> float | None:
+    """The number as a finite float, or None: JSON integers have no size limit, and converting
+    one with 400 digits raises OverflowError, which must not escape the decoder."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _parse_time(name: str, value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool):
         raise MalformedMessage(f"header {name!r} must be an ISO 8601 date-time, got a boolean")
     if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise MalformedMessage(f"header {name!r} is not a finite number")
-        return float(value)
+        seconds = _finite(value)
+        if seconds is None:
+            raise MalformedMessage(f"header {name!r} is not a finite number of seconds")
+        return seconds
     if not isinstance(value, str):
         raise MalformedMessage(f"header {name!r} must be an ISO 8601 date-time string")
     try:
@@ -136,9 +147,10 @@ def _limit(name: str, value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise MalformedMessage(f"timelimit {name} must be a number or null")
-    if not math.isfinite(value) or value <= 0:
-        raise MalformedMessage(f"timelimit {name} must be a positive number, got {value!r}")
-    return float(value)
+    seconds = _finite(value)
+    if seconds is None or seconds <= 0:
+        raise MalformedMessage(f"timelimit {name} must be a positive number, got {value!r:.64}")
+    return seconds
 
 
 def encode_task(
@@ -249,9 +261,13 @@ def decode_task(
     if not isinstance(timelimit, list | tuple) or len(timelimit) != 2:
         raise MalformedMessage("header 'timelimit' must be [hard, soft]")
     hard, soft = _limit("hard", timelimit[0]), _limit("soft", timelimit[1])
-    sent_at = headers.get(SENT_AT)
-    if sent_at is not None and (isinstance(sent_at, bool) or not isinstance(sent_at, int | float)):
-        sent_at = None  # informational only: a bad value is ignored, not fatal
+    raw_sent_at = headers.get(SENT_AT)
+    # informational only: a bad value is ignored, not fatal
+    sent_at = (
+        _finite(raw_sent_at)
+        if isinstance(raw_sent_at, int | float) and not isinstance(raw_sent_at, bool)
+        else None
+    )
 
     args, kwargs, embed = _decode_body(message.body, content_type, message.content_encoding)
     props = message.properties if isinstance(message.properties, dict) else {}
@@ -272,7 +288,7 @@ def decode_task(
         origin=_optional_str(headers, "origin"),
         ignore_result=bool(headers.get("ignore_result", False)),
         reply_to=reply_to if isinstance(reply_to, str) else None,
-        sent_at=float(sent_at) if sent_at is not None else None,
+        sent_at=sent_at,
         traceparent=_optional_str(headers, "traceparent"),
         tracestate=_optional_str(headers, "tracestate"),
         embed=embed,
@@ -291,8 +307,8 @@ def _decode_body(
     else:
         try:
             text = bytes(body).decode(encoding or "utf-8")
-        except (UnicodeDecodeError, LookupError) as exc:
-            raise MalformedMessage(f"body is not valid {encoding or 'utf-8'} text: {exc}")
+        except (UnicodeDecodeError, LookupError, TypeError) as exc:
+            raise MalformedMessage(f"body is not valid {encoding or 'utf-8'!s:.64} text: {exc}")
         try:
             payload = json.loads(text)
         except RecursionError:

@@ -60,7 +60,10 @@ def verify(message: Message, key: str) -> None:
             "message is not signed and this worker requires signatures (signing_key is set); "
             "send it from a producer configured with the same signing_key"
         )
-    if not hmac.compare_digest(given, _digest(message, key.encode())):
+    # compare bytes: compare_digest refuses str with non-ASCII characters (TypeError), and a
+    # forged header must be refused as a bad signature, not crash the worker
+    expected = _digest(message, key.encode()).encode()
+    if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected):
         raise SignatureError(
             "message signature does not match: it was altered, or signed with another key"
         )

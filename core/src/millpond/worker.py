@@ -344,6 +344,18 @@ class Worker:
                 task_name=delivery.message.task_name,
             )
             return
+        except Exception as exc:
+            # A decoder bug must not take the worker down: the message would come back and take
+            # down every worker after it, before the redelivery cap is even checked.
+            log.exception("unexpected error while decoding a message", queue=delivery.queue)
+            self._dead_letter(
+                delivery,
+                f"the message could not be decoded ({type(exc).__name__}: {str(exc)[:200]}); "
+                "this is a bug in millpond, please report it with the dead letter",
+                task_id=delivery.message.task_id,
+                task_name=delivery.message.task_name,
+            )
+            return
         if delivery.delivery_count > settings.max_deliveries:
             self._dead_letter(
                 delivery,
@@ -357,7 +369,19 @@ class Worker:
         if msg.eta is not None and msg.eta > now + 0.05:
             # Not due yet (a producer that does not use broker delays): hand it back to the broker
             # to hold, never to this worker's memory.
-            self.app.broker.publish(delivery.queue, delivery.message, eta=msg.eta)
+            try:
+                self.app.broker.publish(delivery.queue, delivery.message, eta=msg.eta)
+            except Exception as exc:
+                # the broker is away (publish already retried) or refuses this eta: the message
+                # goes to the dead letters with the reason, or back to the queue if even that fails
+                self._dead_letter(
+                    delivery,
+                    f"could not hand the message back to the broker to hold until its eta "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); replay it when the broker is well",
+                    task_id=msg.id,
+                    task_name=msg.task,
+                )
+                return
             self._ack_later([delivery])
             return
         job = self._make_job(task, msg, delivery)

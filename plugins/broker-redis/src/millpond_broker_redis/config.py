@@ -29,6 +29,7 @@ SSL_CERT_REQS = ("required", "optional", "none")
 QUEUE_ORDERS = ("round_robin", "priority")
 
 _MASK = re.compile(r"(//[^:/@;]*):[^@/;]*@")
+_SECRET_QUERY = re.compile(r"([?&][^=&#]*(?:password|passwd|secret|token)[^=&#]*=)[^&#;]*", re.I)
 
 #: options people copy from kombu/Celery that mean something else here: a pointed hint beats a
 #: generic "unknown option".
@@ -43,8 +44,9 @@ _KOMBU_HINTS = {
 
 
 def mask(url: str) -> str:
-    """The URL with every password replaced by `***` (also in multi-host sentinel URLs)."""
-    return _MASK.sub(r"\1:***@", url)
+    """The URL with every password replaced by `***` (also in multi-host sentinel URLs, and in
+    query parameters such as `sentinel_password=`)."""
+    return _SECRET_QUERY.sub(r"\1***", _MASK.sub(r"\1:***@", url))
 
 
 def _as_float(name: str, value: Any, *, minimum: float, allow_zero: bool = False) -> float:
