@@ -16,7 +16,7 @@ noise hits all of them alike; the median per method is printed:
 * py-amqp: py-amqp's own consume loop with one ack per message (the library under kombu).
 
 Also printed: millpond's confirmed `publish` rate from one thread. Compare ratios from the same
-run only (see /work/shared/PERFORMANCE.md on noise).
+run only (see the project's PERFORMANCE.md notes on noise).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Each round fills a fresh queue with N protocol-v2 task messages, then drains it 
 * kombu: `Connection.SimpleQueue(...).get()` + `message.ack()` per message (what Celery does).
 
 Also printed: publish rate (one LPUSH per message) for millpond's `publish`.
-Compare ratios from the same run only (see /work/shared/PERFORMANCE.md on noise).
+Compare ratios from the same run only (see the project's PERFORMANCE.md notes on noise).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import traceback as traceback_module
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -85,6 +86,40 @@ class Outcome:
             traceback=traceback,
             requeue=requeue,
         )
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, *, runtime: float = 0.0) -> Outcome:
+        """A FAILURE carrying the exception's type, module, message and traceback text."""
+        return cls(
+            state=FAILURE,
+            exc_type=type(exc).__name__,
+            exc_module=type(exc).__module__,
+            exc_message=str(exc),
+            traceback="".join(traceback_module.format_exception(exc)),
+            runtime=runtime,
+        )
+
+    @classmethod
+    def hard_timeout(
+        cls, job: Job, how: str = "was stopped", *, traceback: str | None = None
+    ) -> Outcome:
+        """The TIMEOUT a pool reports when it stopped a job at its hard time limit."""
+        from millpond.exceptions import TimeLimitExceeded
+
+        return cls.error(
+            TIMEOUT,
+            TimeLimitExceeded,
+            f"task {job.task_name}[{job.task_id}] ran past its hard time limit of "
+            f"{job.time_limit or 0:g}s and {how}",
+            traceback=traceback,
+        )
+
+    @classmethod
+    def revoked(cls, message: str) -> Outcome:
+        """A REVOKED outcome (terminated on request, or expired)."""
+        from millpond.exceptions import TaskRevokedError
+
+        return cls.error(REVOKED, TaskRevokedError, message)
 
 
 @dataclass(slots=True, eq=False)

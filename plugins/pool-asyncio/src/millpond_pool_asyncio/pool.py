@@ -40,7 +40,6 @@ from millpond.exceptions import (
 from millpond.pool import (
     FAILURE,
     REVOKED,
-    TIMEOUT,
     BasePool,
     Capabilities,
     CompletionCallback,
@@ -266,12 +265,7 @@ class AsyncioPool(BasePool):
         job = running.job
         self.complete(
             job,
-            Outcome.error(
-                TIMEOUT,
-                TimeLimitExceeded,
-                f"task {job.task_name}[{job.task_id}] ran past its hard time limit of "
-                f"{job.time_limit:g}s and was cancelled",
-            ),
+            Outcome.hard_timeout(job, "was cancelled"),
         )
         self._stop_job(running, TimeLimitExceeded)
 

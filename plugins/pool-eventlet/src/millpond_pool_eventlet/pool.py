@@ -35,12 +35,8 @@ from greenlet import GreenletExit
 from millpond.exceptions import (
     ConfigurationError,
     SoftTimeLimitExceeded,
-    TaskRevokedError,
-    TimeLimitExceeded,
 )
 from millpond.pool import (
-    FAILURE,
-    REVOKED,
     TIMEOUT,
     BasePool,
     Capabilities,
@@ -188,7 +184,7 @@ class EventletPool(BasePool):
         for job in self._waiting:
             if job.task_id == task_id:
                 self._waiting.remove(job)
-                self._report(job, _revoked("terminated on request before it started"))
+                self._report(job, Outcome.revoked("terminated on request before it started"))
                 return True
         unit = self._units.get(task_id)
         if unit is None:
@@ -230,7 +226,7 @@ class EventletPool(BasePool):
         if unit.abandoned:
             outcome = None
         elif unit.revoked:
-            outcome = _revoked("terminated on request before it started")
+            outcome = Outcome.revoked("terminated on request before it started")
         else:
             outcome = self._run(job)
         if self._units.get(job.task_id) is unit:
@@ -261,22 +257,16 @@ class EventletPool(BasePool):
         except _Abandoned:
             return None
         except _Terminated:
-            outcome = _revoked("terminated on request while it was running")
+            outcome = Outcome.revoked("terminated on request while it was running")
         except eventlet.Timeout as exc:
             if exc is not hard:  # the task's own eventlet.Timeout escaped: the task failed
-                outcome = _failure(exc)
+                outcome = Outcome.from_exception(exc)
             else:
-                outcome = Outcome.error(
-                    TIMEOUT,
-                    TimeLimitExceeded,
-                    f"task {job.task_name}[{job.task_id}] ran past its hard time limit of "
-                    f"{job.time_limit:g}s and was stopped",
-                    traceback=traceback.format_exc(),
-                )
+                outcome = Outcome.hard_timeout(job, traceback=traceback.format_exc())
         except GreenletExit:
             return None  # killed by someone else (interpreter shutdown): leave the message be
         except BaseException as exc:  # job.run() never raises; this is a throw outside the task
-            outcome = _failure(exc)
+            outcome = Outcome.from_exception(exc)
         elapsed = time.perf_counter() - started
         if outcome.runtime == 0.0:
             outcome.runtime = elapsed
@@ -296,17 +286,3 @@ class EventletPool(BasePool):
             self.complete(job, outcome)
         except Exception:
             log.exception("cannot report a finished task", task_id=job.task_id)
-
-
-def _revoked(message: str) -> Outcome:
-    return Outcome.error(REVOKED, TaskRevokedError, message)
-
-
-def _failure(exc: BaseException) -> Outcome:
-    return Outcome(
-        state=FAILURE,
-        exc_type=type(exc).__name__,
-        exc_module=type(exc).__module__,
-        exc_message=str(exc),
-        traceback="".join(traceback.format_exception(exc)),
-    )
