@@ -926,3 +926,34 @@ def test_the_settings_section_feeds_the_parser() -> None:
     assert (cfg.lease_timeout, cfg.priority_steps) == (10.0, (0, 9))
     defaults = load_settings({}, env={}).section(SECTION)
     assert parse(REDIS_URL, defaults) == parse(REDIS_URL), "section defaults drifted"
+
+
+def test_a_result_stored_in_another_database_does_not_answer_a_waiter() -> None:
+    """Redis pub/sub ignores the database number: a waiter must read its own database."""
+    import threading
+    import uuid
+
+    from millpond.broker import SUCCESS, ResultMeta
+    from millpond_broker_redis import RedisResultBackend
+
+    mine = RedisResultBackend("redis://127.0.0.1:6379/14")
+    other = RedisResultBackend("redis://127.0.0.1:6379/15")
+    task_id = str(uuid.uuid4())
+    try:
+        timer = threading.Timer(
+            0.2, lambda: other.store(ResultMeta(task_id, SUCCESS, result="theirs"))
+        )
+        timer.start()
+        assert (
+            mine.get(task_id, timeout=1.0) is None
+        )  # woken by db 15's publish, but db 14 is empty
+        timer.join()
+        mine.store(ResultMeta(task_id, SUCCESS, result="mine"))
+        got = mine.get(task_id, timeout=1.0)
+        assert got is not None
+        assert got.result == "mine"
+    finally:
+        mine.forget(task_id)
+        other.forget(task_id)
+        mine.close()
+        other.close()

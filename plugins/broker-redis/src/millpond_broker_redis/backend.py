@@ -121,7 +121,9 @@ class RedisResultBackend(ResultBackend):
                         return meta
                     event = pubsub.get_message(timeout=min(left, _SLICE))
                     if event is not None and event.get("type") == "message":
-                        meta = _decode(task_id, event["data"])
+                        # pub/sub is global to the server, not per database: the message only
+                        # wakes us; the result is read from this backend's own database
+                        meta = _decode(task_id, self.pools.client().get(key)) or meta
                 return meta
             except RETRYABLE as exc:
                 now = time.monotonic()
