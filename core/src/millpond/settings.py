@@ -139,6 +139,24 @@ class Section:
                 return opt
         return None
 
+    def validate(self, options: Mapping[str, Any], what: str) -> dict[str, Any]:
+        """Cast each given option against its declaration; unknown or bad ones raise
+        ConfigurationError naming `what` (e.g. "prefork pool option"). For plugins handed options
+        directly (tests, embedding) rather than through `Settings.section`."""
+        values: dict[str, Any] = {}
+        for key, value in options.items():
+            opt = self.option(key)
+            if opt is None:
+                known = ", ".join(o.name for o in self.options)
+                raise ConfigurationError(
+                    f"unknown {what} {key!r}; the [{self.name}] section has: {known}"
+                )
+            try:
+                values[key] = opt.cast(value)
+            except ValueError as exc:
+                raise ConfigurationError(f"{what} {key!r}: {exc}") from None
+        return values
+
 
 CORE = Section(
     None,

@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from millpond.exceptions import ConfigurationError
 from millpond.settings import Option, Section
 
 SECTION = Section(
@@ -65,16 +64,4 @@ class PreforkConfig:
 
 def resolve(options: Mapping[str, Any]) -> PreforkConfig:
     """Check `options` against the section: the worker passes validated values, a test may not."""
-    values: dict[str, Any] = {}
-    for key, value in options.items():
-        opt = SECTION.option(key)
-        if opt is None:
-            known = ", ".join(o.name for o in SECTION.options)
-            raise ConfigurationError(
-                f"unknown prefork pool option {key!r}; the [prefork] section has: {known}"
-            )
-        try:
-            values[key] = opt.cast(value)
-        except ValueError as exc:
-            raise ConfigurationError(f"prefork pool option {key!r}: {exc}") from None
-    return PreforkConfig(**values)
+    return PreforkConfig(**SECTION.validate(options, "prefork pool option"))

@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from millpond.exceptions import ConfigurationError
 from millpond.settings import Option, Section
 
 SECTION = Section(
@@ -36,16 +35,4 @@ class ThreadsConfig:
 
 def resolve(options: Mapping[str, Any]) -> ThreadsConfig:
     """Check `options` against the section: the worker passes validated values, a test may not."""
-    values: dict[str, Any] = {}
-    for key, value in options.items():
-        opt = SECTION.option(key)
-        if opt is None:
-            known = ", ".join(o.name for o in SECTION.options)
-            raise ConfigurationError(
-                f"unknown threads pool option {key!r}; the [threads] section has: {known}"
-            )
-        try:
-            values[key] = opt.cast(value)
-        except ValueError as exc:
-            raise ConfigurationError(f"threads pool option {key!r}: {exc}") from None
-    return ThreadsConfig(**values)
+    return ThreadsConfig(**SECTION.validate(options, "threads pool option"))
