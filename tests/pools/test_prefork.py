@@ -37,9 +37,13 @@ def alive(pid: int) -> bool:
         return False
 
 
-def parent_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as fh:
-        return int(fh.read().rsplit(")", 1)[1].split()[1])
+def parent_of(pid: int) -> int | None:
+    """The parent pid, or None when the process is already gone (it may exit between calls)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except FileNotFoundError:
+        return None
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
