@@ -4,6 +4,10 @@ A producer subprocess (OTEL_SERVICE_NAME=obs-producer, set up with `configure_tr
 task that succeeds, one that fails and one that retries once, to a `millpond worker` subprocess
 (OTEL_SERVICE_NAME=obs-worker-<pool>) on the embedded sqlite broker; both export to the real
 OTLP/HTTP receiver, which checks the whole tree the way Jaeger would show it.
+
+The worker's `process` and `run` spans come from millpond's span recorder by default and from the
+OpenTelemetry SDK with `trace_span_recorder = false`: the same tree is asserted for both, and the
+request's User-Agent tells which one sent them.
 """
 
 from __future__ import annotations
@@ -39,16 +43,32 @@ def _by_message(spans: list[ReceivedSpan], task_id: str) -> list[ReceivedSpan]:
     return [s for s in spans if s.attributes.get("messaging.message.id") == task_id]
 
 
+RECORDER_AGENT = "millpond-span-recorder/"
+SDK_AGENT = "OTel-OTLP-Exporter-Python/"
+
+
 @pytest.mark.parametrize("pool", POOLS)
 def test_publish_process_run_tree_on_every_pool(
     pool: str, spawn: Callable[..., Proc], obs_env: dict[str, str]
 ) -> None:
+    _check_tree(pool, spawn, obs_env, recorder=True)
+
+
+def test_sdk_spans_make_the_same_tree(spawn: Callable[..., Proc], obs_env: dict[str, str]) -> None:
+    """trace_span_recorder = false: the worker's spans are SDK spans, the tree is the same."""
+    _check_tree("threads", spawn, obs_env, recorder=False)
+
+
+def _check_tree(
+    pool: str, spawn: Callable[..., Proc], obs_env: dict[str, str], *, recorder: bool
+) -> None:
     queue = obs_env["MILLPOND_QUEUES"]
     worker_service = f"obs-worker-{pool}"
     with OtlpReceiver() as receiver:
-        worker = spawn(
-            "-P", pool, "-c", "1" if pool == "solo" else "2", env=receiver.env(worker_service)
-        ).wait_ready()
+        env = receiver.env(worker_service)
+        if not recorder:
+            env["MILLPOND_TRACE_SPAN_RECORDER"] = "false"
+        worker = spawn("-P", pool, "-c", "1" if pool == "solo" else "2", env=env).wait_ready()
         ids = run_python(PRODUCE, {**obs_env, **receiver.env("obs-producer")})
 
         def complete(spans: list[ReceivedSpan]) -> bool:
@@ -67,6 +87,10 @@ def test_publish_process_run_tree_on_every_pool(
     assert publish.service_name == "obs-producer"
     assert process.service_name == run.service_name == worker_service
     assert publish.trace_id == process.trace_id == run.trace_id
+    agent = RECORDER_AGENT if recorder else SDK_AGENT
+    assert process.user_agent.startswith(agent), process.user_agent
+    assert run.user_agent.startswith(agent), run.user_agent
+    assert publish.user_agent.startswith(SDK_AGENT), publish.user_agent
     assert process.parent_span_id == publish.span_id
     assert run.parent_span_id == process.span_id
     assert (publish.trace_id, publish.span_id) in process.links  # the conventions' link

@@ -131,13 +131,6 @@ def _begin(job: Job, started: float) -> Task | Outcome:
     return task
 
 
-def _bind_trace_ids(span: Any) -> None:
-    if span is not None:
-        ids = telemetry.current_ids()
-        if ids:
-            structlog.contextvars.bind_contextvars(trace_id=ids[0], span_id=ids[1])
-
-
 def _async_in_sync_pool(job: Job, started: float) -> Outcome:
     return _failure(
         TypeError(
@@ -157,7 +150,6 @@ def _run(job: Job) -> Outcome:
     if is_async(task):
         return _async_in_sync_pool(job, started)
     with telemetry.run_span(job) as span:
-        _bind_trace_ids(span)
         try:
             result: Any = task(*job.args, **job.kwargs)
         except (Exception, SystemExit) as exc:
@@ -174,7 +166,6 @@ async def _run_async(job: Job, guard: Guard | None) -> Outcome:
     if isinstance(task, Outcome):
         return task
     with telemetry.run_span(job) as span:
-        _bind_trace_ids(span)
         try:
             result: Any = task(*job.args, **job.kwargs)
             if inspect.iscoroutine(result):

@@ -35,6 +35,7 @@ from millpond.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from millpond.health import ProbeServer
+    from millpond.span_recorder import SpanRecorder
     from millpond.worker import Worker
 
 SAMPLERS = (
@@ -136,11 +137,17 @@ def resource(default_service_name: str) -> Any:
 
 
 # -- traces ----------------------------------------------------------------------------------------
-def configure_tracing(default_service_name: str = "millpond") -> bool:
+def configure_tracing(
+    default_service_name: str = "millpond", *, span_recorder: bool = True
+) -> bool:
     """Install a tracer provider from the environment; returns whether tracing is on.
 
     Raises ConfigurationError (naming the variable and what is allowed) for a bad exporter,
     protocol or sampler, so a typo fails at start-up instead of silently tracing nothing.
+
+    With `span_recorder` (the `trace_span_recorder` setting) and the one exporter `otlp` over
+    http/protobuf, the worker's `process` and `run` spans go through millpond's span recorder
+    instead of the SDK (see `millpond.span_recorder`); everything else uses the provider.
     """
     global _provider
     if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
@@ -177,7 +184,54 @@ def configure_tracing(default_service_name: str = "millpond") -> bool:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _provider = provider
+    if span_recorder and names == ["otlp"] and _protocol("traces") == "http/protobuf":
+        telemetry.use_recorder(_span_recorder(provider.resource.attributes))
     return telemetry.refresh()
+
+
+def _bsp_number(name: str, default: float, *, minimum: float = 1) -> float:
+    raw = _env(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ConfigurationError(f"{name}={raw!r} must be a number of at least {minimum:g}")
+    return value
+
+
+def _span_recorder(resource_attributes: Any) -> SpanRecorder:
+    """The recorder for the worker's spans, with the batch processor's and span limits' settings."""
+    from opentelemetry.sdk.trace import SpanLimits
+
+    from millpond import __version__
+    from millpond.otlp_http import OtlpHttpSender
+    from millpond.span_recorder import SpanRecorder, sampler_from_env
+
+    limits = SpanLimits()
+    sender = OtlpHttpSender()
+    log = _log()
+
+    def on_error(message: str) -> None:
+        log.warning(message, endpoint=sender.endpoint, error=sender.last_error)
+
+    return SpanRecorder(
+        sender.send,
+        resource_attributes,
+        __version__,
+        sampler=sampler_from_env(),
+        max_queue=int(_bsp_number("OTEL_BSP_MAX_QUEUE_SIZE", 2048)),
+        batch_size=int(_bsp_number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)),
+        delay=_bsp_number("OTEL_BSP_SCHEDULE_DELAY", 5000, minimum=0) / 1000.0,
+        export_timeout=_bsp_number("OTEL_BSP_EXPORT_TIMEOUT", 30000) / 1000.0,
+        max_attributes=limits.max_span_attributes or 128,
+        max_events=limits.max_events or 128,
+        max_links=limits.max_links or 128,
+        max_attribute_length=limits.max_attribute_length,
+        on_error=on_error,
+    )
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -271,7 +325,9 @@ def configure_worker(settings: Any) -> bool:
     """The worker's set-up before the app is imported: tracing now, metrics checked for later."""
     global _plan
     parenting = "link" if getattr(settings, "trace_link", False) else "parent"
-    on = configure_tracing("millpond-worker")
+    on = configure_tracing(
+        "millpond-worker", span_recorder=getattr(settings, "trace_span_recorder", True)
+    )
     telemetry.refresh(parenting=parenting)
     _plan = plan_metrics("millpond-worker")
     return on
@@ -341,6 +397,9 @@ def _log() -> Any:
 
 def flush(timeout_millis: int = 5000) -> None:
     """Export every finished span now (a prefork child calls this before `os._exit`)."""
+    recorder = telemetry.recorder()
+    if recorder is not None:
+        recorder.force_flush(timeout_millis)
     provider = trace.get_tracer_provider()
     force = getattr(provider, "force_flush", None)
     if force is not None:
@@ -357,6 +416,9 @@ def shutdown() -> None:
         except Exception:
             pass
         _meter_provider = None
+    recorder = telemetry.recorder()
+    if recorder is not None:
+        recorder.shutdown()
     provider = trace.get_tracer_provider()
     stop = getattr(provider, "shutdown", None)
     if stop is not None:

@@ -313,6 +313,14 @@ CORE = Section(
             "linked to the producer's, instead of continuing the producer's trace.",
         ),
         Option(
+            "trace_span_recorder",
+            "bool",
+            True,
+            "Record the worker's process and run spans with millpond's span recorder (about a "
+            "tenth of the OpenTelemetry SDK's CPU per task) when tracing exports over OTLP/HTTP; "
+            "false makes them SDK spans, for span processors of your own.",
+        ),
+        Option(
             "health_port",
             "int",
             None,
@@ -375,6 +383,7 @@ class Settings:
     log_format: str = "auto"
     log_stdlib: bool = False
     trace_link: bool = False
+    trace_span_recorder: bool = True
     health_port: int | None = None
     health_host: str = "0.0.0.0"
     health_liveness_timeout: float = 30.0

@@ -15,15 +15,20 @@ tasks.
 `TRACING` is the hot path's switch: with no tracer provider installed it is False and nothing here
 runs. `refresh()` re-reads it after a provider is installed (`observability.configure_tracing` and
 the worker's start-up call it).
+
+When `observability.configure_tracing` set tracing up from the `OTEL_*` variables with the
+OTLP/HTTP exporter, it also installs a `SpanRecorder` (`use_recorder`): `process` and `run` spans
+are then `RecordedSpan`s, about a tenth of the SDK's cost (see `millpond.span_recorder`); every
+other span, and every other set-up, goes through the SDK.
 """
 
 from __future__ import annotations
 
-import re
 import time
 import traceback as _traceback
 from collections.abc import Iterator, MutableMapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -31,7 +36,29 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from millpond import otlp_wire
 from millpond.exceptions import Retry
+from millpond.span_names import (
+    DELIVERY_COUNT,
+    DESTINATION,
+    ERROR_TYPE,
+    MESSAGE_ID,
+    OPERATION_NAME,
+    OPERATION_TYPE,
+    POOL,
+    QUEUE_WAIT_MS,
+    SYSTEM,
+    TASK_NAME,
+    TASK_RETRIES,
+    TASK_STATE,
+)
+from millpond.span_recorder import (
+    TRACEPARENT_00,
+    RecordedSpan,
+    SpanRecorder,
+    new_trace_hex,
+    parse_traceparent,
+)
 
 if TYPE_CHECKING:
     from millpond.pool import Job, Outcome
@@ -42,19 +69,21 @@ PROCESS_PARENTING = "parent"
 #: `messaging.system` of spans made without a broker at hand (the worker sets its broker's)
 MESSAGING_SYSTEM = "millpond"
 
-# Attribute names, in one place (OpenTelemetry messaging conventions, then millpond's own).
-SYSTEM = "messaging.system"
-OPERATION_TYPE = "messaging.operation.type"
-OPERATION_NAME = "messaging.operation.name"
-DESTINATION = "messaging.destination.name"
-MESSAGE_ID = "messaging.message.id"
-ERROR_TYPE = "error.type"
-TASK_NAME = "millpond.task.name"
-TASK_RETRIES = "millpond.task.retries"
-TASK_STATE = "millpond.task.state"
-QUEUE_WAIT_MS = "millpond.task.queue_wait_ms"
-DELIVERY_COUNT = "millpond.message.delivery_count"
-POOL = "millpond.pool"
+__all__ = [
+    "DELIVERY_COUNT",
+    "DESTINATION",
+    "ERROR_TYPE",
+    "MESSAGE_ID",
+    "OPERATION_NAME",
+    "OPERATION_TYPE",
+    "POOL",
+    "QUEUE_WAIT_MS",
+    "SYSTEM",
+    "TASK_NAME",
+    "TASK_RETRIES",
+    "TASK_STATE",
+]
+otlp_wire.REPEATING_KEYS.update((TASK_STATE, ERROR_TYPE, "exception.type", "exception.escaped"))
 
 #: outcome states that make the `process` span an error
 _ERROR_STATES = frozenset({"FAILURE", "LOST", "TIMEOUT"})
@@ -65,6 +94,12 @@ _propagator = TraceContextTextMapPropagator()
 _EMPTY = otel_context.Context()
 _tracer: trace.Tracer | None = None
 _process_base: dict[tuple[str, str, str], dict[str, Any]] = {}
+_recorder: SpanRecorder | None = None
+#: pre-encoded attributes shared by recorded `process` spans (queue, pool, system, task name)
+_process_wire: dict[tuple[str, str, str, str], tuple[bytes, str]] = {}
+#: pre-encoded attributes of recorded `run` spans, by task name
+_run_wire: dict[str, tuple[bytes, str]] = {}
+_WIRE_CACHE = 4096
 
 
 def refresh(parenting: str | None = None, system: str | None = None) -> bool:
@@ -80,7 +115,20 @@ def refresh(parenting: str | None = None, system: str | None = None) -> bool:
     if system:
         MESSAGING_SYSTEM = system
     _process_base.clear()
+    _process_wire.clear()
     return TRACING
+
+
+def use_recorder(recorder: SpanRecorder | None) -> None:
+    """Record `process` and `run` spans with `recorder` (None: through the SDK's tracer)."""
+    global _recorder
+    _recorder = recorder
+    _process_wire.clear()
+    _run_wire.clear()
+
+
+def recorder() -> SpanRecorder | None:
+    return _recorder
 
 
 def tracer() -> trace.Tracer:
@@ -99,8 +147,7 @@ def _extract(traceparent: str | None, tracestate: str | None) -> otel_context.Co
     return _propagator.extract(carrier)
 
 
-#: the common case, W3C version 00 in lower-case hex; anything else goes to the propagator
-_TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_TRACEPARENT_00 = TRACEPARENT_00  # the common case; anything else goes to the propagator
 
 
 def _remote_span_context(traceparent: str, tracestate: str | None) -> trace.SpanContext | None:
@@ -198,6 +245,9 @@ def start_process_span(job: Job, pool_name: str) -> None:
     The producer's context is extracted once, here; the queue wait (from the `millpond_sent_at`
     header) is an attribute at span start, so samplers and tail-based collectors see it.
     """
+    if _recorder is not None:
+        _start_recorded_process_span(job, pool_name, _recorder)
+        return
     attributes = dict(_base_attributes(job.queue, pool_name))
     attributes[MESSAGE_ID] = job.task_id
     attributes[TASK_NAME] = job.task_name
@@ -225,13 +275,85 @@ def start_process_span(job: Job, pool_name: str) -> None:
     job.traceparent, job.tracestate = _header(span.get_span_context())
 
 
+def _producer_ids(job: Job) -> tuple[str, str, bool] | None:
+    """The producer's (trace id hex, span id hex, sampled), whatever traceparent version it sent."""
+    traceparent = job.producer_traceparent
+    if not traceparent:
+        return None
+    ids = parse_traceparent(traceparent)
+    if ids is None and not TRACEPARENT_00.fullmatch(traceparent):  # another version: the rules
+        span_ctx = _remote_span_context(traceparent, None)
+        if span_ctx is not None:
+            ids = (
+                f"{span_ctx.trace_id:032x}",
+                f"{span_ctx.span_id:016x}",
+                span_ctx.trace_flags.sampled,
+            )
+    return ids
+
+
+def _start_recorded_process_span(job: Job, pool_name: str, recorder: SpanRecorder) -> None:
+    """`start_process_span` with the span recorder: the same span, a fraction of the cost.
+
+    Only what the task's own path needs happens here (ids, the sampling decision, the start
+    time); the attributes are encoded by the recorder's thread when the span is exported.
+    """
+    key = (job.queue, pool_name, MESSAGING_SYSTEM, job.task_name)
+    cached = _process_wire.get(key)
+    if cached is None:
+        if len(_process_wire) >= _WIRE_CACHE:
+            _process_wire.clear()
+        attrs = dict(_base_attributes(job.queue, pool_name))
+        attrs[TASK_NAME] = job.task_name
+        cached = _process_wire[key] = (otlp_wire.span_attributes(attrs), f"process {job.queue}")
+    producer = _producer_ids(job)
+    state: trace.TraceState | None = None
+    link_from: tuple[str, str, str | None] | None = None
+    if producer is None:
+        trace_hex, parent_hex = new_trace_hex(), ""
+        sampled = recorder.sample(None, trace_hex)
+    else:
+        producer_state = job.producer_tracestate or None
+        link_from = (producer[0], producer[1], producer_state)
+        if PROCESS_PARENTING == "parent":
+            trace_hex, parent_hex = producer[0], producer[1]
+            sampled = recorder.sample(producer[2], trace_hex)
+            if producer_state:
+                state = trace.TraceState.from_header([producer_state])
+        else:
+            trace_hex, parent_hex = new_trace_hex(), ""
+            sampled = recorder.sample(None, trace_hex)
+    span = RecordedSpan(
+        recorder if sampled else None,
+        trace_hex,
+        parent_hex,
+        cached[1],
+        otlp_wire.KIND_CONSUMER,
+        cached[0],
+        (job.task_id, job.retries, job.delivery_count, job.sent_at),
+        bool(parent_hex),
+        state,
+        link_from,
+    )
+    job.span = span
+    job.traceparent = f"00-{trace_hex}-{span.span_hex}-{'01' if sampled else '00'}"
+    job.tracestate = job.producer_tracestate if state is not None else None
+
+
 def end_process_span(job: Job, outcome: Outcome) -> None:
     span = job.span
     if span is None:
         return
     job.span = None
     state = outcome.state
-    span.set_attribute(TASK_STATE, state)
+    if isinstance(span, RecordedSpan):
+        if state == "SUCCESS":  # the common case: nothing else to note
+            span.state = state
+            span.end()
+            return
+        span.state = state
+    else:
+        span.set_attribute(TASK_STATE, state)
     if state in _ERROR_STATES:
         error_type = outcome.exc_type or state
         span.set_attribute(ERROR_TYPE, error_type)
@@ -258,20 +380,29 @@ def _exception_attributes(exc_type: str, message: str, stacktrace: str | None) -
 
 
 # -- execution unit: the `run` span ---------------------------------------------------------------
-@contextmanager
-def run_span(job: Job) -> Iterator[trace.Span | None]:
+_NO_SPAN: AbstractContextManager[None] = nullcontext(None)
+
+
+def run_span(job: Job) -> AbstractContextManager[trace.Span | None]:
     """The `run <task>` span inside the execution unit, child of the job's `process` span.
 
     In the worker process the live `process` span object is the parent (no parsing); in a child
     process or after pickling, its context comes from `job.traceparent`. One context attach
-    makes the span current for the task body (user spans and log lines see it).
+    makes the span current for the task body (user spans and log lines see it). Entered once per
+    task: with tracing off it is a shared do-nothing context manager.
     """
     if not TRACING or not job.traceparent:
-        yield None
-        return
+        return _NO_SPAN
+    if _recorder is not None:
+        return _RecordedRun(job, _recorder)
+    return _sdk_run_span(job)
+
+
+@contextmanager
+def _sdk_run_span(job: Job) -> Iterator[trace.Span | None]:
     process = job.span
     if process is None:
-        parent_ctx = _remote_span_context(job.traceparent, job.tracestate)
+        parent_ctx = _remote_span_context(job.traceparent or "", job.tracestate)
         if parent_ctx is None:
             yield None
             return
@@ -291,6 +422,65 @@ def run_span(job: Job) -> Iterator[trace.Span | None]:
         raise
     finally:
         otel_context.detach(token)
+        span.end()
+
+
+class _RecordedRun:
+    """`run_span` with the span recorder: a class, not a generator, to keep it cheap."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, job: Job, recorder: SpanRecorder) -> None:
+        self._span: RecordedSpan | None = None
+        self._token: Token[otel_context.Context] | None = None
+        process = job.span
+        state: trace.TraceState | None
+        if isinstance(process, RecordedSpan):  # same process: no parsing
+            trace_hex, parent_hex, state = process.trace_hex, process.span_hex, process.trace_state
+            run_recorder = process.recorder
+        else:
+            parent = parse_traceparent(job.traceparent or "")
+            if parent is None:
+                return
+            trace_hex, parent_hex = parent[0], parent[1]
+            run_recorder = recorder if parent[2] else None
+            state = trace.TraceState.from_header([job.tracestate]) if job.tracestate else None
+        task_name = job.task_name
+        cached = _run_wire.get(task_name)
+        if cached is None:
+            if len(_run_wire) >= _WIRE_CACHE:
+                _run_wire.clear()
+            cached = _run_wire[task_name] = (
+                otlp_wire.span_attributes({TASK_NAME: task_name}),
+                f"run {task_name}",
+            )
+        self._span = RecordedSpan(
+            run_recorder,
+            trace_hex,
+            parent_hex,
+            cached[1],
+            otlp_wire.KIND_INTERNAL,
+            cached[0],
+            (job.task_id, job.retries, 0, None),
+            False,
+            state,
+        )
+
+    def __enter__(self) -> RecordedSpan | None:
+        span = self._span
+        if span is not None:
+            self._token = otel_context.attach(trace.set_span_in_context(span, _EMPTY))
+        return span
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        span = self._span
+        if span is None:
+            return
+        if exc is not None:  # escaped the task's own handling (KeyboardInterrupt, ...)
+            span.record_exception(exc, escaped=True)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        if self._token is not None:
+            otel_context.detach(self._token)
         span.end()
 
 
@@ -320,6 +510,16 @@ def traced(span: trace.Span | None, outcome: Outcome, exc: BaseException | None)
         span.set_attribute(ERROR_TYPE, error_type)
         span.set_status(Status(StatusCode.ERROR, f"{error_type}: {outcome.exc_message}"))
     return outcome
+
+
+def span_ids(span: trace.Span) -> tuple[str, str] | None:
+    """(trace_id, span_id) of `span` as hex, for log lines."""
+    if isinstance(span, RecordedSpan):
+        return span.trace_hex, span.span_hex
+    span_ctx = span.get_span_context()
+    if not span_ctx.is_valid:
+        return None
+    return format(span_ctx.trace_id, "032x"), format(span_ctx.span_id, "016x")
 
 
 def current_ids() -> tuple[str, str] | None:

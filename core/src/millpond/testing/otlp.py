@@ -53,6 +53,8 @@ class ReceivedSpan:
     links: tuple[tuple[str, str], ...] = ()  # (trace_id, span_id) of each link
     #: the receiver's monotonic clock when the request carrying it arrived
     received_at: float = field(default=0.0, compare=False)
+    #: the User-Agent of that request: which exporter sent the span
+    user_agent: str = field(default="", compare=False)
 
     @property
     def service_name(self) -> str | None:
@@ -92,7 +94,9 @@ def _status_name(code: int) -> str:
     return str(Status.StatusCode.Name(code)).removeprefix("STATUS_CODE_")
 
 
-def decode_traces(body: bytes, received_at: float = 0.0) -> list[ReceivedSpan]:
+def decode_traces(
+    body: bytes, received_at: float = 0.0, user_agent: str = ""
+) -> list[ReceivedSpan]:
     """Every span in a serialized `ExportTraceServiceRequest`."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
@@ -125,6 +129,7 @@ def decode_traces(body: bytes, received_at: float = 0.0) -> list[ReceivedSpan]:
                             (link.trace_id.hex(), link.span_id.hex()) for link in span.links
                         ),
                         received_at=received_at,
+                        user_agent=user_agent,
                     )
                 )
     return spans
@@ -170,7 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.OK, b"")
             return
         try:
-            spans = decode_traces(body, time.monotonic())
+            spans = decode_traces(body, time.monotonic(), self.headers.get("User-Agent") or "")
         except Exception as exc:  # a malformed body is the sender's bug: say so, keep serving
             self.server.receiver._reject(path, f"not an ExportTraceServiceRequest: {exc}")
             self._reply(HTTPStatus.BAD_REQUEST, f"not an ExportTraceServiceRequest: {exc}")

@@ -1,0 +1,571 @@
+"""millpond's span recorder: the wire format, the Span API, sampling, batching, fork and transport.
+
+The bytes are checked by the official generated protobuf classes (the receiver decodes them the
+way a collector does), the sampler against the SDK's own samplers, and the transport against a
+real HTTP server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import threading
+from collections.abc import Iterator
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from millpond import otlp_wire
+from millpond.exceptions import ConfigurationError
+from millpond.otlp_http import OtlpHttpSender, endpoint
+from millpond.span_recorder import (
+    RecordedSpan,
+    SpanRecorder,
+    new_span_hex,
+    new_trace_hex,
+    parse_traceparent,
+    sampler_from_env,
+)
+from millpond.testing.otlp import OtlpReceiver, any_value
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+PARENT = "b7ad6b7169203331"
+
+
+class Capture:
+    """A `send` that keeps every request instead of posting it."""
+
+    def __init__(self, ok: bool = True) -> None:
+        self.requests: list[bytes] = []
+        self.ok = ok
+        self.sent = threading.Event()
+
+    def __call__(self, data: bytes, timeout: float) -> bool:
+        self.requests.append(data)
+        self.sent.set()
+        return self.ok
+
+    def spans(self) -> list[Any]:
+        out = []
+        for data in self.requests:
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(data)
+            for resource_spans in request.resource_spans:
+                for scope_spans in resource_spans.scope_spans:
+                    out.extend(scope_spans.spans)
+        return out
+
+
+def make_recorder(send: Any, **options: Any) -> SpanRecorder:
+    options.setdefault("delay", 60.0)
+    return SpanRecorder(
+        send,
+        {"service.name": "svc", "host.cores": 2, "deployment.ok": True},
+        "9.9",
+        sampler=options.pop("sampler", lambda parent, trace_hex: True),
+        **options,
+    )
+
+
+def span(recorder: SpanRecorder | None, **kw: Any) -> RecordedSpan:
+    return RecordedSpan(
+        recorder,
+        kw.pop("trace_hex", TRACE),
+        kw.pop("parent_hex", PARENT),
+        kw.pop("name", "process q"),
+        kw.pop("kind", otlp_wire.KIND_CONSUMER),
+        kw.pop("base", otlp_wire.span_attributes({"messaging.destination.name": "q"})),
+        kw.pop("message", ("task-1", 2, 3, None)),
+        **kw,
+    )
+
+
+def attrs(pairs: Any) -> dict[str, Any]:
+    return {kv.key: any_value(kv.value) for kv in pairs}
+
+
+@pytest.fixture
+def capture() -> Capture:
+    return Capture()
+
+
+@pytest.fixture
+def recorder(capture: Capture) -> Iterator[SpanRecorder]:
+    rec = make_recorder(capture)
+    yield rec
+    rec.shutdown()
+
+
+# -- the wire ---------------------------------------------------------------------------------------
+def test_a_span_with_everything_decodes_with_the_official_classes(
+    recorder: SpanRecorder, capture: Capture
+) -> None:
+    state = trace.TraceState([("vendor", "value")])
+    s = span(
+        recorder,
+        parent_remote=True,
+        trace_state=state,
+        link_from=(TRACE, PARENT, "vendor=value"),
+        message=("task-1", 2, 3, 1.0),
+    )
+    s.set_attribute("text", "héllo")
+    s.set_attribute("flag", True)
+    s.set_attribute("negative", -5)
+    s.set_attribute("big", 2**62)
+    s.set_attribute("ratio", 0.25)
+    s.set_attribute("words", ["a", "b"])
+    s.set_attribute("numbers", [1, 2, 3])
+    s.set_attribute("ignored", None)  # type: ignore[arg-type]
+    s.add_event("retry", {"millpond.retry.countdown": 1.5}, timestamp=123)
+    s.add_link(trace.SpanContext(int(TRACE, 16), 7, is_remote=False), {"why": "fan-in"})
+    s.state = "FAILURE"
+    s.set_status(Status(StatusCode.ERROR, "ValueError: boom"))
+    s.end()
+    assert recorder.force_flush()
+
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(capture.requests[0])
+    (resource_spans,) = request.resource_spans
+    assert attrs(resource_spans.resource.attributes) == {
+        "service.name": "svc",
+        "host.cores": 2,
+        "deployment.ok": True,
+    }
+    (scope_spans,) = resource_spans.scope_spans
+    assert (scope_spans.scope.name, scope_spans.scope.version) == ("millpond", "9.9")
+    (got,) = scope_spans.spans
+    assert got.trace_id.hex() == TRACE
+    assert got.span_id.hex() == s.span_hex
+    assert got.parent_span_id.hex() == PARENT
+    assert got.trace_state == "vendor=value"
+    assert got.name == "process q"
+    assert got.kind == 5  # CONSUMER
+    assert got.start_time_unix_nano == s.start_ns < got.end_time_unix_nano == s.end_ns
+    assert got.flags == 0x300  # is_remote known, and remote
+    values = attrs(got.attributes)
+    queue_wait = values.pop("millpond.task.queue_wait_ms")
+    assert queue_wait == pytest.approx(s.start_ns / 1e6 - 1000.0)
+    assert values == {
+        "messaging.destination.name": "q",
+        "messaging.message.id": "task-1",
+        "millpond.task.retries": 2,
+        "millpond.message.delivery_count": 3,
+        "millpond.task.state": "FAILURE",
+        "text": "héllo",
+        "flag": True,
+        "negative": -5,
+        "big": 2**62,
+        "ratio": 0.25,
+        "words": ["a", "b"],
+        "numbers": [1, 2, 3],
+    }
+    (event,) = got.events
+    assert (event.name, event.time_unix_nano) == ("retry", 123)
+    assert attrs(event.attributes) == {"millpond.retry.countdown": 1.5}
+    producer_link, added_link = got.links
+    assert (producer_link.trace_id.hex(), producer_link.span_id.hex()) == (TRACE, PARENT)
+    assert producer_link.trace_state == "vendor=value"
+    assert producer_link.flags == 0x300
+    assert added_link.span_id.hex() == f"{7:016x}"
+    assert added_link.flags == 0x100  # known, and local
+    assert attrs(added_link.attributes) == {"why": "fan-in"}
+    assert (got.status.code, got.status.message) == (2, "ValueError: boom")
+
+
+def test_a_root_span_has_no_parent_and_local_flags(
+    recorder: SpanRecorder, capture: Capture
+) -> None:
+    s = span(recorder, parent_hex="", kind=otlp_wire.KIND_INTERNAL, message=None)
+    s.end()
+    recorder.force_flush()
+    (got,) = capture.spans()
+    assert got.parent_span_id == b""
+    assert got.flags == 0x100
+    assert got.kind == 1
+    assert not got.HasField("status")
+
+
+def test_long_values_and_many_spans_round_trip(recorder: SpanRecorder, capture: Capture) -> None:
+    """Lengths past one varint byte, and a request past 64 KiB."""
+    text = "x" * 70_000
+    for index in range(300):
+        s = span(recorder, message=(f"task-{index}", index, 1, None))
+        s.set_attribute("payload", text if index == 0 else "y" * 200)
+        s.end()
+    recorder.force_flush()
+    got = capture.spans()
+    assert len(got) == 300
+    assert attrs(got[0].attributes)["payload"] == text
+    assert [attrs(g.attributes)["millpond.task.retries"] for g in got] == list(range(300))
+
+
+# -- the Span API -----------------------------------------------------------------------------------
+def test_span_context_and_recording(recorder: SpanRecorder) -> None:
+    s = span(recorder)
+    ctx = s.get_span_context()
+    assert (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}") == (TRACE, s.span_hex)
+    assert ctx.trace_flags.sampled and not ctx.is_remote and ctx.is_valid
+    assert s.is_recording()
+    assert s.traceparent == f"00-{TRACE}-{s.span_hex}-01"
+    s.end()
+    assert not s.is_recording()
+    s.end()  # a second end records nothing more
+    assert len(recorder._queue) == 1
+
+
+def test_an_unsampled_span_carries_context_and_records_nothing() -> None:
+    s = span(None)
+    s.set_attribute("a", 1)
+    s.add_event("e")
+    s.set_status(StatusCode.ERROR)
+    s.record_exception(ValueError("x"))
+    s.end()
+    assert not s.is_recording()
+    assert not s.get_span_context().trace_flags.sampled
+    assert s.traceparent.endswith("-00")
+    assert s.attributes is None and s.events is None and s.status_code == 0
+
+
+def test_status_rules_follow_the_api(recorder: SpanRecorder) -> None:
+    s = span(recorder)
+    s.set_status(StatusCode.UNSET)
+    assert s.status_code == 0
+    s.set_status(StatusCode.ERROR, "first")
+    assert (s.status_code, s.status_message) == (2, "first")
+    s.set_status(StatusCode.OK, "ignored for OK")
+    assert (s.status_code, s.status_message) == (1, None)
+    s.set_status(StatusCode.ERROR, "too late")  # OK is final
+    assert s.status_code == 1
+
+
+def test_record_exception_is_an_event_like_the_sdk(
+    recorder: SpanRecorder, capture: Capture
+) -> None:
+    try:
+        raise KeyError("missing")
+    except KeyError as exc:
+        s = span(recorder)
+        s.record_exception(exc, {"extra": 1}, escaped=True)
+    s.end()
+    recorder.force_flush()
+    (event,) = capture.spans()[0].events
+    values = attrs(event.attributes)
+    assert event.name == "exception"
+    assert values["exception.type"] == "KeyError"
+    assert values["exception.message"] == "'missing'"
+    assert "raise KeyError" in values["exception.stacktrace"]
+    assert values["exception.escaped"] == "True"
+    assert values["extra"] == 1
+
+
+def test_limits_drop_and_count(capture: Capture) -> None:
+    rec = make_recorder(capture, max_attributes=2, max_events=1, max_attribute_length=3)
+    try:
+        s = span(rec)
+        s.set_attributes({"a": "abcdef", "b": ["xyzw", 1]})
+        s.set_attribute("c", 1)  # over the limit: dropped
+        s.set_attribute("a", "zz")  # an existing key may still change
+        s.add_event("one")
+        s.add_event("two")  # dropped
+        s.end()
+        rec.force_flush()
+        (got,) = capture.spans()
+        values = attrs(got.attributes)
+        assert values["a"] == "zz" and values["b"] == ["xyz", 1] and "c" not in values
+        assert got.dropped_attributes_count == 1
+        assert [e.name for e in got.events] == ["one"]
+        assert got.dropped_events_count == 1
+    finally:
+        rec.shutdown()
+
+
+def test_ids_are_valid_hex() -> None:
+    for _ in range(1000):
+        trace_hex, span_hex = new_trace_hex(), new_span_hex()
+        assert len(trace_hex) == 32 and int(trace_hex, 16)
+        assert len(span_hex) == 16 and int(span_hex, 16)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (f"00-{TRACE}-{PARENT}-01", (TRACE, PARENT, True)),
+        (f"00-{TRACE}-{PARENT}-00", (TRACE, PARENT, False)),
+        (f"00-{TRACE}-{PARENT}-03", (TRACE, PARENT, True)),
+        (f"00-{TRACE}-{PARENT}-02", (TRACE, PARENT, False)),
+        (f"00-{'0' * 32}-{PARENT}-01", None),
+        (f"00-{TRACE}-{'0' * 16}-01", None),
+        (f"00-{TRACE.upper()}-{PARENT}-01", None),
+        (f"00-{TRACE}-{PARENT}-01-extra", None),
+        (f"00-{TRACE[:-1]} -{PARENT}-01", None),
+        ("", None),
+        ("garbage", None),
+    ],
+)
+def test_parse_traceparent(header: str, expected: Any) -> None:
+    assert parse_traceparent(header) == expected
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name",
+    [
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+        "",
+    ],
+)
+def test_sampling_decides_like_the_sdk(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.trace import sampling
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", name)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.3")
+    sdk = sampling._get_from_env_or_default()
+    ours = sampler_from_env()
+    rng = random.Random(7)
+    for _ in range(3000):
+        trace_id = rng.getrandbits(128) or 1
+        parent: bool | None = rng.choice([None, True, False])
+        context = None
+        if parent is not None:
+            flags = trace.TraceFlags(trace.TraceFlags.SAMPLED if parent else 0)
+            remote = trace.SpanContext(trace_id, 1, is_remote=True, trace_flags=flags)
+            context = trace.set_span_in_context(trace.NonRecordingSpan(remote))
+        decision = sdk.should_sample(context, trace_id, "process q", SpanKind.CONSUMER)
+        assert ours(parent, f"{trace_id:032x}") == decision.decision.is_sampled(), (
+            name,
+            parent,
+        )
+
+
+# -- batching, flushing, fork -----------------------------------------------------------------------
+def test_a_full_batch_is_exported_without_waiting_for_the_delay(capture: Capture) -> None:
+    rec = make_recorder(capture, batch_size=10, delay=60.0)
+    try:
+        for _ in range(10):
+            span(rec).end()
+        assert capture.sent.wait(10), "a full batch should wake the export thread"
+        assert len(capture.spans()) == 10
+    finally:
+        rec.shutdown()
+
+
+def test_a_full_queue_drops_counts_and_says_so(capture: Capture) -> None:
+    messages: list[str] = []
+    rec = make_recorder(capture, max_queue=5, batch_size=100, on_error=messages.append)
+    try:
+        rec._thread = threading.current_thread()  # hold the export thread off: fill the queue
+        for _ in range(8):
+            span(rec).end()
+        assert rec.dropped == 3
+        assert len(messages) == 1 and "OTEL_BSP_MAX_QUEUE_SIZE" in messages[0]
+        assert rec.force_flush()
+        assert len(capture.spans()) == 5
+    finally:
+        rec._thread = None
+        rec.shutdown()
+
+
+def test_failed_exports_are_counted_and_reported() -> None:
+    messages: list[str] = []
+    capture = Capture(ok=False)
+    rec = make_recorder(capture, on_error=messages.append)
+    try:
+        span(rec).end()
+        assert not rec.force_flush()
+        assert rec.failed == 1 and rec.exported == 0
+        assert messages == ["could not export 1 spans"]
+    finally:
+        rec.shutdown()
+
+
+def test_shutdown_exports_what_is_left_and_stops(capture: Capture) -> None:
+    rec = make_recorder(capture)
+    for _ in range(3):
+        span(rec).end()
+    thread = rec._thread
+    rec.shutdown()
+    assert len(capture.spans()) == 3
+    assert thread is not None and not thread.is_alive()
+    span(rec).end()  # after shutdown: queued, never exported by a thread
+    assert rec._thread is None or not rec._thread.is_alive()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_exports_only_its_own_spans() -> None:
+    with OtlpReceiver() as receiver:
+        rec = make_recorder(_post_to(receiver.traces_endpoint))
+        try:
+            parent_span = span(rec, name="in the parent")
+            parent_span.end()  # queued in the parent, not exported yet
+            pid = os.fork()
+            if pid == 0:  # the child: its queue starts empty, its own thread exports
+                code = 0
+                try:
+                    span(rec, name="in the child").end()
+                    code = 0 if rec.force_flush(10_000) else 3
+                except BaseException:
+                    code = 4
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert rec.force_flush(10_000)
+            spans = receiver.wait_for(lambda got: len(got) >= 2, timeout=10, what="two spans")
+            assert sorted(s.name for s in spans) == ["in the child", "in the parent"]
+        finally:
+            rec.shutdown()
+
+
+def _post_to(url: str) -> Any:
+    import requests
+
+    session = requests.Session()
+
+    def send(data: bytes, timeout: float) -> bool:
+        response = session.post(
+            url, data=data, timeout=timeout, headers={"Content-Type": "application/x-protobuf"}
+        )
+        return response.ok
+
+    return send
+
+
+# -- the transport ----------------------------------------------------------------------------------
+class Scripted:
+    """An HTTP server answering POSTs with scripted statuses; keeps what it got."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = list(statuses)
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        scripted = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                scripted.requests.append((self.path, dict(self.headers), body))
+                status = scripted.statuses.pop(0) if scripted.statuses else 200
+                self.send_response(status)
+                if status == HTTPStatus.TOO_MANY_REQUESTS:
+                    self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def clean_otlp_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in list(os.environ):
+        if name.startswith("OTEL_EXPORTER_OTLP"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_endpoint_resolution(clean_otlp_env: pytest.MonkeyPatch) -> None:
+    assert endpoint() == "http://localhost:4318/v1/traces"
+    clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")
+    assert endpoint() == "http://collector:4318/v1/traces"
+    clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://other:9/custom")
+    assert endpoint() == "http://other:9/custom"  # the signal's own endpoint is used as given
+
+
+def test_transient_failures_are_retried(clean_otlp_env: pytest.MonkeyPatch) -> None:
+    server = Scripted([503, 429])
+    try:
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.url)
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=s%20ecret,tenant=a")
+        sender = OtlpHttpSender()
+        assert sender.send(b"payload", timeout=20)
+        assert len(server.requests) == 3
+        path, headers, body = server.requests[-1]
+        assert path == "/v1/traces" and body == b"payload"
+        assert headers["x-api-key"] == "s ecret" and headers["tenant"] == "a"
+        assert headers["Content-Type"] == "application/x-protobuf"
+        assert headers["User-Agent"].startswith("millpond-span-recorder/")
+        sender.close()
+    finally:
+        server.close()
+
+
+def test_a_rejected_request_is_not_retried(clean_otlp_env: pytest.MonkeyPatch) -> None:
+    server = Scripted([400])
+    try:
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"{server.url}/v1/traces")
+        sender = OtlpHttpSender()
+        assert not sender.send(b"payload", timeout=20)
+        assert len(server.requests) == 1
+        assert sender.last_error is not None and "HTTP 400" in sender.last_error
+    finally:
+        server.close()
+
+
+def test_gzip_compression(clean_otlp_env: pytest.MonkeyPatch) -> None:
+    server = Scripted([])
+    try:
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.url)
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip")
+        assert OtlpHttpSender().send(b"payload" * 100, timeout=20)
+        _, headers, body = server.requests[0]
+        assert headers["Content-Encoding"] == "gzip"
+        assert gzip.decompress(body) == b"payload" * 100
+    finally:
+        server.close()
+
+
+def test_an_unreachable_collector_fails_within_the_timeout(
+    clean_otlp_env: pytest.MonkeyPatch,
+) -> None:
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    sender = OtlpHttpSender()
+    started = time.monotonic()
+    assert not sender.send(b"payload", timeout=1.5)
+    assert time.monotonic() - started < 10
+    assert sender.last_error is not None and "ConnectionError" in sender.last_error
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "brotli", "gzip"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon", "seconds"),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "-1", "seconds"),
+    ],
+)
+def test_bad_transport_settings_are_refused(
+    clean_otlp_env: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    clean_otlp_env.setenv(variable, value)
+    with pytest.raises(ConfigurationError, match=message):
+        OtlpHttpSender()
