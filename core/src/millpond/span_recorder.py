@@ -25,6 +25,7 @@ import atexit
 import os
 import random
 import re
+import struct
 import threading
 import time
 import traceback
@@ -136,6 +137,11 @@ def parse_traceparent(traceparent: str) -> tuple[str, str, bool] | None:
 
 _fromhex = bytes.fromhex
 _last_message: tuple[str, bytes] = ("", b"")
+#: (retries, delivery count) -> both attributes encoded; small counts repeat endlessly
+_counts: dict[tuple[int, int], bytes] = {}
+#: a double attribute is a fixed-size field: everything but the 8 value bytes is constant
+_QUEUE_WAIT_PREFIX = otlp_wire.attribute(QUEUE_WAIT_MS, 0.0)[:-8]
+_pack_double = struct.Struct("<d").pack
 
 
 def _message_attributes(message: tuple[str, int, int, float | None], start_ns: int) -> bytes:
@@ -146,12 +152,17 @@ def _message_attributes(message: tuple[str, int, int, float | None], start_ns: i
     if task_id != last_id:  # a task's `run` and `process` spans are usually exported together
         encoded_id = otlp_wire.attribute(MESSAGE_ID, task_id)
         _last_message = (task_id, encoded_id)
-    out = encoded_id + otlp_wire.attribute(TASK_RETRIES, retries)
-    if delivery_count:
-        out += otlp_wire.attribute(DELIVERY_COUNT, delivery_count)
-    if sent_at is not None:
-        out += otlp_wire.attribute(QUEUE_WAIT_MS, max(0.0, start_ns / 1e6 - sent_at * 1000.0))
-    return out
+    counts = _counts.get((retries, delivery_count))
+    if counts is None:
+        counts = otlp_wire.attribute(TASK_RETRIES, retries)
+        if delivery_count:
+            counts += otlp_wire.attribute(DELIVERY_COUNT, delivery_count)
+        if len(_counts) < 1024:
+            _counts[(retries, delivery_count)] = counts
+    if sent_at is None:
+        return encoded_id + counts
+    wait = start_ns / 1e6 - sent_at * 1000.0
+    return encoded_id + counts + _QUEUE_WAIT_PREFIX + _pack_double(wait if wait > 0.0 else 0.0)
 
 
 class RecordedSpan(trace.Span):
@@ -164,29 +175,31 @@ class RecordedSpan(trace.Span):
     """
 
     __slots__ = (
-        "_context",
         "_recorder",
-        "attributes",
         "base",
-        "dropped_attributes",
-        "dropped_events",
         "end_ns",
-        "events",
         "kind",
         "link_from",
-        "links",
         "message",
         "name",
         "parent_hex",
         "parent_remote",
         "span_hex",
         "start_ns",
-        "state",
-        "status_code",
-        "status_message",
         "trace_hex",
         "trace_state",
     )
+    # Set on few spans: class defaults, so a task's spans skip assigning them (instances still
+    # have a __dict__, as the API's Span class declares no slots).
+    state: str | None = None
+    attributes: dict[str, Any] | None = None
+    events: list[bytes] | None = None
+    links: list[bytes] | None = None
+    status_code = 0
+    status_message: str | None = None
+    dropped_attributes = 0
+    dropped_events = 0
+    _context: trace.SpanContext | None = None
 
     def __init__(  # noqa: PLR0917 - made twice per task: positional is the cheap call
         self,
@@ -214,15 +227,6 @@ class RecordedSpan(trace.Span):
         self.link_from = link_from
         self.start_ns = _time_ns()
         self.end_ns = 0
-        self.state: str | None = None
-        self.attributes: dict[str, Any] | None = None
-        self.events: list[bytes] | None = None
-        self.links: list[bytes] | None = None
-        self.status_code = 0
-        self.status_message: str | None = None
-        self.dropped_attributes = 0
-        self.dropped_events = 0
-        self._context: trace.SpanContext | None = None
 
     @property
     def sampled(self) -> bool:
@@ -365,9 +369,14 @@ class RecordedSpan(trace.Span):
             extra += b"".join(self.events)
         if self.link_from is not None:
             trace_hex, span_hex, state = self.link_from
-            extra += otlp_wire.link(
-                _fromhex(trace_hex), _fromhex(span_hex), state, None, remote=True
-            )
+            if state:
+                extra += otlp_wire.link(
+                    _fromhex(trace_hex), _fromhex(span_hex), state, None, remote=True
+                )
+            else:  # the usual link to the producer: a fixed-size field
+                extra += (
+                    _LINK_HEAD + _fromhex(trace_hex) + b"\x12\x08" + _fromhex(span_hex) + _LINK_TAIL
+                )
         if self.links:
             extra += b"".join(self.links)
         if self.status_code:
@@ -389,6 +398,11 @@ class RecordedSpan(trace.Span):
             self.parent_remote,
             extra,
         )
+
+
+_REMOTE_LINK = otlp_wire.link(bytes(16), bytes(8), None, None, remote=True)
+_LINK_HEAD = _REMOTE_LINK[:4]  # tag, length, trace id tag and length
+_LINK_TAIL = _REMOTE_LINK[-5:]  # the flags field
 
 
 def kind_number(kind: trace.SpanKind) -> int:
@@ -487,17 +501,22 @@ class SpanRecorder:
     def _run(self) -> None:
         wake = self._wake
         while not self._stopped:
-            wake.wait(self.delay)
+            batch_full = wake.wait(self.delay)
             wake.clear()
-            self._export_queued()
+            # Woken by a full batch: send full batches only. Sending whatever arrived meanwhile
+            # too would post a request every few spans under load, at a fixed cost per request.
+            self._export_queued(full_batches_only=batch_full)
 
-    def _export_queued(self, deadline: float | None = None) -> bool:
-        """Export everything queued, a batch at a time; False if a batch failed or time ran out."""
+    def _export_queued(
+        self, deadline: float | None = None, *, full_batches_only: bool = False
+    ) -> bool:
+        """Export what is queued, a batch at a time; False if a batch failed or time ran out."""
         ok = True
+        minimum = self.batch_size if full_batches_only else 1
         with self._export_lock:
             queue = self._queue
             popleft = queue.popleft
-            while queue:
+            while len(queue) >= minimum:
                 batch: list[bytes] = []
                 try:
                     for _ in range(min(len(queue), self.batch_size)):

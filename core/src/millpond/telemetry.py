@@ -275,11 +275,8 @@ def start_process_span(job: Job, pool_name: str) -> None:
     job.traceparent, job.tracestate = _header(span.get_span_context())
 
 
-def _producer_ids(job: Job) -> tuple[str, str, bool] | None:
+def _producer_ids(traceparent: str) -> tuple[str, str, bool] | None:
     """The producer's (trace id hex, span id hex, sampled), whatever traceparent version it sent."""
-    traceparent = job.producer_traceparent
-    if not traceparent:
-        return None
     ids = parse_traceparent(traceparent)
     if ids is None and not TRACEPARENT_00.fullmatch(traceparent):  # another version: the rules
         span_ctx = _remote_span_context(traceparent, None)
@@ -306,7 +303,8 @@ def _start_recorded_process_span(job: Job, pool_name: str, recorder: SpanRecorde
         attrs = dict(_base_attributes(job.queue, pool_name))
         attrs[TASK_NAME] = job.task_name
         cached = _process_wire[key] = (otlp_wire.span_attributes(attrs), f"process {job.queue}")
-    producer = _producer_ids(job)
+    traceparent = job.producer_traceparent
+    producer = _producer_ids(traceparent) if traceparent else None
     state: trace.TraceState | None = None
     link_from: tuple[str, str, str | None] | None = None
     if producer is None:
@@ -428,14 +426,22 @@ def _sdk_run_span(job: Job) -> Iterator[trace.Span | None]:
 class _RecordedRun:
     """`run_span` with the span recorder: a class, not a generator, to keep it cheap."""
 
-    __slots__ = ("_span", "_token")
+    __slots__ = ("_span", "_token", "_unsampled")
 
     def __init__(self, job: Job, recorder: SpanRecorder) -> None:
         self._span: RecordedSpan | None = None
         self._token: Token[otel_context.Context] | None = None
+        self._unsampled = False
         process = job.span
         state: trace.TraceState | None
+        run_recorder: SpanRecorder | None
         if isinstance(process, RecordedSpan):  # same process: no parsing
+            if process.recorder is None:
+                # Not sampled: nothing will be exported, the task body only needs the trace's
+                # context (its own spans then stay unsampled too), and the process span has it.
+                self._span = process
+                self._unsampled = True
+                return
             trace_hex, parent_hex, state = process.trace_hex, process.span_hex, process.trace_state
             run_recorder = process.recorder
         else:
@@ -475,6 +481,10 @@ class _RecordedRun:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         span = self._span
         if span is None:
+            return
+        if self._unsampled:
+            if self._token is not None:
+                otel_context.detach(self._token)
             return
         if exc is not None:  # escaped the task's own handling (KeyboardInterrupt, ...)
             span.record_exception(exc, escaped=True)
