@@ -569,3 +569,119 @@ def test_bad_transport_settings_are_refused(
     clean_otlp_env.setenv(variable, value)
     with pytest.raises(ConfigurationError, match=message):
         OtlpHttpSender()
+
+
+# -- in a worker ------------------------------------------------------------------------------------
+@pytest.fixture
+def recorded(span_exporter: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Capture]:
+    """The worker's spans through a recorder (captured), user spans through the session's SDK."""
+    from millpond import telemetry
+
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    capture = Capture()
+    rec = make_recorder(capture, sampler=sampler_from_env())
+    telemetry.use_recorder(rec)
+    try:
+        yield capture
+    finally:
+        telemetry.use_recorder(None)
+        rec.shutdown()
+
+
+@pytest.fixture
+def traced_app() -> Iterator[Any]:
+    from millpond import Millpond
+    from tests.conftest import unique
+
+    name = unique("rec")
+    application = Millpond("rec", broker_url=f"memory://{name}", default_queue=name, queues=[name])
+    tracer = trace.get_tracer("user-code")
+
+    @application.task(name="rec.inner")
+    def inner(x: int) -> int:
+        with tracer.start_as_current_span("inner work") as own:
+            own.set_attribute("x", x)
+        trace.get_current_span().set_attribute("user.note", "set on run")
+        return x
+
+    @application.task(name="rec.broken")
+    def broken() -> None:
+        raise KeyError("missing-thing")
+
+    yield application
+    application.close()
+
+
+def _by_task(capture: Capture, task_id: str) -> list[Any]:
+    return [
+        s for s in capture.spans() if attrs(s.attributes).get("messaging.message.id") == task_id
+    ]
+
+
+def test_user_spans_continue_from_the_recorded_run_span(
+    traced_app: Any, start_worker: Any, span_exporter: Any, recorded: Capture
+) -> None:
+    from millpond import telemetry
+    from millpond.protocol import encode_task
+
+    start_worker(traced_app, pool="threads", concurrency=2)
+    queue = traced_app.settings.default_queue
+    sampled = encode_task("rec.inner", (7,), {})
+    sampled.headers["traceparent"] = f"00-{TRACE}-{PARENT}-01"
+    sampled.headers["tracestate"] = "vendor=abc"
+    unsampled = encode_task("rec.inner", (8,), {})
+    unsampled.headers["traceparent"] = f"00-{'1' * 32}-{PARENT}-00"
+    broken = encode_task("rec.broken", (), {})
+    for message in (sampled, unsampled, broken):
+        traced_app.broker.publish(queue, message)
+    assert traced_app.AsyncResult(sampled.headers["id"]).get(timeout=10) == 7
+    assert traced_app.AsyncResult(unsampled.headers["id"]).get(timeout=10) == 8
+    with pytest.raises(KeyError):
+        traced_app.AsyncResult(broken.headers["id"]).get(timeout=10)
+    recorder = telemetry.recorder()
+    assert recorder is not None
+
+    def both(task_id: str) -> list[Any]:
+        import time
+
+        deadline = time.monotonic() + 10  # the process span ends just after the result is stored
+        while time.monotonic() < deadline:
+            recorder.force_flush()
+            found = _by_task(recorded, task_id)
+            if len(found) == 2:
+                return found
+            time.sleep(0.01)
+        raise AssertionError(f"no process and run span for {task_id}")
+
+    spans = {s.name: s for s in both(sampled.headers["id"])}
+    process, run = spans[f"process {queue}"], spans["run rec.inner"]
+    assert process.trace_id.hex() == run.trace_id.hex() == TRACE
+    assert process.parent_span_id.hex() == PARENT
+    assert run.parent_span_id == process.span_id
+    assert process.trace_state == run.trace_state == "vendor=abc"
+    assert attrs(process.attributes)["millpond.pool"] == "threads"
+    assert attrs(process.attributes)["millpond.task.state"] == "SUCCESS"
+    assert attrs(run.attributes)["user.note"] == "set on run"
+    (user,) = [
+        s
+        for s in span_exporter.get_finished_spans()
+        if s.name == "inner work" and f"{s.context.trace_id:032x}" == TRACE
+    ]
+    assert user.parent.span_id == int.from_bytes(run.span_id, "big")
+    assert user.context.trace_state.get("vendor") == "abc"
+
+    # the producer sampled it out: nothing recorded, and the user's span follows that decision
+    assert not _by_task(recorded, unsampled.headers["id"])
+    assert not [
+        s for s in span_exporter.get_finished_spans() if f"{s.context.trace_id:032x}" == "1" * 32
+    ]
+
+    # a failure: no producer context, a fresh sampled trace; both spans are errors
+    spans = {s.name: s for s in both(broken.headers["id"])}
+    process, run = spans[f"process {queue}"], spans["run rec.broken"]
+    assert process.parent_span_id == b""
+    assert (process.status.code, run.status.code) == (2, 2)
+    assert attrs(process.attributes)["error.type"] == "KeyError"
+    (event,) = run.events
+    assert event.name == "exception"
+    assert attrs(event.attributes)["exception.type"] == "KeyError"

@@ -79,8 +79,13 @@ class OtlpHttpSender:
             headers["Content-Encoding"] = compression
         self._session = requests.Session()
         self._session.headers.update(headers)
+        # What requests would read from the environment on every request (proxies, a CA bundle),
+        # read once: per request it costs more than encoding a few spans.
+        self._session.proxies.update(requests.utils.get_environ_proxies(self.endpoint))
+        self._session.trust_env = False
         certificate = _env("CERTIFICATE")
-        self._verify: Any = certificate or True
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        self._verify: Any = certificate or bundle or True
         client_cert, client_key = _env("CLIENT_CERTIFICATE"), _env("CLIENT_KEY")
         self._cert: Any = (
             (client_cert, client_key) if client_cert and client_key else client_cert or None
