@@ -10,8 +10,11 @@ reverses between repeats, so drift on a shared machine hits all modes alike):
 * `off`: no OTEL_* variables at all (`telemetry.TRACING` False): the production default.
 * `on`: OTEL_EXPORTER_OTLP_ENDPOINT set; every message carries a sampled `traceparent`, as if its
   producer were traced, so the worker makes a `process` and a `run` span per task and exports
-  them all over OTLP/HTTP. The batch queue is sized so no span is dropped (dropping would make
-  tracing look cheaper than it is) and the collector's span count is checked.
+  them all over OTLP/HTTP, through millpond's span recorder (the default). The batch queue is
+  sized so no span is dropped (dropping would make tracing look cheaper than it is) and the
+  collector's span count is checked.
+* `on-sdk`: the same with `trace_span_recorder = false`: the worker's spans are OpenTelemetry SDK
+  spans, exported by the SDK's batch processor and OTLP exporter.
 * `on-10%`: the same, but one message in ten is sampled (a producer with
   OTEL_TRACES_SAMPLER=parentbased_traceidratio and OTEL_TRACES_SAMPLER_ARG=0.1): the worker follows
   the producer's decision, so nine tasks in ten make only non-recording spans.
@@ -41,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("off", "on", "on-10%")
+MODES = ("off", "on", "on-10%", "on-sdk")
 
 
 class Collector:
@@ -102,7 +105,10 @@ def child(args: argparse.Namespace) -> None:
     from millpond.worker import Worker
 
     if args.mode.startswith("on"):
-        assert observability.configure_tracing("bench-worker"), "tracing did not turn on"
+        recorder = args.mode != "on-sdk"
+        assert observability.configure_tracing("bench-worker", span_recorder=recorder), (
+            "tracing did not turn on"
+        )
     queue = args.queue
     app = Millpond(
         "bench", broker_url=args.broker, default_queue=queue, queues=[queue], ignore_result=True
@@ -191,7 +197,7 @@ def run_child(
         raise SystemExit(f"{pool}/{mode} failed:\n{done.stdout}\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if mode.startswith("on"):
-        sampled = args.n if mode == "on" else len(range(0, args.n, 10))
+        sampled = len(range(0, args.n, 10)) if mode == "on-10%" else args.n
         got = collector.spans - before
         if got != 2 * sampled:  # a process and a run span per sampled task
             raise SystemExit(f"{pool}/{mode}: the collector got {got} spans, not {2 * sampled}")

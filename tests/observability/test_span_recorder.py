@@ -23,6 +23,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from millpond import otlp_wire
 from millpond.exceptions import ConfigurationError
+from millpond.observability import SAMPLERS
 from millpond.otlp_http import OtlpHttpSender, endpoint
 from millpond.span_recorder import (
     RecordedSpan,
@@ -313,18 +314,7 @@ def test_parse_traceparent(header: str, expected: Any) -> None:
 
 
 # -- sampling ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "name",
-    [
-        "always_on",
-        "always_off",
-        "traceidratio",
-        "parentbased_always_on",
-        "parentbased_always_off",
-        "parentbased_traceidratio",
-        "",
-    ],
-)
+@pytest.mark.parametrize("name", [*SAMPLERS, ""])
 def test_sampling_decides_like_the_sdk(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from opentelemetry.sdk.trace import sampling
 
@@ -373,6 +363,27 @@ def test_a_full_queue_drops_counts_and_says_so(capture: Capture) -> None:
         assert len(capture.spans()) == 5
     finally:
         rec._thread = None
+        rec.shutdown()
+
+
+def test_a_transport_that_raises_does_not_stop_the_export_thread() -> None:
+    messages: list[str] = []
+    calls: list[int] = []
+
+    def flaky(data: bytes, timeout: float) -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("transport bug")
+        return True
+
+    rec = make_recorder(flaky, batch_size=1, on_error=messages.append)
+    try:
+        span(rec).end()
+        span(rec).end()
+        rec.force_flush()
+        assert rec.failed == 1 and rec.exported == 1
+        assert messages[0] == "export failed: RuntimeError: transport bug"
+    finally:
         rec.shutdown()
 
 
@@ -561,6 +572,7 @@ def test_an_unreachable_collector_fails_within_the_timeout(
         ("OTEL_EXPORTER_OTLP_COMPRESSION", "brotli", "gzip"),
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon", "seconds"),
         ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "-1", "seconds"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318", "http:// or https://"),
     ],
 )
 def test_bad_transport_settings_are_refused(

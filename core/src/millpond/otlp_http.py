@@ -52,6 +52,12 @@ class OtlpHttpSender:
         import requests
 
         self.endpoint = endpoint()
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigurationError(
+                f"the OTLP traces endpoint {self.endpoint!r} (from OTEL_EXPORTER_OTLP_ENDPOINT or "
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) must be an http:// or https:// URL, e.g. "
+                "http://localhost:4318"
+            )
         compression = (_env("COMPRESSION") or "none").lower()
         if compression not in COMPRESSIONS:
             raise ConfigurationError(

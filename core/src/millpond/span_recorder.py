@@ -532,7 +532,14 @@ class SpanRecorder:
                     if timeout <= 0:
                         self.failed += len(batch)
                         return False
-                if self._send(otlp_wire.request(self._resource, self._scope, batch), timeout):
+                try:
+                    sent = self._send(
+                        otlp_wire.request(self._resource, self._scope, batch), timeout
+                    )
+                except Exception as exc:  # the transport's bug: keep the thread, say what it was
+                    self._report(f"export failed: {type(exc).__name__}: {exc}")
+                    sent = False
+                if sent:
                     self.exported += len(batch)
                 else:
                     self.failed += len(batch)
