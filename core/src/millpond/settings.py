@@ -317,7 +317,7 @@ CORE = Section(
             "bool",
             True,
             "Record the worker's process and run spans with millpond's span recorder (about a "
-            "tenth of the OpenTelemetry SDK's CPU per task) when tracing exports over OTLP/HTTP; "
+            "seventh of the OpenTelemetry SDK's CPU per task) when tracing exports over OTLP/HTTP; "
             "false makes them SDK spans, for span processors of your own.",
         ),
         Option(

@@ -18,7 +18,7 @@ the worker's start-up call it).
 
 When `observability.configure_tracing` set tracing up from the `OTEL_*` variables with the
 OTLP/HTTP exporter, it also installs a `SpanRecorder` (`use_recorder`): `process` and `run` spans
-are then `RecordedSpan`s, about a tenth of the SDK's cost (see `millpond.span_recorder`); every
+are then `RecordedSpan`s, about a seventh of the SDK's cost (see `millpond.span_recorder`); every
 other span, and every other set-up, goes through the SDK.
 """
 
