@@ -608,9 +608,13 @@ def traced_app() -> Iterator[Any]:
     name = unique("rec")
     application = Millpond("rec", broker_url=f"memory://{name}", default_queue=name, queues=[name])
     tracer = trace.get_tracer("user-code")
+    application.seen_log_context = {}  # type: ignore[attr-defined]
 
     @application.task(name="rec.inner")
     def inner(x: int) -> int:
+        import structlog
+
+        application.seen_log_context[x] = structlog.contextvars.get_contextvars()  # type: ignore[attr-defined]
         with tracer.start_as_current_span("inner work") as own:
             own.set_attribute("x", x)
         trace.get_current_span().set_attribute("user.note", "set on run")
@@ -681,6 +685,8 @@ def test_user_spans_continue_from_the_recorded_run_span(
     ]
     assert user.parent.span_id == int.from_bytes(run.span_id, "big")
     assert user.context.trace_state.get("vendor") == "abc"
+    log_context = traced_app.seen_log_context[7]
+    assert (log_context["trace_id"], log_context["span_id"]) == (TRACE, run.span_id.hex())
 
     # the producer sampled it out: nothing recorded, and the user's span follows that decision
     assert not _by_task(recorded, unsampled.headers["id"])

@@ -131,6 +131,15 @@ def _begin(job: Job, started: float) -> Task | Outcome:
     return task
 
 
+def _bind_trace_ids(span: Any) -> None:
+    """Put the `run` span's ids in the task's log context (the pool contract asks for them there,
+    so a logging set-up of the user's own, reading only the context, has them too)."""
+    if span is not None:
+        ids = telemetry.span_ids(span)
+        if ids:
+            structlog.contextvars.bind_contextvars(trace_id=ids[0], span_id=ids[1])
+
+
 def _async_in_sync_pool(job: Job, started: float) -> Outcome:
     return _failure(
         TypeError(
@@ -150,6 +159,7 @@ def _run(job: Job) -> Outcome:
     if is_async(task):
         return _async_in_sync_pool(job, started)
     with telemetry.run_span(job) as span:
+        _bind_trace_ids(span)
         try:
             result: Any = task(*job.args, **job.kwargs)
         except (Exception, SystemExit) as exc:
@@ -166,6 +176,7 @@ async def _run_async(job: Job, guard: Guard | None) -> Outcome:
     if isinstance(task, Outcome):
         return task
     with telemetry.run_span(job) as span:
+        _bind_trace_ids(span)
         try:
             result: Any = task(*job.args, **job.kwargs)
             if inspect.iscoroutine(result):
