@@ -197,9 +197,12 @@ def test_redis_connection_reset_dropped_stalled_and_refused(
         ).wait_ready()
         seen = _cut_and_heal(rig, worker, proxy, ("failed",), detect=15)
         assert proxy.accepted > 4, "the worker never reconnected"
-        # a connection closed with a FIN while idle is replaced by redis-py when it is next taken
-        # from the pool, before any command is lost on it: no failure to log for "drop"
-        assert all(seen[f]["failures logged"] >= 1 for f in ("reset", "stall", "block"))
+        # A connection closed (FIN for "drop", RST for "reset") while it sits idle in redis-py's
+        # pool is replaced when next taken, before any command is lost on it: whether either logs
+        # a failure depends on a command being in flight at that instant, which this test does
+        # not control (seen both ways). A stalled or blocked connection gives no signal at all:
+        # the worker must notice on its own, so those two must be logged.
+        assert all(seen[f]["failures logged"] >= 1 for f in ("stall", "block"))
         assert _events(worker, "is back") >= 1
         worker.signal(signal.SIGTERM)
         assert worker.wait(30) == 0, worker.text()[-3000:]
