@@ -1,4 +1,4 @@
-"""The worker's own span recorder: `process` and `run` spans at a few microseconds each.
+"""The worker's own span recorder: `process` and `run` spans at a fraction of the SDK's cost.
 
 With the OpenTelemetry Python SDK, a traced no-op task cost more than twice the task itself:
 starting and ending two SDK spans is about 100 us of CPU, and the OTLP exporter's encoding about
@@ -44,13 +44,6 @@ from millpond.span_names import DELIVERY_COUNT, MESSAGE_ID, QUEUE_WAIT_MS, TASK_
 Sampler = Callable[[bool | None, str], bool]
 
 _STATUS_CODES = {StatusCode.UNSET: 0, StatusCode.OK: 1, StatusCode.ERROR: 2}
-_KINDS = {
-    trace.SpanKind.INTERNAL: otlp_wire.KIND_INTERNAL,
-    trace.SpanKind.SERVER: otlp_wire.KIND_SERVER,
-    trace.SpanKind.CLIENT: otlp_wire.KIND_CLIENT,
-    trace.SpanKind.PRODUCER: otlp_wire.KIND_PRODUCER,
-    trace.SpanKind.CONSUMER: otlp_wire.KIND_CONSUMER,
-}
 _SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
 _NOT_SAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
 _getrandbits = random.getrandbits
@@ -403,10 +396,6 @@ class RecordedSpan(trace.Span):
 _REMOTE_LINK = otlp_wire.link(bytes(16), bytes(8), None, None, remote=True)
 _LINK_HEAD = _REMOTE_LINK[:4]  # tag, length, trace id tag and length
 _LINK_TAIL = _REMOTE_LINK[-5:]  # the flags field
-
-
-def kind_number(kind: trace.SpanKind) -> int:
-    return _KINDS[kind]
 
 
 class SpanRecorder:
