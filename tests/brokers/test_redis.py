@@ -436,7 +436,10 @@ def test_idle_fetch_waits_without_polling(private_redis: RedisServer) -> None:
         assert time.monotonic() - start >= 0.95
         stats = server.info("commandstats")
         scripts = stats.get("cmdstat_evalsha", {}).get("calls", 0)
-        assert scripts == 1, f"{scripts} fetch scripts ran during one idle 1 s fetch"
+        # One script, then a blocking wait on the doorbell. When the server's blocking timeout
+        # fires a few ms before the consumer's own deadline, the consumer checks once more
+        # before returning (seen once in a loaded run): 2. Polling would be dozens.
+        assert scripts in (1, 2), f"{scripts} fetch scripts ran during one idle 1 s fetch"
     finally:
         consumer.close()
         broker.close()
