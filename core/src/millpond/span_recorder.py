@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -442,8 +443,11 @@ class SpanRecorder:
         self.failed = 0
         self._stopped = False
         self._reset()
-        os.register_at_fork(after_in_child=self._reset)
-        atexit.register(self.shutdown)
+        # Through a weak reference: a process that makes many recorders (tests) does not keep
+        # every one alive in its fork and exit hooks.
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _call(ref, "_reset"))
+        atexit.register(_call, ref, "shutdown")
 
     def _reset(self) -> None:
         self._queue: deque[RecordedSpan] = deque()
@@ -554,3 +558,9 @@ class SpanRecorder:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_millis / 1000.0)
         self.force_flush(timeout_millis)
+
+
+def _call(ref: weakref.ref[SpanRecorder], method: str) -> None:
+    recorder = ref()
+    if recorder is not None:
+        getattr(recorder, method)()
