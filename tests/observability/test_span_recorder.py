@@ -10,10 +10,14 @@ from __future__ import annotations
 import gzip
 import os
 import random
+import select
+import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -454,11 +458,23 @@ def _post_to(url: str) -> Any:
 
 # -- the transport ----------------------------------------------------------------------------------
 class Scripted:
-    """An HTTP server answering POSTs with scripted statuses; keeps what it got."""
+    """An HTTP(S) server answering POSTs with scripted statuses; keeps what it got.
 
-    def __init__(self, statuses: list[int]) -> None:
+    `close_idle` closes each connection after answering without saying so (a collector's idle
+    timeout, as a keep-alive client finds it); `tls` serves HTTPS.
+    """
+
+    def __init__(
+        self,
+        statuses: list[int],
+        *,
+        close_idle: bool = False,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.statuses = list(statuses)
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.connections: set[tuple[str, int]] = set()
+        self.client_certs: list[Any] = []
         scripted = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -467,12 +483,66 @@ class Scripted:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 scripted.requests.append((self.path, dict(self.headers), body))
+                scripted.connections.add(self.client_address)
+                if tls is not None:
+                    scripted.client_certs.append(self.connection.getpeercert())
                 status = scripted.statuses.pop(0) if scripted.statuses else 200
                 self.send_response(status)
                 if status == HTTPStatus.TOO_MANY_REQUESTS:
                     self.send_header("Retry-After", "0")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+                if close_idle:
+                    self.close_connection = True
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class ConnectProxy:
+    """An HTTP proxy that only tunnels (CONNECT), as an https:// collector is reached through one."""
+
+    def __init__(self) -> None:
+        self.tunnels: list[tuple[str, str | None]] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_CONNECT(self) -> None:
+                proxy.tunnels.append((self.path, self.headers.get("Proxy-Authorization")))
+                port = self.path.rsplit(":", 1)[1]
+                with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as upstream:
+                    self.send_response(200, "Connection established")
+                    self.end_headers()
+                    ends = [self.connection, upstream]
+                    while True:
+                        readable, _, _ = select.select(ends, [], [], 10)
+                        if not readable:
+                            return
+                        for end in readable:
+                            data = end.recv(65536)
+                            if not data:
+                                return
+                            (upstream if end is self.connection else self.connection).sendall(data)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -493,9 +563,26 @@ class Scripted:
 @pytest.fixture
 def clean_otlp_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for name in list(os.environ):
-        if name.startswith("OTEL_EXPORTER_OTLP"):
+        if name.startswith("OTEL_EXPORTER_OTLP") or name.lower().endswith("_proxy"):
             monkeypatch.delenv(name)
     return monkeypatch
+
+
+@pytest.fixture
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the sender waits to retry: what it tests must succeed at once."""
+
+    def sleep(seconds: float) -> None:
+        raise AssertionError(f"the sender backed off {seconds:.2f} s")
+
+    monkeypatch.setattr("millpond.otlp_http.time.sleep", sleep)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    from tests.brokers.test_redis import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("otlp-certs"))
 
 
 def test_endpoint_resolution(clean_otlp_env: pytest.MonkeyPatch) -> None:
@@ -563,7 +650,7 @@ def test_an_unreachable_collector_fails_within_the_timeout(
     started = time.monotonic()
     assert not sender.send(b"payload", timeout=1.5)
     assert time.monotonic() - started < 10
-    assert sender.last_error is not None and "ConnectionError" in sender.last_error
+    assert sender.last_error is not None and "cannot reach" in sender.last_error
 
 
 @pytest.mark.parametrize(
@@ -581,6 +668,143 @@ def test_bad_transport_settings_are_refused(
     clean_otlp_env.setenv(variable, value)
     with pytest.raises(ConfigurationError, match=message):
         OtlpHttpSender()
+
+
+def test_one_connection_carries_every_request(
+    clean_otlp_env: pytest.MonkeyPatch, no_backoff: None
+) -> None:
+    server = Scripted([])
+    try:
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.url)
+        sender = OtlpHttpSender()
+        for n in range(5):
+            assert sender.send(f"batch {n}".encode(), timeout=20)
+        assert [body for _, _, body in server.requests] == [f"batch {n}".encode() for n in range(5)]
+        assert len(server.connections) == 1
+        sender.close()
+    finally:
+        server.close()
+
+
+def test_a_connection_the_collector_closed_while_idle_is_replaced_at_once(
+    clean_otlp_env: pytest.MonkeyPatch, no_backoff: None
+) -> None:
+    server = Scripted([], close_idle=True)
+    try:
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.url)
+        sender = OtlpHttpSender()
+        for n in range(3):
+            assert sender.send(f"batch {n}".encode(), timeout=20), sender.last_error
+        assert len(server.requests) == 3 and len(server.connections) == 3
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_opens_its_own_connection(
+    clean_otlp_env: pytest.MonkeyPatch, no_backoff: None
+) -> None:
+    server = Scripted([])
+    try:
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.url)
+        sender = OtlpHttpSender()
+        assert sender.send(b"parent 1", timeout=20)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os._exit(0 if sender.send(b"child", timeout=20) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert sender.send(b"parent 2", timeout=20)
+        assert [body for _, _, body in server.requests] == [b"parent 1", b"child", b"parent 2"]
+        assert len(server.connections) == 2  # the parent kept its own connection
+    finally:
+        server.close()
+
+
+def _tls_server(certs: tuple[Path, Path, Path], *, client_cert: bool = False) -> Scripted:
+    ca, cert, key = certs
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    if client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(ca)
+    return Scripted([], tls=context)
+
+
+def test_https_with_a_private_ca_and_a_client_certificate(
+    clean_otlp_env: pytest.MonkeyPatch, certs: tuple[Path, Path, Path], no_backoff: None
+) -> None:
+    ca, cert, key = certs
+    server = _tls_server(certs, client_cert=True)
+    try:
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"https://localhost:{server.port}")
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", str(ca))
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", str(cert))
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", str(key))
+        sender = OtlpHttpSender()
+        assert sender.send(b"secret spans", timeout=20), sender.last_error
+        assert [body for _, _, body in server.requests] == [b"secret spans"]
+        assert server.client_certs[0]  # the server saw (and verified) the client's certificate
+    finally:
+        server.close()
+
+
+def test_an_untrusted_collector_certificate_fails_without_retrying(
+    clean_otlp_env: pytest.MonkeyPatch, certs: tuple[Path, Path, Path], no_backoff: None
+) -> None:
+    server = _tls_server(certs)
+    try:
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"https://localhost:{server.port}")
+        sender = OtlpHttpSender()  # the system's CAs only: the private CA is unknown
+        assert not sender.send(b"spans", timeout=20)
+        assert sender.last_error is not None and "CERTIFICATE_VERIFY_FAILED" in sender.last_error
+        assert server.requests == []
+    finally:
+        server.close()
+
+
+def test_missing_tls_files_are_refused_at_start(clean_otlp_env: pytest.MonkeyPatch) -> None:
+    clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://localhost:4318")
+    clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.crt")
+    with pytest.raises(ConfigurationError, match="OTEL_EXPORTER_OTLP_CERTIFICATE"):
+        OtlpHttpSender()
+
+
+def test_an_http_proxy_gets_the_whole_url_and_the_credentials(
+    clean_otlp_env: pytest.MonkeyPatch, no_backoff: None
+) -> None:
+    proxy = Scripted([])
+    try:
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector.invalid:4318")
+        clean_otlp_env.setenv("HTTP_PROXY", f"http://user:p%40ss@127.0.0.1:{proxy.port}")
+        sender = OtlpHttpSender()
+        assert sender.send(b"spans", timeout=20), sender.last_error
+        path, headers, body = proxy.requests[0]
+        assert path == "http://collector.invalid:4318/v1/traces" and body == b"spans"
+        assert headers["Proxy-Authorization"] == "Basic dXNlcjpwQHNz"  # user:p@ss
+        clean_otlp_env.setenv("NO_PROXY", "collector.invalid")
+        assert OtlpHttpSender()._proxy is None  # bypassed: straight to the collector
+    finally:
+        proxy.close()
+
+
+def test_an_https_collector_is_reached_through_a_proxy_tunnel(
+    clean_otlp_env: pytest.MonkeyPatch, certs: tuple[Path, Path, Path], no_backoff: None
+) -> None:
+    server = _tls_server(certs)
+    proxy = ConnectProxy()
+    try:
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"https://localhost:{server.port}")
+        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", str(certs[0]))
+        clean_otlp_env.setenv("HTTPS_PROXY", proxy.url.replace("http://", "http://u:pw@"))
+        sender = OtlpHttpSender()
+        assert sender.send(b"tunnelled", timeout=20), sender.last_error
+        assert sender.send(b"again", timeout=20), sender.last_error
+        assert [body for _, _, body in server.requests] == [b"tunnelled", b"again"]
+        assert proxy.tunnels == [(f"localhost:{server.port}", "Basic dTpwdw==")]  # one tunnel
+    finally:
+        proxy.close()
+        server.close()
 
 
 # -- in a worker ------------------------------------------------------------------------------------
