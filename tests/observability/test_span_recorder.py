@@ -210,6 +210,59 @@ def test_long_values_and_many_spans_round_trip(recorder: SpanRecorder, capture: 
     assert [attrs(g.attributes)["millpond.task.retries"] for g in got] == list(range(300))
 
 
+@pytest.mark.parametrize("parent_hex", [PARENT, ""])
+@pytest.mark.parametrize("parent_remote", [True, False])
+@pytest.mark.parametrize("link", [True, False])
+@pytest.mark.parametrize("sent_at", [None, 1.0, 4e9])  # 4e9: sent "in the future", a wait of 0
+@pytest.mark.parametrize("state", [None, "SUCCESS", "RETRY"])
+def test_plain_spans_encode_exactly_like_the_general_encoder(
+    recorder: SpanRecorder,
+    parent_hex: str,
+    parent_remote: bool,
+    link: bool,
+    sent_at: float | None,
+    state: str | None,
+) -> None:
+    """The one-struct encoding of spans nothing was added to is the general encoding's bytes."""
+    for task_id, retries, delivery_count, name in [
+        ("3f1d6c8e-5b7a-4e2f-9c1d-0a2b4c6d8e0f", 0, 1, "run tasks.add"),
+        ("", 2, 0, "process q"),
+        ("täsk-" + "x" * 200, 300, 7, "p" * 200),  # multi-byte text, lengths past one byte
+    ]:
+        s = span(
+            recorder,
+            parent_hex=parent_hex,
+            parent_remote=parent_remote,
+            name=name,
+            message=(task_id, retries, delivery_count, sent_at),
+            link_from=(TRACE, PARENT, None) if link else None,
+        )
+        s.state = state
+        s.end_ns = s.start_ns + 12_345
+        plain = s.encode()
+        s.plain = False  # what any added attribute, event, link or status does
+        assert plain == s.encode()
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(otlp_wire.request(b"", b"", [plain]))
+        (got,) = request.resource_spans[0].scope_spans[0].spans
+        assert attrs(got.attributes)["messaging.message.id"] == task_id
+        assert got.end_time_unix_nano - got.start_time_unix_nano == 12_345
+
+
+def test_adding_to_a_span_leaves_the_plain_encoding(recorder: SpanRecorder) -> None:
+    for change in (
+        lambda s: s.set_attribute("k", "v"),
+        lambda s: s.add_event("e"),
+        lambda s: s.add_link(trace.SpanContext(int(TRACE, 16), 7, is_remote=False)),
+        lambda s: s.set_status(StatusCode.ERROR),
+        lambda s: s.record_exception(ValueError("boom")),
+    ):
+        s = span(recorder)
+        assert s.plain
+        change(s)
+        assert not s.plain
+
+
 # -- the Span API -----------------------------------------------------------------------------------
 def test_span_context_and_recording(recorder: SpanRecorder) -> None:
     s = span(recorder)

@@ -21,9 +21,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
-from millpond import telemetry
+from millpond import logs, telemetry
 from millpond.exceptions import (
     MaxRetriesExceededError,
     Reject,
@@ -40,6 +38,8 @@ if TYPE_CHECKING:
 Guard = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
 
 _app: Millpond | None = None
+_bind_task_ids = logs.context_binder("task_id", "task_name", "retries")
+_bind_span_ids = logs.context_binder("trace_id", "span_id")
 
 
 def set_worker_app(app: Millpond) -> None:
@@ -103,9 +103,7 @@ def _success(result: Any, started: float) -> Outcome:
 
 def _begin(job: Job, started: float) -> Task | Outcome:
     """Bind the log context and the request, and find the task (or the failure to report)."""
-    structlog.contextvars.bind_contextvars(
-        task_id=job.task_id, task_name=job.task_name, retries=job.retries
-    )
+    _bind_task_ids(job.task_id, job.task_name, job.retries)
     try:
         task = worker_app().tasks.get(job.task_name)
         if task is None:
@@ -137,7 +135,7 @@ def _bind_trace_ids(span: Any) -> None:
     if span is not None:
         ids = telemetry.span_ids(span)
         if ids:
-            structlog.contextvars.bind_contextvars(trace_id=ids[0], span_id=ids[1])
+            _bind_span_ids(*ids)
 
 
 def _async_in_sync_pool(job: Job, started: float) -> Outcome:

@@ -14,9 +14,10 @@ task gets the task's context and the trace ids too.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -44,6 +45,67 @@ def add_trace_ids(_logger: Any, _method: str, event: MutableMapping[str, Any]) -
         if ids is not None:
             event["trace_id"], event["span_id"] = ids
     return event
+
+
+def context_binder(*keys: str) -> Callable[..., None]:
+    """A function binding values for `keys`, in order, into structlog's context-local context.
+
+    Same effect as `structlog.contextvars.bind_contextvars(**dict(zip(keys, values)))`, a fifth
+    of the cost: that looks each key's variable up on every call, and a task binds its ids every
+    time it runs. structlog's variables are found once, through its public functions, and the
+    result is checked the same way; should structlog keep its context differently one day, the
+    binder falls back to `bind_contextvars`.
+    """
+    found = contextvars.Context().run(_structlog_variables, keys)
+    if found is None:
+
+        def bind_slowly(*values: Any) -> None:
+            structlog.contextvars.bind_contextvars(**dict(zip(keys, values, strict=True)))
+
+        return bind_slowly
+    setters = [variable.set for variable in found]
+    if len(setters) == 2:  # the trace ids, bound for every traced task
+        set_a, set_b = setters
+
+        def bind_two(a: Any, b: Any) -> None:
+            set_a(a)
+            set_b(b)
+
+        return bind_two
+    if len(setters) == 3:  # a task's id, name and retries, bound for every task
+        set_a, set_b, set_c = setters
+
+        def bind_three(a: Any, b: Any, c: Any) -> None:
+            set_a(a)
+            set_b(b)
+            set_c(c)
+
+        return bind_three
+
+    def bind(*values: Any) -> None:
+        for set_value, value in zip(setters, values, strict=True):
+            set_value(value)
+
+    return bind
+
+
+def _structlog_variables(keys: tuple[str, ...]) -> list[contextvars.ContextVar[Any]] | None:
+    """The variables structlog keeps `keys` in, or None; run it in a scratch context."""
+    probes = {key: object() for key in keys}
+    structlog.contextvars.bind_contextvars(**probes)
+    context = contextvars.copy_context()
+    holding = {id(context[var]): var for var in context}
+    variables = [holding.get(id(probes[key])) for key in keys]
+    if any(var is None for var in variables):
+        return None
+    found = [var for var in variables if var is not None]
+    checks = {key: object() for key in keys}
+    for var, key in zip(found, keys, strict=True):
+        var.set(checks[key])
+    bound = structlog.contextvars.get_contextvars()
+    if any(bound.get(key) is not checks[key] for key in keys):
+        return None
+    return found
 
 
 class _NamedWriteLogger(structlog.WriteLogger):

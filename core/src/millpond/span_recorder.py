@@ -186,6 +186,8 @@ class RecordedSpan(trace.Span):
     # Set on few spans: class defaults, so a task's spans skip assigning them (instances still
     # have a __dict__, as the API's Span class declares no slots).
     state: str | None = None
+    #: nothing beyond its fixed shape was added (see `_encode_plain`)
+    plain = True
     attributes: dict[str, Any] | None = None
     events: list[bytes] | None = None
     links: list[bytes] | None = None
@@ -261,6 +263,7 @@ class RecordedSpan(trace.Span):
         recorder = self._recorder
         if recorder is None or self.end_ns or value is None:
             return
+        self.plain = False
         attributes = self.attributes
         if attributes is None:
             attributes = self.attributes = {}
@@ -279,6 +282,7 @@ class RecordedSpan(trace.Span):
         recorder = self._recorder
         if recorder is None or self.end_ns:
             return
+        self.plain = False
         events = self.events
         if events is None:
             events = self.events = []
@@ -292,6 +296,7 @@ class RecordedSpan(trace.Span):
         recorder = self._recorder
         if recorder is None or self.end_ns or not context.is_valid:
             return
+        self.plain = False
         links = self.links
         if links is None:
             links = self.links = []
@@ -320,6 +325,7 @@ class RecordedSpan(trace.Span):
             code = status
         if code is StatusCode.UNSET:
             return
+        self.plain = False
         self.status_code = _STATUS_CODES[code]
         self.status_message = description if code is StatusCode.ERROR else None
 
@@ -351,6 +357,10 @@ class RecordedSpan(trace.Span):
 
     # -- the wire ---------------------------------------------------------------------------------
     def encode(self) -> bytes:
+        if self.plain and self.message is not None and self.trace_state is None:
+            link_from = self.link_from
+            if link_from is None or link_from[2] is None:
+                return _encode_plain(self, self.message, link_from)
         attrs = self.base
         if self.message is not None:
             attrs += _message_attributes(self.message, self.start_ns)
@@ -397,6 +407,103 @@ class RecordedSpan(trace.Span):
 _REMOTE_LINK = otlp_wire.link(bytes(16), bytes(8), None, None, remote=True)
 _LINK_HEAD = _REMOTE_LINK[:4]  # tag, length, trace id tag and length
 _LINK_TAIL = _REMOTE_LINK[-5:]  # the flags field
+
+#: span shape -> (struct packing the whole span, its constant parts)
+_Shape = tuple[bytes, str, int, bool, bool, bool, int, int, bool, str | None, int]
+_plain_shapes: dict[_Shape, tuple[Callable[..., bytes], tuple[bytes, ...]]] = {}
+
+
+def _encode_plain(
+    span: RecordedSpan,
+    message: tuple[str, int, int, float | None],
+    link_from: tuple[str, str, str | None] | None,
+) -> bytes:
+    """`RecordedSpan.encode` for a span nothing was added to: one `struct.pack` call.
+
+    Such a span's bytes differ from its siblings' only in fixed-size places (ids, times, the
+    queue wait) and in the message id's text; everything else, the length prefix included, is
+    the same for every span of its shape, so it is laid out once per shape. Tests check the
+    result against the general encoder, byte for byte.
+    """
+    task_id, retries, delivery_count, sent_at = message
+    message_id = task_id.encode("utf-8", "replace")
+    parent_hex = span.parent_hex
+    shape = (
+        span.base,
+        span.name,
+        span.kind,
+        bool(parent_hex),
+        span.parent_remote,
+        link_from is not None,
+        retries,
+        delivery_count,
+        sent_at is not None,
+        span.state,
+        len(message_id),
+    )
+    entry = _plain_shapes.get(shape)
+    if entry is None:
+        if len(_plain_shapes) >= 4096:
+            _plain_shapes.clear()
+        entry = _plain_shapes[shape] = _plain_layout(*shape)
+    pack, c = entry
+    start_ns = span.start_ns
+    wait: float | bytes = b""
+    if sent_at is not None:
+        wait = start_ns / 1e6 - sent_at * 1000.0
+        wait = max(wait, 0.0)
+    link_trace = link_span = b""
+    if link_from is not None:
+        link_trace, link_span = _fromhex(link_from[0]), _fromhex(link_from[1])
+    return pack(
+        c[0], _fromhex(span.trace_hex), c[1], _fromhex(span.span_hex), c[2],
+        _fromhex(parent_hex), c[3], start_ns, c[4], span.end_ns, c[5], message_id, c[6], wait,
+        c[7], link_trace, c[8], link_span, c[9],
+    )  # fmt: skip
+
+
+def _plain_layout(  # noqa: PLR0917 - the shape tuple, unpacked
+    base: bytes,
+    name: str,
+    kind: int,
+    has_parent: bool,
+    parent_remote: bool,
+    has_link: bool,
+    retries: int,
+    delivery_count: int,
+    has_wait: bool,
+    state: str | None,
+    message_id_length: int,
+) -> tuple[Callable[..., bytes], tuple[bytes, ...]]:
+    """The constant parts of one span shape, in `otlp_wire.span`'s field order, and its struct."""
+    counts = otlp_wire.attribute(TASK_RETRIES, retries)
+    if delivery_count:
+        counts += otlp_wire.attribute(DELIVERY_COUNT, delivery_count)
+    some_id = "x" * message_id_length  # any text of the same length: only the head is kept
+    message_id_head = otlp_wire.attribute(MESSAGE_ID, some_id)[: -message_id_length or None]
+    constants = [
+        b"\x0a\x10",  # the outer tag and length go in front below
+        b"\x12\x08",
+        b"\x22\x08" if has_parent else b"",
+        otlp_wire.name_and_kind(name, kind) + b"\x39",
+        b"\x41",
+        base + message_id_head,
+        counts + (_QUEUE_WAIT_PREFIX if has_wait else b""),
+        (otlp_wire.attribute(TASK_STATE, state) if state is not None else b"")
+        + (_LINK_HEAD if has_link else b""),
+        b"\x12\x08" if has_link else b"",
+        (_LINK_TAIL if has_link else b"")
+        + (otlp_wire.REMOTE_FLAGS if parent_remote else otlp_wire.LOCAL_FLAGS),
+    ]
+    sizes = [16, 8, 8 if has_parent else 0, 8, 8, message_id_length, 8 if has_wait else 0]
+    sizes += [16 if has_link else 0, 8 if has_link else 0]
+    body = sum(len(part) for part in constants) + sum(sizes)
+    constants[0] = b"\x12" + otlp_wire.varint(body) + constants[0]
+    holes = ["16s", "8s", f"{sizes[2]}s", "Q", "Q", f"{message_id_length}s"]
+    holes += ["d" if has_wait else "0s", f"{sizes[7]}s", f"{sizes[8]}s"]
+    layout = "<" + "".join(f"{len(constants[i])}s{holes[i]}" for i in range(9))
+    layout += f"{len(constants[9])}s"
+    return struct.Struct(layout).pack, tuple(constants)
 
 
 class SpanRecorder:
