@@ -79,6 +79,8 @@ def sampler_from_env() -> Sampler:
         def decide(parent_sampled: bool | None, trace_hex: str) -> bool:
             return root(trace_hex) if parent_sampled is None else parent_sampled
 
+        decide.follows_parent = True  # type: ignore[attr-defined]  # see SpanRecorder
+
     else:
 
         def decide(parent_sampled: bool | None, trace_hex: str) -> bool:
@@ -95,27 +97,27 @@ def _never(trace_hex: str) -> bool:
     return False
 
 
-_NO_TRACE = "0" * 32
-_NO_SPAN = "0" * 16
+NO_TRACE = "0" * 32
+NO_SPAN = "0" * 16
 
 
 def new_trace_hex() -> str:
     trace_hex = _getrandbits(128).to_bytes(16, "big").hex()  # 3x faster than f"{n:032x}"
-    while trace_hex == _NO_TRACE:
+    while trace_hex == NO_TRACE:
         trace_hex = _getrandbits(128).to_bytes(16, "big").hex()
     return trace_hex
 
 
 def new_span_hex() -> str:
     span_hex = _getrandbits(64).to_bytes(8, "big").hex()
-    while span_hex == _NO_SPAN:
+    while span_hex == NO_SPAN:
         span_hex = _getrandbits(64).to_bytes(8, "big").hex()
     return span_hex
 
 
 #: the W3C version-00 traceparent (what every current SDK sends), lower-case hex
 TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_SAMPLED_LAST_DIGIT = frozenset("13579bdf")  # the flags byte's low bit is "sampled"
+SAMPLED_DIGITS = frozenset("13579bdf")  # the flags byte's low bit is "sampled"
 _fullmatch_00 = TRACEPARENT_00.fullmatch
 
 
@@ -124,9 +126,9 @@ def parse_traceparent(traceparent: str) -> tuple[str, str, bool] | None:
     if _fullmatch_00(traceparent) is None:
         return None
     trace_hex, span_hex = traceparent[3:35], traceparent[36:52]
-    if trace_hex == _NO_TRACE or span_hex == _NO_SPAN:
+    if trace_hex == NO_TRACE or span_hex == NO_SPAN:
         return None
-    return trace_hex, span_hex, traceparent[54] in _SAMPLED_LAST_DIGIT
+    return trace_hex, span_hex, traceparent[54] in SAMPLED_DIGITS
 
 
 _fromhex = bytes.fromhex
@@ -169,7 +171,6 @@ class RecordedSpan(trace.Span):
     """
 
     __slots__ = (
-        "_recorder",
         "base",
         "end_ns",
         "kind",
@@ -178,6 +179,7 @@ class RecordedSpan(trace.Span):
         "name",
         "parent_hex",
         "parent_remote",
+        "recorder",
         "span_hex",
         "start_ns",
         "trace_hex",
@@ -210,9 +212,10 @@ class RecordedSpan(trace.Span):
         trace_state: trace.TraceState | None = None,
         link_from: tuple[str, str, str | None] | None = None,
     ) -> None:
-        self._recorder = recorder
+        self.recorder = recorder
         self.trace_hex = trace_hex
-        self.span_hex = new_span_hex()
+        span_hex = _getrandbits(64).to_bytes(8, "big").hex()  # new_span_hex, inlined: hot
+        self.span_hex = span_hex if span_hex != NO_SPAN else new_span_hex()
         self.parent_hex = parent_hex
         self.parent_remote = parent_remote
         self.name = name
@@ -226,15 +229,11 @@ class RecordedSpan(trace.Span):
 
     @property
     def sampled(self) -> bool:
-        return self._recorder is not None
-
-    @property
-    def recorder(self) -> SpanRecorder | None:
-        return self._recorder
+        return self.recorder is not None
 
     @property
     def traceparent(self) -> str:
-        return f"00-{self.trace_hex}-{self.span_hex}-{'01' if self._recorder else '00'}"
+        return f"00-{self.trace_hex}-{self.span_hex}-{'01' if self.recorder else '00'}"
 
     # -- the Span API -----------------------------------------------------------------------------
     def get_span_context(self) -> trace.SpanContext:
@@ -244,23 +243,23 @@ class RecordedSpan(trace.Span):
                 int(self.trace_hex, 16),
                 int(self.span_hex, 16),
                 is_remote=False,
-                trace_flags=_SAMPLED if self._recorder else _NOT_SAMPLED,
+                trace_flags=_SAMPLED if self.recorder else _NOT_SAMPLED,
                 trace_state=self.trace_state,
             )
         return context
 
     def is_recording(self) -> bool:
-        return self._recorder is not None and not self.end_ns
+        return self.recorder is not None and not self.end_ns
 
     def end(self, end_time: int | None = None) -> None:
-        recorder = self._recorder
+        recorder = self.recorder
         if recorder is None or self.end_ns:
             return
         self.end_ns = end_time or _time_ns()
         recorder.record(self)
 
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
-        recorder = self._recorder
+        recorder = self.recorder
         if recorder is None or self.end_ns or value is None:
             return
         self.plain = False
@@ -279,7 +278,7 @@ class RecordedSpan(trace.Span):
     def add_event(
         self, name: str, attributes: types.Attributes = None, timestamp: int | None = None
     ) -> None:
-        recorder = self._recorder
+        recorder = self.recorder
         if recorder is None or self.end_ns:
             return
         self.plain = False
@@ -293,7 +292,7 @@ class RecordedSpan(trace.Span):
         events.append(otlp_wire.event(name, timestamp or _time_ns(), attrs))
 
     def add_link(self, context: trace.SpanContext, attributes: types.Attributes = None) -> None:
-        recorder = self._recorder
+        recorder = self.recorder
         if recorder is None or self.end_ns or not context.is_valid:
             return
         self.plain = False
@@ -313,11 +312,11 @@ class RecordedSpan(trace.Span):
             )
 
     def update_name(self, name: str) -> None:
-        if self._recorder is not None and not self.end_ns:
+        if self.recorder is not None and not self.end_ns:
             self.name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        if self._recorder is None or self.end_ns or self.status_code == 1:  # OK is final
+        if self.recorder is None or self.end_ns or self.status_code == 1:  # OK is final
             return
         if isinstance(status, Status):
             code, description = status.status_code, status.description
@@ -336,7 +335,7 @@ class RecordedSpan(trace.Span):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
-        if self._recorder is None or self.end_ns:
+        if self.recorder is None or self.end_ns:
             return
         module = type(exception).__module__
         qualname = type(exception).__qualname__
@@ -536,6 +535,9 @@ class SpanRecorder:
             resource_attributes, "millpond", scope_version
         )
         self.sample = sampler
+        #: the sampler keeps exactly the spans whose parent was sampled (the parent-based ones):
+        #: a span with a parent needs no call
+        self.follows_parent: bool = getattr(sampler, "follows_parent", False)
         self.max_queue = max_queue
         self.batch_size = max(1, min(batch_size, max_queue))
         self.delay = delay

@@ -53,6 +53,9 @@ from millpond.span_names import (
     TASK_STATE,
 )
 from millpond.span_recorder import (
+    NO_SPAN,
+    NO_TRACE,
+    SAMPLED_DIGITS,
     TRACEPARENT_00,
     RecordedSpan,
     SpanRecorder,
@@ -96,7 +99,7 @@ _tracer: trace.Tracer | None = None
 _process_base: dict[tuple[str, str, str], dict[str, Any]] = {}
 _recorder: SpanRecorder | None = None
 #: pre-encoded attributes shared by recorded `process` spans (queue, pool, system, task name)
-_process_wire: dict[tuple[str, str, str, str], tuple[bytes, str]] = {}
+_process_wire: dict[tuple[str, str, str], tuple[bytes, str]] = {}
 #: pre-encoded attributes of recorded `run` spans, by task name
 _run_wire: dict[str, tuple[bytes, str]] = {}
 _WIRE_CACHE = 4096
@@ -148,6 +151,7 @@ def _extract(traceparent: str | None, tracestate: str | None) -> otel_context.Co
 
 
 _TRACEPARENT_00 = TRACEPARENT_00  # the common case; anything else goes to the propagator
+_fullmatch_00 = TRACEPARENT_00.fullmatch
 
 
 def _remote_span_context(traceparent: str, tracestate: str | None) -> trace.SpanContext | None:
@@ -293,18 +297,22 @@ def _start_recorded_process_span(job: Job, pool_name: str, recorder: SpanRecorde
     """`start_process_span` with the span recorder: the same span, a fraction of the cost.
 
     Only what the task's own path needs happens here (ids, the sampling decision, the start
-    time); the attributes are encoded by the recorder's thread when the span is exported.
+    time); the attributes are encoded by the recorder's thread when the span is exported. The
+    usual producer header (version 00, valid) is read in place; any other goes to the rules.
     """
-    key = (job.queue, pool_name, MESSAGING_SYSTEM, job.task_name)
+    key = (job.queue, job.task_name, pool_name)
     cached = _process_wire.get(key)
     if cached is None:
-        if len(_process_wire) >= _WIRE_CACHE:
-            _process_wire.clear()
-        attrs = dict(_base_attributes(job.queue, pool_name))
-        attrs[TASK_NAME] = job.task_name
-        cached = _process_wire[key] = (otlp_wire.span_attributes(attrs), f"process {job.queue}")
+        cached = _process_shape(key)
     traceparent = job.producer_traceparent
-    producer = _producer_ids(traceparent) if traceparent else None
+    producer: tuple[str, str, bool] | None = None
+    if traceparent:
+        if _fullmatch_00(traceparent) is not None:
+            producer_trace, producer_span = traceparent[3:35], traceparent[36:52]
+            if producer_trace != NO_TRACE and producer_span != NO_SPAN:
+                producer = producer_trace, producer_span, traceparent[54] in SAMPLED_DIGITS
+        else:
+            producer = _producer_ids(traceparent)
     state: trace.TraceState | None = None
     link_from: tuple[str, str, str | None] | None = None
     if producer is None:
@@ -315,7 +323,9 @@ def _start_recorded_process_span(job: Job, pool_name: str, recorder: SpanRecorde
         link_from = (producer[0], producer[1], producer_state)
         if PROCESS_PARENTING == "parent":
             trace_hex, parent_hex = producer[0], producer[1]
-            sampled = recorder.sample(producer[2], trace_hex)
+            sampled = (
+                producer[2] if recorder.follows_parent else recorder.sample(producer[2], trace_hex)
+            )
             if producer_state:
                 state = trace.TraceState.from_header([producer_state])
         else:
@@ -336,6 +346,17 @@ def _start_recorded_process_span(job: Job, pool_name: str, recorder: SpanRecorde
     job.span = span
     job.traceparent = f"00-{trace_hex}-{span.span_hex}-{'01' if sampled else '00'}"
     job.tracestate = job.producer_tracestate if state is not None else None
+
+
+def _process_shape(key: tuple[str, str, str]) -> tuple[bytes, str]:
+    """The encoded attributes every recorded `process` span of (queue, task, pool) shares."""
+    if len(_process_wire) >= _WIRE_CACHE:
+        _process_wire.clear()
+    queue, task_name, pool_name = key
+    attrs = dict(_base_attributes(queue, pool_name))
+    attrs[TASK_NAME] = task_name
+    shape = _process_wire[key] = (otlp_wire.span_attributes(attrs), f"process {queue}")
+    return shape
 
 
 def end_process_span(job: Job, outcome: Outcome) -> None:
@@ -378,7 +399,7 @@ def _exception_attributes(exc_type: str, message: str, stacktrace: str | None) -
 
 
 # -- execution unit: the `run` span ---------------------------------------------------------------
-_NO_SPAN: AbstractContextManager[None] = nullcontext(None)
+_NOT_TRACED: AbstractContextManager[None] = nullcontext(None)
 
 
 def run_span(job: Job) -> AbstractContextManager[trace.Span | None]:
@@ -390,7 +411,7 @@ def run_span(job: Job) -> AbstractContextManager[trace.Span | None]:
     task: with tracing off it is a shared do-nothing context manager.
     """
     if not TRACING or not job.traceparent:
-        return _NO_SPAN
+        return _NOT_TRACED
     if _recorder is not None:
         return _RecordedRun(job, _recorder)
     return _sdk_run_span(job)
