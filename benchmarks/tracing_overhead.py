@@ -132,8 +132,8 @@ def child(args: argparse.Namespace) -> None:
     broker.declare([queue])
     broker.purge(queue)
     every = 10 if args.mode == "on-10%" else 1
-    total = 2 * args.blocks * args.block + 1
-    for i in range(total + 1000):  # a margin: the queue never runs dry while measuring
+    needed = (2 * args.blocks + 1) * args.block
+    for i in range(needed + needed // 4 + 2000):  # some run before the first block starts
         message = encode_task("bench.noop", (), {}, sent_at=time.time())
         if tracing:
             flags = "01" if i % every == 0 else "00"  # the producer's sampling decision
@@ -173,6 +173,8 @@ def child(args: argparse.Namespace) -> None:
         while worker.processed < first + args.block:
             if time.monotonic() > deadline:
                 raise SystemExit(f"only {worker.processed} done in {args.timeout} s")
+            if time.perf_counter() - started > 60:
+                raise SystemExit(f"block {index}: {worker.processed - first} tasks in 60 s")
             time.sleep(0.0005)
         done = worker.processed
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
