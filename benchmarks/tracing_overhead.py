@@ -283,7 +283,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="millpond-bench-")
     if args.broker is None:
         args.broker = f"sqlite://{Path(tmp.name) / 'broker.sqlite3'}"
-    modes = args.modes.split(",") + (["metrics"] if args.metrics else [])
+    modes = [m for m in args.modes.split(",") if m] + (["metrics"] if args.metrics else [])
     pools = [
         (p.split(":")[0], int(p.split(":")[1]) if ":" in p else 1) for p in args.pools.split(",")
     ]

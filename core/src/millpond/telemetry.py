@@ -98,7 +98,8 @@ _EMPTY = otel_context.Context()
 _tracer: trace.Tracer | None = None
 _process_base: dict[tuple[str, str, str], dict[str, Any]] = {}
 _recorder: SpanRecorder | None = None
-#: pre-encoded attributes shared by recorded `process` spans (queue, pool, system, task name)
+#: pre-encoded attributes shared by recorded `process` spans, by (queue, task name, pool);
+#: `refresh` empties it, so a change of messaging system is never served stale
 _process_wire: dict[tuple[str, str, str], tuple[bytes, str]] = {}
 #: pre-encoded attributes of recorded `run` spans, by task name
 _run_wire: dict[str, tuple[bytes, str]] = {}
