@@ -631,6 +631,14 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("millpond.otlp_http.time.sleep", sleep)
 
 
+@pytest.fixture
+def collector() -> Iterator[Scripted]:
+    """A collector that accepts every request."""
+    server = Scripted([])
+    yield server
+    server.close()
+
+
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     from tests.brokers.test_redis import make_certs
@@ -676,17 +684,13 @@ def test_a_rejected_request_is_not_retried(clean_otlp_env: pytest.MonkeyPatch) -
         server.close()
 
 
-def test_gzip_compression(clean_otlp_env: pytest.MonkeyPatch) -> None:
-    server = Scripted([])
-    try:
-        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.url)
-        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip")
-        assert OtlpHttpSender().send(b"payload" * 100, timeout=20)
-        _, headers, body = server.requests[0]
-        assert headers["Content-Encoding"] == "gzip"
-        assert gzip.decompress(body) == b"payload" * 100
-    finally:
-        server.close()
+def test_gzip_compression(clean_otlp_env: pytest.MonkeyPatch, collector: Scripted) -> None:
+    clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)
+    clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip")
+    assert OtlpHttpSender().send(b"payload" * 100, timeout=20)
+    _, headers, body = collector.requests[0]
+    assert headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(body) == b"payload" * 100
 
 
 def test_an_unreachable_collector_fails_within_the_timeout(
@@ -724,19 +728,15 @@ def test_bad_transport_settings_are_refused(
 
 
 def test_one_connection_carries_every_request(
-    clean_otlp_env: pytest.MonkeyPatch, no_backoff: None
+    clean_otlp_env: pytest.MonkeyPatch, no_backoff: None, collector: Scripted
 ) -> None:
-    server = Scripted([])
-    try:
-        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.url)
-        sender = OtlpHttpSender()
-        for n in range(5):
-            assert sender.send(f"batch {n}".encode(), timeout=20)
-        assert [body for _, _, body in server.requests] == [f"batch {n}".encode() for n in range(5)]
-        assert len(server.connections) == 1
-        sender.close()
-    finally:
-        server.close()
+    clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)
+    sender = OtlpHttpSender()
+    for n in range(5):
+        assert sender.send(f"batch {n}".encode(), timeout=20)
+    assert [body for _, _, body in collector.requests] == [f"batch {n}".encode() for n in range(5)]
+    assert len(collector.connections) == 1
+    sender.close()
 
 
 def test_a_connection_the_collector_closed_while_idle_is_replaced_at_once(
@@ -755,23 +755,19 @@ def test_a_connection_the_collector_closed_while_idle_is_replaced_at_once(
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_opens_its_own_connection(
-    clean_otlp_env: pytest.MonkeyPatch, no_backoff: None
+    clean_otlp_env: pytest.MonkeyPatch, no_backoff: None, collector: Scripted
 ) -> None:
-    server = Scripted([])
-    try:
-        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.url)
-        sender = OtlpHttpSender()
-        assert sender.send(b"parent 1", timeout=20)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            os._exit(0 if sender.send(b"child", timeout=20) else 1)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        assert sender.send(b"parent 2", timeout=20)
-        assert [body for _, _, body in server.requests] == [b"parent 1", b"child", b"parent 2"]
-        assert len(server.connections) == 2  # the parent kept its own connection
-    finally:
-        server.close()
+    clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)
+    sender = OtlpHttpSender()
+    assert sender.send(b"parent 1", timeout=20)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os._exit(0 if sender.send(b"child", timeout=20) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert sender.send(b"parent 2", timeout=20)
+    assert [body for _, _, body in collector.requests] == [b"parent 1", b"child", b"parent 2"]
+    assert len(collector.connections) == 2  # the parent kept its own connection
 
 
 def _tls_server(certs: tuple[Path, Path, Path], *, client_cert: bool = False) -> Scripted:
@@ -824,21 +820,18 @@ def test_missing_tls_files_are_refused_at_start(clean_otlp_env: pytest.MonkeyPat
 
 
 def test_an_http_proxy_gets_the_whole_url_and_the_credentials(
-    clean_otlp_env: pytest.MonkeyPatch, no_backoff: None
+    clean_otlp_env: pytest.MonkeyPatch, no_backoff: None, collector: Scripted
 ) -> None:
-    proxy = Scripted([])
-    try:
-        clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector.invalid:4318")
-        clean_otlp_env.setenv("HTTP_PROXY", f"http://user:p%40ss@127.0.0.1:{proxy.port}")
-        sender = OtlpHttpSender()
-        assert sender.send(b"spans", timeout=20), sender.last_error
-        path, headers, body = proxy.requests[0]
-        assert path == "http://collector.invalid:4318/v1/traces" and body == b"spans"
-        assert headers["Proxy-Authorization"] == "Basic dXNlcjpwQHNz"  # user:p@ss
-        clean_otlp_env.setenv("NO_PROXY", "collector.invalid")
-        assert OtlpHttpSender()._proxy is None  # bypassed: straight to the collector
-    finally:
-        proxy.close()
+    proxy = collector  # an HTTP proxy is asked the same way a collector is, with the whole URL
+    clean_otlp_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector.invalid:4318")
+    clean_otlp_env.setenv("HTTP_PROXY", f"http://user:p%40ss@127.0.0.1:{proxy.port}")
+    sender = OtlpHttpSender()
+    assert sender.send(b"spans", timeout=20), sender.last_error
+    path, headers, body = proxy.requests[0]
+    assert path == "http://collector.invalid:4318/v1/traces" and body == b"spans"
+    assert headers["Proxy-Authorization"] == "Basic dXNlcjpwQHNz"  # user:p@ss
+    clean_otlp_env.setenv("NO_PROXY", "collector.invalid")
+    assert OtlpHttpSender()._proxy is None  # bypassed: straight to the collector
 
 
 def test_an_https_collector_is_reached_through_a_proxy_tunnel(
