@@ -973,3 +973,92 @@ def test_user_spans_continue_from_the_recorded_run_span(
     (event,) = run.events
     assert event.name == "exception"
     assert attrs(event.attributes)["exception.type"] == "KeyError"
+
+
+def _traced_job(task_id: str) -> Any:
+    from millpond.pool import Job
+
+    return Job(
+        task_id=task_id,
+        task_name="rec.direct",
+        args=(),
+        kwargs={},
+        queue="q",
+        producer_traceparent=f"00-{TRACE}-{PARENT}-01",
+    )
+
+
+def test_in_a_fresh_context_the_run_span_stays_current_and_records_what_escapes(
+    recorded: Capture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the execution unit does: no way back is kept, the context is thrown away anyway."""
+    import contextvars
+
+    from millpond import telemetry
+    from millpond.pool import Outcome
+
+    monkeypatch.setattr(telemetry, "TRACING", True)
+    job = _traced_job("fresh-1")
+    telemetry.start_process_span(job, "solo")
+    seen: list[Any] = []
+
+    def execution_unit() -> None:
+        with telemetry.run_span(job, fresh_context=True) as span:
+            seen.append((span, trace.get_current_span()))
+            raise KeyboardInterrupt  # escapes the task's own handling
+
+    with pytest.raises(KeyboardInterrupt):
+        contextvars.Context().run(execution_unit)
+    ((span, current),) = seen
+    assert isinstance(span, RecordedSpan) and current is span
+    assert not trace.get_current_span().get_span_context().is_valid  # the caller's is untouched
+    telemetry.end_process_span(job, Outcome(state="LOST"))
+    recorder = telemetry.recorder()
+    assert recorder is not None and recorder.force_flush()
+    spans = {s.name: s for s in _by_task(recorded, "fresh-1")}
+    run = spans["run rec.direct"]
+    assert run.parent_span_id == spans["process q"].span_id
+    assert run.status.code == 2
+    (event,) = run.events
+    assert attrs(event.attributes)["exception.escaped"] == "True"
+
+
+def test_otherwise_the_run_span_gives_the_context_back(
+    recorded: Capture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from millpond import telemetry
+    from millpond.pool import Outcome
+
+    monkeypatch.setattr(telemetry, "TRACING", True)
+    job = _traced_job("kept-1")
+    telemetry.start_process_span(job, "solo")
+    with telemetry.run_span(job) as span:
+        assert trace.get_current_span() is span
+    assert not trace.get_current_span().get_span_context().is_valid
+    telemetry.end_process_span(job, Outcome(state="SUCCESS"))
+    recorder = telemetry.recorder()
+    assert recorder is not None and recorder.force_flush()
+    assert sorted(s.name for s in _by_task(recorded, "kept-1")) == ["process q", "run rec.direct"]
+
+
+def test_making_a_span_current_is_found_through_the_api_with_a_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The direct variable set is found and checked once; without it, attach does the job."""
+    import contextvars
+
+    from millpond import telemetry
+
+    def current_after(setter: Any, span: trace.Span) -> trace.Span:
+        setter(span)
+        return trace.get_current_span()
+
+    span = RecordedSpan(None, TRACE, "", "run x", otlp_wire.KIND_INTERNAL, b"", None)
+    assert contextvars.Context().run(telemetry._otel_context_variable) is not None
+    direct = telemetry._current_setter()
+    monkeypatch.setattr(telemetry, "_otel_context_variable", lambda: None)
+    fallback = telemetry._current_setter()
+    assert direct.__name__ == "make_current" and fallback.__name__ == "attach"
+    for setter in (direct, fallback):
+        assert contextvars.Context().run(current_after, setter, span) is span
+        assert trace.get_current_span() is not span

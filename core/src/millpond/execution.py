@@ -29,6 +29,7 @@ from millpond.exceptions import (
     UnknownTask,
 )
 from millpond.pool import FAILURE, REJECTED, RETRY, SUCCESS, Job, Outcome
+from millpond.span_recorder import RecordedSpan
 from millpond.task import Request, Task, _current_request
 
 if TYPE_CHECKING:
@@ -132,10 +133,12 @@ def _begin(job: Job, started: float) -> Task | Outcome:
 def _bind_trace_ids(span: Any) -> None:
     """Put the `run` span's ids in the task's log context (the pool contract asks for them there,
     so a logging set-up of the user's own, reading only the context, has them too)."""
-    if span is not None:
-        ids = telemetry.span_ids(span)
-        if ids:
-            _bind_span_ids(*ids)
+    if span.__class__ is RecordedSpan:
+        _bind_span_ids(span.trace_hex, span.span_hex)
+        return
+    ids = telemetry.span_ids(span)
+    if ids:
+        _bind_span_ids(*ids)
 
 
 def _async_in_sync_pool(job: Job, started: float) -> Outcome:
@@ -156,8 +159,9 @@ def _run(job: Job) -> Outcome:
         return task
     if is_async(task):
         return _async_in_sync_pool(job, started)
-    with telemetry.run_span(job) as span:
-        _bind_trace_ids(span)
+    with telemetry.run_span(job, fresh_context=True) as span:
+        if span is not None:
+            _bind_trace_ids(span)
         try:
             result: Any = task(*job.args, **job.kwargs)
         except (Exception, SystemExit) as exc:
@@ -173,8 +177,9 @@ async def _run_async(job: Job, guard: Guard | None) -> Outcome:
     task = _begin(job, started)
     if isinstance(task, Outcome):
         return task
-    with telemetry.run_span(job) as span:
-        _bind_trace_ids(span)
+    with telemetry.run_span(job, fresh_context=True) as span:
+        if span is not None:
+            _bind_trace_ids(span)
         try:
             result: Any = task(*job.args, **job.kwargs)
             if inspect.iscoroutine(result):

@@ -182,12 +182,12 @@ class RecordedSpan(trace.Span):
         "recorder",
         "span_hex",
         "start_ns",
+        "state",
         "trace_hex",
         "trace_state",
     )
     # Set on few spans: class defaults, so a task's spans skip assigning them (instances still
     # have a __dict__, as the API's Span class declares no slots).
-    state: str | None = None
     #: nothing beyond its fixed shape was added (see `_encode_plain`)
     plain = True
     attributes: dict[str, Any] | None = None
@@ -226,6 +226,7 @@ class RecordedSpan(trace.Span):
         self.link_from = link_from
         self.start_ns = _time_ns()
         self.end_ns = 0
+        self.state: str | None = None  # the outcome, on `process` spans: a slot, not a __dict__
 
     @property
     def sampled(self) -> bool:
@@ -350,6 +351,13 @@ class RecordedSpan(trace.Span):
         if attributes:
             attrs.update(attributes)
         self.add_event("exception", attrs, timestamp)
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        """End the span; an exception escaping the block is recorded on it, as the SDK does."""
+        if exc is not None and self.recorder is not None and not self.end_ns:
+            self.record_exception(exc, escaped=True)
+            self.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        self.end()
 
     def __repr__(self) -> str:
         return f"RecordedSpan({self.name!r}, trace_id={self.trace_hex}, span_id={self.span_hex})"

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import time
 import traceback as _traceback
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from contextvars import Token
+from contextvars import Context, ContextVar, copy_context
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -244,15 +244,8 @@ def _base_attributes(queue: str, pool_name: str) -> dict[str, Any]:
     return base
 
 
-def start_process_span(job: Job, pool_name: str) -> None:
-    """Open the CONSUMER span for a job and put its context on the job for the `run` span.
-
-    The producer's context is extracted once, here; the queue wait (from the `millpond_sent_at`
-    header) is an attribute at span start, so samplers and tail-based collectors see it.
-    """
-    if _recorder is not None:
-        _start_recorded_process_span(job, pool_name, _recorder)
-        return
+def _start_sdk_process_span(job: Job, pool_name: str) -> None:
+    """`start_process_span` through the SDK's tracer (no span recorder installed)."""
     attributes = dict(_base_attributes(job.queue, pool_name))
     attributes[MESSAGE_ID] = job.task_id
     attributes[TASK_NAME] = job.task_name
@@ -294,13 +287,21 @@ def _producer_ids(traceparent: str) -> tuple[str, str, bool] | None:
     return ids
 
 
-def _start_recorded_process_span(job: Job, pool_name: str, recorder: SpanRecorder) -> None:
-    """`start_process_span` with the span recorder: the same span, a fraction of the cost.
+def start_process_span(job: Job, pool_name: str) -> None:
+    """Open the CONSUMER span for a job and put its context on the job for the `run` span.
 
-    Only what the task's own path needs happens here (ids, the sampling decision, the start
-    time); the attributes are encoded by the recorder's thread when the span is exported. The
-    usual producer header (version 00, valid) is read in place; any other goes to the rules.
+    The producer's context is extracted once, here; the queue wait (from the `millpond_sent_at`
+    header) is an attribute at span start, so samplers and tail-based collectors see it.
+
+    With the span recorder, only what the task's own path needs happens here (ids, the sampling
+    decision, the start time); the attributes are encoded by the recorder's thread when the span
+    is exported. The usual producer header (version 00, valid) is read in place; any other goes
+    to the rules.
     """
+    recorder = _recorder
+    if recorder is None:
+        _start_sdk_process_span(job, pool_name)
+        return
     key = (job.queue, job.task_name, pool_name)
     cached = _process_wire.get(key)
     if cached is None:
@@ -403,19 +404,29 @@ def _exception_attributes(exc_type: str, message: str, stacktrace: str | None) -
 _NOT_TRACED: AbstractContextManager[None] = nullcontext(None)
 
 
-def run_span(job: Job) -> AbstractContextManager[trace.Span | None]:
+def run_span(job: Job, *, fresh_context: bool = False) -> AbstractContextManager[trace.Span | None]:
     """The `run <task>` span inside the execution unit, child of the job's `process` span.
 
     In the worker process the live `process` span object is the parent (no parsing); in a child
-    process or after pickling, its context comes from `job.traceparent`. One context attach
-    makes the span current for the task body (user spans and log lines see it). Entered once per
-    task: with tracing off it is a shared do-nothing context manager.
+    process or after pickling, its context comes from `job.traceparent`. The span is current for
+    the task body (user spans and log lines see it). Entered once per task: with tracing off it is
+    a shared do-nothing context manager.
+
+    `fresh_context`: the caller runs in a `contextvars.Context` of its own that is thrown away
+    after the task (`millpond.execution` does), so the span is made current without a way back;
+    otherwise the previous context is restored on exit.
     """
     if not TRACING or not job.traceparent:
         return _NOT_TRACED
-    if _recorder is not None:
-        return _RecordedRun(job, _recorder)
-    return _sdk_run_span(job)
+    if _recorder is None:
+        return _sdk_run_span(job)
+    span = _recorded_run_span(job, _recorder)
+    if span is None:
+        return _NOT_TRACED
+    if fresh_context:
+        _make_current(span)
+        return span  # RecordedSpan.__exit__ records an escaping exception and ends it
+    return _current_until_exit(span)
 
 
 @contextmanager
@@ -445,75 +456,106 @@ def _sdk_run_span(job: Job) -> Iterator[trace.Span | None]:
         span.end()
 
 
-class _RecordedRun:
-    """`run_span` with the span recorder: a class, not a generator, to keep it cheap."""
+@contextmanager
+def _current_until_exit(span: RecordedSpan) -> Iterator[trace.Span | None]:
+    token = otel_context.attach(trace.set_span_in_context(span, _EMPTY))
+    try:
+        with span:
+            yield span
+    finally:
+        otel_context.detach(token)
 
-    __slots__ = ("_span", "_token", "_unsampled")
 
-    def __init__(self, job: Job, recorder: SpanRecorder) -> None:
-        self._span: RecordedSpan | None = None
-        self._token: Token[otel_context.Context] | None = None
-        self._unsampled = False
-        process = job.span
-        state: trace.TraceState | None
-        run_recorder: SpanRecorder | None
-        if isinstance(process, RecordedSpan):  # same process: no parsing
-            if process.recorder is None:
-                # Not sampled: nothing will be exported, the task body only needs the trace's
-                # context (its own spans then stay unsampled too), and the process span has it.
-                self._span = process
-                self._unsampled = True
-                return
-            trace_hex, parent_hex, state = process.trace_hex, process.span_hex, process.trace_state
-            run_recorder = process.recorder
-        else:
-            parent = parse_traceparent(job.traceparent or "")
-            if parent is None:
-                return
-            trace_hex, parent_hex = parent[0], parent[1]
-            run_recorder = recorder if parent[2] else None
-            state = trace.TraceState.from_header([job.tracestate]) if job.tracestate else None
-        task_name = job.task_name
-        cached = _run_wire.get(task_name)
-        if cached is None:
-            if len(_run_wire) >= _WIRE_CACHE:
-                _run_wire.clear()
-            cached = _run_wire[task_name] = (
-                otlp_wire.span_attributes({TASK_NAME: task_name}),
-                f"run {task_name}",
-            )
-        self._span = RecordedSpan(
-            run_recorder,
-            trace_hex,
-            parent_hex,
-            cached[1],
-            otlp_wire.KIND_INTERNAL,
-            cached[0],
-            (job.task_id, job.retries, 0, None),
-            False,
-            state,
+def _recorded_run_span(job: Job, recorder: SpanRecorder) -> RecordedSpan | None:
+    """The recorded `run` span of a job; an unsampled job gets its `process` span back.
+
+    Not sampled: nothing will be exported, the task body only needs the trace's context (its own
+    spans then stay unsampled too), and the unsampled `process` span carries it (ending it again
+    does nothing).
+    """
+    process = job.span
+    state: trace.TraceState | None
+    run_recorder: SpanRecorder | None
+    if isinstance(process, RecordedSpan):  # same process: no parsing
+        if process.recorder is None:
+            return process
+        trace_hex, parent_hex, state = process.trace_hex, process.span_hex, process.trace_state
+        run_recorder = process.recorder
+    else:
+        parent = parse_traceparent(job.traceparent or "")
+        if parent is None:
+            return None
+        trace_hex, parent_hex = parent[0], parent[1]
+        run_recorder = recorder if parent[2] else None
+        state = trace.TraceState.from_header([job.tracestate]) if job.tracestate else None
+    task_name = job.task_name
+    cached = _run_wire.get(task_name)
+    if cached is None:
+        if len(_run_wire) >= _WIRE_CACHE:
+            _run_wire.clear()
+        cached = _run_wire[task_name] = (
+            otlp_wire.span_attributes({TASK_NAME: task_name}),
+            f"run {task_name}",
         )
+    return RecordedSpan(
+        run_recorder,
+        trace_hex,
+        parent_hex,
+        cached[1],
+        otlp_wire.KIND_INTERNAL,
+        cached[0],
+        (job.task_id, job.retries, 0, None),
+        False,
+        state,
+    )
 
-    def __enter__(self) -> RecordedSpan | None:
-        span = self._span
-        if span is not None:
-            self._token = otel_context.attach(trace.set_span_in_context(span, _EMPTY))
-        return span
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        span = self._span
-        if span is None:
-            return
-        if self._unsampled:
-            if self._token is not None:
-                otel_context.detach(self._token)
-            return
-        if exc is not None:  # escaped the task's own handling (KeyboardInterrupt, ...)
-            span.record_exception(exc, escaped=True)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-        if self._token is not None:
-            otel_context.detach(self._token)
-        span.end()
+def _otel_context_variable() -> tuple[ContextVar[otel_context.Context], str] | None:
+    """OpenTelemetry's current-context variable and its span key, or None; run it in a scratch
+    context. Found and checked through the public API (attach, get_current_span)."""
+    probe = trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
+    probe_context = trace.set_span_in_context(probe, _EMPTY)
+    if len(probe_context) != 1:
+        return None
+    (key,) = probe_context
+    otel_context.attach(probe_context)
+    current = copy_context()
+    holding = [var for var in current if current[var] is probe_context]
+    if len(holding) != 1:
+        return None
+    (variable,) = holding
+    check = trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
+    variable.set(otel_context.Context({key: check}))
+    if trace.get_current_span() is not check:
+        return None
+    return variable, key
+
+
+def _current_setter() -> Callable[[trace.Span], object]:
+    """A function making a span current for the rest of the running contextvars.Context.
+
+    Same effect as `otel_context.attach(trace.set_span_in_context(span))` with the token
+    dropped, for a caller whose context is thrown away afterwards: one variable set instead of
+    a context copy and two calls through the runtime context. Falls back to `attach` should
+    OpenTelemetry ever keep its context differently (`OTEL_PYTHON_CONTEXT`).
+    """
+    found = Context().run(_otel_context_variable)
+    if found is None:
+
+        def attach(span: trace.Span) -> object:
+            return otel_context.attach(trace.set_span_in_context(span, _EMPTY))
+
+        return attach
+    set_variable, key = found[0].set, found[1]
+    new_context = otel_context.Context
+
+    def make_current(span: trace.Span) -> object:
+        return set_variable(new_context({key: span}))
+
+    return make_current
+
+
+_make_current = _current_setter()
 
 
 def traced(span: trace.Span | None, outcome: Outcome, exc: BaseException | None) -> Outcome:
