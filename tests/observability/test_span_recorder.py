@@ -975,10 +975,13 @@ def test_user_spans_continue_from_the_recorded_run_span(
     assert attrs(event.attributes)["exception.type"] == "KeyError"
 
 
-def _traced_job(task_id: str) -> Any:
+def _started_job(task_id: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A job whose `process` span the pool has opened, as `BasePool.apply_async` does."""
+    from millpond import telemetry
     from millpond.pool import Job
 
-    return Job(
+    monkeypatch.setattr(telemetry, "TRACING", True)
+    job = Job(
         task_id=task_id,
         task_name="rec.direct",
         args=(),
@@ -986,6 +989,19 @@ def _traced_job(task_id: str) -> Any:
         queue="q",
         producer_traceparent=f"00-{TRACE}-{PARENT}-01",
     )
+    telemetry.start_process_span(job, "solo")
+    return job
+
+
+def _ended(job: Any, state: str, recorded: Capture) -> dict[str, Any]:
+    """End the job's `process` span, export, and return its two spans by name."""
+    from millpond import telemetry
+    from millpond.pool import Outcome
+
+    telemetry.end_process_span(job, Outcome(state=state))
+    recorder = telemetry.recorder()
+    assert recorder is not None and recorder.force_flush()
+    return {s.name: s for s in _by_task(recorded, job.task_id)}
 
 
 def test_in_a_fresh_context_the_run_span_stays_current_and_records_what_escapes(
@@ -995,11 +1011,8 @@ def test_in_a_fresh_context_the_run_span_stays_current_and_records_what_escapes(
     import contextvars
 
     from millpond import telemetry
-    from millpond.pool import Outcome
 
-    monkeypatch.setattr(telemetry, "TRACING", True)
-    job = _traced_job("fresh-1")
-    telemetry.start_process_span(job, "solo")
+    job = _started_job("fresh-1", monkeypatch)
     seen: list[Any] = []
 
     def execution_unit() -> None:
@@ -1012,10 +1025,7 @@ def test_in_a_fresh_context_the_run_span_stays_current_and_records_what_escapes(
     ((span, current),) = seen
     assert isinstance(span, RecordedSpan) and current is span
     assert not trace.get_current_span().get_span_context().is_valid  # the caller's is untouched
-    telemetry.end_process_span(job, Outcome(state="LOST"))
-    recorder = telemetry.recorder()
-    assert recorder is not None and recorder.force_flush()
-    spans = {s.name: s for s in _by_task(recorded, "fresh-1")}
+    spans = _ended(job, "LOST", recorded)
     run = spans["run rec.direct"]
     assert run.parent_span_id == spans["process q"].span_id
     assert run.status.code == 2
@@ -1027,18 +1037,12 @@ def test_otherwise_the_run_span_gives_the_context_back(
     recorded: Capture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from millpond import telemetry
-    from millpond.pool import Outcome
 
-    monkeypatch.setattr(telemetry, "TRACING", True)
-    job = _traced_job("kept-1")
-    telemetry.start_process_span(job, "solo")
+    job = _started_job("kept-1", monkeypatch)
     with telemetry.run_span(job) as span:
         assert trace.get_current_span() is span
     assert not trace.get_current_span().get_span_context().is_valid
-    telemetry.end_process_span(job, Outcome(state="SUCCESS"))
-    recorder = telemetry.recorder()
-    assert recorder is not None and recorder.force_flush()
-    assert sorted(s.name for s in _by_task(recorded, "kept-1")) == ["process q", "run rec.direct"]
+    assert sorted(_ended(job, "SUCCESS", recorded)) == ["process q", "run rec.direct"]
 
 
 def test_making_a_span_current_is_found_through_the_api_with_a_fallback(
