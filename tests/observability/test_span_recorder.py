@@ -1045,9 +1045,7 @@ def test_otherwise_the_run_span_gives_the_context_back(
     assert sorted(_ended(job, "SUCCESS", recorded)) == ["process q", "run rec.direct"]
 
 
-def test_making_a_span_current_is_found_through_the_api_with_a_fallback(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_making_a_span_current_is_found_through_the_api_with_a_fallback() -> None:
     """The direct variable set is found and checked once; without it, attach does the job."""
     import contextvars
 
@@ -1058,10 +1056,10 @@ def test_making_a_span_current_is_found_through_the_api_with_a_fallback(
         return trace.get_current_span()
 
     span = RecordedSpan(None, TRACE, "", "run x", otlp_wire.KIND_INTERNAL, b"", None)
-    assert contextvars.Context().run(telemetry._otel_context_variable) is not None
-    direct = telemetry._current_setter()
-    monkeypatch.setattr(telemetry, "_otel_context_variable", lambda: None)
-    fallback = telemetry._current_setter()
+    found = contextvars.Context().run(telemetry._otel_context_variable)
+    assert found is not None
+    direct = telemetry._current_setter(found)
+    fallback = telemetry._current_setter(None)
     assert direct.__name__ == "make_current" and fallback.__name__ == "attach"
     for setter in (direct, fallback):
         assert contextvars.Context().run(current_after, setter, span) is span

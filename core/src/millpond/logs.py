@@ -89,6 +89,12 @@ def context_binder(*keys: str) -> Callable[..., None]:
     return bind
 
 
+def context_variables(*keys: str) -> tuple[contextvars.ContextVar[Any], ...] | None:
+    """The context variables structlog keeps `keys` in (checked), or None should it change."""
+    found = contextvars.Context().run(_structlog_variables, keys)
+    return tuple(found) if found is not None else None
+
+
 def _structlog_variables(keys: tuple[str, ...]) -> list[contextvars.ContextVar[Any]] | None:
     """The variables structlog keeps `keys` in, or None; run it in a scratch context."""
     probes = {key: object() for key in keys}

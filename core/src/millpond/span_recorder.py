@@ -32,7 +32,8 @@ import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from types import ModuleType
+from typing import Any, Self
 
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
@@ -49,6 +50,29 @@ _SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
 _NOT_SAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
+
+
+def _load_native() -> ModuleType | None:
+    """`millpond._spancore`, the traced task path in C, unless absent or MILLPOND_PURE_PYTHON."""
+    if os.environ.get("MILLPOND_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    try:
+        from millpond import _spancore
+    except ImportError:
+        return None
+    return _spancore
+
+
+_spancore = _load_native()
+
+
+def native_module() -> ModuleType | None:
+    """The C part in use (`millpond._spancore`), or None: everything runs in Python."""
+    return _spancore
+
+
+#: whether the C part is in use (`millpond._spancore`); the Python code gives the same results
+NATIVE = _spancore is not None
 
 
 def sampler_from_env() -> Sampler:
@@ -138,6 +162,15 @@ _counts: dict[tuple[int, int], bytes] = {}
 #: a double attribute is a fixed-size field: everything but the 8 value bytes is constant
 _QUEUE_WAIT_PREFIX = otlp_wire.attribute(QUEUE_WAIT_MS, 0.0)[:-8]
 _pack_double = struct.Struct("<d").pack
+_native_encode: Callable[[Any], bytes | None] | None = None
+if _spancore is not None:
+    _spancore.configure_wire(
+        *(
+            otlp_wire.field(b"\x0a", key.encode())
+            for key in (MESSAGE_ID, TASK_RETRIES, DELIVERY_COUNT, QUEUE_WAIT_MS, TASK_STATE)
+        )
+    )
+    _native_encode = _spancore.encode
 
 
 def _message_attributes(message: tuple[str, int, int, float | None], start_ns: int) -> bytes:
@@ -161,14 +194,9 @@ def _message_attributes(message: tuple[str, int, int, float | None], start_ns: i
     return encoded_id + counts + _QUEUE_WAIT_PREFIX + _pack_double(wait if wait > 0.0 else 0.0)
 
 
-class RecordedSpan(trace.Span):
-    """A span recorded by `SpanRecorder`; unsampled ones (no recorder) carry only their context.
-
-    Ids are kept as the hex text they travel as in `traceparent`; the attributes every span of a
-    queue and task shares come pre-encoded (`base`), and the ones a task's message gives
-    (`message`: task id, retries, delivery count, send time) are encoded when the span is
-    exported, off the task's path. Attributes set later go to a dict.
-    """
+class _PySpanCore:
+    """The fields of a recorded span and its end, in Python: what `millpond._spancore.SpanCore`
+    does in C, used where that could not be built or MILLPOND_PURE_PYTHON is set."""
 
     __slots__ = (
         "base",
@@ -179,6 +207,7 @@ class RecordedSpan(trace.Span):
         "name",
         "parent_hex",
         "parent_remote",
+        "plain",
         "recorder",
         "span_hex",
         "start_ns",
@@ -186,18 +215,6 @@ class RecordedSpan(trace.Span):
         "trace_hex",
         "trace_state",
     )
-    # Set on few spans: class defaults, so a task's spans skip assigning them (instances still
-    # have a __dict__, as the API's Span class declares no slots).
-    #: nothing beyond its fixed shape was added (see `_encode_plain`)
-    plain = True
-    attributes: dict[str, Any] | None = None
-    events: list[bytes] | None = None
-    links: list[bytes] | None = None
-    status_code = 0
-    status_message: str | None = None
-    dropped_attributes = 0
-    dropped_events = 0
-    _context: trace.SpanContext | None = None
 
     def __init__(  # noqa: PLR0917 - made twice per task: positional is the cheap call
         self,
@@ -226,7 +243,58 @@ class RecordedSpan(trace.Span):
         self.link_from = link_from
         self.start_ns = _time_ns()
         self.end_ns = 0
-        self.state: str | None = None  # the outcome, on `process` spans: a slot, not a __dict__
+        self.state: str | None = None  # the outcome, on `process` spans
+        #: nothing beyond its fixed shape was added (see `_encode_plain`)
+        self.plain = True
+
+    def end(self, end_time: int | None = None) -> None:
+        recorder = self.recorder
+        if recorder is None or self.end_ns:
+            return
+        self.end_ns = end_time or _time_ns()
+        recorder.record(self)  # type: ignore[arg-type]  # always a RecordedSpan
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        """End the span; an exception escaping the block is recorded on it, as the SDK does."""
+        if exc is not None and self.recorder is not None and not self.end_ns:
+            self._escaped(exc)
+        self.end()
+
+    def _escaped(self, exc: BaseException) -> None:
+        raise NotImplementedError  # RecordedSpan's
+
+
+if _spancore is not None:
+    _SpanCore: type[_PySpanCore] = _spancore.SpanCore
+else:
+    _SpanCore = _PySpanCore
+
+
+class RecordedSpan(_SpanCore, trace.Span):  # type: ignore[misc,valid-type]
+    """A span recorded by `SpanRecorder`; unsampled ones (no recorder) carry only their context.
+
+    Ids are kept as the hex text they travel as in `traceparent`; the attributes every span of a
+    queue and task shares come pre-encoded (`base`), and the ones a task's message gives
+    (`message`: task id, retries, delivery count, send time) are encoded when the span is
+    exported, off the task's path. Attributes set later go to a dict.
+
+    Its fields, its creation (ids, start time), `end` and the context-manager protocol live in
+    the base class: `millpond._spancore.SpanCore` in C, or `_PySpanCore`.
+    """
+
+    # Set on few spans: class defaults, so a task's spans skip assigning them (they go to the
+    # instance's __dict__, as the API's Span class declares no slots).
+    attributes: dict[str, Any] | None = None
+    events: list[bytes] | None = None
+    links: list[bytes] | None = None
+    status_code = 0
+    status_message: str | None = None
+    dropped_attributes = 0
+    dropped_events = 0
+    _context: trace.SpanContext | None = None
 
     @property
     def sampled(self) -> bool:
@@ -251,13 +319,6 @@ class RecordedSpan(trace.Span):
 
     def is_recording(self) -> bool:
         return self.recorder is not None and not self.end_ns
-
-    def end(self, end_time: int | None = None) -> None:
-        recorder = self.recorder
-        if recorder is None or self.end_ns:
-            return
-        self.end_ns = end_time or _time_ns()
-        recorder.record(self)
 
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
         recorder = self.recorder
@@ -352,18 +413,24 @@ class RecordedSpan(trace.Span):
             attrs.update(attributes)
         self.add_event("exception", attrs, timestamp)
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        """End the span; an exception escaping the block is recorded on it, as the SDK does."""
-        if exc is not None and self.recorder is not None and not self.end_ns:
-            self.record_exception(exc, escaped=True)
-            self.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-        self.end()
+    def _escaped(self, exc: BaseException) -> None:
+        """An exception escaped the span's block (`__exit__`): recorded as the SDK does."""
+        self.record_exception(exc, escaped=True)
+        self.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
 
     def __repr__(self) -> str:
         return f"RecordedSpan({self.name!r}, trace_id={self.trace_hex}, span_id={self.span_hex})"
 
     # -- the wire ---------------------------------------------------------------------------------
     def encode(self) -> bytes:
+        """The span as OTLP protobuf (a ScopeSpans `spans` field); `_native_encode` first."""
+        if _native_encode is not None:
+            encoded = _native_encode(self)
+            if encoded is not None:
+                return encoded
+        return self.encode_in_python()
+
+    def encode_in_python(self) -> bytes:
         if self.plain and self.message is not None and self.trace_state is None:
             link_from = self.link_from
             if link_from is None or link_from[2] is None:

@@ -36,7 +36,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from millpond import otlp_wire
+from millpond import otlp_wire, span_recorder
 from millpond.exceptions import Retry
 from millpond.span_names import (
     DELIVERY_COUNT,
@@ -120,6 +120,7 @@ def refresh(parenting: str | None = None, system: str | None = None) -> bool:
         MESSAGING_SYSTEM = system
     _process_base.clear()
     _process_wire.clear()
+    _configure_native()
     return TRACING
 
 
@@ -129,6 +130,7 @@ def use_recorder(recorder: SpanRecorder | None) -> None:
     _recorder = recorder
     _process_wire.clear()
     _run_wire.clear()
+    _configure_native()
 
 
 def recorder() -> SpanRecorder | None:
@@ -287,7 +289,7 @@ def _producer_ids(traceparent: str) -> tuple[str, str, bool] | None:
     return ids
 
 
-def start_process_span(job: Job, pool_name: str) -> None:
+def _start_process_span(job: Job, pool_name: str) -> None:
     """Open the CONSUMER span for a job and put its context on the job for the `run` span.
 
     The producer's context is extracted once, here; the queue wait (from the `millpond_sent_at`
@@ -404,7 +406,9 @@ def _exception_attributes(exc_type: str, message: str, stacktrace: str | None) -
 _NOT_TRACED: AbstractContextManager[None] = nullcontext(None)
 
 
-def run_span(job: Job, *, fresh_context: bool = False) -> AbstractContextManager[trace.Span | None]:
+def run_span(
+    job: Job, *, fresh_context: bool = False, log_ids: LogIdVariables | None = None
+) -> AbstractContextManager[trace.Span | None]:
     """The `run <task>` span inside the execution unit, child of the job's `process` span.
 
     In the worker process the live `process` span object is the parent (no parsing); in a child
@@ -414,17 +418,25 @@ def run_span(job: Job, *, fresh_context: bool = False) -> AbstractContextManager
 
     `fresh_context`: the caller runs in a `contextvars.Context` of its own that is thrown away
     after the task (`millpond.execution` does), so the span is made current without a way back;
-    otherwise the previous context is restored on exit.
+    otherwise the previous context is restored on exit. With it, `log_ids` (structlog's
+    `trace_id` and `span_id` variables, `logs.context_variables`) get a recorded span's ids.
     """
     if not TRACING or not job.traceparent:
         return _NOT_TRACED
     if _recorder is None:
         return _sdk_run_span(job)
+    if fresh_context and log_ids is not None and _native_run is not None:
+        native = _native_run(job, log_ids)
+        if native is not None:
+            return native  # type: ignore[no-any-return]
     span = _recorded_run_span(job, _recorder)
     if span is None:
         return _NOT_TRACED
     if fresh_context:
         _make_current(span)
+        if log_ids is not None:
+            log_ids[0].set(span.trace_hex)
+            log_ids[1].set(span.span_hex)
         return span  # RecordedSpan.__exit__ records an escaping exception and ends it
     return _current_until_exit(span)
 
@@ -531,7 +543,9 @@ def _otel_context_variable() -> tuple[ContextVar[otel_context.Context], str] | N
     return variable, key
 
 
-def _current_setter() -> Callable[[trace.Span], object]:
+def _current_setter(
+    found: tuple[ContextVar[otel_context.Context], str] | None,
+) -> Callable[[trace.Span], object]:
     """A function making a span current for the rest of the running contextvars.Context.
 
     Same effect as `otel_context.attach(trace.set_span_in_context(span))` with the token
@@ -539,7 +553,6 @@ def _current_setter() -> Callable[[trace.Span], object]:
     a context copy and two calls through the runtime context. Falls back to `attach` should
     OpenTelemetry ever keep its context differently (`OTEL_PYTHON_CONTEXT`).
     """
-    found = Context().run(_otel_context_variable)
     if found is None:
 
         def attach(span: trace.Span) -> object:
@@ -555,7 +568,45 @@ def _current_setter() -> Callable[[trace.Span], object]:
     return make_current
 
 
-_make_current = _current_setter()
+_OTEL_CONTEXT_VARIABLE = Context().run(_otel_context_variable)
+_make_current = _current_setter(_OTEL_CONTEXT_VARIABLE)
+
+#: structlog's (trace_id, span_id) context variables, as `logs.context_variables` finds them
+LogIdVariables = tuple[ContextVar[Any], ContextVar[Any]]
+#: the job's process span, opened; `_spancore.start_process_span` when the C part is in use
+start_process_span: Callable[[Job, str], None] = _start_process_span
+_native_run: Callable[[Job, LogIdVariables], Any] | None = None
+
+
+def _configure_native() -> None:
+    """Point the C fast paths (`millpond._spancore`) at the current recorder and settings.
+
+    They handle the common case of each step and leave the rest to the Python functions here,
+    so this only decides whether they are used: with the span recorder, and with OpenTelemetry's
+    context variable found (else the `run` span goes through `attach`).
+    """
+    global start_process_span, _native_run
+    native = span_recorder.native_module()
+    recorder = _recorder
+    if native is None or recorder is None:
+        start_process_span, _native_run = _start_process_span, None
+        return
+    found = _OTEL_CONTEXT_VARIABLE
+    native.configure(
+        span_type=RecordedSpan,
+        recorder=recorder,
+        process_shapes=_process_wire,
+        run_shapes=_run_wire,
+        sampler=recorder.sample,
+        follows_parent=recorder.follows_parent,
+        link_only=PROCESS_PARENTING == "link",
+        otel_variable=found[0] if found else None,
+        otel_key=found[1] if found else None,
+        otel_context=otel_context.Context,
+        fallback=_start_process_span,
+    )
+    start_process_span = native.start_process_span
+    _native_run = native.enter_run_span if found else None
 
 
 def traced(span: trace.Span | None, outcome: Outcome, exc: BaseException | None) -> Outcome:
