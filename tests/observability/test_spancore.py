@@ -21,7 +21,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from millpond import execution, otlp_wire, span_recorder, telemetry
+from millpond import otlp_wire, span_recorder, telemetry
 from millpond.pool import Job
 from millpond.span_recorder import RecordedSpan, SpanRecorder
 
@@ -110,15 +110,17 @@ def test_a_nan_queue_wait_is_written_as_python_would(native: ModuleType) -> None
 
 # -- spans --------------------------------------------------------------------------------------------
 def test_a_span_ends_once_and_reports_an_escaping_exception(recorder: SpanRecorder) -> None:
-    recorded: list[RecordedSpan] = []
+    recorded: list[RecordedSpan | bytes] = []
     recorder.record = recorded.append  # type: ignore[method-assign]
     s = span(recorder)
     s.end(end_time=42)
     s.end()
-    assert s.end_ns == 42 and recorded == [s]
+    assert s.end_ns == 42 and len(recorded) == 1
+    # the C part hands a plain span over as its bytes, written at once; Python, as itself
+    assert recorded[0] == (s.encode_in_python() if span_recorder.NATIVE else s)
     with pytest.raises(ValueError, match="boom"), span(recorder) as failing:
         raise ValueError("boom")
-    assert recorded[-1] is failing and failing.status_code == 2  # ERROR
+    assert recorded[-1] is failing and failing.status_code == 2  # ERROR: encoded later
     assert failing.events is not None and len(failing.events) == 1
     with pytest.raises(TypeError):
         s.end(1, 2)  # type: ignore[call-arg]
@@ -233,33 +235,81 @@ def test_the_c_run_span_is_current_with_its_ids_in_the_log_context(
     monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)  # parent-based: 00 is not sampled
     rec = make_recorder(Capture(), sampler=span_recorder.sampler_from_env())
     telemetry.use_recorder(rec)
-    log_ids = execution._SPAN_ID_VARIABLES
-    assert log_ids is not None
+    assert telemetry.enter_run_span is native.enter_run_span
+    fallen_back: list[Job] = []
+    python_enter = telemetry._enter_run_span
+
+    def python_path(job: Job) -> Any:
+        fallen_back.append(job)
+        return python_enter(job)
+
+    monkeypatch.setattr(telemetry, "_enter_run_span", python_path)
+    telemetry._configure_native()
 
     def enter(job: Job) -> tuple[Any, Any, dict[str, Any]]:
-        made = native.enter_run_span(job, log_ids)
+        made = native.enter_run_span(job)
         return made, trace.get_current_span(), structlog.contextvars.get_contextvars()
 
+    previous = telemetry.TRACING
+    telemetry.TRACING = True
     try:
         for flags in ("01", "00"):
             job = _job(f"00-{TRACE}-{PARENT}-{flags}")
             telemetry.start_process_span(job, "solo")
-            if flags == "01":
-                assert contextvars.Context().run(enter, job)[0] is None  # a task not seen yet
-                telemetry._recorded_run_span(job, rec)  # the Python path: caches its shape
-            made, current, bound = contextvars.Context().run(enter, job)
-            assert current is made
-            assert bound == {"trace_id": TRACE, "span_id": made.span_hex}
-            if flags == "00":  # not sampled: the process span carries the context
-                assert made is job.span
-                continue
-            assert made.parent_hex == job.span.span_hex and made.trace_hex == TRACE
-            assert (made.name, made.kind, made.message) == (
-                "run spancore.task",
-                otlp_wire.KIND_INTERNAL,
-                (job.task_id, 0, 0, None),
-            )
-        assert native.enter_run_span(_job(None), log_ids) is None  # no live process span
+            for _first_python_then_c in range(2):
+                made, current, bound = contextvars.Context().run(enter, job)
+                assert current is made
+                assert bound == {"trace_id": TRACE, "span_id": made.span_hex}
+                if flags == "00":  # not sampled: the process span carries the context
+                    assert made is job.span
+                    continue
+                assert fallen_back == [job]  # the first time only: then the C part knows it
+                assert made.parent_hex == job.span.span_hex and made.trace_hex == TRACE
+                assert (made.name, made.kind, made.message) == (
+                    "run spancore.task",
+                    otlp_wire.KIND_INTERNAL,
+                    (job.task_id, 0, 0, None),
+                )
+        no_context = _job(None)
+        assert native.enter_run_span(no_context) is telemetry._NOT_TRACED
+        telemetry.TRACING = False
+        assert native.enter_run_span(job) is telemetry._NOT_TRACED
+    finally:
+        telemetry.TRACING = previous
+        monkeypatch.undo()
+        telemetry.use_recorder(None)
+        rec.shutdown()
+
+
+def test_the_c_process_span_ends_a_success_and_hands_the_rest_to_python(
+    native: ModuleType,
+) -> None:
+    from millpond.pool import Outcome
+
+    capture = Capture()
+    rec = make_recorder(capture)
+    telemetry.use_recorder(rec)
+    try:
+        assert telemetry.end_process_span is native.end_process_span
+        ended = {}
+        for state in ("SUCCESS", "FAILURE", "RETRY"):
+            job = _job(PRODUCER)
+            telemetry.start_process_span(job, "solo")
+            process = job.span
+            native.end_process_span(job, Outcome(state=state, exc_type="E", exc_message="m"))
+            assert job.span is None and process.end_ns and process.state == state
+            ended[state] = process
+        native.end_process_span(_job(None), Outcome(state="SUCCESS"))  # no span: nothing
+        assert ended["SUCCESS"].plain and not ended["FAILURE"].plain  # error status: Python's
+        assert ended["RETRY"].events  # the retry event
+        assert rec.force_flush()
+        states = {
+            next(
+                kv.value.string_value for kv in s.attributes if kv.key == "millpond.task.state"
+            ): s.status.code
+            for s in capture.spans()
+        }
+        assert states == {"SUCCESS": 0, "FAILURE": 2, "RETRY": 0}  # UNSET, ERROR, UNSET
     finally:
         telemetry.use_recorder(None)
         rec.shutdown()

@@ -122,6 +122,30 @@ now_ns(void)
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* the value of a lower-case hex digit, 0x10 for anything else: one table read per character,
+ * no branch (random hex digits made a `c <= '9'` branch mispredict on a third of them) */
+static unsigned char HEX_VALUE[256];
+
+static void
+hex_table_init(void)
+{
+    memset(HEX_VALUE, 0x10, sizeof HEX_VALUE);
+    for (int i = 0; i < 10; i++)
+        HEX_VALUE['0' + i] = (unsigned char)i;
+    for (int i = 0; i < 6; i++)
+        HEX_VALUE['a' + i] = (unsigned char)(10 + i);
+}
+
+/* whether `size` characters are all lower-case hex digits */
+static inline int
+all_hex(const Py_UCS1 *chars, Py_ssize_t size)
+{
+    unsigned char bad = 0;
+    for (Py_ssize_t i = 0; i < size; i++)
+        bad |= HEX_VALUE[chars[i]];
+    return !(bad & 0x10);
+}
+
 /* A 1-byte str of exactly `size` lower-case hex digits: its characters, else NULL. */
 static const Py_UCS1 *
 hex_chars(PyObject *text, Py_ssize_t size)
@@ -130,18 +154,7 @@ hex_chars(PyObject *text, Py_ssize_t size)
         || PyUnicode_KIND(text) != PyUnicode_1BYTE_KIND)
         return NULL;
     const Py_UCS1 *chars = PyUnicode_1BYTE_DATA(text);
-    for (Py_ssize_t i = 0; i < size; i++) {
-        Py_UCS1 c = chars[i];
-        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')))
-            return NULL;
-    }
-    return chars;
-}
-
-static inline int
-hex_value(Py_UCS1 c)
-{
-    return c <= '9' ? c - '0' : c - 'a' + 10;
+    return all_hex(chars, size) ? chars : NULL;
 }
 
 static int
@@ -265,14 +278,26 @@ span_dealloc(SpanCore *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* end(): note the end time and hand the span to its recorder, once; unsampled spans do nothing */
+static PyObject *encode(PyObject *module, PyObject *arg);
+
+/* end(): note the end time and hand the span to its recorder, once; unsampled spans do nothing.
+ * A plain span is handed over as its OTLP bytes, written now while its fields are in the CPU's
+ * cache (the export thread reading them a batch later missed the cache on nearly every field,
+ * several times the cost of writing them); a span carrying more goes as itself, and the export
+ * thread encodes it in Python. */
 static PyObject *
 span_end_at(SpanCore *self, long long end_ns)
 {
     if (self->recorder == Py_None || self->recorder == NULL || self->end_ns)
         Py_RETURN_NONE;
     self->end_ns = end_ns ? end_ns : now_ns();
-    return PyObject_CallMethodOneArg(self->recorder, s_record, (PyObject *)self);
+    PyObject *encoded = encode(NULL, (PyObject *)self);
+    if (!encoded)
+        return NULL;
+    PyObject *item = encoded == Py_None ? (PyObject *)self : encoded;
+    PyObject *result = PyObject_CallMethodOneArg(self->recorder, s_record, item);
+    Py_DECREF(encoded);
+    return result;
 }
 
 static PyObject *
@@ -380,7 +405,11 @@ typedef struct {
     PyObject *otel_variable;  /* OpenTelemetry's current-context ContextVar, or None */
     PyObject *otel_key;       /* its span key */
     PyObject *otel_context;   /* opentelemetry.context.Context */
-    PyObject *fallback;       /* the Python start_process_span, for what is not done here */
+    PyObject *log_variables;  /* structlog's (trace_id, span_id) ContextVars, or None */
+    PyObject *module_dict;    /* millpond.telemetry's globals: TRACING is read there */
+    PyObject *not_traced;     /* what enter_run_span returns when a task is not traced */
+    /* the Python functions doing what is not done here */
+    PyObject *start_fallback, *run_fallback, *end_fallback;
     int follows_parent;
     int link_only;            /* PROCESS_PARENTING == "link" */
 } Config;
@@ -401,19 +430,31 @@ static PyObject *s_producer_traceparent, *s_producer_tracestate, *s_queue, *s_ta
         Py_XDECREF(old_);                                                                         \
     } while (0)
 
+static int
+is_context_variables(PyObject *pair)
+{
+    return PyTuple_CheckExact(pair) && PyTuple_GET_SIZE(pair) == 2
+           && PyContextVar_CheckExact(PyTuple_GET_ITEM(pair, 0))
+           && PyContextVar_CheckExact(PyTuple_GET_ITEM(pair, 1));
+}
+
 static PyObject *
 configure(PyObject *module, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"span_type",      "recorder",    "process_shapes", "run_shapes",
-                             "sampler",        "follows_parent", "link_only", "otel_variable",
-                             "otel_key",       "otel_context", "fallback", NULL};
+    static char *kwlist[] = {"span_type",      "recorder",       "process_shapes", "run_shapes",
+                             "sampler",        "follows_parent", "link_only",      "otel_variable",
+                             "otel_key",       "otel_context",   "log_variables",  "module_dict",
+                             "not_traced",     "start_fallback", "run_fallback",   "end_fallback",
+                             NULL};
     PyObject *span_type, *recorder, *process_shapes, *run_shapes, *sampler, *otel_variable,
-        *otel_key, *otel_context, *fallback;
+        *otel_key, *otel_context, *log_variables, *module_dict, *not_traced, *start_fallback,
+        *run_fallback, *end_fallback;
     int follows_parent, link_only;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "$OOO!O!OppOOOO", kwlist, &span_type, &recorder,
-                                     &PyDict_Type, &process_shapes, &PyDict_Type, &run_shapes,
-                                     &sampler, &follows_parent, &link_only, &otel_variable,
-                                     &otel_key, &otel_context, &fallback))
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwds, "$OOO!O!OppOOOOO!OOOO", kwlist, &span_type, &recorder, &PyDict_Type,
+            &process_shapes, &PyDict_Type, &run_shapes, &sampler, &follows_parent, &link_only,
+            &otel_variable, &otel_key, &otel_context, &log_variables, &PyDict_Type, &module_dict,
+            &not_traced, &start_fallback, &run_fallback, &end_fallback))
         return NULL;
     if (!PyType_Check(span_type) || !PyType_IsSubtype((PyTypeObject *)span_type, &SpanCoreType)) {
         PyErr_SetString(PyExc_TypeError, "span_type must be a subclass of SpanCore");
@@ -421,6 +462,10 @@ configure(PyObject *module, PyObject *args, PyObject *kwds)
     }
     if (otel_variable != Py_None && !PyContextVar_CheckExact(otel_variable)) {
         PyErr_SetString(PyExc_TypeError, "otel_variable must be a ContextVar or None");
+        return NULL;
+    }
+    if (log_variables != Py_None && !is_context_variables(log_variables)) {
+        PyErr_SetString(PyExc_TypeError, "log_variables must be two ContextVars or None");
         return NULL;
     }
     SET_FIELD(config.span_type, span_type);
@@ -431,7 +476,12 @@ configure(PyObject *module, PyObject *args, PyObject *kwds)
     SET_FIELD(config.otel_variable, otel_variable);
     SET_FIELD(config.otel_key, otel_key);
     SET_FIELD(config.otel_context, otel_context);
-    SET_FIELD(config.fallback, fallback);
+    SET_FIELD(config.log_variables, log_variables);
+    SET_FIELD(config.module_dict, module_dict);
+    SET_FIELD(config.not_traced, not_traced);
+    SET_FIELD(config.start_fallback, start_fallback);
+    SET_FIELD(config.run_fallback, run_fallback);
+    SET_FIELD(config.end_fallback, end_fallback);
     config.follows_parent = follows_parent;
     config.link_only = link_only;
     Py_RETURN_NONE;
@@ -475,14 +525,7 @@ is_traceparent_00(PyObject *text)
     const Py_UCS1 *c = PyUnicode_1BYTE_DATA(text);
     if (c[0] != '0' || c[1] != '0' || c[2] != '-' || c[35] != '-' || c[52] != '-')
         return 0;
-    for (int i = 3; i < 55; i++) {
-        if (i == 35 || i == 52)
-            continue;
-        Py_UCS1 ch = c[i];
-        if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f')))
-            return 0;
-    }
-    return 1;
+    return all_hex(c + 3, 32) && all_hex(c + 36, 16) && all_hex(c + 53, 2);
 }
 
 static PyObject *
@@ -556,7 +599,7 @@ try_start_process_span(PyObject *const *args)
             const Py_UCS1 *c = PyUnicode_1BYTE_DATA(traceparent);
             if (!all_zero(c + 3, 32) && !all_zero(c + 36, 16)) {
                 has_producer = 1;
-                producer_sampled = hex_value(c[54]) & 1;
+                producer_sampled = HEX_VALUE[c[54]] & 1;
             }
         }
     }
@@ -659,34 +702,25 @@ start_process_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (done != Py_False)
         return done == Py_True ? (Py_DECREF(done), Py_NewRef(Py_None)) : done;
     Py_DECREF(done);
-    if (config.fallback == NULL) {
+    if (config.start_fallback == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "millpond._spancore is not configured");
         return NULL;
     }
-    return PyObject_Vectorcall(config.fallback, args, 2, NULL);
+    return PyObject_Vectorcall(config.start_fallback, args, 2, NULL);
 }
 
 /* -- the run span --------------------------------------------------------------------------------- */
 static PyObject *zero; /* the int 0 */
 
-/* enter_run_span(job, log_variables) -> the run span, current, its ids in the log context; or
- * None for the Python path (no live process span here, a task name not seen yet, no variable) */
+/* the run span, current, its ids in the log context; or None for the Python path (no live process
+ * span here, a task name not seen yet, a variable not found) */
 static PyObject *
-enter_run_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+try_enter_run_span(PyObject *job)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "enter_run_span(job, log_variables)");
-        return NULL;
-    }
-    if (config.recorder == NULL || config.otel_variable == NULL
-        || config.otel_variable == Py_None)
+    if (config.recorder == NULL || config.otel_variable == NULL || config.otel_variable == Py_None
+        || config.log_variables == NULL || config.log_variables == Py_None)
         Py_RETURN_NONE;
-    PyObject *job = args[0], *log_variables = args[1];
-    if (log_variables != Py_None
-        && (!PyTuple_CheckExact(log_variables) || PyTuple_GET_SIZE(log_variables) != 2
-            || !PyContextVar_CheckExact(PyTuple_GET_ITEM(log_variables, 0))
-            || !PyContextVar_CheckExact(PyTuple_GET_ITEM(log_variables, 1))))
-        Py_RETURN_NONE;
+    PyObject *log_variables = config.log_variables;
     PyObject *process = PyObject_GetAttr(job, s_span);
     if (!process)
         return NULL;
@@ -741,17 +775,15 @@ enter_run_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (!token)
         goto fail;
     Py_DECREF(token);
-    if (log_variables != Py_None) {
-        SpanCore *run = (SpanCore *)span;
-        token = PyContextVar_Set(PyTuple_GET_ITEM(log_variables, 0), run->trace_hex);
-        if (!token)
-            goto fail;
-        Py_DECREF(token);
-        token = PyContextVar_Set(PyTuple_GET_ITEM(log_variables, 1), run->span_hex);
-        if (!token)
-            goto fail;
-        Py_DECREF(token);
-    }
+    SpanCore *run = (SpanCore *)span;
+    token = PyContextVar_Set(PyTuple_GET_ITEM(log_variables, 0), run->trace_hex);
+    if (!token)
+        goto fail;
+    Py_DECREF(token);
+    token = PyContextVar_Set(PyTuple_GET_ITEM(log_variables, 1), run->span_hex);
+    if (!token)
+        goto fail;
+    Py_DECREF(token);
     Py_XDECREF(task_name);
     Py_XDECREF(task_id);
     Py_XDECREF(retries);
@@ -768,6 +800,79 @@ fail:
     Py_XDECREF(context);
     Py_DECREF(process);
     return NULL;
+}
+
+static PyObject *s_TRACING, *s_SUCCESS, *s_state;
+
+/* enter_run_span(job): what millpond.execution enters around a task body. Not tracing, or no
+ * trace context on the job: the shared do-nothing context manager; else the run span, current,
+ * with its ids in the log context (made here, or by the configured Python function). */
+static PyObject *
+enter_run_span(PyObject *module, PyObject *job)
+{
+    if (config.module_dict == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "millpond._spancore is not configured");
+        return NULL;
+    }
+    PyObject *tracing = PyDict_GetItemWithError(config.module_dict, s_TRACING); /* borrowed */
+    if (tracing != Py_True) {
+        if (tracing == NULL && PyErr_Occurred())
+            return NULL;
+        return Py_NewRef(config.not_traced);
+    }
+    PyObject *traceparent = PyObject_GetAttr(job, s_traceparent);
+    if (!traceparent)
+        return NULL;
+    int traced = PyObject_IsTrue(traceparent);
+    Py_DECREF(traceparent);
+    if (traced <= 0)
+        return traced < 0 ? NULL : Py_NewRef(config.not_traced);
+    PyObject *span = try_enter_run_span(job);
+    if (span != Py_None)
+        return span;
+    Py_DECREF(span);
+    return PyObject_CallOneArg(config.run_fallback, job);
+}
+
+/* end_process_span(job, outcome): a successful job's process span ends here; anything else, and
+ * spans not recorded here, go to the configured Python function */
+static PyObject *
+end_process_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "end_process_span(job, outcome)");
+        return NULL;
+    }
+    if (config.end_fallback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "millpond._spancore is not configured");
+        return NULL;
+    }
+    PyObject *span = PyObject_GetAttr(args[0], s_span);
+    if (!span)
+        return NULL;
+    if (PyObject_TypeCheck(span, &SpanCoreType)) {
+        PyObject *state = PyObject_GetAttr(args[1], s_state);
+        if (!state) {
+            Py_DECREF(span);
+            return NULL;
+        }
+        int success = state == s_SUCCESS
+                      || (PyUnicode_CheckExact(state) && PyUnicode_Compare(state, s_SUCCESS) == 0);
+        Py_DECREF(state);
+        if (success) {
+            if (PyObject_SetAttr(args[0], s_span, Py_None) < 0) {
+                Py_DECREF(span);
+                return NULL;
+            }
+            SpanCore *process = (SpanCore *)span;
+            SET_FIELD(process->state, s_SUCCESS);
+            PyObject *ended = span_end_at(process, 0);
+            Py_DECREF(span);
+            return ended;
+        }
+    }
+    Py_DECREF(span);
+    return PyObject_Vectorcall(config.end_fallback, args, 2, NULL);
 }
 
 /* -- the wire: a plain span as OTLP protobuf ------------------------------------------------------ */
@@ -807,7 +912,7 @@ static inline char *
 put_hex_bytes(char *out, const Py_UCS1 *chars, Py_ssize_t size)
 {
     for (Py_ssize_t i = 0; i < size; i += 2)
-        *out++ = (char)((hex_value(chars[i]) << 4) | hex_value(chars[i + 1]));
+        *out++ = (char)((HEX_VALUE[chars[i]] << 4) | HEX_VALUE[chars[i + 1]]);
     return out;
 }
 
@@ -1018,8 +1123,10 @@ static PyMethodDef module_methods[] = {
      "The encoded keys of the message id, retries, delivery count, queue wait and state."},
     {"start_process_span", (PyCFunction)(void (*)(void))start_process_span, METH_FASTCALL,
      "Open a job's process span (the configured Python function does what this does not)."},
-    {"enter_run_span", (PyCFunction)(void (*)(void))enter_run_span, METH_FASTCALL,
-     "The job's run span, made current with its ids in the log context; None: Python path."},
+    {"enter_run_span", enter_run_span, METH_O,
+     "The job's run span, made current with its ids in the log context (or a no-op manager)."},
+    {"end_process_span", (PyCFunction)(void (*)(void))end_process_span, METH_FASTCALL,
+     "End the job's process span (the configured Python function does what this does not)."},
     {"encode", encode, METH_O, "A plain span's OTLP bytes, or None when Python must encode it."},
     {NULL},
 };
@@ -1043,6 +1150,7 @@ PyInit__spancore(void)
 {
     static int seeded = 0;
     if (!seeded) {
+        hex_table_init();
         rng_seed();
         if (pthread_atfork(NULL, NULL, rng_seed) != 0) {
             PyErr_SetString(PyExc_ImportError, "millpond._spancore: pthread_atfork failed");
@@ -1063,6 +1171,9 @@ PyInit__spancore(void)
     INTERN(s_span, "span");
     INTERN(s_traceparent, "traceparent");
     INTERN(s_tracestate, "tracestate");
+    INTERN(s_TRACING, "TRACING");
+    INTERN(s_SUCCESS, "SUCCESS");
+    INTERN(s_state, "state");
     if (!zero && !(zero = PyLong_FromLong(0)))
         return NULL;
     if (PyType_Ready(&SpanCoreType) < 0)

@@ -1,6 +1,7 @@
 """The traced task path in C (`_spancore.c`); see `millpond.span_recorder`."""
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from typing import Any, Self
 
@@ -49,11 +50,17 @@ def configure(
     otel_variable: ContextVar[Any] | None,
     otel_key: str | None,
     otel_context: Callable[[dict[str, Any]], Any],
-    fallback: Callable[[Any, str], None],
+    log_variables: tuple[ContextVar[Any], ...] | None,
+    module_dict: dict[str, Any],
+    not_traced: AbstractContextManager[None],
+    start_fallback: Callable[[Any, str], None],
+    run_fallback: Callable[[Any], AbstractContextManager[Any]],
+    end_fallback: Callable[[Any, Any], None],
 ) -> None: ...
 def configure_wire(
     message_id: bytes, retries: bytes, delivery_count: bytes, queue_wait: bytes, state: bytes
 ) -> None: ...
 def start_process_span(job: Any, pool_name: str) -> None: ...
-def enter_run_span(job: Any, log_variables: tuple[ContextVar[Any], ContextVar[Any]]) -> Any: ...
+def enter_run_span(job: Any) -> AbstractContextManager[Any]: ...
+def end_process_span(job: Any, outcome: Any) -> None: ...
 def encode(span: object) -> bytes | None: ...

@@ -19,7 +19,7 @@ import inspect
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from millpond import logs, telemetry
 from millpond.exceptions import (
@@ -41,10 +41,6 @@ Guard = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
 _app: Millpond | None = None
 _bind_task_ids = logs.context_binder("task_id", "task_name", "retries")
 _bind_span_ids = logs.context_binder("trace_id", "span_id")
-#: where `telemetry.run_span` puts a recorded `run` span's ids itself (None: `_bind_trace_ids`)
-_SPAN_ID_VARIABLES = cast(
-    "telemetry.LogIdVariables | None", logs.context_variables("trace_id", "span_id")
-)
 
 
 def set_worker_app(app: Millpond) -> None:
@@ -138,10 +134,8 @@ def _bind_trace_ids(span: Any) -> None:
     """Put the `run` span's ids in the task's log context (the pool contract asks for them there,
     so a logging set-up of the user's own, reading only the context, has them too).
 
-    `telemetry.run_span` has done so for a recorded span when given the variables."""
+    A recorded span comes out of `telemetry.enter_run_span` with its ids bound already."""
     if span.__class__ is RecordedSpan:
-        if _SPAN_ID_VARIABLES is None:
-            _bind_span_ids(span.trace_hex, span.span_hex)
         return
     ids = telemetry.span_ids(span)
     if ids:
@@ -166,7 +160,7 @@ def _run(job: Job) -> Outcome:
         return task
     if is_async(task):
         return _async_in_sync_pool(job, started)
-    with telemetry.run_span(job, fresh_context=True, log_ids=_SPAN_ID_VARIABLES) as span:
+    with telemetry.enter_run_span(job) as span:
         if span is not None:
             _bind_trace_ids(span)
         try:
@@ -184,7 +178,7 @@ async def _run_async(job: Job, guard: Guard | None) -> Outcome:
     task = _begin(job, started)
     if isinstance(task, Outcome):
         return task
-    with telemetry.run_span(job, fresh_context=True, log_ids=_SPAN_ID_VARIABLES) as span:
+    with telemetry.enter_run_span(job) as span:
         if span is not None:
             _bind_trace_ids(span)
         try:

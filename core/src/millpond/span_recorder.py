@@ -634,7 +634,7 @@ class SpanRecorder:
         atexit.register(_call, ref, "shutdown")
 
     def _reset(self) -> None:
-        self._queue: deque[RecordedSpan] = deque()
+        self._queue: deque[RecordedSpan | bytes] = deque()
         self._wake = threading.Event()
         self._export_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -651,7 +651,8 @@ class SpanRecorder:
         return value
 
     # -- the hot path -----------------------------------------------------------------------------
-    def record(self, span: RecordedSpan) -> None:
+    def record(self, span: RecordedSpan | bytes) -> None:
+        """Queue an ended span for export: the span, or (from the C part) its OTLP bytes."""
         queue = self._queue
         if len(queue) >= self.max_queue:
             self.dropped += 1
@@ -697,7 +698,8 @@ class SpanRecorder:
                 batch: list[bytes] = []
                 try:
                     for _ in range(min(len(queue), self.batch_size)):
-                        batch.append(popleft().encode())
+                        item = popleft()
+                        batch.append(item if isinstance(item, bytes) else item.encode())
                 except Exception as exc:  # a bad attribute value: lose this batch, say so
                     self.failed += len(batch)
                     self._report(f"could not encode spans: {type(exc).__name__}: {exc}")

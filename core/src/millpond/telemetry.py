@@ -363,7 +363,8 @@ def _process_shape(key: tuple[str, str, str]) -> tuple[bytes, str]:
     return shape
 
 
-def end_process_span(job: Job, outcome: Outcome) -> None:
+def _end_process_span(job: Job, outcome: Outcome) -> None:
+    """Close the job's `process` span with its outcome (state, error status, retry event)."""
     span = job.span
     if span is None:
         return
@@ -406,9 +407,7 @@ def _exception_attributes(exc_type: str, message: str, stacktrace: str | None) -
 _NOT_TRACED: AbstractContextManager[None] = nullcontext(None)
 
 
-def run_span(
-    job: Job, *, fresh_context: bool = False, log_ids: LogIdVariables | None = None
-) -> AbstractContextManager[trace.Span | None]:
+def run_span(job: Job, *, fresh_context: bool = False) -> AbstractContextManager[trace.Span | None]:
     """The `run <task>` span inside the execution unit, child of the job's `process` span.
 
     In the worker process the live `process` span object is the parent (no parsing); in a child
@@ -418,25 +417,17 @@ def run_span(
 
     `fresh_context`: the caller runs in a `contextvars.Context` of its own that is thrown away
     after the task (`millpond.execution` does), so the span is made current without a way back;
-    otherwise the previous context is restored on exit. With it, `log_ids` (structlog's
-    `trace_id` and `span_id` variables, `logs.context_variables`) get a recorded span's ids.
+    otherwise the previous context is restored on exit.
     """
     if not TRACING or not job.traceparent:
         return _NOT_TRACED
     if _recorder is None:
         return _sdk_run_span(job)
-    if fresh_context and log_ids is not None and _native_run is not None:
-        native = _native_run(job, log_ids)
-        if native is not None:
-            return native  # type: ignore[no-any-return]
     span = _recorded_run_span(job, _recorder)
     if span is None:
         return _NOT_TRACED
     if fresh_context:
         _make_current(span)
-        if log_ids is not None:
-            log_ids[0].set(span.trace_hex)
-            log_ids[1].set(span.span_hex)
         return span  # RecordedSpan.__exit__ records an escaping exception and ends it
     return _current_until_exit(span)
 
@@ -571,26 +562,54 @@ def _current_setter(
 _OTEL_CONTEXT_VARIABLE = Context().run(_otel_context_variable)
 _make_current = _current_setter(_OTEL_CONTEXT_VARIABLE)
 
-#: structlog's (trace_id, span_id) context variables, as `logs.context_variables` finds them
-LogIdVariables = tuple[ContextVar[Any], ContextVar[Any]]
-#: the job's process span, opened; `_spancore.start_process_span` when the C part is in use
+
+def _enter_run_span(job: Job) -> AbstractContextManager[trace.Span | None]:
+    """`run_span(job, fresh_context=True)`, a recorded span's ids bound in the log context."""
+    if not TRACING or not job.traceparent:
+        return _NOT_TRACED
+    manager = run_span(job, fresh_context=True)
+    if isinstance(manager, RecordedSpan):
+        _log_id_binder()(manager.trace_hex, manager.span_hex)
+    return manager
+
+
+_bind_log_ids: Callable[[str, str], None] | None = None
+
+
+def _log_id_binder() -> Callable[[str, str], None]:
+    """Binds a span's ids in structlog's context (`millpond.logs` imports this module: lazily)."""
+    global _bind_log_ids
+    if _bind_log_ids is None:
+        from millpond import logs
+
+        _bind_log_ids = logs.context_binder("trace_id", "span_id")
+    return _bind_log_ids
+
+
+#: the job's process span, opened (the pool calls it before `on_apply`)
 start_process_span: Callable[[Job, str], None] = _start_process_span
-_native_run: Callable[[Job, LogIdVariables], Any] | None = None
+#: the job's process span, ended with its outcome (the pool calls it when the job completes)
+end_process_span: Callable[[Job, Outcome], None] = _end_process_span
+#: the `run` span around a task body, for a caller with a throwaway contextvars.Context (what
+#: `millpond.execution` does): current, and when recorded, its ids are in the log context
+enter_run_span: Callable[[Job], AbstractContextManager[trace.Span | None]] = _enter_run_span
 
 
 def _configure_native() -> None:
-    """Point the C fast paths (`millpond._spancore`) at the current recorder and settings.
+    """Point the C part (`millpond._spancore`) at the current recorder and settings.
 
-    They handle the common case of each step and leave the rest to the Python functions here,
-    so this only decides whether they are used: with the span recorder, and with OpenTelemetry's
-    context variable found (else the `run` span goes through `attach`).
+    Its functions do the common case of each step and call the Python ones above for the rest,
+    so this only decides whether they are used: with the span recorder, not with the SDK.
     """
-    global start_process_span, _native_run
+    global start_process_span, end_process_span, enter_run_span
     native = span_recorder.native_module()
     recorder = _recorder
     if native is None or recorder is None:
-        start_process_span, _native_run = _start_process_span, None
+        start_process_span, end_process_span = _start_process_span, _end_process_span
+        enter_run_span = _enter_run_span
         return
+    from millpond import logs
+
     found = _OTEL_CONTEXT_VARIABLE
     native.configure(
         span_type=RecordedSpan,
@@ -603,10 +622,16 @@ def _configure_native() -> None:
         otel_variable=found[0] if found else None,
         otel_key=found[1] if found else None,
         otel_context=otel_context.Context,
-        fallback=_start_process_span,
+        log_variables=logs.context_variables("trace_id", "span_id"),
+        module_dict=globals(),
+        not_traced=_NOT_TRACED,
+        start_fallback=_start_process_span,
+        run_fallback=_enter_run_span,
+        end_fallback=_end_process_span,
     )
     start_process_span = native.start_process_span
-    _native_run = native.enter_run_span if found else None
+    end_process_span = native.end_process_span
+    enter_run_span = native.enter_run_span
 
 
 def traced(span: trace.Span | None, outcome: Outcome, exc: BaseException | None) -> Outcome:
