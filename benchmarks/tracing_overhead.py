@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/tracing_overhead.py                     # sqlite, solo + threads:4
     .venv/bin/python benchmarks/tracing_overhead.py --broker redis://127.0.0.1:6379/15
     .venv/bin/python benchmarks/tracing_overhead.py --metrics --blocks 30
+    .venv/bin/python benchmarks/tracing_overhead.py --off-cost            # tracing off, per task
 
 A shared machine's speed drifts by tens of percent from one second to the next, more than the
 effect measured here, so "off" and "on" are not compared across separate runs. Each run is one
@@ -187,6 +188,27 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"blocks": blocks, "traced": traced}))
 
 
+def off_cost(rounds: int = 200_000) -> None:
+    """What tracing costs a task when it is off: the two helpers every task enters anyway."""
+    from millpond import telemetry
+    from millpond.pool import Job
+
+    assert not telemetry.TRACING, "tracing is on in this process"
+    job = Job(task_id="t", task_name="bench.noop", args=(), kwargs={}, queue="q")
+    job.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers: dict[str, Any] = {}
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(rounds):
+            with telemetry.publish_span("q", "bench.noop", "t", headers):
+                pass
+            with telemetry.enter_run_span(job):
+                pass
+        best = min(best, (time.perf_counter() - started) / rounds)
+    print(f"tracing off: {best * 1e6:.2f} µs per task (publish_span + enter_run_span, best of 5)")
+
+
 def run_child(
     args: argparse.Namespace, pool: str, concurrency: int, mode: str, collector: Collector
 ) -> list[dict[str, Any]]:
@@ -275,10 +297,16 @@ def main() -> None:
         "--modes", default="on,on-10%,on-sdk", help="modes to measure (on,on-10%%,on-sdk)"
     )
     parser.add_argument("--metrics", action="store_true", help="also measure metrics on")
+    parser.add_argument(
+        "--off-cost", action="store_true", help="only what tracing costs a task when it is off"
+    )
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.off_cost:
+        off_cost()
         return
     tmp = tempfile.TemporaryDirectory(prefix="millpond-bench-")
     if args.broker is None:

@@ -39,7 +39,8 @@ def _check(proc: subprocess.CompletedProcess[str], what: str) -> subprocess.Comp
 
 
 def build_wheels(sources: Sequence[Path], out: Path) -> dict[str, Path]:
-    """Build one wheel per source tree into `out` (no isolation: hatchling from the dev env)."""
+    """Build one wheel per source tree into `out` (no isolation: hatchling and setuptools from the
+    dev env)."""
     out.mkdir(parents=True, exist_ok=True)
     _check(
         subprocess.run(

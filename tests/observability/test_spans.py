@@ -218,18 +218,22 @@ def _drain(app: Millpond) -> list[Any]:
         consumer.close()
 
 
-def test_tracing_off_costs_next_to_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With TRACING False the hot-path helpers return at once: measured, not assumed."""
+def test_tracing_off_skips_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With TRACING False the hot-path helpers return at once, touching no tracer and no header.
+
+    What that costs per task is measured by `benchmarks/tracing_overhead.py --off-cost`, not here.
+    """
+
+    def no_tracer() -> None:
+        raise AssertionError("a tracer was asked for with tracing off")
+
     monkeypatch.setattr(telemetry, "TRACING", False)
+    monkeypatch.setattr(telemetry, "tracer", no_tracer)
     job = Job(task_id="t", task_name="obs.ok", args=(), kwargs={}, queue="q")
+    job.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     headers: dict[str, Any] = {}
-    rounds = 20_000
-    started = time.perf_counter()
-    for _ in range(rounds):
-        with telemetry.publish_span("q", "obs.ok", "t", headers):
-            pass
-        with telemetry.run_span(job):
-            pass
-    per_task = (time.perf_counter() - started) / rounds
+    with telemetry.publish_span("q", "obs.ok", "t", headers):
+        pass
     assert not headers
-    assert per_task < 20e-6, f"tracing off costs {per_task * 1e6:.2f} µs per task"
+    assert telemetry.run_span(job) is telemetry._NOT_TRACED
+    assert telemetry.enter_run_span(job) is telemetry._NOT_TRACED
