@@ -279,6 +279,39 @@ span_dealloc(SpanCore *self)
 }
 
 static PyObject *encode(PyObject *module, PyObject *arg);
+static PyObject *s_fast_queue, *s_append;
+
+/* recorder.record(item), its common case done here: the recorder's `_fast_queue` is (queue,
+ * batch size) once its export thread runs; an item that does not fill a batch is appended to the
+ * queue directly (a deque: atomic under the GIL). A full queue, a batch to announce or a thread
+ * to start: the recorder's own `record`. */
+static PyObject *
+record(PyObject *recorder, PyObject *item)
+{
+    PyObject *fast = PyObject_GetAttr(recorder, s_fast_queue);
+    if (!fast) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return NULL;
+        PyErr_Clear();
+    } else if (PyTuple_CheckExact(fast) && PyTuple_GET_SIZE(fast) == 2) {
+        PyObject *queue = PyTuple_GET_ITEM(fast, 0);
+        Py_ssize_t queued = PyObject_Size(queue);
+        Py_ssize_t batch = PyLong_AsSsize_t(PyTuple_GET_ITEM(fast, 1));
+        if (queued < 0 || (batch == -1 && PyErr_Occurred())) {
+            Py_DECREF(fast);
+            return NULL;
+        }
+        if (queued + 1 < batch) {
+            PyObject *done = PyObject_CallMethodOneArg(queue, s_append, item);
+            Py_DECREF(fast);
+            return done;
+        }
+        Py_DECREF(fast);
+    } else {
+        Py_DECREF(fast);
+    }
+    return PyObject_CallMethodOneArg(recorder, s_record, item);
+}
 
 /* end(): note the end time and hand the span to its recorder, once; unsampled spans do nothing.
  * A plain span is handed over as its OTLP bytes, written now while its fields are in the CPU's
@@ -295,7 +328,7 @@ span_end_at(SpanCore *self, long long end_ns)
     if (!encoded)
         return NULL;
     PyObject *item = encoded == Py_None ? (PyObject *)self : encoded;
-    PyObject *result = PyObject_CallMethodOneArg(self->recorder, s_record, item);
+    PyObject *result = record(self->recorder, item);
     Py_DECREF(encoded);
     return result;
 }
@@ -1159,6 +1192,8 @@ PyInit__spancore(void)
         seeded = 1;
     }
     INTERN(s_record, "record");
+    INTERN(s_fast_queue, "_fast_queue");
+    INTERN(s_append, "append");
     INTERN(s_escaped, "_escaped");
     INTERN(s_producer_traceparent, "producer_traceparent");
     INTERN(s_producer_tracestate, "producer_tracestate");

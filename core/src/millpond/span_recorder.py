@@ -638,6 +638,9 @@ class SpanRecorder:
         self._wake = threading.Event()
         self._export_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        #: (queue, batch size) while the export thread runs: the C part appends a span that does
+        #: not fill a batch to the queue itself, and calls `record` for anything else
+        self._fast_queue: tuple[deque[RecordedSpan | bytes], int] | None = None
 
     def limit(self, value: Any) -> Any:
         """An attribute value cut to OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT, like the SDK does."""
@@ -675,6 +678,7 @@ class SpanRecorder:
         thread = threading.Thread(target=self._run, name="millpond-span-export", daemon=True)
         self._thread = thread
         thread.start()
+        self._fast_queue = (self._queue, self.batch_size)
 
     def _run(self) -> None:
         wake = self._wake
@@ -739,6 +743,7 @@ class SpanRecorder:
         if self._stopped:
             return
         self._stopped = True
+        self._fast_queue = None
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
