@@ -214,6 +214,8 @@ def run_child(
 ) -> list[dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MILLPOND_"))}
     env["PYTHONPATH"] = str(ROOT)
+    if args.pure_python:
+        env["MILLPOND_PURE_PYTHON"] = "1"
     if mode.startswith("on"):
         env.update(
             {
@@ -300,6 +302,9 @@ def main() -> None:
     parser.add_argument(
         "--off-cost", action="store_true", help="only what tracing costs a task when it is off"
     )
+    parser.add_argument(
+        "--pure-python", action="store_true", help="the workers without the C part (_spancore)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
     if args.child:
@@ -345,6 +350,7 @@ def main() -> None:
     print(
         f"\nbroker {args.broker.split('?')[0]}, no-op tasks, {args.blocks} on blocks of "
         f"{args.block} tasks between off blocks, per mode"
+        + (", pure Python (MILLPOND_PURE_PYTHON=1)" if args.pure_python else "")
     )
     print(
         "lost: throughput lost in on blocks against the off blocks either side, median "
