@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import textwrap
 import uuid
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.install.venvs import Venv, build_wheels, wait_for
+from tests.install.venvs import ROOT, Venv, build_wheels, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -277,3 +279,64 @@ def test_scaffolded_pool_passes_the_kit_as_generated(
 ) -> None:
     proc = _pytest(thirdparty_venv, scaffolded / "tests", scaffolded)
     assert_kit_passed(proc)
+
+
+PURE_PYTHON_CHECK = textwrap.dedent('''
+    """A traced task through the span recorder, in a millpond built without its C part."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from millpond import Millpond, execution, span_recorder, telemetry
+    from millpond.pool import Job
+
+    assert not span_recorder.NATIVE and span_recorder.native_module() is None
+    sent = []
+    recorder = span_recorder.SpanRecorder(
+        lambda body, timeout: sent.append(body) or True, {"service.name": "pure"}, "1",
+        sampler=lambda parent, trace_hex: True,
+    )
+    telemetry.use_recorder(recorder)
+    telemetry.TRACING = True
+    app = Millpond("pure", broker_url="memory://pure")
+
+    @app.task(name="pure.add")
+    def add(x, y):
+        return x + y
+
+    execution.set_worker_app(app)
+    job = Job("task-1", "pure.add", (2, 3), {}, queue="q")
+    telemetry.start_process_span(job, "solo")
+    outcome = execution.run_job(job)
+    telemetry.end_process_span(job, outcome)
+    recorder.shutdown()
+    names = []
+    for body in sent:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        names += [s.name for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert outcome.result == 5 and sorted(names) == ["process q", "run pure.add"], names
+    print("pure python ok")
+''')
+
+
+def test_without_a_c_compiler_the_core_installs_and_traces_in_pure_python(
+    tmp_path_factory: pytest.TempPathFactory, wheelhouse: dict[str, Path], tmp_path: Path
+) -> None:
+    """`optional=True`: a failed compile leaves a wheel without `_spancore`, and nothing else."""
+    out = tmp_path_factory.mktemp("no-compiler")
+    source = out / "core"  # the sources alone, as in an sdist: no build/ output to reuse
+    shutil.copytree(
+        ROOT / "core", source, ignore=shutil.ignore_patterns("build", "*.so", "*.egg-info")
+    )
+    wheels = build_wheels([source], out / "wheels", env={"CC": "false", "LDSHARED": "false"})
+    with zipfile.ZipFile(wheels["millpond"]) as wheel:
+        assert not [name for name in wheel.namelist() if "_spancore" in name and ".so" in name]
+    venv = Venv.create(
+        tmp_path_factory.mktemp("venvs") / "pure",
+        [str(wheels["millpond"])],
+        wheelhouse["millpond"].parent,
+    )
+    script = tmp_path / "pure_check.py"
+    script.write_text(PURE_PYTHON_CHECK)
+    done = venv.run("python", str(script), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pure python ok" in done.stdout

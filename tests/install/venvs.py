@@ -38,7 +38,9 @@ def _check(proc: subprocess.CompletedProcess[str], what: str) -> subprocess.Comp
     return proc
 
 
-def build_wheels(sources: Sequence[Path], out: Path) -> dict[str, Path]:
+def build_wheels(
+    sources: Sequence[Path], out: Path, env: Mapping[str, str] | None = None
+) -> dict[str, Path]:
     """Build one wheel per source tree into `out` (no isolation: hatchling and setuptools from the
     dev env)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -60,6 +62,7 @@ def build_wheels(sources: Sequence[Path], out: Path) -> dict[str, Path]:
             capture_output=True,
             text=True,
             timeout=300,
+            env={**os.environ, **(env or {})},
         ),
         "building wheels of " + ", ".join(s.name for s in sources),
     )
