@@ -130,13 +130,11 @@ def _begin(job: Job, started: float) -> Task | Outcome:
     return task
 
 
-def _bind_trace_ids(span: Any) -> None:
-    """Put the `run` span's ids in the task's log context (the pool contract asks for them there,
-    so a logging set-up of the user's own, reading only the context, has them too).
+def _bind_sdk_span_ids(span: Any) -> None:
+    """Put an SDK `run` span's ids in the task's log context (the pool contract asks for them
+    there, so a logging set-up of the user's own, reading only the context, has them too).
 
     A recorded span comes out of `telemetry.enter_run_span` with its ids bound already."""
-    if span.__class__ is RecordedSpan:
-        return
     ids = telemetry.span_ids(span)
     if ids:
         _bind_span_ids(*ids)
@@ -161,8 +159,8 @@ def _run(job: Job) -> Outcome:
     if is_async(task):
         return _async_in_sync_pool(job, started)
     with telemetry.enter_run_span(job) as span:
-        if span is not None:
-            _bind_trace_ids(span)
+        if span is not None and span.__class__ is not RecordedSpan:  # recorded: bound already
+            _bind_sdk_span_ids(span)
         try:
             result: Any = task(*job.args, **job.kwargs)
         except (Exception, SystemExit) as exc:
@@ -179,8 +177,8 @@ async def _run_async(job: Job, guard: Guard | None) -> Outcome:
     if isinstance(task, Outcome):
         return task
     with telemetry.enter_run_span(job) as span:
-        if span is not None:
-            _bind_trace_ids(span)
+        if span is not None and span.__class__ is not RecordedSpan:  # recorded: bound already
+            _bind_sdk_span_ids(span)
         try:
             result: Any = task(*job.args, **job.kwargs)
             if inspect.iscoroutine(result):
