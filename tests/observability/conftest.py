@@ -122,11 +122,14 @@ class Proc:
 def obs_env(tmp_path: Path) -> dict[str, str]:
     """Environment for a worker and a producer sharing a fresh sqlite broker and a unique queue.
 
-    Every OTEL_* variable of the test runner's own environment is dropped, so only what a test
-    sets reaches the processes.
+    Every OTEL_* and MILLPOND_* variable of the test runner's own environment is dropped, so only
+    what a test sets reaches the processes; but MILLPOND_PURE_PYTHON passes, so the session that
+    runs these tests without the C part runs its workers without it too.
     """
     queue = f"obs-{uuid.uuid4().hex[:10]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MILLPOND_"))}
+    if "MILLPOND_PURE_PYTHON" in os.environ:
+        env["MILLPOND_PURE_PYTHON"] = os.environ["MILLPOND_PURE_PYTHON"]
     env.update(
         {
             "PYTHONPATH": str(ROOT),

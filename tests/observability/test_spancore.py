@@ -39,6 +39,23 @@ def test_the_c_part_is_built_where_a_compiler_is() -> None:
     assert span_recorder.NATIVE, "millpond._spancore was not built: pip install -e core"
 
 
+def test_worker_processes_use_what_this_session_uses(obs_env: dict[str, str]) -> None:
+    """The subprocess workers of the tracing tests run the C part exactly when this process
+    does, so the pure-Python session checks the multi-pool trace tree in pure Python too."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import millpond.span_recorder as r; print(r.NATIVE)"],
+        env=obs_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip() == str(span_recorder.NATIVE)
+
+
 @pytest.fixture
 def native() -> ModuleType:
     module = span_recorder.native_module()
