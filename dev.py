@@ -4,12 +4,11 @@
     python3 dev.py demo     a real worker on the embedded broker runs the example tasks
     python3 dev.py test     lint, type-check and the whole test suite
     python3 dev.py bench    the benchmarks (see benchmarks/README.md)
+    python3 dev.py bench tracing   what tracing costs per task (benchmarks/tracing_overhead.py)
 
 It needs nothing but Python 3.11+: it creates `.venv` beside this file on first use and installs
 every workspace package (editable, with its entry points) plus the pinned development tools from the
-root `pyproject.toml`. It reinstalls only when a `pyproject.toml` or the C source changed (the
-install compiles `millpond._spancore` where a C compiler is; without one millpond runs in pure
-Python).
+root `pyproject.toml`. It reinstalls only when a `pyproject.toml` changed.
 """
 
 from __future__ import annotations
@@ -29,8 +28,9 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
 STAMP = VENV / ".millpond-installed"
 
-# Pool plugins that monkey-patch the interpreter get their own pytest process each.
-GREEN_SUITES = ["tests/green/gevent", "tests/green/eventlet"]
+# Pool plugins that monkey-patch the interpreter get their own pytest process each (the root
+# conftest.py keeps them out of every other session).
+GREEN_SUITES = ["plugins/pool-gevent/tests", "plugins/pool-eventlet/tests"]
 
 
 def members() -> list[Path]:
@@ -39,9 +39,7 @@ def members() -> list[Path]:
 
 def fingerprint() -> str:
     digest = hashlib.sha256()
-    # the C source too: an editable install compiles it in place, so a change needs a reinstall
-    native = sorted((ROOT / "core" / "src").rglob("*.c"))
-    for path in [ROOT / "pyproject.toml", *(m / "pyproject.toml" for m in members()), *native]:
+    for path in [ROOT / "pyproject.toml", *(m / "pyproject.toml" for m in members())]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -117,10 +115,13 @@ def test(extra: list[str]) -> int:
     if extra:
         sessions.append((extra, env))
     else:
-        sessions.append((["tests", *(f"--ignore={g}" for g in GREEN_SUITES)], env))
+        # the workspace's cross-package tests, the core's own, and every plugin's but the green
+        plugin_tests = [
+            p.relative_to(ROOT).as_posix() for p in sorted(ROOT.glob("plugins/*/tests"))
+        ]
+        main = ["tests", "core/tests", *(t for t in plugin_tests if t not in GREEN_SUITES)]
+        sessions.append((main, env))
         sessions += [([g], env) for g in GREEN_SUITES if (ROOT / g).is_dir()]
-        # the tracing tests once more without the C part: the pure-Python path must agree
-        sessions.append((["tests/observability"], {**env, "MILLPOND_PURE_PYTHON": "1"}))
     totals = [0, 0, 0]
     for i, (session, session_env) in enumerate(sessions):
         junit = reports / f"session-{i}.xml"
@@ -149,6 +150,8 @@ def main(argv: list[str]) -> int:
     if command == "lint":
         return lint()
     if command == "bench":
+        if extra[:1] == ["tracing"]:
+            return run(str(PY), "benchmarks/tracing_overhead.py", *extra[1:], env=child_env())
         return run(str(PY), "benchmarks/run.py", *extra, env=child_env())
     if command == "env":
         return 0

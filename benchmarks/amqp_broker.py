@@ -30,7 +30,7 @@ from collections.abc import Callable
 import amqp
 from kombu import Connection, Consumer, Queue
 
-from millpond.protocol import decode_task, encode_task
+from millpond.wire.protocol import decode_task, encode_task
 from millpond_broker_amqp import AmqpBroker
 from millpond_broker_amqp.codec import to_amqp
 

@@ -25,8 +25,8 @@ PREFETCH = 64
 
 
 def _payloads(queue: str, n: int) -> list[bytes]:
-    from millpond import envelope
-    from millpond.protocol import encode_task
+    from millpond.wire import envelope
+    from millpond.wire.protocol import encode_task
 
     return [envelope.dumps(encode_task("bench.noop", ()), queue=queue).encode() for _ in range(n)]
 
@@ -96,8 +96,8 @@ def kombu_consume(target: brokers.Target, n: int, timeout: float) -> float:
 
 
 def millpond_consumer(target: brokers.Target, n: int, timeout: float) -> float:
-    from millpond import plugins
-    from millpond.protocol import encode_task
+    from millpond.config import plugins
+    from millpond.wire.protocol import encode_task
 
     queue = f"bench-base-{uuid.uuid4().hex[:10]}"
     broker = plugins.broker_for_url(target.url)
@@ -138,6 +138,7 @@ METHODS = {
         "millpond-consumer": millpond_consumer,
     },
     "amqp": {"kombu": kombu_consume, "millpond-consumer": millpond_consumer},
+    "postgres": {"millpond-consumer": millpond_consumer},
 }
 
 

@@ -119,8 +119,8 @@ def _progress(ledger: Path) -> int:
 
 def fill(broker_url: str, queue: str, tasks: int) -> list[str]:
     """Publish `tasks` no-op messages and wait until the broker holds them all."""
-    from millpond import plugins
-    from millpond.protocol import encode_task
+    from millpond.config import plugins
+    from millpond.wire.protocol import encode_task
 
     ids = [str(uuid.uuid4()) for _ in range(tasks)]
     amqp = broker_url.startswith("amqp")
@@ -145,7 +145,7 @@ def fill(broker_url: str, queue: str, tasks: int) -> list[str]:
 
 
 def cleanup(broker_url: str, queue: str) -> None:
-    from millpond import plugins
+    from millpond.config import plugins
 
     broker = plugins.broker_for_url(broker_url, {})
     try:

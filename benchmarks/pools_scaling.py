@@ -22,8 +22,9 @@ import statistics
 import time
 from collections.abc import Callable
 
-from millpond import execution
-from millpond.pool import SUCCESS, BasePool
+from millpond.consume import execute as execution
+from millpond.contracts.pool import BasePool
+from millpond.states import TaskState
 from millpond.testing import tasks
 from millpond.testing.pool_kit import Outcomes, Runner, make_job
 from millpond_pool_prefork import PreforkPool
@@ -63,7 +64,7 @@ def timed(
         started = time.perf_counter()
         results = runner.run_all(jobs, timeout=300)
         elapsed = time.perf_counter() - started
-        bad = [o for o in results if o.state != SUCCESS]
+        bad = [o for o in results if o.state != TaskState.SUCCESS]
         if bad:
             raise RuntimeError(f"{len(bad)} jobs failed, e.g. {bad[0]}")
         return elapsed

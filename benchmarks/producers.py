@@ -20,7 +20,7 @@ class Producer(Protocol):
 
 class MillpondProducer:
     def __init__(self, broker_url: str, queue: str) -> None:
-        from millpond.app import Millpond
+        from millpond.produce.app import Millpond
 
         self.queue = queue
         self.app = Millpond(
@@ -38,12 +38,21 @@ class MillpondProducer:
 
 
 class CeleryProducer:
-    def __init__(self, broker_url: str, queue: str) -> None:
+    def __init__(
+        self, broker_url: str, queue: str, transport_options: dict[str, Any] | None = None
+    ) -> None:
         from celery import Celery
 
         self.queue = queue
         self.app = Celery("bench-producer", broker=broker_url)
-        self.app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=True)
+        self.app.conf.update(
+            task_ignore_result=True,
+            broker_connection_retry_on_startup=True,
+            broker_transport_options=transport_options or {},
+        )
+        from benchmarks.tasks import celery_cluster_options
+
+        self.app.conf.update(celery_cluster_options())
 
     def send(self, name: str, args: Sequence[Any] = ()) -> None:
         self.app.send_task(name, args=list(args), queue=self.queue, ignore_result=True)
@@ -52,9 +61,15 @@ class CeleryProducer:
         self.app.close()
 
 
-def producer(framework: str, broker_url: str, queue: str) -> Producer:
+def producer(
+    framework: str,
+    broker_url: str,
+    transport_options: dict[str, Any] | None = None,
+    *,
+    queue: str,
+) -> Producer:
     if framework == MILLPOND:
         return MillpondProducer(broker_url, queue)
     if framework == CELERY:
-        return CeleryProducer(broker_url, queue)
+        return CeleryProducer(broker_url, queue, transport_options)
     raise ValueError(f"unknown framework {framework!r}")

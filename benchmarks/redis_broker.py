@@ -24,8 +24,8 @@ from collections.abc import Callable
 import redis
 from kombu import Connection
 
-from millpond import envelope
-from millpond.protocol import encode_task
+from millpond.wire import envelope
+from millpond.wire.protocol import encode_task
 from millpond_broker_redis import RedisBroker
 
 

@@ -24,7 +24,7 @@ SLEEP_TARGET = {"redis": 7000.0, "amqp": 8000.0}
 STARTUP_TARGET_S = 0.2
 RSS_TARGET_MIB = {"solo": 40.0, "prefork": 90.0}
 RATIO_TARGET = 3.0
-BROKER_ORDER = {"sqlite": 0, "redis": 1, "amqp": 2}
+BROKER_ORDER = {"sqlite": 0, "redis": 1, "amqp": 2, "postgres": 3}
 POOL_ORDER = {"solo": 0, "threads": 1, "prefork": 2, "gevent": 3, "eventlet": 4}
 
 

@@ -103,8 +103,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--broker",
         type=_choices(brokers.BROKERS, "broker"),
-        default=list(brokers.BROKERS),
-        help="sqlite,redis,amqp (default: all)",
+        default=list(brokers.DEFAULT_BROKERS),
+        help="sqlite,redis,amqp,sqs,filesystem,postgres (default: sqlite,redis,amqp; sqs starts a "
+        "moto server, postgres a private PostgreSQL)",
     )
     p.add_argument(
         "--pool",

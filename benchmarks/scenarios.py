@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 import uuid
@@ -65,7 +66,13 @@ class Run:
                 argv = self.ctx.wrap_millpond(argv, self.ctx.run_dir / f"{tag}.prof")
         else:
             argv = celery_command(self.combo, self.queue)
-        env = environment(self.framework, self.target.url, self.ctx.side.url, self.ctx.run_dir)
+        if self.framework == MILLPOND:
+            env = environment(self.framework, self.target.url, self.ctx.side.url, self.ctx.run_dir)
+        else:
+            url, options = self.target.for_celery()
+            env = environment(
+                self.framework, url, self.ctx.side.url, self.ctx.run_dir, json.dumps(options)
+            )
         self.worker = WorkerProcess(argv, env, log)
         self.deadline = time.monotonic() + self.ctx.timeout
         return self.worker
@@ -82,7 +89,10 @@ def _run(
     """A fresh queue and producer; afterwards the worker stopped and everything cleaned up."""
     queue = f"bench-{uuid.uuid4().hex[:10]}"
     try:
-        prod = producer(framework, target.url, queue)
+        if framework == MILLPOND:
+            prod = producer(framework, target.url, queue=queue)
+        else:
+            prod = producer(framework, *target.for_celery(), queue=queue)
     except Exception as exc:
         raise RunFailed(f"cannot create the {framework} producer: {type(exc).__name__}: {exc}")
     run = Run(ctx, framework, combo, target, queue, prod, scenario)
@@ -145,6 +155,7 @@ def _stop_metrics(run: Run, metrics: dict[str, Any]) -> None:
     metrics["peak_pss_mib"] = round(run.worker.peak_pss_mib or 0.0, 1)
     metrics["exit_code"] = outcome["exit"]
     metrics["stop_s"] = outcome["stop_s"]
+    metrics["cpu_s"] = outcome.get("cpu_s")
     if outcome["killed"]:
         metrics["note"] = f"did not stop within {run.ctx.grace:g} s of SIGTERM: killed"
 
@@ -182,9 +193,12 @@ def drain_and_latency(
             enqueue_rate = _enqueue(run, batch)
             worker = run.start_worker()
             t_start = run.wait(start_key, "the start mark (the first task)")
+            cpu_start = worker.cpu_seconds()
             t_end = run.wait(end_key, f"the end mark after {n} no-op tasks")
+            cpu_ms = (worker.cpu_seconds() - cpu_start) * 1000.0
             metrics: dict[str, Any] = {
                 "n": n,
+                "cpu_ms_per_task": round(cpu_ms / max(n, 1), 4),
                 "startup_s": round(t_start - worker.started_at, 4),
                 "elapsed_s": round(t_end - t_start, 4),
                 "enqueue_rate": round(enqueue_rate, 1),
@@ -273,9 +287,12 @@ def sleep_drain(
             enqueue_rate = _enqueue(run, batch)
             worker = run.start_worker()
             t_start = run.wait(start_key, "the start mark (the first task)")
+            cpu_start = worker.cpu_seconds()
             t_end = run.wait(end_key, f"{n} sleep tasks to finish")
+            cpu_ms = (worker.cpu_seconds() - cpu_start) * 1000.0
             metrics: dict[str, Any] = {
                 "n": n,
+                "cpu_ms_per_task": round(cpu_ms / max(n, 1), 4),
                 "sleep_s": seconds,
                 "startup_s": round(t_start - worker.started_at, 4),
                 "elapsed_s": round(t_end - t_start, 4),

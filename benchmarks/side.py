@@ -6,9 +6,11 @@ scan and two harnesses on one Redis never read each other's marks.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -52,13 +54,24 @@ class SideChannel:
         `alive()` returns None while the worker runs, else why it stopped: a dead worker fails the
         run at once instead of at the deadline.
         """
+        return float(self.wait_raw(key, deadline, alive, what))
+
+    def wait_json(
+        self, key: str, deadline: float, alive: Callable[[], str | None], what: str
+    ) -> Any:
+        """Like `wait`, for a value a task pushed as JSON (a mark with its CPU figures)."""
+        return json.loads(self.wait_raw(key, deadline, alive, what))
+
+    def wait_raw(
+        self, key: str, deadline: float, alive: Callable[[], str | None], what: str
+    ) -> bytes:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RunFailed(f"timed out waiting for {what}")
             item = self.client.blpop([key], timeout=min(0.5, max(remaining, 0.01)))
             if item is not None:
-                return float(item[1])
+                return bytes(item[1])
             problem = alive()
             if problem is not None:
                 raise RunFailed(f"{problem} while waiting for {what}")

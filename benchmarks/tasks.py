@@ -14,6 +14,7 @@ same clock and the same instrument. `bench.noop` touches nothing: it is the task
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -153,14 +154,29 @@ def _celery_app() -> Any:
     url = os.environ.get(BROKER_URL_ENV, "redis://127.0.0.1:6379/13")
     capp = Celery("bench", broker=url)
     capp.conf.update(
+        # sqs and filesystem need theirs (endpoint, folders); see benchmarks/brokers.py
+        broker_transport_options=json.loads(os.environ.get("BENCH_TRANSPORT_OPTIONS") or "{}"),
         task_ignore_result=True,
         worker_prefetch_multiplier=4,
         broker_connection_retry_on_startup=True,
         worker_redirect_stdouts=False,
     )
+    capp.conf.update(celery_cluster_options())
     for name, fn in BODIES.items():
         capp.task(name=name, ignore_result=True)(fn)
     return capp
+
+
+def celery_cluster_options() -> dict[str, Any]:
+    """Celery settings for the cluster benchmarks (`benchmarks/clusters.py`), from the
+    environment: quorum queues on a RabbitMQ cluster, the sentinels' master name."""
+    out: dict[str, Any] = {}
+    if os.environ.get("BENCH_QUEUE_TYPE") == "quorum":
+        out["task_default_queue_type"] = "quorum"
+        out["task_create_missing_queue_type"] = "quorum"  # the runs' own queues, named by -Q
+    if os.environ.get("BENCH_MASTER_NAME"):
+        out["broker_transport_options"] = {"master_name": os.environ["BENCH_MASTER_NAME"]}
+    return out
 
 
 _FACTORIES = {"app": _millpond_app, "celery_app": _celery_app}

@@ -79,17 +79,29 @@ def celery_command(combo: Combo, queue: str) -> list[str]:
     ]
 
 
-def environment(framework: str, broker_url: str, side_url: str, home: Path) -> dict[str, str]:
-    """The worker's environment: the caller's minus framework settings, plus the run's own."""
+def environment(
+    framework: str, broker_url: str, side_url: str, home: Path, transport_options: str = "{}"
+) -> dict[str, str]:
+    """The worker's environment: the caller's minus framework settings, plus the run's own
+    (`transport_options`: Celery's broker_transport_options as JSON)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     env["BENCH_SIDE_URL"] = side_url
+    for name in ("BENCH_QUEUE_TYPE", "BENCH_MASTER_NAME"):  # the cluster benchmarks' options
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    if os.environ.get("BENCH_QUEUE_TYPE") == "quorum" and framework == MILLPOND:
+        env["MILLPOND_AMQP__QUEUE_TYPE"] = "quorum"
     if framework == MILLPOND:
         env["MILLPOND_BROKER_URL"] = broker_url
         env["MILLPOND_IGNORE_RESULT"] = "true"
         env["MILLPOND_HOME"] = str(home)  # a stray sqlite:// default file lands in the run dir
+        # like Celery's --without-mingle below: a worker that starts alone waits mingle's quiet
+        # window (0.25 s) for other workers' revokes before its first fetch
+        env["MILLPOND_CONTROL__MINGLE"] = "false"
     elif framework == CELERY:
         env["BENCH_BROKER_URL"] = broker_url
+        env["BENCH_TRANSPORT_OPTIONS"] = transport_options
     else:
         raise ValueError(f"unknown framework {framework!r}")
     return env
@@ -172,6 +184,17 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time used so far by the worker's whole process tree."""
+        total = 0.0
+        for proc in self._tree():
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
+
     def problem(self) -> str | None:
         """None while the worker runs, else how it ended."""
         code = self.proc.poll()
@@ -203,6 +226,7 @@ class WorkerProcess:
         self.peak_rss_mib, self.peak_pss_mib = self.sampler.halt()
         outcome: dict[str, Any] = {"exit": None, "killed": False, "stop_s": None}
         tree = self._tree()
+        outcome["cpu_s"] = round(_cpu_seconds(tree), 3)  # the worker's whole life until now
         began = time.monotonic()
         if self.proc.poll() is None:
             try:
@@ -237,3 +261,15 @@ def _alive(proc: psutil.Process) -> bool:
         return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
+
+
+def _cpu_seconds(tree: Sequence[psutil.Process]) -> float:
+    """User + system CPU seconds of every process of the tree (reaped children included)."""
+    total = 0.0
+    for proc in tree:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total

@@ -23,7 +23,8 @@ def main() -> int:
     os.environ["MILLPOND_BROKER_URL"] = f"sqlite://{workdir / 'broker.sqlite3'}"
     os.environ.pop("MILLPOND_RESULT_BACKEND", None)
     sys.path.insert(0, str(ROOT))
-    from examples.shop import add, app, charge_card, refund, resize_image
+    from examples.shop import add, app, charge_card, order_total, price_line, refund, resize_image
+    from millpond import chord
 
     print(f"demo: broker {os.environ['MILLPOND_BROKER_URL']} (embedded, no server)")
     cmd = [
@@ -52,6 +53,12 @@ def main() -> int:
         ]
         results.append(("charge_card('A-17', 12.5)", charge_card.delay("A-17", 12.5)))
         results.append(("refund('B-3')", refund.delay("B-3")))
+        results.append(
+            ("chain add(1, 2) | add(10) | add(100)", (add.s(1, 2) | add.s(10) | add.s(100))())
+        )
+        lines = [("pen", 3), ("notebook", 2), ("ink", 1)]
+        total = chord((price_line.s(sku, q) for sku, q in lines), order_total.s())()
+        results.append(("chord of 3 price_line -> order_total", total))
         print(f"demo: sent {len(results)} tasks; results as they complete:", flush=True)
         deadline = time.monotonic() + 60
         pending = dict(results)

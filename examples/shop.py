@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from typing import Any
 
 import structlog
 
@@ -38,3 +39,34 @@ def charge_card(self, order_id: str, amount: float) -> dict[str, object]:  # typ
 @app.task
 def refund(order_id: str) -> None:
     raise ValueError(f"order {order_id} was never charged")
+
+
+@app.task
+def order_total(prices: list[float]) -> float:
+    """A chord's body: given every line's price, in order."""
+    return round(sum(prices), 2)
+
+
+@app.task
+def price_line(sku: str, quantity: int) -> float:
+    """One order line's price (a chord header task)."""
+    return round(quantity * (1.5 + len(sku) / 10), 2)
+
+
+@app.task
+def notify(total: float) -> None:
+    """A `link` callback: gets the linked task's result."""
+    log.info("customer notified", total=total)
+
+
+@app.task
+def log_failure(request: Any, exc: BaseException, traceback: str | None) -> None:
+    """A `link_error` errback taking (request, exc, traceback): called in the worker that saw the
+    failure, right after it."""
+    log.error("task failed", failed_task=request.id, error=repr(exc))
+
+
+@app.task
+def alert(task_id: str) -> None:
+    """A `link_error` errback taking the failed task's id: sent as a task."""
+    log.warning("someone should look at this", failed_task=task_id)

@@ -43,7 +43,7 @@ def producer(e2e_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterat
     """The e2e app configured (in this test process) to send to the same broker and queue."""
     for key, value in e2e_env.items():
         monkeypatch.setenv(key, value)
-    from millpond.settings import load_settings
+    from millpond.config.settings import load_settings
     from tests.e2e.app import app
 
     app.configure(load_settings())

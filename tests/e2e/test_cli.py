@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from millpond._bootstrap import pool_from_argv
+from millpond.cli.bootstrap import pool_from_argv
 from tests.e2e.harness import ROOT, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -110,7 +111,7 @@ def test_early_patch_runs_before_anything_is_imported(
     try:
         worker.wait_ready()
         before = json.loads(mark.read_text())["imported_before_patch"]
-        assert set(before) <= {"millpond", "millpond._bootstrap"}, before
+        assert set(before) <= {"millpond", "millpond.cli", "millpond.cli.bootstrap"}, before
         assert json.loads(Path(str(mark) + ".app").read_text()) == {"patched_before_app": True}
         worker.signal(signal.SIGTERM)
         assert worker.wait() == 0
@@ -145,12 +146,82 @@ def test_purge(e2e_env: dict[str, str]) -> None:
     assert done.returncode == 0 and "3 messages purged" in done.stdout
 
 
-def test_plugins_lists_distribution_version_and_status() -> None:
+def test_plugins_lists_every_group_with_distribution_version_and_core_range() -> None:
     out = millpond("plugins")
-    assert out.returncode == 0
-    assert "pools:" in out.stdout and "brokers:" in out.stdout
-    assert "solo" in out.stdout and "millpond-pool-solo 0.1.0" in out.stdout
-    assert "sqlite" in out.stdout
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "DISTRIBUTION", "VERSION", "CORE", "VERSIONS"]
+    titles = ("pools:", "brokers:", "result backends:", "shared rate limiters:", "hooks:",
+              "settings sections:")  # fmt: skip
+    for title in titles:
+        assert title in lines, out.stdout
+    rows = {tuple(line.split()) for line in lines if line.startswith("  ")}
+    assert ("solo", "millpond-pool-solo", "0.1.0", ">=0.1,<0.2") in rows
+    assert ("sqlite", "millpond-broker-embedded", "0.1.0", ">=0.1,<0.2") in rows
+    assert ("gevent", "millpond-pool-gevent", "0.1.0", ">=0.1,<0.2") in rows
+    limiters = lines[lines.index("shared rate limiters:") + 1 :]
+    assert limiters[0].split()[:2] == ["redis", "millpond-broker-redis"], out.stdout
+    # the columns line up: every row's distribution starts where the header's does
+    column = lines[0].index("DISTRIBUTION")
+    for line in lines[1:]:
+        if line.startswith("  ") and "none installed" not in line:
+            assert line[column - 2 : column] == "  " and line[column] != " ", line
+
+
+def test_plugins_imports_no_plugin() -> None:
+    """Listing reads metadata only: a threads user's `millpond plugins` must not import gevent."""
+    code = textwrap.dedent("""
+        import sys
+        from millpond.cli.main import main
+        code = main(["plugins"])
+        heavy = ("gevent", "eventlet", "redis", "amqp", "psutil", "millpond_pool_",
+                 "millpond_broker_")
+        print("IMPORTED", sorted(m for m in sys.modules if m.startswith(heavy)))
+        sys.exit(code)
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "gevent" in proc.stdout  # listed...
+    assert proc.stdout.splitlines()[-1] == "IMPORTED []"  # ...but not imported
+
+
+@pytest.fixture
+def broken_plugins(tmp_path: Path) -> Path:
+    """Two third-party distributions: a pool whose dependency is missing, and a broker built for
+    another core version."""
+    site = tmp_path / "site"
+    for name, requires, entry in [
+        ("brokenpool", "millpond>=0.1,<0.2", "[millpond.pools]\nbroken = brokenpool_impl:Pool\n"),
+        ("futurebroker", "millpond>=9", "[millpond.brokers]\nfuture = futurebroker_impl:Broker\n"),
+    ]:
+        dist = site / f"{name}-0.3.dist-info"
+        dist.mkdir(parents=True)
+        (dist / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.3\nRequires-Dist: {requires}\n"
+        )
+        (dist / "entry_points.txt").write_text(entry)
+    (site / "brokenpool_impl.py").write_text("import no_such_dependency_xyz\n")
+    (site / "futurebroker_impl.py").write_text(
+        "from millpond_broker_embedded.memory import MemoryBroker as Broker\n"
+    )
+    return site
+
+
+def test_plugins_check_imports_each_and_reports_failures(broken_plugins: Path) -> None:
+    env = {"PYTHONPATH": f"{broken_plugins}{os.pathsep}{ROOT}"}
+    listed = millpond("plugins", env=env)
+    assert listed.returncode == 0, listed.stderr  # listing imports nothing, so nothing fails
+    row = next(line for line in listed.stdout.splitlines() if line.split()[:1] == ["future"])
+    assert row.split()[1:] == ["futurebroker", "0.3", ">=9"]
+    checked = millpond("plugins", "--check", env=env)
+    assert checked.returncode == 1
+    rows = {line.split()[0]: line for line in checked.stdout.splitlines() if line.startswith("  ")}
+    assert rows["solo"].endswith(" ok")
+    assert "FAILS TO LOAD" in rows["broken"]
+    assert "no_such_dependency_xyz is not installed or cannot be imported" in rows["broken"]
+    assert "needs millpond>=9, but millpond 0.1.0 is installed" in rows["future"]
 
 
 def test_config_shows_values_and_sources(tmp_path: Path) -> None:
@@ -167,12 +238,25 @@ def test_config_shows_values_and_sources(tmp_path: Path) -> None:
     assert "file millpond.toml" in rows["pool"]
     assert "env MILLPOND_CONCURRENCY" in rows["concurrency"] and " 3 " in rows["concurrency"]
     assert "flag" in rows["broker_url"] and "s3cret" not in out.stdout
+    misspelt = millpond(
+        "config", cwd=tmp_path, env={"MILLPOND_CONCURENCY": "3", "PYTHONPATH": str(ROOT)}
+    )
+    assert misspelt.returncode == 0, misspelt.stderr
+    assert "warning: unknown setting 'concurency' (env MILLPOND_CONCURENCY)" in misspelt.stderr
+    assert "did you mean 'concurrency'" in misspelt.stderr
 
 
 def test_worker_without_app_says_what_to_do(e2e_env: dict[str, str]) -> None:
     out = millpond("worker", "-P", "solo", env=e2e_env)
     assert out.returncode == 2
     assert "no app given: pass -A module:attribute (or set MILLPOND_APP)" in out.stderr
+
+
+def test_solo_with_more_concurrency_is_refused_in_one_line(e2e_env: dict[str, str]) -> None:
+    out = millpond("worker", "-A", "examples.shop:app", "-P", "solo", "-c", "4", env=e2e_env)
+    assert out.returncode == 2, out.stderr
+    assert "the solo pool runs one task at a time; concurrency must be 1, got 4" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_worker_twelve_factor_env_only(e2e_env: dict[str, str], tmp_path: Path) -> None:
@@ -200,7 +284,7 @@ def test_worker_twelve_factor_env_only(e2e_env: dict[str, str], tmp_path: Path) 
 
 
 def test_dlq_list_replay_purge(spawn_worker: Any, e2e_env: dict[str, str], producer: Any) -> None:
-    from millpond.protocol import encode_task
+    from millpond.wire.protocol import encode_task
 
     queue = e2e_env["MILLPOND_QUEUES"]
     worker = spawn_worker("-P", "solo").wait_ready()
@@ -227,8 +311,8 @@ def test_dlq_list_replay_purge(spawn_worker: Any, e2e_env: dict[str, str], produ
 def test_signed_messages(
     spawn_worker: Any, e2e_env: dict[str, str], producer: Any, monkeypatch: Any
 ) -> None:
-    from millpond.protocol import DEATH_REASON, encode_task
-    from millpond.settings import load_settings
+    from millpond.config.settings import load_settings
+    from millpond.wire.protocol import DEATH_REASON, encode_task
 
     queue = e2e_env["MILLPOND_QUEUES"]
     key = {"MILLPOND_SIGNING_KEY": "1234567"}  # numeric: must stay text
@@ -241,7 +325,7 @@ def test_signed_messages(
     forged = encode_task(add.name, [1, 2], {})
     producer.broker.publish(queue, forged)  # unsigned
     tampered = encode_task(add.name, [1, 2], {})
-    from millpond.signing import sign
+    from millpond.wire.signing import sign
 
     sign(tampered, "1234567")
     tampered.body = tampered.body.replace(b"[1,2]", b"[9,9]")
@@ -256,3 +340,232 @@ def test_signed_messages(
     reasons = [m.headers[DEATH_REASON] for m in dead]
     assert any("signature does not match" in r for r in reasons), reasons
     assert any("not signed" in r for r in reasons), reasons
+
+
+def test_two_distributions_claiming_one_pool_name_are_refused(
+    tmp_path: Path, e2e_env: dict[str, str]
+) -> None:
+    site = tmp_path / "site"
+    dist = site / "twinsolo-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: twinsolo\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[millpond.pools]\nsolo = twinsolo_impl:Pool\n")
+    (site / "twinsolo_impl.py").write_text("from millpond_pool_solo import SoloPool as Pool\n")
+    env = {**e2e_env, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
+    out = millpond("worker", "-A", "tests.e2e.app:app", "-P", "solo", env=env, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert (
+        "several installed distributions declare a pool named 'solo' "
+        "(millpond-pool-solo, twinsolo); uninstall all but one"
+    ) in out.stderr
+
+
+# -- settings given in the app's code --------------------------------------------------------------
+SHOP_APP = """
+import os
+from millpond import Millpond
+
+app = Millpond(
+    "shop",
+    broker_url=os.environ["SHOP_BROKER"],
+    queues=[os.environ["SHOP_QUEUE"]],
+    default_queue=os.environ["SHOP_QUEUE"],
+    shutdown_timeout=10,
+    {extra}
+)
+
+
+@app.task(name="shop.add")
+def add(x, y):
+    return x + y
+
+
+@app.task(name="shop.frozen")
+def frozen():
+    import gc
+
+    return gc.get_freeze_count()
+"""
+
+
+def shop(tmp_path: Path, extra: str = "") -> dict[str, str]:
+    """An app module in a temp dir whose `Millpond(...)` names its own broker and queue; the
+    environment names neither (and MILLPOND_HOME points at an empty directory, so a worker that
+    fell back to the embedded default broker would create its file there)."""
+    (tmp_path / "shop_app.py").write_text(SHOP_APP.format(extra=extra))
+    queue = f"shop-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MILLPOND_", "OTEL_"))}
+    env.update(
+        SHOP_BROKER=f"sqlite://{tmp_path / 'shop.sqlite3'}?lease_timeout=3&heartbeat_interval=0.5",
+        SHOP_QUEUE=queue,
+        MILLPOND_HOME=str(tmp_path / "home"),
+        MILLPOND_LOG_FORMAT="json",
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+def test_worker_and_send_use_the_broker_the_app_names_in_code(tmp_path: Path) -> None:
+    env = shop(tmp_path)
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "millpond", "worker", "-A", "shop_app:app", "-P", "solo"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        wait_until(
+            lambda: worker.poll() is not None or "worker ready" in log.read_text(),
+            30,
+            "the worker to start",
+        )
+        assert worker.poll() is None, log.read_text()
+        ready = next(
+            json.loads(line) for line in log.read_text().splitlines() if "worker ready" in line
+        )
+        assert ready["queues"] == [env["SHOP_QUEUE"]]
+        sent = subprocess.run(
+            [sys.executable, "-m", "millpond", "send", "-A", "shop_app:app", "shop.add", "2", "3",
+             "--wait", "--timeout", "20"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr + log.read_text()
+        task_id, value = sent.stdout.split()
+        assert json.loads(value) == 5
+        # the result sits in the app's broker file, and the default broker was never created
+        from millpond_broker_embedded.sqlite import SqliteResultBackend
+
+        backend = SqliteResultBackend(env["SHOP_BROKER"])
+        try:
+            meta = backend.peek(task_id)
+        finally:
+            backend.close()
+        assert meta is not None and meta.result == 5
+        assert not (tmp_path / "home").exists()
+        # start-up's objects are frozen out of the collector's sight before the worker runs
+        frozen = subprocess.run(
+            [sys.executable, "-m", "millpond", "send", "-A", "shop_app:app", "shop.frozen",
+             "--wait", "--timeout", "20"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert frozen.returncode == 0, frozen.stderr
+        assert int(frozen.stdout.split()[1]) > 10_000
+        # a flag still beats the code: `send -b` publishes to another broker, which nobody serves
+        other = f"sqlite://{tmp_path / 'other.sqlite3'}"
+        flagged = subprocess.run(
+            [sys.executable, "-m", "millpond", "send", "-A", "shop_app:app", "-b", other,
+             "shop.add", "1", "1"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert flagged.returncode == 0, flagged.stderr
+        from millpond_broker_embedded.sqlite import SqliteBroker
+
+        broker = SqliteBroker(other)
+        try:
+            assert broker.queue_length(env["SHOP_QUEUE"]) == 1
+        finally:
+            broker.close()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0, log.read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+
+
+def test_config_shows_settings_given_in_code(tmp_path: Path) -> None:
+    env = shop(tmp_path, extra='sqlite={"busy_timeout": 7}, acks_late="no",')
+    env["MILLPOND_SHUTDOWN_TIMEOUT"] = "12"  # the environment beats the code
+    out = subprocess.run(
+        [sys.executable, "-m", "millpond", "config", "-A", "shop_app:app"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()}
+    assert rows["app"].split()[1:3] == ["shop_app:app", "flag"]
+    assert rows["default_queue"].split()[1:3] == [env["SHOP_QUEUE"], "code"]
+    assert rows["acks_late"].split()[1:3] == ["False", "code"]
+    assert rows["shutdown_timeout"].split()[1:4] == ["12.0", "env", "MILLPOND_SHUTDOWN_TIMEOUT"]
+    assert rows["sqlite.busy_timeout"].split()[1:3] == ["7.0", "code"]
+    assert rows["sqlite.lease_timeout"].split()[1:4] == ["3.0", "code", "(query)"]
+
+
+def test_a_green_pool_chosen_only_in_code_is_refused_clearly(tmp_path: Path) -> None:
+    env = shop(tmp_path, extra='pool="gevent",')
+    out = subprocess.run(
+        [sys.executable, "-m", "millpond", "worker", "-A", "shop_app:app"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "the 'gevent' pool must monkey-patch the interpreter before the app is imported" in (
+        out.stderr
+    )
+    assert "chosen in code (Millpond(..., pool='gevent'))" in out.stderr
+    assert "-P gevent, MILLPOND_POOL=gevent" in out.stderr
+    # chosen where the bootstrap can see it, the same app runs
+    env["MILLPOND_POOL"] = "gevent"
+    log = tmp_path / "green.log"
+    with open(log, "wb") as fh:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "millpond", "worker", "-A", "shop_app:app"],
+            cwd=tmp_path, env=env, stdout=fh, stderr=fh,
+        )  # fmt: skip
+    try:
+        wait_until(
+            lambda: worker.poll() is not None or "worker ready" in log.read_text(),
+            30,
+            "the gevent worker to start",
+        )
+        assert worker.poll() is None, log.read_text()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0, log.read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+
+
+@pytest.mark.redis
+def test_queue_stats_reports_what_redis_holds_for_scripts() -> None:
+    """Ready, delayed and reserved counts of a Redis queue, as JSON, with the load for 4 slots;
+    a second queue on the same line shows as its own object; a bad --slots is refused."""
+    import time
+
+    from millpond.config import plugins
+    from millpond.wire.protocol import encode_task
+
+    queue, other = f"qs-{uuid.uuid4().hex[:8]}", f"qs-{uuid.uuid4().hex[:8]}"
+    url = "redis://127.0.0.1:6379/0"
+    broker = plugins.broker_for_url(url, {"warn_without_persistence": False})
+    try:
+        for _ in range(6):
+            broker.publish(queue, encode_task("stats.task", ()))
+        broker.publish(queue, encode_task("stats.task", ()), eta=time.time() + 600)
+        consumer = broker.consumer([queue], 2)
+        held = consumer.fetch(2, 5.0)
+        assert len(held) == 2
+        env = {"MILLPOND_BROKER_URL": url}
+        done = millpond("queue-stats", "-Q", f"{queue},{other}", "--json", "--slots", "4", env=env)
+        assert done.returncode == 0, done.stderr
+        first, second = (json.loads(line) for line in done.stdout.splitlines())
+        assert first == {
+            "queue": queue, "ready": 4, "delayed": 1, "reserved": 2, "consumers": 1, "load": 1.5,
+        }  # fmt: skip
+        assert (second["queue"], second["ready"], second["reserved"]) == (other, 0, 0)
+        table = millpond("queue-stats", "-Q", queue, env=env)
+        assert f"{queue}: ready 4, delayed 1, reserved 2, consumers 1" in table.stdout
+        refused = millpond("queue-stats", "-Q", queue, "--slots", "0", env=env)
+        assert refused.returncode != 0 and "--slots must be at least 1" in refused.stderr
+        consumer.close()
+    finally:
+        broker.close()
+        import redis
+
+        client = redis.Redis.from_url(url)
+        found = list(client.scan_iter(match=f"*{queue}*"))
+        if found:
+            client.delete(*found)
+        client.close()

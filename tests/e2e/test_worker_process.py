@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from millpond.protocol import DEATH_REASON, Message, encode_task
+from millpond.wire.protocol import DEATH_REASON, Message, encode_task
 from tests.e2e.harness import lines_of, wait_until
 
 pytestmark = pytest.mark.e2e

@@ -14,8 +14,23 @@ import signal
 import time
 
 from millpond import Millpond
+from millpond.contracts.hooks import Hooks
 
 app = Millpond("faults")
+
+
+class HoldChildren(Hooks):
+    """With $FAULTS_HOLD_CHILDREN set, each prefork child waits (at most a minute) for that file
+    before it reports ready: a test can act "while the pool forks" without racing start-up."""
+
+    def process_started(self) -> None:
+        gate = os.environ.get("FAULTS_HOLD_CHILDREN")
+        deadline = time.monotonic() + 60
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+app.add_hooks(HoldChildren())
 
 
 def record(kind: str, task_id: str) -> None:
@@ -45,6 +60,17 @@ def nap(self, seconds: float) -> float:  # type: ignore[no-untyped-def]
 
 
 @app.task(bind=True)
+def nap_counted(self, seconds: float) -> float:  # type: ignore[no-untyped-def]
+    """`nap` that also records (`redelivered.log`) each run of a message delivered before."""
+    if self.request.delivery_count > 1:
+        record("redelivered", self.request.id)
+    record("started", self.request.id)
+    time.sleep(seconds)
+    record("done", self.request.id)
+    return seconds
+
+
+@app.task(bind=True)
 def suicide(self) -> None:  # type: ignore[no-untyped-def]
     """Kills the process that runs it, every time: a poison message."""
     record("started", self.request.id)
@@ -55,3 +81,30 @@ def suicide(self) -> None:  # type: ignore[no-untyped-def]
 def sink(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
     """Accepts any arguments (so hostile bodies reach the pool) and records that it ran."""
     record("done", self.request.id)
+
+
+@app.task(bind=True)
+def chord_part(self, value: int) -> int:  # type: ignore[no-untyped-def]
+    """A chord header task: a little work, then its value."""
+    time.sleep(0.002)
+    record("part", self.request.id)
+    return value
+
+
+@app.task(bind=True)
+def chord_body(self, values: list[int], expected: int) -> int:  # type: ignore[no-untyped-def]
+    """A chord body: checks it got every header result, then records that it ran."""
+    if sum(values) != expected or len(values) != 10:
+        raise ValueError(f"chord body got {values!r}, expected 10 parts summing to {expected}")
+    record("body", self.request.id)
+    return sum(values)
+
+
+@app.task(bind=True, max_retries=3)
+def retry_once(self) -> str:  # type: ignore[no-untyped-def]
+    """Asks to run again a second later on its first attempt (a broker-held delay), then ends."""
+    if self.request.retries == 0:
+        record("tried", self.request.id)
+        raise self.retry(countdown=1)
+    record("done", self.request.id)
+    return "retried"

@@ -16,7 +16,7 @@ BROKERS = [
     pytest.param("redis", marks=pytest.mark.redis),
     pytest.param("amqp", marks=pytest.mark.amqp),
 ]
-FAST = {"redis": REDIS_FAST, "amqp": AMQP_FAST}
+FAST = {"redis": REDIS_FAST, "amqp": AMQP_FAST, "sqlite": {}}
 
 
 @pytest.fixture
@@ -26,7 +26,9 @@ def make_rig(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
     def make(broker: str, url: str | None = None, **env: str) -> Rig:
         directory = tmp_path / f"rig-{len(made)}"
         directory.mkdir()
-        rig = Rig(directory, url or URLS[broker], {**FAST[broker], **env})
+        if url is None:  # the embedded broker: a file of the rig's own
+            url = f"sqlite://{directory / 'broker.db'}" if broker == "sqlite" else URLS[broker]
+        rig = Rig(directory, url, {**FAST[broker], **env})
         made.append(rig)
         return rig
 

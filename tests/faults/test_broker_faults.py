@@ -1,8 +1,9 @@
 """The broker goes away under a running worker: restarts and network cuts.
 
 A Redis restart uses a private `redis-server` with AOF (`appendfsync always`) on a free port (the
-shared server on 6379 is never restarted); a RabbitMQ restart uses `rabbitmqctl stop_app` /
-`start_app` on the shared server (always restarted in `finally`, and waited for). Network faults
+shared server on 6379 is never restarted); a RabbitMQ restart stops and starts the rabbit
+application of a private node (`own_rabbit_node`: its own name, ports and data; the shared server
+on 5672 is never touched), always started again, and waited for. Network faults
 go through `millpond.testing.proxy.Proxy`: reset (RST), drop (FIN), stall (a partition: bytes stop,
 nobody is told) and block (new connections refused). In every case the same worker process must
 reconnect and finish the work: no restart, no task lost.
@@ -21,13 +22,13 @@ from typing import Any
 
 import pytest
 
-from millpond import plugins
+from millpond.config import plugins
 from millpond.exceptions import PublishError
-from millpond.protocol import encode_task
 from millpond.testing.proxy import Proxy
-from tests.brokers.test_redis import RedisServer
+from millpond.testing.servers import RabbitServer, RedisServer
+from millpond.wire.protocol import encode_task
 from tests.e2e.harness import WorkerProcess, wait_until
-from tests.faults.harness import NAP, Rig, rabbit_stopped, since
+from tests.faults.harness import NAP, Rig, since
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e]
 
@@ -82,9 +83,9 @@ def test_worker_rides_through_a_redis_restart(make_rig: Callable[..., Rig], tmp_
 @pytest.mark.amqp
 @pytest.mark.slow
 def test_worker_and_producer_ride_through_a_rabbitmq_restart(
-    make_rig: Callable[..., Rig],
+    own_rabbit_node: RabbitServer, make_rig: Callable[..., Rig]
 ) -> None:
-    rig = make_rig("amqp")
+    rig = make_rig("amqp", url=own_rabbit_node.url())
     ids = rig.load(3000, NAP, (0.002,))
     worker = rig.spawn("threads", 4).wait_ready()
     alive = rig.alive(worker)
@@ -103,7 +104,7 @@ def test_worker_and_producer_ride_through_a_rabbitmq_restart(
 
     thread = threading.Thread(target=publish_during_outage, daemon=True)
     try:
-        with rabbit_stopped():
+        with own_rabbit_node.app_stopped():
             _wait_events(worker, lost, 30, "lost the consumer connection")
             stalled_at = rig.ledger.progress()
             thread.start()  # blocks, reconnecting, until RabbitMQ is back

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from millpond.testing.proxy import Proxy
-from tests.brokers.test_redis import make_certs
+from millpond.testing.servers import make_certs
 from tests.e2e.harness import wait_until
 
 pytestmark = pytest.mark.fault

@@ -142,10 +142,11 @@ def test_sigterm_during_start_up_exits_cleanly_and_takes_nothing(
     proxy = Proxy(("127.0.0.1", 6379))
     proxy.block()
     unreachable = {"MILLPOND_BROKER_URL": f"redis://127.0.0.1:{proxy.port}/0"}
+    held = {"FAULTS_HOLD_CHILDREN": str(rig.directory / "never-opened")}  # children never ready
     moments: list[tuple[str, dict[str, str], Callable[[WorkerProcess], object]]] = [
         ("at once", {}, lambda w: True),
         ("waiting for an unreachable broker", unreachable, lambda w: proxy.accepted > 0),
-        ("forking the pool", {}, lambda w: _has_children(w.pid)),
+        ("forking the pool", held, lambda w: _has_children(w.pid)),
     ]
     outcomes = {}
     try:

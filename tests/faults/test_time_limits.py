@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from millpond.broker import FAILURE
-from millpond.protocol import encode_task
+from millpond.states import TaskState
+from millpond.wire.protocol import encode_task
 from tests.e2e.harness import wait_until
 from tests.faults.harness import NAP, Rig, prefork_children
 
@@ -28,7 +28,7 @@ def test_hard_time_limit_fails_the_task_once_and_the_worker_goes_on(
     backend = rig.producer.backend
     assert backend is not None
     meta = wait_until(
-        lambda: (m := backend.peek("over-the-limit")) and m.status == FAILURE and m,
+        lambda: (m := backend.peek("over-the-limit")) and m.status == TaskState.FAILURE and m,
         20,
         "the task to fail on its time limit",
     )
@@ -47,10 +47,13 @@ def test_hard_time_limit_fails_the_task_once_and_the_worker_goes_on(
         10,
         "the stopped child to be replaced",
     )
-    logged = [
-        line for line in worker.lines() if line.get("event") == "task over its hard time limit"
-    ]
-    assert logged and logged[0]["task_id"] == "over-the-limit"
+
+    def logged() -> list[dict[str, object]]:
+        return [ln for ln in worker.lines() if ln.get("event") == "task over its hard time limit"]
+
+    # the line is written before the result is stored, but reaches us through a pipe reader
+    wait_until(lambda: bool(logged()), 10, "the hard-time-limit log line")
+    assert logged()[0]["task_id"] == "over-the-limit"
     worker.signal(signal.SIGTERM)
     assert worker.wait(30) == 0
 

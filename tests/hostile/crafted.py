@@ -23,8 +23,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from millpond import envelope
-from millpond.protocol import JSON, PICKLE, Message, encode_task
+from millpond.wire import envelope
+from millpond.wire.protocol import JSON, PICKLE, Message, encode_task
 from tests.faults.harness import NOOP, SINK
 
 CASE = "x-case"
@@ -143,7 +143,7 @@ CASES: list[Case] = [
     # -- content types ---------------------------------------------------------------------------
     spoil(
         "YAML content type",
-        "'application/x-yaml' is not accepted",
+        "'application/x-yaml' is not accepted (accepted: application/json); millpond decodes JSON",
         content_type="application/x-yaml",
     ),
     spoil("no content type", "'(none)' is not accepted", content_type=""),

@@ -28,9 +28,9 @@ import math
 import sys
 from typing import Any
 
-from millpond import envelope, signing
 from millpond.exceptions import MessageError, SignatureError
-from millpond.protocol import JSON, Message, TaskMessage, decode_task, encode_task
+from millpond.wire import envelope, signing
+from millpond.wire.protocol import JSON, Message, TaskMessage, decode_task, encode_task
 
 KEY = "fuzz-key"
 MAX_SIZE = 64 * 1024

@@ -14,8 +14,8 @@ import amqp
 import pytest
 import redis
 
-from millpond import envelope
-from millpond.protocol import DEATH_REASON, Message
+from millpond.wire import envelope
+from millpond.wire.protocol import DEATH_REASON, Message
 from tests.e2e.harness import wait_until
 from tests.faults.harness import SINK, Rig
 from tests.hostile.crafted import MAX_SIZE, Case, for_broker, marker_path

@@ -1,5 +1,5 @@
 """Property-based tests of the decoder and the envelope, and the fuzz target run as a bounded
-hypothesis test (tests/core/test_protocol.py has the first, narrower properties).
+hypothesis test (core/tests/test_protocol.py has the first, narrower properties).
 
 The strategies produce what a hostile producer can put on the wire: JSON of any shape and depth,
 integers of any size, NaN and infinities, strings where numbers belong and the other way round,
@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from millpond import Millpond, envelope, signing
+from millpond import Millpond
 from millpond.exceptions import (
     MalformedMessage,
     MessageError,
@@ -29,7 +29,8 @@ from millpond.exceptions import (
     SignatureError,
     UnsupportedContentType,
 )
-from millpond.protocol import DEATH_REASON, JSON, PICKLE, Message, decode_task, encode_task
+from millpond.wire import envelope, signing
+from millpond.wire.protocol import DEATH_REASON, JSON, PICKLE, Message, decode_task, encode_task
 from tests.hostile.fuzz_decoder import SEEDS, _check, _says_why, fuzz_one_input
 
 HEADER_NAMES = [
@@ -271,7 +272,7 @@ def test_a_decoder_bug_dead_letters_the_message_instead_of_killing_the_worker(
     """If decoding raised something other than a MessageError (the 400-digit eta did, before it
     was fixed), the worker would die, the message would come back, and take every worker down
     after it. Simulate such a bug for one message: it is dead-lettered, the rest runs."""
-    from millpond import worker as worker_module
+    from millpond.consume import receive as receive_module
 
     name = f"mem-{uuid.uuid4().hex[:8]}"
     app = Millpond("guard", broker_url=f"memory://{name}", default_queue=name, queues=[name])
@@ -291,7 +292,7 @@ def test_a_decoder_bug_dead_letters_the_message_instead_of_killing_the_worker(
             raise OverflowError("int too large to convert to float")
         return real(message, **kwargs)
 
-    monkeypatch.setattr(worker_module, "decode_task", buggy)
+    monkeypatch.setattr(receive_module, "decode_task", buggy)
     try:
         running = start_worker(app, pool="solo")
         app.broker.publish(name, encode_task(add.name, [1, 1], task_id="poison"))

@@ -2,9 +2,10 @@
 secret in any output (banner, every log line at DEBUG, `millpond config`).
 
 All of it against real workers and real servers. The Redis plugin's own TLS test runs a private
-`redis-server` with a TLS port (tests/brokers/test_redis.py::test_tls_connection_with_a_private_ca);
-here a worker reaches each broker through a TLS-terminating `Proxy`, which costs nothing to set up
-and exercises the worker's `rediss://` and `amqps://` paths end to end.
+`redis-server` with a TLS port
+(plugins/broker-redis/tests/test_redis.py::test_tls_connection_with_a_private_ca); here a worker
+reaches each broker through a TLS-terminating `Proxy`, which costs nothing to set up and exercises
+the worker's `rediss://` and `amqps://` paths end to end.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from millpond import Millpond, signing
-from millpond.protocol import DEATH_REASON, PICKLE, Message, encode_task
+from millpond import Millpond
 from millpond.testing.proxy import Proxy
-from tests.brokers.test_redis import RedisServer, make_certs
+from millpond.testing.servers import RabbitServer, RedisServer, make_certs
+from millpond.wire import signing
+from millpond.wire.protocol import DEATH_REASON, PICKLE, Message, encode_task
 from tests.e2e.harness import ROOT, wait_until
 from tests.faults.harness import APP, SINK, Rig, env_without_millpond
 from tests.hostile.crafted import PickleBomb
@@ -132,6 +134,10 @@ def test_signing_refuses_unsigned_tampered_and_foreign_messages(
                 message.headers["task"] = "tests.faults.app.suicide"
             elif how == "retries altered":
                 message.headers["retries"] = 0 if message.headers["retries"] else 7
+            elif how == "argsrepr altered":
+                message.headers["argsrepr"] = "('something else',)"
+            elif how == "reply_to altered":
+                message.properties["reply_to"] = "someone-elses-queue"
             return message
 
         cases = {
@@ -141,6 +147,8 @@ def test_signing_refuses_unsigned_tampered_and_foreign_messages(
                 "body altered",
                 "task header altered",
                 "retries altered",
+                "argsrepr altered",
+                "reply_to altered",
                 "foreign key",
             )
         }
@@ -340,33 +348,27 @@ def test_no_secret_in_banner_logs_or_config_with_redis(
         server.stop()
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture
-def rabbit_user() -> Iterator[tuple[str, str]]:
-    """A RabbitMQ user with a password nothing else uses, removed afterwards."""
+def rabbit_user(rabbit_node: RabbitServer) -> tuple[str, str]:
+    """A user with a password nothing else uses, on the session's private RabbitMQ node (users
+    are never added to the shared server)."""
     user, password = f"millpond-test-{uuid.uuid4().hex[:8]}", f"amqp-pw-{uuid.uuid4().hex}"
-    rabbitmqctl("add_user", user, password)
-    try:
-        rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
-        yield user, password
-    finally:
-        subprocess.run(
-            ["rabbitmqctl", "delete_user", user], capture_output=True, timeout=60, check=False
-        )
+    rabbit_node.add_user(user, password)
+    return user, password
 
 
 @pytest.mark.amqp
 @pytest.mark.slow
 def test_no_secret_in_banner_logs_or_config_with_rabbitmq(
-    make_rig: Callable[..., Rig], tmp_path: Path, rabbit_user: tuple[str, str]
+    rabbit_node: RabbitServer,
+    make_rig: Callable[..., Rig],
+    tmp_path: Path,
+    rabbit_user: tuple[str, str],
 ) -> None:
     user, password = rabbit_user
     key = f"signing-{uuid.uuid4().hex}"
-    with Proxy(("127.0.0.1", 5672)) as proxy:
-        rig = make_rig("amqp")
+    with Proxy(("127.0.0.1", rabbit_node.port)) as proxy:
+        rig = make_rig("amqp", url=rabbit_node.url())
         url = f"amqp://{user}:{password}@127.0.0.1:{proxy.port}//"
         env = {**rig.env, "MILLPOND_BROKER_URL": url, "MILLPOND_LOG_LEVEL": "DEBUG"}
         env["MILLPOND_SIGNING_KEY"] = key

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import subprocess
 import textwrap
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.install.venvs import ROOT, Venv, build_wheels, wait_for
+from tests.install.venvs import Venv, build_wheels, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +35,15 @@ NOT_WANTED = (
     "millpond_pool_asyncio",
     "millpond_broker_amqp",
 )
+
+
+def test_every_wheel_marks_its_package_typed(wheelhouse: dict[str, Path]) -> None:
+    """py.typed in the wheel, not only in the source tree: without it a user's mypy ignores
+    millpond's types (core/tests/test_typing.py checks the source trees)."""
+    for dist, wheel in wheelhouse.items():
+        with zipfile.ZipFile(wheel) as archive:
+            package = dist.replace("-", "_")
+            assert f"{package}/py.typed" in archive.namelist(), f"{wheel.name} has no py.typed"
 
 
 # -- millpond + threads + redis ------------------------------------------------------------------
@@ -61,8 +69,24 @@ def test_installed_worker_runs_tasks_on_redis(
         "MILLPOND_DEFAULT_QUEUE": queue,
         "MILLPOND_LOG_FORMAT": "json",
     }
-    log = tmp_path / "worker.log"
-    worker = threads_redis_venv.popen(
+    run_installed_worker(threads_redis_venv, app_dir, env, tmp_path / "worker.log")
+
+
+@pytest.mark.e2e
+def test_installed_worker_runs_tasks_on_the_default_sqlite_broker(
+    threads_redis_venv: Venv, app_dir: Path, tmp_path: Path
+) -> None:
+    """No broker configured: `sqlite://` ($MILLPOND_HOME/broker.sqlite3), from
+    millpond-broker-embedded, which `pip install millpond` brings as a dependency."""
+    home = tmp_path / "home"
+    env = {"MILLPOND_HOME": str(home), "MILLPOND_LOG_FORMAT": "json"}
+    run_installed_worker(threads_redis_venv, app_dir, env, tmp_path / "worker.log")
+    assert (home / "broker.sqlite3").exists()
+
+
+def run_installed_worker(venv: Venv, app_dir: Path, env: dict[str, str], log: Path) -> None:
+    """A threads worker from `venv` runs two tasks sent with `millpond send`, then stops warm."""
+    worker = venv.popen(
         "millpond",
         "worker",
         "-A",
@@ -83,7 +107,7 @@ def test_installed_worker_runs_tasks_on_redis(
             "the installed worker to start",
         )
         assert worker.poll() is None, log.read_text()
-        sent = threads_redis_venv.run(
+        sent = venv.run(
             "millpond",
             "send",
             "inst.add",
@@ -97,9 +121,7 @@ def test_installed_worker_runs_tasks_on_redis(
         )
         assert sent.returncode == 0, sent.stderr
         assert sent.stdout.splitlines()[-1] == "5"
-        where = threads_redis_venv.run(
-            "millpond", "send", "inst.where", "--wait", cwd=app_dir, env=env
-        )
+        where = venv.run("millpond", "send", "inst.where", "--wait", cwd=app_dir, env=env)
         assert where.returncode == 0, where.stderr
         assert json.loads(where.stdout.splitlines()[-1]) != "MainThread"  # a pool thread ran it
         worker.send_signal(signal.SIGTERM)
@@ -133,13 +155,24 @@ def test_a_pool_that_is_not_installed_says_what_to_install(
 
 
 # -- millpond alone ------------------------------------------------------------------------------
+def test_core_alone_brings_the_embedded_brokers_and_nothing_else(core_venv: Venv) -> None:
+    assert core_venv.missing("millpond", "millpond_broker_embedded") == []
+    assert core_venv.missing(*NOT_WANTED, "redis", "millpond_pool_threads") == [
+        *NOT_WANTED,
+        "redis",
+        "millpond_pool_threads",
+    ]
+
+
 def test_core_alone_lists_no_pool(core_venv: Venv, app_dir: Path) -> None:
     proc = core_venv.run("millpond", "plugins", cwd=app_dir)
     assert proc.returncode == 0, proc.stderr
     pools = proc.stdout.split("brokers:")[0]
     assert "none installed" in pools
     assert "pip install millpond-pool-threads" in pools
-    assert "sqlite" in proc.stdout  # the embedded brokers ship with the core
+    brokers = [line.split() for line in proc.stdout.split("brokers:")[1].splitlines()]
+    # the embedded brokers come with the core, as its dependency
+    assert ["sqlite", "millpond-broker-embedded"] in [row[:2] for row in brokers], proc.stdout
 
 
 def test_core_alone_worker_says_which_package_to_install(core_venv: Venv, app_dir: Path) -> None:
@@ -173,13 +206,14 @@ def test_a_plugin_built_for_another_core_is_refused_at_load_time(
     core_venv: Venv, app_dir: Path, tmp_path: Path
 ) -> None:
     """A plugin whose metadata needs millpond 9 (installed without its dependencies, as a broken
-    upgrade would leave it) is listed as failing, and the worker names both versions."""
+    upgrade would leave it) is listed with that range, fails `plugins --check`, and the worker
+    names both versions."""
     source = tmp_path / "future"
     (source / "src" / "millpond_pool_future").mkdir(parents=True)
     (source / "pyproject.toml").write_text(FUTURE_PYPROJECT)
     (source / "src" / "millpond_pool_future" / "__init__.py").write_text(
         textwrap.dedent("""
-        from millpond.pool import BasePool
+        from millpond.contracts.pool import BasePool
 
         class FuturePool(BasePool):
             name = "future"
@@ -202,16 +236,20 @@ def test_a_plugin_built_for_another_core_is_refused_at_load_time(
     assert installed.returncode == 0, installed.stderr
     env = {"PYTHONPATH": str(target)}
     listing = core_venv.run("millpond", "plugins", cwd=app_dir, env=env)
-    assert listing.returncode == 0, listing.stderr
+    assert listing.returncode == 0, listing.stderr  # listing imports nothing
     line = next(x for x in listing.stdout.splitlines() if x.strip().startswith("future"))
+    assert line.split() == ["future", "millpond-pool-future", "3.0.0", ">=9,<10"]
+    checked = core_venv.run("millpond", "plugins", "--check", cwd=app_dir, env=env)
+    assert checked.returncode == 1, checked
+    line = next(x for x in checked.stdout.splitlines() if x.strip().startswith("future"))
     assert "FAILS TO LOAD" in line
-    assert "needs millpond<10,>=9, but millpond 0.1.0 is installed" in line
+    assert "needs millpond>=9,<10, but millpond 0.1.0 is installed" in line
     worker = core_venv.run(
         "millpond", "worker", "-A", "instapp:app", "--pool", "future", cwd=app_dir, env=env
     )
     assert worker.returncode == 2, worker
     assert (
-        "pool 'future' from millpond-pool-future 3.0.0 needs millpond<10,>=9, but millpond "
+        "pool 'future' from millpond-pool-future 3.0.0 needs millpond>=9,<10, but millpond "
         "0.1.0 is installed; upgrade one of them so they match"
     ) in worker.stderr
 
@@ -230,15 +268,14 @@ def test_extra_pulls_the_plugin_and_nothing_else(thirdparty_venv: Venv) -> None:
 def test_plugins_are_discovered_through_their_entry_points(
     thirdparty_venv: Venv, app_dir: Path
 ) -> None:
-    proc = thirdparty_venv.run("millpond", "plugins", cwd=app_dir)
-    assert proc.returncode == 0, proc.stderr
-    pools = proc.stdout.split("brokers:")[0]
-    rows = {line.split()[0]: line for line in pools.splitlines()[1:]}
+    proc = thirdparty_venv.run("millpond", "plugins", "--check", cwd=app_dir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pools = proc.stdout.split("brokers:")[0].split("pools:")[1]
+    rows = {line.split()[0]: line.split() for line in pools.splitlines() if line.strip()}
     assert set(rows) == {"asyncio", "ripple"}, proc.stdout
-    assert "millpond-pool-asyncio 0.1.0" in rows["asyncio"]
-    assert rows["asyncio"].endswith("ok")
-    assert "millpond-pool-ripple 0.1.0" in rows["ripple"]
-    assert rows["ripple"].endswith("ok")
+    assert rows["asyncio"] == ["asyncio", "millpond-pool-asyncio", "0.1.0", ">=0.1,<0.2", "ok"]
+    assert rows["ripple"][1:3] == ["millpond-pool-ripple", "0.1.0"]
+    assert rows["ripple"][-1] == "ok"
 
 
 KIT_MODULE = textwrap.dedent("""
@@ -251,6 +288,18 @@ KIT_MODULE = textwrap.dedent("""
         @pytest.fixture
         def pool_name(self):
             return "asyncio"
+
+
+    def test_millpond_brings_its_fixtures(memory_app, start_worker):
+        # memory_app and start_worker come from millpond's pytest11 plugin: no conftest.py
+
+        @memory_app.task(name="third.add")
+        async def add(x, y):
+            return x + y
+
+        running = start_worker(memory_app, pool="asyncio", concurrency=2)
+        assert add.delay(2, 3).get(timeout=10) == 5
+        assert running.stop() == 0
 """)
 
 
@@ -281,62 +330,49 @@ def test_scaffolded_pool_passes_the_kit_as_generated(
     assert_kit_passed(proc)
 
 
-PURE_PYTHON_CHECK = textwrap.dedent('''
-    """A traced task through the span recorder, in a millpond built without its C part."""
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+TRACED_CHECK = textwrap.dedent('''
+    """A traced task in an installed core: SDK spans through the hooks found by entry point."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from millpond import Millpond, execution, span_recorder, telemetry
-    from millpond.pool import Job
+    from millpond import Millpond
+    from millpond.consume.execute import Executor
+    from millpond.contracts.pool import Job
 
-    assert not span_recorder.NATIVE and span_recorder.native_module() is None
-    sent = []
-    recorder = span_recorder.SpanRecorder(
-        lambda body, timeout: sent.append(body) or True, {"service.name": "pure"}, "1",
-        sampler=lambda parent, trace_hex: True,
-    )
-    telemetry.use_recorder(recorder)
-    telemetry.TRACING = True
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
     app = Millpond("pure", broker_url="memory://pure")
 
     @app.task(name="pure.add")
     def add(x, y):
-        return x + y
+        with trace.get_tracer("pure").start_as_current_span("adding"):
+            return x + y
 
-    execution.set_worker_app(app)
+    execution = Executor(app)
     job = Job("task-1", "pure.add", (2, 3), {}, queue="q")
-    telemetry.start_process_span(job, "solo")
-    outcome = execution.run_job(job)
-    telemetry.end_process_span(job, outcome)
-    recorder.shutdown()
-    names = []
-    for body in sent:
-        request = ExportTraceServiceRequest()
-        request.ParseFromString(body)
-        names += [s.name for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
-    assert outcome.result == 5 and sorted(names) == ["process q", "run pure.add"], names
-    print("pure python ok")
+    execution.job_started(job)
+    outcome = execution.run(job)
+    execution.job_finished(job, outcome)
+    names = sorted(s.name for s in exporter.get_finished_spans())
+    assert outcome.result == 5 and names == ["adding", "process q"], names
+    print("traced ok")
 ''')
 
 
-def test_without_a_c_compiler_the_core_installs_and_traces_in_pure_python(
-    tmp_path_factory: pytest.TempPathFactory, wheelhouse: dict[str, Path], tmp_path: Path
+def test_the_core_is_pure_python_and_traces_with_the_sdk(
+    wheelhouse: dict[str, Path], core_venv: Venv, tmp_path: Path
 ) -> None:
-    """`optional=True`: a failed compile leaves a wheel without `_spancore`, and nothing else."""
-    out = tmp_path_factory.mktemp("no-compiler")
-    source = out / "core"  # the sources alone, as in an sdist: no build/ output to reuse
-    shutil.copytree(
-        ROOT / "core", source, ignore=shutil.ignore_patterns("build", "*.so", "*.egg-info")
-    )
-    wheels = build_wheels([source], out / "wheels", env={"CC": "false", "LDSHARED": "false"})
-    with zipfile.ZipFile(wheels["millpond"]) as wheel:
-        assert not [name for name in wheel.namelist() if "_spancore" in name and ".so" in name]
-    venv = Venv.create(
-        tmp_path_factory.mktemp("venvs") / "pure",
-        [str(wheels["millpond"])],
-        wheelhouse["millpond"].parent,
-    )
-    script = tmp_path / "pure_check.py"
-    script.write_text(PURE_PYTHON_CHECK)
-    done = venv.run("python", str(script), cwd=tmp_path)
+    """No compiled code in the core's wheel; tracing is the OpenTelemetry SDK's, via hooks."""
+    with zipfile.ZipFile(wheelhouse["millpond"]) as wheel:
+        names = wheel.namelist()
+    assert not [n for n in names if n.endswith((".so", ".pyd", ".c"))], names
+    assert any(n.endswith("millpond/py.typed") for n in names)
+    script = tmp_path / "traced_check.py"
+    script.write_text(TRACED_CHECK)
+    done = core_venv.run("python", str(script), cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "pure python ok" in done.stdout
+    assert "traced ok" in done.stdout

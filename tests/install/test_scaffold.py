@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from millpond.cli.scaffold import core_range, create_pool
 from millpond.exceptions import ConfigurationError
-from millpond.scaffold import core_range, create_pool
 from tests.install.venvs import ROOT, clean_env
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from millpond.app import Millpond
+from millpond.produce.app import Millpond
 from tests.install.venvs import clean_env, wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -64,12 +64,27 @@ def test_worker_configured_only_by_environment_variables(tmp_path: Path) -> None
             "MILLPOND_LOG_FORMAT": "json",
             "MILLPOND_SHUTDOWN_TIMEOUT": "10",
             "MILLPOND_ASYNCIO__SYNC_TASKS": "refuse",
+            "MILLPOND_REDIS__LEASE_TIMEOUT": "20",
+            "MILLPOND_ACKS_LATE": "yes",
+            "MILLPOND_IGNORE_RESULT": "off",
             "OTEL_TRACES_EXPORTER": "console",
             "OTEL_SERVICE_NAME": "orders-worker",
             "OTEL_BSP_SCHEDULE_DELAY": "50",
         }
     )
     millpond = str(Path(sys.executable).parent / "millpond")
+    # what the worker will use, as `millpond config` shows it from the same environment
+    shown = subprocess.run(
+        [millpond, "config"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split()[0]: line.split()[1:4] for line in shown.stdout.splitlines()}
+    assert rows["pool"] == ["asyncio", "env", "MILLPOND_POOL"]
+    assert rows["acks_late"] == ["True", "env", "MILLPOND_ACKS_LATE"]
+    assert rows["ignore_result"] == ["False", "env", "MILLPOND_IGNORE_RESULT"]
+    assert rows["asyncio.sync_tasks"] == ["refuse", "env", "MILLPOND_ASYNCIO__SYNC_TASKS"]
+    assert rows["redis.lease_timeout"] == ["20.0", "env", "MILLPOND_REDIS__LEASE_TIMEOUT"]
+    assert rows["redis.heartbeat_interval"][:2] == ["2.0", "default"]
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         worker = subprocess.Popen(
@@ -108,10 +123,10 @@ def test_worker_configured_only_by_environment_variables(tmp_path: Path) -> None
     banner = out.read_text()
     assert "broker:      redis://127.0.0.1:6379/0" in banner
     assert "orders.confirm" in banner
-    runs = [s for s in spans_in(banner) if s["name"] == "run orders.confirm"]
-    assert len(runs) == 5, banner[-3000:]
-    assert {s["resource"]["attributes"]["service.name"] for s in runs} == {"orders-worker"}
+    processes = [s for s in spans_in(banner) if s["name"] == f"process {queue}"]
+    assert len(processes) == 5, banner[-3000:]
+    assert {s["resource"]["attributes"]["service.name"] for s in processes} == {"orders-worker"}
     traces = {line["task_id"]: line["trace_id"] for line in confirmed}
-    for span in runs:
+    for span in processes:
         task_id = span["attributes"]["messaging.message.id"]
         assert span["context"]["trace_id"] == "0x" + traces[task_id]

@@ -24,6 +24,7 @@ PIP = ("-m", "pip", "install", "-q", "--disable-pip-version-check")
 #: workspace directory of each distribution the install tests build
 PACKAGES = {
     "millpond": "core",
+    "millpond-broker-embedded": "plugins/broker-embedded",
     "millpond-pool-threads": "plugins/pool-threads",
     "millpond-broker-redis": "plugins/broker-redis",
     "millpond-pool-asyncio": "plugins/pool-asyncio",

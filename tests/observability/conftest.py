@@ -17,8 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.observability.obs_app:app"
-#: every pool the suite runs: all five first-party pools must be installed and load
-POOLS = ("solo", "threads", "prefork", "gevent", "eventlet")
+#: every pool the suite runs: all six first-party pools must be installed and load
+POOLS = ("solo", "threads", "prefork", "gevent", "eventlet", "asyncio")
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
@@ -118,18 +118,23 @@ class Proc:
         self._log.close()
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without OTEL_* and MILLPOND_* variables, with the repository
+    on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MILLPOND_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
 @pytest.fixture
 def obs_env(tmp_path: Path) -> dict[str, str]:
     """Environment for a worker and a producer sharing a fresh sqlite broker and a unique queue.
 
     Every OTEL_* and MILLPOND_* variable of the test runner's own environment is dropped, so only
-    what a test sets reaches the processes; but MILLPOND_PURE_PYTHON passes, so the session that
-    runs these tests without the C part runs its workers without it too.
+    what a test sets reaches the processes.
     """
     queue = f"obs-{uuid.uuid4().hex[:10]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MILLPOND_"))}
-    if "MILLPOND_PURE_PYTHON" in os.environ:
-        env["MILLPOND_PURE_PYTHON"] = os.environ["MILLPOND_PURE_PYTHON"]
+    env = clean_env()
     env.update(
         {
             "PYTHONPATH": str(ROOT),
@@ -161,11 +166,14 @@ def spawn(tmp_path: Path, obs_env: dict[str, str]) -> Iterator[Callable[..., Pro
         proc.stop()
 
 
-def run_python(code: str, env: Mapping[str, str], timeout: float = 60) -> Any:
-    """Run `code` in a fresh interpreter (from the repository root); returns the JSON it prints
-    on its last stdout line. A non-zero exit is an AssertionError with its output."""
+def run_python(
+    code: str, env: Mapping[str, str], timeout: float = 60, args: list[str] | None = None
+) -> Any:
+    """Run `code` in a fresh interpreter (from the repository root) with `args` as its argv;
+    returns the JSON it prints on its last stdout line. A non-zero exit is an AssertionError with
+    its output."""
     done = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code, *(args or [])],
         cwd=ROOT,
         env=dict(env),
         capture_output=True,

@@ -17,9 +17,20 @@ std = logging.getLogger("obs.user_code")
 
 @app.task
 def add(x: int, y: int) -> int:
-    log.info("adding", x=x, y=y)
-    std.warning("stdlib line from user code: %s + %s", x, y)
-    return x + y
+    """Logs both ways and opens a span of its own, `add body`: the task body in the trace."""
+    with trace.get_tracer("obs.user").start_as_current_span("add body"):
+        log.info("adding", x=x, y=y)
+        std.warning("stdlib line from user code: %s + %s", x, y)
+        return x + y
+
+
+@app.task
+async def add_async(x: int, y: int) -> int:
+    """`add` as a coroutine, for the asyncio pool: its own span is the task body in the trace."""
+    with trace.get_tracer("obs.user").start_as_current_span("add body"):
+        log.info("adding", x=x, y=y)
+        std.warning("stdlib line from user code: %s + %s", x, y)
+        return x + y
 
 
 @app.task

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from millpond import Millpond, health
-from millpond.settings import load_settings
-from millpond.worker import Worker
+from millpond import Millpond
+from millpond.config.settings import load_settings
+from millpond.consume.worker import Worker
+from millpond.observe import health
 from tests.observability.conftest import POOLS, Proc, run_python, wait_until
 
 PROBES = {"MILLPOND_HEALTH_PORT": "0", "MILLPOND_HEALTH_HOST": "127.0.0.1"}

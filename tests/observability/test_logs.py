@@ -1,4 +1,5 @@
-"""Log lines carry the task's context and its trace; the root logger is left alone unless asked."""
+"""Log lines carry the task's context and its trace, structlog's and the standard library's alike;
+a root logger the application configured is left alone, and `log_stdlib = false` leaves it be."""
 
 from __future__ import annotations
 
@@ -33,32 +34,30 @@ def _line(worker: Proc, **match: Any) -> dict[str, Any]:
 def test_task_log_lines_carry_task_and_trace_ids(
     pool: str, spawn: Callable[..., Proc], obs_env: dict[str, str]
 ) -> None:
-    """structlog and (with log_stdlib) user code's `logging` lines, in the same JSON format,
-    with the ids of the span that was current: `run`, or a span the task opened itself."""
+    """structlog and user code's `logging` lines, by default in the same JSON format, with the
+    task's ids and those of the span that was current (one the task opened itself here)."""
     with OtlpReceiver() as receiver:
-        worker = spawn(
-            "-P", pool, "-c", "2", env={**receiver.env("obs-logs"), "MILLPOND_LOG_STDLIB": "true"}
-        ).wait_ready()
+        worker = spawn("-P", pool, "-c", "2", env=receiver.env("obs-logs")).wait_ready()
         ids = run_python(PRODUCE, obs_env)
         assert ids["add_result"] == 5
         assert ids["nested_result"] == "ok"
         spans = receiver.wait_for(
-            lambda got: {f"run {ADD}", f"run {NESTED}", "user work"} <= {s.name for s in got},
+            lambda got: {"add body", "user work"} <= {s.name for s in got},
             timeout=20,
-            what="the run spans",
+            what="the task bodies' spans",
         )
         structlog_line = _line(worker, event="adding", task_id=ids["add"])
         stdlib_line = _line(worker, event="stdlib line from user code: 2 + 3")
         nested_line = _line(worker, event="inside the user span")
         assert worker.terminate() == 0
 
-    run = next(s for s in spans if s.name == f"run {ADD}")
+    body = next(s for s in spans if s.name == "add body")
     for line in (structlog_line, stdlib_line):
         assert line["task_id"] == ids["add"]
         assert line["task_name"] == ADD
         assert line["retries"] == 0
-        assert line["trace_id"] == run.trace_id
-        assert line["span_id"] == run.span_id
+        assert line["trace_id"] == body.trace_id
+        assert line["span_id"] == body.span_id
         assert "timestamp" in line
         assert line["level"] in ("info", "warning")
     assert structlog_line["logger"] == "obs.tasks"
@@ -66,18 +65,18 @@ def test_task_log_lines_carry_task_and_trace_ids(
     assert stdlib_line["logger"] == "obs.user_code"
     assert stdlib_line["level"] == "warning"
     user_span = next(s for s in spans if s.name == "user work")
-    assert nested_line["span_id"] == user_span.span_id  # the current span, not just `run`
+    assert nested_line["span_id"] == user_span.span_id  # the current span, not just `process`
     assert nested_line["trace_id"] == user_span.trace_id
     assert nested_line["task_id"] == ids["nested"]
 
 
-def test_root_logger_is_left_alone_by_default(
+def test_log_stdlib_false_leaves_the_root_logger_alone(
     spawn: Callable[..., Proc], obs_env: dict[str, str]
 ) -> None:
-    """Without log_stdlib, user code's stdlib records are not reformatted (Python's own
+    """With log_stdlib = false, user code's stdlib records are not reformatted (Python's own
     last-resort handler prints them), while millpond's lines stay JSON without trace ids
     (tracing is off)."""
-    worker = spawn("-P", "solo").wait_ready()
+    worker = spawn("-P", "solo", env={"MILLPOND_LOG_STDLIB": "false"}).wait_ready()
     ids = run_python(PRODUCE, obs_env)
     line = _line(worker, event="adding", task_id=ids["add"])
     assert "trace_id" not in line
@@ -87,9 +86,21 @@ def test_root_logger_is_left_alone_by_default(
     assert worker.terminate() == 0
 
 
+def test_a_root_logger_the_app_configured_is_left_alone(
+    spawn: Callable[..., Proc], obs_env: dict[str, str]
+) -> None:
+    """The app module calls `logging.basicConfig(...)`: its format wins for stdlib records."""
+    worker = spawn("-P", "solo", app="tests.observability.obs_app_rootlog:app").wait_ready()
+    ids = run_python(PRODUCE, obs_env)
+    _line(worker, event="adding", task_id=ids["add"])  # millpond's own lines stay JSON
+    raw = _line(worker, event="USER stdlib line from user code: 2 + 3", _raw=True)
+    assert raw["_raw"] is True
+    assert worker.terminate() == 0
+
+
 CONFIGURE = """
 import io, json, logging, sys
-from millpond import logs
+from millpond.observe import logs
 
 class Tty(io.StringIO):
     def isatty(self):
@@ -99,7 +110,7 @@ root = logging.getLogger()
 before = list(root.handlers), root.level
 out = {}
 stream = io.StringIO()
-logs.configure("INFO", "auto", stream=stream)
+logs.configure("INFO", "auto", stdlib=False, stream=stream)
 out["root_untouched"] = (list(root.handlers), root.level) == before
 ours = logging.getLogger("millpond")
 out["ours_handlers"] = [h.get_name() for h in ours.handlers]
@@ -117,6 +128,10 @@ out["root_level"] = root.level
 out["ours_after"] = [h.get_name() for h in ours.handlers], ours.propagate
 logs.configure("DEBUG", "json", stdlib=True, stream=stream)
 out["root_has_ours_twice"] = [h.get_name() for h in root.handlers].count("millpond")
+user = logging.StreamHandler(io.StringIO())
+root.handlers = [user]
+logs.configure("DEBUG", "json", stdlib=True, stream=stream)
+out["user_root_kept"] = root.handlers == [user]
 print(json.dumps(out))
 """
 
@@ -143,3 +158,4 @@ def test_configure_keeps_root_alone_and_routes_millponds_own_stdlib_loggers(
     assert out["root_level"] == 10
     assert out["ours_after"] == [[], True]  # the root handler writes them, once
     assert out["root_has_ours_twice"] == 1  # configuring again does not stack handlers
+    assert out["user_root_kept"] is True  # a root logger with handlers of its own is not ours

@@ -1,6 +1,6 @@
 """Span details checked in-process (memory:// broker, the session's in-memory span exporter):
 exception and retry events with their attributes, pool-decided failures, sampling decisions
-carried from the producer, tracestate, and what publishing does with tracing off."""
+carried from the producer, tracestate, and a provider found only when spans are made."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from millpond import Millpond, telemetry
-from millpond.pool import LOST, Job, Outcome
-from millpond.protocol import encode_task
-from tests.conftest import unique
+from millpond import Millpond
+from millpond.contracts.pool import Job, Outcome
+from millpond.observe.tracing import TracingHooks
+from millpond.states import TaskState
+from millpond.testing.fixtures import unique
+from millpond.wire.protocol import encode_task
+from tests.observability.conftest import clean_env, run_python
 
 
 @pytest.fixture
@@ -69,29 +72,28 @@ def _named(spans: list[Any], prefix: str) -> list[Any]:
     return sorted((s for s in spans if s.name.startswith(prefix)), key=lambda s: s.start_time)
 
 
-def test_failure_records_the_exception_on_the_run_span(
+def test_failure_records_the_exception_on_the_process_span(
     app: Millpond, start_worker: Any, span_exporter: Any
 ) -> None:
     start_worker(app, pool="solo")
     result = app.tasks["obs.broken"].delay()
     with pytest.raises(KeyError):
         result.get(timeout=10)
-    spans = _spans(span_exporter, result.id, 3)
-    (run,) = _named(spans, "run ")
+    spans = _spans(span_exporter, result.id, 2)
     (process,) = _named(spans, "process ")
     (publish,) = _named(spans, "publish ")
     assert publish.attributes["messaging.system"] == "memory"  # the producer's broker
+    assert publish.kind == SpanKind.PRODUCER
     assert process.attributes["messaging.system"] == "memory"
-    assert run.status.status_code == StatusCode.ERROR
-    assert run.status.description == "KeyError: 'missing-thing'"
-    assert run.attributes["error.type"] == "KeyError"
-    (event,) = [e for e in run.events if e.name == "exception"]
+    assert process.kind == SpanKind.CONSUMER
+    assert process.status.status_code == StatusCode.ERROR
+    assert process.status.description == "KeyError: 'missing-thing'"
+    assert process.attributes["error.type"] == "KeyError"
+    assert process.attributes["millpond.task.state"] == "FAILURE"
+    (event,) = [e for e in process.events if e.name == "exception"]
     assert event.attributes["exception.type"] == "KeyError"
     assert "missing-thing" in event.attributes["exception.message"]
     assert "raise KeyError" in event.attributes["exception.stacktrace"]
-    assert process.status.status_code == StatusCode.ERROR
-    assert process.attributes["error.type"] == "KeyError"
-    assert process.kind == SpanKind.CONSUMER
 
 
 def test_autoretry_is_an_event_and_a_new_publish(
@@ -100,17 +102,15 @@ def test_autoretry_is_an_event_and_a_new_publish(
     start_worker(app, pool="solo")
     result = app.tasks["obs.flaky"].delay()
     assert result.get(timeout=10) == "ok"
-    spans = _spans(span_exporter, result.id, 6)
-    runs, processes = _named(spans, "run "), _named(spans, "process ")
-    publishes = _named(spans, "publish ")
-    assert len(runs) == len(processes) == len(publishes) == 2
-    retry = next(e for e in runs[0].events if e.name == "retry")
+    spans = _spans(span_exporter, result.id, 4)
+    processes, publishes = _named(spans, "process "), _named(spans, "publish ")
+    assert len(processes) == len(publishes) == 2
+    retry = next(e for e in processes[0].events if e.name == "retry")
     assert retry.attributes["exception.type"] == "ConnectionError"
     assert retry.attributes["exception.message"] == "db away"
     assert retry.attributes["millpond.retry.countdown"] >= 0
-    assert runs[0].status.status_code == StatusCode.UNSET  # retrying is not failing
-    process_retry = next(e for e in processes[0].events if e.name == "retry")
-    assert process_retry.attributes["exception.type"] == "ConnectionError"
+    assert processes[0].status.status_code == StatusCode.UNSET  # retrying is not failing
+    assert processes[0].attributes["millpond.task.state"] == "RETRY"
     assert publishes[1].parent is not None
     assert publishes[1].parent.span_id == processes[0].context.span_id
     assert publishes[1].attributes["millpond.task.retries"] == 1
@@ -134,7 +134,7 @@ def test_the_producers_sampling_decision_is_kept(
     app.broker.publish(queue, sampled)
     assert app.AsyncResult(unsampled.headers["id"]).get(timeout=10) == 1
     assert app.AsyncResult(sampled.headers["id"]).get(timeout=10) == 2
-    spans = _spans(span_exporter, sampled.headers["id"], 2)
+    spans = _spans(span_exporter, sampled.headers["id"], 1)
     assert not [
         s
         for s in span_exporter.get_finished_spans()
@@ -144,8 +144,6 @@ def test_the_producers_sampling_decision_is_kept(
     assert format(process.context.trace_id, "032x") == trace_id
     assert process.parent.span_id == 0x00F067AA0BA902B8
     assert process.context.trace_state.get("vendor") == "abc"
-    (run,) = _named(spans, "run ")
-    assert run.context.trace_state.get("vendor") == "abc"
 
 
 def test_garbage_traceparent_starts_a_fresh_trace(
@@ -156,21 +154,22 @@ def test_garbage_traceparent_starts_a_fresh_trace(
     message.headers["traceparent"] = "not-a-traceparent"
     app.broker.publish(app.settings.default_queue, message)
     assert app.AsyncResult(message.headers["id"]).get(timeout=10) == 3
-    (process,) = _named(_spans(span_exporter, message.headers["id"], 2), "process ")
+    (process,) = _named(_spans(span_exporter, message.headers["id"], 1), "process ")
     assert process.parent is None
     assert not process.links
 
 
 def test_lost_job_records_the_pool_error_on_the_process_span(span_exporter: Any) -> None:
-    """LOST / TIMEOUT are decided by the pool: the `run` span may never end (a killed child),
-    so the `process` span carries the error and the exception event itself."""
+    """LOST / TIMEOUT are decided by the pool (a killed child reports nothing): the `process`
+    span carries the error and the exception event from the pool's outcome."""
     span_exporter.clear()
+    hooks = TracingHooks()
     job = Job(task_id=unique("lost"), task_name="obs.lost", args=(), kwargs={}, queue="q")
-    telemetry.start_process_span(job, "prefork")
-    assert job.traceparent
-    assert job.traceparent.startswith("00-")
-    telemetry.end_process_span(
-        job, Outcome.error(LOST, "WorkerLostError", "child 123 killed by SIGKILL")
+    hooks.started(job)
+    assert job.carrier is not None
+    assert job.carrier["traceparent"].startswith("00-")
+    hooks.finished(
+        job, Outcome.error(TaskState.LOST, "WorkerLostError", "child 123 killed by SIGKILL")
     )
     (span,) = [
         s
@@ -179,7 +178,7 @@ def test_lost_job_records_the_pool_error_on_the_process_span(span_exporter: Any)
     ]
     assert span.status.status_code == StatusCode.ERROR
     assert span.attributes["error.type"] == "WorkerLostError"
-    assert span.attributes["millpond.task.state"] == LOST
+    assert span.attributes["millpond.task.state"] == TaskState.LOST
     (event,) = span.events
     assert event.name == "exception"
     assert event.attributes["exception.message"] == "child 123 killed by SIGKILL"
@@ -189,51 +188,48 @@ def test_lost_job_records_the_pool_error_on_the_process_span(span_exporter: Any)
 def test_process_span_never_inherits_the_worker_threads_context(span_exporter: Any) -> None:
     """A message without trace context starts a new trace even if the calling thread has a
     current span (an embedding application's)."""
+    hooks = TracingHooks()
     job = Job(task_id=unique("ctx"), task_name="obs.ctx", args=(), kwargs={}, queue="q")
     with trace.get_tracer("embedding-app").start_as_current_span("app span") as outer:
-        telemetry.start_process_span(job, "threads")
+        hooks.started(job)
     span = job.span
-    telemetry.end_process_span(job, Outcome(state="SUCCESS"))
+    hooks.finished(job, Outcome(state=TaskState.SUCCESS))
     assert span.parent is None
     assert span.context.trace_id != outer.get_span_context().trace_id
 
 
-def test_publishing_with_tracing_off_adds_no_headers(
-    app: Millpond, monkeypatch: pytest.MonkeyPatch, span_exporter: Any
-) -> None:
-    monkeypatch.setattr(telemetry, "TRACING", False)
-    result = app.tasks["obs.ok"].delay(1)
-    (message,) = list(_drain(app))
-    assert "traceparent" not in message.headers
-    assert message.headers["id"] == result.id
+_LATE_PROVIDER = r"""
+import json
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from millpond import Millpond
+
+app = Millpond("late", broker_url="memory://late", default_queue="late")
+
+@app.task(name="late.ok")
+def ok() -> None:
+    pass
+
+before = ok.delay()
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+after = ok.delay()
+consumer = app.broker.consumer(["late"], 10)
+headers = {d.message.headers["id"]: d.message.headers for d in consumer.fetch(10, 1.0)}
+print(json.dumps({
+    "before": "traceparent" in headers[before.id],
+    "after": "traceparent" in headers[after.id],
+    "spans": [s.name for s in exporter.get_finished_spans()],
+}))
+"""
 
 
-def _drain(app: Millpond) -> list[Any]:
-    consumer = app.broker.consumer([app.settings.default_queue], 10)
-    try:
-        deliveries = consumer.fetch(10, 1.0)
-        consumer.ack(deliveries)
-        return [d.message for d in deliveries]
-    finally:
-        consumer.close()
-
-
-def test_tracing_off_skips_everything(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With TRACING False the hot-path helpers return at once, touching no tracer and no header.
-
-    What that costs per task is measured by `benchmarks/tracing_overhead.py --off-cost`, not here.
-    """
-
-    def no_tracer() -> None:
-        raise AssertionError("a tracer was asked for with tracing off")
-
-    monkeypatch.setattr(telemetry, "TRACING", False)
-    monkeypatch.setattr(telemetry, "tracer", no_tracer)
-    job = Job(task_id="t", task_name="obs.ok", args=(), kwargs={}, queue="q")
-    job.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    headers: dict[str, Any] = {}
-    with telemetry.publish_span("q", "obs.ok", "t", headers):
-        pass
-    assert not headers
-    assert telemetry.run_span(job) is telemetry._NOT_TRACED
-    assert telemetry.enter_run_span(job) is telemetry._NOT_TRACED
+def test_a_provider_installed_later_is_found_when_spans_are_made() -> None:
+    """No provider: no span and no header. The app installs one afterwards (as a web app's
+    start-up would): the next publish has its span and carries its context."""
+    got = run_python(_LATE_PROVIDER, clean_env())
+    assert got == {"before": False, "after": True, "spans": ["publish late"]}

@@ -23,15 +23,15 @@ pytestmark = pytest.mark.e2e
 PRODUCER = """
 import json
 from opentelemetry import trace
-from millpond import Millpond, telemetry
-from millpond.observability import configure_tracing, shutdown
+from millpond import Millpond
+from millpond.observe.otel import configure_tracing, provider_installed, shutdown
 on = configure_tracing()
 app = Millpond("p", broker_url="memory://setup", default_queue="setup-q")
 result = app.send_task("obs.any", (1,))
 consumer = app.broker.consumer(["setup-q"], 1)
 (delivery,) = consumer.fetch(1, 1.0)
 shutdown()
-print(json.dumps({"on": on, "tracing": telemetry.TRACING, "id": result.id,
+print(json.dumps({"on": on, "tracing": provider_installed(), "id": result.id,
                   "provider": type(trace.get_tracer_provider()).__name__,
                   "traceparent": delivery.message.headers.get("traceparent")}))
 """
@@ -185,7 +185,7 @@ provider = TracerProvider()
 provider.add_span_processor(SimpleSpanProcessor(mine))
 trace.set_tracer_provider(provider)
 from millpond import Millpond
-from millpond.observability import configure_tracing
+from millpond.observe.otel import configure_tracing
 on = configure_tracing()
 app = Millpond("p", broker_url="memory://own", default_queue="own-q")
 app.send_task("obs.any")
@@ -203,7 +203,7 @@ print(json.dumps({"on": on, "mine": [s.name for s in mine.get_finished_spans()],
         (
             "OTEL_TRACES_EXPORTER",
             "jaeger",
-            "OTEL_TRACES_EXPORTER='jaeger': 'jaeger' is not supported",
+            "OTEL_TRACES_EXPORTER names 'jaeger', which is not an installed span exporter",
         ),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", "'http/json' is not supported"),
         ("OTEL_TRACES_SAMPLER", "sometimes", "'sometimes' is not a sampler"),

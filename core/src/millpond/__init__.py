@@ -8,6 +8,12 @@
     def add(x: int, y: int) -> int:
         return x + y
 
+    add.delay(2, 3).get(timeout=10)  # an int to the type checker; add.delay("2") is a type error
+
+`Task[P, R]` and `AsyncResult[R]` are generic, for annotations; `SendOptions` and
+`TaskDecoratorOptions` are the keyword options of `apply_async` and `@app.task`, for code that
+passes them on (`**options: Unpack[SendOptions]`).
+
 Importing millpond opens no connection, starts no thread and imports nothing else until a name is
 used: the `millpond` command must be able to monkey-patch (gevent, eventlet) before anything loads.
 """
@@ -20,10 +26,22 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Millpond": "millpond.app",
-    "AsyncResult": "millpond.result",
-    "Request": "millpond.task",
-    "Task": "millpond.task",
+    "Millpond": "millpond.produce.app",
+    "AsyncResult": "millpond.produce.result",
+    "GroupResult": "millpond.produce.result",
+    "Signature": "millpond.produce.canvas",
+    "chain": "millpond.produce.canvas",
+    "chord": "millpond.produce.canvas",
+    "chunks": "millpond.produce.canvas",
+    "group": "millpond.produce.canvas",
+    "signature": "millpond.produce.canvas",
+    "xmap": "millpond.produce.canvas",
+    "xstarmap": "millpond.produce.canvas",
+    "ChordError": "millpond.exceptions",
+    "Request": "millpond.produce.task",
+    "SendOptions": "millpond.produce.task",
+    "Task": "millpond.produce.task",
+    "TaskDecoratorOptions": "millpond.produce.task",
     "MaxRetriesExceededError": "millpond.exceptions",
     "MillpondError": "millpond.exceptions",
     "Reject": "millpond.exceptions",
@@ -36,22 +54,34 @@ _EXPORTS = {
 
 __all__ = [
     "AsyncResult",
+    "ChordError",
+    "GroupResult",
     "MaxRetriesExceededError",
     "Millpond",
     "MillpondError",
     "Reject",
     "Request",
     "Retry",
+    "SendOptions",
+    "Signature",
     "SoftTimeLimitExceeded",
     "Task",
+    "TaskDecoratorOptions",
     "TaskError",
     "TimeLimitExceeded",
     "WorkerLostError",
     "__version__",
+    "chain",
+    "chord",
+    "chunks",
+    "group",
+    "signature",
+    "xmap",
+    "xstarmap",
 ]
 
 if TYPE_CHECKING:
-    from millpond.app import Millpond as Millpond
+    from millpond.exceptions import ChordError as ChordError
     from millpond.exceptions import (
         MaxRetriesExceededError as MaxRetriesExceededError,
     )
@@ -76,9 +106,21 @@ if TYPE_CHECKING:
     from millpond.exceptions import (
         WorkerLostError as WorkerLostError,
     )
-    from millpond.result import AsyncResult as AsyncResult
-    from millpond.task import Request as Request
-    from millpond.task import Task as Task
+    from millpond.produce.app import Millpond as Millpond
+    from millpond.produce.canvas import Signature as Signature
+    from millpond.produce.canvas import chain as chain
+    from millpond.produce.canvas import chord as chord
+    from millpond.produce.canvas import chunks as chunks
+    from millpond.produce.canvas import group as group
+    from millpond.produce.canvas import signature as signature
+    from millpond.produce.canvas import xmap as xmap
+    from millpond.produce.canvas import xstarmap as xstarmap
+    from millpond.produce.result import AsyncResult as AsyncResult
+    from millpond.produce.result import GroupResult as GroupResult
+    from millpond.produce.task import Request as Request
+    from millpond.produce.task import SendOptions as SendOptions
+    from millpond.produce.task import Task as Task
+    from millpond.produce.task import TaskDecoratorOptions as TaskDecoratorOptions
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,5 @@
 """`python -m millpond` is the `millpond` command (early patching included)."""
 
-from millpond._bootstrap import main
+from millpond.cli.bootstrap import main
 
 main()

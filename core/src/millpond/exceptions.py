@@ -51,6 +51,17 @@ class PublishError(BrokerError):
     """A message could not be handed to the broker: the producer must not assume it was sent."""
 
 
+class AccessDenied(BrokerError):
+    """The broker refused the credentials, the virtual host or a permission (Redis WRONGPASS,
+    NOAUTH, NOPERM; AMQP ACCESS_REFUSED, NOT_ALLOWED). Waiting cannot cure it, so it is never
+    retried: the worker stops with this error and a publish fails at once; the message says what
+    to check."""
+
+
+class PublishAccessDenied(AccessDenied, PublishError):
+    """A publish refused for credentials or permissions: nothing was sent."""
+
+
 class BackendError(MillpondError):
     """The result backend could not store or fetch a result."""
 
@@ -118,3 +129,7 @@ class TaskRevokedError(MillpondError):
 
 class NotSupported(MillpondError):
     """The pool does not have the capability that was asked of it."""
+
+
+class ChordError(MillpondError):
+    """A task in a chord's header failed, so its body did not run (stored as the body's error)."""

@@ -31,7 +31,10 @@ Fixtures a subclass provides or overrides (the names are stable):
 * `result_backend`: default `broker.default_backend()`; the result tests skip when that is None.
 
 Class attributes: `cross_process = False` skips the subprocess tests (in-process brokers);
-`redelivery_slack` is the allowance on top of the lease (seconds).
+`redelivery_slack` is the allowance on top of the lease (seconds). What the broker itself declares
+cannot be done is skipped, and only that: `supports_delay = False` (no broker-held delays) and
+`redelivers_lost_deliveries = False` (a killed consumer's messages are lost, as on transports that
+delete a message when it is fetched).
 
 Fixtures the kit gives: `broker` (connected, closed afterwards), `make_broker()` (another instance
 on the same URL and options, closed afterwards), `queue` and `make_queue()` (unique names, declared,
@@ -55,20 +58,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from millpond.broker import (
-    FAILURE,
-    READY_STATES,
-    STARTED,
-    SUCCESS,
-    Broker,
-    Consumer,
-    Delivery,
-    ResultBackend,
-    ResultMeta,
-    Waker,
-    dead_letter_queue,
-)
-from millpond.protocol import DEATH_REASON, Message, decode_task, encode_task
+from millpond.contracts.backend import ResultBackend, ResultMeta
+from millpond.contracts.broadcast import Exchange, Listen, Received, Subscription
+from millpond.contracts.broker import Broker, Consumer, Delivery, Outbound, dead_letter_queue
+from millpond.contracts.waking import Waker
+from millpond.states import READY_STATES, TaskState
+from millpond.wire.protocol import DEATH_REASON, Message, decode_task, encode_task
 
 __all__ = ["BrokerContract", "ConsumerTracker", "fetch_until", "sample_message"]
 
@@ -243,6 +238,9 @@ class BrokerContract:
     cross_process: ClassVar[bool] = True
     #: seconds allowed on top of the lease for a dead consumer's message to come back
     redelivery_slack: ClassVar[float] = 5.0
+    #: False where a broadcast's ttl ends only while it waits in a queue nobody consumes (AMQP
+    #: pushes it to a listening consumer at once): skips the ttl test
+    broadcast_ttl_while_listening: ClassVar[bool] = True
 
     # -- fixtures a plugin provides or overrides --------------------------------------------------
 
@@ -402,6 +400,24 @@ class BrokerContract:
         }
         consumer.ack(got)
 
+    def test_publish_many_delivers_every_message_to_its_queue(
+        self, broker: Broker, make_queue: Callable[[], str], consumers: ConsumerTracker
+    ) -> None:
+        first, second = make_queue(), make_queue()
+        batch = [
+            Outbound(first if i % 2 else second, sample_message(f"batch-{i}")) for i in range(40)
+        ]
+        if broker.supports_delay:
+            batch.append(Outbound(first, sample_message("batch-later"), eta=time.time() + 0.5))
+        broker.publish_many(batch)
+        consumer = consumers.open(broker, [first, second], 64)
+        got = fetch_until(consumer, len(batch), 10.0)
+        assert sorted((d.queue, d.message.task_id) for d in got) == sorted(
+            (item.queue, item.message.task_id) for item in batch
+        ), "publish_many lost, duplicated or misrouted messages"
+        assert {d.message.body for d in got} == {batch[0].message.body}
+        consumer.ack(got)
+
     def test_fetch_never_returns_more_than_max_count(
         self, broker: Broker, queue: str, consumers: ConsumerTracker
     ) -> None:
@@ -433,6 +449,29 @@ class BrokerContract:
         extra = fetch_until(consumer, 1, 0.5, max_count=10)
         assert extra == [], "the consumer went past its prefetch limit after acks"
         consumer.ack(held[2:] + refill)
+
+    def test_resize_widens_and_narrows_the_prefetch_window(
+        self, broker: Broker, queue: str, consumers: ConsumerTracker
+    ) -> None:
+        """A worker widens its window by the room its rate-limited tasks' waiting messages take
+        (`Consumer.resize`); a consumer that cannot says so by returning False."""
+        for _ in range(10):
+            broker.publish(queue, sample_message())
+        consumer = consumers.open(broker, [queue], 2)
+        held = fetch_until(consumer, 2, 5.0, max_count=10)
+        assert len(held) == 2
+        if not consumer.resize(5):
+            pytest.skip(f"{type(consumer).__name__} cannot resize its window at run time")
+        more = fetch_until(consumer, 3, 5.0, max_count=10)
+        assert len(more) == 3, f"window resized to 5: expected 3 more deliveries, got {len(more)}"
+        assert fetch_until(consumer, 1, 0.5, max_count=10) == [], "past the resized window"
+        assert consumer.resize(2)
+        consumer.ack(held + more[:1])  # 2 held, the window is 2 again: nothing more
+        assert fetch_until(consumer, 1, 0.5, max_count=10) == [], "past the narrowed window"
+        consumer.ack(more[1:])
+        again = fetch_until(consumer, 2, 5.0, max_count=10)
+        assert len(again) == 2
+        consumer.ack(again)
 
     # -- blocking and waking ----------------------------------------------------------------------
 
@@ -498,7 +537,9 @@ class BrokerContract:
             waker.close()
         assert _ids(got) == ["from-thread"], "fetch returned without the published message"
         latency = returned - published_at[0]
-        assert latency < 0.5, f"fetch noticed the publish only after {latency:.3f} s"
+        # the bound tells a woken fetch from one that sat out its 5 s timeout (or polled on a long
+        # interval) with room for a loaded machine; how fast a wake-up is belongs in benchmarks/
+        assert latency < 2.0, f"fetch noticed the publish only after {latency:.3f} s (timeout 5 s)"
         consumer.ack(got)
 
     # -- ack, reject, dead letters ----------------------------------------------------------------
@@ -574,6 +615,35 @@ class BrokerContract:
         assert all(d.redelivered and d.delivery_count >= 2 for d in back), [
             (d.redelivered, d.delivery_count) for d in back
         ]
+        second.ack(back)
+
+    def test_release_gives_unstarted_deliveries_back_at_once(
+        self,
+        broker: Broker,
+        make_broker: Callable[[], Broker],
+        queue: str,
+        consumers: ConsumerTracker,
+    ) -> None:
+        # a warm shutdown: one delivery still running, three buffered ones given back while the
+        # first consumer stays open and alive (so no lease lapses and no close returns them)
+        for name in ("g1", "g2", "g3", "g4"):
+            broker.publish(queue, sample_message(name))
+        first = consumers.open(broker, [queue], 4)
+        held = fetch_until(first, 4, 5.0, max_count=4)
+        assert sorted(_ids(held)) == ["g1", "g2", "g3", "g4"]
+        running, buffered = held[0], held[1:]
+        first.release(buffered)
+        second = consumers.open(make_broker(), [queue], 4)
+        back = fetch_until(second, 3, 5.0, max_count=4)
+        assert sorted(_ids(back)) == sorted(_ids(buffered)), (
+            "release() did not give the unstarted deliveries to another consumer within 5 s "
+            "(they waited for a lease, a visibility timeout or the close)"
+        )
+        first.ack([running])
+        consumers.close(first)
+        assert fetch_until(second, 1, 1.0) == [], (
+            "the running delivery, acknowledged after the release, was delivered again"
+        )
         second.ack(back)
 
     # -- delays and administration ----------------------------------------------------------------
@@ -659,7 +729,7 @@ class BrokerContract:
         task_id = str(uuid.uuid4())
         meta = ResultMeta(
             task_id=task_id,
-            status=SUCCESS,
+            status=TaskState.SUCCESS,
             result={"answer": [4, 2], "text": "ü"},
             date_done="2024-01-01T00:00:00+00:00",
             name="kit.add",
@@ -671,7 +741,7 @@ class BrokerContract:
             assert result_backend.get(task_id, 1.0) == meta
             failed = ResultMeta(
                 task_id=task_id,
-                status=FAILURE,
+                status=TaskState.FAILURE,
                 result={"exc_type": "ValueError", "exc_message": ["bad"], "exc_module": "builtins"},
                 traceback="Traceback (most recent call last): ...",
             )
@@ -690,7 +760,7 @@ class BrokerContract:
             elapsed = time.monotonic() - start
             assert elapsed < 1.3, f"get(timeout=0.3) of an unknown id took {elapsed:.2f} s"
 
-            result_backend.store(ResultMeta(task_id=started, status=STARTED))
+            result_backend.store(ResultMeta(task_id=started, status=TaskState.STARTED))
             start = time.monotonic()
             meta = result_backend.get(started, 0.3)
             elapsed = time.monotonic() - start
@@ -707,9 +777,9 @@ class BrokerContract:
 
         def store() -> None:
             stored_at.append(time.monotonic())
-            result_backend.store(ResultMeta(task_id=task_id, status=SUCCESS, result=42))
+            result_backend.store(ResultMeta(task_id=task_id, status=TaskState.SUCCESS, result=42))
 
-        result_backend.store(ResultMeta(task_id=task_id, status=STARTED))
+        result_backend.store(ResultMeta(task_id=task_id, status=TaskState.STARTED))
         timer = threading.Timer(0.2, store)
         try:
             timer.start()
@@ -720,7 +790,7 @@ class BrokerContract:
             timer.join(5.0)
             result_backend.forget(task_id)
         assert meta is not None
-        assert (meta.status, meta.result) == (SUCCESS, 42)
+        assert (meta.status, meta.result) == (TaskState.SUCCESS, 42)
         latency = returned - stored_at[0]
         assert latency < 0.5, f"get() noticed the stored result only after {latency:.3f} s"
 
@@ -738,6 +808,8 @@ class BrokerContract:
     ) -> None:
         if not self.cross_process:
             pytest.skip(f"{type(broker).__name__} keeps its state in one process")
+        if not broker.redelivers_lost_deliveries:
+            pytest.skip(f"{type(broker).__name__} declares redelivers_lost_deliveries = False")
         broker.publish(queue, sample_message("orphan"))
         taken = _run_dying_consumer(broker_class, broker_url, broker_options, queue)
         assert taken == ["orphan"], f"the subprocess fetched {taken} instead of the message"
@@ -776,6 +848,117 @@ class BrokerContract:
         )
         holder.ack(held)
         assert fetch_until(rival, 1, 0.5) == []
+
+    # -- exchanges (remote control, events) -------------------------------------------------------
+
+    @pytest.fixture
+    def listeners(self, broker: Broker) -> Iterator[Callable[..., Subscription]]:
+        """Opens subscriptions for a test and closes them afterwards; skips without broadcast."""
+        if not broker.supports_broadcast:
+            pytest.skip(f"{type(broker).__name__} declares supports_broadcast = False")
+        opened: list[Subscription] = []
+
+        def listen(exchange: Exchange, routing_key: str = "", **options: Any) -> Subscription:
+            queue = f"millpond-kit-listen-{uuid.uuid4().hex[:12]}"
+            sub = broker.listen(Listen(queue, exchange, routing_key, **options))
+            opened.append(sub)
+            return sub
+
+        yield listen
+        for sub in opened:
+            sub.close()
+
+    @staticmethod
+    def _exchange(kind: str, durable: bool = False) -> Exchange:
+        # auto-delete: on RabbitMQ the kit's exchanges go with their last binding
+        name = f"millpond-kit-x-{uuid.uuid4().hex[:10]}"
+        return Exchange(name, kind, durable, auto_delete=True)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _received(sub: Subscription, count: int, within: float = 5.0) -> list[Received]:
+        got: list[Received] = []
+        deadline = time.monotonic() + within
+        while len(got) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"received {len(got)} of {count} broadcasts within {within}s")
+            got += sub.receive(min(left, 0.5))
+        return got
+
+    def test_fanout_reaches_every_listener_exactly(
+        self, broker: Broker, listeners: Callable[..., Subscription]
+    ) -> None:
+        exchange = self._exchange("fanout")
+        first, second = listeners(exchange), listeners(exchange)
+        sent = Message(
+            b'{"method": "ping"}',
+            {"clock": 3, "expires": 12.5, "ticket": "t-1"},
+            properties={"delivery_mode": 1, "correlation_id": "c-1"},
+        )
+        broker.broadcast(exchange, sent)
+        for sub in (first, second):
+            (got,) = self._received(sub, 1)
+            assert got.exchange == exchange.name
+            assert got.message.body == sent.body
+            assert got.message.headers == sent.headers
+            assert got.message.content_type == sent.content_type
+            assert got.message.properties.get("correlation_id") == "c-1"
+
+    def test_direct_reaches_only_the_matching_routing_key(
+        self, broker: Broker, listeners: Callable[..., Subscription]
+    ) -> None:
+        exchange = self._exchange("direct")
+        mine, other = listeners(exchange, "oid-a"), listeners(exchange, "oid-b")
+        broker.broadcast(exchange, Message(b"{}", {"ticket": "1"}), "oid-a")
+        (got,) = self._received(mine, 1)
+        assert got.message.headers == {"ticket": "1"}
+        assert other.receive(0.3) == []
+
+    def test_topic_binding_matches_by_pattern(
+        self, broker: Broker, listeners: Callable[..., Subscription]
+    ) -> None:
+        exchange = self._exchange("topic", durable=True)
+        workers = listeners(exchange, "worker.#")
+        broker.broadcast(exchange, Message(b"{}", {"n": 1}), "task.succeeded")
+        broker.broadcast(exchange, Message(b"{}", {"n": 2}), "worker.heartbeat")
+        (got,) = self._received(workers, 1)
+        assert got.message.headers == {"n": 2}
+        assert got.routing_key == "worker.heartbeat"
+        assert workers.receive(0.3) == []
+
+    def test_broadcast_nobody_hears_is_not_an_error(self, broker: Broker) -> None:
+        if not broker.supports_broadcast:
+            pytest.skip(f"{type(broker).__name__} declares supports_broadcast = False")
+        broker.broadcast(self._exchange("fanout"), Message(b"{}", {}))
+        broker.broadcast(self._exchange("direct"), Message(b"{}", {}), "gone")
+
+    def test_many_broadcasts_arrive_in_order(
+        self, broker: Broker, listeners: Callable[..., Subscription]
+    ) -> None:
+        exchange = self._exchange("fanout")
+        sub = listeners(exchange)
+        for n in range(150):
+            broker.broadcast(exchange, Message(b"{}", {"n": n}))
+        got = self._received(sub, 150, within=10.0)
+        assert [r.message.headers["n"] for r in got] == list(range(150))
+
+    def test_direct_ttl_drops_an_unread_message(
+        self, broker: Broker, listeners: Callable[..., Subscription]
+    ) -> None:
+        """A reply nobody reads in time is gone (bounded replies), not kept forever."""
+        if not self.broadcast_ttl_while_listening:
+            pytest.skip("the broker hands a broadcast to a listening consumer at once")
+        exchange = self._exchange("direct")
+        sub = listeners(exchange, "late-reader")
+        broker.broadcast(exchange, Message(b"{}", {"n": 1}), "late-reader", ttl=0.2)
+        time.sleep(1.2)  # the thing under test is expiry: let the ttl pass (and Redis's expiry run)
+        assert sub.receive(0.2) == []
+
+    def test_listener_close_is_idempotent(self, listeners: Callable[..., Subscription]) -> None:
+        sub = listeners(self._exchange("fanout"))
+        sub.close()
+        sub.close()
+        assert sub.receive(0.0) == []
 
 
 def _poll(check: Callable[[], Any], within: float, interval: float = 0.02) -> Any:

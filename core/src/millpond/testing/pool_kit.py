@@ -45,22 +45,26 @@ from typing import Any, ClassVar
 
 import pytest
 
-from millpond import execution, plugins
-from millpond.app import Millpond
+from millpond.config import plugins
+from millpond.consume.execute import Executor
+from millpond.contracts.hooks import HookChain
+from millpond.contracts.pool import BasePool, Capabilities, Job, Outcome
 from millpond.exceptions import NotSupported
-from millpond.pool import (
-    FAILURE,
-    REVOKED,
-    SUCCESS,
-    TIMEOUT,
-    BasePool,
-    Capabilities,
-    Job,
-    Outcome,
-)
+from millpond.observe.logs import LogContextHooks
+from millpond.observe.tracing import TracingHooks
+from millpond.produce.app import Millpond
+from millpond.states import TaskState
 from millpond.testing import tasks
 
-__all__ = ["Gate", "Outcomes", "PoolContract", "Runner", "make_job", "parse_traceparent"]
+__all__ = [
+    "Gate",
+    "Outcomes",
+    "PoolContract",
+    "Runner",
+    "kit_executor",
+    "make_job",
+    "parse_traceparent",
+]
 
 
 # -- helpers (public: plugin tests use them for their own pool-specific tests) -------------------
@@ -80,8 +84,14 @@ def make_job(task_name: str, *args: Any, **options: Any) -> Job:
     )
 
 
-def parse_traceparent(traceparent: str | None) -> tuple[str, str]:
-    """(trace_id, span_id) of a W3C traceparent header."""
+def parse_traceparent(job_or_header: Job | str | None) -> tuple[str, str]:
+    """(trace_id, span_id) of a W3C traceparent header, or of the one the tracing hook put in a
+    job's carrier."""
+    traceparent = (
+        (job_or_header.carrier or {}).get("traceparent")
+        if isinstance(job_or_header, Job)
+        else job_or_header
+    )
     assert traceparent, "the job has no traceparent: the pool's apply_async did not trace it"
     _version, trace_id, span_id, _flags = traceparent.split("-")
     return trace_id, span_id
@@ -173,8 +183,8 @@ class Runner:
 
     def submit(self, job: Job) -> Job:
         pool = self.pool
-        assert pool.active < pool.concurrency, (
-            f"the kit tried to hand a job to a full pool ({pool.active} of {pool.concurrency} "
+        assert pool.active < pool.capacity, (
+            f"the kit tried to hand a job to a full pool ({pool.active} of {pool.capacity} "
             "active): the worker never does that"
         )
         if pool.capabilities.concurrent:
@@ -200,7 +210,7 @@ class Runner:
     def wait_free(self, timeout: float | None = None) -> None:
         pool = self.pool
         self.outcomes.wait_until(
-            lambda: pool.active < pool.concurrency,
+            lambda: pool.active < pool.capacity,
             timeout or self.prompt,
             f"a free unit in the {pool.name} pool ({pool.active} active)",
         )
@@ -378,6 +388,12 @@ class _LogRecorder:
             return [event for level, event, _ in self.records if level == "warning"]
 
 
+def kit_executor(app: Millpond) -> Executor:
+    """An `Executor` for `app` with the tracing and log-context hooks only: what a pool is
+    handed, for tests that drive a pool without a worker."""
+    return Executor(app, HookChain([TracingHooks(), LogContextHooks()]))
+
+
 def install_tracing() -> Any:
     """An in-memory span exporter on this process's (single) SDK tracer provider.
 
@@ -427,8 +443,13 @@ class PoolContract:
 
     @pytest.fixture
     def kit_app(self) -> Millpond:
-        execution.set_worker_app(tasks.app)
         return tasks.app
+
+    @pytest.fixture
+    def kit_execution(self, kit_app: Millpond) -> Executor:
+        """What the worker hands a pool: the kit app's tasks with the tracing and log-context
+        hooks (whatever else is installed stays out of the kit)."""
+        return kit_executor(kit_app)
 
     @pytest.fixture
     def outcomes(self) -> Outcomes:
@@ -439,7 +460,7 @@ class PoolContract:
         self,
         pool_class: type[BasePool],
         pool_options: dict[str, Any],
-        kit_app: Millpond,
+        kit_execution: Executor,
     ) -> Iterator[Callable[..., BasePool]]:
         made: list[BasePool] = []
 
@@ -448,9 +469,8 @@ class PoolContract:
             on_complete: Callable[[Job, Outcome], None],
             options: Mapping[str, Any] | None = None,
         ) -> BasePool:
-            execution.set_worker_app(kit_app)
             merged = {**pool_options, **(options or {})}
-            pool = pool_class(concurrency, on_complete, merged)
+            pool = pool_class(concurrency, on_complete, merged, execution=kit_execution)
             made.append(pool)
             pool.start()
             return pool
@@ -493,25 +513,25 @@ class PoolContract:
             assert pool_class.default_concurrency() == 1
 
     def test_refuses_a_concurrency_below_one(
-        self, pool_class: type[BasePool], outcomes: Outcomes
+        self, pool_class: type[BasePool], outcomes: Outcomes, kit_execution: Executor
     ) -> None:
         with pytest.raises(ValueError, match="concurrency"):
-            pool_class(0, outcomes)
+            pool_class(0, outcomes, execution=kit_execution)
 
     # -- results --------------------------------------------------------------------------------
     def test_result_comes_back(self, runner: Runner) -> None:
         outcome = runner.run("add", 2, 3)
-        assert outcome.state == SUCCESS, outcome
+        assert outcome.state == TaskState.SUCCESS, outcome
         assert outcome.result == 5
         assert outcome.runtime >= 0
 
     def test_keyword_arguments_reach_the_task(self, runner: Runner) -> None:
         outcome = runner.run("add", 2, kwargs={"y": 40})
-        assert (outcome.state, outcome.result) == (SUCCESS, 42), outcome
+        assert (outcome.state, outcome.result) == (TaskState.SUCCESS, 42), outcome
 
     def test_exception_comes_back_with_type_message_and_traceback(self, runner: Runner) -> None:
         outcome = runner.run("fail", "the disk is full")
-        assert outcome.state == FAILURE, outcome
+        assert outcome.state == TaskState.FAILURE, outcome
         assert outcome.exc_type == "KitError"
         assert outcome.exc_module == "millpond.testing.tasks"
         assert outcome.exc_message == "the disk is full"
@@ -521,19 +541,19 @@ class PoolContract:
 
     def test_unknown_task_fails_cleanly(self, runner: Runner) -> None:
         outcome = runner.run("kit.no_such_task")
-        assert outcome.state == FAILURE, outcome
+        assert outcome.state == TaskState.FAILURE, outcome
         assert outcome.exc_type == "UnknownTask"
         assert "kit.no_such_task" in outcome.exc_message
 
     def test_sys_exit_in_a_task_fails_the_task_not_the_unit(self, runner: Runner) -> None:
         outcome = runner.run("leave", 3)
-        assert (outcome.state, outcome.exc_type) == (FAILURE, "SystemExit"), outcome
+        assert (outcome.state, outcome.exc_type) == (TaskState.FAILURE, "SystemExit"), outcome
         assert runner.run("add", 1, 1).result == 2
 
     def test_every_job_completes_exactly_once(self, runner: Runner, outcomes: Outcomes) -> None:
         jobs = [make_job("add", i, i) for i in range(60)]
         results = runner.run_all(jobs, timeout=30)
-        assert [o.state for o in results] == [SUCCESS] * len(jobs)
+        assert [o.state for o in results] == [TaskState.SUCCESS] * len(jobs)
         assert [o.result for o in results] == [2 * i for i in range(60)]
         assert all(outcomes.calls[j.task_id] == 1 for j in jobs), outcomes.calls
         assert runner.pool.active == 0
@@ -545,7 +565,7 @@ class PoolContract:
         gate = gates(open_at=concurrency)
         jobs = [runner.submit(make_job("gate", gate.port, self.prompt)) for _ in range(concurrency)]
         results = runner.outcomes.wait_all(jobs, self.prompt * 2)
-        assert [o.state for o in results] == [SUCCESS] * concurrency, [
+        assert [o.state for o in results] == [TaskState.SUCCESS] * concurrency, [
             o.exc_message for o in results
         ]
         assert [o.result for o in results] == ["released"] * concurrency
@@ -566,7 +586,7 @@ class PoolContract:
             results: list[Outcome | None] = [runner.outcomes.get(j.task_id) for j in jobs]
         else:
             results = list(runner.outcomes.wait_all(jobs, self.prompt))
-        assert all(o is not None and o.state == SUCCESS for o in results), results
+        assert all(o is not None and o.state == TaskState.SUCCESS for o in results), results
 
     def test_cold_terminate_returns_promptly_while_a_job_runs(
         self, runner: Runner, pool: BasePool, gates: Callable[..., Gate]
@@ -593,7 +613,7 @@ class PoolContract:
         started = time.monotonic()
         outcome = runner.run("sleep", 60.0, time_limit=0.5, timeout=self.prompt + 0.5)
         elapsed = time.monotonic() - started
-        assert outcome.state == TIMEOUT, outcome
+        assert outcome.state == TaskState.TIMEOUT, outcome
         assert outcome.exc_type == "TimeLimitExceeded"
         assert elapsed < self.prompt, f"the hard limit took {elapsed:.2f}s to stop the task"
         runner.wait_free()
@@ -604,11 +624,13 @@ class PoolContract:
             pytest.skip(f"the {pool.name} pool does not declare soft_time_limit")
         started = time.monotonic()
         outcome = runner.run("soft_cleanup", 60.0, soft_time_limit=0.3)
-        assert (outcome.state, outcome.result) == (SUCCESS, "cleaned up"), outcome
+        assert (outcome.state, outcome.result) == (TaskState.SUCCESS, "cleaned up"), outcome
         assert time.monotonic() - started < self.prompt
         # uncaught, it fails the task with the soft-limit error
         outcome = runner.run("sleep", 60.0, soft_time_limit=0.2)
-        assert (outcome.state, outcome.exc_type) == (FAILURE, "SoftTimeLimitExceeded"), outcome
+        assert (outcome.state, outcome.exc_type) == (TaskState.FAILURE, "SoftTimeLimitExceeded"), (
+            outcome
+        )
         assert runner.run("add", 3, 3).result == 6
 
     def test_soft_time_limit_not_reached_changes_nothing(
@@ -617,10 +639,10 @@ class PoolContract:
         if not pool.capabilities.soft_time_limit:
             pytest.skip(f"the {pool.name} pool does not declare soft_time_limit")
         jobs = [make_job("sleep", 0.01, soft_time_limit=0.3) for _ in range(6)]
-        assert all(o.state == SUCCESS for o in runner.run_all(jobs))
+        assert all(o.state == TaskState.SUCCESS for o in runner.run_all(jobs))
         # a limit armed for a finished task must not fire into the next one
         outcome = runner.run("sleep", 0.6)
-        assert outcome.state == SUCCESS, outcome
+        assert outcome.state == TaskState.SUCCESS, outcome
 
     def test_terminate_job(
         self, runner: Runner, pool: BasePool, gates: Callable[..., Gate]
@@ -634,7 +656,7 @@ class PoolContract:
         gate.wait_arrivals(1, self.prompt)
         assert pool.terminate_job(job.task_id) is True
         outcome = runner.outcomes.wait(job, self.prompt)
-        assert outcome.state == REVOKED, outcome
+        assert outcome.state == TaskState.REVOKED, outcome
         assert pool.terminate_job(str(uuid.uuid4())) is False
         runner.wait_free()
         assert runner.run("add", 4, 4).result == 8, "the pool did not recover its unit"
@@ -673,20 +695,18 @@ class PoolContract:
         results = runner.run_all(jobs, timeout=30)
         seen_traces = set()
         for job, outcome in zip(jobs, results, strict=True):
-            assert outcome.state == SUCCESS, outcome
+            assert outcome.state == TaskState.SUCCESS, outcome
             got = outcome.result
-            trace_id, process_span_id = parse_traceparent(job.traceparent)
-            assert got["trace_id"] == trace_id, "the run span is not in the job's trace"
-            assert got["parent_span_id"] == process_span_id, (
-                "the run span is not a child of the job's process span"
+            trace_id, process_span_id = parse_traceparent(job)
+            assert got["trace_id"] == trace_id, "the task body is not in the job's trace"
+            assert got["span_id"] == process_span_id, (
+                "the task body does not run inside the job's process span"
             )
-            assert got["span_id"]
-            assert got["span_id"] != process_span_id
             log = got["log"]
             assert log["task_id"] == job.task_id, "the log context carries another task's id"
             assert log["task_name"] == job.task_name
             assert log["retries"] == job.retries
-            assert (log["trace_id"], log["span_id"]) == (trace_id, got["span_id"])
+            assert (log["trace_id"], log["span_id"]) == (trace_id, process_span_id)
             request = got["request"]
             assert request is not None, "current_request() is None inside the task"
             assert (request["id"], request["task"], request["retries"]) == (
@@ -702,9 +722,9 @@ class PoolContract:
             if s.name == "process kit"
         }
         for job in jobs:
-            span = exported.get(parse_traceparent(job.traceparent)[1])
+            span = exported.get(parse_traceparent(job)[1])
             assert span is not None, "the job's process span was not ended by complete()"
-            assert span.attributes["millpond.task.state"] == SUCCESS
+            assert span.attributes["millpond.task.state"] == TaskState.SUCCESS
 
     def test_nothing_leaks_into_the_next_task_on_a_reused_unit(
         self, make_pool: Callable[..., BasePool], outcomes: Outcomes
@@ -712,7 +732,7 @@ class PoolContract:
         pool = make_pool(1, outcomes)
         runner = Runner(pool, outcomes, self.prompt)
         first = runner.run("pollute")
-        assert first.state == SUCCESS, first
+        assert first.state == TaskState.SUCCESS, first
         assert first.result["leak"] == "polluted"
         for _ in range(3):
             job = make_job("context")
@@ -731,8 +751,9 @@ class PoolContract:
         concurrency: int,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        from millpond import worker as worker_module
-        from millpond.settings import load_settings
+        from millpond.config.settings import load_settings
+        from millpond.consume import receive as receive_module
+        from millpond.consume import worker as worker_module
 
         queue = f"kit-{uuid.uuid4().hex[:10]}"
         app = tasks.register(
@@ -743,6 +764,7 @@ class PoolContract:
         app.task(name="kit.limited", time_limit=60.0, soft_time_limit=30.0)(tasks.add)
         recorder = _LogRecorder()
         monkeypatch.setattr(worker_module, "log", recorder)
+        monkeypatch.setattr(receive_module, "log", recorder)
         monkeypatch.setattr(plugins, "pool_class", lambda _name: pool_class)
         settings = load_settings(
             {"pool": pool_class.name or "kit", "concurrency": concurrency},

@@ -25,9 +25,9 @@ from typing import Any
 
 import structlog
 
-from millpond.app import Millpond
 from millpond.exceptions import SoftTimeLimitExceeded
-from millpond.task import current_request
+from millpond.produce.app import Millpond
+from millpond.produce.task import current_request
 
 __all__ = ["KIT_TASKS", "KitError", "app", "register"]
 
@@ -169,6 +169,16 @@ def log(message: str) -> str:
     return message
 
 
+def traced(x: int, y: int) -> int:
+    """`add` inside a span of the task's own (`kit work`): it must be a child of the job's
+    `process` span, whatever process runs it, and reach the exporter."""
+    from opentelemetry import trace
+
+    with trace.get_tracer("millpond.kit").start_as_current_span("kit work") as span:
+        span.set_attribute("kit.pid", os.getpid())
+        return x + y
+
+
 def whoami() -> dict[str, int]:
     return {"pid": os.getpid(), "thread": threading.get_ident()}
 
@@ -216,6 +226,7 @@ KIT_TASKS: dict[str, Callable[..., Any]] = {
     "kit.crash": crash,
     "kit.leave": leave,
     "kit.log": log,
+    "kit.traced": traced,
     "kit.whoami": whoami,
     "kit.unpicklable": unpicklable,
     "kit.gate": gate,

@@ -1,11 +1,36 @@
 """RabbitMQ (AMQP 0-9-1) broker for millpond: `amqp://`, `amqps://` and `pyamqp://` URLs.
 
 See docs/rabbitmq.md for the options, the delay design and the operational notes.
+
+The public names are imported on first use (PEP 562), so the core can read the settings section
+(`millpond_broker_amqp.section`) to validate `[amqp]` without importing py-amqp.
 """
 
-from millpond_broker_amqp.broker import AmqpBroker
-from millpond_broker_amqp.consumer import AmqpConsumer
-from millpond_broker_amqp.rpc import RpcResultBackend
-from millpond_broker_amqp.settings import AmqpSettings
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from millpond_broker_amqp.broker import AmqpBroker
+    from millpond_broker_amqp.consumer import AmqpConsumer
+    from millpond_broker_amqp.rpc import RpcResultBackend
+    from millpond_broker_amqp.settings import AmqpSettings
 
 __all__ = ["AmqpBroker", "AmqpConsumer", "AmqpSettings", "RpcResultBackend"]
+
+_HOMES = {
+    "AmqpBroker": "millpond_broker_amqp.broker",
+    "AmqpConsumer": "millpond_broker_amqp.consumer",
+    "AmqpSettings": "millpond_broker_amqp.settings",
+    "RpcResultBackend": "millpond_broker_amqp.rpc",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value

@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import amqp
 from amqp import exceptions as amqp_exc
 
-from millpond.broker import Broker, ResultBackend, dead_letter_queue
+from millpond.contracts.backend import ResultBackend
+from millpond.contracts.broadcast import Exchange, Listen
+from millpond.contracts.broker import Broker, Outbound, QueueStats, dead_letter_queue
+from millpond.contracts.claims import Claims
 from millpond.exceptions import PublishError
-from millpond.protocol import DEATH_REASON, DELIVERY_COUNT, Message
+from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message
+from millpond_broker_amqp import broadcast as exchanges
 from millpond_broker_amqp.codec import from_properties, republish_headers, to_amqp
 from millpond_broker_amqp.consumer import AmqpConsumer
-from millpond_broker_amqp.link import Link
+from millpond_broker_amqp.link import Link, Outgoing
 from millpond_broker_amqp.settings import AmqpSettings, parse
 from millpond_broker_amqp.topology import (
     DELAY_ETA,
@@ -45,6 +49,8 @@ class AmqpBroker(Broker):
     system: ClassVar[str] = "rabbitmq"
     supports_delay: ClassVar[bool] = True
     supports_priority: ClassVar[bool] = False  # only with the max_priority option
+    #: real exchanges: remote control (pidbox) and events (celeryev)
+    supports_broadcast: ClassVar[bool] = True
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)
@@ -64,6 +70,13 @@ class AmqpBroker(Broker):
 
     def close(self) -> None:
         self._link.close()
+
+    def claims(self) -> Claims:
+        """Exclusive queues as claims and a last-value queue as state, on a connection of their
+        own (see `millpond_broker_amqp.claims`)."""
+        from millpond_broker_amqp.claims import AmqpClaims
+
+        return AmqpClaims(self.settings)
 
     # -- topology --------------------------------------------------------------------------------
     def declare(self, queues: Iterable[str]) -> None:
@@ -99,6 +112,29 @@ class AmqpBroker(Broker):
         headers = {**message.headers, DELAY_TARGET: queue, DELAY_ETA: float(eta or 0)}
         self._send(queue, to_amqp(message, headers), level_name(top), key, top=top)
 
+    def publish_many(self, batch: Sequence[Outbound]) -> None:
+        """Every message published, then their confirms awaited together (one round trip)."""
+        if len(batch) < 2:
+            for item in batch:
+                self.publish(item.queue, item.message, eta=item.eta)
+            return
+        outgoing = [self._outgoing(item) for item in batch]
+        self._link.publish_batch(outgoing)
+
+    def _outgoing(self, item: Outbound) -> Outgoing:
+        queue, message, eta = item.queue, item.message, item.eta
+        check_queue_name(queue, PublishError)
+        if not isinstance(message, Message):
+            raise TypeError(f"publish() takes a millpond Message, got {type(message).__name__}")
+        route = delay_route(eta - time.time()) if eta is not None else None
+        if route is None:
+            msg, exchange, key, top = to_amqp(message), "", queue, -1
+        else:
+            top, key = route
+            headers = {**message.headers, DELAY_TARGET: queue, DELAY_ETA: float(eta or 0)}
+            msg, exchange = to_amqp(message, headers), level_name(top)
+        return Outgoing(msg, exchange, key, f"queue {queue!r}", self._before(queue, top))
+
     def _publish_copy(
         self, queue: str, message: Message, headers: dict[str, Any], *, declare: bool = True
     ) -> None:
@@ -116,6 +152,21 @@ class AmqpBroker(Broker):
         top: int,
         declare: bool = True,
     ) -> None:
+        target = f"queue {queue!r}"
+        self._link.publish(
+            msg,
+            exchange=exchange,
+            routing_key=key,
+            describe_target=target,
+            before=self._before(queue, top, declare=declare),
+        )
+
+    def _before(
+        self, queue: str, top: int, *, declare: bool = True
+    ) -> Callable[[amqp.Channel], None]:
+        """What to declare before publishing to `queue` (at delay level `top`), on each attempt:
+        a new connection has declared nothing yet."""
+
         def before(chan: amqp.Channel) -> None:
             self._sync_cache()
             if declare and self.settings.declare_on_publish and queue not in self._declared:
@@ -125,10 +176,33 @@ class AmqpBroker(Broker):
                 declare_levels(chan, top)
                 self._levels = top
 
-        target = f"queue {queue!r}"
-        self._link.publish(
-            msg, exchange=exchange, routing_key=key, describe_target=target, before=before
+        return before
+
+    # -- exchanges -------------------------------------------------------------------------------
+    def broadcast(
+        self,
+        exchange: Exchange,
+        message: Message,
+        routing_key: str = "",
+        *,
+        ttl: float | None = None,
+    ) -> None:
+        properties = dict(message.properties)
+        if ttl is not None:
+            properties["expiration"] = str(max(1, round(ttl * 1000)))
+        msg = to_amqp(
+            Message(
+                message.body,
+                message.headers,
+                message.content_type,
+                message.content_encoding,
+                properties,
+            )
         )
+        exchanges.publish(self, exchange, msg, routing_key)
+
+    def listen(self, spec: Listen) -> exchanges.AmqpSubscription:
+        return exchanges.AmqpSubscription(self.settings, spec)
 
     # -- consuming -------------------------------------------------------------------------------
     def consumer(self, queues: Sequence[str], prefetch: int) -> AmqpConsumer:
@@ -155,6 +229,22 @@ class AmqpBroker(Broker):
                 return _ready_count(scratch, queue)
 
         return self._link.call(f"count {queue!r}", run)
+
+    def queue_stats(self, queue: str) -> QueueStats:
+        """Ready messages and consumers, from a passive declare. RabbitMQ tells unacknowledged
+        counts only through its management API, so `reserved` stays unknown (None) here: the
+        workers' own gauges (`millpond.queue.reserved`, `.running`) carry that part."""
+        check_queue_name(queue)
+
+        def run(chan: amqp.Channel) -> QueueStats:
+            with scratch_channel(chan) as scratch:
+                try:
+                    ok = scratch.queue_declare(queue, passive=True)
+                except amqp_exc.NotFound:
+                    return QueueStats(queue, 0, consumers=0)
+                return QueueStats(queue, int(ok.message_count), consumers=int(ok.consumer_count))
+
+        return self._link.call(f"stats of {queue!r}", run)
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[Message]:
         """Peek: basic.get without ack on a scratch channel, whose close puts them all back

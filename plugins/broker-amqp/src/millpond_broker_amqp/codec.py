@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import amqp
 
-from millpond.protocol import Message
+from millpond.wire.protocol import Message
 
 #: AMQP basic properties carried in `Message.properties` (content type/encoding and headers have
 #: their own fields).

@@ -7,6 +7,7 @@ AMQP reply codes; `is_transient` is the one place that decides which of them a r
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 from collections.abc import Iterator
@@ -17,8 +18,10 @@ import amqp
 from amqp import exceptions as amqp_exc
 from amqp.transport import SSLTransport
 
-from millpond.exceptions import BrokerError, PublishError
+from millpond.exceptions import AccessDenied, BrokerError, PublishError
 from millpond_broker_amqp.settings import AmqpSettings
+
+log = logging.getLogger("millpond.broker.amqp")
 
 #: what the broker reports to RabbitMQ (shown in the management UI's connection list)
 _CLIENT_PROPERTIES = {"product": "millpond", "information": "millpond AMQP broker plugin"}
@@ -79,10 +82,43 @@ class _Connection(amqp.Connection):  # type: ignore[misc]
 def open_connection(settings: AmqpSettings, *, heartbeat: float, purpose: str) -> amqp.Connection:
     """A connected, handshaken connection; raises `BrokerError` (transient cause chained) if not.
 
+    With a failover URL the nodes are tried in order and the first that answers serves; a
+    refusal that another node would repeat (credentials, virtual host) is raised at once.
     `purpose` names the connection in RabbitMQ's management UI ("publisher", "consumer").
     """
+    nodes = settings.nodes
+    last: BrokerError | None = None
+    for index, (host, port) in enumerate(nodes):
+        try:
+            conn = _open_one(settings, host, port, heartbeat=heartbeat, purpose=purpose)
+        except BrokerError as exc:
+            if not is_transient(exc) or len(nodes) == 1:
+                raise
+            last = exc
+            continue
+        if index:
+            log.info(
+                "amqp: %s connected to %s:%d, node %d of %d in the broker URL (the ones before "
+                "it did not answer)",
+                purpose,
+                host,
+                port,
+                index + 1,
+                len(nodes),
+            )
+        return conn
+    assert last is not None
+    raise BrokerError(
+        f"cannot connect to any of the {len(nodes)} RabbitMQ nodes of {settings.safe_url}; the "
+        f"last said: {last}"
+    ) from last.__cause__
+
+
+def _open_one(
+    settings: AmqpSettings, host: str, port: int, *, heartbeat: float, purpose: str
+) -> amqp.Connection:
     conn = _Connection(
-        host=f"{settings.host}:{settings.port}",
+        host=f"{host}:{port}",
         userid=settings.userid,
         password=settings.password,
         virtual_host=settings.virtual_host,
@@ -98,13 +134,14 @@ def open_connection(settings: AmqpSettings, *, heartbeat: float, purpose: str) -
         conn.connect()
     except amqp_exc.AccessRefused as exc:
         _quiet_close(conn)
-        raise BrokerError(
+        raise AccessDenied(
             f"RabbitMQ at {settings.safe_url} refused the credentials ({exc.reply_text or exc}); "
-            "check the user and password in the broker URL"
+            "check the user and password in the broker URL (rabbitmqctl authenticate_user "
+            "checks them); retrying cannot help"
         ) from exc
     except (amqp_exc.NotAllowed, amqp_exc.InvalidPath) as exc:
         _quiet_close(conn)
-        raise BrokerError(
+        raise AccessDenied(
             f"RabbitMQ at {settings.safe_url} does not allow virtual host "
             f"{settings.virtual_host!r} ({exc.reply_text or exc}); create it "
             "(rabbitmqctl add_vhost) or grant the user access (rabbitmqctl set_permissions)"
@@ -199,3 +236,8 @@ def bounded(conn: amqp.Connection, timeout: float) -> Iterator[None]:
             sock.settimeout(None)
         except OSError:
             pass
+
+
+def tls_pending(sock: Any) -> bool:
+    """Whether TLS has decrypted bytes that select() cannot see."""
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0

@@ -11,6 +11,17 @@ deliveries are buffered rather than left in the socket.
 Delivery tags are `(generation, tag)` pairs; every reconnect starts a new generation, so an ack
 for a delivery of a lost connection is dropped (RabbitMQ redelivers that message) instead of
 acknowledging whatever carries the same number on the new channel.
+
+An ack written into the socket is not known to have arrived: a black-holed link takes writes for
+as long as its buffers last, and AMQP acks have no reply. RabbitMQ handles a channel's frames in
+order, so two things prove acks arrived. Under load, the prefetch window does, for free: RabbitMQ
+sends delivery T only while fewer than `limit` deliveries are unacknowledged, so by then it had
+the first T - limit acks (and rejects) in the order they were written. When deliveries stop
+coming, a probe does: the consumer re-sends its unchanged `basic.qos` (one in flight, at most one
+per `_PROBE_GAP`), and the `qos-ok` proves every ack written before it. When the connection is
+lost, the deliveries RabbitMQ redelivers are those never acknowledged plus those whose acks were
+not proven yet; that is the count the worker logs (high, if ever wrong, by acks of the last few
+milliseconds whose proof was still on its way).
 """
 
 from __future__ import annotations
@@ -25,10 +36,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import amqp
+from amqp import spec
 
-from millpond.broker import Consumer, Delivery, Waker, dead_letter_queue, socket_wait
+from millpond.contracts.broker import Consumer, Delivery, dead_letter_queue
+from millpond.contracts.waking import Waker, socket_wait
 from millpond.exceptions import BrokerError, PublishError
-from millpond.protocol import DEATH_REASON, DELIVERY_COUNT, Message
+from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message
 from millpond_broker_amqp import frames
 from millpond_broker_amqp.codec import BROKER_HEADERS, from_properties, undecodable
 from millpond_broker_amqp.connection import (
@@ -50,6 +63,8 @@ log = logging.getLogger("millpond.broker.amqp")
 _RECV_SIZE = 256 * 1024
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError)
 _EARLY = RESOLUTION_MS / 1000  # a delayed message arriving sooner than this before its eta is due
+#: at most one ack probe per this many seconds (RabbitMQ's cost is ~30 us of CPU each)
+_PROBE_GAP = 0.01
 
 
 class Pulse(threading.Thread):
@@ -97,6 +112,14 @@ class AmqpConsumer(Consumer):
         self._redelay: list[Delivery] = []
         self._unacked: deque[int] = deque()  # delivery tags of this channel, in delivery order
         self._open: set[int] = set()  # ... of those, the ones not acked or rejected yet
+        #: tags acked or rejected on this channel whose arrival is not proven yet, in write order
+        self._unproven: deque[int] = deque()
+        self._settled = 0  # acks and rejects written on this channel
+        self._proven = 0  # ... of which RabbitMQ has shown it has the first `_proven`
+        self._probe_covers: int | None = None  # `_settled` when the probe in flight was sent
+        self._probe_sent = 0.0
+        # RabbitMQ's unacked limit on this channel: channel-wide, or per consumer (quorum)
+        self._limit = prefetch * (len(self._queues) if broker.settings.quorum else 1)
         self._in_fetch = False
         self._broken: BaseException | None = None
         self._outage_since: float | None = None
@@ -104,6 +127,8 @@ class AmqpConsumer(Consumer):
         self._backoff = 0.1
         self._closed = False
         self._pulse_thread: Pulse | None = None
+        #: when the heartbeat thread last served the connection (monotonic)
+        self._pulsed_at = time.monotonic()
         with self._lock:
             self._connect()
         if self._conn is not None and self._conn.heartbeat:
@@ -132,6 +157,8 @@ class AmqpConsumer(Consumer):
                 # a channel-wide limit keeps the total under `prefetch` across all the queues;
                 # quorum queues only support per-consumer limits
                 chan.basic_qos(0, self._prefetch, not self._settings.quorum)
+                # answers read by py-amqp itself (while it waits for a reply of its own)
+                chan._callbacks[spec.Basic.QosOk] = self._on_probe_answered
                 self._gen += 1
                 self._conn, self._sock, self._chan_id = conn, conn.transport.sock, chan.channel_id
                 self._queue_of = {}
@@ -161,12 +188,48 @@ class AmqpConsumer(Consumer):
         self._redelay.clear()
         self._unacked.clear()
         self._open.clear()
+        self._unproven.clear()
+        self._settled = self._proven = 0
+        self._probe_covers = None
         self._pending = b""
+
+    # -- proving acks arrived ----------------------------------------------------------------------
+    def _written(self, tags: Sequence[int] | set[int]) -> None:
+        """Acks or rejects of `tags` were just written (lock held): unproven until shown."""
+        self._unproven.extend(tags)
+        self._settled += len(tags)
+
+    def _prove(self, count: int) -> None:
+        """RabbitMQ has the first `count` acks and rejects written on this channel."""
+        while self._proven < count and self._unproven:
+            self._unproven.popleft()
+            self._proven += 1
+
+    def _probe_due(self) -> float:
+        """Seconds until a probe may go out (0: now), or -1 when none is needed (lock held)."""
+        if not self._unproven or self._probe_covers is not None:
+            return -1.0
+        return max(0.0, self._probe_sent + _PROBE_GAP - time.monotonic())
+
+    def _probe(self) -> list[bytes]:
+        """The probe frame, if one is due now (lock held)."""
+        if self._probe_due() != 0.0:
+            return []
+        self._probe_covers = self._settled
+        self._probe_sent = time.monotonic()
+        return [frames.qos_frame(self._chan_id, self._prefetch, not self._settings.quorum)]
+
+    def _on_probe_answered(self) -> None:
+        """`qos-ok` for the probe in flight (read under the lock): the acks before it arrived."""
+        if self._probe_covers is not None:
+            self._prove(self._probe_covers)
+            self._probe_covers = None
 
     def _lost(self, exc: BaseException) -> None:
         """Forget a dead connection (lock held); its deliveries come back from RabbitMQ."""
         conn, self._conn, self._sock = self._conn, None, None
-        held = len(self._open)
+        never, unproven = len(self._open), len(self._unproven)
+        held = never + unproven
         self._reset_window()
         self._broken = None
         abandon(conn)
@@ -174,10 +237,13 @@ class AmqpConsumer(Consumer):
             self._outage_since = time.monotonic()
         log.warning(
             "lost the consumer connection to RabbitMQ at %s (%s); reconnecting. RabbitMQ "
-            "redelivers the %d unacknowledged deliveries; acks for them are dropped.",
+            "redelivers the %d deliveries it never saw acknowledged (%d never acknowledged, %d "
+            "acknowledged into the lost connection); acks for them are dropped.",
             self._settings.safe_url,
             describe(exc),
             held,
+            never,
+            unproven,
         )
 
     def _reconnect(self, deadline: float, waker: Waker | None) -> bool:
@@ -248,7 +314,9 @@ class AmqpConsumer(Consumer):
         raw = self._raw
         pos = 0
         while True:
-            pos, frame, _heartbeats = frames.parse(data, pos, self._chan_id, raw)
+            pos, frame, _heartbeats, proofs = frames.parse(data, pos, self._chan_id, raw)
+            for _ in range(proofs):
+                self._on_probe_answered()
             if raw:
                 for item in raw:
                     self._accept_raw(item)
@@ -306,6 +374,8 @@ class AmqpConsumer(Consumer):
         redelivered = redelivered or count > 1
         queue = self._queue_of.get(consumer_tag) or self._queues[0]
         delivery = Delivery(message, queue, (self._gen, tag), redelivered, count)
+        if self._unproven:  # sent while fewer than `limit` were unacked: the window proves acks
+            self._prove(tag - self._limit)
         self._unacked.append(tag)
         self._open.add(tag)
         if delayed:
@@ -345,10 +415,17 @@ class AmqpConsumer(Consumer):
                             raise
                         self._lost(exc)
                         continue
+                    self._write(self._probe())  # if one is due
                 if self._ready or self._redelay:
                     continue
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not socket_wait(self._sock, waker, remaining):
+                if remaining <= 0:
+                    return []
+                due = self._probe_due()  # nothing to read: wake for the next probe, if needed
+                wait = remaining if due < 0 else min(remaining, due)
+                if not socket_wait(self._sock, waker, wait):
+                    if wait < remaining and not (waker is not None and waker.is_set):
+                        continue
                     return []
         finally:
             self._in_fetch = False
@@ -369,7 +446,9 @@ class AmqpConsumer(Consumer):
             gen = self._gen
             tags = {d.tag[1] for d in deliveries if d.tag[0] == gen} & self._open
             if tags and self._conn is not None:
-                self._write(self._settle(tags))
+                acks = self._settle(tags)
+                self._written(tags)
+                self._write(acks + self._probe())
 
     def _settle(self, tags: set[int]) -> list[bytes]:
         """Mark `tags` settled; the ack frames that do it: one `multiple` ack for the contiguous
@@ -405,6 +484,11 @@ class AmqpConsumer(Consumer):
         if gen != self._gen or tag not in self._open:
             log.debug("dropping reject of delivery %s from an earlier connection", delivery.tag)
             return
+        if self._broken is not None:
+            # the connection is being given up: RabbitMQ redelivers the message itself, and a
+            # copy published now would make it two
+            log.debug("dropping reject of delivery %s on a broken connection", delivery.tag)
+            return
         message = delivery.message
         if requeue:
             target = delivery.queue
@@ -435,9 +519,12 @@ class AmqpConsumer(Consumer):
             if gen != self._gen or tag not in self._open or self._conn is None:
                 return
             if not requeue_in_place:
-                self._write(self._settle({tag}))
+                acks = self._settle({tag})
+                self._written((tag,))
+                self._write(acks + self._probe())
                 return
             self._open.discard(tag)
+            self._written((tag,))  # a reject has no reply either: proven like an ack
             conn = self._conn
             try:
                 with bounded(conn, self._settings.operation_timeout):
@@ -446,6 +533,8 @@ class AmqpConsumer(Consumer):
                 if not is_transient(exc):
                     raise
                 self._lost(exc)
+                return
+            self._write(self._probe())
 
     def _send_round_again(self) -> None:
         """Delayed messages that arrived before their eta (delays over one trip down the ladder)."""
@@ -466,6 +555,60 @@ class AmqpConsumer(Consumer):
                 self._settle_one(delivery, requeue_in_place=True)
                 continue
             self._settle_one(delivery, requeue_in_place=False)
+
+    def resize(self, prefetch: int) -> bool:
+        """A new channel-wide QoS window (basic.qos on the live channel; a reconnect uses it
+        too). Quorum queues take per-consumer limits, which only new consumers get: False."""
+        if self._settings.quorum or not 1 <= prefetch <= 65535:
+            return False
+        with self._lock:
+            self._prefetch = prefetch
+            conn = self._conn
+            if conn is None:
+                return True  # the next connection sets it
+            # py-amqp reads the reply itself: it gets the bytes not parsed yet, and deliveries
+            # that arrive before qos-ok take its slow path, as during `_connect`
+            transport = conn.transport
+            transport._read_buffer, self._pending = self._pending, b""
+            try:
+                with bounded(conn, self._settings.operation_timeout):
+                    conn.channels[self._chan_id].basic_qos(0, prefetch, True)
+            except Exception as exc:
+                if not is_transient(exc) and not isinstance(exc, amqp.AMQPError):
+                    raise
+                self._lost(exc)  # reconnecting sets the new window
+                return True
+            self._pending, transport._read_buffer = transport._read_buffer, b""
+        return True
+
+    def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Cancel the subscriptions first (basic.cancel, the channel stays open for the running
+        tasks' acks): otherwise each message given back frees a slot of the QoS window and
+        RabbitMQ pushes the next one (or the same one) to this consumer, where it would wait
+        for the close. Then give back the worker's deliveries and any pushed meanwhile."""
+        self._stop_consuming()
+        super().release([*deliveries, *self._take(len(self._ready))])
+
+    def _stop_consuming(self) -> None:
+        with self._lock:
+            conn = self._conn
+            if conn is None or self._broken is not None:
+                return  # nothing delivered on this connection survives it anyway
+            # py-amqp reads the cancel-ok itself: as in `resize`, deliveries before it take
+            # the slow path into `_ready`
+            transport = conn.transport
+            transport._read_buffer, self._pending = self._pending, b""
+            try:
+                with bounded(conn, self._settings.operation_timeout):
+                    chan = conn.channels[self._chan_id]
+                    for tag in self._queue_of:
+                        chan.basic_cancel(tag.decode())
+            except Exception as exc:
+                if not is_transient(exc) and not isinstance(exc, amqp.AMQPError):
+                    raise
+                self._lost(exc)
+                return
+            self._pending, transport._read_buffer = transport._read_buffer, b""
 
     @property
     def connected(self) -> bool:
@@ -494,9 +637,31 @@ class AmqpConsumer(Consumer):
             try:
                 if not self._in_fetch:
                     self._read()
+                    self._write(self._probe())
                 conn.heartbeat_tick(rate=2)
+                self._pulsed_at = time.monotonic()
             except Exception as exc:
                 self._broken = exc  # the loop thread reconnects on its next fetch
+
+    def stale(self, delivery: Delivery) -> bool:
+        """Delivered on a connection that is gone or about to be: an earlier generation, one
+        found broken, or one nobody served for longer than the heartbeat timeout (the process
+        was stalled: RabbitMQ has closed it, or soon will, and redelivers what it held)."""
+        gen = delivery.tag[0] if isinstance(delivery.tag, tuple) else self._gen
+        if gen != self._gen or self._broken is not None:
+            return True
+        conn = self._conn
+        timeout = conn.heartbeat if conn is not None else 0
+        silent = time.monotonic() - self._pulsed_at
+        if timeout and silent > timeout:
+            # give the connection up now: RabbitMQ requeues all it held, and the next fetch
+            # reconnects (a reject written into it would copy a message RabbitMQ redelivers)
+            self._broken = ConnectionError(
+                f"the connection was not served for {silent:.1f} s, past its {timeout} s "
+                "heartbeat timeout (was the process stalled?)"
+            )
+            return True
+        return False
 
 
 def _copy_headers(message: Message, updates: dict[str, Any]) -> dict[str, Any]:

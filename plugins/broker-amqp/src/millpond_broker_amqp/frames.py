@@ -20,9 +20,11 @@ _METHOD_ID: Final = struct.Struct(">HH")
 _BODY_SIZE: Final = struct.Struct(">Q")
 _TAG_AND_FLAG: Final = struct.Struct(">QB")
 _ACK: Final = struct.Struct(">BHIHHQBB")
+_QOS: Final = struct.Struct(">BHIHHIHBB")
 _FRAME_END: Final = 0xCE
 _METHOD, _HEADER, _BODY, _HEARTBEAT = 1, 2, 3, 8
 _BASIC_DELIVER: Final = (60, 60)
+_BASIC_QOS_OK: Final = (60, 11)
 
 
 class RawDelivery(NamedTuple):
@@ -47,15 +49,18 @@ class Frame(NamedTuple):
 
 def parse(
     data: bytes, pos: int, channel: int, out: list[RawDelivery]
-) -> tuple[int, Frame | None, int]:
+) -> tuple[int, Frame | None, int, int]:
     """Append the complete deliveries for `channel` found from `pos` on to `out`.
 
-    Returns `(next_pos, frame, heartbeats)`: parsing stops before the first incomplete frame or
-    after the first frame it does not handle (`frame`, to be dispatched by py-amqp before anything
-    after `next_pos` is looked at). Raises `UnexpectedFrame` on a corrupt stream.
+    Returns `(next_pos, frame, heartbeats, qos_oks)`: parsing stops before the first incomplete
+    frame or after the first frame it does not handle (`frame`, to be dispatched by py-amqp before
+    anything after `next_pos` is looked at). `qos_oks` counts the `basic.qos-ok` frames on
+    `channel` it consumed: the answers to the consumer's ack probes (see `qos_frame`), too
+    frequent for py-amqp's slow path. Raises `UnexpectedFrame` on a corrupt stream.
     """
     end = len(data)
     heartbeats = 0
+    qos_oks = 0
     unpack_head = _FRAME_HEAD.unpack_from
     while end - pos >= 8:
         ftype, fchan, size = unpack_head(data, pos)
@@ -68,20 +73,23 @@ def parse(
             heartbeats += 1
             pos = frame_end
             continue
-        if (
-            ftype == _METHOD
-            and fchan == channel
-            and _METHOD_ID.unpack_from(data, pos + 7) == _BASIC_DELIVER
-        ):
-            got = _delivery(data, pos, frame_end, end, channel)
-            if got is None:
-                break  # the rest of the message has not arrived yet
-            if got is not False:
-                delivery, pos = got
-                out.append(delivery)
+        if ftype == _METHOD and fchan == channel:
+            method = _METHOD_ID.unpack_from(data, pos + 7)
+            if method == _BASIC_DELIVER:
+                got = _delivery(data, pos, frame_end, end, channel)
+                if got is None:
+                    break  # the rest of the message has not arrived yet
+                if got is not False:
+                    delivery, pos = got
+                    out.append(delivery)
+                    continue
+            elif method == _BASIC_QOS_OK and size == 4:
+                qos_oks += 1
+                pos = frame_end
                 continue
-        return frame_end, Frame(ftype, fchan, data[pos + 7 : frame_end - 1]), heartbeats
-    return pos, None, heartbeats
+        frame = Frame(ftype, fchan, data[pos + 7 : frame_end - 1])
+        return frame_end, frame, heartbeats, qos_oks
+    return pos, None, heartbeats, qos_oks
 
 
 def _delivery(
@@ -144,3 +152,11 @@ def _delivery(
 def ack_frame(channel: int, delivery_tag: int, multiple: bool) -> bytes:
     """The bytes of one `basic.ack` method frame (acks are batched into a single write)."""
     return _ACK.pack(1, channel, 13, 60, 80, delivery_tag, 1 if multiple else 0, _FRAME_END)
+
+
+def qos_frame(channel: int, prefetch_count: int, global_: bool) -> bytes:
+    """The bytes of one `basic.qos` method frame (prefetch_size 0).
+
+    The consumer re-sends its own QoS as a probe: RabbitMQ handles a channel's frames in order,
+    so its `qos-ok` proves every ack written before the probe has arrived."""
+    return _QOS.pack(1, channel, 11, 60, 10, 0, prefetch_count, 1 if global_ else 0, _FRAME_END)

@@ -1,26 +1,31 @@
 """The `[amqp]` settings section (`MILLPOND_AMQP__HEARTBEAT=30` in the environment).
 
-Published through the `millpond.settings` entry point so `millpond config` lists these options
-with their defaults; the app hands the section to the broker as its options and
-`millpond_broker_amqp.settings.parse` checks them. URL query parameters accept the same names.
+The one declaration of every option the AMQP broker takes, whichever way it is given: the `[amqp]`
+section of `millpond.toml`, `MILLPOND_AMQP__*`, `Millpond(amqp={...})`, or a URL query parameter
+(`amqp://h//?heartbeat=30`). It is published under the `millpond.settings` entry-point group once
+per URL scheme the plugin serves (amqp, amqps, pyamqp), which is how the core finds it for a broker
+URL; `millpond_broker_amqp.settings.parse` casts the URL's query through it. It imports nothing
+from py-amqp.
 """
 
 from __future__ import annotations
 
-from millpond.settings import Option, Section
+from millpond.config.options import Option, Section
 
 SECTION = Section(
     "amqp",
     "RabbitMQ (AMQP) broker",
     (
-        Option("heartbeat", "float", 60.0, "AMQP heartbeat in seconds (0 disables); served by a "
-               "helper thread even while the worker loop runs a task inline.", minimum=0),
+        Option("heartbeat", "float", 4.0, "AMQP heartbeat in seconds (0 disables); served by a "
+               "helper thread even while the worker loop runs a task inline. A link that stops "
+               "carrying packets is given up after two silent heartbeats (about 10 s with 4).",
+               minimum=0),
         Option("queue_type", "str", "classic", "Type of the queues millpond declares: classic, "
                "or quorum (replicated; must match how Celery declares shared queues).",
                choices=("classic", "quorum")),
         Option("max_priority", "int", None, "x-max-priority of declared classic queues "
                "(Celery's task_queue_max_priority); unset means no priorities.", minimum=1,
-               nullable=True),
+               maximum=255, nullable=True),
         Option("publish_retry_timeout", "float", 20.0, "Seconds a publish keeps reconnecting "
                "and retrying while RabbitMQ is unreachable before it raises PublishError.",
                minimum=0),
@@ -44,4 +49,8 @@ SECTION = Section(
         Option("ssl_server_hostname", "str", None, "Host name to check the certificate "
                "against (and send as SNI), when it differs from the URL's.", nullable=True),
     ),
+    hints={
+        "transport_options": "kombu's transport_options mean nothing here; give each option "
+        "by its own name (see docs/rabbitmq.md)",
+    },
 )  # fmt: skip

@@ -26,8 +26,8 @@ from typing import Any, Final
 import amqp
 from amqp import exceptions as amqp_exc
 
-from millpond.broker import dead_letter_queue
-from millpond.exceptions import BrokerError
+from millpond.contracts.broker import dead_letter_queue
+from millpond.exceptions import AccessDenied, BrokerError
 from millpond_broker_amqp.settings import AmqpSettings
 
 RESOLUTION_MS: Final = 100
@@ -97,9 +97,12 @@ def declare_queue(channel: amqp.Channel, name: str, settings: AmqpSettings) -> N
             f"or delete it (rabbitmqctl delete_queue {name}) so millpond can re-create it"
         ) from exc
     except amqp_exc.AccessRefused as exc:
-        raise BrokerError(
-            f"RabbitMQ refused to declare queue {name!r} ({exc.reply_text}); grant the user "
-            "configure permission on it (rabbitmqctl set_permissions)"
+        raise AccessDenied(
+            f"RabbitMQ refused to declare queue {name!r} ({exc.reply_text}); the user needs "
+            f"configure, write and read permissions on the queue, its exchange {name!r}, its "
+            f"dead-letter queue {dead_letter_queue(name)!r} and the exchange {DELIVER_EXCHANGE!r} "
+            "(rabbitmqctl set_permissions -p VHOST USER CONFIGURE WRITE READ, each a regex); "
+            "retrying cannot help"
         ) from exc
 
 

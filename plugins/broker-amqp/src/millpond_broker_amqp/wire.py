@@ -4,7 +4,7 @@ Profiling the consumer showed half its time in py-amqp's `decode_properties_basi
 message carries a table of about twenty headers, and py-amqp decodes each value through a
 chain of generic helpers. This decoder returns exactly what py-amqp returns (same types, strings
 decoded as UTF-8 or left as bytes when they are not, naive UTC datetimes for timestamps) with one
-flat loop per table; `tests/brokers/test_amqp.py` checks the two agree.
+flat loop per table; `plugins/broker-amqp/tests/test_amqp.py` checks the two agree.
 """
 
 from __future__ import annotations

@@ -5,24 +5,34 @@ A result is the JSON of `ResultMeta` under `celery-task-meta-<task_id>`, expirin
 name, exactly as Celery's Redis backend does, so Celery clients and millpond clients can read each
 other's results. `get()` subscribes first and reads second, so a result stored in between is never
 missed, then sleeps on the subscription: it wakes when the result arrives, not on a poll interval.
+
+Chords join the way Celery's Redis backend joins them, on the same keys (`keys.py`): each header
+part is added to a sorted set by its group index in one script, which also claims the join for
+the one caller whose part completes it (a claim with an expiry, so it passes on if that worker
+dies); the claim's holder sends the body and leaves a `done` marker. So a chord's header may run
+on Celery workers, millpond workers or both, and its body is sent once, by whichever completes it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import redis
 from redis.client import PubSub
+from redis.commands.core import Script
 
-from millpond.broker import READY_STATES, ResultBackend, ResultMeta
+from millpond.contracts.backend import CHORD_CLAIM_TTL, ChordPart, ResultBackend, ResultMeta
 from millpond.exceptions import BackendError
-from millpond_broker_redis import keys
+from millpond.states import READY_STATES
+from millpond_broker_redis import keys, scripts
 from millpond_broker_redis.config import parse
-from millpond_broker_redis.connection import RETRYABLE, Pools
+from millpond_broker_redis.connection import ACCESS_ERRORS, RETRYABLE, Pools, access_problem
 
 log = logging.getLogger("millpond.broker.redis")
 
@@ -30,6 +40,9 @@ T = TypeVar("T")
 #: how long one wait on the subscription lasts before re-checking the connection (get() with no
 #: timeout waits in slices of this, so a dead connection is noticed and re-established)
 _SLICE = 5.0
+#: the least time a chord's `done` marker stays (Celery keeps it as long), so late copies of a
+#: header part are ignored rather than starting the join again
+_DONE_TTL = 300
 
 
 def _decode(task_id: str, raw: bytes | str | None) -> ResultMeta | None:
@@ -53,6 +66,15 @@ class RedisResultBackend(ResultBackend):
         super().__init__(url, options)
         self.cfg = parse(url, self.options)
         self.pools = Pools(self.cfg)
+        #: how long the join of a chord stays claimed by the caller that completed it
+        self.claim_ttl = CHORD_CLAIM_TTL
+        self._claims: dict[str, str] = {}  # group id -> token of the claim this process holds
+        self._claims_lock = threading.Lock()
+        # (the client only gives the scripts its encoder; each call passes the current client)
+        self._chord_return = Script(self.pools.client(), scripts.CHORD_RETURN)
+        self._chord_done = Script(self.pools.client(), scripts.CHORD_DONE)
+        self._chord_release = Script(self.pools.client(), scripts.CHORD_RELEASE)
+        self._chord_claimed = Script(self.pools.client(), scripts.CHORD_CLAIMED)
 
     def __repr__(self) -> str:
         return f"<RedisResultBackend {self.cfg.masked_url}>"
@@ -63,6 +85,8 @@ class RedisResultBackend(ResultBackend):
         while True:
             try:
                 return op(self.pools.client())
+            except ACCESS_ERRORS as exc:  # before RETRYABLE: WRONGPASS is a ConnectionError
+                raise BackendError(access_problem(self.cfg, what, exc)) from exc
             except RETRYABLE as exc:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -125,6 +149,10 @@ class RedisResultBackend(ResultBackend):
                         # wakes us; the result is read from this backend's own database
                         meta = _decode(task_id, self.pools.client().get(key)) or meta
                 return meta
+            except ACCESS_ERRORS as exc:
+                raise BackendError(
+                    access_problem(self.cfg, f"waiting for the result of task {task_id}", exc)
+                ) from exc
             except RETRYABLE as exc:
                 now = time.monotonic()
                 failing_since = failing_since or now
@@ -150,3 +178,137 @@ class RedisResultBackend(ResultBackend):
 
     def close(self) -> None:
         self.pools.close()
+
+    # -- chords and groups, in Celery's layout ----------------------------------------------------
+    supports_chords = True
+
+    @property
+    def _expires(self) -> int:
+        """Seconds the chord keys and saved groups live (Celery's `result_chord_expires`, which
+        defaults to `result_expires`); 0: for ever."""
+        expires = self.cfg.result_expires
+        return max(1, int(expires)) if expires else 0
+
+    def set_chord_size(self, group_id: str, size: int) -> None:
+        """`.s` = the size; a claim or `done` left by an earlier run of the same group id goes."""
+        claim, size_key = keys.group_key(group_id, ".c"), keys.group_key(group_id, ".s")
+        expires = self._expires
+
+        def op(c: redis.Redis) -> None:
+            with c.pipeline(transaction=True) as pipe:
+                pipe.delete(claim)
+                pipe.set(size_key, int(size), ex=expires or None)
+                pipe.execute()
+
+        self._retry(f"setting the size of chord {group_id}", op)
+
+    def chord_part_return(
+        self, group_id: str, task_id: str, index: int | None, state: str, result: Any
+    ) -> list[ChordPart] | None:
+        try:
+            record = json.dumps([1, task_id, str(state), result])
+        except (TypeError, ValueError) as exc:
+            raise BackendError(
+                f"the chord part of task {task_id} cannot be stored as JSON: {exc}"
+            ) from exc
+        score = "+inf" if index is None else str(int(index))
+        token = uuid.uuid4().hex  # one per call: a retry of this call finds its own claim
+        expires = self._expires
+        names = [".j", ".t", ".s", ".d", "", ".c"]
+        chord_keys = [keys.group_key(group_id, n) for n in names]
+        claim_ms = max(1, int(self.claim_ttl * 1000))
+        args: list[str | int] = [task_id, record, score, expires, expires, claim_ms, token]
+        reply = self._retry(
+            f"returning the chord part of task {task_id}",
+            lambda c: self._chord_return(keys=chord_keys, args=args, client=c),
+        )
+        if len(reply) < 2:
+            return None
+        with self._claims_lock:
+            self._claims[group_id] = token
+        parts: list[ChordPart] = []
+        for raw in reply[1]:
+            try:
+                _, part_id, part_state, value = json.loads(raw)
+            except (TypeError, ValueError) as exc:
+                raise BackendError(
+                    f"chord {group_id} holds a part that is not a [1, id, state, result] "
+                    f"JSON list: {raw!r:.200}"
+                ) from exc
+            parts.append((str(part_id), str(part_state), value))
+        return parts
+
+    def chord_done(self, group_id: str) -> None:
+        with self._claims_lock:
+            token = self._claims.pop(group_id, None)
+        if token is None:
+            return  # this process does not hold the join: nothing of it is ours to end
+        chord_keys = [keys.group_key(group_id, n) for n in (".c", ".j", ".t", ".s", ".d")]
+        args: list[str | int] = [token, max(_DONE_TTL, int(2 * self.claim_ttl))]
+        ended = self._retry(
+            f"ending the join of chord {group_id}",
+            lambda c: self._chord_done(keys=chord_keys, args=args, client=c),
+        )
+        if not ended:
+            log.warning(
+                "the join of chord %s was claimed by another caller before this one ended it "
+                "(its claim of %.0f s lapsed); its keys are left to that caller and to expiry",
+                group_id,
+                self.claim_ttl,
+            )
+
+    def chord_claim_expires(self, group_id: str) -> float | None:
+        chord_keys = [keys.group_key(group_id, n) for n in (".c", ".j", ".t", ".s")]
+        left = self._retry(
+            f"reading the claim of chord {group_id}",
+            lambda c: self._chord_claimed(keys=chord_keys, client=c),
+        )
+        return time.time() + int(left) / 1000 if int(left) >= 0 else None
+
+    def chord_release(self, group_id: str) -> None:
+        with self._claims_lock:
+            token = self._claims.pop(group_id, None)
+        if token is None:
+            return
+        claim = [keys.group_key(group_id, ".c")]
+        self._retry(
+            f"releasing the join of chord {group_id}",
+            lambda c: self._chord_release(keys=claim, args=[token], client=c),
+        )
+
+    def save_group(self, group_id: str, value: Any) -> None:
+        """`celery-taskset-meta-<id>` = `{"result": <the group's as_tuple>}`, as Celery saves it
+        (and PUBLISHed, as Celery's every store is)."""
+        try:
+            data = json.dumps({"result": value})
+        except (TypeError, ValueError) as exc:
+            raise BackendError(f"group {group_id} cannot be stored as JSON: {exc}") from exc
+        key = keys.group_key(group_id)
+        expires = self._expires
+
+        def op(c: redis.Redis) -> None:
+            with c.pipeline(transaction=True) as pipe:
+                pipe.set(key, data, ex=expires or None)
+                pipe.publish(key, data)
+                pipe.execute()
+
+        self._retry(f"saving group {group_id}", op)
+
+    def restore_group(self, group_id: str) -> Any:
+        key = keys.group_key(group_id)
+        raw = self._retry(f"restoring group {group_id}", lambda c: c.get(key))
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise BackendError(
+                f"saved group {group_id} is not JSON ({exc}); inspect or delete the key {key!r}"
+            ) from exc
+        if not isinstance(data, dict) or "result" not in data:
+            raise BackendError(f"saved group {group_id} is not a {{'result': ...}} object")
+        return data["result"]
+
+    def forget_group(self, group_id: str) -> None:
+        key = keys.group_key(group_id)
+        self._retry(f"forgetting group {group_id}", lambda c: c.delete(key))

@@ -11,20 +11,36 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import redis
 from redis.commands.core import Script
 
-from millpond import envelope
-from millpond.broker import Broker
-from millpond.exceptions import BrokerError, MalformedMessage, PublishError
-from millpond.protocol import DEATH_REASON, Message
+from millpond.contracts.broadcast import Exchange, Listen
+from millpond.contracts.broker import Broker, Outbound, QueueStats
+from millpond.contracts.claims import Claims
+from millpond.exceptions import (
+    AccessDenied,
+    BrokerError,
+    MalformedMessage,
+    PublishAccessDenied,
+    PublishError,
+)
+from millpond.wire import envelope
+from millpond.wire.protocol import DEATH_REASON, Message
+from millpond_broker_redis import broadcast as exchanges
 from millpond_broker_redis import keys, scripts
 from millpond_broker_redis.backend import RedisResultBackend
 from millpond_broker_redis.config import RedisConfig, parse
-from millpond_broker_redis.connection import RETRYABLE, Pools
+from millpond_broker_redis.connection import (
+    ACCESS_ERRORS,
+    RETRYABLE,
+    Pools,
+    access_problem,
+    is_transient,
+)
 from millpond_broker_redis.consumer import RedisConsumer
 
 log = logging.getLogger("millpond.broker.redis")
@@ -46,6 +62,8 @@ class Scripts:
         self.beat = Script(client, scripts.BEAT)
         self.delay = Script(client, scripts.DELAY)
         self.replay = Script(client, scripts.REPLAY)
+        self.serving = Script(client, scripts.SERVING)
+        self.stats = Script(client, scripts.STATS)
 
 
 class RedisBroker(Broker):
@@ -54,6 +72,8 @@ class RedisBroker(Broker):
     supports_delay: ClassVar[bool] = True
     #: kombu's emulation: priorities 0..9 in four lists; LOWER numbers are served first
     supports_priority: ClassVar[bool] = True
+    #: kombu's virtual exchanges (pub/sub, binding sets): remote control and events
+    supports_broadcast: ClassVar[bool] = True
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)
@@ -61,6 +81,13 @@ class RedisBroker(Broker):
         self.pools = Pools(self.cfg)
         self.scripts = Scripts(self.pools.client())
         self._checked_version = False
+        self._checked_persistence = False
+        #: queues a consumer of this broker serves: their delays are released here, so they wait
+        #: in Redis whatever `delays` says
+        self.served: Counter[str] = Counter()
+        #: delays=auto: queue -> (whether a millpond worker serves it, until when that is known)
+        self._serving_seen: dict[str, tuple[bool, float]] = {}
+        self._said_celery_style: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<RedisBroker {self.cfg.masked_url}>"
@@ -76,8 +103,23 @@ class RedisBroker(Broker):
             attempts += 1
             try:
                 return op(self.pools.client())
-            except RETRYABLE as exc:
+            except ACCESS_ERRORS as exc:  # before RETRYABLE: WRONGPASS is a ConnectionError
+                denied = PublishAccessDenied if issubclass(error, PublishError) else AccessDenied
+                raise denied(access_problem(self.cfg, what, exc)) from exc
+            except redis.RedisError as exc:
+                if not is_transient(exc):
+                    raise error(
+                        f"{what} failed: Redis at {self.cfg.masked_url} said: {exc}"
+                    ) from exc
                 left = deadline - time.monotonic()
+                if left <= 0 and not isinstance(exc, RETRYABLE):  # NOREPLICAS, MISCONF, BUSY
+                    raise error(
+                        f"{what} failed: Redis at {self.cfg.masked_url} kept refusing it for "
+                        f"{self.cfg.publish_retry_timeout:g}s ({attempts} attempts; last reply "
+                        f"{exc}). NOREPLICAS: fewer replicas are in sync than the server's "
+                        "min-replicas-to-write asks for; MISCONF: it cannot persist; BUSY: a "
+                        "script runs too long"
+                    ) from exc
                 if left <= 0:
                     raise error(
                         f"{what} failed: Redis at {self.cfg.masked_url} did not answer for "
@@ -89,8 +131,6 @@ class RedisBroker(Broker):
                     log.warning("redis: %s failed (%s); retrying for up to %.0fs", what, exc, left)
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, 2.0)
-            except redis.RedisError as exc:
-                raise error(f"{what} failed: Redis at {self.cfg.masked_url} said: {exc}") from exc
 
     def connect(self) -> None:
         self._retry("connecting", lambda c: c.ping(), BrokerError)
@@ -113,6 +153,12 @@ class RedisBroker(Broker):
     def close(self) -> None:
         self.pools.close()
 
+    def claims(self) -> Claims:
+        """`SET NX PX` leases and state hashes on this Redis (see `millpond_broker_redis.claims`)."""
+        from millpond_broker_redis.claims import RedisClaims
+
+        return RedisClaims(self.pools, self.cfg.masked_url)
+
     # -- topology --------------------------------------------------------------------------------
     def declare(self, queues: Iterable[str]) -> None:
         """Lists need no declaring; this checks the names and that Redis is reachable."""
@@ -121,7 +167,8 @@ class RedisBroker(Broker):
         self.connect()
 
     # -- producing -------------------------------------------------------------------------------
-    def publish(self, queue: str, message: Message, *, eta: float | None = None) -> None:
+    def _encoded(self, queue: str, message: Message) -> tuple[str, int]:
+        """The message as kombu's JSON envelope for `queue`, and its priority step."""
         keys.check_queue(queue)
         try:
             payload = envelope.dumps(message, queue=queue)
@@ -130,11 +177,35 @@ class RedisBroker(Broker):
                 f"message for queue {queue!r} cannot be written as kombu's JSON envelope: {exc}; "
                 "headers and properties must hold JSON values only"
             ) from exc
-        step = keys.step_for(message.properties.get("priority"), self.cfg.priority_steps)
+        return payload, keys.step_for(message.properties.get("priority"), self.cfg.priority_steps)
+
+    def publish_many(self, batch: Sequence[Outbound]) -> None:
+        """Messages due now go in one pipelined round trip; delayed ones each take the delay
+        script, as `publish` sends them."""
+        now: list[tuple[str, str]] = []
+        for item in batch:
+            if item.eta is not None:
+                self.publish(item.queue, item.message, eta=item.eta)
+                continue
+            payload, step = self._encoded(item.queue, item.message)
+            now.append((keys.list_key(item.queue, step), payload))
+        if not now:
+            return
+
+        def op(c: redis.Redis) -> None:
+            with c.pipeline(transaction=False) as pipe:
+                for target, payload in now:
+                    pipe.lpush(target, payload)
+                pipe.execute()
+
+        self._retry(f"publishing {len(now)} messages", op, PublishError)
+
+    def publish(self, queue: str, message: Message, *, eta: float | None = None) -> None:
+        payload, step = self._encoded(queue, message)
         if eta is not None:
             if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta):
                 raise PublishError(f"eta must be a finite number of epoch seconds, got {eta!r}")
-            if eta > time.time():
+            if eta > time.time() and self._holds_delays(queue, message):
                 member = f"{step}:{payload}"
                 args = [repr(float(eta)), member, keys.bell_channel(queue)]
                 dkey = keys.delayed_key(queue)
@@ -147,10 +218,86 @@ class RedisBroker(Broker):
         target = keys.list_key(queue, step)
         self._retry(f"publishing to {queue!r}", lambda c: c.lpush(target, payload), PublishError)
 
+    def _holds_delays(self, queue: str, message: Message) -> bool:
+        """Whether a delayed message for `queue` waits in Redis (released by a millpond worker)
+        or goes out now with its eta in the headers, as Celery sends it (a Celery worker holds it
+        until due; a millpond worker that gets it hands it back here). `auto` asks Redis, at most
+        once a second per queue, whether a millpond worker serves the queue. A message whose
+        headers carry no eta always waits here: sent now, it would run now."""
+        mode = self.cfg.delays
+        if mode == "broker" or queue in self.served or not message.headers.get("eta"):
+            return True
+        if mode == "celery":
+            return False
+        now = time.monotonic()
+        seen = self._serving_seen.get(queue)
+        if seen is None or seen[1] <= now:
+            count = self._retry(
+                f"checking who serves {queue!r}",
+                lambda c: self.scripts.serving(keys=[keys.serving_key(queue)], args=[""], client=c),
+                PublishError,
+            )
+            seen = (bool(count), now + 1.0)
+            self._serving_seen[queue] = seen
+        if not seen[0] and queue not in self._said_celery_style:
+            self._said_celery_style.add(queue)
+            log.info(
+                "redis: no millpond worker serves queue %r now, so its delayed messages go out "
+                "at once with their eta in the headers, as Celery sends them (set "
+                "redis.delays=broker to hold them in Redis for millpond workers instead)",
+                queue,
+            )
+        return seen[0]
+
+    # -- exchanges -------------------------------------------------------------------------------
+    def broadcast(
+        self,
+        exchange: Exchange,
+        message: Message,
+        routing_key: str = "",
+        *,
+        ttl: float | None = None,
+    ) -> None:
+        try:
+            payload = envelope.dumps(message, queue=routing_key, exchange=exchange.name)
+        except (TypeError, ValueError) as exc:
+            raise PublishError(
+                f"message for exchange {exchange.name!r} cannot be written as kombu's JSON "
+                f"envelope: {exc}"
+            ) from exc
+        exchanges.publish(self, exchange, payload, routing_key, ttl)
+
+    def listen(self, spec: Listen) -> exchanges.RedisSubscription:
+        return exchanges.RedisSubscription(self, spec)
+
     # -- consuming -------------------------------------------------------------------------------
     def consumer(self, queues: Sequence[str], prefetch: int) -> RedisConsumer:
         self._check_version()
+        if self.cfg.warn_without_persistence:
+            self._check_persistence()
         return RedisConsumer(self, queues, prefetch)
+
+    def _check_persistence(self) -> None:
+        """Warn once when the server keeps nothing across a restart (no AOF, no save points):
+        every queued and delayed task would be lost with it, without a word otherwise."""
+        if self._checked_persistence:
+            return
+        self._checked_persistence = True
+        try:
+            client = self.pools.client()
+            aof = client.config_get("appendonly").get("appendonly", "")
+            save = client.config_get("save").get("save", "")
+        except redis.RedisError as exc:  # CONFIG is often disabled on managed Redis
+            log.debug("redis: cannot read the server's persistence settings (%s)", exc)
+            return
+        if str(aof).lower() != "yes" and not str(save).strip():
+            log.warning(
+                "redis: the server at %s keeps no append-only file and no snapshots "
+                '(appendonly no, save ""): if it restarts, every queued and delayed task is '
+                "lost. Turn on appendonly yes (docs/redis.md, Redis restarts and persistence) or set "
+                "redis.warn_without_persistence = false where that is intended",
+                self.cfg.masked_url,
+            )
 
     # -- administration --------------------------------------------------------------------------
     def purge(self, queue: str) -> int:
@@ -178,6 +325,24 @@ class RedisBroker(Broker):
                 return sum(int(n) for n in pipe.execute())
 
         return self._retry(f"counting {queue!r}", op, BrokerError)
+
+    def queue_stats(self, queue: str) -> QueueStats:
+        """Ready (all priority lists), delayed, reserved by consumers, and live millpond
+        consumers of `queue`, in one script call. Celery workers' reservations are not counted
+        (kombu keeps them in its own `unacked` hash, under no queue name)."""
+        keys.check_queue(queue)
+        stat_keys = [
+            keys.CONSUMERS,
+            keys.serving_key(queue),
+            keys.delayed_key(queue),
+            *keys.list_keys(queue, self.cfg.priority_steps),
+        ]
+        ready, delayed, reserved, consumers = self._retry(
+            f"reading the stats of {queue!r}",
+            lambda c: self.scripts.stats(keys=stat_keys, args=[queue], client=c),
+            BrokerError,
+        )
+        return QueueStats(queue, int(ready), int(delayed), int(reserved), int(consumers))
 
     def delayed_count(self, queue: str) -> int:
         """Messages of `queue` waiting for their eta (held in Redis, not in any worker)."""

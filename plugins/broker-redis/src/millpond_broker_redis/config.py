@@ -2,45 +2,32 @@
 
 Everything a user can get wrong is checked here, once, with a message naming the option, the value
 and what is allowed, so the hot path never re-validates and a typo fails at start-up instead of
-being silently ignored (kombu ignores unknown transport options).
+being silently ignored (kombu ignores unknown transport options). The options themselves are cast
+by their declarations in `settings.SECTION` (the core's `Section.resolve`, which also reads the
+URL's query parameters); what is checked here is only what is particular to Redis: the URL forms,
+the priority steps, and the options that depend on each other.
 
 URL query parameters and the options mapping accept the same names; the options mapping wins when
-both set one. Passwords live only in fields excluded from `repr`.
+both set one (the core hands the broker its settings with the URL's parameters already weighed in).
+Passwords live only in fields excluded from `repr`.
 """
 
 from __future__ import annotations
 
-import difflib
-import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from millpond.exceptions import ConfigurationError
+from millpond_broker_redis.settings import DEFAULT_PRIORITY_STEPS, SECTION
 
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
-#: kombu's default priority lists: messages with priority 0..2 go to the plain list, 3..5 to
-#: `<queue>\x06\x163`, and so on; lower numbers are served first (as in kombu's Redis transport).
-DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)
-SSL_CERT_REQS = ("required", "optional", "none")
-QUEUE_ORDERS = ("round_robin", "priority")
 
 _MASK = re.compile(r"(//[^:/@;]*):[^@/;]*@")
 _SECRET_QUERY = re.compile(r"([?&][^=&#]*(?:password|passwd|secret|token)[^=&#]*=)[^&#;]*", re.I)
-
-#: options people copy from kombu/Celery that mean something else here: a pointed hint beats a
-#: generic "unknown option".
-_KOMBU_HINTS = {
-    "visibility_timeout": "millpond does not redeliver running messages after a fixed time; it "
-    "uses per-consumer leases: set lease_timeout (how long a dead consumer's messages stay "
-    "reserved) and heartbeat_interval instead (see docs/redis.md)",
-    "global_keyprefix": "key prefixes are not supported: they would break sharing queues with "
-    "Celery workers that do not use the same prefix; use a separate database (/db in the URL)",
-    "unacked_restore_interval": "restoring is automatic; tune lease_timeout instead",
-}
 
 
 def mask(url: str) -> str:
@@ -49,101 +36,21 @@ def mask(url: str) -> str:
     return _SECRET_QUERY.sub(r"\1***", _MASK.sub(r"\1:***@", url))
 
 
-def _as_float(name: str, value: Any, *, minimum: float, allow_zero: bool = False) -> float:
-    if isinstance(value, bool):
-        raise ConfigurationError(f"option {name}={value!r} must be a number of seconds, not a bool")
+def _as_steps(value: list[str]) -> tuple[int, ...]:
+    """The priority steps as sorted whole numbers; they must start at 0 and stay within 0..9."""
     try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"option {name}={value!r} is not a number; give seconds, e.g. 2.5")
-    if not math.isfinite(out) or out < 0 or (out < minimum and not (allow_zero and out == 0)):
-        zero = " (or 0 for none)" if allow_zero else ""
-        raise ConfigurationError(f"option {name}={value!r} must be >= {minimum:g}{zero}")
-    return out
-
-
-def _as_int(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise ConfigurationError(f"option {name}={value!r} must be a whole number, not a bool")
-    try:
-        out = int(value)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"option {name}={value!r} is not a whole number")
-    if out < minimum:
-        raise ConfigurationError(f"option {name}={value!r} must be >= {minimum}")
-    return out
-
-
-def _as_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in {"1", "true", "yes", "on"}:
-        return True
-    if text in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigurationError(f"option {name}={value!r} must be true or false")
-
-
-def _as_str(name: str, value: Any) -> str:
-    if isinstance(value, bool | int | float | str):
-        return str(value)
-    raise ConfigurationError(f"option {name}={value!r} must be text")
-
-
-def _as_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
-    def cast(name: str, value: Any) -> str:
-        text = str(value).strip().lower()
-        if text not in choices:
-            raise ConfigurationError(f"option {name}={value!r} must be one of {', '.join(choices)}")
-        return text
-
-    return cast
-
-
-def _as_steps(name: str, value: Any) -> tuple[int, ...]:
-    items = value.split(",") if isinstance(value, str) else value
-    try:
-        steps = tuple(sorted({int(x) for x in items}))
-    except (TypeError, ValueError):
+        steps = tuple(sorted({int(x) for x in value}))
+    except ValueError:
         raise ConfigurationError(
-            f"option {name}={value!r} must be a list of whole numbers 0..9, e.g. 0,3,6,9"
-        )
+            f"setting 'redis.priority_steps' has a bad value {value!r}: expected whole numbers "
+            "0..9, e.g. 0,3,6,9"
+        ) from None
     if not steps or steps[0] != 0 or steps[-1] > 9:
         raise ConfigurationError(
-            f"option {name}={value!r} must start at 0 and stay within 0..9, e.g. 0,3,6,9"
+            f"setting 'redis.priority_steps' has a bad value {value!r}: the steps must start at 0 "
+            "and stay within 0..9, e.g. 0,3,6,9"
         )
     return steps
-
-
-def _as_mapping(name: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigurationError(f"option {name} must be a mapping (a dict / TOML table)")
-    return dict(value)
-
-
-_CASTS: dict[str, Callable[[str, Any], Any]] = {
-    "heartbeat_interval": lambda n, v: _as_float(n, v, minimum=0.01),
-    "lease_timeout": lambda n, v: _as_float(n, v, minimum=0.05),
-    "publish_retry_timeout": lambda n, v: _as_float(n, v, minimum=0),
-    "result_expires": lambda n, v: _as_float(n, v, minimum=1, allow_zero=True),
-    "socket_timeout": lambda n, v: _as_float(n, v, minimum=0.01),
-    "socket_connect_timeout": lambda n, v: _as_float(n, v, minimum=0.01),
-    "idle_timeout": lambda n, v: _as_float(n, v, minimum=0.1),
-    "max_connections": lambda n, v: _as_int(n, v, minimum=1),
-    "priority_steps": _as_steps,
-    "queue_order_strategy": _as_choice(QUEUE_ORDERS),
-    "master_name": _as_str,
-    "sentinel_password": _as_str,
-    "sentinel_kwargs": _as_mapping,
-    "ssl_cert_reqs": _as_choice(SSL_CERT_REQS),
-    "ssl_ca_certs": _as_str,
-    "ssl_certfile": _as_str,
-    "ssl_keyfile": _as_str,
-    "ssl_check_hostname": _as_bool,
-    "client_name": _as_str,
-}
-KNOWN_OPTIONS = frozenset(_CASTS)
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -167,6 +74,8 @@ class RedisConfig:
     max_connections: int | None = None
     priority_steps: tuple[int, ...] = DEFAULT_PRIORITY_STEPS
     queue_order_strategy: str = "round_robin"
+    #: auto | broker | celery: where a delayed message waits (see `RedisBroker.publish`)
+    delays: str = "auto"
     master_name: str | None = None
     sentinel_password: str | None = field(default=None, repr=False)
     sentinel_kwargs: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -176,6 +85,7 @@ class RedisConfig:
     ssl_keyfile: str | None = None
     ssl_check_hostname: bool = False
     client_name: str | None = None
+    warn_without_persistence: bool = True
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -297,18 +207,8 @@ def parse(url: str, options: Mapping[str, Any] | None = None) -> RedisConfig:
         )
     hosts = tuple(_split_host(h.strip(), default_port, url) for h in host_items)
 
-    raw: dict[str, Any] = {}
-    for key, value in parse_qsl(pieces.query, keep_blank_values=True):
-        if key not in KNOWN_OPTIONS:
-            raise ConfigurationError(_unknown(key, "query parameter"))
-        raw[key] = value
-    for key, value in (options or {}).items():
-        if key not in KNOWN_OPTIONS:
-            raise ConfigurationError(_unknown(key, "broker option"))
-        if value is not None:
-            raw[key] = value
-
-    values: dict[str, Any] = {name: _CASTS[name](name, value) for name, value in raw.items()}
+    values = SECTION.resolve(options, url=url, masked=mask(url), query=pieces.query)
+    values["priority_steps"] = _as_steps(values["priority_steps"])
     cfg = RedisConfig(
         url=url,
         kind=kind,
@@ -320,14 +220,6 @@ def parse(url: str, options: Mapping[str, Any] | None = None) -> RedisConfig:
     )
     _check(cfg)
     return cfg
-
-
-def _unknown(key: str, where: str) -> str:
-    if key in _KOMBU_HINTS:
-        return f"{where} {key!r} is not supported: {_KOMBU_HINTS[key]}"
-    close = difflib.get_close_matches(key, KNOWN_OPTIONS, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown {where} {key!r}; {hint}known options: {', '.join(sorted(KNOWN_OPTIONS))}"
 
 
 def _check(cfg: RedisConfig) -> None:

@@ -29,13 +29,48 @@ RETRYABLE: tuple[type[BaseException], ...] = (
 )
 #: server replies redis-py has no class for that also clear up by themselves
 _TRANSIENT_CODES = ("MISCONF", "BUSY", "NOREPLICAS")
+#: the server refused who we are (WRONGPASS, NOAUTH) or what this user may do (NOPERM): waiting
+#: cannot help. redis-py makes the first two a kind of ConnectionError, so every `except` that
+#: retries RETRYABLE must catch these first.
+ACCESS_ERRORS: tuple[type[BaseException], ...] = (
+    redis.AuthenticationError,
+    redis.exceptions.AuthorizationError,
+    redis.exceptions.AuthenticationWrongNumberOfArgsError,
+    redis.exceptions.NoPermissionError,
+)
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether waiting and trying again can help (as opposed to a bug or a wrong password)."""
+    if isinstance(exc, ACCESS_ERRORS):
+        return False
     if isinstance(exc, RETRYABLE):
         return True
     return isinstance(exc, redis.ResponseError) and str(exc).startswith(_TRANSIENT_CODES)
+
+
+def access_problem(cfg: RedisConfig, what: str, exc: BaseException) -> str:
+    """What to tell the user when Redis refused the credentials or a permission: which, and what
+    to check (never the password itself: the URL is masked)."""
+    user = cfg.username or "default"
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return (
+            f"{what} failed: Redis at {cfg.masked_url} refused it to ACL user {user!r} ({exc}); "
+            "millpond runs Lua scripts and list, sorted-set, key and pub/sub commands on its own "
+            f"keys: grant them (for example ACL SETUSER {user} ~* &* +@all) and check with "
+            "ACL DRYRUN; retrying cannot help"
+        )
+    if cfg.password is None:
+        return (
+            f"{what} failed: Redis at {cfg.masked_url} requires a password and the broker URL "
+            f"gives none ({exc}); put it in the URL (redis://:PASSWORD@host:port/db, or "
+            "redis://USER:PASSWORD@host:port/db for an ACL user)"
+        )
+    return (
+        f"{what} failed: Redis at {cfg.masked_url} refused the credentials of user {user!r} "
+        f"({exc}); check the user name and password in the broker URL and that the ACL user "
+        "exists and is enabled (ACL LIST); retrying cannot help"
+    )
 
 
 def connection_kwargs(cfg: RedisConfig) -> dict[str, Any]:

@@ -5,9 +5,9 @@ pops up to `max_count` messages from the queues (priority steps first, then queu
 records each in this consumer's `unacked` hash, atomically, so a message is always either in a queue
 or held by a named consumer. `ack` is one HDEL for the whole batch.
 
-Held messages stay held for as long as this consumer's lease is alive (see `heartbeat.py`), however
-long a task runs. When the lease expires (the process died), any consumer's restorer gives them back
-to the front of their queues, counting the delivery.
+Held messages stay held for as long as this consumer's lease is alive (see
+`millpond.contracts.lease`), however long a task runs. When the lease expires (the process died),
+any consumer's restorer gives them back to the front of their queues, counting the delivery.
 
 Connection trouble never crashes the worker loop: a failed fetch logs, waits a little (woken early
 by the waker) and returns an empty list; the next call reconnects. Acks and rejects that cannot
@@ -28,19 +28,21 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from millpond import envelope
-from millpond.broker import Consumer, Delivery, Waker
-from millpond.exceptions import MalformedMessage
-from millpond.protocol import DEATH_REASON, Message
+from millpond.contracts.broker import Consumer, Delivery
+from millpond.contracts.lease import BeatResult, LeaseKeeper, LeaseServer
+from millpond.contracts.waking import Waker
+from millpond.exceptions import AccessDenied, MalformedMessage
+from millpond.wire import envelope
+from millpond.wire.protocol import DEATH_REASON, Message
 from millpond_broker_redis import keys
-from millpond_broker_redis.connection import is_transient
+from millpond_broker_redis.connection import ACCESS_ERRORS, access_problem, is_transient
 from millpond_broker_redis.doorbell import TIMEOUT, WOKEN, Doorbells
-from millpond_broker_redis.heartbeat import Heartbeat
 
 if TYPE_CHECKING:
     from millpond_broker_redis.broker import RedisBroker
 
 log = logging.getLogger("millpond.broker.redis")
+_LEASE_SERVER = LeaseServer("redis", "Redis", (redis.RedisError,), log)
 
 #: the most messages one fetch reserves (keeps the script's reply and Lua's stack bounded)
 MAX_BATCH = 1000
@@ -88,10 +90,19 @@ class RedisConsumer(Consumer):
         self._rotate = cfg.queue_order_strategy == "round_robin" and len(self.queues) > 1
         self._turn = 0
         self._next_tag = 1
+        #: tags below this were fetched under a lease that has lapsed since (`stale`)
+        self._lost_below = 0
+        #: a lapse noticed by the clock, not yet cured by a heartbeat reply (`stale`)
+        self._lapse_noted = False
+        #: when the last heartbeat's reply arrived: the lease key expires at most lease_timeout
+        #: later, so past that this consumer's lease has lapsed for certain
+        self._beat_ok_at = time.monotonic()
         self._held: set[int] = set()
         self._pending: list[tuple[str, Callable[[redis.Redis], Any]]] = []
         self._uncertain: list[int] = []
         self._failing = False
+        #: set by connection trouble: after it, the hash may hold entries already settled
+        self._reconcile_due = False
         self._backoff = _BACKOFF_MIN
         self._closed = False
 
@@ -100,21 +111,53 @@ class RedisConsumer(Consumer):
         self._beat_client = redis.Redis(connection_pool=self._pool)
         self._scripts = broker.scripts
         self._bells: Doorbells | None = None
-        self._heartbeat = Heartbeat(
-            self._beat, cfg.heartbeat_interval, name=f"millpond-redis-lease-{self.id}"
+        self._serving = [keys.serving_key(q) for q in self.queues]
+        broker.served.update(self.queues)  # a Counter: several consumers may share a queue
+        self._beaten = False
+        self._heartbeat = LeaseKeeper(
+            self._beat,
+            cfg.heartbeat_interval,
+            _LEASE_SERVER,
+            name=f"millpond-redis-lease-{self.id}",
         )
-        self._heartbeat.beat_once()  # the lease exists before the first message is reserved
+        try:  # the lease exists before the first message is reserved
+            self._heartbeat.beat_once(strict=ACCESS_ERRORS)
+        except ACCESS_ERRORS as exc:
+            self._pool.disconnect()
+            broker.served.subtract(self.queues)
+            raise AccessDenied(access_problem(cfg, "taking the consumer's lease", exc)) from exc
         self._heartbeat.start()
 
     # -- lease -----------------------------------------------------------------------------------
-    def _beat(self) -> tuple[bool, int]:
+    def _beat(self) -> BeatResult:
         gate_ms = max(50, int(min(1.0, self._cfg.heartbeat_interval) * 1000))
+        fetched = self._next_tag
+        lapsed_meanwhile = self._lapsed()
         alive, restored = self._scripts.beat(
-            keys=[self._lease_key, keys.CONSUMERS, keys.RESTORE_GATE],
-            args=[self._lease_ms, keys.SEP, gate_ms],
+            keys=[self._lease_key, keys.CONSUMERS, keys.RESTORE_GATE, *self._serving],
+            args=[self._lease_ms, keys.SEP, gate_ms, self.id],
             client=self._beat_client,
         )
-        return bool(alive), int(restored)
+        if (not alive and self._beaten) or lapsed_meanwhile:
+            # the lease had expired: what was fetched before may be another consumer's now
+            self._lost_below = max(self._lost_below, fetched)
+        self._beat_ok_at = time.monotonic()
+        self._lapse_noted = False
+        self._beaten = True
+        return BeatResult(lapsed=not alive, restored=int(restored))
+
+    def _lapsed(self) -> bool:
+        return time.monotonic() > self._beat_ok_at + self._cfg.lease_timeout
+
+    def stale(self, delivery: Delivery) -> bool:
+        """Fetched under a lease that lapsed since: the stalled-and-resumed case, told either by
+        the clock (no heartbeat reply within lease_timeout) or by the heartbeat finding the lease
+        gone. What was fetched once the lapse was noticed is not: it went back (and came again)
+        after it, so marking it too would send it round and round until it dead-lettered."""
+        if self._lapsed() and not self._lapse_noted:
+            self._lapse_noted = True  # until a heartbeat reaches Redis again
+            self._lost_below = max(self._lost_below, self._next_tag)
+        return isinstance(delivery.tag, int) and delivery.tag < self._lost_below
 
     # -- fetching --------------------------------------------------------------------------------
     def _order(self) -> list[str]:
@@ -131,11 +174,23 @@ class RedisConsumer(Consumer):
         return room
 
     def fetch(self, max_count: int, timeout: float, waker: Waker | None = None) -> list[Delivery]:
+        try:
+            return self._fetch(max_count, timeout, waker)
+        except ACCESS_ERRORS as exc:  # credentials or ACL: no retry cures it, stop the worker
+            raise AccessDenied(access_problem(self._cfg, "fetching", exc)) from exc
+
+    def _fetch(self, max_count: int, timeout: float, waker: Waker | None) -> list[Delivery]:
         if self._closed:
             raise RuntimeError("fetch() on a closed consumer; create a new one")
         deadline = time.monotonic() + max(timeout, 0.0)
         if not self._settle():
             return self._pause(deadline, waker)
+        if self._reconcile_due:
+            try:
+                self._reconcile()
+            except redis.RedisError as exc:
+                self._trouble("reconciling reservations", exc)
+                return self._pause(deadline, waker)
         while True:
             room = self._room(max_count)
             if room <= 0:  # prefetch window full: only a completion (the waker) helps
@@ -150,6 +205,8 @@ class RedisConsumer(Consumer):
                 self._bells.drain()
             try:
                 deliveries, due_ms = self._reserve(room)
+            except ACCESS_ERRORS:
+                raise  # fetch() says what to check
             except redis.RedisError as exc:  # never crash the worker loop: report, wait, retry
                 self._trouble("fetch", exc)
                 return self._pause(deadline, waker)
@@ -183,6 +240,8 @@ class RedisConsumer(Consumer):
             self._uncertain.extend(range(first, first + room))
             raise
         count = int(reply[0])
+        if int(reply[-1]) > len(self._held) + count:  # settled entries still reserved
+            self._reconcile_due = True
         if count == 0:
             return [], int(reply[1])
         out: list[Delivery] = []
@@ -313,7 +372,36 @@ class RedisConsumer(Consumer):
         self._recovered()
         return True
 
+    def _reconcile(self) -> None:
+        """Give back reservations this consumer no longer knows of (after connection trouble, or
+        when the fetch script counted more reserved entries than the consumer holds).
+
+        Every entry of the unacked hash is a message this consumer holds, or one whose ack or
+        reject it already sent (or whose reservation it gave back as uncertain). After a
+        Sentinel failover the new primary may lack those settlements: the old primary took them
+        in its last moments and never replicated them. Such entries would stay reserved for as
+        long as this consumer lives (its lease stays fresh). They go back to their queue now, so
+        a lost requeue or dead-lettering is redone rather than stuck, at the price that a message
+        whose ack was lost runs again (at-least-once; see docs/guarantees.md).
+        """
+        self._reconcile_due = False
+        tags = [int(t) for t in self._client.hkeys(self._unacked_key)]
+        orphans = sorted((t for t in tags if t not in self._held), reverse=True)
+        if not orphans:
+            return
+        given = self._scripts.requeue(
+            keys=[self._unacked_key], args=[keys.SEP, 1, *orphans], client=self._client
+        )
+        log.warning(
+            "redis: %d message(s) this consumer had already acknowledged or given back were "
+            "still reserved on %s (a failover lost the settlement); they "
+            "went back to their queue and may run again",
+            int(given),
+            self._cfg.masked_url,
+        )
+
     def _trouble(self, what: str, exc: BaseException) -> None:
+        self._reconcile_due = True
         if self._bells is not None:
             self._bells.reset()
         if not self._failing:
@@ -395,7 +483,39 @@ class RedisConsumer(Consumer):
             )
         finally:
             self._held.clear()
+            self._leave_queues()
             self._pool.disconnect()
+
+    def _leave_queues(self) -> None:
+        """Stop counting as a server of these queues; say so when this was the last millpond
+        worker of a queue whose delayed messages still wait in Redis (only a millpond worker
+        releases them)."""
+        self._broker.served.subtract(self.queues)
+        for queue in self.queues:
+            if self._broker.served[queue] <= 0:
+                del self._broker.served[queue]
+        try:
+            for queue, serving in zip(self.queues, self._serving, strict=True):
+                left = self._scripts.serving(keys=[serving], args=[self.id], client=self._client)
+                waiting = 0 if left else self._client.zcard(keys.delayed_key(queue))
+                if waiting:
+                    log.warning(
+                        "redis: %d delayed message(s) of queue %r wait in Redis and no other "
+                        "millpond worker serves it now; they run when one does (with "
+                        "delays=auto, new delays go out Celery-style meanwhile)",
+                        waiting,
+                        queue,
+                    )
+        except redis.RedisError as exc:
+            log.debug("redis: could not leave the serving sets (%s); they expire", exc)
+
+    def resize(self, prefetch: int) -> bool:
+        """The prefetch limit is this consumer's own count: a new one applies from the next
+        fetch."""
+        if prefetch < 0:
+            return False
+        self.prefetch = prefetch
+        return True
 
     @property
     def connected(self) -> bool:

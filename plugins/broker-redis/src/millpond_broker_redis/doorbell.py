@@ -25,7 +25,8 @@ from typing import Any
 import redis
 from redis.client import PubSub
 
-from millpond.broker import Waker
+from millpond.contracts.waking import Waker
+from millpond_broker_redis.connection import ACCESS_ERRORS
 
 log = logging.getLogger("millpond.broker.redis")
 
@@ -117,6 +118,9 @@ class Doorbells:
         try:
             while self._pubsub.get_message(timeout=0.0) is not None:
                 pass
+        except ACCESS_ERRORS:  # NOPERM on the bell channel: the consumer stops, saying why
+            self._reset_pubsub()
+            raise
         except redis.RedisError:
             self._reset_pubsub()
 
@@ -124,6 +128,8 @@ class Doorbells:
         """Block until a doorbell or bell rings (RING), `waker` fires (WOKEN) or `timeout` passes.
 
         Connection trouble counts as RING: the caller's next fetch then meets the error itself.
+        A refused permission (`ACCESS_ERRORS`: NOPERM on BLMOVE or the bell channel) is raised:
+        waiting cannot cure it, and the bells would otherwise stay silently deaf.
         """
         if waker is not None and waker.is_set:
             return WOKEN
@@ -146,6 +152,9 @@ class Doorbells:
             if ps_conn is None or ps_conn._sock is None:
                 raise redis.ConnectionError("bell subscription is not connected")
             fds.append(ps_conn._sock)
+        except ACCESS_ERRORS:
+            self.reset()
+            raise
         except redis.RedisError as exc:
             # Redis is away (the caller's next fetch reports it) or refuses more connections
             # (maxclients): wait a little instead of spinning, then let the caller look again.
@@ -177,6 +186,9 @@ class Doorbells:
             if isinstance(item, _Bell):
                 try:
                     item.read()
+                except ACCESS_ERRORS:
+                    self.reset()
+                    raise
                 except redis.RedisError:
                     item.reset()
                 outcome = RING
@@ -202,6 +214,9 @@ class Doorbells:
         for bell in ready:
             try:
                 bell.read()
+            except ACCESS_ERRORS:
+                self.reset()
+                raise
             except redis.RedisError:
                 bell.reset()
         return bool(ready)

@@ -17,6 +17,26 @@ Everything else is millpond's own bookkeeping under `millpond:`, which kombu nev
 * `millpond:consumers`        set of consumer ids that may hold messages (what the restorer scans).
 * `millpond:restore-gate`     a short-lived key so restorers run at most once a second in total.
 * `millpond:bell:<queue>`     pub/sub channel rung when a delayed message becomes the earliest.
+* `millpond:ratelimit:<task>` hash {tokens, stamp}: a global rate limit's token bucket, shared by
+  every worker (stamp in Redis's clock); it expires once it would be full again.
+* `millpond:serving:<queue>`  sorted set of the consumers serving the queue, scored by when their
+  lease ends (ms, Redis's clock): a producer with `delays = auto` holds a delay in Redis only
+  while some millpond worker is there to release it.
+
+Results and chords use Celery's Redis result layout, so either side reads and joins the other's:
+
+* `celery-task-meta-<task id>`        a task's result (JSON), also PUBLISHed on a channel of that name.
+* `celery-taskset-meta-<group id>`    a saved group (`GroupResult.save`): `{"result": <as_tuple>}`.
+* `celery-taskset-meta-<group id>.s`  a chord's size: how many header parts the join waits for.
+* `celery-taskset-meta-<group id>.t`  parts added at run time (Celery's `add_to_chord`), added to `.s`.
+* `celery-taskset-meta-<group id>.j`  sorted set of returned parts, each the JSON of
+                                      `[1, task id, state, result]`, scored by the part's group index
+                                      (`+inf` when it has none), so they read back in header order.
+* `celery-taskset-meta-<group id>.d`  set of `<task id>:<score>` already in `.j`: a part returned
+                                      twice (a redelivered header task) counts once.
+* `celery-taskset-meta-<group id>.c`  the join's claim: a random token with an expiry, held by the
+                                      one caller that sends the body; `done` (with an expiry) once
+                                      the body went out, so late copies of a part are ignored.
 """
 
 from __future__ import annotations
@@ -24,7 +44,7 @@ from __future__ import annotations
 from bisect import bisect
 from typing import Final
 
-from millpond.broker import dead_letter_queue
+from millpond.contracts.broker import dead_letter_queue
 from millpond.exceptions import ConfigurationError
 
 SEP: Final = "\x06\x16"
@@ -32,6 +52,7 @@ PREFIX: Final = "millpond:"
 CONSUMERS: Final = PREFIX + "consumers"
 RESTORE_GATE: Final = PREFIX + "restore-gate"
 RESULT_PREFIX: Final = "celery-task-meta-"
+GROUP_PREFIX: Final = "celery-taskset-meta-"
 #: how long a `counts` hash lives after its last write; a count older than this is forgotten (the
 #: message was most likely taken by a Celery worker, which does not clear it).
 COUNTS_TTL: Final = 7 * 24 * 3600
@@ -91,9 +112,23 @@ def lease_key(consumer_id: str) -> str:
     return f"{PREFIX}lease:{consumer_id}"
 
 
+def serving_key(queue: str) -> str:
+    return f"{PREFIX}serving:{queue}"
+
+
 def bell_channel(queue: str) -> str:
     return f"{PREFIX}bell:{queue}"
 
 
 def result_key(task_id: str) -> str:
     return f"{RESULT_PREFIX}{task_id}"
+
+
+def group_key(group_id: str, suffix: str = "") -> str:
+    """A saved group's key (no suffix) or one of its chord's keys (`.j`, `.t`, `.s`, `.d`, `.c`)."""
+    return f"{GROUP_PREFIX}{group_id}{suffix}"
+
+
+def rate_limit_key(name: str) -> str:
+    """The token bucket of a global rate limit (a task's name)."""
+    return f"{PREFIX}ratelimit:{name}"

@@ -60,8 +60,9 @@ end
 
 #: KEYS: unacked hash, lease key, consumers set.
 #: ARGV: consumer id, max count, first tag, lease ms, sep, nq, queues..., ns, steps...
-#: Returns {n, (queue index, delivery count, envelope) * n}; when n is 0, {0, ms until the next
-#: delayed message of these queues is due, or -1}.
+#: Returns {n, (queue index, delivery count, envelope) * n, size of the unacked hash}; when n is
+#: 0, {0, ms until the next delayed message of these queues is due or -1, size of the hash}. The
+#: size lets the consumer notice entries it no longer holds (settlements a failover lost).
 FETCH: Final = """
 local ukey, lkey, reg = KEYS[1], KEYS[2], KEYS[3]
 local want = tonumber(ARGV[2])
@@ -137,6 +138,7 @@ if n > 0 then
   redis.call('SADD', reg, ARGV[1])
   if redis.call('EXISTS', lkey) == 0 then redis.call('SET', lkey, '1', 'PX', ARGV[4]) end
   out[1] = n
+  out[#out + 1] = redis.call('HLEN', ukey)
   return out
 end
 
@@ -149,6 +151,7 @@ for qi = 1, nq do
   end
 end
 out[2] = best
+out[3] = redis.call('HLEN', ukey)
 return out
 """
 
@@ -188,14 +191,25 @@ return n
 """
 )
 
-#: KEYS: lease key, consumers set, restore gate. ARGV: lease ms, sep, gate ms.
-#: Refreshes this consumer's lease, then (at most once per gate period across all consumers) gives
-#: back the messages of every consumer whose lease expired. Returns {lease was alive, restored}.
+#: KEYS: lease key, consumers set, restore gate, then a serving set per queue. ARGV: lease ms,
+#: sep, gate ms, consumer id. Refreshes this consumer's lease and its place in each queue's
+#: serving set (dropping the consumers whose lease there ended), then (at most once per gate
+#: period across all consumers) gives back the messages of every consumer whose lease expired.
+#: Returns {lease was alive, restored}.
 BEAT: Final = (
     _RESTORE
     + """
 local alive = redis.call('EXISTS', KEYS[1])
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+if #KEYS > 3 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for i = 4, #KEYS do
+    redis.call('ZADD', KEYS[i], now + tonumber(ARGV[1]), ARGV[4])
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+    redis.call('PEXPIRE', KEYS[i], 2 * tonumber(ARGV[1]))
+  end
+end
 if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3]) then return {alive, -1} end
 local restored = 0
 for _, cid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
@@ -207,6 +221,38 @@ end
 return {alive, restored}
 """
 )
+
+#: KEYS: a queue's serving set. ARGV: a consumer id to leave out ('' for none). How many live
+#: consumers serve the queue (by Redis's clock), and removes that consumer from the set.
+SERVING: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+"""
+
+#: KEYS: consumers set, serving set, delayed set, then the queue's lists. ARGV: queue.
+#: Returns {ready, delayed, reserved, live consumers}: `reserved` counts the records of every
+#: registered consumer's unacked hash that belong to the queue (read server-side: no payload
+#: crosses the network), so one round trip answers `queue_stats`.
+STATS: Final = """
+local q = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ready = 0
+for i = 4, #KEYS do ready = ready + redis.call('LLEN', KEYS[i]) end
+local reserved = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  for _, rec in ipairs(redis.call('HVALS', 'millpond:unacked:' .. id)) do
+    local qlen, start = string.match(rec, '^%d+:(%d+):%d+:()')
+    if qlen and tonumber(qlen) == #q and string.sub(rec, start, start + #q - 1) == q then
+      reserved = reserved + 1
+    end
+  end
+end
+local consumers = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
+return {ready, redis.call('ZCARD', KEYS[3]), reserved, consumers}
+"""
 
 #: KEYS: delayed set. ARGV: eta, member, bell channel. Rings the bell when this message is now the
 #: earliest, so a consumer blocked on an empty queue recomputes when to wake.
@@ -228,4 +274,104 @@ for i = 1, #ARGV, 3 do
   end
 end
 return moved
+"""
+
+# -- chords: Celery's Redis join (keys and records in `keys.py`), so a chord's header may run on
+# Celery workers, millpond workers or both, and its body is sent once.
+
+#: Return one header part, and claim the join if this part completes it.
+#: KEYS: .j (parts), .t (added at run time), .s (size), .d (parts seen), the saved group, .c (claim)
+#: ARGV: task id, part record (JSON), score (group index or +inf), expiry s (0: none),
+#:       saved-group expiry s (0: none), claim ms, claim token
+#: Returns {-1} once the chord is done; {parts so far} when this caller does not hold the join;
+#: {parts so far, every record in header order} to the one caller that now holds the claim.
+CHORD_RETURN: Final = """
+local parts, added, size_key, seen, saved, claim =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+if redis.call('GET', claim) == 'done' then return {-1} end
+-- the same task at the same index counts once, whatever a second run returned
+if redis.call('SADD', seen, ARGV[1] .. ':' .. ARGV[3]) == 1 then
+  redis.call('ZADD', parts, ARGV[3], ARGV[2])
+end
+local ttl, saved_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+if ttl > 0 then
+  for _, key in ipairs({parts, added, size_key, seen}) do redis.call('EXPIRE', key, ttl) end
+  if saved_ttl > 0 then redis.call('EXPIRE', saved, saved_ttl) end
+end
+local count = redis.call('ZCARD', parts)
+local size = redis.call('GET', size_key)
+if not size then return {count} end
+if count ~= tonumber(size) + tonumber(redis.call('GET', added) or '0') then return {count} end
+-- complete: the first caller to find it so (or the first after a lapsed claim) holds it; the
+-- holder's own retry (its reply was lost) finds its token there and gets the parts again
+local holder = redis.call('GET', claim)
+if holder ~= ARGV[7] then
+  if holder or not redis.call('SET', claim, ARGV[7], 'NX', 'PX', ARGV[6]) then return {count} end
+end
+return {count, redis.call('ZRANGE', parts, 0, -1)}
+"""
+
+#: The holder of the claim is done (body sent, or chord failed): drop the join's keys and leave
+#: `done` in the claim, so a late copy of a part cannot start the join again.
+#: KEYS: .c, .j, .t, .s, .d.  ARGV: claim token, seconds the done marker lasts.
+#: Returns 1, or 0 when the claim is no longer this caller's (it lapsed and passed on).
+CHORD_DONE: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SET', KEYS[1], 'done', 'EX', ARGV[2])
+return 1
+"""
+
+#: The holder of the claim could not send the body: give the claim up now (not after its expiry),
+#: so the next return of a part, its redelivered header task, completes the join again.
+#: KEYS: .c.  ARGV: claim token.  Returns 1, or 0 when the claim was not this caller's.
+CHORD_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+#: How long the join stays claimed, when it is complete, not done and claimed (by millpond or by
+#: Celery: the claim may be a dead worker's). KEYS: .c, .j, .t, .s.
+#: Returns the claim's PTTL in ms, or -1 when the join is not complete-and-claimed.
+CHORD_CLAIMED: Final = """
+local holder = redis.call('GET', KEYS[1])
+if not holder or holder == 'done' then return -1 end
+local size = redis.call('GET', KEYS[4])
+if not size then return -1 end
+local want = tonumber(size) + tonumber(redis.call('GET', KEYS[3]) or '0')
+if redis.call('ZCARD', KEYS[2]) ~= want then return -1 end
+return redis.call('PTTL', KEYS[1])
+"""
+
+# A global rate limit's token bucket, refilled from Redis's own clock (TIME), so every worker counts
+# time the same way whatever its clock says. One script reads, refills, takes and writes back, so
+# two workers never both take the last token. Scripts replicate by their effects (Redis 5+), so
+# TIME before a write is allowed. ARGV: rate (tokens per second), capacity. Replies the seconds to
+# wait as text ("0" when a token was taken): Lua numbers come back as integers.
+RATE_LIMIT: Final = """
+local rate = tonumber(ARGV[1])
+local capacity = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(state[1])
+local stamp = tonumber(state[2])
+if tokens == nil or stamp == nil then
+  tokens = capacity
+  stamp = now
+end
+if now > stamp then
+  tokens = math.min(capacity, tokens + (now - stamp) * rate)
+  stamp = now
+end
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait = (1 - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
+  'stamp', string.format('%.17g', stamp))
+redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 1000)
+return string.format('%.6f', wait)
 """

@@ -1,14 +1,34 @@
 """The `[redis]` settings section (`MILLPOND_REDIS__LEASE_TIMEOUT=10` in the environment).
 
-Published through the `millpond.settings` entry point so `millpond config` lists these options with
-their defaults; the app hands the section to the broker as its options, and `config.parse` checks
-them. URL query parameters accept the same names. Imports nothing from redis-py.
+The one declaration of every option the Redis broker and result backend take, whichever way it is
+given: the `[redis]` section of `millpond.toml`, `MILLPOND_REDIS__*`, `Millpond(redis={...})`, or a
+URL query parameter (`redis://h/0?lease_timeout=10`). It is published under the `millpond.settings`
+entry-point group once per URL scheme the plugin serves (redis, rediss, redis+sentinel), which is
+how the core finds it for a broker URL; `config.parse` casts the URL's query through it. It imports
+nothing from redis-py.
 """
 
 from __future__ import annotations
 
-from millpond.settings import Option, Section
-from millpond_broker_redis.config import DEFAULT_PRIORITY_STEPS, QUEUE_ORDERS, SSL_CERT_REQS
+from millpond.config.options import Option, Section
+
+#: kombu's default priority lists: messages with priority 0..2 go to the plain list, 3..5 to
+#: `<queue>\x06\x163`, and so on; lower numbers are served first (as in kombu's Redis transport).
+DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)
+SSL_CERT_REQS = ("required", "optional", "none")
+QUEUE_ORDERS = ("round_robin", "priority")
+DELAY_MODES = ("auto", "broker", "celery")
+
+#: options people copy from kombu/Celery that mean something else here: a pointed hint beats a
+#: generic "unknown setting".
+KOMBU_HINTS = {
+    "visibility_timeout": "millpond does not redeliver running messages after a fixed time; it "
+    "uses per-consumer leases: set lease_timeout (how long a dead consumer's messages stay "
+    "reserved) and heartbeat_interval instead (see docs/redis.md)",
+    "global_keyprefix": "key prefixes are not supported: they would break sharing queues with "
+    "Celery workers that do not use the same prefix; use a separate database (/db in the URL)",
+    "unacked_restore_interval": "restoring is automatic; tune lease_timeout instead",
+}
 
 SECTION = Section(
     "redis",
@@ -19,9 +39,13 @@ SECTION = Section(
                minimum=0.01),
         Option("lease_timeout", "float", 30.0, "Seconds a consumer's messages stay reserved "
                "after its last heartbeat; after that they return to their queue. A live worker's "
-               "messages are never redelivered, however long its tasks run.", minimum=0.05),
+               "messages are never redelivered, however long its tasks run. At least twice "
+               "heartbeat_interval.", minimum=0.05),
         Option("publish_retry_timeout", "float", 20.0, "Seconds a publish (or result store) "
                "keeps retrying while Redis is unreachable before it raises.", minimum=0),
+        Option("result_expires", "float", 86400.0, "Seconds a result stored in Redis is kept "
+               "when results are kept by the broker; 0 keeps them forever. A result_backend "
+               "URL gets the core's result_expires instead.", minimum=0),
         Option("socket_timeout", "float", 5.0, "Seconds to wait for a Redis reply.",
                minimum=0.01),
         Option("socket_connect_timeout", "float", 5.0, "Seconds to wait for a connection.",
@@ -30,15 +54,23 @@ SECTION = Section(
                "bounds how long a silently dead connection goes unnoticed.", minimum=0.1),
         Option("max_connections", "int", None, "Cap on the producer pool's connections.",
                minimum=1, nullable=True),
-        Option("priority_steps", "list", list(DEFAULT_PRIORITY_STEPS), "kombu's priority lists "
-               "(lower numbers are served first); must match the Celery side when sharing."),
+        Option("priority_steps", "list", [str(s) for s in DEFAULT_PRIORITY_STEPS], "kombu's priority lists "
+               "(lower numbers are served first): whole numbers starting at 0, within 0..9; "
+               "must match the Celery side when sharing."),
         Option("queue_order_strategy", "str", "round_robin", "How a worker with several queues "
                "picks: round_robin (fair) or priority (the order of `queues`).",
                choices=QUEUE_ORDERS),
+        Option("delays", "str", "auto", "Where a countdown or eta waits: broker (in Redis, "
+               "released by millpond workers), celery (sent at once with the eta in its headers, "
+               "as Celery sends it, for queues Celery workers serve), or auto (broker while a "
+               "millpond worker serves the queue, else celery, so no delay is ever stranded).",
+               choices=DELAY_MODES),
         Option("master_name", "str", None, "Sentinel: the monitored primary's name.",
                nullable=True),
         Option("sentinel_password", "str", None, "Sentinel: the sentinels' own password.",
                nullable=True, secret=True),
+        Option("sentinel_kwargs", "table", {}, "Sentinel: other keyword arguments for the "
+               "connections to the sentinels (redis-py's sentinel_kwargs).", secret=True),
         Option("ssl_cert_reqs", "str", "required", "rediss://: verify the server certificate.",
                choices=SSL_CERT_REQS),
         Option("ssl_ca_certs", "str", None, "rediss://: CA bundle file.", nullable=True),
@@ -49,5 +81,9 @@ SECTION = Section(
                "name."),
         Option("client_name", "str", None, "CLIENT SETNAME for every connection.",
                nullable=True),
+        Option("warn_without_persistence", "bool", True, "Warn once when a worker starts on a "
+               "Redis that keeps neither an append-only file nor snapshots (a restart would lose "
+               "every queued and delayed task); false silences it where that is intended."),
     ),
+    hints=KOMBU_HINTS,
 )  # fmt: skip

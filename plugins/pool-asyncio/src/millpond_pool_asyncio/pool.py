@@ -26,27 +26,26 @@ import threading
 from collections import deque
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
+from typing import Any
 
 import structlog
 
-from millpond import execution
+from millpond.contracts.pool import (
+    BasePool,
+    Capabilities,
+    CompletionCallback,
+    Execution,
+    Guard,
+    Job,
+    Outcome,
+)
 from millpond.exceptions import (
     NotSupported,
     SoftTimeLimitExceeded,
     TaskRevokedError,
     TimeLimitExceeded,
 )
-from millpond.pool import (
-    FAILURE,
-    REVOKED,
-    BasePool,
-    Capabilities,
-    CompletionCallback,
-    Job,
-    Outcome,
-)
-from millpond.settings import Section
+from millpond.states import TaskState
 from millpond_pool_asyncio.interrupt import ThreadSlot
 from millpond_pool_asyncio.settings import SETTINGS
 from millpond_pool_asyncio.soft_limit import SoftLimited
@@ -75,18 +74,20 @@ class AsyncioPool(BasePool):
     capabilities = Capabilities(
         soft_time_limit=True, hard_time_limit=True, terminate_job=True, resize=True
     )
-    settings: ClassVar[Section] = SETTINGS
 
     def __init__(
         self,
         concurrency: int,
         on_complete: CompletionCallback,
         options: Mapping[str, Any] | None = None,
+        *,
+        execution: Execution,
     ) -> None:
-        super().__init__(concurrency, on_complete, options)
-        self._refuse_sync = self.options.get("sync_tasks", "thread") == "refuse"
+        super().__init__(concurrency, on_complete, options, execution=execution)
+        config = SETTINGS.resolve(self.options)  # validated by the worker; checked again for tests
+        self._refuse_sync = config["sync_tasks"] == "refuse"
         #: None: as many threads as the concurrency, following resize()
-        self._fixed_threads: int | None = self.options.get("executor_threads")
+        self._fixed_threads: int | None = config["executor_threads"]
         self._executor_threads: int = self._fixed_threads or concurrency
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -222,8 +223,8 @@ class AsyncioPool(BasePool):
             timers.append(loop.call_later(job.time_limit, self._hard_limit, running))
         outcome: Outcome | None = None
         try:
-            if execution.is_async_job(job):
-                outcome = await execution.run_job_async(job, self._guard(job))
+            if self.execution.is_async(job):
+                outcome = await self.execution.run_async(job, self._guard(job))
             elif self._refuse_sync:
                 outcome = _refused(job)
             else:
@@ -237,11 +238,17 @@ class AsyncioPool(BasePool):
                             SoftTimeLimitExceeded,
                         )
                     )
-                outcome = await loop.run_in_executor(None, _run_in_thread, job, running.thread)
+                outcome = await loop.run_in_executor(
+                    None, _run_in_thread, self.execution, job, running.thread
+                )
         except asyncio.CancelledError:
             outcome = None  # a limit or terminate_job already reported it, or we are terminating
-        except Exception as exc:  # the pool's own failure, never the task's (run_job catches those)
-            outcome = Outcome.error(FAILURE, type(exc), f"the asyncio pool failed the job: {exc}")
+        except (
+            Exception
+        ) as exc:  # the pool's own failure, never the task's (execution.run catches those)
+            outcome = Outcome.error(
+                TaskState.FAILURE, type(exc), f"the asyncio pool failed the job: {exc}"
+            )
         finally:
             for timer in timers:
                 timer.cancel()
@@ -250,7 +257,7 @@ class AsyncioPool(BasePool):
                 self.complete(job, outcome)
             self._release(job)
 
-    def _guard(self, job: Job) -> execution.Guard | None:
+    def _guard(self, job: Job) -> Guard | None:
         soft = job.soft_time_limit
         if not soft:
             return None
@@ -280,8 +287,9 @@ class AsyncioPool(BasePool):
             running.thread.interrupt(exc_type)
 
     # -- optional capabilities -------------------------------------------------------------------
-    def terminate_job(self, task_id: str) -> bool:
-        """Report the job REVOKED and cancel it (a waiting job never starts)."""
+    def terminate_job(self, task_id: str, signum: int | None = None) -> bool:
+        """Report the job REVOKED and cancel it (a waiting job never starts); a coroutine is
+        cancelled, not signalled, so `signum` does not apply."""
         loop = self._loop
         if loop is None:
             return False
@@ -292,7 +300,9 @@ class AsyncioPool(BasePool):
         self.complete(
             job,
             Outcome.error(
-                REVOKED, TaskRevokedError, f"task {job.task_name}[{task_id}] was terminated"
+                TaskState.REVOKED,
+                TaskRevokedError,
+                f"task {job.task_name}[{task_id}] was terminated",
             ),
         )
         loop.call_soon_threadsafe(self._revoke, task_id)
@@ -333,7 +343,7 @@ class AsyncioPool(BasePool):
             self._launch(self._waiting.popleft())
 
 
-def _run_in_thread(job: Job, slot: ThreadSlot) -> Outcome:
+def _run_in_thread(execution: Execution, job: Job, slot: ThreadSlot) -> Outcome:
     """A plain `def` job in an executor thread, with a window in which it may be interrupted."""
     outcome: Outcome | None = None
     while True:
@@ -341,7 +351,7 @@ def _run_in_thread(job: Job, slot: ThreadSlot) -> Outcome:
             if outcome is None:
                 slot.arm()
                 try:
-                    outcome = job.run()
+                    outcome = execution.run(job)
                 except BaseException:
                     slot.disarm()  # never leave a finished job's thread open to interruption
                     raise
@@ -351,12 +361,14 @@ def _run_in_thread(job: Job, slot: ThreadSlot) -> Outcome:
             # Landed outside the task body (run_job catches everything inside it): the job is
             # over either way; report the interruption if there is no outcome yet, then disarm.
             if outcome is None:
-                outcome = Outcome.error(FAILURE, type(exc), str(exc) or type(exc).__name__)
+                outcome = Outcome.error(
+                    TaskState.FAILURE, type(exc), str(exc) or type(exc).__name__
+                )
 
 
 def _refused(job: Job) -> Outcome:
     return Outcome.error(
-        FAILURE,
+        TaskState.FAILURE,
         NotSupported,
         f"task {job.task_name} is a plain def, and this asyncio pool refuses those "
         "(asyncio.sync_tasks = refuse): make it async def, or set "

@@ -6,7 +6,7 @@ importing the pool itself.
 
 from __future__ import annotations
 
-from millpond.settings import Option, Section
+from millpond.config.options import Option, Section
 
 SETTINGS = Section(
     "asyncio",

@@ -23,6 +23,9 @@ def import_eventlet() -> None:
     """`import eventlet` without its import-time deprecation warning (the pool logs its own)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+        # eventlet imports dnspython, whose DNSSEC module touches cryptography's DSA classes when
+        # cryptography is installed: a deprecation notice about code the worker never runs
+        warnings.filterwarnings("ignore", message=r"DSA is deprecated", module=r"dns\.")
         import eventlet  # noqa: F401
 
 

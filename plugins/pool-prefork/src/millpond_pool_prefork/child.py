@@ -1,10 +1,11 @@
-"""The child process: receive a job, run it, send the outcome back, until told to leave.
+"""The child process: receive jobs, run them one at a time, send each outcome back, until told
+to leave.
 
 A child is a fork of the fork server, which is a fork of the worker taken after the app was
 imported and before the worker started any thread: every child starts with the tasks loaded and
 nothing half-locked by a thread that does not exist in it.
 
-Signals are how the parent reaches a child that is busy (it reads its socket only when idle):
+Signals are how the parent reaches a child that is busy (it reads its socket only between jobs):
 
 * SIGALRM, armed by the child itself with `setitimer` when a job has a soft time limit, raises
   `SoftTimeLimitExceeded` inside the task. The child arms and disarms its own timer, so a limit can
@@ -19,8 +20,9 @@ Signals are how the parent reaches a child that is busy (it reads its socket onl
 These signals are blocked except while the child waits for a job or runs one, so they never land
 in the middle of sending an outcome.
 
-Every exit goes through `os._exit` after `observability.flush()`: a forked child must not run the
-parent's atexit handlers, and spans still in the batch processor would be lost without the flush.
+Every exit goes through `os._exit` after `execution.process_exiting()` (the hooks flush what they
+buffer: spans in the batch processor would be lost without it): a forked child must not run the
+parent's atexit handlers. `execution.process_started()` runs once before the first job.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ import signal
 import socket
 import sys
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn
 
+from millpond.contracts.pool import Execution, Job, Outcome
 from millpond.exceptions import SoftTimeLimitExceeded, TaskRevokedError, TimeLimitExceeded
-from millpond.pool import FAILURE, Job, Outcome
+from millpond.states import TaskState
 from millpond_pool_prefork import wire
 from millpond_pool_prefork.settings import PreforkConfig
 
@@ -135,7 +139,7 @@ def _recycle_reason(config: PreforkConfig, done: int) -> str | None:
     return None
 
 
-def _run(job: Job) -> Outcome | None:
+def _run(job: Job, execution: Execution) -> Outcome | None:
     """Run one job with its soft limit armed; None when the child was told to stop meanwhile."""
     _state.job = job
     _state.soft_fired = False
@@ -144,10 +148,10 @@ def _run(job: Job) -> Outcome | None:
         if job.soft_time_limit:
             signal.setitimer(signal.ITIMER_REAL, job.soft_time_limit)
         _unblock()
-        outcome = job.run()
+        outcome = execution.run(job)
     except SoftTimeLimitExceeded as exc:
-        # landed after the task body returned, inside run_job's own bookkeeping
-        outcome = Outcome.error(FAILURE, type(exc), str(exc))
+        # landed after the task body returned, inside execution.run's own bookkeeping
+        outcome = Outcome.error(TaskState.FAILURE, type(exc), str(exc))
     except (TimeLimitExceeded, TaskRevokedError, _Stop):
         outcome = None  # likewise outside the task body: the parent reports why it stopped us
     finally:
@@ -167,7 +171,7 @@ def _done_frame(job: Job, outcome: Outcome, leaving: str | None) -> bytes:
                 "done",
                 job.task_id,
                 Outcome(
-                    state=FAILURE,
+                    state=TaskState.FAILURE,
                     exc_type=type(exc).__name__,
                     exc_module=type(exc).__module__,
                     exc_message=(
@@ -181,38 +185,72 @@ def _done_frame(job: Job, outcome: Outcome, leaving: str | None) -> bytes:
         )
 
 
-def _serve(sock: socket.socket, config: PreforkConfig) -> int:
+def _take_frames(sock: socket.socket, reader: wire.FrameReader, *, wait: bool) -> list[Any] | None:
+    """The frames the socket holds now (`wait`: block for at least one); None at end of stream.
+
+    A child reads everything its socket has in one call: the parent writes several jobs at once
+    (up to `prefetch_per_child`), so a child with a queued job never waits for a round trip.
+    """
+    while True:
+        try:
+            data = sock.recv(1 << 16) if wait else sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return []
+        if not data:
+            return None
+        frames = reader.feed(data)
+        if frames or not wait:
+            return frames
+
+
+def _serve(sock: socket.socket, config: PreforkConfig, execution: Execution) -> int:
     _block()
     _install_signals()
+    execution.process_started()
     sock.sendall(wire.frame(("ready", os.getpid())))
+    reader = wire.FrameReader()
+    queue: deque[Job] = deque()
     done = 0
     while True:
         try:
             _unblock()
-            message: Any = wire.recv(sock)
+            frames = _take_frames(sock, reader, wait=not queue)
         except _Stop:
             return EXIT_OK
         finally:
             _block()
-        if message is None or message[0] == "exit" or _state.stopping:
+        if frames is None or _state.stopping:
             return EXIT_OK  # None: the parent is gone
-        job: Job = message[1]
-        outcome = _run(job)
+        for message in frames:
+            kind = message[0]
+            if kind == "exit":
+                return EXIT_OK
+            if kind == "job":
+                queue.append(message[1])
+            elif kind == "skip":  # terminated before it started: the parent reported it
+                queue = deque(j for j in queue if j.task_id != message[1])
+        if not queue:
+            continue
+        job = queue.popleft()
+        outcome = _run(job, execution)
         if outcome is None:
             return EXIT_OK
         done += 1
-        # the parent learns it in the same frame, so it never hands a job to a leaving child
+        # the parent learns it in the same frame, so it never hands a job to a leaving child (and
+        # gives the jobs still queued here to another child)
         reason = _recycle_reason(config, done)
+        # one write per outcome, before the next job starts: an outcome buffered here would be
+        # lost with the process if the next job crashed it, and its task would run twice
         sock.sendall(_done_frame(job, outcome, reason))
         if reason is not None:
             return EXIT_OK
 
 
-def child_main(sock: socket.socket, config: PreforkConfig) -> NoReturn:
+def child_main(sock: socket.socket, config: PreforkConfig, execution: Execution) -> NoReturn:
     """The whole life of a child process; never returns."""
     code = EXIT_CRASH
     try:
-        code = _serve(sock, config)
+        code = _serve(sock, config, execution)
     except BaseException:
         try:
             sys.stderr.write(
@@ -224,9 +262,7 @@ def child_main(sock: socket.socket, config: PreforkConfig) -> NoReturn:
     finally:
         try:
             _block()
-            from millpond import observability
-
-            observability.flush()
+            execution.process_exiting()
         except BaseException:
             pass
         for stream in (sys.stdout, sys.stderr):  # os._exit skips the interpreter's own flush

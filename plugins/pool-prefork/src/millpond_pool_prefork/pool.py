@@ -1,4 +1,4 @@
-"""The prefork pool: N child processes, each running one job at a time.
+"""The prefork pool: N child processes, each running one job at a time with a few queued behind it.
 
 Processes give CPU-bound Python real parallelism and make every limit enforceable: a child can be
 interrupted with a signal, killed and replaced. The worker process keeps the broker connection and
@@ -7,14 +7,21 @@ the `process` spans; children only run jobs.
 Structure:
 
 * a fork server (`forkserver`), forked at `start()` before any thread exists, forks every child;
-* per child, a socketpair carrying length-prefixed pickles (`wire`): jobs down, outcomes up;
+* per child, a socketpair carrying length-prefixed pickles (`wire`): jobs down (several in one
+  write when several are handed out at once), outcomes up (the supervisor reads every outcome a
+  socket holds in one read);
 * one supervisor thread in the worker that `select()`s on every child socket and the fork server,
   completes jobs, notices deaths (end of stream, then the exit status from the fork server),
   enforces hard time limits, escalates kills, and keeps N children alive.
 
-A job goes only to an idle child: no job ever waits behind a long task in another child. The worker
-hands the pool a job only while it has a free slot; a job that arrives while a replacement child
-is still starting waits in `_pending` until a child is ready.
+A child holds up to `prefetch_per_child` jobs: the one it runs (the head of its queue) and the
+ones queued behind it, so it starts its next job without waiting for a round trip through the
+supervisor and the worker loop (that round trip per job was most of the pool's cost for short
+tasks). A job goes to the least busy child: it is queued behind a running job only when every
+child is busy, and at most `prefetch_per_child - 1` jobs wait behind any one task. The pool's
+`capacity` is `concurrency * prefetch_per_child`, so the worker hands it that many. A job that
+arrives while a replacement child is still starting waits in `_pending` until a child is ready;
+jobs queued in a child that dies or recycles itself never started, and go back to `_pending`.
 
 Deaths and limits (the outcome is what the worker sees):
 
@@ -43,27 +50,25 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 
 import structlog
 
-from millpond.exceptions import TaskRevokedError, TimeLimitExceeded, WorkerLostError
-from millpond.pool import (
-    FAILURE,
-    LOST,
-    REVOKED,
-    TIMEOUT,
+from millpond.contracts.pool import (
     BasePool,
     Capabilities,
     CompletionCallback,
+    Execution,
     Job,
     Outcome,
 )
-from millpond.settings import Section
+from millpond.exceptions import TaskRevokedError, TimeLimitExceeded, WorkerLostError
+from millpond.observe.throttle import Throttled
+from millpond.states import TaskState
 from millpond_pool_prefork import wire
 from millpond_pool_prefork.child import HARD_LIMIT_SIGNAL, STOP_SIGNAL, child_main
 from millpond_pool_prefork.forkserver import ForkServer
-from millpond_pool_prefork.settings import SECTION, PreforkConfig, resolve
+from millpond_pool_prefork.settings import PreforkConfig, resolve
 
 __all__ = ["PreforkPool"]
 
@@ -71,8 +76,8 @@ log = structlog.get_logger("millpond.pool.prefork")
 
 # child states
 STARTING = "starting"  # forked (or asked for), not ready yet
-IDLE = "idle"
-BUSY = "busy"
+IDLE = "idle"  # ready, no job
+BUSY = "busy"  # running a job (maybe with more queued behind it)
 EXITING = "exiting"  # told to leave, or leaving on its own (recycled): takes no job
 KILLING = "killing"  # signalled by a limit or terminate_job; reported when it is gone
 
@@ -91,11 +96,12 @@ class _Child:
     state: str = STARTING
     pid: int | None = None
     pidfd: int | None = None
-    job: Job | None = None
+    #: jobs sent to it, in order: the head is running, the rest wait in its socket or its queue
+    queue: deque[Job] = field(default_factory=deque)
     #: monotonic time the running job passes its hard limit
     hard_deadline: float | None = None
     #: (state, exception type, message) reported for the job when the child is gone
-    kill_reason: tuple[str, type[BaseException], str] | None = None
+    kill_reason: tuple[TaskState, type[BaseException], str] | None = None
     kill_at: float | None = None
     #: leave after the current job (the pool shrank, or is stopping)
     retire: bool = False
@@ -108,9 +114,24 @@ class _Child:
     tasks: int = 0
 
     @property
+    def job(self) -> Job | None:
+        """The job it is running (the head of its queue)."""
+        return self.queue[0] if self.queue else None
+
+    @property
     def live(self) -> bool:
         """Counts toward the pool's size: will run jobs (now or once it is ready)."""
         return self.state in (STARTING, IDLE, BUSY) and not self.retire
+
+
+def _not_started(timeout: float | None) -> Outcome:
+    return Outcome.error(
+        TaskState.LOST,
+        WorkerLostError,
+        f"the warm stop timed out after {timeout:g}s before the task started; it goes back to "
+        "the broker",
+        requeue=True,
+    )
 
 
 def describe_status(status: int | None) -> str:
@@ -151,7 +172,9 @@ class PreforkPool(BasePool):
         max_tasks_per_child=True,
         max_memory_per_child=True,
     )
-    settings: ClassVar[Section] = SECTION
+    #: the worker's window must cover every child's queue (`capacity`, 4 jobs per child by
+    #: default) with room to spare, or the children wait for the broker instead of the pool
+    default_prefetch_multiplier = 16
 
     @classmethod
     def default_concurrency(cls) -> int:
@@ -170,9 +193,13 @@ class PreforkPool(BasePool):
         concurrency: int,
         on_complete: CompletionCallback,
         options: Mapping[str, Any] | None = None,
+        *,
+        execution: Execution,
     ) -> None:
-        super().__init__(concurrency, on_complete, options)
+        super().__init__(concurrency, on_complete, options, execution=execution)
         self.config: PreforkConfig = resolve(self.options)
+        #: recycling for memory is told at INFO, at most one line per 10 s
+        self._told = Throttled(log.info)
         self._cond = threading.Condition()
         self._children: dict[int, _Child] = {}
         self._tokens = itertools.count(1)
@@ -186,6 +213,11 @@ class PreforkPool(BasePool):
         self._stopping = False
         self._abandoned = False
         self._closing = False
+
+    @property
+    def capacity(self) -> int:
+        """Every child's running job and the ones queued behind it (`prefetch_per_child`)."""
+        return self.concurrency * self.config.prefetch_per_child
 
     # -- introspection (tests, the CLI's status) -------------------------------------------------
     def child_pids(self) -> list[int]:
@@ -208,7 +240,10 @@ class PreforkPool(BasePool):
     # -- lifecycle -------------------------------------------------------------------------------
     def on_start(self) -> None:
         self._stopping = self._abandoned = self._closing = False
-        self._server = ForkServer(partial(child_main, config=self.config), self.config.kill_grace)
+        self._server = ForkServer(
+            partial(child_main, config=self.config, execution=self.execution),
+            self.config.kill_grace,
+        )
         self._server.start()  # before the supervisor thread: the server must fork thread-free
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -222,10 +257,13 @@ class PreforkPool(BasePool):
             self._ensure_children()
             while sum(1 for c in self._children.values() if c.state == IDLE) < self.concurrency:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self.start_cancelled.is_set():
                     break
-                self._cond.wait(left)
+                self._cond.wait(min(left, 0.05))  # a stop request is seen within 50 ms
             ready = sum(1 for c in self._children.values() if c.state == IDLE)
+        if self.start_cancelled.is_set():
+            self.on_terminate()
+            return
         if ready < self.concurrency:
             self.on_terminate()
             raise RuntimeError(
@@ -241,7 +279,7 @@ class PreforkPool(BasePool):
             self.complete(
                 job,
                 Outcome.error(
-                    FAILURE,
+                    TaskState.FAILURE,
                     type(exc),
                     f"task {job.task_name}[{job.task_id}] cannot be sent to a child process: its "
                     f"arguments cannot be pickled ({exc})",
@@ -278,8 +316,12 @@ class PreforkPool(BasePool):
                 )
                 for child in self._children.values():
                     if child.job is not None and child.kill_reason is None:
-                        child.kill_reason = (LOST, WorkerLostError, reason)
+                        child.kill_reason = (TaskState.LOST, WorkerLostError, reason)
+                    while len(child.queue) > 1:  # never started: back to the broker
+                        completions.append((child.queue.pop(), _not_started(timeout)))
                     self._signal(child, signal.SIGKILL)
+                while self._pending:
+                    completions.append((self._pending.popleft()[0], _not_started(timeout)))
                 end = time.monotonic() + STATUS_WAIT + 1
                 while self._children and time.monotonic() < end:
                     self._cond.wait(end - time.monotonic())
@@ -320,7 +362,11 @@ class PreforkPool(BasePool):
         self._wake_r = self._wake_w = -1
 
     # -- capabilities ----------------------------------------------------------------------------
-    def terminate_job(self, task_id: str) -> bool:
+    def processes(self) -> list[int]:
+        with self._cond:
+            return [c.pid for c in self._children.values() if c.live and c.pid is not None]
+
+    def terminate_job(self, task_id: str, signum: int | None = None) -> bool:
         completions: list[Completion] = []
         found = False
         with self._cond:
@@ -331,7 +377,7 @@ class PreforkPool(BasePool):
                         (
                             job,
                             Outcome.error(
-                                REVOKED,
+                                TaskState.REVOKED,
                                 TaskRevokedError,
                                 f"task {job.task_name}[{task_id}] was terminated before it started",
                             ),
@@ -339,6 +385,22 @@ class PreforkPool(BasePool):
                     )
                     found = True
             for child in list(self._children.values()):  # a kill spawns a replacement
+                for queued in list(child.queue)[1:]:  # sent, not started: the child skips it
+                    if queued.task_id == task_id:
+                        child.queue.remove(queued)
+                        self._outbox.append((child, wire.frame(("skip", task_id))))
+                        completions.append(
+                            (
+                                queued,
+                                Outcome.error(
+                                    TaskState.REVOKED,
+                                    TaskRevokedError,
+                                    f"task {queued.task_name}[{task_id}] was terminated before "
+                                    "it started",
+                                ),
+                            )
+                        )
+                        found = True
                 running = child.job
                 if running is None or running.task_id != task_id:
                     continue
@@ -346,14 +408,15 @@ class PreforkPool(BasePool):
                 if child.state == BUSY:
                     self._begin_kill(
                         child,
-                        STOP_SIGNAL,
+                        STOP_SIGNAL if signum is None else signum,
                         (
-                            REVOKED,
+                            TaskState.REVOKED,
                             TaskRevokedError,
                             f"task {running.task_name}[{task_id}] was terminated on request; child "
                             f"process {child.pid} was stopped",
                         ),
                     )
+        self._flush()
         self._wake()
         self._report(completions)
         return found
@@ -414,44 +477,82 @@ class PreforkPool(BasePool):
         self._server.start()
 
     def _dispatch(self) -> None:
-        """Give pending jobs to idle children, and idle retirees their leave (into the outbox)."""
+        """Give pending jobs to the least busy children, and idle retirees their leave (into the
+        outbox)."""
         sends = self._outbox
         now = time.monotonic()
+        window = self.config.prefetch_per_child
+        takers = [
+            c
+            for c in self._children.values()
+            if c.state in (IDLE, BUSY) and (self._stopping or not c.retire)
+        ]
+        # a job waits behind a running one only when every child is busy: not while a child
+        # that will take it is starting (at start-up, after a resize, a recycle or a death)
+        starting = any(c.state == STARTING and c.live for c in self._children.values())
+        while self._pending and takers:
+            child = min(takers, key=lambda c: len(c.queue))
+            if len(child.queue) >= (1 if starting else window):
+                break
+            job, payload = self._pending.popleft()
+            child.queue.append(job)
+            if child.state == IDLE:
+                child.state = BUSY
+                self._arm(child, now)
+            sends.append((child, payload))
         for child in self._children.values():
-            if child.state != IDLE:
-                continue
-            if self._pending and (self._stopping or not child.retire):
-                job, payload = self._pending.popleft()
-                child.state, child.job = BUSY, job
-                if job.time_limit:
-                    child.hard_deadline = now + job.time_limit
-                    self._deadlines_changed = True
-                sends.append((child, payload))
-            elif child.retire or self._stopping:
+            leaving = child.retire or self._stopping
+            if child.state == IDLE and leaving and not (self._stopping and self._pending):
                 child.state = EXITING
                 sends.append((child, wire.frame(("exit",))))
         if self._pending:
             self._ensure_children()
 
+    def _arm(self, child: _Child, now: float) -> None:
+        """Start the hard time limit of the child's head job (it starts now, or just did)."""
+        job = child.job
+        if job is not None and job.time_limit:
+            child.hard_deadline = now + job.time_limit
+            self._deadlines_changed = True
+        else:
+            child.hard_deadline = None
+
+    def _requeue(self, child: _Child, *, running: bool = True) -> None:
+        """The jobs queued in a child that leaves never started (behind its head, when `running`):
+        first in line for another child."""
+        keep = 1 if running else 0
+        while len(child.queue) > keep:
+            job = child.queue.pop()
+            self._pending.appendleft((job, wire.frame(("job", job))))
+
     def _flush(self) -> None:
-        """Send what the outbox holds (call without the lock: a send may block briefly)."""
+        """Send what the outbox holds, one write per child (call without the lock: a send may
+        block briefly)."""
         with self._cond:
             sends, self._outbox = self._outbox, []
             wake, self._deadlines_changed = self._deadlines_changed, False
         if wake and threading.current_thread() is not self._supervisor:
             self._wake()  # the supervisor must re-compute its timeout for the new deadline
+        if not sends:
+            return
+        batches: dict[_Child, list[bytes]] = {}
         for child, payload in sends:
+            batches.setdefault(child, []).append(payload)
+        for child, payloads in batches.items():
             try:
-                child.sock.sendall(payload)
+                child.sock.sendall(payloads[0] if len(payloads) == 1 else b"".join(payloads))
             except OSError:
                 pass  # the child died: its end of stream is seen and handled by the supervisor
 
     def _begin_kill(
-        self, child: _Child, signum: int, reason: tuple[str, type[BaseException], str]
+        self, child: _Child, signum: int, reason: tuple[TaskState, type[BaseException], str]
     ) -> None:
         child.state = KILLING
         child.kill_reason = reason
         child.hard_deadline = None
+        for queued in list(child.queue)[1:]:  # they never started: another child runs them
+            self._outbox.append((child, wire.frame(("skip", queued.task_id))))
+        self._requeue(child)
         grace = self.config.kill_grace
         self._signal(child, signum if grace > 0 else signal.SIGKILL)
         child.kill_at = time.monotonic() + grace
@@ -487,8 +588,9 @@ class PreforkPool(BasePool):
         """The child is gone: report its job, forget it, replace it."""
         self._children.pop(child.token, None)
         self._release(child)
+        self._requeue(child)
         job = child.job
-        child.job = None
+        child.queue.clear()
         if job is not None:
             if child.kill_reason is not None:
                 state, exc_type, message = child.kill_reason
@@ -500,7 +602,7 @@ class PreforkPool(BasePool):
                     f"{loss_hint(child.status)}"
                 )
                 completions.append(
-                    (job, Outcome.error(LOST, WorkerLostError, message, requeue=True))
+                    (job, Outcome.error(TaskState.LOST, WorkerLostError, message, requeue=True))
                 )
         elif child.state not in (EXITING, KILLING) and not self._stopping:
             log.warning(
@@ -649,18 +751,28 @@ class PreforkPool(BasePool):
             _, task_id, outcome, leaving = message
             job = child.job
             if job is None or job.task_id != task_id:
-                return
+                return  # terminated before it started, and it raced its skip: reported already
             # a job that finished as its kill was under way: its real outcome wins
             completions.append((job, outcome))
-            child.job, child.hard_deadline = None, None
+            child.queue.popleft()
             child.tasks += 1
             if leaving is not None:
+                self._requeue(child, running=False)
+                child.hard_deadline = None
                 if child.state == BUSY:
                     child.state = EXITING
-                log.debug("recycling a prefork child", pid=child.pid, reason=leaving)
+                if "max_memory_per_child" in leaving:  # worth an operator's attention
+                    self._told.log(
+                        "memory", "recycling a prefork child", pid=child.pid, reason=leaving
+                    )
+                else:
+                    log.debug("recycling a prefork child", pid=child.pid, reason=leaving)
                 self._ensure_children()
             elif child.state == BUSY:
-                child.state = IDLE
+                if child.queue:
+                    self._arm(child, time.monotonic())  # its next job starts now
+                else:
+                    child.state, child.hard_deadline = IDLE, None
             self._dispatch()
 
     def _on_deadlines(self, completions: list[Completion]) -> None:
@@ -672,7 +784,7 @@ class PreforkPool(BasePool):
                     child,
                     HARD_LIMIT_SIGNAL,
                     (
-                        TIMEOUT,
+                        TaskState.TIMEOUT,
                         TimeLimitExceeded,
                         f"task {job.task_name}[{job.task_id}] ran past its hard time limit of "
                         f"{job.time_limit:g}s; child process {child.pid} was stopped",

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from millpond.settings import Option, Section
+from millpond.config.options import Option, Section
 
 SECTION = Section(
     "prefork",
@@ -30,6 +30,17 @@ SECTION = Section(
             "memory reaches this many MiB, checked after each task; unset never checks.",
             minimum=1,
             nullable=True,
+        ),
+        Option(
+            "prefetch_per_child",
+            "int",
+            4,
+            "Jobs a child process holds at once: the one it runs and the ones queued behind it. "
+            "Above 1 a child starts its next job without waiting for a round trip to the worker "
+            "(jobs go to the least busy child, so a job waits behind a running one only when "
+            "every child is busy); 1 sends a job only to an idle child, for long tasks where "
+            "a queued job must never wait behind another.",
+            minimum=1,
         ),
         Option(
             "kill_grace",
@@ -58,10 +69,11 @@ class PreforkConfig:
 
     max_tasks_per_child: int | None = None
     max_memory_per_child: int | None = None
+    prefetch_per_child: int = 4
     kill_grace: float = 1.0
     start_timeout: float = 30.0
 
 
 def resolve(options: Mapping[str, Any]) -> PreforkConfig:
-    """Check `options` against the section: the worker passes validated values, a test may not."""
-    return PreforkConfig(**SECTION.validate(options, "prefork pool option"))
+    """Every option's value: the worker passes validated values, a test may pass plain ones."""
+    return PreforkConfig(**SECTION.resolve(options))

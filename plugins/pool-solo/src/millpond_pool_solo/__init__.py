@@ -8,7 +8,7 @@ task runs (heartbeat threads), so a long task does not cost the worker its conne
 
 from __future__ import annotations
 
-from millpond.pool import BasePool, Capabilities, Job
+from millpond.contracts.pool import BasePool, Capabilities, Job
 
 __all__ = ["SoloPool"]
 
@@ -34,7 +34,7 @@ class SoloPool(BasePool):
         pass
 
     def on_apply(self, job: Job) -> None:
-        self.complete(job, job.run())
+        self.complete(job, self.execution.run(job))
 
     def on_stop(self, timeout: float | None) -> None:
         pass  # nothing can be running: jobs run inline

@@ -22,13 +22,20 @@ import queue
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
+from millpond.contracts.pool import (
+    BasePool,
+    Capabilities,
+    CompletionCallback,
+    Execution,
+    Job,
+    Outcome,
+)
 from millpond.exceptions import SoftTimeLimitExceeded
-from millpond.pool import FAILURE, BasePool, Capabilities, CompletionCallback, Job, Outcome
-from millpond.settings import Section
+from millpond.states import TaskState
 from millpond_pool_threads import softlimit
-from millpond_pool_threads.settings import SECTION, resolve
+from millpond_pool_threads.settings import resolve
 
 __all__ = ["ThreadPool"]
 
@@ -54,7 +61,6 @@ class ThreadPool(BasePool):
         terminate_job=False,
         resize=True,
     )
-    settings: ClassVar[Section] = SECTION
 
     @classmethod
     def default_concurrency(cls) -> int:
@@ -65,8 +71,10 @@ class ThreadPool(BasePool):
         concurrency: int,
         on_complete: CompletionCallback,
         options: Mapping[str, Any] | None = None,
+        *,
+        execution: Execution,
     ) -> None:
-        super().__init__(concurrency, on_complete, options)
+        super().__init__(concurrency, on_complete, options, execution=execution)
         self.config = resolve(self.options)
         #: jobs, and one None per thread that should exit
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -155,7 +163,7 @@ class ThreadPool(BasePool):
                 slot.begin(job)
                 if job.soft_time_limit:
                     self._soft.arm(slot, job, job.soft_time_limit)
-                outcome = job.run()
+                outcome = self.execution.run(job)
             finally:
                 slot.end()
         except SoftTimeLimitExceeded as exc:
@@ -163,6 +171,6 @@ class ThreadPool(BasePool):
             # slot was cleared: the outcome stands if there is one.
             slot.end()
             if outcome is None:
-                outcome = Outcome.error(FAILURE, type(exc), str(exc))
+                outcome = Outcome.error(TaskState.FAILURE, type(exc), str(exc))
         if not self._abandoned:
             self.complete(job, outcome)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from millpond.settings import Option, Section
+from millpond.config.options import Option, Section
 
 SECTION = Section(
     "threads",
@@ -34,5 +34,5 @@ class ThreadsConfig:
 
 
 def resolve(options: Mapping[str, Any]) -> ThreadsConfig:
-    """Check `options` against the section: the worker passes validated values, a test may not."""
-    return ThreadsConfig(**SECTION.validate(options, "threads pool option"))
+    """Every option's value: the worker passes validated values, a test may pass plain ones."""
+    return ThreadsConfig(**SECTION.resolve(options))

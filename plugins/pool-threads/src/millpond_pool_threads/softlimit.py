@@ -21,8 +21,8 @@ import itertools
 import threading
 import time
 
+from millpond.contracts.pool import Job
 from millpond.exceptions import SoftTimeLimitExceeded
-from millpond.pool import Job
 
 __all__ = ["SUPPORTED", "Slot", "SoftLimitHit", "SoftLimits"]
 

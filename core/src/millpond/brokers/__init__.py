@@ -1,6 +1,0 @@
-"""The brokers built into the core: `memory://` for tests and docs, `sqlite://` for one machine.
-
-They need no server and no third-party library, so `pip install millpond` alone can run a worker.
-Each module is imported only when its URL scheme is configured (through the `millpond.brokers`
-entry points), never from here.
-"""

@@ -1,0 +1,523 @@
+"""The `millpond` command: worker, send, result, purge, dlq, inspect, control, events, plugins,
+config.
+
+Flags mirror the ones Celery users type (-A, -P, -c, -Q, -l). Exit codes: 0 success, 1 a task or
+operation failed (or a cold shutdown), 2 a usage, settings or plugin error (with a message that says
+what to do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from millpond.cli.parser import build_parser
+from millpond.exceptions import ConfigurationError, MillpondError, PluginLoadError, PluginNotFound
+
+if TYPE_CHECKING:
+    from millpond.config.settings import Settings
+    from millpond.produce.app import Millpond
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def load_app(spec: str | None) -> Any:
+    """Import `module:attribute` (or `module`, finding its Millpond instance) from the cwd."""
+    from millpond.produce.app import Millpond
+
+    if not spec:
+        raise ConfigurationError(
+            "no app given: pass -A module:attribute (or set MILLPOND_APP), e.g. -A shop.tasks:app"
+        )
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigurationError(
+                f"cannot import app module {module_name!r}: {exc}; run from the directory that "
+                "contains it, or add it to PYTHONPATH"
+            ) from exc
+        raise
+    if attr:
+        try:
+            app = getattr(module, attr)
+        except AttributeError:
+            raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}") from None
+    else:
+        found = [v for v in vars(module).values() if isinstance(v, Millpond)]
+        if len(found) != 1:
+            raise ConfigurationError(
+                f"module {module_name!r} has {len(found)} Millpond apps; name one: -A {module_name}:app"
+            )
+        app = found[0]
+    if not isinstance(app, Millpond):
+        raise ConfigurationError(f"{spec} is a {type(app).__name__}, not a Millpond app")
+    return app
+
+
+def _flags(ns: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {n: getattr(ns, n) for n in names if getattr(ns, n, None) is not None}
+
+
+def _parse_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def load_from_args(ns: argparse.Namespace) -> tuple[Settings, Millpond | None]:
+    """(settings, app) from the common flags -A, -b, --result-backend (for plugin commands)."""
+    return _load(ns)
+
+
+def _run_plugin(name: str, argv: list[str]) -> int:
+    """Parse the arguments again with the plugin command's full parser, then run it."""
+    from millpond.cli.parser import add_common
+    from millpond.config import plugins
+
+    command = plugins.command(name)
+    parser = argparse.ArgumentParser(prog=f"millpond {name}", description=command.help)
+    add_common(parser)
+    command.add_arguments(parser)
+    rest = argv[argv.index(name) + 1 :]
+    return int(command.run(parser.parse_args(rest)))
+
+
+def main(argv: list[str] | None = None, *, patched: str | None = None) -> int:
+    """Run one command; `patched` is the pool whose monkey-patch the bootstrap already ran."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns, _extra = parser.parse_known_args(argv)
+    if getattr(ns, "plugin_command", None) is None:
+        ns = parser.parse_args(argv)  # the core's commands: unknown arguments are errors
+    ns.patched = patched
+    if ns.version:
+        from millpond.config.plugins import core_version
+
+        print(f"millpond {core_version()}")
+        return EXIT_OK
+    if not ns.command:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if getattr(ns, "plugin_command", None) is not None:
+            return _run_plugin(ns.plugin_command, argv)
+        return int(COMMANDS[ns.command](ns))
+    except (ConfigurationError, PluginNotFound, PluginLoadError) as exc:
+        print(f"millpond: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MillpondError as exc:
+        print(f"millpond: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(ns: argparse.Namespace) -> tuple[Settings, Millpond | None]:
+    """(settings, app) for the commands that take -A; the app is None when none is given.
+
+    Values given to `Millpond(...)` in the app's code rank between the file and the environment,
+    so they are known only once the app is imported: then they are added to what was read, and the
+    app is configured with the result.
+    """
+    from millpond.config.settings import read_settings
+
+    reader = read_settings(_flags(ns, "app", "broker_url", "result_backend"))
+    settings = reader.settings()
+    if not settings.app:
+        return settings, None
+    app = load_app(settings.app)
+    if app.code_config:
+        settings = reader.settings(app.code_config)
+    app.configure(settings)
+    return settings, app
+
+
+def _check_early_patch(settings: Settings, patched: str | None) -> None:
+    """Refuse to run a pool whose monkey-patching did not happen before the app was imported."""
+    from millpond.config import plugins
+
+    pool = settings.pool
+    if pool == patched or (patched is None and not plugins.has_patch(pool)):
+        return
+    where = settings.sources.get("pool", "default")
+    if where == "code":
+        where = f"code (Millpond(..., pool={pool!r}))"
+    how = f'-P {pool}, MILLPOND_POOL={pool} or pool = "{pool}" in millpond.toml'
+    if patched is not None:
+        raise ConfigurationError(
+            f"the interpreter was monkey-patched for the {patched!r} pool, but the worker would "
+            f"run the {pool!r} pool (chosen in {where}); choose one pool with {how}"
+        )
+    raise ConfigurationError(
+        f"the {pool!r} pool must monkey-patch the interpreter before the app is imported, but it "
+        f"is chosen in {where}, which is read only once the app is imported; choose it with "
+        f"{how} instead"
+    )
+
+
+def cmd_worker(ns: argparse.Namespace) -> int:
+    from millpond.config.settings import read_settings
+    from millpond.observe import logs, otel
+
+    flags = _flags(
+        ns,
+        "app",
+        "broker_url",
+        "result_backend",
+        "pool",
+        "concurrency",
+        "log_level",
+        "log_format",
+        "worker_name",
+        "prefetch_multiplier",
+        "time_limit",
+        "soft_time_limit",
+        "shutdown_timeout",
+        "max_deliveries",
+        "health_port",
+    )
+    if ns.queues:
+        flags["queues"] = ns.queues
+    if ns.task_events:
+        flags["events.tasks"] = True
+    reader = read_settings(flags)
+    settings = reader.settings()
+    # the root logger is adopted only after the app is imported: one the app configured stays its
+    logs.configure(settings.log_level, settings.log_format, stdlib=False)
+    if "*" in settings.hooks or "tracing" in settings.hooks:
+        # from OTEL_*, before the app is imported: the app module can add span processors to
+        # the provider; with no OTEL_* set nothing is installed and the app may install its own
+        otel.configure_tracing("millpond-worker")
+    app = load_app(settings.app)
+    if app.code_config:
+        # the app's own settings rank between the file and the environment
+        settings = reader.settings(app.code_config)
+    logs.configure(settings.log_level, settings.log_format, stdlib=settings.log_stdlib)
+    _check_early_patch(settings, ns.patched)
+    log = logs.get_logger("millpond.worker")
+    for warning in settings.warnings:
+        log.warning(warning)
+    from millpond.consume.worker import Worker
+
+    stop_beat = None
+    if ns.beat:  # before the worker reads the app's hooks: the scheduler starts once it is ready
+        from millpond.config import plugins
+
+        stop_beat = plugins.command("beat").embed(app, settings)
+    worker = Worker(app, settings=settings)
+    if not ns.no_banner:
+        print(worker.banner(), flush=True)
+    _freeze_start_up_objects()
+    try:
+        return worker.run()
+    finally:
+        if stop_beat is not None:
+            stop_beat()
+
+
+def _freeze_start_up_objects() -> None:
+    """Move everything start-up made (modules, classes, settings) out of the garbage collector's
+    sight before the worker runs.
+
+    Those objects live as long as the process, yet every full collection would walk all of them
+    again (tens of thousands: one full pass costs 10-20 ms, and where one falls during start-up
+    depends only on how many objects start-up allocated). Frozen, they are never walked, and a
+    forked pool's children do not copy the pages the collector would have touched. The young
+    generations are collected first, so the short-lived garbage of start-up is not kept.
+    """
+    import gc
+
+    gc.collect(1)
+    gc.freeze()
+
+
+def cmd_send(ns: argparse.Namespace) -> int:
+    from millpond.produce.app import Millpond
+
+    settings, app = _load(ns)
+    if app is None:
+        app = Millpond("cli", settings=settings)
+    try:
+        kwargs = json.loads(ns.kwargs)
+    except ValueError as exc:
+        raise ConfigurationError(f"--kwargs is not valid JSON: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigurationError("--kwargs must be a JSON object, e.g. '{\"x\": 1}'")
+    from millpond.observe import otel as observability
+
+    observability.configure_tracing("millpond-send")  # a `publish` span when OTEL_* ask for one
+    try:
+        result = app.send_task(
+            ns.task,
+            [_parse_arg(a) for a in ns.args],
+            kwargs,
+            queue=ns.queue,
+            countdown=ns.countdown,
+            # rpc://: only this process could read the result, and without --wait it is gone
+            reply_to=None if ns.wait else "",
+        )
+    finally:
+        observability.flush()
+    print(result.id, flush=True)
+    if not ns.wait:
+        return EXIT_OK
+    try:
+        value = result.get(timeout=ns.timeout)
+    except MillpondError:
+        raise
+    except Exception as exc:
+        print(f"task failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        app.close()
+    print(json.dumps(value))
+    return EXIT_OK
+
+
+def cmd_result(ns: argparse.Namespace) -> int:
+    from millpond.produce.app import Millpond
+
+    settings, _app = _load(ns)
+    app = Millpond("cli", settings=settings)
+    handle = app.AsyncResult(ns.id)
+    try:
+        if ns.wait:
+            handle.get(timeout=ns.timeout, propagate=False)
+        meta = app.backend.peek(ns.id) if app.backend else None
+    finally:
+        app.close()
+    if meta is None:
+        print(json.dumps({"task_id": ns.id, "status": "PENDING"}))
+        return EXIT_OK
+    print(json.dumps(meta.to_json(), indent=2))
+    return EXIT_FAILED if meta.status == "FAILURE" else EXIT_OK
+
+
+def cmd_purge(ns: argparse.Namespace) -> int:
+    from millpond.produce.app import Millpond
+
+    settings, _app = _load(ns)
+    queues = [q.strip() for q in ns.queues.split(",")] if ns.queues else list(settings.queues)
+    if not ns.force:
+        if not sys.stdin.isatty():
+            raise ConfigurationError("purge deletes messages: pass --force to confirm")
+        answer = input(f"Delete every waiting message in {', '.join(queues)}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing purged")
+            return EXIT_OK
+    app = Millpond("cli", settings=settings)
+    try:
+        for queue in queues:
+            print(f"{queue}: {app.broker.purge(queue)} messages purged")
+    finally:
+        app.close()
+    return EXIT_OK
+
+
+def cmd_queue_stats(ns: argparse.Namespace) -> int:
+    """What the broker says about each queue, for scripts and autoscalers (`--json`)."""
+    from millpond.produce.app import Millpond
+
+    settings, _app = _load(ns)
+    queues = [q.strip() for q in ns.queues.split(",")] if ns.queues else list(settings.queues)
+    if ns.slots is not None and ns.slots < 1:
+        raise ConfigurationError(f"--slots must be at least 1, got {ns.slots}")
+    app = Millpond("cli", settings=settings)
+    try:
+        for queue in queues:
+            try:
+                stats = app.broker.queue_stats(queue).as_dict()
+            except NotImplementedError as exc:
+                raise ConfigurationError(
+                    f"queue-stats: {exc}; this broker plugin cannot report queue sizes"
+                ) from None
+            if ns.slots is not None:
+                backlog = stats["ready"] + (stats["reserved"] or 0)
+                stats["load"] = round(backlog / ns.slots, 3)
+            if ns.json:
+                print(json.dumps(stats), flush=True)
+                continue
+            shown = ", ".join(
+                f"{k} {'unknown' if v is None else v}" for k, v in stats.items() if k != "queue"
+            )
+            print(f"{queue}: {shown}", flush=True)
+    finally:
+        app.close()
+    return EXIT_OK
+
+
+def cmd_dlq(ns: argparse.Namespace) -> int:
+    from millpond.contracts.broker import dead_letter_queue
+    from millpond.produce.app import Millpond
+    from millpond.wire.protocol import DEATH_REASON
+
+    settings, _app = _load(ns)
+    queues = [q.strip() for q in ns.queues.split(",")] if ns.queues else list(settings.queues)
+    app = Millpond("cli", settings=settings)
+    try:
+        for queue in queues:
+            dead = dead_letter_queue(queue)
+            if ns.action == "list":
+                messages = app.broker.dead_letters(queue, ns.limit or 20)
+                print(f"{dead}: {len(messages)} shown")
+                for m in messages:
+                    print(
+                        json.dumps(
+                            {
+                                "id": m.headers.get("id"),
+                                "task": m.headers.get("task"),
+                                "reason": m.headers.get(DEATH_REASON),
+                                "argsrepr": m.headers.get("argsrepr"),
+                            }
+                        )
+                    )
+            elif ns.action == "replay":
+                moved = app.broker.replay_dead_letters(queue, ns.limit)
+                print(f"{dead}: {moved} messages moved back to {queue}")
+            else:
+                if not ns.force:
+                    raise ConfigurationError("dlq purge deletes messages: pass --force to confirm")
+                print(f"{dead}: {app.broker.purge(dead)} messages purged")
+    finally:
+        app.close()
+    return EXIT_OK
+
+
+def cmd_events(ns: argparse.Namespace) -> int:
+    """Listen on the event exchange and print each event until Ctrl-C, --limit or --timeout."""
+    import time
+
+    from millpond.observe.event_stream import EventStream, describe
+    from millpond.produce.app import Millpond
+
+    settings, _app = _load(ns)
+    app = Millpond("cli", settings=settings)
+    deadline = None if ns.timeout is None else time.monotonic() + ns.timeout
+    seen = 0
+    try:
+        with EventStream(app.broker, ns.type, ns.hostname) as stream:
+            print(f"listening for events on {app.broker.system}", file=sys.stderr, flush=True)
+            while ns.limit is None or seen < ns.limit:
+                wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if wait <= 0:
+                    break
+                for event in stream.receive(wait):
+                    print(json.dumps(event) if ns.json else describe(event), flush=True)
+                    seen += 1
+                    if ns.limit is not None and seen >= ns.limit:
+                        break
+            if stream.skipped:
+                print(f"{stream.skipped} messages were not events", file=sys.stderr)
+    finally:
+        app.close()
+    return EXIT_OK
+
+
+def cmd_plugins(ns: argparse.Namespace) -> int:
+    """Every installed plugin from its metadata alone (nothing is imported, so listing a green
+    pool does not import gevent); with --check each is imported and checked, and the exit code
+    is 1 when one fails."""
+    from millpond.config import plugins
+
+    titles = {
+        plugins.POOLS: "pools",
+        plugins.BROKERS: "brokers",
+        plugins.BACKENDS: "result backends",
+        plugins.LIMITERS: "shared rate limiters",
+        plugins.HOOKS: "hooks",
+        plugins.SETTINGS: "settings sections",
+        plugins.PATCHES: "early patches",
+        plugins.COMMANDS: "commands",
+    }
+    rows = plugins.describe_installed()
+    lines: list[tuple[str, ...]] = [("NAME", "DISTRIBUTION", "VERSION", "CORE VERSIONS")]
+    failed = 0
+    for group in plugins.GROUPS:
+        lines.append((f"{titles[group]}:",))
+        mine = [r for r in rows if r.group == group]
+        if not mine:
+            hint = (
+                " (pip install millpond-pool-threads, for example)"
+                if group == plugins.POOLS
+                else ""
+            )
+            lines.append((f"  none installed{hint}",))
+        for r in mine:
+            cells: tuple[str, ...] = (f"  {r.name}", r.distribution, r.version, r.core_range or "-")
+            if ns.check:
+                error = plugins.check(r)
+                failed += error is not None
+                cells += ("ok" if error is None else f"FAILS TO LOAD: {error}",)
+            lines.append(cells)
+    widths = [max(len(line[i]) for line in lines if len(line) > 1) for i in range(4)]
+    for line in lines:
+        if len(line) == 1:  # a group's title, or "none installed"
+            print(line[0])
+        else:
+            padded = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
+            print("  ".join([*padded, *line[4:]]).rstrip())
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_config(ns: argparse.Namespace) -> int:
+    from millpond.config import plugins
+    from millpond.config.settings import describe
+
+    if ns.docs:
+        from millpond.cli.settings_docs import render
+
+        sys.stdout.write(render())
+        return EXIT_OK
+    settings, _app = _load(ns)
+    rows = describe(settings, [section for section, _dist in plugins.installed_sections()])
+    width = max(len(r[0]) for r in rows)
+    for name, env, value, source in rows:
+        print(f"{name:<{width}}  {value!s:<30}  {source:<32}  {env}")
+    for warning in settings.warnings:  # what the worker would log at start-up
+        print(f"millpond: warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_new_pool(ns: argparse.Namespace) -> int:
+    from millpond.cli.scaffold import create_pool
+
+    created = create_pool(ns.name, ns.dir)
+    print(created.summary())
+    return EXIT_OK
+
+
+def cmd_inspect(ns: argparse.Namespace) -> int:
+    from millpond.cli import control
+
+    return control.cmd_remote(ns, "inspect", _load)
+
+
+def cmd_control(ns: argparse.Namespace) -> int:
+    from millpond.cli import control
+
+    return control.cmd_remote(ns, "control", _load)
+
+
+COMMANDS = {
+    "worker": cmd_worker,
+    "send": cmd_send,
+    "result": cmd_result,
+    "purge": cmd_purge,
+    "queue-stats": cmd_queue_stats,
+    "dlq": cmd_dlq,
+    "events": cmd_events,
+    "plugins": cmd_plugins,
+    "config": cmd_config,
+    "new-pool": cmd_new_pool,
+    "inspect": cmd_inspect,
+    "control": cmd_control,
+}

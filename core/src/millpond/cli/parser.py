@@ -1,0 +1,174 @@
+"""The `millpond` command line: every subcommand and flag, in one place.
+
+The commands read it to run, and the settings reference reads it to list which `worker` flag sets
+which setting, so it sits below both.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """The flags every command that loads the app takes (plugin commands get them too)."""
+    p.add_argument("-A", "--app", help="the app, as module:attribute (MILLPOND_APP)")
+    p.add_argument("-b", "--broker", dest="broker_url", help="broker URL (MILLPOND_BROKER_URL)")
+    p.add_argument("--result-backend", help="result backend URL (MILLPOND_RESULT_BACKEND)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="millpond", description="millpond task worker")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    common = add_common
+
+    w = sub.add_parser("worker", help="run a worker")
+    common(w)
+    w.add_argument("-P", "--pool", help="execution pool: solo, threads, prefork, gevent, ...")
+    w.add_argument("-c", "--concurrency", type=int, help="jobs run at once")
+    w.add_argument("-Q", "--queues", help="comma-separated queues to consume")
+    w.add_argument(
+        "-l", "--loglevel", dest="log_level", type=str.upper, help="DEBUG, INFO, WARNING, ERROR"
+    )
+    w.add_argument("--log-format", choices=("auto", "json", "console"))
+    w.add_argument("-n", "--name", dest="worker_name", help="worker name in logs and spans")
+    w.add_argument("--prefetch-multiplier", type=int)
+    w.add_argument("--time-limit", type=float, help="default hard time limit (seconds)")
+    w.add_argument("--soft-time-limit", type=float, help="default soft time limit (seconds)")
+    w.add_argument("--shutdown-timeout", type=float, help="seconds a warm shutdown may take")
+    w.add_argument("--max-deliveries", type=int, help="redelivery cap before dead-lettering")
+    w.add_argument(
+        "--health-port",
+        type=int,
+        help="serve /livez and /readyz on this port (MILLPOND_HEALTH_PORT)",
+    )
+    w.add_argument(
+        "-E",
+        "--task-events",
+        action="store_true",
+        default=None,
+        help="send task events for monitors such as Flower from the start (MILLPOND_EVENTS__TASKS)",
+    )
+    w.add_argument("--no-banner", action="store_true", help="do not print the start-up banner")
+    w.add_argument(
+        "-B",
+        "--beat",
+        action="store_true",
+        help="also run the periodic task scheduler in this worker (needs millpond-beat)",
+    )
+
+    s = sub.add_parser("send", help="send a task by name")
+    common(s)
+    s.add_argument("task", help="the task's registered name")
+    s.add_argument("args", nargs="*", help="positional arguments (JSON values, else strings)")
+    s.add_argument("--kwargs", default="{}", help="keyword arguments as a JSON object")
+    s.add_argument("-Q", "--queue", help="queue to send to")
+    s.add_argument("--countdown", type=float, help="run no sooner than N seconds from now")
+    s.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits")
+
+    r = sub.add_parser("result", help="show a task's state and result")
+    common(r)
+    r.add_argument("id", help="task id")
+    r.add_argument("--wait", action="store_true", help="wait until it is ready")
+    r.add_argument("--timeout", type=float, default=60.0)
+
+    pu = sub.add_parser("purge", help="delete every waiting message in queues")
+    common(pu)
+    pu.add_argument("-Q", "--queues", help="comma-separated queues (default: the configured ones)")
+    pu.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
+
+    qs = sub.add_parser(
+        "queue-stats", help="ready, delayed and reserved messages and consumers per queue"
+    )
+    common(qs)
+    qs.add_argument("-Q", "--queues", help="comma-separated queues (default: the configured ones)")
+    qs.add_argument("--json", action="store_true", help="one JSON object per queue and line")
+    qs.add_argument(
+        "--slots",
+        type=int,
+        help="worker slots serving the queues (workers x concurrency): adds load = "
+        "(ready + reserved) / slots",
+    )
+
+    d = sub.add_parser("dlq", help="inspect, replay or purge dead-lettered messages")
+    common(d)
+    d.add_argument("action", choices=("list", "replay", "purge"))
+    d.add_argument("-Q", "--queues", help="comma-separated queues (default: the configured ones)")
+    d.add_argument("--limit", type=int, help="at most this many messages (list: default 20)")
+    d.add_argument("-f", "--force", action="store_true", help="purge without asking")
+
+    pl = sub.add_parser(
+        "plugins", help="list installed plugins (pools, brokers, backends, hooks, settings)"
+    )
+    pl.add_argument(
+        "--check", action="store_true", help="import each plugin and report what fails to load"
+    )
+
+    c = sub.add_parser("config", help="print every setting, its value and where it came from")
+    common(c)
+    c.add_argument(
+        "--docs",
+        action="store_true",
+        help="print the settings reference (docs/settings.md) as Markdown instead",
+    )
+
+    add_remote(sub, common)
+
+    ev = sub.add_parser(
+        "events", help="print the events workers send (millpond's and Celery's), as they come"
+    )
+    common(ev)
+    ev.add_argument("--json", action="store_true", help="one JSON object per event, as sent")
+    ev.add_argument("--type", default="*", help="only events whose type matches, e.g. 'task-*'")
+    ev.add_argument(
+        "--hostname", default="*", help="only events from workers whose name matches, e.g. '*@web1'"
+    )
+    ev.add_argument("--limit", type=int, help="exit after this many events")
+    ev.add_argument("--timeout", type=float, help="exit after this many seconds")
+
+    n = sub.add_parser("new-pool", help="create a pool plugin package from the template")
+    n.add_argument("name", help="the pool's name (what users type after --pool), e.g. trio")
+    n.add_argument("--dir", default=".", help="where to create millpond-pool-NAME/ (default: .)")
+    _plugin_commands(sub)
+    return parser
+
+
+def add_remote(sub: Any, common: Any) -> None:
+    """`inspect` and `control`: their flags only. The command table (`millpond.cli.control`, which
+    imports the worker's control plane) is imported when one of them runs, not at every start."""
+    for kind, helptext in (
+        ("inspect", "ask workers about their state (ping, stats, active, ...)"),
+        ("control", "tell workers to do something (revoke, shutdown, pool_grow, ...)"),
+    ):
+        p = sub.add_parser(kind, help=helptext)
+        common(p)
+        p.add_argument("method", help=f"the {kind} command (`millpond {kind} help` lists them)")
+        p.add_argument("arguments", nargs="*", help="the command's own arguments")
+        p.add_argument(
+            "-d", "--destination", help="comma-separated node names (default: every worker)"
+        )
+        p.add_argument("-t", "--timeout", type=float, default=1.0, help="seconds to wait")
+        p.add_argument("-j", "--json", action="store_true", help="print the replies as JSON")
+        p.add_argument("--args", default="{}", help="keyword arguments as a JSON object")
+        p.add_argument("--pattern", help="only nodes whose name matches this glob")
+        if kind == "control":
+            p.add_argument("--terminate", action="store_true", help="revoke: also stop it")
+            p.add_argument("--signal", help="revoke --terminate: the signal (default TERM)")
+
+
+def _plugin_commands(sub: Any) -> None:
+    """Subcommands installed plugins add (`millpond.commands`): listed from metadata, and only
+    the one being run is imported (its full parser is built when it runs)."""
+    from millpond.config import plugins
+
+    for ep in plugins.entry_points(plugins.COMMANDS):
+        if ep.name in sub.choices:
+            continue  # a plugin cannot replace a core command
+        # no distribution lookup here: it would read package metadata at every start-up
+        package = ep.value.partition(":")[0].partition(".")[0]
+        p = sub.add_parser(ep.name, help=f"(from {package}; millpond {ep.name} -h)", add_help=False)
+        p.set_defaults(plugin_command=ep.name)
+        add_common(p)

@@ -1,0 +1,1 @@
+"""One settings system (declarations, loading, validation) and the plugin loader."""

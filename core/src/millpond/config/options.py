@@ -1,0 +1,333 @@
+"""Declared settings: an `Option` says a setting's name, kind, default and meaning; a `Section`
+groups a component's options and casts raw values through them.
+
+It sits below both the settings reader and the plugin loader, which both describe settings in
+these terms: the loader hands each plugin its validated `Section`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit
+
+from millpond.exceptions import ConfigurationError
+
+ENV_PREFIX = "MILLPOND_"
+#: environment variables with the prefix that are not settings
+META_ENV = frozenset(
+    {
+        "MILLPOND_SETTINGS_FILE",
+        "MILLPOND_HOME",
+        "MILLPOND_PATCHED",
+        "MILLPOND_PURE_PYTHON",
+        "MILLPOND_SKIP_LINT",
+    }
+)
+#: the one boolean vocabulary, for every source: file, environment, code, flags and URL queries
+TRUE = frozenset({"true", "yes", "on", "1"})
+FALSE = frozenset({"false", "no", "off", "0"})
+
+Kind = Literal["str", "int", "float", "bool", "list", "table"]
+
+_ALLOWED: dict[str, str] = {
+    "str": "text",
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false (also yes/no, on/off, 1/0)",
+    "list": "a list (a TOML array, or comma-separated text)",
+    "table": "a table (a TOML table, e.g. {password = 'x'})",
+}
+
+#: how sources outrank each other; a source is named "<kind> <where>", e.g. "env MILLPOND_POOL"
+_RANK = {"default": 0, "file": 1, "code": 2, "env": 3, "flag": 4}
+
+
+def rank(source: str) -> int:
+    """The precedence of a source such as "env MILLPOND_POOL": a higher one wins."""
+    return _RANK[source.split(" ", 1)[0]]
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting's declaration: the single source of validation, `millpond config` and the docs."""
+
+    name: str
+    kind: Kind
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    nullable: bool = False
+    #: masked in `millpond config` and in error messages
+    secret: bool = False
+    #: a table whose keys are names the user chose (beat's entry names), kept as written;
+    #: other tables' keys are option names, folded to lower case
+    keep_case: bool = False
+
+    def env_name(self, section: str | None) -> str:
+        if section:
+            return f"{ENV_PREFIX}{section.upper()}__{self.name.upper()}"
+        return f"{ENV_PREFIX}{self.name.upper()}"
+
+    def allowed(self) -> str:
+        if self.choices:
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        else:
+            text = _ALLOWED[self.kind]
+            if self.minimum is not None and self.maximum is not None:
+                text += f" from {self.minimum:g} to {self.maximum:g}"
+            elif self.minimum is not None:
+                text += f" >= {self.minimum:g}"
+            elif self.maximum is not None:
+                text += f" <= {self.maximum:g}"
+        if self.nullable:
+            text += ", or empty for none"
+        return text
+
+    def cast(self, value: Any) -> Any:
+        """The value as this option's type, from any source (TOML, text, Python).
+
+        Raises ValueError saying what is wrong and what is allowed, without repeating the value
+        (the caller shows it, masked when the option is a secret).
+        """
+        if value is None or (self.nullable and isinstance(value, str) and value.strip() == ""):
+            if self.nullable:
+                return None
+            raise ValueError(f"a value is required: expected {self.allowed()}")
+        out = _CASTS[self.kind](self, value)
+        if self.choices is not None and isinstance(out, list):
+            return [self._choose(item) for item in out]
+        if self.choices is not None:
+            probe = out.lower() if isinstance(out, str) else out
+            folded = [c.lower() if isinstance(c, str) else c for c in self.choices]
+            if probe not in folded:
+                raise ValueError(f"not allowed; expected {self.allowed()}")
+            out = self.choices[folded.index(probe)]
+        if isinstance(out, int | float) and not isinstance(out, bool):
+            if self.minimum is not None and out < self.minimum:
+                raise ValueError(f"too small; expected {self.allowed()}")
+            if self.maximum is not None and out > self.maximum:
+                raise ValueError(f"too large; expected {self.allowed()}")
+        return out
+
+    def _choose(self, item: Any) -> Any:
+        """One item of a list option that declares its choices (compared without case)."""
+        assert self.choices is not None
+        folded = [c.lower() if isinstance(c, str) else c for c in self.choices]
+        probe = item.lower() if isinstance(item, str) else item
+        if probe not in folded:
+            raise ValueError(f"{item!r} is not allowed; each item must be {self.allowed()}")
+        return self.choices[folded.index(probe)]
+
+
+def _as_str(opt: Option, value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float | str):
+        return str(value)
+    raise ValueError(f"not text; expected {opt.allowed()}")
+
+
+def _as_int(opt: Option, value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    elif isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"not a whole number; expected {opt.allowed()}")
+
+
+def _as_float(opt: Option, value: Any) -> float:
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            out = float(value)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(out):
+                return out
+            raise ValueError(f"not a finite number; expected {opt.allowed()}")
+    raise ValueError(f"not a number; expected {opt.allowed()}")
+
+
+def _as_bool(opt: Option, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in TRUE:
+            return True
+        if text in FALSE:
+            return False
+    raise ValueError(f"not a boolean; expected {opt.allowed()}")
+
+
+def _as_list(opt: Option, value: Any) -> list[str]:
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            raise ValueError(
+                'not a TOML array (quote its items, e.g. ["a", "b"]) nor comma-separated text'
+            )
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, list | tuple) and all(
+        isinstance(v, str | int | float) and not isinstance(v, bool) for v in value
+    ):
+        return [str(v) for v in value]
+    raise ValueError(f"not a list of plain values; expected {opt.allowed()}")
+
+
+def _as_table(opt: Option, value: Any) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return {(str(k) if opt.keep_case else str(k).lower()): v for k, v in value.items()}
+    raise ValueError(f"not a table; expected {opt.allowed()}")
+
+
+_CASTS: dict[str, Callable[[Option, Any], Any]] = {
+    "str": _as_str,
+    "int": _as_int,
+    "float": _as_float,
+    "bool": _as_bool,
+    "list": _as_list,
+    "table": _as_table,
+}
+
+
+def suggest(name: str, candidates: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _shown(opt: Option, value: Any) -> str:
+    """A value for an error message or `millpond config`: secrets never show."""
+    if opt.secret and value not in (None, ""):
+        return "***"
+    return repr(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """A group of options: the core's (name None) or a plugin's (`[name]` / `MILLPOND_NAME__*`)."""
+
+    name: str | None
+    title: str
+    options: tuple[Option, ...]
+    #: names people copy from kombu or Celery that mean something else here: refused with a
+    #: pointed explanation instead of a generic "unknown setting"
+    hints: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def option(self, name: str) -> Option | None:
+        for opt in self.options:
+            if opt.name == name:
+                return opt
+        return None
+
+    def key(self, name: str) -> str:
+        """The setting's full name: `lease_timeout` in the [redis] section is `redis.lease_timeout`."""
+        return f"{self.name}.{name}" if self.name else name
+
+    def defaults(self) -> dict[str, Any]:
+        """Each option's default (a copy of a list or table: the declaration stays as it is)."""
+        return {
+            opt.name: (
+                list(opt.default)
+                if isinstance(opt.default, list)
+                else dict(opt.default)
+                if isinstance(opt.default, dict)
+                else opt.default
+            )
+            for opt in self.options
+        }
+
+    def unknown(self, name: str, where: str) -> ConfigurationError:
+        """The error for a name this section does not declare, with a hint or a suggestion."""
+        if name in self.hints:
+            return ConfigurationError(
+                f"setting {self.key(name)!r} ({where}) is not supported: {self.hints[name]}"
+            )
+        known = ", ".join(o.name for o in self.options)
+        suggestion = suggest(name, [o.name for o in self.options])
+        if self.name is None:
+            return ConfigurationError(
+                f"unknown setting {name!r} ({where}){suggestion}; "
+                "run `millpond config` to list settings"
+            )
+        return ConfigurationError(
+            f"unknown setting {self.key(name)!r} ({where}){suggestion}; "
+            f"the [{self.name}] section has: {known}"
+        )
+
+    def cast(self, opt: Option, value: Any, where: str, *, typed: Any = None) -> Any:
+        """`opt.cast(value)`, failing with a ConfigurationError that names the setting, where the
+        value came from, the value (`typed`, if given: the text as typed; masked for secrets) and
+        what is allowed."""
+        try:
+            return opt.cast(value)
+        except ValueError as exc:
+            shown = _shown(opt, value if typed is None else typed)
+            raise ConfigurationError(
+                f"setting {self.key(opt.name)!r} ({where}) has a bad value {shown}: {exc}"
+            ) from None
+
+    def query(
+        self, url: str, *, masked: str | None = None, query: str | None = None
+    ) -> dict[str, Any]:
+        """The URL's query parameters, each cast through its declaration; an unknown name is an
+        error. This is how every broker reads `redis://h/0?lease_timeout=10`.
+
+        `masked` is the URL as error messages may show it (the core's `mask_url` by default);
+        `query` is the query text, for URL forms that `urlsplit` cannot take apart; by default a
+        ';'-joined list (kombu's failover and sentinel forms) gives the queries of all its members.
+        """
+        from millpond.contracts.broker import mask_url
+
+        where = f"in the query of {masked if masked is not None else mask_url(url)}"
+        if query is not None:
+            text = query
+        elif ";" in url:  # a ';'-joined list (failover nodes, sentinels): every member's query
+            text = "&".join(q for q in (urlsplit(m).query for m in url.split(";")) if q)
+        else:
+            text = urlsplit(url).query
+        values: dict[str, Any] = {}
+        for name, given in parse_qsl(text, keep_blank_values=True):
+            opt = self.option(name)
+            if opt is None:
+                raise self.unknown(name, where)
+            values[name] = self.cast(opt, given, where)
+        return values
+
+    def resolve(
+        self,
+        options: Mapping[str, Any] | None = None,
+        *,
+        url: str | None = None,
+        masked: str | None = None,
+        query: str | None = None,
+    ) -> dict[str, Any]:
+        """Every option's value: its default, then the URL's query parameters, then `options`.
+
+        A plugin calls this with what it was handed: the core passes its validated settings, with
+        the URL's parameters already weighed against them by where each came from (see
+        `Settings.plugin_options`), so `options` win; a test or an embedding program may pass
+        plain values, which are checked the same way. `masked` and `query` are as in `query`.
+        """
+        values = self.defaults()
+        if url:
+            values.update(self.query(url, masked=masked, query=query))
+        for name, value in (options or {}).items():
+            opt = self.option(name)
+            if opt is None:
+                raise self.unknown(name, "options")
+            values[name] = self.cast(opt, value, "options")
+        return values

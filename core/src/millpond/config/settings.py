@@ -1,0 +1,766 @@
+"""Settings: declared once, read once through dynaconf, validated, frozen.
+
+Where a value comes from, lowest first: the declared default < the settings file (`millpond.toml`
+in the working directory, or the file `MILLPOND_SETTINGS_FILE` names) < values given to
+`Millpond(...)` in code < `MILLPOND_*` environment variables < command-line flags. One Dynaconf
+instance holds them all: it reads the TOML file, parses environment values as TOML, nests
+`MILLPOND_REDIS__LEASE_TIMEOUT` under `redis`, and runs one dynaconf `Validator` per declared option
+that was given a value. The hot path reads the frozen `Settings` dataclass, never dynaconf.
+
+`Option`s grouped in `Section`s are the only description of a setting: validation, `millpond
+config` and docs/settings.md all read them. The core's section is `CORE`; a plugin publishes its
+own under the `millpond.settings` entry-point group, named after the plugin it configures (a pool's
+name, or each URL scheme a broker serves), and the core hands the plugin its validated values
+(`Settings.plugin_options`). A broker's URL query parameters are cast by the same declarations
+(`Section.resolve`), so every source shares one set of rules, one boolean vocabulary included.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from millpond.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from dynaconf import Dynaconf
+    from dynaconf.loaders.base import SourceMetadata
+
+from millpond.config.options import (
+    ENV_PREFIX,
+    META_ENV,
+    Option,
+    Section,
+    rank,
+    suggest,
+)
+
+#: `Option` and `Section` are re-exported: plugins written before `config.options` existed import them
+#: from here
+__all__ = [
+    "CORE",
+    "ENV_PREFIX",
+    "Option",
+    "Section",
+    "Settings",
+    "SettingsReader",
+    "describe",
+    "load_settings",
+    "read_settings",
+    "settings_file",
+]
+
+CORE = Section(
+    None,
+    "Core",
+    (
+        Option(
+            "app", "str", None, "The app to run, as module:attribute (the -A flag).", nullable=True
+        ),
+        Option(
+            "broker_url",
+            "str",
+            None,
+            "Broker URL; unset means the embedded sqlite:// broker (zero servers, one machine).",
+            nullable=True,
+            secret=True,
+        ),
+        Option(
+            "result_backend",
+            "str",
+            None,
+            "Result backend URL; unset means the broker's own "
+            "store (sqlite, redis; none for amqp).",
+            nullable=True,
+            secret=True,
+        ),
+        Option(
+            "pool",
+            "str",
+            "threads",
+            "Execution pool plugin: solo, threads, prefork, gevent, "
+            "eventlet, asyncio, or any installed third-party pool. A pool that monkey-patches "
+            "(gevent, eventlet) must be chosen by flag, environment or file, not in code.",
+        ),
+        Option(
+            "concurrency",
+            "int",
+            None,
+            "Jobs run at once; unset means the pool's default "
+            "(CPU count for threads and prefork, 100 for green pools).",
+            minimum=1,
+            nullable=True,
+        ),
+        Option("queues", "list", ["celery"], "Queues the worker consumes, in priority order."),
+        Option(
+            "default_queue",
+            "str",
+            "celery",
+            "Queue a task is sent to when neither the task "
+            "nor the call names one (Celery's default, so both can share queues).",
+        ),
+        Option(
+            "prefetch_multiplier",
+            "int",
+            4,
+            "Unacknowledged messages held per unit of concurrency.",
+            minimum=1,
+        ),
+        Option(
+            "acks_late",
+            "bool",
+            True,
+            "Acknowledge after the task finished (at-least-once); "
+            "false acknowledges before it runs (at-most-once).",
+        ),
+        Option(
+            "max_deliveries",
+            "int",
+            5,
+            "Deliveries of one message before it is dead-lettered "
+            "instead of run again (the redelivery cap for poison messages).",
+            minimum=1,
+        ),
+        Option(
+            "time_limit",
+            "float",
+            None,
+            "Default hard time limit of a task, in seconds.",
+            minimum=0,
+            nullable=True,
+        ),
+        Option(
+            "soft_time_limit",
+            "float",
+            None,
+            "Default soft time limit of a task, in seconds.",
+            minimum=0,
+            nullable=True,
+        ),
+        Option(
+            "unsupported_options",
+            "str",
+            "warn",
+            "What to do when a task asks for something "
+            "the pool cannot do (a time limit on solo): warn, or error (fail the task).",
+            choices=("warn", "error"),
+        ),
+        Option(
+            "disable_rate_limits",
+            "bool",
+            False,
+            "Ignore every task's rate_limit (Celery's worker_disable_rate_limits); a limit set "
+            "at run time by the rate_limit control command still applies.",
+        ),
+        Option(
+            "rate_limit_scope",
+            "str",
+            "worker",
+            "Where a task's rate_limit is kept unless the task says (rate_limit_scope=...): "
+            "worker (each worker process allows that rate, Celery's meaning), or global (one "
+            "bucket in rate_limit_store shared by every worker).",
+            choices=("worker", "global"),
+        ),
+        Option(
+            "rate_limit_store",
+            "str",
+            None,
+            "URL of the store global rate limits share (redis://...); unset means the broker "
+            "URL, when it is one a limiter plugin serves.",
+            nullable=True,
+            secret=True,
+        ),
+        Option(
+            "rate_limit_parking",
+            "int",
+            None,
+            "Messages of each rate-limited task the worker holds waiting for a token, beside "
+            "the prefetch window; unset means the prefetch count. More go back to the broker "
+            "as delayed messages.",
+            minimum=1,
+            nullable=True,
+        ),
+        Option(
+            "rate_limit_max_hold",
+            "float",
+            60.0,
+            "Longest a rate-limited message waits in the worker, unacknowledged, for its token; "
+            "one that would wait longer goes back to the broker as a delayed message, due when "
+            "its token is expected. Keep it well under RabbitMQ's consumer_timeout.",
+            minimum=1,
+        ),
+        Option(
+            "shutdown_timeout",
+            "float",
+            30.0,
+            "Seconds a warm shutdown waits for running tasks before it turns cold.",
+            minimum=0,
+        ),
+        Option("ignore_result", "bool", False, "Do not store task results by default."),
+        Option("result_expires", "float", 86400.0, "Seconds a stored result is kept.", minimum=1),
+        Option(
+            "accept_content",
+            "list",
+            ["application/json"],
+            "Content types the worker accepts; add application/x-python-serialize only if every "
+            "producer is trusted. millpond decodes JSON and pickle only: YAML and msgpack "
+            "producers must switch to JSON (Celery: task_serializer = 'json').",
+            choices=("application/json", "application/x-python-serialize"),
+        ),
+        Option(
+            "max_message_size",
+            "int",
+            10 * 1024 * 1024,
+            "Largest message body accepted, in bytes; larger messages are dead-lettered.",
+            minimum=1,
+        ),
+        Option(
+            "signing_key",
+            "str",
+            None,
+            "Shared secret: producers sign every message "
+            "(HMAC-SHA256) and workers dead-letter unsigned or altered ones.",
+            nullable=True,
+            secret=True,
+        ),
+        Option(
+            "log_level",
+            "str",
+            "INFO",
+            "Log level.",
+            choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        ),
+        Option(
+            "log_format",
+            "str",
+            "auto",
+            "auto (console on a terminal, JSON otherwise), json, or console.",
+            choices=("auto", "json", "console"),
+        ),
+        Option(
+            "log_stdlib",
+            "bool",
+            True,
+            "Give the standard logging module's root logger millpond's format when `millpond "
+            "worker` runs and the root logger has no handlers of its own (so logging inside "
+            "tasks carries task and trace ids); false never touches the root logger.",
+        ),
+        Option(
+            "trace_link",
+            "bool",
+            False,
+            "Start each task's process span as a new trace "
+            "linked to the producer's, instead of continuing the producer's trace.",
+        ),
+        Option(
+            "hooks",
+            "list",
+            ["*"],
+            "Hooks plugins to use (tracing, logs, health, metrics, ...): * for every installed "
+            "one, or a list of names.",
+        ),
+        Option(
+            "health_port",
+            "int",
+            None,
+            "Serve /livez and /readyz (Kubernetes probes) on this "
+            "port; 0 picks a free port (logged); unset means no health endpoint.",
+            minimum=0,
+            maximum=65535,
+            nullable=True,
+        ),
+        Option(
+            "health_host",
+            "str",
+            "0.0.0.0",
+            "Address the health endpoint listens on "
+            "(0.0.0.0: reachable by the kubelet on the pod's IP).",
+        ),
+        Option(
+            "health_liveness_timeout",
+            "float",
+            30.0,
+            "/livez fails when the consumer loop "
+            "has not turned for this many seconds (a task running inline on solo counts as "
+            "turning).",
+            minimum=1,
+        ),
+        Option(
+            "worker_name",
+            "str",
+            None,
+            "Name of this worker in logs and spans; default pid@hostname.",
+            nullable=True,
+        ),
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The validated, frozen settings the worker and the app read on the hot path."""
+
+    app: str | None = None
+    broker_url: str | None = None
+    result_backend: str | None = None
+    pool: str = "threads"
+    concurrency: int | None = None
+    queues: tuple[str, ...] = ("celery",)
+    default_queue: str = "celery"
+    prefetch_multiplier: int = 4
+    acks_late: bool = True
+    max_deliveries: int = 5
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    unsupported_options: str = "warn"
+    disable_rate_limits: bool = False
+    rate_limit_scope: str = "worker"
+    rate_limit_store: str | None = None
+    rate_limit_parking: int | None = None
+    rate_limit_max_hold: float = 60.0
+    shutdown_timeout: float = 30.0
+    ignore_result: bool = False
+    result_expires: float = 86400.0
+    accept_content: tuple[str, ...] = ("application/json",)
+    max_message_size: int = 10 * 1024 * 1024
+    signing_key: str | None = None
+    log_level: str = "INFO"
+    log_format: str = "auto"
+    log_stdlib: bool = True
+    trace_link: bool = False
+    hooks: tuple[str, ...] = ("*",)
+    health_port: int | None = None
+    health_host: str = "0.0.0.0"
+    health_liveness_timeout: float = 30.0
+    worker_name: str | None = None
+    #: validated values (defaults included) of every plugin section that was given a value
+    sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: where each value came from ("name" or "section.name"): "default", "file <path>", "code",
+    #: "env <variable>" or "flag"
+    sources: Mapping[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    def section(self, declaration: Section) -> Mapping[str, Any]:
+        """A plugin section's validated values: what was given, defaults for the rest."""
+        assert declaration.name, "the core's settings are the fields themselves"
+        values = self.sections.get(declaration.name)
+        if values is not None:
+            return values
+        return MappingProxyType(declaration.defaults())
+
+    def plugin_options(self, plugin: str, url_setting: str | None = None) -> dict[str, Any]:
+        """What the core hands the plugin named `plugin` (a pool's name or a URL scheme): the
+        validated values of the section it publishes under that name, or {} if it has none.
+
+        With `url_setting` ("broker_url", "result_backend") the URL's query parameters count too,
+        as given where the URL was given: `MILLPOND_BROKER_URL=redis://h/0?lease_timeout=5` beats
+        `lease_timeout` in the file's [redis] section, `MILLPOND_REDIS__LEASE_TIMEOUT` beats a
+        query in the file's `broker_url`, and at the same level the URL (more specific) wins.
+        """
+        from millpond.config import plugins
+
+        declaration = plugins.settings_section(plugin)
+        if declaration is None:
+            return {}
+        return self._weighed(declaration, url_setting)[0]
+
+    def _weighed(
+        self, declaration: Section, url_setting: str | None
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """(values, sources) of a section, with the URL's query weighed in (`plugin_options`)."""
+        values = dict(self.section(declaration))
+        sources = {name: self.sources.get(declaration.key(name), "default") for name in values}
+        url = getattr(self, url_setting) if url_setting else None
+        if url:
+            url_source = self.sources.get(url_setting or "", "default")
+            for name, value in declaration.query(url).items():
+                if rank(url_source) >= rank(sources[name]):
+                    values[name] = value
+                    sources[name] = f"{url_source} (query)"
+        return values, sources
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with these core settings changed (flags given to an in-process `Worker`),
+        each checked against its declaration."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        sources = dict(self.sources)
+        for name, value in changes.items():
+            opt = CORE.option(name)
+            if opt is None:
+                raise CORE.unknown(name, "flag")
+            cast = CORE.cast(opt, value, "flag")
+            values[name] = tuple(cast) if isinstance(cast, list) else cast
+            sources[name] = "flag"
+        values["sources"] = MappingProxyType(sources)
+        return Settings(**values)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def settings_file(env: Mapping[str, str]) -> Path | None:
+    named = env.get("MILLPOND_SETTINGS_FILE")
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise ConfigurationError(
+                f"MILLPOND_SETTINGS_FILE names {named!r}, which is not a readable file; "
+                "fix the path or unset it"
+            )
+        return path
+    local = Path("millpond.toml")
+    return local if local.is_file() else None
+
+
+def _keep_text(value: Any) -> Any:
+    """The value as dynaconf must store it to keep it exactly: text starting with `@` would be
+    read as one of dynaconf's markers (`@json`, `@format`, ...), so it goes in behind `@str`."""
+    if isinstance(value, str) and value.startswith("@"):
+        return f"@str {value}"
+    return value
+
+
+class SettingsReader:
+    """Every source read into one Dynaconf instance; `settings()` validates and freezes.
+
+    Beside the instance it keeps, for each setting given a value, where the winning value came
+    from and the value as given (flat keys: "name" or "section.name"): dynaconf's own history
+    records a nested key set from the environment as its whole merged table, which cannot say
+    which source gave which option. A source's value is taken only where no higher-ranked source
+    gave one, so the layers may arrive in any order: the command line reads the file, the
+    environment and the flags first (they name the app), and adds the app's own `Millpond(...)`
+    settings once it is imported, without reading anything twice.
+    """
+
+    def __init__(self, path: Path | None, extra: Iterable[Section]) -> None:
+        from dynaconf import Dynaconf
+
+        self.path = path
+        self.given: dict[str, tuple[str, Any]] = {}
+        #: environment values as typed, for error messages
+        self.typed: dict[str, str] = {}
+        self.warnings: list[str] = []
+        self.extra = {s.name: s for s in extra if s.name}
+        self.sections: dict[str, Section] = {}
+        self.missing: set[str] = set()
+        try:
+            # the environment is not read by dynaconf's env loader, which reads os.environ only:
+            # `env()` below adds it from the mapping load_settings was given, through dynaconf's
+            # own TOML parsing and nested-key handling
+            self.conf: Dynaconf = Dynaconf(
+                settings_files=[str(path.resolve())] if path else [],
+                core_loaders=["TOML"],
+                environments=False,
+                load_dotenv=False,
+                envvar_prefix=False,
+                loaders=[],
+                includes=[],
+                preload=[],
+            )
+            self.conf.as_dict()  # dynaconf loads lazily: read the file now, inside this `try`
+        except Exception as exc:
+            raise ConfigurationError(f"cannot read settings file {path}: {exc}") from exc
+        if path is not None:
+            from dynaconf.utils.inspect import get_history
+
+            for entry in get_history(self.conf, filter_callable=lambda s: s.loader == "toml"):
+                self._record(entry["value"], f"file {path}", nested=True)
+
+    # -- the layers ------------------------------------------------------------------------------
+    def code(self, values: Mapping[str, Any]) -> None:
+        self._apply(values, "code", "Millpond(...)", nested=True)
+
+    def flags(self, values: Mapping[str, Any]) -> None:
+        self._apply(values, "flag", "command line", nested=False)
+
+    def env(self, env: Mapping[str, str]) -> None:
+        from dynaconf.loaders.base import SourceMetadata
+        from dynaconf.utils.parse_conf import boolean_fix, parse_conf_data
+
+        data: dict[str, Any] = {}
+        for variable, text in env.items():
+            if not variable.startswith(ENV_PREFIX) or variable in META_ENV:
+                continue
+            rest = variable[len(ENV_PREFIX) :].lower()
+            section, sep, name = rest.partition("__")
+            key = f"{section}.{name.partition('__')[0]}" if sep else rest
+            if not self._known(key, f"env {variable}"):
+                continue
+            opt = self._option(key)
+            if opt is not None and opt.kind == "str":
+                value: Any = f"@str {text}"  # text settings get the text as typed, never TOML's
+            else:
+                try:
+                    value = parse_conf_data(boolean_fix(text), tomlfy=True, box_settings=self.conf)
+                except Exception:  # a malformed @marker: keep the text, the cast reports it
+                    value = f"@str {text}"
+            if not self._takes(key, f"env {variable}"):
+                continue
+            data[rest.upper()] = value
+            self.given[key] = (f"env {variable}", text if opt and opt.kind == "str" else value)
+            self.typed[key] = text
+        if data:
+            self.conf.update(data, loader_identifier=SourceMetadata("env", "MILLPOND", "global"))
+
+    def _apply(
+        self, values: Mapping[str, Any], kind: str, identifier: str, *, nested: bool
+    ) -> None:
+        from dynaconf.loaders.base import SourceMetadata
+
+        flat = self._record(values, kind, nested=nested)
+        if flat:
+            meta: SourceMetadata = SourceMetadata(kind, identifier, "global")
+            self.conf.update(
+                {k.upper(): _keep_text(v) for k, v in flat.items()}, loader_identifier=meta
+            )
+
+    def _record(self, values: Mapping[str, Any], source: str, *, nested: bool) -> dict[str, Any]:
+        """Note where each of these values came from; returns them with flat keys."""
+        flat: dict[str, Any] = {}
+        for top, value in values.items():
+            top = str(top).lower()
+            if top.startswith("dynaconf"):  # dynaconf's own file keys (dynaconf_merge, ...)
+                continue
+            if CORE.option(top) is None and nested and isinstance(value, Mapping):
+                for name, inner in value.items():
+                    key = f"{top}.{str(name).lower()}"
+                    if self._known(key, source):
+                        flat[key] = inner
+            elif self._known(top, source):
+                flat[top] = value
+        for key in list(flat):
+            if self._takes(key, source):
+                self.given[key] = (source, flat[key])
+            else:
+                del flat[key]
+        return flat
+
+    def _takes(self, key: str, source: str) -> bool:
+        """Whether a value from `source` wins over what was given for `key` so far."""
+        held = self.given.get(key)
+        return held is None or rank(source) >= rank(held[0])
+
+    # -- declarations ----------------------------------------------------------------------------
+    def _declared(self, name: str, where: str) -> Section | None:
+        """The installed section called `name`, loaded once; None (and a warning) if none is."""
+        if name in self.sections:
+            return self.sections[name]
+        if name in self.missing:
+            return None
+        section = self.extra.get(name)
+        if section is None:
+            from millpond.config import plugins
+
+            section = plugins.settings_section(name)
+            if section is not None and section.name != name:
+                raise ConfigurationError(
+                    f"[{name}] ({where}) is not a settings section: the {name} plugin reads "
+                    f"[{section.name}]; use [{section.name}] / "
+                    f"{ENV_PREFIX}{(section.name or '').upper()}__<NAME>"
+                )
+        if section is None:
+            from millpond.config import plugins
+
+            self.missing.add(name)
+            names = sorted({*plugins.installed(plugins.SETTINGS), *self.extra})
+            self.warnings.append(
+                f"no installed plugin reads a [{name}] section ({where}){suggest(name, names)}; "
+                f"its settings are ignored (installed sections: {', '.join(names) or 'none'})"
+            )
+            return None
+        self.sections[name] = section
+        return section
+
+    def _known(self, key: str, where: str) -> bool:
+        """Whether `key` is a declared setting; an unknown one raises, or warns and is dropped
+        when it came from the environment (which may hold variables for other installs)."""
+        section_name, dot, name = key.partition(".")
+        if not dot:
+            if CORE.option(key) is not None:
+                return True
+            error = CORE.unknown(key, where)
+            if where.startswith("env "):
+                self.warnings.append(f"{error}; ignored")
+                return False
+            raise error
+        section = self._declared(section_name, where)
+        if section is None:
+            return False
+        if section.option(name) is None:
+            raise section.unknown(name, where)
+        return True
+
+    def _option(self, key: str) -> Option | None:
+        section_name, dot, name = key.partition(".")
+        if not dot:
+            return CORE.option(key)
+        section = self.sections.get(section_name)
+        return section.option(name) if section else None
+
+    # -- validation ------------------------------------------------------------------------------
+    def settings(self, code: Mapping[str, Any] | None = None) -> Settings:
+        """Validate every given value with dynaconf validators derived from the declarations,
+        then freeze the result; `code` adds what was given to `Millpond(...)` first."""
+        from dynaconf import ValidationError, Validator
+
+        if code:
+            self.code(code)
+
+        cast: dict[str, Any] = {}
+
+        def validator(section: Section, opt: Option) -> Validator:
+            key = section.key(opt.name)
+
+            def check(value: Any) -> Any:
+                source, given = self.given.get(key, ("file", value))
+                # text settings take the value as given, never as TOML or a dynaconf marker read it
+                typed = self.typed.get(key) if source.startswith("env ") else None
+                try:
+                    cast[key] = section.cast(
+                        opt, given if opt.kind == "str" else value, source, typed=typed
+                    )
+                except ConfigurationError as exc:
+                    raise ValidationError(str(exc)) from None
+                return _keep_text(cast[key])
+
+            return Validator(key, cast=check, description=opt.help)
+
+        chosen = [(CORE, opt) for opt in CORE.options if opt.name in self.given]
+        for section in self.sections.values():
+            chosen += [(section, o) for o in section.options if section.key(o.name) in self.given]
+        self.conf.validators.clear()  # a second call validates everything given, once
+        self.conf.validators.register(*(validator(s, o) for s, o in chosen))
+        try:
+            self.conf.validators.validate_all()
+        except ValidationError as exc:
+            problems = [message for _validator, message in exc.details] or [str(exc)]
+            if len(problems) == 1:
+                raise ConfigurationError(problems[0]) from None
+            raise ConfigurationError(
+                f"{len(problems)} settings are invalid:\n  " + "\n  ".join(problems)
+            ) from None
+        return self._freeze(cast)
+
+    def _freeze(self, cast: Mapping[str, Any]) -> Settings:
+        core: dict[str, Any] = {}
+        for opt in CORE.options:
+            value = cast.get(opt.name, opt.default)
+            core[opt.name] = tuple(value) if isinstance(value, list) else value
+        if not core["queues"]:
+            raise ConfigurationError(
+                f"setting 'queues' ({self._source('queues')}) is empty: name at least one "
+                "queue to consume"
+            )
+        soft, hard = core["soft_time_limit"], core["time_limit"]
+        if soft is not None and hard is not None and soft >= hard:
+            raise ConfigurationError(
+                f"soft_time_limit ({soft:g}s, {self._source('soft_time_limit')}) must be shorter "
+                f"than time_limit ({hard:g}s, {self._source('time_limit')})"
+            )
+        sections = {
+            name: MappingProxyType(
+                {o.name: cast.get(section.key(o.name), o.default) for o in section.options}
+            )
+            for name, section in self.sections.items()
+        }
+        sources = {opt.name: "default" for opt in CORE.options}
+        sources.update((key, source) for key, (source, _given) in self.given.items())
+        return Settings(
+            **core,
+            sections=MappingProxyType(sections),
+            sources=MappingProxyType(sources),
+            warnings=tuple(self.warnings),
+        )
+
+    def _source(self, key: str) -> str:
+        return self.given.get(key, ("default", None))[0]
+
+
+def read_settings(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    file: Path | str | None = None,
+    sections: Iterable[Section] = (),
+) -> SettingsReader:
+    """Read the settings file, the environment and the flags (None values are not given).
+
+    `env` defaults to os.environ, `file` to `settings_file(env)`. A plugin section is found through
+    the `millpond.settings` entry points when a value is given for it; `sections` adds
+    declarations that are not installed (tests, embedding). Call `.settings(code)` for the result.
+    """
+    env = os.environ if env is None else env
+    path = Path(file) if file is not None else settings_file(env)
+    reader = SettingsReader(path, sections)
+    reader.env(env)
+    reader.flags({k: v for k, v in (flags or {}).items() if v is not None})
+    return reader
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    file: Path | str | None = None,
+    code: Mapping[str, Any] | None = None,
+    sections: Iterable[Section] = (),
+) -> Settings:
+    """Read, merge and validate every source; raises ConfigurationError naming the bad setting.
+
+    `code` holds what was given to `Millpond(...)`: core settings, and a plugin's section as a
+    mapping (`Millpond("shop", redis={"lease_timeout": 10})`). See `read_settings` for the rest.
+    """
+    return read_settings(flags, env=env, file=file, sections=sections).settings(code)
+
+
+def describe(
+    settings: Settings, sections: Iterable[Section] = ()
+) -> list[tuple[str, str, str, str]]:
+    """(name, env variable, effective value, source) rows for `millpond config`; secrets masked.
+
+    The broker's section shows the values the broker gets, its URL's query parameters included.
+    """
+    from millpond.config import plugins
+    from millpond.contracts.broker import mask_url
+
+    rows: list[tuple[str, str, str, str]] = []
+    for opt in CORE.options:
+        value = getattr(settings, opt.name)
+        shown = value
+        if opt.secret and isinstance(value, str) and value:
+            # a URL keeps its host visible (only the password goes); any other secret goes whole
+            shown = mask_url(value) if "://" in value else "***"
+        if isinstance(shown, tuple):
+            shown = ",".join(shown)
+        rows.append(
+            (
+                opt.name,
+                opt.env_name(None),
+                "" if shown is None else str(shown),
+                settings.sources.get(opt.name, "default"),
+            )
+        )
+    broker = plugins.scheme_of(settings.broker_url) if settings.broker_url else "sqlite"
+    broker_section = plugins.settings_section(broker)
+    for section in sections:
+        assert section.name
+        url_setting = (
+            "broker_url" if broker_section and broker_section.name == section.name else None
+        )
+        values, sources = settings._weighed(section, url_setting)
+        for opt in section.options:
+            value = values[opt.name]
+            shown = "***" if opt.secret and value not in (None, "", {}) else value
+            rows.append(
+                (
+                    section.key(opt.name),
+                    opt.env_name(section.name),
+                    "" if shown is None else str(shown),
+                    sources[opt.name],
+                )
+            )
+    return rows

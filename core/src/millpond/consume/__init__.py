@@ -1,0 +1,1 @@
+"""The worker side, in call order: receive -> dispatch -> execute -> settle."""

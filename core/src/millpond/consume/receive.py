@@ -1,0 +1,251 @@
+"""The first step of a task's trip through the worker: a broker delivery becomes a `Job`, or is
+refused with a reason.
+
+Everything a message can get wrong is found here, before any task code runs: a bad signature, a
+body that does not decode, an unknown task, arguments the function cannot take, too many
+deliveries (a poison message that keeps killing its worker). Each is dead-lettered with a reason
+and one log line; none is retried, none is dropped silently, and no bug in the decoder can take
+the worker down. A message whose eta is still ahead goes back to the broker to hold (delays live in
+the broker, never in worker memory); one that expired before it arrived is answered REVOKED.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from millpond.contracts.backend import ResultMeta
+from millpond.contracts.broker import Delivery
+from millpond.contracts.pool import Capabilities, Job
+from millpond.exceptions import MalformedMessage, MessageError, UnknownTask
+from millpond.states import READY_STATES
+from millpond.wire.protocol import REJOIN, TaskMessage, decode_task
+from millpond.wire.signing import verify
+
+if TYPE_CHECKING:
+    from millpond.config.settings import Settings
+    from millpond.consume.settle import Acks
+    from millpond.produce.app import Millpond
+    from millpond.produce.task import Task
+
+log = structlog.get_logger("millpond.worker")
+
+
+def _canvas(embed: dict[str, Any]) -> dict[str, Any] | None:
+    """The embed's canvas fields that are set, or None for a plain task (the usual case)."""
+    if not embed:
+        return None
+    set_fields = {k: v for k, v in embed.items() if v}
+    return set_fields or None
+
+
+class Receiver:
+    """Decodes and validates deliveries for one worker."""
+
+    def __init__(
+        self,
+        app: Millpond,
+        settings: Settings,
+        acks: Acks,
+        pool_name: str,
+        capabilities: Capabilities,
+        *,
+        rejoin: Callable[[Job, ResultMeta], None] | None = None,
+        revoked: Callable[[str, Mapping[str, Any]], str | None] | None = None,
+        defer_early_ack: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.app = app
+        #: tasks whose early ack waits until they start (rate-limited ones wait for a token, and
+        #: may go back to the broker meanwhile)
+        self.defer_early_ack = defer_early_ack
+        #: what finishes a redelivered task that already ran (its chord part)
+        self.rejoin = rejoin
+        #: why a task is revoked (None: it is not); a revoked task is answered, never held back
+        self.revoked = revoked
+        self.settings = settings
+        self.acks = acks
+        self.pool_name = pool_name
+        self.capabilities = capabilities
+        self._accept = frozenset(settings.accept_content)
+        self._signatures: dict[str, inspect.Signature | None] = {}
+        self._warned: set[tuple[str, str]] = set()
+
+    def receive(self, delivery: Delivery) -> Job | None:
+        """The job to run (the worker answers one that expired already without running it), or
+        None when the delivery was settled here (dead-lettered, or handed back to wait for its
+        eta). Never raises."""
+        self.acks.received()
+        settings = self.settings
+        try:
+            if settings.signing_key:
+                verify(delivery.message, settings.signing_key)
+            msg = decode_task(
+                delivery.message, accept=self._accept, max_size=settings.max_message_size
+            )
+            task = self.app.tasks.get(msg.task)
+            if task is None:
+                raise UnknownTask(
+                    f"unknown task {msg.task!r}: not registered in app {self.app.name!r} "
+                    f"(registered: {', '.join(sorted(self.app.tasks)) or 'none'}); "
+                    "deploy a worker that has it, then replay the dead letters"
+                )
+            self._check_arguments(task, msg)
+        except MessageError as exc:
+            self.acks.dead_letter(
+                delivery,
+                str(exc),
+                task_id=delivery.message.task_id,
+                task_name=delivery.message.task_name,
+            )
+            return None
+        except Exception as exc:
+            # A decoder bug must not take the worker down: the message would come back and take
+            # down every worker after it, before the redelivery cap is even checked.
+            log.exception("unexpected error while decoding a message", queue=delivery.queue)
+            self.acks.dead_letter(
+                delivery,
+                f"the message could not be decoded ({type(exc).__name__}: {str(exc)[:200]}); "
+                "this is a bug in millpond, please report it with the dead letter",
+                task_id=delivery.message.task_id,
+                task_name=delivery.message.task_name,
+            )
+            return None
+        if delivery.delivery_count > settings.max_deliveries:
+            self.acks.dead_letter(
+                delivery,
+                f"delivered {delivery.delivery_count} times, over max_deliveries="
+                f"{settings.max_deliveries}: the task keeps being lost (it may kill its worker)",
+                task_id=msg.id,
+                task_name=msg.task,
+            )
+            return None
+        if delivery.redelivered or delivery.delivery_count > 1 or REJOIN in msg.headers:
+            finished = self._finished(msg)
+            if finished is not None:
+                if self.rejoin is not None and msg.embed.get("chord"):
+                    # the worker may have died between storing the result and returning the
+                    # chord's part: return it again (a part counts once)
+                    self.rejoin(self._make_job(task, msg, delivery), finished)
+                self.acks.ack_later([delivery])
+                return None
+        now = time.time()
+        if self.revoked is not None and self.revoked(msg.id, msg.headers) is not None:
+            return self._make_job(task, msg, delivery)  # answered REVOKED by the worker
+        if msg.eta is not None and msg.eta > now + 0.05:
+            self._hand_back(delivery, msg)
+            return None
+        job = self._make_job(task, msg, delivery)
+        if msg.expires is not None and now > msg.expires:
+            return job  # answered REVOKED by the worker; acked with it
+        acks_late = task.options.acks_late
+        if not (acks_late if acks_late is not None else settings.acks_late) and not (
+            self.defer_early_ack is not None and self.defer_early_ack(task.name)
+        ):
+            self.acks.ack_now([delivery])  # at-most-once: acknowledged before it runs
+            job.delivery = None
+        return job
+
+    def _finished(self, msg: TaskMessage) -> ResultMeta | None:
+        """The final result of a redelivered message's task, if one is stored: it ran to the end
+        and its worker died before the ack reached the broker. It is acknowledged without running
+        again (only redeliveries are checked: one read each, none otherwise)."""
+        backend = self.app.backend
+        if backend is None or backend.replies_to_caller:
+            return None  # rpc://: the result went to the caller; nothing here can tell
+        try:
+            meta = backend.peek(msg.id)
+        except Exception:
+            return None  # cannot tell: run it (at least once)
+        if meta is None or meta.status not in READY_STATES:
+            return None
+        log.warning(
+            "redelivered message of a task that already finished; acknowledged without "
+            "running it again",
+            task_id=msg.id,
+            task_name=msg.task,
+            state=meta.status,
+        )
+        return meta
+
+    def _hand_back(self, delivery: Delivery, msg: TaskMessage) -> None:
+        """Not due yet (a producer that does not use broker delays): back to the broker to hold,
+        never into this worker's memory."""
+        try:
+            self.app.broker.publish(delivery.queue, delivery.message, eta=msg.eta)
+        except Exception as exc:
+            # the broker is away (publish already retried) or refuses this eta: the message goes
+            # to the dead letters with the reason, or back to the queue if even that fails
+            self.acks.dead_letter(
+                delivery,
+                f"could not hand the message back to the broker to hold until its eta "
+                f"({type(exc).__name__}: {str(exc)[:200]}); replay it when the broker is well",
+                task_id=msg.id,
+                task_name=msg.task,
+            )
+            return
+        self.acks.ack_later([delivery])
+
+    def _make_job(self, task: Task[..., Any], msg: TaskMessage, delivery: Delivery) -> Job:
+        opts, settings = task.options, self.settings
+        hard = msg.time_limit or opts.time_limit or settings.time_limit
+        soft = msg.soft_time_limit or opts.soft_time_limit or settings.soft_time_limit
+        if hard and not self.capabilities.hard_time_limit:
+            self._unsupported(task.name, "time_limit")
+        if soft and not self.capabilities.soft_time_limit:
+            self._unsupported(task.name, "soft_time_limit")
+        return Job(
+            task_id=msg.id,
+            task_name=msg.task,
+            args=msg.args,
+            kwargs=msg.kwargs,
+            retries=msg.retries,
+            queue=delivery.queue,
+            time_limit=hard,
+            soft_time_limit=soft,
+            root_id=msg.root_id,
+            parent_id=msg.parent_id,
+            origin=msg.origin,
+            eta=msg.eta,
+            expires=msg.expires,
+            delivery_count=delivery.delivery_count,
+            sent_at=msg.sent_at,
+            embed=_canvas(msg.embed),
+            group_id=msg.group,
+            group_index=msg.group_index,
+            reply_to=msg.reply_to,
+            headers=msg.headers,
+            delivery=delivery,
+        )
+
+    def _unsupported(self, task_name: str, option: str) -> None:
+        key = (task_name, option)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        log.warning(
+            f"the {self.pool_name} pool cannot enforce {option}; {task_name} runs without it",
+            task_name=task_name,
+        )
+
+    def _check_arguments(self, task: Task[..., Any], msg: TaskMessage) -> None:
+        if task.name in self._signatures:
+            sig = self._signatures[task.name]
+        else:
+            try:
+                sig = inspect.signature(task.fn)
+            except (TypeError, ValueError):
+                sig = None  # a builtin or C function: nothing to check against
+            self._signatures[task.name] = sig
+        if sig is None:
+            return
+        try:
+            if task.options.bind:
+                sig.bind(None, *msg.args, **msg.kwargs)
+            else:
+                sig.bind(*msg.args, **msg.kwargs)
+        except TypeError as exc:
+            raise MalformedMessage(f"wrong arguments for task {task.name}: {exc}") from None

@@ -1,0 +1,883 @@
+"""The worker: one consumer loop that owns all broker I/O, and a pool that runs the jobs.
+
+The loop fetches at most `prefetch` unacknowledged messages, decodes and validates each, and keeps
+the resulting jobs in its own buffer. It hands a job to the pool only when the pool has a free slot,
+so no pool ever queues work behind a long task (no head-of-line blocking), and a warm shutdown
+gives the jobs that never started back to the broker at once (`Consumer.release`), so other
+workers run them while this one finishes its running tasks. Completions come back through an
+`Inbox` whose waker interrupts the broker wait at once; the loop then stores results, publishes
+retries and acknowledges, in batches.
+
+Signals: SIGTERM and the first Ctrl-C start a warm shutdown (stop fetching, finish running tasks,
+ack them, exit 0, turning cold after `shutdown_timeout`); a second Ctrl-C or SIGQUIT is a cold
+shutdown (running tasks are abandoned and their messages go back to the broker).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from millpond.config import control as control_settings
+from millpond.config import plugins
+from millpond.config.paths import millpond_home
+from millpond.config.settings import Settings, load_settings
+from millpond.consume.control import ratelimit as _rate_limit_command  # noqa: F401 - registers it
+from millpond.consume.control.node import ControlNode
+from millpond.consume.control.revoked import Revoked
+from millpond.consume.execute import Executor
+from millpond.consume.ratelimit import Gate
+from millpond.consume.receive import Receiver
+from millpond.consume.settle import Acks, Settler
+from millpond.contracts.broker import Consumer, Delivery, mask_url
+from millpond.contracts.limiter import SharedLimiter, describe_rate, parse_rate
+from millpond.contracts.pool import BasePool, Job, Outcome
+from millpond.contracts.waking import Inbox
+from millpond.exceptions import AccessDenied, ConfigurationError, MillpondError
+from millpond.observe.throttle import Throttled
+from millpond.states import TaskState
+from millpond.wire.protocol import PICKLE
+
+if TYPE_CHECKING:
+    from millpond.produce.app import Millpond
+log = structlog.get_logger("millpond.worker")
+
+#: worker exit codes
+EXIT_OK = 0
+EXIT_COLD = 1
+EXIT_ERROR = 2
+
+
+def _in_main_thread() -> bool:
+    """Whether this is the main thread: only it may install signal handlers.
+
+    Under eventlet's monkey-patching the main greenthread's `current_thread()` is a new
+    `_MainThread` object, not `threading.main_thread()`, so an identity check alone would leave an
+    eventlet worker without its SIGTERM handler (killed outright instead of a warm shutdown).
+    """
+    current, main = threading.current_thread(), threading.main_thread()
+    if current is main:
+        return True
+    return current.name == main.name and type(current).__name__ == type(main).__name__
+
+
+class Worker:
+    """Runs an app's tasks from the broker until told to stop. `run()` blocks; `stop()` is thread-safe."""
+
+    def __init__(self, app: Millpond, *, settings: Settings | None = None, **flags: Any) -> None:
+        self.app = app
+        #: expired messages are told at INFO, at most one line per 10 s (with how many were not)
+        self._told = Throttled(log.info)
+        if settings is None:
+            settings = load_settings(flags, code=app.code_config)
+        elif flags:
+            settings = settings.replace(**{k: v for k, v in flags.items() if v is not None})
+        self.settings = settings
+        app.configure(settings)
+        self.pool_cls: type[BasePool] = plugins.pool_class(settings.pool)
+        self.concurrency = settings.concurrency or self.pool_cls.default_concurrency()
+        multiplier = settings.prefetch_multiplier
+        if settings.sources.get("prefetch_multiplier", "default") == "default":
+            multiplier = self.pool_cls.default_prefetch_multiplier or multiplier
+        self.prefetch = max(1, self.concurrency * multiplier)
+        self.queues = tuple(settings.queues)
+        self.name = settings.worker_name or f"{os.getpid()}@{socket.gethostname()}"
+        self.inbox: Inbox[tuple[Job, Outcome]] = Inbox()
+        self.ready = threading.Event()
+        self.pool: BasePool | None = None
+        self.consumer: Consumer | None = None
+        self._buffer: deque[Job] = deque()
+        self._stop = threading.Event()
+        self._cold = False
+        self._stop_deadline: float | None = None
+        self._given_back = False
+        self._inline = False
+        self.hooks = app.hooks
+        self.acks: Acks | None = None
+        self.settler: Settler | None = None
+        self.receiver: Receiver | None = None
+        #: monotonic time of the consumer loop's last iteration (read by the /livez probe)
+        self.last_turn = 0.0
+        # -- remote control and revoke (consume/control) --
+        self.control = control_settings.ControlSettings.from_section(
+            settings.section(control_settings.SECTION)
+        )
+        self.revoked = Revoked(
+            self.control.revokes_max, self.control.revoke_expires, self._revokes_path()
+        )
+        self.node: ControlNode | None = None
+        #: tasks started, by name (`stats` -> `total`)
+        self.totals: Counter[str] = Counter()
+        self.started_at = time.time()
+        #: functions other threads ask the loop to run on its next turn (`call_soon`)
+        self._calls: deque[Callable[[], None]] = deque()
+        #: the queues to consume once what the current consumer delivered is settled
+        self._next_queues: tuple[str, ...] | None = None
+        #: rate limits: task name -> (tokens per second or None, shared by the fleet)
+        self._limits: dict[str, tuple[float | None, bool]] = self._initial_limits()
+        self._limit_changes: list[str] = []
+        self._limit_lock = threading.Lock()
+        self.gate: Gate | None = None
+        self._window = self.prefetch
+        self._resizable = True
+        self._stale_check = 0.0
+
+    def _revokes_path(self) -> Path | None:
+        given = self.control.revokes_file
+        if given is not None and given.strip().lower() in ("none", ""):
+            return None
+        if given:
+            return Path(given).expanduser()
+        return millpond_home(purpose="the revoked file ([control] revokes_file)") / "revoked.json"
+
+    # -- what hooks and probes read (`millpond.contracts.hooks.WorkerView`) -----------------------
+    @property
+    def processed(self) -> int:
+        return self.settler.processed if self.settler is not None else 0
+
+    @property
+    def prefetched(self) -> int:
+        """Messages fetched and waiting in the worker's buffer for a free pool slot."""
+        return len(self._buffer)
+
+    def busy_by_queue(self) -> dict[str, tuple[int, int]]:
+        """Per consumed queue: (messages waiting in the buffer, jobs in the pool); safe from any
+        thread (the metrics collector's), the buffer being copied under the GIL."""
+        out = dict.fromkeys(self.queues, (0, 0))
+        for _ in range(10):  # the loop may change the buffer while it is copied: try again
+            try:
+                waiting = [job.queue for job in tuple(self._buffer)]
+                break
+            except RuntimeError:
+                continue
+        else:
+            waiting = []
+        running = [job.queue for job in self.pool.active_jobs()] if self.pool is not None else []
+        for queue in waiting:
+            held, busy = out.get(queue, (0, 0))
+            out[queue] = (held + 1, busy)
+        for queue in running:
+            held, busy = out.get(queue, (0, 0))
+            out[queue] = (held, busy + 1)
+        return out
+
+    @property
+    def rate_limited(self) -> int:
+        """Messages of rate-limited tasks waiting in the worker for a token."""
+        return self.gate.parked if self.gate is not None else 0
+
+    @property
+    def accepting(self) -> bool:
+        return not self._stop.is_set()
+
+    @property
+    def broker_connected(self) -> bool:
+        return bool(self.consumer is not None and self.consumer.connected)
+
+    @property
+    def running_inline(self) -> bool:
+        """Whether the loop's own thread is running a task now (the solo pool)."""
+        return self._inline
+
+    # -- what remote control reads and asks (consume/control/commands.py) -----------------------
+    def buffered_jobs(self) -> list[Job]:
+        """Jobs received and waiting for a pool slot, or for a rate limit's token (Celery lists
+        those as reserved too); safe from any thread."""
+        gate = self.gate
+        for _ in range(10):
+            try:
+                waiting = list(gate.jobs()) if gate is not None else []
+                return waiting + list(self._buffer)
+            except RuntimeError:  # the loop changed it while we copied: try again
+                continue
+        return []
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the consumer loop's thread at its next turn; safe from any thread."""
+        self._calls.append(fn)
+        self.inbox.waker.wake()
+
+    def wake(self) -> None:
+        """Make the loop look at its buffer again (a revoke arrived)."""
+        self.inbox.waker.wake()
+
+    def resized(self, concurrency: int) -> None:
+        """The pool was resized at run time: follow with the prefetch window."""
+        multiplier = max(1, self.prefetch // max(1, self.concurrency))
+        self.concurrency = concurrency
+        self.prefetch = max(1, concurrency * multiplier)
+
+    def change_queues(self, *, add: str | None = None, remove: str | None = None) -> None:
+        """Consume from one more queue, or one fewer (the loop's thread only). The loop stops
+        fetching, lets what it holds finish and be acknowledged, then reopens its consumer on
+        the new set: every ack goes to the consumer that delivered the message."""
+        queues = list(self._next_queues or self.queues)
+        if add and add not in queues:
+            self.app.broker.declare([add])
+            queues.append(add)
+        if remove and remove in queues and len(queues) > 1:
+            queues.remove(remove)
+        if tuple(queues) != self.queues:
+            self._next_queues = tuple(queues)
+
+    def _maybe_swap_consumer(self) -> None:
+        """The queue change, once nothing fetched from the old consumer is held."""
+        acks = self.acks
+        if self._next_queues is None or acks is None or self.consumer is None:
+            return
+        acks.flush()
+        if acks.held > 0 or self._buffer:
+            return
+        old, self.queues, self._next_queues = self.consumer, self._next_queues, None
+        old.close()
+        window = self._open_window(self.gate) if self.gate is not None else self.prefetch
+        self.consumer = self.app.broker.consumer(self.queues, window)
+        acks.consumer = self.consumer
+        log.info("consuming from new queues", queues=list(self.queues))
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn = self._calls.popleft()
+            try:
+                fn()
+            except Exception:
+                log.exception("a remote-control action failed on the worker loop")
+
+    # -- control ---------------------------------------------------------------------------------
+    def stop(self, cold: bool = False) -> None:
+        """Ask the worker to shut down (warm by default); safe from any thread."""
+        if cold:
+            self._cold = True
+        if not self._stop.is_set():
+            self._stop.set()
+            self._stop_deadline = time.monotonic() + self.settings.shutdown_timeout
+        if self.pool is not None and not self.pool.started:
+            self.pool.start_cancelled.set()  # still starting: stop that first
+        self.inbox.waker.wake()
+
+    # -- rate limits ------------------------------------------------------------------------------
+    def _initial_limits(self) -> dict[str, tuple[float | None, bool]]:
+        """Each task's declared limit (none when `disable_rate_limits` is on), and its scope."""
+        limits: dict[str, tuple[float | None, bool]] = {}
+        if self.settings.disable_rate_limits:
+            return limits
+        for task in self.app.tasks.values():
+            rate = parse_rate(task.options.rate_limit)
+            if rate is not None:
+                limits[task.name] = (rate, self._shared_scope(task.name))
+        return limits
+
+    def _shared_scope(self, task_name: str) -> bool:
+        task = self.app.tasks.get(task_name)
+        scope = task.options.rate_limit_scope if task is not None else None
+        return (scope or self.settings.rate_limit_scope) == "global"
+
+    def set_rate_limit(self, task_name: str, rate: str | float | None) -> None:
+        """Change a task's rate limit at run time (Celery's `rate_limit` control command):
+        `"10/m"`, `"5/s"`, `"100/h"`, a number per second, or None/""/0 for no limit. Safe from
+        any thread; takes effect on the consumer loop's next turn.
+
+        Raises `InvalidRateLimit` for a rate Celery would not take, `UnknownTask` for a task this
+        worker does not have, and `ConfigurationError` for a global limit with no shared store.
+        """
+        from millpond.exceptions import ConfigurationError, UnknownTask
+
+        per_second = parse_rate(rate)
+        if task_name not in self.app.tasks:
+            raise UnknownTask(
+                f"unknown task {task_name!r}: not registered in app {self.app.name!r}"
+            )
+        shared = self._shared_scope(task_name)
+        if per_second is not None and shared and self._store_url() is None:
+            raise ConfigurationError(self._no_store_message(task_name))
+        if self.settings.disable_rate_limits and per_second is not None:
+            log.warning(
+                "rate limit set while disable_rate_limits is on: it is kept",
+                task_name=task_name,
+                rate_limit=describe_rate(per_second),
+            )
+        with self._limit_lock:
+            self._limits[task_name] = (per_second, shared)
+            self._limit_changes.append(task_name)
+        log.info("rate limit changed", task_name=task_name, rate_limit=describe_rate(per_second))
+        self.inbox.waker.wake()
+
+    def rate_limit_of(self, task_name: str) -> float | None:
+        """The task's current limit in tokens per second (None: no limit)."""
+        with self._limit_lock:
+            return self._limits.get(task_name, (None, False))[0]
+
+    def _store_url(self) -> str | None:
+        url = self.settings.rate_limit_store or self.app.broker_url
+        if not url:
+            return None
+        scheme = plugins.scheme_of(url)
+        return url if scheme in plugins.installed(plugins.LIMITERS) else None
+
+    def _no_store_message(self, task_name: str) -> str:
+        return (
+            f'{task_name}: a global rate limit (rate_limit_scope = "global") needs a shared '
+            "store, and neither rate_limit_store nor the broker URL names one that an installed "
+            f"limiter serves (installed: {', '.join(plugins.installed(plugins.LIMITERS)) or 'none'}"
+            '); set rate_limit_store = "redis://..." (pip install millpond-broker-redis)'
+        )
+
+    def _shared_limiter(self) -> SharedLimiter:
+        url = self._store_url()
+        assert url is not None  # checked before any shared lane exists
+        scheme = plugins.scheme_of(url)
+        options = self.settings.plugin_options(scheme)
+        limiter: SharedLimiter = plugins.limiter_for_url(url, options)
+        return limiter
+
+    def _make_gate(self) -> Gate:
+        parking = self.settings.rate_limit_parking or self.prefetch
+        gate = Gate(
+            parking=parking,
+            max_hold=self.settings.rate_limit_max_hold,
+            hand_back=self._hand_back,
+            shared=self._shared_limiter,
+        )
+        for name, (rate, shared) in self._limits.items():
+            if shared and self._store_url() is None:
+                raise MillpondError(self._no_store_message(name))
+            gate.set_rate(name, rate, shared=shared)
+            log.info(
+                "rate limit",
+                task_name=name,
+                rate_limit=describe_rate(rate),
+                scope="global" if shared else "worker",
+            )
+        return gate
+
+    def _apply_limit_changes(self, gate: Gate) -> None:
+        """Changes from `set_rate_limit`, in the loop's thread; widen or narrow the window."""
+        with self._limit_lock:
+            changed, self._limit_changes = self._limit_changes, []
+            wanted = {name: self._limits.get(name, (None, False)) for name in changed}
+        for name, (rate, shared) in wanted.items():
+            for job in gate.set_rate(name, rate, shared=shared):
+                self._buffer.appendleft(job)  # no limit any more: runs like any other job
+        self._resize_window(gate)
+
+    def _target_window(self, gate: Gate) -> int:
+        """The broker's window: the prefetch count plus what the lanes hold, rounded up to a
+        step, plus one step of room for the next limited messages (never past the lanes' room).
+
+        Following what the lanes hold, rather than opening their whole room at once, keeps a
+        RabbitMQ worker from being pushed messages of any task beyond its prefetch count while
+        its lanes are empty. The step keeps resizes (a round trip on RabbitMQ) to one per
+        `parking / 4` messages parked or taken, as Celery batches its QoS changes.
+        """
+        if not gate.lanes:
+            return self.prefetch
+        step = max(1, gate.parking // 4)
+        held = gate.beside_window
+        return self.prefetch + min(gate.room, -(-held // step) * step + step)
+
+    def _open_window(self, gate: Gate) -> int:
+        """The window a new consumer starts with: the whole room, narrowed on the loop's first
+        turn where the consumer can resize (a quorum-queue consumer keeps it)."""
+        self._resizable = True
+        self._window = self.prefetch + gate.room
+        return self._window
+
+    def _resize_window(self, gate: Gate) -> None:
+        """Follow `_target_window` (and a pool resized at run time)."""
+        window = self._target_window(gate)
+        if window == self._window or self.consumer is None or not self._resizable:
+            return
+        if self.consumer.resize(window):
+            self._window = window
+            return
+        self._resizable = False
+        if self._window < self.prefetch + gate.room:
+            log.warning(
+                "this broker's consumer cannot widen its prefetch window at run time: "
+                "rate-limited messages waiting for a token take room from other tasks "
+                "until the worker restarts"
+            )
+
+    def _hand_back(self, job: Job, delay: float) -> bool:
+        """Give a rate-limited message back to the broker, due in `delay` seconds, and ack it."""
+        assert self.acks is not None
+        delivery = job.delivery
+        if delivery is None or not self.app.broker.supports_delay:
+            return False
+        try:
+            self.app.broker.publish(delivery.queue, delivery.message, eta=time.time() + delay)
+        except Exception as exc:
+            log.warning(
+                "could not hand a rate-limited message back to the broker; it waits here",
+                task_id=job.task_id,
+                task_name=job.task_name,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return False
+        self.acks.ack_later([delivery])
+        return True
+
+    def _ack_early(self, job: Job) -> None:
+        """A limited task with early acks is acknowledged as it starts (not when received), so
+        its messages can wait in the lane and go back to the broker."""
+        if job.delivery is None or self.acks is None:
+            return
+        task = self.app.tasks.get(job.task_name)
+        acks_late = task.options.acks_late if task is not None else None
+        if not (acks_late if acks_late is not None else self.settings.acks_late):
+            self.acks.ack_now([job.delivery])
+            job.delivery = None
+
+    def _install_signals(self) -> None:
+        if not _in_main_thread():
+            return
+
+        def warm(signum: int, _frame: FrameType | None) -> None:
+            if self._stop.is_set() and signum == signal.SIGINT:
+                cold(signum, _frame)
+                return
+            log.info(
+                "warm shutdown requested",
+                signal=signal.Signals(signum).name,
+                running=self._running(),
+            )
+            self.stop()
+
+        def cold(signum: int, _frame: FrameType | None) -> None:
+            log.warning("cold shutdown requested", signal=signal.Signals(signum).name)
+            self.stop(cold=True)
+            if self._inline:  # the solo pool runs the task in this thread: interrupt it
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, warm)
+        signal.signal(signal.SIGINT, warm)
+        if hasattr(signal, "SIGQUIT"):
+            signal.signal(signal.SIGQUIT, cold)
+
+    def _running(self) -> int:
+        return self.pool.active if self.pool else 0
+
+    # -- start-up --------------------------------------------------------------------------------
+    def banner(self) -> str:
+        tasks = sorted(self.app.tasks)
+        results = mask_url(self.settings.result_backend) or (
+            "(kept by the broker)"
+            if self.app.backend is not None
+            else "(none: this broker keeps no results; set result_backend to store them)"
+        )
+        lines = [
+            f"millpond {plugins.core_version()} worker {self.name}",
+            f"  app:         {self.app.name}",
+            f"  broker:      {mask_url(self.app.broker_url)}",
+            f"  results:     {results}",
+            f"  pool:        {self.settings.pool} (concurrency {self.concurrency}, "
+            f"prefetch {self.prefetch})",
+            f"  queues:      {', '.join(self.queues)}",
+        ]
+        if self.settings.health_port is not None:
+            where = f"{self.settings.health_host}:{self.settings.health_port}"
+            lines.append(f"  health:      http://{where}/livez, /readyz (health_host, health_port)")
+        lines += [
+            f"  tasks ({len(tasks)}):",
+            *(f"    . {name}{self._banner_limit(name)}" for name in tasks),
+        ]
+        return "\n".join(lines)
+
+    def _banner_limit(self, name: str) -> str:
+        rate, shared = self._limits.get(name, (None, False))
+        if rate is None:
+            return ""
+        return f"  [rate_limit {describe_rate(rate)}{', global' if shared else ''}]"
+
+    def _check_capabilities(self) -> None:
+        caps = self.pool_cls.capabilities
+        problems: list[str] = []
+        for task in self.app.tasks.values():
+            hard = task.options.time_limit or self.settings.time_limit
+            soft = task.options.soft_time_limit or self.settings.soft_time_limit
+            if hard and not caps.hard_time_limit:
+                problems.append(f"{task.name}: time_limit={hard:g}s")
+            if soft and not caps.soft_time_limit:
+                problems.append(f"{task.name}: soft_time_limit={soft:g}s")
+        if not problems:
+            return
+        message = (
+            f"the {self.settings.pool} pool cannot enforce: {'; '.join(problems)}. "
+            "Use a pool that can (prefork enforces both), or drop the option"
+        )
+        if self.settings.unsupported_options == "error":
+            raise MillpondError(message + " (unsupported_options = error)")
+        log.warning(message + "; these tasks will run without that limit")
+
+    def run(self) -> int:
+        """Run until stopped; returns the exit code (0 after a warm shutdown)."""
+        if PICKLE in self.settings.accept_content:
+            log.warning(
+                "accept_content allows pickle: any producer that can reach the broker can "
+                "run code in this worker; allow it only if every producer is trusted"
+            )
+        self._check_capabilities()
+        broker = self.app.broker
+        self.hooks.lifecycle("worker_starting", self)
+        self.hooks = self.hooks.active()  # without the hooks that switched themselves off
+        self.app.use_hooks(self.hooks)
+        broker.connect()
+        broker.declare(self.queues)
+        _ = self.app.backend  # resolve it now: a bad backend URL fails at start-up
+        self.gate = gate = self._make_gate()  # a global limit with no store fails at start-up
+        execution = Executor(self.app, self.hooks)
+        try:
+            self.pool = self.pool_cls(
+                self.concurrency, self._on_complete, self._pool_options(), execution=execution
+            )
+        except ValueError as exc:  # the pool contract's refusal of a concurrency or an option
+            raise ConfigurationError(str(exc)) from exc
+        self._install_signals()
+        self.pool.start()  # prefork forks here: after the app import, before consumer threads
+        if self._stop.is_set():  # told to stop while the pool started: consume nothing
+            return self._shutdown()
+        self._start_control()
+        self.consumer = broker.consumer(self.queues, self._open_window(gate))
+        self.acks = Acks(self.consumer)
+        self.settler = Settler(self.app, self.settings, self.acks)
+        self.receiver = Receiver(
+            self.app,
+            self.settings,
+            self.acks,
+            self.settings.pool,
+            self.pool_cls.capabilities,
+            rejoin=self.settler.rejoin,
+            revoked=self.revoked.matches,
+            defer_early_ack=self._limited,
+        )
+        code = EXIT_OK
+        try:
+            self.hooks.lifecycle("worker_ready", self)  # metrics, probes: after the pool forked
+            self.ready.set()
+            log.info(
+                "worker ready",
+                worker=self.name,
+                pool=self.settings.pool,
+                concurrency=self.concurrency,
+                queues=list(self.queues),
+            )
+            self._loop()
+        except KeyboardInterrupt:
+            self._cold = True
+        finally:
+            code = self._shutdown()
+        return code
+
+    def _start_control(self) -> None:
+        """Learn the running workers' revokes (mingle), then answer remote control; both
+        before the first fetch, so a task revoked before this worker started never runs here."""
+        node = ControlNode(self, self.control)
+        self.node = node
+        try:
+            node.mingle()
+        except Exception:
+            log.exception("mingle failed; starting without the other workers' revokes")
+        if self.control.enabled:
+            node.start()
+        else:
+            log.info("remote control is off on this worker ([control] enabled = false)")
+
+    def _limited(self, task_name: str) -> bool:
+        gate = self.gate
+        return gate is not None and gate.limited(task_name)
+
+    def _pool_options(self) -> dict[str, Any]:
+        """The validated values of the settings section the pool publishes under its name."""
+        return self.settings.plugin_options(self.settings.pool)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        assert self.consumer is not None
+        assert self.pool is not None
+        assert self.acks is not None
+        assert self.receiver is not None
+        assert self.gate is not None
+        consumer, pool, inbox, acks, gate = (
+            self.consumer,
+            self.pool,
+            self.inbox,
+            self.acks,
+            self.gate,
+        )
+        receive = self.receiver.receive
+        waker = inbox.waker
+        while True:
+            self.last_turn = time.monotonic()
+            if self._calls:
+                self._run_calls()
+            if len(inbox):
+                self._complete_batch()
+            if self._limit_changes:
+                self._apply_limit_changes(gate)
+            if self._stop.is_set():
+                if not self._cold and not self._given_back:
+                    self._give_back_buffered()
+                if not self._cold and self._buffer:
+                    self._dispatch_buffered(pool, stopping=True)  # acked on receipt: ours to run
+                if self._cold or not (self._running() or self._buffer):
+                    return
+                if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
+                    log.warning(
+                        "warm shutdown timed out; going cold",
+                        timeout=self.settings.shutdown_timeout,
+                        running=self._running(),
+                    )
+                    self._cold = True
+                    return
+            else:
+                self._dispatch_buffered(pool)
+                if self._next_queues is not None:
+                    self._maybe_swap_consumer()
+                    assert self.consumer is not None
+                    consumer = self.consumer
+                if gate.lanes:
+                    self._tend_lanes(gate)
+                if gate.lanes or self._window != self.prefetch:
+                    self._resize_window(gate)
+                # parked rate-limited messages wait beside the window, not in it
+                room = (
+                    self.prefetch - (acks.held - gate.beside_window)
+                    if self._next_queues is None
+                    else 0
+                )
+                if room > 0:
+                    acks.flush()
+                    try:
+                        deliveries = consumer.fetch(room, self._wait(1.0), waker)
+                    except AccessDenied:
+                        raise  # credentials or permissions: no retry cures it; stop and say so
+                    except Exception as exc:
+                        # Brokers reconnect inside fetch; one that raises instead must not take
+                        # the worker down: what it held unacknowledged comes back (at-least-once).
+                        acks.trouble("fetch", exc)
+                        waker.wait(acks.backoff)
+                        continue
+                    acks.healthy()
+                    if deliveries:
+                        for delivery in deliveries:
+                            job = receive(delivery)
+                            if job is not None:
+                                self._received(job)
+                        self._dispatch_buffered(pool)
+                    continue
+            if waker.is_set and not len(inbox):
+                # stop()'s wake-up, already acted on: clear it, or this wait returns at once and
+                # the loop spins (starving a green pool's tasks, so a warm stop never finishes)
+                waker.clear()
+                if len(inbox):
+                    continue
+            acks.flush()
+            waker.wait(self._wait(0.5))
+
+    def _wait(self, longest: float) -> float:
+        """How long the loop may block: `longest`, or less when a parked job's token is due and
+        the pool has a slot for it (with the pool full, a completion wakes the loop anyway)."""
+        gate, pool = self.gate, self.pool
+        if gate is None or not gate.lanes or pool is None or pool.active >= pool.capacity:
+            return longest
+        due = gate.next_due()
+        if due is None:
+            return longest
+        return min(longest, max(due, 0.001))
+
+    def _tend_lanes(self, gate: Gate) -> None:
+        """Once a second: messages that waited `rate_limit_max_hold` go back to the broker (all
+        of them while the consumer waits to be swapped for another queue set: it can only be
+        closed once nothing it delivered is held)."""
+        now = time.monotonic()
+        if now - self._stale_check < 1.0 and self._next_queues is None:
+            return
+        self._stale_check = now
+        sent = gate.send_back_stale(everything=self._next_queues is not None)
+        if sent:
+            log.info(
+                "rate-limited messages waited too long in the worker; handed back to the broker",
+                count=sent,
+                max_hold=self.settings.rate_limit_max_hold,
+            )
+
+    def _received(self, job: Job) -> None:
+        self.hooks.received(job)
+        why = self.revoked.matches(job.task_id, job.headers)
+        if why is not None:
+            log.info("discarding a revoked task", task_id=job.task_id, task_name=job.task_name)
+            self._answer(job, why, told=True)
+        elif job.expires is not None and time.time() > job.expires:
+            self._answer(job, "expired before a worker received it")
+        elif self.gate is None or not self.gate.admit(job):
+            self._buffer.append(job)
+
+    def _give_back_stale(self, job: Job) -> None:
+        """A buffered delivery the broker may have handed to another worker while this one was
+        stalled: never start it (only tasks already running may run twice); give it back."""
+        assert self.acks is not None
+        self._told.log(
+            "stale",
+            "not starting a buffered message: the broker may have given it to another worker "
+            "while this one was stalled (lease lapsed or connection lost); it goes back",
+            task_id=job.task_id,
+            task_name=job.task_name,
+        )
+        self.acks.reject(job.delivery, requeue=True, reason="stale after a stall")
+
+    def _give_back_buffered(self) -> None:
+        """Warm shutdown: the prefetched messages that never started go back to the broker now,
+        so another worker runs them while this one finishes its running tasks (they would
+        otherwise wait for the close, or for their lease or visibility timeout to lapse)."""
+        self._given_back = True
+        assert self.acks is not None
+        jobs = list(self._buffer)
+        self._buffer.clear()
+        if self.gate is not None:
+            jobs += self.gate.drain()  # rate-limited ones parked beside the window
+        self.acks.flush()  # finished tasks' acks first: the release must not overtake them
+        deliveries = [job.delivery for job in jobs if job.delivery is not None]
+        # acknowledged when they arrived (acks_late off): the broker has them no more, so they
+        # run here before the worker exits, as the running ones do
+        owned = [job for job in jobs if job.delivery is None]
+        self._buffer.extend(owned)
+        count = self.acks.release(deliveries)
+        if count or owned:  # an idle worker's stop says nothing about a buffer it did not have
+            log.info(
+                "warm shutdown: gave back buffered messages to the broker",
+                given_back=count,
+                kept_to_run=len(owned),
+                running=self._running(),
+            )
+
+    def _answer(self, job: Job, why: str, *, told: bool = False) -> None:
+        """End a job that never reaches the pool (REVOKED), with its hooks and its ack; an
+        expired one is told here (revokes are told by the caller, each)."""
+        assert self.settler is not None
+        if not told:
+            self._told.log(
+                "expired",
+                "task not run: " + why,
+                task_id=job.task_id,
+                task_name=job.task_name,
+                expires=job.expires,
+                state=TaskState.REVOKED.value,
+            )
+        outcome = Outcome.error(TaskState.REVOKED, "TaskRevokedError", why)
+        self.hooks.finished(job, outcome)
+        self.settler.finish(job, outcome)
+
+    def _dispatch_buffered(self, pool: BasePool, *, stopping: bool = False) -> None:
+        """Start buffered jobs while the pool has room; once a stop is asked only when
+        `stopping` (the warm stop running what was acknowledged on receipt)."""
+        buffer = self._buffer
+        consumer = self.consumer
+        gate = self.gate
+        while pool.active < pool.capacity and (stopping or not self._stop.is_set()):
+            # a parked job whose token is there goes first: it was received before the buffer's
+            job = gate.take() if gate is not None and gate.lanes else None
+            if job is not None:
+                self._ack_early(job)
+            elif buffer:
+                job = buffer.popleft()
+            else:
+                return
+            if consumer is not None and job.delivery is not None and consumer.stale(job.delivery):
+                self._give_back_stale(job)
+                continue
+            if job.expires is not None and time.time() > job.expires:
+                self._answer(job, "expired before it could start")
+                continue
+            why = self.revoked.matches(job.task_id, job.headers)
+            if why is not None:
+                log.info("discarding a revoked task", task_id=job.task_id, task_name=job.task_name)
+                self._answer(job, why, told=True)
+                continue
+            job.started = time.monotonic()
+            self.totals[job.task_name] += 1
+            if not pool.capabilities.concurrent:
+                self._inline = True
+                try:
+                    pool.apply_async(job)
+                finally:
+                    self._inline = False
+                if len(self.inbox):
+                    self._complete_batch()
+            else:
+                pool.apply_async(job)
+
+    # -- completions -----------------------------------------------------------------------------
+    def _on_complete(self, job: Job, outcome: Outcome) -> None:
+        """Called by the pool, from any thread: hand over to the loop."""
+        if self._inline:  # the solo pool, in the loop's own thread: no wake-up needed
+            self.inbox.put_quiet((job, outcome))
+        else:
+            self.inbox.put((job, outcome))
+
+    def _complete_batch(self) -> None:
+        assert self.settler is not None
+        assert self.acks is not None
+        finish = self.settler.finish
+        acks: list[Delivery] = []
+        for job, outcome in self.inbox.drain():
+            delivery = finish(job, outcome, defer_ack=True)
+            if delivery is not None:
+                acks.append(delivery)
+        if acks:
+            self.acks.ack_later(acks)
+
+    # -- shutdown --------------------------------------------------------------------------------
+    def _shutdown(self) -> int:
+        pool, consumer = self.pool, self.consumer
+        cold = self._cold
+        if self.node is not None:
+            self.node.stop()
+        try:
+            if pool is not None:
+                if cold:
+                    log.warning(
+                        "cold shutdown: abandoning running tasks; their messages go back",
+                        running=pool.active,
+                    )
+                    pool.terminate()
+                else:
+                    pool.stop(self.settings.shutdown_timeout)
+            if len(self.inbox) and self.settler is not None:
+                self._complete_batch()
+        finally:
+            if consumer is not None:
+                if self.acks is not None:
+                    self.acks.flush()  # finished tasks are acknowledged before the rest goes back
+                consumer.close()  # unacked (buffered, abandoned) messages return to the broker
+            lost = [job for job in self._buffer if job.delivery is None]
+            if lost:  # a cold stop (or a warm one cut short) before they could run
+                log.warning(
+                    "tasks acknowledged on receipt (acks_late off) were not run: at-most-once",
+                    count=len(lost),
+                    task_ids=[job.task_id for job in lost[:20]],
+                )
+            self._buffer.clear()
+            if self.gate is not None:
+                self.gate.drain()  # unacknowledged: they went back with the consumer's close
+                self.gate.close()
+            # before the app's connections close: a hook may still send (events' worker-offline)
+            self.hooks.lifecycle("worker_stopped", self)
+            self.app.close()
+            self.inbox.waker.close()
+        log.info(
+            "worker stopped",
+            worker=self.name,
+            processed=self.processed,
+            shutdown="cold" if cold else "warm",
+        )
+        return EXIT_COLD if cold else EXIT_OK

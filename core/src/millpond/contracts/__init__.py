@@ -1,0 +1,1 @@
+"""What plugins implement: the broker, result backend, pool and hooks contracts."""

@@ -1,0 +1,179 @@
+"""The result-backend contract: where task outcomes are stored and waited for.
+
+The stored layout is Celery's (`celery-task-meta-<id>` as JSON), so Celery clients read millpond's
+results and the other way round.
+
+Most backends keep results where any process can read them by task id. A backend may instead
+route each result back to the process that sent the task, as Celery's `rpc://` does (a reply
+queue per caller); it says so with `replies_to_caller = True`, and then:
+
+* the app hands it its broker once, with `bind_broker`, right after creating it (the results
+  travel over the broker's connection);
+* the producer calls `reply_to(task_id)` before it sends a task whose result is kept, and sets
+  the answer as the message's `reply_to` property (Celery's place for it, which Celery workers
+  read too); retries and the canvas steps a worker sends for that task carry it on;
+* the worker passes the message's `reply_to` to `store` in `ResultMeta.reply_to`, where the
+  backend finds the caller to send the result to.
+
+Backends that store by task id ignore all three (`ResultMeta.reply_to` is not part of the stored
+layout).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from millpond.exceptions import NotSupported
+from millpond.states import TaskState
+
+if TYPE_CHECKING:
+    from millpond.contracts.broker import Broker
+
+
+@dataclass(slots=True)
+class ResultMeta:
+    """A task's stored outcome, in Celery's result layout (`celery-task-meta-<id>` as JSON).
+
+    For failures `result` is `{"exc_type", "exc_message", "exc_module"}` like Celery stores it.
+    `reply_to` is not stored: the worker sets it to the task message's `reply_to` property, for
+    a backend that sends results to their caller (see the module docstring).
+    """
+
+    task_id: str
+    status: TaskState | str
+    result: Any = None
+    traceback: str | None = None
+    date_done: str | None = None
+    name: str | None = None
+    retries: int = 0
+    children: list[Any] = field(default_factory=list)
+    reply_to: str | None = field(default=None, compare=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "result": self.result,
+            "traceback": self.traceback,
+            "children": self.children,
+            "date_done": self.date_done,
+            "task_id": self.task_id,
+            "name": self.name,
+            "retries": self.retries,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ResultMeta:
+        return cls(
+            task_id=str(data.get("task_id", "")),
+            status=str(data.get("status", TaskState.PENDING)),
+            result=data.get("result"),
+            traceback=data.get("traceback"),
+            date_done=data.get("date_done"),
+            name=data.get("name"),
+            retries=int(data.get("retries") or 0),
+            children=list(data.get("children") or []),
+        )
+
+
+class ResultBackend(ABC):
+    """Stores task outcomes and lets callers wait for them (chosen through `millpond.backends`)."""
+
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
+        self.url = url
+        self.options: Mapping[str, Any] = dict(options or {})
+
+    @abstractmethod
+    def store(self, meta: ResultMeta) -> None:
+        """Save an outcome (replacing an earlier state of the same task) and wake its waiters."""
+
+    @abstractmethod
+    def get(self, task_id: str, timeout: float | None) -> ResultMeta | None:
+        """Wait until the task is in a ready state or `timeout` passes (None: forever).
+
+        Returns the newest stored meta (ready or not), or None when nothing is stored. Waiting
+        must wake on completion (pub/sub, blocking pop, condition), not poll once a second.
+        """
+
+    @abstractmethod
+    def peek(self, task_id: str) -> ResultMeta | None:
+        """The stored meta right now, without waiting."""
+
+    @abstractmethod
+    def forget(self, task_id: str) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    # -- results routed to the caller (optional; see the module docstring) ----------------------
+    #: whether each result goes to the process that sent the task (its `reply_to`), as with
+    #: Celery's rpc://, rather than into a store any process reads by task id
+    replies_to_caller: ClassVar[bool] = False
+
+    def bind_broker(self, broker: Broker) -> None:  # noqa: B027 - optional hook
+        """The app's broker, handed over once right after the backend is created, when
+        `replies_to_caller` is set: the results travel over it."""
+
+    def reply_to(self, task_id: str) -> str | None:
+        """Producer side, when `replies_to_caller` is set: called before a task whose result is
+        kept is sent. Returns the address the worker is to send its result to (the message's
+        `reply_to` property), having made sure it exists and is being listened to; None leaves
+        the property unset."""
+        return None
+
+    # -- chords and groups (optional) -------------------------------------------------------------
+    #: whether this backend joins chord headers itself (`set_chord_size`, `chord_part_return`)
+    supports_chords: ClassVar[bool] = False
+
+    def set_chord_size(self, group_id: str, size: int) -> None:
+        """Before a chord's header is sent: how many header results the join waits for.
+
+        Called again for the same group id (a chord sent again), it starts a new join."""
+        raise NotSupported(f"{type(self).__name__} cannot join chords")
+
+    def chord_part_return(
+        self, group_id: str, task_id: str, index: int | None, state: str, result: Any
+    ) -> list[ChordPart] | None:
+        """Record one header task's outcome (`result`: its value, or Celery's exception dict).
+
+        When this part completes the chord, return every part in header order, to exactly one
+        caller: the join is claimed atomically, and the claim lasts `claim_ttl` seconds unless
+        `chord_done` ends it. The same part returned twice (a redelivered header task) counts
+        once. A claim that lapses (its worker died before sending the body) passes to the next
+        caller for that group, such as the redelivered header task. Everyone else gets None.
+        """
+        raise NotSupported(f"{type(self).__name__} cannot join chords")
+
+    def chord_done(self, group_id: str) -> None:
+        """The body was sent (or the chord failed): later returns of its parts are ignored."""
+        raise NotSupported(f"{type(self).__name__} cannot join chords")
+
+    def chord_claim_expires(self, group_id: str) -> float | None:
+        """When the join is complete, not done, and claimed: the epoch time the claim lapses;
+        else None. A redelivered header task that finds the join claimed (its own worker may have
+        died holding it) waits until then and returns its part again."""
+        raise NotSupported(f"{type(self).__name__} cannot join chords")
+
+    def chord_release(self, group_id: str) -> None:
+        """The claimant could not send the body: end its claim now, so the next return of a
+        part (its redelivered header task) completes the join again."""
+        raise NotSupported(f"{type(self).__name__} cannot join chords")
+
+    def save_group(self, group_id: str, value: Any) -> None:
+        """Store a group's result tuple (`GroupResult.save`)."""
+        raise NotSupported(f"{type(self).__name__} cannot save groups")
+
+    def restore_group(self, group_id: str) -> Any:
+        """The result tuple saved for `group_id`, or None."""
+        raise NotSupported(f"{type(self).__name__} cannot restore groups")
+
+    def forget_group(self, group_id: str) -> None:
+        raise NotSupported(f"{type(self).__name__} cannot forget groups")
+
+
+#: one returned header part of a chord: (task id, state, result or Celery's exception dict)
+ChordPart = tuple[str, str, Any]
+#: seconds a chord's join stays claimed by the worker that completed it, unless it says it is done
+CHORD_CLAIM_TTL = 30.0

@@ -1,0 +1,44 @@
+"""The contract of a `millpond` subcommand that a plugin adds (`millpond beat` is one).
+
+A plugin declares an instance under the `millpond.commands` entry-point group, named after the
+subcommand; `millpond --help` lists it and `millpond NAME ...` runs it, with the common flags
+(-A/--app, -b/--broker, --result-backend) already added to its parser. Only the command asked for is
+imported, so an installed command costs the others nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from millpond.config.settings import Settings
+    from millpond.produce.app import Millpond
+
+
+class Command(ABC):
+    """One subcommand: its help line, its arguments and what it does."""
+
+    #: the one-line help `millpond --help` shows
+    help: ClassVar[str] = ""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027 - optional
+        """Add the command's own arguments (the common ones are there already)."""
+
+    @abstractmethod
+    def run(self, ns: argparse.Namespace) -> int:
+        """Run the command; return the exit code (0 ok, 1 failed, 2 usage or settings error).
+
+        Raising `ConfigurationError`, `PluginNotFound` or `PluginLoadError` exits with 2 and the
+        message, as for the core's commands.
+        """
+
+    def embed(self, app: Millpond, settings: Settings) -> Callable[[], None]:
+        """Run the command inside a worker (`millpond worker -B` for beat); return the function
+        that stops it. Called before the worker is built: check everything now (a mistake stops
+        the worker from starting) and start threads from a `worker_ready` hook added with
+        `app.add_hooks` (a prefork pool forks before that). Commands that cannot be embedded
+        keep this."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run inside a worker")

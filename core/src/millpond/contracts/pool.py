@@ -1,0 +1,356 @@
+"""The execution-pool contract: what a pool plugin implements and what the core guarantees it.
+
+A pool receives `Job`s, picklable "run this request" objects, and runs each in its execution unit
+(the calling thread, a thread, a child process, a greenlet) by calling `self.execution.run(job)`
+(or `await self.execution.run_async(job)` on an event loop). That call never raises: it returns
+an `Outcome`. The core owns everything around the task body (fresh context, hooks such as tracing
+and log context, exception capture, retry decisions), so a pool only moves jobs and outcomes and
+never imports the task. When a job ends the pool calls `self.complete(job, outcome)` from any
+thread; the worker's consumer loop is woken and does the ack, the result store and any retry.
+
+A plugin subclasses `BasePool`, sets `name` and `capabilities`, and implements `on_start`, `on_apply`,
+`on_stop` (warm: let running jobs finish) and `on_terminate` (cold). It never overrides
+`apply_async` or `complete`: they are the template that calls the `started` and `finished` hooks.
+A pool with child processes calls `self.execution.process_started()` in each child before its
+first job and `self.execution.process_exiting()` before the child leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import traceback as traceback_module
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, final
+
+from millpond.exceptions import NotSupported, TaskRevokedError, TimeLimitExceeded
+from millpond.states import TaskState
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a pool can honestly do; the worker refuses or warns about anything else."""
+
+    soft_time_limit: bool = False
+    hard_time_limit: bool = False
+    terminate_job: bool = False
+    resize: bool = False
+    max_tasks_per_child: bool = False
+    max_memory_per_child: bool = False
+    #: False for pools that run one job at a time in the consumer loop's own thread (solo)
+    concurrent: bool = True
+
+
+def json_args(args: tuple[Any, ...]) -> list[Any]:
+    """An exception's args as JSON can carry them: each one as it is if it encodes, else its
+    repr (Celery stores a failure's args the same way)."""
+    out: list[Any] = []
+    for arg in args:
+        try:
+            json.dumps(arg)
+        except (TypeError, ValueError):
+            out.append(repr(arg))
+        else:
+            out.append(arg)
+    return out
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a job ended; picklable, so it crosses process boundaries."""
+
+    state: TaskState
+    result: Any = None
+    exc_type: str | None = None
+    exc_module: str | None = None
+    exc_message: str = ""
+    #: the exception's args, JSON-safe: the result store keeps these, as Celery does, so an
+    #: exception is rebuilt as `cls(*args)` the way it was raised (None: `[exc_message]`)
+    exc_args: list[Any] | None = None
+    traceback: str | None = None
+    countdown: float | None = None  # RETRY: seconds from now
+    eta: float | None = None  # RETRY: seconds since the epoch (wins over countdown)
+    requeue: bool = False  # REJECTED / LOST: put the message back instead of dead-lettering
+    runtime: float = 0.0
+    #: results of the tasks the task sent while it ran (Celery's `as_tuple` form), stored with
+    #: its result as `children`
+    children: list[Any] = field(default_factory=list)
+
+    @property
+    def stored_args(self) -> list[Any]:
+        """What the result store keeps as `exc_message`: the exception's args."""
+        if self.exc_args is not None:
+            return list(self.exc_args)
+        return [self.exc_message] if self.exc_message else []
+
+    @classmethod
+    def error(
+        cls,
+        state: TaskState,
+        exc_type: type[BaseException] | str,
+        message: str,
+        *,
+        traceback: str | None = None,
+        requeue: bool = False,
+    ) -> Outcome:
+        """An outcome the pool itself decides (lost, timeout, revoked), named by exception type."""
+        if isinstance(exc_type, str):
+            name, module = exc_type, "millpond.exceptions"
+        else:
+            name, module = exc_type.__name__, exc_type.__module__
+        return cls(
+            state=state,
+            exc_type=name,
+            exc_module=module,
+            exc_message=message,
+            traceback=traceback,
+            requeue=requeue,
+        )
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, *, runtime: float = 0.0) -> Outcome:
+        """A FAILURE carrying the exception's type, module, message and traceback text."""
+        return cls(
+            state=TaskState.FAILURE,
+            exc_type=type(exc).__name__,
+            exc_module=type(exc).__module__,
+            exc_message=str(exc),
+            exc_args=json_args(exc.args),
+            traceback="".join(traceback_module.format_exception(exc)),
+            runtime=runtime,
+        )
+
+    @classmethod
+    def hard_timeout(
+        cls, job: Job, how: str = "was stopped", *, traceback: str | None = None
+    ) -> Outcome:
+        """The TIMEOUT a pool reports when it stopped a job at its hard time limit."""
+        return cls.error(
+            TaskState.TIMEOUT,
+            TimeLimitExceeded,
+            f"task {job.task_name}[{job.task_id}] ran past its hard time limit of "
+            f"{job.time_limit or 0:g}s and {how}",
+            traceback=traceback,
+        )
+
+    @classmethod
+    def revoked(cls, message: str) -> Outcome:
+        """A REVOKED outcome (terminated on request, or expired)."""
+        return cls.error(TaskState.REVOKED, TaskRevokedError, message)
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One task to run. Everything but the worker-only fields is picklable and crosses to children."""
+
+    task_id: str
+    task_name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    retries: int = 0
+    queue: str = ""
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+    origin: str | None = None
+    eta: float | None = None
+    expires: float | None = None
+    delivery_count: int = 1
+    #: the producer's wall-clock publish time (header `millpond_sent_at`), for the queue wait
+    sent_at: float | None = None
+    #: propagation fields hooks hand from the worker to the execution unit (W3C trace context)
+    carrier: dict[str, str] | None = None
+    #: the canvas: the message's `callbacks`, `errbacks`, `chain` and `chord` (signature dicts)
+    embed: dict[str, Any] | None = None
+    group_id: str | None = None
+    group_index: int | None = None
+    #: the message's `reply_to` property: where a backend that replies to the caller sends the
+    #: result (rpc://)
+    reply_to: str | None = None
+    # -- kept in the worker process only --
+    #: the message headers as they came (hooks read the producer's trace context here)
+    headers: dict[str, Any] = field(default_factory=dict, repr=False)
+    delivery: Any = field(default=None, repr=False)
+    #: the `process` span of the tracing hook, while the job runs
+    span: Any = field(default=None, repr=False)
+    started: float = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        for local in _WORKER_ONLY:
+            state[local] = None
+        state["headers"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+
+
+_WORKER_ONLY = ("delivery", "span")
+
+#: wraps an async task's coroutine before it is awaited (the asyncio pool's soft time limit)
+Guard = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
+
+
+class Execution(Protocol):
+    """What the core hands every pool: how to run a job here, in the calling execution unit.
+
+    Bound to the worker's app and hooks; a forked child inherits it with the pool.
+    """
+
+    def run(self, job: Job) -> Outcome:
+        """Run the task in a fresh context with every hook around it; never raises."""
+        ...
+
+    def run_async(self, job: Job, guard: Guard | None = None) -> Coroutine[Any, Any, Outcome]:
+        """`run` for a running event loop: an `async def` task is awaited in its own asyncio task."""
+        ...
+
+    def is_async(self, job: Job) -> bool:
+        """Whether the job's task is `async def` (False for an unknown task: `run` reports it)."""
+        ...
+
+    def job_started(self, job: Job) -> None: ...
+
+    def job_finished(self, job: Job, outcome: Outcome) -> None: ...
+
+    def process_started(self) -> None: ...
+
+    def process_exiting(self) -> None: ...
+
+
+CompletionCallback = Callable[[Job, Outcome], None]
+
+
+class BasePool(ABC):
+    """Base class of every execution pool (entry-point group `millpond.pools`)."""
+
+    #: the name users type after `--pool`
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: True for pools whose plugin monkey-patches the interpreter (gevent, eventlet)
+    needs_patching: ClassVar[bool] = False
+    #: the prefetch multiplier used when the user sets none (None: the setting's default). The
+    #: solo pool raises it: with one job at a time, a window of 4 costs a broker round trip per 4
+    #: tasks, and that round trip was half of its loop's time.
+    default_prefetch_multiplier: ClassVar[int | None] = None
+
+    def __init__(
+        self,
+        concurrency: int,
+        on_complete: CompletionCallback,
+        options: Mapping[str, Any] | None = None,
+        *,
+        execution: Execution,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.concurrency = concurrency
+        self.execution = execution
+        self.options: Mapping[str, Any] = dict(options or {})
+        self._on_complete = on_complete
+        self._active: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self.started = False
+        #: set when the worker is told to stop while `on_start` runs: a pool whose start can take
+        #: long (prefork waits for its children) returns early when it is set, having undone
+        #: what it started, so a SIGTERM during start-up is obeyed at once
+        self.start_cancelled = threading.Event()
+
+    @classmethod
+    def default_concurrency(cls) -> int:
+        return os.cpu_count() or 1
+
+    @classmethod  # noqa: B027 - an optional hook, empty on purpose
+    def check_environment(cls) -> None:
+        """Raise `RuntimeError` with instructions when the process is not fit for this pool
+        (a green pool started without monkey-patching, for instance)."""
+
+    # -- lifecycle (the template; plugins implement the on_* hooks) ------------------------------
+    def start(self) -> None:
+        type(self).check_environment()
+        self.on_start()
+        self.started = not self.start_cancelled.is_set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Warm stop: accept nothing new, let running jobs finish (at most `timeout` seconds)."""
+        if self.started:
+            self.started = False
+            self.on_stop(timeout)
+
+    def terminate(self) -> None:
+        """Cold stop: end running jobs now; their messages go back to the broker."""
+        self.started = False
+        self.on_terminate()
+
+    @final
+    def apply_async(self, job: Job) -> None:
+        """Hand a job to the pool: the `started` hooks, then `on_apply`."""
+        self.execution.job_started(job)
+        with self._lock:
+            self._active[job.task_id] = job
+        try:
+            self.on_apply(job)
+        except BaseException as exc:
+            # The pool could not take the job at all: report it, never lose the message silently.
+            outcome = Outcome.error(TaskState.LOST, type(exc), f"pool refused the job: {exc}")
+            self.complete(job, outcome)
+
+    @final
+    def complete(self, job: Job, outcome: Outcome) -> None:
+        """Report a finished job (from any thread): the `finished` hooks, then the worker loop.
+        Idempotent per job."""
+        with self._lock:
+            if self._active.pop(job.task_id, None) is None:
+                return
+        self.execution.job_finished(job, outcome)
+        self._on_complete(job, outcome)
+
+    @property
+    def capacity(self) -> int:
+        """How many jobs the worker may hand the pool at once (`active` below it: a free slot).
+        Its concurrency by default; a pool that queues a few jobs per execution unit so a unit
+        never waits for the next one (prefork) reports more."""
+        return self.concurrency
+
+    @property
+    def active(self) -> int:
+        """How many jobs are running or waiting inside the pool."""
+        return len(self._active)
+
+    def active_jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._active.values())
+
+    # -- optional capabilities -------------------------------------------------------------------
+    def terminate_job(self, task_id: str, signum: int | None = None) -> bool:
+        """Stop one running job (its outcome is REVOKED) with `signum` where the pool sends
+        signals (default: its own choice); returns whether it was found."""
+        raise NotSupported(f"the {self.name} pool cannot terminate a running job")
+
+    def processes(self) -> list[int]:
+        """The pids that run jobs (`stats` -> `pool.processes`); this process by default."""
+        return [os.getpid()]
+
+    def resize(self, concurrency: int) -> None:
+        """Grow or shrink the pool at run time."""
+        raise NotSupported(f"the {self.name} pool cannot change its size at run time")
+
+    # -- plugin hooks ----------------------------------------------------------------------------
+    @abstractmethod
+    def on_start(self) -> None: ...
+
+    @abstractmethod
+    def on_apply(self, job: Job) -> None:
+        """Start running `job.run()` in an execution unit; call `self.complete` when it ends."""
+
+    @abstractmethod
+    def on_stop(self, timeout: float | None) -> None: ...
+
+    @abstractmethod
+    def on_terminate(self) -> None: ...

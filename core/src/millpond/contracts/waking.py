@@ -1,0 +1,116 @@
+"""Waking the consumer loop: a self-pipe `Waker` and the `Inbox` completions arrive through.
+
+The loop blocks in the broker's fetch; a completion from any thread, greenlet or signal handler
+must interrupt that wait at once, or acks (and with them the prefetch window) wait for the next
+poll timeout. A consumer `select()`s on the waker's socket next to its own.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from collections import deque
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Waker:
+    """A self-pipe a blocked consumer can `select()` on next to its broker socket.
+
+    `wake()` may be called from any thread (and from a signal handler); it is idempotent until
+    `clear()`. The socket pair works with gevent's and eventlet's patched `select` too.
+    """
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._set = False
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def wake(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        try:
+            self._w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already full of wake-ups, or closed at shutdown
+
+    def clear(self) -> None:
+        if not self._set:
+            return  # nothing was written since the last clear: skip the recv() syscall
+        self._set = False
+        try:
+            while self._r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    @property
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until woken or `timeout` seconds pass; returns whether it was woken."""
+        if self._set:
+            return True
+        try:
+            ready, _, _ = select.select([self._r], [], [], timeout)
+        except (OSError, ValueError):
+            return True
+        return bool(ready)
+
+    def close(self) -> None:
+        for sock in (self._r, self._w):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+class Inbox(Generic[T]):
+    """A thread-safe queue whose arrivals wake the consumer loop at once (see `Waker`)."""
+
+    def __init__(self) -> None:
+        self._items: deque[T] = deque()
+        self.waker = Waker()
+
+    def put(self, item: T) -> None:
+        self._items.append(item)
+        self.waker.wake()
+
+    def put_quiet(self, item: T) -> None:
+        """Add without waking: for the loop's own thread, which drains before it next waits."""
+        self._items.append(item)
+
+    def drain(self) -> list[T]:
+        self.waker.clear()
+        items = self._items
+        out: list[T] = []
+        while items:
+            out.append(items.popleft())
+        return out
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def socket_wait(sock: Any, waker: Waker | None, timeout: float) -> bool:
+    """Wait until `sock` is readable or `waker` fires; returns True when the socket is readable.
+
+    A helper for socket-based consumers (`sock` is anything with `fileno()`).
+    """
+    fds: list[Any] = [sock]
+    if waker is not None:
+        if waker.is_set:
+            return False
+        fds.append(waker)
+    try:
+        ready, _, _ = select.select(fds, [], [], timeout)
+    except (OSError, ValueError):
+        return False
+    return any(r is sock for r in ready)

@@ -1,0 +1,1 @@
+"""Cross-cutting concerns as hooks: tracing, metrics, log context; health probes."""

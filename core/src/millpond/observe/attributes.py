@@ -1,0 +1,16 @@
+"""Span attribute names, in one place: the OpenTelemetry messaging conventions, then millpond's."""
+
+SYSTEM = "messaging.system"
+OPERATION_TYPE = "messaging.operation.type"
+OPERATION_NAME = "messaging.operation.name"
+DESTINATION = "messaging.destination.name"
+MESSAGE_ID = "messaging.message.id"
+ERROR_TYPE = "error.type"
+TASK_NAME = "millpond.task.name"
+TASK_RETRIES = "millpond.task.retries"
+TASK_STATE = "millpond.task.state"
+QUEUE_WAIT_MS = "millpond.task.queue_wait_ms"
+DELIVERY_COUNT = "millpond.message.delivery_count"
+POOL = "millpond.pool"
+#: the periodic entry a scheduler (`millpond beat`) published this tick of
+BEAT_ENTRY = "millpond.beat.entry"

@@ -1,0 +1,45 @@
+"""Log lines that can repeat per message, at most once per interval per kind.
+
+An operator must hear that tasks expired unrun or that children are being recycled for memory,
+but a flood of expired messages must not become a flood of log lines: the first of a kind is
+logged at once, later ones within `interval` seconds are counted and reported with the next line
+of that kind (`and_before`: how many were not logged since the last line).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class Throttled:
+    """`log(kind, event, **fields)` logs through `emit` at most once per `interval` per kind."""
+
+    def __init__(
+        self,
+        emit: Callable[..., Any],
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._emit = emit
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        #: kind -> (when it was last logged, how many were held back since)
+        self._kinds: dict[str, tuple[float, int]] = {}
+
+    def log(self, kind: str, event: str, **fields: Any) -> bool:
+        """Log it now, or count it for the next line of its kind; returns whether it was logged."""
+        now = self._clock()
+        with self._lock:
+            last, held = self._kinds.get(kind, (float("-inf"), 0))
+            if now - last < self._interval:
+                self._kinds[kind] = (last, held + 1)
+                return False
+            self._kinds[kind] = (now, 0)
+        if held:
+            fields["and_before"] = held
+        self._emit(event, **fields)
+        return True

@@ -1,0 +1,1 @@
+"""The producer side: the app, tasks, results."""

@@ -1,0 +1,630 @@
+"""The application object: the task registry, the settings, and the producer side.
+
+    app = Millpond("shop")
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    add.delay(2, 3).get(timeout=10)
+
+The broker and the result backend are created lazily on first use, once per process (a forked child
+gets its own), so importing an app module opens no connection and starts no thread.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, Unpack, overload
+
+import structlog
+
+from millpond.config import plugins
+from millpond.config.settings import Settings, load_settings
+from millpond.contracts.backend import ResultBackend
+from millpond.contracts.broker import Broker, Outbound
+from millpond.contracts.hooks import HookChain, Hooks, Publication, publishing_parent
+from millpond.produce.builtins import register_builtins
+from millpond.produce.canvas import CanvasError, Signature
+from millpond.produce.control import Control
+from millpond.produce.result import AsyncResult, GroupResult
+from millpond.produce.task import (
+    BoundTaskDecorator,
+    Task,
+    TaskDecorator,
+    TaskDecoratorOptions,
+    current_request,
+    make_options,
+)
+from millpond.wire.protocol import Message, encode_task, new_id
+from millpond.wire.signing import sign
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodicDeclaration:
+    """A periodic task declared in code (`Millpond.add_periodic_task`), as it was declared.
+
+    The core only records it: the schedule (seconds, a `timedelta`, a five-field crontab string
+    or a schedule object) is interpreted and checked by the scheduler plugin (`millpond beat`,
+    from millpond-beat), which fails at start-up naming the entry when it is not valid. `options`
+    holds everything else given (queue, expires, timezone, catch_up, ... and Celery's options).
+    """
+
+    name: str
+    schedule: Any
+    task: str
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _listed(value: Signature[Any] | Sequence[Signature[Any]] | None) -> list[Signature[Any]] | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return [value]
+    return list(value) or None
+
+
+def _replying(
+    sigs: Sequence[Mapping[str, Any]] | None, reply_to: str
+) -> list[Mapping[str, Any]] | None:
+    """Signatures with `reply_to` in their options unless they name their own (where Celery's
+    `freeze` puts it), so the worker that sends them later routes their results to this caller."""
+    if not sigs:
+        return None
+    out: list[Mapping[str, Any]] = []
+    for sig in sigs:
+        options = sig.get("options") or {}
+        if options.get("reply_to"):
+            out.append(sig)
+        else:
+            out.append({**sig, "options": {**options, "reply_to": reply_to}})
+    return out
+
+
+# the methods `Millpond.AsyncResult` and `Millpond.GroupResult` (Celery's names) hide the classes
+# inside the class body
+_AsyncResult = AsyncResult
+_GroupResult = GroupResult
+
+#: the URL used when no broker is configured: the embedded, zero-server broker
+DEFAULT_BROKER_URL = "sqlite://"
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A publish `publishing_together` holds until its block ends: the hooks' view and tokens."""
+
+    publication: Publication
+    tokens: Any
+    outbound: Outbound
+
+
+class Millpond:
+    """A millpond application: where tasks are registered and from which they are sent."""
+
+    #: the class `@app.task` makes tasks of: an integration subclasses `Task` to add methods
+    #: (millpond_django's `delay_on_commit`) and sets this on its app class
+    task_cls: type[Task[..., Any]] = Task
+
+    def __init__(
+        self,
+        name: str = "millpond",
+        *,
+        broker_url: str | None = None,
+        result_backend: str | None = None,
+        settings: Settings | None = None,
+        **config: Any,
+    ) -> None:
+        self.name = name
+        self.tasks: dict[str, Task[..., Any]] = {}
+        #: periodic tasks declared in code, by entry name (run by `millpond beat`)
+        self.periodic_tasks: dict[str, PeriodicDeclaration] = {}
+        self._code_config: dict[str, Any] = dict(config)
+        if broker_url is not None:
+            self._code_config["broker_url"] = broker_url
+        if result_backend is not None:
+            self._code_config["result_backend"] = result_backend
+        self._settings = settings
+        self._lock = threading.RLock()
+        self._broker: Broker | None = None
+        self._control: Control | None = None
+        self._backend: ResultBackend | None = None
+        self._backend_resolved = False
+        self._warned: set[Hashable] = set()
+        self._hooks: HookChain | None = None
+        #: the publishes `publishing_together` is collecting in this context, if it is
+        self._batch: ContextVar[list[_Pending] | None] = ContextVar(
+            f"millpond-batch-{id(self)}", default=None
+        )
+        self._added_hooks: list[Hooks] = []
+        self._pid = os.getpid()
+        self.origin = f"{os.getpid()}@{socket.gethostname()}"
+        register_builtins(self)
+
+    def __repr__(self) -> str:
+        return f"<Millpond {self.name}: {len(self.tasks)} tasks>"
+
+    # -- settings --------------------------------------------------------------------------------
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            with self._lock:
+                if self._settings is None:
+                    self._settings = load_settings(code=self._code_config)
+        return self._settings
+
+    def configure(self, settings: Settings) -> None:
+        """Use these settings (the worker passes its fully merged ones); drops open connections."""
+        with self._lock:
+            self._settings = settings
+            self._reset()
+
+    @property
+    def code_config(self) -> Mapping[str, Any]:
+        return self._code_config
+
+    # -- registry --------------------------------------------------------------------------------
+    # The overloads give the type checker the function's parameters and return type (see
+    # millpond.produce.task) and every option by name; the implementation takes `**options` and
+    # checks them itself, for callers the type checker does not see.
+    @overload
+    def task(
+        self,
+        fn: Callable[P, R],
+        /,
+        *,
+        bind: Literal[False] = False,
+        **options: Unpack[TaskDecoratorOptions],
+    ) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        fn: Callable[Concatenate[Task[P, Any], P], R],
+        /,
+        *,
+        bind: Literal[True],
+        **options: Unpack[TaskDecoratorOptions],
+    ) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        fn: None = None,
+        /,
+        *,
+        bind: Literal[False] = False,
+        **options: Unpack[TaskDecoratorOptions],
+    ) -> TaskDecorator: ...
+
+    @overload
+    def task(
+        self, fn: None = None, /, *, bind: Literal[True], **options: Unpack[TaskDecoratorOptions]
+    ) -> BoundTaskDecorator: ...
+
+    @overload
+    def task(
+        self, fn: None = None, /, *, bind: bool, **options: Unpack[TaskDecoratorOptions]
+    ) -> Callable[[Callable[..., Any]], Task[..., Any]]: ...
+
+    def task(
+        self, fn: Callable[..., Any] | None = None, /, **options: Any
+    ) -> Task[..., Any] | Callable[[Callable[..., Any]], Task[..., Any]]:
+        """Register a function as a task; options are checked now (see TaskOptions)."""
+
+        def register(func: Callable[..., Any]) -> Task[..., Any]:
+            task: Task[..., Any] = self.task_cls(self, func, make_options(func, options))
+            existing = self.tasks.get(task.name)
+            if existing is not None and existing.fn is not func:
+                qualname = getattr(existing.fn, "__qualname__", existing.fn)
+                raise ValueError(f"a task named {task.name!r} is already registered ({qualname})")
+            self.tasks[task.name] = task
+            return task
+
+        if fn is not None:
+            return register(fn)
+        return register
+
+    # -- periodic tasks --------------------------------------------------------------------------
+    def add_periodic_task(
+        self,
+        schedule: Any,
+        sig: Signature[Any] | Task[..., Any] | str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        **options: Any,
+    ) -> PeriodicDeclaration:
+        """Run `sig` on `schedule` under `millpond beat` (Celery's `add_periodic_task`).
+
+        `schedule` is seconds, a `timedelta`, a five-field crontab string ("*/5 * * * *") or a
+        schedule object from millpond_beat (`crontab(...)`, `every(...)`, `at(...)`). `sig` is a
+        signature (`add.s(2, 3)`), a task, or a task name; `args`/`kwargs` override the
+        signature's. `options` are the entry's: queue, expires, timezone, catch_up, and the
+        signature's own options. `name` defaults to the call's repr, as Celery names it; a second
+        declaration under one name replaces the first.
+        """
+        if isinstance(sig, Mapping):
+            task, sig_args = str(sig["task"]), tuple(sig.get("args") or ())
+            sig_kwargs, sig_options = dict(sig.get("kwargs") or {}), dict(sig.get("options") or {})
+        else:
+            task = sig if isinstance(sig, str) else sig.name
+            sig_args, sig_kwargs, sig_options = (), {}, {}
+        final_args = tuple(args) if args is not None else sig_args
+        final_kwargs = dict(kwargs) if kwargs is not None else sig_kwargs
+        if name is None:
+            shown = [repr(a) for a in final_args]
+            shown += [f"{k}={v!r}" for k, v in final_kwargs.items()]
+            name = f"{task}({', '.join(shown)})"
+        declaration = PeriodicDeclaration(
+            name, schedule, task, final_args, final_kwargs, {**sig_options, **options}
+        )
+        self.periodic_tasks[name] = declaration
+        return declaration
+
+    def periodic_task(
+        self, schedule: Any, *, name: str | None = None, **options: Any
+    ) -> Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a function as a task and run it on `schedule` (no arguments):
+
+            @app.periodic_task(crontab("0 7 * * mon-fri"), name="morning report")
+            def report() -> None: ...
+
+        Applied to a function it is registered as with `@app.task`; applied to a task it only
+        adds the schedule. `options` are as in `add_periodic_task`.
+        """
+
+        def decorate(fn: Callable[P, R]) -> Task[P, R]:
+            task: Task[P, R] = fn if isinstance(fn, Task) else self.task(fn)
+            self.add_periodic_task(schedule, task.name, (), {}, name=name or task.name, **options)
+            return task
+
+        return decorate
+
+    # -- hooks -------------------------------------------------------------------------------------
+    @property
+    def hooks(self) -> HookChain:
+        """Every hooks implementation of this app: the installed ones the `hooks` setting names
+        (all, by default), then the ones added with `add_hooks`. Made on first use."""
+        if self._hooks is None:
+            with self._lock:
+                if self._hooks is None:
+                    installed = plugins.load_hooks(self.settings.hooks)
+                    self._hooks = HookChain([*installed, *self._added_hooks])
+        return self._hooks
+
+    def add_hooks(self, *hooks: Hooks) -> None:
+        """Add hooks implementations of your own (a worker started later calls them too)."""
+        with self._lock:
+            self._added_hooks.extend(hooks)
+            if self._hooks is not None:
+                self._hooks = self._hooks + hooks
+
+    def use_hooks(self, chain: HookChain) -> None:
+        """Replace the hook chain (the worker hands back the one left after start-up)."""
+        with self._lock:
+            self._hooks = chain
+
+    # -- connections (per process) ---------------------------------------------------------------
+    def _reset(self) -> None:
+        self._control = None
+        self._broker = None
+        self._backend = None
+        self._backend_resolved = False
+        self._pid = os.getpid()
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():  # forked: the parent's connections are not ours
+            self._reset()
+
+    @property
+    def broker_url(self) -> str:
+        return self.settings.broker_url or DEFAULT_BROKER_URL
+
+    @property
+    def broker(self) -> Broker:
+        self._check_pid()
+        if self._broker is None:
+            with self._lock:
+                if self._broker is None:
+                    self._broker = plugins.broker_for_url(self.broker_url, self.broker_options())
+        return self._broker
+
+    def broker_options(self) -> dict[str, Any]:
+        """Options handed to the broker plugin: the validated values of the settings section it
+        publishes under its URL scheme (`[redis]`, `MILLPOND_REDIS__*`), with the URL's query
+        parameters weighed in by where each was given."""
+        scheme = plugins.scheme_of(self.broker_url)
+        return self.settings.plugin_options(scheme, "broker_url")
+
+    @property
+    def backend(self) -> ResultBackend | None:
+        self._check_pid()
+        if not self._backend_resolved:
+            with self._lock:
+                if not self._backend_resolved:
+                    url = self.settings.result_backend
+                    if url:
+                        options = {"result_expires": self.settings.result_expires}
+                        backend = plugins.backend_for_url(url, options)
+                        if backend.replies_to_caller:  # rpc://: results travel over the broker
+                            backend.bind_broker(self.broker)
+                        self._backend = backend
+                    else:
+                        self._backend = self.broker.default_backend()
+                    self._backend_resolved = True
+        return self._backend
+
+    @property
+    def control(self) -> Control:
+        """Remote control, as Celery's `app.control` (docs/control.md)."""
+        self._check_pid()
+        found = self._control
+        if found is None:
+            from millpond.config.control import SECTION, ControlSettings
+
+            control = ControlSettings.from_section(self.settings.section(SECTION))
+            found = Control(
+                self.broker, namespace=control.exchange, signing_key=self.settings.signing_key
+            )
+            self._control = found
+        return found
+
+    def close(self) -> None:
+        control = self._control
+        if control is not None:
+            self._control = None
+            control.close()
+        with self._lock:
+            if self._broker is not None:
+                self._broker.close()
+            if self._backend is not None:
+                self._backend.close()
+            self._reset()
+
+    # -- producing -------------------------------------------------------------------------------
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        countdown: float | None = None,
+        eta: datetime | float | None = None,
+        expires: datetime | float | None = None,
+        headers: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        ignore_result: bool | None = None,
+        priority: int | None = None,
+        retries: int = 0,
+        link: Signature[Any] | Sequence[Signature[Any]] | None = None,
+        link_error: Signature[Any] | Sequence[Signature[Any]] | None = None,
+        chain: Sequence[Mapping[str, Any]] | None = None,
+        chord: Mapping[str, Any] | None = None,
+        group_id: str | None = None,
+        group_index: int | None = None,
+        root_id: str | None = None,
+        parent_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> AsyncResult[Any]:
+        """Send a task by name (it need not be registered here); returns its result handle.
+
+        `countdown` (seconds) or `eta` (datetime or epoch seconds) delay it, held by the broker;
+        `expires` (datetime, epoch seconds, or seconds from now when below one year) drops it if a
+        worker gets it too late. `link` and `link_error` are signatures to send when it succeeds
+        or fails (see `millpond.produce.canvas`); `chain`, `chord`, `group_id`, `group_index`,
+        `root_id` and `parent_id` are set by the canvas. `reply_to` is where the worker sends the
+        result when the backend replies to the caller (rpc://); by default the backend's own
+        reply queue for this process, and `""` asks for no reply.
+        """
+        now = time.time()
+        eta_ts: float | None = None
+        if countdown is not None:
+            eta_ts = now + float(countdown)
+        elif eta is not None:
+            eta_ts = eta.timestamp() if isinstance(eta, datetime) else float(eta)
+        expires_ts: float | None = None
+        if expires is not None:
+            if isinstance(expires, datetime):
+                expires_ts = expires.timestamp()
+            else:
+                expires_ts = now + float(expires) if float(expires) < 31_536_000 else float(expires)
+        parent = current_request()
+        if parent is not None:
+            root_id = root_id or parent.root_id or parent.id
+            parent_id = parent_id or parent.id
+        queue = queue or self.settings.default_queue
+        if ignore_result is None:
+            ignore_result = self.settings.ignore_result
+        task_id = task_id or new_id()
+        callbacks = self._routed(_listed(link))
+        errbacks = self._routed(_listed(link_error))
+        if reply_to is None and not ignore_result:
+            backend = self.backend
+            if backend is not None and backend.replies_to_caller:
+                reply_to = backend.reply_to(task_id)
+        if reply_to:  # what the worker sends next for this task replies here too
+            callbacks, errbacks = _replying(callbacks, reply_to), _replying(errbacks, reply_to)
+            chain = _replying(chain, reply_to)
+            chord = (_replying([chord], reply_to) or [chord])[0] if chord else chord
+        message = encode_task(
+            name,
+            args,
+            kwargs,
+            task_id=task_id,
+            retries=retries,
+            eta=eta_ts,
+            expires=expires_ts,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            root_id=root_id,
+            parent_id=parent_id,
+            origin=self.origin,
+            ignore_result=ignore_result,
+            sent_at=now,
+            headers=headers,
+            priority=priority,
+            callbacks=callbacks,
+            errbacks=errbacks,
+            chain=chain,
+            chord=chord,
+            group_id=group_id,
+            group_index=group_index,
+            reply_to=reply_to,
+        )
+        task_id = message.headers["id"]
+        self.publish(
+            queue, message, eta=eta_ts if eta_ts and eta_ts > now else None, retries=retries
+        )
+        result: AsyncResult[Any] = AsyncResult(task_id, self)
+        if parent is not None:
+            parent.children.append(result.as_tuple())
+        return result
+
+    def publish(
+        self,
+        queue: str,
+        message: Message,
+        *,
+        eta: float | None = None,
+        retries: int = 0,
+        parent: Mapping[str, str] | None = None,
+    ) -> None:
+        """The one way a task message leaves a process: publish hooks, signing, the broker.
+
+        `send_task` and the worker's retries both come here. `parent` is the propagation carrier
+        of the run that asks (a retry's), when it is not the caller's current context.
+        """
+        publication = Publication(
+            queue=queue,
+            message=message,
+            task_id=message.headers["id"],
+            task_name=message.headers["task"],
+            retries=retries,
+            system=self.broker.system,
+            parent=parent if parent is not None else publishing_parent(),
+            eta=eta,
+        )
+        hooks = self.hooks
+        tokens = hooks.before_publish(publication)
+        if self.settings.signing_key:
+            sign(message, self.settings.signing_key)
+        batch = self._batch.get()
+        if batch is not None:
+            batch.append(_Pending(publication, tokens, Outbound(queue, message, eta)))
+            return
+        try:
+            self.broker.publish(queue, message, eta=eta)
+        except BaseException as exc:
+            hooks.after_publish(publication, tokens, exc)
+            raise
+        hooks.after_publish(publication, tokens, None)
+
+    @contextmanager
+    def publishing_together(self) -> Iterator[None]:
+        """Hand every message published inside the block to the broker together when it ends.
+
+        The block returns once the broker has them all, as separate publishes would; a broker
+        whose confirms cost a round trip each (RabbitMQ) then waits once instead of once per
+        message. Groups and chords send their tasks this way. Nested blocks join the outer one.
+        """
+        if self._batch.get() is not None:
+            yield
+            return
+        pending: list[_Pending] = []
+        token = self._batch.set(pending)
+        try:
+            yield
+        finally:
+            self._batch.reset(token)
+            if pending:
+                self._publish_pending(pending)
+
+    def _publish_pending(self, pending: list[_Pending]) -> None:
+        hooks = self.hooks
+        try:
+            self.broker.publish_many([p.outbound for p in pending])
+        except BaseException as exc:
+            for p in pending:
+                hooks.after_publish(p.publication, p.tokens, exc)
+            raise
+        for p in pending:
+            hooks.after_publish(p.publication, p.tokens, None)
+
+    def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
+        """A handle on the task with this id (untyped: nothing says which task it was)."""
+        return AsyncResult(task_id, self)
+
+    def GroupResult(self, group_id: str, results: Sequence[_AsyncResult[Any]]) -> _GroupResult:
+        return _GroupResult(group_id, results, self)
+
+    def signature(
+        self,
+        name: str | Mapping[str, Any],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Signature[Any]:
+        """A signature by task name (or from a signature dict), bound to this app."""
+        if isinstance(name, Mapping):
+            return Signature.from_dict(name, self)
+        return Signature(name, args, kwargs, options, app=self)
+
+    def queue_for(self, name: str) -> str:
+        """The queue this app sends a task to when the call names none: the task's own `queue`
+        option if it is registered here, else the `default_queue` setting."""
+        task = self.tasks.get(name)
+        if task is not None and task.options.queue:
+            return task.options.queue
+        return self.settings.default_queue
+
+    def _routed(
+        self, signatures: Sequence[Mapping[str, Any]] | None
+    ) -> Sequence[Mapping[str, Any]] | None:
+        """Callbacks that name no queue get the one this producer would send them to: the worker
+        that sends them later sends them there, not to the worker's own queue."""
+        if not signatures:
+            return None
+        out: list[Mapping[str, Any]] = []
+        for sig in signatures:
+            options = sig.get("options") or {}
+            if options.get("queue"):
+                out.append(sig)
+            else:
+                queue = self.queue_for(sig["task"])
+                out.append({**sig, "options": {**options, "queue": queue}})
+        return out
+
+    def chord_backend(self) -> ResultBackend:
+        """The result backend, if it can join chords; else a clear error saying what can."""
+        backend = self.backend
+        if backend is None or not backend.supports_chords:
+            kind = type(backend).__name__ if backend is not None else "no result backend"
+            raise CanvasError(
+                f"a chord needs a result backend that joins its header ({kind} does not): use "
+                "the embedded sqlite:// (the default), memory://, or redis:// as result_backend"
+            )
+        return backend
+
+    def warn_once(self, key: Hashable, message: str) -> None:
+        """Log `message` as a warning the first time `key` is seen in this process."""
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        structlog.get_logger("millpond").warning(message)

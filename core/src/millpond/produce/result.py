@@ -1,0 +1,363 @@
+"""Result handles, and how a task's error comes back to the caller as the same exception type.
+
+An exception is rebuilt from its stored type name and module only when that type is a builtin or
+already imported in the caller's process: nothing is imported because a message says so. Anything
+else becomes a `TaskError` subclass with the remote type's name, so `except TaskError` catches all.
+
+`AsyncResult[R]` is typed by what its task returns (`add.delay(2, 3).get()` is an `int`). That is a
+promise about the task's declaration, not a check of what comes back: the value has made a round
+trip through the serializer (with JSON a tuple comes back a list, a dict's keys strings), and
+`send_task` and `app.AsyncResult(id)` know no task, so theirs is `AsyncResult[Any]`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
+
+from millpond import exceptions
+from millpond.contracts.backend import ResultBackend, ResultMeta
+from millpond.contracts.pool import json_args
+from millpond.exceptions import BackendError, TaskError, TaskRevokedError
+from millpond.exceptions import TimeoutError as MillpondTimeoutError
+from millpond.states import READY_STATES, TaskState
+
+if TYPE_CHECKING:
+    from millpond.contracts.pool import Outcome
+    from millpond.produce.app import Millpond
+
+R_co = TypeVar("R_co", covariant=True)
+
+_error_classes: dict[tuple[str, str], type[TaskError]] = {}
+
+
+#: millpond's exceptions that Celery has too, and the module Celery's are stored under: a
+#: failure is stored under Celery's name so a Celery client rebuilds its own exception from it,
+#: and rebuilt as millpond's when millpond reads it
+CELERY_MODULES = {
+    "TaskRevokedError": "celery.exceptions",
+    "MaxRetriesExceededError": "celery.exceptions",
+    "Reject": "celery.exceptions",
+    "Retry": "celery.exceptions",
+    "ChordError": "celery.exceptions",
+    "TimeLimitExceeded": "billiard.exceptions",
+    "SoftTimeLimitExceeded": "billiard.exceptions",
+    "WorkerLostError": "billiard.exceptions",
+}
+
+
+def exception_info(exc: BaseException) -> dict[str, Any]:
+    """Celery's layout of a failure in the result store."""
+    return error_info(type(exc).__name__, type(exc).__module__, json_args(exc.args))
+
+
+def error_info(exc_type: str, exc_module: str | None, message: list[Any]) -> dict[str, Any]:
+    """A failure as the result store keeps it, with millpond's own exceptions under Celery's
+    module names where Celery has the same one."""
+    module = exc_module or "millpond.exceptions"
+    if module == "millpond.exceptions" and exc_type in CELERY_MODULES:
+        module = CELERY_MODULES[exc_type]
+    return {"exc_type": exc_type, "exc_module": module, "exc_message": message}
+
+
+def stored_error(outcome: Outcome) -> dict[str, Any]:
+    """The result-store form of a failed outcome."""
+    return error_info(
+        outcome.exc_type or "TaskError",
+        outcome.exc_module,
+        outcome.stored_args,
+    )
+
+
+def rebuild_exception(info: Any) -> BaseException:
+    """The exception a failed task raised, as close to the original as is safe."""
+    if not isinstance(info, dict):
+        return TaskError(str(info))
+    name = str(info.get("exc_type") or "TaskError")
+    module = str(info.get("exc_module") or "")
+    raw_args = info.get("exc_message")
+    args: list[Any] = list(raw_args) if isinstance(raw_args, list | tuple) else [raw_args]
+    message = " ".join(str(a) for a in args)
+    cls: Any = None
+    if CELERY_MODULES.get(name) == module or module == "millpond.exceptions":
+        cls = getattr(exceptions, name, None)  # Celery's revoke, time limit, ...: millpond's own
+    elif module == "builtins":
+        cls = getattr(builtins, name, None)
+    elif module in sys.modules:
+        cls = getattr(sys.modules[module], name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(*args)
+        except Exception:
+            pass
+    key = (module, name)
+    err_cls = _error_classes.get(key)
+    if err_cls is None:
+        err_cls = type(name, (TaskError,), {"exc_type": name, "exc_module": module})
+        _error_classes[key] = err_cls
+    return err_cls(f"{module}.{name}: {message}" if module else message)
+
+
+class AsyncResult(Generic[R_co]):
+    """A handle on a sent task: its `id`, its state, and its outcome once ready.
+
+    `R` is the task's result type, what `get()` returns; covariant, since it is only returned.
+    """
+
+    def __init__(self, id: str, app: Millpond, parent: ResultNode | None = None) -> None:
+        self.id = id
+        self.app = app
+        #: the result of the step before this one in a chain (or a chord's header), when known
+        self.parent = parent
+        self._meta: ResultMeta | None = None
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult {self.id}>"
+
+    def as_tuple(self) -> list[Any]:
+        """Celery's serialised form of a result (`[[id, parent], None]`), as stored in `children`."""
+        return [[self.id, self.parent.as_tuple() if self.parent is not None else None], None]
+
+    @property
+    def children(self) -> list[ResultNode]:
+        """The tasks this one sent while it ran and after (callbacks, the next chain step), as
+        the worker stored them with its result; empty until it is ready."""
+        meta = self._fetch()
+        if meta is None:
+            return []
+        return [result_from_tuple(item, self.app) for item in meta.children or []]
+
+    def collect(self, timeout: float | None = None) -> Iterator[tuple[ResultNode, Any]]:
+        """This result and every one it led to (its children, theirs, ...), depth first, each
+        with its value once ready: `for result, value in res.collect(): ...`."""
+        stack: list[ResultNode] = [self]
+        while stack:
+            node = stack.pop()
+            value = node.get(timeout=timeout)
+            yield node, value
+            if isinstance(node, AsyncResult):
+                stack.extend(reversed(node.children))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AsyncResult) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def _fetch(self) -> ResultMeta | None:
+        if self._meta is not None and self._meta.status in READY_STATES:
+            return self._meta
+        backend = self.app.backend
+        if backend is None:
+            raise BackendError(
+                "no result backend is configured: set result_backend (MILLPOND_RESULT_BACKEND), "
+                "or use a broker that stores results (sqlite, redis)"
+            )
+        self._meta = backend.peek(self.id)
+        return self._meta
+
+    @property
+    def status(self) -> str:
+        meta = self._fetch()
+        return meta.status if meta else TaskState.PENDING
+
+    state = status
+
+    def ready(self) -> bool:
+        return self.status in READY_STATES
+
+    def successful(self) -> bool:
+        return self.status == TaskState.SUCCESS
+
+    def failed(self) -> bool:
+        return self.status == TaskState.FAILURE
+
+    @property
+    def result(self) -> Any:
+        """The return value, or the exception for a failed task (without raising it).
+
+        Typed `Any`, not `R | BaseException | None`, because in the other states it is what the
+        store holds: nothing while pending, the error's details while a retry is on its way, the
+        reason once revoked. `get()` is the typed way to the value.
+        """
+        meta = self._fetch()
+        if meta is None:
+            return None
+        if meta.status == TaskState.FAILURE:
+            return rebuild_exception(meta.result)
+        return meta.result
+
+    @property
+    def traceback(self) -> str | None:
+        meta = self._fetch()
+        return meta.traceback if meta else None
+
+    @overload
+    def get(self, timeout: float | None = None, propagate: Literal[True] = True) -> R_co: ...
+
+    @overload
+    def get(self, timeout: float | None = None, propagate: bool = True) -> R_co | BaseException: ...
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> R_co | BaseException:
+        """Wait for the outcome. A failed task re-raises its error (type and message), or, with
+        `propagate=False`, returns it (hence the union type when `propagate` is not literally True).
+
+        Raises `millpond.exceptions.TimeoutError` when it is not ready within `timeout` seconds.
+        """
+        backend = self.app.backend
+        if backend is None:
+            self._fetch()  # raises the clear "no backend" error
+        assert backend is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        meta = self._meta if self._meta and self._meta.status in READY_STATES else None
+        while meta is None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            got = backend.get(self.id, left)
+            if got is not None and got.status in READY_STATES:
+                meta = got
+            elif deadline is not None and time.monotonic() >= deadline:
+                state = got.status if got else TaskState.PENDING
+                raise MillpondTimeoutError(
+                    f"task {self.id} is not ready after {timeout}s (state {state})"
+                )
+        self._meta = meta
+        if meta.status == TaskState.SUCCESS:
+            value: R_co = meta.result  # the task's return value, as the serializer gave it back
+            return value
+        if meta.status == TaskState.REVOKED and not isinstance(meta.result, dict):
+            err: BaseException = TaskRevokedError(str(meta.result or f"task {self.id} was revoked"))
+        else:
+            err = rebuild_exception(meta.result)
+        if propagate:
+            raise err
+        return err
+
+    def forget(self) -> None:
+        if self.app.backend is not None:
+            self.app.backend.forget(self.id)
+
+
+class GroupResult:
+    """The results of a group's tasks, in the group's order.
+
+    `save()` stores the group under its id (Celery's `celery-taskset-meta-<id>`), so another
+    process can `GroupResult.restore(id, app)` it, as Celery's can.
+    """
+
+    def __init__(
+        self, id: str, results: Sequence[ResultNode], app: Millpond,
+        parent: ResultNode | None = None,
+    ) -> None:  # fmt: skip
+        self.id = id
+        self.results = list(results)
+        self.app = app
+        self.parent = parent
+
+    def __repr__(self) -> str:
+        return f"<GroupResult {self.id} [{', '.join(r.id for r in self.results)}]>"
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self) -> Iterator[ResultNode]:
+        return iter(self.results)
+
+    def __getitem__(self, index: int) -> ResultNode:
+        return self.results[index]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GroupResult) and (other.id, other.results) == (
+            self.id,
+            self.results,
+        )
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def as_tuple(self) -> list[Any]:
+        parent = self.parent.as_tuple() if self.parent is not None else None
+        return [[self.id, parent], [r.as_tuple() for r in self.results]]
+
+    def ready(self) -> bool:
+        return all(r.ready() for r in self.results)
+
+    def successful(self) -> bool:
+        return all(r.successful() for r in self.results)
+
+    def failed(self) -> bool:
+        return any(r.failed() for r in self.results)
+
+    def waiting(self) -> bool:
+        return not self.ready()
+
+    def completed_count(self) -> int:
+        """How many of the tasks succeeded."""
+        return sum(1 for r in self.results if r.successful())
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> list[Any]:
+        """Every task's value, in order; the first failure re-raises (unless `propagate=False`).
+        `timeout` bounds the whole wait, not each task's."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out: list[Any] = []
+        for result in self.results:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            out.append(result.get(timeout=left, propagate=propagate))
+        return out
+
+    join = get
+
+    @property
+    def children(self) -> list[ResultNode]:
+        return self.results
+
+    def save(self) -> None:
+        """Store the group (its id and its tasks' ids) in the result backend."""
+        self._backend().save_group(self.id, self.as_tuple())
+
+    @classmethod
+    def restore(cls, group_id: str, app: Millpond) -> GroupResult | None:
+        """The group saved under `group_id` (by millpond or Celery), or None."""
+        backend = app.backend
+        if backend is None:
+            raise BackendError("no result backend is configured: a group cannot be restored")
+        stored = backend.restore_group(group_id)
+        if stored is None:
+            return None
+        result = result_from_tuple(stored, app)
+        return result if isinstance(result, GroupResult) else cls(group_id, [result], app)
+
+    def forget(self) -> None:
+        for result in self.results:
+            result.forget()
+        self._backend().forget_group(self.id)
+
+    def _backend(self) -> ResultBackend:
+        backend = self.app.backend
+        if backend is None:
+            raise BackendError("no result backend is configured: a group cannot be saved")
+        return backend
+
+
+ResultNode = AsyncResult[Any] | GroupResult
+
+
+def result_from_tuple(value: Any, app: Millpond) -> ResultNode:
+    """A result from Celery's serialised form: `[[id, parent], None]` for a task,
+    `[[group_id, parent], [members...]]` for a group."""
+    if isinstance(value, AsyncResult | GroupResult):
+        return value
+    if isinstance(value, str):
+        return AsyncResult(value, app)
+    try:
+        (task_id, parent), members = value
+    except (TypeError, ValueError):
+        raise BackendError(f"not a stored result reference: {value!r:.200}") from None
+    parent_node = result_from_tuple(parent, app) if parent else None
+    if members is not None:
+        return GroupResult(
+            str(task_id), [result_from_tuple(m, app) for m in members], app, parent_node
+        )
+    return AsyncResult(str(task_id), app, parent_node)

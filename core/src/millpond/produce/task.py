@@ -1,0 +1,407 @@
+"""Tasks: a function registered under a name, with options checked when it is declared.
+
+Options are validated at decoration time (a typo fails at import, not at 3 a.m. in production), and
+`apply_async` refuses unknown keywords instead of dropping them.
+
+The same mistakes are type errors too: `Task[P, R]` carries the function's parameters (`P`, a
+`ParamSpec`) and its return type (`R`), so `add.delay("a", [1])` or `x: str = add(1, 2)` fail under
+mypy, and the keyword options of `@app.task` and `apply_async` are declared once, as the TypedDicts
+`TaskDecoratorOptions` and `SendOptions`, for the type checker and the runtime check alike.
+
+For an `async def` task `R` is the coroutine its call returns (calling the task still runs the
+function here, and that returns a coroutine); what the worker stores is the awaited value, so
+`delay()` and `apply_async()` are overloaded to hand back an `AsyncResult` of that value.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import random
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    NoReturn,
+    ParamSpec,
+    Protocol,
+    TypedDict,
+    TypeVar,
+    Unpack,
+    overload,
+)
+
+from millpond.contracts.limiter import RATE_LIMIT_SCOPES, InvalidRateLimit, parse_rate
+from millpond.exceptions import Retry
+from millpond.produce.canvas import Signature, chunks, xmap, xstarmap
+
+if TYPE_CHECKING:
+    from millpond.produce.app import Millpond
+    from millpond.produce.result import AsyncResult
+
+
+@dataclass(slots=True, frozen=True)
+class Request:
+    """What a running task knows about its own message (`self.request` in a bound task)."""
+
+    id: str
+    task: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    retries: int = 0
+    queue: str = ""
+    root_id: str | None = None
+    parent_id: str | None = None
+    origin: str | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    delivery_count: int = 1
+    group: str | None = None
+    group_index: int | None = None
+    #: the canvas fields of the message (`callbacks`, `errbacks`, `chain`, `chord`)
+    embed: Mapping[str, Any] = field(default_factory=dict)
+    #: results of the tasks sent from inside this one (filled as it sends them)
+    children: list[Any] = field(default_factory=list)
+
+    @property
+    def callbacks(self) -> list[Any] | None:
+        return self.embed.get("callbacks")
+
+    @property
+    def errbacks(self) -> list[Any] | None:
+        return self.embed.get("errbacks")
+
+    @property
+    def chain(self) -> list[Any] | None:
+        return self.embed.get("chain")
+
+    @property
+    def chord(self) -> Any:
+        return self.embed.get("chord")
+
+
+_current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
+    "millpond_request", default=None
+)
+
+
+def current_request() -> Request | None:
+    """The request of the task running in this context, if any."""
+    return _current_request.get()
+
+
+@dataclass(slots=True, frozen=True)
+class TaskOptions:
+    """Every option `@app.task` accepts; anything else is a TypeError at declaration."""
+
+    name: str
+    queue: str | None = None
+    bind: bool = False
+    acks_late: bool | None = None  # None: the acks_late setting decides
+    max_retries: int | None = 3
+    default_retry_delay: float = 180.0
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    autoretry_for: tuple[type[BaseException], ...] = ()
+    retry_backoff: float | bool = True  # True: 1 s base; a number: that base
+    retry_backoff_max: float = 600.0
+    retry_jitter: bool = True
+    ignore_result: bool | None = None
+    expires: float | None = None  # seconds after sending
+    reject_on_worker_lost: bool = True
+    max_deliveries: int | None = None  # None: the max_deliveries setting decides
+    priority: int | None = None
+    #: Celery's `rate_limit`: "10/s", "10/m", "10/h" or a number per second; per worker unless
+    #: `rate_limit_scope` (or the setting of that name) is "global"
+    rate_limit: str | float | None = None
+    rate_limit_scope: str | None = None  # None: the rate_limit_scope setting decides
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class TaskDecoratorOptions(TypedDict, total=False):
+    """The keywords of `@app.task(...)` besides `bind`, for the type checker.
+
+    `bind` is left out because it changes the decorated function's signature (its first parameter
+    is the task), so the `task()` overloads take it as a literal of their own. The runtime check is
+    `make_options` against `TaskOptions`; a test keeps the two lists equal.
+    """
+
+    name: str
+    queue: str | None
+    acks_late: bool | None
+    max_retries: int | None
+    default_retry_delay: float
+    time_limit: float | None
+    soft_time_limit: float | None
+    autoretry_for: type[BaseException] | tuple[type[BaseException], ...]
+    retry_backoff: float | bool
+    retry_backoff_max: float
+    retry_jitter: bool
+    ignore_result: bool | None
+    expires: float | None
+    reject_on_worker_lost: bool
+    max_deliveries: int | None
+    priority: int | None
+    rate_limit: str | float | None
+    rate_limit_scope: str | None
+
+
+class SendOptions(TypedDict, total=False):
+    """The keyword options of `apply_async` (and of `Millpond.send_task`).
+
+    A TypedDict rather than keyword parameters so that an option left out stays out: a task's own
+    default (its queue, time limits, expiry, priority) applies only to what the caller did not
+    pass, and an explicit `None` still overrides it, as it always has. mypy checks that every key
+    is a keyword `send_task` accepts with a compatible type (`apply_async` passes them on).
+    """
+
+    queue: str | None
+    countdown: float | None
+    eta: datetime | float | None
+    expires: datetime | float | None
+    headers: Mapping[str, Any] | None
+    task_id: str | None
+    time_limit: float | None
+    soft_time_limit: float | None
+    ignore_result: bool | None
+    priority: int | None
+    retries: int
+    #: canvas: callbacks on success and on failure (signatures), and what a canvas sets itself
+    link: Signature[Any] | Sequence[Signature[Any]] | None
+    link_error: Signature[Any] | Sequence[Signature[Any]] | None
+    chain: Sequence[Mapping[str, Any]] | None
+    chord: Mapping[str, Any] | None
+    group_id: str | None
+    group_index: int | None
+    root_id: str | None
+    parent_id: str | None
+    #: where the result goes with a backend that replies to the caller (rpc://)
+    reply_to: str | None
+
+
+TASK_OPTIONS = frozenset(TaskOptions.__dataclass_fields__) - {"extra"}
+SEND_OPTIONS = frozenset(SendOptions.__annotations__)
+
+
+def _check_number(name: str, value: Any, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise TypeError(f"task option {name!r} must be a non-negative number, got {value!r}")
+
+
+def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOptions:
+    unknown = set(options) - TASK_OPTIONS
+    if unknown:
+        raise TypeError(
+            f"unknown task option(s) {', '.join(sorted(unknown))} on {fn.__qualname__}; "
+            f"valid options: {', '.join(sorted(TASK_OPTIONS))}"
+        )
+    opts = dict(options)
+    opts.setdefault("name", f"{fn.__module__}.{fn.__qualname__}")
+    for key in ("time_limit", "soft_time_limit", "expires", "default_retry_delay"):
+        _check_number(key, opts.get(key))
+    autoretry = opts.get("autoretry_for", ())
+    if isinstance(autoretry, type):
+        autoretry = (autoretry,)
+    if not all(isinstance(t, type) and issubclass(t, BaseException) for t in autoretry):
+        raise TypeError("task option 'autoretry_for' must be a tuple of exception classes")
+    opts["autoretry_for"] = tuple(autoretry)
+    try:
+        parse_rate(opts.get("rate_limit"))
+    except InvalidRateLimit as exc:
+        raise TypeError(f"task option 'rate_limit' of {fn.__qualname__}: {exc}") from None
+    scope = opts.get("rate_limit_scope")
+    if scope is not None and scope not in RATE_LIMIT_SCOPES:
+        raise TypeError(
+            f"task option 'rate_limit_scope' must be one of {', '.join(RATE_LIMIT_SCOPES)} "
+            f"or None (the rate_limit_scope setting), got {scope!r}"
+        )
+    max_retries = opts.get("max_retries", 3)
+    if max_retries is not None and (
+        isinstance(max_retries, bool) or not isinstance(max_retries, int)
+    ):
+        raise TypeError("task option 'max_retries' must be an integer or None (unlimited)")
+    return TaskOptions(**opts)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+T = TypeVar("T")
+
+
+class Task(Generic[P, R_co]):
+    """A registered task. Calling it runs the function here; `delay` sends it to a worker.
+
+    `Task[P, R]`: `P` is the function's parameters (without the task itself for `bind=True`) and
+    `R` what calling it returns. `R` is covariant (it is only ever returned), so a
+    `Task[[int], bool]` is accepted where a `Task[[int], object]` is expected.
+    """
+
+    def __init__(self, app: Millpond, fn: Callable[..., R_co], options: TaskOptions) -> None:
+        self.app = app
+        self.fn = fn
+        self.options = options
+        self.name = options.name
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", options.name)
+        self.__module__ = fn.__module__
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co:
+        if self.options.bind:
+            return self.fn(self, *args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+    # -- sending ---------------------------------------------------------------------------------
+    # Each sending method has two overloads that differ only in the result type: an async def
+    # task's `R` is a coroutine, and the worker awaits it and stores what it returns, so its
+    # result is `AsyncResult[T]` for `Coroutine[Any, Any, T]`; any other task's is `AsyncResult[R]`.
+    # mypy picks the first overload that matches, so the coroutine one must come first.
+    @overload
+    def delay(
+        self: Task[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
+    ) -> AsyncResult[T]: ...
+
+    @overload
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R_co]: ...
+
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
+        """Send the task with these arguments, with its default options."""
+        return self.apply_async(args, kwargs)
+
+    # `args` and `kwargs` cannot be checked against `P`: a ParamSpec's parts exist only as a
+    # function's `*args`/`**kwargs`, not as a tuple type and a dict type. `delay` checks them.
+    @overload
+    def apply_async(
+        self: Task[P, Coroutine[Any, Any, T]],
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Unpack[SendOptions],
+    ) -> AsyncResult[T]: ...
+
+    @overload
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Unpack[SendOptions],
+    ) -> AsyncResult[R_co]: ...
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Unpack[SendOptions],
+    ) -> AsyncResult[Any]:
+        """Send the task with the options of `SendOptions` (queue, countdown, eta, expires,
+        headers, task_id, time_limit, soft_time_limit, ignore_result, priority, retries).
+
+        An unknown option is a type error and, for callers the type checker does not see (a
+        `**dict`, untyped code), a TypeError here that lists the valid ones."""
+        unknown = set(options) - SEND_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {', '.join(sorted(unknown))} for {self.name}.apply_async; "
+                f"valid options: {', '.join(sorted(SEND_OPTIONS))}"
+            )
+        opts = self.options
+        options.setdefault("queue", opts.queue)
+        options.setdefault("time_limit", opts.time_limit)
+        options.setdefault("soft_time_limit", opts.soft_time_limit)
+        options.setdefault("ignore_result", opts.ignore_result)
+        options.setdefault("priority", opts.priority)
+        if options.get("expires") is None and opts.expires is not None:
+            options["expires"] = opts.expires
+        return self.app.send_task(self.name, args or (), kwargs or {}, **options)
+
+    # -- canvas ----------------------------------------------------------------------------------
+    # Signatures are built here and sent later, often with a result prepended to their arguments
+    # (a chain step, a callback), so their arguments cannot be checked against `P`; their result
+    # type is the task's.
+    def s(self, *args: Any, **kwargs: Any) -> Signature[R_co]:
+        """A signature of this task with these (partial) arguments: `add.s(2) | add.s(3)`."""
+        return Signature(self, args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature[R_co]:
+        """An immutable signature: a parent's result is not prepended to its arguments."""
+        return Signature(self, args, kwargs, immutable=True)
+
+    def signature(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Unpack[SendOptions],
+    ) -> Signature[R_co]:
+        """A signature with options: `add.signature((2, 2), countdown=10)`."""
+        return Signature(self, args, kwargs, dict(options))
+
+    def map(self, it: Iterable[Any]) -> xmap:
+        """One task message that calls this task on each item (`celery.map`)."""
+        return xmap(Signature(self), it, app=self.app)
+
+    def starmap(self, it: Iterable[Sequence[Any]]) -> xstarmap:
+        """One task message that calls this task with each item's arguments (`celery.starmap`)."""
+        return xstarmap(Signature(self), it, app=self.app)
+
+    def chunks(self, it: Iterable[Sequence[Any]], n: int) -> chunks:
+        """The items in chunks of `n`, one `celery.starmap` task per chunk, as a group."""
+        return chunks(Signature(self), it, n, app=self.app)
+
+    # -- inside a running task -------------------------------------------------------------------
+    @property
+    def request(self) -> Request:
+        req = _current_request.get()
+        if req is None:
+            raise RuntimeError(f"{self.name}.request is only available while the task runs")
+        return req
+
+    def retry(
+        self,
+        exc: BaseException | None = None,
+        countdown: float | None = None,
+        eta: datetime | float | None = None,
+        max_retries: int | None = None,
+    ) -> NoReturn:
+        """Ask for this task to run again later; raises `Retry` (so `raise self.retry()` reads well).
+
+        When the retry budget is spent, the original `exc` is raised instead (or
+        `MaxRetriesExceededError` when there is none), and the task fails.
+        """
+        eta_ts = eta.timestamp() if isinstance(eta, datetime) else eta
+        raise Retry(exc=exc, countdown=countdown, eta=eta_ts, max_retries=max_retries)
+
+    def backoff(self, retries: int) -> float:
+        """Seconds to wait before retry number `retries + 1` under `autoretry_for`."""
+        opts = self.options
+        if opts.retry_backoff is False:
+            return opts.default_retry_delay
+        base = 1.0 if opts.retry_backoff is True else float(opts.retry_backoff)
+        delay: float = min(opts.retry_backoff_max, base * (2**retries))
+        if opts.retry_jitter:
+            delay = random.uniform(0, delay)  # full jitter spreads a thundering herd
+        return delay
+
+
+class TaskDecorator(Protocol):
+    """What `@app.task(...)` returns: registers a plain function (def or async def) as a task."""
+
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+
+class BoundTaskDecorator(Protocol):
+    """What `@app.task(bind=True, ...)` returns: the function's first parameter is the task.
+
+    The first parameter is matched as `Task[P, Any]`, not `Task[P, R]`, so that annotating it
+    `self: Task[Any, Any]` still gives the task the function's own parameters and return type
+    (with `Task[P, R]` mypy would take `R` from that annotation, `Any`, and lose the result type).
+    """
+
+    def __call__(self, fn: Callable[Concatenate[Task[P, Any], P], R], /) -> Task[P, R]: ...

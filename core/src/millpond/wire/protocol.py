@@ -1,0 +1,392 @@
+"""Celery's task message protocol v2, the only wire format millpond speaks.
+
+A `Message` is what a broker carries (body bytes, headers, a few properties). `encode_task` builds
+one from a task call; `decode_task` turns one back into a validated `TaskMessage` or raises a
+`MessageError` subclass that says exactly what is wrong, so the worker can dead-letter the message
+with a reason instead of crashing. JSON is the only accepted content type unless the `accept_content`
+setting says otherwise; pickle is refused unless explicitly allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from millpond.exceptions import (
+    MalformedMessage,
+    MessageTooLarge,
+    UnsupportedContentType,
+)
+
+JSON: Final = "application/json"
+PICKLE: Final = "application/x-python-serialize"
+DEFAULT_ACCEPT: Final = frozenset({JSON})
+DEFAULT_MAX_SIZE: Final = 10 * 1024 * 1024
+
+#: header carrying the producer's wall-clock time of publishing (seconds since the epoch); not part
+#: of Celery's protocol (Celery ignores unknown headers), used for the queue-wait measurement.
+SENT_AT: Final = "millpond_sent_at"
+#: header naming why a message was dead-lettered, set by the broker when it moves it.
+DEATH_REASON: Final = "x-millpond-death-reason"
+#: the header a scheduler's tick carries: the periodic entry's name (the header Celery beat sets)
+PERIODIC_TASK_NAME: Final = "periodic_task_name"
+#: header counting deliveries of a message, for brokers that cannot count them themselves.
+DELIVERY_COUNT: Final = "x-millpond-delivery-count"
+#: header of a chord header task's message put back to wait for its chord's claim to lapse: the
+#: worker that gets it treats it as a redelivery (returns its part again, does not run it twice).
+REJOIN: Final = "x-millpond-rejoin"
+
+_MAX_ID_LENGTH: Final = 255
+
+
+@dataclass(slots=True)
+class Message:
+    """One message as a broker carries it: opaque body bytes plus headers and properties.
+
+    `properties` holds the AMQP-style fields Celery sets: `correlation_id` (the task id),
+    `reply_to`, `delivery_mode` and `priority`.
+    """
+
+    body: bytes
+    headers: dict[str, Any]
+    content_type: str = JSON
+    content_encoding: str = "utf-8"
+    properties: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_id(self) -> str | None:
+        """The task id if the headers name one (used for logging undecodable messages)."""
+        value = self.headers.get("id") if isinstance(self.headers, dict) else None
+        return value if isinstance(value, str) else None
+
+    @property
+    def task_name(self) -> str | None:
+        value = self.headers.get("task") if isinstance(self.headers, dict) else None
+        return value if isinstance(value, str) else None
+
+
+@dataclass(slots=True, frozen=True)
+class TaskMessage:
+    """A decoded, validated task message: everything the worker needs to run it."""
+
+    id: str
+    task: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    retries: int = 0
+    eta: float | None = None  # seconds since the epoch
+    expires: float | None = None  # seconds since the epoch
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+    group: str | None = None
+    group_index: int | None = None
+    origin: str | None = None
+    ignore_result: bool = False
+    reply_to: str | None = None
+    sent_at: float | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
+    embed: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, Any] = field(default_factory=dict)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def _finite(value: int | float) -> float | None:
+    """The number as a finite float, or None: JSON integers have no size limit, and converting
+    one with 400 digits raises OverflowError, which must not escape the decoder."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _parse_time(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise MalformedMessage(f"header {name!r} must be an ISO 8601 date-time, got a boolean")
+    if isinstance(value, int | float):
+        seconds = _finite(value)
+        if seconds is None:
+            raise MalformedMessage(f"header {name!r} is not a finite number of seconds")
+        return seconds
+    if not isinstance(value, str):
+        raise MalformedMessage(f"header {name!r} must be an ISO 8601 date-time string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise MalformedMessage(f"header {name!r} is not an ISO 8601 date-time: {value[:64]!r}")
+    if parsed.tzinfo is None:  # Celery sends naive UTC when its timezone setting is off
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def _optional_str(headers: Mapping[str, Any], name: str) -> str | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise MalformedMessage(f"header {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _optional_index(headers: Mapping[str, Any]) -> int | None:
+    value = headers.get("group_index")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MalformedMessage("header 'group_index' must be a non-negative integer or null")
+    return value
+
+
+def _limit(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MalformedMessage(f"timelimit {name} must be a number or null")
+    seconds = _finite(value)
+    if seconds is None or seconds <= 0:
+        raise MalformedMessage(f"timelimit {name} must be a positive number, got {value!r:.64}")
+    return seconds
+
+
+def encode_task(
+    task: str,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    task_id: str | None = None,
+    retries: int = 0,
+    eta: float | None = None,
+    expires: float | None = None,
+    time_limit: float | None = None,
+    soft_time_limit: float | None = None,
+    root_id: str | None = None,
+    parent_id: str | None = None,
+    origin: str | None = None,
+    ignore_result: bool = False,
+    reply_to: str | None = None,
+    sent_at: float | None = None,
+    headers: Mapping[str, Any] | None = None,
+    priority: int | None = None,
+    callbacks: Sequence[Mapping[str, Any]] | None = None,
+    errbacks: Sequence[Mapping[str, Any]] | None = None,
+    chain: Sequence[Mapping[str, Any]] | None = None,
+    chord: Mapping[str, Any] | None = None,
+    group_id: str | None = None,
+    group_index: int | None = None,
+) -> Message:
+    """Build a protocol v2 message with a JSON body; raises `TypeError` for arguments JSON can't hold.
+
+    `callbacks`, `errbacks`, `chain` (the remaining steps, reversed) and `chord` (the body) are
+    signature dicts for the body's embed, the canvas fields Celery's workers read.
+    """
+    task_id = task_id or new_id()
+    kwargs = dict(kwargs or {})
+    embed = {
+        "callbacks": list(callbacks) if callbacks else None,
+        "errbacks": list(errbacks) if errbacks else None,
+        "chain": list(chain) if chain else None,
+        "chord": chord,
+    }
+    try:
+        body = json.dumps([list(args), kwargs, embed], separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"arguments of task {task!r} cannot be sent as JSON: {exc}") from exc
+    out: dict[str, Any] = {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "shadow": None,
+        "eta": _iso(eta),
+        "expires": _iso(expires),
+        "group": group_id,
+        "group_index": group_index,
+        "retries": retries,
+        "timelimit": [time_limit, soft_time_limit],
+        "root_id": root_id or task_id,
+        "parent_id": parent_id,
+        "argsrepr": _short_repr(args),
+        "kwargsrepr": _short_repr(kwargs),
+        "origin": origin,
+        "ignore_result": ignore_result,
+        SENT_AT: sent_at,
+    }
+    if headers:
+        out.update(headers)
+    props: dict[str, Any] = {"correlation_id": task_id, "delivery_mode": 2}
+    if reply_to:
+        props["reply_to"] = reply_to
+    if priority is not None:
+        props["priority"] = priority
+    return Message(body=body, headers=out, properties=props)
+
+
+def _short_repr(value: Any, limit: int = 1024) -> str:
+    text = repr(tuple(value) if isinstance(value, list) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def decode_task(
+    message: Message,
+    *,
+    accept: frozenset[str] = DEFAULT_ACCEPT,
+    max_size: int = DEFAULT_MAX_SIZE,
+) -> TaskMessage:
+    """Validate a message and decode its body; every problem raises a `MessageError` subclass."""
+    if not isinstance(message.body, bytes | bytearray | memoryview):
+        raise MalformedMessage("message body is not bytes")
+    if len(message.body) > max_size:
+        raise MessageTooLarge(
+            f"message body is {len(message.body)} bytes, over the {max_size}-byte limit "
+            "(setting max_message_size)"
+        )
+    headers = message.headers
+    if not isinstance(headers, dict):
+        raise MalformedMessage("message headers are not a mapping")
+    content_type = (message.content_type or "").split(";")[0].strip().lower()
+    if content_type not in accept:
+        allowed = ", ".join(sorted(accept))
+        if content_type == PICKLE:
+            why = "pickle is refused unless the accept_content setting allows it"
+        else:
+            why = (
+                "millpond decodes JSON (and pickle, when allowed) only: send JSON "
+                "(Celery: task_serializer = 'json')"
+            )
+        raise UnsupportedContentType(
+            f"content type {content_type or '(none)'!r} is not accepted (accepted: {allowed}); "
+            + why
+        )
+
+    task_id = headers.get("id")
+    if not isinstance(task_id, str) or not task_id or len(task_id) > _MAX_ID_LENGTH:
+        raise MalformedMessage("header 'id' must be a non-empty string of at most 255 characters")
+    name = headers.get("task")
+    if not isinstance(name, str) or not name or len(name) > _MAX_ID_LENGTH:
+        raise MalformedMessage("header 'task' must be a non-empty string of at most 255 characters")
+    retries = headers.get("retries", 0)
+    if retries is None:
+        retries = 0
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise MalformedMessage("header 'retries' must be a non-negative integer")
+    timelimit = headers.get("timelimit") or [None, None]
+    if not isinstance(timelimit, list | tuple) or len(timelimit) != 2:
+        raise MalformedMessage("header 'timelimit' must be [hard, soft]")
+    hard, soft = _limit("hard", timelimit[0]), _limit("soft", timelimit[1])
+    raw_sent_at = headers.get(SENT_AT)
+    # informational only: a bad value is ignored, not fatal
+    sent_at = (
+        _finite(raw_sent_at)
+        if isinstance(raw_sent_at, int | float) and not isinstance(raw_sent_at, bool)
+        else None
+    )
+
+    args, kwargs, embed = _decode_body(message.body, content_type, message.content_encoding)
+    props = message.properties if isinstance(message.properties, dict) else {}
+    reply_to = props.get("reply_to")
+    return TaskMessage(
+        id=task_id,
+        task=name,
+        args=args,
+        kwargs=kwargs,
+        retries=retries,
+        eta=_parse_time("eta", headers.get("eta")),
+        expires=_parse_time("expires", headers.get("expires")),
+        time_limit=hard,
+        soft_time_limit=soft,
+        root_id=_optional_str(headers, "root_id"),
+        parent_id=_optional_str(headers, "parent_id"),
+        group=_optional_str(headers, "group"),
+        group_index=_optional_index(headers),
+        origin=_optional_str(headers, "origin"),
+        ignore_result=bool(headers.get("ignore_result", False)),
+        reply_to=reply_to if isinstance(reply_to, str) else None,
+        sent_at=sent_at,
+        traceparent=_optional_str(headers, "traceparent"),
+        tracestate=_optional_str(headers, "tracestate"),
+        embed=embed,
+        headers=headers,
+    )
+
+
+def _decode_body(
+    body: bytes | bytearray | memoryview, content_type: str, encoding: str | None
+) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]:
+    if content_type == PICKLE:
+        try:
+            payload = pickle.loads(bytes(body))  # noqa: S301 - only when accept_content allows it
+        except Exception as exc:
+            raise MalformedMessage(f"pickle body cannot be loaded: {exc}")
+    else:
+        try:
+            text = bytes(body).decode(encoding or "utf-8")
+        except (UnicodeDecodeError, LookupError, TypeError) as exc:
+            raise MalformedMessage(f"body is not valid {encoding or 'utf-8'!s:.64} text: {exc}")
+        try:
+            payload = json.loads(text)
+        except RecursionError:
+            raise MalformedMessage("body JSON is nested too deeply")
+        except ValueError as exc:
+            raise MalformedMessage(f"body is not valid JSON: {exc}")
+    if not isinstance(payload, list | tuple) or len(payload) not in (2, 3):
+        raise MalformedMessage("body must be a JSON array [args, kwargs, embed] (protocol v2)")
+    args, kwargs = payload[0], payload[1]
+    embed = payload[2] if len(payload) == 3 else {}
+    if not isinstance(args, list | tuple):
+        raise MalformedMessage(f"body args must be an array, got {type(args).__name__}")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise MalformedMessage("body kwargs must be an object with string keys")
+    if embed is None:
+        embed = {}
+    if not isinstance(embed, dict):
+        raise MalformedMessage("body embed must be an object or null")
+    _check_embed(embed)
+    return tuple(args), kwargs, embed
+
+
+def _check_signature(where: str, value: Any) -> None:
+    if not isinstance(value, dict) or not isinstance(value.get("task"), str) or not value["task"]:
+        raise MalformedMessage(f"{where} must be a signature (an object with a 'task' name)")
+    for key, kind in (("args", list | tuple), ("kwargs", dict), ("options", dict)):
+        if value.get(key) is not None and not isinstance(value[key], kind):
+            raise MalformedMessage(f"{where}: its {key!r} has the wrong type")
+
+
+def _check_embed(embed: dict[str, Any]) -> None:
+    """The canvas fields must be signatures, so a worker never fails half-way through a chain:
+    a bad one dead-letters the message with the reason, before the task runs. The next step of a
+    chain (its last element), the callbacks, errbacks and chord body are checked whole; the later
+    steps of a long chain only for being signatures (every step is checked whole when it is
+    next, by the worker that receives it)."""
+    for key in ("callbacks", "errbacks", "chain"):
+        items = embed.get(key)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            raise MalformedMessage(f"body embed {key!r} must be a list of signatures or null")
+        whole = range(len(items) - 1, len(items)) if key == "chain" else range(len(items))
+        for index, item in enumerate(items):
+            shallow_ok = type(item) is dict and type(item.get("task")) is str and item["task"]
+            if index in whole or not shallow_ok:
+                _check_signature(f"body embed {key}[{index}]", item)
+    if embed.get("chord") is not None:
+        _check_signature("body embed 'chord'", embed["chord"])

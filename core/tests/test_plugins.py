@@ -1,0 +1,81 @@
+"""The plugin loader: stevedore lists without importing, loads by name or by group, and says what
+to do when a plugin is missing or does not fit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from millpond.config import plugins
+from millpond.config.options import Section
+from millpond.contracts.pool import BasePool
+from millpond.exceptions import PluginLoadError, PluginNotFound
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+
+
+def test_the_loader_does_not_import_the_cli() -> None:
+    proc = run(
+        "import sys, millpond.config.plugins as p; p.installed(p.POOLS); p.pool_class('solo');"
+        "print(sorted(m for m in sys.modules if m.startswith('millpond.cli')))"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_listing_imports_nothing() -> None:
+    proc = run(
+        "import sys, millpond.config.plugins as p\n"
+        "rows = p.describe_installed()\n"
+        "assert {'gevent', 'eventlet', 'prefork'} <= {r.name for r in rows}\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('millpond_', 'gevent', 'eventlet'))))"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_load_all_loads_a_group_or_the_named_ones_in_order() -> None:
+    named = plugins.load_all(plugins.POOLS, ["threads", "solo"])
+    assert [name for name, _ in named] == ["threads", "solo"]
+    assert all(isinstance(cls, type) and issubclass(cls, BasePool) for _, cls in named)
+    every = plugins.load_all(plugins.SETTINGS)
+    assert [name for name, _ in every] == plugins.installed(plugins.SETTINGS)
+    assert all(isinstance(section, Section) for _, section in every)
+    assert plugins.load_all(plugins.HOOKS, []) == []
+
+
+def test_a_missing_name_lists_what_is_installed() -> None:
+    with pytest.raises(PluginNotFound) as info:
+        plugins.load_all(plugins.POOLS, ["solo", "nosuch"])
+    assert "no pool named 'nosuch' is installed (installed: asyncio, eventlet" in str(info.value)
+    with pytest.raises(PluginNotFound, match="no broker named 'kafka' is installed"):
+        plugins.broker_for_url("kafka://h")
+    with pytest.raises(PluginNotFound, match=r"Redis Cluster is not supported yet.*Sentinel"):
+        plugins.broker_for_url("redis-cluster://127.0.0.1:7000/0")
+
+
+def test_sections_are_found_by_the_name_of_what_they_configure() -> None:
+    from millpond_broker_redis.settings import SECTION as REDIS
+
+    for name in ("redis", "rediss", "redis+sentinel"):
+        assert plugins.settings_section(name) is REDIS
+    assert plugins.settings_section("solo") is None
+    sections = {section.name: dist for section, dist in plugins.installed_sections()}
+    assert sections["redis"] == "millpond-broker-redis"  # listed once, under its own name
+    assert sections["sqlite"] == "millpond-broker-embedded"
+
+
+def test_an_entry_point_naming_the_wrong_kind_of_object_is_refused() -> None:
+    with pytest.raises(PluginLoadError, match="does not name a BasePool subclass"):
+        plugins._verify(plugins.POOLS, "odd", object)
+    with pytest.raises(PluginLoadError, match="does not name a millpond Section"):
+        plugins._verify(plugins.SETTINGS, "odd", {"not": "a section"})

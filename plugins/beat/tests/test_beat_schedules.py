@@ -1,0 +1,125 @@
+"""Schedules on their own: parsing, intervals, crontab wall-clock rules, Celery's objects."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from millpond_beat import ScheduleError, at, crontab, every
+from millpond_beat.schedules import parse, zone
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def ts(*args: int, tz: object = UTC) -> float:
+    return datetime(*args, tzinfo=tz).timestamp()  # type: ignore[arg-type]
+
+
+def walk(schedule: object, start: float, n: int, tz: object = UTC) -> list[float]:
+    out, t = [], start
+    for _ in range(n):
+        t = schedule.next_after(t, tz)  # type: ignore[attr-defined]
+        out.append(t)
+    return out
+
+
+def test_every_ticks_on_whole_multiples_of_its_period() -> None:
+    assert walk(every(60), ts(2026, 1, 1, 10, 0, 30), 3) == [
+        ts(2026, 1, 1, 10, 1),
+        ts(2026, 1, 1, 10, 2),
+        ts(2026, 1, 1, 10, 3),
+    ]
+    # exactly on a tick: the next one
+    assert every(1).next_after(100.0, UTC) == 101.0
+    assert every(10, anchor=3).next_after(20.0, UTC) == 23.0
+
+
+def test_every_counts_what_a_scheduler_away_missed() -> None:
+    assert every(1).due_between(10.5, 15.0, UTC) == (15.0, 5)
+    assert every(1).due_between(10.0, 10.9, UTC) == (None, 0)
+
+
+def test_crontab_string_and_fields_mean_the_same() -> None:
+    assert crontab("*/15 9-17 * * mon-fri") == crontab(
+        minute="*/15", hour="9-17", day_of_week="mon-fri"
+    )
+    c = crontab("0 7 * * 1-5")
+    # 2026-01-03 is a Saturday: next is Monday 07:00
+    assert c.next_after(ts(2026, 1, 2, 8), UTC) == ts(2026, 1, 5, 7)
+
+
+def test_crontab_sunday_is_0_and_7() -> None:
+    assert crontab("0 0 * * 0").day_of_week == crontab("0 0 * * 7").day_of_week == {0}
+    assert crontab("0 0 * * 5-7").day_of_week == {5, 6, 0}
+
+
+def test_crontab_day_of_month_and_month() -> None:
+    c = crontab("0 12 29 2 *")  # leap days only
+    assert c.next_after(ts(2026, 1, 1), UTC) == ts(2028, 2, 29, 12)
+    # both day fields restricted: both must match, as in Celery (2026-03-13 is a Friday)
+    friday_13th = crontab(minute=0, hour=0, day_of_month=13, day_of_week="fri")
+    assert friday_13th.next_after(ts(2026, 1, 1), UTC) == ts(2026, 2, 13)
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("61 * * * *", "minute"),
+        ("* 24 * * *", "hour"),
+        ("* * 0 * *", "day_of_month"),
+        ("* * * 13 *", "month_of_year"),
+        ("* * * * funday", "day_of_week"),
+        ("5-1 * * * *", "backwards"),
+        ("* * * *", "five fields"),
+        ("0 0 31 2 *", "no month"),
+        ("*/0 * * * *", "minute"),
+    ],
+)
+def test_bad_crontabs_say_what_is_wrong(spec: str, words: str) -> None:
+    with pytest.raises(ScheduleError, match=words):
+        crontab(spec)
+
+
+def test_parse_reads_every_form_people_write() -> None:
+    assert parse(30) == every(30)
+    assert parse(timedelta(minutes=5)) == every(300)
+    assert parse("2.5") == every(2.5)
+    assert parse("*/5 * * * *") == crontab(minute="*/5")
+    assert parse({"minute": 30, "hour": "2"}) == crontab("30 2 * * *")
+    assert parse({"every": 10}) == every(10)
+    when = datetime(2030, 1, 1, tzinfo=UTC)
+    assert parse({"at": "2030-01-01T00:00:00+00:00"}) == at(when)
+    with pytest.raises(ScheduleError, match="cannot read the schedule"):
+        parse([1, 2])
+    with pytest.raises(ScheduleError, match="more than 0"):
+        parse(0)
+
+
+def test_at_ticks_once() -> None:
+    when = ts(2030, 1, 1)
+    assert at(when).next_after(when - 1, UTC) == when
+    assert at(when).next_after(when, UTC) is None
+    # a naive time is read in the entry's zone
+    naive = at(datetime(2030, 1, 1, 12))
+    assert naive.next_after(0, BERLIN) == ts(2030, 1, 1, 11)
+
+
+def test_bad_time_zone_is_refused() -> None:
+    with pytest.raises(ScheduleError, match="unknown time zone 'Mars/Olympus'"):
+        zone("Mars/Olympus")
+
+
+def test_celery_schedule_objects_are_read() -> None:
+    from celery.schedules import crontab as celery_crontab
+    from celery.schedules import schedule as celery_schedule
+    from celery.schedules import solar
+
+    assert parse(celery_crontab(minute="*/10", hour="8-18", day_of_week="mon-fri")) == crontab(
+        minute="*/10", hour="8-18", day_of_week="mon-fri"
+    )
+    assert parse(celery_schedule(timedelta(seconds=45))) == every(45)
+    not_built = solar.__new__(solar)  # a real one needs the ephem library
+    with pytest.raises(ScheduleError, match="solar"):
+        parse(not_built)

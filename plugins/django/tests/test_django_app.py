@@ -1,0 +1,94 @@
+"""Settings from settings.MILLPOND, task autodiscovery and delay_on_commit, in process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from millpond.exceptions import ConfigurationError
+
+
+def test_settings_come_from_django_settings(django_project: Path, monkeypatch) -> None:
+    from millpond_django import DjangoMillpond
+
+    monkeypatch.delenv("MILLPOND_DEFAULT_QUEUE", raising=False)
+    app = DjangoMillpond("t-settings")
+    assert app.settings.default_queue == "from-django-settings"
+    assert app.settings.broker_url == "memory://djproj"
+
+
+def test_environment_wins_over_django_settings(django_project: Path, monkeypatch) -> None:
+    from millpond_django import DjangoMillpond
+
+    monkeypatch.setenv("MILLPOND_DEFAULT_QUEUE", "from-env")
+    assert DjangoMillpond("t-env").settings.default_queue == "from-env"
+
+
+def test_keywords_win_over_django_settings(django_project: Path, monkeypatch) -> None:
+    from millpond_django import DjangoMillpond
+
+    monkeypatch.delenv("MILLPOND_DEFAULT_QUEUE", raising=False)
+    app = DjangoMillpond("t-kw", default_queue="from-code")
+    assert app.settings.default_queue == "from-code"
+
+
+def test_a_millpond_setting_that_is_not_a_dict_is_refused(django_project: Path) -> None:
+    from django.test import override_settings
+
+    from millpond_django import DjangoMillpond
+
+    with (
+        override_settings(MILLPOND=["broker_url"]),
+        pytest.raises(ConfigurationError, match="must be a dict"),
+    ):
+        DjangoMillpond("t-bad")
+
+
+def test_autodiscovery_imports_the_installed_apps_tasks(django_project: Path) -> None:
+    from djproj.millpond import app
+
+    assert {"shop.write_note", "shop.connection_id"} <= set(app.tasks)
+    assert app.autodiscover_tasks() == ["shop.tasks"]
+
+
+def _queue_size(app, queue: str) -> int:
+    return int(app.broker.queue_length(queue))
+
+
+@pytest.fixture
+def shop_app(django_project: Path):
+    from djproj.millpond import app
+
+    app.broker.purge("from-django-settings")
+    return app
+
+
+def test_delay_on_commit_sends_once_after_the_commit(shop_app) -> None:
+    from django.db import transaction
+    from shop.tasks import write_note
+
+    with transaction.atomic():
+        write_note.delay_on_commit("kept")
+        assert _queue_size(shop_app, "from-django-settings") == 0, "sent before the commit"
+    assert _queue_size(shop_app, "from-django-settings") == 1
+
+
+def test_delay_on_commit_sends_nothing_on_rollback(shop_app) -> None:
+    from django.db import transaction
+    from shop.tasks import write_note
+
+    class Rollback(Exception):
+        pass
+
+    with pytest.raises(Rollback), transaction.atomic():
+        write_note.delay_on_commit("dropped")
+        raise Rollback
+    assert _queue_size(shop_app, "from-django-settings") == 0
+
+
+def test_delay_on_commit_outside_a_transaction_sends_at_once(shop_app) -> None:
+    from shop.tasks import write_note
+
+    write_note.apply_async_on_commit(("now",), queue="from-django-settings")
+    assert _queue_size(shop_app, "from-django-settings") == 1

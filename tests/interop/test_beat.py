@@ -1,0 +1,97 @@
+"""A Celery project's `beat_schedule` (Celery's crontab and timedelta objects) runs unchanged under
+`millpond beat`, and a real Celery 5.7 worker runs the ticks."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.interop import sink
+from tests.interop.conftest import REDIS, WAIT, Worker, wait_until
+
+pytestmark = [pytest.mark.redis, pytest.mark.e2e]
+
+
+def test_celery_beat_schedule_runs_unchanged_and_celery_runs_the_ticks(tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex[:10]
+    queue, key = f"beat-interop-{tag}", f"beat-interop-sink-{tag}"
+    env = {"BEAT_QUEUE": queue, "BEAT_KEY": key}
+    celery_cmd = (
+        f"-m celery -A tests.interop.celery_app worker -P threads -c 2 -Q {queue} "
+        f"-n beat-{tag}@%h --without-mingle --without-gossip --without-heartbeat -l INFO"
+    )
+    workers = [
+        Worker(
+            "celery",
+            [sys.executable, *celery_cmd.split()],
+            {**env, "INTEROP_BROKER": REDIS, "INTEROP_BACKEND": REDIS, "INTEROP_QUEUE": queue},
+            tmp_path / "celery.log",
+        ),
+        Worker(
+            "beat",
+            [sys.executable, "-m", "millpond", "beat", "-A", "tests.interop.beat_app:app"],
+            {
+                **env,
+                "MILLPOND_BROKER_URL": REDIS,
+                "MILLPOND_BEAT__KEY_PREFIX": f"beat-interop-{tag}",
+                "MILLPOND_LOG_FORMAT": "json",
+            },
+            tmp_path / "beat.log",
+        ),
+    ]
+    try:
+        listing = Worker(
+            "list",
+            [
+                sys.executable,
+                "-m",
+                "millpond",
+                "beat",
+                "-A",
+                "tests.interop.beat_app:app",
+                "--list",
+            ],
+            {
+                **env,
+                "MILLPOND_BROKER_URL": REDIS,
+                "MILLPOND_BEAT__KEY_PREFIX": f"beat-interop-{tag}",
+            },
+            tmp_path / "list.log",
+        )
+        assert listing.proc.wait(WAIT) == 0, listing.text()
+        listing.stop()
+        text = listing.text()
+        assert "Record Every Second" in text
+        assert "crontab 30 2 * * mon-fri [Europe/Berlin]" in text, text
+
+        def ticks() -> list[dict[str, object]]:
+            for w in workers:
+                w.check_alive()
+            raw = sink.client().lrange(key, 0, -1)
+            return [json.loads(r) for r in raw if json.loads(r)["value"] == "tick"]
+
+        got = wait_until(
+            lambda: len(ticks()) >= 3 and ticks(),
+            WAIT,
+            lambda: (
+                f"three ticks run by Celery\n{workers[0].text()[-3000:]}\n{workers[1].text()[-3000:]}"
+            ),
+        )
+        assert all(t["side"] == "celery" for t in got)
+        published = [
+            json.loads(line)
+            for line in workers[1].text().splitlines()
+            if line.startswith("{") and '"beat published"' in line
+        ]
+        assert {p["entry"] for p in published} >= {"Record Every Second"}
+    finally:
+        for w in workers:
+            w.stop()
+        client = sink.client()
+        client.delete(key, queue, f"beat-interop-{tag}:state", f"beat-interop-{tag}:leader")
+        for name in client.scan_iter(f"beat-interop-{tag}:tick:*"):
+            client.delete(name)
