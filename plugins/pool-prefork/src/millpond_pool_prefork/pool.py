@@ -201,6 +201,11 @@ class PreforkPool(BasePool):
         #: recycling for memory is told at INFO, at most one line per 10 s
         self._told = Throttled(log.info)
         self._cond = threading.Condition()
+        #: held from taking the outbox until its frames are written: the worker thread and the
+        #: supervisor both flush, and two unserialised flushes can write one child's frames out
+        #: of order (the child then runs jobs in an order the parent does not expect and their
+        #: completions are dropped as stale) or interleave two partial writes
+        self._send_lock = threading.Lock()
         self._children: dict[int, _Child] = {}
         self._tokens = itertools.count(1)
         self._pending: deque[tuple[Job, bytes]] = deque()
@@ -528,21 +533,22 @@ class PreforkPool(BasePool):
     def _flush(self) -> None:
         """Send what the outbox holds, one write per child (call without the lock: a send may
         block briefly)."""
-        with self._cond:
-            sends, self._outbox = self._outbox, []
-            wake, self._deadlines_changed = self._deadlines_changed, False
-        if wake and threading.current_thread() is not self._supervisor:
-            self._wake()  # the supervisor must re-compute its timeout for the new deadline
-        if not sends:
-            return
-        batches: dict[_Child, list[bytes]] = {}
-        for child, payload in sends:
-            batches.setdefault(child, []).append(payload)
-        for child, payloads in batches.items():
-            try:
-                child.sock.sendall(payloads[0] if len(payloads) == 1 else b"".join(payloads))
-            except OSError:
-                pass  # the child died: its end of stream is seen and handled by the supervisor
+        with self._send_lock:
+            with self._cond:
+                sends, self._outbox = self._outbox, []
+                wake, self._deadlines_changed = self._deadlines_changed, False
+            if wake and threading.current_thread() is not self._supervisor:
+                self._wake()  # the supervisor must re-compute its timeout for the new deadline
+            if not sends:
+                return
+            batches: dict[_Child, list[bytes]] = {}
+            for child, payload in sends:
+                batches.setdefault(child, []).append(payload)
+            for child, payloads in batches.items():
+                try:
+                    child.sock.sendall(payloads[0] if len(payloads) == 1 else b"".join(payloads))
+                except OSError:
+                    pass  # the child died: its end of stream is seen and handled by the supervisor
 
     def _begin_kill(
         self, child: _Child, signum: int, reason: tuple[TaskState, type[BaseException], str]
@@ -751,7 +757,20 @@ class PreforkPool(BasePool):
             _, task_id, outcome, leaving = message
             job = child.job
             if job is None or job.task_id != task_id:
-                return  # terminated before it started, and it raced its skip: reported already
+                stray = next((j for j in child.queue if j.task_id == task_id), None)
+                if stray is None:
+                    return  # terminated before it started, and it raced its skip: reported already
+                # a job behind the head finished first: report it rather than wait for it forever
+                log.warning(
+                    "a prefork child finished a job out of the order it was given",
+                    pid=child.pid,
+                    task_id=task_id,
+                    expected=job.task_id if job is not None else None,
+                )
+                child.queue.remove(stray)
+                child.tasks += 1
+                completions.append((stray, outcome))
+                return
             # a job that finished as its kill was under way: its real outcome wins
             completions.append((job, outcome))
             child.queue.popleft()
