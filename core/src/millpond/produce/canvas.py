@@ -346,10 +346,9 @@ def maybe_signature(value: Any, app: Millpond | None = None) -> Signature[Any] |
 
 
 # -- chains ----------------------------------------------------------------------------------------
-class chain(Signature[Any]):
-    """Tasks one after another, each given the previous one's result."""
-
-    kind = "chain"
+class _Composite(Signature[R]):
+    """A signature made of signatures (a chain's steps, a group's members), kept under its
+    `tasks` keyword as Celery does; `kind` names Celery's built-in task for it."""
 
     def __init__(
         self,
@@ -357,22 +356,28 @@ class chain(Signature[Any]):
         app: Millpond | None = None,
         **options: Any,
     ) -> None:
-        steps = _flatten_args(tasks)
+        parts = _flatten_args(tasks)
         super().__init__(
-            "celery.chain", (), {"tasks": steps}, options, app=app or _first_app(steps)
+            f"celery.{self.kind}", (), {"tasks": parts}, options, app=app or _first_app(parts)
         )
 
     @classmethod
     def _from_fields(cls, data: Mapping[str, Any], app: Millpond | None) -> Signature[Any]:
         kwargs = data.get("kwargs") or {}
-        steps = [Signature.from_dict(t, app) for t in kwargs.get("tasks") or []]
-        made = cls(steps, app=app, **(data.get("options") or {}))
+        parts = [Signature.from_dict(t, app) for t in kwargs.get("tasks") or []]
+        made = cls(parts, app=app, **(data.get("options") or {}))
         made["immutable"] = bool(data.get("immutable"))
         return made
 
     @property
     def tasks(self) -> list[Signature[Any]]:
         return self.kwargs["tasks"]  # type: ignore[no-any-return]
+
+
+class chain(_Composite[Any]):
+    """Tasks one after another, each given the previous one's result."""
+
+    kind = "chain"
 
     def __call__(self, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
         """Send the chain (`chain(...)()`, as Celery has it)."""
@@ -500,33 +505,10 @@ class chain(Signature[Any]):
 
 
 # -- groups ----------------------------------------------------------------------------------------
-class group(Signature[list[Any]]):
+class group(_Composite[list[Any]]):
     """Tasks run in parallel; their results come back as one list, in order."""
 
     kind = "group"
-
-    def __init__(
-        self,
-        *tasks: Signature[Any] | Iterable[Signature[Any]],
-        app: Millpond | None = None,
-        **options: Any,
-    ) -> None:
-        members = _flatten_args(tasks)
-        super().__init__(
-            "celery.group", (), {"tasks": members}, options, app=app or _first_app(members)
-        )
-
-    @classmethod
-    def _from_fields(cls, data: Mapping[str, Any], app: Millpond | None) -> Signature[Any]:
-        kwargs = data.get("kwargs") or {}
-        members = [Signature.from_dict(t, app) for t in kwargs.get("tasks") or []]
-        made = cls(members, app=app, **(data.get("options") or {}))
-        made["immutable"] = bool(data.get("immutable"))
-        return made
-
-    @property
-    def tasks(self) -> list[Signature[Any]]:
-        return self.kwargs["tasks"]  # type: ignore[no-any-return]
 
     def __call__(self, *args: Any, **kwargs: Any) -> GroupResult:
         """Send the group (`group(...)()`, as Celery has it)."""
