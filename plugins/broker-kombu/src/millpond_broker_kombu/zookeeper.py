@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from kazoo.exceptions import KazooException, NoNodeError, NotEmptyError
+from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError, NotEmptyError
 
 from millpond.contracts.broker import Consumer, Delivery, dead_letter_queue
 from millpond.contracts.lease import BeatResult, LeaseKeeper, LeaseServer
@@ -127,9 +127,14 @@ class ZookeeperConsumer(Consumer):
         consumers whose owner znode is gone left in flight."""
         lapsed = self.client.exists(posixpath.join(self.owners, self.id)) is None
         if lapsed:
+            # the owner znode before the directory: a restorer that sees a directory without its
+            # owner must be right that the owner is dead
             self.client.ensure_path(self.owners)
+            try:
+                self.client.create(posixpath.join(self.owners, self.id), b"", ephemeral=True)
+            except NodeExistsError:
+                lapsed = False  # made by the previous beat, whose reply was lost on the way back
             self.client.ensure_path(self.dir)
-            self.client.create(posixpath.join(self.owners, self.id), b"", ephemeral=True)
         return BeatResult(lapsed=lapsed, restored=self._recover())
 
     def _recover(self) -> int:
