@@ -1,16 +1,23 @@
-"""SIGKILL a worker in the middle of 1,000 tasks on SQS (a moto server) and on the file system:
-nothing is lost. The load mixes plain tasks, tasks that retry once with a countdown and tasks
-sent with a countdown, and stores results in a sqlite file (the documented choice for an SQS
-user without Redis). On SQS the killed worker's messages come back after the visibility timeout;
-on the file system as soon as the second worker sees the first one's lease is free.
+"""SIGKILL a worker in the middle of 1,000 tasks on SQS (a moto server), on the file system and on
+Zookeeper (a private server): nothing is lost, and none of them needs allow_message_loss. The load
+mixes plain tasks, tasks that retry once with a countdown and tasks sent with a countdown (plain
+tasks only on Zookeeper, which holds no delays), and stores results in a sqlite file (the
+documented choice for an SQS user without Redis). On SQS the killed worker's messages come back
+after the visibility timeout; on the file system as soon as the second worker sees the first
+one's lease is free; on Zookeeper once the server has expired the killed worker's session and a
+live worker's lease keeper sees its owner znode gone. How long that took is printed.
 """
 
 from __future__ import annotations
 
+import os
+import posixpath
 import signal
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,12 +49,20 @@ def _sqs_url(moto: object, tmp: Path) -> str:
     )
 
 
-def _run_kill_restart(rig: Rig, backend: str, second_worker: bool) -> None:
+#: given the killed worker's pid, whether what it held in flight is all back (its claims gone)
+HeldGone = Callable[[int], Callable[[], bool]]
+
+
+def _run_kill_restart(
+    rig: Rig, backend: str, second_worker: bool, *, delays: bool = True,
+    held_gone: HeldGone | None = None,
+) -> None:  # fmt: skip
     now = time.time()
     # 50 ms each: 8 threads run 160 a second, so the kill lands with most of the load left
-    plain = [encode_task(NAP, (0.05,), ignore_result=False) for _ in range(TASKS - 100)]
-    retried = [encode_task(RETRY_ONCE, (), ignore_result=False) for _ in range(50)]
-    delayed = [encode_task(NOOP, (), eta=now + 2, ignore_result=False) for _ in range(50)]
+    timed = 100 if delays else 0
+    plain = [encode_task(NAP, (0.05,), ignore_result=False) for _ in range(TASKS - timed)]
+    retried = [encode_task(RETRY_ONCE, (), ignore_result=False) for _ in range(timed // 2)]
+    delayed = [encode_task(NOOP, (), eta=now + 2, ignore_result=False) for _ in range(timed // 2)]
     broker = rig.broker
     for m in plain + retried:
         broker.publish(rig.queue, m)
@@ -62,12 +77,18 @@ def _run_kill_restart(rig: Rig, backend: str, second_worker: bool) -> None:
         others[0].wait_ready()
     rig.ledger.wait_progress(TASKS // 5, 120, alive=rig.alive(first, *others))
     first.signal(signal.SIGKILL)
+    killed = time.monotonic()
     first.wait(10)
     assert rig.ledger.progress() < TASKS * 9 // 10, "the kill came too late to leave work behind"
     if not others:
         others.append(rig.spawn("threads", 8, env={"MILLPOND_RESULT_BACKEND": backend}))
         others[0].wait_ready()
+    if held_gone is not None:
+        wait_until(held_gone(first.pid), 120, "the killed worker's claims to be given back")
+        print(f"the killed worker's messages were back {time.monotonic() - killed:.1f} s after "
+              "the kill")  # fmt: skip
     rig.ledger.wait_for(ids, 180, alive=rig.alive(*others))
+    print(f"all {len(ids)} tasks done {time.monotonic() - killed:.1f} s after the kill")
     report = rig.ledger.report("kill-restart", ids)
     assert not report.missing, report
     # a killed worker can only run twice what it held: its prefetch window (threads, 8: 4x8)
@@ -76,10 +97,12 @@ def _run_kill_restart(rig: Rig, backend: str, second_worker: bool) -> None:
 
     reader = Millpond("faults-reader", broker_url="memory://", result_backend=backend)
     try:
-        for task_id in [ids[0], ids[-1], retried[0].task_id or ""]:
+        checked = [ids[0], ids[-1], *(m.task_id or "" for m in retried[:1])]
+        for task_id in checked:
             result = reader.AsyncResult(task_id)
             wait_until(lambda r=result: r.state == "SUCCESS", 30, f"the result of {task_id}")
-        assert reader.AsyncResult(retried[0].task_id or "").get(timeout=5) == "retried"
+        if retried:
+            assert reader.AsyncResult(retried[0].task_id or "").get(timeout=5) == "retried"
     finally:
         reader.close()
 
@@ -94,15 +117,73 @@ def test_sqs_sigkill_mid_run_loses_nothing(moto: object, tmp_path: Path) -> None
 
 def test_filesystem_two_workers_one_killed_loses_nothing(tmp_path: Path) -> None:
     url = f"filesystem://{tmp_path / 'queues'}"
+    claims = tmp_path / "queues" / ".millpond" / "claims"
+
+    def held_gone(pid: int) -> Callable[[], bool]:
+        return lambda: not list(claims.glob(f"{pid}-*"))
+
     rig = Rig(tmp_path, url, {"MILLPOND_IGNORE_RESULT": "false"})
     try:
-        _run_kill_restart(rig, f"sqlite://{tmp_path / 'results.db'}", second_worker=True)
+        _run_kill_restart(rig, f"sqlite://{tmp_path / 'results.db'}", second_worker=True,
+                          held_gone=held_gone)  # fmt: skip
         assert rig.broker.queue_length(rig.queue) == 0
         assert not list((tmp_path / "queues" / ".millpond" / "claims").glob("*/*")), (
             "claimed files left behind"
         )
     finally:
         rig.close()
+
+
+@pytest.fixture(scope="module")
+def zookeeper() -> Iterator[object]:
+    from millpond_broker_kombu.testing import ZookeeperServer, zookeeper_missing
+
+    missing = zookeeper_missing()
+    if missing:
+        pytest.skip(missing)
+    with ZookeeperServer() as server:
+        yield server
+
+
+def _in_flight(zk: Any, root: str) -> list[str]:
+    """Every in-flight message znode under `root` (<owner>/<queue>/<entry>)."""
+    out: list[str] = []
+    for owner in zk.get_children(root):
+        for queue in zk.get_children(posixpath.join(root, owner)):
+            out += [posixpath.join(root, owner, queue, e)
+                    for e in zk.get_children(posixpath.join(root, owner, queue))]  # fmt: skip
+    return out
+
+
+def test_zookeeper_sigkill_mid_run_loses_nothing(zookeeper: object, tmp_path: Path) -> None:
+    """One worker killed, a new one started: the in-flight znodes of the dead session come back."""
+    from kazoo.client import KazooClient
+
+    port = zookeeper.port  # type: ignore[attr-defined]
+    vhost = f"faults-{uuid.uuid4().hex[:8]}"
+    inflight = f"/{vhost}/.millpond/inflight"
+    zk = KazooClient(f"127.0.0.1:{port}")
+    zk.start(timeout=30)
+
+    def held_gone(pid: int) -> Callable[[], bool]:
+        def gone() -> bool:
+            dirs = zk.get_children(inflight) if zk.exists(inflight) else []
+            return not [d for d in dirs if d.startswith(f"{pid}-")]
+
+        return gone
+
+    assert os.environ.get("MILLPOND_KOMBU__ALLOW_MESSAGE_LOSS") is None
+    rig = Rig(tmp_path, f"zookeeper://127.0.0.1:{port}/{vhost}",
+              {"MILLPOND_IGNORE_RESULT": "false"})  # fmt: skip
+    try:
+        _run_kill_restart(rig, f"sqlite://{tmp_path / 'results.db'}", second_worker=False,
+                          delays=False, held_gone=held_gone)  # fmt: skip
+        assert rig.broker.queue_length(rig.queue) == 0
+        wait_until(lambda: not _in_flight(zk, inflight), 30, "the last acks to delete their copies")
+    finally:
+        rig.close()
+        zk.stop()
+        zk.close()
 
 
 def test_sqs_endpoint_away_and_back_is_ridden_through(moto: object, tmp_path: Path) -> None:

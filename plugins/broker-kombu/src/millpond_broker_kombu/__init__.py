@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from millpond_broker_kombu.filesystem import FilesystemBroker, FilesystemConsumer
     from millpond_broker_kombu.generic import KombuBroker, KombuConsumer
     from millpond_broker_kombu.sqs import SqsBroker, SqsConsumer
+    from millpond_broker_kombu.zookeeper import ZookeeperBroker, ZookeeperConsumer
 
 __all__ = [
     "FilesystemBroker",
@@ -27,6 +28,8 @@ __all__ = [
     "KombuConsumer",
     "SqsBroker",
     "SqsConsumer",
+    "ZookeeperBroker",
+    "ZookeeperConsumer",
 ]
 __version__ = "0.1.0"
 
@@ -37,6 +40,8 @@ _HOMES = {
     "KombuConsumer": "millpond_broker_kombu.generic",
     "SqsBroker": "millpond_broker_kombu.sqs",
     "SqsConsumer": "millpond_broker_kombu.sqs",
+    "ZookeeperBroker": "millpond_broker_kombu.zookeeper",
+    "ZookeeperConsumer": "millpond_broker_kombu.zookeeper",
 }
 
 

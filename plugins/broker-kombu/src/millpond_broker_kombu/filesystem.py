@@ -43,6 +43,7 @@ from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message
 from millpond_broker_kombu.link import Link, warn_unused_priority
 from millpond_broker_kombu.polling import poll_fetch
 from millpond_broker_kombu.section import FILESYSTEM
+from millpond_broker_kombu.stored import delivery_count, rewrite_headers
 
 log = logging.getLogger("millpond.broker.filesystem")
 
@@ -142,19 +143,8 @@ def _rewrite(
 ) -> None:
     """Move a message file from `src` to `dst`, changing headers on the way (written whole under
     `scratch` first, then renamed; `src` is removed last, so a crash leaves a copy, never none)."""
-    data = json.loads(src.read_bytes())
-    headers = dict(data.get("headers") or {})
-    for key in drop:
-        headers.pop(key, None)
-    headers.update(change)
-    data["headers"] = headers
-    _write_atomically(dst, json.dumps(data, separators=(",", ":")).encode(), scratch)
+    _write_atomically(dst, rewrite_headers(src.read_bytes(), change, drop), scratch)
     src.unlink(missing_ok=True)
-
-
-def _count(data: Mapping[str, Any]) -> int:
-    value = (data.get("headers") or {}).get(DELIVERY_COUNT, 1)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
 
 class FilesystemBroker(Broker):
@@ -358,7 +348,7 @@ class FilesystemConsumer(Consumer):
         for name in names:
             path = owner / name
             try:
-                count = _count(json.loads(path.read_bytes()))
+                count = delivery_count(json.loads(path.read_bytes()))
                 _rewrite(path, self.folders.data / name, self.folders.scratch,
                          {DELIVERY_COUNT: count + 1}, ())  # fmt: skip
                 restored += 1

@@ -1,5 +1,7 @@
-"""Any other kombu virtual transport (zookeeper://, mongodb://, consul://, etcd://, Azure, Google
-Pub/Sub, SQLAlchemy) behind the broker contract, with what those transports cannot do said out loud.
+"""Any other kombu virtual transport (mongodb://, consul://, etcd://, Azure, Google Pub/Sub,
+SQLAlchemy) behind the broker contract, with what those transports cannot do said out loud.
+zookeeper:// is this broker plus millpond's in-flight layer (`millpond_broker_kombu.zookeeper`),
+which gives a killed worker's messages back; the others have none yet.
 
 These transports remove a message from the store when it is fetched (kombu keeps unacknowledged
 messages in the consumer's memory and writes them back when the channel closes cleanly). So:
@@ -65,7 +67,7 @@ class KombuBroker(Broker):
     """A kombu virtual transport chosen by the URL's scheme (kombu's own URL forms)."""
 
     schemes: ClassVar[tuple[str, ...]] = (
-        "zookeeper", "mongodb", "consul", "etcd", "azureservicebus", "azurestoragequeues",
+        "mongodb", "consul", "etcd", "azureservicebus", "azurestoragequeues",
         "gcpubsub", "sqla+sqlite", "sqla+postgresql", "sqla+mysql",
     )  # fmt: skip
     system: ClassVar[str] = "kombu"
@@ -121,10 +123,11 @@ class KombuBroker(Broker):
             raise ConfigurationError(
                 f"{self.scheme}:// removes a message when a worker fetches it, so a worker killed "
                 "with messages in hand loses them (kombu's transport has no lease or visibility "
-                "timeout). Set allow_message_loss = true in the [kombu] section "
+                "timeout, and millpond has no in-flight layer for it yet). Set "
+                "allow_message_loss = true in the [kombu] section "
                 "(MILLPOND_KOMBU__ALLOW_MESSAGE_LOSS=true) to consume anyway, ideally with "
-                "prefetch 1; or use a broker that gives messages back (sqs, filesystem, redis, "
-                "amqp)"
+                "prefetch 1; or use a broker that gives messages back (zookeeper, sqs, "
+                "filesystem, redis, amqp)"
             )
         log.warning(
             "%s:// holds no delays: a retry with a countdown, or a task sent with an eta, cannot "

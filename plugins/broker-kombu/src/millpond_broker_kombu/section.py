@@ -97,9 +97,13 @@ KOMBU = Section(
                "transport as they are (see kombu's documentation of that transport)."),
         Option("polling_interval", "float", 0.1, "Seconds between two looks at each queue while "
                "they are empty.", minimum=0.005),
-        Option("allow_message_loss", "bool", False, "These transports remove a message when it "
-               "is fetched: a worker killed with messages in hand loses them. The worker refuses "
-               "to start on them unless this is on (say you accept the loss)."),
+        Option("allow_message_loss", "bool", False, "All but zookeeper:// remove a message when "
+               "it is fetched: a worker killed with messages in hand loses them. The worker "
+               "refuses to start on them unless this is on (say you accept the loss). zookeeper:// "
+               "keeps fetched messages in flight under the worker's session and never needs it."),
+        Option("recover_interval", "float", 1.0, "zookeeper://: seconds between two looks for "
+               "the in-flight messages of workers whose Zookeeper session ended (they go back to "
+               "their queues when found).", minimum=0.05),
         _RETRY,
     ),
 )  # fmt: skip
