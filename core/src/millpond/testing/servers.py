@@ -9,7 +9,9 @@ uses a `RabbitServer`: a node with its own name, ports, epmd, Erlang cookie and 
 `make_certs` makes a private CA and a server certificate for localhost with `openssl`.
 `SentinelGroup` is a sentinel-managed pair (a primary, a replica and three sentinels, all private,
 on free ports) for failover tests. `PostgresServer` runs initdb and postgres on a free loopback port
-with a temporary data directory (as an unprivileged user when the tests run as root, which
+with a temporary data directory; `RedisClusterGroup` is a Redis Cluster of three primaries (and
+optionally one replica each) on free loopback ports, made with `redis-cli --cluster create`
+(as an unprivileged user when the tests run as root, which
 postgres refuses). All skip the test when the program is not installed.
 
 Used by the broker plugins' tests and by the workspace's fault and hostile-input suites. Readiness
@@ -43,6 +45,7 @@ __all__ = [
     "PostgresServer",
     "RabbitCluster",
     "RabbitServer",
+    "RedisClusterGroup",
     "RedisServer",
     "SentinelGroup",
     "find_postgres_bindir",
@@ -377,6 +380,139 @@ class SentinelGroup:
                     proc.wait(10)
         for server in self.servers.values():
             server.stop()
+
+
+class RedisClusterGroup:
+    """Three primaries (and, with `replicas=1`, a replica of each) forming a Redis Cluster on free
+    loopback ports, each a `RedisServer` in its own directory without persistence (a failover test
+    promotes a replica instead of restarting a node). `start` waits for `cluster_state:ok` on every
+    node; `stop` stops each by its process."""
+
+    def __init__(self, workdir: Path, primaries: int = 3, replicas: int = 0) -> None:
+        if REDIS_SERVER is None or shutil.which("redis-cli") is None:
+            pytest.skip("redis-server or redis-cli is not installed")
+        self.replicas = replicas
+        self.servers: list[RedisServer] = []
+        for i in range(primaries * (1 + replicas)):
+            server = RedisServer(workdir / f"node-{i}")
+            conf = server.dir / f"nodes-{server.port}.conf"
+            server.extra = [
+                "--port", str(server.port),
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(conf),
+                "--cluster-port", str(free_port()),  # else port + 10000, maybe taken or > 65535
+                "--cluster-node-timeout", "2000",
+                "--appendonly", "no",
+            ]  # fmt: skip
+            self.servers.append(server)
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.port for s in self.servers]
+
+    def url(self, scheme: str = "redis-cluster") -> str:
+        return f"{scheme}://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:3])
+
+    def start(self, timeout: float = 60) -> RedisClusterGroup:
+        try:
+            for server in self.servers:
+                server.start()
+            command = ["redis-cli", "--cluster", "create"]
+            command += [f"127.0.0.1:{p}" for p in self.ports]
+            command += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
+            done = subprocess.run(
+                command, check=False, capture_output=True, text=True, timeout=timeout
+            )
+            if done.returncode != 0:
+                raise AssertionError(
+                    f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}"
+                )
+            self.wait_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ok(self) -> bool:
+        alive = [s for s in self.servers if s.proc is not None and s.proc.poll() is None]
+        for server in alive:
+            info = _cluster_info(server.port)
+            if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != "16384":
+                return False
+            if info.get("cluster_known_nodes") != str(len(self.servers)):
+                return False
+            repl = _info(server.port, "replication")
+            if repl.get("role") == "slave" and repl.get("master_link_status") != "up":
+                return False
+        return True
+
+    def wait_ok(self, timeout: float = 60) -> None:
+        """Until every running node says the cluster is whole (and each replica is in sync)."""
+        deadline = time.monotonic() + timeout
+        while not self._ok():
+            if time.monotonic() > deadline:
+                states = {s.port: _cluster_info(s.port).get("cluster_state") for s in self.servers}
+                raise AssertionError(f"Redis Cluster not ok within {timeout:g}s: {states}")
+            time.sleep(0.1)
+
+    def slot_owner(self, slot: int) -> int:
+        """The port of the primary serving `slot`, as the nodes that answer agree on it."""
+        for server in self.servers:
+            if server.proc is None or server.proc.poll() is not None:
+                continue
+            ranges = resp(server.port, "CLUSTER", "SLOTS")
+            if not isinstance(ranges, list):
+                continue
+            for first, last, primary, *_ in ranges:
+                if int(first) <= slot <= int(last):
+                    return int(primary[1])
+        raise AssertionError(f"no node of the cluster serves slot {slot}")
+
+    def keyslot(self, key: str) -> int:
+        return int(resp(self.ports[0], "CLUSTER", "KEYSLOT", key))
+
+    def primary_ports(self) -> list[int]:
+        return [
+            s.port for s in self.servers if _info(s.port, "replication").get("role") == "master"
+        ]
+
+    def replica_of(self, primary_port: int) -> RedisServer:
+        for server in self.servers:
+            repl = _info(server.port, "replication")
+            if repl.get("role") == "slave" and repl.get("master_port") == str(primary_port):
+                return server
+        raise AssertionError(f"no replica follows the primary on port {primary_port}")
+
+    def failover(self, primary_port: int, timeout: float = 60) -> int:
+        """Promote the replica of that primary (`CLUSTER FAILOVER` on it, the graceful kind: the
+        primary stops taking writes until the replica caught up) and wait until the cluster is
+        whole again; returns the new primary's port."""
+        replica = self.replica_of(primary_port)
+        answer = resp(replica.port, "CLUSTER", "FAILOVER")
+        if isinstance(answer, RuntimeError):
+            raise answer
+        deadline = time.monotonic() + timeout
+        while _info(replica.port, "replication").get("role") != "master":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"replica {replica.port} was not promoted in {timeout:g}s")
+            time.sleep(0.05)
+        self.wait_ok(max(1.0, deadline - time.monotonic()))
+        return replica.port
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+def _cluster_info(port: int) -> dict[str, str]:
+    try:
+        text = resp(port, "CLUSTER", "INFO")
+    except OSError:
+        return {}
+    if not isinstance(text, str):
+        return {}
+    pairs = (line.partition(":") for line in text.splitlines() if ":" in line)
+    return {k: v.strip() for k, _, v in pairs}
 
 
 def rabbitmq_scripts() -> Path | None:

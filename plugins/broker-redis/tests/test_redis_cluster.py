@@ -1,0 +1,199 @@
+"""The Redis broker on a real Redis Cluster of three primaries (`redis-cluster://`).
+
+The cluster is private: three `redis-server --cluster-enabled yes` on free loopback ports, joined
+by `redis-cli --cluster create` and stopped by their processes when the module is done. The
+conformance kit runs on it unchanged; the tests below check what is particular to a cluster: each
+queue's keys share one slot, queues land on different primaries, and what cannot work there is
+refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+
+from millpond.exceptions import ConfigurationError
+from millpond.testing.broker_kit import BrokerContract
+from millpond.testing.servers import RedisClusterGroup
+from millpond.wire.protocol import Message
+from millpond_broker_redis import RedisBroker, keys, parse
+
+LEASE = {"lease_timeout": 1.0, "heartbeat_interval": 0.2}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterGroup]:
+    group = RedisClusterGroup(tmp_path_factory.mktemp("redis-cluster")).start()
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+def client_of(group: RedisClusterGroup) -> RedisCluster:
+    return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in group.ports[:3]])
+
+
+def queues_on_distinct_primaries(group: RedisClusterGroup, count: int = 3) -> list[str]:
+    """Unique queue names whose hash tags fall on `count` different primaries."""
+    found: dict[int, str] = {}
+    base = uuid.uuid4().hex[:8]
+    for n in range(1000):
+        name = f"cq-{base}-{n}"
+        owner = group.slot_owner(group.keyslot(name))
+        found.setdefault(owner, name)
+        if len(found) == count:
+            return list(found.values())
+    raise AssertionError(f"no {count} queue names on distinct primaries among 1000 tries")
+
+
+class TestRedisClusterContract(BrokerContract):
+    redelivery_slack = 3.0
+
+    @pytest.fixture
+    def broker_url(self, cluster: RedisClusterGroup) -> str:
+        return cluster.url()
+
+    @pytest.fixture
+    def broker_options(self) -> dict[str, Any]:
+        return {**LEASE, "delays": "broker", "warn_without_persistence": False}
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def test_cluster_urls_parse_with_every_node_and_tls() -> None:
+    cfg = parse("redis-cluster://:pw@h1:7000,h2:7001,[::1]:7002")
+    assert cfg.cluster and not cfg.tls
+    assert cfg.hosts == (("h1", 7000), ("h2", 7001), ("::1", 7002))
+    assert cfg.password == "pw"
+    assert "pw" not in repr(cfg)
+    tls = parse("rediss-cluster://h1:7000?ssl_cert_reqs=none")
+    assert tls.cluster and tls.tls and tls.ssl_cert_reqs == "none"
+
+
+def test_a_cluster_url_with_a_database_number_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="only database 0"):
+        parse("redis-cluster://h1:7000/3")
+
+
+def test_tls_options_on_a_plain_cluster_url_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="rediss-cluster://"):
+        parse("redis-cluster://h1:7000?ssl_ca_certs=/ca.pem")
+
+
+def test_a_queue_name_with_braces_is_refused_on_a_cluster_only() -> None:
+    layout = keys.Layout(cluster=True)
+    with pytest.raises(ConfigurationError, match="hash tag"):
+        layout.check("a{b}")
+    assert keys.Layout().check("a{b}") == "a{b}"
+
+
+def test_every_key_of_a_queue_shares_its_slot(cluster: RedisClusterGroup) -> None:
+    layout = keys.Layout(cluster=True)
+    queue = f"orders-{uuid.uuid4().hex[:6]}"
+    kq = layout.queue(queue)
+    names = [
+        *keys.list_keys(kq, (0, 3, 6, 9)),
+        keys.delayed_key(kq),
+        keys.counts_key(kq),
+        keys.serving_key(kq),
+        keys.dead_key(kq),
+        layout.queue(keys.dead_key(queue)),
+        layout.consumers(queue),
+        layout.restore_gate(queue),
+        keys.unacked_key(layout.member(queue, "c1")),
+        keys.lease_key(layout.member(queue, "c1")),
+    ]
+    assert {cluster.keyslot(n) for n in names} == {cluster.keyslot(queue)}
+    chord = [layout.group("g-1", s) for s in ("", ".j", ".t", ".s", ".d", ".c")]
+    assert len({cluster.keyslot(n) for n in chord}) == 1
+
+
+# -- placement and operation ---------------------------------------------------------------------
+
+
+def test_three_queues_land_on_three_primaries_and_serve_from_one_consumer(
+    cluster: RedisClusterGroup,
+) -> None:
+    queues = queues_on_distinct_primaries(cluster)
+    broker = RedisBroker(cluster.url(), {**LEASE, "warn_without_persistence": False})
+    client = client_of(cluster)
+    try:
+        for q in queues:
+            for n in range(5):
+                broker.publish(q, Message(b"[[], {}, {}]", {"id": f"{q}-{n}", "task": "t"}))
+        owners = set()
+        for q in queues:
+            key = broker.layout.queue(q)
+            assert client.llen(key) == 5
+            owners.add(cluster.slot_owner(cluster.keyslot(key)))
+        assert len(owners) == 3
+        consumer = broker.consumer(queues, prefetch=0)
+        try:
+            got: list[Any] = []
+            for _ in range(50):
+                got += consumer.fetch(100, 0.5)
+                if len(got) >= 15:
+                    break
+            assert sorted(d.message.headers["id"] for d in got) == sorted(
+                f"{q}-{n}" for q in queues for n in range(5)
+            )
+            assert {d.queue for d in got} == set(queues)
+            consumer.ack(got)
+            assert all(broker.queue_stats(q).reserved == 0 for q in queues)
+        finally:
+            consumer.close()
+    finally:
+        for q in queues:
+            broker.purge(q)
+        client.close()
+        broker.close()
+
+
+def test_a_blocked_consumer_wakes_for_a_push_on_another_primary(
+    cluster: RedisClusterGroup,
+) -> None:
+    import threading
+
+    queues = queues_on_distinct_primaries(cluster)
+    broker = RedisBroker(cluster.url(), {**LEASE, "warn_without_persistence": False})
+    consumer = broker.consumer(queues, prefetch=0)
+    try:
+        assert consumer.fetch(10, 0.2) == []  # arms the doorbells on all three primaries
+        timer = threading.Timer(
+            0.3, lambda: broker.publish(queues[2], Message(b"[[], {}, {}]", {"id": "late"}))
+        )
+        timer.start()
+        got = consumer.fetch(10, 20.0)
+        timer.join()
+        assert [d.message.headers["id"] for d in got] == ["late"]
+        consumer.ack(got)
+    finally:
+        consumer.close()
+        broker.close()
+
+
+def test_the_cluster_client_is_what_the_broker_uses(cluster: RedisClusterGroup) -> None:
+    broker = RedisBroker(cluster.url(), dict(LEASE))
+    try:
+        assert isinstance(broker.pools.client(), redis.RedisCluster)
+        broker.connect()
+    finally:
+        broker.close()
+
+
+def test_a_cluster_that_cannot_be_reached_is_a_clear_error(tmp_path: Path) -> None:
+    from millpond.exceptions import BrokerError
+    from millpond.testing.servers import free_port
+
+    url = f"redis-cluster://127.0.0.1:{free_port()}"
+    with pytest.raises((BrokerError, redis.RedisError)):
+        broker = RedisBroker(url, {**LEASE, "publish_retry_timeout": 0.5})
+        broker.connect()
