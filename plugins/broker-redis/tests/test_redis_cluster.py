@@ -40,19 +40,6 @@ def client_of(group: RedisClusterGroup) -> RedisCluster:
     return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in group.ports[:3]])
 
 
-def queues_on_distinct_primaries(group: RedisClusterGroup, count: int = 3) -> list[str]:
-    """Unique queue names whose hash tags fall on `count` different primaries."""
-    found: dict[int, str] = {}
-    base = uuid.uuid4().hex[:8]
-    for n in range(1000):
-        name = f"cq-{base}-{n}"
-        owner = group.slot_owner(group.keyslot(name))
-        found.setdefault(owner, name)
-        if len(found) == count:
-            return list(found.values())
-    raise AssertionError(f"no {count} queue names on distinct primaries among 1000 tries")
-
-
 class TestRedisClusterContract(BrokerContract):
     redelivery_slack = 3.0
 
@@ -122,7 +109,7 @@ def test_every_key_of_a_queue_shares_its_slot(cluster: RedisClusterGroup) -> Non
 def test_three_queues_land_on_three_primaries_and_serve_from_one_consumer(
     cluster: RedisClusterGroup,
 ) -> None:
-    queues = queues_on_distinct_primaries(cluster)
+    queues = cluster.names_on_distinct_primaries("cq")
     broker = RedisBroker(cluster.url(), {**LEASE, "warn_without_persistence": False})
     client = client_of(cluster)
     try:
@@ -162,7 +149,7 @@ def test_a_blocked_consumer_wakes_for_a_push_on_another_primary(
 ) -> None:
     import threading
 
-    queues = queues_on_distinct_primaries(cluster)
+    queues = cluster.names_on_distinct_primaries("cq")
     broker = RedisBroker(cluster.url(), {**LEASE, "warn_without_persistence": False})
     consumer = broker.consumer(queues, prefetch=0)
     try:

@@ -434,8 +434,7 @@ class RedisClusterGroup:
         return self
 
     def _ok(self) -> bool:
-        alive = [s for s in self.servers if s.proc is not None and s.proc.poll() is None]
-        for server in alive:
+        for server in self.running():
             info = _cluster_info(server.port)
             if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != "16384":
                 return False
@@ -457,9 +456,7 @@ class RedisClusterGroup:
 
     def slot_owner(self, slot: int) -> int:
         """The port of the primary serving `slot`, as the nodes that answer agree on it."""
-        for server in self.servers:
-            if server.proc is None or server.proc.poll() is not None:
-                continue
+        for server in self.running():
             ranges = resp(server.port, "CLUSTER", "SLOTS")
             if not isinstance(ranges, list):
                 continue
@@ -468,8 +465,27 @@ class RedisClusterGroup:
                     return int(primary[1])
         raise AssertionError(f"no node of the cluster serves slot {slot}")
 
+    def running(self) -> list[RedisServer]:
+        return [s for s in self.servers if s.proc is not None and s.proc.poll() is None]
+
     def keyslot(self, key: str) -> int:
-        return int(resp(self.ports[0], "CLUSTER", "KEYSLOT", key))
+        return int(resp(self.running()[0].port, "CLUSTER", "KEYSLOT", key))
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on `port`: what its replica had not received yet is lost with it."""
+        next(s for s in self.servers if s.port == port).kill()
+
+    def names_on_distinct_primaries(self, prefix: str, count: int = 3) -> list[str]:
+        """`count` unique names whose hash slots are served by `count` different primaries (a
+        Redis Cluster queue's keys live in the slot of its name)."""
+        found: dict[int, str] = {}
+        base = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        for n in range(1000):
+            name = f"{base}-{n}"
+            found.setdefault(self.slot_owner(self.keyslot(name)), name)
+            if len(found) == count:
+                return list(found.values())
+        raise AssertionError(f"no {count} names on distinct primaries among 1000 tries")
 
     def primary_ports(self) -> list[int]:
         return [

@@ -22,7 +22,7 @@ import redis
 from redis._parsers.encoders import Encoder
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import RedisClusterException
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
@@ -34,6 +34,7 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     redis.TimeoutError,
     redis.exceptions.ReadOnlyError,  # a failover in progress: the old primary is now a replica
     redis.exceptions.MasterDownError,
+    redis.exceptions.ClusterDownError,  # a cluster electing a new primary for some slots
     redis.exceptions.TryAgainError,
     redis.exceptions.OutOfMemoryError,  # consumers draining the queues free memory
 )
@@ -132,6 +133,38 @@ class ScriptEncoder:
 SCRIPT_ENCODER: Any = ScriptEncoder()
 
 
+def _as_redis_error(exc: RedisClusterException) -> redis.RedisError:
+    """redis-py's cluster errors outside `RedisError`, as the `RedisError` the plugin handles: a
+    slot no node serves, or no node answering, is a connection problem (retried, like a server
+    that is away); anything else (a bug, such as keys of several slots) is an error that says so."""
+    if isinstance(exc, SlotNotCoveredError) or "cannot be connected" in str(exc):
+        return redis.ConnectionError(f"Redis Cluster: {exc}")
+    return redis.RedisError(f"Redis Cluster refused it: {exc}")
+
+
+class _Cluster(RedisCluster):
+    """`RedisCluster` whose every error is a `RedisError` (see `_as_redis_error`)."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except RedisClusterException as exc:
+            raise _as_redis_error(exc) from exc
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)  # type: ignore[no-untyped-call]
+        execute = pipe.execute
+
+        def guarded(raise_on_error: bool = True) -> Any:
+            try:
+                return execute(raise_on_error)
+            except RedisClusterException as exc:
+                raise _as_redis_error(exc) from exc
+
+        pipe.execute = guarded
+        return pipe
+
+
 def make_cluster(cfg: RedisConfig) -> RedisCluster:
     """A cluster client starting from the URL's nodes (any one that answers gives the slot map).
 
@@ -146,7 +179,7 @@ def make_cluster(cfg: RedisConfig) -> RedisCluster:
         kwargs["max_connections"] = cfg.max_connections
     nodes = [ClusterNode(host, port) for host, port in cfg.hosts]  # type: ignore[no-untyped-call]
     try:
-        return RedisCluster(startup_nodes=nodes, require_full_coverage=True, **kwargs)
+        return _Cluster(startup_nodes=nodes, require_full_coverage=True, **kwargs)
     except ACCESS_ERRORS:
         raise
     except (RedisClusterException, redis.RedisError) as exc:
