@@ -184,3 +184,71 @@ def test_a_cluster_that_cannot_be_reached_is_a_clear_error(tmp_path: Path) -> No
     with pytest.raises((BrokerError, redis.RedisError)):
         broker = RedisBroker(url, {**LEASE, "publish_retry_timeout": 0.5})
         broker.connect()
+
+
+# -- results, chords, rate limits and claims on a cluster ----------------------------------------
+
+
+def test_a_chord_joins_on_one_slot_of_the_cluster(cluster: RedisClusterGroup) -> None:
+    from millpond_broker_redis import RedisResultBackend
+
+    backend = RedisResultBackend(cluster.url(), {})
+    client = client_of(cluster)
+    group_id = f"g-{uuid.uuid4().hex}"
+    try:
+        backend.set_chord_size(group_id, 2)
+        assert backend.chord_part_return(group_id, "t1", 1, "SUCCESS", 1) is None
+        parts = backend.chord_part_return(group_id, "t0", 0, "SUCCESS", 0)
+        assert parts == [("t0", "SUCCESS", 0), ("t1", "SUCCESS", 1)]
+        tagged = f"celery-taskset-meta-{{{group_id}}}"
+        assert client.zcard(tagged + ".j") == 2  # the hash-tagged names, one slot
+        backend.chord_done(group_id)
+        assert client.get(tagged + ".c") == b"done"
+        backend.save_group(group_id, ["a", "b"])
+        assert backend.restore_group(group_id) is not None
+    finally:
+        client.close()
+        backend.close()
+
+
+def test_a_global_rate_limit_and_a_claim_work_on_the_cluster(cluster: RedisClusterGroup) -> None:
+    from millpond_broker_redis.limiter import RedisRateLimiter
+
+    limiter = RedisRateLimiter(cluster.url(), {})
+    broker = RedisBroker(cluster.url(), dict(LEASE))
+    try:
+        name = f"task-{uuid.uuid4().hex}"
+        assert limiter.acquire(name, 1.0) == 0.0
+        assert limiter.acquire(name, 1.0) > 0.5  # the bucket is shared: the second waits
+        claims = broker.claims()
+        key = f"claim-{uuid.uuid4().hex}"
+        assert claims.acquire(key, "me", 30)
+        assert not claims.acquire(key, "you", 30)
+        holder = claims.holder(key)
+        assert holder is not None and holder.owner == "me"
+        claims.release(key, "me")
+        assert claims.holder(key) is None
+    finally:
+        limiter.close()
+        broker.close()
+
+
+def test_dead_letters_share_their_queues_slot_and_replay(cluster: RedisClusterGroup) -> None:
+    broker = RedisBroker(cluster.url(), {**LEASE, "warn_without_persistence": False})
+    queue = cluster.names_on_distinct_primaries("dl", 1)[0]
+    consumer = broker.consumer([queue], prefetch=0)
+    try:
+        broker.publish(queue, Message(b"[[], {}, {}]", {"id": "dead-1", "task": "t"}))
+        got: list[Any] = []
+        for _ in range(20):
+            got = consumer.fetch(1, 0.5)
+            if got:
+                break
+        consumer.reject(got[0], requeue=False, reason="test")
+        assert [m.headers["id"] for m in broker.dead_letters(queue)] == ["dead-1"]
+        assert broker.replay_dead_letters(queue) == 1
+        assert broker.queue_length(queue) == 1
+    finally:
+        consumer.close()
+        broker.purge(queue)
+        broker.close()
