@@ -251,7 +251,8 @@ class Pools:
 
             return cast(redis.Redis, cluster), node_pool
         pool = self.new_pool()
-        return redis.Redis(connection_pool=pool), lambda _key: pool
+        # from_pool: closing the client disconnects the pool, which is this client's alone
+        return redis.Redis.from_pool(pool), lambda _key: pool
 
     def new_pool(self) -> redis.ConnectionPool:
         """A separate pool (for a consumer's own connections), sharing the sentinel manager."""
