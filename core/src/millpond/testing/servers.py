@@ -386,12 +386,25 @@ class RedisClusterGroup:
     """Three primaries (and, with `replicas=1`, a replica of each) forming a Redis Cluster on free
     loopback ports, each a `RedisServer` in its own directory without persistence (a failover test
     promotes a replica instead of restarting a node). `start` waits for `cluster_state:ok` on every
-    node; `stop` stops each by its process."""
+    node; `stop` stops each by its process.
 
-    def __init__(self, workdir: Path, primaries: int = 3, replicas: int = 0) -> None:
+    With `certs` (`make_certs`' CA, certificate and key) every node also listens with TLS on a port
+    of its own and the cluster bus speaks TLS; `url()` is then a `rediss-cluster://` URL of the TLS
+    ports. The plain ports stay for the helper's own questions (plain clients are told plain ports,
+    TLS clients TLS ones)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        primaries: int = 3,
+        replicas: int = 0,
+        certs: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         if REDIS_SERVER is None or shutil.which("redis-cli") is None:
             pytest.skip("redis-server or redis-cli is not installed")
         self.replicas = replicas
+        self.certs = certs
+        self.tls_ports: list[int] = []
         self.servers: list[RedisServer] = []
         for i in range(primaries * (1 + replicas)):
             server = RedisServer(workdir / f"node-{i}")
@@ -404,21 +417,37 @@ class RedisClusterGroup:
                 "--cluster-node-timeout", "2000",
                 "--appendonly", "no",
             ]  # fmt: skip
+            if certs is not None:
+                ca, cert, key = certs
+                self.tls_ports.append(free_port())
+                server.extra += [
+                    "--tls-port", str(self.tls_ports[-1]),
+                    "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                    "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+                    "--tls-cluster", "yes", "--tls-replication", "yes",
+                ]  # fmt: skip
             self.servers.append(server)
 
     @property
     def ports(self) -> list[int]:
         return [s.port for s in self.servers]
 
-    def url(self, scheme: str = "redis-cluster") -> str:
-        return f"{scheme}://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:3])
+    def url(self) -> str:
+        if self.certs is not None:
+            nodes = ",".join(f"127.0.0.1:{p}" for p in self.tls_ports[:3])
+            return f"rediss-cluster://{nodes}?ssl_ca_certs={quote(str(self.certs[0]))}"
+        return "redis-cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:3])
 
     def start(self, timeout: float = 60) -> RedisClusterGroup:
         try:
             for server in self.servers:
                 server.start()
             command = ["redis-cli", "--cluster", "create"]
-            command += [f"127.0.0.1:{p}" for p in self.ports]
+            if self.certs is not None:  # the bus speaks TLS: the nodes meet on their TLS ports
+                command += [f"127.0.0.1:{p}" for p in self.tls_ports]
+                command += ["--tls", "--cacert", str(self.certs[0])]
+            else:
+                command += [f"127.0.0.1:{p}" for p in self.ports]
             command += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
             done = subprocess.run(
                 command, check=False, capture_output=True, text=True, timeout=timeout

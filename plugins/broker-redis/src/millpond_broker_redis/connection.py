@@ -165,21 +165,27 @@ class _Cluster(RedisCluster):
         return pipe
 
 
-def make_cluster(cfg: RedisConfig) -> RedisCluster:
-    """A cluster client starting from the URL's nodes (any one that answers gives the slot map).
-
-    Its retries are off like the plain client's (`retry` with no attempts): a connection error
-    reaches the broker, which decides what to retry; a redirection (MOVED, ASK) is followed
-    whatever the retry setting, which is what a resharding or a failover needs."""
+def cluster_kwargs(cfg: RedisConfig) -> dict[str, Any]:
+    """What `RedisCluster` is given besides the nodes: every node connection's settings (TLS with
+    `ssl=True` and the `ssl_*` options on rediss-cluster://), no database (a cluster has only 0)."""
     kwargs = connection_kwargs(cfg)
     del kwargs["db"]
     if cfg.tls:
         kwargs["ssl"] = True
     if cfg.max_connections is not None:
         kwargs["max_connections"] = cfg.max_connections
+    return kwargs
+
+
+def make_cluster(cfg: RedisConfig) -> RedisCluster:
+    """A cluster client starting from the URL's nodes (any one that answers gives the slot map).
+
+    Its retries are off like the plain client's (`retry` with no attempts): a connection error
+    reaches the broker, which decides what to retry; a redirection (MOVED, ASK) is followed
+    whatever the retry setting, which is what a resharding or a failover needs."""
     nodes = [ClusterNode(host, port) for host, port in cfg.hosts]  # type: ignore[no-untyped-call]
     try:
-        return _Cluster(startup_nodes=nodes, require_full_coverage=True, **kwargs)
+        return _Cluster(startup_nodes=nodes, require_full_coverage=True, **cluster_kwargs(cfg))
     except ACCESS_ERRORS:
         raise
     except (RedisClusterException, redis.RedisError) as exc:

@@ -176,14 +176,22 @@ class RedisConsumer(Consumer):
         fetched = self._next_tag
         lapsed_meanwhile = self._lapsed()
         alive, restored = True, 0
+        failed: redis.RedisError | None = None
         for part in self._parts:  # one lease per part: each lives beside the keys it guards
-            part_alive, part_restored = self._scripts.beat(
-                keys=[part.lease, part.consumers, part.gate, *part.serving],
-                args=[self._lease_ms, keys.SEP, gate_ms, part.member],
-                client=self._beat_client,
-            )
+            try:
+                part_alive, part_restored = self._scripts.beat(
+                    keys=[part.lease, part.consumers, part.gate, *part.serving],
+                    args=[self._lease_ms, keys.SEP, gate_ms, part.member],
+                    client=self._beat_client,
+                )
+            except redis.RedisError as exc:
+                # one primary away must not let the leases on the others lapse: beat them all
+                failed = failed or exc
+                continue
             alive = alive and bool(part_alive)
             restored += int(part_restored)
+        if failed is not None:
+            raise failed
         if (not alive and self._beaten) or lapsed_meanwhile:
             # the lease had expired: what was fetched before may be another consumer's now
             self._lost_below = max(self._lost_below, fetched)
