@@ -390,7 +390,7 @@ class RedisClusterGroup:
 
     With `certs` (`make_certs`' CA, certificate and key) every node also listens with TLS on a port
     of its own and the cluster bus speaks TLS; `url()` is then a `rediss-cluster://` URL of the TLS
-    ports. The plain ports stay for the helper's own questions (plain clients are told plain ports,
+    ports. The plain ports stay for the group's own questions (plain clients are told plain ports,
     TLS clients TLS ones)."""
 
     def __init__(
