@@ -59,8 +59,17 @@ def test_a_missing_name_lists_what_is_installed() -> None:
     assert "no pool named 'nosuch' is installed (installed: asyncio, eventlet" in str(info.value)
     with pytest.raises(PluginNotFound, match="no broker named 'kafka' is installed"):
         plugins.broker_for_url("kafka://h")
-    with pytest.raises(PluginNotFound, match=r"Redis Cluster is not supported yet.*Sentinel"):
-        plugins.broker_for_url("redis-cluster://127.0.0.1:7000/0")
+
+
+def test_redis_cluster_urls_find_the_redis_broker() -> None:
+    from millpond_broker_redis import RedisBroker
+
+    for url in ("redis-cluster://127.0.0.1:7000,127.0.0.1:7001", "rediss-cluster://h:7000"):
+        broker = plugins.broker_for_url(url)  # built without connecting
+        try:
+            assert isinstance(broker, RedisBroker) and broker.cfg.cluster
+        finally:
+            broker.close()
 
 
 def test_sections_are_found_by_the_name_of_what_they_configure() -> None:

@@ -388,7 +388,7 @@ def test_a_reservation_whose_ack_was_lost_goes_back_to_its_queue(
     consumer = broker.consumer([queue], 8)
     try:
         (delivery,) = fetch_until(consumer, 1, 5.0)
-        ukey = consumer._unacked_key
+        ukey = consumer._parts[0].unacked
         saved = shared.hgetall(ukey)
         consumer.ack([delivery])
         assert shared.hlen(ukey) == 0

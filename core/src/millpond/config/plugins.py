@@ -53,6 +53,8 @@ FIRST_PARTY = {
     (BROKERS, "redis"): "millpond-broker-redis",
     (BROKERS, "rediss"): "millpond-broker-redis",
     (BROKERS, "redis+sentinel"): "millpond-broker-redis",
+    (BROKERS, "redis-cluster"): "millpond-broker-redis",
+    (BROKERS, "rediss-cluster"): "millpond-broker-redis",
     (BROKERS, "amqp"): "millpond-broker-amqp",
     (BROKERS, "amqps"): "millpond-broker-amqp",
     (BROKERS, "pyamqp"): "millpond-broker-amqp",
@@ -64,23 +66,20 @@ FIRST_PARTY = {
     (BACKENDS, "sqlite"): "millpond-broker-embedded",
     (BACKENDS, "redis"): "millpond-broker-redis",
     (BACKENDS, "rediss"): "millpond-broker-redis",
+    (BACKENDS, "redis-cluster"): "millpond-broker-redis",
+    (BACKENDS, "rediss-cluster"): "millpond-broker-redis",
     (BACKENDS, "rpc"): "millpond-broker-amqp",
     (BACKENDS, "postgresql"): "millpond-broker-postgres",
     (BACKENDS, "postgres"): "millpond-broker-postgres",
     (LIMITERS, "redis"): "millpond-broker-redis",
     (LIMITERS, "rediss"): "millpond-broker-redis",
     (LIMITERS, "redis+sentinel"): "millpond-broker-redis",
+    (LIMITERS, "redis-cluster"): "millpond-broker-redis",
+    (LIMITERS, "rediss-cluster"): "millpond-broker-redis",
     (COMMANDS, "beat"): "millpond-beat",
 }
 #: names people try that no first-party plugin serves, with what to do instead
-UNSUPPORTED = {
-    (BROKERS, "redis-cluster"): "Redis Cluster is not supported yet: the Redis broker reserves "
-    "messages of several queues for one consumer in one script call, which Redis Cluster refuses "
-    "across hash slots. Use a primary with replicas and Sentinel (redis+sentinel://, see "
-    "docs/redis.md, Sentinel failovers) or one Redis per queue group",
-    (BROKERS, "rediss-cluster"): "Redis Cluster is not supported yet (see redis-cluster); use "
-    "rediss:// to one primary instead",
-}
+UNSUPPORTED: dict[tuple[str, str], str] = {}
 KIND = {
     POOLS: "pool",
     BROKERS: "broker",

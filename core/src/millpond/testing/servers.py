@@ -9,7 +9,9 @@ uses a `RabbitServer`: a node with its own name, ports, epmd, Erlang cookie and 
 `make_certs` makes a private CA and a server certificate for localhost with `openssl`.
 `SentinelGroup` is a sentinel-managed pair (a primary, a replica and three sentinels, all private,
 on free ports) for failover tests. `PostgresServer` runs initdb and postgres on a free loopback port
-with a temporary data directory (as an unprivileged user when the tests run as root, which
+with a temporary data directory; `RedisClusterGroup` is a Redis Cluster of three primaries (and
+optionally one replica each) on free loopback ports, made with `redis-cli --cluster create`
+(as an unprivileged user when the tests run as root, which
 postgres refuses). All skip the test when the program is not installed.
 
 Used by the broker plugins' tests and by the workspace's fault and hostile-input suites. Readiness
@@ -43,6 +45,7 @@ __all__ = [
     "PostgresServer",
     "RabbitCluster",
     "RabbitServer",
+    "RedisClusterGroup",
     "RedisServer",
     "SentinelGroup",
     "find_postgres_bindir",
@@ -377,6 +380,184 @@ class SentinelGroup:
                     proc.wait(10)
         for server in self.servers.values():
             server.stop()
+
+
+class RedisClusterGroup:
+    """Three primaries (and, with `replicas=1`, a replica of each) forming a Redis Cluster on free
+    loopback ports, each a `RedisServer` in its own directory without persistence (a failover test
+    promotes a replica instead of restarting a node). `start` waits for `cluster_state:ok` on every
+    node; `stop` stops each by its process.
+
+    With `certs` (`make_certs`' CA, certificate and key) every node also listens with TLS on a port
+    of its own and the cluster bus speaks TLS; `url()` is then a `rediss-cluster://` URL of the TLS
+    ports. The plain ports stay for the group's own questions (plain clients are told plain ports,
+    TLS clients TLS ones)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        primaries: int = 3,
+        replicas: int = 0,
+        certs: tuple[Path, Path, Path] | None = None,
+    ) -> None:
+        if REDIS_SERVER is None or shutil.which("redis-cli") is None:
+            pytest.skip("redis-server or redis-cli is not installed")
+        self.replicas = replicas
+        self.certs = certs
+        self.tls_ports: list[int] = []
+        self.servers: list[RedisServer] = []
+        for i in range(primaries * (1 + replicas)):
+            server = RedisServer(workdir / f"node-{i}")
+            conf = server.dir / f"nodes-{server.port}.conf"
+            server.extra = [
+                "--port", str(server.port),
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(conf),
+                "--cluster-port", str(free_port()),  # else port + 10000, maybe taken or > 65535
+                "--cluster-node-timeout", "2000",
+                "--appendonly", "no",
+            ]  # fmt: skip
+            if certs is not None:
+                ca, cert, key = certs
+                self.tls_ports.append(free_port())
+                server.extra += [
+                    "--tls-port", str(self.tls_ports[-1]),
+                    "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                    "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+                    "--tls-cluster", "yes", "--tls-replication", "yes",
+                ]  # fmt: skip
+            self.servers.append(server)
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.port for s in self.servers]
+
+    def url(self) -> str:
+        if self.certs is not None:
+            nodes = ",".join(f"127.0.0.1:{p}" for p in self.tls_ports[:3])
+            return f"rediss-cluster://{nodes}?ssl_ca_certs={quote(str(self.certs[0]))}"
+        return "redis-cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:3])
+
+    def start(self, timeout: float = 60) -> RedisClusterGroup:
+        try:
+            for server in self.servers:
+                server.start()
+            command = ["redis-cli", "--cluster", "create"]
+            if self.certs is not None:  # the bus speaks TLS: the nodes meet on their TLS ports
+                command += [f"127.0.0.1:{p}" for p in self.tls_ports]
+                command += ["--tls", "--cacert", str(self.certs[0])]
+            else:
+                command += [f"127.0.0.1:{p}" for p in self.ports]
+            command += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
+            done = subprocess.run(
+                command, check=False, capture_output=True, text=True, timeout=timeout
+            )
+            if done.returncode != 0:
+                raise AssertionError(
+                    f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}"
+                )
+            self.wait_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ok(self) -> bool:
+        for server in self.running():
+            info = _cluster_info(server.port)
+            if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != "16384":
+                return False
+            if info.get("cluster_known_nodes") != str(len(self.servers)):
+                return False
+            repl = _info(server.port, "replication")
+            if repl.get("role") == "slave" and repl.get("master_link_status") != "up":
+                return False
+        return True
+
+    def wait_ok(self, timeout: float = 60) -> None:
+        """Until every running node says the cluster is whole (and each replica is in sync)."""
+        deadline = time.monotonic() + timeout
+        while not self._ok():
+            if time.monotonic() > deadline:
+                states = {s.port: _cluster_info(s.port).get("cluster_state") for s in self.servers}
+                raise AssertionError(f"Redis Cluster not ok within {timeout:g}s: {states}")
+            time.sleep(0.1)
+
+    def slot_owner(self, slot: int) -> int:
+        """The port of the primary serving `slot`, as the nodes that answer agree on it."""
+        for server in self.running():
+            ranges = resp(server.port, "CLUSTER", "SLOTS")
+            if not isinstance(ranges, list):
+                continue
+            for first, last, primary, *_ in ranges:
+                if int(first) <= slot <= int(last):
+                    return int(primary[1])
+        raise AssertionError(f"no node of the cluster serves slot {slot}")
+
+    def running(self) -> list[RedisServer]:
+        return [s for s in self.servers if s.proc is not None and s.proc.poll() is None]
+
+    def keyslot(self, key: str) -> int:
+        return int(resp(self.running()[0].port, "CLUSTER", "KEYSLOT", key))
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on `port`: what its replica had not received yet is lost with it."""
+        next(s for s in self.servers if s.port == port).kill()
+
+    def names_on_distinct_primaries(self, prefix: str, count: int = 3) -> list[str]:
+        """`count` unique names whose hash slots are served by `count` different primaries (a
+        Redis Cluster queue's keys live in the slot of its name)."""
+        found: dict[int, str] = {}
+        base = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        for n in range(1000):
+            name = f"{base}-{n}"
+            found.setdefault(self.slot_owner(self.keyslot(name)), name)
+            if len(found) == count:
+                return list(found.values())
+        raise AssertionError(f"no {count} names on distinct primaries among 1000 tries")
+
+    def primary_ports(self) -> list[int]:
+        return [
+            s.port for s in self.servers if _info(s.port, "replication").get("role") == "master"
+        ]
+
+    def replica_of(self, primary_port: int) -> RedisServer:
+        for server in self.servers:
+            repl = _info(server.port, "replication")
+            if repl.get("role") == "slave" and repl.get("master_port") == str(primary_port):
+                return server
+        raise AssertionError(f"no replica follows the primary on port {primary_port}")
+
+    def failover(self, primary_port: int, timeout: float = 60) -> int:
+        """Promote the replica of that primary (`CLUSTER FAILOVER` on it, the graceful kind: the
+        primary stops taking writes until the replica caught up) and wait until the cluster is
+        whole again; returns the new primary's port."""
+        replica = self.replica_of(primary_port)
+        answer = resp(replica.port, "CLUSTER", "FAILOVER")
+        if isinstance(answer, RuntimeError):
+            raise answer
+        deadline = time.monotonic() + timeout
+        while _info(replica.port, "replication").get("role") != "master":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"replica {replica.port} was not promoted in {timeout:g}s")
+            time.sleep(0.05)
+        self.wait_ok(max(1.0, deadline - time.monotonic()))
+        return replica.port
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+def _cluster_info(port: int) -> dict[str, str]:
+    try:
+        text = resp(port, "CLUSTER", "INFO")
+    except OSError:
+        return {}
+    if not isinstance(text, str):
+        return {}
+    pairs = (line.partition(":") for line in text.splitlines() if ":" in line)
+    return {k: v.strip() for k, _, v in pairs}
 
 
 def rabbitmq_scripts() -> Path | None:

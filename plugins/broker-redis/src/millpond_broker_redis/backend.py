@@ -32,7 +32,13 @@ from millpond.exceptions import BackendError
 from millpond.states import READY_STATES
 from millpond_broker_redis import keys, scripts
 from millpond_broker_redis.config import parse
-from millpond_broker_redis.connection import ACCESS_ERRORS, RETRYABLE, Pools, access_problem
+from millpond_broker_redis.connection import (
+    ACCESS_ERRORS,
+    RETRYABLE,
+    SCRIPT_ENCODER,
+    Pools,
+    access_problem,
+)
 
 log = logging.getLogger("millpond.broker.redis")
 
@@ -66,15 +72,18 @@ class RedisResultBackend(ResultBackend):
         super().__init__(url, options)
         self.cfg = parse(url, self.options)
         self.pools = Pools(self.cfg)
+        #: on Redis Cluster a chord's keys carry its group id as their hash tag (one slot)
+        self._layout = keys.Layout(self.cfg.cluster)
+        #: a MULTI may only hold keys of one slot on a cluster, and a PUBLISH has none there
+        self._multi = not self.cfg.cluster
         #: how long the join of a chord stays claimed by the caller that completed it
         self.claim_ttl = CHORD_CLAIM_TTL
         self._claims: dict[str, str] = {}  # group id -> token of the claim this process holds
         self._claims_lock = threading.Lock()
-        # (the client only gives the scripts its encoder; each call passes the current client)
-        self._chord_return = Script(self.pools.client(), scripts.CHORD_RETURN)
-        self._chord_done = Script(self.pools.client(), scripts.CHORD_DONE)
-        self._chord_release = Script(self.pools.client(), scripts.CHORD_RELEASE)
-        self._chord_claimed = Script(self.pools.client(), scripts.CHORD_CLAIMED)
+        self._chord_return = Script(SCRIPT_ENCODER, scripts.CHORD_RETURN)
+        self._chord_done = Script(SCRIPT_ENCODER, scripts.CHORD_DONE)
+        self._chord_release = Script(SCRIPT_ENCODER, scripts.CHORD_RELEASE)
+        self._chord_claimed = Script(SCRIPT_ENCODER, scripts.CHORD_CLAIMED)
 
     def __repr__(self) -> str:
         return f"<RedisResultBackend {self.cfg.masked_url}>"
@@ -112,6 +121,10 @@ class RedisResultBackend(ResultBackend):
         expires = self.cfg.result_expires
 
         def op(c: redis.Redis) -> None:
+            if not self._multi:  # stored first, so whoever hears the news can read it
+                c.set(key, data, px=int(expires * 1000) if expires else None)
+                c.publish(key, data)
+                return
             with c.pipeline(transaction=True) as pipe:
                 if expires:
                     pipe.set(key, data, px=int(expires * 1000))
@@ -191,7 +204,7 @@ class RedisResultBackend(ResultBackend):
 
     def set_chord_size(self, group_id: str, size: int) -> None:
         """`.s` = the size; a claim or `done` left by an earlier run of the same group id goes."""
-        claim, size_key = keys.group_key(group_id, ".c"), keys.group_key(group_id, ".s")
+        claim, size_key = self._layout.group(group_id, ".c"), self._layout.group(group_id, ".s")
         expires = self._expires
 
         def op(c: redis.Redis) -> None:
@@ -215,7 +228,7 @@ class RedisResultBackend(ResultBackend):
         token = uuid.uuid4().hex  # one per call: a retry of this call finds its own claim
         expires = self._expires
         names = [".j", ".t", ".s", ".d", "", ".c"]
-        chord_keys = [keys.group_key(group_id, n) for n in names]
+        chord_keys = [self._layout.group(group_id, n) for n in names]
         claim_ms = max(1, int(self.claim_ttl * 1000))
         args: list[str | int] = [task_id, record, score, expires, expires, claim_ms, token]
         reply = self._retry(
@@ -243,7 +256,7 @@ class RedisResultBackend(ResultBackend):
             token = self._claims.pop(group_id, None)
         if token is None:
             return  # this process does not hold the join: nothing of it is ours to end
-        chord_keys = [keys.group_key(group_id, n) for n in (".c", ".j", ".t", ".s", ".d")]
+        chord_keys = [self._layout.group(group_id, n) for n in (".c", ".j", ".t", ".s", ".d")]
         args: list[str | int] = [token, max(_DONE_TTL, int(2 * self.claim_ttl))]
         ended = self._retry(
             f"ending the join of chord {group_id}",
@@ -258,7 +271,7 @@ class RedisResultBackend(ResultBackend):
             )
 
     def chord_claim_expires(self, group_id: str) -> float | None:
-        chord_keys = [keys.group_key(group_id, n) for n in (".c", ".j", ".t", ".s")]
+        chord_keys = [self._layout.group(group_id, n) for n in (".c", ".j", ".t", ".s")]
         left = self._retry(
             f"reading the claim of chord {group_id}",
             lambda c: self._chord_claimed(keys=chord_keys, client=c),
@@ -270,7 +283,7 @@ class RedisResultBackend(ResultBackend):
             token = self._claims.pop(group_id, None)
         if token is None:
             return
-        claim = [keys.group_key(group_id, ".c")]
+        claim = [self._layout.group(group_id, ".c")]
         self._retry(
             f"releasing the join of chord {group_id}",
             lambda c: self._chord_release(keys=claim, args=[token], client=c),
@@ -283,10 +296,14 @@ class RedisResultBackend(ResultBackend):
             data = json.dumps({"result": value})
         except (TypeError, ValueError) as exc:
             raise BackendError(f"group {group_id} cannot be stored as JSON: {exc}") from exc
-        key = keys.group_key(group_id)
+        key = self._layout.group(group_id)
         expires = self._expires
 
         def op(c: redis.Redis) -> None:
+            if not self._multi:
+                c.set(key, data, ex=expires or None)
+                c.publish(key, data)
+                return
             with c.pipeline(transaction=True) as pipe:
                 pipe.set(key, data, ex=expires or None)
                 pipe.publish(key, data)
@@ -295,7 +312,7 @@ class RedisResultBackend(ResultBackend):
         self._retry(f"saving group {group_id}", op)
 
     def restore_group(self, group_id: str) -> Any:
-        key = keys.group_key(group_id)
+        key = self._layout.group(group_id)
         raw = self._retry(f"restoring group {group_id}", lambda c: c.get(key))
         if raw is None:
             return None
@@ -310,5 +327,5 @@ class RedisResultBackend(ResultBackend):
         return data["result"]
 
     def forget_group(self, group_id: str) -> None:
-        key = keys.group_key(group_id)
+        key = self._layout.group(group_id)
         self._retry(f"forgetting group {group_id}", lambda c: c.delete(key))

@@ -123,7 +123,7 @@ class RedisSubscription(Subscription):
     # -- the connection --------------------------------------------------------------------------
     def _open(self) -> None:
         spec = self.spec
-        client = redis.Redis(connection_pool=self.broker.pools.new_pool())
+        client = self.broker.pools.own_client()[0]
         try:
             if spec.exchange.kind == "direct":
                 member = binding_member(spec.routing_key, spec.queue)

@@ -37,6 +37,7 @@ from millpond_broker_redis.config import RedisConfig, parse
 from millpond_broker_redis.connection import (
     ACCESS_ERRORS,
     RETRYABLE,
+    SCRIPT_ENCODER,
     Pools,
     access_problem,
     is_transient,
@@ -51,23 +52,38 @@ MIN_REDIS = (6, 2)
 _REPLAY_BATCH = 100
 
 
-class Scripts:
-    """The Lua scripts, registered once per broker; EVALSHA, reloaded after a server restart."""
+def _per_node(reply: Any) -> list[Mapping[str, Any]]:
+    """A server-wide reply (INFO, CONFIG GET) as one mapping per node: a cluster client answers
+    {node name: reply} when it asked every node, a plain client the reply itself."""
+    if isinstance(reply, Mapping) and reply and all(isinstance(v, Mapping) for v in reply.values()):
+        return list(reply.values())
+    return [reply] if isinstance(reply, Mapping) else []
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.fetch = Script(client, scripts.FETCH)
-        self.requeue = Script(client, scripts.REQUEUE)
-        self.dead_letter = Script(client, scripts.DEAD_LETTER)
-        self.close = Script(client, scripts.CLOSE)
-        self.beat = Script(client, scripts.BEAT)
-        self.delay = Script(client, scripts.DELAY)
-        self.replay = Script(client, scripts.REPLAY)
-        self.serving = Script(client, scripts.SERVING)
-        self.stats = Script(client, scripts.STATS)
+
+class Scripts:
+    """The Lua scripts, registered once per broker; EVALSHA, reloaded after a server restart
+    (each call names the client it runs on)."""
+
+    def __init__(self) -> None:
+        self.fetch = Script(SCRIPT_ENCODER, scripts.FETCH)
+        self.requeue = Script(SCRIPT_ENCODER, scripts.REQUEUE)
+        self.dead_letter = Script(SCRIPT_ENCODER, scripts.DEAD_LETTER)
+        self.close = Script(SCRIPT_ENCODER, scripts.CLOSE)
+        self.beat = Script(SCRIPT_ENCODER, scripts.BEAT)
+        self.delay = Script(SCRIPT_ENCODER, scripts.DELAY)
+        self.replay = Script(SCRIPT_ENCODER, scripts.REPLAY)
+        self.serving = Script(SCRIPT_ENCODER, scripts.SERVING)
+        self.stats = Script(SCRIPT_ENCODER, scripts.STATS)
 
 
 class RedisBroker(Broker):
-    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "redis+sentinel")
+    schemes: ClassVar[tuple[str, ...]] = (
+        "redis",
+        "rediss",
+        "redis+sentinel",
+        "redis-cluster",
+        "rediss-cluster",
+    )
     system: ClassVar[str] = "redis"
     supports_delay: ClassVar[bool] = True
     #: kombu's emulation: priorities 0..9 in four lists; LOWER numbers are served first
@@ -78,8 +94,10 @@ class RedisBroker(Broker):
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)
         self.cfg: RedisConfig = parse(url, self.options)
+        #: key names: kombu's, or hash-tagged per queue on Redis Cluster
+        self.layout = keys.Layout(self.cfg.cluster)
         self.pools = Pools(self.cfg)
-        self.scripts = Scripts(self.pools.client())
+        self.scripts = Scripts()
         self._checked_version = False
         self._checked_persistence = False
         #: queues a consumer of this broker serves: their delays are released here, so they wait
@@ -140,8 +158,10 @@ class RedisBroker(Broker):
         if self._checked_version:
             return
         info = self._retry("reading the server version", lambda c: c.info("server"), BrokerError)
-        text = str(info.get("redis_version", "0"))
-        version = tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+        # a cluster client answers per node ({node: info}): the oldest node counts
+        texts = [str(i.get("redis_version", "0")) for i in _per_node(info)] or ["0"]
+        versions = [(tuple(int(p) for p in t.split(".")[:2] if p.isdigit()), t) for t in texts]
+        version, text = min(versions)
         if version < MIN_REDIS:
             raise BrokerError(
                 f"Redis at {self.cfg.masked_url} is version {text}; millpond-broker-redis needs "
@@ -163,13 +183,13 @@ class RedisBroker(Broker):
     def declare(self, queues: Iterable[str]) -> None:
         """Lists need no declaring; this checks the names and that Redis is reachable."""
         for queue in queues:
-            keys.check_queue(queue)
+            self.layout.check(queue)
         self.connect()
 
     # -- producing -------------------------------------------------------------------------------
     def _encoded(self, queue: str, message: Message) -> tuple[str, int]:
         """The message as kombu's JSON envelope for `queue`, and its priority step."""
-        keys.check_queue(queue)
+        self.layout.check(queue)
         try:
             payload = envelope.dumps(message, queue=queue)
         except (TypeError, ValueError) as exc:
@@ -188,7 +208,7 @@ class RedisBroker(Broker):
                 self.publish(item.queue, item.message, eta=item.eta)
                 continue
             payload, step = self._encoded(item.queue, item.message)
-            now.append((keys.list_key(item.queue, step), payload))
+            now.append((keys.list_key(self.layout.queue(item.queue), step), payload))
         if not now:
             return
 
@@ -207,15 +227,16 @@ class RedisBroker(Broker):
                 raise PublishError(f"eta must be a finite number of epoch seconds, got {eta!r}")
             if eta > time.time() and self._holds_delays(queue, message):
                 member = f"{step}:{payload}"
-                args = [repr(float(eta)), member, keys.bell_channel(queue)]
-                dkey = keys.delayed_key(queue)
+                kq = self.layout.queue(queue)
+                args = [repr(float(eta)), member, keys.bell_channel(kq)]
+                dkey = keys.delayed_key(kq)
                 self._retry(
                     f"publishing a delayed message to {queue!r}",
                     lambda c: self.scripts.delay(keys=[dkey], args=args, client=c),
                     PublishError,
                 )
                 return
-        target = keys.list_key(queue, step)
+        target = keys.list_key(self.layout.queue(queue), step)
         self._retry(f"publishing to {queue!r}", lambda c: c.lpush(target, payload), PublishError)
 
     def _holds_delays(self, queue: str, message: Message) -> bool:
@@ -234,7 +255,9 @@ class RedisBroker(Broker):
         if seen is None or seen[1] <= now:
             count = self._retry(
                 f"checking who serves {queue!r}",
-                lambda c: self.scripts.serving(keys=[keys.serving_key(queue)], args=[""], client=c),
+                lambda c: self.scripts.serving(
+                    keys=[keys.serving_key(self.layout.queue(queue))], args=[""], client=c
+                ),
                 PublishError,
             )
             seen = (bool(count), now + 1.0)
@@ -285,12 +308,15 @@ class RedisBroker(Broker):
         self._checked_persistence = True
         try:
             client = self.pools.client()
-            aof = client.config_get("appendonly").get("appendonly", "")
-            save = client.config_get("save").get("save", "")
+            aofs = [c.get("appendonly", "") for c in _per_node(client.config_get("appendonly"))]
+            saves = [c.get("save", "") for c in _per_node(client.config_get("save"))]
         except redis.RedisError as exc:  # CONFIG is often disabled on managed Redis
             log.debug("redis: cannot read the server's persistence settings (%s)", exc)
             return
-        if str(aof).lower() != "yes" and not str(save).strip():
+        if any(
+            str(aof).lower() != "yes" and not str(save).strip()
+            for aof, save in zip(aofs, saves, strict=False)
+        ):
             log.warning(
                 "redis: the server at %s keeps no append-only file and no snapshots "
                 '(appendonly no, save ""): if it restarts, every queued and delayed task is '
@@ -301,8 +327,7 @@ class RedisBroker(Broker):
 
     # -- administration --------------------------------------------------------------------------
     def purge(self, queue: str) -> int:
-        keys.check_queue(queue)
-        names = keys.list_keys(queue, self.cfg.priority_steps)
+        names = keys.list_keys(self.layout.queue(self.layout.check(queue)), self.cfg.priority_steps)
 
         def op(c: redis.Redis) -> int:
             with c.pipeline(transaction=True) as pipe:
@@ -315,8 +340,7 @@ class RedisBroker(Broker):
         return self._retry(f"purging {queue!r}", op, BrokerError)
 
     def queue_length(self, queue: str) -> int:
-        keys.check_queue(queue)
-        names = keys.list_keys(queue, self.cfg.priority_steps)
+        names = keys.list_keys(self.layout.queue(self.layout.check(queue)), self.cfg.priority_steps)
 
         def op(c: redis.Redis) -> int:
             with c.pipeline(transaction=False) as pipe:
@@ -330,27 +354,27 @@ class RedisBroker(Broker):
         """Ready (all priority lists), delayed, reserved by consumers, and live millpond
         consumers of `queue`, in one script call. Celery workers' reservations are not counted
         (kombu keeps them in its own `unacked` hash, under no queue name)."""
-        keys.check_queue(queue)
+        kq = self.layout.queue(self.layout.check(queue))
         stat_keys = [
-            keys.CONSUMERS,
-            keys.serving_key(queue),
-            keys.delayed_key(queue),
-            *keys.list_keys(queue, self.cfg.priority_steps),
+            self.layout.consumers(queue),
+            keys.serving_key(kq),
+            keys.delayed_key(kq),
+            *keys.list_keys(kq, self.cfg.priority_steps),
         ]
         ready, delayed, reserved, consumers = self._retry(
             f"reading the stats of {queue!r}",
-            lambda c: self.scripts.stats(keys=stat_keys, args=[queue], client=c),
+            lambda c: self.scripts.stats(keys=stat_keys, args=[kq], client=c),
             BrokerError,
         )
         return QueueStats(queue, int(ready), int(delayed), int(reserved), int(consumers))
 
     def delayed_count(self, queue: str) -> int:
         """Messages of `queue` waiting for their eta (held in Redis, not in any worker)."""
-        dkey = keys.delayed_key(keys.check_queue(queue))
+        dkey = keys.delayed_key(self.layout.queue(self.layout.check(queue)))
         return int(self._retry(f"counting delayed {queue!r}", lambda c: c.zcard(dkey), BrokerError))
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[Message]:
-        dead = keys.dead_key(keys.check_queue(queue))
+        dead = keys.dead_key(self.layout.queue(self.layout.check(queue)))
         if limit <= 0:
             return []
         raws = self._retry(
@@ -367,7 +391,7 @@ class RedisBroker(Broker):
     def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
         """Move dead letters back to the end of their queue, oldest first, without the death
         reason; entries that are not envelopes stay where they are."""
-        dead = keys.dead_key(keys.check_queue(queue))
+        dead = keys.dead_key(self.layout.queue(self.layout.check(queue)))
         moved = skipped = 0
         while limit is None or moved < limit:
             size = _REPLAY_BATCH if limit is None else min(_REPLAY_BATCH, limit - moved)
@@ -388,7 +412,8 @@ class RedisBroker(Broker):
                     continue
                 message.headers.pop(DEATH_REASON, None)
                 step = keys.step_for(message.properties.get("priority"), self.cfg.priority_steps)
-                args += [raw, envelope.dumps(message, queue=queue), keys.list_key(queue, step)]
+                target = keys.list_key(self.layout.queue(queue), step)
+                args += [raw, envelope.dumps(message, queue=queue), target]
             if args:
                 moved += int(
                     self._retry(

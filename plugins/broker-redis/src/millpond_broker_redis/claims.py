@@ -19,7 +19,7 @@ from redis.commands.core import Script
 
 from millpond.contracts.claims import Claims, Holder
 from millpond.exceptions import BrokerError
-from millpond_broker_redis.connection import Pools
+from millpond_broker_redis.connection import SCRIPT_ENCODER, Pools
 
 T = TypeVar("T")
 
@@ -47,9 +47,8 @@ class RedisClaims(Claims):
     def __init__(self, pools: Pools, where: str) -> None:
         self.pools = pools
         self.where = where
-        client = pools.client()
-        self._acquire = Script(client, ACQUIRE)
-        self._release = Script(client, RELEASE)
+        self._acquire = Script(SCRIPT_ENCODER, ACQUIRE)
+        self._release = Script(SCRIPT_ENCODER, RELEASE)
 
     def _call(self, what: str, op: Callable[[redis.Redis], T]) -> T:
         try:

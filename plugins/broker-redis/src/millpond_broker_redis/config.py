@@ -58,7 +58,7 @@ class RedisConfig:
     """Where the server is and how the broker behaves; built by `parse`, never by hand."""
 
     url: str
-    kind: str  # "redis" | "rediss" | "sentinel"
+    kind: str  # "redis" | "rediss" | "sentinel" | "cluster" | "rediss-cluster"
     hosts: tuple[tuple[str, int], ...]
     db: int = 0
     username: str | None = None
@@ -98,6 +98,15 @@ class RedisConfig:
     @property
     def masked_url(self) -> str:
         return mask(self.url)
+
+    @property
+    def cluster(self) -> bool:
+        """Redis Cluster: every queue's keys carry a hash tag (see `keys.Layout`)."""
+        return self.kind in ("cluster", "rediss-cluster")
+
+    @property
+    def tls(self) -> bool:
+        return self.kind in ("rediss", "rediss-cluster")
 
     @property
     def host(self) -> str:
@@ -180,8 +189,8 @@ def parse(url: str, options: Mapping[str, Any] | None = None) -> RedisConfig:
     """Validate the URL and options; a ConfigurationError says what is wrong and what to do."""
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(
-            f"broker URL {url!r} is not a URL; use redis://host:6379/0, rediss://... for TLS or "
-            "redis+sentinel://host:26379/0?master_name=NAME"
+            f"broker URL {url!r} is not a URL; use redis://host:6379/0, rediss://... for TLS, "
+            "redis+sentinel://host:26379/0?master_name=NAME or redis-cluster://h1:7000,h2:7001"
         )
     scheme = url.split("://", 1)[0].lower()
     if scheme == "sentinel":
@@ -191,19 +200,27 @@ def parse(url: str, options: Mapping[str, Any] | None = None) -> RedisConfig:
     else:
         pieces = urlsplit(url)
         username, password, hosts_part = _userinfo(pieces.netloc)
-        kinds = {"redis": "redis", "rediss": "rediss", "redis+sentinel": "sentinel"}
+        kinds = {
+            "redis": "redis",
+            "rediss": "rediss",
+            "redis+sentinel": "sentinel",
+            "redis-cluster": "cluster",
+            "rediss-cluster": "rediss-cluster",
+        }
         if scheme not in kinds:
             raise ConfigurationError(
                 f"broker URL {mask(url)!r}: scheme {scheme!r} is not served by "
-                "millpond-broker-redis (use redis://, rediss:// or redis+sentinel://)"
+                "millpond-broker-redis (use redis://, rediss://, redis+sentinel://, "
+                "redis-cluster:// or rediss-cluster://)"
             )
         kind = kinds[scheme]
 
     default_port = DEFAULT_SENTINEL_PORT if kind == "sentinel" else DEFAULT_PORT
     host_items = [h for h in hosts_part.split(",") if h.strip()] or ["localhost"]
-    if kind != "sentinel" and len(host_items) > 1:
+    if kind in ("redis", "rediss") and len(host_items) > 1:
         raise ConfigurationError(
-            f"broker URL {mask(url)!r} names several hosts; only redis+sentinel:// URLs may"
+            f"broker URL {mask(url)!r} names several hosts; only redis+sentinel:// and "
+            "redis-cluster:// URLs may"
         )
     hosts = tuple(_split_host(h.strip(), default_port, url) for h in host_items)
 
@@ -234,10 +251,15 @@ def _check(cfg: RedisConfig) -> None:
             f"broker URL {cfg.masked_url!r} is a sentinel URL but names no master; add "
             "?master_name=NAME (the name in the sentinels' `sentinel monitor` line)"
         )
-    if cfg.kind != "rediss" and any(
+    if cfg.cluster and cfg.db != 0:
+        raise ConfigurationError(
+            f"broker URL {cfg.masked_url!r}: Redis Cluster has only database 0, got /{cfg.db}; "
+            "drop the path or use /0 (use distinct queue names to keep apps apart)"
+        )
+    if not cfg.tls and any(
         v is not None for v in (cfg.ssl_ca_certs, cfg.ssl_certfile, cfg.ssl_keyfile)
     ):
         raise ConfigurationError(
-            f"TLS options were given but {cfg.masked_url!r} is not a rediss:// URL; "
-            "use rediss:// to connect with TLS"
+            f"TLS options were given but {cfg.masked_url!r} is not a rediss:// or "
+            "rediss-cluster:// URL; use one of those to connect with TLS"
         )

@@ -14,6 +14,12 @@ by the waker) and returns an empty list; the next call reconnects. Acks and reje
 reach Redis are kept and sent again before the next fetch. A fetch whose reply was lost may have
 reserved messages this consumer never saw: their tags are known (the consumer hands tags out), and
 they are given back, uncounted, as soon as Redis answers again.
+
+On Redis Cluster a script may only touch keys of one slot, so the consumer keeps one `_Part` per
+queue (its own unacked hash, lease and registration under the queue's hash tag, `keys.Layout`) and
+a fetch runs the same script once per queue until the batch is full; on one server there is one
+part for all queues and a fetch stays one round trip. Tags stay unique across parts, so a delivery
+is settled in the part that holds it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -69,6 +76,22 @@ def dead_envelope(message: Message, queue: str, reason: str) -> str:
     return envelope.dumps(dead, queue=queue)
 
 
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """Queues whose keys one script may touch together, and this consumer's keys beside them."""
+
+    queues: list[str]
+    #: queue -> its name in keys (itself, or its hash tag on a cluster)
+    keyed: dict[str, str]
+    #: this consumer's id among these keys
+    member: str
+    unacked: str
+    lease: str
+    consumers: str
+    gate: str
+    serving: list[str]
+
+
 class RedisConsumer(Consumer):
     def __init__(self, broker: RedisBroker, queues: Sequence[str], prefetch: int) -> None:
         if isinstance(queues, str):
@@ -82,12 +105,17 @@ class RedisConsumer(Consumer):
         self._cfg = cfg
         self.queues = [keys.check_queue(q) for q in dict.fromkeys(queues)]
         self.prefetch = prefetch
+        layout = broker.layout
+        self.queues = [layout.check(q) for q in self.queues]
         self.id = consumer_id()
-        self._unacked_key = keys.unacked_key(self.id)
-        self._lease_key = keys.lease_key(self.id)
+        groups = [[q] for q in self.queues] if layout.cluster else [self.queues]
+        self._parts = [self._part(layout, group) for group in groups]
+        #: tag -> index of the part that holds it, for every tag fetched and not yet settled
+        self._part_of: dict[int, int] = {}
         self._lease_ms = max(1, int(cfg.lease_timeout * 1000))
         self._steps = [str(s) for s in cfg.priority_steps]
         self._rotate = cfg.queue_order_strategy == "round_robin" and len(self.queues) > 1
+        self._cluster = layout.cluster
         self._turn = 0
         self._next_tag = 1
         #: tags below this were fetched under a lease that has lapsed since (`stale`)
@@ -99,19 +127,18 @@ class RedisConsumer(Consumer):
         self._beat_ok_at = time.monotonic()
         self._held: set[int] = set()
         self._pending: list[tuple[str, Callable[[redis.Redis], Any]]] = []
-        self._uncertain: list[int] = []
+        #: part index -> tags whose reservation may have happened unseen (a lost reply)
+        self._uncertain: dict[int, list[int]] = {}
         self._failing = False
         #: set by connection trouble: after it, the hash may hold entries already settled
         self._reconcile_due = False
         self._backoff = _BACKOFF_MIN
         self._closed = False
 
-        self._pool = broker.pools.new_pool()
-        self._client = redis.Redis(connection_pool=self._pool)
-        self._beat_client = redis.Redis(connection_pool=self._pool)
+        self._client, self._pool_for = broker.pools.own_client()
+        self._beat_client = self._client
         self._scripts = broker.scripts
         self._bells: Doorbells | None = None
-        self._serving = [keys.serving_key(q) for q in self.queues]
         broker.served.update(self.queues)  # a Counter: several consumers may share a queue
         self._beaten = False
         self._heartbeat = LeaseKeeper(
@@ -123,21 +150,48 @@ class RedisConsumer(Consumer):
         try:  # the lease exists before the first message is reserved
             self._heartbeat.beat_once(strict=ACCESS_ERRORS)
         except ACCESS_ERRORS as exc:
-            self._pool.disconnect()
+            self._client.close()
             broker.served.subtract(self.queues)
             raise AccessDenied(access_problem(cfg, "taking the consumer's lease", exc)) from exc
         self._heartbeat.start()
+
+    def _part(self, layout: keys.Layout, queues: list[str]) -> _Part:
+        first = queues[0]
+        member = layout.member(first, self.id)
+        keyed = {q: layout.queue(q) for q in queues}
+        return _Part(
+            queues=queues,
+            keyed=keyed,
+            member=member,
+            unacked=keys.unacked_key(member),
+            lease=keys.lease_key(member),
+            consumers=layout.consumers(first),
+            gate=layout.restore_gate(first),
+            serving=[keys.serving_key(keyed[q]) for q in queues],
+        )
 
     # -- lease -----------------------------------------------------------------------------------
     def _beat(self) -> BeatResult:
         gate_ms = max(50, int(min(1.0, self._cfg.heartbeat_interval) * 1000))
         fetched = self._next_tag
         lapsed_meanwhile = self._lapsed()
-        alive, restored = self._scripts.beat(
-            keys=[self._lease_key, keys.CONSUMERS, keys.RESTORE_GATE, *self._serving],
-            args=[self._lease_ms, keys.SEP, gate_ms, self.id],
-            client=self._beat_client,
-        )
+        alive, restored = True, 0
+        failed: redis.RedisError | None = None
+        for part in self._parts:  # one lease per part: each lives beside the keys it guards
+            try:
+                part_alive, part_restored = self._scripts.beat(
+                    keys=[part.lease, part.consumers, part.gate, *part.serving],
+                    args=[self._lease_ms, keys.SEP, gate_ms, part.member],
+                    client=self._beat_client,
+                )
+            except redis.RedisError as exc:
+                # one primary away must not let the leases on the others lapse: beat them all
+                failed = failed or exc
+                continue
+            alive = alive and bool(part_alive)
+            restored += int(part_restored)
+        if failed is not None:
+            raise failed
         if (not alive and self._beaten) or lapsed_meanwhile:
             # the lease had expired: what was fetched before may be another consumer's now
             self._lost_below = max(self._lost_below, fetched)
@@ -160,12 +214,21 @@ class RedisConsumer(Consumer):
         return isinstance(delivery.tag, int) and delivery.tag < self._lost_below
 
     # -- fetching --------------------------------------------------------------------------------
-    def _order(self) -> list[str]:
-        if not self._rotate:
-            return self.queues
-        turn = self._turn
-        self._turn = (turn + 1) % len(self.queues)
-        return self.queues[turn:] + self.queues[:turn]
+    def _order(self) -> list[tuple[int, list[str]]]:
+        """(part, its queues in the order to serve them), in the order to visit the parts."""
+        if not self._cluster:
+            queues = self.queues
+            if self._rotate:
+                turn = self._turn
+                self._turn = (turn + 1) % len(queues)
+                queues = queues[turn:] + queues[:turn]
+            return [(0, queues)]
+        order = list(range(len(self._parts)))
+        if self._rotate:
+            turn = self._turn
+            self._turn = (turn + 1) % len(order)
+            order = order[turn:] + order[:turn]
+        return [(i, self._parts[i].queues) for i in order]
 
     def _room(self, max_count: int) -> int:
         room = min(max_count, MAX_BATCH)
@@ -223,25 +286,51 @@ class RedisConsumer(Consumer):
                 return []
 
     def _reserve(self, room: int) -> tuple[list[Delivery], int]:
-        queues = self._order()
+        """Reserve up to `room` messages, part by part; and, when none came, the ms until the
+        next delayed message is due (-1: none). A failure after some parts delivered keeps
+        what they delivered (it is held) and leaves the error to the next fetch."""
+        out: list[Delivery] = []
+        due = -1
+        for index, queues in self._order():
+            if room <= 0:
+                break
+            try:
+                got, part_due = self._reserve_part(index, queues, room)
+            except ACCESS_ERRORS:
+                raise
+            except redis.RedisError as exc:
+                if not out:
+                    raise
+                self._trouble("fetch", exc)
+                return out, -1
+            out += got
+            room -= len(got)
+            if part_due >= 0 and (due < 0 or part_due < due):
+                due = part_due
+        return out, (-1 if out else due)
+
+    def _reserve_part(self, index: int, queues: list[str], room: int) -> tuple[list[Delivery], int]:
+        part = self._parts[index]
         first = self._next_tag
         self._next_tag += room
-        args: list[Any] = [self.id, room, first, self._lease_ms, keys.SEP, len(queues), *queues]
+        args: list[Any] = [part.member, room, first, self._lease_ms, keys.SEP, len(queues)]
+        args.extend(part.keyed[q] for q in queues)
         args.append(len(self._steps))
         args.extend(self._steps)
         try:
             reply = self._scripts.fetch(
-                keys=[self._unacked_key, self._lease_key, keys.CONSUMERS],
+                keys=[part.unacked, part.lease, part.consumers],
                 args=args,
                 client=self._client,
             )
         except redis.RedisError:
             # the script may have run and its reply been lost: these tags may hold messages
-            self._uncertain.extend(range(first, first + room))
+            self._uncertain.setdefault(index, []).extend(range(first, first + room))
             raise
         count = int(reply[0])
-        if int(reply[-1]) > len(self._held) + count:  # settled entries still reserved
-            self._reconcile_due = True
+        held_here = sum(1 for i in self._part_of.values() if i == index) if self._cluster else None
+        if int(reply[-1]) > (len(self._held) if held_here is None else held_here) + count:
+            self._reconcile_due = True  # settled entries still reserved
         if count == 0:
             return [], int(reply[1])
         out: list[Delivery] = []
@@ -249,6 +338,7 @@ class RedisConsumer(Consumer):
             qi, n, raw = reply[1 + 3 * i : 4 + 3 * i]
             tag = first + i
             queue = queues[int(qi) - 1]
+            self._part_of[tag] = index
             try:
                 message = envelope.loads(raw)
             except MalformedMessage as exc:
@@ -269,11 +359,12 @@ class RedisConsumer(Consumer):
     def _doorbells(self) -> Doorbells:
         if self._bells is None:
             steps = self._cfg.priority_steps
-            list_keys = [keys.list_key(q, s) for s in steps for q in self.queues]
+            keyed = {q: k for part in self._parts for q, k in part.keyed.items()}
+            list_keys = [keys.list_key(keyed[q], s) for s in steps for q in self.queues]
             self._bells = Doorbells(
-                self._pool,
+                self._pool_for,
                 list_keys,
-                [keys.bell_channel(q) for q in self.queues],
+                [keys.bell_channel(keyed[q]) for q in self.queues],
                 self._cfg.idle_timeout,
                 self._cfg.socket_timeout,
             )
@@ -285,10 +376,15 @@ class RedisConsumer(Consumer):
         if not tags:
             return
         self._held.difference_update(tags)
-        self._run(
-            f"ack of {len(tags)} message(s)",
-            lambda c: self._acked(c.hdel(self._unacked_key, *tags), len(tags)),
-        )
+        by_part: dict[int, list[int]] = {}
+        for tag in tags:
+            by_part.setdefault(self._part_of.pop(tag, 0), []).append(tag)
+        for index, some in by_part.items():
+            ukey = self._parts[index].unacked
+            self._run(
+                f"ack of {len(some)} message(s)",
+                lambda c, u=ukey, t=some: self._acked(c.hdel(u, *t), len(t)),  # type: ignore[misc]
+            )
 
     def _acked(self, removed: int, asked: int) -> None:
         if removed < asked:
@@ -303,11 +399,10 @@ class RedisConsumer(Consumer):
         tag = delivery.tag
         self._held.discard(tag)
         if requeue:
+            ukey = self._parts[self._part_of.pop(tag, 0)].unacked
             self._run(
                 "requeue",
-                lambda c: self._scripts.requeue(
-                    keys=[self._unacked_key], args=[keys.SEP, 0, tag], client=c
-                ),
+                lambda c: self._scripts.requeue(keys=[ukey], args=[keys.SEP, 0, tag], client=c),
             )
             return
         payload = dead_envelope(delivery.message, delivery.queue, reason)
@@ -315,10 +410,13 @@ class RedisConsumer(Consumer):
 
     def _dead_letter(self, tag: int, queue: str, payload: str) -> None:
         self._held.discard(tag)
+        part = self._parts[self._part_of.pop(tag, 0)]
+        # on a cluster `{queue}.dead`: the dead-letter list shares its queue's slot
+        dead = keys.dead_key(part.keyed[queue])
 
         def move(c: redis.Redis) -> None:
             done = self._scripts.dead_letter(
-                keys=[self._unacked_key, keys.dead_key(queue)], args=[tag, payload], client=c
+                keys=[part.unacked, dead], args=[tag, payload], client=c
             )
             if not done:
                 log.warning(
@@ -351,12 +449,14 @@ class RedisConsumer(Consumer):
     def _settle(self) -> bool:
         """Send what is owed (kept acks, rejects, lost reservations); False if Redis is away."""
         try:
-            if self._uncertain:
-                tags = sorted(self._uncertain, reverse=True)
+            for index in list(self._uncertain):
+                tags = sorted(self._uncertain[index], reverse=True)
                 self._scripts.requeue(
-                    keys=[self._unacked_key], args=[keys.SEP, 1, *tags], client=self._client
+                    keys=[self._parts[index].unacked],
+                    args=[keys.SEP, 1, *tags],
+                    client=self._client,
                 )
-                self._uncertain.clear()
+                del self._uncertain[index]
             while self._pending:
                 what, op = self._pending[0]
                 try:
@@ -385,18 +485,23 @@ class RedisConsumer(Consumer):
         whose ack was lost runs again (at-least-once; see docs/guarantees.md).
         """
         self._reconcile_due = False
-        tags = [int(t) for t in self._client.hkeys(self._unacked_key)]
-        orphans = sorted((t for t in tags if t not in self._held), reverse=True)
-        if not orphans:
+        given = 0
+        for part in self._parts:
+            tags = [int(t) for t in self._client.hkeys(part.unacked)]
+            orphans = sorted((t for t in tags if t not in self._held), reverse=True)
+            if orphans:
+                given += int(
+                    self._scripts.requeue(
+                        keys=[part.unacked], args=[keys.SEP, 1, *orphans], client=self._client
+                    )
+                )
+        if not given:
             return
-        given = self._scripts.requeue(
-            keys=[self._unacked_key], args=[keys.SEP, 1, *orphans], client=self._client
-        )
         log.warning(
             "redis: %d message(s) this consumer had already acknowledged or given back were "
             "still reserved on %s (a failover lost the settlement); they "
             "went back to their queue and may run again",
-            int(given),
+            given,
             self._cfg.masked_url,
         )
 
@@ -466,11 +571,12 @@ class RedisConsumer(Consumer):
             self._bells.close()
         try:
             if self._settle():
-                self._scripts.close(
-                    keys=[self._unacked_key, self._lease_key, keys.CONSUMERS],
-                    args=[keys.SEP, self.id],
-                    client=self._client,
-                )
+                for part in self._parts:
+                    self._scripts.close(
+                        keys=[part.unacked, part.lease, part.consumers],
+                        args=[keys.SEP, part.member],
+                        client=self._client,
+                    )
             else:
                 raise redis.ConnectionError("Redis unreachable")
         except redis.RedisError as exc:
@@ -483,8 +589,9 @@ class RedisConsumer(Consumer):
             )
         finally:
             self._held.clear()
+            self._part_of.clear()
             self._leave_queues()
-            self._pool.disconnect()
+            self._client.close()
 
     def _leave_queues(self) -> None:
         """Stop counting as a server of these queues; say so when this was the last millpond
@@ -495,17 +602,21 @@ class RedisConsumer(Consumer):
             if self._broker.served[queue] <= 0:
                 del self._broker.served[queue]
         try:
-            for queue, serving in zip(self.queues, self._serving, strict=True):
-                left = self._scripts.serving(keys=[serving], args=[self.id], client=self._client)
-                waiting = 0 if left else self._client.zcard(keys.delayed_key(queue))
-                if waiting:
-                    log.warning(
-                        "redis: %d delayed message(s) of queue %r wait in Redis and no other "
-                        "millpond worker serves it now; they run when one does (with "
-                        "delays=auto, new delays go out Celery-style meanwhile)",
-                        waiting,
-                        queue,
+            for part in self._parts:
+                for queue, serving in zip(part.queues, part.serving, strict=True):
+                    left = self._scripts.serving(
+                        keys=[serving], args=[part.member], client=self._client
                     )
+                    dkey = keys.delayed_key(part.keyed[queue])
+                    waiting = 0 if left else self._client.zcard(dkey)
+                    if waiting:
+                        log.warning(
+                            "redis: %d delayed message(s) of queue %r wait in Redis and no other "
+                            "millpond worker serves it now; they run when one does (with "
+                            "delays=auto, new delays go out Celery-style meanwhile)",
+                            waiting,
+                            queue,
+                        )
         except redis.RedisError as exc:
             log.debug("redis: could not leave the serving sets (%s); they expire", exc)
 

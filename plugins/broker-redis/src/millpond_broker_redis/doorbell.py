@@ -10,6 +10,10 @@ it was. The doorbell takes nothing, so a connection that dies mid-reply loses no
 is then reserved by the fetch script, atomically. The price: every consumer blocked on a key is
 woken by one push (all but one find nothing and wait again), and one connection per key while idle.
 
+On Redis Cluster each doorbell connects to the node serving its key, looked up each time it is
+armed afresh, so after a failover it blocks on the new primary; the bells' subscription may sit on
+any node, as a PUBLISH reaches every node of a cluster.
+
 Delayed messages ring a pub/sub bell (`millpond:bell:<queue>`) when one becomes the earliest, so a
 consumer already waiting for a later eta recomputes its deadline.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 import logging
 import select
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -43,17 +47,20 @@ def _new_connection(pool: redis.ConnectionPool) -> Any:
 
 
 class _Bell:
-    """One doorbell connection on one list key."""
+    """One doorbell connection on one list key, opened on the node serving it when first armed."""
 
-    __slots__ = ("conn", "key", "sent_at")
+    __slots__ = ("conn", "key", "pool_for", "sent_at")
 
-    def __init__(self, conn: Any, key: str) -> None:
-        self.conn = conn
+    def __init__(self, pool_for: Callable[[str], redis.ConnectionPool], key: str) -> None:
+        self.pool_for = pool_for
+        self.conn: Any = None
         self.key = key
         self.sent_at: float | None = None
 
     def arm(self, block: float) -> None:
         if self.sent_at is None:
+            if self.conn is None:
+                self.conn = _new_connection(self.pool_for(self.key))
             # connect() first: send_command() alone would connect to the configured host and
             # skip a sentinel-managed connection's lookup of the current primary
             self.conn.connect()
@@ -61,7 +68,7 @@ class _Bell:
             self.sent_at = time.monotonic()
 
     def fileno(self) -> int:
-        sock = self.conn._sock
+        sock = None if self.conn is None else self.conn._sock
         if sock is None:
             raise redis.ConnectionError(f"doorbell connection for {self.key!r} is closed")
         return int(sock.fileno())
@@ -74,10 +81,12 @@ class _Bell:
 
     def reset(self) -> None:
         self.sent_at = None
-        try:
-            self.conn.disconnect()
-        except Exception:
-            pass
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.disconnect()
+            except Exception:
+                pass
 
 
 class Doorbells:
@@ -85,14 +94,14 @@ class Doorbells:
 
     def __init__(
         self,
-        pool: redis.ConnectionPool,
+        pool_for: Callable[[str], redis.ConnectionPool],
         keys: Sequence[str],
         channels: Sequence[str],
         idle_timeout: float,
         socket_timeout: float,
     ) -> None:
-        self._pool = pool
-        self._bells = [_Bell(_new_connection(pool), k) for k in keys]
+        self._pool_for = pool_for
+        self._bells = [_Bell(pool_for, k) for k in keys]
         self._channels = list(channels)
         self._pubsub: PubSub | None = None
         self._block = idle_timeout
@@ -102,7 +111,8 @@ class Doorbells:
 
     def _subscription(self) -> PubSub:
         if self._pubsub is None:
-            pubsub = PubSub(self._pool, ignore_subscribe_messages=True)
+            pool = self._pool_for(self._channels[0])
+            pubsub = PubSub(pool, ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(*self._channels)
             except BaseException:

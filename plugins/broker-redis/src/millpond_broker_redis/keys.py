@@ -23,6 +23,17 @@ Everything else is millpond's own bookkeeping under `millpond:`, which kombu nev
   lease ends (ms, Redis's clock): a producer with `delays = auto` holds a delay in Redis only
   while some millpond worker is there to release it.
 
+On Redis Cluster (`redis-cluster://`) every key of one queue must live in one hash slot, or the
+scripts above could not touch them together. `Layout` names them so: the queue's name, wherever it
+appears in a key, is its hash tag `{<queue>}` (a dead-letter queue `<queue>.dead` shares its
+queue's tag: `{<queue>}.dead`), and what the single-server layout keeps once for all queues (the
+consumers set, the restore gate, a consumer's unacked hash and lease) is kept per queue, under the
+queue's tag, with the consumer known there as `{<queue>}:<consumer>`. The scripts do not change: they
+are handed the tagged name as the queue. So a cluster queue `orders` is the list `{orders}`, with
+`millpond:delayed:{orders}`, `millpond:unacked:{orders}:<consumer>` and so on; kombu knows none of
+these names (and has no cluster transport), so Celery cannot share a cluster queue. Chords use
+`celery-taskset-meta-{<group id>}...`, one slot per chord.
+
 Results and chords use Celery's Redis result layout, so either side reads and joins the other's:
 
 * `celery-task-meta-<task id>`        a task's result (JSON), also PUBLISHed on a channel of that name.
@@ -42,6 +53,7 @@ Results and chords use Celery's Redis result layout, so either side reads and jo
 from __future__ import annotations
 
 from bisect import bisect
+from dataclasses import dataclass
 from typing import Final
 
 from millpond.contracts.broker import dead_letter_queue
@@ -132,3 +144,54 @@ def group_key(group_id: str, suffix: str = "") -> str:
 def rate_limit_key(name: str) -> str:
     """The token bucket of a global rate limit (a task's name)."""
     return f"{PREFIX}ratelimit:{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Key names for one deployment: kombu's names on a single server or a sentinel-managed one;
+    hash-tagged per queue on Redis Cluster (see the module's docstring)."""
+
+    cluster: bool = False
+
+    def check(self, queue: str) -> str:
+        """`check_queue`, plus: on a cluster the name may not hold braces, which would change
+        its hash tag (and so split its keys across slots)."""
+        check_queue(queue)
+        if self.cluster and ("{" in queue or "}" in queue):
+            raise ConfigurationError(
+                f"queue name {queue!r} contains '{{' or '}}'; on Redis Cluster a queue's name is "
+                "its keys' hash tag, so it may not hold braces: choose another name"
+            )
+        return queue
+
+    def queue(self, queue: str) -> str:
+        """The name the queue goes by in keys (and in the scripts): itself, or its hash tag."""
+        if not self.cluster:
+            return queue
+        dead = dead_letter_queue("")
+        if queue.endswith(dead) and len(queue) > len(dead):
+            return self.queue(queue[: -len(dead)]) + dead
+        return "{" + queue + "}"
+
+    def tag(self, queue: str) -> str:
+        """The part of every key of this queue that decides its slot ("" on one server)."""
+        if not self.cluster:
+            return ""
+        name = self.queue(queue)
+        return name[: name.index("}") + 1]
+
+    def consumers(self, queue: str) -> str:
+        return f"{CONSUMERS}:{self.tag(queue)}" if self.cluster else CONSUMERS
+
+    def restore_gate(self, queue: str) -> str:
+        return f"{RESTORE_GATE}:{self.tag(queue)}" if self.cluster else RESTORE_GATE
+
+    def member(self, queue: str, consumer: str) -> str:
+        """The id a consumer goes by among a queue's keys (its unacked hash and lease)."""
+        return f"{self.tag(queue)}:{consumer}" if self.cluster else consumer
+
+    def group(self, group_id: str, suffix: str = "") -> str:
+        """A chord's keys, in one slot on a cluster."""
+        if self.cluster:
+            return f"{GROUP_PREFIX}{{{group_id}}}{suffix}"
+        return group_key(group_id, suffix)

@@ -18,17 +18,17 @@ from redis.commands.core import Script
 from millpond.contracts.limiter import SharedLimiter
 from millpond_broker_redis import keys, scripts
 from millpond_broker_redis.config import parse
-from millpond_broker_redis.connection import Pools
+from millpond_broker_redis.connection import SCRIPT_ENCODER, Pools
 
 
 class RedisRateLimiter(SharedLimiter):
-    schemes = ("redis", "rediss", "redis+sentinel")
+    schemes = ("redis", "rediss", "redis+sentinel", "redis-cluster", "rediss-cluster")
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)
         self.cfg = parse(url, self.options)
         self.pools = Pools(self.cfg)
-        self._script = Script(self.pools.client(), scripts.RATE_LIMIT)
+        self._script = Script(SCRIPT_ENCODER, scripts.RATE_LIMIT)
 
     def __repr__(self) -> str:
         return f"<RedisRateLimiter {self.cfg.masked_url}>"
@@ -44,5 +44,4 @@ class RedisRateLimiter(SharedLimiter):
         return float(reply.decode() if isinstance(reply, bytes) else reply)
 
     def close(self) -> None:
-        client = self.pools.client()
-        client.connection_pool.disconnect()
+        self.pools.close()

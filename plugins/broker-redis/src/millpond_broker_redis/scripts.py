@@ -5,9 +5,9 @@ consumer, giving a dead consumer's messages back, and moving a message to the de
 happen inside one script, so a crash or a lost connection between two steps cannot lose or duplicate
 a message, and two restorers can never both give back the same message.
 
-Key layout and record format: see `keys.py`. Scripts touch keys derived from consumer ids they read
-(the restorer), so this needs a single Redis server or a sentinel-managed primary, not Redis Cluster
-(kombu's Redis transport has the same limit).
+Key layout and record format: see `keys.py`. Scripts touch keys they derive from the queue names and
+consumer ids they are given or read (the restorer); on Redis Cluster those names carry the queue's
+hash tag (`keys.Layout`), so every key a script derives lies in the slot of the keys it was given.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 The one declaration of every option the Redis broker and result backend take, whichever way it is
 given: the `[redis]` section of `millpond.toml`, `MILLPOND_REDIS__*`, `Millpond(redis={...})`, or a
 URL query parameter (`redis://h/0?lease_timeout=10`). It is published under the `millpond.settings`
-entry-point group once per URL scheme the plugin serves (redis, rediss, redis+sentinel), which is
-how the core finds it for a broker URL; `config.parse` casts the URL's query through it. It imports
-nothing from redis-py.
+entry-point group once per URL scheme the plugin serves (redis, rediss, redis+sentinel,
+redis-cluster, rediss-cluster), which is how the core finds it for a broker URL; `config.parse`
+casts the URL's query through it (the `ssl_*` options apply to rediss-cluster:// as to rediss://).
+It imports nothing from redis-py.
 """
 
 from __future__ import annotations
