@@ -12,9 +12,9 @@ rest (retries, children, the worker's date_done text) so a stored result reads b
 Waiting: a waiter in the storing process is woken at once (a condition); one in another process
 polls the row with a back-off from 5 ms to `poll_max` seconds (0.1 by default): a database has no
 portable notification, and one indexed read every 100 ms per waiting caller is what a `.get()`
-costs. Expired rows (`result_expires`, 0 keeps them) are never returned and are deleted in one
-statement at most once a minute by a storing process (counted from the newest store). Chords and saved groups are not supported
-(use the Redis or Postgres backend for those).
+costs. Expired rows (`result_expires` after their newest store; 0 keeps them) are never
+returned, and a storing process deletes them in one statement at most once a minute. Chords and
+saved groups are not supported (use the Redis or Postgres backend for those).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ INSTALLED_APPS = [
     "shop",
 ]
 ROOT_URLCONF = "djproj.urls"
+ALLOWED_HOSTS = ["testserver"]  # the test client of test_django_beat.py
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
