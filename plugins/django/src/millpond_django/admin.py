@@ -24,11 +24,11 @@ class PeriodicTaskAdmin(admin.ModelAdmin):  # type: ignore[misc]
     )
     actions = ("enable", "disable")
 
-    @admin.action(description="Enable the selected periodic tasks")
+    @admin.action(description="Enable the selected periodic tasks")  # type: ignore[untyped-decorator]
     def enable(self, request: Any, queryset: Any) -> None:
         self._set_enabled(queryset, True)
 
-    @admin.action(description="Disable the selected periodic tasks")
+    @admin.action(description="Disable the selected periodic tasks")  # type: ignore[untyped-decorator]
     def disable(self, request: Any, queryset: Any) -> None:
         self._set_enabled(queryset, False)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from django.apps import AppConfig
 
 
-class MillpondDjangoConfig(AppConfig):
+class MillpondDjangoConfig(AppConfig):  # type: ignore[misc]
     name = "millpond_django"
     label = "millpond_django"
     verbose_name = "millpond"

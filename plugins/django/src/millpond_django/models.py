@@ -19,7 +19,7 @@ from millpond.states import TaskState
 STATES = [(state.value, state.value) for state in TaskState]
 
 
-class TaskResult(models.Model):
+class TaskResult(models.Model):  # type: ignore[misc]
     """One task's stored outcome, the result backend's row (Celery's result layout in columns)."""
 
     task_id = models.CharField(max_length=255, unique=True)
@@ -45,7 +45,7 @@ class TaskResult(models.Model):
 KINDS = [("interval", "every N seconds"), ("crontab", "crontab"), ("one_off", "once, at a time")]
 
 
-class PeriodicTask(models.Model):
+class PeriodicTask(models.Model):  # type: ignore[misc]
     """One beat entry, edited in the admin; read by `millpond beat` with `beat.source = "django"`.
 
     Every edit through the ORM or the admin (save, delete) bumps the change counter that beat
@@ -80,7 +80,7 @@ class PeriodicTask(models.Model):
         ordering = ["name"]
 
     def __str__(self) -> str:
-        return self.name
+        return str(self.name)
 
     def spec(self) -> dict[str, Any]:
         """The entry in Celery's beat_schedule shape, as the `beat.schedule` setting takes it."""
@@ -119,7 +119,7 @@ class PeriodicTask(models.Model):
             raise ValidationError(str(exc)) from None
 
 
-class ScheduleChange(models.Model):
+class ScheduleChange(models.Model):  # type: ignore[misc]
     """One row: a counter bumped on every change of the schedule, what beat polls (the role of
     django-celery-beat's `PeriodicTasks.last_update`)."""
 
