@@ -4,10 +4,6 @@ settings, reload_interval 0.5 s), without a restart; disabling a row stops its t
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,41 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import BeatProcess
 
 from millpond.testing.harness import sqlite_url, wait_until
 
 HERE = Path(__file__).parent
-
-
-class BeatProcess:
-    """`millpond beat -A djproj.millpond:app`, its JSON log in a file."""
-
-    def __init__(self, env: dict[str, str], directory: Path) -> None:
-        self.log = directory / "beat.log"
-        full = {k: v for k, v in os.environ.items() if not k.startswith("MILLPOND_")}
-        full.update(env, MILLPOND_LOG_FORMAT="json")
-        with self.log.open("wb") as sink:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "millpond", "beat", "-A", "djproj.millpond:app"],
-                cwd=directory, env=full, stdout=sink, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"beat exited with {self.proc.returncode}:\n{self.text()[-4000:]}")
-        return True
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @pytest.fixture
