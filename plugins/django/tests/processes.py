@@ -12,13 +12,15 @@ from pathlib import Path
 class BeatProcess:
     """`millpond beat -A djproj.millpond:app`, its JSON log in a file."""
 
-    def __init__(self, env: dict[str, str], directory: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], directory: Path, app: str = "djproj.millpond:app"
+    ) -> None:
         self.log = directory / "beat.log"
         full = {k: v for k, v in os.environ.items() if not k.startswith("MILLPOND_")}
         full.update(env, MILLPOND_LOG_FORMAT="json")
         with self.log.open("wb") as sink:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "millpond", "beat", "-A", "djproj.millpond:app"],
+                [sys.executable, "-m", "millpond", "beat", "-A", app],
                 cwd=directory, env=full, stdout=sink, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
