@@ -138,3 +138,19 @@ def test_a_row_added_in_the_admin_is_ticked(beat_world: dict[str, Any]) -> None:
     )
     assert response.status_code == 302, response.content.decode()[-3000:]
     wait_until(lambda: beat.alive() and _ticks(app, queue) >= 2, 30, "two ticks of the admin row")
+
+
+@pytest.mark.e2e
+def test_beat_on_a_database_without_the_tables_says_to_migrate(tmp_path: Path) -> None:
+    env = {
+        "DJANGO_SETTINGS_MODULE": "djproj.settings",
+        "DJPROJ_DATABASE": str(tmp_path / "empty.sqlite3"),
+        "DJPROJ_BROKER": sqlite_url(tmp_path),
+        "PYTHONPATH": str(HERE),
+    }
+    beat = BeatProcess(env, tmp_path)
+    try:
+        assert beat.proc.wait(60) == 2, beat.text()[-3000:]
+    finally:
+        beat.stop()
+    assert "migrate millpond_django" in beat.text()

@@ -19,6 +19,7 @@ from typing import Any
 
 from django.db.models import Count, F, Max
 
+from millpond.exceptions import ConfigurationError
 from millpond_beat.sources import ScheduleSource
 from millpond_django.connections import fresh_connection, require_app
 
@@ -49,10 +50,18 @@ class DjangoSchedule(ScheduleSource):
         return (counter, rows["n"], rows["newest"])
 
     def schedule(self) -> Mapping[str, Mapping[str, Any]]:
+        from django.db import DatabaseError
+
         from millpond_django.models import PeriodicTask
 
-        with fresh_connection(self.alias):
-            rows = list(PeriodicTask.objects.using(self.alias).filter(enabled=True))
+        try:
+            with fresh_connection(self.alias):
+                rows = list(PeriodicTask.objects.using(self.alias).filter(enabled=True))
+        except DatabaseError as exc:
+            raise ConfigurationError(
+                f"cannot read the periodic tasks from the {self.alias!r} database: {exc} (has "
+                "`manage.py migrate millpond_django` been run there?)"
+            ) from exc
         return {row.name: row.spec() for row in rows}
 
     def published(self, name: str, tick: float) -> None:
