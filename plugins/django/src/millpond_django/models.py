@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import models, transaction
+from django.db import IntegrityError, models, transaction
 from django.db.models.signals import post_delete, post_save
+from django.utils.timezone import now
 
 from millpond.states import TaskState
 
@@ -134,12 +135,17 @@ class ScheduleChange(models.Model):  # type: ignore[misc]
 def schedule_changed(using: str | None = None) -> None:
     """Tell beat the schedule changed (done for you on every save and delete of a PeriodicTask;
     call it after a `QuerySet.update()` or a raw SQL change)."""
-    with transaction.atomic(using=using):
-        row, _created = (
-            ScheduleChange.objects.using(using).select_for_update().get_or_create(ident=1)
-        )
-        row.counter = models.F("counter") + 1
-        row.save(update_fields=["counter", "last_update"])
+    # one UPDATE statement, else the first row: no read-then-write transaction, which SQLite
+    # refuses at once ("database is locked") when two processes do it together
+    rows = ScheduleChange.objects.using(using)
+    bump = {"counter": models.F("counter") + 1, "last_update": now()}
+    if rows.filter(ident=1).update(**bump):
+        return
+    try:
+        with transaction.atomic(using=using):
+            rows.create(ident=1, counter=1)
+    except IntegrityError:  # another process made it in between
+        rows.filter(ident=1).update(**bump)
 
 
 def _on_change(sender: Any, instance: Any, using: str | None = None, **_: Any) -> None:
