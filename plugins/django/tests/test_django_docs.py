@@ -1,6 +1,8 @@
 """docs/django.md runs as written: its files (the ```python blocks that start with `# <path>`)
 make a project in a temporary directory, Django makes its tables, a real worker starts on it and
-the page's sending block, run through `manage.py shell`, gets its row written."""
+the page's sending block, run through `manage.py shell`, gets its row written; its results block
+reads what the worker stored in the TaskResult table, and the row of its schedule block is
+ticked by a real `millpond beat`."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import BeatProcess
 
 from millpond.testing.harness import WorkerProcess, wait_until
 
@@ -33,6 +36,8 @@ def test_the_documented_project_runs(tmp_path: Path) -> None:
     files = {b.splitlines()[0][2:].strip(): b for b in blocks if re.match(r"# \S+\.py\n", b)}
     assert set(files) >= {"proj/settings.py", "proj/millpond.py", "shop/models.py", "shop/tasks.py"}
     (sending,) = [b for b in blocks if "delay_on_commit" in b and not b.startswith("# ")]
+    (results,) = [b for b in blocks if "TaskResult.objects" in b]
+    (schedule,) = [b for b in blocks if "PeriodicTask.objects.create" in b]
     for name, text in files.items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +49,7 @@ def test_the_documented_project_runs(tmp_path: Path) -> None:
     }
     env["PYTHONPATH"] = str(tmp_path)
 
-    def manage(*args: str) -> None:
+    def manage(*args: str) -> str:
         proc = subprocess.run(
             [sys.executable, "manage.py", *args],
             cwd=tmp_path,
@@ -54,6 +59,7 @@ def test_the_documented_project_runs(tmp_path: Path) -> None:
             timeout=120,
         )
         assert proc.returncode == 0, f"manage.py {' '.join(args)}:\n{proc.stderr[-4000:]}"
+        return proc.stdout
 
     manage("makemigrations", "shop", "-v0")
     manage("migrate", "-v0")
@@ -72,5 +78,17 @@ def test_the_documented_project_runs(tmp_path: Path) -> None:
                 return [row[0] for row in db.execute("select text from shop_note")]
 
         wait_until(lambda: notes() == ["order placed"], 30, "the worker to write the note")
+        out = manage("shell", "-v0", "-c", results)
+        assert "SUCCESS True shop.tasks.write_note" in out, out
+        manage("shell", "-v0", "-c", schedule)
+        beat = BeatProcess({"PYTHONPATH": str(tmp_path)}, tmp_path, "proj.millpond:app")
+        try:
+            wait_until(
+                lambda: beat.alive() and notes().count("tick") >= 2,
+                60,
+                "beat to tick the documented row twice (and the worker to write its notes)",
+            )
+        finally:
+            beat.stop()
     finally:
         worker.stop()

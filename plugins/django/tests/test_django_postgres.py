@@ -138,3 +138,106 @@ def test_worker_tasks_write_to_postgres_and_leave_no_session(
             producer.close()
         finally:
             worker.stop()
+
+
+PRODUCER = """
+import os, sys
+
+import django
+
+django.setup()
+from millpond_django import DjangoMillpond
+from shop.tasks import write_note
+
+app = DjangoMillpond(
+    "pg-results", default_queue=os.environ["MILLPOND_QUEUES"], result_backend="django-db://"
+)
+note = app.task(name="shop.write_note")(write_note.fn)
+sent = [note.delay(f"result {i}") for i in range(20)]
+pks = [r.get(timeout=60) for r in sent]
+assert all(isinstance(pk, int) for pk in pks), pks
+assert {r.state for r in sent} == {"SUCCESS"}
+print("got", len(pks))
+"""
+
+SCHEDULE = """
+import sys
+
+import django
+
+django.setup()
+from millpond_django.models import PeriodicTask
+
+name, queue, enabled = sys.argv[1], sys.argv[2], sys.argv[3] == "on"
+row, _ = PeriodicTask.objects.update_or_create(
+    name=name, defaults={"task": "shop.write_note", "every": 1, "queue": queue, "enabled": enabled}
+)
+print(row.last_run_at)
+"""
+
+
+def _postgres_env(postgres: PostgresServer, tmp_path: Path) -> dict[str, str]:
+    env = {
+        "PYTHONPATH": str(HERE),
+        "DJANGO_SETTINGS_MODULE": "djproj.settings",
+        "DJPROJ_POSTGRES_PORT": str(postgres.port),
+        "DJPROJ_POSTGRES_DB": postgres.database,
+        "DJPROJ_POSTGRES_USER": postgres.user,
+        "DJPROJ_POSTGRES_PASSWORD": postgres.password,
+        "DJPROJ_BROKER": sqlite_url(tmp_path),
+        "MILLPOND_QUEUES": f"pg-{uuid.uuid4().hex[:10]}",
+    }
+    _run([sys.executable, "-m", "django", "migrate", "--run-syncdb", "-v0"], env)
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> str:
+    proc = subprocess.run(
+        cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.e2e
+def test_the_orm_result_backend_on_postgres(postgres: PostgresServer, tmp_path: Path) -> None:
+    """A worker stores its results in Postgres through `django-db://`; a producer in another
+    process `.get()`s them."""
+    env = {**_postgres_env(postgres, tmp_path), "DJPROJ_RESULTS": "django-db://"}
+    worker = WorkerProcess(["-A", "djproj.millpond:app", "-P", "threads", "-c", "3"], env, tmp_path)
+    try:
+        worker.wait_ready()
+        assert "got 20" in _run([sys.executable, "-c", PRODUCER], env)
+    finally:
+        worker.stop()
+
+
+@pytest.mark.e2e
+def test_the_database_schedule_on_postgres(postgres: PostgresServer, tmp_path: Path) -> None:
+    """A row written through the ORM to Postgres is ticked by `millpond beat`; disabled, it is
+    dropped without a restart."""
+    from processes import BeatProcess
+
+    from millpond import Millpond
+
+    env = _postgres_env(postgres, tmp_path)
+    queue = f"pg-beat-{uuid.uuid4().hex[:8]}"
+    _run([sys.executable, "-c", SCHEDULE, "pg-every-second", queue, "on"], env)
+    observer = Millpond("pg-beat-observer", broker_url=env["DJPROJ_BROKER"])
+    beat = BeatProcess(env, tmp_path)
+    try:
+        wait_until(
+            lambda: beat.alive() and observer.broker.queue_length(queue) >= 2,
+            60,
+            "beat to tick the Postgres row twice",
+        )
+        ran = _run([sys.executable, "-c", SCHEDULE, "pg-every-second", queue, "off"], env)
+        assert "None" not in ran, "beat records the row's last run"
+        wait_until(
+            lambda: beat.alive() and '"removed": ["pg-every-second"]' in beat.text(),
+            30,
+            "beat to drop the disabled row",
+        )
+    finally:
+        beat.stop()
+        observer.close()

@@ -101,10 +101,11 @@ def _database_handles(pid: int, database: Path) -> int:
     return count
 
 
-@pytest.mark.parametrize("pool", ["threads", "prefork"])
+@pytest.mark.parametrize("pool", ["threads", "prefork", "gevent", "eventlet"])
 def test_no_connection_outlives_its_task(world, django_project: Path, pool: str) -> None:
     """CONN_MAX_AGE is 0: Django would close each connection at the end of a request, and the
-    worker does it at the end of each task, on every execution thread and child process."""
+    worker does it at the end of each task, on every execution thread, child process and
+    greenlet (the green workers are subprocesses: this session is not monkey-patched)."""
     from shop.models import Note
 
     total = 1000

@@ -27,6 +27,7 @@ from millpond_beat.entries import Entry
 from millpond_beat.scheduler import LEADER_FIELD, Beat, BeatConfig
 from millpond_beat.schedules import every
 from millpond_beat.settings import SECTION
+from millpond_beat.sources import ScheduleSource, load_source
 
 if TYPE_CHECKING:
     from millpond.config.settings import Settings
@@ -37,7 +38,9 @@ def beat_values(settings: Settings) -> Mapping[str, Any]:
     return settings.section(SECTION)
 
 
-def build_entries(app: Millpond, settings: Settings) -> dict[str, Entry]:
+def build_entries(
+    app: Millpond, settings: Settings, source: ScheduleSource | None = None
+) -> dict[str, Entry]:
     values = beat_values(settings)
     return entries_mod.build(
         app,
@@ -45,19 +48,40 @@ def build_entries(app: Millpond, settings: Settings) -> dict[str, Entry]:
         timezone=values["timezone"],
         catch_up=values["catch_up"],
         check_tasks=values["check_tasks"],
+        extra=source.schedule() if source is not None else None,
+        extra_label=source.label if source is not None else "source",
     )
 
 
 class SettingsWatch:
-    """Re-reads the settings when the settings file changed since the last look (cheap: a stat)."""
+    """Re-reads the settings when the settings file changed since the last look (cheap: a stat),
+    or when the schedule source's version changed (one cheap query)."""
 
-    def __init__(self, app: Millpond, flags: Mapping[str, Any]) -> None:
+    def __init__(
+        self, app: Millpond, flags: Mapping[str, Any], source: ScheduleSource | None = None
+    ) -> None:
         from millpond.config.settings import settings_file
 
         self.app = app
         self.flags = dict(flags)
+        self.source = source
         self.path: Path | None = settings_file(os.environ)
         self.seen = self._stamp()
+        self.version = self._version(None)
+
+    def _version(self, previous: Any) -> Any:
+        import structlog
+
+        log = structlog.get_logger("millpond.beat")
+        """The source's version, or `previous` when it cannot be read now (a database that is
+        down keeps the running schedule; the next interval asks again)."""
+        if self.source is None:
+            return None
+        try:
+            return self.source.version()
+        except Exception as exc:
+            log.warning("beat cannot read its schedule source", error=str(exc))
+            return previous
 
     def _stamp(self) -> tuple[float, int] | None:
         if self.path is None:
@@ -70,27 +94,32 @@ class SettingsWatch:
 
     def __call__(self) -> dict[str, Entry] | None:
         stamp = self._stamp()
-        if stamp == self.seen:
+        version = self._version(self.version)
+        if stamp == self.seen and version == self.version:
             return None
-        self.seen = stamp
+        self.seen, self.version = stamp, version
         from millpond.config.settings import read_settings
 
         settings = read_settings(self.flags).settings(self.app.code_config)
-        return build_entries(self.app, settings)
+        return build_entries(self.app, settings, self.source)
 
 
 def make_beat(
     app: Millpond, settings: Settings, flags: Mapping[str, Any] | None = None, **kwargs: Any
 ) -> Beat:
-    """A scheduler for this app, its entries checked, its claims on the app's broker."""
-    found = build_entries(app, settings)
+    """A scheduler for this app, its entries checked, its claims on the app's broker, and its
+    schedule source (setting `beat.source`) loaded and read."""
+    name = str(beat_values(settings)["source"] or "").strip()
+    source = load_source(name, app) if name else None
+    found = build_entries(app, settings, source)
     config = BeatConfig.from_section(beat_values(settings))
     try:
         claims = app.broker.claims()
     except NotImplementedError as exc:
         raise ConfigurationError(str(exc)) from None
-    reload = SettingsWatch(app, flags or {}) if config.reload_interval else None
-    return Beat(app, found, claims, config, reload=reload, **kwargs)
+    reload = SettingsWatch(app, flags or {}, source) if config.reload_interval else None
+    published = source.published if source is not None else None
+    return Beat(app, found, claims, config, reload=reload, published=published, **kwargs)
 
 
 class BeatCommand(Command):

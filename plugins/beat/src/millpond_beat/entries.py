@@ -105,8 +105,11 @@ def build(
     timezone: str = "UTC",
     catch_up: str = "run_once",
     check_tasks: bool = True,
+    extra: Mapping[str, Any] | None = None,
+    extra_label: str = "source",
 ) -> dict[str, Entry]:
-    """Every entry of the app (code) and of the settings' `schedule` table, checked; raises a
+    """Every entry of the app (code), of the settings' `schedule` table and of `extra` (a
+    schedule source's table, its entries named `extra_label` in errors), checked; raises a
     ConfigurationError naming the first entry that is wrong and what is wrong with it."""
     try:
         default_tz = zone(timezone)
@@ -130,6 +133,15 @@ def build(
                 f"beat schedule entry {name!r} is not a table: give task = ..., schedule = ..."
             )
         raw[str(name)] = (dict(spec), "settings")
+    for name, spec in (extra or {}).items():
+        if str(name) in raw:
+            raise ConfigurationError(
+                f"beat schedule entry {name!r} ({extra_label}) has the name of an entry in "
+                f"{raw[str(name)][1]}; rename one of them"
+            )
+        if not isinstance(spec, Mapping):
+            raise ConfigurationError(f"beat schedule entry {name!r} ({extra_label}) is not a table")
+        raw[str(name)] = (dict(spec), extra_label)
     entries: dict[str, Entry] = {}
     for name, (spec, source) in raw.items():
         if name.startswith("@") or not name.strip():
@@ -151,6 +163,15 @@ def build(
             )
         entries[name] = entry
     return entries
+
+
+def check_entry(name: str, spec: Mapping[str, Any], timezone: str = "UTC") -> None:
+    """Raise a ValueError saying what is wrong with one entry in Celery's beat_schedule shape
+    (what an admin form checks before it saves a row beat would refuse)."""
+    try:
+        _entry(name, dict(spec), "check", zone(timezone), "run_once")
+    except (ScheduleError, ValueError, TypeError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _entry(

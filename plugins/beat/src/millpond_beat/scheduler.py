@@ -103,6 +103,7 @@ class Beat:
         *,
         clock: Clock | None = None,
         reload: Callable[[], Mapping[str, Entry] | None] | None = None,
+        published: Callable[[str, float], None] | None = None,
         name: str | None = None,
         meter_provider: Any = None,
     ) -> None:
@@ -112,6 +113,9 @@ class Beat:
         self.clock: Clock = clock or SystemClock()
         self.name = name or replica_id()
         self.reload = reload
+        #: told (entry name, tick) after each tick this replica published (a schedule source
+        #: records the row's last run with it)
+        self.published = published
         self.entries: dict[str, Entry] = dict(entries)
         self.leading = False
         self.metrics = metrics.BeatMetrics(meter_provider)
@@ -295,6 +299,11 @@ class Beat:
             self.metrics.missed(entry.name, 1)
             return False
         self.metrics.published(entry.name)
+        if self.published is not None:
+            try:
+                self.published(entry.name, tick)
+            except Exception as exc:
+                log.warning("beat cannot record a published tick", entry=entry.name, error=str(exc))
         if not self.claims.outlives_holder:
             # the claim would end with this replica's connection anyway (RabbitMQ): holding it an
             # hour would only keep a queue per tick on the broker

@@ -37,6 +37,9 @@ SECTION = Section(
                "still dead-letter on a worker that does not know them)."),
         Option("reload_interval", "float", 5.0, "Seconds between checks of the settings file "
                "for changed entries; 0 turns reloading off.", minimum=0.0),
+        Option("source", "str", "", "A schedule source to take entries from as well, by name: "
+               "django reads millpond-django's database schedule (editable in the Django admin). "
+               "Polled for changes every reload_interval; empty: settings and code only."),
         Option("key_prefix", "str", "millpond.beat", "Prefix of the claim and state keys in the "
                "broker: two schedulers with different prefixes do not see each other."),
     ),

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, Unpack, overload
 
 from millpond import Millpond
 from millpond.exceptions import ConfigurationError
+from millpond.produce.task import Task, TaskDecoratorOptions
 from millpond_django.connections import DjangoConnectionHooks
-from millpond_django.task import DjangoTask
+from millpond_django.task import BoundDjangoTaskDecorator, DjangoTask, DjangoTaskDecorator
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def django_config() -> dict[str, Any]:
@@ -57,6 +61,54 @@ class DjangoMillpond(Millpond):
     def __init__(self, name: str = "millpond", **config: Any) -> None:
         super().__init__(name, **{**django_config(), **config})
         self.add_hooks(DjangoConnectionHooks())
+
+    # `Millpond.task`'s overloads with DjangoTask in place of Task, so that a type checker sees
+    # `delay_on_commit` on the tasks (the implementation is Millpond's: `task_cls` makes them)
+    @overload
+    def task(
+        self,
+        fn: Callable[P, R],
+        /,
+        *,
+        bind: Literal[False] = False,
+        **options: Unpack[TaskDecoratorOptions],
+    ) -> DjangoTask[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        fn: Callable[Concatenate[Task[P, Any], P], R],
+        /,
+        *,
+        bind: Literal[True],
+        **options: Unpack[TaskDecoratorOptions],
+    ) -> DjangoTask[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        fn: None = None,
+        /,
+        *,
+        bind: Literal[False] = False,
+        **options: Unpack[TaskDecoratorOptions],
+    ) -> DjangoTaskDecorator: ...
+
+    @overload
+    def task(
+        self, fn: None = None, /, *, bind: Literal[True], **options: Unpack[TaskDecoratorOptions]
+    ) -> BoundDjangoTaskDecorator: ...
+
+    @overload
+    def task(
+        self, fn: None = None, /, *, bind: bool, **options: Unpack[TaskDecoratorOptions]
+    ) -> Callable[[Callable[..., Any]], DjangoTask[..., Any]]: ...
+
+    def task(
+        self, fn: Callable[..., Any] | None = None, /, **options: Any
+    ) -> Task[..., Any] | Callable[[Callable[..., Any]], Task[..., Any]]:
+        """Register a function as a task (a `DjangoTask`); see `Millpond.task`."""
+        return super().task(fn, **options)
 
     def autodiscover_tasks(self, module: str = "tasks") -> list[str]:
         """Import `<app>.tasks` of every installed Django app that has one (sets Django up first

@@ -17,6 +17,8 @@ until the child leaves through `os._exit`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from django.db import close_old_connections, connections
@@ -57,3 +59,55 @@ def drop_inherited_connections() -> None:
         conn.in_atomic_block = False
         conn.savepoint_ids = []
         conn.needs_rollback = False
+
+
+def ensure_django() -> None:
+    """Set Django up if nobody has yet (a worker or beat process whose app module did not call
+    `autodiscover_tasks`); a clear error when there are no settings to set it up from."""
+    import django
+    from django.apps import apps
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+
+    from millpond.exceptions import ConfigurationError
+
+    if apps.ready:
+        return
+    try:
+        settings.INSTALLED_APPS  # noqa: B018 - reading it is the check
+    except ImproperlyConfigured as exc:
+        raise ConfigurationError(
+            f"Django settings are not configured: set DJANGO_SETTINGS_MODULE ({exc})"
+        ) from exc
+    django.setup()
+
+
+def require_app(what: str) -> None:
+    """Raise a clear error when `millpond_django` is not an installed app (its tables are not
+    there): `what` names the feature that needs it."""
+    from django.apps import apps
+
+    from millpond.exceptions import ConfigurationError
+
+    ensure_django()
+    if not apps.is_installed("millpond_django"):
+        raise ConfigurationError(
+            f"{what} needs the Django app millpond_django: add 'millpond_django' to "
+            "INSTALLED_APPS and run `manage.py migrate millpond_django`"
+        )
+
+
+@contextmanager
+def fresh_connection(alias: str) -> Iterator[Any]:
+    """The `alias` connection, checked the way Django checks it around a request: one that is
+    broken or older than CONN_MAX_AGE is closed before (so a database restart costs one
+    reconnect, not every later call) and after (so CONN_MAX_AGE = 0 leaves no idle session in a
+    worker's long-lived threads). Inside a caller's `transaction.atomic()` it is left alone."""
+    conn = connections[alias]
+    if not conn.in_atomic_block:
+        conn.close_if_unusable_or_obsolete()
+    try:
+        yield conn
+    finally:
+        if not conn.in_atomic_block:
+            conn.close_if_unusable_or_obsolete()

@@ -8,18 +8,24 @@ it rolls back, and at once when no transaction is open (autocommit).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from django.db import transaction
 
 from millpond.produce.task import Task
 
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
-class DjangoTask(Task[..., Any]):
-    """A millpond task with `delay_on_commit` / `apply_async_on_commit`."""
 
-    def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
+class DjangoTask(Task[P, R_co]):
+    """A millpond task with `delay_on_commit` / `apply_async_on_commit`; typed like `Task`
+    (`DjangoMillpond.task` returns `DjangoTask[P, R]`, so a type checker sees both methods and
+    checks `delay_on_commit`'s arguments against the function's)."""
+
+    def delay_on_commit(self, *args: P.args, **kwargs: P.kwargs) -> None:
         """`delay(*args, **kwargs)` once the current transaction commits.
 
         Returns nothing: the task id does not exist before the commit (pass `task_id=` to
@@ -45,3 +51,16 @@ class DjangoTask(Task[..., Any]):
             self.apply_async(frozen_args, frozen_kwargs, **options)
 
         transaction.on_commit(send, using=using)
+
+
+class DjangoTaskDecorator(Protocol):
+    """What `@app.task(...)` of a `DjangoMillpond` returns."""
+
+    def __call__(self, fn: Callable[P, R], /) -> DjangoTask[P, R]: ...
+
+
+class BoundDjangoTaskDecorator(Protocol):
+    """What `@app.task(bind=True, ...)` of a `DjangoMillpond` returns (see `BoundTaskDecorator`
+    for why the first parameter is matched as `Task[P, Any]`)."""
+
+    def __call__(self, fn: Callable[Concatenate[Task[P, Any], P], R], /) -> DjangoTask[P, R]: ...

@@ -18,3 +18,8 @@ def connection_id() -> int:
     """The id of this task's database connection object's raw handle (0 when none is open)."""
     Note.objects.count()
     return id(connection.connection)
+
+
+@app.task(name="shop.fail")
+def fail(why: str) -> None:
+    raise ValueError(why)
