@@ -291,3 +291,28 @@ def test_nacked_messages_of_a_batch_are_sent_again_until_stored(
         sender.join(90)
     assert not failed, failed
     assert sorted(seen) == ["filler", "task-0", "task-1", "task-2", "task-3"], seen
+
+
+def test_a_millpond_countdown_reaches_a_queue_only_celery_declared_and_bound(
+    make_amqp: Callable[..., AmqpBroker], admin: Admin
+) -> None:
+    """The producer declares nothing of the queue (declare_on_publish off): the message reaches
+    it only through Celery's own binding for the last hop, so it went through Celery's levels."""
+    queue = admin.queue()
+    celery_queue = Queue(
+        queue, Exchange(queue, type="topic"), queue, queue_arguments={"x-queue-type": "quorum"}
+    )
+    with Connection(URL) as conn:
+        celery_queue(conn.default_channel).declare()
+        kombu_delays.declare_native_delayed_delivery_exchanges_and_queues(conn, "quorum")
+        kombu_delays.bind_queue_to_native_delayed_delivery_exchange(conn, celery_queue)
+    broker = make_amqp(queue_type="quorum", exchange_type="topic", declare_on_publish=False)
+    sent = time.time()
+    broker.publish(queue, encode_task("t", (), task_id="held"), eta=sent + 1)
+    assert admin.ready(queue) == 0
+    deadline = time.monotonic() + 30
+    while admin.ready(queue) < 1:
+        assert time.monotonic() < deadline, "the delayed message never reached the queue"
+        time.sleep(0.02)
+    assert time.time() >= sent + 1
+    assert admin.take(queue) == ["held"]
