@@ -252,6 +252,7 @@ def test_a_batch_the_broker_keeps_nacking_fails_naming_what_was_not_sent(
     text = str(caught.value)
     assert "(stored 1 of 3; not sent: task-1, task-2)" in text, text
     assert "task-0" not in text.split("not sent:")[1]
+    assert caught.value.not_sent == {"task-1", "task-2"}  # the producer reports task-0 sent
     # exactly the one it reported stored is there, once: nothing lost silently, nothing doubled
     assert admin.take(queue) == ["task-0"]
     broker.publish(queue, batch[1].message)  # the link survives; room again, it goes

@@ -366,24 +366,30 @@ class Link:
                     "the server log and send them again later."
                 )
 
-        def unsent() -> str:
-            left = [items[i].task_id or items[i].target for i in range(len(items)) if i not in done]
-            if not left:
-                return ""
-            return f" (stored {len(items) - len(left)} of {len(items)}; not sent: {_listing(left)})"
+        def failed(error: type[PublishError], text: str) -> PublishError:
+            """`error` with what was stored and what not; `not_sent` set when every unsent
+            item has a task id (so the producer reports the others as sent)."""
+            left = [items[i] for i in range(len(items)) if i not in done]
+            names = [item.task_id or item.target for item in left]
+            if names:
+                text += f" (stored {len(items) - len(left)} of {len(items)}; not sent: "
+                text += f"{_listing(names)})"
+            out = error(text)
+            if all(item.task_id for item in left):
+                out.not_sent = frozenset(item.task_id or "" for item in left)
+            return out
 
         try:
             self.call(f"publish {len(items)} messages", attempt)
         except AccessDenied as exc:
-            raise PublishAccessDenied(f"{exc}{unsent()}") from exc.__cause__
+            raise failed(PublishAccessDenied, str(exc)) from exc.__cause__
         except PublishError as exc:
-            raise type(exc)(f"{exc}{unsent()}") from exc.__cause__
+            raise failed(type(exc), str(exc)) from exc.__cause__
         except BrokerError as exc:
-            raise PublishError(f"{exc}{unsent()}") from exc.__cause__
+            raise failed(PublishError, str(exc)) from exc.__cause__
         except amqp_exc.AMQPError as exc:
-            raise PublishError(
-                f"RabbitMQ rejected a message of a batch: {describe(exc)}{unsent()}"
-            ) from exc
+            text = f"RabbitMQ rejected a message of a batch: {describe(exc)}"
+            raise failed(PublishError, text) from exc
 
     def _unroutable_items(self, items: Sequence[Outgoing]) -> list[int]:
         """The batch items RabbitMQ returned, by their task id (the returned message's
