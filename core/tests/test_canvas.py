@@ -522,6 +522,31 @@ def test_a_group_is_published_in_one_batch_and_a_failed_batch_fails_every_publis
     app.close()
 
 
+def test_a_batch_the_broker_took_in_part_reports_only_the_rest_as_failed() -> None:
+    """A broker that names the task ids it did not take (`PublishError.not_sent`, RabbitMQ after
+    its nack retries) stored the others: their publish hooks see them sent, only the rest fail."""
+    queue = unique("together")
+    app = Millpond("together", broker_url=f"memory://{queue}", default_queue=queue)
+    log = PublishLog()
+    app.add_hooks(log)
+    real = app.broker.publish_many
+
+    def partly(batch: Any) -> None:
+        real(batch[:1])
+        error = PublishError("nacked 2 of 3")
+        error.not_sent = frozenset(item.message.task_id for item in batch[1:])
+        raise error
+
+    app.broker.publish_many = partly  # type: ignore[method-assign]
+    sigs = [signature("t.x", (i,), app=app) for i in range(3)]
+    with pytest.raises(PublishError, match="nacked 2 of 3"):
+        group(sigs).apply_async()
+    ends = [(kind, tid) for kind, tid in log.seen if kind != "before"]
+    assert [kind for kind, _ in ends] == ["after", "failed", "failed"]
+    assert app.broker.queue_length(queue) == 1
+    app.close()
+
+
 def test_a_chord_refuses_a_header_chain_that_ends_in_a_group(
     app_and_ledger: tuple[Millpond, Ledger],
 ) -> None:

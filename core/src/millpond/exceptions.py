@@ -50,6 +50,10 @@ class BrokerError(MillpondError):
 class PublishError(BrokerError):
     """A message could not be handed to the broker: the producer must not assume it was sent."""
 
+    #: for a batch (`Broker.publish_many`) the broker took in part: the task ids it did not
+    #: take, so the others are reported as sent; None when it cannot tell (count all as unsent)
+    not_sent: frozenset[str] | None = None
+
 
 class AccessDenied(BrokerError):
     """The broker refused the credentials, the virtual host or a permission (Redis WRONGPASS,

@@ -243,7 +243,8 @@ class Broker(ABC):
     def publish_many(self, batch: Sequence[Outbound]) -> None:
         """Publish several messages, returning once the broker has them all (a group's tasks, a
         chord's header). Raises `PublishError` when, after bounded retries, any was not taken;
-        the others may have been.
+        the others may have been: a broker that knows which were not sets the error's
+        `not_sent` to their task ids, so the rest are reported as sent.
 
         By default one `publish` after another; a broker whose confirms cost a round trip each
         (RabbitMQ) sends them all and then waits for their confirms together.

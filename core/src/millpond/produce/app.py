@@ -32,6 +32,7 @@ from millpond.config.settings import Settings, load_settings
 from millpond.contracts.backend import ResultBackend
 from millpond.contracts.broker import Broker, Outbound
 from millpond.contracts.hooks import HookChain, Hooks, Publication, publishing_parent
+from millpond.exceptions import PublishError
 from millpond.produce.builtins import register_builtins
 from millpond.produce.canvas import CanvasError, Signature
 from millpond.produce.control import Control
@@ -561,8 +562,12 @@ class Millpond:
         try:
             self.broker.publish_many([p.outbound for p in pending])
         except BaseException as exc:
+            # a broker that says which messages it did not take has stored the others: those
+            # are reported sent (their tasks will run), only the rest as failed
+            not_sent = exc.not_sent if isinstance(exc, PublishError) else None
             for p in pending:
-                hooks.after_publish(p.publication, p.tokens, exc)
+                failed = not_sent is None or p.publication.task_id in not_sent
+                hooks.after_publish(p.publication, p.tokens, exc if failed else None)
             raise
         for p in pending:
             hooks.after_publish(p.publication, p.tokens, None)

@@ -25,9 +25,11 @@ from millpond.contracts.claims import Claims
 from millpond.exceptions import PublishError
 from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message
 from millpond_broker_amqp import broadcast as exchanges
+from millpond_broker_amqp import native_delay
 from millpond_broker_amqp.codec import from_properties, republish_headers, to_amqp
 from millpond_broker_amqp.consumer import AmqpConsumer
 from millpond_broker_amqp.link import Link, Outgoing
+from millpond_broker_amqp.native_delay import declare_topology as declare_native_topology
 from millpond_broker_amqp.settings import AmqpSettings, parse
 from millpond_broker_amqp.topology import (
     DELAY_ETA,
@@ -59,6 +61,8 @@ class AmqpBroker(Broker):
         # what this process declared on the link's current connection (reset on reconnect)
         self._declared: set[str] = set()
         self._levels = -1
+        #: whether Celery's native delayed-delivery topology was declared on this connection
+        self._native = False
         self._declared_on = -1
 
     def __repr__(self) -> str:
@@ -97,23 +101,23 @@ class AmqpBroker(Broker):
         if self._declared_on != self._link.generation:
             self._declared.clear()
             self._levels = -1
+            self._native = False
             self._declared_on = self._link.generation
 
     # -- producing -------------------------------------------------------------------------------
     def publish(self, queue: str, message: Message, *, eta: float | None = None) -> None:
-        check_queue_name(queue, PublishError)
-        if not isinstance(message, Message):
-            raise TypeError(f"publish() takes a millpond Message, got {type(message).__name__}")
-        route = delay_route(eta - time.time()) if eta is not None else None
-        if route is None:
-            self._send(queue, to_amqp(message), "", queue, top=-1)
-            return
-        top, key = route
-        headers = {**message.headers, DELAY_TARGET: queue, DELAY_ETA: float(eta or 0)}
-        self._send(queue, to_amqp(message, headers), level_name(top), key, top=top)
+        item = self._outgoing(Outbound(queue, message, eta))
+        self._link.publish(
+            item.message,
+            exchange=item.exchange,
+            routing_key=item.routing_key,
+            describe_target=item.target,
+            before=item.before,
+        )
 
     def publish_many(self, batch: Sequence[Outbound]) -> None:
-        """Every message published, then their confirms awaited together (one round trip)."""
+        """Every message published, then their confirms awaited together (one round trip);
+        what the broker nacks is sent again (see `Link.publish_batch`)."""
         if len(batch) < 2:
             for item in batch:
                 self.publish(item.queue, item.message, eta=item.eta)
@@ -122,18 +126,30 @@ class AmqpBroker(Broker):
         self._link.publish_batch(outgoing)
 
     def _outgoing(self, item: Outbound) -> Outgoing:
+        """Where one message goes: straight to its queue, or, with an eta ahead, into the delay
+        topology (Celery's native delayed delivery on quorum queues, millpond's ladder else)."""
         queue, message, eta = item.queue, item.message, item.eta
         check_queue_name(queue, PublishError)
         if not isinstance(message, Message):
             raise TypeError(f"publish() takes a millpond Message, got {type(message).__name__}")
-        route = delay_route(eta - time.time()) if eta is not None else None
+        target = f"queue {queue!r}"
+        task_id = message.task_id if isinstance(message.task_id, str) else None
+        delay = eta - time.time() if eta is not None else None
+        if delay is not None and self.settings.quorum:
+            key = native_delay.routing_key(delay, queue)
+            if key is not None:
+                before = self._before(queue, -1, native=True)
+                msg = to_amqp(message)
+                return Outgoing(msg, native_delay.ENTRY_EXCHANGE, key, target, before, task_id)
+            delay = None
+        route = delay_route(delay) if delay is not None else None
         if route is None:
             msg, exchange, key, top = to_amqp(message), "", queue, -1
         else:
             top, key = route
             headers = {**message.headers, DELAY_TARGET: queue, DELAY_ETA: float(eta or 0)}
             msg, exchange = to_amqp(message, headers), level_name(top)
-        return Outgoing(msg, exchange, key, f"queue {queue!r}", self._before(queue, top))
+        return Outgoing(msg, exchange, key, target, self._before(queue, top), task_id)
 
     def _publish_copy(
         self, queue: str, message: Message, headers: dict[str, Any], *, declare: bool = True
@@ -162,10 +178,11 @@ class AmqpBroker(Broker):
         )
 
     def _before(
-        self, queue: str, top: int, *, declare: bool = True
+        self, queue: str, top: int, *, declare: bool = True, native: bool = False
     ) -> Callable[[amqp.Channel], None]:
-        """What to declare before publishing to `queue` (at delay level `top`), on each attempt:
-        a new connection has declared nothing yet."""
+        """What to declare before publishing to `queue` (at delay level `top`, or through
+        Celery's native delayed delivery), on each attempt: a new connection has declared
+        nothing yet."""
 
         def before(chan: amqp.Channel) -> None:
             self._sync_cache()
@@ -175,6 +192,9 @@ class AmqpBroker(Broker):
             if top > self._levels:
                 declare_levels(chan, top)
                 self._levels = top
+            if native and not self._native:
+                declare_native_topology(chan, self.settings.queue_type)
+                self._native = True
 
         return before
 

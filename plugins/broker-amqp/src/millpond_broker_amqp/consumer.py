@@ -42,7 +42,7 @@ from millpond.contracts.broker import Consumer, Delivery, dead_letter_queue
 from millpond.contracts.waking import Waker, socket_wait
 from millpond.exceptions import BrokerError, PublishError
 from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message
-from millpond_broker_amqp import frames
+from millpond_broker_amqp import frames, native_delay
 from millpond_broker_amqp.codec import BROKER_HEADERS, from_properties, undecodable
 from millpond_broker_amqp.connection import (
     abandon,
@@ -361,6 +361,10 @@ class AmqpConsumer(Consumer):
         delayed = DELAY_TARGET in headers
         if delayed:
             for name in (DELAY_TARGET, *BROKER_HEADERS):
+                headers.pop(name, None)
+        elif native_delay.came_through(headers):
+            # dead-lettering down Celery's delay levels left its trail; the task never sees it
+            for name in BROKER_HEADERS - {"x-delivery-count"}:
                 headers.pop(name, None)
         # earlier deliveries: of the copies we republished on requeue (our header), then of
         # this copy (quorum queues count them exactly, classic ones only flag them)

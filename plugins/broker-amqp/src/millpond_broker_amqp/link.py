@@ -18,7 +18,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -62,6 +62,18 @@ class Outgoing:
     routing_key: str
     target: str
     before: Callable[[amqp.Channel], None] | None = None
+    #: the task id, so an error names the messages the broker did not take
+    task_id: str | None = None
+
+    def describe(self) -> str:
+        return f"task {self.task_id} for {self.target}" if self.task_id else self.target
+
+
+def _listing(names: Iterable[str], most: int = 10) -> str:
+    """Names for an error message, the first `most` of them and how many more."""
+    shown = list(names)
+    more = len(shown) - most
+    return ", ".join(shown[:most]) + (f" and {more} more" if more > 0 else "")
 
 
 def _after_fork_in_child() -> None:
@@ -92,6 +104,8 @@ class Link:
         self._confirmed: set[int] = set()
         self._refused: set[int] = set()
         self._unroutable: list[str] = []
+        #: correlation ids (task ids) of the messages of a batch RabbitMQ returned
+        self._returned_ids: list[str] = []
         #: bumped on every new connection; users cache per-connection state against it
         self.generation = 0
         self._closed = False
@@ -184,6 +198,12 @@ class Link:
                     self._drop_channel()
                     if time.monotonic() >= deadline:
                         raise
+                    log.warning(
+                        "RabbitMQ nacked (did not store) a message sent to %s; sending what it "
+                        "refused again on a fresh channel, until publish_retry_timeout (%gs)",
+                        what,
+                        self.settings.publish_retry_timeout,
+                    )
                 except Exception as exc:
                     cause = exc.__cause__ if isinstance(exc, BrokerError) else exc
                     if isinstance(cause, amqp_exc.ChannelError):
@@ -284,18 +304,21 @@ class Link:
 
     def publish_batch(self, items: Sequence[Outgoing]) -> None:
         """Publish every item, then wait for all their confirms at once, retrying on a lost
-        connection; raises `PublishError` naming what the broker did not take.
+        connection and on nacks; raises `PublishError` naming what the broker did not take.
 
         One confirm wait per batch instead of one per message: a group's or chord's tasks (and
         anything else sent together) cost about one round trip (and one fsync by RabbitMQ) instead
-        of one each. After a reconnect only the items not yet confirmed are sent again.
+        of one each. Each attempt sends only the items not confirmed yet: after a reconnect the
+        ones in flight, after a nack the refused ones (on a fresh channel, with backoff, until
+        `publish_retry_timeout`, as a single publish is retried). An item counts as sent only
+        once RabbitMQ acked it; the error raised in the end lists the task ids of all the others.
         """
         done: set[int] = set()
 
         def attempt(chan: amqp.Channel) -> None:
             self._returned, self._nacked = None, False
             self._awaiting, self._confirmed, self._refused = {}, set(), set()
-            self._unroutable = []
+            self._unroutable, self._returned_ids = [], []
             try:
                 for index, item in enumerate(items):
                     if index in done:
@@ -311,9 +334,9 @@ class Link:
                         )
                     except (amqp_exc.FrameSyntaxError, TypeError, ValueError, OverflowError) as exc:
                         raise PublishError(
-                            f"the message for {item.target} cannot be encoded as AMQP ({exc}); "
-                            "headers and properties may hold only str, bytes, int, float, bool, "
-                            "None, datetime, Decimal, lists and dicts"
+                            f"the message for {item.describe()} cannot be encoded as AMQP "
+                            f"({exc}); headers and properties may hold only str, bytes, int, "
+                            "float, bool, None, datetime, Decimal, lists and dicts"
                         ) from exc
                     self._sequence += 1
                     if self.settings.confirm_publish:
@@ -323,7 +346,8 @@ class Link:
                 while self._awaiting:
                     chan.wait([spec.Basic.Ack, spec.Basic.Nack])
             finally:
-                done.update(self._confirmed)  # a retry after a lost link resends only the rest
+                # a returned message is acked too, but it reached no queue: it is not sent
+                done.update(self._confirmed - set(self._unroutable_items(items)))
                 self._awaiting = {}
             if self._unroutable:
                 raise Unroutable(
@@ -332,27 +356,54 @@ class Link:
                     "queues first (broker.declare) or enable declare_on_publish"
                 )
             if self._refused:
-                names = sorted({items[i].target for i in self._refused})
-                raise PublishError(
-                    f"RabbitMQ refused (nacked) {len(self._refused)} of {len(items)} messages "
-                    f"for {', '.join(names[:5])}; they were not stored (the server may be out of "
-                    "disk or memory, or a queue is full with overflow=reject-publish). Check the "
-                    "server log and retry later."
+                refused = sorted(self._refused)
+                raise Nacked(
+                    f"RabbitMQ refused (nacked) {len(refused)} of {len(items)} messages of a batch "
+                    f"({_listing(items[i].describe() for i in refused)}) and kept refusing them "
+                    f"until publish_retry_timeout ({self.settings.publish_retry_timeout:g}s) "
+                    "passed; they were not stored (a quorum queue without a leader, the server "
+                    "out of disk or memory, or a queue full with overflow=reject-publish). Check "
+                    "the server log and send them again later."
                 )
+
+        def failed(error: type[PublishError], text: str) -> PublishError:
+            """`error` with what was stored and what not; `not_sent` set when every unsent
+            item has a task id (so the producer reports the others as sent)."""
+            left = [items[i] for i in range(len(items)) if i not in done]
+            names = [item.task_id or item.target for item in left]
+            if names:
+                text += f" (stored {len(items) - len(left)} of {len(items)}; not sent: "
+                text += f"{_listing(names)})"
+            out = error(text)
+            if all(item.task_id for item in left):
+                out.not_sent = frozenset(item.task_id or "" for item in left)
+            return out
 
         try:
             self.call(f"publish {len(items)} messages", attempt)
-        except PublishError:
-            raise
+        except AccessDenied as exc:
+            raise failed(PublishAccessDenied, str(exc)) from exc.__cause__
+        except PublishError as exc:
+            raise failed(type(exc), str(exc)) from exc.__cause__
         except BrokerError as exc:
-            raise PublishError(str(exc)) from exc.__cause__
+            raise failed(PublishError, str(exc)) from exc.__cause__
         except amqp_exc.AMQPError as exc:
-            raise PublishError(f"RabbitMQ rejected a message of a batch: {describe(exc)}") from exc
+            text = f"RabbitMQ rejected a message of a batch: {describe(exc)}"
+            raise failed(PublishError, text) from exc
+
+    def _unroutable_items(self, items: Sequence[Outgoing]) -> list[int]:
+        """The batch items RabbitMQ returned, by their task id (the returned message's
+        correlation_id) where they have one."""
+        returned = set(self._returned_ids)
+        return [i for i, item in enumerate(items) if item.task_id in returned]
 
     # -- py-amqp event handlers ------------------------------------------------------------------
     def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
         self._returned = (getattr(exc, "code", 0), getattr(exc, "reply_text", "") or str(exc))
         self._unroutable.append(routing_key or exchange)
+        ident = getattr(message, "properties", {}).get("correlation_id")
+        if ident:
+            self._returned_ids.append(str(ident))
 
     def _settled(self, delivery_tag: int, multiple: bool) -> list[int]:
         """The batch items a confirm (or a nack) settles."""

@@ -23,6 +23,10 @@ SECTION = Section(
         Option("queue_type", "str", "classic", "Type of the queues millpond declares: classic, "
                "or quorum (replicated; must match how Celery declares shared queues).",
                choices=("classic", "quorum")),
+        Option("exchange_type", "str", "direct", "Type of the exchange declared for each queue "
+               "(Celery's task_default_exchange_type; must match how Celery declares shared "
+               "queues): direct, or topic, which Celery's native delayed delivery on quorum "
+               "queues needs for a Celery producer's countdowns.", choices=("direct", "topic")),
         Option("max_priority", "int", None, "x-max-priority of declared classic queues "
                "(Celery's task_queue_max_priority); unset means no priorities.", minimum=1,
                maximum=255, nullable=True),

@@ -47,6 +47,8 @@ class AmqpSettings:
     publish_retry_timeout: float = 20.0
     confirm_publish: bool = True
     queue_type: str = "classic"
+    #: type of each queue's own exchange (named after the queue), as Celery declares it
+    exchange_type: str = "direct"
     max_priority: int | None = None
     declare_on_publish: bool = True
     reconnect_max_delay: float = 5.0
@@ -131,6 +133,7 @@ def parse(url: str, options: Mapping[str, Any] | None = None) -> AmqpSettings:
         publish_retry_timeout=values["publish_retry_timeout"],
         confirm_publish=values["confirm_publish"],
         queue_type=values["queue_type"],
+        exchange_type=values["exchange_type"],
         max_priority=values["max_priority"],
         declare_on_publish=values["declare_on_publish"],
         reconnect_max_delay=values["reconnect_max_delay"],

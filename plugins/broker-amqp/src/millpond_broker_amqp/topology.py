@@ -1,7 +1,8 @@
 """What millpond declares on RabbitMQ: work queues shaped like Celery's, and the delay levels.
 
 Work queues are declared exactly as Celery 5 declares them (a durable queue with no extra
-arguments, bound to a durable direct exchange of the same name with the queue name as routing key),
+arguments, bound to a durable exchange of the same name, direct unless the option exchange_type
+says topic, with the queue name as routing key),
 so either side can declare first without a PRECONDITION_FAILED. Dead-lettering is done by the
 consumer republishing (see `consumer`), not with a dead-letter exchange argument, for the same
 reason.
@@ -16,6 +17,9 @@ longer delay (the head-of-line problem of per-message TTLs). The last hop is a h
 that routes on `millpond-delay-target`, the destination queue (a headers exchange ignores
 headers whose names start with "x-", so this one must not). RabbitMQ caps a TTL at 2**32-1 ms,
 which bounds the ladder at 26 levels (about 77 days); longer delays take more than one trip.
+
+On quorum queues delays go through Celery's native delayed delivery instead (`native_delay`), so a
+Celery worker runs a millpond producer's countdowns and the reverse.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from amqp import exceptions as amqp_exc
 
 from millpond.contracts.broker import dead_letter_queue
 from millpond.exceptions import AccessDenied, BrokerError
+from millpond_broker_amqp import native_delay
 from millpond_broker_amqp.settings import AmqpSettings
 
 RESOLUTION_MS: Final = 100
@@ -71,11 +76,12 @@ def queue_arguments(settings: AmqpSettings, *, dead: bool = False) -> dict[str, 
 
 
 def declare_queue(channel: amqp.Channel, name: str, settings: AmqpSettings) -> None:
-    """The queue, its Celery-style direct exchange and binding, its dead-letter queue and its
-    binding on the delay ladder's last hop. Idempotent."""
+    """The queue, its Celery-style exchange and binding, its dead-letter queue and its binding on
+    the delay ladder's last hop; on quorum queues also its binding for Celery's native delayed
+    delivery (see `native_delay`), which is where their delays go. Idempotent."""
     check_queue_name(name)
     try:
-        channel.exchange_declare(name, "direct", durable=True, auto_delete=False)
+        channel.exchange_declare(name, settings.exchange_type, durable=True, auto_delete=False)
         channel.queue_declare(
             name, durable=True, auto_delete=False, arguments=queue_arguments(settings)
         )
@@ -90,19 +96,22 @@ def declare_queue(channel: amqp.Channel, name: str, settings: AmqpSettings) -> N
         channel.queue_bind(
             name, DELIVER_EXCHANGE, "", arguments={"x-match": "all", DELAY_TARGET: name}
         )
+        if settings.quorum:
+            native_delay.bind_queue(channel, name, settings.exchange_type)
     except amqp_exc.PreconditionFailed as exc:
         raise BrokerError(
             f"queue or exchange {name!r} already exists on RabbitMQ with other settings "
-            f"({exc.reply_text}); set the broker options queue_type / max_priority to match it, "
-            f"or delete it (rabbitmqctl delete_queue {name}) so millpond can re-create it"
+            f"({exc.reply_text}); set the broker options queue_type / max_priority / "
+            f"exchange_type to match it, or delete it (rabbitmqctl delete_queue {name}) so "
+            "millpond can re-create it"
         ) from exc
     except amqp_exc.AccessRefused as exc:
         raise AccessDenied(
             f"RabbitMQ refused to declare queue {name!r} ({exc.reply_text}); the user needs "
             f"configure, write and read permissions on the queue, its exchange {name!r}, its "
-            f"dead-letter queue {dead_letter_queue(name)!r} and the exchange {DELIVER_EXCHANGE!r} "
-            "(rabbitmqctl set_permissions -p VHOST USER CONFIGURE WRITE READ, each a regex); "
-            "retrying cannot help"
+            f"dead-letter queue {dead_letter_queue(name)!r} and the exchanges "
+            f"{DELIVER_EXCHANGE!r} and {native_delay.DELIVERY_EXCHANGE!r} (rabbitmqctl "
+            "set_permissions -p VHOST USER CONFIGURE WRITE READ, each a regex); retrying cannot help"
         ) from exc
 
 
