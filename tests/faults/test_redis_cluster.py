@@ -85,8 +85,8 @@ def test_one_worker_serves_three_queues_on_three_primaries(
         assert resp(owners[queue], "LLEN", "{" + queue + "}") == 0
 
 
-TASKS = 2000
-BATCH, PAUSE = 20, 0.01
+TASKS = 5000
+BATCH, PAUSE = 50, 0.01
 
 
 @dataclass
