@@ -53,9 +53,9 @@ def run_nodes(
 ) -> None:
     """One process of simulated nodes: `count` listening threads answering ping."""
     from millpond.config.plugins import broker_for_url
-    from millpond.consume.control.registry import Request  # noqa: F401 - the node's shapes
     from millpond.contracts.broadcast import Exchange, Listen
-    from millpond.produce.control import encode, matches, node_queue, pidbox_exchange
+    from millpond_control.client import encode, matches, node_queue, pidbox_exchange
+    from millpond_control.registry import Request  # noqa: F401 - the node's shapes
 
     # every thread of this process may reply at once: one pooled connection each
     options = {"max_connections": count + 10} if url.startswith("redis") else {}
@@ -122,9 +122,9 @@ def main() -> int:
 
     from celery import Celery
 
-    from millpond.produce.control import Mailbox
     from millpond.testing.servers import RedisServer
     from millpond_broker_redis import RedisBroker
+    from millpond_control.client import Mailbox
 
     workdir = Path(tempfile.mkdtemp(prefix="control-fanout-"))
     server = RedisServer(workdir)
@@ -256,7 +256,7 @@ def run_amqp(args: argparse.Namespace) -> int:
     from celery import Celery
 
     from millpond.config.plugins import broker_for_url
-    from millpond.produce.control import Mailbox
+    from millpond_control.client import Mailbox
 
     url = args.amqp_url
     namespace = f"bench-{uuid.uuid4().hex[:8]}"

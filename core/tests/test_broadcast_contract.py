@@ -1,4 +1,4 @@
-"""The broadcast contract's pure parts: AMQP routing rules and the control-command registry."""
+"""The broadcast contract's pure parts: AMQP routing rules, and what a broker without it says."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 
-from millpond.consume.control.registry import Registry, nok, ok
 from millpond.contracts.broadcast import Exchange, Listen, routes_to
 from millpond.contracts.broker import Broker
 from millpond.exceptions import NotSupported
@@ -62,27 +61,3 @@ def test_a_broker_without_exchanges_says_what_to_use() -> None:
     assert broker.supports_broadcast is False
     with pytest.raises(NotSupported, match="remote control and events are not available"):
         broker.listen(Listen("q", Exchange("x")))
-
-
-def test_registry_declares_kind_safety_and_arguments() -> None:
-    registry = Registry()
-
-    @registry.register(kind="inspect")
-    def ping(ctx: Any, **_: Any) -> Any:
-        """Answer pong."""
-        return ok("pong")
-
-    @registry.register("rate_limit", kind="control", args=(("task_name", str), ("rate", str)))
-    def set_rate(ctx: Any, **_: Any) -> Any:
-        return nok("no")
-
-    assert "ping" in registry
-    assert registry.get("ping") is not None
-    assert registry.get("ping").safe is True  # type: ignore[union-attr]
-    assert registry.get("ping").help == "Answer pong."  # type: ignore[union-attr]
-    cmd = registry.get("rate_limit")
-    assert cmd is not None
-    assert (cmd.kind, cmd.safe, cmd.args) == ("control", False, (("task_name", str), ("rate", str)))
-    assert [c.name for c in registry] == ["ping", "rate_limit"]
-    with pytest.raises(ValueError, match="kind"):
-        registry.register(kind="other")(ping)  # type: ignore[arg-type]

@@ -88,3 +88,7 @@ def test_an_entry_point_naming_the_wrong_kind_of_object_is_refused() -> None:
         plugins._verify(plugins.POOLS, "odd", object)
     with pytest.raises(PluginLoadError, match="does not name a millpond Section"):
         plugins._verify(plugins.SETTINGS, "odd", {"not": "a section"})
+    with pytest.raises(PluginLoadError, match="does not name a WorkerComponent subclass"):
+        plugins._verify(plugins.COMPONENTS, "odd", object)
+    with pytest.raises(PluginLoadError, match="app client 'odd' is not callable"):
+        plugins._verify(plugins.CLIENTS, "odd", 42)

@@ -450,30 +450,6 @@ def test_a_global_limit_without_a_store_fails_at_start_up(memory_app: Millpond) 
         RunningWorker(memory_app, pool="threads").start()
 
 
-def test_the_rate_limit_control_command_answers_as_celery_does(
-    memory_app: Millpond, start_worker: Any
-) -> None:
-    from millpond.consume.control.registry import COMMANDS, ControlContext, Request
-
-    limited_app(memory_app)
-    worker = start_worker(memory_app, pool="threads").worker
-    cmd = COMMANDS.get("rate_limit")
-    assert cmd is not None and cmd.kind == "control" and not cmd.safe
-    assert [name for name, _ in cmd.args] == ["task_name", "rate_limit"]
-
-    def call(**arguments: Any) -> Any:
-        ctx = ControlContext(worker, worker.name, Request("rate_limit", arguments))
-        return cmd.handler(ctx, **arguments)
-
-    assert call(task_name="rl.free", rate_limit="5/m") == {"ok": "new rate limit set successfully"}
-    assert worker.rate_limit_of("rl.free") == pytest.approx(5 / 60)
-    assert call(task_name="rl.free", rate_limit="") == {"ok": "rate limit disabled successfully"}
-    assert worker.rate_limit_of("rl.free") is None
-    assert call(task_name="rl.nope", rate_limit="1/s") == {"error": "unknown task"}
-    reply = call(task_name="rl.free", rate_limit="5/week")
-    assert reply["error"].startswith("Invalid rate limit string: InvalidRateLimit(")
-
-
 def test_the_loop_wakes_for_a_token_only_when_the_pool_has_a_slot(memory_app: Millpond) -> None:
     """With the pool full a completion wakes the loop anyway: waking for a token that is ready
     but has nowhere to go would spin the loop (and steal CPU from the tasks)."""

@@ -33,7 +33,7 @@ TRACING_ONLY = (
     "requests",
     "urllib3",
 )
-CLI_ONLY = ("millpond.cli.control", "millpond.cli.scaffold", "millpond.cli.settings_docs")
+CLI_ONLY = ("millpond_control.cli", "millpond.cli.scaffold", "millpond.cli.settings_docs")
 #: what printing `worker --help` needs none of
 NOT_FOR_HELP = (
     *TRACING_ONLY,
@@ -42,6 +42,7 @@ NOT_FOR_HELP = (
     "structlog",
     "dynaconf",
     "millpond.consume",
+    "millpond_control",
     "millpond.observe",
     "millpond.produce",
     "millpond.config.settings",

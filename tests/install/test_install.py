@@ -156,7 +156,8 @@ def test_a_pool_that_is_not_installed_says_what_to_install(
 
 # -- millpond alone ------------------------------------------------------------------------------
 def test_core_alone_brings_the_embedded_brokers_and_nothing_else(core_venv: Venv) -> None:
-    assert core_venv.missing("millpond", "millpond_broker_embedded") == []
+    """The embedded brokers and the control plane are the core's dependencies, nothing else."""
+    assert core_venv.missing("millpond", "millpond_broker_embedded", "millpond_control") == []
     assert core_venv.missing(*NOT_WANTED, "redis", "millpond_pool_threads") == [
         *NOT_WANTED,
         "redis",
@@ -173,6 +174,9 @@ def test_core_alone_lists_no_pool(core_venv: Venv, app_dir: Path) -> None:
     brokers = [line.split() for line in proc.stdout.split("brokers:")[1].splitlines()]
     # the embedded brokers come with the core, as its dependency
     assert ["sqlite", "millpond-broker-embedded"] in [row[:2] for row in brokers], proc.stdout
+    # so does the control plane: remote control, the events hooks, `millpond inspect`
+    commands = [line.split() for line in proc.stdout.split("commands:")[1].splitlines()]
+    assert ["inspect", "millpond-control"] in [row[:2] for row in commands], proc.stdout
 
 
 def test_core_alone_worker_says_which_package_to_install(core_venv: Venv, app_dir: Path) -> None:

@@ -25,6 +25,7 @@ PIP = ("-m", "pip", "install", "-q", "--disable-pip-version-check")
 PACKAGES = {
     "millpond": "core",
     "millpond-broker-embedded": "plugins/broker-embedded",
+    "millpond-control": "plugins/control",
     "millpond-pool-threads": "plugins/pool-threads",
     "millpond-broker-redis": "plugins/broker-redis",
     "millpond-pool-asyncio": "plugins/pool-asyncio",

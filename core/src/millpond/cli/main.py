@@ -1,5 +1,6 @@
-"""The `millpond` command: worker, send, result, purge, dlq, inspect, control, events, plugins,
-config.
+"""The `millpond` command: worker, send, result, purge, dlq, plugins, config, new-pool, and the
+commands plugins add (`inspect`, `control` and `events` come with millpond-control, `beat` with
+millpond-beat).
 
 Flags mirror the ones Celery users type (-A, -P, -c, -Q, -l). Exit codes: 0 success, 1 a task or
 operation failed (or a cold shutdown), 2 a usage, settings or plugin error (with a message that says
@@ -392,36 +393,6 @@ def cmd_dlq(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_events(ns: argparse.Namespace) -> int:
-    """Listen on the event exchange and print each event until Ctrl-C, --limit or --timeout."""
-    import time
-
-    from millpond.observe.event_stream import EventStream, describe
-    from millpond.produce.app import Millpond
-
-    settings, _app = _load(ns)
-    app = Millpond("cli", settings=settings)
-    deadline = None if ns.timeout is None else time.monotonic() + ns.timeout
-    seen = 0
-    try:
-        with EventStream(app.broker, ns.type, ns.hostname) as stream:
-            print(f"listening for events on {app.broker.system}", file=sys.stderr, flush=True)
-            while ns.limit is None or seen < ns.limit:
-                wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
-                if wait <= 0:
-                    break
-                for event in stream.receive(wait):
-                    print(json.dumps(event) if ns.json else describe(event), flush=True)
-                    seen += 1
-                    if ns.limit is not None and seen >= ns.limit:
-                        break
-            if stream.skipped:
-                print(f"{stream.skipped} messages were not events", file=sys.stderr)
-    finally:
-        app.close()
-    return EXIT_OK
-
-
 def cmd_plugins(ns: argparse.Namespace) -> int:
     """Every installed plugin from its metadata alone (nothing is imported, so listing a green
     pool does not import gevent); with --check each is imported and checked, and the exit code
@@ -437,6 +408,8 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
         plugins.SETTINGS: "settings sections",
         plugins.PATCHES: "early patches",
         plugins.COMMANDS: "commands",
+        plugins.COMPONENTS: "worker components",
+        plugins.CLIENTS: "app clients",
     }
     rows = plugins.describe_installed()
     lines: list[tuple[str, ...]] = [("NAME", "DISTRIBUTION", "VERSION", "CORE VERSIONS")]
@@ -495,18 +468,6 @@ def cmd_new_pool(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_inspect(ns: argparse.Namespace) -> int:
-    from millpond.cli import control
-
-    return control.cmd_remote(ns, "inspect", _load)
-
-
-def cmd_control(ns: argparse.Namespace) -> int:
-    from millpond.cli import control
-
-    return control.cmd_remote(ns, "control", _load)
-
-
 COMMANDS = {
     "worker": cmd_worker,
     "send": cmd_send,
@@ -514,10 +475,7 @@ COMMANDS = {
     "purge": cmd_purge,
     "queue-stats": cmd_queue_stats,
     "dlq": cmd_dlq,
-    "events": cmd_events,
     "plugins": cmd_plugins,
     "config": cmd_config,
     "new-pool": cmd_new_pool,
-    "inspect": cmd_inspect,
-    "control": cmd_control,
 }

@@ -115,48 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the settings reference (docs/settings.md) as Markdown instead",
     )
 
-    add_remote(sub, common)
-
-    ev = sub.add_parser(
-        "events", help="print the events workers send (millpond's and Celery's), as they come"
-    )
-    common(ev)
-    ev.add_argument("--json", action="store_true", help="one JSON object per event, as sent")
-    ev.add_argument("--type", default="*", help="only events whose type matches, e.g. 'task-*'")
-    ev.add_argument(
-        "--hostname", default="*", help="only events from workers whose name matches, e.g. '*@web1'"
-    )
-    ev.add_argument("--limit", type=int, help="exit after this many events")
-    ev.add_argument("--timeout", type=float, help="exit after this many seconds")
-
     n = sub.add_parser("new-pool", help="create a pool plugin package from the template")
     n.add_argument("name", help="the pool's name (what users type after --pool), e.g. trio")
     n.add_argument("--dir", default=".", help="where to create millpond-pool-NAME/ (default: .)")
     _plugin_commands(sub)
     return parser
-
-
-def add_remote(sub: Any, common: Any) -> None:
-    """`inspect` and `control`: their flags only. The command table (`millpond.cli.control`, which
-    imports the worker's control plane) is imported when one of them runs, not at every start."""
-    for kind, helptext in (
-        ("inspect", "ask workers about their state (ping, stats, active, ...)"),
-        ("control", "tell workers to do something (revoke, shutdown, pool_grow, ...)"),
-    ):
-        p = sub.add_parser(kind, help=helptext)
-        common(p)
-        p.add_argument("method", help=f"the {kind} command (`millpond {kind} help` lists them)")
-        p.add_argument("arguments", nargs="*", help="the command's own arguments")
-        p.add_argument(
-            "-d", "--destination", help="comma-separated node names (default: every worker)"
-        )
-        p.add_argument("-t", "--timeout", type=float, default=1.0, help="seconds to wait")
-        p.add_argument("-j", "--json", action="store_true", help="print the replies as JSON")
-        p.add_argument("--args", default="{}", help="keyword arguments as a JSON object")
-        p.add_argument("--pattern", help="only nodes whose name matches this glob")
-        if kind == "control":
-            p.add_argument("--terminate", action="store_true", help="revoke: also stop it")
-            p.add_argument("--signal", help="revoke --terminate: the signal (default TERM)")
 
 
 def _plugin_commands(sub: Any) -> None:

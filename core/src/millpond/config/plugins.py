@@ -39,8 +39,23 @@ HOOKS = "millpond.hooks"
 SETTINGS = "millpond.settings"
 LIMITERS = "millpond.limiters"
 COMMANDS = "millpond.commands"
+#: parts of the worker a plugin adds (contracts.component): the control plane
+COMPONENTS = "millpond.components"
+#: objects an app offers as attributes (`app.control`), each a factory called with the app
+CLIENTS = "millpond.clients"
 #: every group, in the order `millpond plugins` lists them
-GROUPS = (POOLS, BROKERS, BACKENDS, LIMITERS, HOOKS, SETTINGS, PATCHES, COMMANDS)
+GROUPS = (
+    POOLS,
+    BROKERS,
+    BACKENDS,
+    LIMITERS,
+    HOOKS,
+    SETTINGS,
+    PATCHES,
+    COMMANDS,
+    COMPONENTS,
+    CLIENTS,
+)
 
 #: the first-party package for each well-known name, for "pip install ..." hints
 FIRST_PARTY = {
@@ -77,6 +92,11 @@ FIRST_PARTY = {
     (LIMITERS, "redis-cluster"): "millpond-broker-redis",
     (LIMITERS, "rediss-cluster"): "millpond-broker-redis",
     (COMMANDS, "beat"): "millpond-beat",
+    (COMMANDS, "inspect"): "millpond-control",
+    (COMMANDS, "control"): "millpond-control",
+    (COMMANDS, "events"): "millpond-control",
+    (COMPONENTS, "control"): "millpond-control",
+    (CLIENTS, "control"): "millpond-control",
 }
 #: names people try that no first-party plugin serves, with what to do instead
 UNSUPPORTED: dict[tuple[str, str], str] = {}
@@ -89,6 +109,8 @@ KIND = {
     HOOKS: "hooks",
     SETTINGS: "settings section",
     COMMANDS: "command",
+    COMPONENTS: "worker component",
+    CLIENTS: "app client",
 }
 
 
@@ -311,6 +333,21 @@ def command(name: str) -> Any:
     return found
 
 
+def components() -> list[tuple[str, Any]]:
+    """(name, class) of every installed worker component, each checked against the contract."""
+    found = load_all(COMPONENTS)
+    for name, cls in found:
+        _verify(COMPONENTS, name, cls)
+    return found
+
+
+def client(name: str) -> Any:
+    """The factory an app calls for the attribute `name` (`app.control`); checked callable."""
+    found = load(CLIENTS, name)
+    _verify(CLIENTS, name, found)
+    return found
+
+
 def has_patch(pool: str) -> bool:
     """Whether the pool declares an early monkey-patch (nothing imported)."""
     return pool in installed(PATCHES)
@@ -360,6 +397,7 @@ def _verify(group: str, name: str, obj: Any) -> None:
     from millpond.contracts.backend import ResultBackend
     from millpond.contracts.broker import Broker
     from millpond.contracts.command import Command
+    from millpond.contracts.component import WorkerComponent
     from millpond.contracts.limiter import SharedLimiter
     from millpond.contracts.pool import BasePool
 
@@ -368,6 +406,7 @@ def _verify(group: str, name: str, obj: Any) -> None:
         BROKERS: (Broker, "a Broker subclass"),
         BACKENDS: (ResultBackend, "a ResultBackend subclass"),
         LIMITERS: (SharedLimiter, "a SharedLimiter subclass"),
+        COMPONENTS: (WorkerComponent, "a WorkerComponent subclass"),
     }
     kind = KIND.get(group, group)
     if group in expected:
@@ -384,8 +423,8 @@ def _verify(group: str, name: str, obj: Any) -> None:
         raise PluginLoadError(
             f"the {COMMANDS} entry point {name!r} does not name a millpond Command instance: {obj!r}"
         )
-    elif group == PATCHES and not callable(obj):
-        raise PluginLoadError(f"the early patch of {name!r} is not callable: {obj!r}")
+    elif group in (PATCHES, CLIENTS) and not callable(obj):
+        raise PluginLoadError(f"the {kind} {name!r} is not callable: {obj!r}")
 
 
 # -- `millpond plugins` ----------------------------------------------------------------------------

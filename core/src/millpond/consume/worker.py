@@ -22,24 +22,19 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from millpond.config import control as control_settings
 from millpond.config import plugins
-from millpond.config.paths import millpond_home
 from millpond.config.settings import Settings, load_settings
-from millpond.consume.control import ratelimit as _rate_limit_command  # noqa: F401 - registers it
-from millpond.consume.control.node import ControlNode
-from millpond.consume.control.revoked import Revoked
 from millpond.consume.execute import Executor
 from millpond.consume.ratelimit import Gate
 from millpond.consume.receive import Receiver
 from millpond.consume.settle import Acks, Settler
 from millpond.contracts.broker import Consumer, Delivery, mask_url
+from millpond.contracts.component import WorkerComponent
 from millpond.contracts.limiter import SharedLimiter, describe_rate, parse_rate
 from millpond.contracts.pool import BasePool, Job, Outcome
 from millpond.contracts.waking import Inbox
@@ -108,17 +103,13 @@ class Worker:
         self.receiver: Receiver | None = None
         #: monotonic time of the consumer loop's last iteration (read by the /livez probe)
         self.last_turn = 0.0
-        # -- remote control and revoke (consume/control) --
-        self.control = control_settings.ControlSettings.from_section(
-            settings.section(control_settings.SECTION)
-        )
-        self.revoked = Revoked(
-            self.control.revokes_max, self.control.revoke_expires, self._revokes_path()
-        )
-        self.node: ControlNode | None = None
         #: tasks started, by name (`stats` -> `total`)
         self.totals: Counter[str] = Counter()
         self.started_at = time.time()
+        #: the parts plugins add (`millpond.components`: the control plane), by entry-point name
+        self.components: dict[str, WorkerComponent] = self._build_components()
+        #: why a task must not run (revoked), or None; the components' filters, or none at all
+        self.discard: Callable[[str, Any], str | None] = self._discarder()
         #: functions other threads ask the loop to run on its next turn (`call_soon`)
         self._calls: deque[Callable[[], None]] = deque()
         #: the queues to consume once what the current consumer delivered is settled
@@ -132,13 +123,25 @@ class Worker:
         self._resizable = True
         self._stale_check = 0.0
 
-    def _revokes_path(self) -> Path | None:
-        given = self.control.revokes_file
-        if given is not None and given.strip().lower() in ("none", ""):
+    def _build_components(self) -> dict[str, WorkerComponent]:
+        """Every installed worker component, built now: a bad setting of one stops the start."""
+        return {name: cls(self) for name, cls in plugins.components()}
+
+    def _discarder(self) -> Callable[[str, Any], str | None]:
+        """One function for the hot path: the one filtering component's own method when there
+        is one (the usual case), all of them in name order when there are several."""
+        filters = [c.discard for c in self.components.values() if c.filters_tasks]
+        if len(filters) == 1:
+            return filters[0]
+
+        def discard(task_id: str, headers: Any) -> str | None:
+            for check in filters:
+                why = check(task_id, headers)
+                if why is not None:
+                    return why
             return None
-        if given:
-            return Path(given).expanduser()
-        return millpond_home(purpose="the revoked file ([control] revokes_file)") / "revoked.json"
+
+        return discard
 
     # -- what hooks and probes read (`millpond.contracts.hooks.WorkerView`) -----------------------
     @property
@@ -189,7 +192,7 @@ class Worker:
         """Whether the loop's own thread is running a task now (the solo pool)."""
         return self._inline
 
-    # -- what remote control reads and asks (consume/control/commands.py) -----------------------
+    # -- what remote control reads and asks (millpond_control.commands) -------------------------
     def buffered_jobs(self) -> list[Job]:
         """Jobs received and waiting for a pool slot, or for a rate limit's token (Celery lists
         those as reserved too); safe from any thread."""
@@ -546,7 +549,7 @@ class Worker:
         self.pool.start()  # prefork forks here: after the app import, before consumer threads
         if self._stop.is_set():  # told to stop while the pool started: consume nothing
             return self._shutdown()
-        self._start_control()
+        self._start_components()
         self.consumer = broker.consumer(self.queues, self._open_window(gate))
         self.acks = Acks(self.consumer)
         self.settler = Settler(self.app, self.settings, self.acks)
@@ -557,7 +560,7 @@ class Worker:
             self.settings.pool,
             self.pool_cls.capabilities,
             rejoin=self.settler.rejoin,
-            revoked=self.revoked.matches,
+            revoked=self.discard,
             defer_early_ack=self._limited,
         )
         code = EXIT_OK
@@ -578,19 +581,12 @@ class Worker:
             code = self._shutdown()
         return code
 
-    def _start_control(self) -> None:
-        """Learn the running workers' revokes (mingle), then answer remote control; both
-        before the first fetch, so a task revoked before this worker started never runs here."""
-        node = ControlNode(self, self.control)
-        self.node = node
-        try:
-            node.mingle()
-        except Exception:
-            log.exception("mingle failed; starting without the other workers' revokes")
-        if self.control.enabled:
-            node.start()
-        else:
-            log.info("remote control is off on this worker ([control] enabled = false)")
+    def _start_components(self) -> None:
+        """Start the plugins' worker components (the control plane learns the running workers'
+        revokes, then answers remote control), before the first fetch: a task revoked before
+        this worker started never runs here."""
+        for component in self.components.values():
+            component.start()
 
     def _limited(self, task_name: str) -> bool:
         gate = self.gate
@@ -713,7 +709,7 @@ class Worker:
 
     def _received(self, job: Job) -> None:
         self.hooks.received(job)
-        why = self.revoked.matches(job.task_id, job.headers)
+        why = self.discard(job.task_id, job.headers)
         if why is not None:
             log.info("discarding a revoked task", task_id=job.task_id, task_name=job.task_name)
             self._answer(job, why, told=True)
@@ -798,7 +794,7 @@ class Worker:
             if job.expires is not None and time.time() > job.expires:
                 self._answer(job, "expired before it could start")
                 continue
-            why = self.revoked.matches(job.task_id, job.headers)
+            why = self.discard(job.task_id, job.headers)
             if why is not None:
                 log.info("discarding a revoked task", task_id=job.task_id, task_name=job.task_name)
                 self._answer(job, why, told=True)
@@ -840,8 +836,11 @@ class Worker:
     def _shutdown(self) -> int:
         pool, consumer = self.pool, self.consumer
         cold = self._cold
-        if self.node is not None:
-            self.node.stop()
+        for component in self.components.values():
+            try:
+                component.stop()
+            except Exception:
+                log.exception("a worker component failed to stop", component=type(component))
         try:
             if pool is not None:
                 if cold:

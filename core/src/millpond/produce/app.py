@@ -35,7 +35,6 @@ from millpond.contracts.hooks import HookChain, Hooks, Publication, publishing_p
 from millpond.exceptions import PublishError
 from millpond.produce.builtins import register_builtins
 from millpond.produce.canvas import CanvasError, Signature
-from millpond.produce.control import Control
 from millpond.produce.result import AsyncResult, GroupResult
 from millpond.produce.task import (
     BoundTaskDecorator,
@@ -141,7 +140,8 @@ class Millpond:
         self._settings = settings
         self._lock = threading.RLock()
         self._broker: Broker | None = None
-        self._control: Control | None = None
+        #: `app.control`, made by the installed `millpond.clients` plugin on first use
+        self._control: Any = None
         self._backend: ResultBackend | None = None
         self._backend_resolved = False
         self._warned: set[Hashable] = set()
@@ -370,17 +370,14 @@ class Millpond:
         return self._backend
 
     @property
-    def control(self) -> Control:
-        """Remote control, as Celery's `app.control` (docs/control.md)."""
+    def control(self) -> Any:
+        """Remote control, as Celery's `app.control` (docs/control.md): a
+        `millpond_control.client.Control`, made by the `control` entry point of the
+        `millpond.clients` group (the millpond-control package, which millpond depends on)."""
         self._check_pid()
         found = self._control
         if found is None:
-            from millpond.config.control import SECTION, ControlSettings
-
-            control = ControlSettings.from_section(self.settings.section(SECTION))
-            found = Control(
-                self.broker, namespace=control.exchange, signing_key=self.settings.signing_key
-            )
+            found = plugins.client("control")(self)
             self._control = found
         return found
 

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 from millpond import Millpond
-from millpond.consume.control.revoked import Revoked
 from millpond.exceptions import TaskRevokedError
-from millpond.produce.control import Mailbox, encode, pidbox_exchange
 from millpond.testing.fixtures import RunningWorker
+from millpond_control.client import Mailbox, encode, pidbox_exchange
+from millpond_control.registry import plane
+from millpond_control.revoked import Revoked
 
 NODE = "node-a@test"
 
@@ -129,13 +130,13 @@ def test_expired_and_foreign_requests_are_dropped(node: Any) -> None:
     assert mailbox.call("ping", pattern="node-*", matcher="glob", timeout=2.0, limit=1) == [
         {NODE: {"ok": "pong"}}
     ]
-    assert running.worker.node is not None
-    assert running.worker.node.dropped >= 1
+    assert plane(running.worker).node is not None
+    assert plane(running.worker).node.dropped >= 1
 
 
 def test_reply_is_capped_with_an_error_that_says_so(node: Any) -> None:
     _app, mailbox, running = node(reply_max_bytes=1024)
-    running.worker.revoked.add(str(uuid.uuid4()) for _ in range(100))
+    plane(running.worker).revoked.add(str(uuid.uuid4()) for _ in range(100))
     (reply,) = mailbox.call("revoked", timeout=2.0, limit=1)
     assert "reply_max_bytes" in reply[NODE]["error"]
 
@@ -154,7 +155,7 @@ def test_revoke_discards_a_waiting_task_and_stores_revoked(node: Any) -> None:
 def test_remote_control_switched_off(node: Any) -> None:
     _app, mailbox, running = node(enabled=False)
     assert mailbox.call("ping", timeout=0.5) == []
-    assert running.worker.node is not None and running.worker.node.answered == 0
+    assert plane(running.worker).node is not None and plane(running.worker).node.answered == 0
 
 
 def test_revoked_set_is_bounded_and_persisted(tmp_path: Any) -> None:
@@ -187,7 +188,7 @@ def test_app_control_has_celerys_shape(node: Any) -> None:
     assert control.inspect(["nobody@x"], timeout=0.3).ping() is None
     replies = control.revoke("some-id", reply=True, timeout=2.0)
     assert replies == [{NODE: {"ok": "tasks {'some-id'} flagged as revoked"}}]
-    assert "some-id" in running.worker.revoked
+    assert "some-id" in plane(running.worker).revoked
     assert control.revoke("fire-and-forget") is None
 
 

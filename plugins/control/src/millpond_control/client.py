@@ -22,13 +22,16 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatch
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from millpond.contracts.broadcast import Exchange, Listen, Subscription
 from millpond.contracts.broker import Broker
 from millpond.contracts.limiter import parse_rate
 from millpond.wire import signing
 from millpond.wire.protocol import JSON, Message
+
+if TYPE_CHECKING:
+    from millpond.produce.app import Millpond
 
 #: Celery's defaults (control_queue_ttl, control_queue_expires)
 QUEUE_TTL: Final = 300.0
@@ -400,3 +403,12 @@ class Control:
 
     def close(self) -> None:
         self.mailbox.close()
+
+
+def open_control(app: Millpond) -> Control:
+    """`app.control` for an app (the `millpond.clients` entry point `control`): the `[control]`
+    exchange and the app's signing key, on the app's broker."""
+    from millpond_control.settings import SECTION, ControlSettings
+
+    control = ControlSettings.from_section(app.settings.section(SECTION))
+    return Control(app.broker, namespace=control.exchange, signing_key=app.settings.signing_key)

@@ -1,6 +1,6 @@
 """The `[control]` settings section: remote control, inspect and revoke on each worker.
 
-Published by the core under the `millpond.settings` entry-point group (`MILLPOND_CONTROL__ENABLED=
+Published by millpond-control under the `millpond.settings` entry-point group (`MILLPOND_CONTROL__ENABLED=
 false`, `[control]` in millpond.toml, `Millpond(control={...})`). Defaults are Celery's where Celery
 has one (`control_queue_ttl`, `control_queue_expires`, `worker_revokes_max`,
 `worker_revoke_expires`), so a mixed fleet behaves alike.

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from millpond.contracts.pool import Job, Outcome
-from millpond.observe import events
-from millpond.observe.emitter import Emitter
-from millpond.produce.control import Clock as LamportClock
 from millpond.states import TaskState
+from millpond_control import events
+from millpond_control.client import Clock as LamportClock
+from millpond_control.emitter import Emitter
 
 
 def job(**fields: Any) -> Job:

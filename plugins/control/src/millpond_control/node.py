@@ -26,19 +26,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from millpond.config.control import ControlSettings
-from millpond.consume.control import commands as _builtin  # noqa: F401 - registers the commands
-from millpond.consume.control.registry import (
-    COMMANDS,
-    Command,
-    ControlContext,
-    Registry,
-    Request,
-    nok,
-)
 from millpond.contracts.broadcast import Exchange, Listen, Received, Subscription, unavailable
 from millpond.exceptions import BrokerError, SignatureError
-from millpond.produce.control import (
+from millpond.wire import signing
+from millpond.wire.protocol import JSON
+from millpond_control import commands as _builtin  # noqa: F401 - registers the commands
+from millpond_control.client import (
     Clock,
     Mailbox,
     encode,
@@ -46,11 +39,19 @@ from millpond.produce.control import (
     node_queue,
     pidbox_exchange,
 )
-from millpond.wire import signing
-from millpond.wire.protocol import JSON
+from millpond_control.registry import (
+    COMMANDS,
+    Command,
+    ControlContext,
+    Registry,
+    Request,
+    nok,
+)
+from millpond_control.settings import ControlSettings
 
 if TYPE_CHECKING:
     from millpond.consume.worker import Worker
+    from millpond_control.component import ControlPlane
 
 log = logging.getLogger("millpond.control")
 
@@ -62,9 +63,16 @@ class ControlNode:
     """Answers remote control for one worker, on a thread of its own."""
 
     def __init__(
-        self, worker: Worker, settings: ControlSettings, registry: Registry = COMMANDS
+        self,
+        worker: Worker,
+        settings: ControlSettings,
+        registry: Registry = COMMANDS,
+        *,
+        plane: ControlPlane,
     ) -> None:
         self.worker = worker
+        #: the component this node belongs to (the revoked set it merges into)
+        self.plane = plane
         self.settings = settings
         self.registry = registry
         self.hostname = worker.name
@@ -269,7 +277,7 @@ class ControlNode:
         if not broker.supports_broadcast or not self.settings.mingle or broker.system == "memory":
             return 0  # memory://: one process, nobody else to ask
         mailbox = Mailbox(broker, namespace=self.settings.exchange, signing_key=self.signing_key)
-        revoked = self.worker.revoked
+        revoked = self.plane.revoked
         try:
             # the fleet's size is unknown: stop once the pongs stop coming (a start with
             # nobody else running costs MINGLE_QUIET, not the whole timeout)

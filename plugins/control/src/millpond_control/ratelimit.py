@@ -14,9 +14,9 @@ from typing import Any
 
 import structlog
 
-from millpond.consume.control.registry import ControlContext, Reply, command, nok, ok
 from millpond.contracts.limiter import InvalidRateLimit, parse_rate
 from millpond.exceptions import ConfigurationError, UnknownTask
+from millpond_control.registry import ControlContext, Reply, command, nok, ok
 
 log = structlog.get_logger("millpond.worker")
 

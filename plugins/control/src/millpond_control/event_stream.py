@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from millpond.contracts.broadcast import Listen, unavailable
 from millpond.exceptions import NotSupported
-from millpond.observe.events_hooks import event_exchange
+from millpond_control.events_hooks import event_exchange
 
 if TYPE_CHECKING:
     from millpond.contracts.broadcast import Received, Subscription

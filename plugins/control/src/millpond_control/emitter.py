@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from millpond.observe import events
+from millpond_control import events
 
 log = structlog.get_logger("millpond.events")
 

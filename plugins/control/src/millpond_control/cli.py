@@ -1,6 +1,7 @@
-"""`millpond inspect` and `millpond control`: Celery's remote control, with no Celery installed.
+"""`millpond inspect`, `millpond control` and `millpond events`: Celery's remote control and event
+stream, with no Celery installed (`millpond.commands` entry points of millpond-control).
 
-They speak kombu's pidbox (see `consume.control.mailbox`), so they reach millpond and Celery
+They speak kombu's pidbox (see `millpond_control.client`), so they reach millpond and Celery
 workers alike, and print what `celery inspect`/`celery control` print: one `->  node: OK` block
 per worker that answered, the reply indented under it (or `{node: reply}` as JSON with --json).
 Arguments after the command are the command's own, typed as its registration declares
@@ -16,10 +17,11 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from millpond.consume.control import commands as _builtin  # noqa: F401 - registers them
-from millpond.consume.control import ratelimit as _rate_limit  # noqa: F401 - registers it
-from millpond.consume.control.registry import COMMANDS, Command
+from millpond.contracts.command import Command as CoreCommand
 from millpond.exceptions import ConfigurationError
+from millpond_control import commands as _builtin  # noqa: F401 - registers them
+from millpond_control import ratelimit as _rate_limit  # noqa: F401 - registers it
+from millpond_control.registry import COMMANDS, Command
 
 if TYPE_CHECKING:
     from millpond.config.settings import Settings
@@ -118,9 +120,9 @@ def cmd_remote(
         arguments["terminate"] = True
     if kind == "control" and getattr(ns, "signal", None):
         arguments["signal"] = ns.signal
-    from millpond.config.control import SECTION, ControlSettings
     from millpond.produce.app import Millpond
-    from millpond.produce.control import Mailbox
+    from millpond_control.client import Mailbox
+    from millpond_control.settings import SECTION, ControlSettings
 
     settings, _app = load(ns)
     control = ControlSettings.from_section(settings.section(SECTION))
@@ -149,3 +151,91 @@ def cmd_remote(
         for answer in reply.values()
     )
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def add_remote_arguments(p: argparse.ArgumentParser, kind: str) -> None:
+    """The flags of `inspect` and `control` (the common -A/-b/--result-backend are there)."""
+    p.add_argument("method", help=f"the {kind} command (`millpond {kind} help` lists them)")
+    p.add_argument("arguments", nargs="*", help="the command's own arguments")
+    p.add_argument("-d", "--destination", help="comma-separated node names (default: every worker)")
+    p.add_argument("-t", "--timeout", type=float, default=1.0, help="seconds to wait")
+    p.add_argument("-j", "--json", action="store_true", help="print the replies as JSON")
+    p.add_argument("--args", default="{}", help="keyword arguments as a JSON object")
+    p.add_argument("--pattern", help="only nodes whose name matches this glob")
+    if kind == "control":
+        p.add_argument("--terminate", action="store_true", help="revoke: also stop it")
+        p.add_argument("--signal", help="revoke --terminate: the signal (default TERM)")
+
+
+class RemoteCommand(CoreCommand):
+    """`millpond inspect` or `millpond control` (`millpond.commands` entry points)."""
+
+    def __init__(self, kind: str, help: str) -> None:
+        self.kind = kind
+        self.help = help  # type: ignore[misc]
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_remote_arguments(parser, self.kind)
+
+    def run(self, ns: argparse.Namespace) -> int:
+        from millpond.cli.main import load_from_args
+
+        return cmd_remote(ns, self.kind, load_from_args)
+
+
+class EventsCommand(CoreCommand):
+    """`millpond events`: print the events workers send (millpond's and Celery's), as they come."""
+
+    help = "print the events workers send (millpond's and Celery's), as they come"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--json", action="store_true", help="one JSON object per event, as sent"
+        )
+        parser.add_argument(
+            "--type", default="*", help="only events whose type matches, e.g. 'task-*'"
+        )
+        parser.add_argument(
+            "--hostname",
+            default="*",
+            help="only events from workers whose name matches, e.g. '*@web1'",
+        )
+        parser.add_argument("--limit", type=int, help="exit after this many events")
+        parser.add_argument("--timeout", type=float, help="exit after this many seconds")
+
+    def run(self, ns: argparse.Namespace) -> int:
+        """Listen on the event exchange and print each event until Ctrl-C, --limit or --timeout."""
+        import time
+
+        from millpond.cli.main import load_from_args
+        from millpond.produce.app import Millpond
+        from millpond_control.event_stream import EventStream, describe
+
+        settings, _app = load_from_args(ns)
+        app = Millpond("cli", settings=settings)
+        deadline = None if ns.timeout is None else time.monotonic() + ns.timeout
+        seen = 0
+        try:
+            with EventStream(app.broker, ns.type, ns.hostname) as stream:
+                print(f"listening for events on {app.broker.system}", file=sys.stderr, flush=True)
+                while ns.limit is None or seen < ns.limit:
+                    wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                    if wait <= 0:
+                        break
+                    for event in stream.receive(wait):
+                        print(json.dumps(event) if ns.json else describe(event), flush=True)
+                        seen += 1
+                        if ns.limit is not None and seen >= ns.limit:
+                            break
+                if stream.skipped:
+                    print(f"{stream.skipped} messages were not events", file=sys.stderr)
+        finally:
+            app.close()
+        return EXIT_OK
+
+
+INSPECT = RemoteCommand("inspect", "ask workers about their state (ping, stats, active, ...)")
+CONTROL = RemoteCommand(
+    "control", "tell workers to do something (revoke, shutdown, pool_grow, ...)"
+)
+EVENTS = EventsCommand()

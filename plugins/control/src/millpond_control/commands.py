@@ -24,12 +24,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from millpond.config import plugins
-from millpond.consume.control.registry import ControlContext, command, nok, ok
 from millpond.contracts.backend import ResultMeta
 from millpond.contracts.broker import mask_url
 from millpond.contracts.pool import Job
 from millpond.produce.result import error_info
 from millpond.states import TaskState
+from millpond_control.registry import ControlContext, command, nok, ok, plane
 
 log = logging.getLogger("millpond.control")
 
@@ -83,7 +83,7 @@ def ping(ctx: ControlContext, **_: Any) -> Any:
 @command(kind="inspect")
 def clock(ctx: ControlContext, **_: Any) -> Any:
     """The worker's logical clock."""
-    node = ctx.worker.node
+    node = plane(ctx.worker).node
     return {"clock": node.clock.value if node is not None else 0}
 
 
@@ -95,7 +95,7 @@ def stats(ctx: ControlContext, **_: Any) -> Any:
     pool = worker.pool
     soft = worker.settings.soft_time_limit
     hard = worker.settings.time_limit
-    node = worker.node
+    node = plane(worker).node
     return {
         "total": dict(worker.totals),
         "pid": os.getpid(),
@@ -180,7 +180,7 @@ def scheduled(ctx: ControlContext, **_: Any) -> Any:
 @command(kind="inspect")
 def revoked(ctx: ControlContext, **_: Any) -> Any:
     """Ids of revoked tasks (at most reply_max_bytes of them)."""
-    return ctx.worker.revoked.ids(ctx.worker.control.hello_revokes_max)
+    return plane(ctx.worker).revoked.ids(plane(ctx.worker).settings.hello_revokes_max)
 
 
 @command(kind="inspect", variadic="taskinfoitems")
@@ -313,10 +313,10 @@ def hello(ctx: ControlContext, from_node: str = "", revoked: Any = None, **_: An
     if isinstance(revoked, dict):
         revoked = list(revoked)
     if isinstance(revoked, list):
-        ctx.worker.revoked.merge(revoked)
-    node = ctx.worker.node
+        plane(ctx.worker).revoked.merge(revoked)
+    node = plane(ctx.worker).node
     return {
-        "revoked": ctx.worker.revoked.ids(ctx.worker.control.hello_revokes_max),
+        "revoked": plane(ctx.worker).revoked.ids(plane(ctx.worker).settings.hello_revokes_max),
         "clock": node.clock.forward() if node is not None else 0,
     }
 
@@ -396,7 +396,7 @@ def revoke(
 ) -> Any:
     """Revoke tasks by id: never run them; with terminate, also stop them if running."""
     ids = _ids(task_id)
-    ctx.worker.revoked.add(ids)
+    plane(ctx.worker).revoked.add(ids)
     pool = ctx.worker.pool
     running = {job.task_id for job in pool.active_jobs()} if pool is not None else set()
     _mark_revoked(ctx, ids, running)
@@ -416,7 +416,7 @@ def revoke_by_stamped_headers(
         headers = dict(h.split("=", 1) for h in headers if isinstance(h, str) and "=" in h)
     if not isinstance(headers, dict) or not headers:
         return nok("headers must be a mapping of stamp name to value(s), e.g. {'mystamp': 'x'}")
-    ctx.worker.revoked.add_stamps(headers)
+    plane(ctx.worker).revoked.add_stamps(headers)
     ctx.worker.wake()
     if not terminate:
         return ok(f"headers {headers} flagged as revoked, but not terminated")
@@ -424,7 +424,7 @@ def revoke_by_stamped_headers(
     hit = [
         job.task_id
         for job in (pool.active_jobs() if pool is not None else [])
-        if ctx.worker.revoked.matches("", job.headers)
+        if plane(ctx.worker).revoked.matches("", job.headers)
     ]
     if not hit:
         return ok(f"headers {headers} were not terminated")

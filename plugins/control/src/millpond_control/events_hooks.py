@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from millpond.config.settings import Option, Section
-from millpond.consume.control.registry import ControlContext, Reply, command, nok, ok
 from millpond.contracts.broadcast import Exchange, unavailable
 from millpond.contracts.hooks import Hooks, WorkerView
-from millpond.observe import events
-from millpond.observe.emitter import Emitter, Publish
-from millpond.produce.control import Clock
 from millpond.wire.protocol import Message
+from millpond_control import events
+from millpond_control.client import Clock
+from millpond_control.emitter import Emitter, Publish
+from millpond_control.registry import ControlContext, Reply, command, nok, ok
 
 if TYPE_CHECKING:
     from millpond.contracts.pool import Job, Outcome

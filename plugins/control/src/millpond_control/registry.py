@@ -5,7 +5,7 @@ Celery's remote control calls a command by name (`method` in the pidbox request)
 registration here, so a feature adds its own commands (`enable_events`, `rate_limit`, ...)
 without touching the dispatcher:
 
-    from millpond.consume.control.registry import command, ok
+    from millpond_control.registry import command, ok
 
     @command(kind="control", args=(("task_name", str), ("rate_limit", str)))
     def rate_limit(ctx: ControlContext, task_name: str, rate_limit: str, **_: Any) -> Reply:
@@ -26,10 +26,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 if TYPE_CHECKING:
     from millpond.consume.worker import Worker
+    from millpond_control.component import ControlPlane
 
 CommandKind = Literal["inspect", "control"]
 Reply = Any  # a JSON value
@@ -133,3 +134,11 @@ def ok(value: Any) -> dict[str, Any]:
 def nok(value: Any) -> dict[str, Any]:
     """A control command's refusal or failure, as Celery's handlers answer."""
     return {"error": value}
+
+
+def plane(worker: Worker) -> ControlPlane:
+    """The worker's control plane (what the commands read: its revoked set, node, settings)."""
+    found = worker.components.get("control")
+    if found is None:
+        raise LookupError(f"worker {worker.name} has no control plane (millpond-control)")
+    return cast("ControlPlane", found)
