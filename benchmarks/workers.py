@@ -79,10 +79,6 @@ def celery_command(combo: Combo, queue: str) -> list[str]:
     ]
 
 
-#: broker URL schemes whose `broadcast` says how many listeners it reached (see mingle above)
-_COUNTS_LISTENERS = ("redis://", "rediss://", "sqlite://")
-
-
 def environment(
     framework: str, broker_url: str, side_url: str, home: Path, transport_options: str = "{}"
 ) -> dict[str, str]:
@@ -100,12 +96,9 @@ def environment(
         env["MILLPOND_BROKER_URL"] = broker_url
         env["MILLPOND_IGNORE_RESULT"] = "true"
         env["MILLPOND_HOME"] = str(home)  # a stray sqlite:// default file lands in the run dir
-        # Mingle stays on (the default) where the broker counts the listeners of a broadcast
-        # (Redis, sqlite://): a worker that starts alone then skips it at no cost. Elsewhere,
-        # like Celery's --without-mingle below: a lone worker would wait mingle's quiet window
-        # (0.25 s) for other workers' revokes before its first fetch.
-        if not broker_url.startswith(_COUNTS_LISTENERS):
-            env["MILLPOND_CONTROL__MINGLE"] = "false"
+        # like Celery's --without-mingle below: a worker that starts alone waits mingle's quiet
+        # window (0.25 s) for other workers' revokes before its first fetch
+        env["MILLPOND_CONTROL__MINGLE"] = "false"
     elif framework == CELERY:
         env["BENCH_BROKER_URL"] = broker_url
         env["BENCH_TRANSPORT_OPTIONS"] = transport_options
