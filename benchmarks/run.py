@@ -50,6 +50,10 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+#: pools Celery has no counterpart of (`async def` tasks natively on an event loop)
+_MILLPOND_ONLY_POOLS = frozenset({"asyncio"})
+
+
 def parse_pools(text: str) -> list[tuple[str, int]]:
     """`solo,threads:8` -> [("solo", 1), ("threads", 8)]; unknown pools need a concurrency."""
     out = []
@@ -285,6 +289,8 @@ class Session:
                     for framework in order:
                         if framework == CELERY and not target.celery:
                             continue  # Celery has no comparable transport (sqlite)
+                        if framework == CELERY and pool in _MILLPOND_ONLY_POOLS:
+                            continue  # compare with Celery's other pools in the same run
                         self._combo(ctx, framework, combo, target, repeat)
 
     def _combo(

@@ -288,12 +288,18 @@ class Broker(ABC):
         routing_key: str = "",
         *,
         ttl: float | None = None,
-    ) -> None:
+    ) -> int | None:
         """Publish to an exchange in kombu's layout for this broker (see contracts.broadcast).
 
         Nobody listening is not an error (a fanout with no nodes, a reply whose caller left).
         `ttl` (seconds) bounds how long the message may wait: AMQP's `expiration`, the key TTL of
         a Redis list it lands in. Safe from any thread; raises `PublishError`.
+
+        Returns how many listeners the message reached where the broker learns that for free
+        (Redis PUBLISH counts its subscribers, an embedded broker its bound queues), else None.
+        A caller waiting for replies stops once that many have come, and waits for nobody at 0
+        (a worker that starts alone skips mingle's quiet window). Never an undercount: a
+        listener not counted may go unheard.
         """
         raise NotSupported(unavailable(self))
 

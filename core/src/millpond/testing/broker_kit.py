@@ -926,6 +926,26 @@ class BrokerContract:
         assert got.routing_key == "worker.heartbeat"
         assert workers.receive(0.3) == []
 
+    def test_broadcast_never_undercounts_its_listeners(
+        self, broker: Broker, listeners: Callable[..., Subscription]
+    ) -> None:
+        """A broker that counts (not None) counts at least every listener it reached: callers
+        stop waiting for replies at that count, and skip the wait at 0 (mingle)."""
+        fanout = self._exchange("fanout")
+        nobody = broker.broadcast(fanout, Message(b"{}", {}))
+        assert nobody in (None, 0)
+        first, second = listeners(fanout), listeners(fanout)
+        two = broker.broadcast(fanout, Message(b"{}", {"n": 2}))
+        for sub in (first, second):
+            self._received(sub, 1)
+        if two is None:
+            pytest.skip(f"{type(broker).__name__} does not count the listeners of a broadcast")
+        assert two >= 2
+        direct = self._exchange("direct")
+        listeners(direct, "oid-a")
+        one = broker.broadcast(direct, Message(b"{}", {}), "oid-a")
+        assert one is None or one >= 1
+
     def test_broadcast_nobody_hears_is_not_an_error(self, broker: Broker) -> None:
         if not broker.supports_broadcast:
             pytest.skip(f"{type(broker).__name__} declares supports_broadcast = False")

@@ -91,9 +91,11 @@ class MemoryExchanges:
 
     def broadcast(
         self, exchange: Exchange, message: Message, routing_key: str, ttl: float | None
-    ) -> None:
+    ) -> int:
+        """Append to every bound queue the message routes to; how many there were."""
         text = _json_checked(message, exchange.name, routing_key)
         now = time.monotonic()
+        reached = 0
         with self.cond:
             for bound in self.queues.values():
                 spec = bound.spec
@@ -102,7 +104,9 @@ class MemoryExchanges:
                 ):
                     expires = now + _ttl(ttl, spec.message_ttl)
                     bound.items.append((expires, exchange.name, routing_key, text))
+                    reached += 1
             self.cond.notify_all()
+        return reached
 
     def listen(self, spec: Listen) -> MemorySubscription:
         with self.cond:
@@ -162,8 +166,9 @@ def sqlite_broadcast(
     message: Message,
     routing_key: str,
     ttl: float | None,
-) -> None:
-
+) -> int:
+    """Insert a copy for every bound queue the message routes to; how many there were (a
+    binding outlives its listener until its lease runs out, so this may count a dead one)."""
     text = _json_checked(message, exchange.name, routing_key)
     now = time.time()
     translated = _translate(f"publish to exchange {exchange.name!r}", broker.path, PublishError)
@@ -184,6 +189,7 @@ def sqlite_broadcast(
         )
         conn.execute("DELETE FROM broadcasts WHERE expires <= ?", (now,))
         conn.execute("DELETE FROM bindings WHERE expires <= ?", (now,))
+    return len(targets)
 
 
 class SqliteSubscription(Subscription):

@@ -217,8 +217,8 @@ class MemoryBroker(Broker):
         routing_key: str = "",
         *,
         ttl: float | None = None,
-    ) -> None:
-        self._exchanges.broadcast(exchange, message, routing_key, ttl)
+    ) -> int:
+        return self._exchanges.broadcast(exchange, message, routing_key, ttl)
 
     def listen(self, spec: Listen) -> MemorySubscription:
         return self._exchanges.listen(spec)

@@ -413,8 +413,8 @@ class SqliteBroker(Broker):
         routing_key: str = "",
         *,
         ttl: float | None = None,
-    ) -> None:
-        exchanges.sqlite_broadcast(self, exchange, message, routing_key, ttl)
+    ) -> int:
+        return exchanges.sqlite_broadcast(self, exchange, message, routing_key, ttl)
 
     def listen(self, spec: Listen) -> exchanges.SqliteSubscription:
         return exchanges.SqliteSubscription(self, spec)

@@ -75,33 +75,37 @@ def _split_channel(name: str) -> tuple[str, str]:
 
 def publish(
     broker: RedisBroker, exchange: Exchange, payload: str, routing_key: str, ttl: float | None
-) -> None:
-    """One broadcast, retried like every publish."""
+) -> int:
+    """One broadcast, retried like every publish; how many listeners it reached (bound queues
+    for direct, the subscribers PUBLISH reports for fanout and topic)."""
     if exchange.kind == "direct":
         table = binding_table(exchange.name)
 
-        def direct(c: redis.Redis) -> None:
+        def direct(c: redis.Redis) -> int:
             targets = [
                 queue
                 for rk, _pattern, queue in map(parse_member, c.smembers(table))
                 if queue and rk == routing_key
             ]
             if not targets:
-                return
+                return 0
             with c.pipeline(transaction=False) as pipe:
                 for queue in targets:
                     pipe.lpush(queue, payload)
                     if ttl:
                         pipe.pexpire(queue, max(1, round(ttl * 1000)))
                 pipe.execute()
+            return len(targets)
 
-        broker._retry(f"publishing to exchange {exchange.name!r}", direct, PublishError)
-        return
+        return broker._retry(f"publishing to exchange {exchange.name!r}", direct, PublishError)
     name = channel(broker.cfg.db, exchange.name, routing_key)
-    broker._retry(
-        f"publishing to exchange {exchange.name!r}",
-        lambda c: c.publish(name, payload),
-        PublishError,
+    # a single server (or a sentinel's primary): PUBLISH counts every subscriber, patterns too
+    return int(
+        broker._retry(
+            f"publishing to exchange {exchange.name!r}",
+            lambda c: c.publish(name, payload),
+            PublishError,
+        )
     )
 
 

@@ -280,7 +280,7 @@ class RedisBroker(Broker):
         routing_key: str = "",
         *,
         ttl: float | None = None,
-    ) -> None:
+    ) -> int:
         try:
             payload = envelope.dumps(message, queue=routing_key, exchange=exchange.name)
         except (TypeError, ValueError) as exc:
@@ -288,7 +288,7 @@ class RedisBroker(Broker):
                 f"message for exchange {exchange.name!r} cannot be written as kombu's JSON "
                 f"envelope: {exc}"
             ) from exc
-        exchanges.publish(self, exchange, payload, routing_key, ttl)
+        return exchanges.publish(self, exchange, payload, routing_key, ttl)
 
     def listen(self, spec: Listen) -> exchanges.RedisSubscription:
         return exchanges.RedisSubscription(self, spec)

@@ -168,13 +168,18 @@ class Mailbox:
         quiet: float | None = None,
     ) -> list[dict[str, Any]]:
         """Send a command and return the replies (`[{node: result}, ...]`) that arrive within
-        `timeout` seconds, or as soon as `limit` have (default: one per destination), or once
+        `timeout` seconds, or as soon as `limit` have (default: one per destination, and never more
+        than the listeners the broker says the request reached: none reached, no wait), or once
         none has come for `quiet` seconds (when the caller cannot know how many will answer)."""
         replies = self._reply_queue()
         ticket = str(uuid.uuid4())
         if limit is None and destination:
             limit = len(destination)
-        self._send(method, arguments, destination, pattern, matcher, ticket, timeout)
+        reached = self._send(method, arguments, destination, pattern, matcher, ticket, timeout)
+        if reached is not None:  # the broker counted the listeners: no node more can answer
+            if reached == 0:
+                return []
+            limit = reached if limit is None else min(limit, reached)
         out: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
         last = time.monotonic()
@@ -210,7 +215,8 @@ class Mailbox:
         matcher: str | None,
         ticket: str | None,
         timeout: float,
-    ) -> None:
+    ) -> int | None:
+        """Broadcast the request; how many listeners it reached, if the broker knows."""
         body: dict[str, Any] = {
             "method": method,
             "arguments": dict(arguments or {}),
@@ -228,7 +234,7 @@ class Mailbox:
             "clock": self.clock.forward(),
             "expires": time.time() + timeout if timeout else 0,
         }
-        self.broker.broadcast(
+        return self.broker.broadcast(
             pidbox_exchange(self.namespace), encode(body, headers, self.signing_key)
         )
 

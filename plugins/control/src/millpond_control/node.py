@@ -279,8 +279,9 @@ class ControlNode:
         mailbox = Mailbox(broker, namespace=self.settings.exchange, signing_key=self.signing_key)
         revoked = self.plane.revoked
         try:
-            # the fleet's size is unknown: stop once the pongs stop coming (a start with
-            # nobody else running costs MINGLE_QUIET, not the whole timeout)
+            # stop once every listener the broker counted has answered (none: no wait at all,
+            # so a worker that starts alone starts at once); where the broker cannot count,
+            # once the pongs stop coming (nobody else running then costs MINGLE_QUIET)
             pongs = mailbox.call("ping", timeout=self.settings.mingle_timeout, quiet=MINGLE_QUIET)
             others = sorted({n for reply in pongs for n in reply if n != self.hostname})
             if not others:

@@ -6,13 +6,19 @@ frees). Jobs arrive through `call_soon_threadsafe` and outcomes leave through `c
 thread-safe. Each coroutine runs in its own asyncio task with a fresh context (the core's
 `run_job_async`), so trace and log context never cross between concurrent tasks.
 
+Both directions are batched, because a no-op task costs less than a loop wake-up: `on_apply`
+appends to a deque and wakes the loop only when no wake-up is pending (one `call_soon_threadsafe`
+takes every job that arrived since), and executor threads report their slot free the same way.
+
 Time limits are cancellations: the hard limit reports TIMEOUT at the deadline and cancels the task;
 the soft limit raises SoftTimeLimitExceeded at the task's current `await` (see soft_limit.py);
 `terminate_job` reports REVOKED and cancels. A coroutine that swallows CancelledError keeps its
 slot until it ends, so the concurrency limit stays true even then.
 
-Plain `def` tasks run in the loop's default executor (at most `executor_threads` threads, the
-concurrency by default), so a blocking call never stalls the loop. There the limits are best
+Plain `def` tasks run in the pool's executor (at most `executor_threads` threads, the concurrency
+by default), so a blocking call never stalls the loop. They are submitted to it straight from the
+loop, without an asyncio task or future of their own, and the executor thread reports the outcome
+itself (`complete` is thread-safe): a thread hop less per job. There the limits are best
 effort, as on the threads pool: the outcome is reported on time, and the thread is interrupted with
 an asynchronous exception at its next bytecode (see interrupt.py). `sync_tasks = "refuse"` fails
 them instead.
@@ -59,12 +65,14 @@ TERMINATE_GRACE = 1.0
 class _Running:
     """One admitted job: its asyncio task and, for a plain `def` task, the thread running it."""
 
-    __slots__ = ("job", "task", "thread")
+    __slots__ = ("job", "task", "thread", "timers")
 
     def __init__(self, job: Job) -> None:
         self.job = job
         self.task: asyncio.Task[None] | None = None
         self.thread: ThreadSlot | None = None
+        #: a plain `def` job's time-limit timers, cancelled when its slot is released
+        self.timers: list[asyncio.TimerHandle] = []
 
 
 class AsyncioPool(BasePool):
@@ -97,6 +105,12 @@ class AsyncioPool(BasePool):
         self._waiting: deque[Job] = deque()
         self._idle: asyncio.Event | None = None
         self._terminating = False
+        # filled from other threads, emptied on the loop's thread; a flag per deque says a
+        # wake-up is already scheduled, so a burst of jobs or completions costs one wake-up
+        self._arrived: deque[Job] = deque()
+        self._arrival_pending = False
+        self._finished: deque[_Running] = deque()
+        self._finish_pending = False
 
     @classmethod
     def default_concurrency(cls) -> int:
@@ -108,7 +122,7 @@ class AsyncioPool(BasePool):
         self._executor = ThreadPoolExecutor(
             max_workers=self._executor_threads, thread_name_prefix="millpond-asyncio-sync"
         )
-        loop.set_default_executor(self._executor)
+        loop.set_default_executor(self._executor)  # for tasks that use it too
         ready = threading.Event()
         self._loop = loop
         self._thread = threading.Thread(
@@ -130,9 +144,15 @@ class AsyncioPool(BasePool):
             loop.close()
 
     def on_apply(self, job: Job) -> None:
-        if self._loop is None:
+        loop = self._loop
+        if loop is None:
             raise RuntimeError("the asyncio pool is not started")
-        self._loop.call_soon_threadsafe(self._admit, job)
+        self._arrived.append(job)
+        if not self._arrival_pending:
+            # cleared by `_take` before it empties the deque: a job appended after that sees
+            # False and schedules another `_take` (at worst one that finds nothing)
+            self._arrival_pending = True
+            loop.call_soon_threadsafe(self._take)
 
     def on_stop(self, timeout: float | None) -> None:
         """Warm: every admitted and waiting job finishes; after `timeout` the rest is abandoned."""
@@ -184,12 +204,21 @@ class AsyncioPool(BasePool):
         tasks = [r.task for r in self._running.values() if r.task is not None]
         for running in list(self._running.values()):
             self._interrupt_thread(running, TaskRevokedError)
+            if running.task is None:  # a plain `def` job: nothing to await, free its slot
+                self._release(running.job)
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=TERMINATE_GRACE)
 
     # -- admission (loop thread only) ------------------------------------------------------------
+    def _take(self) -> None:
+        """Admit every job that arrived since the last wake-up, in arrival order."""
+        self._arrival_pending = False
+        arrived = self._arrived
+        while arrived:
+            self._admit(arrived.popleft())
+
     def _admit(self, job: Job) -> None:
         if self._terminating:
             return
@@ -204,11 +233,19 @@ class AsyncioPool(BasePool):
         assert self._loop is not None
         running = _Running(job)
         self._running[job.task_id] = running
-        running.task = self._loop.create_task(self._drive(running), name=f"millpond:{job.task_id}")
+        if self.execution.is_async(job) or self._refuse_sync:
+            running.task = self._loop.create_task(
+                self._drive(running), name=f"millpond:{job.task_id}"
+            )
+        else:
+            self._submit_sync(running)
 
     def _release(self, job: Job) -> None:
         assert self._idle is not None
-        self._running.pop(job.task_id, None)
+        running = self._running.pop(job.task_id, None)
+        if running is not None:
+            for timer in running.timers:
+                timer.cancel()
         while self._waiting and len(self._running) < self.concurrency:
             self._launch(self._waiting.popleft())
         if not self._running and not self._waiting:
@@ -225,22 +262,8 @@ class AsyncioPool(BasePool):
         try:
             if self.execution.is_async(job):
                 outcome = await self.execution.run_async(job, self._guard(job))
-            elif self._refuse_sync:
+            else:  # a plain def, and this pool refuses those (others go to `_submit_sync`)
                 outcome = _refused(job)
-            else:
-                running.thread = ThreadSlot()
-                if job.soft_time_limit:
-                    timers.append(
-                        loop.call_later(
-                            job.soft_time_limit,
-                            self._interrupt_thread,
-                            running,
-                            SoftTimeLimitExceeded,
-                        )
-                    )
-                outcome = await loop.run_in_executor(
-                    None, _run_in_thread, self.execution, job, running.thread
-                )
         except asyncio.CancelledError:
             outcome = None  # a limit or terminate_job already reported it, or we are terminating
         except (
@@ -256,6 +279,64 @@ class AsyncioPool(BasePool):
             if outcome is not None and not self._terminating:
                 self.complete(job, outcome)
             self._release(job)
+
+    # -- one plain `def` job (submitted on the loop thread, run in an executor thread) ------------
+    def _submit_sync(self, running: _Running) -> None:
+        assert self._loop is not None
+        assert self._executor is not None
+        job = running.job
+        running.thread = ThreadSlot()
+        loop = self._loop
+        if job.time_limit:
+            running.timers.append(loop.call_later(job.time_limit, self._hard_limit, running))
+        if job.soft_time_limit:
+            running.timers.append(
+                loop.call_later(
+                    job.soft_time_limit, self._interrupt_thread, running, SoftTimeLimitExceeded
+                )
+            )
+        try:
+            self._executor.submit(self._run_sync, running)
+        except RuntimeError as exc:  # the executor is shut down: the pool is stopping
+            self.complete(
+                job,
+                Outcome.error(
+                    TaskState.FAILURE, type(exc), f"the asyncio pool failed the job: {exc}"
+                ),
+            )
+            self._release(job)
+
+    def _run_sync(self, running: _Running) -> None:
+        """In an executor thread: run the job, report it, then hand its slot back to the loop
+        (report first: a warm stop returns only after every report)."""
+        job = running.job
+        assert running.thread is not None
+        try:
+            try:
+                outcome = _run_in_thread(self.execution, job, running.thread)
+            except Exception as exc:  # the pool's own failure (execution.run catches the task's)
+                outcome = Outcome.error(
+                    TaskState.FAILURE, type(exc), f"the asyncio pool failed the job: {exc}"
+                )
+            if not self._terminating:
+                self.complete(job, outcome)  # idempotent: a time limit may have reported it
+        finally:  # whatever happened, the slot goes back
+            self._finished.append(running)
+            if not self._finish_pending:
+                self._finish_pending = True
+                loop = self._loop
+                if loop is not None:
+                    with contextlib.suppress(RuntimeError):  # the loop closed: nothing to free
+                        loop.call_soon_threadsafe(self._reap)
+
+    def _reap(self) -> None:
+        """On the loop: free the slots of the plain `def` jobs that ended since the last wake-up."""
+        self._finish_pending = False
+        finished = self._finished
+        while finished:
+            running = finished.popleft()
+            if self._running.get(running.job.task_id) is running:  # not released at a limit
+                self._release(running.job)
 
     def _guard(self, job: Job) -> Guard | None:
         soft = job.soft_time_limit
@@ -280,6 +361,10 @@ class AsyncioPool(BasePool):
         self._interrupt_thread(running, exc_type)
         if running.task is not None:
             running.task.cancel()
+        elif self._running.get(running.job.task_id) is running:
+            # a plain `def` job frees its slot now, as a cancelled coroutine does; its thread
+            # ends at the interruption (or when its C call returns) and `_reap` skips it then
+            self._release(running.job)
 
     @staticmethod
     def _interrupt_thread(running: _Running, exc_type: type[BaseException]) -> None:
@@ -337,7 +422,7 @@ class AsyncioPool(BasePool):
             self._executor = ThreadPoolExecutor(
                 max_workers=self.concurrency, thread_name_prefix="millpond-asyncio-sync"
             )
-            self._loop.set_default_executor(self._executor)
+            self._loop.set_default_executor(self._executor)  # for tasks that use it too
             old.shutdown(wait=False)
         while self._waiting and len(self._running) < self.concurrency:
             self._launch(self._waiting.popleft())
