@@ -1,10 +1,12 @@
 """Zookeeper on a private Zookeeper server (Debian's package): the conformance kit, including a
-SIGKILLed consumer's message coming back (the in-flight layer) and skipping only what the
-transport cannot do (no delays); the in-flight znodes and their restoring; and the refusal to
-consume without allow_message_loss on the transports that still have no in-flight layer."""
+SIGKILLed consumer's message coming back (the in-flight layer) and the broker-held delays; the
+in-flight znodes and their restoring; due delayed messages moved once however many consumers
+race; and the refusal to consume without allow_message_loss on the transports that still have no
+in-flight layer."""
 
 from __future__ import annotations
 
+import math
 import posixpath
 import time
 import uuid
@@ -170,11 +172,105 @@ def test_consuming_without_allow_message_loss_is_refused(zookeeper: ZookeeperSer
         broker.close()
 
 
-def test_a_delay_is_refused_with_the_reason(zookeeper: ZookeeperServer) -> None:
-    broker = ZookeeperBroker(zookeeper.url)
+def test_the_generic_kombu_broker_refuses_a_delay_with_the_reason(
+    zookeeper: ZookeeperServer,
+) -> None:
+    broker = KombuBroker(zookeeper.url)
     try:
+        assert broker.supports_delay is False
         with pytest.raises(PublishError, match="no broker-held delays"):
             broker.publish("q", sample_message(), eta=time.time() + 10)
+    finally:
+        broker.close()
+
+
+# -- delays -------------------------------------------------------------------------------------------
+
+
+def test_a_delayed_message_waits_in_zookeeper_named_by_due_time(
+    zookeeper: ZookeeperServer,
+) -> None:
+    """The delayed znode sorts by due time and keeps kombu's priority; the stats count it; once
+    due it lands in the queue under kombu's name, for kombu's own consumer too."""
+    from kombu import Connection
+
+    url = _vhost_url(zookeeper)
+    broker = ZookeeperBroker(url, {"polling_interval": 0.02, "recover_interval": 60})
+    try:
+        broker.declare(["q"])
+        eta = time.time() + 0.5
+        urgent = encode_task("kit.add", (1, 2), task_id="urgent")
+        urgent.properties["priority"] = 7
+        broker.publish("q", urgent, eta=eta)
+        broker.publish("q", encode_task("kit.add", (1, 2), task_id="later"), eta=eta + 60)
+        stats = broker.queue_stats("q")
+        assert (stats.ready, stats.delayed) == (0, 2)
+        consumer = broker.consumer(["q"], 1)
+        assert isinstance(consumer, ZookeeperConsumer)
+        try:
+            names = sorted(consumer.client.get_children(posixpath.join(consumer.delayed, "q")))
+            assert names[0].startswith(f"{math.ceil(eta * 1000):016d}-002-"), names
+            assert consumer.promote_due() == 0, "moved before its due time"
+            deadline = time.monotonic() + 10
+            while consumer.promote_due() == 0:
+                assert time.monotonic() < deadline, "not moved within 10 s of its due time"
+                time.sleep(0.02)
+            queued = consumer.client.get_children(consumer.channel._get_path("q"))
+            assert [n.rsplit("-", 1)[0] for n in queued] == ["entry-002"]
+            assert broker.queue_stats("q").delayed == 1
+        finally:
+            consumer.close()
+        conn = Connection(url)
+        try:
+            got = conn.SimpleQueue("q", no_ack=True).get(timeout=5)
+            assert got.headers["id"] == "urgent"
+        finally:
+            release(conn)
+    finally:
+        broker.close()
+
+
+def test_racing_consumers_move_a_due_message_once(zookeeper: ZookeeperServer) -> None:
+    """Several consumers, each in its own thread with its own session, promote the same due
+    messages at once: each message lands in the queue exactly once."""
+    import threading
+
+    broker = ZookeeperBroker(_vhost_url(zookeeper), {"recover_interval": 60})
+    try:
+        broker.declare(["q"])
+        ids = [f"due-{i}" for i in range(30)]
+        for task_id in ids:
+            broker.publish("q", encode_task("kit.add", (1, 2), task_id=task_id),
+                           eta=time.time() + 0.3)  # fmt: skip
+        racers: list[Any] = [broker.consumer(["q"], 1) for _ in range(4)]
+        delayed = posixpath.join(racers[0].delayed, "q")
+        moved: list[int] = []
+        start = threading.Barrier(len(racers))
+
+        def race(consumer: Any) -> None:
+            start.wait(30)
+            deadline = time.monotonic() + 30
+            count = 0
+            # each spins until the messages fall due, then all move them at once
+            while time.monotonic() < deadline and consumer.client.get_children(delayed):
+                count += consumer.promote_due()
+            moved.append(count)
+
+        try:
+            threads = [threading.Thread(target=race, args=(c,)) for c in racers]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            print(f"moved by each racer: {moved}")
+            assert sum(moved) == len(ids), moved
+            assert broker.queue_stats("q").delayed == 0
+            assert broker.queue_length("q") == len(ids)
+            got = [m.task_id for m in broker._take("q", None)]
+            assert sorted(got) == sorted(ids)
+        finally:
+            for consumer in racers:
+                consumer.close()
     finally:
         broker.close()
 

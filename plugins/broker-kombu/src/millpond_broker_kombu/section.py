@@ -103,7 +103,8 @@ KOMBU = Section(
                "keeps fetched messages in flight under the worker's session and never needs it."),
         Option("recover_interval", "float", 1.0, "zookeeper://: seconds between two looks for "
                "the in-flight messages of workers whose Zookeeper session ended (they go back to "
-               "their queues when found).", minimum=0.05),
+               "their queues when found), and for due delayed messages (a fetching worker also "
+               "looks at each poll).", minimum=0.05),
         _RETRY,
     ),
 )  # fmt: skip

@@ -23,23 +23,37 @@ A live worker keeps its messages however long its tasks run (kazoo pings from it
 worker cut off from Zookeeper for longer than the session timeout loses its session: its messages
 go to other workers (delivered twice, never lost) and the keeper takes a new lease when the
 server answers again.
+
+Delays live in Zookeeper too: a publish with an eta in the future writes kombu's envelope to
+
+    <vhost>/.millpond/delayed/<queue>/<due ms, 16 digits>-PPP-<uuid>
+
+so a queue's delayed children sort by due time and their names alone say which are due. A
+consumer looks there (names only) at most every `DELAY_CHECK` seconds while it fetches, and its
+lease keeper at every beat; it moves each due message into the queue as `entry-PPP-N` (kombu's
+name, the priority kept) in one transaction (create in the queue, delete the delayed znode at the
+version read), so with several workers exactly one moves it, and a worker dying mid-move leaves
+it either still delayed or in the queue.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import posixpath
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError, NotEmptyError
 
-from millpond.contracts.broker import Consumer, Delivery, dead_letter_queue
+from millpond.contracts.broker import Consumer, Delivery, QueueStats, dead_letter_queue
 from millpond.contracts.lease import BeatResult, LeaseKeeper, LeaseServer
 from millpond.contracts.waking import Waker
-from millpond.exceptions import MalformedMessage
+from millpond.exceptions import MalformedMessage, PublishError
 from millpond.wire import envelope
 from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message
 from millpond_broker_kombu.generic import KombuBroker
@@ -52,6 +66,11 @@ log = logging.getLogger("millpond.broker.zookeeper")
 #: millpond's own znodes under the vhost (a queue of this name is not a kombu queue anyone uses)
 OWN = ".millpond"
 
+#: the least seconds between two looks at a queue's delayed znodes while a consumer fetches (it
+#: looks at each poll, every polling_interval, no more often than this): a due message reaches
+#: its queue within about max(polling_interval, DELAY_CHECK) of its due time
+DELAY_CHECK = 0.05
+
 #: the errors a later beat or fetch may cure: the server is away or the session is being replaced
 _TRANSIENT: tuple[type[BaseException], ...] = (KazooException, OSError)
 
@@ -63,22 +82,60 @@ def _entry_prefix(name: str) -> str:
     return head + sep if sep and seq.isdigit() else "entry-"
 
 
+def _due_ms(name: str) -> int | None:
+    """The due time (ms since the epoch) a delayed znode's name starts with; None when the name
+    is not one of ours."""
+    due, _, _rest = name.partition("-")
+    return int(due) if due.isdigit() else None
+
+
+def _delayed_prefix(name: str) -> str:
+    """`entry-PPP-` for the queue znode a delayed `<due>-PPP-<uuid>` becomes."""
+    parts = name.split("-")
+    return f"entry-{parts[1]}-" if len(parts) >= 3 and parts[1].isdigit() else "entry-"
+
+
 class ZookeeperBroker(KombuBroker):
     """`zookeeper://host:port[,host:port...]/vhost`: kombu's transport, at-least-once."""
 
     schemes: ClassVar[tuple[str, ...]] = ("zookeeper",)
     system: ClassVar[str] = "zookeeper"
     redelivers_lost_deliveries: ClassVar[bool] = True
+    supports_delay: ClassVar[bool] = True
 
     def __repr__(self) -> str:
         return f"<ZookeeperBroker {self.safe_url}>"
 
     def consumer(self, queues: Sequence[str], prefetch: int) -> Consumer:
-        log.warning(
-            "zookeeper:// holds no delays: a retry with a countdown, or a task sent with an eta, "
-            "cannot be published and goes back to its queue until max_deliveries dead-letters it"
-        )
         return ZookeeperConsumer(self, list(queues), prefetch)
+
+    def publish(self, queue: str, message: Message, *, eta: float | None = None) -> None:
+        if eta is None or eta <= time.time():
+            self.link.publish(queue, message)
+            return
+        payload = envelope.dumps(message, queue=queue).encode()
+
+        def hold(conn: Any, _p: Any) -> None:
+            channel = conn.default_channel
+            # kombu's reversed priority, as its _put would name the queue znode
+            priority = channel._get_message_priority(json.loads(payload), reverse=True)
+            name = f"{math.ceil(eta * 1000):016d}-{priority:03d}-{uuid.uuid4().hex}"
+            path = posixpath.join(channel._get_path(OWN), "delayed", queue, name)
+            channel.client.create(path, payload, makepath=True)
+
+        self.link.run(f"publishing a delayed message to {queue!r}", hold, PublishError)
+
+    def queue_stats(self, queue: str) -> QueueStats:
+        def count(conn: Any, _p: Any) -> int:
+            channel = conn.default_channel
+            try:
+                path = posixpath.join(channel._get_path(OWN), "delayed", queue)
+                return len(channel.client.get_children(path))
+            except NoNodeError:
+                return 0
+
+        delayed = int(self.link.run(f"counting the delayed messages of {queue!r}", count))
+        return QueueStats(queue, self.queue_length(queue), delayed=delayed)
 
 
 class ZookeeperConsumer(Consumer):
@@ -99,6 +156,8 @@ class ZookeeperConsumer(Consumer):
         self.owners = posixpath.join(own, "owners")
         self.inflight = posixpath.join(own, "inflight")
         self.dir = posixpath.join(self.inflight, self.id)
+        self.delayed = posixpath.join(own, "delayed")
+        self._next_check = 0.0  # monotonic time of the next look at the delayed znodes
         self._held: dict[str, Delivery] = {}
         self._turn = 0
         self._closed = False
@@ -135,7 +194,51 @@ class ZookeeperConsumer(Consumer):
             except NodeExistsError:
                 lapsed = False  # made by the previous beat, whose reply was lost on the way back
             self.client.ensure_path(self.dir)
-        return BeatResult(lapsed=lapsed, restored=self._recover())
+        restored = self._recover()
+        self.promote_due()
+        return BeatResult(lapsed=lapsed, restored=restored)
+
+    # -- delays ----------------------------------------------------------------------------------
+    def promote_due(self) -> int:
+        """Move the delayed messages of this consumer's queues that are due into their queues;
+        returns how many this call moved (another consumer may move some first)."""
+        now = int(time.time() * 1000)
+        moved = 0
+        for queue in self.queues:
+            qdir = posixpath.join(self.delayed, queue)
+            try:
+                names = sorted(self.client.get_children(qdir))
+            except NoNodeError:
+                continue
+            for name in names:
+                due = _due_ms(name)
+                if due is None:
+                    continue
+                if due > now:
+                    break
+                if self._promote(posixpath.join(qdir, name), queue, _delayed_prefix(name)):
+                    moved += 1
+        return moved
+
+    def _promote(self, src: str, queue: str, prefix: str) -> bool:
+        """One due message into `queue` in one transaction; False when another consumer did."""
+        try:
+            raw, stat = self.client.get(src)
+        except NoNodeError:
+            return False
+        dst = posixpath.join(self.channel._get_path(queue), prefix)
+        for attempt in (1, 2):
+            tx = self.client.transaction()
+            tx.create(dst, raw, sequence=True)
+            tx.delete(src, version=stat.version)
+            results = tx.commit()
+            if not any(isinstance(r, Exception) for r in results):
+                return True
+            if isinstance(results[0], NoNodeError) and attempt == 1:
+                self.channel.queue_declare(queue=queue)  # the queue znode was deleted: remake it
+                continue
+            return False
+        return False
 
     def _recover(self) -> int:
         # in-flight directories first, owners second: a consumer makes its owner znode before its
@@ -279,7 +382,11 @@ class ZookeeperConsumer(Consumer):
 
     def fetch(self, max_count: int, timeout: float, waker: Waker | None = None) -> list[Delivery]:
         def look() -> list[Delivery]:
-            return self._get(min(max_count, self.prefetch - len(self._held)))
+            want = min(max_count, self.prefetch - len(self._held))
+            if want > 0 and time.monotonic() >= self._next_check:
+                self._next_check = time.monotonic() + DELAY_CHECK
+                self.promote_due()
+            return self._get(want)
 
         return poll_fetch(look, timeout, self.poll, waker, lambda: self._closed)
 
