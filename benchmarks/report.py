@@ -378,6 +378,8 @@ def three_memory_table(records: list[Record]) -> list[str]:
     cols = [
         (partial(_metric_of, "rss_up_mib"), "RSS up MiB", ".1f"),
         (partial(_metric_of, "rss_after_mib"), "RSS after MiB", ".1f"),
+        (partial(_metric_of, "pss_after_mib"), "PSS after MiB", ".1f"),
+        (partial(_metric_of, "processes"), "processes", ".0f"),
     ]
     return _three(records, "memory", cols, partial(_metric_of, "rss_after_mib"), False)
 
