@@ -158,9 +158,13 @@ def _postgres_sql(url: str, statement: str, queue: str) -> int:
         return int(row[0]) if row else cur.rowcount
 
 
-def depth(t: Target, queue: str) -> int | None:
+def depth(t: Target, queue: str, framework: str = "") -> int | None:
     """Messages still waiting in `queue` (None when it cannot be told)."""
     try:
+        if framework == "dramatiq":
+            from benchmarks import dramatiq_tasks
+
+            return dramatiq_tasks.depth(t.url, queue)
         if t.name in ("sqs", "filesystem"):
             broker = _plugin_broker(t)
             try:
@@ -198,9 +202,13 @@ def depth(t: Target, queue: str) -> int | None:
         return None
 
 
-def cleanup(t: Target, queue: str) -> None:
-    """Remove the run's queue and whatever either framework declared around it; never raises."""
+def cleanup(t: Target, queue: str, framework: str = "") -> None:
+    """Remove the run's queue and whatever the framework declared around it; never raises."""
     try:
+        if framework == "dramatiq":
+            from benchmarks import dramatiq_tasks
+
+            dramatiq_tasks.cleanup(t.url, queue)
         if t.name == "redis":
             _cleanup_redis(t.url, queue)
         elif t.name == "amqp":

@@ -12,7 +12,10 @@ from typing import Any
 
 MILLPOND = "millpond"
 CELERY = "celery"
-FRAMEWORKS = (MILLPOND, CELERY)
+DRAMATIQ = "dramatiq"
+FRAMEWORKS = (MILLPOND, CELERY, DRAMATIQ)
+#: the pools Dramatiq has an equivalent of (workers.dramatiq_command says which); no eventlet
+DRAMATIQ_POOLS = frozenset({"solo", "threads", "prefork", "gevent"})
 
 #: the pools compared, with the concurrency PERFORMANCE.md measures each at
 DEFAULT_CONCURRENCY = {"solo": 1, "threads": 16, "prefork": 2, "gevent": 100, "eventlet": 100}

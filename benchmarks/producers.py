@@ -1,4 +1,5 @@
-"""Each framework's own producer: millpond's `app.send_task`, Celery's `celery_app.send_task`.
+"""Each framework's own producer: millpond's `app.send_task`, Celery's `celery_app.send_task`,
+Dramatiq's `broker.enqueue`.
 
 A fresh app per run, pointed at the run's broker and queue and closed afterwards, so no connection
 or setting leaks from one run into the next.
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from benchmarks.model import CELERY, MILLPOND
+from benchmarks.model import CELERY, DRAMATIQ, MILLPOND
 
 
 class Producer(Protocol):
@@ -61,6 +62,28 @@ class CeleryProducer:
         self.app.close()
 
 
+class DramatiqProducer:
+    """`broker.enqueue` of a Dramatiq message, what `actor.send` does minus the actor lookup
+    (the harness does not declare the worker's actors, whose queue is the run's)."""
+
+    def __init__(self, broker_url: str, queue: str) -> None:
+        from benchmarks.dramatiq_tasks import make_broker
+
+        self.queue = queue
+        self.broker = make_broker(broker_url)
+        self.broker.declare_queue(queue)
+
+    def send(self, name: str, args: Sequence[Any] = ()) -> None:
+        from dramatiq import Message
+
+        self.broker.enqueue(
+            Message(queue_name=self.queue, actor_name=name, args=tuple(args), kwargs={}, options={})
+        )
+
+    def close(self) -> None:
+        self.broker.close()
+
+
 def producer(
     framework: str,
     broker_url: str,
@@ -72,4 +95,6 @@ def producer(
         return MillpondProducer(broker_url, queue)
     if framework == CELERY:
         return CeleryProducer(broker_url, queue, transport_options)
+    if framework == DRAMATIQ:
+        return DramatiqProducer(broker_url, queue)
     raise ValueError(f"unknown framework {framework!r}")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
-from benchmarks.model import CELERY, MILLPOND, Record
+from benchmarks.model import CELERY, DRAMATIQ, MILLPOND, Record
 
 Key = tuple[str, str, int]  # broker, pool, concurrency
 
@@ -312,6 +312,78 @@ def failures(records: list[Record], tail_lines: int = 12) -> list[str]:
     return out
 
 
+THREE = ((MILLPOND, "millpond"), (CELERY, "Celery"), (DRAMATIQ, "Dramatiq"))
+
+
+def _three(
+    records: list[Record],
+    scenario: str,
+    cols: list[tuple[Callable[[Record], Any], str, str]],
+    ratio_of: Callable[[Record], Any],
+    higher_better: bool,
+    frameworks: tuple[tuple[str, str], ...] = THREE,
+) -> list[str]:
+    """One column per (metric, framework), then millpond against each of the other two.
+
+    The ratios are of `ratio_of`, oriented so that above 1 means millpond is better.
+    """
+    rows = []
+    for key, group in _group(records, scenario).items():
+        row = [key[0], _pool(key)]
+        for get, _title, fmt in cols:
+            for fw, _name in frameworks:
+                cell = group.get(fw, Cell([]))
+                row.append(cell.show(cell.median(get), fmt))
+        mine = group.get(MILLPOND, Cell([])).median(ratio_of)
+        for fw in (CELERY, DRAMATIQ):
+            other = group.get(fw, Cell([])).median(ratio_of)
+            row.append(_ratio(mine, other) if higher_better else _ratio(other, mine))
+        rows.append(row)
+    head = ["broker", "pool"]
+    for _get, title, _fmt in cols:
+        head += [f"{name} {title}" for _fw, name in frameworks]
+    head += (
+        ["millpond/Celery", "millpond/Dramatiq"]
+        if higher_better
+        else ["Celery/millpond", "Dramatiq/millpond"]
+    )
+    return _table(head, rows)
+
+
+def _value(r: Record) -> Any:
+    return r.value
+
+
+def _cpu(r: Record) -> Any:
+    return r.metrics.get("cpu_ms_per_task")
+
+
+def three_drain_table(records: list[Record]) -> list[str]:
+    cols = [(_value, "tasks/s", ",.0f"), (_cpu, "CPU ms/task", ".3f")]
+    return _three(records, "drain", cols, _value, True)
+
+
+def three_sleep_table(records: list[Record]) -> list[str]:
+    cols = [(_value, "tasks/s", ",.0f"), (_cpu, "CPU ms/task", ".3f")]
+    return _three(records, "sleep", cols, _value, True)
+
+
+def three_latency_table(records: list[Record]) -> list[str]:
+    cols = [(_value, "p50 ms", ".2f"), (partial(_metric_of, "p99_ms"), "p99 ms", ".2f")]
+    frameworks = (*THREE, ("raw", "no-framework"))
+    return _three(records, "latency", cols, _value, False, frameworks)
+
+
+def three_memory_table(records: list[Record]) -> list[str]:
+    cols = [
+        (partial(_metric_of, "rss_up_mib"), "RSS up MiB", ".1f"),
+        (partial(_metric_of, "rss_after_mib"), "RSS after MiB", ".1f"),
+        (partial(_metric_of, "pss_after_mib"), "PSS after MiB", ".1f"),
+        (partial(_metric_of, "processes"), "processes", ".0f"),
+    ]
+    return _three(records, "memory", cols, partial(_metric_of, "rss_after_mib"), False)
+
+
 def render(records: list[Record], meta: dict[str, Any]) -> str:
     """The whole report as markdown (what `run.py` prints and what docs/benchmarks.md quotes)."""
     runs = meta.get("repeats", 1)
@@ -328,6 +400,19 @@ def render(records: list[Record], meta: dict[str, Any]) -> str:
         ("Peak memory of the worker's process tree (drain runs)", "drain", memory_table),
         (f"No-framework floors ({meta.get('tasks', '?')} messages)", "baseline", baseline_table),
     ]
+    if any(r.framework == DRAMATIQ for r in records):
+        sections += [
+            ("Three frameworks: no-op drain, CPU per task", "drain", three_drain_table),
+            ("Three frameworks: 10 ms sleep tasks", "sleep", three_sleep_table),
+            ("Three frameworks: idle-worker latency", "latency", three_latency_table),
+        ]
+    sections.append(
+        (
+            f"Worker process tree RSS at rest: up, and after {meta.get('tasks', '?')} no-ops",
+            "memory",
+            three_memory_table,
+        )
+    )
     for title, scenario, make in sections:
         if any(r.scenario == scenario for r in records):
             parts += ["", f"### {title}", "", *make(records)]

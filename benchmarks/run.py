@@ -1,4 +1,4 @@
-"""millpond against Celery: same broker, same pool, same machine, same session, interleaved.
+"""millpond against Celery and Dramatiq: same broker, same pool, same machine, same session, interleaved.
 
     python3 dev.py bench                      # everything, medians of 3 (about half an hour)
     python3 dev.py bench --quick              # small N, one repeat: a couple of minutes
@@ -30,19 +30,25 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import baselines, brokers, profiling, report  # noqa: E402
+from benchmarks import baselines, brokers, profiling, raw_latency, report  # noqa: E402
 from benchmarks.model import (  # noqa: E402
     CELERY,
     DEFAULT_CONCURRENCY,
+    DRAMATIQ,
+    DRAMATIQ_POOLS,
     FRAMEWORKS,
     MILLPOND,
     Combo,
     Record,
 )
-from benchmarks.scenarios import Context, drain_and_latency, sleep_drain  # noqa: E402
+from benchmarks.scenarios import Context, drain_and_latency, memory_run, sleep_drain  # noqa: E402
 from benchmarks.side import DEFAULT_URL, SideChannel  # noqa: E402
 
-SCENARIOS = ("drain", "latency", "sleep", "baseline")
+SCENARIOS = ("drain", "latency", "sleep", "memory", "baseline")
+#: the pools the memory scenario reads (at rest, before and after a drain)
+MEMORY_POOLS = ("solo", "prefork")
+#: the brokers Dramatiq ships
+DRAMATIQ_BROKERS = ("redis", "amqp")
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -122,12 +128,13 @@ def parser() -> argparse.ArgumentParser:
         "--framework",
         type=_choices(FRAMEWORKS, "framework"),
         default=list(FRAMEWORKS),
-        help="millpond,celery (default: both)",
+        help="millpond,celery,dramatiq (default: all three; Dramatiq runs on redis and amqp with "
+        "solo, threads, prefork and gevent only)",
     )
     p.add_argument(
         "--scenario",
         type=_choices(SCENARIOS, "scenario"),
-        help="drain,latency,sleep,baseline (default: all; with --profile: drain)",
+        help="drain,latency,sleep,memory,baseline (default: all; with --profile: drain)",
     )
     p.add_argument("--tasks", type=int, help="no-op tasks per drain (default 5000; quick 500)")
     p.add_argument("--sleep-tasks", type=int, help="10 ms tasks per run (default 1000; quick 200)")
@@ -217,7 +224,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for dist in ("millpond", "celery", "kombu", "redis", "amqp", "gevent", "eventlet"):
+    for dist in ("millpond", "celery", "dramatiq", "kombu", "redis", "amqp", "pika", "gevent"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
@@ -232,6 +239,8 @@ def describe(r: Record) -> str:
     m = r.metrics
     if r.scenario == "latency":
         return f"{where} p50 {r.value:.2f} ms, p99 {m.get('p99_ms', 0):.2f} ms"
+    if r.scenario == "memory":
+        return f"{where} RSS {m['rss_up_mib']:.1f} MiB up, {m['rss_after_mib']:.1f} MiB after"
     extra = ""
     if "startup_s" in m:
         extra = f" (start {m['startup_s']:.2f} s, peak RSS {m.get('peak_rss_mib', 0):.0f} MiB)"
@@ -284,6 +293,13 @@ class Session:
                             target, repeat, ns.tasks, ns.timeout, MILLPOND in ns.framework
                         )
                     )
+                if (
+                    "latency" in ns.scenario
+                    and "baseline" in ns.scenario
+                    and target.name in raw_latency.BROKERS
+                    and ns.latency_samples
+                ):
+                    self.add([raw_latency.raw_latency(ctx, target, repeat, ns.latency_samples)])
                 for pool, conc in ns.pool:
                     combo = Combo(target.name, pool, conc)
                     for framework in order:
@@ -291,6 +307,10 @@ class Session:
                             continue  # Celery has no comparable transport (sqlite)
                         if framework == CELERY and pool in _MILLPOND_ONLY_POOLS:
                             continue  # compare with Celery's other pools in the same run
+                        if framework == DRAMATIQ and (
+                            target.name not in DRAMATIQ_BROKERS or pool not in DRAMATIQ_POOLS
+                        ):
+                            continue  # no Dramatiq broker or worker equivalent to compare
                         self._combo(ctx, framework, combo, target, repeat)
 
     def _combo(
@@ -309,6 +329,8 @@ class Session:
                     )
                 ]
             )
+        if "memory" in ns.scenario and combo.pool in MEMORY_POOLS and ns.tasks:
+            self.add([memory_run(ctx, framework, combo, target, repeat, ns.tasks)])
 
 
 def main(argv: list[str] | None = None) -> int:

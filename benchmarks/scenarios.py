@@ -7,6 +7,8 @@
   wait for it to report when its body started; p50 and p99 of (start - sent).
 * sleep: a fresh worker drains [mark start, N x bench.sleep(10 ms)]; the last sleep records the
   end (see `benchmarks.tasks.sleep` for why that is the end of the run).
+* memory: a fresh worker on an empty queue runs one mark (it is up), settles, and the RSS of its
+  whole process tree is read; then N no-ops and an end mark, settle, read again.
 """
 
 from __future__ import annotations
@@ -22,11 +24,21 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import brokers
-from benchmarks.model import MILLPOND, Combo, Record, RunFailed
+from benchmarks.model import CELERY, DRAMATIQ, MILLPOND, Combo, Record, RunFailed
 from benchmarks.producers import Producer, producer
 from benchmarks.side import SideChannel
 from benchmarks.timeouts import bounded
-from benchmarks.workers import WorkerProcess, celery_command, environment, millpond_command
+from benchmarks.workers import (
+    WorkerProcess,
+    celery_command,
+    dramatiq_command,
+    environment,
+    millpond_command,
+)
+
+#: how long a worker is left alone before its memory is read: long enough for every child of a
+#: two-process worker to have finished importing after the first task ran in one of them
+MEMORY_SETTLE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +76,14 @@ class Run:
             argv = millpond_command(self.combo, self.queue)
             if self.ctx.wrap_millpond is not None:
                 argv = self.ctx.wrap_millpond(argv, self.ctx.run_dir / f"{tag}.prof")
-        else:
+        elif self.framework == CELERY:
             argv = celery_command(self.combo, self.queue)
-        if self.framework == MILLPOND:
+        else:
+            argv = dramatiq_command(self.combo, self.queue)
+        if self.framework == DRAMATIQ:
+            env = environment(self.framework, self.target.url, self.ctx.side.url, self.ctx.run_dir)
+            env["BENCH_DRAMATIQ_QUEUE"] = self.queue
+        elif self.framework == MILLPOND:
             env = environment(self.framework, self.target.url, self.ctx.side.url, self.ctx.run_dir)
         else:
             url, options = self.target.for_celery()
@@ -89,7 +106,7 @@ def _run(
     """A fresh queue and producer; afterwards the worker stopped and everything cleaned up."""
     queue = f"bench-{uuid.uuid4().hex[:10]}"
     try:
-        if framework == MILLPOND:
+        if framework in (MILLPOND, DRAMATIQ):
             prod = producer(framework, target.url, queue=queue)
         else:
             prod = producer(framework, *target.for_celery(), queue=queue)
@@ -108,8 +125,8 @@ def _run(
         if run.worker is not None:
             run.worker.stop(ctx.grace)
         if failed:  # after the stop, so unacknowledged messages are back in the queue
-            run.left_in_queue = brokers.depth(target, queue)
-        brokers.cleanup(target, queue)
+            run.left_in_queue = brokers.depth(target, queue, framework)
+        brokers.cleanup(target, queue, framework)
 
 
 def _failed(base: dict[str, Any], run: Run | None, exc: BaseException) -> Record:
@@ -249,9 +266,14 @@ def _latency(run: Run, samples: int) -> dict[str, Any]:
     for i in range(samples):
         run.producer.send("bench.latency", (key, time.time()))
         values.append(run.wait(key, f"latency probe {i + 1} of {samples}") * 1000.0)
+    return latency_figures(values)
+
+
+def latency_figures(values: list[float]) -> dict[str, Any]:
+    """p50, p99, mean and max of latency samples in ms (shared with the raw floor)."""
     ordered = sorted(values)
     return {
-        "samples": samples,
+        "samples": len(values),
         "p50_ms": statistics.median(ordered),
         "p99_ms": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))],
         "mean_ms": statistics.fmean(ordered),
@@ -300,5 +322,55 @@ def sleep_drain(
             }
             _stop_metrics(run, metrics)
             return Record(**base, ok=True, value=n / max(t_end - t_start, 1e-9), metrics=metrics)
+    except Exception as exc:
+        return _failed(base, run, exc)
+
+
+def memory_run(
+    ctx: Context, framework: str, combo: Combo, target: brokers.Target, repeat: int, n: int
+) -> Record:
+    """RSS (and PSS) of the worker's whole process tree once it is up, and after `n` no-ops.
+
+    The worker starts on an empty queue; one mark tells it is consuming. Both readings come
+    MEMORY_SETTLE_S after the task that precedes them, on an idle worker: what a deployment
+    pays per worker at rest, before and after it has done some work.
+    """
+    base: dict[str, Any] = {
+        "scenario": "memory",
+        "broker": combo.broker,
+        "pool": combo.pool,
+        "concurrency": combo.concurrency,
+        "framework": framework,
+        "repeat": repeat,
+        "unit": "MiB",
+    }
+    run: Run | None = None
+    try:
+        with _run(ctx, framework, combo, target, "memory") as run:
+            up_key, end_key = ctx.side.key("up"), ctx.side.key("end")
+            worker = run.start_worker()
+            _enqueue(run, [("bench.mark", (up_key,))])
+            t_up = run.wait(up_key, "the first task")
+            time.sleep(MEMORY_SETTLE_S)
+            rss_up, pss_up, procs_up = worker.rss_now()
+            batch: list[tuple[str, tuple[Any, ...]]] = [("bench.noop", ())] * n
+            batch.append(("bench.mark", (end_key,)))
+            _enqueue(run, batch)
+            run.wait(end_key, f"the end mark after {n} no-op tasks")
+            time.sleep(MEMORY_SETTLE_S)
+            rss_after, pss_after, procs_after = worker.rss_now()
+            metrics: dict[str, Any] = {
+                "n": n,
+                "startup_s": round(t_up - worker.started_at, 4),
+                "rss_up_mib": round(rss_up, 1),
+                "pss_up_mib": round(pss_up, 1),
+                "rss_after_mib": round(rss_after, 1),
+                "pss_after_mib": round(pss_after, 1),
+                "processes": procs_after,
+            }
+            if procs_up != procs_after:
+                metrics["note"] = f"the tree had {procs_up} processes up, {procs_after} after"
+            _stop_metrics(run, metrics)
+            return Record(**base, ok=True, value=rss_after, metrics=metrics)
     except Exception as exc:
         return _failed(base, run, exc)

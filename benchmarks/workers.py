@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.model import CELERY, MILLPOND, Combo
+from benchmarks.model import CELERY, DRAMATIQ, DRAMATIQ_POOLS, MILLPOND, Combo
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -79,6 +79,32 @@ def celery_command(combo: Combo, queue: str) -> list[str]:
     ]
 
 
+def dramatiq_command(combo: Combo, queue: str) -> list[str]:
+    """Dramatiq's own worker (processes x threads) in the configuration closest to the pool.
+
+    solo is 1 process x 1 thread, threads N is 1 x N, prefork N is N x 1 and gevent N is
+    `dramatiq-gevent` with 1 x N greenlets. Dramatiq always runs a supervising parent above its
+    worker processes, so even "solo" is two processes; the memory figures count both.
+    """
+    if combo.pool not in DRAMATIQ_POOLS:
+        raise ValueError(f"Dramatiq has no equivalent of the {combo.pool} pool")
+    processes, threads = (
+        (combo.concurrency, 1) if combo.pool == "prefork" else (1, combo.concurrency)
+    )
+    if combo.pool == "solo":
+        processes = threads = 1
+    return [
+        *_command("dramatiq-gevent" if combo.pool == "gevent" else "dramatiq"),
+        "benchmarks.dramatiq_tasks",
+        "--queues",
+        queue,
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+    ]
+
+
 def environment(
     framework: str, broker_url: str, side_url: str, home: Path, transport_options: str = "{}"
 ) -> dict[str, str]:
@@ -102,6 +128,8 @@ def environment(
     elif framework == CELERY:
         env["BENCH_BROKER_URL"] = broker_url
         env["BENCH_TRANSPORT_OPTIONS"] = transport_options
+    elif framework == DRAMATIQ:
+        env["BENCH_BROKER_URL"] = broker_url
     else:
         raise ValueError(f"unknown framework {framework!r}")
     return env
@@ -183,6 +211,19 @@ class WorkerProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def rss_now(self) -> tuple[float, float, int]:
+        """The tree's RSS and PSS in MiB right now, and how many processes it has."""
+        rss = pss = 0
+        tree = self._tree()
+        for proc in tree:
+            try:
+                full = proc.memory_full_info()
+            except psutil.Error:
+                continue
+            rss += full.rss
+            pss += full.pss
+        return rss / _MIB, pss / _MIB, len(tree)
 
     def cpu_seconds(self) -> float:
         """User + system CPU time used so far by the worker's whole process tree."""
