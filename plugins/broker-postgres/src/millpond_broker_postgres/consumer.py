@@ -38,6 +38,7 @@ from psycopg import sql
 
 from millpond.contracts.broker import Consumer, Delivery, dead_letter_queue
 from millpond.contracts.lease import BeatResult, LeaseKeeper, LeaseServer
+from millpond.contracts.outage import Outage
 from millpond.contracts.waking import Waker
 from millpond_broker_postgres import schema
 from millpond_broker_postgres.connection import RETRYABLE, close_quietly, connect
@@ -50,8 +51,6 @@ log = logging.getLogger("millpond.broker.postgres")
 _LEASE_SERVER = LeaseServer("postgres", "the server", (psycopg.Error,), log)
 
 Conn = psycopg.Connection[tuple[Any, ...]]
-_BACKOFF_MIN = 0.05
-_BACKOFF_MAX = 2.0
 #: an ack kept for the next fetch is sent on its own by an `ack` call this much later
 ACK_DELAY = 0.05
 
@@ -80,8 +79,7 @@ class PostgresConsumer(Consumer):
         self._acks_since = 0.0
         self._pending: list[tuple[str, Callable[[Conn], Any]]] = []
         self._uncertain = False
-        self._failing = False
-        self._backoff = _BACKOFF_MIN
+        self._outage = Outage(log, "postgres", self._cfg.masked_url)
         self._closed = False
         self._conn: Conn | None = None
         #: a notification arrived (read by psycopg during a statement, or by `_drain`)
@@ -352,45 +350,18 @@ class PostgresConsumer(Consumer):
 
     def _trouble(self, what: str, exc: BaseException) -> None:
         self._drop()
-        if not self._failing:
-            log.warning(
-                "postgres: %s failed (%s: %s); consuming continues once %s answers again "
-                "(acknowledgements are kept and sent then)",
-                what,
-                type(exc).__name__,
-                str(exc).strip(),
-                self._cfg.masked_url,
-            )
-        self._failing = True
+        self._outage.began(what, exc)
 
     def _give_up(self, what: str, exc: BaseException) -> None:
-        """A refusal that is not about the connection: drop it rather than block every later
-        one. Nothing is lost: the message stays held and goes back to its queue when this
-        consumer closes or its lease expires (so it may run again)."""
-        log.error(
-            "postgres: %s refused by %s (%s: %s); the message(s) stay reserved and return to "
-            "their queue when this consumer closes",
-            what,
-            self._cfg.masked_url,
-            type(exc).__name__,
-            str(exc).strip(),
-        )
+        """One ack/reject refused for good: dropped, the message stays reserved (see Outage)."""
+        self._outage.refused(what, exc)
 
     def _recovered(self) -> None:
-        if self._failing:
-            log.info("postgres: connection to %s is back", self._cfg.masked_url)
-        self._failing = False
-        self._backoff = _BACKOFF_MIN
+        self._outage.over()
 
     def _pause(self, deadline: float, waker: Waker | None) -> list[Delivery]:
         """After a failure: wait a growing while (bounded by the deadline), then return nothing."""
-        delay = min(self._backoff, max(0.0, deadline - time.monotonic()))
-        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
-        if delay > 0:
-            if waker is not None:
-                waker.wait(delay)
-            else:
-                time.sleep(delay)
+        self._outage.pause(deadline, waker)
         return []
 
     # -- shutdown --------------------------------------------------------------------------------
@@ -426,7 +397,7 @@ class PostgresConsumer(Consumer):
     @property
     def connected(self) -> bool:
         """False from a failed round trip until the next one succeeds (for the readiness probe)."""
-        return not self._failing and not self._closed
+        return not self._outage.failing and not self._closed
 
     @property
     def held(self) -> int:

@@ -37,6 +37,7 @@ import redis
 
 from millpond.contracts.broker import Consumer, Delivery
 from millpond.contracts.lease import BeatResult, LeaseKeeper, LeaseServer
+from millpond.contracts.outage import Outage
 from millpond.contracts.waking import Waker
 from millpond.exceptions import AccessDenied, MalformedMessage
 from millpond.wire import envelope
@@ -53,8 +54,6 @@ _LEASE_SERVER = LeaseServer("redis", "Redis", (redis.RedisError,), log)
 
 #: the most messages one fetch reserves (keeps the script's reply and Lua's stack bounded)
 MAX_BATCH = 1000
-_BACKOFF_MIN = 0.05
-_BACKOFF_MAX = 2.0
 
 
 def consumer_id() -> str:
@@ -129,10 +128,9 @@ class RedisConsumer(Consumer):
         self._pending: list[tuple[str, Callable[[redis.Redis], Any]]] = []
         #: part index -> tags whose reservation may have happened unseen (a lost reply)
         self._uncertain: dict[int, list[int]] = {}
-        self._failing = False
+        self._outage = Outage(log, "redis", self._cfg.masked_url)
         #: set by connection trouble: after it, the hash may hold entries already settled
         self._reconcile_due = False
-        self._backoff = _BACKOFF_MIN
         self._closed = False
 
         self._client, self._pool_for = broker.pools.own_client()
@@ -509,55 +507,18 @@ class RedisConsumer(Consumer):
         self._reconcile_due = True
         if self._bells is not None:
             self._bells.reset()
-        if not self._failing:
-            if is_transient(exc):
-                log.warning(
-                    "redis: %s failed (%s: %s); consuming continues once %s answers again "
-                    "(acknowledgements are kept and sent then)",
-                    what,
-                    type(exc).__name__,
-                    exc,
-                    self._cfg.masked_url,
-                )
-            else:
-                log.error(
-                    "redis: %s failed: %s said %s: %s; retrying, but this will not clear up by "
-                    "itself: check the server (credentials, ACLs, configuration)",
-                    what,
-                    self._cfg.masked_url,
-                    type(exc).__name__,
-                    exc,
-                )
-        self._failing = True
+        self._outage.began(what, exc, lasting=not is_transient(exc))
 
     def _give_up(self, what: str, exc: BaseException) -> None:
-        """A non-transient refusal of one ack/reject: drop it rather than block every later one.
-        Nothing is lost: the message stays held and goes back to its queue when this consumer
-        closes or its lease expires (so it may run again)."""
-        log.error(
-            "redis: %s refused by %s (%s: %s); the message(s) stay reserved and return to "
-            "their queue when this consumer closes",
-            what,
-            self._cfg.masked_url,
-            type(exc).__name__,
-            exc,
-        )
+        """One ack/reject refused for good: dropped, the message stays reserved (see Outage)."""
+        self._outage.refused(what, exc)
 
     def _recovered(self) -> None:
-        if self._failing:
-            log.info("redis: connection to %s is back", self._cfg.masked_url)
-        self._failing = False
-        self._backoff = _BACKOFF_MIN
+        self._outage.over()
 
     def _pause(self, deadline: float, waker: Waker | None) -> list[Delivery]:
         """After a failure: wait a growing while (bounded by the deadline), then return nothing."""
-        delay = min(self._backoff, max(0.0, deadline - time.monotonic()))
-        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
-        if delay > 0:
-            if waker is not None:
-                waker.wait(delay)
-            else:
-                time.sleep(delay)
+        self._outage.pause(deadline, waker)
         return []
 
     # -- shutdown --------------------------------------------------------------------------------
@@ -631,7 +592,7 @@ class RedisConsumer(Consumer):
     @property
     def connected(self) -> bool:
         """False from a failed round trip until the next one succeeds (for the readiness probe)."""
-        return not self._failing and not self._closed
+        return not self._outage.failing and not self._closed
 
     @property
     def held(self) -> int:
