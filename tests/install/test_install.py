@@ -194,6 +194,9 @@ def test_core_alone_lists_no_pool(core_venv: Venv, app_dir: Path) -> None:
     # so does the control plane: remote control, the events hooks, `millpond inspect`
     commands = [line.split() for line in proc.stdout.split("commands:")[1].splitlines()]
     assert ["inspect", "millpond-control"] in [row[:2] for row in commands], proc.stdout
+    # and the canvas: chains, groups, chords
+    canvas = [line.split() for line in proc.stdout.split("canvas:")[1].splitlines()]
+    assert ["canvas", "millpond-canvas", "0.1.0", ">=0.1,<0.2"] in canvas, proc.stdout
 
 
 def test_core_alone_worker_says_which_package_to_install(core_venv: Venv, app_dir: Path) -> None:
