@@ -22,17 +22,17 @@ from typing import Any
 import amqp
 import pytest
 
-from millpond import Millpond
+from millpond import Millpond, chain, chord
 from millpond.contracts.backend import ResultMeta
 from millpond.contracts.broker import dead_letter_queue
 from millpond.exceptions import ConfigurationError, NotSupported
 from millpond.exceptions import TimeoutError as ResultTimeout
-from millpond.produce.canvas import CanvasError, chain, chord
 from millpond.states import TaskState
 from millpond.testing.proxy import Proxy
 from millpond.wire.protocol import DELIVERY_COUNT, decode_task
 from millpond_broker_amqp import AmqpBroker, rpc
 from millpond_broker_amqp.codec import from_properties
+from millpond_canvas import CanvasError
 from tests.e2e.docs_runner import DOCS, clean_env, run_guide
 from tests.e2e.harness import ROOT, WorkerProcess, wait_until
 from tests.e2e.rpc_app import declare_gate, open_gate

@@ -124,6 +124,17 @@ def run_installed_worker(venv: Venv, app_dir: Path, env: dict[str, str], log: Pa
         where = venv.run("millpond", "send", "inst.where", "--wait", cwd=app_dir, env=env)
         assert where.returncode == 0, where.stderr
         assert json.loads(where.stdout.splitlines()[-1]) != "MainThread"  # a pool thread ran it
+        # the canvas comes with `pip install millpond` (millpond-canvas, a dependency)
+        chained = venv.run(
+            "python",
+            "-c",
+            "from millpond import chain; from instapp import add; "
+            "print(chain(add.s(2, 3), add.s(4))().get(timeout=20))",
+            cwd=app_dir,
+            env=env,
+        )
+        assert chained.returncode == 0, chained.stderr
+        assert chained.stdout.splitlines()[-1] == "9"
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(30) == 0, log.read_text()
     finally:
@@ -156,8 +167,14 @@ def test_a_pool_that_is_not_installed_says_what_to_install(
 
 # -- millpond alone ------------------------------------------------------------------------------
 def test_core_alone_brings_the_embedded_brokers_and_nothing_else(core_venv: Venv) -> None:
-    """The embedded brokers and the control plane are the core's dependencies, nothing else."""
-    assert core_venv.missing("millpond", "millpond_broker_embedded", "millpond_control") == []
+    """The embedded brokers, the control plane and the canvas are the core's dependencies,
+    nothing else."""
+    assert (
+        core_venv.missing(
+            "millpond", "millpond_broker_embedded", "millpond_control", "millpond_canvas"
+        )
+        == []
+    )
     assert core_venv.missing(*NOT_WANTED, "redis", "millpond_pool_threads") == [
         *NOT_WANTED,
         "redis",
@@ -177,6 +194,9 @@ def test_core_alone_lists_no_pool(core_venv: Venv, app_dir: Path) -> None:
     # so does the control plane: remote control, the events hooks, `millpond inspect`
     commands = [line.split() for line in proc.stdout.split("commands:")[1].splitlines()]
     assert ["inspect", "millpond-control"] in [row[:2] for row in commands], proc.stdout
+    # and the canvas: chains, groups, chords
+    canvas = [line.split() for line in proc.stdout.split("canvas:")[1].splitlines()]
+    assert ["canvas", "millpond-canvas", "0.1.0", ">=0.1,<0.2"] in canvas, proc.stdout
 
 
 def test_core_alone_worker_says_which_package_to_install(core_venv: Venv, app_dir: Path) -> None:

@@ -18,10 +18,9 @@ from pathlib import Path
 import amqp
 import pytest
 
-from millpond import Millpond
+from millpond import Millpond, chain
 from millpond.contracts.broker import dead_letter_queue
 from millpond.exceptions import TimeoutError as ResultTimeout
-from millpond.produce.canvas import chain
 from millpond.states import TaskState
 from tests.e2e.harness import ROOT, WorkerProcess, wait_until
 from tests.e2e.rpc_app import declare_gate, open_gate

@@ -14,6 +14,9 @@
 `TaskDecoratorOptions` are the keyword options of `apply_async` and `@app.task`, for code that
 passes them on (`**options: Unpack[SendOptions]`).
 
+The canvas (`Signature`, `chain`, `group`, `chord`, ...) is the millpond-canvas package's
+(`millpond_canvas`), a dependency of millpond, re-exported here when first used.
+
 Importing millpond opens no connection, starts no thread and imports nothing else until a name is
 used: the `millpond` command must be able to monkey-patch (gevent, eventlet) before anything loads.
 """
@@ -29,14 +32,14 @@ _EXPORTS = {
     "Millpond": "millpond.produce.app",
     "AsyncResult": "millpond.produce.result",
     "GroupResult": "millpond.produce.result",
-    "Signature": "millpond.produce.canvas",
-    "chain": "millpond.produce.canvas",
-    "chord": "millpond.produce.canvas",
-    "chunks": "millpond.produce.canvas",
-    "group": "millpond.produce.canvas",
-    "signature": "millpond.produce.canvas",
-    "xmap": "millpond.produce.canvas",
-    "xstarmap": "millpond.produce.canvas",
+    "Signature": "millpond_canvas",
+    "chain": "millpond_canvas",
+    "chord": "millpond_canvas",
+    "chunks": "millpond_canvas",
+    "group": "millpond_canvas",
+    "signature": "millpond_canvas",
+    "xmap": "millpond_canvas",
+    "xstarmap": "millpond_canvas",
     "ChordError": "millpond.exceptions",
     "Request": "millpond.produce.task",
     "SendOptions": "millpond.produce.task",
@@ -107,20 +110,20 @@ if TYPE_CHECKING:
         WorkerLostError as WorkerLostError,
     )
     from millpond.produce.app import Millpond as Millpond
-    from millpond.produce.canvas import Signature as Signature
-    from millpond.produce.canvas import chain as chain
-    from millpond.produce.canvas import chord as chord
-    from millpond.produce.canvas import chunks as chunks
-    from millpond.produce.canvas import group as group
-    from millpond.produce.canvas import signature as signature
-    from millpond.produce.canvas import xmap as xmap
-    from millpond.produce.canvas import xstarmap as xstarmap
     from millpond.produce.result import AsyncResult as AsyncResult
     from millpond.produce.result import GroupResult as GroupResult
     from millpond.produce.task import Request as Request
     from millpond.produce.task import SendOptions as SendOptions
     from millpond.produce.task import Task as Task
     from millpond.produce.task import TaskDecoratorOptions as TaskDecoratorOptions
+    from millpond_canvas import Signature as Signature
+    from millpond_canvas import chain as chain
+    from millpond_canvas import chord as chord
+    from millpond_canvas import chunks as chunks
+    from millpond_canvas import group as group
+    from millpond_canvas import signature as signature
+    from millpond_canvas import xmap as xmap
+    from millpond_canvas import xstarmap as xstarmap
 
 
 def __getattr__(name: str) -> Any:

@@ -410,6 +410,7 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
         plugins.COMMANDS: "commands",
         plugins.COMPONENTS: "worker components",
         plugins.CLIENTS: "app clients",
+        plugins.CANVAS: "canvas",
     }
     rows = plugins.describe_installed()
     lines: list[tuple[str, ...]] = [("NAME", "DISTRIBUTION", "VERSION", "CORE VERSIONS")]

@@ -43,6 +43,8 @@ COMMANDS = "millpond.commands"
 COMPONENTS = "millpond.components"
 #: objects an app offers as attributes (`app.control`), each a factory called with the app
 CLIENTS = "millpond.clients"
+#: chains, groups, chords and callbacks (contracts.canvas), under the one name `canvas`
+CANVAS = "millpond.canvas"
 #: every group, in the order `millpond plugins` lists them
 GROUPS = (
     POOLS,
@@ -55,6 +57,7 @@ GROUPS = (
     COMMANDS,
     COMPONENTS,
     CLIENTS,
+    CANVAS,
 )
 
 #: the first-party package for each well-known name, for "pip install ..." hints
@@ -97,6 +100,7 @@ FIRST_PARTY = {
     (COMMANDS, "events"): "millpond-control",
     (COMPONENTS, "control"): "millpond-control",
     (CLIENTS, "control"): "millpond-control",
+    (CANVAS, "canvas"): "millpond-canvas",
 }
 #: names people try that no first-party plugin serves, with what to do instead
 UNSUPPORTED: dict[tuple[str, str], str] = {}
@@ -111,6 +115,7 @@ KIND = {
     COMMANDS: "command",
     COMPONENTS: "worker component",
     CLIENTS: "app client",
+    CANVAS: "canvas",
 }
 
 
@@ -348,6 +353,15 @@ def client(name: str) -> Any:
     return found
 
 
+def canvas_class() -> Any:
+    """The installed `Canvas` subclass (contracts.canvas), or None when none is installed."""
+    if "canvas" not in installed(CANVAS):
+        return None
+    cls = load(CANVAS, "canvas")
+    _verify(CANVAS, "canvas", cls)
+    return cls
+
+
 def has_patch(pool: str) -> bool:
     """Whether the pool declares an early monkey-patch (nothing imported)."""
     return pool in installed(PATCHES)
@@ -396,6 +410,7 @@ def _verify(group: str, name: str, obj: Any) -> None:
     from millpond.config.options import Section
     from millpond.contracts.backend import ResultBackend
     from millpond.contracts.broker import Broker
+    from millpond.contracts.canvas import Canvas
     from millpond.contracts.command import Command
     from millpond.contracts.component import WorkerComponent
     from millpond.contracts.limiter import SharedLimiter
@@ -407,6 +422,7 @@ def _verify(group: str, name: str, obj: Any) -> None:
         BACKENDS: (ResultBackend, "a ResultBackend subclass"),
         LIMITERS: (SharedLimiter, "a SharedLimiter subclass"),
         COMPONENTS: (WorkerComponent, "a WorkerComponent subclass"),
+        CANVAS: (Canvas, "a Canvas subclass"),
     }
     kind = KIND.get(group, group)
     if group in expected:

@@ -24,7 +24,6 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from millpond.consume.canvas import run_inline_errbacks
 from millpond.contracts.hooks import HookChain
 from millpond.contracts.pool import Guard, Job, Outcome, json_args
 from millpond.exceptions import MaxRetriesExceededError, Reject, Retry, UnknownTask
@@ -45,6 +44,9 @@ class Executor:
 
     def __init__(self, app: Millpond, hooks: HookChain | None = None) -> None:
         self.app = app
+        # built here, before the pool starts (and forks): it registers the built-in tasks
+        # Celery's canvas sends, which every execution unit and the receiver must know
+        self.canvas = app.canvas
         self.tasks = app.tasks
         self.hooks = hooks if hooks is not None else app.hooks
 
@@ -112,7 +114,7 @@ class Executor:
         """The children the task sent; errbacks that are called in place on a failure."""
         outcome.children = request.children
         if outcome.state == TaskState.FAILURE and request.errbacks:
-            run_inline_errbacks(self.app, request, outcome)
+            self.canvas.inline_errbacks(request, outcome)
         return outcome
 
     def _run(self, job: Job) -> Outcome:

@@ -9,6 +9,8 @@ so a burst of completions costs one round trip, and no ack waits on anything but
 `Settler.finish` decides what an `Outcome` means for the message and the result store. A retry is a
 new message published through the app's one publish path (`Millpond.publish`: hooks, signing,
 broker); if that publish fails the original message goes back to its queue, so nothing is lost.
+A task with canvas fields has its next steps sent through the canvas plugin
+(`millpond.contracts.canvas`); a step that cannot be sent puts the message back the same way.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from millpond.consume.canvas import CanvasSteps, ClaimedElsewhere
 from millpond.contracts.backend import ResultMeta
 from millpond.contracts.broker import Consumer, Delivery
+from millpond.contracts.canvas import ClaimedElsewhere
 from millpond.contracts.pool import Job, Outcome
 from millpond.exceptions import TimeLimitExceeded, WorkerLostError
 from millpond.produce.result import error_info
@@ -135,7 +137,8 @@ class Settler:
         self.app = app
         self.settings = settings
         self.acks = acks
-        self.canvas = CanvasSteps(app)
+        #: the canvas plugin (millpond.contracts.canvas): called only for tasks with canvas fields
+        self.canvas = app.canvas
         self.processed = 0
 
     def finish(self, job: Job, outcome: Outcome, *, defer_ack: bool = False) -> Delivery | None:

@@ -23,7 +23,17 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, Unpack, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Literal,
+    ParamSpec,
+    TypeVar,
+    Unpack,
+    cast,
+    overload,
+)
 
 import structlog
 
@@ -31,10 +41,9 @@ from millpond.config import plugins
 from millpond.config.settings import Settings, load_settings
 from millpond.contracts.backend import ResultBackend
 from millpond.contracts.broker import Broker, Outbound
+from millpond.contracts.canvas import Canvas
 from millpond.contracts.hooks import HookChain, Hooks, Publication, publishing_parent
 from millpond.exceptions import PublishError
-from millpond.produce.builtins import register_builtins
-from millpond.produce.canvas import CanvasError, Signature
 from millpond.produce.result import AsyncResult, GroupResult
 from millpond.produce.task import (
     BoundTaskDecorator,
@@ -46,6 +55,9 @@ from millpond.produce.task import (
 )
 from millpond.wire.protocol import Message, encode_task, new_id
 from millpond.wire.signing import sign
+
+if TYPE_CHECKING:
+    from millpond_canvas import Signature
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +78,9 @@ class PeriodicDeclaration:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _listed(value: Signature[Any] | Sequence[Signature[Any]] | None) -> list[Signature[Any]] | None:
+def _listed(
+    value: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+) -> list[Mapping[str, Any]] | None:
     if value is None:
         return None
     if isinstance(value, Mapping):
@@ -151,9 +165,10 @@ class Millpond:
             f"millpond-batch-{id(self)}", default=None
         )
         self._added_hooks: list[Hooks] = []
+        #: chains, groups and chords: the installed `millpond.canvas` plugin, built on first use
+        self._canvas: Canvas | None = None
         self._pid = os.getpid()
         self.origin = f"{os.getpid()}@{socket.gethostname()}"
-        register_builtins(self)
 
     def __repr__(self) -> str:
         return f"<Millpond {self.name}: {len(self.tasks)} tasks>"
@@ -243,7 +258,7 @@ class Millpond:
     def add_periodic_task(
         self,
         schedule: Any,
-        sig: Signature[Any] | Task[..., Any] | str,
+        sig: Mapping[str, Any] | Task[..., Any] | str,
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
         name: str | None = None,
@@ -411,8 +426,8 @@ class Millpond:
         ignore_result: bool | None = None,
         priority: int | None = None,
         retries: int = 0,
-        link: Signature[Any] | Sequence[Signature[Any]] | None = None,
-        link_error: Signature[Any] | Sequence[Signature[Any]] | None = None,
+        link: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        link_error: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
         chain: Sequence[Mapping[str, Any]] | None = None,
         chord: Mapping[str, Any] | None = None,
         group_id: str | None = None,
@@ -426,7 +441,7 @@ class Millpond:
         `countdown` (seconds) or `eta` (datetime or epoch seconds) delay it, held by the broker;
         `expires` (datetime, epoch seconds, or seconds from now when below one year) drops it if a
         worker gets it too late. `link` and `link_error` are signatures to send when it succeeds
-        or fails (see `millpond.produce.canvas`); `chain`, `chord`, `group_id`, `group_index`,
+        or fails (see `millpond_canvas`); `chain`, `chord`, `group_id`, `group_index`,
         `root_id` and `parent_id` are set by the canvas. `reply_to` is where the worker sends the
         result when the backend replies to the caller (rpc://); by default the backend's own
         reply queue for this process, and `""` asks for no reply.
@@ -585,8 +600,22 @@ class Millpond:
     ) -> Signature[Any]:
         """A signature by task name (or from a signature dict), bound to this app."""
         if isinstance(name, Mapping):
-            return Signature.from_dict(name, self)
-        return Signature(name, args, kwargs, options, app=self)
+            return cast("Signature[Any]", self.canvas.from_dict(name))
+        return cast("Signature[Any]", self.canvas.signature(name, args, kwargs, options))
+
+    @property
+    def canvas(self) -> Canvas:
+        """The app's canvas (`millpond.contracts.canvas`): the installed `millpond.canvas` plugin
+        (millpond-canvas, which millpond depends on), built once; registers Celery's built-in
+        canvas tasks in this app."""
+        found = self._canvas
+        if found is None:
+            with self._lock:
+                if self._canvas is None:
+                    cls = plugins.canvas_class()
+                    self._canvas = (cls or Canvas)(self)
+                found = self._canvas
+        return found
 
     def queue_for(self, name: str) -> str:
         """The queue this app sends a task to when the call names none: the task's own `queue`
@@ -612,17 +641,6 @@ class Millpond:
                 queue = self.queue_for(sig["task"])
                 out.append({**sig, "options": {**options, "queue": queue}})
         return out
-
-    def chord_backend(self) -> ResultBackend:
-        """The result backend, if it can join chords; else a clear error saying what can."""
-        backend = self.backend
-        if backend is None or not backend.supports_chords:
-            kind = type(backend).__name__ if backend is not None else "no result backend"
-            raise CanvasError(
-                f"a chord needs a result backend that joins its header ({kind} does not): use "
-                "the embedded sqlite:// (the default), memory://, or redis:// as result_backend"
-            )
-        return backend
 
     def warn_once(self, key: Hashable, message: str) -> None:
         """Log `message` as a warning the first time `key` is seen in this process."""

@@ -31,16 +31,17 @@ from typing import (
     TypedDict,
     TypeVar,
     Unpack,
+    cast,
     overload,
 )
 
 from millpond.contracts.limiter import RATE_LIMIT_SCOPES, InvalidRateLimit, parse_rate
 from millpond.exceptions import Retry
-from millpond.produce.canvas import Signature, chunks, xmap, xstarmap
 
 if TYPE_CHECKING:
     from millpond.produce.app import Millpond
     from millpond.produce.result import AsyncResult
+    from millpond_canvas import Signature, chunks, xmap, xstarmap
 
 
 @dataclass(slots=True, frozen=True)
@@ -170,8 +171,8 @@ class SendOptions(TypedDict, total=False):
     priority: int | None
     retries: int
     #: canvas: callbacks on success and on failure (signatures), and what a canvas sets itself
-    link: Signature[Any] | Sequence[Signature[Any]] | None
-    link_error: Signature[Any] | Sequence[Signature[Any]] | None
+    link: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
+    link_error: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
     chain: Sequence[Mapping[str, Any]] | None
     chord: Mapping[str, Any] | None
     group_id: str | None
@@ -325,14 +326,16 @@ class Task(Generic[P, R_co]):
     # -- canvas ----------------------------------------------------------------------------------
     # Signatures are built here and sent later, often with a result prepended to their arguments
     # (a chain step, a callback), so their arguments cannot be checked against `P`; their result
-    # type is the task's.
+    # type is the task's. They are made by the app's canvas plugin (millpond.contracts.canvas),
+    # whose classes the annotations name.
     def s(self, *args: Any, **kwargs: Any) -> Signature[R_co]:
         """A signature of this task with these (partial) arguments: `add.s(2) | add.s(3)`."""
-        return Signature(self, args, kwargs)
+        return cast("Signature[R_co]", self.app.canvas.signature(self, args, kwargs))
 
     def si(self, *args: Any, **kwargs: Any) -> Signature[R_co]:
         """An immutable signature: a parent's result is not prepended to its arguments."""
-        return Signature(self, args, kwargs, immutable=True)
+        sig = self.app.canvas.signature(self, args, kwargs, immutable=True)
+        return cast("Signature[R_co]", sig)
 
     def signature(
         self,
@@ -341,19 +344,20 @@ class Task(Generic[P, R_co]):
         **options: Unpack[SendOptions],
     ) -> Signature[R_co]:
         """A signature with options: `add.signature((2, 2), countdown=10)`."""
-        return Signature(self, args, kwargs, dict(options))
+        sig = self.app.canvas.signature(self, args, kwargs, dict(options))
+        return cast("Signature[R_co]", sig)
 
     def map(self, it: Iterable[Any]) -> xmap:
         """One task message that calls this task on each item (`celery.map`)."""
-        return xmap(Signature(self), it, app=self.app)
+        return cast("xmap", self.app.canvas.map(self, it, star=False))
 
     def starmap(self, it: Iterable[Sequence[Any]]) -> xstarmap:
         """One task message that calls this task with each item's arguments (`celery.starmap`)."""
-        return xstarmap(Signature(self), it, app=self.app)
+        return cast("xstarmap", self.app.canvas.map(self, it, star=True))
 
     def chunks(self, it: Iterable[Sequence[Any]], n: int) -> chunks:
         """The items in chunks of `n`, one `celery.starmap` task per chunk, as a group."""
-        return chunks(Signature(self), it, n, app=self.app)
+        return cast("chunks", self.app.canvas.chunks(self, it, n))
 
     # -- inside a running task -------------------------------------------------------------------
     @property

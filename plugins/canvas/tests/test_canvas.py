@@ -20,11 +20,11 @@ import pytest
 from millpond import ChordError, GroupResult, Millpond, chain, chord, group, signature
 from millpond.contracts.hooks import Hooks, Publication
 from millpond.exceptions import PublishError, TaskRevokedError
-from millpond.produce.canvas import CanvasError, Signature
 from millpond.testing.fixtures import unique
 from millpond.wire.protocol import decode_task, encode_task
+from millpond_canvas import CanvasError, Signature
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository
+ROOT = Path(__file__).resolve().parents[3]  # the repository
 
 
 class Ledger:

@@ -8,7 +8,7 @@
 
 A `Signature` is a dict with Celery's keys (`task`, `args`, `kwargs`, `options`, `subtask_type`,
 `immutable`), so it travels inside a message exactly as Celery's does: a Celery worker runs the
-canvases millpond sends, and a millpond worker runs Celery's (`millpond.consume.canvas`).
+canvases millpond sends, and a millpond worker runs Celery's (`millpond_canvas.steps`).
 
 How each kind travels (protocol v2, the body's third element):
 
@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+from millpond.contracts.backend import ResultBackend
 from millpond.exceptions import MillpondError
 from millpond.produce.result import AsyncResult, GroupResult
 
@@ -578,7 +579,7 @@ class group(_Composite[list[Any]]):
                         "(its group's results would never reach the chord): end the chain with "
                         "a task, or put the group's tasks in the header themselves"
                     )
-            app.chord_backend().set_chord_size(group_id, sum(map(_header_size, members)))
+            chord_backend(app).set_chord_size(group_id, sum(map(_header_size, members)))
         results: list[AsyncResult[Any]] = []
         with app.publishing_together():
             for index, member in enumerate(members):
@@ -816,6 +817,18 @@ def _first_app(sigs: Iterable[Signature[Any]]) -> Millpond | None:
     return next((s.app for s in sigs if s.app is not None), None)
 
 
+def chord_backend(app: Millpond) -> ResultBackend:
+    """The app's result backend, if it can join chords; else a clear error saying what can."""
+    backend = app.backend
+    if backend is None or not backend.supports_chords:
+        kind = type(backend).__name__ if backend is not None else "no result backend"
+        raise CanvasError(
+            f"a chord needs a result backend that joins its header ({kind} does not): use "
+            "the embedded sqlite:// (the default), memory://, or redis:// as result_backend"
+        )
+    return backend
+
+
 def signature(
     task: str | Task[..., R] | Mapping[str, Any],
     args: Sequence[Any] = (),
@@ -834,6 +847,7 @@ __all__ = [
     "Signature",
     "chain",
     "chord",
+    "chord_backend",
     "chunks",
     "group",
     "maybe_signature",

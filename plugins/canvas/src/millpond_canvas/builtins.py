@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from millpond.contracts.backend import ResultMeta
 from millpond.exceptions import Retry, UnknownTask
-from millpond.produce.canvas import Signature, chunks
 from millpond.produce.result import error_info, result_from_tuple
 from millpond.states import TaskState
+from millpond_canvas.signatures import Signature, chunks
 
 if TYPE_CHECKING:
     from millpond.produce.app import Millpond

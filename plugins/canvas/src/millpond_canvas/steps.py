@@ -1,9 +1,10 @@
-"""What the worker does with a task's canvas fields when the task has ended, as Celery's does.
+"""What the worker does with a task's canvas fields when the task has ended, as Celery's does: the
+worker side of `millpond.contracts.canvas`, which the core's `Settler` calls.
 
 On success: the `callbacks` are sent with the result prepended to their arguments (when there are
 several, each group on its own and the others as one group), then the next step of the `chain`
 (the last element of the reversed list) with the rest of it. On failure: errbacks that take
-`(request, exc, traceback)` were already called in the execution unit (`run_inline_errbacks`,
+`(request, exc, traceback)` were already called in the execution unit (`inline_errbacks`,
 right after the failure, where Celery calls them); the others are sent with the failed task's id;
 and every later step of the chain that has a task id is stored FAILURE with the same error, so a
 caller waiting on the chain's result is answered.
@@ -15,10 +16,11 @@ failed, stores the body as FAILURE with a `ChordError` naming the task and runs 
 errbacks. Then it tells the backend the chord is done, so a redelivered header task cannot send the
 body again.
 
-When a step cannot be sent (the broker stays away past its publish retries), the task's message
-goes back to its queue instead of being acknowledged (`Settler`), so the task runs again and the
-canvas goes on: at least once, as everywhere else; a chord's claim is released first, so the
-redelivered header task can complete the join.
+When a step cannot be sent (the broker stays away past its publish retries), it raises, and the
+task's message goes back to its queue instead of being acknowledged (the core's `Settler`), so the
+task runs again and the canvas goes on: at least once, as everywhere else; a chord's claim is
+released first, so the redelivered header task can complete the join. A redelivered header task
+that finds the join claimed by another worker raises `ClaimedElsewhere`, and its message waits.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from millpond.contracts.backend import ChordPart, ResultMeta
+from millpond.contracts.canvas import Canvas, ClaimedElsewhere
 from millpond.contracts.hooks import publishing_for
 from millpond.contracts.pool import Job, Outcome
-from millpond.produce.canvas import Signature, chord, group
 from millpond.produce.result import error_info, rebuild_exception, stored_error
 from millpond.produce.task import Request
 from millpond.states import TaskState
+from millpond_canvas.signatures import Signature, chord, chord_backend, group
 
 if TYPE_CHECKING:
     from millpond.produce.app import Millpond
@@ -82,21 +85,12 @@ def run_inline_errbacks(app: Millpond, request: Request, outcome: Outcome) -> No
             log.exception("errback raised", errback=sig.name, task_id=request.id)
 
 
-class ClaimedElsewhere(Exception):
-    """A redelivered header task found its chord's join complete and claimed: the worker holding
-    the claim may be the one that died. Its message waits until `expires`, then returns its part
-    again (and completes the join if the claim lapsed)."""
+class CanvasSteps(Canvas):
+    """The worker's side of the canvas; runs in the consumer loop's thread (`Settler`), but for
+    `inline_errbacks`, which runs in the execution unit."""
 
-    def __init__(self, expires: float) -> None:
-        super().__init__(f"the chord's join is claimed until {expires:.3f}")
-        self.expires = expires
-
-
-class CanvasSteps:
-    """The worker's side of the canvas; runs in the consumer loop's thread (`Settler`)."""
-
-    def __init__(self, app: Millpond) -> None:
-        self.app = app
+    def inline_errbacks(self, request: Request, outcome: Outcome) -> None:
+        run_inline_errbacks(self.app, request, outcome)
 
     # -- success ----------------------------------------------------------------------------------
     def after_success(self, job: Job, result: Any) -> list[Any]:
@@ -196,7 +190,7 @@ class CanvasSteps:
         """Return one part to the join; if it completed the join, send the body (or fail it)
         and end the join. `by` is the task on whose behalf this runs, the body's parent;
         `again`, as in `chord_part`."""
-        backend = self.app.chord_backend()
+        backend = chord_backend(self.app)
         parts = backend.chord_part_return(group_id, task_id, index, str(state), stored)
         if parts is None:
             expires = backend.chord_claim_expires(group_id) if again else None
