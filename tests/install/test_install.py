@@ -156,8 +156,14 @@ def test_a_pool_that_is_not_installed_says_what_to_install(
 
 # -- millpond alone ------------------------------------------------------------------------------
 def test_core_alone_brings_the_embedded_brokers_and_nothing_else(core_venv: Venv) -> None:
-    """The embedded brokers and the control plane are the core's dependencies, nothing else."""
-    assert core_venv.missing("millpond", "millpond_broker_embedded", "millpond_control") == []
+    """The embedded brokers, the control plane and rate limits are the core's dependencies,
+    nothing else."""
+    assert (
+        core_venv.missing(
+            "millpond", "millpond_broker_embedded", "millpond_control", "millpond_ratelimit"
+        )
+        == []
+    )
     assert core_venv.missing(*NOT_WANTED, "redis", "millpond_pool_threads") == [
         *NOT_WANTED,
         "redis",
@@ -177,6 +183,9 @@ def test_core_alone_lists_no_pool(core_venv: Venv, app_dir: Path) -> None:
     # so does the control plane: remote control, the events hooks, `millpond inspect`
     commands = [line.split() for line in proc.stdout.split("commands:")[1].splitlines()]
     assert ["inspect", "millpond-control"] in [row[:2] for row in commands], proc.stdout
+    # and rate limits, a worker component
+    components = [line.split() for line in proc.stdout.split("worker components:")[1].splitlines()]
+    assert ["ratelimit", "millpond-ratelimit"] in [row[:2] for row in components], proc.stdout
 
 
 def test_core_alone_worker_says_which_package_to_install(core_venv: Venv, app_dir: Path) -> None:

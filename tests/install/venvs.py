@@ -26,6 +26,7 @@ PACKAGES = {
     "millpond": "core",
     "millpond-broker-embedded": "plugins/broker-embedded",
     "millpond-control": "plugins/control",
+    "millpond-ratelimit": "plugins/ratelimit",
     "millpond-pool-threads": "plugins/pool-threads",
     "millpond-broker-redis": "plugins/broker-redis",
     "millpond-pool-asyncio": "plugins/pool-asyncio",

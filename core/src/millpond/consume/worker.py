@@ -267,11 +267,10 @@ class Worker:
         self._window = self.prefetch + sum(h.window_room(opening=True) for h in self._holders)
         return self._window
 
-    def _resize_window(self) -> None:
+    def _resize_window(self, window: int) -> None:
         """Follow what the holders want beside the prefetch count (and a pool resized at run
         time); a consumer that cannot resize (a quorum queue's) keeps the window it opened with."""
-        window = self.prefetch + sum(holder.window_room() for holder in self._holders)
-        if window == self._window or self.consumer is None or not self._resizable:
+        if self.consumer is None or not self._resizable:
             return
         if self.consumer.resize(window):
             self._window = window
@@ -479,14 +478,15 @@ class Worker:
                     self._maybe_swap_consumer()
                     assert self.consumer is not None
                     consumer = self.consumer
-                beside = 0
+                beside = extra = 0
                 if holders:
                     closing = self._next_queues is not None
                     for holder in holders:
                         holder.tend(closing=closing)
                         beside += holder.beside_window()
-                if holders or self._window != self.prefetch:
-                    self._resize_window()
+                        extra += holder.window_room()
+                if self.prefetch + extra != self._window:
+                    self._resize_window(self.prefetch + extra)
                 # held messages (rate-limited ones) wait beside the window, not in it
                 room = self.prefetch - (acks.held - beside) if self._next_queues is None else 0
                 if room > 0:
