@@ -167,11 +167,15 @@ def test_a_pool_that_is_not_installed_says_what_to_install(
 
 # -- millpond alone ------------------------------------------------------------------------------
 def test_core_alone_brings_the_embedded_brokers_and_nothing_else(core_venv: Venv) -> None:
-    """The embedded brokers, the control plane and the canvas are the core's dependencies,
-    nothing else."""
+    """The embedded brokers, the control plane, the canvas and rate limits are the core's
+    dependencies, nothing else."""
     assert (
         core_venv.missing(
-            "millpond", "millpond_broker_embedded", "millpond_control", "millpond_canvas"
+            "millpond",
+            "millpond_broker_embedded",
+            "millpond_control",
+            "millpond_canvas",
+            "millpond_ratelimit",
         )
         == []
     )
@@ -197,6 +201,9 @@ def test_core_alone_lists_no_pool(core_venv: Venv, app_dir: Path) -> None:
     # and the canvas: chains, groups, chords
     canvas = [line.split() for line in proc.stdout.split("canvas:")[1].splitlines()]
     assert ["canvas", "millpond-canvas", "0.1.0", ">=0.1,<0.2"] in canvas, proc.stdout
+    # and rate limits, a worker component
+    components = [line.split() for line in proc.stdout.split("worker components:")[1].splitlines()]
+    assert ["ratelimit", "millpond-ratelimit"] in [row[:2] for row in components], proc.stdout
 
 
 def test_core_alone_worker_says_which_package_to_install(core_venv: Venv, app_dir: Path) -> None:
