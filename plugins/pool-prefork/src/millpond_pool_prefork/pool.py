@@ -221,8 +221,9 @@ class PreforkPool(BasePool):
 
     @property
     def capacity(self) -> int:
-        """Every child's running job and the ones queued behind it (`prefetch_per_child`)."""
-        return self.concurrency * self.config.prefetch_per_child
+        """Every child's running job and the ones queued behind it (`prefetch_per_child`), and
+        the reserve the supervisor refills the children from (`reserve_per_child`)."""
+        return self.concurrency * (self.config.prefetch_per_child + self.config.reserve_per_child)
 
     # -- introspection (tests, the CLI's status) -------------------------------------------------
     def child_pids(self) -> list[int]:
