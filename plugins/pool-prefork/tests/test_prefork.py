@@ -238,7 +238,7 @@ def test_jobs_go_only_to_idle_children(rig: Callable[..., Rig]) -> None:
 
 def test_a_child_runs_the_jobs_queued_behind_its_running_one(rig: Callable[..., Rig]) -> None:
     """prefetch_per_child: the pool takes that many jobs per child, and they run in order."""
-    r = rig(1, prefetch_per_child=3)
+    r = rig(1, prefetch_per_child=3, reserve_per_child=0)
     assert r.pool.capacity == 3
     with Gate() as gate:
         first = r.runner.submit(make_job("gate", gate.port, 60.0))
@@ -249,6 +249,23 @@ def test_a_child_runs_the_jobs_queued_behind_its_running_one(rig: Callable[..., 
         assert r.outcomes.wait(first, PROMPT).result == "released"
         results = r.outcomes.wait_all(queued, PROMPT)
     assert [o.result["pid"] for o in results] == [pid, pid], results
+
+
+def test_the_reserve_held_in_the_worker_refills_a_child(rig: Callable[..., Rig]) -> None:
+    """reserve_per_child: jobs beyond what the child holds wait in the pool, not in the child,
+    and go to it one by one as its jobs end."""
+    r = rig(1, prefetch_per_child=1, reserve_per_child=3)
+    assert r.pool.capacity == 4
+    with Gate() as gate:
+        first = r.runner.submit(make_job("gate", gate.port, 60.0))
+        reserve = [r.runner.submit(make_job("whoami")) for _ in range(3)]
+        (pid,) = gate.wait_arrivals(1, PROMPT)
+        assert r.pool.active == 4
+        assert all(r.outcomes.get(job.task_id) is None for job in reserve)
+        gate.open()
+        assert r.outcomes.wait(first, PROMPT).result == "released"
+        results = r.outcomes.wait_all(reserve, PROMPT)
+    assert [o.result["pid"] for o in results] == [pid] * 3, results
 
 
 def test_jobs_queued_in_a_killed_child_run_in_its_replacement(rig: Callable[..., Rig]) -> None:
