@@ -342,6 +342,14 @@ def test_children_are_forked_by_the_fork_server(rig: Callable[..., Rig]) -> None
     assert all(parent_of(p) == server for p in r.pool.child_pids())
 
 
+def test_children_inherit_the_fork_servers_frozen_objects(rig: Callable[..., Rig]) -> None:
+    # gc.freeze() in the fork server: a child's collections must not walk (and so write to, and
+    # so copy) the pages of the app and modules it shares with the server
+    outcome = rig(1).run("whoami")
+    assert outcome.state == TaskState.SUCCESS, outcome
+    assert outcome.result["gc_frozen"] > 1000, outcome.result
+
+
 def test_the_pool_survives_losing_its_fork_server(rig: Callable[..., Rig]) -> None:
     r = rig(1, max_tasks_per_child=1)
     server = r.pool.forkserver_pid
