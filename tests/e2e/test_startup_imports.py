@@ -3,7 +3,7 @@
 Start-up time is mostly imports, and a time is no assertion a loaded machine can keep; so these
 tests pin the set of modules instead. A worker that runs its first task with tracing off must not
 have imported the OpenTelemetry SDK or an exporter (nor what exporters pull in: protobuf, gRPC,
-an HTTP client), nor the `inspect`/`control` command table, nor `packaging` or the metrics API;
+an HTTP client), nor the `inspect`/`control` command table, nor the metrics API;
 `--help` must not even import the settings loader, the logging set-up, the tracing API or
 `http.server`. The last test turns tracing on and sees the SDK arrive, so the worker check is
 known to be able to fail.
@@ -35,9 +35,8 @@ TRACING_ONLY = (
     "urllib3",
 )
 CLI_ONLY = ("millpond_control.cli", "millpond.cli.scaffold", "millpond.cli.settings_docs")
-#: what a worker asking for no metrics and loading plugins with plain core ranges does without:
-#: `packaging` (the range check's fallback, ~25 ms) and the OpenTelemetry metrics API (~8 ms)
-DEFERRED = ("packaging", "opentelemetry.metrics")
+#: what a worker asking for no metrics does without: the OpenTelemetry metrics API (~8 ms)
+DEFERRED = ("opentelemetry.metrics",)
 #: what printing `worker --help` needs none of
 NOT_FOR_HELP = (
     *TRACING_ONLY,

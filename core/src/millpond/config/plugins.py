@@ -10,9 +10,7 @@ AttributeError later.
 
 stevedore's entry points carry no distribution, so the distribution that declared one (its name,
 version and `Requires-Dist: millpond ...` range) comes from `importlib.metadata`, read once per
-process. The plain ranges every plugin declares (`>=0.1,<0.2`) are read and checked with a tuple
-comparison; anything else (markers, extras, wildcards, pre-releases) with `packaging`, whose
-requirement parser alone is about 15 ms of every worker start.
+process, and the range is checked with `packaging`.
 
 `millpond.cli.bootstrap` has its own, stdlib-only lookup of the `millpond.patches` group: it runs
 before this module (or stevedore, or logging) may be imported; see its docstring.
@@ -22,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import Distribution, EntryPoint, PackageNotFoundError, version
@@ -185,79 +182,32 @@ def distribution(ep: EntryPoint) -> Distribution | None:
     return _distribution(ep.group, ep.name, ep.value)
 
 
-#: a requirement's project name (PEP 508), enough to skip the lines that are not the core
-_NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
-#: one comparison with a plain release number, and a range made only of those
-_CLAUSE = re.compile(r"\s*(<=|>=|==|!=|<|>)\s*(\d+(?:\.\d+)*)\s*")
-_PLAIN_RANGE = re.compile(rf"(?:{_CLAUSE.pattern},)*{_CLAUSE.pattern}")
-_RELEASE = re.compile(r"\d+(?:\.\d+)*")
-
-
 def core_range(dist: Distribution | None) -> str:
     """The range of core versions a plugin's distribution declares (`Requires-Dist: millpond
     >=0.1,<0.2`), "" when it declares none (or is the core itself)."""
     if dist is None or _canonical(dist.metadata["Name"] or "") == "millpond":
         return ""
+    from packaging.requirements import InvalidRequirement, Requirement
+
     for line in dist.requires or []:
-        name = _NAME.match(line)
-        if name is None or _canonical(name.group(1)) != "millpond":
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
             continue
-        rest = line[name.end() :]
-        clauses: list[str] | None
-        if _PLAIN_RANGE.fullmatch(rest):
-            clauses = [op + number for op, number in _CLAUSE.findall(rest)]
-        else:
-            clauses = _packaged_clauses(line)
-        if clauses is None:
+        if _canonical(requirement.name) != "millpond":
             continue
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue  # only with an extra
         # lower bounds first, as people write them (a SpecifierSet's own text is sorted)
-        return ",".join(sorted(clauses, key=lambda c: (c[0] in "<!", c)))
+        clauses = sorted(requirement.specifier, key=lambda c: (c.operator[0] in "<!", str(c)))
+        return ",".join(str(c) for c in clauses)
     return ""
 
 
-def _packaged_clauses(line: str) -> list[str] | None:
-    """The clauses of a requirement on the core that is more than a plain range, read by
-    `packaging`; None when it is invalid or applies only with an extra."""
-    from packaging.requirements import InvalidRequirement, Requirement
-
-    try:
-        requirement = Requirement(line)
-    except InvalidRequirement:
-        return None
-    if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
-        return None  # only with an extra
-    return [str(c) for c in requirement.specifier]
-
-
 def _canonical(name: str) -> str:
-    """A project name normalised as PEP 503 says (what `packaging.utils.canonicalize_name` does)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
+    from packaging.utils import canonicalize_name
 
-
-def _release(number: str) -> tuple[int, ...]:
-    parts = [int(p) for p in number.split(".")]
-    while len(parts) > 1 and parts[-1] == 0:  # 0.1 == 0.1.0
-        parts.pop()
-    return tuple(parts)
-
-
-def in_range(version: str, wanted: str) -> bool:
-    """Whether `version` is in the range `wanted` (PEP 440): a tuple comparison when both are
-    plain release numbers, as plugins declare and releases are, else `packaging`."""
-    if _RELEASE.fullmatch(version) and _PLAIN_RANGE.fullmatch(wanted):
-        have = _release(version)
-        checks = {
-            "<": tuple.__lt__,
-            "<=": tuple.__le__,
-            ">": tuple.__gt__,
-            ">=": tuple.__ge__,
-            "==": tuple.__eq__,
-            "!=": tuple.__ne__,
-        }
-        return all(checks[op](have, _release(number)) for op, number in _CLAUSE.findall(wanted))
-    from packaging.specifiers import SpecifierSet
-
-    return SpecifierSet(wanted).contains(version, prereleases=True)
+    return str(canonicalize_name(name))
 
 
 def _check_core_version(ep: EntryPoint, what: str) -> None:
@@ -266,8 +216,10 @@ def _check_core_version(ep: EntryPoint, what: str) -> None:
     wanted = core_range(dist)
     if not wanted or dist is None:
         return
+    from packaging.specifiers import SpecifierSet
+
     core = core_version()
-    if not in_range(core, wanted):
+    if not SpecifierSet(wanted).contains(core, prereleases=True):
         raise PluginLoadError(
             f"{what} from {dist.metadata['Name']} {dist.version} needs millpond{wanted}, "
             f"but millpond {core} is installed; upgrade one of them so they match"
