@@ -86,8 +86,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pools", type=_pools, default=list(POOLS), help="threads,gevent,asyncio")
     p.add_argument("--concurrency", type=_ints, default=list(CONCURRENCY), help="1,10,100,1000")
     p.add_argument("--workers", type=_ints, default=list(WORKERS), help="1,2,4,8")
-    p.add_argument("--tasks", type=int, help="no-ops per point (3000; quick 100)")
-    p.add_argument("--sleep-tasks", type=int, help="most 10 ms sleeps per point (4000; quick 50)")
+    p.add_argument("--tasks", type=int, help="no-ops per point (5000; quick 100)")
+    p.add_argument("--sleep-tasks", type=int, help="most 10 ms sleeps per point (6000; quick 50)")
     p.add_argument("--latency-samples", type=int, help="probes per point (50; quick 5)")
     p.add_argument("--timeout", type=float, help="seconds a point may take (90; quick 30)")
     p.add_argument("--grace", type=float, default=10.0, help="SIGTERM to SIGKILL (10)")
@@ -100,8 +100,8 @@ def parser() -> argparse.ArgumentParser:
 
 def settle(ns: argparse.Namespace) -> None:
     q = ns.quick
-    ns.tasks = ns.tasks if ns.tasks is not None else (100 if q else 3000)
-    ns.sleep_tasks = ns.sleep_tasks if ns.sleep_tasks is not None else (50 if q else 4000)
+    ns.tasks = ns.tasks if ns.tasks is not None else (100 if q else 5000)
+    ns.sleep_tasks = ns.sleep_tasks if ns.sleep_tasks is not None else (50 if q else 6000)
     ns.latency_samples = ns.latency_samples if ns.latency_samples is not None else (5 if q else 50)
     ns.timeout = ns.timeout if ns.timeout is not None else (30.0 if q else 90.0)
     if min(ns.tasks, ns.sleep_tasks) < 1 or ns.latency_samples < 0 or ns.timeout <= 0:
@@ -276,7 +276,11 @@ def plot(points: list[Point], png: Path, title: str) -> None:
     ]
     curves: dict[str, list[Point]] = {}
     for p in points:
-        label = f"{p.pool} (concurrency)" if p.sweep == "pools" else "solo workers on one queue"
+        label = (
+            f"{p.pool} (concurrency)"
+            if p.sweep == "pools"
+            else "solo workers, one queue (each task also RPUSHes)"
+        )
         curves.setdefault(label, []).append(p)
     for ax, attr, ylabel in panels:
         for label, ps in curves.items():
@@ -288,7 +292,10 @@ def plot(points: list[Point], png: Path, title: str) -> None:
             xs = sorted({p.x for p in points})
             ax.plot(xs, [x / SLEEP_S for x in xs], ":", color="grey", label="bound")
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        if attr.endswith("_tps"):  # throughput spans decades; latency reads better linear
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
         ax.set_xlabel("concurrency, or number of workers")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
