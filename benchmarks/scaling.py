@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -371,7 +371,7 @@ def run(ns: argparse.Namespace, ctx: Context, target: brokers.Target, out: Path)
 
 
 def _asdict(p: Point) -> dict[str, Any]:
-    return {name: getattr(p, name) for name in Point.__slots__}  # type: ignore[attr-defined]
+    return asdict(p)
 
 
 def main(argv: list[str] | None = None) -> int:
