@@ -4,7 +4,7 @@ gevent's late-patch warning).
 
 Like `millpond_green.kit`, import this module from test modules only, after the suite's
 conftest.py has patched the interpreter. A third-party green pool gets the same checks by
-subclassing them (see docs/green-pools.md).
+subclassing them (see docs/green-pools.md); it needs pytest (`millpond-green[testing]`).
 """
 
 from __future__ import annotations
