@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import structlog
 
 from millpond.contracts.hooks import Hooks
-from millpond.observe.tracing import current_ids
+from millpond.observe.trace_ids import current_ids
 
 if TYPE_CHECKING:
     from millpond.contracts.pool import Job

@@ -1,5 +1,6 @@
 """Tracing a task's trip as OpenTelemetry SDK spans: `publish <queue>` -> `process <queue>` -> the
-task body, as one hooks implementation (`millpond.hooks` entry point `tracing`).
+task body, as one hooks implementation (`millpond.hooks` entry point `tracing`, from the
+`millpond-tracing` distribution).
 
 The spans follow the OpenTelemetry messaging conventions:
 
@@ -53,10 +54,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from millpond import __version__
 from millpond.contracts.hooks import Hooks, Publication
-from millpond.observe import attributes as attr
-from millpond.observe import otel
 from millpond.states import FAILED_STATES, TaskState
 from millpond.wire.protocol import PERIODIC_TASK_NAME
+from millpond_tracing import attributes as attr
+from millpond_tracing import otel
 
 if TYPE_CHECKING:
     from millpond.contracts.hooks import WorkerView
@@ -205,6 +206,11 @@ class TracingHooks(Hooks):
         #: per queue: the `process` span's name and the attributes every such span shares
         self._queues: dict[str, tuple[str, dict[str, Any]]] = {}
 
+    def process_starting(self, service_name: str) -> None:
+        """A millpond command owns the process: install a provider from `OTEL_*` under its name
+        (before the worker imports the app, so the app module can add span processors to it)."""
+        otel.configure_tracing(service_name)
+
     def worker_starting(self, worker: WorkerView) -> None:
         """Install a provider from `OTEL_*` unless the app did (it is imported by now)."""
         otel.configure_tracing("millpond-worker")
@@ -347,11 +353,3 @@ class TracingHooks(Hooks):
     def process_exiting(self) -> None:
         """Export what a child's batch processor still holds: `os._exit` would drop it."""
         otel.flush()
-
-
-def current_ids() -> tuple[str, str] | None:
-    """(trace id, span id) in hex of the current span, or None when there is none."""
-    ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
-        return None
-    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"

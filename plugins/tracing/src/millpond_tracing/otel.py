@@ -17,7 +17,9 @@ the app is imported and before the pool starts (prefork children inherit the pro
 restarts its export thread after a fork). A producer process may call it too, to get the same
 set-up from the same variables.
 
-The metrics plugin (`millpond-metrics`) reads the metrics variables with the helpers here.
+The metrics plugin (`millpond-metrics`) reads the metrics variables with the helpers here. The
+worker, `millpond send` and `millpond beat` reach `configure_tracing` through the
+`process_starting` hook (`TracingHooks`), never directly.
 """
 
 from __future__ import annotations
