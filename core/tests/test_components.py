@@ -3,6 +3,7 @@ before the first fetch, asks the filtering ones whether a task must be discarded
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from millpond import Millpond
 from millpond.consume.worker import Worker
 from millpond.contracts.component import WorkerComponent
+from millpond.contracts.pool import Job
 
 
 @pytest.fixture(autouse=True)
@@ -90,3 +92,90 @@ def test_a_component_is_started_before_the_first_fetch_and_stopped_at_shutdown(
     assert echo.delay(3).get(timeout=30) == 3
     assert running.stop() == 0
     assert calls == [f"start {denied.id}", f"stop {denied.id}"]
+
+
+class HoldBack(WorkerComponent):
+    """Holds every job of one task until `open()` (from any thread), like a rate limit whose
+    token comes late: the worker must run the other tasks meanwhile, then the held ones."""
+
+    holds_tasks = True
+
+    def __init__(self, worker: Worker, task_name: str) -> None:
+        super().__init__(worker)
+        self.task_name = task_name
+        self.jobs: list[Job] = []
+        self.opened = threading.Event()
+        self.drained = 0
+
+    def open(self) -> None:
+        self.opened.set()
+        self.worker.wake()
+
+    def may_hold(self, task_name: str) -> bool:
+        return task_name == self.task_name
+
+    def hold(self, job: Job) -> bool:
+        if job.task_name != self.task_name:
+            return False
+        self.jobs.append(job)
+        return True
+
+    def release(self) -> Job | None:
+        return self.jobs.pop(0) if self.jobs and self.opened.is_set() else None
+
+    def next_release(self) -> float | None:
+        return 0.0 if self.jobs and self.opened.is_set() else None
+
+    def held(self) -> list[Job]:
+        return list(self.jobs)
+
+    def drain(self) -> list[Job]:
+        jobs, self.jobs = self.jobs, []
+        self.drained += len(jobs)
+        return jobs
+
+    def window_room(self, *, opening: bool = False) -> int:
+        return 4 if opening else len(self.jobs)
+
+    def beside_window(self) -> int:
+        return len(self.jobs)
+
+    def describe_task(self, task_name: str) -> str:
+        return "  [held back]" if task_name == self.task_name else ""
+
+
+def test_a_component_holds_jobs_back_beside_the_window_and_releases_them(
+    memory_app: Millpond,
+) -> None:
+    """The contract the rate limits use, without rate limits: held jobs wait outside the
+    prefetch window (a prefetch of 1 still runs every other task), unacknowledged, early acks
+    deferred, listed as reserved; once released they start first."""
+    from millpond.testing.fixtures import RunningWorker
+
+    @memory_app.task(name="comp.held", acks_late=False)
+    def held(x: int) -> int:
+        return x
+
+    @memory_app.task(name="comp.free")
+    def free(x: int) -> int:
+        return x
+
+    waiting = [held.delay(n) for n in range(3)]
+    others = [free.delay(n) for n in range(6)]  # queued behind the held ones
+    running = RunningWorker(memory_app, pool="threads", concurrency=1, prefetch_multiplier=1)
+    worker = running.worker
+    holder = HoldBack(worker, "comp.held")
+    worker.components["hold"] = holder
+    worker._holders = [holder]
+    assert "[held back]" in worker.banner()
+    running.start()
+    try:
+        assert [r.get(timeout=30) for r in others] == list(range(6))
+        assert len(holder.jobs) == 3  # none ran, all three beside a window of one
+        assert all(job.delivery is not None for job in holder.jobs)  # not acked on receipt
+        assert {job.task_id for job in worker.buffered_jobs()} >= {r.id for r in waiting}
+        holder.open()
+        assert [r.get(timeout=30) for r in waiting] == [0, 1, 2]
+    finally:
+        assert running.stop() == 0
+    assert worker.acks is not None and worker.acks.held == 0  # every one was acknowledged

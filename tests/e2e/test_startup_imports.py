@@ -3,9 +3,10 @@
 Start-up time is mostly imports, and a time is no assertion a loaded machine can keep; so these
 tests pin the set of modules instead. A worker that runs its first task with tracing off must not
 have imported the OpenTelemetry SDK or an exporter (nor what exporters pull in: protobuf, gRPC,
-an HTTP client), nor the `inspect`/`control` command table; `--help` must not even import the
-settings loader, the logging set-up or the tracing API. The last test turns tracing on and sees
-the SDK arrive, so the worker check is known to be able to fail.
+an HTTP client), nor the `inspect`/`control` command table, nor the metrics API;
+`--help` must not even import the settings loader, the logging set-up, the tracing API or
+`http.server`. The last test turns tracing on and sees the SDK arrive, so the worker check is
+known to be able to fail.
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ TRACING_ONLY = (
     "urllib3",
 )
 CLI_ONLY = ("millpond_control.cli", "millpond.cli.scaffold", "millpond.cli.settings_docs")
+#: what a worker asking for no metrics does without: the OpenTelemetry metrics API (~8 ms)
+DEFERRED = ("opentelemetry.metrics",)
 #: what printing `worker --help` needs none of
 NOT_FOR_HELP = (
     *TRACING_ONLY,
     *CLI_ONLY,
+    *DEFERRED,
+    "http.server",
     "opentelemetry",
     "structlog",
     "dynaconf",
@@ -132,7 +137,17 @@ def test_worker_with_tracing_off_imports_no_sdk_no_exporter(
 ) -> None:
     modules = _first_task_modules(tmp_path, e2e_env, TRACING_OFF)
     assert "millpond.consume.worker" in modules  # the task ran in a worker
-    assert imported(modules, TRACING_ONLY + CLI_ONLY) == []
+    assert imported(modules, TRACING_ONLY + CLI_ONLY + DEFERRED) == []
+
+
+def test_the_probe_module_imports_no_http_server_until_it_serves() -> None:
+    # every worker imports it (through the hooks); http.server comes only with a probe port
+    script = "import sys, millpond.observe.health; print('http.server' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 def test_worker_with_tracing_on_does_import_the_sdk(

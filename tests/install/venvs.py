@@ -28,6 +28,7 @@ PACKAGES = {
     "millpond-control": "plugins/control",
     "millpond-canvas": "plugins/canvas",
     "millpond-tracing": "plugins/tracing",
+    "millpond-ratelimit": "plugins/ratelimit",
     "millpond-pool-threads": "plugins/pool-threads",
     "millpond-broker-redis": "plugins/broker-redis",
     "millpond-pool-asyncio": "plugins/pool-asyncio",

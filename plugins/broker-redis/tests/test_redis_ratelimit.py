@@ -10,16 +10,16 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from millpond.config import plugins
 from millpond_broker_redis import keys
 from millpond_broker_redis.limiter import RedisRateLimiter
+from millpond_ratelimit import limiter_for_url
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture
 def limiter() -> RedisRateLimiter:
-    found = plugins.limiter_for_url(REDIS_URL)
+    found = limiter_for_url(REDIS_URL)
     assert isinstance(found, RedisRateLimiter)
     return found
 

@@ -238,7 +238,7 @@ def test_jobs_go_only_to_idle_children(rig: Callable[..., Rig]) -> None:
 
 def test_a_child_runs_the_jobs_queued_behind_its_running_one(rig: Callable[..., Rig]) -> None:
     """prefetch_per_child: the pool takes that many jobs per child, and they run in order."""
-    r = rig(1, prefetch_per_child=3)
+    r = rig(1, prefetch_per_child=3, reserve_per_child=0)
     assert r.pool.capacity == 3
     with Gate() as gate:
         first = r.runner.submit(make_job("gate", gate.port, 60.0))
@@ -249,6 +249,23 @@ def test_a_child_runs_the_jobs_queued_behind_its_running_one(rig: Callable[..., 
         assert r.outcomes.wait(first, PROMPT).result == "released"
         results = r.outcomes.wait_all(queued, PROMPT)
     assert [o.result["pid"] for o in results] == [pid, pid], results
+
+
+def test_the_reserve_held_in_the_worker_refills_a_child(rig: Callable[..., Rig]) -> None:
+    """reserve_per_child: jobs beyond what the child holds wait in the pool, not in the child,
+    and go to it one by one as its jobs end."""
+    r = rig(1, prefetch_per_child=1, reserve_per_child=3)
+    assert r.pool.capacity == 4
+    with Gate() as gate:
+        first = r.runner.submit(make_job("gate", gate.port, 60.0))
+        reserve = [r.runner.submit(make_job("whoami")) for _ in range(3)]
+        (pid,) = gate.wait_arrivals(1, PROMPT)
+        assert r.pool.active == 4
+        assert all(r.outcomes.get(job.task_id) is None for job in reserve)
+        gate.open()
+        assert r.outcomes.wait(first, PROMPT).result == "released"
+        results = r.outcomes.wait_all(reserve, PROMPT)
+    assert [o.result["pid"] for o in results] == [pid] * 3, results
 
 
 def test_jobs_queued_in_a_killed_child_run_in_its_replacement(rig: Callable[..., Rig]) -> None:
@@ -323,6 +340,14 @@ def test_children_are_forked_by_the_fork_server(rig: Callable[..., Rig]) -> None
     assert parent_of(pid) == server or not alive(pid)
     wait_until(lambda: len(r.pool.child_pids()) == 2, PROMPT, "replacements")
     assert all(parent_of(p) == server for p in r.pool.child_pids())
+
+
+def test_children_inherit_the_fork_servers_frozen_objects(rig: Callable[..., Rig]) -> None:
+    # gc.freeze() in the fork server: a child's collections must not walk (and so write to, and
+    # so copy) the pages of the app and modules it shares with the server
+    outcome = rig(1).run("whoami")
+    assert outcome.state == TaskState.SUCCESS, outcome
+    assert outcome.result["gc_frozen"] > 1000, outcome.result
 
 
 def test_the_pool_survives_losing_its_fork_server(rig: Callable[..., Rig]) -> None:

@@ -37,9 +37,10 @@ BACKENDS = "millpond.backends"
 PATCHES = "millpond.patches"
 HOOKS = "millpond.hooks"
 SETTINGS = "millpond.settings"
+#: shared rate limiters (global rate limits), a URL scheme each; millpond-ratelimit loads them
 LIMITERS = "millpond.limiters"
 COMMANDS = "millpond.commands"
-#: parts of the worker a plugin adds (contracts.component): the control plane
+#: parts of the worker a plugin adds (contracts.component): the control plane, rate limits
 COMPONENTS = "millpond.components"
 #: objects an app offers as attributes (`app.control`), each a factory called with the app
 CLIENTS = "millpond.clients"
@@ -99,6 +100,7 @@ FIRST_PARTY = {
     (COMMANDS, "control"): "millpond-control",
     (COMMANDS, "events"): "millpond-control",
     (COMPONENTS, "control"): "millpond-control",
+    (COMPONENTS, "ratelimit"): "millpond-ratelimit",
     (CLIENTS, "control"): "millpond-control",
     (CANVAS, "canvas"): "millpond-canvas",
 }
@@ -323,14 +325,6 @@ def backend_for_url(url: str, options: dict[str, Any] | None = None) -> Any:
     return cls(url, options)
 
 
-def limiter_for_url(url: str, options: dict[str, Any] | None = None) -> Any:
-    """The shared rate limiter serving the URL's scheme (global rate limits)."""
-    scheme = scheme_of(url)
-    cls = load(LIMITERS, scheme)
-    _verify(LIMITERS, scheme, cls)
-    return cls(url, options)
-
-
 def command(name: str) -> Any:
     """The installed subcommand `name` (a `millpond.contracts.command.Command`), loaded."""
     found = load(COMMANDS, name)
@@ -413,14 +407,12 @@ def _verify(group: str, name: str, obj: Any) -> None:
     from millpond.contracts.canvas import Canvas
     from millpond.contracts.command import Command
     from millpond.contracts.component import WorkerComponent
-    from millpond.contracts.limiter import SharedLimiter
     from millpond.contracts.pool import BasePool
 
     expected: dict[str, tuple[type, str]] = {
         POOLS: (BasePool, "a BasePool subclass"),
         BROKERS: (Broker, "a Broker subclass"),
         BACKENDS: (ResultBackend, "a ResultBackend subclass"),
-        LIMITERS: (SharedLimiter, "a SharedLimiter subclass"),
         COMPONENTS: (WorkerComponent, "a WorkerComponent subclass"),
         CANVAS: (Canvas, "a Canvas subclass"),
     }

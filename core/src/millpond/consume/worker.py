@@ -30,12 +30,10 @@ import structlog
 from millpond.config import plugins
 from millpond.config.settings import Settings, load_settings
 from millpond.consume.execute import Executor
-from millpond.consume.ratelimit import Gate
 from millpond.consume.receive import Receiver
 from millpond.consume.settle import Acks, Settler
 from millpond.contracts.broker import Consumer, Delivery, mask_url
 from millpond.contracts.component import WorkerComponent
-from millpond.contracts.limiter import SharedLimiter, describe_rate, parse_rate
 from millpond.contracts.pool import BasePool, Job, Outcome
 from millpond.contracts.waking import Inbox
 from millpond.exceptions import AccessDenied, ConfigurationError, MillpondError
@@ -108,20 +106,17 @@ class Worker:
         self.started_at = time.time()
         #: the parts plugins add (`millpond.components`: the control plane), by entry-point name
         self.components: dict[str, WorkerComponent] = self._build_components()
+        #: the components that may hold a task back until it may start (rate limits)
+        self._holders = [c for c in self.components.values() if c.holds_tasks]
         #: why a task must not run (revoked), or None; the components' filters, or none at all
         self.discard: Callable[[str, Any], str | None] = self._discarder()
         #: functions other threads ask the loop to run on its next turn (`call_soon`)
         self._calls: deque[Callable[[], None]] = deque()
         #: the queues to consume once what the current consumer delivered is settled
         self._next_queues: tuple[str, ...] | None = None
-        #: rate limits: task name -> (tokens per second or None, shared by the fleet)
-        self._limits: dict[str, tuple[float | None, bool]] = self._initial_limits()
-        self._limit_changes: list[str] = []
-        self._limit_lock = threading.Lock()
-        self.gate: Gate | None = None
+        #: the broker's prefetch window: the prefetch count plus what the holders hold beside it
         self._window = self.prefetch
         self._resizable = True
-        self._stale_check = 0.0
 
     def _build_components(self) -> dict[str, WorkerComponent]:
         """Every installed worker component, built now: a bad setting of one stops the start."""
@@ -175,11 +170,6 @@ class Worker:
         return out
 
     @property
-    def rate_limited(self) -> int:
-        """Messages of rate-limited tasks waiting in the worker for a token."""
-        return self.gate.parked if self.gate is not None else 0
-
-    @property
     def accepting(self) -> bool:
         return not self._stop.is_set()
 
@@ -196,11 +186,10 @@ class Worker:
     def buffered_jobs(self) -> list[Job]:
         """Jobs received and waiting for a pool slot, or for a rate limit's token (Celery lists
         those as reserved too); safe from any thread."""
-        gate = self.gate
         for _ in range(10):
             try:
-                waiting = list(gate.jobs()) if gate is not None else []
-                return waiting + list(self._buffer)
+                held = [job for holder in self._holders for job in holder.held()]
+                return held + list(self._buffer)
             except RuntimeError:  # the loop changed it while we copied: try again
                 continue
         return []
@@ -243,8 +232,7 @@ class Worker:
             return
         old, self.queues, self._next_queues = self.consumer, self._next_queues, None
         old.close()
-        window = self._open_window(self.gate) if self.gate is not None else self.prefetch
-        self.consumer = self.app.broker.consumer(self.queues, window)
+        self.consumer = self.app.broker.consumer(self.queues, self._open_window())
         acks.consumer = self.consumer
         log.info("consuming from new queues", queues=list(self.queues))
 
@@ -268,171 +256,36 @@ class Worker:
             self.pool.start_cancelled.set()  # still starting: stop that first
         self.inbox.waker.wake()
 
-    # -- rate limits ------------------------------------------------------------------------------
-    def _initial_limits(self) -> dict[str, tuple[float | None, bool]]:
-        """Each task's declared limit (none when `disable_rate_limits` is on), and its scope."""
-        limits: dict[str, tuple[float | None, bool]] = {}
-        if self.settings.disable_rate_limits:
-            return limits
-        for task in self.app.tasks.values():
-            rate = parse_rate(task.options.rate_limit)
-            if rate is not None:
-                limits[task.name] = (rate, self._shared_scope(task.name))
-        return limits
+    # -- what components hold back (rate limits) -----------------------------------------------
+    def _may_hold(self, task_name: str) -> bool:
+        return any(holder.may_hold(task_name) for holder in self._holders)
 
-    def _shared_scope(self, task_name: str) -> bool:
-        task = self.app.tasks.get(task_name)
-        scope = task.options.rate_limit_scope if task is not None else None
-        return (scope or self.settings.rate_limit_scope) == "global"
-
-    def set_rate_limit(self, task_name: str, rate: str | float | None) -> None:
-        """Change a task's rate limit at run time (Celery's `rate_limit` control command):
-        `"10/m"`, `"5/s"`, `"100/h"`, a number per second, or None/""/0 for no limit. Safe from
-        any thread; takes effect on the consumer loop's next turn.
-
-        Raises `InvalidRateLimit` for a rate Celery would not take, `UnknownTask` for a task this
-        worker does not have, and `ConfigurationError` for a global limit with no shared store.
-        """
-        from millpond.exceptions import ConfigurationError, UnknownTask
-
-        per_second = parse_rate(rate)
-        if task_name not in self.app.tasks:
-            raise UnknownTask(
-                f"unknown task {task_name!r}: not registered in app {self.app.name!r}"
-            )
-        shared = self._shared_scope(task_name)
-        if per_second is not None and shared and self._store_url() is None:
-            raise ConfigurationError(self._no_store_message(task_name))
-        if self.settings.disable_rate_limits and per_second is not None:
-            log.warning(
-                "rate limit set while disable_rate_limits is on: it is kept",
-                task_name=task_name,
-                rate_limit=describe_rate(per_second),
-            )
-        with self._limit_lock:
-            self._limits[task_name] = (per_second, shared)
-            self._limit_changes.append(task_name)
-        log.info("rate limit changed", task_name=task_name, rate_limit=describe_rate(per_second))
-        self.inbox.waker.wake()
-
-    def rate_limit_of(self, task_name: str) -> float | None:
-        """The task's current limit in tokens per second (None: no limit)."""
-        with self._limit_lock:
-            return self._limits.get(task_name, (None, False))[0]
-
-    def _store_url(self) -> str | None:
-        url = self.settings.rate_limit_store or self.app.broker_url
-        if not url:
-            return None
-        scheme = plugins.scheme_of(url)
-        return url if scheme in plugins.installed(plugins.LIMITERS) else None
-
-    def _no_store_message(self, task_name: str) -> str:
-        return (
-            f'{task_name}: a global rate limit (rate_limit_scope = "global") needs a shared '
-            "store, and neither rate_limit_store nor the broker URL names one that an installed "
-            f"limiter serves (installed: {', '.join(plugins.installed(plugins.LIMITERS)) or 'none'}"
-            '); set rate_limit_store = "redis://..." (pip install millpond-broker-redis)'
-        )
-
-    def _shared_limiter(self) -> SharedLimiter:
-        url = self._store_url()
-        assert url is not None  # checked before any shared lane exists
-        scheme = plugins.scheme_of(url)
-        options = self.settings.plugin_options(scheme)
-        limiter: SharedLimiter = plugins.limiter_for_url(url, options)
-        return limiter
-
-    def _make_gate(self) -> Gate:
-        parking = self.settings.rate_limit_parking or self.prefetch
-        gate = Gate(
-            parking=parking,
-            max_hold=self.settings.rate_limit_max_hold,
-            hand_back=self._hand_back,
-            shared=self._shared_limiter,
-        )
-        for name, (rate, shared) in self._limits.items():
-            if shared and self._store_url() is None:
-                raise MillpondError(self._no_store_message(name))
-            gate.set_rate(name, rate, shared=shared)
-            log.info(
-                "rate limit",
-                task_name=name,
-                rate_limit=describe_rate(rate),
-                scope="global" if shared else "worker",
-            )
-        return gate
-
-    def _apply_limit_changes(self, gate: Gate) -> None:
-        """Changes from `set_rate_limit`, in the loop's thread; widen or narrow the window."""
-        with self._limit_lock:
-            changed, self._limit_changes = self._limit_changes, []
-            wanted = {name: self._limits.get(name, (None, False)) for name in changed}
-        for name, (rate, shared) in wanted.items():
-            for job in gate.set_rate(name, rate, shared=shared):
-                self._buffer.appendleft(job)  # no limit any more: runs like any other job
-        self._resize_window(gate)
-
-    def _target_window(self, gate: Gate) -> int:
-        """The broker's window: the prefetch count plus what the lanes hold, rounded up to a
-        step, plus one step of room for the next limited messages (never past the lanes' room).
-
-        Following what the lanes hold, rather than opening their whole room at once, keeps a
-        RabbitMQ worker from being pushed messages of any task beyond its prefetch count while
-        its lanes are empty. The step keeps resizes (a round trip on RabbitMQ) to one per
-        `parking / 4` messages parked or taken, as Celery batches its QoS changes.
-        """
-        if not gate.lanes:
-            return self.prefetch
-        step = max(1, gate.parking // 4)
-        held = gate.beside_window
-        return self.prefetch + min(gate.room, -(-held // step) * step + step)
-
-    def _open_window(self, gate: Gate) -> int:
-        """The window a new consumer starts with: the whole room, narrowed on the loop's first
-        turn where the consumer can resize (a quorum-queue consumer keeps it)."""
+    def _open_window(self) -> int:
+        """The window a new consumer starts with: the prefetch count and all the room holders
+        may want, narrowed on the loop's first turn where the consumer can resize."""
         self._resizable = True
-        self._window = self.prefetch + gate.room
+        self._window = self.prefetch + sum(h.window_room(opening=True) for h in self._holders)
         return self._window
 
-    def _resize_window(self, gate: Gate) -> None:
-        """Follow `_target_window` (and a pool resized at run time)."""
-        window = self._target_window(gate)
-        if window == self._window or self.consumer is None or not self._resizable:
+    def _resize_window(self, window: int) -> None:
+        """Follow what the holders want beside the prefetch count (and a pool resized at run
+        time); a consumer that cannot resize (a quorum queue's) keeps the window it opened with."""
+        if self.consumer is None or not self._resizable:
             return
         if self.consumer.resize(window):
             self._window = window
             return
         self._resizable = False
-        if self._window < self.prefetch + gate.room:
+        if self._window < self.prefetch + sum(h.window_room(opening=True) for h in self._holders):
             log.warning(
                 "this broker's consumer cannot widen its prefetch window at run time: "
-                "rate-limited messages waiting for a token take room from other tasks "
-                "until the worker restarts"
+                "messages held back (rate-limited ones waiting for a token) take room from "
+                "other tasks until the worker restarts"
             )
 
-    def _hand_back(self, job: Job, delay: float) -> bool:
-        """Give a rate-limited message back to the broker, due in `delay` seconds, and ack it."""
-        assert self.acks is not None
-        delivery = job.delivery
-        if delivery is None or not self.app.broker.supports_delay:
-            return False
-        try:
-            self.app.broker.publish(delivery.queue, delivery.message, eta=time.time() + delay)
-        except Exception as exc:
-            log.warning(
-                "could not hand a rate-limited message back to the broker; it waits here",
-                task_id=job.task_id,
-                task_name=job.task_name,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            return False
-        self.acks.ack_later([delivery])
-        return True
-
-    def _ack_early(self, job: Job) -> None:
-        """A limited task with early acks is acknowledged as it starts (not when received), so
-        its messages can wait in the lane and go back to the broker."""
+    def _ack_released(self, job: Job) -> None:
+        """A held job of a task with early acks is acknowledged as it starts (not when received),
+        so its message could wait in the holder and go back to the broker."""
         if job.delivery is None or self.acks is None:
             return
         task = self.app.tasks.get(job.task_name)
@@ -492,15 +345,12 @@ class Worker:
             lines.append(f"  health:      http://{where}/livez, /readyz (health_host, health_port)")
         lines += [
             f"  tasks ({len(tasks)}):",
-            *(f"    . {name}{self._banner_limit(name)}" for name in tasks),
+            *(f"    . {name}{self._banner_note(name)}" for name in tasks),
         ]
         return "\n".join(lines)
 
-    def _banner_limit(self, name: str) -> str:
-        rate, shared = self._limits.get(name, (None, False))
-        if rate is None:
-            return ""
-        return f"  [rate_limit {describe_rate(rate)}{', global' if shared else ''}]"
+    def _banner_note(self, name: str) -> str:
+        return "".join(holder.describe_task(name) for holder in self._holders)
 
     def _check_capabilities(self) -> None:
         caps = self.pool_cls.capabilities
@@ -537,7 +387,6 @@ class Worker:
         broker.connect()
         broker.declare(self.queues)
         _ = self.app.backend  # resolve it now: a bad backend URL fails at start-up
-        self.gate = gate = self._make_gate()  # a global limit with no store fails at start-up
         execution = Executor(self.app, self.hooks)
         try:
             self.pool = self.pool_cls(
@@ -550,7 +399,7 @@ class Worker:
         if self._stop.is_set():  # told to stop while the pool started: consume nothing
             return self._shutdown()
         self._start_components()
-        self.consumer = broker.consumer(self.queues, self._open_window(gate))
+        self.consumer = broker.consumer(self.queues, self._open_window())
         self.acks = Acks(self.consumer)
         self.settler = Settler(self.app, self.settings, self.acks)
         self.receiver = Receiver(
@@ -561,7 +410,7 @@ class Worker:
             self.pool_cls.capabilities,
             rejoin=self.settler.rejoin,
             revoked=self.discard,
-            defer_early_ack=self._limited,
+            defer_early_ack=self._may_hold if self._holders else None,
         )
         code = EXIT_OK
         try:
@@ -588,10 +437,6 @@ class Worker:
         for component in self.components.values():
             component.start()
 
-    def _limited(self, task_name: str) -> bool:
-        gate = self.gate
-        return gate is not None and gate.limited(task_name)
-
     def _pool_options(self) -> dict[str, Any]:
         """The validated values of the settings section the pool publishes under its name."""
         return self.settings.plugin_options(self.settings.pool)
@@ -602,14 +447,8 @@ class Worker:
         assert self.pool is not None
         assert self.acks is not None
         assert self.receiver is not None
-        assert self.gate is not None
-        consumer, pool, inbox, acks, gate = (
-            self.consumer,
-            self.pool,
-            self.inbox,
-            self.acks,
-            self.gate,
-        )
+        consumer, pool, inbox, acks = self.consumer, self.pool, self.inbox, self.acks
+        holders = self._holders
         receive = self.receiver.receive
         waker = inbox.waker
         while True:
@@ -618,8 +457,6 @@ class Worker:
                 self._run_calls()
             if len(inbox):
                 self._complete_batch()
-            if self._limit_changes:
-                self._apply_limit_changes(gate)
             if self._stop.is_set():
                 if not self._cold and not self._given_back:
                     self._give_back_buffered()
@@ -641,16 +478,17 @@ class Worker:
                     self._maybe_swap_consumer()
                     assert self.consumer is not None
                     consumer = self.consumer
-                if gate.lanes:
-                    self._tend_lanes(gate)
-                if gate.lanes or self._window != self.prefetch:
-                    self._resize_window(gate)
-                # parked rate-limited messages wait beside the window, not in it
-                room = (
-                    self.prefetch - (acks.held - gate.beside_window)
-                    if self._next_queues is None
-                    else 0
-                )
+                beside = extra = 0
+                if holders:
+                    closing = self._next_queues is not None
+                    for holder in holders:
+                        holder.tend(closing=closing)
+                        beside += holder.beside_window()
+                        extra += holder.window_room()
+                if self.prefetch + extra != self._window:
+                    self._resize_window(self.prefetch + extra)
+                # held messages (rate-limited ones) wait beside the window, not in it
+                room = self.prefetch - (acks.held - beside) if self._next_queues is None else 0
                 if room > 0:
                     acks.flush()
                     try:
@@ -681,31 +519,16 @@ class Worker:
             waker.wait(self._wait(0.5))
 
     def _wait(self, longest: float) -> float:
-        """How long the loop may block: `longest`, or less when a parked job's token is due and
-        the pool has a slot for it (with the pool full, a completion wakes the loop anyway)."""
-        gate, pool = self.gate, self.pool
-        if gate is None or not gate.lanes or pool is None or pool.active >= pool.capacity:
+        """How long the loop may block: `longest`, or less when a held job may start and the
+        pool has a slot for it (with the pool full, a completion wakes the loop anyway)."""
+        pool = self.pool
+        if not self._holders or pool is None or pool.active >= pool.capacity:
             return longest
-        due = gate.next_due()
-        if due is None:
-            return longest
-        return min(longest, max(due, 0.001))
-
-    def _tend_lanes(self, gate: Gate) -> None:
-        """Once a second: messages that waited `rate_limit_max_hold` go back to the broker (all
-        of them while the consumer waits to be swapped for another queue set: it can only be
-        closed once nothing it delivered is held)."""
-        now = time.monotonic()
-        if now - self._stale_check < 1.0 and self._next_queues is None:
-            return
-        self._stale_check = now
-        sent = gate.send_back_stale(everything=self._next_queues is not None)
-        if sent:
-            log.info(
-                "rate-limited messages waited too long in the worker; handed back to the broker",
-                count=sent,
-                max_hold=self.settings.rate_limit_max_hold,
-            )
+        for holder in self._holders:
+            due = holder.next_release()
+            if due is not None:
+                longest = min(longest, max(due, 0.001))
+        return longest
 
     def _received(self, job: Job) -> None:
         self.hooks.received(job)
@@ -715,7 +538,10 @@ class Worker:
             self._answer(job, why, told=True)
         elif job.expires is not None and time.time() > job.expires:
             self._answer(job, "expired before a worker received it")
-        elif self.gate is None or not self.gate.admit(job):
+        else:
+            for holder in self._holders:
+                if holder.hold(job):
+                    return
             self._buffer.append(job)
 
     def _give_back_stale(self, job: Job) -> None:
@@ -739,8 +565,8 @@ class Worker:
         assert self.acks is not None
         jobs = list(self._buffer)
         self._buffer.clear()
-        if self.gate is not None:
-            jobs += self.gate.drain()  # rate-limited ones parked beside the window
+        for holder in self._holders:
+            jobs += holder.drain()  # held beside the window (rate-limited ones)
         self.acks.flush()  # finished tasks' acks first: the release must not overtake them
         deliveries = [job.delivery for job in jobs if job.delivery is not None]
         # acknowledged when they arrived (acks_late off): the broker has them no more, so they
@@ -778,16 +604,19 @@ class Worker:
         `stopping` (the warm stop running what was acknowledged on receipt)."""
         buffer = self._buffer
         consumer = self.consumer
-        gate = self.gate
+        holders = self._holders
         while pool.active < pool.capacity and (stopping or not self._stop.is_set()):
-            # a parked job whose token is there goes first: it was received before the buffer's
-            job = gate.take() if gate is not None and gate.lanes else None
-            if job is not None:
-                self._ack_early(job)
-            elif buffer:
+            # a held job that may start goes first: it was received before the buffer's
+            job = None
+            for holder in holders:
+                job = holder.release()
+                if job is not None:
+                    self._ack_released(job)
+                    break
+            if job is None:
+                if not buffer:
+                    return
                 job = buffer.popleft()
-            else:
-                return
             if consumer is not None and job.delivery is not None and consumer.stale(job.delivery):
                 self._give_back_stale(job)
                 continue
@@ -866,9 +695,6 @@ class Worker:
                     task_ids=[job.task_id for job in lost[:20]],
                 )
             self._buffer.clear()
-            if self.gate is not None:
-                self.gate.drain()  # unacknowledged: they went back with the consumer's close
-                self.gate.close()
             # before the app's connections close: a hook may still send (events' worker-offline)
             self.hooks.lifecycle("worker_stopped", self)
             self.app.close()

@@ -1,17 +1,25 @@
 """The worker-component contract: a part of the worker that a plugin provides.
 
-The control plane (remote control, revoke, mingle: the `millpond-control` package) is one. The
-core worker knows nothing of it but this contract: it builds every installed component from the
-`millpond.components` entry-point group when the worker is built, starts them after the pool
-started and before the first fetch, asks each whether a task must be discarded before it runs, and
-stops them first at shutdown. So the core neither imports a component nor pays for one that is
-not installed.
+The control plane (remote control, revoke, mingle: `millpond-control`) and rate limits
+(`millpond-ratelimit`) are two. The core worker knows nothing of them but this contract: it builds
+every installed component from the `millpond.components` entry-point group when the worker is
+built, starts them after the pool started and before the first fetch, asks each whether a task
+must be discarded before it runs, lets one hold a task back until it may start, and stops them
+first at shutdown. So the core neither imports a component nor pays for one that is not installed.
+
+Holding back (`holds_tasks = True`): a received job may be taken by `hold` instead of going to the
+worker's buffer; `release` gives back, when the pool has a free slot, a held job that may start
+now (it goes first: it was received before what is buffered). A held job stays unacknowledged (its
+early ack waits until it starts, see `may_hold`), and the broker's prefetch window is widened by
+`window_room` so held jobs never stall the buffer behind them: unheld tasks keep flowing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
+
+from millpond.contracts.pool import Job
 
 if TYPE_CHECKING:
     from millpond.consume.worker import Worker
@@ -22,11 +30,14 @@ class WorkerComponent:
 
     Built in `Worker.__init__` (read settings and fail on bad ones there: the worker must not
     start); `start` runs on the worker's thread, once the pool started and before anything is
-    fetched; `stop` runs first in the shutdown, while the broker connection is still open.
+    fetched; `stop` runs first in the shutdown, while the broker connection is still open. Every
+    method but `__init__`, `start` and `stop` runs on the consumer loop's thread.
     """
 
     #: whether `discard` may say no to a task (the worker calls only those that override it)
     filters_tasks: bool = False
+    #: whether `hold` may take a task (the worker calls the holding methods only on those)
+    holds_tasks: bool = False
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -44,3 +55,48 @@ class WorkerComponent:
         `filters_tasks = True` on a component that overrides it.
         """
         return None
+
+    # -- holding tasks back (holds_tasks = True) -------------------------------------------------
+    def may_hold(self, task_name: str) -> bool:
+        """Whether `hold` may take tasks of this name: their early ack (acks_late off) is then
+        made when the job starts, not on receipt, so a held message can go back to the broker."""
+        return False
+
+    def hold(self, job: Job) -> bool:
+        """Take a received job to start later (or hand it back to the broker); False: not held,
+        the worker buffers it as usual."""
+        return False
+
+    def release(self) -> Job | None:
+        """A held job that may start now, or None; called only when the pool has a free slot."""
+        return None
+
+    def next_release(self) -> float | None:
+        """Seconds until `release` may give a job (None: nothing held), so the loop wakes for it
+        rather than on its next poll timeout."""
+        return None
+
+    def tend(self, *, closing: bool) -> None:
+        """Once a loop turn: look after what is held. `closing`: the consumer that delivered the
+        held messages is about to close (the queues change): give every one back to the broker."""
+
+    def held(self) -> Iterable[Job]:
+        """Every job held now (inspection lists them as reserved); may be called from any thread."""
+        return ()
+
+    def drain(self) -> list[Job]:
+        """Let go of every held job (warm shutdown: the worker gives them back to the broker)."""
+        return []
+
+    def window_room(self, *, opening: bool = False) -> int:
+        """Messages to let the broker deliver beyond the prefetch count, to hold beside it now
+        (`opening`: for a new consumer, the most this component may want)."""
+        return 0
+
+    def beside_window(self) -> int:
+        """Of the held messages, those that do not count against the prefetch count."""
+        return 0
+
+    def describe_task(self, task_name: str) -> str:
+        """A note on the task for the worker's start-up banner (its limit), or ""."""
+        return ""

@@ -22,7 +22,6 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -73,6 +72,11 @@ class ProbeServer:
     """A tiny HTTP server with fixed routes, on its own daemon thread."""
 
     def __init__(self, host: str, port: int, routes: dict[str, Route]) -> None:
+        # imported here, where a port was asked for: every worker imports this module (through
+        # the hooks), and `http.server` with `http.client`, `html` and `mimetypes` is about 8 ms
+        # of each start that a worker without probes or /metrics never uses
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
         self.routes = dict(routes)
         server_routes = self.routes
 

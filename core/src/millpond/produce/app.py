@@ -42,6 +42,7 @@ from millpond.config.settings import Settings, load_settings
 from millpond.contracts.backend import ResultBackend
 from millpond.contracts.broker import Broker, Outbound
 from millpond.contracts.canvas import Canvas
+from millpond.contracts.clients import ControlClient
 from millpond.contracts.hooks import HookChain, Hooks, Publication, publishing_parent
 from millpond.exceptions import PublishError
 from millpond.produce.result import AsyncResult, GroupResult
@@ -155,7 +156,7 @@ class Millpond:
         self._lock = threading.RLock()
         self._broker: Broker | None = None
         #: `app.control`, made by the installed `millpond.clients` plugin on first use
-        self._control: Any = None
+        self._control: ControlClient | None = None
         self._backend: ResultBackend | None = None
         self._backend_resolved = False
         self._warned: set[Hashable] = set()
@@ -385,15 +386,15 @@ class Millpond:
         return self._backend
 
     @property
-    def control(self) -> Any:
+    def control(self) -> ControlClient:
         """Remote control, as Celery's `app.control` (docs/control.md): a
         `millpond_control.client.Control`, made by the `control` entry point of the
-        `millpond.clients` group (the millpond-control package, which millpond depends on)."""
+        `millpond.clients` group (the millpond-control package, which millpond depends on), and
+        typed with the core's `ControlClient` protocol it satisfies."""
         self._check_pid()
         found = self._control
         if found is None:
-            found = plugins.client("control")(self)
-            self._control = found
+            found = self._control = plugins.client("control")(self)
         return found
 
     def close(self) -> None:

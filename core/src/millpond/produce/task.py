@@ -35,8 +35,8 @@ from typing import (
     overload,
 )
 
-from millpond.contracts.limiter import RATE_LIMIT_SCOPES, InvalidRateLimit, parse_rate
 from millpond.exceptions import Retry
+from millpond.produce.rates import RATE_LIMIT_SCOPES, InvalidRateLimit, parse_rate
 
 if TYPE_CHECKING:
     from millpond.produce.app import Millpond

@@ -15,10 +15,10 @@ from typing import Any
 
 from redis.commands.core import Script
 
-from millpond.contracts.limiter import SharedLimiter
 from millpond_broker_redis import keys, scripts
 from millpond_broker_redis.config import parse
 from millpond_broker_redis.connection import SCRIPT_ENCODER, Pools
+from millpond_ratelimit import SharedLimiter
 
 
 class RedisRateLimiter(SharedLimiter):

@@ -156,7 +156,8 @@ def _run(job: Job, execution: Execution) -> Outcome | None:
         outcome = None  # likewise outside the task body: the parent reports why it stopped us
     finally:
         _block()
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        if job.soft_time_limit:  # a syscall saved per job without one
+            signal.setitimer(signal.ITIMER_REAL, 0)
         _state.job = None
     return None if _state.stopping else outcome
 
@@ -212,13 +213,18 @@ def _serve(sock: socket.socket, config: PreforkConfig, execution: Execution) -> 
     queue: deque[Job] = deque()
     done = 0
     while True:
-        try:
-            _unblock()
-            frames = _take_frames(sock, reader, wait=not queue)
-        except _Stop:
-            return EXIT_OK
-        finally:
-            _block()
+        if queue:
+            # a look without waiting keeps the signals blocked (two syscalls fewer per job): one
+            # sent meanwhile lands when the next job unblocks them, where it is handled the same
+            frames = _take_frames(sock, reader, wait=False)
+        else:
+            try:
+                _unblock()
+                frames = _take_frames(sock, reader, wait=True)
+            except _Stop:
+                return EXIT_OK
+            finally:
+                _block()
         if frames is None or _state.stopping:
             return EXIT_OK  # None: the parent is gone
         for message in frames:

@@ -19,9 +19,12 @@ ones queued behind it, so it starts its next job without waiting for a round tri
 supervisor and the worker loop (that round trip per job was most of the pool's cost for short
 tasks). A job goes to the least busy child: it is queued behind a running job only when every
 child is busy, and at most `prefetch_per_child - 1` jobs wait behind any one task. The pool's
-`capacity` is `concurrency * prefetch_per_child`, so the worker hands it that many. A job that
-arrives while a replacement child is still starting waits in `_pending` until a child is ready;
-jobs queued in a child that dies or recycles itself never started, and go back to `_pending`.
+`capacity` is `concurrency * (prefetch_per_child + reserve_per_child)`: the reserve waits in
+`_pending`, and the supervisor thread hands it to a child as each outcome arrives, so the
+children are refilled without waiting for the worker loop (busy with broker round trips) to
+take the completion and hand over new jobs. A job that arrives while a replacement child is
+still starting waits in `_pending` too; jobs queued in a child that dies or recycles itself
+never started, and go back to `_pending`.
 
 Deaths and limits (the outcome is what the worker sees):
 
@@ -221,8 +224,9 @@ class PreforkPool(BasePool):
 
     @property
     def capacity(self) -> int:
-        """Every child's running job and the ones queued behind it (`prefetch_per_child`)."""
-        return self.concurrency * self.config.prefetch_per_child
+        """Every child's running job and the ones queued behind it (`prefetch_per_child`), and
+        the reserve the supervisor refills the children from (`reserve_per_child`)."""
+        return self.concurrency * (self.config.prefetch_per_child + self.config.reserve_per_child)
 
     # -- introspection (tests, the CLI's status) -------------------------------------------------
     def child_pids(self) -> list[int]:

@@ -43,6 +43,16 @@ SECTION = Section(
             minimum=1,
         ),
         Option(
+            "reserve_per_child",
+            "int",
+            4,
+            "Jobs per child the pool holds in the worker process beyond what the children hold, "
+            "handed to the first child with room the moment one of its jobs ends, without "
+            "waiting for the worker's loop (which is busy with the broker meanwhile); 0 lets "
+            "the loop refill the children itself.",
+            minimum=0,
+        ),
+        Option(
             "kill_grace",
             "float",
             1.0,
@@ -70,6 +80,7 @@ class PreforkConfig:
     max_tasks_per_child: int | None = None
     max_memory_per_child: int | None = None
     prefetch_per_child: int = 4
+    reserve_per_child: int = 4
     kill_grace: float = 1.0
     start_timeout: float = 30.0
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from millpond.contracts.limiter import SharedLimiter
 from millpond.contracts.pool import Job
+from millpond_ratelimit.limiter import SharedLimiter
 
 log = structlog.get_logger("millpond.worker")
 

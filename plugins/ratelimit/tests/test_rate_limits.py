@@ -10,10 +10,18 @@ from typing import Any
 import pytest
 
 from millpond import Millpond
-from millpond.consume.ratelimit import Gate, TokenBucket
-from millpond.contracts.limiter import InvalidRateLimit, SharedLimiter, describe_rate, parse_rate
+from millpond.consume.worker import Worker
 from millpond.contracts.pool import Job
 from millpond.exceptions import MillpondError
+from millpond_ratelimit import (
+    Gate,
+    InvalidRateLimit,
+    RateLimits,
+    SharedLimiter,
+    TokenBucket,
+    describe_rate,
+    parse_rate,
+)
 
 
 class Clock:
@@ -54,6 +62,13 @@ def gate(clock: Clock, hand_back: HandBacks | None = None, **kw: Any) -> Gate:
     kw.setdefault("parking", 4)
     kw.setdefault("max_hold", 60.0)
     return Gate(hand_back=hand_back or HandBacks(), clock=clock, **kw)
+
+
+def limits_of(worker: Worker) -> RateLimits:
+    """The worker's rate-limit component (the `ratelimit` entry point of this package)."""
+    found = worker.components["ratelimit"]
+    assert isinstance(found, RateLimits)
+    return found
 
 
 # -- parsing -------------------------------------------------------------------------------------
@@ -382,22 +397,16 @@ def test_a_limited_flood_does_not_hold_back_other_tasks(memory_app: Millpond) ->
     free = [t["free"].delay(n) for n in range(40)]  # queued behind the whole flood
     running = RunningWorker(memory_app, pool="threads", concurrency=2, prefetch_multiplier=1)
     worker, given = running.worker, []
-    make_gate = worker._make_gate
+    made = limits_of(worker).gate
+    take = made.take
 
-    def recording_gate() -> Gate:  # when each token was given (the limit's own clock)
-        made = make_gate()
-        take = made.take
+    def taken() -> Job | None:  # when each token was given (the limit's own clock)
+        job = take()
+        if job is not None:
+            given.append(time.monotonic())
+        return job
 
-        def taken() -> Job | None:
-            job = take()
-            if job is not None:
-                given.append(time.monotonic())
-            return job
-
-        made.take = taken  # type: ignore[method-assign]
-        return made
-
-    worker._make_gate = recording_gate  # type: ignore[method-assign]
+    made.take = taken  # type: ignore[method-assign]
     running.start()
     try:
         free_done = [r.get(timeout=30) for r in free]
@@ -410,7 +419,7 @@ def test_a_limited_flood_does_not_hold_back_other_tasks(memory_app: Millpond) ->
     gaps = [b - a for a, b in itertools.pairwise(given)]
     assert min(gaps) >= 0.05 - 1e-3, f"two tokens given {min(gaps):.4f} s apart (limit 20/s)"
     # a prefetch of 2 would have held two limited messages; the rest went back to the broker
-    assert worker.gate is not None and worker.gate.handed_back > 0
+    assert made.handed_back > 0
 
 
 def test_set_rate_limit_at_run_time(memory_app: Millpond, start_worker: Any) -> None:
@@ -418,7 +427,7 @@ def test_set_rate_limit_at_run_time(memory_app: Millpond, start_worker: Any) -> 
 
     t = limited_app(memory_app)
     running = start_worker(memory_app, pool="threads", concurrency=2)
-    worker = running.worker
+    worker = limits_of(running.worker)
     with pytest.raises(InvalidRateLimit, match="unit 'd'"):
         worker.set_rate_limit("rl.free", "1/d")
     with pytest.raises(UnknownTask, match=r"rl\.nope"):
@@ -436,7 +445,7 @@ def test_set_rate_limit_at_run_time(memory_app: Millpond, start_worker: Any) -> 
 def test_disable_rate_limits(memory_app: Millpond, start_worker: Any) -> None:
     t = limited_app(memory_app)
     running = start_worker(memory_app, pool="threads", concurrency=2, disable_rate_limits=True)
-    assert running.worker.rate_limit_of("rl.limited") is None
+    assert limits_of(running.worker).rate_limit_of("rl.limited") is None
     assert t["limited"].delay(1).get(timeout=30)
 
 
@@ -453,25 +462,24 @@ def test_a_global_limit_without_a_store_fails_at_start_up(memory_app: Millpond) 
 def test_the_loop_wakes_for_a_token_only_when_the_pool_has_a_slot(memory_app: Millpond) -> None:
     """With the pool full a completion wakes the loop anyway: waking for a token that is ready
     but has nowhere to go would spin the loop (and steal CPU from the tasks)."""
-    from millpond.consume.worker import Worker
-
     limited_app(memory_app)
     worker = Worker(memory_app, pool="threads", concurrency=2)
     clock = Clock()
-    worker.gate = gate(clock)
-    worker.gate.set_rate("rl.limited", 0.5)
+    limits = limits_of(worker)
+    limits.gate = g = gate(clock)
+    g.set_rate("rl.limited", 0.5)
 
     class Slots:
         active, concurrency, capacity = 2, 2, 2
 
     worker.pool = Slots()  # type: ignore[assignment]
     assert worker._wait(0.5) == 0.5  # nothing parked
-    worker.gate.admit(job("rl.limited"))
+    g.admit(job("rl.limited"))
     assert worker._wait(0.5) == 0.5  # a token is there, but no slot: sleep until a completion
     Slots.active = 1
     assert worker._wait(0.5) == 0.001  # a slot and a token: go at once
-    assert worker.gate.take() is not None
-    worker.gate.admit(job("rl.limited", 1))
+    assert g.take() is not None
+    g.admit(job("rl.limited", 1))
     assert worker._wait(5.0) == pytest.approx(2.0)  # the next token is 2 s away
 
 
@@ -488,29 +496,29 @@ def test_an_early_ack_limited_task_is_acknowledged_when_it_starts(
     results = [early.delay(n) for n in range(12)]
     running = start_worker(memory_app, pool="threads", concurrency=2, prefetch_multiplier=1)
     assert sorted(r.get(timeout=30) for r in results) == list(range(12))
-    gate = running.worker.gate
-    assert gate is not None and gate.handed_back > 0  # only possible while still unacknowledged
+    assert (
+        limits_of(running.worker).gate.handed_back > 0
+    )  # only possible while still unacknowledged
     assert running.worker.acks is not None and running.worker.acks.held == 0
 
 
 def test_the_window_follows_what_the_lanes_hold_in_steps(memory_app: Millpond) -> None:
-    from millpond.consume.worker import Worker
-
     limited_app(memory_app)
     worker = Worker(memory_app, pool="threads", concurrency=2, prefetch_multiplier=4)
     assert worker.prefetch == 8
     clock = Clock()
-    g = gate(clock, parking=8, max_hold=1000)  # step: 8 / 4 = 2
-    assert worker._target_window(g) == 8  # no limited task: the prefetch count alone
+    limits = limits_of(worker)
+    limits.gate = g = gate(clock, parking=8, max_hold=1000)  # step: 8 / 4 = 2
+    assert limits.window_room() == 0  # no limited task: the prefetch count alone
     g.set_rate("rl.limited", 0.01)
     g.set_rate("rl.other", 0.01)
-    assert worker._target_window(g) == 8 + 2  # empty lanes: one step of room
+    assert limits.window_room() == 2  # empty lanes: one step of room
     for n in range(3):
         g.admit(job("rl.limited", n))
-    assert worker._target_window(g) == 8 + 4 + 2  # 3 held: rounded up to 4, plus a step
+    assert limits.window_room() == 4 + 2  # 3 held: rounded up to 4, plus a step
     for n in range(8):
         g.admit(job("rl.other", n))
-    assert worker._target_window(g) == 8 + 12 + 2  # 11 held
+    assert limits.window_room() == 12 + 2  # 11 held
     for n in range(3, 8):
         g.admit(job("rl.limited", n))
-    assert worker._target_window(g) == 8 + 16  # both lanes full: never past their room (2 x 8)
+    assert limits.window_room() == 16  # both lanes full: never past their room (2 x 8)

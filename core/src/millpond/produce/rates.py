@@ -1,0 +1,62 @@
+"""Celery's rate strings, the value of the `rate_limit` task option.
+
+A rate is `"10/s"`, `"10/m"`, `"10/h"`, or a plain number (per second; text or a number). It is
+parsed here once, when a task is declared or a limit is changed at run time, so a typo fails at
+import or in the control command's reply, never at 3 a.m. inside the consumer loop. `0` and empty
+mean "no limit", as in Celery. The limits themselves are kept by the `millpond-ratelimit` worker
+component.
+"""
+
+from __future__ import annotations
+
+import math
+
+from millpond.exceptions import ConfigurationError
+
+#: where a task's limit is kept: in each worker (Celery's meaning) or one bucket for the fleet
+RATE_LIMIT_SCOPES = ("worker", "global")
+#: seconds per unit of a Celery rate string
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class InvalidRateLimit(ConfigurationError, ValueError):
+    """A rate limit that is not Celery's `N`, `N/s`, `N/m` or `N/h`."""
+
+
+def parse_rate(value: str | float | None) -> float | None:
+    """Tokens per second for a Celery rate (`"10/m"` -> 0.1667), None for no limit.
+
+    Accepts what Celery accepts: `N/s`, `N/m`, `N/h` (N may have a fraction), a plain number or
+    numeric text (per second), and `None`, `""` or `0` for no limit. Anything else (a negative
+    number, another unit, `"ten/m"`) raises `InvalidRateLimit` saying what is allowed.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise InvalidRateLimit(
+            f"rate limit {value!r} is not a rate: use 'N/s', 'N/m', 'N/h' or a number per second"
+        )
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        amount, _, unit = text.partition("/")
+        unit = unit.strip().lower() or "s"
+        if unit not in _UNITS:
+            raise InvalidRateLimit(
+                f"rate limit {value!r} has the unit {unit!r}: use s, m or h ('10/m')"
+            )
+        try:
+            count = float(amount.strip())
+        except ValueError:
+            raise InvalidRateLimit(
+                f"rate limit {value!r} does not start with a number: use 'N/s', 'N/m' or 'N/h'"
+            ) from None
+        per_second = count / _UNITS[unit]
+    else:
+        per_second = float(value)
+    if not math.isfinite(per_second):
+        raise InvalidRateLimit(f"rate limit {value!r} is not a finite number")
+    if per_second < 0:
+        raise InvalidRateLimit(f"rate limit {value!r} is negative; use 0 or None for no limit")
+    return per_second or None
