@@ -5,6 +5,8 @@
     python3 dev.py test     lint, type-check and the whole test suite
     python3 dev.py bench    the benchmarks (see benchmarks/README.md)
     python3 dev.py bench tracing   what tracing costs per task (benchmarks/tracing_overhead.py)
+    python3 dev.py bench scaling   throughput and latency against concurrency (benchmarks/scaling.py)
+    python3 dev.py bench --targets the issue-24 run: every target, then the scaling curve
 
 It needs nothing but Python 3.11+: it creates `.venv` beside this file on first use and installs
 every workspace package (editable, with its entry points) plus the pinned development tools from the
@@ -152,6 +154,8 @@ def main(argv: list[str]) -> int:
     if command == "bench":
         if extra[:1] == ["tracing"]:
             return run(str(PY), "benchmarks/tracing_overhead.py", *extra[1:], env=child_env())
+        if extra[:1] == ["scaling"]:
+            return run(str(PY), "benchmarks/scaling.py", *extra[1:], env=child_env())
         return run(str(PY), "benchmarks/run.py", *extra, env=child_env())
     if command == "env":
         return 0

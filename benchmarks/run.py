@@ -5,6 +5,7 @@
     python3 dev.py bench --broker redis --pool solo,threads:8 --framework millpond
     python3 dev.py bench --profile --broker sqlite --pool solo     # cProfile the worker
     python3 dev.py bench --report benchmarks/results/<file>.json   # re-print a saved run
+    python3 dev.py bench --targets            # the issue-24 run: every target, + scaling curve
 
 For each repeat, for each broker, for each pool: millpond and Celery run back to back (the order
 alternates between repeats), so machine noise hits both alike; docs/benchmarks.md has the method.
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import baselines, brokers, profiling, raw_latency, report  # noqa: E402
+from benchmarks import baselines, brokers, profiling, raw_latency, report, scaling  # noqa: E402
 from benchmarks.model import (  # noqa: E402
     CELERY,
     DEFAULT_CONCURRENCY,
@@ -50,6 +51,15 @@ MEMORY_POOLS = ("solo", "prefork")
 #: the brokers Dramatiq ships
 DRAMATIQ_BROKERS = ("redis", "amqp")
 RESULTS = ROOT / "benchmarks" / "results"
+
+#: what `--targets` selects: every figure of the target table (report.targets_table), on both
+#: brokers issue 24 names, every pool at the concurrency it names, all three frameworks
+TARGET_PRESET: dict[str, Any] = {
+    "broker": ["redis", "amqp"],
+    "pool": "solo,threads:16,prefork:2,gevent:100,eventlet:100,asyncio:100",
+    "framework": list(FRAMEWORKS),
+    "scenario": list(SCENARIOS),
+}
 
 
 def _csv(text: str) -> list[str]:
@@ -178,12 +188,34 @@ def parser() -> argparse.ArgumentParser:
         help="run millpond drains under cProfile and print the top costs per task",
     )
     p.add_argument("--keep", action="store_true", help="keep worker logs (and profiles)")
+    p.add_argument(
+        "--targets",
+        action="store_true",
+        help="the issue-24 run: redis,amqp x solo,threads:16,prefork:2,gevent:100,eventlet:100,"
+        "asyncio:100 x all frameworks x every scenario, then the scaling curve (benchmarks/"
+        "scaling.py); writes a markdown section for docs/benchmarks.md. Overrides --broker, "
+        "--pool, --framework and --scenario; the sizes (--quick, --tasks, --repeats...) still "
+        "apply. About 20 minutes at the defaults",
+    )
+    p.add_argument(
+        "--scaling-png",
+        type=Path,
+        default=scaling.PNG,
+        help="with --targets: where the scaling plot goes (docs/scaling.png)",
+    )
     return p
 
 
 def settle(ns: argparse.Namespace) -> None:
     """Fill the defaults that depend on --quick and --profile, and check the numbers."""
     quick = ns.quick
+    if ns.targets:
+        if ns.profile:
+            raise SystemExit("bench: --targets and --profile do not go together")
+        ns.broker = list(TARGET_PRESET["broker"])
+        ns.pool = parse_pools(TARGET_PRESET["pool"])
+        ns.framework = list(TARGET_PRESET["framework"])
+        ns.scenario = list(TARGET_PRESET["scenario"])
     ns.tasks = ns.tasks if ns.tasks is not None else (500 if quick else 5000)
     ns.sleep_tasks = ns.sleep_tasks if ns.sleep_tasks is not None else (200 if quick else 1000)
     ns.latency_samples = (
@@ -325,7 +357,16 @@ class Session:
             self.add(
                 [
                     sleep_drain(
-                        ctx, framework, combo, target, repeat, ns.sleep_tasks, ns.sleep_seconds
+                        ctx,
+                        framework,
+                        combo,
+                        target,
+                        repeat,
+                        ns.sleep_tasks,
+                        ns.sleep_seconds,
+                        # the asyncio pool runs coroutines natively; a blocking sleep would
+                        # measure its executor's threads instead
+                        "bench.async_sleep" if combo.pool == "asyncio" else "bench.sleep",
                     )
                 ]
             )
@@ -388,14 +429,56 @@ def main(argv: list[str] | None = None) -> int:
                     prof, ns.sleep_tasks if prof.name.startswith("sleep") else ns.tasks
                 )
             )
+    scaled = 0
+    if ns.targets:
+        scaled, text = targets_tail(ns, out, text, session.meta)
+        if ns.markdown is None:
+            ns.markdown = out.with_suffix(".md")
     if ns.markdown is not None:
         ns.markdown.write_text(text)
+        print(f"\nmarkdown: {ns.markdown}", file=sys.stderr)
     print(f"\nresults: {out}", file=sys.stderr)
     if ns.keep:
         print(f"worker logs: {run_dir}", file=sys.stderr)
     else:
         brokers.remove_dir(run_dir)
-    return 0 if session.records and all(r.ok for r in session.records) else 1
+    ok = session.records and all(r.ok for r in session.records)
+    return 0 if ok and scaled == 0 else 1
+
+
+def targets_tail(
+    ns: argparse.Namespace, out: Path, text: str, meta: dict[str, Any]
+) -> tuple[int, str]:
+    """The scaling curve after the interleaved run, and the markdown section for the docs.
+
+    The curve runs after the comparison, not interleaved with it: it is millpond against itself
+    (ratios between its points), so it need not share the comparison's noise.
+    """
+    argv = ["--broker", "redis", "--out", str(out.with_name(out.stem + "-scaling.json"))]
+    argv += ["--png", str(ns.scaling_png), "--timeout", str(max(ns.timeout, 30.0))]
+    if ns.quick:
+        argv.append("--quick")
+    code = scaling.main(argv)
+    table_json = json.loads(out.with_name(out.stem + "-scaling.json").read_text())
+    points = [scaling.Point(**p) for p in table_json["points"]]
+    command = "python3 dev.py bench --targets" + (" --quick" if ns.quick else "")
+    section = [
+        f"### Issue 24 run, {meta.get('started', '?')[:10]}",
+        "",
+        f"`{command}` on {meta.get('host', '?')} ({meta.get('cpus', '?')} CPUs), "
+        f"{meta.get('wall_s', '?')} s for the comparison; {meta.get('tasks')} no-ops per drain, "
+        f"{meta.get('sleep_tasks')} 10 ms sleeps, {meta.get('latency_samples')} latency probes.",
+        "",
+        text.rstrip(),
+        "",
+        "### Scaling",
+        "",
+        "![throughput and latency against concurrency and workers](scaling.png)",
+        "",
+        scaling.markdown(points).rstrip(),
+        "",
+    ]
+    return code, "\n".join(section)
 
 
 if __name__ == "__main__":

@@ -289,8 +289,12 @@ def sleep_drain(
     repeat: int,
     n: int,
     seconds: float,
+    task: str = "bench.sleep",
 ) -> Record:
-    """Drain `n` tasks that each sleep `seconds`: what a pool's concurrency is really worth."""
+    """Drain `n` tasks that each sleep `seconds`: what a pool's concurrency is really worth.
+
+    `task` is the sleeping task: `bench.async_sleep` for the asyncio pool's native coroutines.
+    """
     base: dict[str, Any] = {
         "scenario": "sleep",
         "broker": combo.broker,
@@ -304,8 +308,8 @@ def sleep_drain(
         with _run(ctx, framework, combo, target, "sleep") as run:
             start_key, end_key = ctx.side.key("start"), ctx.side.key("end")
             batch: list[tuple[str, tuple[Any, ...]]] = [("bench.mark", (start_key,))]
-            batch += [("bench.sleep", (seconds,))] * (n - 1)
-            batch.append(("bench.sleep", (seconds, end_key)))  # the last one marks the end
+            batch += [(task, (seconds,))] * (n - 1)
+            batch.append((task, (seconds, end_key)))  # the last one marks the end
             enqueue_rate = _enqueue(run, batch)
             worker = run.start_worker()
             t_start = run.wait(start_key, "the start mark (the first task)")

@@ -128,11 +128,54 @@ def sleep(seconds: float, key: str | None = None) -> None:
         side().rpush(key, repr(ended))
 
 
+def tick(key: str, seconds: float = 0.0) -> None:
+    """Sleep `seconds` (if any), then record when it ended: a task that counts itself.
+
+    The scaling benchmark (`benchmarks/scaling.py`) runs several workers on one queue, where no
+    single task is the last one to end, so every task reports and the run ends at the N-th report.
+    """
+    if seconds:
+        time.sleep(seconds)
+    side().rpush(key, repr(time.time()))
+
+
+#: how long a gate holds its worker at most before giving up (the harness releases it in seconds)
+GATE_LIMIT_S = 120.0
+
+
+def gate(held_key: str, release_key: str) -> None:
+    """Say "this worker is up and held" (its pid), then hold it until `release_key` exists.
+
+    The scaling benchmark sends one gate per worker: each holds an idle worker, so the next goes
+    to another, and once every worker has reported the queue is loaded behind the gates and the
+    gates are released together: all workers start on a full queue at the same moment.
+    """
+    client = side()
+    client.rpush(held_key, str(os.getpid()))
+    deadline = time.monotonic() + GATE_LIMIT_S
+    while time.monotonic() < deadline:
+        with client.lock:
+            if client._call(b"EXISTS", release_key.encode()) == b":1":
+                return
+        time.sleep(0.002)
+
+
+async def async_sleep(seconds: float, key: str | None = None) -> None:
+    """`bench.sleep` as a coroutine: what the asyncio pool runs natively (millpond app only)."""
+    import asyncio
+
+    await asyncio.sleep(seconds)
+    if key is not None:
+        side().rpush(key, repr(time.time()))
+
+
 BODIES: dict[str, Any] = {
     "bench.noop": noop,
     "bench.mark": mark,
     "bench.latency": latency,
     "bench.sleep": sleep,
+    "bench.tick": tick,
+    "bench.gate": gate,
 }
 
 
@@ -145,6 +188,7 @@ def _millpond_app() -> Any:
     millpond_app = Millpond("bench")
     for name, fn in BODIES.items():
         millpond_app.task(name=name, ignore_result=True)(fn)
+    millpond_app.task(name="bench.async_sleep", ignore_result=True)(async_sleep)
     return millpond_app
 
 

@@ -66,6 +66,7 @@ def test_precedence_holds_for_plugin_sections(tmp_path: Path) -> None:
         "kill_grace": 2.0,
         "start_timeout": 5.0,
         "prefetch_per_child": 4,
+        "reserve_per_child": 4,
     }
     code = {"prefork": {"max_tasks_per_child": 20, "kill_grace": 3}}
     s = load_settings(env={**env, "MILLPOND_PREFORK__MAX_TASKS_PER_CHILD": "30"}, code=code)

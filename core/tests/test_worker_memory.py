@@ -320,7 +320,7 @@ def test_solo_prefetch_window_defaults_to_its_pool_and_yields_to_the_user(
     from millpond.consume.worker import Worker
 
     solo = Worker(memory_app, settings=load_settings({"pool": "solo"}, env={}))
-    assert solo.prefetch == 16  # the solo pool's default multiplier
+    assert solo.prefetch == 64  # the solo pool's default multiplier
     chosen = Worker(
         memory_app, settings=load_settings({"pool": "solo", "prefetch_multiplier": 2}, env={})
     )

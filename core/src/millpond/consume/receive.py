@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from millpond.produce.task import Task
 
 log = structlog.get_logger("millpond.worker")
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _canvas(embed: dict[str, Any]) -> dict[str, Any] | None:
@@ -72,6 +73,8 @@ class Receiver:
         self.capabilities = capabilities
         self._accept = frozenset(settings.accept_content)
         self._signatures: dict[str, inspect.Signature | None] = {}
+        #: task name -> (fewest, most) positional arguments, for plain signatures only
+        self._positional: dict[str, tuple[int, int]] = {}
         self._warned: set[tuple[str, str]] = set()
 
     def receive(self, delivery: Delivery) -> Job | None:
@@ -232,14 +235,15 @@ class Receiver:
         )
 
     def _check_arguments(self, task: Task[..., Any], msg: TaskMessage) -> None:
-        if task.name in self._signatures:
-            sig = self._signatures[task.name]
-        else:
-            try:
-                sig = inspect.signature(task.fn)
-            except (TypeError, ValueError):
-                sig = None  # a builtin or C function: nothing to check against
-            self._signatures[task.name] = sig
+        name = task.name
+        if name not in self._signatures:
+            self._learn_signature(task)
+        if not msg.kwargs:
+            span = self._positional.get(name)
+            # plain positional parameters: a count is the whole check
+            if span is not None and span[0] <= len(msg.args) <= span[1]:
+                return
+        sig = self._signatures[name]
         if sig is None:
             return
         try:
@@ -248,4 +252,25 @@ class Receiver:
             else:
                 sig.bind(*msg.args, **msg.kwargs)
         except TypeError as exc:
-            raise MalformedMessage(f"wrong arguments for task {task.name}: {exc}") from None
+            raise MalformedMessage(f"wrong arguments for task {name}: {exc}") from None
+
+    def _learn_signature(self, task: Task[..., Any]) -> None:
+        """The task's signature, once; and when its parameters are all plain positional-or-
+        keyword ones, how many positional arguments it takes (fewest, most), so a call without
+        keyword arguments is checked by a count instead of `Signature.bind` (a tenth of the
+        receive step's time for a no-op)."""
+        try:
+            sig: inspect.Signature | None = inspect.signature(task.fn)
+        except (TypeError, ValueError):
+            sig = None  # a builtin or C function: nothing to check against
+        self._signatures[task.name] = sig
+        if sig is None:
+            return
+        params = list(sig.parameters.values())
+        if task.options.bind:
+            if not params or params[0].kind not in _POSITIONAL:
+                return  # nowhere for the task itself to go: bind says so, every call
+            params = params[1:]
+        if all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+            required = sum(1 for p in params if p.default is inspect.Parameter.empty)
+            self._positional[task.name] = (required, len(params))

@@ -139,6 +139,11 @@ def _parse_time(name: str, value: Any) -> float | None:
     return parsed.timestamp()
 
 
+#: normalised content types by what the message said (a worker sees a handful, again and again)
+_CONTENT_TYPES: dict[str, str] = {}
+_STR_OR_NONE = (str, type(None))
+
+
 def _optional_str(headers: Mapping[str, Any], name: str) -> str | None:
     value = headers.get(name)
     if value is None:
@@ -262,7 +267,12 @@ def decode_task(
     headers = message.headers
     if not isinstance(headers, dict):
         raise MalformedMessage("message headers are not a mapping")
-    content_type = (message.content_type or "").split(";")[0].strip().lower()
+    raw_type = message.content_type
+    content_type = _CONTENT_TYPES.get(raw_type) if type(raw_type) is str else None
+    if content_type is None:
+        content_type = (raw_type or "").split(";")[0].strip().lower()
+        if type(raw_type) is str and len(_CONTENT_TYPES) < 64:
+            _CONTENT_TYPES[raw_type] = content_type
     if content_type not in accept:
         allowed = ", ".join(sorted(accept))
         if content_type == PICKLE:
@@ -291,7 +301,8 @@ def decode_task(
     timelimit = headers.get("timelimit") or [None, None]
     if not isinstance(timelimit, list | tuple) or len(timelimit) != 2:
         raise MalformedMessage("header 'timelimit' must be [hard, soft]")
-    hard, soft = _limit("hard", timelimit[0]), _limit("soft", timelimit[1])
+    hard = None if timelimit[0] is None else _limit("hard", timelimit[0])
+    soft = None if timelimit[1] is None else _limit("soft", timelimit[1])
     raw_sent_at = headers.get(SENT_AT)
     # informational only: a bad value is ignored, not fatal
     sent_at = (
@@ -303,26 +314,48 @@ def decode_task(
     args, kwargs, embed = _decode_body(message.body, content_type, message.content_encoding)
     props = message.properties if isinstance(message.properties, dict) else {}
     reply_to = props.get("reply_to")
+    get = headers.get
+    eta, expires = get("eta"), get("expires")
+    root_id, parent_id, group = get("root_id"), get("parent_id"), get("group")
+    origin, traceparent, tracestate = get("origin"), get("traceparent"), get("tracestate")
+    group_index = get("group_index")
+    # one pass over the usual case (plain strings or nulls); the helpers say what is wrong
+    if not (
+        type(root_id) in _STR_OR_NONE
+        and type(parent_id) in _STR_OR_NONE
+        and type(group) in _STR_OR_NONE
+        and type(origin) in _STR_OR_NONE
+        and type(traceparent) in _STR_OR_NONE
+        and type(tracestate) in _STR_OR_NONE
+        and (group_index is None or (type(group_index) is int and group_index >= 0))
+    ):
+        root_id = _optional_str(headers, "root_id")
+        parent_id = _optional_str(headers, "parent_id")
+        group = _optional_str(headers, "group")
+        group_index = _optional_index(headers)
+        origin = _optional_str(headers, "origin")
+        traceparent = _optional_str(headers, "traceparent")
+        tracestate = _optional_str(headers, "tracestate")
     return TaskMessage(
         id=task_id,
         task=name,
         args=args,
         kwargs=kwargs,
         retries=retries,
-        eta=_parse_time("eta", headers.get("eta")),
-        expires=_parse_time("expires", headers.get("expires")),
+        eta=None if eta is None else _parse_time("eta", eta),
+        expires=None if expires is None else _parse_time("expires", expires),
         time_limit=hard,
         soft_time_limit=soft,
-        root_id=_optional_str(headers, "root_id"),
-        parent_id=_optional_str(headers, "parent_id"),
-        group=_optional_str(headers, "group"),
-        group_index=_optional_index(headers),
-        origin=_optional_str(headers, "origin"),
+        root_id=root_id,
+        parent_id=parent_id,
+        group=group,
+        group_index=group_index,
+        origin=origin,
         ignore_result=bool(headers.get("ignore_result", False)),
         reply_to=reply_to if isinstance(reply_to, str) else None,
         sent_at=sent_at,
-        traceparent=_optional_str(headers, "traceparent"),
-        tracestate=_optional_str(headers, "tracestate"),
+        traceparent=traceparent,
+        tracestate=tracestate,
         embed=embed,
         headers=headers,
     )
@@ -353,13 +386,14 @@ def _decode_body(
     embed = payload[2] if len(payload) == 3 else {}
     if not isinstance(args, list | tuple):
         raise MalformedMessage(f"body args must be an array, got {type(args).__name__}")
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+    if not isinstance(kwargs, dict) or (kwargs and not all(isinstance(k, str) for k in kwargs)):
         raise MalformedMessage("body kwargs must be an object with string keys")
     if embed is None:
         embed = {}
     if not isinstance(embed, dict):
         raise MalformedMessage("body embed must be an object or null")
-    _check_embed(embed)
+    if embed:
+        _check_embed(embed)
     return tuple(args), kwargs, embed
 
 

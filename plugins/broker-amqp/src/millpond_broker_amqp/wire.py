@@ -106,17 +106,45 @@ def _rare(kind: int, buf: bytes, pos: int) -> tuple[Any, int]:
     raise ValueError(f"unknown AMQP field type {chr(kind)!r} at offset {pos - 1}")
 
 
+#: decoded table keys by their bytes: a Celery message's twenty header names repeat in every
+#: message, so each is decoded once (bounded: keys are whatever a producer chose)
+_KEYS: dict[bytes, str | bytes] = {}
+_KEYS_MAX = 4096
+
+
 def _table(buf: bytes, pos: int) -> tuple[dict[Any, Any], int]:
-    """A field table whose 4-byte length starts at `pos`."""
+    """A field table whose 4-byte length starts at `pos`.
+
+    Long strings and voids (nearly every Celery header) are decoded in the loop itself: a call
+    per value through `_value` was the largest single cost of receiving a message."""
     (size,) = _u32(buf, pos)
     pos += 4
     end = pos + size
     out: dict[Any, Any] = {}
-    value = _value
+    value, keys, u32 = _value, _KEYS, _u32
     while pos < end:
-        klen = buf[pos]
-        key = _text(buf[pos + 1 : pos + 1 + klen])
-        out[key], pos = value(buf, pos + 1 + klen)
+        start = pos + 1
+        pos = start + buf[pos]
+        raw_key = buf[start:pos]
+        key = keys.get(raw_key)
+        if key is None:
+            key = _text(raw_key)
+            if len(keys) < _KEYS_MAX:
+                keys[raw_key] = key
+        kind = buf[pos]
+        if kind == 83:  # 'S' long string
+            start = pos + 5
+            pos = start + u32(buf, pos + 1)[0]
+            raw = buf[start:pos]
+            try:
+                out[key] = raw.decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError:
+                out[key] = raw
+        elif kind == 86:  # 'V' void
+            out[key] = None
+            pos += 1
+        else:
+            out[key], pos = value(buf, pos)
     if pos != end:
         raise ValueError("AMQP field table overruns its declared length")
     return out, pos

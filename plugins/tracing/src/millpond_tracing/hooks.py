@@ -54,6 +54,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from millpond import __version__
 from millpond.contracts.hooks import Hooks, Publication
+from millpond.observe.trace_ids import provider_installed
 from millpond.states import FAILED_STATES, TaskState
 from millpond.wire.protocol import PERIODIC_TASK_NAME
 from millpond_tracing import attributes as attr
@@ -70,24 +71,18 @@ def installed_tracer() -> trace.Tracer | None:
     """millpond's tracer once a real tracer provider is installed, else None.
 
     The global provider can be set once per process, so a real one, once seen, stays; until then
-    this costs one call and one identity check per span that would have been made.
+    this costs the core's `provider_installed` check per span that would have been made.
     """
-    global _tracer, _no_provider
+    global _tracer
     if _tracer is not None:
         return _tracer
-    provider = trace.get_tracer_provider()
-    if provider is _no_provider:
+    if not provider_installed():
         return None
-    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
-        _no_provider = provider
-        return None
-    _tracer = provider.get_tracer("millpond", __version__)
+    _tracer = trace.get_tracer_provider().get_tracer("millpond", __version__)
     return _tracer
 
 
 _tracer: trace.Tracer | None = None
-#: the placeholder provider seen last (the API's proxy): the same object next time means "none yet"
-_no_provider: object = None
 
 
 # -- W3C trace context without the propagator machinery ------------------------------------------

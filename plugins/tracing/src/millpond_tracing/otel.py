@@ -30,6 +30,9 @@ from typing import Any
 from opentelemetry import trace
 
 from millpond.exceptions import ConfigurationError
+from millpond.observe.trace_ids import provider_installed
+
+__all__ = ["configure_tracing", "flush", "provider_installed", "shutdown"]
 
 SAMPLERS = (
     "always_on",
@@ -116,12 +119,6 @@ def resource(default_service_name: str) -> Any:
     if not name or name.startswith("unknown_service"):
         return detected.merge(Resource({SERVICE_NAME: default_service_name}))
     return detected
-
-
-def provider_installed() -> bool:
-    """Whether a real tracer provider is installed (by anyone)."""
-    provider = trace.get_tracer_provider()
-    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
 def _otlp_exporter() -> Any:
