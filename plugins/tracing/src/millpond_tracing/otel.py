@@ -30,9 +30,7 @@ from typing import Any
 from opentelemetry import trace
 
 from millpond.exceptions import ConfigurationError
-from millpond.observe.trace_ids import provider_installed
-
-__all__ = ["configure_tracing", "flush", "provider_installed", "shutdown"]
+from millpond.observe.trace_ids import provider_installed  # the check the hot path makes too
 
 SAMPLERS = (
     "always_on",
