@@ -465,7 +465,7 @@ if mode != "off":
     )
     trace.set_tracer_provider(provider)
 from millpond.contracts.pool import Job, Outcome
-from millpond.observe.tracing import TracingHooks
+from millpond_tracing.hooks import TracingHooks
 from millpond.states import TaskState
 
 hooks = TracingHooks()

@@ -167,14 +167,15 @@ def test_a_pool_that_is_not_installed_says_what_to_install(
 
 # -- millpond alone ------------------------------------------------------------------------------
 def test_core_alone_brings_the_embedded_brokers_and_nothing_else(core_venv: Venv) -> None:
-    """The embedded brokers, the control plane, the canvas and rate limits are the core's
-    dependencies, nothing else."""
+    """The embedded brokers, the control plane, the canvas, tracing and rate limits are the
+    core's dependencies, nothing else."""
     assert (
         core_venv.missing(
             "millpond",
             "millpond_broker_embedded",
             "millpond_control",
             "millpond_canvas",
+            "millpond_tracing",
             "millpond_ratelimit",
         )
         == []
@@ -201,6 +202,9 @@ def test_core_alone_lists_no_pool(core_venv: Venv, app_dir: Path) -> None:
     # and the canvas: chains, groups, chords
     canvas = [line.split() for line in proc.stdout.split("canvas:")[1].splitlines()]
     assert ["canvas", "millpond-canvas", "0.1.0", ">=0.1,<0.2"] in canvas, proc.stdout
+    # and tracing: the `tracing` hooks on the OpenTelemetry SDK
+    hooks = [line.split() for line in proc.stdout.split("hooks:")[1].splitlines()]
+    assert ["tracing", "millpond-tracing", "0.1.0", ">=0.1,<0.2"] in hooks, proc.stdout
     # and rate limits, a worker component
     components = [line.split() for line in proc.stdout.split("worker components:")[1].splitlines()]
     assert ["ratelimit", "millpond-ratelimit"] in [row[:2] for row in components], proc.stdout
@@ -397,11 +401,21 @@ TRACED_CHECK = textwrap.dedent('''
 def test_the_core_is_pure_python_and_traces_with_the_sdk(
     wheelhouse: dict[str, Path], core_venv: Venv, tmp_path: Path
 ) -> None:
-    """No compiled code in the core's wheel; tracing is the OpenTelemetry SDK's, via hooks."""
+    """No compiled code in the core's wheel, and no OpenTelemetry SDK in the core's own
+    requirements; tracing is the SDK's, through millpond-tracing's hooks."""
     with zipfile.ZipFile(wheelhouse["millpond"]) as wheel:
         names = wheel.namelist()
     assert not [n for n in names if n.endswith((".so", ".pyd", ".c"))], names
     assert any(n.endswith("millpond/py.typed") for n in names)
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    with zipfile.ZipFile(wheelhouse["millpond"]) as wheel:
+        requires = [
+            line
+            for line in wheel.read(metadata).decode().splitlines()
+            if line.startswith("Requires-Dist")
+        ]
+    assert not [r for r in requires if "opentelemetry-sdk" in r or "exporter" in r], requires
+    assert any("millpond-tracing" in r for r in requires), requires
     script = tmp_path / "traced_check.py"
     script.write_text(TRACED_CHECK)
     done = core_venv.run("python", str(script), cwd=tmp_path)

@@ -27,6 +27,7 @@ PACKAGES = {
     "millpond-broker-embedded": "plugins/broker-embedded",
     "millpond-control": "plugins/control",
     "millpond-canvas": "plugins/canvas",
+    "millpond-tracing": "plugins/tracing",
     "millpond-ratelimit": "plugins/ratelimit",
     "millpond-pool-threads": "plugins/pool-threads",
     "millpond-broker-redis": "plugins/broker-redis",

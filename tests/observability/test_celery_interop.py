@@ -19,7 +19,7 @@ CELERY_PRODUCER = """
 import json, os
 from celery import Celery
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
-from millpond.observe.otel import configure_tracing, shutdown
+from millpond_tracing.otel import configure_tracing, shutdown
 
 assert configure_tracing(), "tracing should be on in the Celery producer"
 CeleryInstrumentor().instrument()

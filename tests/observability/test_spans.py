@@ -14,10 +14,10 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from millpond import Millpond
 from millpond.contracts.pool import Job, Outcome
-from millpond.observe.tracing import TracingHooks
 from millpond.states import TaskState
 from millpond.testing.fixtures import unique
 from millpond.wire.protocol import encode_task
+from millpond_tracing.hooks import TracingHooks
 from tests.observability.conftest import clean_env, run_python
 
 

@@ -24,7 +24,7 @@ PRODUCER = """
 import json
 from opentelemetry import trace
 from millpond import Millpond
-from millpond.observe.otel import configure_tracing, provider_installed, shutdown
+from millpond_tracing.otel import configure_tracing, provider_installed, shutdown
 on = configure_tracing()
 app = Millpond("p", broker_url="memory://setup", default_queue="setup-q")
 result = app.send_task("obs.any", (1,))
@@ -185,7 +185,7 @@ provider = TracerProvider()
 provider.add_span_processor(SimpleSpanProcessor(mine))
 trace.set_tracer_provider(provider)
 from millpond import Millpond
-from millpond.observe.otel import configure_tracing
+from millpond_tracing.otel import configure_tracing
 on = configure_tracing()
 app = Millpond("p", broker_url="memory://own", default_queue="own-q")
 app.send_task("obs.any")

@@ -14,10 +14,10 @@ import json
 import sys
 
 from millpond.observe import logs
-from millpond.observe import otel as observability
 from millpond.testing import tasks
 from millpond.testing.pool_kit import Outcomes, Runner, kit_executor, make_job
 from millpond_pool_prefork import PreforkPool
+from millpond_tracing import otel as observability
 
 
 def main() -> None:

@@ -260,14 +260,14 @@ def test_millpond_process_spans(
     """The spans the worker's tracing hook makes, in a batch of the size the batch processor
     sends (the pair caches fill and are reused across spans)."""
     from millpond.contracts.pool import Job, Outcome
-    from millpond.observe.tracing import TracingHooks
     from millpond.states import TaskState
+    from millpond_tracing.hooks import TracingHooks
 
     sdk, exporter = provider
     hooks = TracingHooks()
     hooks.system, hooks.pool = "redis", "threads"
     tracer = sdk.get_tracer("millpond", "0.1.0")
-    monkeypatch.setattr("millpond.observe.tracing.installed_tracer", lambda: tracer)
+    monkeypatch.setattr("millpond_tracing.hooks.installed_tracer", lambda: tracer)
     for i in range(600):
         job = Job(
             task_id=f"task-{i:04d}-0000-0000-0000-000000000000",

@@ -402,7 +402,7 @@ def test_registered_in_the_sdks_exporter_group() -> None:
 
 
 def test_millpond_selects_it_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    from millpond.observe.otel import _registered_exporter
+    from millpond_tracing.otel import _registered_exporter
 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
     exporter = _registered_exporter("millpond_otlp")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 
 PRODUCE = """
 import json
-from millpond.observe.otel import configure_tracing, shutdown
+from millpond_tracing.otel import configure_tracing, shutdown
 assert configure_tracing(), "tracing should be on in the producer"
 from tests.observability.obs_app import add, fail, flaky
 ids = {"add": add.delay(2, 3).id, "fail": fail.delay("boom").id, "flaky": flaky.delay(1).id}

@@ -166,8 +166,10 @@ def _check_early_patch(settings: Settings, patched: str | None) -> None:
 
 
 def cmd_worker(ns: argparse.Namespace) -> int:
+    from millpond.config import plugins
     from millpond.config.settings import read_settings
-    from millpond.observe import logs, otel
+    from millpond.contracts.hooks import HookChain
+    from millpond.observe import logs
 
     flags = _flags(
         ns,
@@ -194,10 +196,9 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     settings = reader.settings()
     # the root logger is adopted only after the app is imported: one the app configured stays its
     logs.configure(settings.log_level, settings.log_format, stdlib=False)
-    if "*" in settings.hooks or "tracing" in settings.hooks:
-        # from OTEL_*, before the app is imported: the app module can add span processors to
-        # the provider; with no OTEL_* set nothing is installed and the app may install its own
-        otel.configure_tracing("millpond-worker")
+    # before the app is imported: the tracing hooks install a provider from OTEL_* here, so the
+    # app module can add span processors to it; with no OTEL_* set the app may install its own
+    HookChain(plugins.load_hooks(settings.hooks)).lifecycle("process_starting", "millpond-worker")
     app = load_app(settings.app)
     if app.code_config:
         # the app's own settings rank between the file and the environment
@@ -211,8 +212,6 @@ def cmd_worker(ns: argparse.Namespace) -> int:
 
     stop_beat = None
     if ns.beat:  # before the worker reads the app's hooks: the scheduler starts once it is ready
-        from millpond.config import plugins
-
         stop_beat = plugins.command("beat").embed(app, settings)
     worker = Worker(app, settings=settings)
     if not ns.no_banner:
@@ -253,9 +252,8 @@ def cmd_send(ns: argparse.Namespace) -> int:
         raise ConfigurationError(f"--kwargs is not valid JSON: {exc}") from None
     if not isinstance(kwargs, dict):
         raise ConfigurationError("--kwargs must be a JSON object, e.g. '{\"x\": 1}'")
-    from millpond.observe import otel as observability
-
-    observability.configure_tracing("millpond-send")  # a `publish` span when OTEL_* ask for one
+    hooks = app.hooks
+    hooks.lifecycle("process_starting", "millpond-send")  # a `publish` span when OTEL_* ask
     try:
         result = app.send_task(
             ns.task,
@@ -267,7 +265,7 @@ def cmd_send(ns: argparse.Namespace) -> int:
             reply_to=None if ns.wait else "",
         )
     finally:
-        observability.flush()
+        hooks.lifecycle("process_exiting")  # the `publish` span out before the process ends
     print(result.id, flush=True)
     if not ns.wait:
         return EXIT_OK

@@ -16,8 +16,11 @@ Where each method runs, which decides what it may do:
   (or the loop, for a job that never reached the pool).
 * `enter_task` / `exit_task`: the execution unit, wherever the task runs (a thread, a child
   process, a greenlet, an asyncio task).
+* `process_starting`: a millpond command (`worker`, `send`, `beat`) owns the process, before it
+  imports the app or publishes (the tracing plugin installs its provider from `OTEL_*` here).
 * `worker_starting`, `worker_ready`, `worker_stopped`: the worker's main thread.
-  `process_started` / `process_exiting`: each child process of a pool that has them (prefork).
+  `process_started` / `process_exiting`: each child process of a pool that has them (prefork);
+  `process_exiting` also when `millpond send` or `beat` ends.
 
 `enter_task` runs inside the task's own fresh `contextvars.Context`: whatever it sets there (a
 current span, log context) is seen by the task body and thrown away with the context afterwards,
@@ -150,6 +153,10 @@ class Hooks:
         """Just after the task body, in the same context, with how it ended."""
 
     # -- lifecycle --------------------------------------------------------------------------------
+    def process_starting(self, service_name: str) -> None:
+        """A millpond command owns this process as `service_name` (`millpond-worker`,
+        `millpond-send`, `millpond-beat`); the app is not imported yet in a worker."""
+
     def worker_starting(self, worker: WorkerView) -> None:
         """Settings read and app imported; before the pool starts (a prefork pool forks after)."""
 
@@ -164,10 +171,12 @@ class Hooks:
         """A new execution process (a prefork child) is about to run its first job."""
 
     def process_exiting(self) -> None:
-        """An execution process is about to leave through `os._exit`: flush what is buffered."""
+        """A process is about to end (a prefork child through `os._exit`, `millpond send` or
+        `beat` after their work): flush what is buffered."""
 
 
 _LIFECYCLE = (
+    "process_starting",
     "worker_starting",
     "worker_ready",
     "worker_stopped",
@@ -176,7 +185,7 @@ _LIFECYCLE = (
 )
 
 
-_STRICT = frozenset({"worker_starting", "worker_ready"})
+_STRICT = frozenset({"process_starting", "worker_starting", "worker_ready"})
 
 
 def _overrides(hook: Hooks, name: str) -> bool:
@@ -263,9 +272,10 @@ class HookChain:
     def lifecycle(self, name: str, *args: Any) -> None:
         """Call a lifecycle method (`worker_starting`, ..., `process_exiting`) on every hook.
 
-        Start-up methods (`worker_starting`, `worker_ready`) are not guarded: a hook that cannot
-        start (a bad setting, a port in use) stops the worker with its error, as any other
-        start-up problem does. The others are guarded like the per-task methods.
+        Start-up methods (`process_starting`, `worker_starting`, `worker_ready`) are not
+        guarded: a hook that cannot start (a bad setting, a port in use) stops the worker (or
+        `millpond send`) with its error, as any other start-up problem does. The others are
+        guarded like the per-task methods.
         """
         strict = name in _STRICT
         for fn in self._lifecycle[name]:

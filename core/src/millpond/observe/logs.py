@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import structlog
 
 from millpond.contracts.hooks import Hooks
-from millpond.observe.tracing import current_ids, installed_tracer
+from millpond.observe.trace_ids import current_ids, provider_installed
 
 if TYPE_CHECKING:
     from millpond.contracts.pool import Job
@@ -214,7 +214,7 @@ class LogContextHooks(Hooks):
 
     def enter_task(self, job: Job) -> None:
         self._bind(job.task_id, job.task_name, job.retries)
-        if installed_tracer() is None:
+        if not provider_installed():
             return  # no tracer provider: the task's fresh context holds no span
         ids = current_ids()
         if ids is not None:

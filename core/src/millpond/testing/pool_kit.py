@@ -51,10 +51,10 @@ from millpond.contracts.hooks import HookChain
 from millpond.contracts.pool import BasePool, Capabilities, Job, Outcome
 from millpond.exceptions import NotSupported
 from millpond.observe.logs import LogContextHooks
-from millpond.observe.tracing import TracingHooks
 from millpond.produce.app import Millpond
 from millpond.states import TaskState
 from millpond.testing import tasks
+from millpond_tracing.hooks import TracingHooks
 
 __all__ = [
     "Gate",

@@ -138,7 +138,7 @@ class BeatCommand(Command):
 
     def run(self, ns: argparse.Namespace) -> int:
         from millpond.cli.main import load_from_args
-        from millpond.observe import logs, otel
+        from millpond.observe import logs
 
         settings, app = load_from_args(ns)
         if app is None:
@@ -164,13 +164,13 @@ class BeatCommand(Command):
             return 0
         logs.configure(settings.log_level, settings.log_format, stdlib=settings.log_stdlib)
         meters = start_metrics()
-        otel.configure_tracing("millpond-beat")
+        app.hooks.lifecycle("process_starting", "millpond-beat")
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: beat.stop())
         try:
             beat.run()
         finally:
-            otel.flush()
+            app.hooks.lifecycle("process_exiting")  # the last publish spans out
             if meters is not None:  # the last counts out before the process ends
                 meters.force_flush(5000)
                 meters.shutdown()

@@ -21,8 +21,9 @@ import structlog
 from millpond.contracts.hooks import Hooks, WorkerView
 from millpond.contracts.pool import Job, Outcome
 from millpond.exceptions import ConfigurationError
-from millpond.observe import health, otel
+from millpond.observe import health
 from millpond_metrics import aggregate
+from millpond_tracing import otel
 
 __all__ = ["MetricsHooks", "MetricsPlan", "configure_metrics", "plan_metrics"]
 

@@ -5,7 +5,7 @@
 
 It registers itself in the SDK's `opentelemetry_traces_exporter` entry-point group under the name
 `millpond_otlp`, so `OTEL_TRACES_EXPORTER=millpond_otlp` selects it in `millpond worker`, in
-`millpond.observe.otel.configure_tracing()` and in `opentelemetry-instrument`. In code:
+`millpond_tracing.otel.configure_tracing()` and in `opentelemetry-instrument`. In code:
 
     from millpond_otlp import OTLPSpanExporter
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))

@@ -1,5 +1,6 @@
 """Tracing a task's trip as OpenTelemetry SDK spans: `publish <queue>` -> `process <queue>` -> the
-task body, as one hooks implementation (`millpond.hooks` entry point `tracing`).
+task body, as one hooks implementation (`millpond.hooks` entry point `tracing`, from the
+`millpond-tracing` distribution).
 
 The spans follow the OpenTelemetry messaging conventions:
 
@@ -53,10 +54,11 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from millpond import __version__
 from millpond.contracts.hooks import Hooks, Publication
-from millpond.observe import attributes as attr
-from millpond.observe import otel
+from millpond.observe.trace_ids import provider_installed
 from millpond.states import FAILED_STATES, TaskState
 from millpond.wire.protocol import PERIODIC_TASK_NAME
+from millpond_tracing import attributes as attr
+from millpond_tracing import otel
 
 if TYPE_CHECKING:
     from millpond.contracts.hooks import WorkerView
@@ -69,24 +71,18 @@ def installed_tracer() -> trace.Tracer | None:
     """millpond's tracer once a real tracer provider is installed, else None.
 
     The global provider can be set once per process, so a real one, once seen, stays; until then
-    this costs one call and one identity check per span that would have been made.
+    this costs the core's `provider_installed` check per span that would have been made.
     """
-    global _tracer, _no_provider
+    global _tracer
     if _tracer is not None:
         return _tracer
-    provider = trace.get_tracer_provider()
-    if provider is _no_provider:
+    if not provider_installed():
         return None
-    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
-        _no_provider = provider
-        return None
-    _tracer = provider.get_tracer("millpond", __version__)
+    _tracer = trace.get_tracer_provider().get_tracer("millpond", __version__)
     return _tracer
 
 
 _tracer: trace.Tracer | None = None
-#: the placeholder provider seen last (the API's proxy): the same object next time means "none yet"
-_no_provider: object = None
 
 
 # -- W3C trace context without the propagator machinery ------------------------------------------
@@ -204,6 +200,11 @@ class TracingHooks(Hooks):
         self.pool = ""
         #: per queue: the `process` span's name and the attributes every such span shares
         self._queues: dict[str, tuple[str, dict[str, Any]]] = {}
+
+    def process_starting(self, service_name: str) -> None:
+        """A millpond command owns the process: install a provider from `OTEL_*` under its name
+        (before the worker imports the app, so the app module can add span processors to it)."""
+        otel.configure_tracing(service_name)
 
     def worker_starting(self, worker: WorkerView) -> None:
         """Install a provider from `OTEL_*` unless the app did (it is imported by now)."""
@@ -347,11 +348,3 @@ class TracingHooks(Hooks):
     def process_exiting(self) -> None:
         """Export what a child's batch processor still holds: `os._exit` would drop it."""
         otel.flush()
-
-
-def current_ids() -> tuple[str, str] | None:
-    """(trace id, span id) in hex of the current span, or None when there is none."""
-    ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
-        return None
-    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"

@@ -17,7 +17,9 @@ the app is imported and before the pool starts (prefork children inherit the pro
 restarts its export thread after a fork). A producer process may call it too, to get the same
 set-up from the same variables.
 
-The metrics plugin (`millpond-metrics`) reads the metrics variables with the helpers here.
+The metrics plugin (`millpond-metrics`) reads the metrics variables with the helpers here. The
+worker, `millpond send` and `millpond beat` reach `configure_tracing` through the
+`process_starting` hook (`TracingHooks`), never directly.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from opentelemetry import trace
 
 from millpond.exceptions import ConfigurationError
+from millpond.observe.trace_ids import provider_installed  # the check the hot path makes too
 
 SAMPLERS = (
     "always_on",
@@ -114,12 +117,6 @@ def resource(default_service_name: str) -> Any:
     if not name or name.startswith("unknown_service"):
         return detected.merge(Resource({SERVICE_NAME: default_service_name}))
     return detected
-
-
-def provider_installed() -> bool:
-    """Whether a real tracer provider is installed (by anyone)."""
-    provider = trace.get_tracer_provider()
-    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
 def _otlp_exporter() -> Any:
