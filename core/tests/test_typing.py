@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import re
-import subprocess
-import sys
 import textwrap
 import tomllib
 from pathlib import Path
@@ -30,6 +27,7 @@ import pytest
 
 from millpond import Millpond, SendOptions, TaskDecoratorOptions
 from millpond.produce.task import SEND_OPTIONS, TASK_OPTIONS
+from millpond.testing.typecheck import expected_errors, strict_mypy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -245,57 +243,12 @@ TYPED_BAD = textwrap.dedent('''\
         charge.delay(1)  # E: Argument 1 to "delay" of "Task" has incompatible type "int"; expected "str"  [arg-type]
 ''')
 
-_ERROR = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+): error: (?P<message>.*)$")
-_MARKER = "  # E: "
-
-
-def expected_errors(source: str) -> list[tuple[int, str]]:
-    """(line, "message  [code]") for every `# E:` marker, in order."""
-    expected = []
-    for number, line in enumerate(source.splitlines(), start=1):
-        for message in line.split(_MARKER)[1:]:
-            expected.append((number, message.strip()))
-    return expected
-
 
 @pytest.fixture(scope="module")
 def mypy_errors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[int, str]]]:
     """One strict mypy run over both samples: {file name: [(line, "message  [code]"), ...]}."""
-    workdir = tmp_path_factory.mktemp("typing")
-    (workdir / "typed_ok.py").write_text(TYPED_OK)
-    (workdir / "typed_bad.py").write_text(TYPED_BAD)
-    # a config of its own, so neither the workspace's [tool.mypy] nor a user's config applies
-    (workdir / "mypy.ini").write_text("[mypy]\nstrict = True\n")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--config-file",
-            str(workdir / "mypy.ini"),
-            "--cache-dir",
-            str(workdir / ".mypy_cache"),
-            "--no-color-output",
-            "--no-error-summary",
-            "--hide-error-context",
-            "typed_ok.py",
-            "typed_bad.py",
-        ],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert proc.returncode in (0, 1), f"mypy crashed:\n{proc.stdout}\n{proc.stderr}"
-    errors: dict[str, list[tuple[int, str]]] = {}
-    for line in proc.stdout.splitlines():
-        match = _ERROR.match(line)
-        if match:
-            errors.setdefault(match["file"], []).append((int(match["line"]), match["message"]))
-    # every error is in a sample (mypy keeps quiet about installed packages such as millpond)
-    assert set(errors) <= {"typed_ok.py", "typed_bad.py"}, proc.stdout
-    return errors
+    samples = {"typed_ok.py": TYPED_OK, "typed_bad.py": TYPED_BAD}
+    return strict_mypy(tmp_path_factory.mktemp("typing"), samples, timeout=180)
 
 
 def test_every_supported_form_type_checks_clean(

@@ -7,13 +7,12 @@ good one must pass clean, the bad one must give exactly the errors its `# E:` ma
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from millpond.testing.typecheck import expected_errors, strict_mypy
 
 CONTROL_OK = textwrap.dedent('''\
     """What users call on app.control; mypy --strict must report nothing."""
@@ -60,49 +59,10 @@ CONTROL_BAD = textwrap.dedent('''\
 ''')
 
 
-def expected_errors(source: str) -> list[tuple[int, str]]:
-    return [
-        (n, line.split("# E: ", 1)[1].strip())
-        for n, line in enumerate(source.splitlines(), 1)
-        if "# E: " in line
-    ]
-
-
 @pytest.fixture(scope="module")
 def mypy_errors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[int, str]]]:
-    workdir = tmp_path_factory.mktemp("control-typing")
-    (workdir / "control_ok.py").write_text(CONTROL_OK)
-    (workdir / "control_bad.py").write_text(CONTROL_BAD)
-    (workdir / "mypy.ini").write_text("[mypy]\nstrict = True\n")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--config-file",
-            str(workdir / "mypy.ini"),
-            "--cache-dir",
-            str(workdir / ".mypy_cache"),
-            "--no-color-output",
-            "--no-error-summary",
-            "--hide-error-context",
-            "control_ok.py",
-            "control_bad.py",
-        ],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode in (0, 1), f"mypy crashed:\n{proc.stdout}\n{proc.stderr}"
-    found: dict[str, list[tuple[int, str]]] = {}
-    for line in proc.stdout.splitlines():
-        match = re.match(r"(control_\w+\.py):(\d+): error: (.*)$", line)
-        if match:
-            found.setdefault(match[1], []).append((int(match[2]), match[3]))
-    assert "error:" not in proc.stdout or found, proc.stdout  # errors outside the samples
-    return found
+    samples = {"control_ok.py": CONTROL_OK, "control_bad.py": CONTROL_BAD}
+    return strict_mypy(tmp_path_factory.mktemp("control-typing"), samples)
 
 
 def test_what_users_call_on_app_control_type_checks_clean(
