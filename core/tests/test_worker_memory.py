@@ -331,14 +331,16 @@ def test_solo_prefetch_window_defaults_to_its_pool_and_yields_to_the_user(
     assert threads.prefetch == 12
 
 
-def test_the_banner_shows_where_the_health_endpoint_listens(memory_app: Millpond) -> None:
+def test_the_banner_carries_the_lines_hooks_describe(memory_app: Millpond) -> None:
+    """A hook names where it serves (the health plugin's probe port) in the start-up banner."""
     from millpond.config.settings import load_settings
     from millpond.consume.worker import Worker
+    from millpond.contracts.hooks import Hooks, WorkerView
 
-    quiet = Worker(memory_app, settings=load_settings({"pool": "solo"}, env={}))
-    assert "health:" not in quiet.banner()
-    probed = Worker(
-        memory_app,
-        settings=load_settings({"pool": "solo"}, env={"MILLPOND_HEALTH_PORT": "8080"}),
-    )
-    assert "health:      http://0.0.0.0:8080/livez, /readyz" in probed.banner()
+    class Serving(Hooks):
+        def describe_worker(self, worker: WorkerView) -> str:
+            return f"serving:     {worker.name} on port 1"
+
+    memory_app.add_hooks(Serving())
+    worker = Worker(memory_app, settings=load_settings({"pool": "solo"}, env={}))
+    assert f"\n  serving:     {worker.name} on port 1\n" in worker.banner()

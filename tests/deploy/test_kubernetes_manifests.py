@@ -204,7 +204,7 @@ def test_the_deployment_matches_the_worker(item: tuple[str, dict[str, Any]]) -> 
         f"shutdown's {shutdown:g} s: the kubelet's SIGKILL would cut the last tasks short"
     )
     ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
-    assert str(ports["health"]) == env["MILLPOND_HEALTH_PORT"], where
+    assert str(ports["health"]) == env["MILLPOND_HEALTH__PORT"], where
     for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
         assert container[probe]["httpGet"] == {"path": path, "port": "health"}, where
     if "OTEL_EXPORTER_PROMETHEUS_PORT" in env:

@@ -142,7 +142,7 @@ def test_worker_with_tracing_off_imports_no_sdk_no_exporter(
 
 def test_the_probe_module_imports_no_http_server_until_it_serves() -> None:
     # every worker imports it (through the hooks); http.server comes only with a probe port
-    script = "import sys, millpond.observe.health; print('http.server' in sys.modules)"
+    script = "import sys, millpond_health.hooks; print('http.server' in sys.modules)"
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
     )

@@ -167,8 +167,8 @@ def test_a_pool_that_is_not_installed_says_what_to_install(
 
 # -- millpond alone ------------------------------------------------------------------------------
 def test_core_alone_brings_the_embedded_brokers_and_nothing_else(core_venv: Venv) -> None:
-    """The embedded brokers, the control plane, the canvas, tracing and rate limits are the
-    core's dependencies, nothing else."""
+    """The embedded brokers, the control plane, the canvas, tracing, rate limits and the health
+    probes are the core's dependencies, nothing else."""
     assert (
         core_venv.missing(
             "millpond",
@@ -177,6 +177,7 @@ def test_core_alone_brings_the_embedded_brokers_and_nothing_else(core_venv: Venv
             "millpond_canvas",
             "millpond_tracing",
             "millpond_ratelimit",
+            "millpond_health",
         )
         == []
     )
@@ -205,6 +206,8 @@ def test_core_alone_lists_no_pool(core_venv: Venv, app_dir: Path) -> None:
     # and tracing: the `tracing` hooks on the OpenTelemetry SDK
     hooks = [line.split() for line in proc.stdout.split("hooks:")[1].splitlines()]
     assert ["tracing", "millpond-tracing", "0.1.0", ">=0.1,<0.2"] in hooks, proc.stdout
+    # and the health probes, a hooks plugin with its own [health] section
+    assert ["health", "millpond-health", "0.1.0", ">=0.1,<0.2"] in hooks, proc.stdout
     # and rate limits, a worker component
     components = [line.split() for line in proc.stdout.split("worker components:")[1].splitlines()]
     assert ["ratelimit", "millpond-ratelimit"] in [row[:2] for row in components], proc.stdout

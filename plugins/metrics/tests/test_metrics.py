@@ -125,8 +125,8 @@ def test_metrics_and_probes_share_one_port(
         env={
             "OTEL_METRICS_EXPORTER": "prometheus",
             "OTEL_EXPORTER_PROMETHEUS_PORT": "0",
-            "MILLPOND_HEALTH_PORT": "0",
-            "MILLPOND_HEALTH_HOST": "127.0.0.1",
+            "MILLPOND_HEALTH__PORT": "0",
+            "MILLPOND_HEALTH__HOST": "127.0.0.1",
         },
     ).wait_ready()
     port = worker.endpoint_port("/metrics")

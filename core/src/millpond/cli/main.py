@@ -186,7 +186,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         "soft_time_limit",
         "shutdown_timeout",
         "max_deliveries",
-        "health_port",
+        "health.port",
     )
     if ns.queues:
         flags["queues"] = ns.queues

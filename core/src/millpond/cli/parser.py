@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-deliveries", type=int, help="redelivery cap before dead-lettering")
     w.add_argument(
         "--health-port",
+        dest="health.port",  # the [health] section's (millpond-health)
+        metavar="PORT",
         type=int,
-        help="serve /livez and /readyz on this port (MILLPOND_HEALTH_PORT)",
+        help="serve /livez and /readyz on this port (MILLPOND_HEALTH__PORT; millpond-health)",
     )
     w.add_argument(
         "-E",

@@ -161,7 +161,7 @@ def render_section(doc: Documented, flags: dict[str, list[str]]) -> str:
     ]
     for opt in section.options:
         key = opt.name if section.name is None else f"{section.name}.{opt.name}"
-        flag = ", ".join(f"`{f}`" for f in flags.get(opt.name, [])) if section.name is None else ""
+        flag = ", ".join(f"`{f}`" for f in flags.get(key, []))
         description = opt.help + (" Secret: masked in `millpond config`." if opt.secret else "")
         lines.append(
             f"| `{key}` | {_kind(opt)} | {_toml(opt.default)} | `{opt.env_name(section.name)}` "

@@ -54,6 +54,14 @@ __all__ = [
     "settings_file",
 ]
 
+#: core settings that moved to a plugin's section: refused with the new name, from every source
+#: (the environment too: a deployment that still sets the old name must not lose its probes)
+MOVED = {
+    f"health_{name}": f"moved to the [health] section of millpond-health: use health.{name} "
+    f"([health] {name} = ... in the file, MILLPOND_HEALTH__{name.upper()} in the environment)"
+    for name in ("port", "host", "liveness_timeout")
+}
+
 CORE = Section(
     None,
     "Core",
@@ -264,32 +272,6 @@ CORE = Section(
             "one, or a list of names.",
         ),
         Option(
-            "health_port",
-            "int",
-            None,
-            "Serve /livez and /readyz (Kubernetes probes) on this "
-            "port; 0 picks a free port (logged); unset means no health endpoint.",
-            minimum=0,
-            maximum=65535,
-            nullable=True,
-        ),
-        Option(
-            "health_host",
-            "str",
-            "0.0.0.0",
-            "Address the health endpoint listens on "
-            "(0.0.0.0: reachable by the kubelet on the pod's IP).",
-        ),
-        Option(
-            "health_liveness_timeout",
-            "float",
-            30.0,
-            "/livez fails when the consumer loop "
-            "has not turned for this many seconds (a task running inline on solo counts as "
-            "turning).",
-            minimum=1,
-        ),
-        Option(
             "worker_name",
             "str",
             None,
@@ -297,6 +279,7 @@ CORE = Section(
             nullable=True,
         ),
     ),
+    hints=MOVED,
 )
 
 
@@ -333,9 +316,6 @@ class Settings:
     log_stdlib: bool = True
     trace_link: bool = False
     hooks: tuple[str, ...] = ("*",)
-    health_port: int | None = None
-    health_host: str = "0.0.0.0"
-    health_liveness_timeout: float = 30.0
     worker_name: str | None = None
     #: validated values (defaults included) of every plugin section that was given a value
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -583,7 +563,7 @@ class SettingsReader:
             if CORE.option(key) is not None:
                 return True
             error = CORE.unknown(key, where)
-            if where.startswith("env "):
+            if where.startswith("env ") and key not in MOVED:
                 self.warnings.append(f"{error}; ignored")
                 return False
             raise error

@@ -340,9 +340,7 @@ class Worker:
             f"prefetch {self.prefetch})",
             f"  queues:      {', '.join(self.queues)}",
         ]
-        if self.settings.health_port is not None:
-            where = f"{self.settings.health_host}:{self.settings.health_port}"
-            lines.append(f"  health:      http://{where}/livez, /readyz (health_host, health_port)")
+        lines += [f"  {line}" for hook in self.hooks.hooks if (line := hook.describe_worker(self))]
         lines += [
             f"  tasks ({len(tasks)}):",
             *(f"    . {name}{self._banner_note(name)}" for name in tasks),

@@ -95,9 +95,11 @@ class WorkerView(Protocol):
     settings: Any
     app: Any
     pool: Any
-    processed: int
     ready: Any
     last_turn: float
+
+    @property
+    def processed(self) -> int: ...
 
     @property
     def prefetched(self) -> int: ...
@@ -156,6 +158,10 @@ class Hooks:
     def process_starting(self, service_name: str) -> None:
         """A millpond command owns this process as `service_name` (`millpond-worker`,
         `millpond-send`, `millpond-beat`); the app is not imported yet in a worker."""
+
+    def describe_worker(self, worker: WorkerView) -> str:
+        """A line for the worker's start-up banner (where an endpoint listens), or ""."""
+        return ""
 
     def worker_starting(self, worker: WorkerView) -> None:
         """Settings read and app imported; before the pool starts (a prefork pool forks after)."""

@@ -21,7 +21,7 @@ import structlog
 from millpond.contracts.hooks import Hooks, WorkerView
 from millpond.contracts.pool import Job, Outcome
 from millpond.exceptions import ConfigurationError
-from millpond.observe import health
+from millpond_health import server as probe_server
 from millpond_metrics import aggregate
 from millpond_tracing import otel
 
@@ -148,7 +148,7 @@ class MetricsHooks(Hooks):
         def scrape() -> tuple[int, str, bytes]:
             return 200, text.content_type, text.render().encode()
 
-        server = health.serve(
+        server = probe_server.serve(
             worker, plan.prometheus_host, plan.prometheus_port, {"/metrics": scrape}
         )
         structlog.get_logger("millpond.metrics").info(
@@ -157,7 +157,7 @@ class MetricsHooks(Hooks):
 
     def worker_stopped(self, worker: WorkerView) -> None:
         """Push the last metrics out and stop the provider this hook installed."""
-        health.stop_serving(worker)  # /metrics, if it had a port of its own
+        probe_server.stop_serving(worker)  # /metrics, if it had a port of its own
         provider, self._provider = self._provider, None
         aggregate.disable()
         if provider is None:

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.observability.conftest import POOLS, Proc, run_python, wait_until
 
 from millpond import Millpond
 from millpond.config.settings import load_settings
 from millpond.consume.worker import Worker
-from millpond.observe import health
-from tests.observability.conftest import POOLS, Proc, run_python, wait_until
+from millpond_health import probes
 
-PROBES = {"MILLPOND_HEALTH_PORT": "0", "MILLPOND_HEALTH_HOST": "127.0.0.1"}
+PROBES = {"MILLPOND_HEALTH__PORT": "0", "MILLPOND_HEALTH__HOST": "127.0.0.1"}
 SEND_NAP = """
 import json
 from tests.observability.obs_app import nap
@@ -95,7 +95,7 @@ def test_probes_and_scrape_on_every_pool(
     """The probe thread (a greenlet under gevent and eventlet) answers on every pool, started
     after a prefork pool forked; --health-port is the command-line way to ask for it."""
     env = {
-        "MILLPOND_HEALTH_HOST": "127.0.0.1",
+        "MILLPOND_HEALTH__HOST": "127.0.0.1",
         "OTEL_METRICS_EXPORTER": "prometheus",
         "OTEL_EXPORTER_PROMETHEUS_PORT": "0",
         "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
@@ -156,7 +156,7 @@ def test_readiness_follows_the_broker_and_liveness_does_not(
 def test_a_long_task_on_solo_is_alive_not_stuck(
     spawn: Callable[..., Proc], obs_env: dict[str, str], tmp_path: Path
 ) -> None:
-    worker = spawn("-P", "solo", env={**PROBES, "MILLPOND_HEALTH_LIVENESS_TIMEOUT": "1"})
+    worker = spawn("-P", "solo", env={**PROBES, "MILLPOND_HEALTH__LIVENESS_TIMEOUT": "1"})
     worker.wait_ready()
     port = worker.endpoint_port("/livez")
     run_python(SEND_NAP.format(seconds=2.5), obs_env)
@@ -178,7 +178,7 @@ def test_health_port_in_use_is_a_clear_start_up_error(
 ) -> None:
     first = spawn("-P", "solo", env=PROBES).wait_ready()
     port = first.endpoint_port("/livez")
-    second = spawn("-P", "solo", env={**PROBES, "MILLPOND_HEALTH_PORT": str(port)})
+    second = spawn("-P", "solo", env={**PROBES, "MILLPOND_HEALTH__PORT": str(port)})
     assert second.wait(30) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in second.text()
     assert first.terminate() == 0
@@ -189,21 +189,21 @@ def test_liveness_and_readiness_logic() -> None:
     app = Millpond("probe-logic", broker_url="memory://probe-logic")
     app.task(name="probe.t")(lambda: None)
     worker = Worker(app, settings=load_settings({"pool": "solo"}, env={}, code=app.code_config))
-    ok, details = health.liveness(worker, 5)
+    ok, details = probes.liveness(worker, 5)
     assert not ok
     assert details == {"loop": "not started yet"}
     worker.last_turn = time.monotonic()
-    assert health.liveness(worker, 5)[0]
+    assert probes.liveness(worker, 5)[0]
     worker.last_turn = time.monotonic() - 30
-    ok, details = health.liveness(worker, 5)
+    ok, details = probes.liveness(worker, 5)
     assert not ok
     assert details["loop_age_seconds"] >= 30
     worker._inline = True
-    assert health.liveness(worker, 5) == (
+    assert probes.liveness(worker, 5) == (
         True,
-        {**health.liveness(worker, 5)[1], "running_inline": True},
+        {**probes.liveness(worker, 5)[1], "running_inline": True},
     )
-    ready, details = health.readiness(worker, 5)
+    ready, details = probes.readiness(worker, 5)
     assert not ready
     assert details["checks"] == {
         "started": False,
