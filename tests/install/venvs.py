@@ -29,6 +29,7 @@ PACKAGES = {
     "millpond-canvas": "plugins/canvas",
     "millpond-tracing": "plugins/tracing",
     "millpond-ratelimit": "plugins/ratelimit",
+    "millpond-cli": "plugins/cli",
     "millpond-pool-threads": "plugins/pool-threads",
     "millpond-broker-redis": "plugins/broker-redis",
     "millpond-pool-asyncio": "plugins/pool-asyncio",

@@ -12,7 +12,7 @@ stevedore's entry points carry no distribution, so the distribution that declare
 version and `Requires-Dist: millpond ...` range) comes from `importlib.metadata`, read once per
 process, and the range is checked with `packaging`.
 
-`millpond.cli.bootstrap` has its own, stdlib-only lookup of the `millpond.patches` group: it runs
+`millpond_cli.bootstrap` has its own, stdlib-only lookup of the `millpond.patches` group: it runs
 before this module (or stevedore, or logging) may be imported; see its docstring.
 """
 

@@ -16,8 +16,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from millpond.cli.parser import build_parser
 from millpond.exceptions import ConfigurationError, MillpondError, PluginLoadError, PluginNotFound
+from millpond_cli.parser import build_parser
 
 if TYPE_CHECKING:
     from millpond.config.settings import Settings
@@ -81,8 +81,8 @@ def load_from_args(ns: argparse.Namespace) -> tuple[Settings, Millpond | None]:
 
 def _run_plugin(name: str, argv: list[str]) -> int:
     """Parse the arguments again with the plugin command's full parser, then run it."""
-    from millpond.cli.parser import add_common
     from millpond.config import plugins
+    from millpond_cli.parser import add_common
 
     command = plugins.command(name)
     parser = argparse.ArgumentParser(prog=f"millpond {name}", description=command.help)
@@ -445,7 +445,7 @@ def cmd_config(ns: argparse.Namespace) -> int:
     from millpond.config.settings import describe
 
     if ns.docs:
-        from millpond.cli.settings_docs import render
+        from millpond_cli.settings_docs import render
 
         sys.stdout.write(render())
         return EXIT_OK
@@ -460,7 +460,7 @@ def cmd_config(ns: argparse.Namespace) -> int:
 
 
 def cmd_new_pool(ns: argparse.Namespace) -> int:
-    from millpond.cli.scaffold import create_pool
+    from millpond_cli.scaffold import create_pool
 
     created = create_pool(ns.name, ns.dir)
     print(created.summary())
