@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from millpond.config import plugins
 from millpond_cli.bootstrap import pool_from_argv
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -90,6 +91,13 @@ def test_plugins_lists_every_group_with_distribution_version_and_core_range() ->
     for line in lines[1:]:
         if line.startswith("  ") and "none installed" not in line:
             assert line[column - 2 : column] == "  " and line[column] != " ", line
+
+
+def test_every_group_listed_has_a_title() -> None:
+    """`millpond plugins` titles each group from the core's one table of group names."""
+    assert set(plugins.GROUPS) == set(plugins.NAMES)
+    assert plugins.NAMES[plugins.PATCHES] == ("early patch", "early patches")
+    assert plugins.KIND[plugins.BACKENDS] == "result backend"
 
 
 def test_plugins_imports_no_plugin() -> None:

@@ -397,24 +397,11 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
     is 1 when one fails."""
     from millpond.config import plugins
 
-    titles = {
-        plugins.POOLS: "pools",
-        plugins.BROKERS: "brokers",
-        plugins.BACKENDS: "result backends",
-        plugins.LIMITERS: "shared rate limiters",
-        plugins.HOOKS: "hooks",
-        plugins.SETTINGS: "settings sections",
-        plugins.PATCHES: "early patches",
-        plugins.COMMANDS: "commands",
-        plugins.COMPONENTS: "worker components",
-        plugins.CLIENTS: "app clients",
-        plugins.CANVAS: "canvas",
-    }
     rows = plugins.describe_installed()
     lines: list[tuple[str, ...]] = [("NAME", "DISTRIBUTION", "VERSION", "CORE VERSIONS")]
     failed = 0
     for group in plugins.GROUPS:
-        lines.append((f"{titles[group]}:",))
+        lines.append((f"{plugins.NAMES[group][1]}:",))
         mine = [r for r in rows if r.group == group]
         if not mine:
             hint = (
