@@ -45,8 +45,10 @@ def test_python_m_millpond_runs_the_console_script_this_package_declares() -> No
 
 def test_python_m_millpond_without_the_command_says_what_to_install() -> None:
     code = (
-        "import importlib.metadata, runpy\n"
-        "importlib.metadata.entry_points = lambda **_: []\n"
+        "import importlib.metadata as metadata, runpy\n"
+        "def missing(name):\n"
+        "    raise metadata.PackageNotFoundError(name)\n"
+        "metadata.distribution = missing\n"
         "runpy.run_module('millpond', run_name='__main__')\n"
     )
     proc = subprocess.run(
