@@ -26,7 +26,7 @@ def run(code: str) -> subprocess.CompletedProcess[str]:
 def test_the_loader_does_not_import_the_cli() -> None:
     proc = run(
         "import sys, millpond.config.plugins as p; p.installed(p.POOLS); p.pool_class('solo');"
-        "print(sorted(m for m in sys.modules if m.startswith('millpond.cli')))"
+        "print(sorted(m for m in sys.modules if m.startswith('millpond_cli')))"
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

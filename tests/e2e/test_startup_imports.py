@@ -34,7 +34,7 @@ TRACING_ONLY = (
     "requests",
     "urllib3",
 )
-CLI_ONLY = ("millpond_control.cli", "millpond.cli.scaffold", "millpond.cli.settings_docs")
+CLI_ONLY = ("millpond_control.cli", "millpond_cli.scaffold", "millpond_cli.settings_docs")
 #: what a worker asking for no metrics does without: the OpenTelemetry metrics API (~8 ms)
 DEFERRED = ("opentelemetry.metrics",)
 #: what printing `worker --help` needs none of
@@ -100,7 +100,7 @@ def test_worker_help_imports_only_the_parser() -> None:
     )
     assert done.returncode == 0, done.stderr
     modules = json.loads(done.stdout)
-    assert "millpond.cli.parser" in modules  # the run did reach the command line
+    assert "millpond_cli.parser" in modules  # the run did reach the command line
     assert imported(modules, NOT_FOR_HELP) == []
 
 

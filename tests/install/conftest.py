@@ -71,7 +71,7 @@ def core_venv(tmp_path_factory: pytest.TempPathFactory, wheelhouse: dict[str, Pa
 @pytest.fixture(scope="session")
 def scaffolded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The package `millpond new-pool ripple` writes, untouched."""
-    from millpond.cli.scaffold import create_pool
+    from millpond_cli.scaffold import create_pool
 
     return create_pool("ripple", tmp_path_factory.mktemp("scaffold")).root
 

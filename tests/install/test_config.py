@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from millpond.cli.settings_docs import REGENERATE, main, render
 from millpond.config import plugins
 from millpond.config.options import Option, Section
 from millpond.config.settings import CORE, describe, load_settings
 from millpond.exceptions import ConfigurationError
+from millpond_cli.settings_docs import REGENERATE, main, render
 from tests.install.venvs import ROOT, clean_env
 
 DOCS = ROOT / "docs" / "settings.md"

@@ -167,8 +167,8 @@ def test_a_pool_that_is_not_installed_says_what_to_install(
 
 # -- millpond alone ------------------------------------------------------------------------------
 def test_core_alone_brings_the_embedded_brokers_and_nothing_else(core_venv: Venv) -> None:
-    """The embedded brokers, the control plane, the canvas, tracing, rate limits and the health
-    probes are the core's dependencies, nothing else."""
+    """The embedded brokers, the control plane, the canvas, tracing, rate limits, the health
+    probes and the command line are the core's dependencies, nothing else."""
     assert (
         core_venv.missing(
             "millpond",
@@ -178,6 +178,7 @@ def test_core_alone_brings_the_embedded_brokers_and_nothing_else(core_venv: Venv
             "millpond_tracing",
             "millpond_ratelimit",
             "millpond_health",
+            "millpond_cli",
         )
         == []
     )
@@ -186,6 +187,36 @@ def test_core_alone_brings_the_embedded_brokers_and_nothing_else(core_venv: Venv
         "redis",
         "millpond_pool_threads",
     ]
+
+
+def _wheel_text(wheel: Path, suffix: str) -> str:
+    with zipfile.ZipFile(wheel) as archive:
+        name = next((n for n in archive.namelist() if n.endswith(suffix)), None)
+        return archive.read(name).decode() if name else ""
+
+
+def test_the_command_is_millpond_cli_s_and_comes_with_the_core(
+    wheelhouse: dict[str, Path], core_venv: Venv, app_dir: Path
+) -> None:
+    """`pip install millpond` gives the `millpond` command: millpond-cli declares the script (with
+    the scaffold's templates in its wheel), the core depends on it and ships no command line, and
+    `python -m millpond` runs the same script."""
+    core_names = zipfile.ZipFile(wheelhouse["millpond"]).namelist()
+    assert not [n for n in core_names if n.startswith(("millpond/cli/", "millpond/templates/"))]
+    assert "console_scripts" not in _wheel_text(
+        wheelhouse["millpond"], ".dist-info/entry_points.txt"
+    )
+    core_metadata = _wheel_text(wheelhouse["millpond"], ".dist-info/METADATA")
+    requires = [line for line in core_metadata.splitlines() if line.startswith("Requires-Dist")]
+    assert any(line.startswith("Requires-Dist: millpond-cli") for line in requires), requires
+    scripts = _wheel_text(wheelhouse["millpond-cli"], ".dist-info/entry_points.txt")
+    assert "millpond = millpond_cli.bootstrap:main" in scripts, scripts
+    cli_names = zipfile.ZipFile(wheelhouse["millpond-cli"]).namelist()
+    assert "millpond_cli/templates/pool/pyproject.toml.tmpl" in cli_names, cli_names
+    script = core_venv.run("millpond", "--version", cwd=app_dir)
+    module = core_venv.run("python", "-m", "millpond", "--version", cwd=app_dir)
+    assert script.returncode == module.returncode == 0, script.stderr + module.stderr
+    assert script.stdout == module.stdout == "millpond 0.1.0\n"
 
 
 def test_core_alone_lists_no_pool(core_venv: Venv, app_dir: Path) -> None:

@@ -30,6 +30,7 @@ PACKAGES = {
     "millpond-tracing": "plugins/tracing",
     "millpond-ratelimit": "plugins/ratelimit",
     "millpond-health": "plugins/health",
+    "millpond-cli": "plugins/cli",
     "millpond-pool-threads": "plugins/pool-threads",
     "millpond-broker-redis": "plugins/broker-redis",
     "millpond-pool-asyncio": "plugins/pool-asyncio",

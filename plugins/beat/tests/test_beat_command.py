@@ -11,11 +11,11 @@ import pytest
 from beat_helpers import TickRecorder
 
 from millpond import Millpond
-from millpond.cli.main import main
 from millpond.exceptions import ConfigurationError
 from millpond_beat import FakeClock, crontab, every
 from millpond_beat.entries import build
 from millpond_beat.scheduler import Beat, BeatConfig
+from millpond_cli.main import main
 
 START = 1_800_000_000.0  # 2027-01-15 08:00 UTC
 

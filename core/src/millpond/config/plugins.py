@@ -12,7 +12,7 @@ stevedore's entry points carry no distribution, so the distribution that declare
 version and `Requires-Dist: millpond ...` range) comes from `importlib.metadata`, read once per
 process, and the range is checked with `packaging`.
 
-`millpond.cli.bootstrap` has its own, stdlib-only lookup of the `millpond.patches` group: it runs
+`millpond_cli.bootstrap` has its own, stdlib-only lookup of the `millpond.patches` group: it runs
 before this module (or stevedore, or logging) may be imported; see its docstring.
 """
 
@@ -106,19 +106,21 @@ FIRST_PARTY = {
 }
 #: names people try that no first-party plugin serves, with what to do instead
 UNSUPPORTED: dict[tuple[str, str], str] = {}
-KIND = {
-    POOLS: "pool",
-    BROKERS: "broker",
-    BACKENDS: "result backend",
-    LIMITERS: "shared rate limiter",
-    PATCHES: "early patch",
-    HOOKS: "hooks",
-    SETTINGS: "settings section",
-    COMMANDS: "command",
-    COMPONENTS: "worker component",
-    CLIENTS: "app client",
-    CANVAS: "canvas",
+#: each group's word for one of its plugins (in messages), and its title in `millpond plugins`
+NAMES = {
+    POOLS: ("pool", "pools"),
+    BROKERS: ("broker", "brokers"),
+    BACKENDS: ("result backend", "result backends"),
+    LIMITERS: ("shared rate limiter", "shared rate limiters"),
+    PATCHES: ("early patch", "early patches"),
+    HOOKS: ("hooks", "hooks"),
+    SETTINGS: ("settings section", "settings sections"),
+    COMMANDS: ("command", "commands"),
+    COMPONENTS: ("worker component", "worker components"),
+    CLIENTS: ("app client", "app clients"),
+    CANVAS: ("canvas", "canvas"),
 }
+KIND = {group: one for group, (one, _title) in NAMES.items()}
 
 
 # -- what is installed (nothing imported) ----------------------------------------------------------

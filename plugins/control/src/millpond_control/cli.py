@@ -178,7 +178,7 @@ class RemoteCommand(CoreCommand):
         add_remote_arguments(parser, self.kind)
 
     def run(self, ns: argparse.Namespace) -> int:
-        from millpond.cli.main import load_from_args
+        from millpond_cli.main import load_from_args
 
         return cmd_remote(ns, self.kind, load_from_args)
 
@@ -207,8 +207,8 @@ class EventsCommand(CoreCommand):
         """Listen on the event exchange and print each event until Ctrl-C, --limit or --timeout."""
         import time
 
-        from millpond.cli.main import load_from_args
         from millpond.produce.app import Millpond
+        from millpond_cli.main import load_from_args
         from millpond_control.event_stream import EventStream, describe
 
         settings, _app = load_from_args(ns)

@@ -1,8 +1,9 @@
 """`millpond new-pool`: what the template writes (installing it and running the kit in a clean
-venv is in test_install.py)."""
+venv is in the workspace's tests/install/test_install.py)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -10,9 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from millpond.cli.scaffold import core_range, create_pool
 from millpond.exceptions import ConfigurationError
-from tests.install.venvs import ROOT, clean_env
+from millpond_cli.scaffold import core_range, create_pool
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without millpond's settings or a PYTHONPATH: the command as a user runs it."""
+    drop = ("MILLPOND_", "OTEL_", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
 
 
 def test_generates_a_complete_package(tmp_path: Path) -> None:
@@ -83,7 +89,7 @@ def test_the_command(tmp_path: Path) -> None:
         return subprocess.run(
             [sys.executable, "-m", "millpond", "new-pool", *args],
             cwd=tmp_path,
-            env=clean_env({"PYTHONPATH": str(ROOT)}),
+            env=clean_env(),
             capture_output=True,
             text=True,
             timeout=60,

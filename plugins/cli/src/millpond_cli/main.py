@@ -16,8 +16,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from millpond.cli.parser import build_parser
 from millpond.exceptions import ConfigurationError, MillpondError, PluginLoadError, PluginNotFound
+from millpond_cli.parser import build_parser
 
 if TYPE_CHECKING:
     from millpond.config.settings import Settings
@@ -81,8 +81,8 @@ def load_from_args(ns: argparse.Namespace) -> tuple[Settings, Millpond | None]:
 
 def _run_plugin(name: str, argv: list[str]) -> int:
     """Parse the arguments again with the plugin command's full parser, then run it."""
-    from millpond.cli.parser import add_common
     from millpond.config import plugins
+    from millpond_cli.parser import add_common
 
     command = plugins.command(name)
     parser = argparse.ArgumentParser(prog=f"millpond {name}", description=command.help)
@@ -397,24 +397,11 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
     is 1 when one fails."""
     from millpond.config import plugins
 
-    titles = {
-        plugins.POOLS: "pools",
-        plugins.BROKERS: "brokers",
-        plugins.BACKENDS: "result backends",
-        plugins.LIMITERS: "shared rate limiters",
-        plugins.HOOKS: "hooks",
-        plugins.SETTINGS: "settings sections",
-        plugins.PATCHES: "early patches",
-        plugins.COMMANDS: "commands",
-        plugins.COMPONENTS: "worker components",
-        plugins.CLIENTS: "app clients",
-        plugins.CANVAS: "canvas",
-    }
     rows = plugins.describe_installed()
     lines: list[tuple[str, ...]] = [("NAME", "DISTRIBUTION", "VERSION", "CORE VERSIONS")]
     failed = 0
     for group in plugins.GROUPS:
-        lines.append((f"{titles[group]}:",))
+        lines.append((f"{plugins.NAMES[group][1]}:",))
         mine = [r for r in rows if r.group == group]
         if not mine:
             hint = (
@@ -445,7 +432,7 @@ def cmd_config(ns: argparse.Namespace) -> int:
     from millpond.config.settings import describe
 
     if ns.docs:
-        from millpond.cli.settings_docs import render
+        from millpond_cli.settings_docs import render
 
         sys.stdout.write(render())
         return EXIT_OK
@@ -460,7 +447,7 @@ def cmd_config(ns: argparse.Namespace) -> int:
 
 
 def cmd_new_pool(ns: argparse.Namespace) -> int:
-    from millpond.cli.scaffold import create_pool
+    from millpond_cli.scaffold import create_pool
 
     created = create_pool(ns.name, ns.dir)
     print(created.summary())

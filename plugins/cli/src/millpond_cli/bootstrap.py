@@ -5,10 +5,11 @@ or a socket. So this module decides the pool from argv, `MILLPOND_POOL` and the 
 only `sys`, `os`, `tomllib` and `importlib.metadata`, runs that pool's `millpond.patches` entry
 point, and only then imports the CLI, settings, logging, telemetry and the user's app.
 
-That is why this is the one place outside `millpond.config.plugins` that reads entry points, and
-reads them with the standard library rather than through stevedore: importing stevedore imports
-`logging` (whose module-level lock would be created unpatched) and `millpond.config`, and nothing
-of millpond's but this module may be imported before the patch (the e2e test
+That is why this module reads entry points with the standard library rather than through
+stevedore (`millpond.config.plugins`): importing stevedore imports `logging` (whose module-level
+lock would be created unpatched) and `millpond.config`, and nothing of millpond's but this module
+(and, for `python -m millpond`, the core's lazy `__init__` and `__main__`, which find this script
+the same way) may be imported before the patch (the e2e test
 `test_early_patch_runs_before_anything_is_imported` and the tests under `tests/green` check it).
 A pool chosen only in code (`Millpond(..., pool="gevent")`) cannot be patched this early: the
 worker command detects that case after importing the app and says so.
@@ -72,6 +73,6 @@ def early_patch(argv: list[str]) -> str | None:
 def main() -> None:
     argv = sys.argv[1:]
     patched = early_patch(argv)
-    from millpond.cli.main import main as cli_main
+    from millpond_cli.main import main as cli_main
 
     sys.exit(cli_main(argv, patched=patched))

@@ -6,8 +6,8 @@ the reference cannot drift from what the worker accepts. Flags come from the `mi
 argument parser itself. A test regenerates the file and fails when the committed copy differs.
 
     millpond config --docs                                     # print it
-    python -m millpond.cli.settings_docs --write docs/settings.md
-    python -m millpond.cli.settings_docs --check docs/settings.md   # exit 1 when stale
+    python -m millpond_cli.settings_docs --write docs/settings.md
+    python -m millpond_cli.settings_docs --check docs/settings.md   # exit 1 when stale
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from millpond.cli.parser import build_parser
 from millpond.config import plugins
 from millpond.config.options import ENV_PREFIX, Option, Section
 from millpond.config.settings import CORE
+from millpond_cli.parser import build_parser
 
-REGENERATE = "python -m millpond.cli.settings_docs --write docs/settings.md"
+REGENERATE = "python -m millpond_cli.settings_docs --write docs/settings.md"
 
 INTRO = f"""\
 # Settings reference
@@ -182,7 +182,7 @@ def render(sections: Sequence[Documented] | None = None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m millpond.cli.settings_docs",
+        prog="python -m millpond_cli.settings_docs",
         description="Generate the settings reference (docs/settings.md) from the declarations.",
     )
     group = parser.add_mutually_exclusive_group()

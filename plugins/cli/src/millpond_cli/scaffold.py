@@ -1,12 +1,12 @@
 """`millpond new-pool NAME`: a pool plugin package that installs, is found, and passes the kit.
 
-The template (millpond/templates/pool/) is a complete distribution: a hatchling pyproject with
+The template (millpond_cli/templates/pool/) is a complete distribution: a hatchling pyproject with
 the `millpond.pools` entry point and the range of core versions it supports, a src layout with
 py.typed, a pool that runs each job in a thread of its own, a README, and a test module that
 subclasses the conformance kit. It is correct before its author changes a line, so the first
 thing a plugin author sees is a green kit, and every change after that is checked by it.
 
-Files are copied with `{{placeholder}}` substitution only (no template engine: the core stays
+Files are copied with `{{placeholder}}` substitution only (no template engine: the command line stays
 free of that dependency); a `.tmpl` suffix keeps the templates out of linters and test discovery.
 """
 
@@ -107,7 +107,7 @@ def create_pool(pool: str, directory: str | Path = ".") -> CreatedPool:
         raise ConfigurationError(
             f"{root} already exists and is not empty: remove it, or pass another --dir"
         )
-    template = files("millpond").joinpath("templates", "pool")
+    template = files("millpond_cli").joinpath("templates", "pool")
     written: list[Path] = []
     for parts, text in _walk(template):
         out_parts = [values["module"] if p == "__module__" else p for p in parts]
