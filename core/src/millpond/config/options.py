@@ -8,9 +8,10 @@ these terms: the loader hands each plugin its validated `Section`.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import parse_qsl, urlsplit
 
 from millpond.exceptions import ConfigurationError
@@ -200,6 +201,46 @@ _CASTS: dict[str, Callable[[Option, Any], Any]] = {
     "list": _as_list,
     "table": _as_table,
 }
+
+
+def setting(default: Any, help: str, **details: Any) -> Any:
+    """A setting declared as a field of a typed frozen dataclass (the core's `Settings`): the field
+    gives its name, its type annotation its kind (`X | None` makes it nullable, `tuple[str, ...]`
+    is a list, a mapping a table), and the rest is as in `Option`. `declared(cls)` reads them back.
+    """
+    return field(default=default, metadata={"help": help, **details})
+
+
+_KINDS: dict[Any, Kind] = {
+    str: "str",
+    int: "int",
+    float: "float",
+    bool: "bool",
+    tuple: "list",
+    list: "list",
+    dict: "table",
+    Mapping: "table",
+}
+
+
+def declared(cls: type) -> tuple[Option, ...]:
+    """The `Option` of each field of `cls` declared with `setting(...)`, in their order."""
+    hints = get_type_hints(cls)
+    options = []
+    for f in fields(cls):
+        if "help" not in f.metadata:
+            continue
+        kind, nullable = hints[f.name], False
+        if isinstance(kind, types.UnionType):
+            nullable = type(None) in get_args(kind)
+            (kind,) = (arg for arg in get_args(kind) if arg is not type(None))
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        options.append(
+            Option(
+                f.name, _KINDS[get_origin(kind) or kind], default, nullable=nullable, **f.metadata
+            )
+        )
+    return tuple(options)
 
 
 def suggest(name: str, candidates: Iterable[str]) -> str:

@@ -7,10 +7,12 @@ instance holds them all: it reads the TOML file, parses environment values as TO
 `MILLPOND_REDIS__LEASE_TIMEOUT` under `redis`, and runs one dynaconf `Validator` per declared option
 that was given a value. The hot path reads the frozen `Settings` dataclass, never dynaconf.
 
-`Option`s grouped in `Section`s are the only description of a setting: validation, `millpond
-config` and docs/settings.md all read them. The core's section is `CORE`; a plugin publishes its
-own under the `millpond.settings` entry-point group, named after the plugin it configures (a pool's
-name, or each URL scheme a broker serves), and the core hands the plugin its validated values
+Each setting is declared once. A core setting is a field of the frozen `Settings` dataclass,
+declared with `setting(default, help, ...)`: its annotation is its type (so `settings.pool` is
+typed), and `CORE`, the `Section` derived from those fields, is what validation, `millpond config`
+and docs/settings.md read. A plugin publishes its own `Section` of `Option`s under the
+`millpond.settings` entry-point group, named after the plugin it configures (a pool's name, or
+each URL scheme a broker serves), and the core hands the plugin its validated values
 (`Settings.plugin_options`). A broker's URL query parameters are cast by the same declarations
 (`Section.resolve`), so every source shares one set of rules, one boolean vocabulary included.
 """
@@ -35,308 +37,186 @@ from millpond.config.options import (
     META_ENV,
     Option,
     Section,
+    declared,
     rank,
+    setting,
     suggest,
-)
-
-#: `Option` and `Section` are re-exported: plugins written before `config.options` existed import them
-#: from here
-__all__ = [
-    "CORE",
-    "ENV_PREFIX",
-    "Option",
-    "Section",
-    "Settings",
-    "SettingsReader",
-    "describe",
-    "load_settings",
-    "read_settings",
-    "settings_file",
-]
-
-CORE = Section(
-    None,
-    "Core",
-    (
-        Option(
-            "app", "str", None, "The app to run, as module:attribute (the -A flag).", nullable=True
-        ),
-        Option(
-            "broker_url",
-            "str",
-            None,
-            "Broker URL; unset means the embedded sqlite:// broker (zero servers, one machine).",
-            nullable=True,
-            secret=True,
-        ),
-        Option(
-            "result_backend",
-            "str",
-            None,
-            "Result backend URL; unset means the broker's own "
-            "store (sqlite, redis; none for amqp).",
-            nullable=True,
-            secret=True,
-        ),
-        Option(
-            "pool",
-            "str",
-            "threads",
-            "Execution pool plugin: solo, threads, prefork, gevent, "
-            "eventlet, asyncio, or any installed third-party pool. A pool that monkey-patches "
-            "(gevent, eventlet) must be chosen by flag, environment or file, not in code.",
-        ),
-        Option(
-            "concurrency",
-            "int",
-            None,
-            "Jobs run at once; unset means the pool's default "
-            "(CPU count for threads and prefork, 100 for green pools).",
-            minimum=1,
-            nullable=True,
-        ),
-        Option("queues", "list", ["celery"], "Queues the worker consumes, in priority order."),
-        Option(
-            "default_queue",
-            "str",
-            "celery",
-            "Queue a task is sent to when neither the task "
-            "nor the call names one (Celery's default, so both can share queues).",
-        ),
-        Option(
-            "prefetch_multiplier",
-            "int",
-            4,
-            "Unacknowledged messages held per unit of concurrency.",
-            minimum=1,
-        ),
-        Option(
-            "acks_late",
-            "bool",
-            True,
-            "Acknowledge after the task finished (at-least-once); "
-            "false acknowledges before it runs (at-most-once).",
-        ),
-        Option(
-            "max_deliveries",
-            "int",
-            5,
-            "Deliveries of one message before it is dead-lettered "
-            "instead of run again (the redelivery cap for poison messages).",
-            minimum=1,
-        ),
-        Option(
-            "time_limit",
-            "float",
-            None,
-            "Default hard time limit of a task, in seconds.",
-            minimum=0,
-            nullable=True,
-        ),
-        Option(
-            "soft_time_limit",
-            "float",
-            None,
-            "Default soft time limit of a task, in seconds.",
-            minimum=0,
-            nullable=True,
-        ),
-        Option(
-            "unsupported_options",
-            "str",
-            "warn",
-            "What to do when a task asks for something "
-            "the pool cannot do (a time limit on solo): warn, or error (fail the task).",
-            choices=("warn", "error"),
-        ),
-        Option(
-            "disable_rate_limits",
-            "bool",
-            False,
-            "Ignore every task's rate_limit (Celery's worker_disable_rate_limits); a limit set "
-            "at run time by the rate_limit control command still applies.",
-        ),
-        Option(
-            "rate_limit_scope",
-            "str",
-            "worker",
-            "Where a task's rate_limit is kept unless the task says (rate_limit_scope=...): "
-            "worker (each worker process allows that rate, Celery's meaning), or global (one "
-            "bucket in rate_limit_store shared by every worker).",
-            choices=("worker", "global"),
-        ),
-        Option(
-            "rate_limit_store",
-            "str",
-            None,
-            "URL of the store global rate limits share (redis://...); unset means the broker "
-            "URL, when it is one a limiter plugin serves.",
-            nullable=True,
-            secret=True,
-        ),
-        Option(
-            "rate_limit_parking",
-            "int",
-            None,
-            "Messages of each rate-limited task the worker holds waiting for a token, beside "
-            "the prefetch window; unset means the prefetch count. More go back to the broker "
-            "as delayed messages.",
-            minimum=1,
-            nullable=True,
-        ),
-        Option(
-            "rate_limit_max_hold",
-            "float",
-            60.0,
-            "Longest a rate-limited message waits in the worker, unacknowledged, for its token; "
-            "one that would wait longer goes back to the broker as a delayed message, due when "
-            "its token is expected. Keep it well under RabbitMQ's consumer_timeout.",
-            minimum=1,
-        ),
-        Option(
-            "shutdown_timeout",
-            "float",
-            30.0,
-            "Seconds a warm shutdown waits for running tasks before it turns cold.",
-            minimum=0,
-        ),
-        Option("ignore_result", "bool", False, "Do not store task results by default."),
-        Option("result_expires", "float", 86400.0, "Seconds a stored result is kept.", minimum=1),
-        Option(
-            "accept_content",
-            "list",
-            ["application/json"],
-            "Content types the worker accepts; add application/x-python-serialize only if every "
-            "producer is trusted. millpond decodes JSON and pickle only: YAML and msgpack "
-            "producers must switch to JSON (Celery: task_serializer = 'json').",
-            choices=("application/json", "application/x-python-serialize"),
-        ),
-        Option(
-            "max_message_size",
-            "int",
-            10 * 1024 * 1024,
-            "Largest message body accepted, in bytes; larger messages are dead-lettered.",
-            minimum=1,
-        ),
-        Option(
-            "signing_key",
-            "str",
-            None,
-            "Shared secret: producers sign every message "
-            "(HMAC-SHA256) and workers dead-letter unsigned or altered ones.",
-            nullable=True,
-            secret=True,
-        ),
-        Option(
-            "log_level",
-            "str",
-            "INFO",
-            "Log level.",
-            choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
-        ),
-        Option(
-            "log_format",
-            "str",
-            "auto",
-            "auto (console on a terminal, JSON otherwise), json, or console.",
-            choices=("auto", "json", "console"),
-        ),
-        Option(
-            "log_stdlib",
-            "bool",
-            True,
-            "Give the standard logging module's root logger millpond's format when `millpond "
-            "worker` runs and the root logger has no handlers of its own (so logging inside "
-            "tasks carries task and trace ids); false never touches the root logger.",
-        ),
-        Option(
-            "trace_link",
-            "bool",
-            False,
-            "Start each task's process span as a new trace "
-            "linked to the producer's, instead of continuing the producer's trace.",
-        ),
-        Option(
-            "hooks",
-            "list",
-            ["*"],
-            "Hooks plugins to use (tracing, logs, health, metrics, ...): * for every installed "
-            "one, or a list of names.",
-        ),
-        Option(
-            "health_port",
-            "int",
-            None,
-            "Serve /livez and /readyz (Kubernetes probes) on this "
-            "port; 0 picks a free port (logged); unset means no health endpoint.",
-            minimum=0,
-            maximum=65535,
-            nullable=True,
-        ),
-        Option(
-            "health_host",
-            "str",
-            "0.0.0.0",
-            "Address the health endpoint listens on "
-            "(0.0.0.0: reachable by the kubelet on the pod's IP).",
-        ),
-        Option(
-            "health_liveness_timeout",
-            "float",
-            30.0,
-            "/livez fails when the consumer loop "
-            "has not turned for this many seconds (a task running inline on solo counts as "
-            "turning).",
-            minimum=1,
-        ),
-        Option(
-            "worker_name",
-            "str",
-            None,
-            "Name of this worker in logs and spans; default pid@hostname.",
-            nullable=True,
-        ),
-    ),
 )
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """The validated, frozen settings the worker and the app read on the hot path."""
+    """The validated, frozen settings the worker and the app read on the hot path.
 
-    app: str | None = None
-    broker_url: str | None = None
-    result_backend: str | None = None
-    pool: str = "threads"
-    concurrency: int | None = None
-    queues: tuple[str, ...] = ("celery",)
-    default_queue: str = "celery"
-    prefetch_multiplier: int = 4
-    acks_late: bool = True
-    max_deliveries: int = 5
-    time_limit: float | None = None
-    soft_time_limit: float | None = None
-    unsupported_options: str = "warn"
-    disable_rate_limits: bool = False
-    rate_limit_scope: str = "worker"
-    rate_limit_store: str | None = None
-    rate_limit_parking: int | None = None
-    rate_limit_max_hold: float = 60.0
-    shutdown_timeout: float = 30.0
-    ignore_result: bool = False
-    result_expires: float = 86400.0
-    accept_content: tuple[str, ...] = ("application/json",)
-    max_message_size: int = 10 * 1024 * 1024
-    signing_key: str | None = None
-    log_level: str = "INFO"
-    log_format: str = "auto"
-    log_stdlib: bool = True
-    trace_link: bool = False
-    hooks: tuple[str, ...] = ("*",)
-    health_port: int | None = None
-    health_host: str = "0.0.0.0"
-    health_liveness_timeout: float = 30.0
-    worker_name: str | None = None
+    The fields made with `setting(...)` are the core's declaration (see `CORE`); the last three
+    are what was read with them."""
+
+    app: str | None = setting(None, "The app to run, as module:attribute (the -A flag).")
+    broker_url: str | None = setting(
+        None,
+        "Broker URL; unset means the embedded sqlite:// broker (zero servers, one machine).",
+        secret=True,
+    )
+    result_backend: str | None = setting(
+        None,
+        "Result backend URL; unset means the broker's own store (sqlite, redis; none for amqp).",
+        secret=True,
+    )
+    pool: str = setting(
+        "threads",
+        "Execution pool plugin: solo, threads, prefork, gevent, eventlet, asyncio, or any "
+        "installed third-party pool. A pool that monkey-patches (gevent, eventlet) must be chosen"
+        " by flag, environment or file, not in code.",
+    )
+    concurrency: int | None = setting(
+        None,
+        "Jobs run at once; unset means the pool's default (CPU count for threads and prefork, 100"
+        " for green pools).",
+        minimum=1,
+    )
+    queues: tuple[str, ...] = setting(("celery",), "Queues the worker consumes, in priority order.")
+    default_queue: str = setting(
+        "celery",
+        "Queue a task is sent to when neither the task nor the call names one (Celery's default, "
+        "so both can share queues).",
+    )
+    prefetch_multiplier: int = setting(
+        4,
+        "Unacknowledged messages held per unit of concurrency.",
+        minimum=1,
+    )
+    acks_late: bool = setting(
+        True,
+        "Acknowledge after the task finished (at-least-once); false acknowledges before it runs "
+        "(at-most-once).",
+    )
+    max_deliveries: int = setting(
+        5,
+        "Deliveries of one message before it is dead-lettered instead of run again (the "
+        "redelivery cap for poison messages).",
+        minimum=1,
+    )
+    time_limit: float | None = setting(
+        None,
+        "Default hard time limit of a task, in seconds.",
+        minimum=0,
+    )
+    soft_time_limit: float | None = setting(
+        None,
+        "Default soft time limit of a task, in seconds.",
+        minimum=0,
+    )
+    unsupported_options: str = setting(
+        "warn",
+        "What to do when a task asks for something the pool cannot do (a time limit on solo): "
+        "warn, or error (fail the task).",
+        choices=("warn", "error"),
+    )
+    disable_rate_limits: bool = setting(
+        False,
+        "Ignore every task's rate_limit (Celery's worker_disable_rate_limits); a limit set at run"
+        " time by the rate_limit control command still applies.",
+    )
+    rate_limit_scope: str = setting(
+        "worker",
+        "Where a task's rate_limit is kept unless the task says (rate_limit_scope=...): worker "
+        "(each worker process allows that rate, Celery's meaning), or global (one bucket in "
+        "rate_limit_store shared by every worker).",
+        choices=("worker", "global"),
+    )
+    rate_limit_store: str | None = setting(
+        None,
+        "URL of the store global rate limits share (redis://...); unset means the broker URL, "
+        "when it is one a limiter plugin serves.",
+        secret=True,
+    )
+    rate_limit_parking: int | None = setting(
+        None,
+        "Messages of each rate-limited task the worker holds waiting for a token, beside the "
+        "prefetch window; unset means the prefetch count. More go back to the broker as delayed "
+        "messages.",
+        minimum=1,
+    )
+    rate_limit_max_hold: float = setting(
+        60.0,
+        "Longest a rate-limited message waits in the worker, unacknowledged, for its token; one "
+        "that would wait longer goes back to the broker as a delayed message, due when its token "
+        "is expected. Keep it well under RabbitMQ's consumer_timeout.",
+        minimum=1,
+    )
+    shutdown_timeout: float = setting(
+        30.0,
+        "Seconds a warm shutdown waits for running tasks before it turns cold.",
+        minimum=0,
+    )
+    ignore_result: bool = setting(False, "Do not store task results by default.")
+    result_expires: float = setting(86400.0, "Seconds a stored result is kept.", minimum=1)
+    accept_content: tuple[str, ...] = setting(
+        ("application/json",),
+        "Content types the worker accepts; add application/x-python-serialize only if every "
+        "producer is trusted. millpond decodes JSON and pickle only: YAML and msgpack producers "
+        "must switch to JSON (Celery: task_serializer = 'json').",
+        choices=("application/json", "application/x-python-serialize"),
+    )
+    max_message_size: int = setting(
+        10 * 1024 * 1024,
+        "Largest message body accepted, in bytes; larger messages are dead-lettered.",
+        minimum=1,
+    )
+    signing_key: str | None = setting(
+        None,
+        "Shared secret: producers sign every message (HMAC-SHA256) and workers dead-letter "
+        "unsigned or altered ones.",
+        secret=True,
+    )
+    log_level: str = setting(
+        "INFO",
+        "Log level.",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+    )
+    log_format: str = setting(
+        "auto",
+        "auto (console on a terminal, JSON otherwise), json, or console.",
+        choices=("auto", "json", "console"),
+    )
+    log_stdlib: bool = setting(
+        True,
+        "Give the standard logging module's root logger millpond's format when `millpond worker` "
+        "runs and the root logger has no handlers of its own (so logging inside tasks carries "
+        "task and trace ids); false never touches the root logger.",
+    )
+    trace_link: bool = setting(
+        False,
+        "Start each task's process span as a new trace linked to the producer's, instead of "
+        "continuing the producer's trace.",
+    )
+    hooks: tuple[str, ...] = setting(
+        ("*",),
+        "Hooks plugins to use (tracing, logs, health, metrics, ...): * for every installed one, "
+        "or a list of names.",
+    )
+    health_port: int | None = setting(
+        None,
+        "Serve /livez and /readyz (Kubernetes probes) on this port; 0 picks a free port (logged);"
+        " unset means no health endpoint.",
+        minimum=0,
+        maximum=65535,
+    )
+    health_host: str = setting(
+        "0.0.0.0",
+        "Address the health endpoint listens on (0.0.0.0: reachable by the kubelet on the pod's "
+        "IP).",
+    )
+    health_liveness_timeout: float = setting(
+        30.0,
+        "/livez fails when the consumer loop has not turned for this many seconds (a task running"
+        " inline on solo counts as turning).",
+        minimum=1,
+    )
+    worker_name: str | None = setting(
+        None,
+        "Name of this worker in logs and spans; default pid@hostname.",
+    )
     #: validated values (defaults included) of every plugin section that was given a value
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: where each value came from ("name" or "section.name"): "default", "file <path>", "code",
@@ -398,6 +278,8 @@ class Settings:
         values["sources"] = MappingProxyType(sources)
         return Settings(**values)
 
+
+CORE = Section(None, "Core", declared(Settings))
 
 # -- loading ---------------------------------------------------------------------------------------
 

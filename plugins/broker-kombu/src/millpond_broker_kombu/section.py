@@ -11,7 +11,7 @@ validate the settings without them installed.
 
 from __future__ import annotations
 
-from millpond.config.settings import Option, Section
+from millpond.config.options import Option, Section
 
 #: SQS's own limits: a message's DelaySeconds and a long poll's WaitTimeSeconds
 SQS_MAX_DELAY = 900

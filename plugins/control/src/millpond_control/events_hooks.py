@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from millpond.config.settings import Option, Section
+from millpond.config.options import Option, Section
 from millpond.contracts.broadcast import Exchange, unavailable
 from millpond.contracts.hooks import Hooks, WorkerView
 from millpond.wire.protocol import Message

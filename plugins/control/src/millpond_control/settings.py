@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from millpond.config.settings import Option, Section
+from millpond.config.options import Option, Section
 
 COMMAND_SETS = ("all", "safe")
 UNSIGNED = ("safe", "refuse")
