@@ -30,7 +30,6 @@ from millpond.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from dynaconf import Dynaconf
-    from dynaconf.loaders.base import SourceMetadata
 
 from millpond.config.options import (
     ENV_PREFIX,
@@ -307,21 +306,29 @@ def _keep_text(value: Any) -> Any:
 
 
 class SettingsReader:
-    """Every source read into one Dynaconf instance; `settings()` validates and freezes.
+    """Every source read once; `settings()` merges them in one Dynaconf instance, validates and
+    freezes.
 
-    Beside the instance it keeps, for each setting given a value, where the winning value came
-    from and the value as given (flat keys: "name" or "section.name"): dynaconf's own history
-    records a nested key set from the environment as its whole merged table, which cannot say
-    which source gave which option. A source's value is taken only where no higher-ranked source
-    gave one, so the layers may arrive in any order: the command line reads the file, the
-    environment and the flags first (they name the app), and adds the app's own `Millpond(...)`
-    settings once it is imported, without reading anything twice.
+    Dynaconf reads the file; each other source is kept as a layer of what it adds to the instance,
+    and `settings()` applies the layers lowest first (code, environment, flags) over the file, so
+    they may be read in any order: the command line reads the file, the environment and the flags
+    first (they name the app), and adds the app's own `Millpond(...)` settings once it is imported.
+    Beside each layer the reader keeps where each value came from and the value as given (flat
+    keys: "name" or "section.name"): dynaconf's own history records a nested key set from the
+    environment as its whole merged table, which cannot say which source gave which option.
     """
 
     def __init__(self, path: Path | None, extra: Iterable[Section]) -> None:
         from dynaconf import Dynaconf
 
         self.path = path
+        #: per layer, lowest first: flat key -> (source, value as given)
+        self.layers: dict[str, dict[str, tuple[str, Any]]] = {
+            kind: {} for kind in ("file", "code", "env", "flag")
+        }
+        #: per layer above the file: what it adds to the Dynaconf instance
+        self.data: dict[str, dict[str, Any]] = {"code": {}, "env": {}, "flag": {}}
+        #: the winning (source, value as given) of each setting given a value
         self.given: dict[str, tuple[str, Any]] = {}
         #: environment values as typed, for error messages
         self.typed: dict[str, str] = {}
@@ -350,20 +357,20 @@ class SettingsReader:
             from dynaconf.utils.inspect import get_history
 
             for entry in get_history(self.conf, filter_callable=lambda s: s.loader == "toml"):
-                self._record(entry["value"], f"file {path}", nested=True)
+                self._record(entry["value"], "file", f"file {path}", nested=True)
 
     # -- the layers ------------------------------------------------------------------------------
     def code(self, values: Mapping[str, Any]) -> None:
-        self._apply(values, "code", "Millpond(...)", nested=True)
+        self._apply(values, "code", nested=True)
 
     def flags(self, values: Mapping[str, Any]) -> None:
-        self._apply(values, "flag", "command line", nested=False)
+        self._apply(values, "flag", nested=False)
 
     def env(self, env: Mapping[str, str]) -> None:
-        from dynaconf.loaders.base import SourceMetadata
         from dynaconf.utils.parse_conf import boolean_fix, parse_conf_data
 
         data: dict[str, Any] = {}
+        self.layers["env"] = {}
         for variable, text in env.items():
             if not variable.startswith(ENV_PREFIX) or variable in META_ENV:
                 continue
@@ -380,28 +387,21 @@ class SettingsReader:
                     value = parse_conf_data(boolean_fix(text), tomlfy=True, box_settings=self.conf)
                 except Exception:  # a malformed @marker: keep the text, the cast reports it
                     value = f"@str {text}"
-            if not self._takes(key, f"env {variable}"):
-                continue
             data[rest.upper()] = value
-            self.given[key] = (f"env {variable}", text if opt and opt.kind == "str" else value)
+            given = text if opt and opt.kind == "str" else value
+            self.layers["env"][key] = (f"env {variable}", given)
             self.typed[key] = text
-        if data:
-            self.conf.update(data, loader_identifier=SourceMetadata("env", "MILLPOND", "global"))
+        self.data["env"] = data
 
-    def _apply(
-        self, values: Mapping[str, Any], kind: str, identifier: str, *, nested: bool
-    ) -> None:
-        from dynaconf.loaders.base import SourceMetadata
+    def _apply(self, values: Mapping[str, Any], kind: str, *, nested: bool) -> None:
+        flat = self._record(values, kind, kind, nested=nested)
+        self.data[kind] = {k.upper(): _keep_text(v) for k, v in flat.items()}
 
-        flat = self._record(values, kind, nested=nested)
-        if flat:
-            meta: SourceMetadata = SourceMetadata(kind, identifier, "global")
-            self.conf.update(
-                {k.upper(): _keep_text(v) for k, v in flat.items()}, loader_identifier=meta
-            )
-
-    def _record(self, values: Mapping[str, Any], source: str, *, nested: bool) -> dict[str, Any]:
-        """Note where each of these values came from; returns them with flat keys."""
+    def _record(
+        self, values: Mapping[str, Any], kind: str, source: str, *, nested: bool
+    ) -> dict[str, Any]:
+        """These values as the `kind` layer (replacing what it held), noting where each came
+        from; returns them with flat keys."""
         flat: dict[str, Any] = {}
         for top, value in values.items():
             top = str(top).lower()
@@ -414,17 +414,8 @@ class SettingsReader:
                         flat[key] = inner
             elif self._known(top, source):
                 flat[top] = value
-        for key in list(flat):
-            if self._takes(key, source):
-                self.given[key] = (source, flat[key])
-            else:
-                del flat[key]
+        self.layers[kind] = {key: (source, value) for key, value in flat.items()}
         return flat
-
-    def _takes(self, key: str, source: str) -> bool:
-        """Whether a value from `source` wins over what was given for `key` so far."""
-        held = self.given.get(key)
-        return held is None or rank(source) >= rank(held[0])
 
     # -- declarations ----------------------------------------------------------------------------
     def _declared(self, name: str, where: str) -> Section | None:
@@ -488,9 +479,14 @@ class SettingsReader:
         """Validate every given value with dynaconf validators derived from the declarations,
         then freeze the result; `code` adds what was given to `Millpond(...)` first."""
         from dynaconf import ValidationError, Validator
+        from dynaconf.loaders.base import SourceMetadata
 
         if code:
             self.code(code)
+        for kind, data in self.data.items():  # lowest first: a later layer wins
+            if data:
+                self.conf.update(data, loader_identifier=SourceMetadata(kind, "millpond", "global"))
+        self.given = {key: held for layer in self.layers.values() for key, held in layer.items()}
 
         cast: dict[str, Any] = {}
 
