@@ -11,7 +11,7 @@ import math
 import types
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import parse_qsl, urlsplit
 
@@ -181,11 +181,14 @@ def _as(kind: Kind, value: Any) -> Any:
 
 
 def setting(default: Any, help: str, **details: Any) -> Any:
-    """A setting declared as a field of a typed frozen dataclass (the core's `Settings`): the field
-    gives its name, its type annotation its kind (`X | None` makes it nullable, `tuple[str, ...]`
-    is a list, a mapping a table), and the rest is as in `Option`. `declared(cls)` reads them back.
-    """
-    return field(default=default, metadata={"help": help, **details})
+    """A setting, declared as a field of a frozen dataclass (the core's `Settings`, a plugin's
+    section): the field gives its name, its type annotation its kind (`X | None` makes it
+    nullable, a tuple or list of text is a list, a dict a table), the rest is as in `Option`.
+    `declared(cls)` turns the fields into the `Option`s a `Section` holds."""
+    metadata = {"help": help, **details}
+    if isinstance(default, list | dict):  # a dataclass takes a mutable default only as a factory
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 _KINDS: dict[Any, Kind] = {
@@ -211,7 +214,10 @@ def declared(cls: type) -> tuple[Option, ...]:
         if isinstance(kind, types.UnionType):
             nullable = type(None) in get_args(kind)
             (kind,) = (arg for arg in get_args(kind) if arg is not type(None))
-        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        default: Any = f.default
+        if default is MISSING:
+            default = f.default_factory()  # type: ignore[operator]
+        default = list(default) if isinstance(default, tuple) else default
         options.append(
             Option(
                 f.name, _KINDS[get_origin(kind) or kind], default, nullable=nullable, **f.metadata
