@@ -1,5 +1,7 @@
-"""Declared settings: an `Option` says a setting's name, kind, default and meaning; a `Section`
-groups a component's options and casts raw values through them.
+"""Declared settings. Every setting, the core's and each plugin's, is declared once, as a field
+of a frozen dataclass made with `setting(default, help, ...)`; `declared(cls)` turns the fields
+into `Option`s (a setting's name, kind, default and meaning), and a `Section` groups a
+component's options and casts raw values through them, with the one boolean vocabulary.
 
 It sits below both the settings reader and the plugin loader, which both describe settings in
 these terms: the loader hands each plugin its validated `Section`.
