@@ -220,11 +220,13 @@ def declared(cls: type) -> tuple[Option, ...]:
         if default is MISSING:
             default = f.default_factory()  # type: ignore[operator]
         default = list(default) if isinstance(default, tuple) else default
-        options.append(
-            Option(
-                f.name, _KINDS[get_origin(kind) or kind], default, nullable=nullable, **f.metadata
+        base = get_origin(kind) or kind
+        if base not in _KINDS:
+            raise TypeError(
+                f"setting {cls.__name__}.{f.name} is a {kind}: declare a str, int, float, bool, "
+                "tuple[str, ...] or Mapping[str, Any], optionally `| None`"
             )
-        )
+        options.append(Option(f.name, _KINDS[base], default, nullable=nullable, **f.metadata))
     return tuple(options)
 
 
