@@ -19,9 +19,10 @@ each URL scheme a broker serves), and the core hands the plugin its validated va
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -265,17 +266,15 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with these core settings changed (flags given to an in-process `Worker`),
         each checked against its declaration."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        sources = dict(self.sources)
+        values: dict[str, Any] = {}
         for name, value in changes.items():
             opt = CORE.option(name)
             if opt is None:
                 raise CORE.unknown(name, "flag")
             cast = CORE.cast(opt, value, "flag")
             values[name] = tuple(cast) if isinstance(cast, list) else cast
-            sources[name] = "flag"
-        values["sources"] = MappingProxyType(sources)
-        return Settings(**values)
+        sources = MappingProxyType({**self.sources, **dict.fromkeys(values, "flag")})
+        return dataclasses.replace(self, **values, sources=sources)
 
 
 CORE = Section(None, "Core", declared(Settings))
