@@ -3,13 +3,15 @@ validated with messages that name the setting, where it came from and what is al
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from millpond.config.options import Option, Section
-from millpond.config.settings import CORE, describe, load_settings
+from millpond.config.options import Option, Section, declared, setting
+from millpond.config.settings import CORE, Settings, describe, load_settings
 from millpond.exceptions import ConfigurationError
 from millpond_broker_amqp.settings import parse as parse_amqp
 from millpond_broker_embedded.sqlite import SETTINGS as SQLITE
@@ -22,6 +24,44 @@ def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "millpond.toml"
     path.write_text(text)
     return path
+
+
+@dataclass(frozen=True)
+class _Declared:
+    retries: int = setting(3, "A number.", minimum=0)
+    token: str | None = setting(None, "A secret.", secret=True)
+    hosts: tuple[str, ...] = setting(("a", "b"), "A list.")
+    extra: Mapping[str, Any] = setting({}, "A table.")
+    not_a_setting: int = 0
+
+
+def test_a_dataclass_field_is_the_declaration() -> None:
+    retries, token, hosts, extra = declared(_Declared)
+    assert retries == Option("retries", "int", 3, "A number.", minimum=0)
+    assert token == Option("token", "str", None, "A secret.", nullable=True, secret=True)
+    assert (hosts.kind, hosts.default, extra.kind, extra.default) == (
+        "list",
+        ["a", "b"],
+        "table",
+        {},
+    )
+    assert _Declared().extra == {} and _Declared().extra is not _Declared().extra
+    # the core's Settings fields are CORE: one declaration, in one order
+    assert [o.name for o in CORE.options] == [f.name for f in fields(Settings)][:-3]
+    assert all(
+        getattr(Settings(), o.name)
+        == (tuple(o.default) if isinstance(o.default, list) else o.default)
+        for o in CORE.options
+    )
+
+
+def test_a_field_of_an_undeclarable_type_is_refused() -> None:
+    @dataclass(frozen=True)
+    class Odd:
+        where: complex = setting(1j, "A number that is not a setting's.")
+
+    with pytest.raises(TypeError, match=r"Odd\.where is a <class 'complex'>: declare a str"):
+        declared(Odd)
 
 
 def test_defaults() -> None:

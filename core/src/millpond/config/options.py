@@ -1,5 +1,7 @@
-"""Declared settings: an `Option` says a setting's name, kind, default and meaning; a `Section`
-groups a component's options and casts raw values through them.
+"""Declared settings. Every setting, the core's and each plugin's, is declared once, as a field
+of a frozen dataclass made with `setting(default, help, ...)`; `declared(cls)` turns the fields
+into `Option`s (a setting's name, kind, default and meaning), and a `Section` groups a
+component's options and casts raw values through them, with the one boolean vocabulary.
 
 It sits below both the settings reader and the plugin loader, which both describe settings in
 these terms: the loader hands each plugin its validated `Section`.
@@ -8,9 +10,11 @@ these terms: the loader hands each plugin its validated `Section`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import types
+from collections.abc import Iterable, Mapping
+from contextlib import suppress
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import parse_qsl, urlsplit
 
 from millpond.exceptions import ConfigurationError
@@ -98,15 +102,21 @@ class Option:
             if self.nullable:
                 return None
             raise ValueError(f"a value is required: expected {self.allowed()}")
-        out = _CASTS[self.kind](self, value)
-        if self.choices is not None and isinstance(out, list):
-            return [self._choose(item) for item in out]
+        try:
+            out = _as(self.kind, value)
+            if out is None:
+                raise ValueError(f"not {_NOT[self.kind]}")
+        except ValueError as exc:
+            raise ValueError(f"{exc}; expected {self.allowed()}") from None
+        if isinstance(out, dict) and not self.keep_case:
+            out = {str(k).lower(): v for k, v in out.items()}
         if self.choices is not None:
-            probe = out.lower() if isinstance(out, str) else out
-            folded = [c.lower() if isinstance(c, str) else c for c in self.choices]
-            if probe not in folded:
-                raise ValueError(f"not allowed; expected {self.allowed()}")
-            out = self.choices[folded.index(probe)]
+            if isinstance(out, list):
+                return [
+                    self._choose(item, f"{item!r} is not allowed; each item must be")
+                    for item in out
+                ]
+            out = self._choose(out, "not allowed; expected")
         if isinstance(out, int | float) and not isinstance(out, bool):
             if self.minimum is not None and out < self.minimum:
                 raise ValueError(f"too small; expected {self.allowed()}")
@@ -114,92 +124,110 @@ class Option:
                 raise ValueError(f"too large; expected {self.allowed()}")
         return out
 
-    def _choose(self, item: Any) -> Any:
-        """One item of a list option that declares its choices (compared without case)."""
+    def _choose(self, value: Any, problem: str) -> Any:
+        """The declared choice `value` names (compared without case)."""
         assert self.choices is not None
         folded = [c.lower() if isinstance(c, str) else c for c in self.choices]
-        probe = item.lower() if isinstance(item, str) else item
+        probe = value.lower() if isinstance(value, str) else value
         if probe not in folded:
-            raise ValueError(f"{item!r} is not allowed; each item must be {self.allowed()}")
+            raise ValueError(f"{problem} {self.allowed()}")
         return self.choices[folded.index(probe)]
 
 
-def _as_str(opt: Option, value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int | float | str):
-        return str(value)
-    raise ValueError(f"not text; expected {opt.allowed()}")
-
-
-def _as_int(opt: Option, value: Any) -> int:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    elif isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise ValueError(f"not a whole number; expected {opt.allowed()}")
-
-
-def _as_float(opt: Option, value: Any) -> float:
-    if isinstance(value, int | float | str) and not isinstance(value, bool):
-        try:
-            out = float(value)
-        except ValueError:
-            pass
-        else:
-            if math.isfinite(out):
-                return out
-            raise ValueError(f"not a finite number; expected {opt.allowed()}")
-    raise ValueError(f"not a number; expected {opt.allowed()}")
-
-
-def _as_bool(opt: Option, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in TRUE:
-            return True
-        if text in FALSE:
-            return False
-    raise ValueError(f"not a boolean; expected {opt.allowed()}")
-
-
-def _as_list(opt: Option, value: Any) -> list[str]:
-    if isinstance(value, str):
-        if value.lstrip().startswith("["):
-            raise ValueError(
-                'not a TOML array (quote its items, e.g. ["a", "b"]) nor comma-separated text'
-            )
-        return [part.strip() for part in value.split(",") if part.strip()]
-    if isinstance(value, list | tuple) and all(
-        isinstance(v, str | int | float) and not isinstance(v, bool) for v in value
-    ):
-        return [str(v) for v in value]
-    raise ValueError(f"not a list of plain values; expected {opt.allowed()}")
-
-
-def _as_table(opt: Option, value: Any) -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        return {(str(k) if opt.keep_case else str(k).lower()): v for k, v in value.items()}
-    raise ValueError(f"not a table; expected {opt.allowed()}")
-
-
-_CASTS: dict[str, Callable[[Option, Any], Any]] = {
-    "str": _as_str,
-    "int": _as_int,
-    "float": _as_float,
-    "bool": _as_bool,
-    "list": _as_list,
-    "table": _as_table,
+_NOT = {
+    "str": "text",
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "a boolean",
+    "list": "a list of plain values",
+    "table": "a table",
 }
+
+
+def _as(kind: Kind, value: Any) -> Any:
+    """`value` (not None) as `kind`, or None when it is not one; ValueError for a pointed reason."""
+    if kind == "bool":
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+        text = value.strip().lower() if isinstance(value, str) else None
+        return True if text in TRUE else False if text in FALSE else None
+    if isinstance(value, bool):  # a boolean is text "true"/"false", and nothing else
+        return str(value).lower() if kind == "str" else None
+    if kind == "str":
+        return str(value) if isinstance(value, int | float | str) else None
+    if kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            with suppress(ValueError):
+                return int(value.strip())
+        return value if isinstance(value, int) else None
+    if kind == "float":
+        try:
+            out = float(value) if isinstance(value, int | float | str) else None
+        except ValueError:
+            return None
+        if out is not None and not math.isfinite(out):
+            raise ValueError("not a finite number")
+        return out
+    if kind == "list":
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                raise ValueError('not a TOML array (quote its items, e.g. ["a", "b"])')
+            return [part.strip() for part in value.split(",") if part.strip()]
+        plain = isinstance(value, list | tuple) and all(
+            isinstance(v, str | int | float) and not isinstance(v, bool) for v in value
+        )
+        return [str(v) for v in value] if plain else None
+    return dict(value) if isinstance(value, Mapping) else None
+
+
+def setting(default: Any, help: str, **details: Any) -> Any:
+    """A setting, declared as a field of a frozen dataclass (the core's `Settings`, a plugin's
+    section): the field gives its name, its type annotation its kind (`X | None` makes it
+    nullable, a tuple or list of text is a list, a dict a table), the rest is as in `Option`.
+    `declared(cls)` turns the fields into the `Option`s a `Section` holds."""
+    metadata = {"help": help, **details}
+    if isinstance(default, list | dict):  # a dataclass takes a mutable default only as a factory
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_KINDS: dict[Any, Kind] = {
+    str: "str",
+    int: "int",
+    float: "float",
+    bool: "bool",
+    tuple: "list",
+    list: "list",
+    dict: "table",
+    Mapping: "table",
+}
+
+
+def declared(cls: type) -> tuple[Option, ...]:
+    """The `Option` of each field of `cls` declared with `setting(...)`, in their order."""
+    hints = get_type_hints(cls)
+    options = []
+    for f in fields(cls):
+        if "help" not in f.metadata:
+            continue
+        kind, nullable = hints[f.name], False
+        if isinstance(kind, types.UnionType):
+            nullable = type(None) in get_args(kind)
+            (kind,) = (arg for arg in get_args(kind) if arg is not type(None))
+        default: Any = f.default
+        if default is MISSING:
+            default = f.default_factory()  # type: ignore[operator]
+        default = list(default) if isinstance(default, tuple) else default
+        base = get_origin(kind) or kind
+        if base not in _KINDS:
+            raise TypeError(
+                f"setting {cls.__name__}.{f.name} is a {kind}: declare a str, int, float, bool, "
+                "tuple[str, ...] or Mapping[str, Any], optionally `| None`"
+            )
+        options.append(Option(f.name, _KINDS[base], default, nullable=nullable, **f.metadata))
+    return tuple(options)
 
 
 def suggest(name: str, candidates: Iterable[str]) -> str:

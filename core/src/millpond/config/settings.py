@@ -7,19 +7,22 @@ instance holds them all: it reads the TOML file, parses environment values as TO
 `MILLPOND_REDIS__LEASE_TIMEOUT` under `redis`, and runs one dynaconf `Validator` per declared option
 that was given a value. The hot path reads the frozen `Settings` dataclass, never dynaconf.
 
-`Option`s grouped in `Section`s are the only description of a setting: validation, `millpond
-config` and docs/settings.md all read them. The core's section is `CORE`; a plugin publishes its
-own under the `millpond.settings` entry-point group, named after the plugin it configures (a pool's
-name, or each URL scheme a broker serves), and the core hands the plugin its validated values
+Each setting is declared once. A core setting is a field of the frozen `Settings` dataclass,
+declared with `setting(default, help, ...)`: its annotation is its type (so `settings.pool` is
+typed), and `CORE`, the `Section` derived from those fields, is what validation, `millpond config`
+and docs/settings.md read. A plugin publishes its own `Section` of `Option`s under the
+`millpond.settings` entry-point group, named after the plugin it configures (a pool's name, or
+each URL scheme a broker serves), and the core hands the plugin its validated values
 (`Settings.plugin_options`). A broker's URL query parameters are cast by the same declarations
 (`Section.resolve`), so every source shares one set of rules, one boolean vocabulary included.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -28,295 +31,174 @@ from millpond.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from dynaconf import Dynaconf
-    from dynaconf.loaders.base import SourceMetadata
 
 from millpond.config.options import (
     ENV_PREFIX,
     META_ENV,
     Option,
     Section,
+    declared,
     rank,
+    setting,
     suggest,
-)
-
-#: `Option` and `Section` are re-exported: plugins written before `config.options` existed import them
-#: from here
-__all__ = [
-    "CORE",
-    "ENV_PREFIX",
-    "Option",
-    "Section",
-    "Settings",
-    "SettingsReader",
-    "describe",
-    "load_settings",
-    "read_settings",
-    "settings_file",
-]
-
-#: core settings that moved to a plugin's section: refused with the new name, from every source
-#: (the environment too: a deployment that still sets the old name must not lose its probes)
-MOVED = {
-    f"health_{name}": f"moved to the [health] section of millpond-health: use health.{name} "
-    f"([health] {name} = ... in the file, MILLPOND_HEALTH__{name.upper()} in the environment)"
-    for name in ("port", "host", "liveness_timeout")
-}
-
-CORE = Section(
-    None,
-    "Core",
-    (
-        Option(
-            "app", "str", None, "The app to run, as module:attribute (the -A flag).", nullable=True
-        ),
-        Option(
-            "broker_url",
-            "str",
-            None,
-            "Broker URL; unset means the embedded sqlite:// broker (zero servers, one machine).",
-            nullable=True,
-            secret=True,
-        ),
-        Option(
-            "result_backend",
-            "str",
-            None,
-            "Result backend URL; unset means the broker's own "
-            "store (sqlite, redis; none for amqp).",
-            nullable=True,
-            secret=True,
-        ),
-        Option(
-            "pool",
-            "str",
-            "threads",
-            "Execution pool plugin: solo, threads, prefork, gevent, "
-            "eventlet, asyncio, or any installed third-party pool. A pool that monkey-patches "
-            "(gevent, eventlet) must be chosen by flag, environment or file, not in code.",
-        ),
-        Option(
-            "concurrency",
-            "int",
-            None,
-            "Jobs run at once; unset means the pool's default "
-            "(CPU count for threads and prefork, 100 for green pools).",
-            minimum=1,
-            nullable=True,
-        ),
-        Option("queues", "list", ["celery"], "Queues the worker consumes, in priority order."),
-        Option(
-            "default_queue",
-            "str",
-            "celery",
-            "Queue a task is sent to when neither the task "
-            "nor the call names one (Celery's default, so both can share queues).",
-        ),
-        Option(
-            "prefetch_multiplier",
-            "int",
-            4,
-            "Unacknowledged messages held per unit of concurrency.",
-            minimum=1,
-        ),
-        Option(
-            "acks_late",
-            "bool",
-            True,
-            "Acknowledge after the task finished (at-least-once); "
-            "false acknowledges before it runs (at-most-once).",
-        ),
-        Option(
-            "max_deliveries",
-            "int",
-            5,
-            "Deliveries of one message before it is dead-lettered "
-            "instead of run again (the redelivery cap for poison messages).",
-            minimum=1,
-        ),
-        Option(
-            "time_limit",
-            "float",
-            None,
-            "Default hard time limit of a task, in seconds.",
-            minimum=0,
-            nullable=True,
-        ),
-        Option(
-            "soft_time_limit",
-            "float",
-            None,
-            "Default soft time limit of a task, in seconds.",
-            minimum=0,
-            nullable=True,
-        ),
-        Option(
-            "unsupported_options",
-            "str",
-            "warn",
-            "What to do when a task asks for something "
-            "the pool cannot do (a time limit on solo): warn, or error (fail the task).",
-            choices=("warn", "error"),
-        ),
-        Option(
-            "disable_rate_limits",
-            "bool",
-            False,
-            "Ignore every task's rate_limit (Celery's worker_disable_rate_limits); a limit set "
-            "at run time by the rate_limit control command still applies.",
-        ),
-        Option(
-            "rate_limit_scope",
-            "str",
-            "worker",
-            "Where a task's rate_limit is kept unless the task says (rate_limit_scope=...): "
-            "worker (each worker process allows that rate, Celery's meaning), or global (one "
-            "bucket in rate_limit_store shared by every worker).",
-            choices=("worker", "global"),
-        ),
-        Option(
-            "rate_limit_store",
-            "str",
-            None,
-            "URL of the store global rate limits share (redis://...); unset means the broker "
-            "URL, when it is one a limiter plugin serves.",
-            nullable=True,
-            secret=True,
-        ),
-        Option(
-            "rate_limit_parking",
-            "int",
-            None,
-            "Messages of each rate-limited task the worker holds waiting for a token, beside "
-            "the prefetch window; unset means the prefetch count. More go back to the broker "
-            "as delayed messages.",
-            minimum=1,
-            nullable=True,
-        ),
-        Option(
-            "rate_limit_max_hold",
-            "float",
-            60.0,
-            "Longest a rate-limited message waits in the worker, unacknowledged, for its token; "
-            "one that would wait longer goes back to the broker as a delayed message, due when "
-            "its token is expected. Keep it well under RabbitMQ's consumer_timeout.",
-            minimum=1,
-        ),
-        Option(
-            "shutdown_timeout",
-            "float",
-            30.0,
-            "Seconds a warm shutdown waits for running tasks before it turns cold.",
-            minimum=0,
-        ),
-        Option("ignore_result", "bool", False, "Do not store task results by default."),
-        Option("result_expires", "float", 86400.0, "Seconds a stored result is kept.", minimum=1),
-        Option(
-            "accept_content",
-            "list",
-            ["application/json"],
-            "Content types the worker accepts; add application/x-python-serialize only if every "
-            "producer is trusted. millpond decodes JSON and pickle only: YAML and msgpack "
-            "producers must switch to JSON (Celery: task_serializer = 'json').",
-            choices=("application/json", "application/x-python-serialize"),
-        ),
-        Option(
-            "max_message_size",
-            "int",
-            10 * 1024 * 1024,
-            "Largest message body accepted, in bytes; larger messages are dead-lettered.",
-            minimum=1,
-        ),
-        Option(
-            "signing_key",
-            "str",
-            None,
-            "Shared secret: producers sign every message "
-            "(HMAC-SHA256) and workers dead-letter unsigned or altered ones.",
-            nullable=True,
-            secret=True,
-        ),
-        Option(
-            "log_level",
-            "str",
-            "INFO",
-            "Log level.",
-            choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
-        ),
-        Option(
-            "log_format",
-            "str",
-            "auto",
-            "auto (console on a terminal, JSON otherwise), json, or console.",
-            choices=("auto", "json", "console"),
-        ),
-        Option(
-            "log_stdlib",
-            "bool",
-            True,
-            "Give the standard logging module's root logger millpond's format when `millpond "
-            "worker` runs and the root logger has no handlers of its own (so logging inside "
-            "tasks carries task and trace ids); false never touches the root logger.",
-        ),
-        Option(
-            "trace_link",
-            "bool",
-            False,
-            "Start each task's process span as a new trace "
-            "linked to the producer's, instead of continuing the producer's trace.",
-        ),
-        Option(
-            "hooks",
-            "list",
-            ["*"],
-            "Hooks plugins to use (tracing, logs, health, metrics, ...): * for every installed "
-            "one, or a list of names.",
-        ),
-        Option(
-            "worker_name",
-            "str",
-            None,
-            "Name of this worker in logs and spans; default pid@hostname.",
-            nullable=True,
-        ),
-    ),
-    hints=MOVED,
 )
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """The validated, frozen settings the worker and the app read on the hot path."""
+    """The validated, frozen settings the worker and the app read on the hot path.
 
-    app: str | None = None
-    broker_url: str | None = None
-    result_backend: str | None = None
-    pool: str = "threads"
-    concurrency: int | None = None
-    queues: tuple[str, ...] = ("celery",)
-    default_queue: str = "celery"
-    prefetch_multiplier: int = 4
-    acks_late: bool = True
-    max_deliveries: int = 5
-    time_limit: float | None = None
-    soft_time_limit: float | None = None
-    unsupported_options: str = "warn"
-    disable_rate_limits: bool = False
-    rate_limit_scope: str = "worker"
-    rate_limit_store: str | None = None
-    rate_limit_parking: int | None = None
-    rate_limit_max_hold: float = 60.0
-    shutdown_timeout: float = 30.0
-    ignore_result: bool = False
-    result_expires: float = 86400.0
-    accept_content: tuple[str, ...] = ("application/json",)
-    max_message_size: int = 10 * 1024 * 1024
-    signing_key: str | None = None
-    log_level: str = "INFO"
-    log_format: str = "auto"
-    log_stdlib: bool = True
-    trace_link: bool = False
-    hooks: tuple[str, ...] = ("*",)
-    worker_name: str | None = None
+    The fields made with `setting(...)` are the core's declaration (see `CORE`); the last three
+    are what was read with them."""
+
+    app: str | None = setting(None, "The app to run, as module:attribute (the -A flag).")
+    broker_url: str | None = setting(
+        None,
+        "Broker URL; unset means the embedded sqlite:// broker (zero servers, one machine).",
+        secret=True,
+    )
+    result_backend: str | None = setting(
+        None,
+        "Result backend URL; unset means the broker's own store (sqlite, redis; none for amqp).",
+        secret=True,
+    )
+    pool: str = setting(
+        "threads",
+        "Execution pool plugin: solo, threads, prefork, gevent, eventlet, asyncio, or any "
+        "installed third-party pool. A pool that monkey-patches (gevent, eventlet) must be chosen"
+        " by flag, environment or file, not in code.",
+    )
+    concurrency: int | None = setting(
+        None,
+        "Jobs run at once; unset means the pool's default (CPU count for threads and prefork, 100"
+        " for green pools).",
+        minimum=1,
+    )
+    queues: tuple[str, ...] = setting(("celery",), "Queues the worker consumes, in priority order.")
+    default_queue: str = setting(
+        "celery",
+        "Queue a task is sent to when neither the task nor the call names one (Celery's default, "
+        "so both can share queues).",
+    )
+    prefetch_multiplier: int = setting(
+        4,
+        "Unacknowledged messages held per unit of concurrency.",
+        minimum=1,
+    )
+    acks_late: bool = setting(
+        True,
+        "Acknowledge after the task finished (at-least-once); false acknowledges before it runs "
+        "(at-most-once).",
+    )
+    max_deliveries: int = setting(
+        5,
+        "Deliveries of one message before it is dead-lettered instead of run again (the "
+        "redelivery cap for poison messages).",
+        minimum=1,
+    )
+    time_limit: float | None = setting(
+        None,
+        "Default hard time limit of a task, in seconds.",
+        minimum=0,
+    )
+    soft_time_limit: float | None = setting(
+        None,
+        "Default soft time limit of a task, in seconds.",
+        minimum=0,
+    )
+    unsupported_options: str = setting(
+        "warn",
+        "What to do when a task asks for something the pool cannot do (a time limit on solo): "
+        "warn, or error (fail the task).",
+        choices=("warn", "error"),
+    )
+    disable_rate_limits: bool = setting(
+        False,
+        "Ignore every task's rate_limit (Celery's worker_disable_rate_limits); a limit set at run"
+        " time by the rate_limit control command still applies.",
+    )
+    rate_limit_scope: str = setting(
+        "worker",
+        "Where a task's rate_limit is kept unless the task says (rate_limit_scope=...): worker "
+        "(each worker process allows that rate, Celery's meaning), or global (one bucket in "
+        "rate_limit_store shared by every worker).",
+        choices=("worker", "global"),
+    )
+    rate_limit_store: str | None = setting(
+        None,
+        "URL of the store global rate limits share (redis://...); unset means the broker URL, "
+        "when it is one a limiter plugin serves.",
+        secret=True,
+    )
+    rate_limit_parking: int | None = setting(
+        None,
+        "Messages of each rate-limited task the worker holds waiting for a token, beside the "
+        "prefetch window; unset means the prefetch count. More go back to the broker as delayed "
+        "messages.",
+        minimum=1,
+    )
+    rate_limit_max_hold: float = setting(
+        60.0,
+        "Longest a rate-limited message waits in the worker, unacknowledged, for its token; one "
+        "that would wait longer goes back to the broker as a delayed message, due when its token "
+        "is expected. Keep it well under RabbitMQ's consumer_timeout.",
+        minimum=1,
+    )
+    shutdown_timeout: float = setting(
+        30.0,
+        "Seconds a warm shutdown waits for running tasks before it turns cold.",
+        minimum=0,
+    )
+    ignore_result: bool = setting(False, "Do not store task results by default.")
+    result_expires: float = setting(86400.0, "Seconds a stored result is kept.", minimum=1)
+    accept_content: tuple[str, ...] = setting(
+        ("application/json",),
+        "Content types the worker accepts; add application/x-python-serialize only if every "
+        "producer is trusted. millpond decodes JSON and pickle only: YAML and msgpack producers "
+        "must switch to JSON (Celery: task_serializer = 'json').",
+        choices=("application/json", "application/x-python-serialize"),
+    )
+    max_message_size: int = setting(
+        10 * 1024 * 1024,
+        "Largest message body accepted, in bytes; larger messages are dead-lettered.",
+        minimum=1,
+    )
+    signing_key: str | None = setting(
+        None,
+        "Shared secret: producers sign every message (HMAC-SHA256) and workers dead-letter "
+        "unsigned or altered ones.",
+        secret=True,
+    )
+    log_level: str = setting(
+        "INFO",
+        "Log level.",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+    )
+    log_format: str = setting(
+        "auto",
+        "auto (console on a terminal, JSON otherwise), json, or console.",
+        choices=("auto", "json", "console"),
+    )
+    log_stdlib: bool = setting(
+        True,
+        "Give the standard logging module's root logger millpond's format when `millpond worker` "
+        "runs and the root logger has no handlers of its own (so logging inside tasks carries "
+        "task and trace ids); false never touches the root logger.",
+    )
+    trace_link: bool = setting(
+        False,
+        "Start each task's process span as a new trace linked to the producer's, instead of "
+        "continuing the producer's trace.",
+    )
+    hooks: tuple[str, ...] = setting(
+        ("*",),
+        "Hooks plugins to use (tracing, logs, health, metrics, ...): * for every installed one, "
+        "or a list of names.",
+    )
+    worker_name: str | None = setting(
+        None,
+        "Name of this worker in logs and spans; default pid@hostname.",
+    )
     #: validated values (defaults included) of every plugin section that was given a value
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: where each value came from ("name" or "section.name"): "default", "file <path>", "code",
@@ -366,18 +248,26 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with these core settings changed (flags given to an in-process `Worker`),
         each checked against its declaration."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        sources = dict(self.sources)
+        values: dict[str, Any] = {}
         for name, value in changes.items():
             opt = CORE.option(name)
             if opt is None:
                 raise CORE.unknown(name, "flag")
             cast = CORE.cast(opt, value, "flag")
             values[name] = tuple(cast) if isinstance(cast, list) else cast
-            sources[name] = "flag"
-        values["sources"] = MappingProxyType(sources)
-        return Settings(**values)
+        sources = MappingProxyType({**self.sources, **dict.fromkeys(values, "flag")})
+        return dataclasses.replace(self, **values, sources=sources)
 
+
+#: core settings that moved to a plugin's section: refused with the new name, from every source
+#: (the environment too: a deployment that still sets the old name must not lose its probes)
+MOVED = {
+    f"health_{name}": f"moved to the [health] section of millpond-health: use health.{name} "
+    f"([health] {name} = ... in the file, MILLPOND_HEALTH__{name.upper()} in the environment)"
+    for name in ("port", "host", "liveness_timeout")
+}
+
+CORE = Section(None, "Core", declared(Settings), hints=MOVED)
 
 # -- loading ---------------------------------------------------------------------------------------
 
@@ -405,21 +295,29 @@ def _keep_text(value: Any) -> Any:
 
 
 class SettingsReader:
-    """Every source read into one Dynaconf instance; `settings()` validates and freezes.
+    """Every source read once; `settings()` merges them in one Dynaconf instance, validates and
+    freezes.
 
-    Beside the instance it keeps, for each setting given a value, where the winning value came
-    from and the value as given (flat keys: "name" or "section.name"): dynaconf's own history
-    records a nested key set from the environment as its whole merged table, which cannot say
-    which source gave which option. A source's value is taken only where no higher-ranked source
-    gave one, so the layers may arrive in any order: the command line reads the file, the
-    environment and the flags first (they name the app), and adds the app's own `Millpond(...)`
-    settings once it is imported, without reading anything twice.
+    Dynaconf reads the file; each other source is kept as a layer of what it adds to the instance,
+    and `settings()` applies the layers lowest first (code, environment, flags) over the file, so
+    they may be read in any order: the command line reads the file, the environment and the flags
+    first (they name the app), and adds the app's own `Millpond(...)` settings once it is imported.
+    Beside each layer the reader keeps where each value came from and the value as given (flat
+    keys: "name" or "section.name"): dynaconf's own history records a nested key set from the
+    environment as its whole merged table, which cannot say which source gave which option.
     """
 
     def __init__(self, path: Path | None, extra: Iterable[Section]) -> None:
         from dynaconf import Dynaconf
 
         self.path = path
+        #: per layer, lowest first: flat key -> (source, value as given)
+        self.layers: dict[str, dict[str, tuple[str, Any]]] = {
+            kind: {} for kind in ("file", "code", "env", "flag")
+        }
+        #: per layer above the file: what it adds to the Dynaconf instance
+        self.data: dict[str, dict[str, Any]] = {"code": {}, "env": {}, "flag": {}}
+        #: the winning (source, value as given) of each setting given a value
         self.given: dict[str, tuple[str, Any]] = {}
         #: environment values as typed, for error messages
         self.typed: dict[str, str] = {}
@@ -448,20 +346,20 @@ class SettingsReader:
             from dynaconf.utils.inspect import get_history
 
             for entry in get_history(self.conf, filter_callable=lambda s: s.loader == "toml"):
-                self._record(entry["value"], f"file {path}", nested=True)
+                self._record(entry["value"], "file", f"file {path}", nested=True)
 
     # -- the layers ------------------------------------------------------------------------------
     def code(self, values: Mapping[str, Any]) -> None:
-        self._apply(values, "code", "Millpond(...)", nested=True)
+        self._apply(values, "code", nested=True)
 
     def flags(self, values: Mapping[str, Any]) -> None:
-        self._apply(values, "flag", "command line", nested=False)
+        self._apply(values, "flag", nested=False)
 
     def env(self, env: Mapping[str, str]) -> None:
-        from dynaconf.loaders.base import SourceMetadata
         from dynaconf.utils.parse_conf import boolean_fix, parse_conf_data
 
         data: dict[str, Any] = {}
+        self.layers["env"] = {}
         for variable, text in env.items():
             if not variable.startswith(ENV_PREFIX) or variable in META_ENV:
                 continue
@@ -478,28 +376,21 @@ class SettingsReader:
                     value = parse_conf_data(boolean_fix(text), tomlfy=True, box_settings=self.conf)
                 except Exception:  # a malformed @marker: keep the text, the cast reports it
                     value = f"@str {text}"
-            if not self._takes(key, f"env {variable}"):
-                continue
             data[rest.upper()] = value
-            self.given[key] = (f"env {variable}", text if opt and opt.kind == "str" else value)
+            given = text if opt and opt.kind == "str" else value
+            self.layers["env"][key] = (f"env {variable}", given)
             self.typed[key] = text
-        if data:
-            self.conf.update(data, loader_identifier=SourceMetadata("env", "MILLPOND", "global"))
+        self.data["env"] = data
 
-    def _apply(
-        self, values: Mapping[str, Any], kind: str, identifier: str, *, nested: bool
-    ) -> None:
-        from dynaconf.loaders.base import SourceMetadata
+    def _apply(self, values: Mapping[str, Any], kind: str, *, nested: bool) -> None:
+        flat = self._record(values, kind, kind, nested=nested)
+        self.data[kind] = {k.upper(): _keep_text(v) for k, v in flat.items()}
 
-        flat = self._record(values, kind, nested=nested)
-        if flat:
-            meta: SourceMetadata = SourceMetadata(kind, identifier, "global")
-            self.conf.update(
-                {k.upper(): _keep_text(v) for k, v in flat.items()}, loader_identifier=meta
-            )
-
-    def _record(self, values: Mapping[str, Any], source: str, *, nested: bool) -> dict[str, Any]:
-        """Note where each of these values came from; returns them with flat keys."""
+    def _record(
+        self, values: Mapping[str, Any], kind: str, source: str, *, nested: bool
+    ) -> dict[str, Any]:
+        """These values as the `kind` layer (replacing what it held), noting where each came
+        from; returns them with flat keys."""
         flat: dict[str, Any] = {}
         for top, value in values.items():
             top = str(top).lower()
@@ -512,17 +403,8 @@ class SettingsReader:
                         flat[key] = inner
             elif self._known(top, source):
                 flat[top] = value
-        for key in list(flat):
-            if self._takes(key, source):
-                self.given[key] = (source, flat[key])
-            else:
-                del flat[key]
+        self.layers[kind] = {key: (source, value) for key, value in flat.items()}
         return flat
-
-    def _takes(self, key: str, source: str) -> bool:
-        """Whether a value from `source` wins over what was given for `key` so far."""
-        held = self.given.get(key)
-        return held is None or rank(source) >= rank(held[0])
 
     # -- declarations ----------------------------------------------------------------------------
     def _declared(self, name: str, where: str) -> Section | None:
@@ -586,9 +468,14 @@ class SettingsReader:
         """Validate every given value with dynaconf validators derived from the declarations,
         then freeze the result; `code` adds what was given to `Millpond(...)` first."""
         from dynaconf import ValidationError, Validator
+        from dynaconf.loaders.base import SourceMetadata
 
         if code:
             self.code(code)
+        for kind, data in self.data.items():  # lowest first: a later layer wins
+            if data:
+                self.conf.update(data, loader_identifier=SourceMetadata(kind, "millpond", "global"))
+        self.given = {key: held for layer in self.layers.values() for key, held in layer.items()}
 
         cast: dict[str, Any] = {}
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import unquote
 
-from millpond.config.options import Option, Section
+from millpond.config.options import Section, declared, setting
 from millpond.config.paths import millpond_home as core_home
 from millpond.contracts.backend import CHORD_CLAIM_TTL, ChordPart, ResultBackend, ResultMeta
 from millpond.contracts.broadcast import Exchange, Listen
@@ -132,12 +132,30 @@ CREATE TABLE IF NOT EXISTS state (
 
 @dataclass(frozen=True, slots=True)
 class SqliteOptions:
-    """The knobs, in seconds, validated by `SETTINGS` (see `parse_url`)."""
+    """The [sqlite] section, in seconds: each field declares one setting (`SETTINGS` is derived
+    from them), and `parse_url` gives a broker its validated values as one."""
 
-    lease_timeout: float = 30.0
-    heartbeat_interval: float = 2.0
-    busy_timeout: float = 5.0
-    result_expires: float = 86400.0
+    lease_timeout: float = setting(
+        30.0,
+        "Seconds without a heartbeat after which a consumer counts as dead and its messages go "
+        "back to their queues.",
+        minimum=0.1,
+    )
+    heartbeat_interval: float = setting(
+        2.0,
+        "Seconds between a consumer's lease renewals; must be shorter than lease_timeout.",
+        minimum=0.01,
+    )
+    busy_timeout: float = setting(
+        5.0,
+        "Seconds a statement waits for another process's write lock before failing.",
+        minimum=0.01,
+    )
+    result_expires: float = setting(
+        86400.0,
+        "Seconds a stored result is kept in the sqlite result backend.",
+        minimum=0.01,
+    )
 
     @property
     def reap_interval(self) -> float:
@@ -145,46 +163,10 @@ class SqliteOptions:
         return min(1.0, self.lease_timeout / 4)
 
 
-_DEFAULTS = SqliteOptions()
-
 #: the `[sqlite]` settings section (`MILLPOND_SQLITE__LEASE_TIMEOUT`, ...): the one declaration of
 #: the options, whether they come from settings, a URL query parameter or an options mapping;
 #: published under the `millpond.settings` entry-point group as `sqlite`, the URL scheme
-SETTINGS = Section(
-    "sqlite",
-    "Embedded sqlite broker",
-    (
-        Option(
-            "lease_timeout",
-            "float",
-            _DEFAULTS.lease_timeout,
-            "Seconds without a heartbeat after which a consumer counts as dead and its "
-            "messages go back to their queues.",
-            minimum=0.1,
-        ),
-        Option(
-            "heartbeat_interval",
-            "float",
-            _DEFAULTS.heartbeat_interval,
-            "Seconds between a consumer's lease renewals; must be shorter than lease_timeout.",
-            minimum=0.01,
-        ),
-        Option(
-            "busy_timeout",
-            "float",
-            _DEFAULTS.busy_timeout,
-            "Seconds a statement waits for another process's write lock before failing.",
-            minimum=0.01,
-        ),
-        Option(
-            "result_expires",
-            "float",
-            _DEFAULTS.result_expires,
-            "Seconds a stored result is kept in the sqlite result backend.",
-            minimum=0.01,
-        ),
-    ),
-)
+SETTINGS = Section("sqlite", "Embedded sqlite broker", declared(SqliteOptions))
 
 
 def millpond_home(env: Mapping[str, str] | None = None) -> Path:

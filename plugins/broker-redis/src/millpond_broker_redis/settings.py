@@ -11,7 +11,11 @@ It imports nothing from redis-py.
 
 from __future__ import annotations
 
-from millpond.config.options import Option, Section
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from millpond.config.options import Section, declared, setting
 
 #: kombu's default priority lists: messages with priority 0..2 go to the plain list, 3..5 to
 #: `<queue>\x06\x163`, and so on; lower numbers are served first (as in kombu's Redis transport).
@@ -31,60 +35,96 @@ KOMBU_HINTS = {
     "unacked_restore_interval": "restoring is automatic; tune lease_timeout instead",
 }
 
-SECTION = Section(
-    "redis",
-    "Redis broker",
-    (
-        Option("heartbeat_interval", "float", 2.0, "Seconds between a consumer's lease "
-               "refreshes (done by a helper thread, whatever the worker loop is doing).",
-               minimum=0.01),
-        Option("lease_timeout", "float", 30.0, "Seconds a consumer's messages stay reserved "
-               "after its last heartbeat; after that they return to their queue. A live worker's "
-               "messages are never redelivered, however long its tasks run. At least twice "
-               "heartbeat_interval.", minimum=0.05),
-        Option("publish_retry_timeout", "float", 20.0, "Seconds a publish (or result store) "
-               "keeps retrying while Redis is unreachable before it raises.", minimum=0),
-        Option("result_expires", "float", 86400.0, "Seconds a result stored in Redis is kept "
-               "when results are kept by the broker; 0 keeps them forever. A result_backend "
-               "URL gets the core's result_expires instead.", minimum=0),
-        Option("socket_timeout", "float", 5.0, "Seconds to wait for a Redis reply.",
-               minimum=0.01),
-        Option("socket_connect_timeout", "float", 5.0, "Seconds to wait for a connection.",
-               minimum=0.01),
-        Option("idle_timeout", "float", 10.0, "Server-side timeout of one idle blocking wait; "
-               "bounds how long a silently dead connection goes unnoticed.", minimum=0.1),
-        Option("max_connections", "int", None, "Cap on the producer pool's connections.",
-               minimum=1, nullable=True),
-        Option("priority_steps", "list", [str(s) for s in DEFAULT_PRIORITY_STEPS], "kombu's priority lists "
-               "(lower numbers are served first): whole numbers starting at 0, within 0..9; "
-               "must match the Celery side when sharing."),
-        Option("queue_order_strategy", "str", "round_robin", "How a worker with several queues "
-               "picks: round_robin (fair) or priority (the order of `queues`).",
-               choices=QUEUE_ORDERS),
-        Option("delays", "str", "auto", "Where a countdown or eta waits: broker (in Redis, "
-               "released by millpond workers), celery (sent at once with the eta in its headers, "
-               "as Celery sends it, for queues Celery workers serve), or auto (broker while a "
-               "millpond worker serves the queue, else celery, so no delay is ever stranded).",
-               choices=DELAY_MODES),
-        Option("master_name", "str", None, "Sentinel: the monitored primary's name.",
-               nullable=True),
-        Option("sentinel_password", "str", None, "Sentinel: the sentinels' own password.",
-               nullable=True, secret=True),
-        Option("sentinel_kwargs", "table", {}, "Sentinel: other keyword arguments for the "
-               "connections to the sentinels (redis-py's sentinel_kwargs).", secret=True),
-        Option("ssl_cert_reqs", "str", "required", "rediss://: verify the server certificate.",
-               choices=SSL_CERT_REQS),
-        Option("ssl_ca_certs", "str", None, "rediss://: CA bundle file.", nullable=True),
-        Option("ssl_certfile", "str", None, "rediss://: client certificate file.",
-               nullable=True),
-        Option("ssl_keyfile", "str", None, "rediss://: client key file.", nullable=True),
-        Option("ssl_check_hostname", "bool", False, "rediss://: check the certificate's host "
-               "name."),
-        Option("client_name", "str", None, "CLIENT SETNAME for every connection.",
-               nullable=True),
-        Option("warn_without_persistence", "bool", True, "Warn once when a worker starts on a "
-               "Redis that keeps neither an append-only file nor snapshots (a restart would lose "
-               "every queued and delayed task); false silences it where that is intended."),
-    ),
-    hints=KOMBU_HINTS,
-)  # fmt: skip
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """The [redis] section: each field declares one setting (`SECTION` is derived from them)."""
+
+    heartbeat_interval: float = setting(
+        2.0,
+        "Seconds between a consumer's lease refreshes (done by a helper thread, whatever the "
+        "worker loop is doing).",
+        minimum=0.01,
+    )
+    lease_timeout: float = setting(
+        30.0,
+        "Seconds a consumer's messages stay reserved after its last heartbeat; after that they "
+        "return to their queue. A live worker's messages are never redelivered, however long "
+        "its tasks run. At least twice heartbeat_interval.",
+        minimum=0.05,
+    )
+    publish_retry_timeout: float = setting(
+        20.0,
+        "Seconds a publish (or result store) keeps retrying while Redis is unreachable before "
+        "it raises.",
+        minimum=0,
+    )
+    result_expires: float = setting(
+        86400.0,
+        "Seconds a result stored in Redis is kept when results are kept by the broker; 0 keeps "
+        "them forever. A result_backend URL gets the core's result_expires instead.",
+        minimum=0,
+    )
+    socket_timeout: float = setting(5.0, "Seconds to wait for a Redis reply.", minimum=0.01)
+    socket_connect_timeout: float = setting(5.0, "Seconds to wait for a connection.", minimum=0.01)
+    idle_timeout: float = setting(
+        10.0,
+        "Server-side timeout of one idle blocking wait; bounds how long a silently dead "
+        "connection goes unnoticed.",
+        minimum=0.1,
+    )
+    max_connections: int | None = setting(
+        None,
+        "Cap on the producer pool's connections.",
+        minimum=1,
+    )
+    priority_steps: tuple[str, ...] = setting(
+        tuple(str(s) for s in DEFAULT_PRIORITY_STEPS),
+        "kombu's priority lists (lower numbers are served first): whole numbers starting at 0, "
+        "within 0..9; must match the Celery side when sharing.",
+    )
+    queue_order_strategy: str = setting(
+        "round_robin",
+        "How a worker with several queues picks: round_robin (fair) or priority (the order of "
+        "`queues`).",
+        choices=QUEUE_ORDERS,
+    )
+    delays: str = setting(
+        "auto",
+        "Where a countdown or eta waits: broker (in Redis, released by millpond workers), "
+        "celery (sent at once with the eta in its headers, as Celery sends it, for queues "
+        "Celery workers serve), or auto (broker while a millpond worker serves the queue, else "
+        "celery, so no delay is ever stranded).",
+        choices=DELAY_MODES,
+    )
+    master_name: str | None = setting(None, "Sentinel: the monitored primary's name.")
+    sentinel_password: str | None = setting(
+        None,
+        "Sentinel: the sentinels' own password.",
+        secret=True,
+    )
+    sentinel_kwargs: Mapping[str, Any] = setting(
+        {},
+        "Sentinel: other keyword arguments for the connections to the sentinels (redis-py's "
+        "sentinel_kwargs).",
+        secret=True,
+    )
+    ssl_cert_reqs: str = setting(
+        "required",
+        "rediss://: verify the server certificate.",
+        choices=SSL_CERT_REQS,
+    )
+    ssl_ca_certs: str | None = setting(None, "rediss://: CA bundle file.")
+    ssl_certfile: str | None = setting(None, "rediss://: client certificate file.")
+    ssl_keyfile: str | None = setting(None, "rediss://: client key file.")
+    ssl_check_hostname: bool = setting(False, "rediss://: check the certificate's host name.")
+    client_name: str | None = setting(None, "CLIENT SETNAME for every connection.")
+    warn_without_persistence: bool = setting(
+        True,
+        "Warn once when a worker starts on a Redis that keeps neither an append-only file nor "
+        "snapshots (a restart would lose every queued and delayed task); false silences it "
+        "where that is intended.",
+    )
+
+
+SECTION = Section("redis", "Redis broker", declared(RedisSettings), hints=KOMBU_HINTS)

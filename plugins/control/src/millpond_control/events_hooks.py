@@ -20,11 +20,12 @@ own broker connection), so a slow or dead broker never holds up the consumer loo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from millpond.config.settings import Option, Section
+from millpond.config.options import Section, declared, setting
 from millpond.contracts.broadcast import Exchange, unavailable
 from millpond.contracts.hooks import Hooks, WorkerView
 from millpond.wire.protocol import Message
@@ -38,54 +39,46 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("millpond.events")
 
-SETTINGS = Section(
-    "events",
-    "Events (Flower, celery events)",
-    (
-        Option(
-            "enabled",
-            "bool",
-            True,
-            "Send worker events (online, a heartbeat every heartbeat_interval, offline) on "
-            "Celery's celeryev exchange, and obey the enable_events / disable_events commands; "
-            "false sends nothing at all and refuses enable_events.",
-        ),
-        Option(
-            "tasks",
-            "bool",
-            False,
-            "Send task events (received, started, succeeded, failed, retried, rejected, "
-            "revoked) from the start, as `millpond worker -E` does; otherwise they start when "
-            "a monitor sends enable_events (Flower does every few seconds).",
-        ),
-        Option(
-            "heartbeat_interval",
-            "float",
-            2.0,
-            "Seconds between worker-heartbeat events (Celery's default); monitors count a "
-            "worker offline after two missed beats.",
-            minimum=0.1,
-            maximum=3600,
-        ),
-        Option(
-            "buffer",
-            "int",
-            10_000,
-            "Events held in memory while the broker does not take them; past this, new events "
-            "are dropped and the worker logs how many.",
-            minimum=1,
-        ),
-        Option(
-            "batch",
-            "int",
-            100,
-            "Most task events sent in one message (Celery's task.multi list); 1 sends every "
-            "event on its own with its type as the routing key.",
-            minimum=1,
-            maximum=10_000,
-        ),
-    ),
-)
+
+@dataclass(frozen=True)
+class EventsSettings:
+    """The [events] section: each field declares one setting (`SETTINGS` is derived from them)."""
+
+    enabled: bool = setting(
+        True,
+        "Send worker events (online, a heartbeat every heartbeat_interval, offline) on Celery's"
+        " celeryev exchange, and obey the enable_events / disable_events commands; false sends "
+        "nothing at all and refuses enable_events.",
+    )
+    tasks: bool = setting(
+        False,
+        "Send task events (received, started, succeeded, failed, retried, rejected, revoked) "
+        "from the start, as `millpond worker -E` does; otherwise they start when a monitor "
+        "sends enable_events (Flower does every few seconds).",
+    )
+    heartbeat_interval: float = setting(
+        2.0,
+        "Seconds between worker-heartbeat events (Celery's default); monitors count a worker "
+        "offline after two missed beats.",
+        minimum=0.1,
+        maximum=3600,
+    )
+    buffer: int = setting(
+        10_000,
+        "Events held in memory while the broker does not take them; past this, new events are "
+        "dropped and the worker logs how many.",
+        minimum=1,
+    )
+    batch: int = setting(
+        100,
+        "Most task events sent in one message (Celery's task.multi list); 1 sends every event "
+        "on its own with its type as the routing key.",
+        minimum=1,
+        maximum=10_000,
+    )
+
+
+SETTINGS = Section("events", "Events (Flower, celery events)", declared(EventsSettings))
 
 
 def event_exchange(system: str) -> Exchange:

@@ -12,161 +12,103 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from millpond.config.settings import Option, Section
+from millpond.config.options import Section, declared, setting
 
 COMMAND_SETS = ("all", "safe")
 UNSIGNED = ("safe", "refuse")
 
-SECTION = Section(
-    "control",
-    "Remote control and revoke",
-    (
-        Option(
-            "enabled",
-            "bool",
-            True,
-            "Answer remote control (celery inspect/control, millpond inspect/control, Flower's "
-            "buttons) on this worker. Off: no pidbox queue at all; revokes still hold through "
-            "the revoked file and hello from other workers.",
-        ),
-        Option(
-            "commands",
-            "str",
-            "all",
-            "Which commands the worker obeys: all, or safe (read-only inspect commands only).",
-            choices=COMMAND_SETS,
-        ),
-        Option(
-            "deny",
-            "list",
-            [],
-            "Command names this worker refuses whatever `commands` says (e.g. ['shutdown']).",
-        ),
-        Option(
-            "unsigned",
-            "str",
-            "safe",
-            "With signing_key set, what an unsigned request may do: safe (read-only inspect "
-            "commands; Celery clients and Flower cannot sign) or refuse (nothing).",
-            choices=UNSIGNED,
-        ),
-        Option(
-            "exchange",
-            "str",
-            "celery",
-            "Celery's control_exchange: the pidbox exchange is `<exchange>.pidbox`.",
-        ),
-        Option(
-            "queue_ttl",
-            "float",
-            300.0,
-            "Seconds a request waits in a worker's pidbox queue (Celery's control_queue_ttl).",
-            minimum=0.001,
-        ),
-        Option(
-            "queue_expires",
-            "float",
-            10.0,
-            "Seconds a worker's pidbox queue outlives its worker (control_queue_expires).",
-            minimum=0.001,
-        ),
-        Option(
-            "queue_exclusive",
-            "bool",
-            True,
-            "Declare the pidbox queue exclusive (Celery's control_queue_exclusive).",
-        ),
-        Option(
-            "reply_ttl",
-            "float",
-            10.0,
-            "Seconds a reply waits for its caller; then it is dropped (on Redis the reply key "
-            "expires), so replies nobody reads never pile up.",
-            minimum=0.001,
-        ),
-        Option(
-            "reply_max_bytes",
-            "int",
-            1024 * 1024,
-            "Largest reply a worker sends; a larger one is cut to an error that says so.",
-            minimum=1024,
-        ),
-        Option(
-            "revokes_max",
-            "int",
-            50000,
-            "Revoked ids kept, the oldest dropped first (Celery's worker_revokes_max).",
-            minimum=1,
-        ),
-        Option(
-            "revoke_expires",
-            "float",
-            10800.0,
-            "Seconds a revoke holds (Celery's worker_revoke_expires).",
-            minimum=1,
-        ),
-        Option(
-            "revokes_file",
-            "str",
-            None,
-            "File that keeps revoked ids across restarts, shared by the workers of this "
-            "machine; default revoked.json in MILLPOND_HOME; 'none' keeps them in memory only.",
-            nullable=True,
-        ),
-        Option(
-            "hello_revokes_max",
-            "int",
-            10000,
-            "Most revoked ids sent in one hello (the start-up sync between workers): Celery "
-            "sends them all, which breaks large fleets.",
-            minimum=0,
-        ),
-        Option(
-            "mingle",
-            "bool",
-            True,
-            "At start, ask the running workers for their revoked ids (Celery's mingle).",
-        ),
-        Option(
-            "mingle_peers",
-            "int",
-            3,
-            "How many running workers a starting one asks for their revoked ids (it pings all, "
-            "then says hello to this many, at random).",
-            minimum=1,
-        ),
-        Option(
-            "mingle_timeout",
-            "float",
-            1.0,
-            "Seconds a starting worker waits for hello replies.",
-            minimum=0.01,
-        ),
-    ),
-)
-
 
 @dataclass(frozen=True, slots=True)
 class ControlSettings:
-    """`[control]`, read once at start-up."""
+    """The [control] section, read once at start-up: each field declares one setting (`SECTION`
+    is derived from them)."""
 
-    enabled: bool = True
-    commands: str = "all"
-    deny: tuple[str, ...] = ()
-    unsigned: str = "safe"
-    exchange: str = "celery"
-    queue_ttl: float = 300.0
-    queue_expires: float = 10.0
-    queue_exclusive: bool = True
-    reply_ttl: float = 10.0
-    reply_max_bytes: int = 1024 * 1024
-    revokes_max: int = 50000
-    revoke_expires: float = 10800.0
-    revokes_file: str | None = None
-    hello_revokes_max: int = 10000
-    mingle: bool = True
-    mingle_peers: int = 3
-    mingle_timeout: float = 1.0
+    enabled: bool = setting(
+        True,
+        "Answer remote control (celery inspect/control, millpond inspect/control, Flower's "
+        "buttons) on this worker. Off: no pidbox queue at all; revokes still hold through the "
+        "revoked file and hello from other workers.",
+    )
+    commands: str = setting(
+        "all",
+        "Which commands the worker obeys: all, or safe (read-only inspect commands only).",
+        choices=COMMAND_SETS,
+    )
+    deny: tuple[str, ...] = setting(
+        (),
+        "Command names this worker refuses whatever `commands` says (e.g. ['shutdown']).",
+    )
+    unsigned: str = setting(
+        "safe",
+        "With signing_key set, what an unsigned request may do: safe (read-only inspect "
+        "commands; Celery clients and Flower cannot sign) or refuse (nothing).",
+        choices=UNSIGNED,
+    )
+    exchange: str = setting(
+        "celery",
+        "Celery's control_exchange: the pidbox exchange is `<exchange>.pidbox`.",
+    )
+    queue_ttl: float = setting(
+        300.0,
+        "Seconds a request waits in a worker's pidbox queue (Celery's control_queue_ttl).",
+        minimum=0.001,
+    )
+    queue_expires: float = setting(
+        10.0,
+        "Seconds a worker's pidbox queue outlives its worker (control_queue_expires).",
+        minimum=0.001,
+    )
+    queue_exclusive: bool = setting(
+        True,
+        "Declare the pidbox queue exclusive (Celery's control_queue_exclusive).",
+    )
+    reply_ttl: float = setting(
+        10.0,
+        "Seconds a reply waits for its caller; then it is dropped (on Redis the reply key "
+        "expires), so replies nobody reads never pile up.",
+        minimum=0.001,
+    )
+    reply_max_bytes: int = setting(
+        1024 * 1024,
+        "Largest reply a worker sends; a larger one is cut to an error that says so.",
+        minimum=1024,
+    )
+    revokes_max: int = setting(
+        50000,
+        "Revoked ids kept, the oldest dropped first (Celery's worker_revokes_max).",
+        minimum=1,
+    )
+    revoke_expires: float = setting(
+        10800.0,
+        "Seconds a revoke holds (Celery's worker_revoke_expires).",
+        minimum=1,
+    )
+    revokes_file: str | None = setting(
+        None,
+        "File that keeps revoked ids across restarts, shared by the workers of this machine; "
+        "default revoked.json in MILLPOND_HOME; 'none' keeps them in memory only.",
+    )
+    hello_revokes_max: int = setting(
+        10000,
+        "Most revoked ids sent in one hello (the start-up sync between workers): Celery sends "
+        "them all, which breaks large fleets.",
+        minimum=0,
+    )
+    mingle: bool = setting(
+        True,
+        "At start, ask the running workers for their revoked ids (Celery's mingle).",
+    )
+    mingle_peers: int = setting(
+        3,
+        "How many running workers a starting one asks for their revoked ids (it pings all, then"
+        " says hello to this many, at random).",
+        minimum=1,
+    )
+    mingle_timeout: float = setting(
+        1.0,
+        "Seconds a starting worker waits for hello replies.",
+        minimum=0.01,
+    )
 
     @classmethod
     def from_section(cls, values: Mapping[str, Any]) -> ControlSettings:
@@ -174,3 +116,6 @@ class ControlSettings:
         if "deny" in given:
             given["deny"] = tuple(given["deny"] or ())
         return cls(**given)
+
+
+SECTION = Section("control", "Remote control and revoke", declared(ControlSettings))

@@ -23,11 +23,12 @@ import json
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from millpond.config.options import Option, Section
+from millpond.config.options import Section, declared, setting
 from millpond.contracts.backend import ResultBackend, ResultMeta
 from millpond.exceptions import BackendError, ConfigurationError
 from millpond.states import READY_STATES, TaskState
@@ -37,29 +38,29 @@ SCHEME = "django-db"
 _EXPIRE_EVERY = 60.0
 _POLL_MIN = 0.005
 
+
 #: the `[django_db]` settings section, published under the `django-db` scheme: options from
 #: settings (`MILLPOND_DJANGO_DB__RESULT_EXPIRES`), the URL's query or an options mapping
+@dataclass(frozen=True)
+class DjangoDbSettings:
+    """The [django_db] section: each field declares one setting (`SECTION` is derived from them)."""
+
+    result_expires: float = setting(
+        86400.0,
+        "Seconds a stored result is kept in the TaskResult table; 0 keeps it for ever.",
+        minimum=0.0,
+    )
+    poll_max: float = setting(
+        0.1,
+        "Longest pause, in seconds, between two reads of a result another process is waiting "
+        "for (the back-off starts at 5 ms).",
+        minimum=0.005,
+        maximum=5.0,
+    )
+
+
 SECTION = Section(
-    "django_db",
-    "Django ORM result backend (millpond-django)",
-    (
-        Option(
-            "result_expires",
-            "float",
-            86400.0,
-            "Seconds a stored result is kept in the TaskResult table; 0 keeps it for ever.",
-            minimum=0.0,
-        ),
-        Option(
-            "poll_max",
-            "float",
-            0.1,
-            "Longest pause, in seconds, between two reads of a result another process is "
-            "waiting for (the back-off starts at 5 ms).",
-            minimum=0.005,
-            maximum=5.0,
-        ),
-    ),
+    "django_db", "Django ORM result backend (millpond-django)", declared(DjangoDbSettings)
 )
 
 

@@ -6,24 +6,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from millpond.config.options import Option, Section
+from millpond.config.options import Section, declared, setting
 
-SECTION = Section(
-    "threads",
-    "Threads pool",
-    (
-        Option(
-            "stack_size",
-            "int",
-            None,
-            "Stack size of each pool thread, in KiB (at least 32); unset keeps the interpreter's "
-            "default. Lower it to run hundreds of threads in less memory, raise it for deeply "
-            "recursive tasks.",
-            minimum=32,
-            nullable=True,
-        ),
-    ),
-)
+
+@dataclass(frozen=True)
+class ThreadsSettings:
+    """The [threads] section: each field declares one setting (`SECTION` is derived from them)."""
+
+    stack_size: int | None = setting(
+        None,
+        "Stack size of each pool thread, in KiB (at least 32); unset keeps the interpreter's "
+        "default. Lower it to run hundreds of threads in less memory, raise it for deeply "
+        "recursive tasks.",
+        minimum=32,
+    )
+
+
+SECTION = Section("threads", "Threads pool", declared(ThreadsSettings))
 
 
 @dataclass(frozen=True, slots=True)
