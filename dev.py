@@ -103,6 +103,51 @@ def count(junit: Path) -> tuple[int, int, int]:
     return total - failed - skipped, failed, skipped
 
 
+def shards(plugin_tests: list[str]) -> list[list[str]]:
+    """The main session's tests in two pytest processes that run side by side.
+
+    The suite mostly waits (on worker subprocesses, leases, timeouts), so two sessions share two
+    cores well. The first holds the fault suite and the brokers' own tests (their broadcasts go to
+    exchanges with unique names); the second everything else, which holds every test that talks
+    to the shared broker's control plane (the pidbox, the event stream: tests/interop, tests/e2e,
+    tests/observability, plugins/control), so no two of those run at the same time."""
+    brokers = [t for t in plugin_tests if t.startswith("plugins/broker-")]
+    rest = [t for t in plugin_tests if t not in brokers]
+    return [["tests/faults", *brokers], ["tests", "--ignore=tests/faults", "core/tests", *rest]]
+
+
+def run_together(sessions: list[list[str]], reports: Path, first: int, env: dict[str, str]) -> int:
+    """Run pytest `sessions` at once, each with its JUnit report `session-<n>.xml` (n counting
+    from `first`): 0 when every one passed (or collected nothing), else 1. The first prints to
+    the terminal as it goes; the others write a log each, printed whole once the first has
+    ended, so no two outputs interleave."""
+    status = 0
+    procs: list[tuple[list[str], Path, subprocess.Popen[bytes]]] = []
+    try:
+        for n, session in enumerate(sessions, start=first):
+            junit, log = reports / f"session-{n}.xml", reports / f"session-{n}.log"
+            cmd = [str(PY), "-m", "pytest", f"--junitxml={junit}", *session]
+            out = None if n == first else open(log, "wb")  # noqa: SIM115 - closed below
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out)
+            if out is not None:
+                out.close()  # the child has its own copy of the descriptor
+            procs.append((session, log, proc))
+        for n, (session, log, proc) in enumerate(procs, start=first):
+            code = proc.wait()
+            if n != first:
+                print(f"\n===== pytest {' '.join(session)} =====", flush=True)
+                sys.stdout.write(log.read_text(errors="replace"))
+            print(f"dev.py: pytest {' '.join(session)}: exit code {code}", flush=True)
+            if code not in (0, 5):
+                status = 1
+    finally:
+        for *_, proc in procs:  # Ctrl-C or a crash here: stop what is still running, by PID
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+    return status
+
+
 def test(extra: list[str]) -> int:
     env = child_env()
     status = 0
@@ -110,26 +155,26 @@ def test(extra: list[str]) -> int:
         status |= lint()
     reports = ROOT / ".venv" / "test-reports"
     reports.mkdir(exist_ok=True)
-    for old in reports.glob("*.xml"):
+    for old in [*reports.glob("*.xml"), *reports.glob("*.log")]:
         old.unlink()
-    pytest = [str(PY), "-m", "pytest"]
-    sessions: list[tuple[list[str], dict[str, str]]] = []
     if extra:
-        sessions.append((extra, env))
+        phases = [[extra]]
     else:
         # the workspace's cross-package tests, the core's own, and every plugin's but the green
         plugin_tests = [
             p.relative_to(ROOT).as_posix() for p in sorted(ROOT.glob("plugins/*/tests"))
         ]
-        main = ["tests", "core/tests", *(t for t in plugin_tests if t not in GREEN_SUITES)]
-        sessions.append((main, env))
-        sessions += [([g], env) for g in GREEN_SUITES if (ROOT / g).is_dir()]
+        main = [t for t in plugin_tests if t not in GREEN_SUITES]
+        # The green suites come after the main shards, not beside them: their throughput checks
+        # (2,000 tasks within a bound) need the cores the shards would take. They do share the
+        # machine with each other.
+        phases = [shards(main), [[g] for g in GREEN_SUITES if (ROOT / g).is_dir()]]
+    first = 0
+    for sessions in phases:
+        status |= run_together(sessions, reports, first, env)
+        first += len(sessions)
     totals = [0, 0, 0]
-    for i, (session, session_env) in enumerate(sessions):
-        junit = reports / f"session-{i}.xml"
-        code = run(*pytest, f"--junitxml={junit}", *session, env=session_env)
-        if code not in (0, 5):
-            status |= 1
+    for junit in (reports / f"session-{n}.xml" for n in range(first)):
         for j, n in enumerate(count(junit)):
             totals[j] += n
     passed, failed, skipped = totals

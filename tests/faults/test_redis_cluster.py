@@ -31,7 +31,7 @@ from millpond.wire.protocol import encode_task
 from tests.e2e.harness import wait_until
 from tests.faults.harness import NOOP, Rig
 
-pytestmark = [pytest.mark.fault, pytest.mark.e2e]
+pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture
@@ -122,7 +122,6 @@ class Producer:
         return thread
 
 
-@pytest.mark.slow
 def test_cluster_failover_under_load_loses_nothing(
     make_rig: Callable[..., Rig], replicated: RedisClusterGroup
 ) -> None:
@@ -159,7 +158,6 @@ def test_cluster_failover_under_load_loses_nothing(
     rig.ledger.wait_for(follow, 30, alive=alive)
 
 
-@pytest.mark.slow
 def test_cluster_primary_sigkilled_under_load(
     make_rig: Callable[..., Rig], replicated: RedisClusterGroup
 ) -> None:

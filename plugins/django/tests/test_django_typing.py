@@ -1,16 +1,22 @@
 """`delay_on_commit` is visible to mypy on a `DjangoMillpond`'s tasks, and checked against the
-task function's parameters: a sample module is type-checked by the installed mypy (strict, a
-config and cache of its own in a temp dir), as core/tests/test_typing.py does for `Task`."""
+task function's parameters.
+
+Like core/tests/test_typing.py, with the same runner (`millpond.testing.typecheck`): two samples,
+one strict mypy run with a config of its own; the good one must pass clean, the bad one must give
+exactly the errors its `# E:` markers say, message and code, on exactly those lines.
+"""
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-SAMPLE = textwrap.dedent("""\
+import pytest
+
+from millpond.testing.typecheck import expected_errors, strict_mypy
+
+DJANGO_OK = textwrap.dedent('''\
+    """Typed tasks of a DjangoMillpond; mypy --strict must report nothing."""
+
     from typing import Any, assert_type
 
     from millpond import AsyncResult, Task
@@ -40,34 +46,52 @@ SAMPLE = textwrap.dedent("""\
     charge.delay_on_commit("o-1", 100)
     charge.apply_async_on_commit(("o-1", 100), using="default", countdown=5)
     plain: Task[[int, int], int] = add  # still a Task
+''')
 
-    add.delay_on_commit(1, "2")  # E: arg-type
-    ship.delay_on_commit()  # E: call-arg
-    charge.delay_on_commit("o-1", cents="a")  # E: arg-type
-""")
+DJANGO_BAD = textwrap.dedent('''\
+    """Mistakes mypy --strict must report on delay_on_commit, each where the markers say."""
+
+    from typing import Any
+
+    from millpond import Task
+    from millpond_django import DjangoMillpond
+
+    app = DjangoMillpond("typing-sample", broker_url="memory://typing-sample")
 
 
-def test_delay_on_commit_is_typed_with_the_task_parameters(tmp_path: Path) -> None:
-    (tmp_path / "sample.py").write_text(SAMPLE)
-    (tmp_path / "mypy.ini").write_text(
-        "[mypy]\nstrict = True\n\n[mypy-django.*]\nignore_missing_imports = True\n"
-    )
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "mypy", "--config-file", str(tmp_path / "mypy.ini"),
-            "--cache-dir", str(tmp_path / ".mypy_cache"), "--no-error-summary",
-            "--show-error-codes", str(tmp_path / "sample.py"),
-        ],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode in (0, 1), f"mypy crashed:\n{proc.stdout}\n{proc.stderr}"
-    got = sorted(
-        (int(m[1]), m[2]) for m in re.finditer(r"sample\.py:(\d+): error: .*\[([\w-]+)\]$",
-                                               proc.stdout, re.M)
-    )  # fmt: skip
-    expected = sorted(
-        (n, m[1])
-        for n, line in enumerate(SAMPLE.splitlines(), 1)
-        if (m := re.search(r"# E: ([\w-]+)$", line))
-    )
-    assert got == expected, proc.stdout
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+
+    @app.task(queue="orders")
+    def ship(order_id: str) -> None: ...
+
+
+    @app.task(bind=True)
+    def charge(self: Task[Any, Any], order_id: str, cents: int) -> bool:
+        return True
+
+
+    add.delay_on_commit(1, "2")  # E: Argument 2 to "delay_on_commit" of "DjangoTask" has incompatible type "str"; expected "int"  [arg-type]
+    ship.delay_on_commit()  # E: Missing positional argument "order_id" in call to "delay_on_commit" of "DjangoTask"  [call-arg]
+    charge.delay_on_commit("o-1", cents="a")  # E: Argument "cents" to "delay_on_commit" of "DjangoTask" has incompatible type "str"; expected "int"  [arg-type]
+''')
+
+
+@pytest.fixture(scope="module")
+def mypy_errors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[int, str]]]:
+    samples = {"django_ok.py": DJANGO_OK, "django_bad.py": DJANGO_BAD}
+    return strict_mypy(tmp_path_factory.mktemp("django-typing"), samples)
+
+
+def test_delay_on_commit_is_typed_with_the_task_parameters(
+    mypy_errors: dict[str, list[tuple[int, str]]],
+) -> None:
+    assert mypy_errors.get("django_ok.py", []) == []
+
+
+def test_wrong_delay_on_commit_calls_are_reported_where_marked(
+    mypy_errors: dict[str, list[tuple[int, str]]],
+) -> None:
+    assert mypy_errors.get("django_bad.py", []) == expected_errors(DJANGO_BAD)
