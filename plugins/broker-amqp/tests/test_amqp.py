@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from millpond.testing.servers import RabbitServer
 from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message, decode_task, encode_task
 from millpond_broker_amqp import AmqpBroker, AmqpConsumer, frames
 from millpond_broker_amqp import consumer as amqp_consumer
+from millpond_broker_amqp.section import SECTION, AmqpSettings
 from millpond_broker_amqp.settings import parse
 from millpond_broker_amqp.topology import DELAY_ETA, DELAY_TARGET, LEVELS, MAX_DELAY, delay_route
 
@@ -265,6 +267,16 @@ def test_settings_section_defaults_are_the_parsers_defaults() -> None:
     defaults = {o.name: o.default for o in section.options}
     assert parse("amqp://h", defaults) == parse("amqp://h")  # the section adds nothing
     assert parse("amqps://h", defaults).tls is not None
+
+
+def test_a_config_is_the_sections_values_plus_what_the_url_says() -> None:
+    cfg = parse("amqp://h//?heartbeat=0&queue_type=quorum", {"connect_timeout": 3})
+    assert isinstance(cfg, AmqpSettings)  # the defaults are the declaration's, not a copy
+    declared = {f.name: getattr(cfg, f.name) for f in fields(AmqpSettings)}
+    expected = {"heartbeat": 0.0, "queue_type": "quorum", "connect_timeout": 3.0}
+    assert declared == {**SECTION.defaults(), **expected}
+    assert parse("amqp://h?heartbeat=0", {"heartbeat": 7}).heartbeat == 7.0  # the mapping wins
+    assert parse("amqps://h").ssl  # TLS is on, however it was asked for
 
 
 @pytest.mark.parametrize(

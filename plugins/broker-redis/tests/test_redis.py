@@ -964,7 +964,7 @@ def test_url_forms_parse() -> None:
         1,
         "pw",
     )
-    assert parse("redis://h", {"priority_steps": "0,5"}).priority_steps == (0, 5)
+    assert parse("redis://h", {"priority_steps": "0,5"}).steps == (0, 5)
     assert parse(REDIS_URL).lease_timeout <= 60, "the default lease must be at most 60 s"
 
 
@@ -1053,7 +1053,7 @@ def test_the_settings_section_feeds_the_parser() -> None:
         assert settings.plugin_options(scheme) == settings.plugin_options("redis")
     options = settings.plugin_options("redis", "broker_url")
     cfg = parse(settings.broker_url or "", options)
-    assert (cfg.lease_timeout, cfg.priority_steps, cfg.socket_timeout) == (10.0, (0, 9), 3.0)
+    assert (cfg.lease_timeout, cfg.steps, cfg.socket_timeout) == (10.0, (0, 9), 3.0)
     defaults = load_settings({}, env={}).plugin_options("redis")
     assert parse(REDIS_URL, defaults) == parse(REDIS_URL), "section defaults drifted"
 

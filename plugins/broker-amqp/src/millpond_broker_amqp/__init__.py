@@ -15,14 +15,14 @@ if TYPE_CHECKING:
     from millpond_broker_amqp.broker import AmqpBroker
     from millpond_broker_amqp.consumer import AmqpConsumer
     from millpond_broker_amqp.rpc import RpcResultBackend
-    from millpond_broker_amqp.settings import AmqpSettings
+    from millpond_broker_amqp.settings import AmqpConfig
 
-__all__ = ["AmqpBroker", "AmqpConsumer", "AmqpSettings", "RpcResultBackend"]
+__all__ = ["AmqpBroker", "AmqpConfig", "AmqpConsumer", "RpcResultBackend"]
 
 _HOMES = {
     "AmqpBroker": "millpond_broker_amqp.broker",
+    "AmqpConfig": "millpond_broker_amqp.settings",
     "AmqpConsumer": "millpond_broker_amqp.consumer",
-    "AmqpSettings": "millpond_broker_amqp.settings",
     "RpcResultBackend": "millpond_broker_amqp.rpc",
 }
 

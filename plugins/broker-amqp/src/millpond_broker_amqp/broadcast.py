@@ -33,7 +33,7 @@ from millpond_broker_amqp.connection import (
     open_connection,
     tls_pending,
 )
-from millpond_broker_amqp.settings import AmqpSettings
+from millpond_broker_amqp.settings import AmqpConfig
 
 if TYPE_CHECKING:
     from millpond_broker_amqp.broker import AmqpBroker
@@ -88,7 +88,7 @@ def publish(
 class AmqpSubscription(Subscription):
     """A bound queue consumed on a connection of its own."""
 
-    def __init__(self, settings: AmqpSettings, spec: Listen) -> None:
+    def __init__(self, settings: AmqpConfig, spec: Listen) -> None:
         self.settings = settings
         self.spec = spec
         self._conn: amqp.Connection | None = None

@@ -30,7 +30,7 @@ from millpond_broker_amqp.codec import from_properties, republish_headers, to_am
 from millpond_broker_amqp.consumer import AmqpConsumer
 from millpond_broker_amqp.link import Link, Outgoing
 from millpond_broker_amqp.native_delay import declare_topology as declare_native_topology
-from millpond_broker_amqp.settings import AmqpSettings, parse
+from millpond_broker_amqp.settings import AmqpConfig, parse
 from millpond_broker_amqp.topology import (
     DELAY_ETA,
     DELAY_TARGET,
@@ -56,7 +56,7 @@ class AmqpBroker(Broker):
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)
-        self.settings: AmqpSettings = parse(url, self.options)
+        self.settings: AmqpConfig = parse(url, self.options)
         self._link = Link(self.settings)
         # what this process declared on the link's current connection (reset on reconnect)
         self._declared: set[str] = set()

@@ -36,7 +36,7 @@ from amqp import exceptions as amqp_exc
 from millpond.contracts.claims import Claims, Holder
 from millpond.exceptions import BrokerError
 from millpond_broker_amqp.connection import TRANSIENT, abandon, bounded, describe, open_connection
-from millpond_broker_amqp.settings import AmqpSettings
+from millpond_broker_amqp.settings import AmqpConfig
 
 T = TypeVar("T")
 _MAX_NAME = 255
@@ -54,7 +54,7 @@ class AmqpClaims(Claims):
     #: a claim lives as long as its holder's connection (see the module docstring)
     outlives_holder: ClassVar[bool] = False
 
-    def __init__(self, settings: AmqpSettings) -> None:
+    def __init__(self, settings: AmqpConfig) -> None:
         self.settings = settings
         self._lock = threading.Lock()
         self._conn: amqp.Connection | None = None

@@ -1,4 +1,4 @@
-"""Open py-amqp connections from `AmqpSettings`, and sort AMQP failures into "retry" and "give up".
+"""Open py-amqp connections from `AmqpConfig`, and sort AMQP failures into "retry" and "give up".
 
 py-amqp is used for everything except the consumer's hot path (see `frames`): the handshake, TLS,
 channel management and the synchronous methods. Its failures come as a zoo of socket errors and
@@ -19,7 +19,7 @@ from amqp import exceptions as amqp_exc
 from amqp.transport import SSLTransport
 
 from millpond.exceptions import AccessDenied, BrokerError, PublishError
-from millpond_broker_amqp.settings import AmqpSettings
+from millpond_broker_amqp.settings import AmqpConfig
 
 log = logging.getLogger("millpond.broker.amqp")
 
@@ -79,7 +79,7 @@ class _Connection(amqp.Connection):  # type: ignore[misc]
         return transport
 
 
-def open_connection(settings: AmqpSettings, *, heartbeat: float, purpose: str) -> amqp.Connection:
+def open_connection(settings: AmqpConfig, *, heartbeat: float, purpose: str) -> amqp.Connection:
     """A connected, handshaken connection; raises `BrokerError` (transient cause chained) if not.
 
     With a failover URL the nodes are tried in order and the first that answers serves; a
@@ -115,7 +115,7 @@ def open_connection(settings: AmqpSettings, *, heartbeat: float, purpose: str) -
 
 
 def _open_one(
-    settings: AmqpSettings, host: str, port: int, *, heartbeat: float, purpose: str
+    settings: AmqpConfig, host: str, port: int, *, heartbeat: float, purpose: str
 ) -> amqp.Connection:
     conn = _Connection(
         host=f"{host}:{port}",
@@ -129,7 +129,7 @@ def _open_one(
         confirm_publish=False,
     )
     conn.tls_context = settings.tls
-    conn.tls_server_hostname = settings.tls_server_hostname
+    conn.tls_server_hostname = settings.ssl_server_hostname
     try:
         conn.connect()
     except amqp_exc.AccessRefused as exc:

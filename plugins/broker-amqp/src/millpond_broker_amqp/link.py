@@ -35,7 +35,7 @@ from millpond_broker_amqp.connection import (
     is_transient,
     open_connection,
 )
-from millpond_broker_amqp.settings import AmqpSettings
+from millpond_broker_amqp.settings import AmqpConfig
 
 log = logging.getLogger("millpond.broker.amqp")
 T = TypeVar("T")
@@ -88,7 +88,7 @@ if hasattr(os, "register_at_fork"):
 class Link:
     """A lazily opened, self-healing connection + confirm channel shared by a process's threads."""
 
-    def __init__(self, settings: AmqpSettings, purpose: str = "publisher") -> None:
+    def __init__(self, settings: AmqpConfig, purpose: str = "publisher") -> None:
         self.settings = settings
         self.purpose = purpose
         self._lock = threading.RLock()

@@ -60,7 +60,7 @@ from millpond_broker_amqp.connection import (
     tls_pending,
 )
 from millpond_broker_amqp.link import Unroutable
-from millpond_broker_amqp.settings import AmqpSettings
+from millpond_broker_amqp.settings import AmqpConfig
 
 log = logging.getLogger("millpond.backend.rpc")
 
@@ -295,7 +295,7 @@ class _Replies:
     the results and the `_reading` flag, and is never held while waiting for `_io`.
     """
 
-    def __init__(self, settings: AmqpSettings, name: str, expires: float | None) -> None:
+    def __init__(self, settings: AmqpConfig, name: str, expires: float | None) -> None:
         self.settings = settings
         self.name = name
         self.pid = os.getpid()

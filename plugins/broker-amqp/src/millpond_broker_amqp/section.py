@@ -4,8 +4,9 @@ The one declaration of every option the AMQP broker takes, whichever way it is g
 section of `millpond.toml`, `MILLPOND_AMQP__*`, `Millpond(amqp={...})`, or a URL query parameter
 (`amqp://h//?heartbeat=30`). It is published under the `millpond.settings` entry-point group once
 per URL scheme the plugin serves (amqp, amqps, pyamqp), which is how the core finds it for a broker
-URL; `millpond_broker_amqp.settings.parse` casts the URL's query through it. It imports nothing
-from py-amqp.
+URL; `millpond_broker_amqp.settings.parse` casts the URL's query through it and builds the
+`AmqpConfig` of one broker instance, a subclass that adds what the URL says to these fields (so
+each default lives here only). It imports nothing from py-amqp.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from millpond.config.options import Section, declared, setting
 
 @dataclass(frozen=True)
 class AmqpSettings:
-    """The [amqp] section: each field declares one setting (`SECTION` is derived from them)."""
+    """The [amqp] section: each field declares one setting (`SECTION` is derived from them).
+
+    `settings.AmqpConfig` inherits the fields, and is what a broker instance holds."""
 
     heartbeat: float = setting(
         4.0,

@@ -1,4 +1,4 @@
-"""Turn an `amqp://` URL plus an options mapping into one validated, frozen settings object.
+"""Turn an `amqp://` URL plus an options mapping into one validated, frozen `AmqpConfig`.
 
 Everything is parsed and checked once, when the broker is created, so a typo in an option fails at
 start-up with a message naming the option, instead of surfacing as an odd broker error later. The
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from millpond.contracts.broker import mask_url
 from millpond.exceptions import ConfigurationError
-from millpond_broker_amqp.section import SECTION
+from millpond_broker_amqp.section import SECTION, AmqpSettings
 
 DEFAULT_PORT = 5672
 DEFAULT_TLS_PORT = 5671
@@ -26,9 +26,11 @@ DEFAULT_TLS_PORT = 5671
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
 
-@dataclass(frozen=True, slots=True)
-class AmqpSettings:
-    """Connection parameters and behaviour switches of one broker instance."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AmqpConfig(AmqpSettings):
+    """One broker instance's validated `[amqp]` settings (the fields it inherits, defaults and
+    all, from the section's declaration) plus what its URL says: where to connect, as whom, and
+    the TLS context. Built by `parse`, never by hand."""
 
     host: str
     port: int
@@ -39,19 +41,6 @@ class AmqpSettings:
     safe_url: str
     #: a TLS context, or None for plain TCP
     tls: ssl.SSLContext | None = field(default=None, repr=False)
-    tls_server_hostname: str | None = None
-    heartbeat: float = 4.0
-    connect_timeout: float = 10.0
-    #: bound on one blocking protocol exchange (a declare, a confirm) before the link counts as dead
-    operation_timeout: float = 10.0
-    publish_retry_timeout: float = 20.0
-    confirm_publish: bool = True
-    queue_type: str = "classic"
-    #: type of each queue's own exchange (named after the queue), as Celery declares it
-    exchange_type: str = "direct"
-    max_priority: int | None = None
-    declare_on_publish: bool = True
-    reconnect_max_delay: float = 5.0
     #: every node of a failover URL (`amqp://h1//;amqp://h2//`) in order; (host, port) first
     hosts: tuple[tuple[str, int], ...] = ()
 
@@ -87,7 +76,7 @@ def _tls_context(values: Mapping[str, Any], enabled: bool) -> ssl.SSLContext | N
     return context
 
 
-def parse(url: str, options: Mapping[str, Any] | None = None) -> AmqpSettings:
+def parse(url: str, options: Mapping[str, Any] | None = None) -> AmqpConfig:
     """Validate the URL and options; every problem raises `ConfigurationError` naming it.
 
     `options["ssl"]` may also be a ready `ssl.SSLContext`, for TLS set up in code.
@@ -118,7 +107,10 @@ def parse(url: str, options: Mapping[str, Any] | None = None) -> AmqpSettings:
     path = parts.path
     vhost = "/" if path in ("", "/") else unquote(path[1:])
     context = ready or _tls_context(values, scheme == "amqps" or values["ssl"])
-    return AmqpSettings(
+    # `ssl` says whether TLS is on, however it was asked for (amqps://, a CA or client
+    # certificate, a ready context); `tls` is the context itself
+    values["ssl"] = context is not None
+    return AmqpConfig(
         host=parts.hostname or "localhost",
         port=port or (DEFAULT_TLS_PORT if context is not None else DEFAULT_PORT),
         userid=unquote(parts.username) if parts.username else "guest",
@@ -126,23 +118,11 @@ def parse(url: str, options: Mapping[str, Any] | None = None) -> AmqpSettings:
         virtual_host=vhost,
         safe_url=safe,
         tls=context,
-        tls_server_hostname=values["ssl_server_hostname"],
-        heartbeat=values["heartbeat"],
-        connect_timeout=values["connect_timeout"],
-        operation_timeout=values["operation_timeout"],
-        publish_retry_timeout=values["publish_retry_timeout"],
-        confirm_publish=values["confirm_publish"],
-        queue_type=values["queue_type"],
-        exchange_type=values["exchange_type"],
-        max_priority=values["max_priority"],
-        declare_on_publish=values["declare_on_publish"],
-        reconnect_max_delay=values["reconnect_max_delay"],
+        **values,
     )
 
 
-def _parse_failover(
-    url: str, members: list[str], options: Mapping[str, Any] | None
-) -> AmqpSettings:
+def _parse_failover(url: str, members: list[str], options: Mapping[str, Any] | None) -> AmqpConfig:
     """kombu's failover form, `amqp://u:p@h1:5672/vh;amqp://u:p@h2:5672/vh`: the nodes of one
     cluster, tried in order whenever a connection is opened (the first that answers serves).
     They must share the scheme, user, password and virtual host (one cluster, one set of
@@ -175,6 +155,4 @@ def _parse_failover(
             )
         default = DEFAULT_TLS_PORT if first.tls is not None else DEFAULT_PORT
         nodes.append((parts.hostname or "localhost", port or default))
-    from dataclasses import replace
-
     return replace(first, safe_url=mask_url(url), hosts=tuple(nodes))

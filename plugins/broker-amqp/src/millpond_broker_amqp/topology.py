@@ -33,7 +33,7 @@ from amqp import exceptions as amqp_exc
 from millpond.contracts.broker import dead_letter_queue
 from millpond.exceptions import AccessDenied, BrokerError
 from millpond_broker_amqp import native_delay
-from millpond_broker_amqp.settings import AmqpSettings
+from millpond_broker_amqp.settings import AmqpConfig
 
 RESOLUTION_MS: Final = 100
 LEVELS: Final = 26
@@ -65,7 +65,7 @@ def check_queue_name(name: str, error: type[Exception] = BrokerError) -> None:
         raise error(f"queue name {name!r} starts with 'amq.', which RabbitMQ reserves for itself")
 
 
-def queue_arguments(settings: AmqpSettings, *, dead: bool = False) -> dict[str, Any] | None:
+def queue_arguments(settings: AmqpConfig, *, dead: bool = False) -> dict[str, Any] | None:
     """Arguments exactly as Celery passes them (none for a plain classic queue)."""
     args: dict[str, Any] = {}
     if settings.quorum:
@@ -75,7 +75,7 @@ def queue_arguments(settings: AmqpSettings, *, dead: bool = False) -> dict[str, 
     return args or None
 
 
-def declare_queue(channel: amqp.Channel, name: str, settings: AmqpSettings) -> None:
+def declare_queue(channel: amqp.Channel, name: str, settings: AmqpConfig) -> None:
     """The queue, its Celery-style exchange and binding, its dead-letter queue and its binding on
     the delay ladder's last hop; on quorum queues also its binding for Celery's native delayed
     delivery (see `native_delay`), which is where their delays go. Idempotent."""

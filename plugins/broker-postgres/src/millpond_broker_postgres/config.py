@@ -18,30 +18,25 @@ from urllib.parse import urlsplit, urlunsplit
 
 from millpond.contracts.broker import mask_url
 from millpond.exceptions import ConfigurationError
-from millpond_broker_postgres.settings import LIBPQ_OPTIONS, SECTION
+from millpond_broker_postgres.settings import LIBPQ_OPTIONS, SECTION, PostgresSettings
 
 SCHEMES = ("postgresql", "postgres")
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class PostgresConfig:
-    """Where the server is and how the broker behaves; built by `parse`, never by hand."""
+@dataclass(frozen=True, slots=True, repr=False, kw_only=True)
+class PostgresConfig(PostgresSettings):
+    """One broker instance's validated `[postgres]` settings (the fields it inherits, defaults
+    and all, from the section's declaration) plus its URL; built by `parse`, never by hand."""
 
     url: str
     #: the URL without its query, as libpq takes it (the password stays in it: never logged)
     conninfo: str = field(repr=False)
-    #: libpq keyword parameters (sslmode, application_name, connect_timeout, ...)
-    libpq: Mapping[str, Any] = field(default_factory=dict)
-    schema: str = "millpond"
-    heartbeat_interval: float = 2.0
-    lease_timeout: float = 30.0
-    fetch_batch: int = 100
-    publish_retry_timeout: float = 20.0
-    result_expires: float = 86400.0
-    idle_timeout: float = 10.0
-    connect_timeout: float = 5.0
-    statement_timeout: float = 30.0
+
+    @property
+    def libpq(self) -> dict[str, Any]:
+        """The libpq keyword parameters among the settings (sslmode, application_name, ...)."""
+        return {name: getattr(self, name) for name in LIBPQ_OPTIONS}
 
     @property
     def masked_url(self) -> str:
@@ -82,9 +77,8 @@ def parse(url: str, options: Mapping[str, Any] | None = None) -> PostgresConfig:
             f"setting 'postgres.schema' has a bad value {schema!r}: expected a lower-case "
             "identifier (letters, digits, _; at most 63 characters), e.g. millpond"
         )
-    libpq = {name: values.pop(name) for name in LIBPQ_OPTIONS}
     conninfo = urlunsplit(parts._replace(query="", fragment=""))
-    cfg = PostgresConfig(url=url, conninfo=conninfo, libpq=libpq, **values)
+    cfg = PostgresConfig(url=url, conninfo=conninfo, **values)
     if cfg.lease_timeout < 2 * cfg.heartbeat_interval:
         raise ConfigurationError(
             f"lease_timeout={cfg.lease_timeout:g} must be at least twice heartbeat_interval="

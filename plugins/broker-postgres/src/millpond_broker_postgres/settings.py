@@ -39,7 +39,9 @@ LIBPQ_OPTIONS = (
 
 @dataclass(frozen=True)
 class PostgresSettings:
-    """The [postgres] section: each field declares one setting (`SECTION` is derived from them)."""
+    """The [postgres] section: each field declares one setting (`SECTION` is derived from them).
+
+    `config.PostgresConfig` inherits the fields, and is what a broker instance holds."""
 
     schema: str = setting(
         "millpond",

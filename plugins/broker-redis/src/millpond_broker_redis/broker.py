@@ -197,7 +197,7 @@ class RedisBroker(Broker):
                 f"message for queue {queue!r} cannot be written as kombu's JSON envelope: {exc}; "
                 "headers and properties must hold JSON values only"
             ) from exc
-        return payload, keys.step_for(message.properties.get("priority"), self.cfg.priority_steps)
+        return payload, keys.step_for(message.properties.get("priority"), self.cfg.steps)
 
     def publish_many(self, batch: Sequence[Outbound]) -> None:
         """Messages due now go in one pipelined round trip; delayed ones each take the delay
@@ -327,7 +327,7 @@ class RedisBroker(Broker):
 
     # -- administration --------------------------------------------------------------------------
     def purge(self, queue: str) -> int:
-        names = keys.list_keys(self.layout.queue(self.layout.check(queue)), self.cfg.priority_steps)
+        names = keys.list_keys(self.layout.queue(self.layout.check(queue)), self.cfg.steps)
 
         def op(c: redis.Redis) -> int:
             with c.pipeline(transaction=True) as pipe:
@@ -340,7 +340,7 @@ class RedisBroker(Broker):
         return self._retry(f"purging {queue!r}", op, BrokerError)
 
     def queue_length(self, queue: str) -> int:
-        names = keys.list_keys(self.layout.queue(self.layout.check(queue)), self.cfg.priority_steps)
+        names = keys.list_keys(self.layout.queue(self.layout.check(queue)), self.cfg.steps)
 
         def op(c: redis.Redis) -> int:
             with c.pipeline(transaction=False) as pipe:
@@ -359,7 +359,7 @@ class RedisBroker(Broker):
             self.layout.consumers(queue),
             keys.serving_key(kq),
             keys.delayed_key(kq),
-            *keys.list_keys(kq, self.cfg.priority_steps),
+            *keys.list_keys(kq, self.cfg.steps),
         ]
         ready, delayed, reserved, consumers = self._retry(
             f"reading the stats of {queue!r}",
@@ -411,7 +411,7 @@ class RedisBroker(Broker):
                     skipped += 1
                     continue
                 message.headers.pop(DEATH_REASON, None)
-                step = keys.step_for(message.properties.get("priority"), self.cfg.priority_steps)
+                step = keys.step_for(message.properties.get("priority"), self.cfg.steps)
                 target = keys.list_key(self.layout.queue(queue), step)
                 args += [raw, envelope.dumps(message, queue=queue), target]
             if args:

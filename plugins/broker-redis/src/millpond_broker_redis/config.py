@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from millpond.exceptions import ConfigurationError
-from millpond_broker_redis.settings import DEFAULT_PRIORITY_STEPS, SECTION
+from millpond_broker_redis.settings import SECTION, RedisSettings
 
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
@@ -53,9 +53,11 @@ def _as_steps(value: list[str]) -> tuple[int, ...]:
     return steps
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class RedisConfig:
-    """Where the server is and how the broker behaves; built by `parse`, never by hand."""
+@dataclass(frozen=True, slots=True, repr=False, kw_only=True)
+class RedisConfig(RedisSettings):
+    """One broker instance's validated `[redis]` settings (the fields it inherits, defaults and
+    all, from the section's declaration) plus what its URL says: where the server is and as
+    whom. Built by `parse`, never by hand."""
 
     url: str
     kind: str  # "redis" | "rediss" | "sentinel" | "cluster" | "rediss-cluster"
@@ -63,35 +65,14 @@ class RedisConfig:
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-    heartbeat_interval: float = 2.0
-    lease_timeout: float = 30.0
-    publish_retry_timeout: float = 20.0
-    result_expires: float = 86400.0
-    socket_timeout: float = 5.0
-    socket_connect_timeout: float = 5.0
-    #: server-side timeout of one idle blocking wait; bounds how long a dead connection goes unseen
-    idle_timeout: float = 10.0
-    max_connections: int | None = None
-    priority_steps: tuple[int, ...] = DEFAULT_PRIORITY_STEPS
-    queue_order_strategy: str = "round_robin"
-    #: auto | broker | celery: where a delayed message waits (see `RedisBroker.publish`)
-    delays: str = "auto"
-    master_name: str | None = None
-    sentinel_password: str | None = field(default=None, repr=False)
-    sentinel_kwargs: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    ssl_cert_reqs: str = "required"
-    ssl_ca_certs: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    ssl_check_hostname: bool = False
-    client_name: str | None = None
-    warn_without_persistence: bool = True
+    #: `priority_steps` as sorted whole numbers (the setting keeps the text as declared)
+    steps: tuple[int, ...]
 
     def __repr__(self) -> str:
         shown = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}"
             for f in fields(self)
-            if f.repr and f.name != "url"
+            if f.repr and not f.metadata.get("secret") and f.name != "url"
         )
         return f"RedisConfig(url={self.masked_url!r}, {shown})"
 
@@ -225,7 +206,8 @@ def parse(url: str, options: Mapping[str, Any] | None = None) -> RedisConfig:
     hosts = tuple(_split_host(h.strip(), default_port, url) for h in host_items)
 
     values = SECTION.resolve(options, url=url, masked=mask(url), query=pieces.query)
-    values["priority_steps"] = _as_steps(values["priority_steps"])
+    steps = _as_steps(values["priority_steps"])
+    values["priority_steps"] = tuple(values["priority_steps"])
     cfg = RedisConfig(
         url=url,
         kind=kind,
@@ -233,6 +215,7 @@ def parse(url: str, options: Mapping[str, Any] | None = None) -> RedisConfig:
         db=_db(pieces.path, url),
         username=username,
         password=password,
+        steps=steps,
         **values,
     )
     _check(cfg)

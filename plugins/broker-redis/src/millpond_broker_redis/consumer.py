@@ -112,7 +112,7 @@ class RedisConsumer(Consumer):
         #: tag -> index of the part that holds it, for every tag fetched and not yet settled
         self._part_of: dict[int, int] = {}
         self._lease_ms = max(1, int(cfg.lease_timeout * 1000))
-        self._steps = [str(s) for s in cfg.priority_steps]
+        self._steps = [str(s) for s in cfg.steps]
         self._rotate = cfg.queue_order_strategy == "round_robin" and len(self.queues) > 1
         self._cluster = layout.cluster
         self._turn = 0
@@ -356,7 +356,7 @@ class RedisConsumer(Consumer):
 
     def _doorbells(self) -> Doorbells:
         if self._bells is None:
-            steps = self._cfg.priority_steps
+            steps = self._cfg.steps
             keyed = {q: k for part in self._parts for q, k in part.keyed.items()}
             list_keys = [keys.list_key(keyed[q], s) for s in steps for q in self.queues]
             self._bells = Doorbells(

@@ -38,7 +38,9 @@ KOMBU_HINTS = {
 
 @dataclass(frozen=True)
 class RedisSettings:
-    """The [redis] section: each field declares one setting (`SECTION` is derived from them)."""
+    """The [redis] section: each field declares one setting (`SECTION` is derived from them).
+
+    `config.RedisConfig` inherits the fields, and is what a broker instance holds."""
 
     heartbeat_interval: float = setting(
         2.0,
