@@ -47,7 +47,9 @@ from millpond.contracts.hooks import HookChain, Hooks, Publication, publishing_p
 from millpond.exceptions import PublishError
 from millpond.produce.result import AsyncResult, GroupResult
 from millpond.produce.task import (
+    SEND_OPTIONS,
     BoundTaskDecorator,
+    SendOptions,
     Task,
     TaskDecorator,
     TaskDecoratorOptions,
@@ -79,31 +81,29 @@ class PeriodicDeclaration:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _listed(
-    value: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
-) -> list[Mapping[str, Any]] | None:
-    if value is None:
-        return None
-    if isinstance(value, Mapping):
-        return [value]
-    return list(value) or None
+def _epoch(when: datetime | float | None) -> float | None:
+    return when.timestamp() if isinstance(when, datetime) else None if when is None else float(when)
 
 
-def _replying(
-    sigs: Sequence[Mapping[str, Any]] | None, reply_to: str
+def _defaulted(
+    sigs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+    key: str,
+    value: str | Callable[[str], str],
 ) -> list[Mapping[str, Any]] | None:
-    """Signatures with `reply_to` in their options unless they name their own (where Celery's
-    `freeze` puts it), so the worker that sends them later routes their results to this caller."""
-    if not sigs:
-        return None
+    """Signatures with `key` in their options (`value`, or `value` of the task's name) unless they
+    name their own. Callbacks get the queue this producer would send them to, not the worker's
+    own, and, with a backend that replies to the caller, this caller's `reply_to` (where Celery's
+    `freeze` puts it), since the worker that sends them later routes their results by it."""
+    listed = [sigs] if isinstance(sigs, Mapping) else list(sigs or ())
     out: list[Mapping[str, Any]] = []
-    for sig in sigs:
+    for sig in listed:
         options = sig.get("options") or {}
-        if options.get("reply_to"):
+        if options.get(key):
             out.append(sig)
         else:
-            out.append({**sig, "options": {**options, "reply_to": reply_to}})
-    return out
+            given = value if isinstance(value, str) else value(sig["task"])
+            out.append({**sig, "options": {**options, key: given}})
+    return out or None
 
 
 # the methods `Millpond.AsyncResult` and `Millpond.GroupResult` (Celery's names) hide the classes
@@ -415,27 +415,7 @@ class Millpond:
         name: str,
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
-        *,
-        queue: str | None = None,
-        countdown: float | None = None,
-        eta: datetime | float | None = None,
-        expires: datetime | float | None = None,
-        headers: Mapping[str, Any] | None = None,
-        task_id: str | None = None,
-        time_limit: float | None = None,
-        soft_time_limit: float | None = None,
-        ignore_result: bool | None = None,
-        priority: int | None = None,
-        retries: int = 0,
-        link: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-        link_error: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-        chain: Sequence[Mapping[str, Any]] | None = None,
-        chord: Mapping[str, Any] | None = None,
-        group_id: str | None = None,
-        group_index: int | None = None,
-        root_id: str | None = None,
-        parent_id: str | None = None,
-        reply_to: str | None = None,
+        **options: Unpack[SendOptions],
     ) -> AsyncResult[Any]:
         """Send a task by name (it need not be registered here); returns its result handle.
 
@@ -445,68 +425,76 @@ class Millpond:
         or fails (see `millpond_canvas`); `chain`, `chord`, `group_id`, `group_index`,
         `root_id` and `parent_id` are set by the canvas. `reply_to` is where the worker sends the
         result when the backend replies to the caller (rpc://); by default the backend's own
-        reply queue for this process, and `""` asks for no reply.
+        reply queue for this process, and `""` asks for no reply. An unknown option is a type
+        error and, for callers the type checker does not see, a TypeError naming the valid ones.
         """
+        unknown = set(options) - SEND_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {', '.join(sorted(unknown))} sending {name}; "
+                f"valid options: {', '.join(sorted(SEND_OPTIONS))}"
+            )
         now = time.time()
-        eta_ts: float | None = None
-        if countdown is not None:
-            eta_ts = now + float(countdown)
-        elif eta is not None:
-            eta_ts = eta.timestamp() if isinstance(eta, datetime) else float(eta)
-        expires_ts: float | None = None
-        if expires is not None:
-            if isinstance(expires, datetime):
-                expires_ts = expires.timestamp()
-            else:
-                expires_ts = now + float(expires) if float(expires) < 31_536_000 else float(expires)
+        countdown, eta, expires = (
+            options.get("countdown"),
+            options.get("eta"),
+            options.get("expires"),
+        )
+        eta_ts = now + float(countdown) if countdown is not None else _epoch(eta)
+        expires_ts = _epoch(expires)
+        if expires_ts is not None and not isinstance(expires, datetime) and expires_ts < 31_536_000:
+            expires_ts += now  # seconds from now
+        root_id, parent_id = options.get("root_id"), options.get("parent_id")
         parent = current_request()
         if parent is not None:
             root_id = root_id or parent.root_id or parent.id
             parent_id = parent_id or parent.id
-        queue = queue or self.settings.default_queue
+        ignore_result = options.get("ignore_result")
         if ignore_result is None:
             ignore_result = self.settings.ignore_result
-        task_id = task_id or new_id()
-        callbacks = self._routed(_listed(link))
-        errbacks = self._routed(_listed(link_error))
+        task_id = options.get("task_id") or new_id()
+        callbacks = _defaulted(options.get("link"), "queue", self.queue_for)
+        errbacks = _defaulted(options.get("link_error"), "queue", self.queue_for)
+        chain, chord = options.get("chain"), options.get("chord")
+        reply_to = options.get("reply_to")
         if reply_to is None and not ignore_result:
             backend = self.backend
             if backend is not None and backend.replies_to_caller:
                 reply_to = backend.reply_to(task_id)
         if reply_to:  # what the worker sends next for this task replies here too
-            callbacks, errbacks = _replying(callbacks, reply_to), _replying(errbacks, reply_to)
-            chain = _replying(chain, reply_to)
-            chord = (_replying([chord], reply_to) or [chord])[0] if chord else chord
+            callbacks = _defaulted(callbacks, "reply_to", reply_to)
+            errbacks = _defaulted(errbacks, "reply_to", reply_to)
+            chain = _defaulted(chain, "reply_to", reply_to)
+            chord = (_defaulted(chord, "reply_to", reply_to) or [chord])[0] if chord else chord
         message = encode_task(
             name,
             args,
             kwargs,
             task_id=task_id,
-            retries=retries,
+            retries=options.get("retries", 0),
             eta=eta_ts,
             expires=expires_ts,
-            time_limit=time_limit,
-            soft_time_limit=soft_time_limit,
+            time_limit=options.get("time_limit"),
+            soft_time_limit=options.get("soft_time_limit"),
             root_id=root_id,
             parent_id=parent_id,
             origin=self.origin,
             ignore_result=ignore_result,
             sent_at=now,
-            headers=headers,
-            priority=priority,
+            headers=options.get("headers"),
+            priority=options.get("priority"),
             callbacks=callbacks,
             errbacks=errbacks,
             chain=chain,
             chord=chord,
-            group_id=group_id,
-            group_index=group_index,
+            group_id=options.get("group_id"),
+            group_index=options.get("group_index"),
             reply_to=reply_to,
         )
-        task_id = message.headers["id"]
-        self.publish(
-            queue, message, eta=eta_ts if eta_ts and eta_ts > now else None, retries=retries
-        )
-        result: AsyncResult[Any] = AsyncResult(task_id, self)
+        queue = options.get("queue") or self.settings.default_queue
+        eta_ahead = eta_ts if eta_ts and eta_ts > now else None
+        self.publish(queue, message, eta=eta_ahead, retries=options.get("retries", 0))
+        result: AsyncResult[Any] = AsyncResult(message.headers["id"], self)
         if parent is not None:
             parent.children.append(result.as_tuple())
         return result
@@ -625,23 +613,6 @@ class Millpond:
         if task is not None and task.options.queue:
             return task.options.queue
         return self.settings.default_queue
-
-    def _routed(
-        self, signatures: Sequence[Mapping[str, Any]] | None
-    ) -> Sequence[Mapping[str, Any]] | None:
-        """Callbacks that name no queue get the one this producer would send them to: the worker
-        that sends them later sends them there, not to the worker's own queue."""
-        if not signatures:
-            return None
-        out: list[Mapping[str, Any]] = []
-        for sig in signatures:
-            options = sig.get("options") or {}
-            if options.get("queue"):
-                out.append(sig)
-            else:
-                queue = self.queue_for(sig["task"])
-                out.append({**sig, "options": {**options, "queue": queue}})
-        return out
 
     def warn_once(self, key: Hashable, message: str) -> None:
         """Log `message` as a warning the first time `key` is seen in this process."""

@@ -302,26 +302,21 @@ class Task(Generic[P, R_co]):
         kwargs: Mapping[str, Any] | None = None,
         **options: Unpack[SendOptions],
     ) -> AsyncResult[Any]:
-        """Send the task with the options of `SendOptions` (queue, countdown, eta, expires,
-        headers, task_id, time_limit, soft_time_limit, ignore_result, priority, retries).
-
-        An unknown option is a type error and, for callers the type checker does not see (a
-        `**dict`, untyped code), a TypeError here that lists the valid ones."""
-        unknown = set(options) - SEND_OPTIONS
-        if unknown:
-            raise TypeError(
-                f"unknown option(s) {', '.join(sorted(unknown))} for {self.name}.apply_async; "
-                f"valid options: {', '.join(sorted(SEND_OPTIONS))}"
-            )
+        """Send the task with the options of `SendOptions`; the task's own queue, time limits,
+        ignore_result, priority and expiry apply to what the call leaves out (`send_task` refuses
+        unknown options)."""
         opts = self.options
-        options.setdefault("queue", opts.queue)
-        options.setdefault("time_limit", opts.time_limit)
-        options.setdefault("soft_time_limit", opts.soft_time_limit)
-        options.setdefault("ignore_result", opts.ignore_result)
-        options.setdefault("priority", opts.priority)
-        if options.get("expires") is None and opts.expires is not None:
-            options["expires"] = opts.expires
-        return self.app.send_task(self.name, args or (), kwargs or {}, **options)
+        sent: SendOptions = {
+            "queue": opts.queue,
+            "time_limit": opts.time_limit,
+            "soft_time_limit": opts.soft_time_limit,
+            "ignore_result": opts.ignore_result,
+            "priority": opts.priority,
+            **options,
+        }
+        if sent.get("expires") is None and opts.expires is not None:
+            sent["expires"] = opts.expires
+        return self.app.send_task(self.name, args or (), kwargs or {}, **sent)
 
     # -- canvas ----------------------------------------------------------------------------------
     # Signatures are built here and sent later, often with a result prepended to their arguments
