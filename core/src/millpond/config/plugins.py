@@ -34,6 +34,8 @@ from millpond.exceptions import PluginLoadError, PluginNotFound
 
 if TYPE_CHECKING:
     from millpond.config.options import Section
+    from millpond.contracts.backend import ResultBackend
+    from millpond.contracts.broker import Broker
 
 POOLS = "millpond.pools"
 BROKERS = "millpond.brokers"
@@ -113,19 +115,6 @@ def installed(group: str) -> list[str]:
 
 
 @functools.cache
-def _distribution(group: str, name: str, value: str) -> Distribution | None:
-    try:  # the distribution named like the top-level package: one metadata read, not a scan
-        named = importlib.metadata.distribution(value.partition(":")[0].partition(".")[0])
-        if any((e.group, e.name, e.value) == (group, name, value) for e in named.entry_points):
-            return named
-    except (PackageNotFoundError, ValueError):
-        pass
-    for ep in importlib.metadata.entry_points(group=group, name=name):
-        if ep.value == value and ep.dist is not None:
-            return ep.dist
-    return None
-
-
 def distribution(ep: EntryPoint) -> Distribution | None:
     """The installed distribution that declares this entry point (stevedore's cache does not say).
 
@@ -133,7 +122,14 @@ def distribution(ep: EntryPoint) -> Distribution | None:
     first-party plugin and the scaffold's are named), where scanning every installed one costs
     milliseconds at each worker start; the scan is the fallback. Once per entry point and process.
     """
-    return _distribution(ep.group, ep.name, ep.value)
+    try:
+        named = importlib.metadata.distribution(ep.value.partition(":")[0].partition(".")[0])
+        if ep in named.entry_points:
+            return named
+    except (PackageNotFoundError, ValueError):
+        pass
+    found = importlib.metadata.entry_points(group=ep.group, name=ep.name, value=ep.value)
+    return next((e.dist for e in found if e.dist is not None), None)
 
 
 def _dist_name(dist: Distribution | None) -> str:
@@ -252,12 +248,14 @@ def pool_class(name: str) -> Any:
     return load(POOLS, name)
 
 
-def broker_for_url(url: str, options: dict[str, Any] | None = None) -> Any:
-    return load(BROKERS, scheme_of(url))(url, options)
+def broker_for_url(url: str, options: dict[str, Any] | None = None) -> Broker:
+    broker: Broker = load(BROKERS, scheme_of(url))(url, options)
+    return broker
 
 
-def backend_for_url(url: str, options: dict[str, Any] | None = None) -> Any:
-    return load(BACKENDS, scheme_of(url))(url, options)
+def backend_for_url(url: str, options: dict[str, Any] | None = None) -> ResultBackend:
+    backend: ResultBackend = load(BACKENDS, scheme_of(url))(url, options)
+    return backend
 
 
 def command(name: str) -> Any:
@@ -268,11 +266,6 @@ def command(name: str) -> Any:
 def components() -> list[tuple[str, Any]]:
     """(name, class) of every installed worker component."""
     return load_all(COMPONENTS)
-
-
-def client(name: str) -> Any:
-    """The factory an app calls for the attribute `name` (`app.control`)."""
-    return load(CLIENTS, name)
 
 
 def canvas_class() -> Any:

@@ -116,6 +116,7 @@ DEFAULT_BROKER_URL = "sqlite://"
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,11 +155,8 @@ class Millpond:
             self._code_config["result_backend"] = result_backend
         self._settings = settings
         self._lock = threading.RLock()
-        self._broker: Broker | None = None
-        #: `app.control`, made by the installed `millpond.clients` plugin on first use
-        self._control: ControlClient | None = None
-        self._backend: ResultBackend | None = None
-        self._backend_resolved = False
+        #: this process's broker, result backend and `app.control`, by name, made on first use
+        self._conns: dict[str, Any] = {}
         self._warned: set[Hashable] = set()
         self._hooks: HookChain | None = None
         #: the publishes `publishing_together` is collecting in this context, if it is
@@ -337,15 +335,20 @@ class Millpond:
 
     # -- connections (per process) ---------------------------------------------------------------
     def _reset(self) -> None:
-        self._control = None
-        self._broker = None
-        self._backend = None
-        self._backend_resolved = False
+        self._conns = {}
         self._pid = os.getpid()
 
-    def _check_pid(self) -> None:
-        if self._pid != os.getpid():  # forked: the parent's connections are not ours
+    def _connection(self, key: str, make: Callable[[], T]) -> T:
+        """This process's `key` (broker, backend, control client), made once on first use; a
+        forked child makes its own, since the parent's connections are not its."""
+        if self._pid != os.getpid():
             self._reset()
+        conns = self._conns
+        if key not in conns:
+            with self._lock:
+                if key not in conns:
+                    conns[key] = make()
+        return cast(T, conns[key])
 
     @property
     def broker_url(self) -> str:
@@ -353,12 +356,9 @@ class Millpond:
 
     @property
     def broker(self) -> Broker:
-        self._check_pid()
-        if self._broker is None:
-            with self._lock:
-                if self._broker is None:
-                    self._broker = plugins.broker_for_url(self.broker_url, self.broker_options())
-        return self._broker
+        return self._connection(
+            "broker", lambda: plugins.broker_for_url(self.broker_url, self.broker_options())
+        )
 
     def broker_options(self) -> dict[str, Any]:
         """Options handed to the broker plugin: the validated values of the settings section it
@@ -369,45 +369,34 @@ class Millpond:
 
     @property
     def backend(self) -> ResultBackend | None:
-        self._check_pid()
-        if not self._backend_resolved:
-            with self._lock:
-                if not self._backend_resolved:
-                    url = self.settings.result_backend
-                    if url:
-                        options = {"result_expires": self.settings.result_expires}
-                        backend = plugins.backend_for_url(url, options)
-                        if backend.replies_to_caller:  # rpc://: results travel over the broker
-                            backend.bind_broker(self.broker)
-                        self._backend = backend
-                    else:
-                        self._backend = self.broker.default_backend()
-                    self._backend_resolved = True
-        return self._backend
+        return self._connection("backend", self._make_backend)
+
+    def _make_backend(self) -> ResultBackend | None:
+        url = self.settings.result_backend
+        if not url:
+            return self.broker.default_backend()
+        backend = plugins.backend_for_url(url, {"result_expires": self.settings.result_expires})
+        if backend.replies_to_caller:  # rpc://: results travel over the broker
+            backend.bind_broker(self.broker)
+        return backend
 
     @property
     def control(self) -> ControlClient:
-        """Remote control, as Celery's `app.control` (docs/control.md): a
-        `millpond_control.client.Control`, made by the `control` entry point of the
-        `millpond.clients` group (the millpond-control package, which millpond depends on), and
-        typed with the core's `ControlClient` protocol it satisfies."""
-        self._check_pid()
-        found = self._control
-        if found is None:
-            found = self._control = plugins.client("control")(self)
-        return found
+        """Remote control, as Celery's `app.control` (docs/control.md): made by the `control`
+        entry point of `millpond.clients` (millpond-control, a dependency of millpond), typed
+        with the core's `ControlClient` protocol."""
+        made: ControlClient = self._connection(
+            "control", lambda: plugins.load(plugins.CLIENTS, "control")(self)
+        )
+        return made
 
     def close(self) -> None:
-        control = self._control
-        if control is not None:
-            self._control = None
-            control.close()
         with self._lock:
-            if self._broker is not None:
-                self._broker.close()
-            if self._backend is not None:
-                self._backend.close()
+            conns = self._conns
             self._reset()
+        for key in ("control", "broker", "backend"):  # the control client uses the broker
+            if conns.get(key) is not None:
+                conns[key].close()
 
     # -- producing -------------------------------------------------------------------------------
     def send_task(

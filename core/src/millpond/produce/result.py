@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from millpond import exceptions
 from millpond.contracts.backend import ResultBackend, ResultMeta
-from millpond.contracts.pool import json_args
 from millpond.exceptions import BackendError, TaskError, TaskRevokedError
 from millpond.exceptions import TimeoutError as MillpondTimeoutError
 from millpond.states import READY_STATES, TaskState
@@ -49,11 +48,6 @@ CELERY_MODULES = {
 }
 
 
-def exception_info(exc: BaseException) -> dict[str, Any]:
-    """Celery's layout of a failure in the result store."""
-    return error_info(type(exc).__name__, type(exc).__module__, json_args(exc.args))
-
-
 def error_info(exc_type: str, exc_module: str | None, message: list[Any]) -> dict[str, Any]:
     """A failure as the result store keeps it, with millpond's own exceptions under Celery's
     module names where Celery has the same one."""
@@ -65,11 +59,7 @@ def error_info(exc_type: str, exc_module: str | None, message: list[Any]) -> dic
 
 def stored_error(outcome: Outcome) -> dict[str, Any]:
     """The result-store form of a failed outcome."""
-    return error_info(
-        outcome.exc_type or "TaskError",
-        outcome.exc_module,
-        outcome.stored_args,
-    )
+    return error_info(outcome.exc_type or "TaskError", outcome.exc_module, outcome.stored_args)
 
 
 def rebuild_exception(info: Any) -> BaseException:
@@ -99,6 +89,16 @@ def rebuild_exception(info: Any) -> BaseException:
         err_cls = type(name, (TaskError,), {"exc_type": name, "exc_module": module})
         _error_classes[key] = err_cls
     return err_cls(f"{module}.{name}: {message}" if module else message)
+
+
+def _backend(app: Millpond) -> ResultBackend:
+    backend = app.backend
+    if backend is None:
+        raise BackendError(
+            "no result backend is configured: set result_backend (MILLPOND_RESULT_BACKEND), "
+            "or use a broker that stores results (sqlite, redis)"
+        )
+    return backend
 
 
 class AsyncResult(Generic[R_co]):
@@ -148,15 +148,8 @@ class AsyncResult(Generic[R_co]):
         return hash(self.id)
 
     def _fetch(self) -> ResultMeta | None:
-        if self._meta is not None and self._meta.status in READY_STATES:
-            return self._meta
-        backend = self.app.backend
-        if backend is None:
-            raise BackendError(
-                "no result backend is configured: set result_backend (MILLPOND_RESULT_BACKEND), "
-                "or use a broker that stores results (sqlite, redis)"
-            )
-        self._meta = backend.peek(self.id)
+        if self._meta is None or self._meta.status not in READY_STATES:
+            self._meta = _backend(self.app).peek(self.id)
         return self._meta
 
     @property
@@ -207,10 +200,7 @@ class AsyncResult(Generic[R_co]):
 
         Raises `millpond.exceptions.TimeoutError` when it is not ready within `timeout` seconds.
         """
-        backend = self.app.backend
-        if backend is None:
-            self._fetch()  # raises the clear "no backend" error
-        assert backend is not None
+        backend = _backend(self.app)
         deadline = None if timeout is None else time.monotonic() + timeout
         meta = self._meta if self._meta and self._meta.status in READY_STATES else None
         while meta is None:
@@ -315,15 +305,12 @@ class GroupResult:
 
     def save(self) -> None:
         """Store the group (its id and its tasks' ids) in the result backend."""
-        self._backend().save_group(self.id, self.as_tuple())
+        _backend(self.app).save_group(self.id, self.as_tuple())
 
     @classmethod
     def restore(cls, group_id: str, app: Millpond) -> GroupResult | None:
         """The group saved under `group_id` (by millpond or Celery), or None."""
-        backend = app.backend
-        if backend is None:
-            raise BackendError("no result backend is configured: a group cannot be restored")
-        stored = backend.restore_group(group_id)
+        stored = _backend(app).restore_group(group_id)
         if stored is None:
             return None
         result = result_from_tuple(stored, app)
@@ -332,13 +319,7 @@ class GroupResult:
     def forget(self) -> None:
         for result in self.results:
             result.forget()
-        self._backend().forget_group(self.id)
-
-    def _backend(self) -> ResultBackend:
-        backend = self.app.backend
-        if backend is None:
-            raise BackendError("no result backend is configured: a group cannot be saved")
-        return backend
+        _backend(self.app).forget_group(self.id)
 
 
 ResultNode = AsyncResult[Any] | GroupResult
