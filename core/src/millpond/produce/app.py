@@ -1,12 +1,5 @@
-"""The application object: the task registry, the settings, and the producer side.
-
-    app = Millpond("shop")
-
-    @app.task
-    def add(x, y):
-        return x + y
-
-    add.delay(2, 3).get(timeout=10)
+"""The application object (`Millpond("shop")`): the task registry, the settings, and the producer
+side, where every task message leaves the process (`publish`).
 
 The broker and the result backend are created lazily on first use, once per process (a forked child
 gets its own), so importing an app module opens no connection and starts no thread.
@@ -153,19 +146,17 @@ class Millpond:
             self._code_config["broker_url"] = broker_url
         if result_backend is not None:
             self._code_config["result_backend"] = result_backend
-        self._settings = settings
         self._lock = threading.RLock()
         #: this process's broker, result backend and `app.control`, by name, made on first use
         self._conns: dict[str, Any] = {}
+        #: the settings, the hook chain and the canvas, made on first use, kept across a fork
+        self._kept: dict[str, Any] = {} if settings is None else {"settings": settings}
         self._warned: set[Hashable] = set()
-        self._hooks: HookChain | None = None
         #: the publishes `publishing_together` is collecting in this context, if it is
         self._batch: ContextVar[list[_Pending] | None] = ContextVar(
             f"millpond-batch-{id(self)}", default=None
         )
         self._added_hooks: list[Hooks] = []
-        #: chains, groups and chords: the installed `millpond.canvas` plugin, built on first use
-        self._canvas: Canvas | None = None
         self._pid = os.getpid()
         self.origin = f"{os.getpid()}@{socket.gethostname()}"
 
@@ -175,16 +166,12 @@ class Millpond:
     # -- settings --------------------------------------------------------------------------------
     @property
     def settings(self) -> Settings:
-        if self._settings is None:
-            with self._lock:
-                if self._settings is None:
-                    self._settings = load_settings(code=self._code_config)
-        return self._settings
+        return self._lazy("settings", lambda: load_settings(code=self._code_config), kept=True)
 
     def configure(self, settings: Settings) -> None:
         """Use these settings (the worker passes its fully merged ones); drops open connections."""
         with self._lock:
-            self._settings = settings
+            self._kept["settings"] = settings
             self._reset()
 
     @property
@@ -272,21 +259,16 @@ class Millpond:
         signature's own options. `name` defaults to the call's repr, as Celery names it; a second
         declaration under one name replaces the first.
         """
-        if isinstance(sig, Mapping):
-            task, sig_args = str(sig["task"]), tuple(sig.get("args") or ())
-            sig_kwargs, sig_options = dict(sig.get("kwargs") or {}), dict(sig.get("options") or {})
-        else:
-            task = sig if isinstance(sig, str) else sig.name
-            sig_args, sig_kwargs, sig_options = (), {}, {}
-        final_args = tuple(args) if args is not None else sig_args
-        final_kwargs = dict(kwargs) if kwargs is not None else sig_kwargs
+        if not isinstance(sig, Mapping):
+            sig = {"task": sig if isinstance(sig, str) else sig.name}
+        task = str(sig["task"])
+        args = tuple(sig.get("args") or () if args is None else args)
+        kwargs = dict(sig.get("kwargs") or {} if kwargs is None else kwargs)
         if name is None:
-            shown = [repr(a) for a in final_args]
-            shown += [f"{k}={v!r}" for k, v in final_kwargs.items()]
+            shown = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
             name = f"{task}({', '.join(shown)})"
-        declaration = PeriodicDeclaration(
-            name, schedule, task, final_args, final_kwargs, {**sig_options, **options}
-        )
+        options = {**(sig.get("options") or {}), **options}
+        declaration = PeriodicDeclaration(name, schedule, task, args, kwargs, options)
         self.periodic_tasks[name] = declaration
         return declaration
 
@@ -314,41 +296,40 @@ class Millpond:
     def hooks(self) -> HookChain:
         """Every hooks implementation of this app: the installed ones the `hooks` setting names
         (all, by default), then the ones added with `add_hooks`. Made on first use."""
-        if self._hooks is None:
-            with self._lock:
-                if self._hooks is None:
-                    installed = plugins.load_hooks(self.settings.hooks)
-                    self._hooks = HookChain([*installed, *self._added_hooks])
-        return self._hooks
+        return self._lazy(
+            "hooks",
+            lambda: HookChain([*plugins.load_hooks(self.settings.hooks), *self._added_hooks]),
+            kept=True,
+        )
 
     def add_hooks(self, *hooks: Hooks) -> None:
         """Add hooks implementations of your own (a worker started later calls them too)."""
         with self._lock:
             self._added_hooks.extend(hooks)
-            if self._hooks is not None:
-                self._hooks = self._hooks + hooks
+            if "hooks" in self._kept:
+                self._kept["hooks"] = self._kept["hooks"] + hooks
 
     def use_hooks(self, chain: HookChain) -> None:
         """Replace the hook chain (the worker hands back the one left after start-up)."""
         with self._lock:
-            self._hooks = chain
+            self._kept["hooks"] = chain
 
     # -- connections (per process) ---------------------------------------------------------------
     def _reset(self) -> None:
         self._conns = {}
         self._pid = os.getpid()
 
-    def _connection(self, key: str, make: Callable[[], T]) -> T:
-        """This process's `key` (broker, backend, control client), made once on first use; a
-        forked child makes its own, since the parent's connections are not its."""
-        if self._pid != os.getpid():
+    def _lazy(self, key: str, make: Callable[[], T], *, kept: bool = False) -> T:
+        """`key`, made once on first use (under the lock: threads may ask at once). A forked
+        child makes its own connections (the parent's are not its) but keeps what is `kept`."""
+        if not kept and self._pid != os.getpid():
             self._reset()
-        conns = self._conns
-        if key not in conns:
+        made = self._kept if kept else self._conns
+        if key not in made:
             with self._lock:
-                if key not in conns:
-                    conns[key] = make()
-        return cast(T, conns[key])
+                if key not in made:
+                    made[key] = make()
+        return cast(T, made[key])
 
     @property
     def broker_url(self) -> str:
@@ -356,7 +337,7 @@ class Millpond:
 
     @property
     def broker(self) -> Broker:
-        return self._connection(
+        return self._lazy(
             "broker", lambda: plugins.broker_for_url(self.broker_url, self.broker_options())
         )
 
@@ -369,7 +350,7 @@ class Millpond:
 
     @property
     def backend(self) -> ResultBackend | None:
-        return self._connection("backend", self._make_backend)
+        return self._lazy("backend", self._make_backend)
 
     def _make_backend(self) -> ResultBackend | None:
         url = self.settings.result_backend
@@ -385,7 +366,7 @@ class Millpond:
         """Remote control, as Celery's `app.control` (docs/control.md): made by the `control`
         entry point of `millpond.clients` (millpond-control, a dependency of millpond), typed
         with the core's `ControlClient` protocol."""
-        made: ControlClient = self._connection(
+        made: ControlClient = self._lazy(
             "control", lambda: plugins.load(plugins.CLIENTS, "control")(self)
         )
         return made
@@ -586,14 +567,10 @@ class Millpond:
         """The app's canvas (`millpond.contracts.canvas`): the installed `millpond.canvas` plugin
         (millpond-canvas, which millpond depends on), built once; registers Celery's built-in
         canvas tasks in this app."""
-        found = self._canvas
-        if found is None:
-            with self._lock:
-                if self._canvas is None:
-                    cls = plugins.canvas_class()
-                    self._canvas = (cls or Canvas)(self)
-                found = self._canvas
-        return found
+        made: Canvas = self._lazy(
+            "canvas", lambda: (plugins.canvas_class() or Canvas)(self), kept=True
+        )
+        return made
 
     def queue_for(self, name: str) -> str:
         """The queue this app sends a task to when the call names none: the task's own `queue`

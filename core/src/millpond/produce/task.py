@@ -151,12 +151,11 @@ class TaskDecoratorOptions(TypedDict, total=False):
 
 
 class SendOptions(TypedDict, total=False):
-    """The keyword options of `apply_async` (and of `Millpond.send_task`).
+    """The keyword options of `apply_async` and `Millpond.send_task`.
 
     A TypedDict rather than keyword parameters so that an option left out stays out: a task's own
     default (its queue, time limits, expiry, priority) applies only to what the caller did not
-    pass, and an explicit `None` still overrides it, as it always has. mypy checks that every key
-    is a keyword `send_task` accepts with a compatible type (`apply_async` passes them on).
+    pass, and an explicit `None` still overrides it (but for `expires`), as it always has.
     """
 
     queue: str | None
@@ -187,13 +186,6 @@ TASK_OPTIONS = frozenset(TaskOptions.__dataclass_fields__) - {"extra"}
 SEND_OPTIONS = frozenset(SendOptions.__annotations__)
 
 
-def _check_number(name: str, value: Any, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise TypeError(f"task option {name!r} must be a non-negative number, got {value!r}")
-
-
 def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOptions:
     unknown = set(options) - TASK_OPTIONS
     if unknown:
@@ -204,7 +196,10 @@ def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOpti
     opts = dict(options)
     opts.setdefault("name", f"{fn.__module__}.{fn.__qualname__}")
     for key in ("time_limit", "soft_time_limit", "expires", "default_retry_delay"):
-        _check_number(key, opts.get(key))
+        value = opts.get(key)
+        bad = isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+        if value is not None and bad:
+            raise TypeError(f"task option {key!r} must be a non-negative number, got {value!r}")
     autoretry = opts.get("autoretry_for", ())
     if isinstance(autoretry, type):
         autoretry = (autoretry,)
