@@ -23,19 +23,23 @@ import importlib.metadata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import Distribution, EntryPoint, PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+from stevedore import NamedExtensionManager
 
+from millpond.config.options import Section
+from millpond.contracts.backend import ResultBackend
+from millpond.contracts.broker import Broker
+from millpond.contracts.canvas import Canvas
+from millpond.contracts.command import Command
+from millpond.contracts.component import WorkerComponent
+from millpond.contracts.hooks import Hooks
+from millpond.contracts.pool import BasePool
 from millpond.exceptions import PluginLoadError, PluginNotFound
-
-if TYPE_CHECKING:
-    from millpond.config.options import Section
-    from millpond.contracts.backend import ResultBackend
-    from millpond.contracts.broker import Broker
 
 POOLS = "millpond.pools"
 BROKERS = "millpond.brokers"
@@ -102,8 +106,6 @@ FIRST_PARTY = {
 
 def entry_points(group: str) -> list[EntryPoint]:
     """The group's installed entry points, sorted by name, read from stevedore's cache."""
-    from stevedore import NamedExtensionManager
-
     lister: NamedExtensionManager[Any] = NamedExtensionManager(
         group, names=[], on_missing_entrypoints_callback=None
     )
@@ -188,8 +190,6 @@ def load_all(group: str, names: Sequence[str] | None = None) -> list[tuple[str, 
     """(name, object) for every installed extension of a group, or for `names` in that order,
     each checked against its group's contract; a missing name, one that cannot be loaded, one
     two distributions declare, or one built for another core raises, naming it."""
-    from stevedore import NamedExtensionManager
-
     wanted = list(names) if names is not None else installed(group)
     if not wanted:
         return []
@@ -299,14 +299,6 @@ def installed_sections() -> list[tuple[Section, str]]:
 
 def _verify(group: str, name: str, obj: Any) -> None:
     """Refuse an entry point whose object is not what its group promises."""
-    from millpond.config.options import Section
-    from millpond.contracts.backend import ResultBackend
-    from millpond.contracts.broker import Broker
-    from millpond.contracts.canvas import Canvas
-    from millpond.contracts.command import Command
-    from millpond.contracts.component import WorkerComponent
-    from millpond.contracts.pool import BasePool
-
     classes: dict[str, type] = {
         POOLS: BasePool,
         BROKERS: Broker,
@@ -374,8 +366,6 @@ def load_hooks(names: Sequence[str]) -> list[Any]:
     """Instances of the installed hooks implementations `names` asks for (`*`: every one), in
     name order; a name that is not installed is an error naming what is. Only the hooks asked
     for are imported."""
-    from millpond.contracts.hooks import Hooks
-
     out = []
     for name, cls in load_all(HOOKS, None if "*" in names else names):
         hook = cls()

@@ -13,6 +13,7 @@ trip through the serializer (with JSON a tuple comes back a list, a dict's keys 
 from __future__ import annotations
 
 import builtins
+import functools
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -29,9 +30,6 @@ if TYPE_CHECKING:
     from millpond.produce.app import Millpond
 
 R_co = TypeVar("R_co", covariant=True)
-
-_error_classes: dict[tuple[str, str], type[TaskError]] = {}
-
 
 #: millpond's exceptions that Celery has too, and the module Celery's are stored under: a
 #: failure is stored under Celery's name so a Celery client rebuilds its own exception from it,
@@ -83,12 +81,13 @@ def rebuild_exception(info: Any) -> BaseException:
             return cls(*args)
         except Exception:
             pass
-    key = (module, name)
-    err_cls = _error_classes.get(key)
-    if err_cls is None:
-        err_cls = type(name, (TaskError,), {"exc_type": name, "exc_module": module})
-        _error_classes[key] = err_cls
-    return err_cls(f"{module}.{name}: {message}" if module else message)
+    return _remote_error(module, name)(f"{module}.{name}: {message}" if module else message)
+
+
+@functools.cache
+def _remote_error(module: str, name: str) -> type[TaskError]:
+    """A `TaskError` subclass named after a remote type, one per type and process."""
+    return type(name, (TaskError,), {"exc_type": name, "exc_module": module})
 
 
 def _backend(app: Millpond) -> ResultBackend:
