@@ -141,11 +141,12 @@ class Millpond:
         self.tasks: dict[str, Task[..., Any]] = {}
         #: periodic tasks declared in code, by entry name (run by `millpond beat`)
         self.periodic_tasks: dict[str, PeriodicDeclaration] = {}
-        self._code_config: dict[str, Any] = dict(config)
-        if broker_url is not None:
-            self._code_config["broker_url"] = broker_url
-        if result_backend is not None:
-            self._code_config["result_backend"] = result_backend
+        urls = {"broker_url": broker_url, "result_backend": result_backend}
+        #: the settings given in code (`Millpond(...)` keywords), weighed in by `load_settings`
+        self.code_config: Mapping[str, Any] = {
+            **config,
+            **{key: url for key, url in urls.items() if url is not None},
+        }
         self._lock = threading.RLock()
         #: this process's broker, result backend and `app.control`, by name, made on first use
         self._conns: dict[str, Any] = {}
@@ -166,17 +167,13 @@ class Millpond:
     # -- settings --------------------------------------------------------------------------------
     @property
     def settings(self) -> Settings:
-        return self._lazy("settings", lambda: load_settings(code=self._code_config), kept=True)
+        return self._lazy("settings", lambda: load_settings(code=self.code_config), kept=True)
 
     def configure(self, settings: Settings) -> None:
         """Use these settings (the worker passes its fully merged ones); drops open connections."""
         with self._lock:
             self._kept["settings"] = settings
             self._reset()
-
-    @property
-    def code_config(self) -> Mapping[str, Any]:
-        return self._code_config
 
     # -- registry --------------------------------------------------------------------------------
     # The overloads give the type checker the function's parameters and return type (see
@@ -493,20 +490,15 @@ class Millpond:
             parent=parent if parent is not None else publishing_parent(),
             eta=eta,
         )
-        hooks = self.hooks
-        tokens = hooks.before_publish(publication)
+        tokens = self.hooks.before_publish(publication)
         if self.settings.signing_key:
             sign(message, self.settings.signing_key)
+        pending = _Pending(publication, tokens, Outbound(queue, message, eta))
         batch = self._batch.get()
         if batch is not None:
-            batch.append(_Pending(publication, tokens, Outbound(queue, message, eta)))
-            return
-        try:
-            self.broker.publish(queue, message, eta=eta)
-        except BaseException as exc:
-            hooks.after_publish(publication, tokens, exc)
-            raise
-        hooks.after_publish(publication, tokens, None)
+            batch.append(pending)
+        else:
+            self._hand_over([pending], lambda: self.broker.publish(queue, message, eta=eta))
 
     @contextmanager
     def publishing_together(self) -> Iterator[None]:
@@ -526,12 +518,15 @@ class Millpond:
         finally:
             self._batch.reset(token)
             if pending:
-                self._publish_pending(pending)
+                self._hand_over(
+                    pending, lambda: self.broker.publish_many([p.outbound for p in pending])
+                )
 
-    def _publish_pending(self, pending: list[_Pending]) -> None:
+    def _hand_over(self, pending: list[_Pending], send: Callable[[], None]) -> None:
+        """`send` the publishes to the broker, then tell the hooks how each went."""
         hooks = self.hooks
         try:
-            self.broker.publish_many([p.outbound for p in pending])
+            send()
         except BaseException as exc:
             # a broker that says which messages it did not take has stored the others: those
             # are reported sent (their tasks will run), only the rest as failed

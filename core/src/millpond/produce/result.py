@@ -35,14 +35,12 @@ R_co = TypeVar("R_co", covariant=True)
 #: failure is stored under Celery's name so a Celery client rebuilds its own exception from it,
 #: and rebuilt as millpond's when millpond reads it
 CELERY_MODULES = {
-    "TaskRevokedError": "celery.exceptions",
-    "MaxRetriesExceededError": "celery.exceptions",
-    "Reject": "celery.exceptions",
-    "Retry": "celery.exceptions",
-    "ChordError": "celery.exceptions",
-    "TimeLimitExceeded": "billiard.exceptions",
-    "SoftTimeLimitExceeded": "billiard.exceptions",
-    "WorkerLostError": "billiard.exceptions",
+    name: module
+    for module, names in [
+        ("celery.exceptions", "TaskRevokedError MaxRetriesExceededError Reject Retry ChordError"),
+        ("billiard.exceptions", "TimeLimitExceeded SoftTimeLimitExceeded WorkerLostError"),
+    ]
+    for name in names.split()
 }
 
 
