@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from millpond import Millpond, SendOptions, TaskDecoratorOptions
+from millpond import Millpond, SendOptions, Task, TaskDecoratorOptions
 from millpond.produce.task import SEND_OPTIONS, TASK_OPTIONS
 from millpond.testing.typecheck import expected_errors, strict_mypy
 
@@ -303,8 +303,8 @@ def test_typed_options_are_the_runtime_options() -> None:
     """The TypedDicts the type checker reads and the sets the runtime checks cannot drift."""
     assert set(TaskDecoratorOptions.__annotations__) | {"bind"} == TASK_OPTIONS
     assert set(SendOptions.__annotations__) == SEND_OPTIONS
-    send_task = inspect.signature(Millpond.send_task).parameters.values()
-    assert {p.name for p in send_task if p.kind is p.KEYWORD_ONLY} == SEND_OPTIONS
+    for method in (Millpond.send_task, Task.apply_async):
+        assert inspect.signature(method).parameters["options"].annotation == "Unpack[SendOptions]"
 
 
 def test_unknown_options_still_fail_at_runtime_with_the_valid_ones() -> None:

@@ -28,87 +28,31 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+#: where each public name lives, imported on first use
 _EXPORTS = {
-    "Millpond": "millpond.produce.app",
-    "AsyncResult": "millpond.produce.result",
-    "GroupResult": "millpond.produce.result",
-    "Signature": "millpond_canvas",
-    "chain": "millpond_canvas",
-    "chord": "millpond_canvas",
-    "chunks": "millpond_canvas",
-    "group": "millpond_canvas",
-    "signature": "millpond_canvas",
-    "xmap": "millpond_canvas",
-    "xstarmap": "millpond_canvas",
-    "ChordError": "millpond.exceptions",
-    "Request": "millpond.produce.task",
-    "SendOptions": "millpond.produce.task",
-    "Task": "millpond.produce.task",
-    "TaskDecoratorOptions": "millpond.produce.task",
-    "MaxRetriesExceededError": "millpond.exceptions",
-    "MillpondError": "millpond.exceptions",
-    "Reject": "millpond.exceptions",
-    "Retry": "millpond.exceptions",
-    "SoftTimeLimitExceeded": "millpond.exceptions",
-    "TaskError": "millpond.exceptions",
-    "TimeLimitExceeded": "millpond.exceptions",
-    "WorkerLostError": "millpond.exceptions",
+    name: module
+    for module, names in {
+        "millpond.produce.app": "Millpond",
+        "millpond.produce.result": "AsyncResult GroupResult",
+        "millpond.produce.task": "Request SendOptions Task TaskDecoratorOptions",
+        "millpond.exceptions": "ChordError MaxRetriesExceededError MillpondError Reject Retry "
+        "SoftTimeLimitExceeded TaskError TimeLimitExceeded WorkerLostError",
+        "millpond_canvas": "Signature chain chord chunks group signature xmap xstarmap",
+    }.items()
+    for name in names.split()
 }
-
-__all__ = [
-    "AsyncResult",
-    "ChordError",
-    "GroupResult",
-    "MaxRetriesExceededError",
-    "Millpond",
-    "MillpondError",
-    "Reject",
-    "Request",
-    "Retry",
-    "SendOptions",
-    "Signature",
-    "SoftTimeLimitExceeded",
-    "Task",
-    "TaskDecoratorOptions",
-    "TaskError",
-    "TimeLimitExceeded",
-    "WorkerLostError",
-    "__version__",
-    "chain",
-    "chord",
-    "chunks",
-    "group",
-    "signature",
-    "xmap",
-    "xstarmap",
-]
+__all__ = [*_EXPORTS, "__version__"]  # noqa: PLE0604 (all strings: the keys of _EXPORTS)
 
 if TYPE_CHECKING:
     from millpond.exceptions import ChordError as ChordError
-    from millpond.exceptions import (
-        MaxRetriesExceededError as MaxRetriesExceededError,
-    )
-    from millpond.exceptions import (
-        MillpondError as MillpondError,
-    )
-    from millpond.exceptions import (
-        Reject as Reject,
-    )
-    from millpond.exceptions import (
-        Retry as Retry,
-    )
-    from millpond.exceptions import (
-        SoftTimeLimitExceeded as SoftTimeLimitExceeded,
-    )
-    from millpond.exceptions import (
-        TaskError as TaskError,
-    )
-    from millpond.exceptions import (
-        TimeLimitExceeded as TimeLimitExceeded,
-    )
-    from millpond.exceptions import (
-        WorkerLostError as WorkerLostError,
-    )
+    from millpond.exceptions import MaxRetriesExceededError as MaxRetriesExceededError
+    from millpond.exceptions import MillpondError as MillpondError
+    from millpond.exceptions import Reject as Reject
+    from millpond.exceptions import Retry as Retry
+    from millpond.exceptions import SoftTimeLimitExceeded as SoftTimeLimitExceeded
+    from millpond.exceptions import TaskError as TaskError
+    from millpond.exceptions import TimeLimitExceeded as TimeLimitExceeded
+    from millpond.exceptions import WorkerLostError as WorkerLostError
     from millpond.produce.app import Millpond as Millpond
     from millpond.produce.result import AsyncResult as AsyncResult
     from millpond.produce.result import GroupResult as GroupResult

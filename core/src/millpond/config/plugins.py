@@ -23,13 +23,23 @@ import importlib.metadata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import Distribution, EntryPoint, PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
-from millpond.exceptions import PluginLoadError, PluginNotFound
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from stevedore import NamedExtensionManager
 
-if TYPE_CHECKING:
-    from millpond.config.options import Section
+from millpond.config.options import Section
+from millpond.contracts.backend import ResultBackend
+from millpond.contracts.broker import Broker
+from millpond.contracts.canvas import Canvas
+from millpond.contracts.command import Command
+from millpond.contracts.component import WorkerComponent
+from millpond.contracts.hooks import Hooks
+from millpond.contracts.pool import BasePool
+from millpond.exceptions import PluginLoadError, PluginNotFound
 
 POOLS = "millpond.pools"
 BROKERS = "millpond.brokers"
@@ -46,81 +56,49 @@ COMPONENTS = "millpond.components"
 CLIENTS = "millpond.clients"
 #: chains, groups, chords and callbacks (contracts.canvas), under the one name `canvas`
 CANVAS = "millpond.canvas"
-#: every group, in the order `millpond plugins` lists them
-GROUPS = (
-    POOLS,
-    BROKERS,
-    BACKENDS,
-    LIMITERS,
-    HOOKS,
-    SETTINGS,
-    PATCHES,
-    COMMANDS,
-    COMPONENTS,
-    CLIENTS,
-    CANVAS,
-)
-
-#: the first-party package for each well-known name, for "pip install ..." hints
-FIRST_PARTY = {
-    (POOLS, "solo"): "millpond-pool-solo",
-    (POOLS, "threads"): "millpond-pool-threads",
-    (POOLS, "prefork"): "millpond-pool-prefork",
-    (POOLS, "gevent"): "millpond-pool-gevent",
-    (POOLS, "eventlet"): "millpond-pool-eventlet",
-    (POOLS, "asyncio"): "millpond-pool-asyncio",
-    (BROKERS, "redis"): "millpond-broker-redis",
-    (BROKERS, "rediss"): "millpond-broker-redis",
-    (BROKERS, "redis+sentinel"): "millpond-broker-redis",
-    (BROKERS, "redis-cluster"): "millpond-broker-redis",
-    (BROKERS, "rediss-cluster"): "millpond-broker-redis",
-    (BROKERS, "amqp"): "millpond-broker-amqp",
-    (BROKERS, "amqps"): "millpond-broker-amqp",
-    (BROKERS, "pyamqp"): "millpond-broker-amqp",
-    (BROKERS, "postgresql"): "millpond-broker-postgres",
-    (BROKERS, "postgres"): "millpond-broker-postgres",
-    (BROKERS, "memory"): "millpond-broker-embedded",
-    (BROKERS, "sqlite"): "millpond-broker-embedded",
-    (BACKENDS, "memory"): "millpond-broker-embedded",
-    (BACKENDS, "sqlite"): "millpond-broker-embedded",
-    (BACKENDS, "redis"): "millpond-broker-redis",
-    (BACKENDS, "rediss"): "millpond-broker-redis",
-    (BACKENDS, "redis-cluster"): "millpond-broker-redis",
-    (BACKENDS, "rediss-cluster"): "millpond-broker-redis",
-    (BACKENDS, "rpc"): "millpond-broker-amqp",
-    (BACKENDS, "postgresql"): "millpond-broker-postgres",
-    (BACKENDS, "postgres"): "millpond-broker-postgres",
-    (LIMITERS, "redis"): "millpond-broker-redis",
-    (LIMITERS, "rediss"): "millpond-broker-redis",
-    (LIMITERS, "redis+sentinel"): "millpond-broker-redis",
-    (LIMITERS, "redis-cluster"): "millpond-broker-redis",
-    (LIMITERS, "rediss-cluster"): "millpond-broker-redis",
-    (COMMANDS, "beat"): "millpond-beat",
-    (COMMANDS, "inspect"): "millpond-control",
-    (COMMANDS, "control"): "millpond-control",
-    (COMMANDS, "events"): "millpond-control",
-    (COMPONENTS, "control"): "millpond-control",
-    (COMPONENTS, "ratelimit"): "millpond-ratelimit",
-    (CLIENTS, "control"): "millpond-control",
-    (CANVAS, "canvas"): "millpond-canvas",
-}
-#: names people try that no first-party plugin serves, with what to do instead
-UNSUPPORTED: dict[tuple[str, str], str] = {}
-#: each group's word for one of its plugins (in messages), and its title in `millpond plugins`
+#: each group's word for one of its plugins (in messages), and its title in `millpond plugins`,
+#: in the order `millpond plugins` lists them
 NAMES = {
     POOLS: ("pool", "pools"),
     BROKERS: ("broker", "brokers"),
     BACKENDS: ("result backend", "result backends"),
     LIMITERS: ("shared rate limiter", "shared rate limiters"),
-    PATCHES: ("early patch", "early patches"),
     HOOKS: ("hooks", "hooks"),
     SETTINGS: ("settings section", "settings sections"),
+    PATCHES: ("early patch", "early patches"),
     COMMANDS: ("command", "commands"),
     COMPONENTS: ("worker component", "worker components"),
     CLIENTS: ("app client", "app clients"),
     CANVAS: ("canvas", "canvas"),
 }
 KIND = {group: one for group, (one, _title) in NAMES.items()}
+GROUPS = tuple(NAMES)
+
+_POOL_NAMES = "solo threads prefork gevent eventlet asyncio"
+_REDIS = "redis rediss redis+sentinel redis-cluster rediss-cluster"
+#: the first-party package for each well-known name, for "pip install ..." hints
+FIRST_PARTY = {
+    (group, name): package
+    for group, package, names in [
+        *((POOLS, f"millpond-pool-{p}", p) for p in _POOL_NAMES.split()),
+        (BROKERS, "millpond-broker-redis", _REDIS),
+        (BROKERS, "millpond-broker-amqp", "amqp amqps pyamqp"),
+        (BROKERS, "millpond-broker-postgres", "postgresql postgres"),
+        (BROKERS, "millpond-broker-embedded", "memory sqlite"),
+        (BACKENDS, "millpond-broker-embedded", "memory sqlite"),
+        (BACKENDS, "millpond-broker-redis", "redis rediss redis-cluster rediss-cluster"),
+        (BACKENDS, "millpond-broker-amqp", "rpc"),
+        (BACKENDS, "millpond-broker-postgres", "postgresql postgres"),
+        (LIMITERS, "millpond-broker-redis", _REDIS),
+        (COMMANDS, "millpond-beat", "beat"),
+        (COMMANDS, "millpond-control", "inspect control events"),
+        (COMPONENTS, "millpond-control", "control"),
+        (COMPONENTS, "millpond-ratelimit", "ratelimit"),
+        (CLIENTS, "millpond-control", "control"),
+        (CANVAS, "millpond-canvas", "canvas"),
+    ]
+    for name in names.split()
+}
 
 
 # -- what is installed (nothing imported) ----------------------------------------------------------
@@ -128,12 +106,10 @@ KIND = {group: one for group, (one, _title) in NAMES.items()}
 
 def entry_points(group: str) -> list[EntryPoint]:
     """The group's installed entry points, sorted by name, read from stevedore's cache."""
-    from stevedore import NamedExtensionManager
-
-    manager: NamedExtensionManager[Any] = NamedExtensionManager(
+    lister: NamedExtensionManager[Any] = NamedExtensionManager(
         group, names=[], on_missing_entrypoints_callback=None
     )
-    return sorted(manager.list_entry_points(), key=lambda ep: ep.name)
+    return sorted(lister.list_entry_points(), key=lambda ep: ep.name)
 
 
 def installed(group: str) -> list[str]:
@@ -141,62 +117,38 @@ def installed(group: str) -> list[str]:
 
 
 @functools.cache
-def _owners() -> dict[tuple[str, str, str], Distribution]:
-    """(group, name, value) -> the distribution declaring that entry point, for every group."""
-    from importlib.metadata import entry_points as declared
-
-    found: dict[tuple[str, str, str], Distribution] = {}
-    everything = declared()
-    for group in GROUPS:
-        for ep in everything.select(group=group):
-            if ep.dist is not None:
-                found.setdefault((ep.group, ep.name, ep.value), ep.dist)
-    return found
-
-
-@functools.cache
-def _named(package: str) -> Distribution | None:
-    try:
-        return importlib.metadata.distribution(package)
-    except (PackageNotFoundError, ValueError):
-        return None
-
-
-@functools.cache
-def _distribution(group: str, name: str, value: str) -> Distribution | None:
-    named = _named(value.partition(":")[0].partition(".")[0])
-    if named is not None and any(
-        (e.group, e.name, e.value) == (group, name, value) for e in named.entry_points
-    ):
-        return named
-    return _owners().get((group, name, value))
-
-
 def distribution(ep: EntryPoint) -> Distribution | None:
-    """The installed distribution that declares this entry point.
+    """The installed distribution that declares this entry point (stevedore's cache does not say).
 
     Tried first: the distribution named like the entry point's top-level package (how every
-    first-party plugin and the scaffold's are named), kept only if it does declare this entry
-    point. That reads one distribution's metadata, where scanning every installed one to map entry
-    points to distributions costs milliseconds at each worker start; the scan is the fallback.
-    Looked up once per entry point and process.
+    first-party plugin and the scaffold's are named), where scanning every installed one costs
+    milliseconds at each worker start; the scan is the fallback. Once per entry point and process.
     """
-    return _distribution(ep.group, ep.name, ep.value)
+    try:
+        named = importlib.metadata.distribution(ep.value.partition(":")[0].partition(".")[0])
+        if ep in named.entry_points:
+            return named
+    except (PackageNotFoundError, ValueError):
+        pass
+    found = importlib.metadata.entry_points(group=ep.group, name=ep.name, value=ep.value)
+    return next((e.dist for e in found if e.dist is not None), None)
+
+
+def _dist_name(dist: Distribution | None) -> str:
+    return (dist.metadata["Name"] or "?") if dist is not None else "?"
 
 
 def core_range(dist: Distribution | None) -> str:
     """The range of core versions a plugin's distribution declares (`Requires-Dist: millpond
     >=0.1,<0.2`), "" when it declares none (or is the core itself)."""
-    if dist is None or _canonical(dist.metadata["Name"] or "") == "millpond":
+    if dist is None or canonicalize_name(_dist_name(dist)) == "millpond":
         return ""
-    from packaging.requirements import InvalidRequirement, Requirement
-
     for line in dist.requires or []:
         try:
             requirement = Requirement(line)
         except InvalidRequirement:
             continue
-        if _canonical(requirement.name) != "millpond":
+        if canonicalize_name(requirement.name) != "millpond":
             continue
         if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
             continue  # only with an extra
@@ -206,78 +158,39 @@ def core_range(dist: Distribution | None) -> str:
     return ""
 
 
-def _canonical(name: str) -> str:
-    from packaging.utils import canonicalize_name
+def core_version() -> str:
+    try:
+        return version("millpond")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
 
-    return str(canonicalize_name(name))
 
-
-def _check_core_version(ep: EntryPoint, what: str) -> None:
+def _check_core_version(ep: EntryPoint) -> None:
     """Refuse a plugin whose declared range of core versions excludes this core."""
     dist = distribution(ep)
     wanted = core_range(dist)
-    if not wanted or dist is None:
-        return
-    from packaging.specifiers import SpecifierSet
-
     core = core_version()
-    if not SpecifierSet(wanted).contains(core, prereleases=True):
+    if wanted and not SpecifierSet(wanted).contains(core, prereleases=True):
         raise PluginLoadError(
-            f"{what} from {dist.metadata['Name']} {dist.version} needs millpond{wanted}, "
-            f"but millpond {core} is installed; upgrade one of them so they match"
+            f"{KIND.get(ep.group, ep.group)} {ep.name!r} from {_dist_name(dist)} "
+            f"{dist.version if dist else '?'} needs millpond{wanted}, but millpond {core} is "
+            "installed; upgrade one of them so they match"
         )
 
 
 # -- loading ---------------------------------------------------------------------------------------
 
 
-def _find(group: str, name: str) -> EntryPoint:
-    for ep in entry_points(group):
-        if ep.name == name:
-            return ep
-    names = installed(group)
-    have = ", ".join(names) if names else "none"
-    package = FIRST_PARTY.get((group, name))
-    hint = f"; install it with: pip install {package}" if package else ""
-    if (group, name) in UNSUPPORTED:
-        hint = f"; {UNSUPPORTED[(group, name)]}"
-    raise PluginNotFound(
-        f"no {KIND.get(group, group)} named {name!r} is installed (installed: {have}){hint}"
-    )
-
-
 def load(group: str, name: str) -> Any:
-    """The object an installed entry point names, imported through stevedore."""
-    from stevedore import DriverManager
-    from stevedore.exception import MultipleMatches, NoMatches
-
-    kind = KIND.get(group, group)
-    _check_core_version(_find(group, name), f"{kind} {name!r}")
-    try:
-        manager: DriverManager[Any] = DriverManager(
-            namespace=group, name=name, on_load_failure_callback=_raise_load_failure
-        )
-    except NoMatches:
-        raise PluginNotFound(f"no {kind} named {name!r} could be loaded")
-    except MultipleMatches:
-        owners = [distribution(ep) for ep in entry_points(group) if ep.name == name]
-        names = ", ".join(sorted(d.metadata["Name"] for d in owners if d is not None))
-        raise PluginLoadError(
-            f"several installed distributions declare a {kind} named {name!r} ({names}); "
-            "uninstall all but one"
-        ) from None
-    return manager.driver
+    """The object an installed entry point names, imported through stevedore and checked."""
+    return load_all(group, [name])[0][1]
 
 
 def load_all(group: str, names: Sequence[str] | None = None) -> list[tuple[str, Any]]:
-    """(name, object) for every installed extension of a group, or for `names` in that order;
-    a missing name or one that cannot be loaded raises, naming it."""
-    from stevedore import NamedExtensionManager
-    from stevedore.extension import error_on_conflict
-
+    """(name, object) for every installed extension of a group, or for `names` in that order,
+    each checked against its group's contract; a missing name, one that cannot be loaded, one
+    two distributions declare, or one built for another core raises, naming it."""
     wanted = list(names) if names is not None else installed(group)
-    for name in wanted:
-        _check_core_version(_find(group, name), f"{KIND.get(group, group)} {name!r}")
     if not wanted:
         return []
     manager: NamedExtensionManager[Any] = NamedExtensionManager(
@@ -285,25 +198,43 @@ def load_all(group: str, names: Sequence[str] | None = None) -> list[tuple[str, 
         names=wanted,
         name_order=True,
         on_load_failure_callback=_raise_load_failure,
-        on_missing_entrypoints_callback=None,
-        conflict_resolver=error_on_conflict,
+        on_missing_entrypoints_callback=lambda missing: _raise_missing(group, sorted(missing)),
+        conflict_resolver=_raise_conflict,
     )
+    for ext in manager.extensions:
+        _check_core_version(ext.entry_point)
+        _verify(group, ext.name, ext.plugin)
     return [(ext.name, ext.plugin) for ext in manager.extensions]
 
 
+def _raise_missing(group: str, names: list[str]) -> None:
+    have = ", ".join(installed(group)) or "none"
+    package = FIRST_PARTY.get((group, names[0]))
+    hint = f"; install it with: pip install {package}" if package else ""
+    if group == HOOKS:
+        hint = "; fix the hooks setting"
+    shown = ", ".join(repr(n) for n in names)
+    raise PluginNotFound(
+        f"no {KIND.get(group, group)} named {shown} is installed (installed: {have}){hint}"
+    )
+
+
 def _raise_load_failure(_manager: Any, ep: EntryPoint, err: BaseException) -> None:
-    kind = KIND.get(ep.group, "plugin")
+    _check_core_version(ep)  # a plugin for another core: that is why, whatever the import says
     module = getattr(err, "name", None)
     detail = f"{type(err).__name__}: {err}"
     if isinstance(err, ImportError) and module:
         detail = f"{module} is not installed or cannot be imported ({err})"
+    kind = KIND.get(ep.group, "plugin")
     raise PluginLoadError(f"the {kind} plugin {ep.name!r} cannot be loaded: {detail}") from err
 
 
-def pool_class(name: str) -> Any:
-    cls = load(POOLS, name)
-    _verify(POOLS, name, cls)
-    return cls
+def _raise_conflict(group: str, name: str, extensions: list[Any]) -> Any:
+    owners = ", ".join(sorted(_dist_name(distribution(e.entry_point)) for e in extensions))
+    raise PluginLoadError(
+        f"several installed distributions declare a {KIND.get(group, group)} named {name!r} "
+        f"({owners}); uninstall all but one"
+    )
 
 
 def scheme_of(url: str) -> str:
@@ -313,49 +244,33 @@ def scheme_of(url: str) -> str:
     return scheme
 
 
-def broker_for_url(url: str, options: dict[str, Any] | None = None) -> Any:
-    scheme = scheme_of(url)
-    cls = load(BROKERS, scheme)
-    _verify(BROKERS, scheme, cls)
-    return cls(url, options)
+def pool_class(name: str) -> Any:
+    return load(POOLS, name)
 
 
-def backend_for_url(url: str, options: dict[str, Any] | None = None) -> Any:
-    scheme = scheme_of(url)
-    cls = load(BACKENDS, scheme)
-    _verify(BACKENDS, scheme, cls)
-    return cls(url, options)
+def broker_for_url(url: str, options: dict[str, Any] | None = None) -> Broker:
+    broker: Broker = load(BROKERS, scheme_of(url))(url, options)
+    return broker
+
+
+def backend_for_url(url: str, options: dict[str, Any] | None = None) -> ResultBackend:
+    backend: ResultBackend = load(BACKENDS, scheme_of(url))(url, options)
+    return backend
 
 
 def command(name: str) -> Any:
-    """The installed subcommand `name` (a `millpond.contracts.command.Command`), loaded."""
-    found = load(COMMANDS, name)
-    _verify(COMMANDS, name, found)
-    return found
+    """The installed subcommand `name` (a `millpond.contracts.command.Command`)."""
+    return load(COMMANDS, name)
 
 
 def components() -> list[tuple[str, Any]]:
-    """(name, class) of every installed worker component, each checked against the contract."""
-    found = load_all(COMPONENTS)
-    for name, cls in found:
-        _verify(COMPONENTS, name, cls)
-    return found
-
-
-def client(name: str) -> Any:
-    """The factory an app calls for the attribute `name` (`app.control`); checked callable."""
-    found = load(CLIENTS, name)
-    _verify(CLIENTS, name, found)
-    return found
+    """(name, class) of every installed worker component."""
+    return load_all(COMPONENTS)
 
 
 def canvas_class() -> Any:
     """The installed `Canvas` subclass (contracts.canvas), or None when none is installed."""
-    if "canvas" not in installed(CANVAS):
-        return None
-    cls = load(CANVAS, "canvas")
-    _verify(CANVAS, "canvas", cls)
-    return cls
+    return load(CANVAS, "canvas") if "canvas" in installed(CANVAS) else None
 
 
 def has_patch(pool: str) -> bool:
@@ -363,29 +278,11 @@ def has_patch(pool: str) -> bool:
     return pool in installed(PATCHES)
 
 
-def run_patch(pool: str) -> bool:
-    """Run the pool's early monkey-patch, if it declares one; returns whether one ran."""
-    if not has_patch(pool):
-        return False
-    patch = load(PATCHES, pool)
-    _verify(PATCHES, pool, patch)
-    patch()
-    return True
-
-
-_sections: dict[str, Section | None] = {}
-
-
+@functools.cache
 def settings_section(name: str) -> Section | None:
     """The settings section published under `name` (a pool's name, or a URL scheme its broker
     serves), loaded; None when no installed plugin publishes one under that name."""
-    if name not in _sections:
-        found = None
-        if name in installed(SETTINGS):
-            found = load(SETTINGS, name)
-            _verify(SETTINGS, name, found)
-        _sections[name] = found
-    return _sections[name]
+    return load(SETTINGS, name) if name in installed(SETTINGS) else None
 
 
 def installed_sections() -> list[tuple[Section, str]]:
@@ -396,45 +293,36 @@ def installed_sections() -> list[tuple[Section, str]]:
         section = settings_section(ep.name)
         assert section is not None  # it is installed, and _verify checked it has a name
         assert section.name
-        dist = distribution(ep)
-        found.setdefault(section.name, (section, dist.metadata["Name"] if dist else "?"))
+        found.setdefault(section.name, (section, _dist_name(distribution(ep))))
     return [found[name] for name in sorted(found)]
 
 
 def _verify(group: str, name: str, obj: Any) -> None:
     """Refuse an entry point whose object is not what its group promises."""
-    from millpond.config.options import Section
-    from millpond.contracts.backend import ResultBackend
-    from millpond.contracts.broker import Broker
-    from millpond.contracts.canvas import Canvas
-    from millpond.contracts.command import Command
-    from millpond.contracts.component import WorkerComponent
-    from millpond.contracts.pool import BasePool
-
-    expected: dict[str, tuple[type, str]] = {
-        POOLS: (BasePool, "a BasePool subclass"),
-        BROKERS: (Broker, "a Broker subclass"),
-        BACKENDS: (ResultBackend, "a ResultBackend subclass"),
-        COMPONENTS: (WorkerComponent, "a WorkerComponent subclass"),
-        CANVAS: (Canvas, "a Canvas subclass"),
+    classes: dict[str, type] = {
+        POOLS: BasePool,
+        BROKERS: Broker,
+        BACKENDS: ResultBackend,
+        COMPONENTS: WorkerComponent,
+        CANVAS: Canvas,
     }
-    kind = KIND.get(group, group)
-    if group in expected:
-        base, what = expected[group]
-        if not (isinstance(obj, type) and issubclass(obj, base)):
-            raise PluginLoadError(f"the {kind} plugin {name!r} does not name {what}: {obj!r}")
-    elif group == SETTINGS:
-        if not isinstance(obj, Section) or not obj.name:
-            raise PluginLoadError(
-                f"the {SETTINGS} entry point {name!r} does not name a millpond Section with a "
-                f"name: {obj!r}"
-            )
-    elif group == COMMANDS and not isinstance(obj, Command):
-        raise PluginLoadError(
-            f"the {COMMANDS} entry point {name!r} does not name a millpond Command instance: {obj!r}"
+    if group in classes:
+        base = classes[group]
+        ok, what = (
+            isinstance(obj, type) and issubclass(obj, base),
+            f"does not name a {base.__name__} subclass",
         )
-    elif group in (PATCHES, CLIENTS) and not callable(obj):
-        raise PluginLoadError(f"the {kind} {name!r} is not callable: {obj!r}")
+    elif group == SETTINGS:
+        ok, what = (
+            isinstance(obj, Section) and bool(obj.name),
+            "does not name a millpond Section with a name",
+        )
+    elif group == COMMANDS:
+        ok, what = isinstance(obj, Command), "does not name a millpond Command instance"
+    else:
+        ok, what = group not in (PATCHES, CLIENTS) or callable(obj), "is not callable"
+    if not ok:
+        raise PluginLoadError(f"the {KIND.get(group, group)} {name!r} {what}: {obj!r}")
 
 
 # -- `millpond plugins` ----------------------------------------------------------------------------
@@ -455,27 +343,18 @@ class PluginInfo:
 
 def describe_installed(groups: Sequence[str] = GROUPS) -> list[PluginInfo]:
     """Every installed plugin with its distribution, version and core range; imports none."""
-    out: list[PluginInfo] = []
-    for group in groups:
-        for ep in entry_points(group):
-            dist = distribution(ep)
-            out.append(
-                PluginInfo(
-                    group,
-                    ep.name,
-                    ep.value,
-                    (dist.metadata["Name"] or "?") if dist else "?",
-                    dist.version if dist else "?",
-                    core_range(dist),
-                )
-            )
-    return out
+    return [
+        PluginInfo(g, ep.name, ep.value, _dist_name(d), d.version if d else "?", core_range(d))
+        for g in groups
+        for ep in entry_points(g)
+        for d in [distribution(ep)]
+    ]
 
 
 def check(info: PluginInfo) -> str | None:
     """Import one plugin and check it; None when it loads, else why it does not."""
     try:
-        _verify(info.group, info.name, load(info.group, info.name))
+        load(info.group, info.name)
     except (PluginLoadError, PluginNotFound) as exc:
         return str(exc)
     except Exception as exc:
@@ -483,29 +362,12 @@ def check(info: PluginInfo) -> str | None:
     return None
 
 
-def core_version() -> str:
-    try:
-        return version("millpond")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "0+unknown"
-
-
 def load_hooks(names: Sequence[str]) -> list[Any]:
     """Instances of the installed hooks implementations `names` asks for (`*`: every one), in
     name order; a name that is not installed is an error naming what is. Only the hooks asked
     for are imported."""
-    from millpond.contracts.hooks import Hooks
-
-    available = installed(HOOKS)
-    wanted = available if "*" in names else list(names)
-    missing = [n for n in wanted if n not in available]
-    if missing:
-        raise PluginNotFound(
-            f"no hooks plugin named {', '.join(repr(m) for m in missing)} is installed "
-            f"(installed: {', '.join(available) or 'none'}); fix the hooks setting"
-        )
     out = []
-    for name, cls in load_all(HOOKS, wanted):
+    for name, cls in load_all(HOOKS, None if "*" in names else names):
         hook = cls()
         if not isinstance(hook, Hooks):
             raise PluginLoadError(f"the hooks plugin {name!r} is not a millpond Hooks: {hook!r}")

@@ -1,12 +1,5 @@
-"""The application object: the task registry, the settings, and the producer side.
-
-    app = Millpond("shop")
-
-    @app.task
-    def add(x, y):
-        return x + y
-
-    add.delay(2, 3).get(timeout=10)
+"""The application object (`Millpond("shop")`): the task registry, the settings, and the producer
+side, where every task message leaves the process (`publish`).
 
 The broker and the result backend are created lazily on first use, once per process (a forked child
 gets its own), so importing an app module opens no connection and starts no thread.
@@ -47,7 +40,9 @@ from millpond.contracts.hooks import HookChain, Hooks, Publication, publishing_p
 from millpond.exceptions import PublishError
 from millpond.produce.result import AsyncResult, GroupResult
 from millpond.produce.task import (
+    SEND_OPTIONS,
     BoundTaskDecorator,
+    SendOptions,
     Task,
     TaskDecorator,
     TaskDecoratorOptions,
@@ -79,31 +74,29 @@ class PeriodicDeclaration:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _listed(
-    value: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
-) -> list[Mapping[str, Any]] | None:
-    if value is None:
-        return None
-    if isinstance(value, Mapping):
-        return [value]
-    return list(value) or None
+def _epoch(when: datetime | float | None) -> float | None:
+    return when.timestamp() if isinstance(when, datetime) else None if when is None else float(when)
 
 
-def _replying(
-    sigs: Sequence[Mapping[str, Any]] | None, reply_to: str
+def _defaulted(
+    sigs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+    key: str,
+    value: str | Callable[[str], str],
 ) -> list[Mapping[str, Any]] | None:
-    """Signatures with `reply_to` in their options unless they name their own (where Celery's
-    `freeze` puts it), so the worker that sends them later routes their results to this caller."""
-    if not sigs:
-        return None
+    """Signatures with `key` in their options (`value`, or `value` of the task's name) unless they
+    name their own. Callbacks get the queue this producer would send them to, not the worker's
+    own, and, with a backend that replies to the caller, this caller's `reply_to` (where Celery's
+    `freeze` puts it), since the worker that sends them later routes their results by it."""
+    listed = [sigs] if isinstance(sigs, Mapping) else list(sigs or ())
     out: list[Mapping[str, Any]] = []
-    for sig in sigs:
+    for sig in listed:
         options = sig.get("options") or {}
-        if options.get("reply_to"):
+        if options.get(key):
             out.append(sig)
         else:
-            out.append({**sig, "options": {**options, "reply_to": reply_to}})
-    return out
+            given = value if isinstance(value, str) else value(sig["task"])
+            out.append({**sig, "options": {**options, key: given}})
+    return out or None
 
 
 # the methods `Millpond.AsyncResult` and `Millpond.GroupResult` (Celery's names) hide the classes
@@ -116,6 +109,7 @@ DEFAULT_BROKER_URL = "sqlite://"
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,27 +141,23 @@ class Millpond:
         self.tasks: dict[str, Task[..., Any]] = {}
         #: periodic tasks declared in code, by entry name (run by `millpond beat`)
         self.periodic_tasks: dict[str, PeriodicDeclaration] = {}
-        self._code_config: dict[str, Any] = dict(config)
-        if broker_url is not None:
-            self._code_config["broker_url"] = broker_url
-        if result_backend is not None:
-            self._code_config["result_backend"] = result_backend
-        self._settings = settings
+        urls = {"broker_url": broker_url, "result_backend": result_backend}
+        #: the settings given in code (`Millpond(...)` keywords), weighed in by `load_settings`
+        self.code_config: Mapping[str, Any] = {
+            **config,
+            **{key: url for key, url in urls.items() if url is not None},
+        }
         self._lock = threading.RLock()
-        self._broker: Broker | None = None
-        #: `app.control`, made by the installed `millpond.clients` plugin on first use
-        self._control: ControlClient | None = None
-        self._backend: ResultBackend | None = None
-        self._backend_resolved = False
+        #: this process's broker, result backend and `app.control`, by name, made on first use
+        self._conns: dict[str, Any] = {}
+        #: the settings, the hook chain and the canvas, made on first use, kept across a fork
+        self._kept: dict[str, Any] = {} if settings is None else {"settings": settings}
         self._warned: set[Hashable] = set()
-        self._hooks: HookChain | None = None
         #: the publishes `publishing_together` is collecting in this context, if it is
         self._batch: ContextVar[list[_Pending] | None] = ContextVar(
             f"millpond-batch-{id(self)}", default=None
         )
         self._added_hooks: list[Hooks] = []
-        #: chains, groups and chords: the installed `millpond.canvas` plugin, built on first use
-        self._canvas: Canvas | None = None
         self._pid = os.getpid()
         self.origin = f"{os.getpid()}@{socket.gethostname()}"
 
@@ -177,21 +167,13 @@ class Millpond:
     # -- settings --------------------------------------------------------------------------------
     @property
     def settings(self) -> Settings:
-        if self._settings is None:
-            with self._lock:
-                if self._settings is None:
-                    self._settings = load_settings(code=self._code_config)
-        return self._settings
+        return self._lazy("settings", lambda: load_settings(code=self.code_config), kept=True)
 
     def configure(self, settings: Settings) -> None:
         """Use these settings (the worker passes its fully merged ones); drops open connections."""
         with self._lock:
-            self._settings = settings
+            self._kept["settings"] = settings
             self._reset()
-
-    @property
-    def code_config(self) -> Mapping[str, Any]:
-        return self._code_config
 
     # -- registry --------------------------------------------------------------------------------
     # The overloads give the type checker the function's parameters and return type (see
@@ -274,21 +256,16 @@ class Millpond:
         signature's own options. `name` defaults to the call's repr, as Celery names it; a second
         declaration under one name replaces the first.
         """
-        if isinstance(sig, Mapping):
-            task, sig_args = str(sig["task"]), tuple(sig.get("args") or ())
-            sig_kwargs, sig_options = dict(sig.get("kwargs") or {}), dict(sig.get("options") or {})
-        else:
-            task = sig if isinstance(sig, str) else sig.name
-            sig_args, sig_kwargs, sig_options = (), {}, {}
-        final_args = tuple(args) if args is not None else sig_args
-        final_kwargs = dict(kwargs) if kwargs is not None else sig_kwargs
+        if not isinstance(sig, Mapping):
+            sig = {"task": sig if isinstance(sig, str) else sig.name}
+        task = str(sig["task"])
+        args = tuple(sig.get("args") or () if args is None else args)
+        kwargs = dict(sig.get("kwargs") or {} if kwargs is None else kwargs)
         if name is None:
-            shown = [repr(a) for a in final_args]
-            shown += [f"{k}={v!r}" for k, v in final_kwargs.items()]
+            shown = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
             name = f"{task}({', '.join(shown)})"
-        declaration = PeriodicDeclaration(
-            name, schedule, task, final_args, final_kwargs, {**sig_options, **options}
-        )
+        options = {**(sig.get("options") or {}), **options}
+        declaration = PeriodicDeclaration(name, schedule, task, args, kwargs, options)
         self.periodic_tasks[name] = declaration
         return declaration
 
@@ -316,36 +293,40 @@ class Millpond:
     def hooks(self) -> HookChain:
         """Every hooks implementation of this app: the installed ones the `hooks` setting names
         (all, by default), then the ones added with `add_hooks`. Made on first use."""
-        if self._hooks is None:
-            with self._lock:
-                if self._hooks is None:
-                    installed = plugins.load_hooks(self.settings.hooks)
-                    self._hooks = HookChain([*installed, *self._added_hooks])
-        return self._hooks
+        return self._lazy(
+            "hooks",
+            lambda: HookChain([*plugins.load_hooks(self.settings.hooks), *self._added_hooks]),
+            kept=True,
+        )
 
     def add_hooks(self, *hooks: Hooks) -> None:
         """Add hooks implementations of your own (a worker started later calls them too)."""
         with self._lock:
             self._added_hooks.extend(hooks)
-            if self._hooks is not None:
-                self._hooks = self._hooks + hooks
+            if "hooks" in self._kept:
+                self._kept["hooks"] = self._kept["hooks"] + hooks
 
     def use_hooks(self, chain: HookChain) -> None:
         """Replace the hook chain (the worker hands back the one left after start-up)."""
         with self._lock:
-            self._hooks = chain
+            self._kept["hooks"] = chain
 
     # -- connections (per process) ---------------------------------------------------------------
     def _reset(self) -> None:
-        self._control = None
-        self._broker = None
-        self._backend = None
-        self._backend_resolved = False
+        self._conns = {}
         self._pid = os.getpid()
 
-    def _check_pid(self) -> None:
-        if self._pid != os.getpid():  # forked: the parent's connections are not ours
+    def _lazy(self, key: str, make: Callable[[], T], *, kept: bool = False) -> T:
+        """`key`, made once on first use (under the lock: threads may ask at once). A forked
+        child makes its own connections (the parent's are not its) but keeps what is `kept`."""
+        if not kept and self._pid != os.getpid():
             self._reset()
+        made = self._kept if kept else self._conns
+        if key not in made:
+            with self._lock:
+                if key not in made:
+                    made[key] = make()
+        return cast(T, made[key])
 
     @property
     def broker_url(self) -> str:
@@ -353,12 +334,9 @@ class Millpond:
 
     @property
     def broker(self) -> Broker:
-        self._check_pid()
-        if self._broker is None:
-            with self._lock:
-                if self._broker is None:
-                    self._broker = plugins.broker_for_url(self.broker_url, self.broker_options())
-        return self._broker
+        return self._lazy(
+            "broker", lambda: plugins.broker_for_url(self.broker_url, self.broker_options())
+        )
 
     def broker_options(self) -> dict[str, Any]:
         """Options handed to the broker plugin: the validated values of the settings section it
@@ -369,45 +347,34 @@ class Millpond:
 
     @property
     def backend(self) -> ResultBackend | None:
-        self._check_pid()
-        if not self._backend_resolved:
-            with self._lock:
-                if not self._backend_resolved:
-                    url = self.settings.result_backend
-                    if url:
-                        options = {"result_expires": self.settings.result_expires}
-                        backend = plugins.backend_for_url(url, options)
-                        if backend.replies_to_caller:  # rpc://: results travel over the broker
-                            backend.bind_broker(self.broker)
-                        self._backend = backend
-                    else:
-                        self._backend = self.broker.default_backend()
-                    self._backend_resolved = True
-        return self._backend
+        return self._lazy("backend", self._make_backend)
+
+    def _make_backend(self) -> ResultBackend | None:
+        url = self.settings.result_backend
+        if not url:
+            return self.broker.default_backend()
+        backend = plugins.backend_for_url(url, {"result_expires": self.settings.result_expires})
+        if backend.replies_to_caller:  # rpc://: results travel over the broker
+            backend.bind_broker(self.broker)
+        return backend
 
     @property
     def control(self) -> ControlClient:
-        """Remote control, as Celery's `app.control` (docs/control.md): a
-        `millpond_control.client.Control`, made by the `control` entry point of the
-        `millpond.clients` group (the millpond-control package, which millpond depends on), and
-        typed with the core's `ControlClient` protocol it satisfies."""
-        self._check_pid()
-        found = self._control
-        if found is None:
-            found = self._control = plugins.client("control")(self)
-        return found
+        """Remote control, as Celery's `app.control` (docs/control.md): made by the `control`
+        entry point of `millpond.clients` (millpond-control, a dependency of millpond), typed
+        with the core's `ControlClient` protocol."""
+        made: ControlClient = self._lazy(
+            "control", lambda: plugins.load(plugins.CLIENTS, "control")(self)
+        )
+        return made
 
     def close(self) -> None:
-        control = self._control
-        if control is not None:
-            self._control = None
-            control.close()
         with self._lock:
-            if self._broker is not None:
-                self._broker.close()
-            if self._backend is not None:
-                self._backend.close()
+            conns = self._conns
             self._reset()
+        for key in ("control", "broker", "backend"):  # the control client uses the broker
+            if conns.get(key) is not None:
+                conns[key].close()
 
     # -- producing -------------------------------------------------------------------------------
     def send_task(
@@ -415,27 +382,7 @@ class Millpond:
         name: str,
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
-        *,
-        queue: str | None = None,
-        countdown: float | None = None,
-        eta: datetime | float | None = None,
-        expires: datetime | float | None = None,
-        headers: Mapping[str, Any] | None = None,
-        task_id: str | None = None,
-        time_limit: float | None = None,
-        soft_time_limit: float | None = None,
-        ignore_result: bool | None = None,
-        priority: int | None = None,
-        retries: int = 0,
-        link: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-        link_error: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-        chain: Sequence[Mapping[str, Any]] | None = None,
-        chord: Mapping[str, Any] | None = None,
-        group_id: str | None = None,
-        group_index: int | None = None,
-        root_id: str | None = None,
-        parent_id: str | None = None,
-        reply_to: str | None = None,
+        **options: Unpack[SendOptions],
     ) -> AsyncResult[Any]:
         """Send a task by name (it need not be registered here); returns its result handle.
 
@@ -445,68 +392,76 @@ class Millpond:
         or fails (see `millpond_canvas`); `chain`, `chord`, `group_id`, `group_index`,
         `root_id` and `parent_id` are set by the canvas. `reply_to` is where the worker sends the
         result when the backend replies to the caller (rpc://); by default the backend's own
-        reply queue for this process, and `""` asks for no reply.
+        reply queue for this process, and `""` asks for no reply. An unknown option is a type
+        error and, for callers the type checker does not see, a TypeError naming the valid ones.
         """
+        unknown = set(options) - SEND_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {', '.join(sorted(unknown))} sending {name}; "
+                f"valid options: {', '.join(sorted(SEND_OPTIONS))}"
+            )
         now = time.time()
-        eta_ts: float | None = None
-        if countdown is not None:
-            eta_ts = now + float(countdown)
-        elif eta is not None:
-            eta_ts = eta.timestamp() if isinstance(eta, datetime) else float(eta)
-        expires_ts: float | None = None
-        if expires is not None:
-            if isinstance(expires, datetime):
-                expires_ts = expires.timestamp()
-            else:
-                expires_ts = now + float(expires) if float(expires) < 31_536_000 else float(expires)
+        countdown, eta, expires = (
+            options.get("countdown"),
+            options.get("eta"),
+            options.get("expires"),
+        )
+        eta_ts = now + float(countdown) if countdown is not None else _epoch(eta)
+        expires_ts = _epoch(expires)
+        if expires_ts is not None and not isinstance(expires, datetime) and expires_ts < 31_536_000:
+            expires_ts += now  # seconds from now
+        root_id, parent_id = options.get("root_id"), options.get("parent_id")
         parent = current_request()
         if parent is not None:
             root_id = root_id or parent.root_id or parent.id
             parent_id = parent_id or parent.id
-        queue = queue or self.settings.default_queue
+        ignore_result = options.get("ignore_result")
         if ignore_result is None:
             ignore_result = self.settings.ignore_result
-        task_id = task_id or new_id()
-        callbacks = self._routed(_listed(link))
-        errbacks = self._routed(_listed(link_error))
+        task_id = options.get("task_id") or new_id()
+        callbacks = _defaulted(options.get("link"), "queue", self.queue_for)
+        errbacks = _defaulted(options.get("link_error"), "queue", self.queue_for)
+        chain, chord = options.get("chain"), options.get("chord")
+        reply_to = options.get("reply_to")
         if reply_to is None and not ignore_result:
             backend = self.backend
             if backend is not None and backend.replies_to_caller:
                 reply_to = backend.reply_to(task_id)
         if reply_to:  # what the worker sends next for this task replies here too
-            callbacks, errbacks = _replying(callbacks, reply_to), _replying(errbacks, reply_to)
-            chain = _replying(chain, reply_to)
-            chord = (_replying([chord], reply_to) or [chord])[0] if chord else chord
+            callbacks = _defaulted(callbacks, "reply_to", reply_to)
+            errbacks = _defaulted(errbacks, "reply_to", reply_to)
+            chain = _defaulted(chain, "reply_to", reply_to)
+            chord = (_defaulted(chord, "reply_to", reply_to) or [chord])[0] if chord else chord
         message = encode_task(
             name,
             args,
             kwargs,
             task_id=task_id,
-            retries=retries,
+            retries=options.get("retries", 0),
             eta=eta_ts,
             expires=expires_ts,
-            time_limit=time_limit,
-            soft_time_limit=soft_time_limit,
+            time_limit=options.get("time_limit"),
+            soft_time_limit=options.get("soft_time_limit"),
             root_id=root_id,
             parent_id=parent_id,
             origin=self.origin,
             ignore_result=ignore_result,
             sent_at=now,
-            headers=headers,
-            priority=priority,
+            headers=options.get("headers"),
+            priority=options.get("priority"),
             callbacks=callbacks,
             errbacks=errbacks,
             chain=chain,
             chord=chord,
-            group_id=group_id,
-            group_index=group_index,
+            group_id=options.get("group_id"),
+            group_index=options.get("group_index"),
             reply_to=reply_to,
         )
-        task_id = message.headers["id"]
-        self.publish(
-            queue, message, eta=eta_ts if eta_ts and eta_ts > now else None, retries=retries
-        )
-        result: AsyncResult[Any] = AsyncResult(task_id, self)
+        queue = options.get("queue") or self.settings.default_queue
+        eta_ahead = eta_ts if eta_ts and eta_ts > now else None
+        self.publish(queue, message, eta=eta_ahead, retries=options.get("retries", 0))
+        result: AsyncResult[Any] = AsyncResult(message.headers["id"], self)
         if parent is not None:
             parent.children.append(result.as_tuple())
         return result
@@ -535,20 +490,15 @@ class Millpond:
             parent=parent if parent is not None else publishing_parent(),
             eta=eta,
         )
-        hooks = self.hooks
-        tokens = hooks.before_publish(publication)
+        tokens = self.hooks.before_publish(publication)
         if self.settings.signing_key:
             sign(message, self.settings.signing_key)
+        pending = _Pending(publication, tokens, Outbound(queue, message, eta))
         batch = self._batch.get()
         if batch is not None:
-            batch.append(_Pending(publication, tokens, Outbound(queue, message, eta)))
-            return
-        try:
-            self.broker.publish(queue, message, eta=eta)
-        except BaseException as exc:
-            hooks.after_publish(publication, tokens, exc)
-            raise
-        hooks.after_publish(publication, tokens, None)
+            batch.append(pending)
+        else:
+            self._hand_over([pending], lambda: self.broker.publish(queue, message, eta=eta))
 
     @contextmanager
     def publishing_together(self) -> Iterator[None]:
@@ -568,12 +518,15 @@ class Millpond:
         finally:
             self._batch.reset(token)
             if pending:
-                self._publish_pending(pending)
+                self._hand_over(
+                    pending, lambda: self.broker.publish_many([p.outbound for p in pending])
+                )
 
-    def _publish_pending(self, pending: list[_Pending]) -> None:
+    def _hand_over(self, pending: list[_Pending], send: Callable[[], None]) -> None:
+        """`send` the publishes to the broker, then tell the hooks how each went."""
         hooks = self.hooks
         try:
-            self.broker.publish_many([p.outbound for p in pending])
+            send()
         except BaseException as exc:
             # a broker that says which messages it did not take has stored the others: those
             # are reported sent (their tasks will run), only the rest as failed
@@ -609,14 +562,10 @@ class Millpond:
         """The app's canvas (`millpond.contracts.canvas`): the installed `millpond.canvas` plugin
         (millpond-canvas, which millpond depends on), built once; registers Celery's built-in
         canvas tasks in this app."""
-        found = self._canvas
-        if found is None:
-            with self._lock:
-                if self._canvas is None:
-                    cls = plugins.canvas_class()
-                    self._canvas = (cls or Canvas)(self)
-                found = self._canvas
-        return found
+        made: Canvas = self._lazy(
+            "canvas", lambda: (plugins.canvas_class() or Canvas)(self), kept=True
+        )
+        return made
 
     def queue_for(self, name: str) -> str:
         """The queue this app sends a task to when the call names none: the task's own `queue`
@@ -625,23 +574,6 @@ class Millpond:
         if task is not None and task.options.queue:
             return task.options.queue
         return self.settings.default_queue
-
-    def _routed(
-        self, signatures: Sequence[Mapping[str, Any]] | None
-    ) -> Sequence[Mapping[str, Any]] | None:
-        """Callbacks that name no queue get the one this producer would send them to: the worker
-        that sends them later sends them there, not to the worker's own queue."""
-        if not signatures:
-            return None
-        out: list[Mapping[str, Any]] = []
-        for sig in signatures:
-            options = sig.get("options") or {}
-            if options.get("queue"):
-                out.append(sig)
-            else:
-                queue = self.queue_for(sig["task"])
-                out.append({**sig, "options": {**options, "queue": queue}})
-        return out
 
     def warn_once(self, key: Hashable, message: str) -> None:
         """Log `message` as a warning the first time `key` is seen in this process."""

@@ -13,6 +13,7 @@ trip through the serializer (with JSON a tuple comes back a list, a dict's keys 
 from __future__ import annotations
 
 import builtins
+import functools
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from millpond import exceptions
 from millpond.contracts.backend import ResultBackend, ResultMeta
-from millpond.contracts.pool import json_args
 from millpond.exceptions import BackendError, TaskError, TaskRevokedError
 from millpond.exceptions import TimeoutError as MillpondTimeoutError
 from millpond.states import READY_STATES, TaskState
@@ -31,27 +31,17 @@ if TYPE_CHECKING:
 
 R_co = TypeVar("R_co", covariant=True)
 
-_error_classes: dict[tuple[str, str], type[TaskError]] = {}
-
-
 #: millpond's exceptions that Celery has too, and the module Celery's are stored under: a
 #: failure is stored under Celery's name so a Celery client rebuilds its own exception from it,
 #: and rebuilt as millpond's when millpond reads it
 CELERY_MODULES = {
-    "TaskRevokedError": "celery.exceptions",
-    "MaxRetriesExceededError": "celery.exceptions",
-    "Reject": "celery.exceptions",
-    "Retry": "celery.exceptions",
-    "ChordError": "celery.exceptions",
-    "TimeLimitExceeded": "billiard.exceptions",
-    "SoftTimeLimitExceeded": "billiard.exceptions",
-    "WorkerLostError": "billiard.exceptions",
+    name: module
+    for module, names in [
+        ("celery.exceptions", "TaskRevokedError MaxRetriesExceededError Reject Retry ChordError"),
+        ("billiard.exceptions", "TimeLimitExceeded SoftTimeLimitExceeded WorkerLostError"),
+    ]
+    for name in names.split()
 }
-
-
-def exception_info(exc: BaseException) -> dict[str, Any]:
-    """Celery's layout of a failure in the result store."""
-    return error_info(type(exc).__name__, type(exc).__module__, json_args(exc.args))
 
 
 def error_info(exc_type: str, exc_module: str | None, message: list[Any]) -> dict[str, Any]:
@@ -65,11 +55,7 @@ def error_info(exc_type: str, exc_module: str | None, message: list[Any]) -> dic
 
 def stored_error(outcome: Outcome) -> dict[str, Any]:
     """The result-store form of a failed outcome."""
-    return error_info(
-        outcome.exc_type or "TaskError",
-        outcome.exc_module,
-        outcome.stored_args,
-    )
+    return error_info(outcome.exc_type or "TaskError", outcome.exc_module, outcome.stored_args)
 
 
 def rebuild_exception(info: Any) -> BaseException:
@@ -93,12 +79,23 @@ def rebuild_exception(info: Any) -> BaseException:
             return cls(*args)
         except Exception:
             pass
-    key = (module, name)
-    err_cls = _error_classes.get(key)
-    if err_cls is None:
-        err_cls = type(name, (TaskError,), {"exc_type": name, "exc_module": module})
-        _error_classes[key] = err_cls
-    return err_cls(f"{module}.{name}: {message}" if module else message)
+    return _remote_error(module, name)(f"{module}.{name}: {message}" if module else message)
+
+
+@functools.cache
+def _remote_error(module: str, name: str) -> type[TaskError]:
+    """A `TaskError` subclass named after a remote type, one per type and process."""
+    return type(name, (TaskError,), {"exc_type": name, "exc_module": module})
+
+
+def _backend(app: Millpond) -> ResultBackend:
+    backend = app.backend
+    if backend is None:
+        raise BackendError(
+            "no result backend is configured: set result_backend (MILLPOND_RESULT_BACKEND), "
+            "or use a broker that stores results (sqlite, redis)"
+        )
+    return backend
 
 
 class AsyncResult(Generic[R_co]):
@@ -148,15 +145,8 @@ class AsyncResult(Generic[R_co]):
         return hash(self.id)
 
     def _fetch(self) -> ResultMeta | None:
-        if self._meta is not None and self._meta.status in READY_STATES:
-            return self._meta
-        backend = self.app.backend
-        if backend is None:
-            raise BackendError(
-                "no result backend is configured: set result_backend (MILLPOND_RESULT_BACKEND), "
-                "or use a broker that stores results (sqlite, redis)"
-            )
-        self._meta = backend.peek(self.id)
+        if self._meta is None or self._meta.status not in READY_STATES:
+            self._meta = _backend(self.app).peek(self.id)
         return self._meta
 
     @property
@@ -207,10 +197,7 @@ class AsyncResult(Generic[R_co]):
 
         Raises `millpond.exceptions.TimeoutError` when it is not ready within `timeout` seconds.
         """
-        backend = self.app.backend
-        if backend is None:
-            self._fetch()  # raises the clear "no backend" error
-        assert backend is not None
+        backend = _backend(self.app)
         deadline = None if timeout is None else time.monotonic() + timeout
         meta = self._meta if self._meta and self._meta.status in READY_STATES else None
         while meta is None:
@@ -315,15 +302,12 @@ class GroupResult:
 
     def save(self) -> None:
         """Store the group (its id and its tasks' ids) in the result backend."""
-        self._backend().save_group(self.id, self.as_tuple())
+        _backend(self.app).save_group(self.id, self.as_tuple())
 
     @classmethod
     def restore(cls, group_id: str, app: Millpond) -> GroupResult | None:
         """The group saved under `group_id` (by millpond or Celery), or None."""
-        backend = app.backend
-        if backend is None:
-            raise BackendError("no result backend is configured: a group cannot be restored")
-        stored = backend.restore_group(group_id)
+        stored = _backend(app).restore_group(group_id)
         if stored is None:
             return None
         result = result_from_tuple(stored, app)
@@ -332,13 +316,7 @@ class GroupResult:
     def forget(self) -> None:
         for result in self.results:
             result.forget()
-        self._backend().forget_group(self.id)
-
-    def _backend(self) -> ResultBackend:
-        backend = self.app.backend
-        if backend is None:
-            raise BackendError("no result backend is configured: a group cannot be saved")
-        return backend
+        _backend(self.app).forget_group(self.id)
 
 
 ResultNode = AsyncResult[Any] | GroupResult

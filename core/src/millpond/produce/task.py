@@ -151,12 +151,11 @@ class TaskDecoratorOptions(TypedDict, total=False):
 
 
 class SendOptions(TypedDict, total=False):
-    """The keyword options of `apply_async` (and of `Millpond.send_task`).
+    """The keyword options of `apply_async` and `Millpond.send_task`.
 
     A TypedDict rather than keyword parameters so that an option left out stays out: a task's own
     default (its queue, time limits, expiry, priority) applies only to what the caller did not
-    pass, and an explicit `None` still overrides it, as it always has. mypy checks that every key
-    is a keyword `send_task` accepts with a compatible type (`apply_async` passes them on).
+    pass, and an explicit `None` still overrides it (but for `expires`), as it always has.
     """
 
     queue: str | None
@@ -187,13 +186,6 @@ TASK_OPTIONS = frozenset(TaskOptions.__dataclass_fields__) - {"extra"}
 SEND_OPTIONS = frozenset(SendOptions.__annotations__)
 
 
-def _check_number(name: str, value: Any, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise TypeError(f"task option {name!r} must be a non-negative number, got {value!r}")
-
-
 def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOptions:
     unknown = set(options) - TASK_OPTIONS
     if unknown:
@@ -204,7 +196,10 @@ def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOpti
     opts = dict(options)
     opts.setdefault("name", f"{fn.__module__}.{fn.__qualname__}")
     for key in ("time_limit", "soft_time_limit", "expires", "default_retry_delay"):
-        _check_number(key, opts.get(key))
+        value = opts.get(key)
+        bad = isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+        if value is not None and bad:
+            raise TypeError(f"task option {key!r} must be a non-negative number, got {value!r}")
     autoretry = opts.get("autoretry_for", ())
     if isinstance(autoretry, type):
         autoretry = (autoretry,)
@@ -302,26 +297,21 @@ class Task(Generic[P, R_co]):
         kwargs: Mapping[str, Any] | None = None,
         **options: Unpack[SendOptions],
     ) -> AsyncResult[Any]:
-        """Send the task with the options of `SendOptions` (queue, countdown, eta, expires,
-        headers, task_id, time_limit, soft_time_limit, ignore_result, priority, retries).
-
-        An unknown option is a type error and, for callers the type checker does not see (a
-        `**dict`, untyped code), a TypeError here that lists the valid ones."""
-        unknown = set(options) - SEND_OPTIONS
-        if unknown:
-            raise TypeError(
-                f"unknown option(s) {', '.join(sorted(unknown))} for {self.name}.apply_async; "
-                f"valid options: {', '.join(sorted(SEND_OPTIONS))}"
-            )
+        """Send the task with the options of `SendOptions`; the task's own queue, time limits,
+        ignore_result, priority and expiry apply to what the call leaves out (`send_task` refuses
+        unknown options)."""
         opts = self.options
-        options.setdefault("queue", opts.queue)
-        options.setdefault("time_limit", opts.time_limit)
-        options.setdefault("soft_time_limit", opts.soft_time_limit)
-        options.setdefault("ignore_result", opts.ignore_result)
-        options.setdefault("priority", opts.priority)
-        if options.get("expires") is None and opts.expires is not None:
-            options["expires"] = opts.expires
-        return self.app.send_task(self.name, args or (), kwargs or {}, **options)
+        sent: SendOptions = {
+            "queue": opts.queue,
+            "time_limit": opts.time_limit,
+            "soft_time_limit": opts.soft_time_limit,
+            "ignore_result": opts.ignore_result,
+            "priority": opts.priority,
+            **options,
+        }
+        if sent.get("expires") is None and opts.expires is not None:
+            sent["expires"] = opts.expires
+        return self.app.send_task(self.name, args or (), kwargs or {}, **sent)
 
     # -- canvas ----------------------------------------------------------------------------------
     # Signatures are built here and sent later, often with a result prepended to their arguments
