@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -305,6 +305,16 @@ class Millpond:
             self._added_hooks.extend(hooks)
             if "hooks" in self._kept:
                 self._kept["hooks"] = self._kept["hooks"] + hooks
+
+    def adopt_hooks(self, installed: Iterable[Hooks]) -> None:
+        """Use hooks already made from the `hooks` setting, before the ones added with `add_hooks`.
+
+        `millpond worker` makes the installed hooks before it imports the app (their
+        `process_starting` sets up tracing the app module may build on); adopting them keeps one
+        object per hook for the life of the process instead of a second set made on first use.
+        """
+        with self._lock:
+            self._kept["hooks"] = HookChain([*installed, *self._added_hooks])
 
     def use_hooks(self, chain: HookChain) -> None:
         """Replace the hook chain (the worker hands back the one left after start-up)."""

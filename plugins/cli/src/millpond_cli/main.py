@@ -198,11 +198,14 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format, stdlib=False)
     # before the app is imported: the tracing hooks install a provider from OTEL_* here, so the
     # app module can add span processors to it; with no OTEL_* set the app may install its own
-    HookChain(plugins.load_hooks(settings.hooks)).lifecycle("process_starting", "millpond-worker")
+    chosen, installed = settings.hooks, plugins.load_hooks(settings.hooks)
+    HookChain(installed).lifecycle("process_starting", "millpond-worker")
     app = load_app(settings.app)
     if app.code_config:
         # the app's own settings rank between the file and the environment
         settings = reader.settings(app.code_config)
+    if settings.hooks == chosen:  # the app's own settings did not choose other hooks
+        app.adopt_hooks(installed)
     logs.configure(settings.log_level, settings.log_format, stdlib=settings.log_stdlib)
     _check_early_patch(settings, ns.patched)
     log = logs.get_logger("millpond.worker")
