@@ -530,7 +530,7 @@ class Worker:
             )
         else:
             return False
-        outcome = Outcome.error(TaskState.REVOKED, "TaskRevokedError", why)
+        outcome = Outcome.revoked(why)
         self.hooks.finished(job, outcome)
         self.settler.finish(job, outcome)
         return True
