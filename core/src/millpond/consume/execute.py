@@ -40,14 +40,9 @@ class Executor:
         # Celery's canvas sends, which every execution unit and the receiver must know
         self.canvas = app.canvas
         self.tasks = app.tasks
-        self.hooks = hooks if hooks is not None else app.hooks
-
-    # -- the pool template's hooks (worker process) ---------------------------------------------
-    def job_started(self, job: Job) -> None:
-        self.hooks.started(job)
-
-    def job_finished(self, job: Job, outcome: Outcome) -> None:
-        self.hooks.finished(job, outcome)
+        self.hooks = hooks = hooks if hooks is not None else app.hooks
+        #: the pool template's hooks (worker process): the chain's own, no call in between
+        self.job_started, self.job_finished = hooks.started, hooks.finished
 
     def process_started(self) -> None:
         self.hooks.lifecycle("process_started")

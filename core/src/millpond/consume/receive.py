@@ -36,14 +36,6 @@ log = structlog.get_logger("millpond.worker")
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
-def _canvas(embed: dict[str, Any]) -> dict[str, Any] | None:
-    """The embed's canvas fields that are set, or None for a plain task (the usual case)."""
-    if not embed:
-        return None
-    set_fields = {k: v for k, v in embed.items() if v}
-    return set_fields or None
-
-
 class Receiver:
     """Decodes and validates deliveries for one worker."""
 
@@ -215,7 +207,7 @@ class Receiver:
             expires=msg.expires,
             delivery_count=delivery.delivery_count,
             sent_at=msg.sent_at,
-            embed=_canvas(msg.embed),
+            embed={k: v for k, v in msg.embed.items() if v} or None,  # None: a plain task
             group_id=msg.group,
             group_index=msg.group_index,
             reply_to=msg.reply_to,
