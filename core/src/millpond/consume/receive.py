@@ -207,7 +207,8 @@ class Receiver:
             expires=msg.expires,
             delivery_count=delivery.delivery_count,
             sent_at=msg.sent_at,
-            embed={k: v for k, v in msg.embed.items() if v} or None,  # None: a plain task
+            # the canvas fields that are set; None for a plain task (the usual case, no loop)
+            embed=({k: v for k, v in msg.embed.items() if v} or None) if msg.embed else None,
             group_id=msg.group,
             group_index=msg.group_index,
             reply_to=msg.reply_to,
