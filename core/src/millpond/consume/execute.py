@@ -1,15 +1,14 @@
-"""What happens around a task body, whatever pool runs it: the `Execution` every pool is handed.
+"""Execute: what happens around a task body, whatever pool runs it (the `Execution` every pool is
+handed).
 
 `Executor.run` is the only thing an execution unit calls. It runs the task in a brand-new
 `contextvars.Context`, so nothing of task N (trace context, log context, request) can leak into task
 N+1 on a reused thread, and a greenlet's empty context gets exactly what the task needs. Inside it
 sets the request, calls the `enter_task` hooks (tracing makes the job's span current, log context
 binds the task's ids), calls the function, turns whatever happened into an `Outcome`, and calls the
-`exit_task` hooks. It never raises.
-
-`Executor.run_async` is the same for an event loop (the asyncio pool): the task's coroutine runs in
-its own asyncio task created with a fresh context, and is awaited instead of called. Both share every
-step but the call itself, so a sync and an async task get identical retries, rejections and hooks.
+`exit_task` hooks. It never raises. `Executor.run_async` is the same on an event loop (the asyncio
+pool): the coroutine is awaited in its own asyncio task, so sync and async tasks get identical
+retries, rejections and hooks.
 
 The executor is bound to one app (its task registry) and one hook chain, and handed to the pool
 when the worker creates it: a forked child inherits both; nothing is looked up in a module global.
@@ -21,7 +20,6 @@ import asyncio
 import contextvars
 import inspect
 import time
-import traceback
 from typing import TYPE_CHECKING, Any
 
 from millpond.contracts.hooks import HookChain
@@ -34,28 +32,17 @@ if TYPE_CHECKING:
     from millpond.produce.app import Millpond
 
 
-def is_async_task(task: Task[..., Any]) -> bool:
-    """Whether the task's function is `async def` (calling it returns a coroutine, not a result)."""
-    return inspect.iscoroutinefunction(task.fn)
-
-
 class Executor:
     """Runs the jobs of one app in whatever execution unit calls it (see the module docstring)."""
 
     def __init__(self, app: Millpond, hooks: HookChain | None = None) -> None:
-        self.app = app
         # built here, before the pool starts (and forks): it registers the built-in tasks
         # Celery's canvas sends, which every execution unit and the receiver must know
         self.canvas = app.canvas
         self.tasks = app.tasks
-        self.hooks = hooks if hooks is not None else app.hooks
-
-    # -- the pool template's hooks (worker process) ---------------------------------------------
-    def job_started(self, job: Job) -> None:
-        self.hooks.started(job)
-
-    def job_finished(self, job: Job, outcome: Outcome) -> None:
-        self.hooks.finished(job, outcome)
+        self.hooks = hooks = hooks if hooks is not None else app.hooks
+        #: the pool template's hooks (worker process): the chain's own, no call in between
+        self.job_started, self.job_finished = hooks.started, hooks.finished
 
     def process_started(self) -> None:
         self.hooks.lifecycle("process_started")
@@ -66,7 +53,7 @@ class Executor:
     # -- running ----------------------------------------------------------------------------------
     def is_async(self, job: Job) -> bool:
         task = self.tasks.get(job.task_name)
-        return task is not None and is_async_task(task)
+        return task is not None and inspect.iscoroutinefunction(task.fn)
 
     def run(self, job: Job) -> Outcome:
         return contextvars.Context().run(self._run, job)
@@ -83,149 +70,129 @@ class Executor:
         loop = asyncio.get_running_loop()
         return await loop.create_task(self._run_async(job, guard), context=contextvars.Context())
 
-    def _begin(self, job: Job, started: float) -> tuple[Task[..., Any], Request] | Outcome:
-        """Set the request and find the task (or the failure to report)."""
+    def _run(self, job: Job) -> Outcome:
+        started = time.perf_counter()
         task = self.tasks.get(job.task_name)
         if task is None:
-            return _failure(
-                UnknownTask(f"task {job.task_name!r} is not registered in this worker"), started
-            )
-        request = Request(
-            id=job.task_id,
-            task=job.task_name,
-            args=job.args,
-            kwargs=job.kwargs,
-            retries=job.retries,
-            queue=job.queue,
-            root_id=job.root_id,
-            parent_id=job.parent_id,
-            origin=job.origin,
-            time_limit=job.time_limit,
-            soft_time_limit=job.soft_time_limit,
-            delivery_count=job.delivery_count,
-            group=job.group_id,
-            group_index=job.group_index,
-            embed=job.embed or {},
-        )
-        _current_request.set(request)
-        return task, request
+            return _unknown(job, started)
+        if inspect.iscoroutinefunction(task.fn):
+            return _async_in_sync_pool(job, started)
+        request = _begin(job)
+        tokens = self.hooks.enter_task(job)
+        try:
+            result: Any = task(*job.args, **job.kwargs)
+            if inspect.iscoroutine(result):  # a plain def that returned a coroutine
+                result.close()
+                outcome = _async_in_sync_pool(job, started)
+            else:
+                outcome = Outcome(TaskState.SUCCESS, result, runtime=time.perf_counter() - started)
+        except (Exception, SystemExit) as exc:
+            outcome = _outcome_of(job, task, exc, started)
+        return self._end(job, request, tokens, outcome)
 
-    def _finish(self, job: Job, request: Request, outcome: Outcome) -> Outcome:
-        """The children the task sent; errbacks that are called in place on a failure."""
+    async def _run_async(self, job: Job, guard: Guard | None) -> Outcome:
+        started = time.perf_counter()
+        task = self.tasks.get(job.task_name)
+        if task is None:
+            return _unknown(job, started)
+        request = _begin(job)
+        tokens = self.hooks.enter_task(job)
+        try:
+            result: Any = task(*job.args, **job.kwargs)
+            if inspect.iscoroutine(result):
+                result = await (guard(result) if guard is not None else result)
+            outcome = Outcome(TaskState.SUCCESS, result, runtime=time.perf_counter() - started)
+        except (Exception, SystemExit) as exc:
+            outcome = _outcome_of(job, task, exc, started)
+        return self._end(job, request, tokens, outcome)
+
+    def _end(self, job: Job, request: Request, tokens: Any, outcome: Outcome) -> Outcome:
+        """The `exit_task` hooks; the children the task sent; errbacks called in place."""
+        self.hooks.exit_task(job, tokens, outcome)
         outcome.children = request.children
         if outcome.state == TaskState.FAILURE and request.errbacks:
             self.canvas.inline_errbacks(request, outcome)
         return outcome
 
-    def _run(self, job: Job) -> Outcome:
-        started = time.perf_counter()
-        begun = self._begin(job, started)
-        if isinstance(begun, Outcome):
-            return begun
-        task, request = begun
-        if is_async_task(task):
-            return _async_in_sync_pool(job, started)
-        hooks = self.hooks
-        tokens = hooks.enter_task(job)
-        try:
-            result: Any = task(*job.args, **job.kwargs)
-        except (Exception, SystemExit) as exc:
-            outcome = _outcome_of(job, task, exc, started)
-        else:
-            if inspect.iscoroutine(result):  # a plain def that returned a coroutine
-                result.close()
-                outcome = _async_in_sync_pool(job, started)
-            else:
-                outcome = Outcome(
-                    state=TaskState.SUCCESS, result=result, runtime=time.perf_counter() - started
-                )
-        hooks.exit_task(job, tokens, outcome)
-        return self._finish(job, request, outcome)
 
-    async def _run_async(self, job: Job, guard: Guard | None) -> Outcome:
-        started = time.perf_counter()
-        begun = self._begin(job, started)
-        if isinstance(begun, Outcome):
-            return begun
-        task, request = begun
-        hooks = self.hooks
-        tokens = hooks.enter_task(job)
-        try:
-            result: Any = task(*job.args, **job.kwargs)
-            if inspect.iscoroutine(result):
-                result = await (guard(result) if guard is not None else result)
-        except (Exception, SystemExit) as exc:
-            outcome = _outcome_of(job, task, exc, started)
-        else:
-            outcome = Outcome(
-                state=TaskState.SUCCESS, result=result, runtime=time.perf_counter() - started
-            )
-        hooks.exit_task(job, tokens, outcome)
-        return self._finish(job, request, outcome)
+def _begin(job: Job) -> Request:
+    """The task's `self.request`, set in the fresh context."""
+    request = Request(
+        id=job.task_id,
+        task=job.task_name,
+        args=job.args,
+        kwargs=job.kwargs,
+        retries=job.retries,
+        queue=job.queue,
+        root_id=job.root_id,
+        parent_id=job.parent_id,
+        origin=job.origin,
+        time_limit=job.time_limit,
+        soft_time_limit=job.soft_time_limit,
+        delivery_count=job.delivery_count,
+        group=job.group_id,
+        group_index=job.group_index,
+        embed=job.embed or {},
+    )
+    _current_request.set(request)
+    return request
 
 
-def _failure(exc: BaseException, started: float, tb: str | None = None) -> Outcome:
-    return Outcome(
-        state=TaskState.FAILURE,
-        exc_type=type(exc).__name__,
-        exc_module=type(exc).__module__,
-        exc_message=str(exc),
-        exc_args=json_args(exc.args),
-        traceback=tb if tb is not None else "".join(traceback.format_exception(exc)),
-        runtime=time.perf_counter() - started,
+def _failure(exc: BaseException, started: float) -> Outcome:
+    return Outcome.from_exception(exc, runtime=time.perf_counter() - started)
+
+
+def _unknown(job: Job, started: float) -> Outcome:
+    return _failure(
+        UnknownTask(f"task {job.task_name!r} is not registered in this worker"), started
     )
 
 
 def _async_in_sync_pool(job: Job, started: float) -> Outcome:
-    return _failure(
+    outcome = _failure(
         TypeError(
             f"task {job.task_name} is async def: run it with the asyncio pool "
             "(pip install millpond-pool-asyncio, then --pool asyncio), or make it a plain def"
         ),
         started,
-        tb="",
     )
+    outcome.traceback = ""
+    return outcome
 
 
 def _outcome_of(job: Job, task: Task[..., Any], exc: BaseException, started: float) -> Outcome:
     """What an exception out of the task body means: a retry, a rejection, or a failure."""
-    if isinstance(exc, Retry):
-        return _retry_outcome(job, task, exc, started)
-    if isinstance(exc, Reject):
-        return Outcome(
-            state=TaskState.REJECTED,
-            exc_type="Reject",
-            exc_module="millpond.exceptions",
-            exc_message=exc.reason,
-            requeue=exc.requeue,
-            runtime=time.perf_counter() - started,
-        )
     autoretry = task.options.autoretry_for
-    if autoretry and isinstance(exc, Exception) and isinstance(exc, autoretry):
-        countdown = task.backoff(job.retries)
-        return _retry_outcome(job, task, Retry(exc=exc, countdown=countdown), started)
-    # anything else fails the task; a task calling sys.exit() fails too, it does not stop the worker
-    return _failure(exc, started)
-
-
-def _retry_outcome(job: Job, task: Task[..., Any], req: Retry, started: float) -> Outcome:
-    limit = req.max_retries if req.max_retries is not None else task.options.max_retries
-    if limit is not None and job.retries >= limit:
-        exc = req.exc or MaxRetriesExceededError(
-            f"task {job.task_name}[{job.task_id}] retried {job.retries} times, its limit"
-        )
+    retried = isinstance(exc, Exception) and not isinstance(exc, Retry | Reject)
+    if autoretry and retried and isinstance(exc, autoretry):
+        exc = Retry(exc=exc, countdown=task.backoff(job.retries))
+    if isinstance(exc, Reject):
+        outcome = Outcome.error(TaskState.REJECTED, Reject, exc.reason, requeue=exc.requeue)
+    elif not isinstance(exc, Retry):
+        # anything else fails the task; a task calling sys.exit() fails too, not the worker
         return _failure(exc, started)
-    countdown = req.countdown
-    if countdown is None and req.eta is None:
-        countdown = task.options.default_retry_delay
-    reason = req.exc
-    return Outcome(
-        state=TaskState.RETRY,
-        exc_type=type(reason).__name__ if reason else "Retry",
-        exc_module=type(reason).__module__ if reason else "millpond.exceptions",
-        exc_message=str(reason) if reason else str(req),
-        exc_args=json_args(reason.args) if reason else None,
-        countdown=countdown,
-        eta=req.eta,
-        runtime=time.perf_counter() - started,
-    )
+    else:
+        limit = exc.max_retries if exc.max_retries is not None else task.options.max_retries
+        if limit is not None and job.retries >= limit:
+            return _failure(
+                exc.exc
+                or MaxRetriesExceededError(
+                    f"task {job.task_name}[{job.task_id}] retried {job.retries} times, its limit"
+                ),
+                started,
+            )
+        countdown = exc.countdown
+        if countdown is None and exc.eta is None:
+            countdown = task.options.default_retry_delay
+        reason = exc.exc
+        outcome = Outcome(
+            state=TaskState.RETRY,
+            exc_type=type(reason).__name__ if reason else "Retry",
+            exc_module=type(reason).__module__ if reason else "millpond.exceptions",
+            exc_message=str(reason) if reason else str(exc),
+            exc_args=json_args(reason.args) if reason else None,
+            countdown=countdown,
+            eta=exc.eta,
+        )
+    outcome.runtime = time.perf_counter() - started
+    return outcome

@@ -18,30 +18,22 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from millpond.consume.settle import Acks, redelivered
 from millpond.contracts.backend import ResultMeta
 from millpond.contracts.broker import Delivery
 from millpond.contracts.pool import Capabilities, Job
 from millpond.exceptions import MalformedMessage, MessageError, UnknownTask
 from millpond.states import READY_STATES
-from millpond.wire.protocol import REJOIN, TaskMessage, decode_task
+from millpond.wire.protocol import TaskMessage, decode_task
 from millpond.wire.signing import verify
 
 if TYPE_CHECKING:
     from millpond.config.settings import Settings
-    from millpond.consume.settle import Acks
     from millpond.produce.app import Millpond
     from millpond.produce.task import Task
 
 log = structlog.get_logger("millpond.worker")
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-
-
-def _canvas(embed: dict[str, Any]) -> dict[str, Any] | None:
-    """The embed's canvas fields that are set, or None for a plain task (the usual case)."""
-    if not embed:
-        return None
-    set_fields = {k: v for k, v in embed.items() if v}
-    return set_fields or None
 
 
 class Receiver:
@@ -78,11 +70,11 @@ class Receiver:
         self._warned: set[tuple[str, str]] = set()
 
     def receive(self, delivery: Delivery) -> Job | None:
-        """The job to run (the worker answers one that expired already without running it), or
-        None when the delivery was settled here (dead-lettered, or handed back to wait for its
-        eta). Never raises."""
-        self.acks.received()
-        settings = self.settings
+        """The job to run (the worker answers one that is revoked or expired without running
+        it), or None when the delivery was settled here (dead-lettered, acknowledged as already
+        done, or handed back to wait for its eta). Never raises."""
+        acks, settings = self.acks, self.settings
+        acks.held += 1
         try:
             if settings.signing_key:
                 verify(delivery.message, settings.signing_key)
@@ -97,28 +89,22 @@ class Receiver:
                     "deploy a worker that has it, then replay the dead letters"
                 )
             self._check_arguments(task, msg)
-        except MessageError as exc:
-            self.acks.dead_letter(
-                delivery,
-                str(exc),
-                task_id=delivery.message.task_id,
-                task_name=delivery.message.task_name,
-            )
-            return None
         except Exception as exc:
-            # A decoder bug must not take the worker down: the message would come back and take
-            # down every worker after it, before the redelivery cap is even checked.
-            log.exception("unexpected error while decoding a message", queue=delivery.queue)
-            self.acks.dead_letter(
-                delivery,
-                f"the message could not be decoded ({type(exc).__name__}: {str(exc)[:200]}); "
-                "this is a bug in millpond, please report it with the dead letter",
-                task_id=delivery.message.task_id,
-                task_name=delivery.message.task_name,
-            )
+            reason = str(exc)
+            if not isinstance(exc, MessageError):
+                # A decoder bug must not take the worker down: the message would come back and
+                # take down every worker after it, before the redelivery cap is even checked.
+                log.exception("unexpected error while decoding a message", queue=delivery.queue)
+                reason = (
+                    f"the message could not be decoded ({type(exc).__name__}: {reason[:200]}); "
+                    "this is a bug in millpond, please report it with the dead letter"
+                )
+            message = delivery.message
+            acks.dead_letter(delivery, reason, task_id=message.task_id, task_name=message.task_name)
             return None
+        job = self._make_job(task, msg, delivery)
         if delivery.delivery_count > settings.max_deliveries:
-            self.acks.dead_letter(
+            acks.dead_letter(
                 delivery,
                 f"delivered {delivery.delivery_count} times, over max_deliveries="
                 f"{settings.max_deliveries}: the task keeps being lost (it may kill its worker)",
@@ -126,31 +112,36 @@ class Receiver:
                 task_name=msg.task,
             )
             return None
-        if delivery.redelivered or delivery.delivery_count > 1 or REJOIN in msg.headers:
+        if redelivered(job):
             finished = self._finished(msg)
             if finished is not None:
                 if self.rejoin is not None and msg.embed.get("chord"):
                     # the worker may have died between storing the result and returning the
                     # chord's part: return it again (a part counts once)
-                    self.rejoin(self._make_job(task, msg, delivery), finished)
-                self.acks.ack_later([delivery])
+                    self.rejoin(job, finished)
+                acks.ack_later([delivery])
                 return None
         now = time.time()
         if self.revoked is not None and self.revoked(msg.id, msg.headers) is not None:
-            return self._make_job(task, msg, delivery)  # answered REVOKED by the worker
+            return job  # answered REVOKED by the worker
         if msg.eta is not None and msg.eta > now + 0.05:
             self._hand_back(delivery, msg)
             return None
-        job = self._make_job(task, msg, delivery)
         if msg.expires is not None and now > msg.expires:
             return job  # answered REVOKED by the worker; acked with it
-        acks_late = task.options.acks_late
-        if not (acks_late if acks_late is not None else settings.acks_late) and not (
-            self.defer_early_ack is not None and self.defer_early_ack(task.name)
-        ):
-            self.acks.ack_now([delivery])  # at-most-once: acknowledged before it runs
+        if self.acks_early(task, receiving=True):
+            acks.ack_now([delivery])  # at-most-once: acknowledged before it runs
             job.delivery = None
         return job
+
+    def acks_early(self, task: Task[..., Any] | None, *, receiving: bool = False) -> bool:
+        """Whether the task's message is acknowledged before it runs (acks_late off): as it is
+        received, unless a component may hold it back (a rate limit), else as it starts."""
+        late = task.options.acks_late if task is not None else None
+        if late if late is not None else self.settings.acks_late:
+            return False
+        hold = self.defer_early_ack
+        return not (receiving and hold is not None and task is not None and hold(task.name))
 
     def _finished(self, msg: TaskMessage) -> ResultMeta | None:
         """The final result of a redelivered message's task, if one is stored: it ran to the end
@@ -216,7 +207,8 @@ class Receiver:
             expires=msg.expires,
             delivery_count=delivery.delivery_count,
             sent_at=msg.sent_at,
-            embed=_canvas(msg.embed),
+            # the canvas fields that are set; None for a plain task (the usual case, no loop)
+            embed=({k: v for k, v in msg.embed.items() if v} or None) if msg.embed else None,
             group_id=msg.group,
             group_index=msg.group_index,
             reply_to=msg.reply_to,

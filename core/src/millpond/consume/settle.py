@@ -1,5 +1,5 @@
-"""The last step of a task's trip through the worker: store its outcome, publish its retry, and
-settle its message (ack, requeue, or dead-letter).
+"""Settle: the last step of a task's trip through the worker. Store its outcome, publish its
+retry, send its canvas's next steps, and settle its message (ack, requeue, or dead-letter).
 
 `Acks` is the ledger of what the worker holds unacknowledged, and the only writer of acks and
 rejections: the consumer loop owns the broker connection, so everything here runs in its thread.
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("millpond.worker")
 
 
-def _redelivered(job: Job) -> bool:
+def redelivered(job: Job) -> bool:
+    """Whether the job's message came before (its task may have run, or returned its part)."""
     delivery = job.delivery
     return bool(
         job.delivery_count > 1
@@ -48,56 +49,47 @@ def _redelivered(job: Job) -> bool:
 
 
 class Acks:
-    """The deliveries this worker holds unacknowledged, and the acks waiting for the next flush."""
+    """The deliveries this worker holds unacknowledged, and the acks waiting for the next flush.
 
-    def __init__(self, consumer: Consumer) -> None:
-        self.consumer = consumer
+    A broker call that fails is logged and retried by the broker itself: what it never saw
+    acknowledged is redelivered (at least once)."""
+
+    #: the consumer loop's one consumer (set again when it reopens one on other queues)
+    consumer: Consumer
+
+    def __init__(self, consumer: Consumer | None = None) -> None:
+        if consumer is not None:
+            self.consumer = consumer
         #: deliveries held: buffered, running, or finished with their ack pending
         self.held = 0
+        #: how long the loop waits after a broker call failed (doubles to 5 s, reset on success)
+        self.backoff = 0.1
         self._pending: list[Delivery] = []
-        self._backoff = 0.1
-
-    def received(self) -> None:
-        self.held += 1
 
     def ack_now(self, deliveries: Sequence[Delivery]) -> None:
         self.held -= len(deliveries)
-        try:
-            self.consumer.ack(deliveries)
-        except Exception as exc:  # the broker redelivers what it never saw acknowledged
-            self.trouble("ack", exc)
+        self._call("ack", self.consumer.ack, deliveries)
 
     def ack_later(self, deliveries: Sequence[Delivery]) -> None:
         self.held -= len(deliveries)
         self._pending.extend(deliveries)
 
     def flush(self) -> None:
-        pending = self._pending
-        if not pending:
-            return
-        self._pending = []
-        try:
-            self.consumer.ack(pending)
-        except Exception as exc:  # the broker redelivers what it never saw acknowledged
-            self.trouble("ack", exc)
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._call("ack", self.consumer.ack, pending)
 
     def reject(self, delivery: Delivery, *, requeue: bool, reason: str) -> None:
         """Requeue or dead-letter a delivery (counted as no longer held)."""
         self.held -= 1
-        try:
-            self.consumer.reject(delivery, requeue=requeue, reason=reason)
-        except Exception as exc:
-            self.trouble("reject", exc)
+        self._call("reject", self.consumer.reject, delivery, requeue=requeue, reason=reason)
 
     def release(self, deliveries: Sequence[Delivery]) -> int:
-        """Give unstarted deliveries back to the broker at once (warm shutdown); how many went."""
-        if not deliveries:
-            return 0
-        self.held -= len(deliveries)
-        try:
-            self.consumer.release(deliveries)
-        except Exception as exc:  # still unacknowledged: they come back when the consumer closes
-            self.trouble("release", exc)
+        """Give unstarted deliveries back to the broker at once (warm shutdown); how many went.
+        Still unacknowledged if that fails: they come back when the consumer closes."""
+        if deliveries:
+            self.held -= len(deliveries)
+            self._call("release", self.consumer.release, deliveries)
         return len(deliveries)
 
     def dead_letter(
@@ -113,21 +105,19 @@ class Acks:
         )
         self.reject(delivery, requeue=False, reason=reason)
 
-    # -- broker trouble ---------------------------------------------------------------------------
-    @property
-    def backoff(self) -> float:
-        return self._backoff
-
-    def healthy(self) -> None:
-        self._backoff = 0.1
+    def _call(self, operation: str, call: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        try:
+            call(*args, **kwargs)
+        except Exception as exc:
+            self.trouble(operation, exc)
 
     def trouble(self, operation: str, exc: Exception) -> None:
         log.warning(
             f"broker {operation} failed; retrying (unacknowledged messages are redelivered)",
             error=f"{type(exc).__name__}: {exc}",
-            backoff=round(self._backoff, 2),
+            backoff=round(self.backoff, 2),
         )
-        self._backoff = min(self._backoff * 2, 5.0)
+        self.backoff = min(self.backoff * 2, 5.0)
 
 
 class Settler:
@@ -141,19 +131,18 @@ class Settler:
         self.canvas = app.canvas
         self.processed = 0
 
-    def finish(self, job: Job, outcome: Outcome, *, defer_ack: bool = False) -> Delivery | None:
-        """Store the outcome and settle the message. Returns the delivery to ack when deferred."""
+    def finish(self, job: Job, outcome: Outcome) -> None:
+        """Store the outcome and settle the message: acknowledged at the loop's next flush, or
+        put back to its queue when what must follow the task (a retry, a canvas step) failed."""
         self.processed += 1
         state = outcome.state
-        delivery: Delivery | None = job.delivery
         if state == TaskState.SUCCESS:
-            if not self._succeeded(job, outcome):
-                self._canvas_lost(job, delivery)
-                return None
+            sent = self._succeeded(job, outcome)
         elif state == TaskState.RETRY:
             if not self._publish_retry(job, outcome):
-                self._settle(delivery, requeue=True, reason="retry could not be published")
-                return None
+                self._put_back(job, True, "retry could not be published")
+                return
+            sent = True
         elif state == TaskState.REJECTED:
             log.warning(
                 "task rejected its message",
@@ -162,14 +151,24 @@ class Settler:
                 reason=outcome.exc_message,
                 requeue=outcome.requeue,
             )
-            self._settle(
-                delivery,
-                requeue=outcome.requeue,
-                reason=f"rejected by the task: {outcome.exc_message}",
-            )
-            return None
+            self._put_back(job, outcome.requeue, f"rejected by the task: {outcome.exc_message}")
+            return
         elif state == TaskState.LOST:
-            return self._lost(job, outcome, delivery, defer_ack=defer_ack)
+            self._lost(job, outcome)
+            return
+        elif state == TaskState.REVOKED:
+            error = error_info(
+                "TaskRevokedError", "celery.exceptions", [outcome.exc_message or "revoked"]
+            )
+            self._store(job, TaskState.REVOKED, error)
+            sent = (
+                not job.embed
+                or self._canvas_step(
+                    "return its chord part for",
+                    lambda: self.canvas.chord_part(job, TaskState.REVOKED, error),
+                    job,
+                )[0]
+            )
         elif state == TaskState.TIMEOUT:
             log.error(
                 "task over its hard time limit",
@@ -178,19 +177,7 @@ class Settler:
                 time_limit=job.time_limit,
             )
             self._store_error(job, outcome, TimeLimitExceeded.__name__)
-        elif state == TaskState.REVOKED:
-            reason = outcome.exc_message or "revoked"
-            error = error_info("TaskRevokedError", "celery.exceptions", [reason])
-            self._store(job, TaskState.REVOKED, error)
-            if job.embed:
-                ok, _ = self._canvas_step(
-                    "return its chord part for",
-                    lambda: self.canvas.chord_part(job, TaskState.REVOKED, error),
-                    job,
-                )
-                if not ok:
-                    self._canvas_lost(job, delivery)
-                    return None
+            sent = True  # its canvas was told of the failure where it could be: not run again
         else:  # FAILURE, or anything a third-party pool invents
             log.error(
                 "task failed",
@@ -199,10 +186,17 @@ class Settler:
                 error=f"{outcome.exc_type}: {outcome.exc_message}",
                 traceback=outcome.traceback,
             )
-            if not self._store_error(job, outcome, outcome.exc_type or "TaskError"):
-                self._canvas_lost(job, delivery)
-                return None
-        return self._acked(delivery, defer_ack)
+            sent = self._store_error(job, outcome, outcome.exc_type or "TaskError")
+        if not sent:
+            # never acknowledged with its next steps lost: it runs again, and the canvas goes on
+            log.error(
+                "the task's canvas could not go on; its message goes back to the queue",
+                task_id=job.task_id,
+                task_name=job.task_name,
+            )
+            self._put_back(job, True, "a canvas step could not be sent")
+        elif job.delivery is not None:
+            self.acks.ack_later([job.delivery])
 
     def rejoin(self, job: Job, meta: ResultMeta) -> None:
         """A redelivered chord header task that already finished: return its part again (the
@@ -217,54 +211,17 @@ class Settler:
             job,
         )
 
-    def _hold_for_claim(self, job: Job, expires: float) -> None:
-        """Put the message back to wait, in the broker, until the chord's claim lapses; marked
-        so the worker that gets it returns the part again instead of running the task."""
-        delivery = job.delivery
-        if delivery is None:
-            return  # acknowledged before it ran (acks_late off): nothing to hold
-        message = delivery.message
-        held = Message(
-            body=message.body,
-            headers={**message.headers, REJOIN: 1},
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            properties=dict(message.properties),
-        )
-        log.warning(
-            "the chord this task completed is claimed by another worker, which may have died; "
-            "its message waits for the claim to lapse and returns its part again",
-            task_id=job.task_id,
-            group_id=job.group_id,
-            wait=round(max(0.0, expires - time.time()), 3),
-        )
-        self.app.broker.publish(job.queue, held, eta=expires + 0.25)
+    def _put_back(self, job: Job, requeue: bool, reason: str) -> None:
+        """Requeue or dead-letter the message (nothing to do if it was acked on receipt)."""
+        if job.delivery is not None:
+            self.acks.reject(job.delivery, requeue=requeue, reason=reason)
 
-    def _canvas_lost(self, job: Job, delivery: Delivery | None) -> None:
-        """A canvas step could not be sent: the message goes back, so the task runs again and the
-        canvas goes on (never acknowledged with its next steps lost)."""
-        log.error(
-            "the task's canvas could not go on; its message goes back to the queue",
-            task_id=job.task_id,
-            task_name=job.task_name,
-        )
-        self._settle(delivery, requeue=True, reason="a canvas step could not be sent")
-
-    def _acked(self, delivery: Delivery | None, defer: bool) -> Delivery | None:
-        if delivery is None:
-            return None
-        if defer:
-            return delivery
-        self.acks.ack_later([delivery])
-        return None
-
-    def _lost(
-        self, job: Job, outcome: Outcome, delivery: Delivery | None, *, defer_ack: bool
-    ) -> Delivery | None:
+    def _lost(self, job: Job, outcome: Outcome) -> None:
         """The execution unit died: requeue (counted, capped) or fail, per the task's policy."""
         task = self.app.tasks.get(job.task_name)
         requeue = task is None or task.options.reject_on_worker_lost
-        capped = job.delivery_count >= self.settings.max_deliveries
+        cap = self.settings.max_deliveries
+        capped = job.delivery_count >= cap
         log.error(
             "task lost its execution unit",
             task_id=job.task_id,
@@ -273,33 +230,21 @@ class Settler:
             requeue=requeue and not capped,
             delivery_count=job.delivery_count,
         )
-        if not (requeue and delivery is not None):
-            self._store_error(job, outcome, WorkerLostError.__name__)
-            return self._acked(delivery, defer_ack)
-        if not capped:
-            self._settle(delivery, requeue=True, reason=outcome.exc_message)
-            return None
-        reason = (
-            f"lost {job.delivery_count} times (max_deliveries="
-            f"{self.settings.max_deliveries}): {outcome.exc_message}"
-        )
-        # a final FAILURE too, so a caller waiting on the result is answered
+        delivery = job.delivery
+        if requeue and delivery is not None and not capped:
+            self._put_back(job, True, outcome.exc_message)
+            return
+        # failed (a final FAILURE also answers a caller waiting on the result after the cap)
         self._store_error(job, outcome, WorkerLostError.__name__)
-        self.acks.dead_letter(delivery, reason, task_id=job.task_id, task_name=job.task_name)
-        return None
-
-    def _settle(self, delivery: Delivery | None, *, requeue: bool, reason: str) -> None:
-        """Requeue or dead-letter a delivery; nothing is left for `finish` to ack."""
-        if delivery is not None:
-            self.acks.reject(delivery, requeue=requeue, reason=reason)
+        if delivery is not None and not requeue:
+            self.acks.ack_later([delivery])
+        elif delivery is not None:
+            reason = (
+                f"lost {job.delivery_count} times (max_deliveries={cap}): {outcome.exc_message}"
+            )
+            self.acks.dead_letter(delivery, reason, task_id=job.task_id, task_name=job.task_name)
 
     # -- results ----------------------------------------------------------------------------------
-    def _ignore_result(self, job: Job) -> bool:
-        task = self.app.tasks.get(job.task_name)
-        if task is not None and task.options.ignore_result is not None:
-            return task.options.ignore_result
-        return self.settings.ignore_result
-
     def _store(
         self,
         job: Job,
@@ -308,11 +253,14 @@ class Settler:
         traceback: str | None = None,
         children: list[Any] | None = None,
     ) -> None:
-        if status == TaskState.SUCCESS and self._ignore_result(job):
-            return
         backend = self.app.backend
         if backend is None:
             return
+        if status == TaskState.SUCCESS:
+            task = self.app.tasks.get(job.task_name)
+            ignore = task.options.ignore_result if task is not None else None
+            if ignore if ignore is not None else self.settings.ignore_result:
+                return
         meta = ResultMeta(
             task_id=job.task_id,
             status=status,
@@ -325,28 +273,25 @@ class Settler:
             reply_to=job.reply_to,
         )
         try:
-            backend.store(meta)
-        except (TypeError, ValueError) as exc:
-            log.error(
-                "task result cannot be stored as JSON",
-                task_id=job.task_id,
-                task_name=job.task_name,
-                error=str(exc),
-            )
-            backend.store(
-                ResultMeta(
+            try:
+                backend.store(meta)
+            except (TypeError, ValueError) as exc:
+                log.error(
+                    "task result cannot be stored as JSON",
                     task_id=job.task_id,
-                    status=TaskState.FAILURE,
-                    name=job.task_name,
-                    result={
-                        "exc_type": "TypeError",
-                        "exc_module": "builtins",
-                        "exc_message": [f"result is not JSON serializable: {exc}"],
-                    },
-                    date_done=meta.date_done,
-                    reply_to=job.reply_to,
+                    task_name=job.task_name,
+                    error=str(exc),
                 )
-            )
+                meta.status, meta.traceback, meta.retries, meta.children = (
+                    TaskState.FAILURE,
+                    None,
+                    0,
+                    [],
+                )
+                meta.result = error_info(
+                    "TypeError", "builtins", [f"result is not JSON serializable: {exc}"]
+                )
+                backend.store(meta)
         except Exception as exc:
             log.error(
                 "cannot store task result; the task ran and its message is acknowledged",
@@ -357,23 +302,19 @@ class Settler:
     def _store_error(self, job: Job, outcome: Outcome, exc_type: str) -> bool:
         """Store a failure; then what Celery does after one: the chord's part, the chain's later
         steps, the errbacks. Returns False when a canvas step could not be sent."""
-        info = error_info(
-            outcome.exc_type or exc_type,
-            outcome.exc_module,
-            outcome.stored_args,
-        )
+        info = error_info(outcome.exc_type or exc_type, outcome.exc_module, outcome.stored_args)
         self._store(job, TaskState.FAILURE, info, outcome.traceback)
         if not job.embed:
             return True
-        ok, _ = self._canvas_step(
+        joined, _ = self._canvas_step(
             "return its chord part for",
-            lambda: self.canvas.chord_part(job, TaskState.FAILURE, info, again=_redelivered(job)),
+            lambda: self.canvas.chord_part(job, TaskState.FAILURE, info, again=redelivered(job)),
             job,
         )
-        done, _ = self._canvas_step(
+        failed, _ = self._canvas_step(
             "fail the rest of", lambda: self.canvas.after_failure(job, outcome, info), job
         )
-        return ok and done
+        return joined and failed
 
     def _succeeded(self, job: Job, outcome: Outcome) -> bool:
         """Callbacks and the next chain step go out before the result is stored (so its
@@ -389,23 +330,41 @@ class Settler:
             return False
         children = [*outcome.children, *(sent or [])]
         self._store(job, TaskState.SUCCESS, outcome.result, children=children)
-        joined, _ = self._canvas_step(
+        return self._canvas_step(
             "return its chord part for",
             lambda: self.canvas.chord_part(
-                job, TaskState.SUCCESS, outcome.result, again=_redelivered(job)
+                job, TaskState.SUCCESS, outcome.result, again=redelivered(job)
             ),
             job,
-        )
-        return joined
+        )[0]
 
     def _canvas_step(self, what: str, step: Callable[[], Any], job: Job) -> tuple[bool, Any]:
         """Run a canvas step; one that raises (a broker away past its retries, a backend that
-        cannot join) is logged with the task and reported as (False, None)."""
+        cannot join) is logged with the task and reported as (False, None). A chord claimed by
+        another worker, which may have died, has the message wait in the broker until the
+        claim lapses, marked so the worker that gets it returns the part again."""
         try:
             return True, step()
         except ClaimedElsewhere as claimed:
+            if job.delivery is None:
+                return True, None  # acknowledged before it ran (acks_late off): nothing to hold
+            message = job.delivery.message
+            held = Message(
+                body=message.body,
+                headers={**message.headers, REJOIN: 1},
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                properties=dict(message.properties),
+            )
+            log.warning(
+                "the chord this task completed is claimed by another worker, which may have "
+                "died; its message waits for the claim to lapse and returns its part again",
+                task_id=job.task_id,
+                group_id=job.group_id,
+                wait=round(max(0.0, claimed.expires - time.time()), 3),
+            )
             try:
-                self._hold_for_claim(job, claimed.expires)
+                self.app.broker.publish(job.queue, held, eta=claimed.expires + 0.25)
             except Exception as exc:
                 log.error("could not hold the message for its chord", error=repr(exc))
                 return False, None
@@ -423,10 +382,8 @@ class Settler:
     def _publish_retry(self, job: Job, outcome: Outcome) -> bool:
         now = time.time()
         eta = outcome.eta if outcome.eta is not None else now + (outcome.countdown or 0.0)
-        headers: dict[str, Any] = {}
         embed = job.embed or {}
-        if "ignore_result" in job.headers:
-            headers["ignore_result"] = job.headers["ignore_result"]
+        headers = {k: v for k, v in job.headers.items() if k == "ignore_result"}
         message = encode_task(
             job.task_name,
             job.args,
@@ -474,13 +431,10 @@ class Settler:
                 error=f"{type(exc).__name__}: {exc}",
             )
             return False
-        self._store(
-            job,
-            TaskState.RETRY,
-            {
-                "exc_type": outcome.exc_type,
-                "exc_module": outcome.exc_module,
-                "exc_message": outcome.stored_args,
-            },
-        )
+        reason = {
+            "exc_type": outcome.exc_type,
+            "exc_module": outcome.exc_module,
+            "exc_message": outcome.stored_args,
+        }
+        self._store(job, TaskState.RETRY, reason)
         return True

@@ -32,7 +32,7 @@ from millpond.config.settings import Settings, load_settings
 from millpond.consume.execute import Executor
 from millpond.consume.receive import Receiver
 from millpond.consume.settle import Acks, Settler
-from millpond.contracts.broker import Consumer, Delivery, mask_url
+from millpond.contracts.broker import Consumer, mask_url
 from millpond.contracts.component import WorkerComponent
 from millpond.contracts.pool import BasePool, Job, Outcome
 from millpond.contracts.waking import Inbox
@@ -49,6 +49,17 @@ log = structlog.get_logger("millpond.worker")
 EXIT_OK = 0
 EXIT_COLD = 1
 EXIT_ERROR = 2
+
+
+def _copied(copy: Callable[[], list[Job]]) -> list[Job]:
+    """A copy of what the loop keeps (its buffer, its holders'), from another thread: the loop
+    may change it while it is copied (RuntimeError), so try again, a few times."""
+    for _ in range(10):
+        try:
+            return copy()
+        except RuntimeError:
+            continue
+    return []
 
 
 def _in_main_thread() -> bool:
@@ -96,16 +107,16 @@ class Worker:
         self._given_back = False
         self._inline = False
         self.hooks = app.hooks
-        self.acks: Acks | None = None
-        self.settler: Settler | None = None
-        self.receiver: Receiver | None = None
         #: monotonic time of the consumer loop's last iteration (read by the /livez probe)
         self.last_turn = 0.0
         #: tasks started, by name (`stats` -> `total`)
         self.totals: Counter[str] = Counter()
         self.started_at = time.time()
         #: the parts plugins add (`millpond.components`: the control plane), by entry-point name
-        self.components: dict[str, WorkerComponent] = self._build_components()
+        #: (built now: a bad setting of one stops the start)
+        self.components: dict[str, WorkerComponent] = {
+            name: cls(self) for name, cls in plugins.components()
+        }
         #: the components that may hold a task back until it may start (rate limits)
         self._holders = [c for c in self.components.values() if c.holds_tasks]
         #: why a task must not run (revoked), or None; the components' filters, or none at all
@@ -117,10 +128,19 @@ class Worker:
         #: the broker's prefetch window: the prefetch count plus what the holders hold beside it
         self._window = self.prefetch
         self._resizable = True
-
-    def _build_components(self) -> dict[str, WorkerComponent]:
-        """Every installed worker component, built now: a bad setting of one stops the start."""
-        return {name: cls(self) for name, cls in plugins.components()}
+        #: the steps of a message's trip: receive, (execute, in the pool), settle and ack
+        self.acks = Acks()  # its consumer is set when the loop opens one
+        self.settler = Settler(app, settings, self.acks)
+        self.receiver = Receiver(
+            app,
+            settings,
+            self.acks,
+            settings.pool,
+            self.pool_cls.capabilities,
+            rejoin=self.settler.rejoin,
+            revoked=self.discard,
+            defer_early_ack=self._may_hold if self._holders else None,
+        )
 
     def _discarder(self) -> Callable[[str, Any], str | None]:
         """One function for the hot path: the one filtering component's own method when there
@@ -141,7 +161,7 @@ class Worker:
     # -- what hooks and probes read (`millpond.contracts.hooks.WorkerView`) -----------------------
     @property
     def processed(self) -> int:
-        return self.settler.processed if self.settler is not None else 0
+        return self.settler.processed
 
     @property
     def prefetched(self) -> int:
@@ -152,21 +172,12 @@ class Worker:
         """Per consumed queue: (messages waiting in the buffer, jobs in the pool); safe from any
         thread (the metrics collector's), the buffer being copied under the GIL."""
         out = dict.fromkeys(self.queues, (0, 0))
-        for _ in range(10):  # the loop may change the buffer while it is copied: try again
-            try:
-                waiting = [job.queue for job in tuple(self._buffer)]
-                break
-            except RuntimeError:
-                continue
-        else:
-            waiting = []
-        running = [job.queue for job in self.pool.active_jobs()] if self.pool is not None else []
-        for queue in waiting:
-            held, busy = out.get(queue, (0, 0))
-            out[queue] = (held + 1, busy)
-        for queue in running:
-            held, busy = out.get(queue, (0, 0))
-            out[queue] = (held, busy + 1)
+        for job in _copied(lambda: list(self._buffer)):
+            held, busy = out.get(job.queue, (0, 0))
+            out[job.queue] = (held + 1, busy)
+        for job in self.pool.active_jobs() if self.pool is not None else []:
+            held, busy = out.get(job.queue, (0, 0))
+            out[job.queue] = (held, busy + 1)
         return out
 
     @property
@@ -186,13 +197,7 @@ class Worker:
     def buffered_jobs(self) -> list[Job]:
         """Jobs received and waiting for a pool slot, or for a rate limit's token (Celery lists
         those as reserved too); safe from any thread."""
-        for _ in range(10):
-            try:
-                held = [job for holder in self._holders for job in holder.held()]
-                return held + list(self._buffer)
-            except RuntimeError:  # the loop changed it while we copied: try again
-                continue
-        return []
+        return _copied(lambda: [j for h in self._holders for j in h.held()] + list(self._buffer))
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the consumer loop's thread at its next turn; safe from any thread."""
@@ -225,7 +230,7 @@ class Worker:
     def _maybe_swap_consumer(self) -> None:
         """The queue change, once nothing fetched from the old consumer is held."""
         acks = self.acks
-        if self._next_queues is None or acks is None or self.consumer is None:
+        if self._next_queues is None or self.consumer is None:
             return
         acks.flush()
         if acks.held > 0 or self._buffer:
@@ -283,17 +288,6 @@ class Worker:
                 "other tasks until the worker restarts"
             )
 
-    def _ack_released(self, job: Job) -> None:
-        """A held job of a task with early acks is acknowledged as it starts (not when received),
-        so its message could wait in the holder and go back to the broker."""
-        if job.delivery is None or self.acks is None:
-            return
-        task = self.app.tasks.get(job.task_name)
-        acks_late = task.options.acks_late if task is not None else None
-        if not (acks_late if acks_late is not None else self.settings.acks_late):
-            self.acks.ack_now([job.delivery])
-            job.delivery = None
-
     def _install_signals(self) -> None:
         if not _in_main_thread():
             return
@@ -305,7 +299,7 @@ class Worker:
             log.info(
                 "warm shutdown requested",
                 signal=signal.Signals(signum).name,
-                running=self._running(),
+                running=self.pool.active if self.pool else 0,
             )
             self.stop()
 
@@ -319,9 +313,6 @@ class Worker:
         signal.signal(signal.SIGINT, warm)
         if hasattr(signal, "SIGQUIT"):
             signal.signal(signal.SIGQUIT, cold)
-
-    def _running(self) -> int:
-        return self.pool.active if self.pool else 0
 
     # -- start-up --------------------------------------------------------------------------------
     def banner(self) -> str:
@@ -343,12 +334,12 @@ class Worker:
         lines += [f"  {line}" for hook in self.hooks.hooks if (line := hook.describe_worker(self))]
         lines += [
             f"  tasks ({len(tasks)}):",
-            *(f"    . {name}{self._banner_note(name)}" for name in tasks),
+            *(
+                f"    . {name}{''.join(h.describe_task(name) for h in self._holders)}"
+                for name in tasks
+            ),
         ]
         return "\n".join(lines)
-
-    def _banner_note(self, name: str) -> str:
-        return "".join(holder.describe_task(name) for holder in self._holders)
 
     def _check_capabilities(self) -> None:
         caps = self.pool_cls.capabilities
@@ -388,7 +379,11 @@ class Worker:
         execution = Executor(self.app, self.hooks)
         try:
             self.pool = self.pool_cls(
-                self.concurrency, self._on_complete, self._pool_options(), execution=execution
+                self.concurrency,
+                self._on_complete,
+                # the validated values of the settings section the pool publishes under its name
+                self.settings.plugin_options(self.settings.pool),
+                execution=execution,
             )
         except ValueError as exc:  # the pool contract's refusal of a concurrency or an option
             raise ConfigurationError(str(exc)) from exc
@@ -396,20 +391,12 @@ class Worker:
         self.pool.start()  # prefork forks here: after the app import, before consumer threads
         if self._stop.is_set():  # told to stop while the pool started: consume nothing
             return self._shutdown()
-        self._start_components()
-        self.consumer = broker.consumer(self.queues, self._open_window())
-        self.acks = Acks(self.consumer)
-        self.settler = Settler(self.app, self.settings, self.acks)
-        self.receiver = Receiver(
-            self.app,
-            self.settings,
-            self.acks,
-            self.settings.pool,
-            self.pool_cls.capabilities,
-            rejoin=self.settler.rejoin,
-            revoked=self.discard,
-            defer_early_ack=self._may_hold if self._holders else None,
-        )
+        # the plugins' components (the control plane learns the running workers' revokes, then
+        # answers remote control), before the first fetch: a task revoked before this worker
+        # started never runs here
+        for component in self.components.values():
+            component.start()
+        self.consumer = self.acks.consumer = broker.consumer(self.queues, self._open_window())
         code = EXIT_OK
         try:
             self.hooks.lifecycle("worker_ready", self)  # metrics, probes: after the pool forked
@@ -428,23 +415,10 @@ class Worker:
             code = self._shutdown()
         return code
 
-    def _start_components(self) -> None:
-        """Start the plugins' worker components (the control plane learns the running workers'
-        revokes, then answers remote control), before the first fetch: a task revoked before
-        this worker started never runs here."""
-        for component in self.components.values():
-            component.start()
-
-    def _pool_options(self) -> dict[str, Any]:
-        """The validated values of the settings section the pool publishes under its name."""
-        return self.settings.plugin_options(self.settings.pool)
-
     # -- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
         assert self.consumer is not None
         assert self.pool is not None
-        assert self.acks is not None
-        assert self.receiver is not None
         consumer, pool, inbox, acks = self.consumer, self.pool, self.inbox, self.acks
         holders = self._holders
         receive = self.receiver.receive
@@ -460,13 +434,13 @@ class Worker:
                     self._give_back_buffered()
                 if not self._cold and self._buffer:
                     self._dispatch_buffered(pool, stopping=True)  # acked on receipt: ours to run
-                if self._cold or not (self._running() or self._buffer):
+                if self._cold or not (pool.active or self._buffer):
                     return
                 if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
                     log.warning(
                         "warm shutdown timed out; going cold",
                         timeout=self.settings.shutdown_timeout,
-                        running=self._running(),
+                        running=pool.active,
                     )
                     self._cold = True
                     return
@@ -499,7 +473,7 @@ class Worker:
                         acks.trouble("fetch", exc)
                         waker.wait(acks.backoff)
                         continue
-                    acks.healthy()
+                    acks.backoff = 0.1
                     if deliveries:
                         for delivery in deliveries:
                             job = receive(delivery)
@@ -530,61 +504,20 @@ class Worker:
 
     def _received(self, job: Job) -> None:
         self.hooks.received(job)
-        why = self.discard(job.task_id, job.headers)
-        if why is not None:
-            log.info("discarding a revoked task", task_id=job.task_id, task_name=job.task_name)
-            self._answer(job, why, told=True)
-        elif job.expires is not None and time.time() > job.expires:
-            self._answer(job, "expired before a worker received it")
-        else:
+        if not self._answered(job, "expired before a worker received it"):
             for holder in self._holders:
                 if holder.hold(job):
                     return
             self._buffer.append(job)
 
-    def _give_back_stale(self, job: Job) -> None:
-        """A buffered delivery the broker may have handed to another worker while this one was
-        stalled: never start it (only tasks already running may run twice); give it back."""
-        assert self.acks is not None
-        self._told.log(
-            "stale",
-            "not starting a buffered message: the broker may have given it to another worker "
-            "while this one was stalled (lease lapsed or connection lost); it goes back",
-            task_id=job.task_id,
-            task_name=job.task_name,
-        )
-        self.acks.reject(job.delivery, requeue=True, reason="stale after a stall")
-
-    def _give_back_buffered(self) -> None:
-        """Warm shutdown: the prefetched messages that never started go back to the broker now,
-        so another worker runs them while this one finishes its running tasks (they would
-        otherwise wait for the close, or for their lease or visibility timeout to lapse)."""
-        self._given_back = True
-        assert self.acks is not None
-        jobs = list(self._buffer)
-        self._buffer.clear()
-        for holder in self._holders:
-            jobs += holder.drain()  # held beside the window (rate-limited ones)
-        self.acks.flush()  # finished tasks' acks first: the release must not overtake them
-        deliveries = [job.delivery for job in jobs if job.delivery is not None]
-        # acknowledged when they arrived (acks_late off): the broker has them no more, so they
-        # run here before the worker exits, as the running ones do
-        owned = [job for job in jobs if job.delivery is None]
-        self._buffer.extend(owned)
-        count = self.acks.release(deliveries)
-        if count or owned:  # an idle worker's stop says nothing about a buffer it did not have
-            log.info(
-                "warm shutdown: gave back buffered messages to the broker",
-                given_back=count,
-                kept_to_run=len(owned),
-                running=self._running(),
-            )
-
-    def _answer(self, job: Job, why: str, *, told: bool = False) -> None:
-        """End a job that never reaches the pool (REVOKED), with its hooks and its ack; an
-        expired one is told here (revokes are told by the caller, each)."""
-        assert self.settler is not None
-        if not told:
+    def _answered(self, job: Job, expired: str) -> bool:
+        """End a job that must not run, revoked or expired (`expired` says when it was found),
+        without the pool: REVOKED, with its hooks and its ack. Whether it was."""
+        why = self.discard(job.task_id, job.headers)
+        if why is not None:
+            log.info("discarding a revoked task", task_id=job.task_id, task_name=job.task_name)
+        elif job.expires is not None and time.time() > job.expires:
+            why = expired
             self._told.log(
                 "expired",
                 "task not run: " + why,
@@ -593,51 +526,84 @@ class Worker:
                 expires=job.expires,
                 state=TaskState.REVOKED.value,
             )
-        outcome = Outcome.error(TaskState.REVOKED, "TaskRevokedError", why)
+        else:
+            return False
+        outcome = Outcome.revoked(why)
         self.hooks.finished(job, outcome)
         self.settler.finish(job, outcome)
+        return True
+
+    def _give_back_buffered(self) -> None:
+        """Warm shutdown: the prefetched messages that never started go back to the broker now,
+        so another worker runs them while this one finishes its running tasks (they would
+        otherwise wait for the close, or for their lease or visibility timeout to lapse)."""
+        self._given_back = True
+        jobs = list(self._buffer)
+        self._buffer.clear()
+        for holder in self._holders:
+            jobs += holder.drain()  # held beside the window (rate-limited ones)
+        self.acks.flush()  # finished tasks' acks first: the release must not overtake them
+        # acknowledged when they arrived (acks_late off): the broker has them no more, so they
+        # run here before the worker exits, as the running ones do
+        owned = [job for job in jobs if job.delivery is None]
+        self._buffer.extend(owned)
+        count = self.acks.release([job.delivery for job in jobs if job.delivery is not None])
+        if count or owned:  # an idle worker's stop says nothing about a buffer it did not have
+            log.info(
+                "warm shutdown: gave back buffered messages to the broker",
+                given_back=count,
+                kept_to_run=len(owned),
+                running=self.pool.active if self.pool else 0,
+            )
 
     def _dispatch_buffered(self, pool: BasePool, *, stopping: bool = False) -> None:
         """Start buffered jobs while the pool has room; once a stop is asked only when
         `stopping` (the warm stop running what was acknowledged on receipt)."""
-        buffer = self._buffer
-        consumer = self.consumer
-        holders = self._holders
+        buffer, consumer, holders = self._buffer, self.consumer, self._holders
         while pool.active < pool.capacity and (stopping or not self._stop.is_set()):
             # a held job that may start goes first: it was received before the buffer's
             job = None
             for holder in holders:
                 job = holder.release()
                 if job is not None:
-                    self._ack_released(job)
+                    # acknowledged as it starts if its task acks early, not when received, so
+                    # its message could wait in the holder and go back to the broker
+                    task = self.app.tasks.get(job.task_name)
+                    if job.delivery is not None and self.receiver.acks_early(task):
+                        self.acks.ack_now([job.delivery])
+                        job.delivery = None
                     break
             if job is None:
                 if not buffer:
                     return
                 job = buffer.popleft()
             if consumer is not None and job.delivery is not None and consumer.stale(job.delivery):
-                self._give_back_stale(job)
+                # the broker may have handed it to another worker while this one was stalled:
+                # never start it (only tasks already running may run twice); give it back
+                self._told.log(
+                    "stale",
+                    "not starting a buffered message: the broker may have given it to another "
+                    "worker while this one was stalled (lease lapsed or connection lost); it "
+                    "goes back",
+                    task_id=job.task_id,
+                    task_name=job.task_name,
+                )
+                self.acks.reject(job.delivery, requeue=True, reason="stale after a stall")
                 continue
-            if job.expires is not None and time.time() > job.expires:
-                self._answer(job, "expired before it could start")
-                continue
-            why = self.discard(job.task_id, job.headers)
-            if why is not None:
-                log.info("discarding a revoked task", task_id=job.task_id, task_name=job.task_name)
-                self._answer(job, why, told=True)
+            if self._answered(job, "expired before it could start"):
                 continue
             job.started = time.monotonic()
             self.totals[job.task_name] += 1
-            if not pool.capabilities.concurrent:
-                self._inline = True
-                try:
-                    pool.apply_async(job)
-                finally:
-                    self._inline = False
-                if len(self.inbox):
-                    self._complete_batch()
-            else:
+            if pool.capabilities.concurrent:
                 pool.apply_async(job)
+                continue
+            self._inline = True  # the solo pool runs it here, now
+            try:
+                pool.apply_async(job)
+            finally:
+                self._inline = False
+            if len(self.inbox):
+                self._complete_batch()
 
     # -- completions -----------------------------------------------------------------------------
     def _on_complete(self, job: Job, outcome: Outcome) -> None:
@@ -648,16 +614,9 @@ class Worker:
             self.inbox.put((job, outcome))
 
     def _complete_batch(self) -> None:
-        assert self.settler is not None
-        assert self.acks is not None
         finish = self.settler.finish
-        acks: list[Delivery] = []
         for job, outcome in self.inbox.drain():
-            delivery = finish(job, outcome, defer_ack=True)
-            if delivery is not None:
-                acks.append(delivery)
-        if acks:
-            self.acks.ack_later(acks)
+            finish(job, outcome)
 
     # -- shutdown --------------------------------------------------------------------------------
     def _shutdown(self) -> int:
@@ -678,12 +637,11 @@ class Worker:
                     pool.terminate()
                 else:
                     pool.stop(self.settings.shutdown_timeout)
-            if len(self.inbox) and self.settler is not None:
+            if len(self.inbox):
                 self._complete_batch()
         finally:
             if consumer is not None:
-                if self.acks is not None:
-                    self.acks.flush()  # finished tasks are acknowledged before the rest goes back
+                self.acks.flush()  # finished tasks are acknowledged before the rest goes back
                 consumer.close()  # unacked (buffered, abandoned) messages return to the broker
             lost = [job for job in self._buffer if job.delivery is None]
             if lost:  # a cold stop (or a warm one cut short) before they could run
