@@ -2,7 +2,10 @@
 failure's type, a retry, a long task, tasks finishing out of order, many threads waiting at once)
 from `millpond worker` subprocesses to this process's reply queue; the reply queue and the result
 message laid out as Celery's rpc backend has them; peek and forget; what rpc:// cannot do and says
-so; the bounded buffer; a lost reply connection. Celery on either side: tests/interop/."""
+so; the bounded buffer; a lost reply connection. Celery on either side: tests/interop/.
+
+The tests that only need tasks run share one module-scoped worker on a queue of its own
+(`shared_worker`, `served`); a test that depends on the worker's flags starts its own (`spawn`)."""
 
 from __future__ import annotations
 
@@ -107,20 +110,24 @@ def queue(admin: Admin) -> str:
     return name
 
 
+def worker_env(queue: str) -> dict[str, str]:
+    return {
+        "MILLPOND_BROKER_URL": URL,
+        "MILLPOND_RESULT_BACKEND": "rpc://",
+        "MILLPOND_QUEUES": queue,
+        "MILLPOND_DEFAULT_QUEUE": queue,  # where it sends a chain's next steps
+    }
+
+
 @pytest.fixture
 def spawn(tmp_path: Path, queue: str) -> Iterator[Callable[..., WorkerProcess]]:
-    """`millpond worker` subprocesses on `queue` with rpc:// results, killed by PID afterwards."""
+    """`millpond worker` subprocesses on `queue` with rpc:// results, killed by PID afterwards:
+    for a test that needs a worker of its own (its own flags), else see `served`."""
     started: list[WorkerProcess] = []
 
     def start(*args: str) -> WorkerProcess:
-        env = {
-            "MILLPOND_BROKER_URL": URL,
-            "MILLPOND_RESULT_BACKEND": "rpc://",
-            "MILLPOND_QUEUES": queue,
-            "MILLPOND_DEFAULT_QUEUE": queue,  # where it sends a chain's next steps
-        }
         log = tmp_path / f"worker-{len(started)}.log"
-        worker = WorkerProcess(["-A", APP, *args], env, log)
+        worker = WorkerProcess(["-A", APP, *args], worker_env(queue), log)
         started.append(worker)
         return worker.wait_ready()
 
@@ -136,6 +143,47 @@ def producer(queue: str) -> Iterator[Millpond]:
     app.close()
 
 
+@pytest.fixture(scope="module")
+def served_queue() -> Iterator[str]:
+    """The queue of the module's shared worker, deleted (with its dead letters) at the end."""
+    name = unique("mp-rpc-served")
+    yield name
+    admin = Admin()
+    admin.queues.append(name)
+    admin.close()
+
+
+@pytest.fixture(scope="module")
+def shared_worker(
+    tmp_path_factory: pytest.TempPathFactory, served_queue: str
+) -> Iterator[WorkerProcess]:
+    """One `millpond worker -P threads -c 4` for every test here that needs a worker to run its
+    tasks but checks nothing of the worker's own start-up, shutdown or flags: what those tests
+    prove is what reaches the producer (each has a producer, so a reply queue, of its own).
+    Started once instead of once per test; killed by PID after the module's last test."""
+    log = tmp_path_factory.mktemp("rpc-served") / "worker.log"
+    worker = WorkerProcess(["-A", APP, "-P", "threads", "-c", "4"], worker_env(served_queue), log)
+    try:
+        yield worker.wait_ready()
+    finally:
+        worker.stop()
+
+
+@pytest.fixture
+def served(shared_worker: WorkerProcess, served_queue: str) -> Iterator[Millpond]:
+    """A producer (a reply queue of its own) sending to the module's shared worker."""
+    if shared_worker.proc.poll() is not None:
+        raise AssertionError(
+            f"the shared worker exited with {shared_worker.proc.returncode}:\n"
+            f"{shared_worker.text()[-4000:]}"
+        )
+    app = Millpond(
+        "rpc-producer", broker_url=URL, result_backend="rpc://", default_queue=served_queue
+    )
+    yield app
+    app.close()
+
+
 def reply_queue(app: Millpond) -> str:
     backend = app.backend
     assert isinstance(backend, rpc.RpcResultBackend)
@@ -145,13 +193,10 @@ def reply_queue(app: Millpond) -> str:
 # -- results from a millpond worker ----------------------------------------------------------------
 
 
-def test_success_failure_and_retry_come_back(
-    spawn: Callable[..., WorkerProcess], producer: Millpond
-) -> None:
-    spawn("-P", "threads", "-c", "4")
-    added = producer.send_task("rpc.add", (2, 3))
-    failed = producer.send_task("rpc.fail", ("bad input",))
-    retried = producer.send_task("rpc.flaky", (2,))
+def test_success_failure_and_retry_come_back(served: Millpond) -> None:
+    added = served.send_task("rpc.add", (2, 3))
+    failed = served.send_task("rpc.fail", ("bad input",))
+    retried = served.send_task("rpc.flaky", (2,))
     assert added.get(timeout=30) == 5
     with pytest.raises(ValueError, match="bad input"):
         failed.get(timeout=30)
@@ -162,18 +207,15 @@ def test_success_failure_and_retry_come_back(
     assert added.ready() and added.successful() and failed.failed()
 
 
-def test_results_arrive_whenever_they_come(
-    spawn: Callable[..., WorkerProcess], producer: Millpond, admin: Admin
-) -> None:
+def test_results_arrive_whenever_they_come(served: Millpond, admin: Admin) -> None:
     """A held task, a long one and quick ones: each result reaches its own handle whatever the
     order they finish in, and results read while waiting for another task are kept."""
-    spawn("-P", "threads", "-c", "4")
     gate = unique("mp-rpc-gate")
     declare_gate(gate)
     admin.queues.append(gate)
-    held = producer.send_task("rpc.gated", (gate, {"late": True}))
-    slow = producer.send_task("rpc.slow", (2.0,))
-    quick = [producer.send_task("rpc.add", (i, i)) for i in range(5)]
+    held = served.send_task("rpc.gated", (gate, {"late": True}))
+    slow = served.send_task("rpc.slow", (2.0,))
+    quick = [served.send_task("rpc.add", (i, i)) for i in range(5)]
     # waiting for the last quick one reads the others' results (they finished first) as well
     assert quick[-1].get(timeout=30) == 8
     assert [r.get(timeout=0) for r in quick] == [0, 2, 4, 6, 8]
@@ -187,21 +229,17 @@ def test_results_arrive_whenever_they_come(
 
 
 def test_a_redelivered_task_runs_and_replies(
-    spawn: Callable[..., WorkerProcess], producer: Millpond
+    served: Millpond, shared_worker: WorkerProcess
 ) -> None:
     """A worker with rpc:// cannot tell whether a redelivered task already finished (only its
     caller got the result): it runs it, and the result still reaches the caller."""
-    worker = spawn("-P", "threads", "-c", "2")
-    again = producer.send_task("rpc.add", (4, 5), headers={DELIVERY_COUNT: 1})
+    again = served.send_task("rpc.add", (4, 5), headers={DELIVERY_COUNT: 1})
     assert again.get(timeout=30) == 9
-    assert "already finished" not in worker.text()
+    assert "already finished" not in shared_worker.text()
 
 
-def test_threads_waiting_at_once_each_get_their_own(
-    spawn: Callable[..., WorkerProcess], producer: Millpond
-) -> None:
-    spawn("-P", "threads", "-c", "4")
-    handles = [producer.send_task("rpc.add", (n, 1000)) for n in range(40)]
+def test_threads_waiting_at_once_each_get_their_own(served: Millpond) -> None:
+    handles = [served.send_task("rpc.add", (n, 1000)) for n in range(40)]
     got: dict[int, Any] = {}
     errors: list[BaseException] = []
 
@@ -220,13 +258,10 @@ def test_threads_waiting_at_once_each_get_their_own(
     assert got == {n: n + 1000 for n in range(40)}
 
 
-def test_a_chain_replies_to_the_process_that_sent_it(
-    spawn: Callable[..., WorkerProcess], producer: Millpond
-) -> None:
+def test_a_chain_replies_to_the_process_that_sent_it(served: Millpond) -> None:
     """The worker sends a chain's later steps with the caller's reply_to (in each step's options,
     where Celery puts it), so the chain's result and its failure come back here."""
-    spawn("-P", "threads", "-c", "2")
-    add = producer.signature
+    add = served.signature
     result = chain(add("rpc.add", (1, 1)), add("rpc.add", (10,)), add("rpc.add", (100,)))
     handle = result.apply_async()
     assert handle.get(timeout=30) == 112
@@ -236,20 +271,17 @@ def test_a_chain_replies_to_the_process_that_sent_it(
         broken.apply_async().get(timeout=30)
 
 
-def test_a_forked_child_has_its_own_reply_queue(
-    spawn: Callable[..., WorkerProcess], producer: Millpond
-) -> None:
-    spawn("-P", "threads", "-c", "2")
-    assert producer.send_task("rpc.add", (1, 1)).get(timeout=30) == 2
-    parent_queue = reply_queue(producer)
+def test_a_forked_child_has_its_own_reply_queue(served: Millpond) -> None:
+    assert served.send_task("rpc.add", (1, 1)).get(timeout=30) == 2
+    parent_queue = reply_queue(served)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child sends and reads on its own connection, then leaves without cleanup
         code = 1
         try:
             os.close(read)
-            value = producer.send_task("rpc.add", (2, 2)).get(timeout=30)
-            os.write(write, json.dumps([value, reply_queue(producer)]).encode())
+            value = served.send_task("rpc.add", (2, 2)).get(timeout=30)
+            os.write(write, json.dumps([value, reply_queue(served)]).encode())
             code = 0
         finally:
             os._exit(code)
@@ -262,8 +294,8 @@ def test_a_forked_child_has_its_own_reply_queue(
     assert value == 4
     assert child_queue != parent_queue
     # the parent's reply connection was left alone by the child
-    assert producer.send_task("rpc.add", (3, 3)).get(timeout=30) == 6
-    assert reply_queue(producer) == parent_queue
+    assert served.send_task("rpc.add", (3, 3)).get(timeout=30) == 6
+    assert reply_queue(served) == parent_queue
 
 
 # -- Celery's layout -------------------------------------------------------------------------------
@@ -343,34 +375,30 @@ def test_result_message_is_what_celerys_rpc_backend_reads(admin: Admin, queue: s
 # -- peek, forget, and what rpc:// cannot do -------------------------------------------------------
 
 
-def test_peek_does_not_wait_and_forget_drops(
-    spawn: Callable[..., WorkerProcess], producer: Millpond
-) -> None:
-    spawn("-P", "threads", "-c", "2")
-    backend = producer.backend
+def test_peek_does_not_wait_and_forget_drops(served: Millpond) -> None:
+    backend = served.backend
     assert backend is not None
-    handle = producer.send_task("rpc.add", (20, 22))
+    handle = served.send_task("rpc.add", (20, 22))
     start = time.monotonic()
     assert backend.peek(str(uuid.uuid4())) is None
     assert time.monotonic() - start < 0.5
     assert handle.get(timeout=30) == 42
     meta = backend.peek(handle.id)
     assert meta is not None and (meta.status, meta.result) == (TaskState.SUCCESS, 42)
-    assert producer.AsyncResult(handle.id).get(timeout=0) == 42  # a second handle reads it too
+    assert served.AsyncResult(handle.id).get(timeout=0) == 42  # a second handle reads it too
     handle.forget()
     assert backend.peek(handle.id) is None
-    assert producer.AsyncResult(handle.id).state == TaskState.PENDING
+    assert served.AsyncResult(handle.id).state == TaskState.PENDING
     # nobody waits: ready() (a peek) reads what has arrived, so a loop over it ends
-    later = producer.send_task("rpc.add", (1, 2))
-    wait_until(lambda: producer.AsyncResult(later.id).ready(), 30, "ready() to see the result")
+    later = served.send_task("rpc.add", (1, 2))
+    wait_until(lambda: served.AsyncResult(later.id).ready(), 30, "ready() to see the result")
     assert later.get(timeout=0) == 3
 
 
 def test_another_process_is_told_it_cannot_read_rpc_results(
-    spawn: Callable[..., WorkerProcess], producer: Millpond, queue: str
+    served: Millpond, served_queue: str
 ) -> None:
-    spawn("-P", "threads", "-c", "2")
-    handle = producer.send_task("rpc.add", (1, 1))
+    handle = served.send_task("rpc.add", (1, 1))
     assert handle.get(timeout=30) == 2
     env = {**os.environ, "MILLPOND_BROKER_URL": URL, "MILLPOND_RESULT_BACKEND": "rpc://"}
     done = subprocess.run(
@@ -385,7 +413,7 @@ def test_another_process_is_told_it_cannot_read_rpc_results(
     assert "only to the process that sent the task" in done.stderr
     assert "redis://" in done.stderr
     # the same in code: another app (another reply queue) that sent nothing
-    other = Millpond("other", broker_url=URL, result_backend="rpc://", default_queue=queue)
+    other = Millpond("other", broker_url=URL, result_backend="rpc://", default_queue=served_queue)
     try:
         with pytest.raises(NotSupported, match="only to the process that sent the task"):
             other.AsyncResult(handle.id).get(timeout=1)
@@ -447,7 +475,8 @@ def test_results_nobody_reads_are_bounded(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """One worker thread runs them in order, so they arrive in order: beyond the limit the
-    oldest results nobody asked for are dropped, with a warning; the newest are kept."""
+    oldest results nobody asked for are dropped, with a warning; the newest are kept. (A worker
+    of its own: the order needs `-c 1`.)"""
     monkeypatch.setattr(rpc, "BUFFER_LIMIT", 5)
     spawn("-P", "threads", "-c", "1")
     handles = [producer.send_task("rpc.add", (n, 0)) for n in range(9)]
@@ -484,21 +513,23 @@ def test_worker_logs_a_caller_that_has_gone(caplog: pytest.LogCaptureFixture) ->
 
 @pytest.mark.fault
 def test_reply_connection_lost_and_back(
-    spawn: Callable[..., WorkerProcess],
-    queue: str,
+    shared_worker: WorkerProcess,
+    served_queue: str,
     admin: Admin,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The caller's connection drops while it waits: RabbitMQ deletes the reply queue; the
     waiting thread reconnects and declares it again, and a result sent after that arrives; so
-    does the result of a task sent after the drop."""
-    spawn("-P", "threads", "-c", "2")
+    does the result of a task sent after the drop. Only this process's connection goes through
+    the proxy: the shared worker's stays up."""
     gate = unique("mp-rpc-gate")
     declare_gate(gate)
     admin.queues.append(gate)
     with Proxy(("127.0.0.1", 5672)) as proxy:
         url = f"amqp://guest:guest@127.0.0.1:{proxy.port}//"
-        app = Millpond("rpc-proxied", broker_url=url, result_backend="rpc://", default_queue=queue)
+        app = Millpond(
+            "rpc-proxied", broker_url=url, result_backend="rpc://", default_queue=served_queue
+        )
         try:
             assert app.send_task("rpc.add", (1, 1)).get(timeout=30) == 2
             name = reply_queue(app)
