@@ -80,8 +80,10 @@ def test_the_warm_shutdown_example_gives_the_short_naps_to_the_second_worker(
         assert first.proc.poll() is None, "the first worker should still run its 30 s nap"
         second.signal(signal.SIGTERM)
         assert second.wait(30) == 0, second.text()[-3000:]
-        # the second worker's warm stop acknowledged what it ran: nothing of it came back
-        assert broker.queue_length(queue) == 0
+        # the second worker's warm stop acknowledged what it ran: only the naps still in its
+        # buffer (not yet started when the signal came, on a loaded machine) came back
+        back = [line for line in second.lines() if line.get("event") == GAVE_BACK]
+        assert broker.queue_length(queue) == (back[0].get("given_back", 0) if back else 0), back
     finally:
         for worker in (first, second):
             if worker is not None and worker.proc.poll() is None:
