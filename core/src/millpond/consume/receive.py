@@ -3,7 +3,8 @@ refused with a reason.
 
 Everything a message can get wrong is found here, before any task code runs: a bad signature, a
 body that does not decode, an unknown task, arguments the function cannot take, too many
-deliveries (a poison message that keeps killing its worker). Each is dead-lettered with a reason
+deliveries (a poison message that keeps killing its worker), canvas fields (callbacks, errbacks,
+chain, chord) on a worker without the canvas plugin. Each is dead-lettered with a reason
 and one log line; none is retried, none is dropped silently, and no bug in the decoder can take
 the worker down. A message whose eta is still ahead goes back to the broker to hold (delays live in
 the broker, never in worker memory); one that expired before it arrived is answered REVOKED.
@@ -21,6 +22,7 @@ import structlog
 from millpond.consume.settle import Acks, redelivered
 from millpond.contracts.backend import ResultMeta
 from millpond.contracts.broker import Delivery
+from millpond.contracts.canvas import MISSING, Canvas
 from millpond.contracts.pool import Capabilities, Job
 from millpond.exceptions import MalformedMessage, MessageError, UnknownTask
 from millpond.states import READY_STATES
@@ -68,6 +70,9 @@ class Receiver:
         #: task name -> (fewest, most) positional arguments, for plain signatures only
         self._positional: dict[str, tuple[int, int]] = {}
         self._warned: set[tuple[str, str]] = set()
+        #: no canvas plugin (the core's stand-in): a message with canvas fields can never finish
+        #: here, and would run, fail its canvas step and go back to the queue on every delivery
+        self._no_canvas = type(app.canvas) is Canvas
 
     def receive(self, delivery: Delivery) -> Job | None:
         """The job to run (the worker answers one that is revoked or expired without running
@@ -89,6 +94,12 @@ class Receiver:
                     "deploy a worker that has it, then replay the dead letters"
                 )
             self._check_arguments(task, msg)
+            if self._no_canvas and msg.embed and any(msg.embed.values()):
+                fields = ", ".join(k for k, v in msg.embed.items() if v)
+                raise MessageError(
+                    f"task {msg.task!r} carries canvas fields ({fields}): {MISSING}; "
+                    "then replay the dead letters"
+                )
         except Exception as exc:
             reason = str(exc)
             if not isinstance(exc, MessageError):
