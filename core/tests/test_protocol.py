@@ -35,7 +35,7 @@ def test_round_trip_keeps_every_header() -> None:
         headers={"traceparent": "00-ab"},
     )
     decoded = decode_task(msg)
-    assert decoded.task == "shop.add"
+    assert decoded.task_name == "shop.add"
     assert decoded.args == (2, 3)
     assert decoded.kwargs == {"z": 1}
     assert decoded.retries == 2
@@ -43,10 +43,10 @@ def test_round_trip_keeps_every_header() -> None:
     assert decoded.expires == pytest.approx(1_700_000_100.0)
     assert (decoded.time_limit, decoded.soft_time_limit) == (30.0, 20.0)
     assert (decoded.root_id, decoded.parent_id, decoded.origin) == ("r", "p", "me@host")
-    assert decoded.traceparent == "00-ab"
+    assert decoded.headers["traceparent"] == "00-ab"
     assert msg.headers["lang"] == "py"
     assert msg.headers["timelimit"] == [30, 20]
-    assert msg.properties["correlation_id"] == decoded.id
+    assert msg.properties["correlation_id"] == decoded.task_id
     assert json.loads(msg.body)[2] == {
         "callbacks": None,
         "errbacks": None,
@@ -77,7 +77,7 @@ def test_message_sent_by_celery_decodes() -> None:
         properties=dict(task_msg.properties),
     )
     decoded = decode_task(message)
-    assert (decoded.id, decoded.task, decoded.args, decoded.kwargs) == (
+    assert (decoded.task_id, decoded.task_name, decoded.args, decoded.kwargs) == (
         "tid-1",
         "shop.add",
         (2, 3),
@@ -165,7 +165,7 @@ def test_unserialisable_arguments_fail_at_send() -> None:
     ),
 )
 def test_decoder_never_crashes_on_arbitrary_input(body: bytes, headers: dict) -> None:  # type: ignore[type-arg]
-    """Whatever arrives, the decoder either returns a TaskMessage or raises a MessageError."""
+    """Whatever arrives, the decoder either returns a Job or raises a MessageError."""
     try:
         decode_task(Message(body=body, headers=headers))
     except MessageError:

@@ -9,7 +9,7 @@ One input drives one of three paths, chosen by its first byte:
    picked by the second byte;
 2. the same message, signed first and then altered by one byte: verification must refuse it.
 
-The contract: every input either decodes into a valid `TaskMessage` or raises a `MessageError`
+The contract: every input either decodes into a valid `Job` or raises a `MessageError`
 subclass; anything else (OverflowError, RecursionError, TypeError...) is a finding, because in the
 worker it would escape the decoder. Pickle is never in the accepted content types here: loading
 fuzzed pickles would run arbitrary opcodes on this machine.
@@ -30,7 +30,7 @@ from typing import Any
 
 from millpond.exceptions import MessageError, SignatureError
 from millpond.wire import envelope, signing
-from millpond.wire.protocol import JSON, Message, TaskMessage, decode_task, encode_task
+from millpond.wire.protocol import JSON, Job, Message, decode_task, encode_task
 
 KEY = "fuzz-key"
 MAX_SIZE = 64 * 1024
@@ -43,10 +43,10 @@ def _says_why(exc: Exception) -> None:
         raise AssertionError(f"{type(exc).__name__} without a reason: a refusal must say why")
 
 
-def _check(msg: TaskMessage) -> None:
+def _check(msg: Job) -> None:
     """What the worker relies on after a successful decode."""
-    assert isinstance(msg.id, str) and 0 < len(msg.id) <= 255
-    assert isinstance(msg.task, str) and 0 < len(msg.task) <= 255
+    assert isinstance(msg.task_id, str) and 0 < len(msg.task_id) <= 255
+    assert isinstance(msg.task_name, str) and 0 < len(msg.task_name) <= 255
     assert isinstance(msg.args, tuple)
     assert isinstance(msg.kwargs, dict) and all(isinstance(k, str) for k in msg.kwargs)
     assert isinstance(msg.retries, int) and not isinstance(msg.retries, bool)
@@ -55,11 +55,11 @@ def _check(msg: TaskMessage) -> None:
         assert when is None or (isinstance(when, float) and math.isfinite(when))
     for limit in (msg.time_limit, msg.soft_time_limit):
         assert limit is None or (isinstance(limit, float) and math.isfinite(limit) and limit > 0)
-    for text in (msg.root_id, msg.parent_id, msg.group, msg.origin, msg.traceparent):
+    for text in (msg.root_id, msg.parent_id, msg.group_id, msg.origin, msg.reply_to):
         assert text is None or isinstance(text, str)
 
 
-def decode(message: Message) -> TaskMessage | None:
+def decode(message: Message) -> Job | None:
     """The worker's checks; None when the message is refused (as it must be, with a reason)."""
     _ = message.task_id, message.task_name  # used to log refusals: must never raise
     try:

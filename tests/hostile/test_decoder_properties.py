@@ -166,7 +166,7 @@ def test_what_a_producer_encodes_decodes_the_same_through_the_envelope(
     msg = decode_task(received)
     assert list(msg.args) == json.loads(json.dumps(args))
     assert msg.kwargs == json.loads(json.dumps(kwargs))
-    assert (msg.task, msg.retries, msg.eta, msg.expires) == (task, retries, 1.7e9, 1.8e9)
+    assert (msg.task_name, msg.retries, msg.eta, msg.expires) == (task, retries, 1.7e9, 1.8e9)
 
 
 signed_headers = st.sampled_from(

@@ -685,7 +685,7 @@ def test_delays_do_not_queue_behind_longer_ones(
         assert DELAY_TARGET not in d.message.headers
         assert DELAY_ETA not in d.message.headers
         assert not any(k.startswith(("x-death", "x-first")) for k in d.message.headers)
-        assert decode_task(d.message).task == "t"
+        assert decode_task(d.message).task_name == "t"
         consumer.ack([d])
     finally:
         consumer.close()
@@ -732,7 +732,7 @@ def test_celery_producer_to_millpond_consumer(
         try:
             (d,) = drain(consumer, 1)
             task = decode_task(d.message)
-            assert (task.id, task.task, task.args, task.kwargs) == (
+            assert (task.task_id, task.task_name, task.args, task.kwargs) == (
                 result.id,
                 "proj.add",
                 (2, 3),

@@ -151,7 +151,7 @@ with broker.consumer(["to-child"], 1) as consumer:
     while not got:
         got = consumer.fetch(1, 0.25)
     task = decode_task(got[0].message)
-    meta = ResultMeta(task_id=task.id, status="SUCCESS", result=sum(task.args))
+    meta = ResultMeta(task_id=task.task_id, status="SUCCESS", result=sum(task.args))
     broker.default_backend().store(meta)
     consumer.ack(got)
 broker.close()

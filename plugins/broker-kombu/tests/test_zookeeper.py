@@ -313,7 +313,7 @@ def test_a_celery_producer_feeds_a_millpond_consumer(zookeeper: ZookeeperServer)
             got = consumer.fetch(1, 10.0)
             assert [d.message.task_id for d in got] == [sent.id]
             task = decode_task(got[0].message)
-            assert (task.task, task.args) == ("kit.add", (2, 3))
+            assert (task.task_name, task.args) == ("kit.add", (2, 3))
             consumer.ack(got)
         finally:
             consumer.close()

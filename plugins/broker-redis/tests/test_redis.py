@@ -183,7 +183,7 @@ def test_celery_producer_message_is_consumed_and_decodes(
         got = fetch_until(consumer, 1, 5.0)
         assert len(got) == 1, "a message sent by Celery was not consumed"
         task = decode_task(got[0].message)
-        assert (task.id, task.task, task.args, task.kwargs) == (
+        assert (task.task_id, task.task_name, task.args, task.kwargs) == (
             sent.id,
             "interop.add",
             (2, 3),
@@ -396,7 +396,7 @@ def test_a_reservation_whose_ack_was_lost_goes_back_to_its_queue(
         caplog.set_level(logging.WARNING, "millpond.broker.redis")
         assert consumer.fetch(8, 0.2) == []  # notices the stale entry
         (again,) = fetch_until(consumer, 1, 5.0)  # gives it back, then receives it again
-        assert decode_task(again.message).id == "lost-ack"
+        assert decode_task(again.message).task_id == "lost-ack"
         consumer.ack([again])
         assert shared.hlen(ukey) == 0 and shared.llen(queue) == 0
         assert "already acknowledged or given back" in caplog.text

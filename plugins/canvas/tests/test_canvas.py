@@ -246,9 +246,9 @@ def test_the_wire_is_celerys_layout(memory_app: Millpond) -> None:
     assert [s["args"] for s in steps] == [[4], [3]]  # reversed: the next step is the last
     assert all(s["subtask_type"] is None and s["immutable"] is False for s in steps)
     assert all("task_id" in s["options"] for s in steps)  # frozen: ids known to the caller
-    assert [(m.group, m.group_index) for m in headers] == [
-        (headers[0].group, 0),
-        (headers[0].group, 1),
+    assert [(m.group_id, m.group_index) for m in headers] == [
+        (headers[0].group_id, 0),
+        (headers[0].group_id, 1),
     ]
     body = headers[0].embed["chord"]
     assert body["task"] == "w.tsum" and "task_id" in body["options"]

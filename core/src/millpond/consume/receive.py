@@ -1,9 +1,11 @@
-"""The first step of a task's trip through the worker: a broker delivery becomes a `Job`, or is
-refused with a reason.
+"""The first step of a task's trip through the worker: a broker delivery becomes a `Job` (the one
+object `decode_task` builds, which the pool runs and the settler settles), or is refused with a
+reason.
 
 Everything a message can get wrong is found here, before any task code runs: a bad signature, a
 body that does not decode, an unknown task, arguments the function cannot take, too many
-deliveries (a poison message that keeps killing its worker). Each is dead-lettered with a reason
+deliveries (a poison message that keeps killing its worker), canvas fields (callbacks, errbacks,
+chain, chord) on a worker without the canvas plugin. Each is dead-lettered with a reason
 and one log line; none is retried, none is dropped silently, and no bug in the decoder can take
 the worker down. A message whose eta is still ahead goes back to the broker to hold (delays live in
 the broker, never in worker memory); one that expired before it arrived is answered REVOKED.
@@ -21,10 +23,11 @@ import structlog
 from millpond.consume.settle import Acks, redelivered
 from millpond.contracts.backend import ResultMeta
 from millpond.contracts.broker import Delivery
+from millpond.contracts.canvas import MISSING, Canvas
 from millpond.contracts.pool import Capabilities, Job
 from millpond.exceptions import MalformedMessage, MessageError, UnknownTask
 from millpond.states import READY_STATES
-from millpond.wire.protocol import TaskMessage, decode_task
+from millpond.wire.protocol import decode_task
 from millpond.wire.signing import verify
 
 if TYPE_CHECKING:
@@ -68,6 +71,9 @@ class Receiver:
         #: task name -> (fewest, most) positional arguments, for plain signatures only
         self._positional: dict[str, tuple[int, int]] = {}
         self._warned: set[tuple[str, str]] = set()
+        #: no canvas plugin (the core's stand-in): a message with canvas fields can never finish
+        #: here, and would run, fail its canvas step and go back to the queue on every delivery
+        self._no_canvas = type(app.canvas) is Canvas
 
     def receive(self, delivery: Delivery) -> Job | None:
         """The job to run (the worker answers one that is revoked or expired without running
@@ -78,17 +84,23 @@ class Receiver:
         try:
             if settings.signing_key:
                 verify(delivery.message, settings.signing_key)
-            msg = decode_task(
+            job = decode_task(
                 delivery.message, accept=self._accept, max_size=settings.max_message_size
             )
-            task = self.app.tasks.get(msg.task)
+            task = self.app.tasks.get(job.task_name)
             if task is None:
                 raise UnknownTask(
-                    f"unknown task {msg.task!r}: not registered in app {self.app.name!r} "
+                    f"unknown task {job.task_name!r}: not registered in app {self.app.name!r} "
                     f"(registered: {', '.join(sorted(self.app.tasks)) or 'none'}); "
                     "deploy a worker that has it, then replay the dead letters"
                 )
-            self._check_arguments(task, msg)
+            self._check_arguments(task, job)
+            if self._no_canvas and job.embed:
+                fields = ", ".join(job.embed)
+                raise MessageError(
+                    f"task {job.task_name!r} carries canvas fields ({fields}): {MISSING}; "
+                    "then replay the dead letters"
+                )
         except Exception as exc:
             reason = str(exc)
             if not isinstance(exc, MessageError):
@@ -102,32 +114,32 @@ class Receiver:
             message = delivery.message
             acks.dead_letter(delivery, reason, task_id=message.task_id, task_name=message.task_name)
             return None
-        job = self._make_job(task, msg, delivery)
+        self._add_delivery(task, job, delivery)
         if delivery.delivery_count > settings.max_deliveries:
             acks.dead_letter(
                 delivery,
                 f"delivered {delivery.delivery_count} times, over max_deliveries="
                 f"{settings.max_deliveries}: the task keeps being lost (it may kill its worker)",
-                task_id=msg.id,
-                task_name=msg.task,
+                task_id=job.task_id,
+                task_name=job.task_name,
             )
             return None
         if redelivered(job):
-            finished = self._finished(msg)
+            finished = self._finished(job)
             if finished is not None:
-                if self.rejoin is not None and msg.embed.get("chord"):
+                if self.rejoin is not None and job.embed and job.embed.get("chord"):
                     # the worker may have died between storing the result and returning the
                     # chord's part: return it again (a part counts once)
                     self.rejoin(job, finished)
                 acks.ack_later([delivery])
                 return None
         now = time.time()
-        if self.revoked is not None and self.revoked(msg.id, msg.headers) is not None:
+        if self.revoked is not None and self.revoked(job.task_id, job.headers) is not None:
             return job  # answered REVOKED by the worker
-        if msg.eta is not None and msg.eta > now + 0.05:
-            self._hand_back(delivery, msg)
+        if job.eta is not None and job.eta > now + 0.05:
+            self._hand_back(delivery, job)
             return None
-        if msg.expires is not None and now > msg.expires:
+        if job.expires is not None and now > job.expires:
             return job  # answered REVOKED by the worker; acked with it
         if self.acks_early(task, receiving=True):
             acks.ack_now([delivery])  # at-most-once: acknowledged before it runs
@@ -143,7 +155,7 @@ class Receiver:
         hold = self.defer_early_ack
         return not (receiving and hold is not None and task is not None and hold(task.name))
 
-    def _finished(self, msg: TaskMessage) -> ResultMeta | None:
+    def _finished(self, job: Job) -> ResultMeta | None:
         """The final result of a redelivered message's task, if one is stored: it ran to the end
         and its worker died before the ack reached the broker. It is acknowledged without running
         again (only redeliveries are checked: one read each, none otherwise)."""
@@ -151,7 +163,7 @@ class Receiver:
         if backend is None or backend.replies_to_caller:
             return None  # rpc://: the result went to the caller; nothing here can tell
         try:
-            meta = backend.peek(msg.id)
+            meta = backend.peek(job.task_id)
         except Exception:
             return None  # cannot tell: run it (at least once)
         if meta is None or meta.status not in READY_STATES:
@@ -159,17 +171,17 @@ class Receiver:
         log.warning(
             "redelivered message of a task that already finished; acknowledged without "
             "running it again",
-            task_id=msg.id,
-            task_name=msg.task,
+            task_id=job.task_id,
+            task_name=job.task_name,
             state=meta.status,
         )
         return meta
 
-    def _hand_back(self, delivery: Delivery, msg: TaskMessage) -> None:
+    def _hand_back(self, delivery: Delivery, job: Job) -> None:
         """Not due yet (a producer that does not use broker delays): back to the broker to hold,
         never into this worker's memory."""
         try:
-            self.app.broker.publish(delivery.queue, delivery.message, eta=msg.eta)
+            self.app.broker.publish(delivery.queue, delivery.message, eta=job.eta)
         except Exception as exc:
             # the broker is away (publish already retried) or refuses this eta: the message goes
             # to the dead letters with the reason, or back to the queue if even that fails
@@ -177,43 +189,28 @@ class Receiver:
                 delivery,
                 f"could not hand the message back to the broker to hold until its eta "
                 f"({type(exc).__name__}: {str(exc)[:200]}); replay it when the broker is well",
-                task_id=msg.id,
-                task_name=msg.task,
+                task_id=job.task_id,
+                task_name=job.task_name,
             )
             return
         self.acks.ack_later([delivery])
 
-    def _make_job(self, task: Task[..., Any], msg: TaskMessage, delivery: Delivery) -> Job:
+    def _add_delivery(self, task: Task[..., Any], job: Job, delivery: Delivery) -> None:
+        """What the decoded message does not say: where it came from, and the time limits the
+        task's options and the settings give it when the message sets none."""
         opts, settings = task.options, self.settings
-        hard = msg.time_limit or opts.time_limit or settings.time_limit
-        soft = msg.soft_time_limit or opts.soft_time_limit or settings.soft_time_limit
+        job.time_limit = hard = job.time_limit or opts.time_limit or settings.time_limit
+        job.soft_time_limit = soft = (
+            job.soft_time_limit or opts.soft_time_limit or settings.soft_time_limit
+        )
         if hard and not self.capabilities.hard_time_limit:
             self._unsupported(task.name, "time_limit")
         if soft and not self.capabilities.soft_time_limit:
             self._unsupported(task.name, "soft_time_limit")
-        return Job(
-            task_id=msg.id,
-            task_name=msg.task,
-            args=msg.args,
-            kwargs=msg.kwargs,
-            retries=msg.retries,
-            queue=delivery.queue,
-            time_limit=hard,
-            soft_time_limit=soft,
-            root_id=msg.root_id,
-            parent_id=msg.parent_id,
-            origin=msg.origin,
-            eta=msg.eta,
-            expires=msg.expires,
-            delivery_count=delivery.delivery_count,
-            sent_at=msg.sent_at,
-            # the canvas fields that are set; None for a plain task (the usual case, no loop)
-            embed=({k: v for k, v in msg.embed.items() if v} or None) if msg.embed else None,
-            group_id=msg.group,
-            group_index=msg.group_index,
-            reply_to=msg.reply_to,
-            headers=msg.headers,
-            delivery=delivery,
+        job.queue, job.delivery_count, job.delivery = (
+            delivery.queue,
+            delivery.delivery_count,
+            delivery,
         )
 
     def _unsupported(self, task_name: str, option: str) -> None:
@@ -226,23 +223,23 @@ class Receiver:
             task_name=task_name,
         )
 
-    def _check_arguments(self, task: Task[..., Any], msg: TaskMessage) -> None:
+    def _check_arguments(self, task: Task[..., Any], job: Job) -> None:
         name = task.name
         if name not in self._signatures:
             self._learn_signature(task)
-        if not msg.kwargs:
+        if not job.kwargs:
             span = self._positional.get(name)
             # plain positional parameters: a count is the whole check
-            if span is not None and span[0] <= len(msg.args) <= span[1]:
+            if span is not None and span[0] <= len(job.args) <= span[1]:
                 return
         sig = self._signatures[name]
         if sig is None:
             return
         try:
             if task.options.bind:
-                sig.bind(None, *msg.args, **msg.kwargs)
+                sig.bind(None, *job.args, **job.kwargs)
             else:
-                sig.bind(*msg.args, **msg.kwargs)
+                sig.bind(*job.args, **job.kwargs)
         except TypeError as exc:
             raise MalformedMessage(f"wrong arguments for task {name}: {exc}") from None
 

@@ -29,6 +29,9 @@ from typing import Any, ClassVar, Protocol, final
 from millpond.exceptions import NotSupported, TaskRevokedError, TimeLimitExceeded
 from millpond.states import TaskState
 
+# the decoded message is the job a pool runs; re-exported: this is where the contract names it
+from millpond.wire.protocol import Job as Job  # noqa: PLC0414
+
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
@@ -141,57 +144,6 @@ class Outcome:
         """A REVOKED outcome (terminated on request, or expired)."""
         return cls.error(TaskState.REVOKED, TaskRevokedError, message)
 
-
-@dataclass(slots=True, eq=False)
-class Job:
-    """One task to run. Everything but the worker-only fields is picklable and crosses to children."""
-
-    task_id: str
-    task_name: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    retries: int = 0
-    queue: str = ""
-    time_limit: float | None = None
-    soft_time_limit: float | None = None
-    root_id: str | None = None
-    parent_id: str | None = None
-    origin: str | None = None
-    eta: float | None = None
-    expires: float | None = None
-    delivery_count: int = 1
-    #: the producer's wall-clock publish time (header `millpond_sent_at`), for the queue wait
-    sent_at: float | None = None
-    #: propagation fields hooks hand from the worker to the execution unit (W3C trace context)
-    carrier: dict[str, str] | None = None
-    #: the canvas: the message's `callbacks`, `errbacks`, `chain` and `chord` (signature dicts)
-    embed: dict[str, Any] | None = None
-    group_id: str | None = None
-    group_index: int | None = None
-    #: the message's `reply_to` property: where a backend that replies to the caller sends the
-    #: result (rpc://)
-    reply_to: str | None = None
-    # -- kept in the worker process only --
-    #: the message headers as they came (hooks read the producer's trace context here)
-    headers: dict[str, Any] = field(default_factory=dict, repr=False)
-    delivery: Any = field(default=None, repr=False)
-    #: the `process` span of the tracing hook, while the job runs
-    span: Any = field(default=None, repr=False)
-    started: float = 0.0
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        for local in _WORKER_ONLY:
-            state[local] = None
-        state["headers"] = {}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            object.__setattr__(self, name, value)
-
-
-_WORKER_ONLY = ("delivery", "span")
 
 #: wraps an async task's coroutine before it is awaited (the asyncio pool's soft time limit)
 Guard = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]

@@ -380,8 +380,8 @@ class BrokerContract:
         got = fetch_until(consumer, 1, 5.0)
         assert len(got) == 1, "a published task was not fetched within 5 s"
         task = decode_task(got[0].message)
-        assert task.id == sent.task_id
-        assert task.task == "kit.add"
+        assert task.task_id == sent.task_id
+        assert task.task_name == "kit.add"
         assert task.args == (2, 3)
         assert task.kwargs == {"scale": 1.5, "label": "ü"}
         consumer.ack(got)

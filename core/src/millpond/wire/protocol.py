@@ -1,7 +1,7 @@
 """Celery's task message protocol v2, the only wire format millpond speaks.
 
 A `Message` is what a broker carries (body bytes, headers, a few properties). `encode_task` builds
-one from a task call; `decode_task` turns one back into a validated `TaskMessage` or raises a
+one from a task call; `decode_task` turns one back into a validated `Job` (what the worker runs) or raises a
 `MessageError` subclass that says exactly what is wrong, so the worker can dead-letter the message
 with a reason instead of crashing. JSON is the only accepted content type unless the `accept_content`
 setting says otherwise; pickle is refused unless explicitly allowed.
@@ -71,31 +71,59 @@ class Message:
         return value if isinstance(value, str) else None
 
 
-@dataclass(slots=True, frozen=True)
-class TaskMessage:
-    """A decoded, validated task message: everything the worker needs to run it."""
+@dataclass(slots=True, eq=False)
+class Job:
+    """A decoded, validated task message: what the worker runs, from decode to settle (the pool
+    contract's job, `millpond.contracts.pool`). `decode_task` fills the message's fields; the
+    worker adds the delivery's (queue, delivery_count, delivery) and the resolved time limits.
+    Everything but the worker-only fields is picklable and crosses to a pool's children."""
 
-    id: str
-    task: str
+    task_id: str
+    task_name: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     retries: int = 0
-    eta: float | None = None  # seconds since the epoch
-    expires: float | None = None  # seconds since the epoch
+    queue: str = ""
     time_limit: float | None = None
     soft_time_limit: float | None = None
     root_id: str | None = None
     parent_id: str | None = None
-    group: str | None = None
-    group_index: int | None = None
     origin: str | None = None
-    ignore_result: bool = False
-    reply_to: str | None = None
+    eta: float | None = None
+    expires: float | None = None
+    delivery_count: int = 1
+    #: the producer's wall-clock publish time (header `millpond_sent_at`), for the queue wait
     sent_at: float | None = None
-    traceparent: str | None = None
-    tracestate: str | None = None
-    embed: dict[str, Any] = field(default_factory=dict)
-    headers: dict[str, Any] = field(default_factory=dict)
+    #: propagation fields hooks hand from the worker to the execution unit (W3C trace context)
+    carrier: dict[str, str] | None = None
+    #: the canvas: the message's `callbacks`, `errbacks`, `chain` and `chord` (signature dicts)
+    embed: dict[str, Any] | None = None
+    group_id: str | None = None
+    group_index: int | None = None
+    #: the message's `reply_to` property: where a backend that replies to the caller sends the
+    #: result (rpc://)
+    reply_to: str | None = None
+    # -- kept in the worker process only --
+    #: the message headers as they came (hooks read the producer's trace context here)
+    headers: dict[str, Any] = field(default_factory=dict, repr=False)
+    delivery: Any = field(default=None, repr=False)
+    #: the `process` span of the tracing hook, while the job runs
+    span: Any = field(default=None, repr=False)
+    started: float = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        for local in _WORKER_ONLY:
+            state[local] = None
+        state["headers"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+
+
+_WORKER_ONLY = ("delivery", "span")
 
 
 def new_id() -> str:
@@ -255,7 +283,7 @@ def decode_task(
     *,
     accept: frozenset[str] = DEFAULT_ACCEPT,
     max_size: int = DEFAULT_MAX_SIZE,
-) -> TaskMessage:
+) -> Job:
     """Validate a message and decode its body; every problem raises a `MessageError` subclass."""
     if not isinstance(message.body, bytes | bytearray | memoryview):
         raise MalformedMessage("message body is not bytes")
@@ -336,27 +364,25 @@ def decode_task(
         origin = _optional_str(headers, "origin")
         traceparent = _optional_str(headers, "traceparent")
         tracestate = _optional_str(headers, "tracestate")
-    return TaskMessage(
-        id=task_id,
-        task=name,
+    return Job(
+        task_id=task_id,
+        task_name=name,
         args=args,
         kwargs=kwargs,
         retries=retries,
-        eta=None if eta is None else _parse_time("eta", eta),
-        expires=None if expires is None else _parse_time("expires", expires),
         time_limit=hard,
         soft_time_limit=soft,
         root_id=root_id,
         parent_id=parent_id,
-        group=group,
-        group_index=group_index,
         origin=origin,
-        ignore_result=bool(headers.get("ignore_result", False)),
-        reply_to=reply_to if isinstance(reply_to, str) else None,
+        eta=None if eta is None else _parse_time("eta", eta),
+        expires=None if expires is None else _parse_time("expires", expires),
         sent_at=sent_at,
-        traceparent=traceparent,
-        tracestate=tracestate,
-        embed=embed,
+        # the canvas fields that are set; None for a plain task (the usual case, no loop)
+        embed=({k: v for k, v in embed.items() if v} or None) if embed else None,
+        group_id=group,
+        group_index=group_index,
+        reply_to=reply_to if isinstance(reply_to, str) else None,
         headers=headers,
     )
 
