@@ -61,6 +61,17 @@ def test_a_missing_name_lists_what_is_installed() -> None:
         plugins.broker_for_url("kafka://h")
 
 
+def test_a_missing_first_party_hook_names_its_package() -> None:
+    # every first-party hook is installed here, so the message is made as for a venv without one
+    with pytest.raises(PluginNotFound) as info:
+        plugins._raise_missing(plugins.HOOKS, ["metrics"])
+    assert str(info.value).endswith(
+        "install it with: pip install millpond-metrics, or fix the hooks setting"
+    )
+    with pytest.raises(PluginNotFound, match=r"no hooks named 'nosuch' .*; fix the hooks setting$"):
+        plugins.load_hooks(["nosuch"])
+
+
 def test_redis_cluster_urls_find_the_redis_broker() -> None:
     from millpond_broker_redis import RedisBroker
 

@@ -96,6 +96,10 @@ FIRST_PARTY = {
         (COMPONENTS, "millpond-ratelimit", "ratelimit"),
         (CLIENTS, "millpond-control", "control"),
         (CANVAS, "millpond-canvas", "canvas"),
+        (HOOKS, "millpond-tracing", "tracing"),
+        (HOOKS, "millpond-health", "health"),
+        (HOOKS, "millpond-metrics", "metrics"),
+        (HOOKS, "millpond-control", "events"),
     ]
     for name in names.split()
 }
@@ -212,7 +216,7 @@ def _raise_missing(group: str, names: list[str]) -> None:
     package = FIRST_PARTY.get((group, names[0]))
     hint = f"; install it with: pip install {package}" if package else ""
     if group == HOOKS:
-        hint = "; fix the hooks setting"
+        hint = f"{hint}, or fix the hooks setting" if package else "; fix the hooks setting"
     shown = ", ".join(repr(n) for n in names)
     raise PluginNotFound(
         f"no {KIND.get(group, group)} named {shown} is installed (installed: {have}){hint}"
