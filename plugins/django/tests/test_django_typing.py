@@ -14,7 +14,29 @@ import pytest
 
 from millpond.testing.typecheck import expected_errors, strict_mypy
 
-DJANGO_OK = textwrap.dedent('''\
+#: the app and its three kinds of task, the same in both samples
+TASKS = textwrap.dedent("""\
+    app = DjangoMillpond("typing-sample", broker_url="memory://typing-sample")
+
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+
+    @app.task(queue="orders")
+    def ship(order_id: str) -> None: ...
+
+
+    @app.task(bind=True)
+    def charge(self: Task[Any, Any], order_id: str, cents: int) -> bool:
+        return True
+
+
+""")
+
+DJANGO_OK = (
+    textwrap.dedent('''\
     """Typed tasks of a DjangoMillpond; mypy --strict must report nothing."""
 
     from typing import Any, assert_type
@@ -22,23 +44,9 @@ DJANGO_OK = textwrap.dedent('''\
     from millpond import AsyncResult, Task
     from millpond_django import DjangoMillpond, DjangoTask
 
-    app = DjangoMillpond("typing-sample", broker_url="memory://typing-sample")
-
-
-    @app.task
-    def add(x: int, y: int) -> int:
-        return x + y
-
-
-    @app.task(queue="orders")
-    def ship(order_id: str) -> None: ...
-
-
-    @app.task(bind=True)
-    def charge(self: Task[Any, Any], order_id: str, cents: int) -> bool:
-        return True
-
-
+''')
+    + TASKS
+    + textwrap.dedent("""\
     typed: DjangoTask[[int, int], int] = add
     assert_type(add.delay(1, 2), AsyncResult[int])
     assert_type(add.delay_on_commit(1, 2), None)
@@ -46,9 +54,11 @@ DJANGO_OK = textwrap.dedent('''\
     charge.delay_on_commit("o-1", 100)
     charge.apply_async_on_commit(("o-1", 100), using="default", countdown=5)
     plain: Task[[int, int], int] = add  # still a Task
-''')
+""")
+)
 
-DJANGO_BAD = textwrap.dedent('''\
+DJANGO_BAD = (
+    textwrap.dedent('''\
     """Mistakes mypy --strict must report on delay_on_commit, each where the markers say."""
 
     from typing import Any
@@ -56,27 +66,14 @@ DJANGO_BAD = textwrap.dedent('''\
     from millpond import Task
     from millpond_django import DjangoMillpond
 
-    app = DjangoMillpond("typing-sample", broker_url="memory://typing-sample")
-
-
-    @app.task
-    def add(x: int, y: int) -> int:
-        return x + y
-
-
-    @app.task(queue="orders")
-    def ship(order_id: str) -> None: ...
-
-
-    @app.task(bind=True)
-    def charge(self: Task[Any, Any], order_id: str, cents: int) -> bool:
-        return True
-
-
+''')
+    + TASKS
+    + textwrap.dedent("""\
     add.delay_on_commit(1, "2")  # E: Argument 2 to "delay_on_commit" of "DjangoTask" has incompatible type "str"; expected "int"  [arg-type]
     ship.delay_on_commit()  # E: Missing positional argument "order_id" in call to "delay_on_commit" of "DjangoTask"  [call-arg]
     charge.delay_on_commit("o-1", cents="a")  # E: Argument "cents" to "delay_on_commit" of "DjangoTask" has incompatible type "str"; expected "int"  [arg-type]
-''')
+""")
+)
 
 
 @pytest.fixture(scope="module")
