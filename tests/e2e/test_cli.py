@@ -10,27 +10,20 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from millpond.testing.harness import run_command
 from tests.e2e.harness import ROOT, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
-def millpond(
-    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "millpond", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+#: a one-shot command run from the repository root, output captured
+millpond = partial(run_command, cwd=ROOT)
 
 
 @pytest.fixture

@@ -7,27 +7,20 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from millpond.config import plugins
+from millpond.testing.harness import run_command
 from millpond_cli.bootstrap import pool_from_argv
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def millpond(
-    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "millpond", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+#: a one-shot command run from the repository root, output captured
+millpond = partial(run_command, cwd=ROOT)
 
 
 def test_python_m_millpond_runs_the_console_script_this_package_declares() -> None:

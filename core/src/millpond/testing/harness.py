@@ -29,6 +29,7 @@ __all__ = [
     "assert_clean_stderr",
     "forget_queue",
     "reachable",
+    "run_command",
     "sqlite_url",
     "unique",
     "wait_until",
@@ -51,6 +52,22 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+def run_command(
+    *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m millpond <args>` in this interpreter with its output captured as text, the way a
+    user runs a one-shot command (send, config, plugins, purge); `env` is added to this process's."""
+    return subprocess.run(
+        [sys.executable, "-m", "millpond", *args],
+        check=False,  # the callers read the exit code and the output
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def reachable(host: str, port: int) -> bool:
