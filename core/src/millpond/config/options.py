@@ -81,16 +81,20 @@ class Option:
         if self.choices:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
         else:
-            text = _ALLOWED[self.kind]
-            if self.minimum is not None and self.maximum is not None:
-                text += f" from {self.minimum:g} to {self.maximum:g}"
-            elif self.minimum is not None:
-                text += f" >= {self.minimum:g}"
-            elif self.maximum is not None:
-                text += f" <= {self.maximum:g}"
+            text = _ALLOWED[self.kind] + self.bounds()
         if self.nullable:
             text += ", or empty for none"
         return text
+
+    def bounds(self, at_least: str = ">=", at_most: str = "<=") -> str:
+        """The range a number must fall in, as error messages and the settings reference say it."""
+        if self.minimum is not None and self.maximum is not None:
+            return f" from {self.minimum:g} to {self.maximum:g}"
+        if self.minimum is not None:
+            return f" {at_least} {self.minimum:g}"
+        if self.maximum is not None:
+            return f" {at_most} {self.maximum:g}"
+        return ""
 
     def cast(self, value: Any) -> Any:
         """The value as this option's type, from any source (TOML, text, Python).

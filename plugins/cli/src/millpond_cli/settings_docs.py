@@ -121,13 +121,7 @@ def _kind(opt: Option) -> str:
             "bool": "boolean",
             "list": "list",
             "table": "table",
-        }[opt.kind]
-        if opt.minimum is not None and opt.maximum is not None:
-            text += f" from {opt.minimum:g} to {opt.maximum:g}"
-        elif opt.minimum is not None:
-            text += f" ≥ {opt.minimum:g}"
-        elif opt.maximum is not None:
-            text += f" ≤ {opt.maximum:g}"
+        }[opt.kind] + opt.bounds("≥", "≤")
     if opt.nullable:
         text += ", or unset"
     return text
