@@ -9,9 +9,12 @@ imported, so an installed command costs the others nothing.
 from __future__ import annotations
 
 import argparse
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from millpond.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from millpond.config.settings import Settings
@@ -42,3 +45,15 @@ class Command(ABC):
         `app.add_hooks` (a prefork pool forks before that). Commands that cannot be embedded
         keep this."""
         raise NotImplementedError(f"{type(self).__name__} cannot run inside a worker")
+
+
+def json_object(flag: str, text: str, example: str) -> dict[str, Any]:
+    """The JSON object a command's flag was given (`--kwargs`, `--args`), or a usage error that
+    names the flag and shows an `example` of what it takes."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{flag} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"{flag} must be a JSON object, e.g. '{example}'")
+    return value

@@ -16,6 +16,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from millpond.contracts.command import json_object
 from millpond.exceptions import ConfigurationError, MillpondError, PluginLoadError, PluginNotFound
 from millpond_cli.parser import build_parser
 
@@ -249,12 +250,7 @@ def cmd_send(ns: argparse.Namespace) -> int:
     settings, app = _load(ns)
     if app is None:
         app = Millpond("cli", settings=settings)
-    try:
-        kwargs = json.loads(ns.kwargs)
-    except ValueError as exc:
-        raise ConfigurationError(f"--kwargs is not valid JSON: {exc}") from None
-    if not isinstance(kwargs, dict):
-        raise ConfigurationError("--kwargs must be a JSON object, e.g. '{\"x\": 1}'")
+    kwargs = json_object("--kwargs", ns.kwargs, '{"x": 1}')
     hooks = app.hooks
     hooks.lifecycle("process_starting", "millpond-send")  # a `publish` span when OTEL_* ask
     try:
@@ -304,11 +300,16 @@ def cmd_result(ns: argparse.Namespace) -> int:
     return EXIT_FAILED if meta.status == "FAILURE" else EXIT_OK
 
 
+def _queues(ns: argparse.Namespace, settings: Settings) -> list[str]:
+    """The queues a queue command works on: `--queues a,b`, else the ones the worker consumes."""
+    return [q.strip() for q in ns.queues.split(",")] if ns.queues else list(settings.queues)
+
+
 def cmd_purge(ns: argparse.Namespace) -> int:
     from millpond.produce.app import Millpond
 
     settings, _app = _load(ns)
-    queues = [q.strip() for q in ns.queues.split(",")] if ns.queues else list(settings.queues)
+    queues = _queues(ns, settings)
     if not ns.force:
         if not sys.stdin.isatty():
             raise ConfigurationError("purge deletes messages: pass --force to confirm")
@@ -330,7 +331,7 @@ def cmd_queue_stats(ns: argparse.Namespace) -> int:
     from millpond.produce.app import Millpond
 
     settings, _app = _load(ns)
-    queues = [q.strip() for q in ns.queues.split(",")] if ns.queues else list(settings.queues)
+    queues = _queues(ns, settings)
     if ns.slots is not None and ns.slots < 1:
         raise ConfigurationError(f"--slots must be at least 1, got {ns.slots}")
     app = Millpond("cli", settings=settings)
@@ -363,7 +364,7 @@ def cmd_dlq(ns: argparse.Namespace) -> int:
     from millpond.wire.protocol import DEATH_REASON
 
     settings, _app = _load(ns)
-    queues = [q.strip() for q in ns.queues.split(",")] if ns.queues else list(settings.queues)
+    queues = _queues(ns, settings)
     app = Millpond("cli", settings=settings)
     try:
         for queue in queues:

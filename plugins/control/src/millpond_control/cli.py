@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from millpond.contracts.command import Command as CoreCommand
+from millpond.contracts.command import json_object
 from millpond.exceptions import ConfigurationError
 from millpond_control import commands as _builtin  # noqa: F401 - registers them
 from millpond_control import ratelimit as _rate_limit  # noqa: F401 - registers it
@@ -109,12 +110,7 @@ def cmd_remote(
     if cmd is None or cmd.kind != kind:
         names = ", ".join(c.name for c in COMMANDS if c.kind == kind)
         raise ConfigurationError(f"no {kind} command {ns.method!r}; the {kind} commands: {names}")
-    try:
-        extra = json.loads(ns.args)
-    except ValueError as exc:
-        raise ConfigurationError(f"--args is not valid JSON: {exc}") from None
-    if not isinstance(extra, dict):
-        raise ConfigurationError("--args must be a JSON object, e.g. '{\"terminate\": true}'")
+    extra = json_object("--args", ns.args, '{"terminate": true}')
     arguments = {**_typed(cmd, ns.arguments), **extra}
     if kind == "control" and getattr(ns, "terminate", False):
         arguments["terminate"] = True
