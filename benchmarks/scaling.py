@@ -170,6 +170,7 @@ class Fleet:
         self.queue = f"bench-scale-{uuid.uuid4().hex[:10]}"
         self.producer = producer(MILLPOND, target.url, queue=self.queue)
         self.workers: list[WorkerProcess] = []
+        self.drains = 0
 
     def __enter__(self) -> Fleet:
         env = environment(MILLPOND, self.target.url, self.ctx.side.url, self.ctx.run_dir)
@@ -200,7 +201,13 @@ class Fleet:
     def drain(self, n: int, seconds: float, deadline: float) -> tuple[float, float]:
         """Hold every worker at a gate, load `n` ticks, release: (tasks/s, CPU ms per task)."""
         side = self.ctx.side
-        held, release, done = side.key("held"), side.key("release"), side.key("done")
+        # Keys of this drain only, and its release is never deleted: a worker that fell behind
+        # may still run gates of the previous drain after its ticks are done, and those must
+        # neither hold it (a deleted release would, for minutes) nor report into this drain.
+        self.drains += 1
+        held, release, done = (
+            side.key(f"{k}-{self.queue}-{self.drains}") for k in ("held", "release", "done")
+        )
         # A worker holds up to PREFETCH messages: with that many gates each, every window is
         # full once each worker is running one, so the ticks wait in the queue until the release.
         for _ in range(self.n * PREFETCH):
@@ -224,7 +231,7 @@ class Fleet:
             time.sleep(0.005)  # polling a counter, not synchronising: the loop is bounded above
         cpu_ms = (self.cpu_seconds() - cpu0) * 1000.0
         last = max(float(v) for v in side.client.lrange(done, 0, -1))
-        side.client.delete(done, release, held)
+        side.client.delete(done, held)
         return n / max(last - released, 1e-9), cpu_ms / n
 
     def latency(self, samples: int, deadline: float) -> dict[str, Any]:
