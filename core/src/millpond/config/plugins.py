@@ -120,29 +120,37 @@ def installed(group: str) -> list[str]:
     return sorted({ep.name for ep in entry_points(group)})
 
 
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """One installed entry point and the distribution that declares it, from metadata alone."""
+
+    group: str
+    name: str
+    target: str
+    distribution: str
+    version: str
+    core_range: str  # the core versions it requires (">=0.1,<0.2"), "" for none
+
+
 @functools.cache
-def distribution(ep: EntryPoint) -> Distribution | None:
-    """The distribution that declares `ep`. Tried first: the one named like its top-level package
-    (as every first-party plugin and the scaffold's are), since scanning every installed one
-    costs milliseconds at each worker start."""
+def describe(ep: EntryPoint) -> PluginInfo:
+    """`ep` with its distribution, which stevedore's cache does not record. Tried first: the one
+    named like its top-level package (as every first-party plugin and the scaffold's are), since
+    scanning every installed one costs milliseconds at each worker start."""
     try:
-        named = importlib.metadata.distribution(ep.value.partition(":")[0].partition(".")[0])
-        if ep in named.entry_points:
-            return named
+        dist = importlib.metadata.distribution(ep.value.partition(":")[0].partition(".")[0])
     except (PackageNotFoundError, ValueError):
-        pass
-    found = importlib.metadata.entry_points(group=ep.group, name=ep.name, value=ep.value)
-    return next((e.dist for e in found if e.dist is not None), None)
+        dist = None
+    if dist is None or ep not in dist.entry_points:
+        found = importlib.metadata.entry_points(group=ep.group, name=ep.name, value=ep.value)
+        dist = next((e.dist for e in found if e.dist is not None), None)
+    if dist is None:
+        return PluginInfo(ep.group, ep.name, ep.value, "?", "?", "")
+    name = dist.metadata["Name"] or "?"
+    return PluginInfo(ep.group, ep.name, ep.value, name, dist.version, _core_range(dist))
 
 
-def _dist_name(dist: Distribution | None) -> str:
-    return (dist.metadata["Name"] or "?") if dist is not None else "?"
-
-
-def core_range(dist: Distribution | None) -> str:
-    """The core versions a plugin's distribution requires (`>=0.1,<0.2`), "" for none or the core."""
-    if dist is None or canonicalize_name(_dist_name(dist)) == "millpond":
-        return ""
+def _core_range(dist: Distribution) -> str:
     for line in dist.requires or []:
         try:
             requirement = Requirement(line)
@@ -166,13 +174,12 @@ def core_version() -> str:
 
 
 def _check_core_version(ep: EntryPoint) -> None:
-    dist = distribution(ep)
-    wanted, core = core_range(dist), core_version()
-    if wanted and not SpecifierSet(wanted).contains(core, prereleases=True):
+    info, core = describe(ep), core_version()
+    if info.core_range and not SpecifierSet(info.core_range).contains(core, prereleases=True):
         raise PluginLoadError(
-            f"{KIND.get(ep.group, ep.group)} {ep.name!r} from {_dist_name(dist)} "
-            f"{dist.version if dist else '?'} needs millpond{wanted}, but millpond {core} is "
-            "installed; upgrade one of them so they match"
+            f"{KIND.get(ep.group, ep.group)} {ep.name!r} from {info.distribution} {info.version} "
+            f"needs millpond{info.core_range}, but millpond {core} is installed; upgrade one of "
+            "them so they match"
         )
 
 
@@ -245,7 +252,7 @@ def _raise_load_failure(_manager: Any, ep: EntryPoint, err: BaseException) -> No
 
 
 def _raise_conflict(group: str, name: str, extensions: list[Any]) -> Any:
-    owners = ", ".join(sorted(_dist_name(distribution(e.entry_point)) for e in extensions))
+    owners = ", ".join(sorted(describe(e.entry_point).distribution for e in extensions))
     raise PluginLoadError(
         f"several installed distributions declare a {KIND.get(group, group)} named {name!r} "
         f"({owners}); uninstall all but one"
@@ -308,33 +315,16 @@ def installed_sections() -> list[tuple[Section, str]]:
         section = settings_section(ep.name)
         assert section is not None  # it is installed, and _verify checked it has a name
         assert section.name
-        found.setdefault(section.name, (section, _dist_name(distribution(ep))))
+        found.setdefault(section.name, (section, describe(ep).distribution))
     return [found[name] for name in sorted(found)]
 
 
 # -- `millpond plugins` ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class PluginInfo:
-    """One installed entry point, described from metadata alone."""
-
-    group: str
-    name: str
-    target: str
-    distribution: str
-    version: str
-    core_range: str  # "" for none, and for the core's own
-
-
 def describe_installed(groups: Sequence[str] = GROUPS) -> list[PluginInfo]:
     """Every installed plugin with its distribution, version and core range; imports none."""
-    return [
-        PluginInfo(g, ep.name, ep.value, _dist_name(d), d.version if d else "?", core_range(d))
-        for g in groups
-        for ep in entry_points(g)
-        for d in [distribution(ep)]
-    ]
+    return [describe(ep) for group in groups for ep in entry_points(group)]
 
 
 def check(info: PluginInfo) -> str | None:
