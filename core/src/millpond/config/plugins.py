@@ -278,10 +278,6 @@ def backend_for_url(url: str, options: dict[str, Any] | None = None) -> ResultBa
     return cast(ResultBackend, load(BACKENDS, scheme_of(url))(url, options))
 
 
-def command(name: str) -> Any:
-    return load(COMMANDS, name)
-
-
 def components() -> list[tuple[str, Any]]:
     return load_all(COMPONENTS)
 
@@ -294,10 +290,6 @@ def load_hooks(names: Sequence[str]) -> list[Hooks]:
 def canvas_class() -> Any:
     """The installed `Canvas` subclass, or None when none is installed."""
     return load(CANVAS, "canvas") if "canvas" in installed(CANVAS) else None
-
-
-def has_patch(pool: str) -> bool:
-    return pool in installed(PATCHES)
 
 
 @functools.cache
