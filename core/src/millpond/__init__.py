@@ -10,15 +10,10 @@
 
     add.delay(2, 3).get(timeout=10)  # an int to the type checker; add.delay("2") is a type error
 
-`Task[P, R]` and `AsyncResult[R]` are generic, for annotations; `SendOptions` and
-`TaskDecoratorOptions` are the keyword options of `apply_async` and `@app.task`, for code that
-passes them on (`**options: Unpack[SendOptions]`).
-
-The canvas (`Signature`, `chain`, `group`, `chord`, ...) is the millpond-canvas package's
-(`millpond_canvas`), a dependency of millpond, re-exported here when first used.
-
-Importing millpond opens no connection, starts no thread and imports nothing else until a name is
-used: the `millpond` command must be able to monkey-patch (gevent, eventlet) before anything loads.
+`SendOptions` and `TaskDecoratorOptions` type the keywords of `apply_async` and `@app.task`, for
+code that passes them on. The canvas (`Signature`, `chain`, `group`, ...) is millpond-canvas's,
+re-exported here. Each name is imported on first use, so importing millpond opens, starts and
+imports nothing: the `millpond` command must be able to monkey-patch (gevent) before anything loads.
 """
 
 from __future__ import annotations
@@ -28,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-#: where each public name lives, imported on first use
 _EXPORTS = {
     name: module
     for module, names in {

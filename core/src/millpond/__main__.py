@@ -1,10 +1,6 @@
-"""`python -m millpond` is the `millpond` command: it runs the console script millpond-cli declares.
-
-The command line is a distribution of its own (millpond-cli, which millpond depends on), a client
-of the core like any plugin, so the core never imports it: this module reads the `millpond` script
-from that distribution's metadata (one distribution's, not a scan of every installed one) and
-calls it, as the script would be. Nothing else is imported first, so the script's early
-monkey-patching still runs before the rest of millpond (see `millpond_cli.bootstrap`).
+"""`python -m millpond` runs the `millpond` console script of millpond-cli, a client of the core
+like any plugin (so the core never imports it). The script is read from that one distribution's
+metadata and nothing else is imported first, so its early monkey-patching still comes first.
 """
 
 import sys

@@ -20,7 +20,7 @@ class PluginLoadError(MillpondError):
 
 
 class MessageError(MillpondError):
-    """A message from the broker cannot be turned into a task; it is dead-lettered, never retried."""
+    """A message cannot be turned into a task: it is dead-lettered, never retried."""
 
 
 class UnsupportedContentType(MessageError):
@@ -50,16 +50,14 @@ class BrokerError(MillpondError):
 class PublishError(BrokerError):
     """A message could not be handed to the broker: the producer must not assume it was sent."""
 
-    #: for a batch (`Broker.publish_many`) the broker took in part: the task ids it did not
-    #: take, so the others are reported as sent; None when it cannot tell (count all as unsent)
+    #: of a batch (`Broker.publish_many`) taken in part, the task ids not taken; None: unknown
     not_sent: frozenset[str] | None = None
 
 
 class AccessDenied(BrokerError):
-    """The broker refused the credentials, the virtual host or a permission (Redis WRONGPASS,
-    NOAUTH, NOPERM; AMQP ACCESS_REFUSED, NOT_ALLOWED). Waiting cannot cure it, so it is never
-    retried: the worker stops with this error and a publish fails at once; the message says what
-    to check."""
+    """The broker refused the credentials, virtual host or a permission (Redis WRONGPASS, NOAUTH,
+    NOPERM; AMQP ACCESS_REFUSED, NOT_ALLOWED). Waiting cannot cure it, so it is never retried:
+    the worker stops with it, a publish fails at once."""
 
 
 class PublishAccessDenied(AccessDenied, PublishError):
@@ -106,10 +104,8 @@ class MaxRetriesExceededError(MillpondError):
 
 
 class TaskError(MillpondError):
-    """A task failed with an exception type that cannot be rebuilt on the caller's side.
-
-    `.get()` raises a subclass named after the remote type, carrying its module and message.
-    """
+    """A task failed with an exception type the caller cannot rebuild: `.get()` raises a subclass
+    named after the remote type, carrying its module and message."""
 
     exc_type: str = "TaskError"
     exc_module: str = ""

@@ -1,5 +1,5 @@
-"""`app.control` is typed: the core's `ControlClient` protocol, which millpond-control's `Control`
-meets, so `mypy --strict` checks remote-control calls like any typed call.
+"""`app.control` is typed as millpond-control's `Control` (the core's name for it is
+`ControlClient`), so `mypy --strict` checks remote-control calls like any typed call.
 
 Like core/tests/test_typing.py: two samples, one strict mypy run with a config of its own; the
 good one must pass clean, the bad one must give exactly the errors its `# E:` markers say.
@@ -28,7 +28,7 @@ CONTROL_OK = textwrap.dedent('''\
 
     def check() -> None:  # type-checked, never run: it would wait for workers
         assert_type(app.control, ControlClient)
-        mine: ControlClient = open_control(app)  # the plugin's class meets the core protocol
+        mine: ControlClient = open_control(app)  # the core's name is the plugin's class
         inspector: InspectClient = mine.inspect(timeout=0.5)
         assert_type(inspector.active(), dict[str, Any] | None)
         replies = app.control.revoke("a-task-id", terminate=True, reply=True)
@@ -51,11 +51,11 @@ CONTROL_BAD = textwrap.dedent('''\
 
 
     def mistakes() -> None:
-        app.control.revoke(1)  # E: Argument 1 to "revoke" of "ControlClient" has incompatible type "int"; expected "str | Sequence[str]"  [arg-type]
-        app.control.revoke("id", terminate="yes")  # E: Argument "terminate" to "revoke" of "ControlClient" has incompatible type "str"; expected "bool"  [arg-type]
-        app.control.rate_limit("tasks.add", [10])  # E: Argument 2 to "rate_limit" of "ControlClient" has incompatible type "list[int]"; expected "str | float | None"  [arg-type]
-        app.control.inspect().actve()  # E: "InspectClient" has no attribute "actve"; maybe "active"?  [attr-defined]
-        app.control.revokee("id")  # E: "ControlClient" has no attribute "revokee"; maybe "revoke"?  [attr-defined]
+        app.control.revoke(1)  # E: Argument 1 to "revoke" of "Control" has incompatible type "int"; expected "str | Sequence[str]"  [arg-type]
+        app.control.revoke("id", terminate="yes")  # E: Argument "terminate" to "revoke" of "Control" has incompatible type "str"; expected "bool"  [arg-type]
+        app.control.rate_limit("tasks.add", [10])  # E: Argument 2 to "rate_limit" of "Control" has incompatible type "list[int]"; expected "str | float | None"  [arg-type]
+        app.control.inspect().actve()  # E: "Inspect" has no attribute "actve"; maybe "active"?  [attr-defined]
+        app.control.revokee("id")  # E: "Control" has no attribute "revokee"; maybe "revoke"?  [attr-defined]
 ''')
 
 
@@ -78,10 +78,12 @@ def test_wrong_calls_on_app_control_are_reported_where_marked(
 
 
 def test_app_control_is_the_plugins_class(tmp_path: Path) -> None:
-    """What mypy is told is what runs: `app.control` is a `Control`, which meets the protocol."""
+    """What mypy is told is what runs: `app.control` is a `Control`."""
     from millpond import Millpond
-    from millpond_control.client import Control
+    from millpond.contracts.clients import ControlClient, InspectClient
+    from millpond_control.client import Control, Inspect
 
+    assert (ControlClient, InspectClient) == (Control, Inspect)  # importable at run time too
     app = Millpond("typing-control-runtime", broker_url="memory://typing-control-runtime")
     try:
         assert isinstance(app.control, Control)

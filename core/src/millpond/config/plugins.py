@@ -1,19 +1,12 @@
-"""Finding and loading plugins through stevedore: pools, brokers, result backends, early patches,
-hooks and settings sections.
+"""Finding and loading plugins through stevedore, the one loader.
 
-stevedore is the one loader. It lists a group's entry points from its cache without importing
-anything, and imports only the names asked for: importing every installed plugin would import
-gevent and eventlet into a threads worker. A missing name is a clear error that lists what is
-installed and the package to install; a plugin that cannot be imported, or that declares a range of
-core versions this core is not in, says so when it is loaded instead of failing with an
-AttributeError later.
-
-stevedore's entry points carry no distribution, so the distribution that declared one (its name,
-version and `Requires-Dist: millpond ...` range) comes from `importlib.metadata`, read once per
-process, and the range is checked with `packaging`.
-
-`millpond_cli.bootstrap` has its own, stdlib-only lookup of the `millpond.patches` group: it runs
-before this module (or stevedore, or logging) may be imported; see its docstring.
+stevedore lists a group from its cache without importing anything and imports only the names
+asked for: importing every plugin would import gevent into a threads worker. Its entry points
+carry no distribution, so the one that declares a plugin (name, version, `Requires-Dist:
+millpond ...` range) comes from `importlib.metadata`, and the range is checked with `packaging`
+when the plugin is loaded: one built for another core says so instead of failing later with an
+AttributeError. `millpond_cli.bootstrap` reads `millpond.patches` with the standard library
+alone, as it runs before stevedore (or logging) may be imported.
 """
 
 from __future__ import annotations
@@ -23,7 +16,7 @@ import importlib.metadata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import Distribution, EntryPoint, PackageNotFoundError, version
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from packaging.requirements import InvalidRequirement, Requirement
@@ -39,7 +32,7 @@ from millpond.contracts.command import Command
 from millpond.contracts.component import WorkerComponent
 from millpond.contracts.hooks import Hooks
 from millpond.contracts.pool import BasePool
-from millpond.exceptions import PluginLoadError, PluginNotFound
+from millpond.exceptions import MillpondError, PluginLoadError, PluginNotFound
 
 POOLS = "millpond.pools"
 BROKERS = "millpond.brokers"
@@ -47,16 +40,12 @@ BACKENDS = "millpond.backends"
 PATCHES = "millpond.patches"
 HOOKS = "millpond.hooks"
 SETTINGS = "millpond.settings"
-#: shared rate limiters (global rate limits), a URL scheme each; millpond-ratelimit loads them
-LIMITERS = "millpond.limiters"
+LIMITERS = "millpond.limiters"  # shared rate limiters by URL scheme, for millpond-ratelimit
 COMMANDS = "millpond.commands"
-#: parts of the worker a plugin adds (contracts.component): the control plane, rate limits
-COMPONENTS = "millpond.components"
-#: objects an app offers as attributes (`app.control`), each a factory called with the app
-CLIENTS = "millpond.clients"
-#: chains, groups, chords and callbacks (contracts.canvas), under the one name `canvas`
-CANVAS = "millpond.canvas"
-#: each group's word for one of its plugins (in messages), and its title in `millpond plugins`,
+COMPONENTS = "millpond.components"  # parts of the worker (contracts.component)
+CLIENTS = "millpond.clients"  # app attributes (`app.control`): factories called with the app
+CANVAS = "millpond.canvas"  # chains, groups, chords (contracts.canvas), the one name `canvas`
+#: each group's word for one of its plugins (in messages) and its title in `millpond plugins`,
 #: in the order `millpond plugins` lists them
 NAMES = {
     POOLS: ("pool", "pools"),
@@ -105,6 +94,17 @@ FIRST_PARTY = {
 }
 
 
+#: the class each group's entry points name a subclass of
+_BASES: dict[str, type] = {
+    POOLS: BasePool,
+    BROKERS: Broker,
+    BACKENDS: ResultBackend,
+    HOOKS: Hooks,
+    COMPONENTS: WorkerComponent,
+    CANVAS: Canvas,
+}
+
+
 # -- what is installed (nothing imported) ----------------------------------------------------------
 
 
@@ -120,33 +120,37 @@ def installed(group: str) -> list[str]:
     return sorted({ep.name for ep in entry_points(group)})
 
 
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """One installed entry point and the distribution that declares it, from metadata alone."""
+
+    group: str
+    name: str
+    target: str
+    distribution: str
+    version: str
+    core_range: str  # the core versions it requires (">=0.1,<0.2"), "" for none
+
+
 @functools.cache
-def distribution(ep: EntryPoint) -> Distribution | None:
-    """The installed distribution that declares this entry point (stevedore's cache does not say).
-
-    Tried first: the distribution named like the entry point's top-level package (how every
-    first-party plugin and the scaffold's are named), where scanning every installed one costs
-    milliseconds at each worker start; the scan is the fallback. Once per entry point and process.
-    """
+def describe(ep: EntryPoint) -> PluginInfo:
+    """`ep` with its distribution, which stevedore's cache does not record. Tried first: the one
+    named like its top-level package (as every first-party plugin and the scaffold's are), since
+    scanning every installed one costs milliseconds at each worker start."""
     try:
-        named = importlib.metadata.distribution(ep.value.partition(":")[0].partition(".")[0])
-        if ep in named.entry_points:
-            return named
+        dist = importlib.metadata.distribution(ep.value.partition(":")[0].partition(".")[0])
     except (PackageNotFoundError, ValueError):
-        pass
-    found = importlib.metadata.entry_points(group=ep.group, name=ep.name, value=ep.value)
-    return next((e.dist for e in found if e.dist is not None), None)
+        dist = None
+    if dist is None or ep not in dist.entry_points:
+        found = importlib.metadata.entry_points(group=ep.group, name=ep.name, value=ep.value)
+        dist = next((e.dist for e in found if e.dist is not None), None)
+    if dist is None:
+        return PluginInfo(ep.group, ep.name, ep.value, "?", "?", "")
+    name = dist.metadata["Name"] or "?"
+    return PluginInfo(ep.group, ep.name, ep.value, name, dist.version, _core_range(dist))
 
 
-def _dist_name(dist: Distribution | None) -> str:
-    return (dist.metadata["Name"] or "?") if dist is not None else "?"
-
-
-def core_range(dist: Distribution | None) -> str:
-    """The range of core versions a plugin's distribution declares (`Requires-Dist: millpond
-    >=0.1,<0.2`), "" when it declares none (or is the core itself)."""
-    if dist is None or canonicalize_name(_dist_name(dist)) == "millpond":
-        return ""
+def _core_range(dist: Distribution) -> str:
     for line in dist.requires or []:
         try:
             requirement = Requirement(line)
@@ -170,15 +174,12 @@ def core_version() -> str:
 
 
 def _check_core_version(ep: EntryPoint) -> None:
-    """Refuse a plugin whose declared range of core versions excludes this core."""
-    dist = distribution(ep)
-    wanted = core_range(dist)
-    core = core_version()
-    if wanted and not SpecifierSet(wanted).contains(core, prereleases=True):
+    info, core = describe(ep), core_version()
+    if info.core_range and not SpecifierSet(info.core_range).contains(core, prereleases=True):
         raise PluginLoadError(
-            f"{KIND.get(ep.group, ep.group)} {ep.name!r} from {_dist_name(dist)} "
-            f"{dist.version if dist else '?'} needs millpond{wanted}, but millpond {core} is "
-            "installed; upgrade one of them so they match"
+            f"{KIND.get(ep.group, ep.group)} {ep.name!r} from {info.distribution} {info.version} "
+            f"needs millpond{info.core_range}, but millpond {core} is installed; upgrade one of "
+            "them so they match"
         )
 
 
@@ -191,9 +192,10 @@ def load(group: str, name: str) -> Any:
 
 
 def load_all(group: str, names: Sequence[str] | None = None) -> list[tuple[str, Any]]:
-    """(name, object) for every installed extension of a group, or for `names` in that order,
-    each checked against its group's contract; a missing name, one that cannot be loaded, one
-    two distributions declare, or one built for another core raises, naming it."""
+    """(name, object) for every installed extension of a group, or for `names` in that order.
+
+    Each is checked against its core range and its group's contract; a missing name, one that
+    cannot be imported or one two distributions declare raises, naming it."""
     wanted = list(names) if names is not None else installed(group)
     if not wanted:
         return []
@@ -209,6 +211,22 @@ def load_all(group: str, names: Sequence[str] | None = None) -> list[tuple[str, 
         _check_core_version(ext.entry_point)
         _verify(group, ext.name, ext.plugin)
     return [(ext.name, ext.plugin) for ext in manager.extensions]
+
+
+def _verify(group: str, name: str, obj: Any) -> None:
+    """Refuse an entry point whose object is not what its group promises."""
+    what = ""
+    if base := _BASES.get(group):
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            what = f"does not name a {base.__name__} subclass"
+    elif group == SETTINGS and not (isinstance(obj, Section) and obj.name):
+        what = "does not name a millpond Section with a name"
+    elif group == COMMANDS and not isinstance(obj, Command):
+        what = "does not name a millpond Command instance"
+    elif group in (PATCHES, CLIENTS) and not callable(obj):
+        what = "is not callable"
+    if what:
+        raise PluginLoadError(f"the {KIND.get(group, group)} {name!r} {what}: {obj!r}")
 
 
 def _raise_missing(group: str, names: list[str]) -> None:
@@ -234,7 +252,7 @@ def _raise_load_failure(_manager: Any, ep: EntryPoint, err: BaseException) -> No
 
 
 def _raise_conflict(group: str, name: str, extensions: list[Any]) -> Any:
-    owners = ", ".join(sorted(_dist_name(distribution(e.entry_point)) for e in extensions))
+    owners = ", ".join(sorted(describe(e.entry_point).distribution for e in extensions))
     raise PluginLoadError(
         f"several installed distributions declare a {KIND.get(group, group)} named {name!r} "
         f"({owners}); uninstall all but one"
@@ -253,127 +271,60 @@ def pool_class(name: str) -> Any:
 
 
 def broker_for_url(url: str, options: dict[str, Any] | None = None) -> Broker:
-    broker: Broker = load(BROKERS, scheme_of(url))(url, options)
-    return broker
+    return cast(Broker, load(BROKERS, scheme_of(url))(url, options))
 
 
 def backend_for_url(url: str, options: dict[str, Any] | None = None) -> ResultBackend:
-    backend: ResultBackend = load(BACKENDS, scheme_of(url))(url, options)
-    return backend
-
-
-def command(name: str) -> Any:
-    """The installed subcommand `name` (a `millpond.contracts.command.Command`)."""
-    return load(COMMANDS, name)
+    return cast(ResultBackend, load(BACKENDS, scheme_of(url))(url, options))
 
 
 def components() -> list[tuple[str, Any]]:
-    """(name, class) of every installed worker component."""
     return load_all(COMPONENTS)
 
 
+def load_hooks(names: Sequence[str]) -> list[Hooks]:
+    """The hooks implementations `names` asks for (`*`: every installed one), built, in order."""
+    return [cls() for _name, cls in load_all(HOOKS, None if "*" in names else names)]
+
+
 def canvas_class() -> Any:
-    """The installed `Canvas` subclass (contracts.canvas), or None when none is installed."""
+    """The installed `Canvas` subclass, or None when none is installed."""
     return load(CANVAS, "canvas") if "canvas" in installed(CANVAS) else None
-
-
-def has_patch(pool: str) -> bool:
-    """Whether the pool declares an early monkey-patch (nothing imported)."""
-    return pool in installed(PATCHES)
 
 
 @functools.cache
 def settings_section(name: str) -> Section | None:
     """The settings section published under `name` (a pool's name, or a URL scheme its broker
-    serves), loaded; None when no installed plugin publishes one under that name."""
+    serves); None when no installed plugin publishes one."""
     return load(SETTINGS, name) if name in installed(SETTINGS) else None
 
 
 def installed_sections() -> list[tuple[Section, str]]:
-    """(section, distribution name) for every installed plugin section, once each (a section
-    published under several names, one per URL scheme, is listed once), sorted by name."""
+    """(section, distribution name) of every installed plugin section, sorted by name, once each
+    (a broker's section is published once per URL scheme)."""
     found: dict[str, tuple[Section, str]] = {}
     for ep in entry_points(SETTINGS):
         section = settings_section(ep.name)
         assert section is not None  # it is installed, and _verify checked it has a name
         assert section.name
-        found.setdefault(section.name, (section, _dist_name(distribution(ep))))
+        found.setdefault(section.name, (section, describe(ep).distribution))
     return [found[name] for name in sorted(found)]
-
-
-def _verify(group: str, name: str, obj: Any) -> None:
-    """Refuse an entry point whose object is not what its group promises."""
-    classes: dict[str, type] = {
-        POOLS: BasePool,
-        BROKERS: Broker,
-        BACKENDS: ResultBackend,
-        COMPONENTS: WorkerComponent,
-        CANVAS: Canvas,
-    }
-    if group in classes:
-        base = classes[group]
-        ok, what = (
-            isinstance(obj, type) and issubclass(obj, base),
-            f"does not name a {base.__name__} subclass",
-        )
-    elif group == SETTINGS:
-        ok, what = (
-            isinstance(obj, Section) and bool(obj.name),
-            "does not name a millpond Section with a name",
-        )
-    elif group == COMMANDS:
-        ok, what = isinstance(obj, Command), "does not name a millpond Command instance"
-    else:
-        ok, what = group not in (PATCHES, CLIENTS) or callable(obj), "is not callable"
-    if not ok:
-        raise PluginLoadError(f"the {KIND.get(group, group)} {name!r} {what}: {obj!r}")
 
 
 # -- `millpond plugins` ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class PluginInfo:
-    """One installed entry point, described from metadata alone."""
-
-    group: str
-    name: str
-    target: str
-    distribution: str
-    version: str
-    #: the range of core versions the distribution declares ("" for none, or for the core)
-    core_range: str
-
-
 def describe_installed(groups: Sequence[str] = GROUPS) -> list[PluginInfo]:
     """Every installed plugin with its distribution, version and core range; imports none."""
-    return [
-        PluginInfo(g, ep.name, ep.value, _dist_name(d), d.version if d else "?", core_range(d))
-        for g in groups
-        for ep in entry_points(g)
-        for d in [distribution(ep)]
-    ]
+    return [describe(ep) for group in groups for ep in entry_points(group)]
 
 
 def check(info: PluginInfo) -> str | None:
-    """Import one plugin and check it; None when it loads, else why it does not."""
+    """Import one plugin and check it: None when it loads, else why it does not."""
     try:
         load(info.group, info.name)
-    except (PluginLoadError, PluginNotFound) as exc:
+    except MillpondError as exc:
         return str(exc)
-    except Exception as exc:
+    except Exception as exc:  # stevedore lets an AssertionError raised on import through
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-def load_hooks(names: Sequence[str]) -> list[Any]:
-    """Instances of the installed hooks implementations `names` asks for (`*`: every one), in
-    name order; a name that is not installed is an error naming what is. Only the hooks asked
-    for are imported."""
-    out = []
-    for name, cls in load_all(HOOKS, None if "*" in names else names):
-        hook = cls()
-        if not isinstance(hook, Hooks):
-            raise PluginLoadError(f"the hooks plugin {name!r} is not a millpond Hooks: {hook!r}")
-        out.append(hook)
-    return out

@@ -1,31 +1,17 @@
 """The canvas contract: chains, groups, chords and callbacks come from a plugin (millpond-canvas).
 
 The core knows of the canvas only the message's canvas fields (`callbacks`, `errbacks`, `chain`,
-`chord`: signature dicts in the body's embed, `millpond.wire.protocol`) and this contract. The
-installed `millpond.canvas` entry point named `canvas` is a `Canvas` subclass; `Millpond.canvas`
-builds it once per app, on first use, with the app (the worker builds it before its pool starts, so
-the built-in tasks Celery's canvas sends, `celery.map`, `celery.chord_unlock`, ..., are registered
-in every execution unit). With no plugin installed this base class stands in: plain tasks run, and
-anything that needs the canvas fails naming the package to install.
+`chord` in the body's embed, `millpond.wire.protocol`) and this class. `Millpond.canvas` builds the
+`canvas` entry point of `millpond.canvas` once per app (the worker before its pool starts, so
+Celery's built-in canvas tasks are registered in every execution unit); without the plugin this
+base stands in: plain tasks run, and what needs the canvas fails naming the package to install.
 
-The worker calls it in the consumer loop's thread (`millpond.consume.settle.Settler`), only for a
-task whose message has canvas fields:
-
-* succeeded: `after_success` sends the callbacks and the next chain step (before the result is
-  stored, whose `children` are what it returns), then `chord_part` returns the chord's part;
-* failed: `chord_part` with FAILURE, then `after_failure` (the chain's later steps, the errbacks);
-* revoked: `chord_part` with REVOKED;
-* redelivered after it already finished: `chord_part(..., again=True)`.
-
-Any of these that raises leaves the task's message unacknowledged: it goes back to its queue, the
-task runs again and the canvas goes on (at least once). `ClaimedElsewhere` is the one exception
-that means something else: the message waits in the broker until the claim lapses.
-`inline_errbacks` runs in the execution unit, right after a failure, where Celery calls the
-errbacks that take `(request, exc, traceback)`.
-
-The producer side (`Task.s()`, `app.signature()`, `task.map()`, ...) asks `signature`, `from_dict`,
-`map` and `chunks`; what they return is millpond_canvas's `Signature` and its kinds, which those
-methods' annotations name for the type checker.
+The worker's settler calls it in the consumer loop's thread, only for a task with canvas fields:
+succeeded: `after_success` (before the result is stored: its `children` are what this returns),
+then `chord_part`; failed: `chord_part` with FAILURE, then `after_failure`; revoked: `chord_part`
+with REVOKED; redelivered after it finished: `chord_part(..., again=True)`. A call that raises
+leaves the message unacknowledged, so the task runs again and the canvas goes on (at least once);
+`ClaimedElsewhere` instead leaves the message waiting in the broker until the claim lapses.
 """
 
 from __future__ import annotations
@@ -59,12 +45,12 @@ class ClaimedElsewhere(Exception):
 
 class Canvas:
     """The canvas of one app; every method but `inline_errbacks` fails until a plugin overrides
-    it (see the module docstring for when each is called)."""
+    it. The first four serve `Task.s()`, `app.signature()`, `task.map()`, ..., which annotate
+    what they return as millpond_canvas's `Signature` (or one of its kinds)."""
 
     def __init__(self, app: Millpond) -> None:
         self.app = app
 
-    # -- producer side ---------------------------------------------------------------------------
     def signature(
         self,
         task: str | Task[..., Any],
@@ -89,7 +75,6 @@ class Canvas:
         """The items in chunks of `n`, one `celery.starmap` task per chunk, as a group."""
         raise PluginNotFound(MISSING)
 
-    # -- worker side -----------------------------------------------------------------------------
     def after_success(self, job: Job, result: Any) -> list[Any]:
         """Send the callbacks and the next chain step; returns their result tuples."""
         raise PluginNotFound(MISSING)
@@ -99,11 +84,11 @@ class Canvas:
         raise PluginNotFound(MISSING)
 
     def chord_part(self, job: Job, state: TaskState, stored: Any, *, again: bool = False) -> Any:
-        """Return a chord header task's part; send (or fail) the body if it completed the join.
-        Returns the body's result tuple when this call sent it. `again`: the part comes from a
-        redelivered message, and a join claimed by another worker raises `ClaimedElsewhere`."""
+        """Return a chord header task's part, and send (or fail) the body if that completed the
+        join: then the body's result tuple. `again`: from a redelivered message (a join another
+        worker claimed raises `ClaimedElsewhere`)."""
         raise PluginNotFound(MISSING)
 
     def inline_errbacks(self, request: Request, outcome: Outcome) -> None:
-        """Call, in the execution unit, the errbacks that take `(request, exc, traceback)`.
-        Nothing here: without the plugin, `after_failure` reports the errbacks it cannot run."""
+        """Call the errbacks that take `(request, exc, traceback)`, in the execution unit right
+        after the failure, as Celery does. Nothing here: `after_failure` reports them."""

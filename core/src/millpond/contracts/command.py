@@ -1,9 +1,7 @@
-"""The contract of a `millpond` subcommand that a plugin adds (`millpond beat` is one).
-
-A plugin declares an instance under the `millpond.commands` entry-point group, named after the
-subcommand; `millpond --help` lists it and `millpond NAME ...` runs it, with the common flags
-(-A/--app, -b/--broker, --result-backend) already added to its parser. Only the command asked for is
-imported, so an installed command costs the others nothing.
+"""The contract of a `millpond` subcommand a plugin adds (`millpond beat` is one): an instance
+under the `millpond.commands` entry-point group, named after the subcommand. `millpond --help`
+lists it from metadata; only the command run is imported, its parser already holding the common
+flags (-A/--app, -b/--broker, --result-backend).
 """
 
 from __future__ import annotations
@@ -33,17 +31,13 @@ class Command(ABC):
     @abstractmethod
     def run(self, ns: argparse.Namespace) -> int:
         """Run the command; return the exit code (0 ok, 1 failed, 2 usage or settings error).
-
-        Raising `ConfigurationError`, `PluginNotFound` or `PluginLoadError` exits with 2 and the
-        message, as for the core's commands.
-        """
+        `ConfigurationError`, `PluginNotFound` and `PluginLoadError` exit with 2 and their message."""
 
     def embed(self, app: Millpond, settings: Settings) -> Callable[[], None]:
-        """Run the command inside a worker (`millpond worker -B` for beat); return the function
-        that stops it. Called before the worker is built: check everything now (a mistake stops
-        the worker from starting) and start threads from a `worker_ready` hook added with
-        `app.add_hooks` (a prefork pool forks before that). Commands that cannot be embedded
-        keep this."""
+        """Run the command inside a worker (`millpond worker -B` for beat); return what stops it.
+        Called before the worker is built, so check everything now (a mistake stops the worker
+        from starting); start threads from a `worker_ready` hook (`app.add_hooks`), after a
+        prefork pool forked."""
         raise NotImplementedError(f"{type(self).__name__} cannot run inside a worker")
 
 

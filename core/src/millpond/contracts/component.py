@@ -1,17 +1,16 @@
-"""The worker-component contract: a part of the worker that a plugin provides.
+"""The worker-component contract: a part of the worker a plugin provides (the control plane of
+millpond-control, the rate limits of millpond-ratelimit).
 
-The control plane (remote control, revoke, mingle: `millpond-control`) and rate limits
-(`millpond-ratelimit`) are two. The core worker knows nothing of them but this contract: it builds
-every installed component from the `millpond.components` entry-point group when the worker is
-built, starts them after the pool started and before the first fetch, asks each whether a task
-must be discarded before it runs, lets one hold a task back until it may start, and stops them
-first at shutdown. So the core neither imports a component nor pays for one that is not installed.
+The worker builds every installed `millpond.components` entry point with itself, starts them once
+the pool started and before the first fetch, asks each whether a task must be discarded, lets one
+hold a task back until it may start, and stops them first at shutdown: the core imports none of
+them and pays nothing for one not installed.
 
-Holding back (`holds_tasks = True`): a received job may be taken by `hold` instead of going to the
-worker's buffer; `release` gives back, when the pool has a free slot, a held job that may start
-now (it goes first: it was received before what is buffered). A held job stays unacknowledged (its
-early ack waits until it starts, see `may_hold`), and the broker's prefetch window is widened by
-`window_room` so held jobs never stall the buffer behind them: unheld tasks keep flowing.
+Holding back (`holds_tasks = True`): `hold` may take a received job instead of the worker's
+buffer, and `release` gives it back once it may start and the pool has a free slot (before what is
+buffered: it came first). A held job stays unacknowledged (an early ack waits until it starts, see
+`may_hold`), and `window_room` widens the broker's prefetch window so that held jobs never stall
+the unheld tasks behind them.
 """
 
 from __future__ import annotations
@@ -26,13 +25,9 @@ if TYPE_CHECKING:
 
 
 class WorkerComponent:
-    """One part of a worker, built once per worker with the worker it belongs to.
-
-    Built in `Worker.__init__` (read settings and fail on bad ones there: the worker must not
-    start); `start` runs on the worker's thread, once the pool started and before anything is
-    fetched; `stop` runs first in the shutdown, while the broker connection is still open. Every
-    method but `__init__`, `start` and `stop` runs on the consumer loop's thread.
-    """
+    """One part of a worker, built in `Worker.__init__` (fail on bad settings there: the worker
+    must not start). `start` runs on the worker's thread, `stop` first in the shutdown while the
+    broker connection is still open; every other method runs on the consumer loop's thread."""
 
     #: whether `discard` may say no to a task (the worker calls only those that override it)
     filters_tasks: bool = False
@@ -50,10 +45,7 @@ class WorkerComponent:
 
     def discard(self, task_id: str, headers: Mapping[str, Any]) -> str | None:
         """Why the task must not run (it is answered as revoked with this reason), or None.
-
-        Called for every task received and again before it starts: keep it cheap, and set
-        `filters_tasks = True` on a component that overrides it.
-        """
+        Called on receipt and again before it starts: keep it cheap."""
         return None
 
     # -- holding tasks back (holds_tasks = True) -------------------------------------------------
@@ -63,8 +55,7 @@ class WorkerComponent:
         return False
 
     def hold(self, job: Job) -> bool:
-        """Take a received job to start later (or hand it back to the broker); False: not held,
-        the worker buffers it as usual."""
+        """Take a received job to start later (or to hand back to the broker); False: not held."""
         return False
 
     def release(self) -> Job | None:
@@ -72,8 +63,7 @@ class WorkerComponent:
         return None
 
     def next_release(self) -> float | None:
-        """Seconds until `release` may give a job (None: nothing held), so the loop wakes for it
-        rather than on its next poll timeout."""
+        """Seconds until `release` may give a job (None: nothing held): the loop wakes for it."""
         return None
 
     def tend(self, *, closing: bool) -> None:

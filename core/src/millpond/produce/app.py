@@ -35,7 +35,6 @@ from millpond.config.settings import Settings, load_settings
 from millpond.contracts.backend import ResultBackend
 from millpond.contracts.broker import Broker, Outbound
 from millpond.contracts.canvas import Canvas
-from millpond.contracts.clients import ControlClient
 from millpond.contracts.hooks import HookChain, Hooks, Publication, publishing_parent
 from millpond.exceptions import PublishError
 from millpond.produce.result import AsyncResult, GroupResult
@@ -53,6 +52,7 @@ from millpond.wire.protocol import Message, encode_task, new_id
 from millpond.wire.signing import sign
 
 if TYPE_CHECKING:
+    from millpond.contracts.clients import ControlClient
     from millpond_canvas import Signature
 
 
@@ -372,7 +372,7 @@ class Millpond:
     def control(self) -> ControlClient:
         """Remote control, as Celery's `app.control` (docs/control.md): made by the `control`
         entry point of `millpond.clients` (millpond-control, a dependency of millpond), typed
-        with the core's `ControlClient` protocol."""
+        as that package's `Control` (`millpond.contracts.clients.ControlClient`)."""
         made: ControlClient = self._lazy(
             "control", lambda: plugins.load(plugins.CLIENTS, "control")(self)
         )

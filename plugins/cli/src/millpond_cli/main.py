@@ -85,7 +85,7 @@ def _run_plugin(name: str, argv: list[str]) -> int:
     from millpond.config import plugins
     from millpond_cli.parser import add_common
 
-    command = plugins.command(name)
+    command = plugins.load(plugins.COMMANDS, name)
     parser = argparse.ArgumentParser(prog=f"millpond {name}", description=command.help)
     add_common(parser)
     command.add_arguments(parser)
@@ -148,7 +148,7 @@ def _check_early_patch(settings: Settings, patched: str | None) -> None:
     from millpond.config import plugins
 
     pool = settings.pool
-    if pool == patched or (patched is None and not plugins.has_patch(pool)):
+    if pool == patched or (patched is None and pool not in plugins.installed(plugins.PATCHES)):
         return
     where = settings.sources.get("pool", "default")
     if where == "code":
@@ -216,7 +216,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
 
     stop_beat = None
     if ns.beat:  # before the worker reads the app's hooks: the scheduler starts once it is ready
-        stop_beat = plugins.command("beat").embed(app, settings)
+        stop_beat = plugins.load(plugins.COMMANDS, "beat").embed(app, settings)
     worker = Worker(app, settings=settings)
     if not ns.no_banner:
         print(worker.banner(), flush=True)

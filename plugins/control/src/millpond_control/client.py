@@ -31,7 +31,6 @@ from millpond.wire import signing
 from millpond.wire.protocol import JSON, Message
 
 if TYPE_CHECKING:
-    from millpond.contracts.clients import ControlClient
     from millpond.produce.app import Millpond
 
 #: Celery's defaults (control_queue_ttl, control_queue_expires)
@@ -410,10 +409,6 @@ class Control:
 
     def close(self) -> None:
         self.mailbox.close()
-
-
-if TYPE_CHECKING:  # `app.control` is typed with the core's protocol: mypy checks Control meets it
-    _MEETS_THE_PROTOCOL: type[ControlClient] = Control
 
 
 def open_control(app: Millpond) -> Control:
