@@ -100,7 +100,7 @@ def test_a_root_logger_the_app_configured_is_left_alone(
 
 CONFIGURE = """
 import io, json, logging, sys
-from millpond.observe import logs
+from millpond_cli import logs
 
 class Tty(io.StringIO):
     def isatty(self):
