@@ -1,55 +1,48 @@
-"""`logs.context_binder`: the fast way a task's ids get into structlog's context-local context."""
+"""`LogContextHooks`: a task's ids, and its span's, in structlog's context while it runs."""
 
 from __future__ import annotations
 
 import contextvars
 
-import pytest
 import structlog
+from opentelemetry import trace
 
-from millpond.observe import logs
+from millpond.observe.logs import LogContextHooks
+from millpond.testing.pool_kit import make_job
 
-
-def _bound_in_fresh_context(bind: object, *values: object) -> dict[str, object]:
-    def run() -> dict[str, object]:
-        bind(*values)  # type: ignore[operator]
-        return structlog.contextvars.get_contextvars()
-
-    return contextvars.Context().run(run)
-
-
-@pytest.mark.parametrize(
-    "keys", [("one",), ("trace_id", "span_id"), ("a", "b", "c"), tuple("wxyz")]
-)
-def test_binds_like_bind_contextvars(keys: tuple[str, ...]) -> None:
-    values = tuple(f"value of {key}" for key in keys)
-    assert _bound_in_fresh_context(logs.context_binder(*keys), *values) == dict(
-        zip(keys, values, strict=True)
+SPAN = trace.NonRecordingSpan(
+    trace.SpanContext(
+        trace_id=0xABC, span_id=0xDEF, is_remote=False, trace_flags=trace.TraceFlags(1)
     )
+)
 
 
-def test_binding_again_replaces_and_merges_with_other_keys() -> None:
-    bind = logs.context_binder("task_id", "retries")
+def _bound(*, under_span: bool) -> tuple[str, dict[str, object]]:
+    job = make_job("add", 2, 3, retries=1)
 
     def run() -> dict[str, object]:
         structlog.contextvars.bind_contextvars(worker="w1")
-        bind("t-1", 0)
-        bind("t-1", 1)
+        if under_span:
+            with trace.use_span(SPAN):
+                LogContextHooks().enter_task(job)
+        else:
+            LogContextHooks().enter_task(job)
         return structlog.contextvars.get_contextvars()
 
-    assert contextvars.Context().run(run) == {"worker": "w1", "task_id": "t-1", "retries": 1}
+    return job.task_id, contextvars.Context().run(run)
+
+
+def test_binds_the_tasks_ids_next_to_what_is_bound_already() -> None:
+    task_id, bound = _bound(under_span=False)
+    assert bound == {"worker": "w1", "task_id": task_id, "task_name": "kit.add", "retries": 1}
+
+
+def test_binds_the_current_spans_ids_in_hex() -> None:
+    _task_id, bound = _bound(under_span=True)
+    assert bound["trace_id"] == f"{0xABC:032x}"
+    assert bound["span_id"] == f"{0xDEF:016x}"
 
 
 def test_nothing_leaks_into_the_callers_context() -> None:
-    logs.context_binder("leak_probe")
-    assert "leak_probe" not in structlog.contextvars.get_contextvars()
-
-
-def test_falls_back_to_bind_contextvars_when_structlog_keeps_its_context_elsewhere(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(logs, "_structlog_variables", lambda keys: None)
-    bind = logs.context_binder("task_id", "task_name")
-    assert _bound_in_fresh_context(bind, "t-1", "add") == {"task_id": "t-1", "task_name": "add"}
-    with pytest.raises(ValueError, match="shorter"):
-        _bound_in_fresh_context(bind, "only one")
+    _bound(under_span=True)
+    assert "task_id" not in structlog.contextvars.get_contextvars()

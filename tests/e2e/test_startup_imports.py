@@ -49,6 +49,7 @@ NOT_FOR_HELP = (
     "millpond.consume",
     "millpond_control",
     "millpond.observe",
+    "millpond_cli.logs",
     "millpond.produce",
     "millpond.config.settings",
 )

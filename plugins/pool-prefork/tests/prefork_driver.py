@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import sys
 
-from millpond.observe import logs
 from millpond.testing import tasks
 from millpond.testing.pool_kit import Outcomes, Runner, kit_executor, make_job
+from millpond_cli import logs
 from millpond_pool_prefork import PreforkPool
 from millpond_tracing import otel as observability
 

@@ -1,3 +1,2 @@
-"""Cross-cutting concerns the core keeps: log context as hooks, throttled log lines, trace ids
-(tracing, metrics and health probes are plugins: millpond-tracing, millpond-metrics,
-millpond-health)."""
+"""Cross-cutting concerns the core keeps: log context as hooks, throttled log lines (tracing,
+metrics, health probes and the process's logging set-up are plugins' and the CLI's)."""

@@ -1,9 +1,9 @@
 """Log lines that can repeat per message, at most once per interval per kind.
 
-An operator must hear that tasks expired unrun or that children are being recycled for memory,
-but a flood of expired messages must not become a flood of log lines: the first of a kind is
-logged at once, later ones within `interval` seconds are counted and reported with the next line
-of that kind (`and_before`: how many were not logged since the last line).
+An operator must hear that tasks expired unrun or that children are recycled for memory, but a
+flood of expired messages must not become a flood of lines: the first of a kind is logged at
+once, later ones within `interval` seconds are counted into the next line of that kind
+(`and_before`).
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ class BeatCommand(Command):
         parser.add_argument("--log-format", choices=("auto", "json", "console"))
 
     def run(self, ns: argparse.Namespace) -> int:
-        from millpond.observe import logs
+        from millpond_cli import logs
         from millpond_cli.main import load_from_args
 
         settings, app = load_from_args(ns)

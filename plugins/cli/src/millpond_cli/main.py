@@ -167,10 +167,12 @@ def _check_early_patch(settings: Settings, patched: str | None) -> None:
 
 
 def cmd_worker(ns: argparse.Namespace) -> int:
+    import structlog
+
     from millpond.config import plugins
     from millpond.config.settings import read_settings
     from millpond.contracts.hooks import HookChain
-    from millpond.observe import logs
+    from millpond_cli import logs
 
     flags = _flags(
         ns,
@@ -209,7 +211,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         app.adopt_hooks(installed)
     logs.configure(settings.log_level, settings.log_format, stdlib=settings.log_stdlib)
     _check_early_patch(settings, ns.patched)
-    log = logs.get_logger("millpond.worker")
+    log = structlog.get_logger("millpond.worker")
     for warning in settings.warnings:
         log.warning(warning)
     from millpond.consume.worker import Worker

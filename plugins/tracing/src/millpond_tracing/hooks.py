@@ -54,7 +54,6 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from millpond import __version__
 from millpond.contracts.hooks import Hooks, Publication
-from millpond.observe.trace_ids import provider_installed
 from millpond.states import FAILED_STATES, TaskState
 from millpond.wire.protocol import PERIODIC_TASK_NAME
 from millpond_tracing import attributes as attr
@@ -71,12 +70,12 @@ def installed_tracer() -> trace.Tracer | None:
     """millpond's tracer once a real tracer provider is installed, else None.
 
     The global provider can be set once per process, so a real one, once seen, stays; until then
-    this costs the core's `provider_installed` check per span that would have been made.
+    this costs `otel.provider_installed`'s check per span that would have been made.
     """
     global _tracer
     if _tracer is not None:
         return _tracer
-    if not provider_installed():
+    if not otel.provider_installed():
         return None
     _tracer = trace.get_tracer_provider().get_tracer("millpond", __version__)
     return _tracer

@@ -30,7 +30,6 @@ from typing import Any
 from opentelemetry import trace
 
 from millpond.exceptions import ConfigurationError
-from millpond.observe.trace_ids import provider_installed  # the check the hot path makes too
 
 SAMPLERS = (
     "always_on",
@@ -44,6 +43,28 @@ SAMPLERS = (
 EXPORTER_GROUP = "opentelemetry_traces_exporter"
 
 _provider: Any = None
+_real = False
+#: the placeholder provider seen last (the API's proxy): the same object next time means "none yet"
+_placeholder: object = None
+
+
+def provider_installed() -> bool:
+    """Whether a real tracer provider is installed (by `configure_tracing` or the application).
+
+    The global provider can be set once per process, so a real one, once seen, stays; until then
+    this costs one call and one identity check (the hot path asks it per span it would make).
+    """
+    global _real, _placeholder
+    if _real:
+        return True
+    provider = trace.get_tracer_provider()
+    if provider is _placeholder:
+        return False
+    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        _placeholder = provider
+        return False
+    _real = True
+    return True
 
 
 def env(name: str) -> str:
