@@ -1,13 +1,12 @@
 """Result handles, and how a task's error comes back to the caller as the same exception type.
 
 An exception is rebuilt from its stored type name and module only when that type is a builtin or
-already imported in the caller's process: nothing is imported because a message says so. Anything
-else becomes a `TaskError` subclass with the remote type's name, so `except TaskError` catches all.
+already imported here: nothing is imported because a message says so. Anything else becomes a
+`TaskError` subclass named after the remote type, so `except TaskError` catches all.
 
-`AsyncResult[R]` is typed by what its task returns (`add.delay(2, 3).get()` is an `int`). That is a
-promise about the task's declaration, not a check of what comes back: the value has made a round
-trip through the serializer (with JSON a tuple comes back a list, a dict's keys strings), and
-`send_task` and `app.AsyncResult(id)` know no task, so theirs is `AsyncResult[Any]`.
+`AsyncResult[R]` promises what the task's declaration returns; it is not a check of what comes back
+through the serializer (JSON turns a tuple into a list), and a result of `send_task` or
+`app.AsyncResult(id)`, which know no task, is `AsyncResult[Any]`.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from millpond.exceptions import TimeoutError as MillpondTimeoutError
 from millpond.states import READY_STATES, TaskState
 
 if TYPE_CHECKING:
-    from millpond.contracts.pool import Outcome
     from millpond.produce.app import Millpond
 
 R_co = TypeVar("R_co", covariant=True)
@@ -51,11 +49,6 @@ def error_info(exc_type: str, exc_module: str | None, message: list[Any]) -> dic
     if module == "millpond.exceptions" and exc_type in CELERY_MODULES:
         module = CELERY_MODULES[exc_type]
     return {"exc_type": exc_type, "exc_module": module, "exc_message": message}
-
-
-def stored_error(outcome: Outcome) -> dict[str, Any]:
-    """The result-store form of a failed outcome."""
-    return error_info(outcome.exc_type or "TaskError", outcome.exc_module, outcome.stored_args)
 
 
 def rebuild_exception(info: Any) -> BaseException:
@@ -101,7 +94,7 @@ def _backend(app: Millpond) -> ResultBackend:
 class AsyncResult(Generic[R_co]):
     """A handle on a sent task: its `id`, its state, and its outcome once ready.
 
-    `R` is the task's result type, what `get()` returns; covariant, since it is only returned.
+    `R` is what `get()` returns, the task's result type (covariant: it is only returned).
     """
 
     def __init__(self, id: str, app: Millpond, parent: ResultNode | None = None) -> None:
@@ -114,6 +107,12 @@ class AsyncResult(Generic[R_co]):
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id}>"
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AsyncResult) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
     def as_tuple(self) -> list[Any]:
         """Celery's serialised form of a result (`[[id, parent], None]`), as stored in `children`."""
         return [[self.id, self.parent.as_tuple() if self.parent is not None else None], None]
@@ -123,9 +122,8 @@ class AsyncResult(Generic[R_co]):
         """The tasks this one sent while it ran and after (callbacks, the next chain step), as
         the worker stored them with its result; empty until it is ready."""
         meta = self._fetch()
-        if meta is None:
-            return []
-        return [result_from_tuple(item, self.app) for item in meta.children or []]
+        stored = meta.children if meta is not None else None
+        return [result_from_tuple(item, self.app) for item in stored or []]
 
     def collect(self, timeout: float | None = None) -> Iterator[tuple[ResultNode, Any]]:
         """This result and every one it led to (its children, theirs, ...), depth first, each
@@ -133,18 +131,12 @@ class AsyncResult(Generic[R_co]):
         stack: list[ResultNode] = [self]
         while stack:
             node = stack.pop()
-            value = node.get(timeout=timeout)
-            yield node, value
+            yield node, node.get(timeout=timeout)
             if isinstance(node, AsyncResult):
                 stack.extend(reversed(node.children))
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AsyncResult) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
     def _fetch(self) -> ResultMeta | None:
+        """The stored outcome, asked of the backend again until it is final."""
         if self._meta is None or self._meta.status not in READY_STATES:
             self._meta = _backend(self.app).peek(self.id)
         return self._meta
@@ -167,18 +159,15 @@ class AsyncResult(Generic[R_co]):
 
     @property
     def result(self) -> Any:
-        """The return value, or the exception for a failed task (without raising it).
+        """The return value, or the exception of a failed task (not raised).
 
-        Typed `Any`, not `R | BaseException | None`, because in the other states it is what the
-        store holds: nothing while pending, the error's details while a retry is on its way, the
-        reason once revoked. `get()` is the typed way to the value.
+        `Any`, not `R`: in the other states it is what the store holds (nothing while pending,
+        the error while a retry is on its way, the reason once revoked). `get()` is the typed way.
         """
         meta = self._fetch()
-        if meta is None:
-            return None
-        if meta.status == TaskState.FAILURE:
+        if meta is not None and meta.status == TaskState.FAILURE:
             return rebuild_exception(meta.result)
-        return meta.result
+        return meta.result if meta else None
 
     @property
     def traceback(self) -> str | None:
@@ -192,8 +181,8 @@ class AsyncResult(Generic[R_co]):
     def get(self, timeout: float | None = None, propagate: bool = True) -> R_co | BaseException: ...
 
     def get(self, timeout: float | None = None, propagate: bool = True) -> R_co | BaseException:
-        """Wait for the outcome. A failed task re-raises its error (type and message), or, with
-        `propagate=False`, returns it (hence the union type when `propagate` is not literally True).
+        """Wait for the outcome; a failed task re-raises its error (type and message), or returns
+        it with `propagate=False` (hence the union unless `propagate` is literally True).
 
         Raises `millpond.exceptions.TimeoutError` when it is not ready within `timeout` seconds.
         """
@@ -268,17 +257,21 @@ class GroupResult:
         parent = self.parent.as_tuple() if self.parent is not None else None
         return [[self.id, parent], [r.as_tuple() for r in self.results]]
 
+    @property
+    def children(self) -> list[ResultNode]:
+        return self.results
+
     def ready(self) -> bool:
         return all(r.ready() for r in self.results)
+
+    def waiting(self) -> bool:
+        return not self.ready()
 
     def successful(self) -> bool:
         return all(r.successful() for r in self.results)
 
     def failed(self) -> bool:
         return any(r.failed() for r in self.results)
-
-    def waiting(self) -> bool:
-        return not self.ready()
 
     def completed_count(self) -> int:
         """How many of the tasks succeeded."""
@@ -295,10 +288,6 @@ class GroupResult:
         return out
 
     join = get
-
-    @property
-    def children(self) -> list[ResultNode]:
-        return self.results
 
     def save(self) -> None:
         """Store the group (its id and its tasks' ids) in the result backend."""

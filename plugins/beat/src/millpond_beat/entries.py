@@ -116,17 +116,8 @@ def build(
     except ScheduleError as exc:
         raise ConfigurationError(f"setting 'beat.timezone': {exc}") from None
     raw: dict[str, tuple[dict[str, Any], str]] = {}
-    for name, declaration in app.periodic_tasks.items():
-        raw[name] = (
-            {
-                "task": declaration.task,
-                "schedule": declaration.schedule,
-                "args": declaration.args,
-                "kwargs": declaration.kwargs,
-                **declaration.options,
-            },
-            "code",
-        )
+    for name, spec in app.periodic_tasks.items():
+        raw[name] = (dict(spec), "code")
     for name, spec in table.items():
         if not isinstance(spec, Mapping):
             raise ConfigurationError(

@@ -27,9 +27,12 @@ Every step gets its task id when the canvas is sent (`freeze`), so the caller's 
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+import structlog
 
 from millpond.contracts.backend import ResultBackend
 from millpond.exceptions import MillpondError
@@ -321,17 +324,22 @@ def _send_options(name: str, options: Mapping[str, Any], app: Millpond) -> dict[
             if value is not None:
                 send[key] = value
         elif key not in INERT_KEYS:
-            app.warn_once(
-                ("signature option", name, key),
-                f"signature option {key!r} of {name} is not supported by millpond and is "
-                "left out of the message",
-            )
+            _warn_left_out(name, key)
     for key in ("link", "link_error"):
         if key in send:
             send[key] = _signature_list(send[key], app)
     if "chord" in send:
         send["chord"] = Signature.from_dict(send["chord"], app)
     return send
+
+
+@functools.cache
+def _warn_left_out(name: str, key: str) -> None:
+    """Say once per process that a signature option is left out of the message."""
+    structlog.get_logger("millpond").warning(
+        f"signature option {key!r} of {name} is not supported by millpond and is "
+        "left out of the message"
+    )
 
 
 def _signature_list(value: Any, app: Millpond) -> list[Signature[Any]]:
