@@ -35,7 +35,7 @@ from millpond.contracts.broker import Broker, Outbound
 from millpond.contracts.canvas import Canvas
 from millpond.contracts.hooks import HookChain, Hooks, Publication, publishing_parent
 from millpond.exceptions import PublishError
-from millpond.produce.result import AsyncResult, GroupResult
+from millpond.produce.result import AsyncResult
 from millpond.produce.task import (
     SEND_OPTIONS,
     BoundTaskDecorator,
@@ -51,6 +51,7 @@ from millpond.wire.signing import sign
 
 if TYPE_CHECKING:
     from millpond.contracts.clients import ControlClient
+    from millpond_canvas import GroupResult as _GroupResult
     from millpond_canvas import Signature
 
 
@@ -81,7 +82,6 @@ def _defaulted(
 # the methods `Millpond.AsyncResult` and `Millpond.GroupResult` (Celery's names) hide the classes
 # inside the class body
 _AsyncResult = AsyncResult
-_GroupResult = GroupResult
 
 #: the URL used when no broker is configured: the embedded, zero-server broker
 DEFAULT_BROKER_URL = "sqlite://"
@@ -118,9 +118,8 @@ class Millpond:
     ) -> None:
         self.name = name
         self.tasks: dict[str, Task[..., Any]] = {}
-        #: periodic tasks declared in code, by entry name, in the shape of the settings'
-        #: `[beat] schedule` table: recorded here, read and checked by `millpond beat`
-        self.periodic_tasks: dict[str, dict[str, Any]] = {}
+        #: the `add_periodic_task` calls made, as their arguments (read by `millpond beat`)
+        self.periodic_tasks: list[dict[str, Any]] = []
         urls = {"broker_url": broker_url, "result_backend": result_backend}
         #: the settings given in code (`Millpond(...)` keywords), weighed in by `load_settings`
         self.code_config: Mapping[str, Any] = {
@@ -225,24 +224,11 @@ class Millpond:
         name: str | None = None,
         **options: Any,
     ) -> None:
-        """Run `sig` on `schedule` under `millpond beat` (Celery's `add_periodic_task`).
-
-        `schedule`: seconds, a `timedelta`, a crontab string ("*/5 * * * *") or a millpond_beat
-        schedule (`crontab(...)`, `every(...)`, `at(...)`), checked when beat starts. `sig`: a
-        signature (`add.s(2, 3)`), a task, or a task name; `args`/`kwargs` override its own.
-        `options`: queue, expires, timezone, catch_up, and the signature's options. `name`
-        defaults to the call's repr, as Celery's; a second entry under one name replaces the first.
-        """
-        if not isinstance(sig, Mapping):
-            sig = {"task": sig if isinstance(sig, str) else sig.name}
-        task = str(sig["task"])
-        args = tuple(sig.get("args") or () if args is None else args)
-        kwargs = dict(sig.get("kwargs") or {} if kwargs is None else kwargs)
-        if name is None:
-            shown = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
-            name = f"{task}({', '.join(shown)})"
-        entry = {"task": task, "schedule": schedule, "args": args, "kwargs": kwargs}
-        self.periodic_tasks[name] = {**entry, **(sig.get("options") or {}), **options}
+        """Run `sig` (a signature, a task or a task name) on `schedule` under `millpond beat`,
+        as Celery's `add_periodic_task` (docs/beat.md). Only recorded here: millpond-beat names,
+        reads and checks the entry when it starts."""
+        call = {"sig": sig, "args": args, "kwargs": kwargs, "name": name, "options": options}
+        self.periodic_tasks.append({"schedule": schedule, **call})
 
     def periodic_task(
         self, schedule: Any, *, name: str | None = None, **options: Any
@@ -503,7 +489,7 @@ class Millpond:
         return AsyncResult(task_id, self)
 
     def GroupResult(self, group_id: str, results: Sequence[_AsyncResult[Any]]) -> _GroupResult:
-        return _GroupResult(group_id, results, self)
+        return cast("_GroupResult", self.canvas.group_result(group_id, results))
 
     def signature(
         self,

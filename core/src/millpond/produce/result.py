@@ -15,8 +15,8 @@ import builtins
 import functools
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, cast, overload
 
 from millpond import exceptions
 from millpond.contracts.backend import ResultBackend, ResultMeta
@@ -26,6 +26,7 @@ from millpond.states import READY_STATES, TaskState
 
 if TYPE_CHECKING:
     from millpond.produce.app import Millpond
+    from millpond_canvas import GroupResult
 
 R_co = TypeVar("R_co", covariant=True)
 
@@ -81,7 +82,7 @@ def _remote_error(module: str, name: str) -> type[TaskError]:
     return type(name, (TaskError,), {"exc_type": name, "exc_module": module})
 
 
-def _backend(app: Millpond) -> ResultBackend:
+def require_backend(app: Millpond) -> ResultBackend:
     backend = app.backend
     if backend is None:
         raise BackendError(
@@ -138,7 +139,7 @@ class AsyncResult(Generic[R_co]):
     def _fetch(self) -> ResultMeta | None:
         """The stored outcome, asked of the backend again until it is final."""
         if self._meta is None or self._meta.status not in READY_STATES:
-            self._meta = _backend(self.app).peek(self.id)
+            self._meta = require_backend(self.app).peek(self.id)
         return self._meta
 
     @property
@@ -186,7 +187,7 @@ class AsyncResult(Generic[R_co]):
 
         Raises `millpond.exceptions.TimeoutError` when it is not ready within `timeout` seconds.
         """
-        backend = _backend(self.app)
+        backend = require_backend(self.app)
         deadline = None if timeout is None else time.monotonic() + timeout
         meta = self._meta if self._meta and self._meta.status in READY_STATES else None
         while meta is None:
@@ -216,115 +217,23 @@ class AsyncResult(Generic[R_co]):
             self.app.backend.forget(self.id)
 
 
-class GroupResult:
-    """The results of a group's tasks, in the group's order.
-
-    `save()` stores the group under its id (Celery's `celery-taskset-meta-<id>`), so another
-    process can `GroupResult.restore(id, app)` it, as Celery's can.
-    """
-
-    def __init__(
-        self, id: str, results: Sequence[ResultNode], app: Millpond,
-        parent: ResultNode | None = None,
-    ) -> None:  # fmt: skip
-        self.id = id
-        self.results = list(results)
-        self.app = app
-        self.parent = parent
-
-    def __repr__(self) -> str:
-        return f"<GroupResult {self.id} [{', '.join(r.id for r in self.results)}]>"
-
-    def __len__(self) -> int:
-        return len(self.results)
-
-    def __iter__(self) -> Iterator[ResultNode]:
-        return iter(self.results)
-
-    def __getitem__(self, index: int) -> ResultNode:
-        return self.results[index]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, GroupResult) and (other.id, other.results) == (
-            self.id,
-            self.results,
-        )
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
-    def as_tuple(self) -> list[Any]:
-        parent = self.parent.as_tuple() if self.parent is not None else None
-        return [[self.id, parent], [r.as_tuple() for r in self.results]]
-
-    @property
-    def children(self) -> list[ResultNode]:
-        return self.results
-
-    def ready(self) -> bool:
-        return all(r.ready() for r in self.results)
-
-    def waiting(self) -> bool:
-        return not self.ready()
-
-    def successful(self) -> bool:
-        return all(r.successful() for r in self.results)
-
-    def failed(self) -> bool:
-        return any(r.failed() for r in self.results)
-
-    def completed_count(self) -> int:
-        """How many of the tasks succeeded."""
-        return sum(1 for r in self.results if r.successful())
-
-    def get(self, timeout: float | None = None, propagate: bool = True) -> list[Any]:
-        """Every task's value, in order; the first failure re-raises (unless `propagate=False`).
-        `timeout` bounds the whole wait, not each task's."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        out: list[Any] = []
-        for result in self.results:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            out.append(result.get(timeout=left, propagate=propagate))
-        return out
-
-    join = get
-
-    def save(self) -> None:
-        """Store the group (its id and its tasks' ids) in the result backend."""
-        _backend(self.app).save_group(self.id, self.as_tuple())
-
-    @classmethod
-    def restore(cls, group_id: str, app: Millpond) -> GroupResult | None:
-        """The group saved under `group_id` (by millpond or Celery), or None."""
-        stored = _backend(app).restore_group(group_id)
-        if stored is None:
-            return None
-        result = result_from_tuple(stored, app)
-        return result if isinstance(result, GroupResult) else cls(group_id, [result], app)
-
-    def forget(self) -> None:
-        for result in self.results:
-            result.forget()
-        _backend(self.app).forget_group(self.id)
-
-
-ResultNode = AsyncResult[Any] | GroupResult
+#: a result handle: a task's, or a group's (the canvas plugin's `GroupResult`)
+ResultNode: TypeAlias = "AsyncResult[Any] | GroupResult"
 
 
 def result_from_tuple(value: Any, app: Millpond) -> ResultNode:
     """A result from Celery's serialised form: `[[id, parent], None]` for a task,
-    `[[group_id, parent], [members...]]` for a group."""
-    if isinstance(value, AsyncResult | GroupResult):
-        return value
+    `[[group_id, parent], [members...]]` for a group (made by the app's canvas)."""
     if isinstance(value, str):
         return AsyncResult(value, app)
+    if hasattr(value, "as_tuple"):  # a result handle already
+        return cast("ResultNode", value)
     try:
         (task_id, parent), members = value
     except (TypeError, ValueError):
         raise BackendError(f"not a stored result reference: {value!r:.200}") from None
     parent_node = result_from_tuple(parent, app) if parent else None
     if members is not None:
-        return GroupResult(
-            str(task_id), [result_from_tuple(m, app) for m in members], app, parent_node
-        )
+        results = [result_from_tuple(m, app) for m in members]
+        return cast("GroupResult", app.canvas.group_result(str(task_id), results, parent_node))
     return AsyncResult(str(task_id), app, parent_node)

@@ -36,7 +36,8 @@ import structlog
 
 from millpond.contracts.backend import ResultBackend
 from millpond.exceptions import MillpondError
-from millpond.produce.result import AsyncResult, GroupResult
+from millpond.produce.result import AsyncResult
+from millpond_canvas.results import GroupResult
 
 if TYPE_CHECKING:
     from millpond.produce.app import Millpond
