@@ -1,8 +1,6 @@
-"""The application object (`Millpond("shop")`): the task registry, the settings, and the producer
-side, where every task message leaves the process (`publish`).
-
-The broker and the result backend are created lazily on first use, once per process (a forked child
-gets its own), so importing an app module opens no connection and starts no thread.
+"""The application (`Millpond("shop")`): the task registry, the settings, and `publish`, where
+every task message leaves the process. The broker and the result backend are made on first use,
+once per process (a forked child makes its own): importing an app module opens no connection.
 """
 
 from __future__ import annotations
@@ -246,8 +244,8 @@ class Millpond:
     # -- hooks -------------------------------------------------------------------------------------
     @property
     def hooks(self) -> HookChain:
-        """Every hooks implementation of this app: the installed ones the `hooks` setting names
-        (all, by default), then the ones added with `add_hooks`. Made on first use."""
+        """The installed hooks the `hooks` setting names (all, by default), then the ones added
+        with `add_hooks`; made on first use."""
         return self._lazy(
             "hooks",
             lambda: HookChain([*plugins.load_hooks(self.settings.hooks), *self._added_hooks]),
@@ -279,8 +277,8 @@ class Millpond:
         self._pid = os.getpid()
 
     def _lazy(self, key: str, make: Callable[[], T], *, kept: bool = False) -> T:
-        """`key`, made once on first use (under the lock: threads may ask at once). A forked
-        child makes its own connections (the parent's are not its) but keeps what is `kept`."""
+        """`key`, made once on first use, under the lock (threads may ask at once); a forked
+        child makes its own connections but keeps what is `kept`."""
         if not kept and self._pid != os.getpid():
             self._reset()
         made = self._kept if kept else self._conns
@@ -296,14 +294,13 @@ class Millpond:
 
     @property
     def broker(self) -> Broker:
-        return self._lazy(
-            "broker", lambda: plugins.broker_for_url(self.broker_url, self.broker_options())
-        )
+        return self._lazy("broker", self._make_broker)
 
-    def broker_options(self) -> dict[str, Any]:
-        """The broker plugin's settings section (`[redis]`, `MILLPOND_REDIS__*`), validated, with
-        the URL's query parameters weighed in by where each was given."""
-        return self.settings.plugin_options(plugins.scheme_of(self.broker_url), "broker_url")
+    def _make_broker(self) -> Broker:
+        # its options: the plugin's settings section (`[redis]`, `MILLPOND_REDIS__*`), validated,
+        # with the URL's query parameters weighed in by where each was given
+        options = self.settings.plugin_options(plugins.scheme_of(self.broker_url), "broker_url")
+        return plugins.broker_for_url(self.broker_url, options)
 
     @property
     def backend(self) -> ResultBackend | None:
@@ -345,14 +342,13 @@ class Millpond:
     ) -> AsyncResult[Any]:
         """Send a task by name (it need not be registered here); returns its result handle.
 
-        `countdown` (seconds) or `eta` (datetime or epoch seconds) delay it, held by the broker;
-        `expires` (datetime, epoch seconds, or seconds from now when below one year) drops it if a
-        worker gets it too late. `link` and `link_error` are signatures to send when it succeeds
-        or fails (see `millpond_canvas`); the canvas sets `chain`, `chord`, `group_id`,
-        `group_index`, `root_id` and `parent_id`. `reply_to` is where the result goes when the
-        backend replies to the caller (rpc://): by default the backend's reply queue for this
-        process; `""` asks for none. An unknown option is a type error and, for callers the type
-        checker does not see, a TypeError naming the valid ones.
+        `countdown` (seconds) or `eta` (datetime or epoch seconds) delay it in the broker;
+        `expires` (datetime, epoch seconds, or seconds from now below a year) drops it if a worker
+        gets it too late. `link`/`link_error`: signatures sent when it succeeds or fails; the
+        canvas sets `chain`, `chord`, `group_id`, `group_index`, `root_id`, `parent_id`.
+        `reply_to`: where a backend that replies to the caller (rpc://) sends the result, by
+        default its reply queue for this process (`""`: none). An unknown option is a type error,
+        and a TypeError naming the valid ones for callers the type checker does not see.
         """
         unknown = set(options) - SEND_OPTIONS
         if unknown:

@@ -12,6 +12,7 @@ value, so `delay()` and `apply_async()` are overloaded to return an `AsyncResult
 from __future__ import annotations
 
 import contextvars
+import functools
 import random
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,7 +105,6 @@ class TaskOptions:
     #: `rate_limit_scope` (or the setting of that name) is "global"
     rate_limit: str | float | None = None
     rate_limit_scope: str | None = None  # None: the rate_limit_scope setting decides
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 class TaskDecoratorOptions(TypedDict, total=False):
@@ -160,7 +160,7 @@ class SendOptions(TypedDict, total=False):
     reply_to: str | None
 
 
-TASK_OPTIONS = frozenset(TaskOptions.__dataclass_fields__) - {"extra"}
+TASK_OPTIONS = frozenset(TaskOptions.__dataclass_fields__)
 SEND_OPTIONS = frozenset(SendOptions.__annotations__)
 
 
@@ -215,14 +215,11 @@ class Task(Generic[P, R_co]):
     """
 
     def __init__(self, app: Millpond, fn: Callable[..., R_co], options: TaskOptions) -> None:
+        functools.update_wrapper(self, fn)  # its name, docstring, module, `__wrapped__`
         self.app = app
         self.fn = fn
         self.options = options
         self.name = options.name
-        self.__doc__ = fn.__doc__
-        self.__name__ = getattr(fn, "__name__", options.name)
-        self.__module__ = fn.__module__
-        self.__wrapped__ = fn
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
