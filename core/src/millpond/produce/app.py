@@ -40,9 +40,11 @@ from millpond.produce.task import (
     SendOptions,
     Task,
     TaskDecorator,
-    TaskDecoratorOptions,
     current_request,
     make_options,
+)
+from millpond.produce.task import (
+    TaskDecoratorOptions as _Options,
 )
 from millpond.wire.protocol import Message, encode_task, new_id
 from millpond.wire.signing import sign
@@ -156,42 +158,28 @@ class Millpond:
     # by name; the implementation checks `**options` itself, for callers it does not see.
     @overload
     def task(
-        self,
-        fn: Callable[P, R],
-        /,
-        *,
-        bind: Literal[False] = False,
-        **options: Unpack[TaskDecoratorOptions],
+        self, fn: Callable[P, R], /, *, bind: Literal[False] = False, **options: Unpack[_Options]
     ) -> Task[P, R]: ...
 
     @overload
     def task(
-        self,
-        fn: Callable[Concatenate[Task[P, Any], P], R],
-        /,
-        *,
-        bind: Literal[True],
-        **options: Unpack[TaskDecoratorOptions],
-    ) -> Task[P, R]: ...
+        self, fn: Callable[Concatenate[Task[P, Any], P], R], /, *, bind: Literal[True],
+        **options: Unpack[_Options],
+    ) -> Task[P, R]: ...  # fmt: skip
 
     @overload
     def task(
-        self,
-        fn: None = None,
-        /,
-        *,
-        bind: Literal[False] = False,
-        **options: Unpack[TaskDecoratorOptions],
+        self, fn: None = None, /, *, bind: Literal[False] = False, **options: Unpack[_Options]
     ) -> TaskDecorator: ...
 
     @overload
     def task(
-        self, fn: None = None, /, *, bind: Literal[True], **options: Unpack[TaskDecoratorOptions]
+        self, fn: None = None, /, *, bind: Literal[True], **options: Unpack[_Options]
     ) -> BoundTaskDecorator: ...
 
     @overload
     def task(
-        self, fn: None = None, /, *, bind: bool, **options: Unpack[TaskDecoratorOptions]
+        self, fn: None = None, /, *, bind: bool, **options: Unpack[_Options]
     ) -> Callable[[Callable[..., Any]], Task[..., Any]]: ...
 
     def task(

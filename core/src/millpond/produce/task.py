@@ -191,10 +191,8 @@ def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOpti
             f"task option 'rate_limit_scope' must be one of {', '.join(RATE_LIMIT_SCOPES)} "
             f"or None (the rate_limit_scope setting), got {scope!r}"
         )
-    max_retries = opts.get("max_retries", 3)
-    if max_retries is not None and (
-        isinstance(max_retries, bool) or not isinstance(max_retries, int)
-    ):
+    max_retries = opts.get("max_retries")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int | None):
         raise TypeError("task option 'max_retries' must be an integer or None (unlimited)")
     return TaskOptions(**opts)
 
