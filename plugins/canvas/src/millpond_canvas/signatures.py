@@ -37,6 +37,7 @@ import structlog
 from millpond.contracts.backend import ResultBackend
 from millpond.exceptions import MillpondError
 from millpond.produce.result import AsyncResult
+from millpond.produce.task import SEND_OPTIONS
 from millpond_canvas.results import GroupResult
 
 if TYPE_CHECKING:
@@ -45,31 +46,6 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 
-#: options a signature may carry, and what `apply_async` does with them
-SEND_KEYS = frozenset(
-    {
-        "queue",
-        "countdown",
-        "eta",
-        "expires",
-        "headers",
-        "task_id",
-        "time_limit",
-        "soft_time_limit",
-        "ignore_result",
-        "priority",
-        "retries",
-        "link",
-        "link_error",
-        "chain",
-        "chord",
-        "group_id",
-        "group_index",
-        "root_id",
-        "parent_id",
-        "reply_to",
-    }
-)
 #: options Celery's producers put on signatures that mean nothing to a millpond producer: the
 #: message goes out the same without them (routing is by queue)
 INERT_KEYS = frozenset(
@@ -321,7 +297,7 @@ def _send_options(name: str, options: Mapping[str, Any], app: Millpond) -> dict[
     honour is said once per task name (never silently dropped)."""
     send: dict[str, Any] = {}
     for key, value in options.items():
-        if key in SEND_KEYS:
+        if key in SEND_OPTIONS:  # what `send_task` takes
             if value is not None:
                 send[key] = value
         elif key not in INERT_KEYS:
