@@ -11,9 +11,10 @@
     add.delay(2, 3).get(timeout=10)  # an int to the type checker; add.delay("2") is a type error
 
 `SendOptions` and `TaskDecoratorOptions` type the keywords of `apply_async` and `@app.task`, for
-code that passes them on. The canvas (`Signature`, `chain`, `group`, ...) is millpond-canvas's,
-re-exported here. Each name is imported on first use, so importing millpond opens, starts and
-imports nothing: the `millpond` command must be able to monkey-patch (gevent) before anything loads.
+code that passes them on. The canvas (`Signature`, `chain`, `group`, `GroupResult`, ...) is
+millpond-canvas's, re-exported here. Each name is imported on first use, so importing millpond
+opens, starts and imports nothing: the `millpond` command must be able to monkey-patch (gevent)
+before anything loads.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ _EXPORTS = {
     name: module
     for module, names in {
         "millpond.produce.app": "Millpond",
-        "millpond.produce.result": "AsyncResult GroupResult",
+        "millpond.produce.result": "AsyncResult",
         "millpond.produce.task": "Request SendOptions Task TaskDecoratorOptions",
         "millpond.exceptions": "ChordError MaxRetriesExceededError MillpondError Reject Retry "
         "SoftTimeLimitExceeded TaskError TimeLimitExceeded WorkerLostError",
-        "millpond_canvas": "Signature chain chord chunks group signature xmap xstarmap",
+        "millpond_canvas": "GroupResult Signature chain chord chunks group signature xmap xstarmap",
     }.items()
     for name in names.split()
 }
@@ -49,11 +50,11 @@ if TYPE_CHECKING:
     from millpond.exceptions import WorkerLostError as WorkerLostError
     from millpond.produce.app import Millpond as Millpond
     from millpond.produce.result import AsyncResult as AsyncResult
-    from millpond.produce.result import GroupResult as GroupResult
     from millpond.produce.task import Request as Request
     from millpond.produce.task import SendOptions as SendOptions
     from millpond.produce.task import Task as Task
     from millpond.produce.task import TaskDecoratorOptions as TaskDecoratorOptions
+    from millpond_canvas import GroupResult as GroupResult
     from millpond_canvas import Signature as Signature
     from millpond_canvas import chain as chain
     from millpond_canvas import chord as chord

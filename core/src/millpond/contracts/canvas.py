@@ -75,6 +75,10 @@ class Canvas:
         """The items in chunks of `n`, one `celery.starmap` task per chunk, as a group."""
         raise PluginNotFound(MISSING)
 
+    def group_result(self, group_id: str, results: Sequence[Any], parent: Any = None) -> Any:
+        """The result handle of a group (`GroupResult`) with these members' results."""
+        raise PluginNotFound(MISSING)
+
     def after_success(self, job: Job, result: Any) -> list[Any]:
         """Send the callbacks and the next chain step; returns their result tuples."""
         raise PluginNotFound(MISSING)

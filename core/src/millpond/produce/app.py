@@ -1,8 +1,6 @@
-"""The application object (`Millpond("shop")`): the task registry, the settings, and the producer
-side, where every task message leaves the process (`publish`).
-
-The broker and the result backend are created lazily on first use, once per process (a forked child
-gets its own), so importing an app module opens no connection and starts no thread.
+"""The application (`Millpond("shop")`): the task registry, the settings, and `publish`, where
+every task message leaves the process. The broker and the result backend are made on first use,
+once per process (a forked child makes its own): importing an app module opens no connection.
 """
 
 from __future__ import annotations
@@ -11,10 +9,10 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import (
     TYPE_CHECKING,
@@ -28,8 +26,6 @@ from typing import (
     overload,
 )
 
-import structlog
-
 from millpond.config import plugins
 from millpond.config.settings import Settings, load_settings
 from millpond.contracts.backend import ResultBackend
@@ -37,41 +33,26 @@ from millpond.contracts.broker import Broker, Outbound
 from millpond.contracts.canvas import Canvas
 from millpond.contracts.hooks import HookChain, Hooks, Publication, publishing_parent
 from millpond.exceptions import PublishError
-from millpond.produce.result import AsyncResult, GroupResult
+from millpond.produce.result import AsyncResult
 from millpond.produce.task import (
     SEND_OPTIONS,
     BoundTaskDecorator,
     SendOptions,
     Task,
     TaskDecorator,
-    TaskDecoratorOptions,
     current_request,
     make_options,
+)
+from millpond.produce.task import (
+    TaskDecoratorOptions as _Options,
 )
 from millpond.wire.protocol import Message, encode_task, new_id
 from millpond.wire.signing import sign
 
 if TYPE_CHECKING:
     from millpond.contracts.clients import ControlClient
+    from millpond_canvas import GroupResult as _GroupResult
     from millpond_canvas import Signature
-
-
-@dataclass(frozen=True, slots=True)
-class PeriodicDeclaration:
-    """A periodic task declared in code (`Millpond.add_periodic_task`), as it was declared.
-
-    The core only records it: the schedule (seconds, a `timedelta`, a five-field crontab string
-    or a schedule object) is interpreted and checked by the scheduler plugin (`millpond beat`,
-    from millpond-beat), which fails at start-up naming the entry when it is not valid. `options`
-    holds everything else given (queue, expires, timezone, catch_up, ... and Celery's options).
-    """
-
-    name: str
-    schedule: Any
-    task: str
-    args: tuple[Any, ...] = ()
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _epoch(when: datetime | float | None) -> float | None:
@@ -80,29 +61,27 @@ def _epoch(when: datetime | float | None) -> float | None:
 
 def _defaulted(
     sigs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
-    key: str,
-    value: str | Callable[[str], str],
+    defaults: Mapping[str, str | Callable[[str], str]],
 ) -> list[Mapping[str, Any]] | None:
-    """Signatures with `key` in their options (`value`, or `value` of the task's name) unless they
-    name their own. Callbacks get the queue this producer would send them to, not the worker's
-    own, and, with a backend that replies to the caller, this caller's `reply_to` (where Celery's
-    `freeze` puts it), since the worker that sends them later routes their results by it."""
-    listed = [sigs] if isinstance(sigs, Mapping) else list(sigs or ())
+    """Signatures with each of `defaults` (a value, or one of the task's name) in their options
+    unless they name their own. The worker sends them later: a callback must go to the queue
+    this producer would send it to, not the worker's own, and reply to this caller (rpc://),
+    where Celery's `freeze` puts `reply_to`."""
     out: list[Mapping[str, Any]] = []
-    for sig in listed:
+    for sig in [sigs] if isinstance(sigs, Mapping) else sigs or ():
         options = sig.get("options") or {}
-        if options.get(key):
-            out.append(sig)
-        else:
-            given = value if isinstance(value, str) else value(sig["task"])
-            out.append({**sig, "options": {**options, key: given}})
+        missing = {
+            key: value if isinstance(value, str) else value(sig["task"])
+            for key, value in defaults.items()
+            if not options.get(key)
+        }
+        out.append({**sig, "options": {**options, **missing}} if missing else sig)
     return out or None
 
 
 # the methods `Millpond.AsyncResult` and `Millpond.GroupResult` (Celery's names) hide the classes
 # inside the class body
 _AsyncResult = AsyncResult
-_GroupResult = GroupResult
 
 #: the URL used when no broker is configured: the embedded, zero-server broker
 DEFAULT_BROKER_URL = "sqlite://"
@@ -114,7 +93,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
-    """A publish `publishing_together` holds until its block ends: the hooks' view and tokens."""
+    """A publish on its way to the broker: the hooks' view of it and their tokens."""
 
     publication: Publication
     tokens: Any
@@ -139,8 +118,8 @@ class Millpond:
     ) -> None:
         self.name = name
         self.tasks: dict[str, Task[..., Any]] = {}
-        #: periodic tasks declared in code, by entry name (run by `millpond beat`)
-        self.periodic_tasks: dict[str, PeriodicDeclaration] = {}
+        #: the `add_periodic_task` calls made, as their arguments (read by `millpond beat`)
+        self.periodic_tasks: list[dict[str, Any]] = []
         urls = {"broker_url": broker_url, "result_backend": result_backend}
         #: the settings given in code (`Millpond(...)` keywords), weighed in by `load_settings`
         self.code_config: Mapping[str, Any] = {
@@ -152,7 +131,6 @@ class Millpond:
         self._conns: dict[str, Any] = {}
         #: the settings, the hook chain and the canvas, made on first use, kept across a fork
         self._kept: dict[str, Any] = {} if settings is None else {"settings": settings}
-        self._warned: set[Hashable] = set()
         #: the publishes `publishing_together` is collecting in this context, if it is
         self._batch: ContextVar[list[_Pending] | None] = ContextVar(
             f"millpond-batch-{id(self)}", default=None
@@ -176,47 +154,32 @@ class Millpond:
             self._reset()
 
     # -- registry --------------------------------------------------------------------------------
-    # The overloads give the type checker the function's parameters and return type (see
-    # millpond.produce.task) and every option by name; the implementation takes `**options` and
-    # checks them itself, for callers the type checker does not see.
+    # The overloads give the type checker the function's parameters, return type and every option
+    # by name; the implementation checks `**options` itself, for callers it does not see.
     @overload
     def task(
-        self,
-        fn: Callable[P, R],
-        /,
-        *,
-        bind: Literal[False] = False,
-        **options: Unpack[TaskDecoratorOptions],
+        self, fn: Callable[P, R], /, *, bind: Literal[False] = False, **options: Unpack[_Options]
     ) -> Task[P, R]: ...
 
     @overload
     def task(
-        self,
-        fn: Callable[Concatenate[Task[P, Any], P], R],
-        /,
-        *,
-        bind: Literal[True],
-        **options: Unpack[TaskDecoratorOptions],
-    ) -> Task[P, R]: ...
+        self, fn: Callable[Concatenate[Task[P, Any], P], R], /, *, bind: Literal[True],
+        **options: Unpack[_Options],
+    ) -> Task[P, R]: ...  # fmt: skip
 
     @overload
     def task(
-        self,
-        fn: None = None,
-        /,
-        *,
-        bind: Literal[False] = False,
-        **options: Unpack[TaskDecoratorOptions],
+        self, fn: None = None, /, *, bind: Literal[False] = False, **options: Unpack[_Options]
     ) -> TaskDecorator: ...
 
     @overload
     def task(
-        self, fn: None = None, /, *, bind: Literal[True], **options: Unpack[TaskDecoratorOptions]
+        self, fn: None = None, /, *, bind: Literal[True], **options: Unpack[_Options]
     ) -> BoundTaskDecorator: ...
 
     @overload
     def task(
-        self, fn: None = None, /, *, bind: bool, **options: Unpack[TaskDecoratorOptions]
+        self, fn: None = None, /, *, bind: bool, **options: Unpack[_Options]
     ) -> Callable[[Callable[..., Any]], Task[..., Any]]: ...
 
     def task(
@@ -246,40 +209,18 @@ class Millpond:
         kwargs: Mapping[str, Any] | None = None,
         name: str | None = None,
         **options: Any,
-    ) -> PeriodicDeclaration:
-        """Run `sig` on `schedule` under `millpond beat` (Celery's `add_periodic_task`).
-
-        `schedule` is seconds, a `timedelta`, a five-field crontab string ("*/5 * * * *") or a
-        schedule object from millpond_beat (`crontab(...)`, `every(...)`, `at(...)`). `sig` is a
-        signature (`add.s(2, 3)`), a task, or a task name; `args`/`kwargs` override the
-        signature's. `options` are the entry's: queue, expires, timezone, catch_up, and the
-        signature's own options. `name` defaults to the call's repr, as Celery names it; a second
-        declaration under one name replaces the first.
-        """
-        if not isinstance(sig, Mapping):
-            sig = {"task": sig if isinstance(sig, str) else sig.name}
-        task = str(sig["task"])
-        args = tuple(sig.get("args") or () if args is None else args)
-        kwargs = dict(sig.get("kwargs") or {} if kwargs is None else kwargs)
-        if name is None:
-            shown = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
-            name = f"{task}({', '.join(shown)})"
-        options = {**(sig.get("options") or {}), **options}
-        declaration = PeriodicDeclaration(name, schedule, task, args, kwargs, options)
-        self.periodic_tasks[name] = declaration
-        return declaration
+    ) -> None:
+        """Run `sig` (a signature, a task or a task name) on `schedule` under `millpond beat`,
+        as Celery's `add_periodic_task` (docs/beat.md). Only recorded here: millpond-beat names,
+        reads and checks the entry when it starts."""
+        call = {"sig": sig, "args": args, "kwargs": kwargs, "name": name, "options": options}
+        self.periodic_tasks.append({"schedule": schedule, **call})
 
     def periodic_task(
         self, schedule: Any, *, name: str | None = None, **options: Any
     ) -> Callable[[Callable[P, R]], Task[P, R]]:
-        """Register a function as a task and run it on `schedule` (no arguments):
-
-            @app.periodic_task(crontab("0 7 * * mon-fri"), name="morning report")
-            def report() -> None: ...
-
-        Applied to a function it is registered as with `@app.task`; applied to a task it only
-        adds the schedule. `options` are as in `add_periodic_task`.
-        """
+        """`@app.task` (unless given a task) that also runs it on `schedule`, with no arguments;
+        `options` as in `add_periodic_task`."""
 
         def decorate(fn: Callable[P, R]) -> Task[P, R]:
             task: Task[P, R] = fn if isinstance(fn, Task) else self.task(fn)
@@ -291,8 +232,8 @@ class Millpond:
     # -- hooks -------------------------------------------------------------------------------------
     @property
     def hooks(self) -> HookChain:
-        """Every hooks implementation of this app: the installed ones the `hooks` setting names
-        (all, by default), then the ones added with `add_hooks`. Made on first use."""
+        """The installed hooks the `hooks` setting names (all, by default), then the ones added
+        with `add_hooks`; made on first use."""
         return self._lazy(
             "hooks",
             lambda: HookChain([*plugins.load_hooks(self.settings.hooks), *self._added_hooks]),
@@ -307,12 +248,9 @@ class Millpond:
                 self._kept["hooks"] = self._kept["hooks"] + hooks
 
     def adopt_hooks(self, installed: Iterable[Hooks]) -> None:
-        """Use hooks already made from the `hooks` setting, before the ones added with `add_hooks`.
-
-        `millpond worker` makes the installed hooks before it imports the app (their
-        `process_starting` sets up tracing the app module may build on); adopting them keeps one
-        object per hook for the life of the process instead of a second set made on first use.
-        """
+        """Use hooks already made from the `hooks` setting, before the ones added with `add_hooks`:
+        `millpond worker` makes them before it imports the app (their `process_starting` sets up
+        tracing the app module may build on), and one object per hook is kept for the process."""
         with self._lock:
             self._kept["hooks"] = HookChain([*installed, *self._added_hooks])
 
@@ -327,8 +265,8 @@ class Millpond:
         self._pid = os.getpid()
 
     def _lazy(self, key: str, make: Callable[[], T], *, kept: bool = False) -> T:
-        """`key`, made once on first use (under the lock: threads may ask at once). A forked
-        child makes its own connections (the parent's are not its) but keeps what is `kept`."""
+        """`key`, made once on first use, under the lock (threads may ask at once); a forked
+        child makes its own connections but keeps what is `kept`."""
         if not kept and self._pid != os.getpid():
             self._reset()
         made = self._kept if kept else self._conns
@@ -344,16 +282,13 @@ class Millpond:
 
     @property
     def broker(self) -> Broker:
-        return self._lazy(
-            "broker", lambda: plugins.broker_for_url(self.broker_url, self.broker_options())
-        )
+        return self._lazy("broker", self._make_broker)
 
-    def broker_options(self) -> dict[str, Any]:
-        """Options handed to the broker plugin: the validated values of the settings section it
-        publishes under its URL scheme (`[redis]`, `MILLPOND_REDIS__*`), with the URL's query
-        parameters weighed in by where each was given."""
-        scheme = plugins.scheme_of(self.broker_url)
-        return self.settings.plugin_options(scheme, "broker_url")
+    def _make_broker(self) -> Broker:
+        # its options: the plugin's settings section (`[redis]`, `MILLPOND_REDIS__*`), validated,
+        # with the URL's query parameters weighed in by where each was given
+        options = self.settings.plugin_options(plugins.scheme_of(self.broker_url), "broker_url")
+        return plugins.broker_for_url(self.broker_url, options)
 
     @property
     def backend(self) -> ResultBackend | None:
@@ -370,9 +305,8 @@ class Millpond:
 
     @property
     def control(self) -> ControlClient:
-        """Remote control, as Celery's `app.control` (docs/control.md): made by the `control`
-        entry point of `millpond.clients` (millpond-control, a dependency of millpond), typed
-        as that package's `Control` (`millpond.contracts.clients.ControlClient`)."""
+        """Remote control, as Celery's `app.control` (docs/control.md), from the `control` entry
+        point of `millpond.clients` (millpond-control), typed as that package's `Control`."""
         made: ControlClient = self._lazy(
             "control", lambda: plugins.load(plugins.CLIENTS, "control")(self)
         )
@@ -396,14 +330,13 @@ class Millpond:
     ) -> AsyncResult[Any]:
         """Send a task by name (it need not be registered here); returns its result handle.
 
-        `countdown` (seconds) or `eta` (datetime or epoch seconds) delay it, held by the broker;
-        `expires` (datetime, epoch seconds, or seconds from now when below one year) drops it if a
-        worker gets it too late. `link` and `link_error` are signatures to send when it succeeds
-        or fails (see `millpond_canvas`); `chain`, `chord`, `group_id`, `group_index`,
-        `root_id` and `parent_id` are set by the canvas. `reply_to` is where the worker sends the
-        result when the backend replies to the caller (rpc://); by default the backend's own
-        reply queue for this process, and `""` asks for no reply. An unknown option is a type
-        error and, for callers the type checker does not see, a TypeError naming the valid ones.
+        `countdown` (seconds) or `eta` (datetime or epoch seconds) delay it in the broker;
+        `expires` (datetime, epoch seconds, or seconds from now below a year) drops it if a worker
+        gets it too late. `link`/`link_error`: signatures sent when it succeeds or fails; the
+        canvas sets `chain`, `chord`, `group_id`, `group_index`, `root_id`, `parent_id`.
+        `reply_to`: where a backend that replies to the caller (rpc://) sends the result, by
+        default its reply queue for this process (`""`: none). An unknown option is a type error,
+        and a TypeError naming the valid ones for callers the type checker does not see.
         """
         unknown = set(options) - SEND_OPTIONS
         if unknown:
@@ -412,15 +345,11 @@ class Millpond:
                 f"valid options: {', '.join(sorted(SEND_OPTIONS))}"
             )
         now = time.time()
-        countdown, eta, expires = (
-            options.get("countdown"),
-            options.get("eta"),
-            options.get("expires"),
-        )
-        eta_ts = now + float(countdown) if countdown is not None else _epoch(eta)
-        expires_ts = _epoch(expires)
-        if expires_ts is not None and not isinstance(expires, datetime) and expires_ts < 31_536_000:
-            expires_ts += now  # seconds from now
+        countdown, expires = options.get("countdown"), options.get("expires")
+        eta = now + float(countdown) if countdown is not None else _epoch(options.get("eta"))
+        expires_at = _epoch(expires)
+        if expires_at is not None and not isinstance(expires, datetime) and expires_at < 31_536_000:
+            expires_at += now  # below a year: seconds from now
         root_id, parent_id = options.get("root_id"), options.get("parent_id")
         parent = current_request()
         if parent is not None:
@@ -430,27 +359,23 @@ class Millpond:
         if ignore_result is None:
             ignore_result = self.settings.ignore_result
         task_id = options.get("task_id") or new_id()
-        callbacks = _defaulted(options.get("link"), "queue", self.queue_for)
-        errbacks = _defaulted(options.get("link_error"), "queue", self.queue_for)
-        chain, chord = options.get("chain"), options.get("chord")
         reply_to = options.get("reply_to")
-        if reply_to is None and not ignore_result:
-            backend = self.backend
-            if backend is not None and backend.replies_to_caller:
-                reply_to = backend.reply_to(task_id)
-        if reply_to:  # what the worker sends next for this task replies here too
-            callbacks = _defaulted(callbacks, "reply_to", reply_to)
-            errbacks = _defaulted(errbacks, "reply_to", reply_to)
-            chain = _defaulted(chain, "reply_to", reply_to)
-            chord = (_defaulted(chord, "reply_to", reply_to) or [chord])[0] if chord else chord
+        backend = self.backend if reply_to is None and not ignore_result else None
+        if backend is not None and backend.replies_to_caller:
+            reply_to = backend.reply_to(task_id)
+        # what the worker sends next for this task (callbacks, chain, chord) replies here too
+        later = {"reply_to": reply_to} if reply_to else {}
+        sends: dict[str, str | Callable[[str], str]] = {"queue": self.queue_for, **later}
+        chord = _defaulted(options.get("chord"), later)
+        retries = options.get("retries", 0)
         message = encode_task(
             name,
             args,
             kwargs,
             task_id=task_id,
-            retries=options.get("retries", 0),
-            eta=eta_ts,
-            expires=expires_ts,
+            retries=retries,
+            eta=eta,
+            expires=expires_at,
             time_limit=options.get("time_limit"),
             soft_time_limit=options.get("soft_time_limit"),
             root_id=root_id,
@@ -460,18 +385,17 @@ class Millpond:
             sent_at=now,
             headers=options.get("headers"),
             priority=options.get("priority"),
-            callbacks=callbacks,
-            errbacks=errbacks,
-            chain=chain,
-            chord=chord,
+            callbacks=_defaulted(options.get("link"), sends),
+            errbacks=_defaulted(options.get("link_error"), sends),
+            chain=_defaulted(options.get("chain"), later),
+            chord=chord[0] if chord else None,
             group_id=options.get("group_id"),
             group_index=options.get("group_index"),
             reply_to=reply_to,
         )
         queue = options.get("queue") or self.settings.default_queue
-        eta_ahead = eta_ts if eta_ts and eta_ts > now else None
-        self.publish(queue, message, eta=eta_ahead, retries=options.get("retries", 0))
-        result: AsyncResult[Any] = AsyncResult(message.headers["id"], self)
+        self.publish(queue, message, eta=eta if eta and eta > now else None, retries=retries)
+        result: AsyncResult[Any] = AsyncResult(task_id, self)
         if parent is not None:
             parent.children.append(result.as_tuple())
         return result
@@ -485,11 +409,9 @@ class Millpond:
         retries: int = 0,
         parent: Mapping[str, str] | None = None,
     ) -> None:
-        """The one way a task message leaves a process: publish hooks, signing, the broker.
-
-        `send_task` and the worker's retries both come here. `parent` is the propagation carrier
-        of the run that asks (a retry's), when it is not the caller's current context.
-        """
+        """The one way a task message leaves a process (`send_task` and the worker's retries):
+        publish hooks, signing, the broker. `parent` is the propagation carrier of the run that
+        asks (a retry's), when it is not the caller's current context."""
         publication = Publication(
             queue=queue,
             message=message,
@@ -512,12 +434,10 @@ class Millpond:
 
     @contextmanager
     def publishing_together(self) -> Iterator[None]:
-        """Hand every message published inside the block to the broker together when it ends.
-
-        The block returns once the broker has them all, as separate publishes would; a broker
-        whose confirms cost a round trip each (RabbitMQ) then waits once instead of once per
-        message. Groups and chords send their tasks this way. Nested blocks join the outer one.
-        """
+        """Hand every message published inside the block to the broker together when it ends,
+        returning once the broker has them all: a broker whose confirms cost a round trip each
+        (RabbitMQ) waits once, not once per message. Groups and chords send their tasks this
+        way; nested blocks join the outer one."""
         if self._batch.get() is not None:
             yield
             return
@@ -553,7 +473,7 @@ class Millpond:
         return AsyncResult(task_id, self)
 
     def GroupResult(self, group_id: str, results: Sequence[_AsyncResult[Any]]) -> _GroupResult:
-        return _GroupResult(group_id, results, self)
+        return cast("_GroupResult", self.canvas.group_result(group_id, results))
 
     def signature(
         self,
@@ -569,25 +489,15 @@ class Millpond:
 
     @property
     def canvas(self) -> Canvas:
-        """The app's canvas (`millpond.contracts.canvas`): the installed `millpond.canvas` plugin
-        (millpond-canvas, which millpond depends on), built once; registers Celery's built-in
-        canvas tasks in this app."""
+        """The app's canvas (`millpond.contracts.canvas`), built once from the installed
+        `millpond.canvas` plugin (millpond-canvas); registers Celery's built-in canvas tasks."""
         made: Canvas = self._lazy(
             "canvas", lambda: (plugins.canvas_class() or Canvas)(self), kept=True
         )
         return made
 
     def queue_for(self, name: str) -> str:
-        """The queue this app sends a task to when the call names none: the task's own `queue`
-        option if it is registered here, else the `default_queue` setting."""
+        """The queue a call that names none sends the task to: the task's own `queue` option if
+        it is registered here, else the `default_queue` setting."""
         task = self.tasks.get(name)
-        if task is not None and task.options.queue:
-            return task.options.queue
-        return self.settings.default_queue
-
-    def warn_once(self, key: Hashable, message: str) -> None:
-        """Log `message` as a warning the first time `key` is seen in this process."""
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        structlog.get_logger("millpond").warning(message)
+        return task.options.queue if task and task.options.queue else self.settings.default_queue

@@ -1,10 +1,7 @@
-"""Celery's rate strings, the value of the `rate_limit` task option.
+"""Celery's rate strings, the value of the `rate_limit` task option (kept by millpond-ratelimit).
 
-A rate is `"10/s"`, `"10/m"`, `"10/h"`, or a plain number (per second; text or a number). It is
-parsed here once, when a task is declared or a limit is changed at run time, so a typo fails at
-import or in the control command's reply, never at 3 a.m. inside the consumer loop. `0` and empty
-mean "no limit", as in Celery. The limits themselves are kept by the `millpond-ratelimit` worker
-component.
+Parsed when a task is declared or a limit is changed at run time, so a typo fails at import or in
+the control command's reply, never inside the consumer loop.
 """
 
 from __future__ import annotations
@@ -24,12 +21,9 @@ class InvalidRateLimit(ConfigurationError, ValueError):
 
 
 def parse_rate(value: str | float | None) -> float | None:
-    """Tokens per second for a Celery rate (`"10/m"` -> 0.1667), None for no limit.
-
-    Accepts what Celery accepts: `N/s`, `N/m`, `N/h` (N may have a fraction), a plain number or
-    numeric text (per second), and `None`, `""` or `0` for no limit. Anything else (a negative
-    number, another unit, `"ten/m"`) raises `InvalidRateLimit` saying what is allowed.
-    """
+    """Tokens per second for what Celery accepts (`"10/m"` -> 0.1667; `N/s`, `N/m`, `N/h`, N
+    maybe a fraction, or a number per second), None for no limit (`None`, `""`, `0`); anything
+    else raises `InvalidRateLimit` saying what is allowed."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, str | int | float):

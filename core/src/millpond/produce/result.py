@@ -1,13 +1,12 @@
 """Result handles, and how a task's error comes back to the caller as the same exception type.
 
 An exception is rebuilt from its stored type name and module only when that type is a builtin or
-already imported in the caller's process: nothing is imported because a message says so. Anything
-else becomes a `TaskError` subclass with the remote type's name, so `except TaskError` catches all.
+already imported here: nothing is imported because a message says so. Anything else becomes a
+`TaskError` subclass named after the remote type, so `except TaskError` catches all.
 
-`AsyncResult[R]` is typed by what its task returns (`add.delay(2, 3).get()` is an `int`). That is a
-promise about the task's declaration, not a check of what comes back: the value has made a round
-trip through the serializer (with JSON a tuple comes back a list, a dict's keys strings), and
-`send_task` and `app.AsyncResult(id)` know no task, so theirs is `AsyncResult[Any]`.
+`AsyncResult[R]` promises what the task's declaration returns; it is not a check of what comes back
+through the serializer (JSON turns a tuple into a list), and a result of `send_task` or
+`app.AsyncResult(id)`, which know no task, is `AsyncResult[Any]`.
 """
 
 from __future__ import annotations
@@ -16,8 +15,8 @@ import builtins
 import functools
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, cast, overload
 
 from millpond import exceptions
 from millpond.contracts.backend import ResultBackend, ResultMeta
@@ -26,8 +25,8 @@ from millpond.exceptions import TimeoutError as MillpondTimeoutError
 from millpond.states import READY_STATES, TaskState
 
 if TYPE_CHECKING:
-    from millpond.contracts.pool import Outcome
     from millpond.produce.app import Millpond
+    from millpond_canvas import GroupResult
 
 R_co = TypeVar("R_co", covariant=True)
 
@@ -51,11 +50,6 @@ def error_info(exc_type: str, exc_module: str | None, message: list[Any]) -> dic
     if module == "millpond.exceptions" and exc_type in CELERY_MODULES:
         module = CELERY_MODULES[exc_type]
     return {"exc_type": exc_type, "exc_module": module, "exc_message": message}
-
-
-def stored_error(outcome: Outcome) -> dict[str, Any]:
-    """The result-store form of a failed outcome."""
-    return error_info(outcome.exc_type or "TaskError", outcome.exc_module, outcome.stored_args)
 
 
 def rebuild_exception(info: Any) -> BaseException:
@@ -88,7 +82,7 @@ def _remote_error(module: str, name: str) -> type[TaskError]:
     return type(name, (TaskError,), {"exc_type": name, "exc_module": module})
 
 
-def _backend(app: Millpond) -> ResultBackend:
+def require_backend(app: Millpond) -> ResultBackend:
     backend = app.backend
     if backend is None:
         raise BackendError(
@@ -101,7 +95,7 @@ def _backend(app: Millpond) -> ResultBackend:
 class AsyncResult(Generic[R_co]):
     """A handle on a sent task: its `id`, its state, and its outcome once ready.
 
-    `R` is the task's result type, what `get()` returns; covariant, since it is only returned.
+    `R` is what `get()` returns, the task's result type (covariant: it is only returned).
     """
 
     def __init__(self, id: str, app: Millpond, parent: ResultNode | None = None) -> None:
@@ -114,6 +108,12 @@ class AsyncResult(Generic[R_co]):
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id}>"
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AsyncResult) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
     def as_tuple(self) -> list[Any]:
         """Celery's serialised form of a result (`[[id, parent], None]`), as stored in `children`."""
         return [[self.id, self.parent.as_tuple() if self.parent is not None else None], None]
@@ -123,9 +123,8 @@ class AsyncResult(Generic[R_co]):
         """The tasks this one sent while it ran and after (callbacks, the next chain step), as
         the worker stored them with its result; empty until it is ready."""
         meta = self._fetch()
-        if meta is None:
-            return []
-        return [result_from_tuple(item, self.app) for item in meta.children or []]
+        stored = meta.children if meta is not None else None
+        return [result_from_tuple(item, self.app) for item in stored or []]
 
     def collect(self, timeout: float | None = None) -> Iterator[tuple[ResultNode, Any]]:
         """This result and every one it led to (its children, theirs, ...), depth first, each
@@ -133,20 +132,14 @@ class AsyncResult(Generic[R_co]):
         stack: list[ResultNode] = [self]
         while stack:
             node = stack.pop()
-            value = node.get(timeout=timeout)
-            yield node, value
+            yield node, node.get(timeout=timeout)
             if isinstance(node, AsyncResult):
                 stack.extend(reversed(node.children))
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AsyncResult) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
     def _fetch(self) -> ResultMeta | None:
+        """The stored outcome, asked of the backend again until it is final."""
         if self._meta is None or self._meta.status not in READY_STATES:
-            self._meta = _backend(self.app).peek(self.id)
+            self._meta = require_backend(self.app).peek(self.id)
         return self._meta
 
     @property
@@ -167,18 +160,15 @@ class AsyncResult(Generic[R_co]):
 
     @property
     def result(self) -> Any:
-        """The return value, or the exception for a failed task (without raising it).
+        """The return value, or the exception of a failed task (not raised).
 
-        Typed `Any`, not `R | BaseException | None`, because in the other states it is what the
-        store holds: nothing while pending, the error's details while a retry is on its way, the
-        reason once revoked. `get()` is the typed way to the value.
+        `Any`, not `R`: in the other states it is what the store holds (nothing while pending,
+        the error while a retry is on its way, the reason once revoked). `get()` is the typed way.
         """
         meta = self._fetch()
-        if meta is None:
-            return None
-        if meta.status == TaskState.FAILURE:
+        if meta is not None and meta.status == TaskState.FAILURE:
             return rebuild_exception(meta.result)
-        return meta.result
+        return meta.result if meta else None
 
     @property
     def traceback(self) -> str | None:
@@ -192,12 +182,12 @@ class AsyncResult(Generic[R_co]):
     def get(self, timeout: float | None = None, propagate: bool = True) -> R_co | BaseException: ...
 
     def get(self, timeout: float | None = None, propagate: bool = True) -> R_co | BaseException:
-        """Wait for the outcome. A failed task re-raises its error (type and message), or, with
-        `propagate=False`, returns it (hence the union type when `propagate` is not literally True).
+        """Wait for the outcome; a failed task re-raises its error (type and message), or returns
+        it with `propagate=False` (hence the union unless `propagate` is literally True).
 
         Raises `millpond.exceptions.TimeoutError` when it is not ready within `timeout` seconds.
         """
-        backend = _backend(self.app)
+        backend = require_backend(self.app)
         deadline = None if timeout is None else time.monotonic() + timeout
         meta = self._meta if self._meta and self._meta.status in READY_STATES else None
         while meta is None:
@@ -227,115 +217,23 @@ class AsyncResult(Generic[R_co]):
             self.app.backend.forget(self.id)
 
 
-class GroupResult:
-    """The results of a group's tasks, in the group's order.
-
-    `save()` stores the group under its id (Celery's `celery-taskset-meta-<id>`), so another
-    process can `GroupResult.restore(id, app)` it, as Celery's can.
-    """
-
-    def __init__(
-        self, id: str, results: Sequence[ResultNode], app: Millpond,
-        parent: ResultNode | None = None,
-    ) -> None:  # fmt: skip
-        self.id = id
-        self.results = list(results)
-        self.app = app
-        self.parent = parent
-
-    def __repr__(self) -> str:
-        return f"<GroupResult {self.id} [{', '.join(r.id for r in self.results)}]>"
-
-    def __len__(self) -> int:
-        return len(self.results)
-
-    def __iter__(self) -> Iterator[ResultNode]:
-        return iter(self.results)
-
-    def __getitem__(self, index: int) -> ResultNode:
-        return self.results[index]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, GroupResult) and (other.id, other.results) == (
-            self.id,
-            self.results,
-        )
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
-    def as_tuple(self) -> list[Any]:
-        parent = self.parent.as_tuple() if self.parent is not None else None
-        return [[self.id, parent], [r.as_tuple() for r in self.results]]
-
-    def ready(self) -> bool:
-        return all(r.ready() for r in self.results)
-
-    def successful(self) -> bool:
-        return all(r.successful() for r in self.results)
-
-    def failed(self) -> bool:
-        return any(r.failed() for r in self.results)
-
-    def waiting(self) -> bool:
-        return not self.ready()
-
-    def completed_count(self) -> int:
-        """How many of the tasks succeeded."""
-        return sum(1 for r in self.results if r.successful())
-
-    def get(self, timeout: float | None = None, propagate: bool = True) -> list[Any]:
-        """Every task's value, in order; the first failure re-raises (unless `propagate=False`).
-        `timeout` bounds the whole wait, not each task's."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        out: list[Any] = []
-        for result in self.results:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            out.append(result.get(timeout=left, propagate=propagate))
-        return out
-
-    join = get
-
-    @property
-    def children(self) -> list[ResultNode]:
-        return self.results
-
-    def save(self) -> None:
-        """Store the group (its id and its tasks' ids) in the result backend."""
-        _backend(self.app).save_group(self.id, self.as_tuple())
-
-    @classmethod
-    def restore(cls, group_id: str, app: Millpond) -> GroupResult | None:
-        """The group saved under `group_id` (by millpond or Celery), or None."""
-        stored = _backend(app).restore_group(group_id)
-        if stored is None:
-            return None
-        result = result_from_tuple(stored, app)
-        return result if isinstance(result, GroupResult) else cls(group_id, [result], app)
-
-    def forget(self) -> None:
-        for result in self.results:
-            result.forget()
-        _backend(self.app).forget_group(self.id)
-
-
-ResultNode = AsyncResult[Any] | GroupResult
+#: a result handle: a task's, or a group's (the canvas plugin's `GroupResult`)
+ResultNode: TypeAlias = "AsyncResult[Any] | GroupResult"
 
 
 def result_from_tuple(value: Any, app: Millpond) -> ResultNode:
     """A result from Celery's serialised form: `[[id, parent], None]` for a task,
-    `[[group_id, parent], [members...]]` for a group."""
-    if isinstance(value, AsyncResult | GroupResult):
-        return value
+    `[[group_id, parent], [members...]]` for a group (made by the app's canvas)."""
     if isinstance(value, str):
         return AsyncResult(value, app)
+    if hasattr(value, "as_tuple"):  # a result handle already
+        return cast("ResultNode", value)
     try:
         (task_id, parent), members = value
     except (TypeError, ValueError):
         raise BackendError(f"not a stored result reference: {value!r:.200}") from None
     parent_node = result_from_tuple(parent, app) if parent else None
     if members is not None:
-        return GroupResult(
-            str(task_id), [result_from_tuple(m, app) for m in members], app, parent_node
-        )
+        results = [result_from_tuple(m, app) for m in members]
+        return cast("GroupResult", app.canvas.group_result(str(task_id), results, parent_node))
     return AsyncResult(str(task_id), app, parent_node)

@@ -1,21 +1,18 @@
-"""Tasks: a function registered under a name, with options checked when it is declared.
+"""Tasks: a function registered under a name, with options checked when it is declared (a typo
+fails at import, not at 3 a.m. in production; `apply_async` refuses unknown keywords).
 
-Options are validated at decoration time (a typo fails at import, not at 3 a.m. in production), and
-`apply_async` refuses unknown keywords instead of dropping them.
+The same mistakes are type errors: `Task[P, R]` carries the function's parameters (a `ParamSpec`)
+and return type, so `add.delay("a", [1])` or `x: str = add(1, 2)` fail under mypy; the keyword
+options are declared once, as TypedDicts, for the type checker and the runtime check alike.
 
-The same mistakes are type errors too: `Task[P, R]` carries the function's parameters (`P`, a
-`ParamSpec`) and its return type (`R`), so `add.delay("a", [1])` or `x: str = add(1, 2)` fail under
-mypy, and the keyword options of `@app.task` and `apply_async` are declared once, as the TypedDicts
-`TaskDecoratorOptions` and `SendOptions`, for the type checker and the runtime check alike.
-
-For an `async def` task `R` is the coroutine its call returns (calling the task still runs the
-function here, and that returns a coroutine); what the worker stores is the awaited value, so
-`delay()` and `apply_async()` are overloaded to hand back an `AsyncResult` of that value.
+For an `async def` task `R` is the coroutine its call returns; the worker stores the awaited
+value, so `delay()` and `apply_async()` are overloaded to return an `AsyncResult` of that.
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import random
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,21 +64,10 @@ class Request:
     #: results of the tasks sent from inside this one (filled as it sends them)
     children: list[Any] = field(default_factory=list)
 
-    @property
-    def callbacks(self) -> list[Any] | None:
-        return self.embed.get("callbacks")
-
-    @property
-    def errbacks(self) -> list[Any] | None:
-        return self.embed.get("errbacks")
-
-    @property
-    def chain(self) -> list[Any] | None:
-        return self.embed.get("chain")
-
-    @property
-    def chord(self) -> Any:
-        return self.embed.get("chord")
+    callbacks = property(lambda self: self.embed.get("callbacks"))
+    errbacks = property(lambda self: self.embed.get("errbacks"))
+    chain = property(lambda self: self.embed.get("chain"))
+    chord = property(lambda self: self.embed.get("chord"))
 
 
 _current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
@@ -119,16 +105,11 @@ class TaskOptions:
     #: `rate_limit_scope` (or the setting of that name) is "global"
     rate_limit: str | float | None = None
     rate_limit_scope: str | None = None  # None: the rate_limit_scope setting decides
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 class TaskDecoratorOptions(TypedDict, total=False):
-    """The keywords of `@app.task(...)` besides `bind`, for the type checker.
-
-    `bind` is left out because it changes the decorated function's signature (its first parameter
-    is the task), so the `task()` overloads take it as a literal of their own. The runtime check is
-    `make_options` against `TaskOptions`; a test keeps the two lists equal.
-    """
+    """The keywords of `@app.task(...)` for the type checker (`TaskOptions` at run time; a test
+    keeps the two equal). `bind` changes the function's signature, so the overloads take it."""
 
     name: str
     queue: str | None
@@ -151,12 +132,9 @@ class TaskDecoratorOptions(TypedDict, total=False):
 
 
 class SendOptions(TypedDict, total=False):
-    """The keyword options of `apply_async` and `Millpond.send_task`.
-
-    A TypedDict rather than keyword parameters so that an option left out stays out: a task's own
-    default (its queue, time limits, expiry, priority) applies only to what the caller did not
-    pass, and an explicit `None` still overrides it (but for `expires`), as it always has.
-    """
+    """The keyword options of `apply_async` and `Millpond.send_task`: a TypedDict, not parameters,
+    so that an option left out stays out (the task's own default applies only then, and an
+    explicit `None` overrides it, but for `expires`)."""
 
     queue: str | None
     countdown: float | None
@@ -182,7 +160,7 @@ class SendOptions(TypedDict, total=False):
     reply_to: str | None
 
 
-TASK_OPTIONS = frozenset(TaskOptions.__dataclass_fields__) - {"extra"}
+TASK_OPTIONS = frozenset(TaskOptions.__dataclass_fields__)
 SEND_OPTIONS = frozenset(SendOptions.__annotations__)
 
 
@@ -193,19 +171,16 @@ def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOpti
             f"unknown task option(s) {', '.join(sorted(unknown))} on {fn.__qualname__}; "
             f"valid options: {', '.join(sorted(TASK_OPTIONS))}"
         )
-    opts = dict(options)
-    opts.setdefault("name", f"{fn.__module__}.{fn.__qualname__}")
+    opts = {"name": f"{fn.__module__}.{fn.__qualname__}", **options}
     for key in ("time_limit", "soft_time_limit", "expires", "default_retry_delay"):
         value = opts.get(key)
         bad = isinstance(value, bool) or not isinstance(value, int | float) or value < 0
         if value is not None and bad:
             raise TypeError(f"task option {key!r} must be a non-negative number, got {value!r}")
     autoretry = opts.get("autoretry_for", ())
-    if isinstance(autoretry, type):
-        autoretry = (autoretry,)
-    if not all(isinstance(t, type) and issubclass(t, BaseException) for t in autoretry):
+    opts["autoretry_for"] = (autoretry,) if isinstance(autoretry, type) else tuple(autoretry)
+    if not all(isinstance(t, type) and issubclass(t, BaseException) for t in opts["autoretry_for"]):
         raise TypeError("task option 'autoretry_for' must be a tuple of exception classes")
-    opts["autoretry_for"] = tuple(autoretry)
     try:
         parse_rate(opts.get("rate_limit"))
     except InvalidRateLimit as exc:
@@ -216,10 +191,8 @@ def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOpti
             f"task option 'rate_limit_scope' must be one of {', '.join(RATE_LIMIT_SCOPES)} "
             f"or None (the rate_limit_scope setting), got {scope!r}"
         )
-    max_retries = opts.get("max_retries", 3)
-    if max_retries is not None and (
-        isinstance(max_retries, bool) or not isinstance(max_retries, int)
-    ):
+    max_retries = opts.get("max_retries")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int | None):
         raise TypeError("task option 'max_retries' must be an integer or None (unlimited)")
     return TaskOptions(**opts)
 
@@ -228,25 +201,23 @@ P = ParamSpec("P")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 T = TypeVar("T")
+_Args = Sequence[Any] | None
+_Kwargs = Mapping[str, Any] | None
 
 
 class Task(Generic[P, R_co]):
     """A registered task. Calling it runs the function here; `delay` sends it to a worker.
 
-    `Task[P, R]`: `P` is the function's parameters (without the task itself for `bind=True`) and
-    `R` what calling it returns. `R` is covariant (it is only ever returned), so a
-    `Task[[int], bool]` is accepted where a `Task[[int], object]` is expected.
+    `P` is the function's parameters (without the task itself for `bind=True`), `R` what calling
+    it returns; covariant, so a `Task[[int], bool]` passes where a `Task[[int], object]` is wanted.
     """
 
     def __init__(self, app: Millpond, fn: Callable[..., R_co], options: TaskOptions) -> None:
+        functools.update_wrapper(self, fn)  # its name, docstring, module, `__wrapped__`
         self.app = app
         self.fn = fn
         self.options = options
         self.name = options.name
-        self.__doc__ = fn.__doc__
-        self.__name__ = getattr(fn, "__name__", options.name)
-        self.__module__ = fn.__module__
-        self.__wrapped__ = fn
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
@@ -257,10 +228,10 @@ class Task(Generic[P, R_co]):
         return self.fn(*args, **kwargs)
 
     # -- sending ---------------------------------------------------------------------------------
-    # Each sending method has two overloads that differ only in the result type: an async def
-    # task's `R` is a coroutine, and the worker awaits it and stores what it returns, so its
-    # result is `AsyncResult[T]` for `Coroutine[Any, Any, T]`; any other task's is `AsyncResult[R]`.
-    # mypy picks the first overload that matches, so the coroutine one must come first.
+    # The overloads differ only in the result: an async def task's `R` is a coroutine whose value
+    # the worker stores. mypy takes the first that matches, so the coroutine one comes first.
+    # `apply_async`'s `args`/`kwargs` cannot be checked against `P` (a ParamSpec's parts exist
+    # only as a function's `*args`/`**kwargs`); `delay` checks them.
     @overload
     def delay(
         self: Task[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
@@ -273,33 +244,22 @@ class Task(Generic[P, R_co]):
         """Send the task with these arguments, with its default options."""
         return self.apply_async(args, kwargs)
 
-    # `args` and `kwargs` cannot be checked against `P`: a ParamSpec's parts exist only as a
-    # function's `*args`/`**kwargs`, not as a tuple type and a dict type. `delay` checks them.
     @overload
     def apply_async(
-        self: Task[P, Coroutine[Any, Any, T]],
-        args: Sequence[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
+        self: Task[P, Coroutine[Any, Any, T]], args: _Args = None, kwargs: _Kwargs = None,
         **options: Unpack[SendOptions],
-    ) -> AsyncResult[T]: ...
+    ) -> AsyncResult[T]: ...  # fmt: skip
 
     @overload
     def apply_async(
-        self,
-        args: Sequence[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        **options: Unpack[SendOptions],
+        self, args: _Args = None, kwargs: _Kwargs = None, **options: Unpack[SendOptions]
     ) -> AsyncResult[R_co]: ...
 
     def apply_async(
-        self,
-        args: Sequence[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        **options: Unpack[SendOptions],
+        self, args: _Args = None, kwargs: _Kwargs = None, **options: Unpack[SendOptions]
     ) -> AsyncResult[Any]:
-        """Send the task with the options of `SendOptions`; the task's own queue, time limits,
-        ignore_result, priority and expiry apply to what the call leaves out (`send_task` refuses
-        unknown options)."""
+        """Send the task (options: `SendOptions`); the task's own queue, time limits,
+        ignore_result, priority and expiry apply to what the call leaves out."""
         opts = self.options
         sent: SendOptions = {
             "queue": opts.queue,
@@ -314,10 +274,8 @@ class Task(Generic[P, R_co]):
         return self.app.send_task(self.name, args or (), kwargs or {}, **sent)
 
     # -- canvas ----------------------------------------------------------------------------------
-    # Signatures are built here and sent later, often with a result prepended to their arguments
-    # (a chain step, a callback), so their arguments cannot be checked against `P`; their result
-    # type is the task's. They are made by the app's canvas plugin (millpond.contracts.canvas),
-    # whose classes the annotations name.
+    # Made by the app's canvas plugin (millpond.contracts.canvas). A signature is sent later, often
+    # with a result prepended to its arguments, so they cannot be checked against `P`.
     def s(self, *args: Any, **kwargs: Any) -> Signature[R_co]:
         """A signature of this task with these (partial) arguments: `add.s(2) | add.s(3)`."""
         return cast("Signature[R_co]", self.app.canvas.signature(self, args, kwargs))
@@ -328,10 +286,7 @@ class Task(Generic[P, R_co]):
         return cast("Signature[R_co]", sig)
 
     def signature(
-        self,
-        args: Sequence[Any] = (),
-        kwargs: Mapping[str, Any] | None = None,
-        **options: Unpack[SendOptions],
+        self, args: Sequence[Any] = (), kwargs: _Kwargs = None, **options: Unpack[SendOptions]
     ) -> Signature[R_co]:
         """A signature with options: `add.signature((2, 2), countdown=10)`."""
         sig = self.app.canvas.signature(self, args, kwargs, dict(options))
@@ -364,11 +319,8 @@ class Task(Generic[P, R_co]):
         eta: datetime | float | None = None,
         max_retries: int | None = None,
     ) -> NoReturn:
-        """Ask for this task to run again later; raises `Retry` (so `raise self.retry()` reads well).
-
-        When the retry budget is spent, the original `exc` is raised instead (or
-        `MaxRetriesExceededError` when there is none), and the task fails.
-        """
+        """Run this task again later: raises `Retry` (so `raise self.retry()` reads well); once
+        the retry budget is spent, `exc` instead (or `MaxRetriesExceededError`), and it fails."""
         eta_ts = eta.timestamp() if isinstance(eta, datetime) else eta
         raise Retry(exc=exc, countdown=countdown, eta=eta_ts, max_retries=max_retries)
 
@@ -393,9 +345,8 @@ class TaskDecorator(Protocol):
 class BoundTaskDecorator(Protocol):
     """What `@app.task(bind=True, ...)` returns: the function's first parameter is the task.
 
-    The first parameter is matched as `Task[P, Any]`, not `Task[P, R]`, so that annotating it
-    `self: Task[Any, Any]` still gives the task the function's own parameters and return type
-    (with `Task[P, R]` mypy would take `R` from that annotation, `Any`, and lose the result type).
+    That parameter is matched as `Task[P, Any]`: with `Task[P, R]`, annotating it
+    `self: Task[Any, Any]` would make mypy take `R` from the annotation and lose the result type.
     """
 
     def __call__(self, fn: Callable[Concatenate[Task[P, Any], P], R], /) -> Task[P, R]: ...

@@ -98,6 +98,29 @@ class Entry:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def declared(app: Millpond) -> dict[str, dict[str, Any]]:
+    """The entries declared in code (`app.add_periodic_task`), by name, in the settings' shape.
+
+    `sig` is a signature (`add.s(2, 3)`), a task or a task name; the call's `args`/`kwargs`
+    override the signature's. An entry's name defaults to the call's repr, as Celery names it; a
+    second declaration under one name replaces the first.
+    """
+    entries: dict[str, dict[str, Any]] = {}
+    for call in app.periodic_tasks:
+        sig, args, kwargs, name = call["sig"], call["args"], call["kwargs"], call["name"]
+        if not isinstance(sig, Mapping):
+            sig = {"task": sig if isinstance(sig, str) else sig.name}
+        task = str(sig["task"])
+        args = tuple(sig.get("args") or () if args is None else args)
+        kwargs = dict(sig.get("kwargs") or {} if kwargs is None else kwargs)
+        if name is None:
+            shown = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
+            name = f"{task}({', '.join(shown)})"
+        spec = {"task": task, "schedule": call["schedule"], "args": args, "kwargs": kwargs}
+        entries[name] = {**spec, **(sig.get("options") or {}), **call["options"]}
+    return entries
+
+
 def build(
     app: Millpond,
     table: Mapping[str, Any],
@@ -116,17 +139,8 @@ def build(
     except ScheduleError as exc:
         raise ConfigurationError(f"setting 'beat.timezone': {exc}") from None
     raw: dict[str, tuple[dict[str, Any], str]] = {}
-    for name, declaration in app.periodic_tasks.items():
-        raw[name] = (
-            {
-                "task": declaration.task,
-                "schedule": declaration.schedule,
-                "args": declaration.args,
-                "kwargs": declaration.kwargs,
-                **declaration.options,
-            },
-            "code",
-        )
+    for name, spec in declared(app).items():
+        raw[name] = (spec, "code")
     for name, spec in table.items():
         if not isinstance(spec, Mapping):
             raise ConfigurationError(

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from millpond_canvas.results import GroupResult
 from millpond_canvas.signatures import (
     CanvasError,
     Signature,
@@ -27,6 +28,7 @@ from millpond_canvas.signatures import (
 
 __all__ = [
     "CanvasError",
+    "GroupResult",
     "Signature",
     "chain",
     "chord",

@@ -8,11 +8,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from millpond_canvas.builtins import register_builtins
+from millpond_canvas.results import GroupResult
 from millpond_canvas.signatures import Signature, chunks, xmap, xstarmap
 from millpond_canvas.steps import CanvasSteps
 
 if TYPE_CHECKING:
     from millpond.produce.app import Millpond
+    from millpond.produce.result import ResultNode
     from millpond.produce.task import Task
 
 
@@ -42,3 +44,8 @@ class CeleryCanvas(CanvasSteps):
 
     def chunks(self, task: Task[..., Any], it: Iterable[Any], n: int) -> chunks:
         return chunks(Signature(task), it, n, app=self.app)
+
+    def group_result(
+        self, group_id: str, results: Sequence[ResultNode], parent: ResultNode | None = None
+    ) -> GroupResult:
+        return GroupResult(group_id, results, self.app, parent)

@@ -27,13 +27,18 @@ Every step gets its task id when the canvas is sent (`freeze`), so the caller's 
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+import structlog
+
 from millpond.contracts.backend import ResultBackend
 from millpond.exceptions import MillpondError
-from millpond.produce.result import AsyncResult, GroupResult
+from millpond.produce.result import AsyncResult
+from millpond.produce.task import SEND_OPTIONS
+from millpond_canvas.results import GroupResult
 
 if TYPE_CHECKING:
     from millpond.produce.app import Millpond
@@ -41,31 +46,6 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 
-#: options a signature may carry, and what `apply_async` does with them
-SEND_KEYS = frozenset(
-    {
-        "queue",
-        "countdown",
-        "eta",
-        "expires",
-        "headers",
-        "task_id",
-        "time_limit",
-        "soft_time_limit",
-        "ignore_result",
-        "priority",
-        "retries",
-        "link",
-        "link_error",
-        "chain",
-        "chord",
-        "group_id",
-        "group_index",
-        "root_id",
-        "parent_id",
-        "reply_to",
-    }
-)
 #: options Celery's producers put on signatures that mean nothing to a millpond producer: the
 #: message goes out the same without them (routing is by queue)
 INERT_KEYS = frozenset(
@@ -317,21 +297,26 @@ def _send_options(name: str, options: Mapping[str, Any], app: Millpond) -> dict[
     honour is said once per task name (never silently dropped)."""
     send: dict[str, Any] = {}
     for key, value in options.items():
-        if key in SEND_KEYS:
+        if key in SEND_OPTIONS:  # what `send_task` takes
             if value is not None:
                 send[key] = value
         elif key not in INERT_KEYS:
-            app.warn_once(
-                ("signature option", name, key),
-                f"signature option {key!r} of {name} is not supported by millpond and is "
-                "left out of the message",
-            )
+            _warn_left_out(name, key)
     for key in ("link", "link_error"):
         if key in send:
             send[key] = _signature_list(send[key], app)
     if "chord" in send:
         send["chord"] = Signature.from_dict(send["chord"], app)
     return send
+
+
+@functools.cache
+def _warn_left_out(name: str, key: str) -> None:
+    """Say once per process that a signature option is left out of the message."""
+    structlog.get_logger("millpond").warning(
+        f"signature option {key!r} of {name} is not supported by millpond and is "
+        "left out of the message"
+    )
 
 
 def _signature_list(value: Any, app: Millpond) -> list[Signature[Any]]:

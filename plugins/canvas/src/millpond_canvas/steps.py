@@ -36,7 +36,7 @@ from millpond.contracts.backend import ChordPart, ResultMeta
 from millpond.contracts.canvas import Canvas, ClaimedElsewhere
 from millpond.contracts.hooks import publishing_for
 from millpond.contracts.pool import Job, Outcome
-from millpond.produce.result import error_info, rebuild_exception, stored_error
+from millpond.produce.result import error_info, rebuild_exception
 from millpond.produce.task import Request
 from millpond.states import TaskState
 from millpond_canvas.signatures import Signature, chord, chord_backend, group
@@ -74,7 +74,8 @@ def _errback_called_in_place(app: Millpond, sig: Signature[Any]) -> bool:
 def run_inline_errbacks(app: Millpond, request: Request, outcome: Outcome) -> None:
     """Call, here and now, the errbacks that take `(request, exc, traceback)` (in the execution
     unit that saw the failure, with the failed task's log context). One that raises is logged."""
-    exc = rebuild_exception(stored_error(outcome))
+    stored = error_info(outcome.exc_type or "TaskError", outcome.exc_module, outcome.stored_args)
+    exc = rebuild_exception(stored)
     for item in request.errbacks or ():
         sig = Signature.from_dict(item, app)
         if not _errback_called_in_place(app, sig):
