@@ -208,7 +208,7 @@ def test_metrics_hooks_switch_themselves_off_with_nothing_configured(
     hooks = MetricsHooks()
     hooks.worker_starting(None)  # type: ignore[arg-type]
     assert not hooks.enabled
-    assert HookChain([hooks])._finished == ()
+    assert HookChain([hooks]).active().hooks == ()
 
 
 def test_an_application_meter_provider_gets_histograms_through_the_api() -> None:

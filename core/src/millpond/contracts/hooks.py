@@ -1,42 +1,34 @@
 """The hooks contract: how cross-cutting concerns (tracing, metrics, log context, events) reach the
 flow of a task without the flow knowing them.
 
-A hooks implementation subclasses `Hooks` and overrides the methods it needs; every method is a
-no-op by default. Implementations are found through the `millpond.hooks` entry-point group (the
-core ships tracing, log context and metrics this way) or added in code with `app.add_hooks(...)`.
-The producer, the worker loop, the pool template (`BasePool.apply_async` / `complete`) and the
-execution unit call them; none of those imports tracing or metrics code.
+A hooks implementation subclasses `Hooks` and overrides what it needs (every method is a no-op).
+They are found through the `millpond.hooks` entry-point group or added with `app.add_hooks(...)`;
+the producer, the worker loop, the pool template and the execution unit call them through a
+`HookChain`, and none of those imports tracing or metrics code. Where each method runs decides
+what it may do:
 
-Where each method runs, which decides what it may do:
+* `before_publish` / `after_publish`: every publish, in the publishing thread (tasks publish too).
+* `received`, `started`: the worker loop's thread. `finished`: whatever thread the pool completes
+  on (the loop's, for a job that never reached the pool).
+* `enter_task` / `exit_task`: the execution unit (a thread, a child process, a greenlet, an
+  asyncio task), inside the task's fresh `contextvars.Context`: what they set there (a current
+  span, log context) is seen by the task body and thrown away with the context, so needs no undo.
+* `process_starting`: a millpond command owns the process, before it imports the app or publishes
+  (tracing installs its provider from `OTEL_*` here). `worker_*`: the worker's main thread.
+  `process_started` / `process_exiting`: each pool child (prefork); `process_exiting` also when
+  `millpond send` or `beat` ends.
 
-* `before_publish` / `after_publish`: every publish, in the publishing process and thread (task
-  code publishes too).
-* `received`: the worker loop, when a delivery became a job. `started`: `BasePool.apply_async`, in
-  the loop's thread. `finished`: `BasePool.complete`, from whatever thread the pool completes on
-  (or the loop, for a job that never reached the pool).
-* `enter_task` / `exit_task`: the execution unit, wherever the task runs (a thread, a child
-  process, a greenlet, an asyncio task).
-* `process_starting`: a millpond command (`worker`, `send`, `beat`) owns the process, before it
-  imports the app or publishes (the tracing plugin installs its provider from `OTEL_*` here).
-* `worker_starting`, `worker_ready`, `worker_stopped`: the worker's main thread.
-  `process_started` / `process_exiting`: each child process of a pool that has them (prefork);
-  `process_exiting` also when `millpond send` or `beat` ends.
-
-`enter_task` runs inside the task's own fresh `contextvars.Context`: whatever it sets there (a
-current span, log context) is seen by the task body and thrown away with the context afterwards,
-so it needs no undo. `Job.carrier` is how a hook hands data from `started` (worker process) to
-`enter_task` (maybe another process): a small picklable dict of text, like W3C trace headers.
-`Job.span` is for the worker process only.
-
-A hook that raises while a task goes through is logged and skipped: it never fails the task or
-stops the worker. One that raises while the worker starts stops it with that error.
+`Job.carrier` hands data from `started` (worker process) to `enter_task` (maybe another process):
+a small picklable dict of text, like W3C trace headers. `Job.span` stays in the worker process.
+A hook that raises while a task goes through is logged and skipped, never failing the task or
+the worker; one that raises while the worker starts stops it with that error.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -47,8 +39,8 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("millpond.hooks")
 
-#: the propagation carrier of the run on whose behalf the worker publishes (a chain's next step,
-#: a callback): `Millpond.publish` hands it to the publish hooks as `Publication.parent`
+#: the carrier of the run on whose behalf the worker publishes (a chain's next step, a callback):
+#: `Millpond.publish` hands it to the publish hooks as `Publication.parent`
 _publishing_for: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
     "millpond_publishing_for", default=None
 )
@@ -72,9 +64,9 @@ def publishing_parent() -> Mapping[str, str] | None:
 class Publication:
     """One message on its way to the broker, as publish hooks see it.
 
-    Hooks may add headers to `message.headers` in `before_publish` (it runs before the message is
-    signed). `parent` is a propagation carrier (W3C `traceparent`...) of the run that asked for
-    this publish when it is not the caller's current context: the worker sets it for a retry.
+    `before_publish` may add to `message.headers` (it runs before signing). `parent` is the carrier
+    (W3C `traceparent`...) of the run that asked for this publish when that is not the caller's
+    current context: the worker sets it for a retry.
     """
 
     queue: str
@@ -100,22 +92,17 @@ class WorkerView(Protocol):
 
     @property
     def processed(self) -> int: ...
-
     @property
     def prefetched(self) -> int: ...
-
     @property
     def accepting(self) -> bool: ...
-
     @property
     def broker_connected(self) -> bool: ...
-
     @property
     def running_inline(self) -> bool: ...
 
     def busy_by_queue(self) -> dict[str, tuple[int, int]]:
         """Per consumed queue: (messages waiting in the worker's buffer, jobs in the pool)."""
-        ...
 
 
 class Hooks:
@@ -124,11 +111,10 @@ class Hooks:
     #: a hook may switch itself off in `worker_starting` (metrics with no exporter configured):
     #: the worker then leaves it out of every call for its whole life
     enabled: bool = True
-    #: hooks are called in this order, lowest first (then by name): tracing makes the task's span
+    #: lowest first (ties keep their order: installed hooks by name): tracing makes the span
     #: current before log context reads its ids
     order: int = 50
 
-    # -- producer side (any process, any thread) -------------------------------------------------
     def before_publish(self, publication: Publication) -> Any:
         """Before the message goes to the broker; the return value is handed to `after_publish`."""
 
@@ -137,27 +123,24 @@ class Hooks:
     ) -> None:
         """After the broker took the message (`error` None) or refused it."""
 
-    # -- worker loop ------------------------------------------------------------------------------
     def received(self, job: Job) -> None:
-        """A message was decoded and validated into a job (it may still wait for a free slot)."""
+        """A message became a valid job (it may still wait for a free slot)."""
 
     def started(self, job: Job) -> None:
         """The job is being handed to the pool (`BasePool.apply_async`, before `on_apply`)."""
 
     def finished(self, job: Job, outcome: Outcome) -> None:
-        """The job ended: ran, failed, was lost, or never ran (expired); once per job, any thread."""
+        """The job ended: ran, failed, was lost, or never ran (expired); once per job."""
 
-    # -- execution unit ---------------------------------------------------------------------------
     def enter_task(self, job: Job) -> Any:
         """Just before the task body, in its fresh context; the return value goes to `exit_task`."""
 
     def exit_task(self, job: Job, token: Any, outcome: Outcome) -> None:
         """Just after the task body, in the same context, with how it ended."""
 
-    # -- lifecycle --------------------------------------------------------------------------------
     def process_starting(self, service_name: str) -> None:
         """A millpond command owns this process as `service_name` (`millpond-worker`,
-        `millpond-send`, `millpond-beat`); the app is not imported yet in a worker."""
+        `millpond-send`, `millpond-beat`); a worker has not imported the app yet."""
 
     def describe_worker(self, worker: WorkerView) -> str:
         """A line for the worker's start-up banner (where an endpoint listens), or ""."""
@@ -170,8 +153,8 @@ class Hooks:
         """The pool started and the worker consumes (threads may be started now)."""
 
     def worker_stopped(self, worker: WorkerView) -> None:
-        """The worker stopped consuming and its pool is stopped; the app's broker and backend
-        are still open (closed right after), so a hook may send a last message."""
+        """Consuming and the pool stopped; the app's broker and backend are still open (closed
+        right after), so a hook may send a last message."""
 
     def process_started(self) -> None:
         """A new execution process (a prefork child) is about to run its first job."""
@@ -181,52 +164,39 @@ class Hooks:
         `beat` after their work): flush what is buffered."""
 
 
-_LIFECYCLE = (
-    "process_starting",
-    "worker_starting",
-    "worker_ready",
-    "worker_stopped",
-    "process_started",
-    "process_exiting",
+#: the methods called one by one (the paired ones hand a token from their first half to the second)
+_SINGLE = (
+    *("received", "started", "finished", "process_starting", "worker_starting"),
+    *("worker_ready", "worker_stopped", "process_started", "process_exiting"),
 )
-
-
+#: not guarded: a hook that cannot start (a bad setting, a port in use) stops the worker (or
+#: `millpond send`) with its error, as any other start-up problem does
 _STRICT = frozenset({"process_starting", "worker_starting", "worker_ready"})
 
-
-def _overrides(hook: Hooks, name: str) -> bool:
-    return getattr(type(hook), name, None) is not getattr(Hooks, name)
+_Pairs = tuple[tuple[Callable[..., Any], Callable[..., Any]], ...]
 
 
 class HookChain:
-    """The hooks of one app, with each method's implementations found once.
+    """The hooks of one app, each method's implementations found once: a method no hook overrides
+    costs an empty call, so a worker with no tracing and no metrics pays next to nothing."""
 
-    Call sites pay for what is installed only: a method no hook overrides is an empty tuple, so the
-    hot path of a worker with no tracing provider and no metrics does a few empty loops. Paired
-    methods (`before_publish`/`after_publish`, `enter_task`/`exit_task`) are kept per hook, so each
-    hook's token reaches its own second half.
-    """
+    received: Callable[[Job], None]
+    started: Callable[[Job], None]
+    finished: Callable[[Job, Outcome], None]
 
     def __init__(self, hooks: Iterable[Hooks] = ()) -> None:
         self.hooks: tuple[Hooks, ...] = tuple(sorted(hooks, key=lambda h: h.order))
         active = [h for h in self.hooks if h.enabled]
-
-        def single(name: str) -> tuple[Callable[..., Any], ...]:
-            return tuple(getattr(h, name) for h in active if _overrides(h, name))
-
-        def paired(first: str, second: str) -> tuple[tuple[Callable[..., Any], ...], ...]:
-            return tuple(
-                (getattr(h, first), getattr(h, second))
-                for h in active
-                if _overrides(h, first) or _overrides(h, second)
-            )
-
-        self._publish = paired("before_publish", "after_publish")
-        self._task = paired("enter_task", "exit_task")
-        self._received = single("received")
-        self._started = single("started")
-        self._finished = single("finished")
-        self._lifecycle = {name: single(name) for name in _LIFECYCLE}
+        self._calls = {
+            name: _fan_out([getattr(h, name) for h in active if _overrides(h, name)], name)
+            for name in _SINGLE
+        }
+        self.received, self.started, self.finished = (
+            self._calls[name] for name in ("received", "started", "finished")
+        )
+        # kept per hook, so each hook's token reaches its own second half
+        self._publish = _pairs(active, "before_publish", "after_publish")
+        self._task = _pairs(active, "enter_task", "exit_task")
 
     def __repr__(self) -> str:
         return f"<HookChain {[type(h).__name__ for h in self.hooks]}>"
@@ -238,57 +208,65 @@ class HookChain:
     def __add__(self, more: Iterable[Hooks]) -> HookChain:
         return HookChain((*self.hooks, *more))
 
-    # -- calls ----------------------------------------------------------------------------------
+    def lifecycle(self, name: str, *args: Any) -> None:
+        """Call a lifecycle method (`process_starting`, `worker_starting`, ...) on every hook."""
+        self._calls[name](*args)
+
     def before_publish(self, publication: Publication) -> list[Any] | None:
-        if not self._publish:
-            return None
-        return [_guarded(before, publication) for before, _ in self._publish]
+        return _open(self._publish, publication)
 
     def after_publish(
         self, publication: Publication, tokens: list[Any] | None, error: BaseException | None
     ) -> None:
-        if tokens is None:
-            return
-        for (_, after), token in zip(self._publish, tokens, strict=True):
-            _guarded(after, publication, token, error)
-
-    def received(self, job: Job) -> None:
-        for fn in self._received:
-            _guarded(fn, job)
-
-    def started(self, job: Job) -> None:
-        for fn in self._started:
-            _guarded(fn, job)
-
-    def finished(self, job: Job, outcome: Outcome) -> None:
-        for fn in self._finished:
-            _guarded(fn, job, outcome)
+        _close(self._publish, publication, tokens, error)
 
     def enter_task(self, job: Job) -> list[Any] | None:
-        if not self._task:
-            return None
-        return [_guarded(enter, job) for enter, _ in self._task]
+        return _open(self._task, job)
 
     def exit_task(self, job: Job, tokens: list[Any] | None, outcome: Outcome) -> None:
-        if tokens is None:
-            return
-        for (_, exit_), token in zip(self._task, tokens, strict=True):
-            _guarded(exit_, job, token, outcome)
+        _close(self._task, job, tokens, outcome)
 
-    def lifecycle(self, name: str, *args: Any) -> None:
-        """Call a lifecycle method (`worker_starting`, ..., `process_exiting`) on every hook.
 
-        Start-up methods (`process_starting`, `worker_starting`, `worker_ready`) are not
-        guarded: a hook that cannot start (a bad setting, a port in use) stops the worker (or
-        `millpond send`) with its error, as any other start-up problem does. The others are
-        guarded like the per-task methods.
-        """
-        strict = name in _STRICT
-        for fn in self._lifecycle[name]:
+def _overrides(hook: Hooks, name: str) -> bool:
+    return getattr(type(hook), name, None) is not getattr(Hooks, name)
+
+
+def _fan_out(fns: Sequence[Callable[..., Any]], name: str) -> Callable[..., None]:
+    """One call for every implementation of method `name`, in order."""
+    strict = name in _STRICT
+    if not fns:
+        return _nothing
+
+    def call(*args: Any) -> None:
+        for fn in fns:
             if strict:
                 fn(*args)
             else:
                 _guarded(fn, *args)
+
+    return call
+
+
+def _nothing(*args: Any) -> None:
+    """What a method no hook implements costs: one empty call."""
+
+
+def _pairs(hooks: Iterable[Hooks], first: str, second: str) -> _Pairs:
+    return tuple(
+        (getattr(h, first), getattr(h, second))
+        for h in hooks
+        if _overrides(h, first) or _overrides(h, second)
+    )
+
+
+def _open(pairs: _Pairs, subject: Any) -> list[Any] | None:
+    return [_guarded(first, subject) for first, _ in pairs] if pairs else None
+
+
+def _close(pairs: _Pairs, subject: Any, tokens: list[Any] | None, detail: Any) -> None:
+    if tokens is not None:
+        for (_, second), token in zip(pairs, tokens, strict=True):
+            _guarded(second, subject, token, detail)
 
 
 def _guarded(fn: Callable[..., Any], *args: Any) -> Any:
@@ -296,10 +274,9 @@ def _guarded(fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(*args)
     except Exception as exc:
-        hook = getattr(fn, "__self__", fn)
         _log.warning(
             "hook %s.%s failed (%s: %s); going on without it",
-            type(hook).__name__,
+            type(getattr(fn, "__self__", fn)).__name__,
             getattr(fn, "__name__", "?"),
             type(exc).__name__,
             exc,

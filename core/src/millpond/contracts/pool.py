@@ -1,18 +1,17 @@
 """The execution-pool contract: what a pool plugin implements and what the core guarantees it.
 
-A pool receives `Job`s, picklable "run this request" objects, and runs each in its execution unit
-(the calling thread, a thread, a child process, a greenlet) by calling `self.execution.run(job)`
-(or `await self.execution.run_async(job)` on an event loop). That call never raises: it returns
-an `Outcome`. The core owns everything around the task body (fresh context, hooks such as tracing
-and log context, exception capture, retry decisions), so a pool only moves jobs and outcomes and
-never imports the task. When a job ends the pool calls `self.complete(job, outcome)` from any
-thread; the worker's consumer loop is woken and does the ack, the result store and any retry.
+A pool runs each `Job` in its execution unit (the calling thread, a thread, a child process, a
+greenlet) through `self.execution.run(job)` (`await self.execution.run_async(job)` on an event
+loop), which never raises and returns an `Outcome`. The core owns everything around the task body
+(fresh context, hooks, exception capture, retries), so a pool only moves jobs and outcomes and never
+imports the task; it reports each end with `self.complete(job, outcome)` from any thread, and the
+worker's loop, woken at once, does the ack, the result store and any retry.
 
-A plugin subclasses `BasePool`, sets `name` and `capabilities`, and implements `on_start`, `on_apply`,
-`on_stop` (warm: let running jobs finish) and `on_terminate` (cold). It never overrides
-`apply_async` or `complete`: they are the template that calls the `started` and `finished` hooks.
-A pool with child processes calls `self.execution.process_started()` in each child before its
-first job and `self.execution.process_exiting()` before the child leaves.
+A plugin subclasses `BasePool`, sets `name` and `capabilities`, and implements `on_start`,
+`on_apply`, `on_stop` (warm) and `on_terminate` (cold), never `apply_async` or `complete`: they
+are the template that calls the `started` and `finished` hooks. A pool with child processes calls
+`execution.process_started()` in each child before its first job, `process_exiting()` before it
+leaves.
 """
 
 from __future__ import annotations
@@ -78,8 +77,7 @@ class Outcome:
     eta: float | None = None  # RETRY: seconds since the epoch (wins over countdown)
     requeue: bool = False  # REJECTED / LOST: put the message back instead of dead-lettering
     runtime: float = 0.0
-    #: results of the tasks the task sent while it ran (Celery's `as_tuple` form), stored with
-    #: its result as `children`
+    #: what the task sent while it ran (Celery's `as_tuple` form), stored as its `children`
     children: list[Any] = field(default_factory=list)
 
     @property
@@ -115,16 +113,11 @@ class Outcome:
 
     @classmethod
     def from_exception(cls, exc: BaseException, *, runtime: float = 0.0) -> Outcome:
-        """A FAILURE carrying the exception's type, module, message and traceback text."""
-        return cls(
-            state=TaskState.FAILURE,
-            exc_type=type(exc).__name__,
-            exc_module=type(exc).__module__,
-            exc_message=str(exc),
-            exc_args=json_args(exc.args),
-            traceback="".join(traceback_module.format_exception(exc)),
-            runtime=runtime,
-        )
+        """A FAILURE carrying the exception's type, module, message, args and traceback text."""
+        traceback = "".join(traceback_module.format_exception(exc))
+        outcome = cls.error(TaskState.FAILURE, type(exc), str(exc), traceback=traceback)
+        outcome.exc_args, outcome.runtime = json_args(exc.args), runtime
+        return outcome
 
     @classmethod
     def hard_timeout(
@@ -147,36 +140,26 @@ class Outcome:
 
 #: wraps an async task's coroutine before it is awaited (the asyncio pool's soft time limit)
 Guard = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
+CompletionCallback = Callable[[Job, Outcome], None]
 
 
 class Execution(Protocol):
-    """What the core hands every pool: how to run a job here, in the calling execution unit.
-
-    Bound to the worker's app and hooks; a forked child inherits it with the pool.
-    """
+    """What the core hands every pool, bound to the worker's app and hooks (a forked child
+    inherits it): how to run a job in the calling execution unit."""
 
     def run(self, job: Job) -> Outcome:
         """Run the task in a fresh context with every hook around it; never raises."""
-        ...
 
     def run_async(self, job: Job, guard: Guard | None = None) -> Coroutine[Any, Any, Outcome]:
         """`run` for a running event loop: an `async def` task is awaited in its own asyncio task."""
-        ...
 
     def is_async(self, job: Job) -> bool:
         """Whether the job's task is `async def` (False for an unknown task: `run` reports it)."""
-        ...
 
     def job_started(self, job: Job) -> None: ...
-
     def job_finished(self, job: Job, outcome: Outcome) -> None: ...
-
     def process_started(self) -> None: ...
-
     def process_exiting(self) -> None: ...
-
-
-CompletionCallback = Callable[[Job, Outcome], None]
 
 
 class BasePool(ABC):
@@ -187,9 +170,8 @@ class BasePool(ABC):
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: True for pools whose plugin monkey-patches the interpreter (gevent, eventlet)
     needs_patching: ClassVar[bool] = False
-    #: the prefetch multiplier used when the user sets none (None: the setting's default). The
-    #: solo pool raises it: with one job at a time, a window of 4 costs a broker round trip per 4
-    #: tasks, and that round trip was half of its loop's time.
+    #: the prefetch multiplier when the user sets none (None: the setting's default); solo raises
+    #: it, as with one job at a time a window of 4 costs a broker round trip per 4 tasks
     default_prefetch_multiplier: ClassVar[int | None] = None
 
     def __init__(
@@ -209,9 +191,9 @@ class BasePool(ABC):
         self._active: dict[str, Job] = {}
         self._lock = threading.Lock()
         self.started = False
-        #: set when the worker is told to stop while `on_start` runs: a pool whose start can take
-        #: long (prefork waits for its children) returns early when it is set, having undone
-        #: what it started, so a SIGTERM during start-up is obeyed at once
+        #: set when the worker is told to stop during `on_start`: a pool whose start can take long
+        #: (prefork waits for its children) undoes what it started and returns, so a SIGTERM during
+        #: start-up is obeyed at once
         self.start_cancelled = threading.Event()
 
     @classmethod
@@ -223,7 +205,6 @@ class BasePool(ABC):
         """Raise `RuntimeError` with instructions when the process is not fit for this pool
         (a green pool started without monkey-patching, for instance)."""
 
-    # -- lifecycle (the template; plugins implement the on_* hooks) ------------------------------
     def start(self) -> None:
         type(self).check_environment()
         self.on_start()
@@ -255,8 +236,8 @@ class BasePool(ABC):
 
     @final
     def complete(self, job: Job, outcome: Outcome) -> None:
-        """Report a finished job (from any thread): the `finished` hooks, then the worker loop.
-        Idempotent per job."""
+        """Report a finished job (from any thread, once: a second report is ignored): the
+        `finished` hooks, then the worker loop."""
         with self._lock:
             if self._active.pop(job.task_id, None) is None:
                 return
@@ -265,9 +246,8 @@ class BasePool(ABC):
 
     @property
     def capacity(self) -> int:
-        """How many jobs the worker may hand the pool at once (`active` below it: a free slot).
-        Its concurrency by default; a pool that queues a few jobs per execution unit so a unit
-        never waits for the next one (prefork) reports more."""
+        """How many jobs the worker may hand the pool at once: its concurrency, or more for a
+        pool that queues a few per execution unit so a unit never waits for the next (prefork)."""
         return self.concurrency
 
     @property
@@ -279,10 +259,9 @@ class BasePool(ABC):
         with self._lock:
             return list(self._active.values())
 
-    # -- optional capabilities -------------------------------------------------------------------
     def terminate_job(self, task_id: str, signum: int | None = None) -> bool:
-        """Stop one running job (its outcome is REVOKED) with `signum` where the pool sends
-        signals (default: its own choice); returns whether it was found."""
+        """Stop one running job (its outcome is REVOKED), with `signum` where the pool sends
+        signals; returns whether it was found. Optional (capability)."""
         raise NotSupported(f"the {self.name} pool cannot terminate a running job")
 
     def processes(self) -> list[int]:
@@ -290,16 +269,15 @@ class BasePool(ABC):
         return [os.getpid()]
 
     def resize(self, concurrency: int) -> None:
-        """Grow or shrink the pool at run time."""
+        """Grow or shrink the pool at run time. Optional (capability)."""
         raise NotSupported(f"the {self.name} pool cannot change its size at run time")
 
-    # -- plugin hooks ----------------------------------------------------------------------------
     @abstractmethod
     def on_start(self) -> None: ...
 
     @abstractmethod
     def on_apply(self, job: Job) -> None:
-        """Start running `job.run()` in an execution unit; call `self.complete` when it ends."""
+        """Start running `self.execution.run(job)` in an execution unit; `complete` it at its end."""
 
     @abstractmethod
     def on_stop(self, timeout: float | None) -> None: ...

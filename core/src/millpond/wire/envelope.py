@@ -1,7 +1,6 @@
-"""kombu's JSON envelope: how Celery stores a message in a Redis list (and how the embedded broker does).
-
-Keeping this layout means Celery and millpond producers and workers can share a Redis: a message
-pushed by Celery decodes here, and one pushed here is consumed by Celery.
+"""kombu's JSON envelope, how Celery stores a message in a Redis list (the embedded brokers too):
+keeping it lets Celery and millpond producers and workers share a Redis, each consuming what the
+other pushed.
 """
 
 from __future__ import annotations
@@ -51,17 +50,15 @@ def loads(raw: str | bytes) -> Message:
     if not isinstance(props, dict) or not isinstance(headers, dict):
         raise MalformedMessage("envelope properties and headers must be objects")
     body: Any = data.get("body", "")
-    if props.get("body_encoding") == "base64":
-        if not isinstance(body, str):
-            raise MalformedMessage("base64 envelope body is not a string")
+    if not isinstance(body, str):
+        raise MalformedMessage("envelope body is not a string")
+    if props.get("body_encoding") != "base64":
+        raw_body = body.encode("utf-8", "surrogateescape")
+    else:
         try:
             raw_body = base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise MalformedMessage(f"envelope body is not valid base64: {exc}")
-    elif isinstance(body, str):
-        raw_body = body.encode("utf-8", "surrogateescape")
-    else:
-        raise MalformedMessage("envelope body is not a string")
     keep = {k: v for k, v in props.items() if k not in ("body_encoding", "delivery_info")}
     return Message(
         body=raw_body,

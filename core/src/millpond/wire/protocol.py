@@ -1,10 +1,9 @@
 """Celery's task message protocol v2, the only wire format millpond speaks.
 
-A `Message` is what a broker carries (body bytes, headers, a few properties). `encode_task` builds
-one from a task call; `decode_task` turns one back into a validated `Job` (what the worker runs) or raises a
-`MessageError` subclass that says exactly what is wrong, so the worker can dead-letter the message
-with a reason instead of crashing. JSON is the only accepted content type unless the `accept_content`
-setting says otherwise; pickle is refused unless explicitly allowed.
+`encode_task` builds a `Message` (what a broker carries) from a task call; `decode_task` turns one
+back into a validated `Job`, or raises a `MessageError` subclass saying exactly what is wrong, so
+the worker dead-letters the message with a reason instead of crashing. Only JSON is accepted unless
+the `accept_content` setting says otherwise; pickle is refused unless explicitly allowed.
 """
 
 from __future__ import annotations
@@ -16,42 +15,39 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from functools import lru_cache
+from typing import Any, Final, TypeGuard
 
-from millpond.exceptions import (
-    MalformedMessage,
-    MessageTooLarge,
-    UnsupportedContentType,
-)
+from millpond.exceptions import MalformedMessage, MessageTooLarge, UnsupportedContentType
 
 JSON: Final = "application/json"
 PICKLE: Final = "application/x-python-serialize"
 DEFAULT_ACCEPT: Final = frozenset({JSON})
 DEFAULT_MAX_SIZE: Final = 10 * 1024 * 1024
 
-#: header carrying the producer's wall-clock time of publishing (seconds since the epoch); not part
-#: of Celery's protocol (Celery ignores unknown headers), used for the queue-wait measurement.
+# millpond's own headers (Celery ignores unknown ones), and Celery beat's
+#: the producer's wall-clock time of publishing (epoch seconds), for the queue-wait measurement
 SENT_AT: Final = "millpond_sent_at"
-#: header naming why a message was dead-lettered, set by the broker when it moves it.
+#: why a message was dead-lettered, set by the broker when it moves it
 DEATH_REASON: Final = "x-millpond-death-reason"
-#: the header a scheduler's tick carries: the periodic entry's name (the header Celery beat sets)
+#: a scheduler tick's periodic entry name (the header Celery beat sets)
 PERIODIC_TASK_NAME: Final = "periodic_task_name"
-#: header counting deliveries of a message, for brokers that cannot count them themselves.
+#: deliveries of a message, for brokers that cannot count them themselves
 DELIVERY_COUNT: Final = "x-millpond-delivery-count"
-#: header of a chord header task's message put back to wait for its chord's claim to lapse: the
-#: worker that gets it treats it as a redelivery (returns its part again, does not run it twice).
+#: a chord header task's message put back to wait for its chord's claim to lapse: the worker that
+#: gets it treats it as a redelivery (returns its part again, does not run it twice)
 REJOIN: Final = "x-millpond-rejoin"
 
 _MAX_ID_LENGTH: Final = 255
+#: headers that are text or null (hooks read the trace context from the headers the job keeps)
+_TEXT_HEADERS: Final = ("root_id", "parent_id", "group", "origin", "traceparent", "tracestate")
 
 
 @dataclass(slots=True)
 class Message:
-    """One message as a broker carries it: opaque body bytes plus headers and properties.
-
-    `properties` holds the AMQP-style fields Celery sets: `correlation_id` (the task id),
-    `reply_to`, `delivery_mode` and `priority`.
-    """
+    """One message as a broker carries it: opaque body bytes, headers, and the AMQP-style
+    `properties` Celery sets (`correlation_id`: the task id, `reply_to`, `delivery_mode`,
+    `priority`)."""
 
     body: bytes
     headers: dict[str, Any]
@@ -61,22 +57,24 @@ class Message:
 
     @property
     def task_id(self) -> str | None:
-        """The task id if the headers name one (used for logging undecodable messages)."""
-        value = self.headers.get("id") if isinstance(self.headers, dict) else None
-        return value if isinstance(value, str) else None
+        """The task id if the headers name one (for logging undecodable messages)."""
+        return self._text("id")
 
     @property
     def task_name(self) -> str | None:
-        value = self.headers.get("task") if isinstance(self.headers, dict) else None
+        return self._text("task")
+
+    def _text(self, name: str) -> str | None:
+        value = self.headers.get(name) if isinstance(self.headers, dict) else None
         return value if isinstance(value, str) else None
 
 
 @dataclass(slots=True, eq=False)
 class Job:
     """A decoded, validated task message: what the worker runs, from decode to settle (the pool
-    contract's job, `millpond.contracts.pool`). `decode_task` fills the message's fields; the
-    worker adds the delivery's (queue, delivery_count, delivery) and the resolved time limits.
-    Everything but the worker-only fields is picklable and crosses to a pool's children."""
+    contract's job). `decode_task` fills the message's fields; the worker adds the delivery's
+    (queue, delivery_count, delivery) and the resolved time limits. All but the worker-only
+    fields pickle and cross to a pool's children."""
 
     task_id: str
     task_name: str
@@ -100,8 +98,7 @@ class Job:
     embed: dict[str, Any] | None = None
     group_id: str | None = None
     group_index: int | None = None
-    #: the message's `reply_to` property: where a backend that replies to the caller sends the
-    #: result (rpc://)
+    #: the `reply_to` property: where a backend that replies to the caller (rpc://) sends results
     reply_to: str | None = None
     # -- kept in the worker process only --
     #: the message headers as they came (hooks read the producer's trace context here)
@@ -111,19 +108,10 @@ class Job:
     span: Any = field(default=None, repr=False)
     started: float = 0.0
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __getstate__(self) -> tuple[None, dict[str, Any]]:
         state = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        for local in _WORKER_ONLY:
-            state[local] = None
-        state["headers"] = {}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            object.__setattr__(self, name, value)
-
-
-_WORKER_ONLY = ("delivery", "span")
+        state.update(headers={}, delivery=None, span=None)
+        return None, state  # (no __dict__, slots): pickle sets each slot back
 
 
 def new_id() -> str:
@@ -131,9 +119,15 @@ def new_id() -> str:
 
 
 def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat()
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _finite(value: int | float) -> float | None:
@@ -152,8 +146,7 @@ def _parse_time(name: str, value: Any) -> float | None:
     if isinstance(value, bool):
         raise MalformedMessage(f"header {name!r} must be an ISO 8601 date-time, got a boolean")
     if isinstance(value, int | float):
-        seconds = _finite(value)
-        if seconds is None:
+        if (seconds := _finite(value)) is None:
             raise MalformedMessage(f"header {name!r} is not a finite number of seconds")
         return seconds
     if not isinstance(value, str):
@@ -167,38 +160,22 @@ def _parse_time(name: str, value: Any) -> float | None:
     return parsed.timestamp()
 
 
-#: normalised content types by what the message said (a worker sees a handful, again and again)
-_CONTENT_TYPES: dict[str, str] = {}
-_STR_OR_NONE = (str, type(None))
-
-
-def _optional_str(headers: Mapping[str, Any], name: str) -> str | None:
-    value = headers.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise MalformedMessage(f"header {name!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _optional_index(headers: Mapping[str, Any]) -> int | None:
-    value = headers.get("group_index")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MalformedMessage("header 'group_index' must be a non-negative integer or null")
-    return value
-
-
 def _limit(name: str, value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not _is_number(value):
         raise MalformedMessage(f"timelimit {name} must be a number or null")
     seconds = _finite(value)
     if seconds is None or seconds <= 0:
         raise MalformedMessage(f"timelimit {name} must be a positive number, got {value!r:.64}")
     return seconds
+
+
+@lru_cache(maxsize=64)
+def _media_type(content_type: str) -> str:
+    """`Application/JSON; charset=utf-8` -> `application/json` (a worker sees a few, again and
+    again)."""
+    return content_type.partition(";")[0].strip().lower()
 
 
 def encode_task(
@@ -296,13 +273,8 @@ def decode_task(
     if not isinstance(headers, dict):
         raise MalformedMessage("message headers are not a mapping")
     raw_type = message.content_type
-    content_type = _CONTENT_TYPES.get(raw_type) if type(raw_type) is str else None
-    if content_type is None:
-        content_type = (raw_type or "").split(";")[0].strip().lower()
-        if type(raw_type) is str and len(_CONTENT_TYPES) < 64:
-            _CONTENT_TYPES[raw_type] = content_type
+    content_type = _media_type(raw_type) if isinstance(raw_type, str) else ""
     if content_type not in accept:
-        allowed = ", ".join(sorted(accept))
         if content_type == PICKLE:
             why = "pickle is refused unless the accept_content setting allows it"
         else:
@@ -311,76 +283,53 @@ def decode_task(
                 "(Celery: task_serializer = 'json')"
             )
         raise UnsupportedContentType(
-            f"content type {content_type or '(none)'!r} is not accepted (accepted: {allowed}); "
-            + why
+            f"content type {content_type or '(none)'!r} is not accepted "
+            f"(accepted: {', '.join(sorted(accept))}); {why}"
         )
 
-    task_id = headers.get("id")
-    if not isinstance(task_id, str) or not task_id or len(task_id) > _MAX_ID_LENGTH:
-        raise MalformedMessage("header 'id' must be a non-empty string of at most 255 characters")
-    name = headers.get("task")
-    if not isinstance(name, str) or not name or len(name) > _MAX_ID_LENGTH:
-        raise MalformedMessage("header 'task' must be a non-empty string of at most 255 characters")
-    retries = headers.get("retries", 0)
+    get = headers.get
+    for name in ("id", "task"):
+        value = get(name)
+        if not isinstance(value, str) or not value or len(value) > _MAX_ID_LENGTH:
+            raise MalformedMessage(
+                f"header {name!r} must be a non-empty string of at most 255 characters"
+            )
+    retries = get("retries")
     if retries is None:
         retries = 0
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+    elif not _is_count(retries):
         raise MalformedMessage("header 'retries' must be a non-negative integer")
-    timelimit = headers.get("timelimit") or [None, None]
+    timelimit = get("timelimit") or [None, None]
     if not isinstance(timelimit, list | tuple) or len(timelimit) != 2:
         raise MalformedMessage("header 'timelimit' must be [hard, soft]")
-    hard = None if timelimit[0] is None else _limit("hard", timelimit[0])
-    soft = None if timelimit[1] is None else _limit("soft", timelimit[1])
-    raw_sent_at = headers.get(SENT_AT)
-    # informational only: a bad value is ignored, not fatal
-    sent_at = (
-        _finite(raw_sent_at)
-        if isinstance(raw_sent_at, int | float) and not isinstance(raw_sent_at, bool)
-        else None
-    )
-
+    hard, soft = _limit("hard", timelimit[0]), _limit("soft", timelimit[1])
     args, kwargs, embed = _decode_body(message.body, content_type, message.content_encoding)
-    props = message.properties if isinstance(message.properties, dict) else {}
-    reply_to = props.get("reply_to")
-    get = headers.get
-    eta, expires = get("eta"), get("expires")
-    root_id, parent_id, group = get("root_id"), get("parent_id"), get("group")
-    origin, traceparent, tracestate = get("origin"), get("traceparent"), get("tracestate")
+    for name in _TEXT_HEADERS:
+        value = get(name)
+        if value is not None and not isinstance(value, str):
+            raise MalformedMessage(f"header {name!r} must be a string, got {type(value).__name__}")
     group_index = get("group_index")
-    # one pass over the usual case (plain strings or nulls); the helpers say what is wrong
-    if not (
-        type(root_id) in _STR_OR_NONE
-        and type(parent_id) in _STR_OR_NONE
-        and type(group) in _STR_OR_NONE
-        and type(origin) in _STR_OR_NONE
-        and type(traceparent) in _STR_OR_NONE
-        and type(tracestate) in _STR_OR_NONE
-        and (group_index is None or (type(group_index) is int and group_index >= 0))
-    ):
-        root_id = _optional_str(headers, "root_id")
-        parent_id = _optional_str(headers, "parent_id")
-        group = _optional_str(headers, "group")
-        group_index = _optional_index(headers)
-        origin = _optional_str(headers, "origin")
-        traceparent = _optional_str(headers, "traceparent")
-        tracestate = _optional_str(headers, "tracestate")
+    if group_index is not None and not _is_count(group_index):
+        raise MalformedMessage("header 'group_index' must be a non-negative integer or null")
+    reply_to = message.properties.get("reply_to") if isinstance(message.properties, dict) else None
+    sent_at = get(SENT_AT)  # informational only: a bad value is ignored, not fatal
     return Job(
-        task_id=task_id,
-        task_name=name,
+        task_id=headers["id"],
+        task_name=headers["task"],
         args=args,
         kwargs=kwargs,
         retries=retries,
         time_limit=hard,
         soft_time_limit=soft,
-        root_id=root_id,
-        parent_id=parent_id,
-        origin=origin,
-        eta=None if eta is None else _parse_time("eta", eta),
-        expires=None if expires is None else _parse_time("expires", expires),
-        sent_at=sent_at,
-        # the canvas fields that are set; None for a plain task (the usual case, no loop)
-        embed=({k: v for k, v in embed.items() if v} or None) if embed else None,
-        group_id=group,
+        root_id=get("root_id"),
+        parent_id=get("parent_id"),
+        origin=get("origin"),
+        eta=_parse_time("eta", get("eta")),
+        expires=_parse_time("expires", get("expires")),
+        sent_at=_finite(sent_at) if _is_number(sent_at) else None,
+        # the canvas fields that are set; None for a plain task
+        embed={k: v for k, v in embed.items() if v} or None,
+        group_id=get("group"),
         group_index=group_index,
         reply_to=reply_to if isinstance(reply_to, str) else None,
         headers=headers,
@@ -408,17 +357,16 @@ def _decode_body(
             raise MalformedMessage(f"body is not valid JSON: {exc}")
     if not isinstance(payload, list | tuple) or len(payload) not in (2, 3):
         raise MalformedMessage("body must be a JSON array [args, kwargs, embed] (protocol v2)")
-    args, kwargs = payload[0], payload[1]
-    embed = payload[2] if len(payload) == 3 else {}
+    args, kwargs, embed = payload[0], payload[1], payload[2] if len(payload) == 3 else None
     if not isinstance(args, list | tuple):
         raise MalformedMessage(f"body args must be an array, got {type(args).__name__}")
-    if not isinstance(kwargs, dict) or (kwargs and not all(isinstance(k, str) for k in kwargs)):
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise MalformedMessage("body kwargs must be an object with string keys")
     if embed is None:
         embed = {}
-    if not isinstance(embed, dict):
+    elif not isinstance(embed, dict):
         raise MalformedMessage("body embed must be an object or null")
-    if embed:
+    elif embed:
         _check_embed(embed)
     return tuple(args), kwargs, embed
 
@@ -432,21 +380,20 @@ def _check_signature(where: str, value: Any) -> None:
 
 
 def _check_embed(embed: dict[str, Any]) -> None:
-    """The canvas fields must be signatures, so a worker never fails half-way through a chain:
-    a bad one dead-letters the message with the reason, before the task runs. The next step of a
-    chain (its last element), the callbacks, errbacks and chord body are checked whole; the later
-    steps of a long chain only for being signatures (every step is checked whole when it is
-    next, by the worker that receives it)."""
+    """The canvas fields must be signatures, so a worker never fails half-way through a chain: a
+    bad one dead-letters the message, with the reason, before the task runs. A chain's next step
+    (its last element), the callbacks, errbacks and chord body are checked whole; later steps
+    only for being signatures (each is checked whole by the worker that runs it next)."""
     for key in ("callbacks", "errbacks", "chain"):
         items = embed.get(key)
         if items is None:
             continue
         if not isinstance(items, list):
             raise MalformedMessage(f"body embed {key!r} must be a list of signatures or null")
-        whole = range(len(items) - 1, len(items)) if key == "chain" else range(len(items))
+        whole = len(items) - 1 if key == "chain" else 0
         for index, item in enumerate(items):
             shallow_ok = type(item) is dict and type(item.get("task")) is str and item["task"]
-            if index in whole or not shallow_ok:
+            if index >= whole or not shallow_ok:
                 _check_signature(f"body embed {key}[{index}]", item)
     if embed.get("chord") is not None:
         _check_signature("body embed 'chord'", embed["chord"])

@@ -23,27 +23,12 @@ from millpond.wire.protocol import Message
 
 HEADER: Final = "x-millpond-signature"
 _SIGNED_HEADERS: Final = (
-    "id",
-    "task",
-    "eta",
-    "expires",
-    "retries",
-    "timelimit",
-    "root_id",
-    "parent_id",
-    "group",
-    "group_index",
-    "ignore_result",
+    *("id", "task", "eta", "expires", "retries", "timelimit", "root_id", "parent_id", "group"),
+    *("group_index", "ignore_result"),
     # what operators see (events, `inspect active`, Flower) must be what runs
-    "argsrepr",
-    "kwargsrepr",
-    "shadow",
-    "lang",
-    "origin",
+    *("argsrepr", "kwargsrepr", "shadow", "lang", "origin"),
     # canvas stamping decides what a `revoke_by_stamped_headers` matches
-    "stamped_headers",
-    "stamps",
-    "replaced_task_nesting",
+    *("stamped_headers", "stamps", "replaced_task_nesting"),
 )
 #: properties that decide where the result goes (rpc:// replies to `reply_to`, keyed by the id)
 _SIGNED_PROPERTIES: Final = ("reply_to", "correlation_id")
@@ -52,8 +37,7 @@ VERSION: Final = "v2="
 
 
 def _digest(message: Message, key: bytes) -> str:
-    headers = message.headers
-    signed = {name: headers.get(name) for name in _SIGNED_HEADERS}
+    signed = {name: message.headers.get(name) for name in _SIGNED_HEADERS}
     properties = message.properties if isinstance(message.properties, dict) else {}
     routed = {name: properties.get(name) for name in _SIGNED_PROPERTIES}
     preamble = json.dumps(
