@@ -2,19 +2,19 @@
 
 Where a value comes from, lowest first: the declared default < the settings file (`millpond.toml`
 in the working directory, or the file `MILLPOND_SETTINGS_FILE` names) < values given to
-`Millpond(...)` in code < `MILLPOND_*` environment variables < command-line flags. One Dynaconf
-instance holds them all: it reads the TOML file, parses environment values as TOML, nests
-`MILLPOND_REDIS__LEASE_TIMEOUT` under `redis`, and runs one dynaconf `Validator` per declared option
-that was given a value. The hot path reads the frozen `Settings` dataclass, never dynaconf.
+`Millpond(...)` in code < `MILLPOND_*` environment variables (`MILLPOND_REDIS__LEASE_TIMEOUT` is
+`lease_timeout` of the [redis] section) < command-line flags. One Dynaconf instance reads the
+file, merges every source into it (parsing environment values as TOML) and runs one `Validator`
+per given setting, which casts it through its declaration. The hot path reads the frozen
+`Settings`, never dynaconf.
 
-Each setting is declared once. A core setting is a field of the frozen `Settings` dataclass,
-declared with `setting(default, help, ...)`: its annotation is its type (so `settings.pool` is
-typed), and `CORE`, the `Section` derived from those fields, is what validation, `millpond config`
-and docs/settings.md read. A plugin publishes its own `Section` of `Option`s under the
+A core setting is a field of `Settings` made with `setting(...)`: its annotation is its type (so
+`settings.pool` is typed) and `CORE`, the `Section` of those fields, is what validation, `millpond
+config` and docs/settings.md read. A plugin publishes its own `Section` under the
 `millpond.settings` entry-point group, named after the plugin it configures (a pool's name, or
-each URL scheme a broker serves), and the core hands the plugin its validated values
-(`Settings.plugin_options`). A broker's URL query parameters are cast by the same declarations
-(`Section.resolve`), so every source shares one set of rules, one boolean vocabulary included.
+each URL scheme a broker serves), and gets its validated values (`Settings.plugin_options`); a
+broker's URL query is cast by the same declarations (`Section.query`), one boolean vocabulary
+included.
 """
 
 from __future__ import annotations
@@ -25,13 +25,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from millpond.exceptions import ConfigurationError
-
-if TYPE_CHECKING:
-    from dynaconf import Dynaconf
-
+from millpond.config import plugins
 from millpond.config.options import (
     ENV_PREFIX,
     META_ENV,
@@ -42,6 +38,8 @@ from millpond.config.options import (
     setting,
     suggest,
 )
+from millpond.contracts.broker import mask_url
+from millpond.exceptions import ConfigurationError
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +79,7 @@ class Settings:
         "so both can share queues).",
     )
     prefetch_multiplier: int = setting(
-        4,
-        "Unacknowledged messages held per unit of concurrency.",
-        minimum=1,
+        4, "Unacknowledged messages held per unit of concurrency.", minimum=1
     )
     acks_late: bool = setting(
         True,
@@ -97,14 +93,10 @@ class Settings:
         minimum=1,
     )
     time_limit: float | None = setting(
-        None,
-        "Default hard time limit of a task, in seconds.",
-        minimum=0,
+        None, "Default hard time limit of a task, in seconds.", minimum=0
     )
     soft_time_limit: float | None = setting(
-        None,
-        "Default soft time limit of a task, in seconds.",
-        minimum=0,
+        None, "Default soft time limit of a task, in seconds.", minimum=0
     )
     unsupported_options: str = setting(
         "warn",
@@ -145,9 +137,7 @@ class Settings:
         minimum=1,
     )
     shutdown_timeout: float = setting(
-        30.0,
-        "Seconds a warm shutdown waits for running tasks before it turns cold.",
-        minimum=0,
+        30.0, "Seconds a warm shutdown waits for running tasks before it turns cold.", minimum=0
     )
     ignore_result: bool = setting(False, "Do not store task results by default.")
     result_expires: float = setting(86400.0, "Seconds a stored result is kept.", minimum=1)
@@ -170,9 +160,7 @@ class Settings:
         secret=True,
     )
     log_level: str = setting(
-        "INFO",
-        "Log level.",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        "INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     )
     log_format: str = setting(
         "auto",
@@ -196,8 +184,7 @@ class Settings:
         "or a list of names.",
     )
     worker_name: str | None = setting(
-        None,
-        "Name of this worker in logs and spans; default pid@hostname.",
+        None, "Name of this worker in logs and spans; default pid@hostname."
     )
     #: validated values (defaults included) of every plugin section that was given a value
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -210,9 +197,7 @@ class Settings:
         """A plugin section's validated values: what was given, defaults for the rest."""
         assert declaration.name, "the core's settings are the fields themselves"
         values = self.sections.get(declaration.name)
-        if values is not None:
-            return values
-        return MappingProxyType(declaration.defaults())
+        return MappingProxyType(declaration.defaults()) if values is None else values
 
     def plugin_options(self, plugin: str, url_setting: str | None = None) -> dict[str, Any]:
         """What the core hands the plugin named `plugin` (a pool's name or a URL scheme): the
@@ -223,12 +208,8 @@ class Settings:
         `lease_timeout` in the file's [redis] section, `MILLPOND_REDIS__LEASE_TIMEOUT` beats a
         query in the file's `broker_url`, and at the same level the URL (more specific) wins.
         """
-        from millpond.config import plugins
-
         declaration = plugins.settings_section(plugin)
-        if declaration is None:
-            return {}
-        return self._weighed(declaration, url_setting)[0]
+        return self._weighed(declaration, url_setting)[0] if declaration else {}
 
     def _weighed(
         self, declaration: Section, url_setting: str | None
@@ -237,12 +218,11 @@ class Settings:
         values = dict(self.section(declaration))
         sources = {name: self.sources.get(declaration.key(name), "default") for name in values}
         url = getattr(self, url_setting) if url_setting else None
-        if url:
-            url_source = self.sources.get(url_setting or "", "default")
+        if url_setting and url:
+            url_source = self.sources.get(url_setting, "default")
             for name, value in declaration.query(url).items():
                 if rank(url_source) >= rank(sources[name]):
-                    values[name] = value
-                    sources[name] = f"{url_source} (query)"
+                    values[name], sources[name] = value, f"{url_source} (query)"
         return values, sources
 
     def replace(self, **changes: Any) -> Settings:
@@ -253,8 +233,7 @@ class Settings:
             opt = CORE.option(name)
             if opt is None:
                 raise CORE.unknown(name, "flag")
-            cast = CORE.cast(opt, value, "flag")
-            values[name] = tuple(cast) if isinstance(cast, list) else cast
+            values[name] = _frozen(CORE.cast(opt, value, "flag"))
         sources = MappingProxyType({**self.sources, **dict.fromkeys(values, "flag")})
         return dataclasses.replace(self, **values, sources=sources)
 
@@ -269,67 +248,66 @@ MOVED = {
 
 CORE = Section(None, "Core", declared(Settings), hints=MOVED)
 
-# -- loading ---------------------------------------------------------------------------------------
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def settings_file(env: Mapping[str, str]) -> Path | None:
     named = env.get("MILLPOND_SETTINGS_FILE")
-    if named:
-        path = Path(named)
-        if not path.is_file():
-            raise ConfigurationError(
-                f"MILLPOND_SETTINGS_FILE names {named!r}, which is not a readable file; "
-                "fix the path or unset it"
-            )
-        return path
-    local = Path("millpond.toml")
-    return local if local.is_file() else None
+    if named and not Path(named).is_file():
+        raise ConfigurationError(
+            f"MILLPOND_SETTINGS_FILE names {named!r}, which is not a readable file; "
+            "fix the path or unset it"
+        )
+    path = Path(named or "millpond.toml")
+    return path if named or path.is_file() else None
+
+
+def _stored(opt: Option, source: str, given: Any, conf: Any) -> Any:
+    """A given value as dynaconf must store it: environment text parsed as TOML (as dynaconf's
+    env loader does), except for a text setting, which gets it as typed; any other text starting
+    with `@` goes in behind `@str`, or dynaconf would read it as a marker (`@json`, `@format`)."""
+    if source.startswith("env ") and opt.kind != "str":
+        from dynaconf.utils.parse_conf import boolean_fix, parse_conf_data
+
+        try:
+            return parse_conf_data(boolean_fix(given), tomlfy=True, box_settings=conf)
+        except Exception:  # a malformed @marker: keep the text, the cast reports it
+            pass
+    return _keep_text(given)
 
 
 def _keep_text(value: Any) -> Any:
-    """The value as dynaconf must store it to keep it exactly: text starting with `@` would be
-    read as one of dynaconf's markers (`@json`, `@format`, ...), so it goes in behind `@str`."""
-    if isinstance(value, str) and value.startswith("@"):
-        return f"@str {value}"
-    return value
+    return f"@str {value}" if isinstance(value, str) and value.startswith("@") else value
 
 
 class SettingsReader:
     """Every source read once; `settings()` merges them in one Dynaconf instance, validates and
     freezes.
 
-    Dynaconf reads the file; each other source is kept as a layer of what it adds to the instance,
-    and `settings()` applies the layers lowest first (code, environment, flags) over the file, so
-    they may be read in any order: the command line reads the file, the environment and the flags
-    first (they name the app), and adds the app's own `Millpond(...)` settings once it is imported.
-    Beside each layer the reader keeps where each value came from and the value as given (flat
-    keys: "name" or "section.name"): dynaconf's own history records a nested key set from the
-    environment as its whole merged table, which cannot say which source gave which option.
+    Each source is kept as a layer of flat keys ("name", "section.name") -> (source, value as
+    given), so the layers may be filled in any order: the command line reads the file, the
+    environment and the flags first (they name the app) and adds the app's `Millpond(...)`
+    settings once it is imported. dynaconf's own history cannot say which source gave which
+    option: it records a nested key set from the environment as its whole merged table.
     """
 
     def __init__(self, path: Path | None, extra: Iterable[Section]) -> None:
         from dynaconf import Dynaconf
+        from dynaconf.utils.inspect import get_history
 
-        self.path = path
-        #: per layer, lowest first: flat key -> (source, value as given)
         self.layers: dict[str, dict[str, tuple[str, Any]]] = {
             kind: {} for kind in ("file", "code", "env", "flag")
         }
-        #: per layer above the file: what it adds to the Dynaconf instance
-        self.data: dict[str, dict[str, Any]] = {"code": {}, "env": {}, "flag": {}}
-        #: the winning (source, value as given) of each setting given a value
-        self.given: dict[str, tuple[str, Any]] = {}
-        #: environment values as typed, for error messages
-        self.typed: dict[str, str] = {}
         self.warnings: list[str] = []
         self.extra = {s.name: s for s in extra if s.name}
         self.sections: dict[str, Section] = {}
         self.missing: set[str] = set()
         try:
-            # the environment is not read by dynaconf's env loader, which reads os.environ only:
-            # `env()` below adds it from the mapping load_settings was given, through dynaconf's
-            # own TOML parsing and nested-key handling
-            self.conf: Dynaconf = Dynaconf(
+            # the environment is read by `env()` from the mapping it is given, not by dynaconf's
+            # env loader (which reads os.environ only)
+            self.conf = Dynaconf(
                 settings_files=[str(path.resolve())] if path else [],
                 core_loaders=["TOML"],
                 environments=False,
@@ -342,165 +320,108 @@ class SettingsReader:
             self.conf.as_dict()  # dynaconf loads lazily: read the file now, inside this `try`
         except Exception as exc:
             raise ConfigurationError(f"cannot read settings file {path}: {exc}") from exc
-        if path is not None:
-            from dynaconf.utils.inspect import get_history
+        for entry in get_history(self.conf, filter_callable=lambda s: s.loader == "toml"):
+            self._layer("file", f"file {path}", entry["value"])  # as written, before any marker
 
-            for entry in get_history(self.conf, filter_callable=lambda s: s.loader == "toml"):
-                self._record(entry["value"], "file", f"file {path}", nested=True)
-
-    # -- the layers ------------------------------------------------------------------------------
     def code(self, values: Mapping[str, Any]) -> None:
-        self._apply(values, "code", nested=True)
+        self._layer("code", "code", values)
 
     def flags(self, values: Mapping[str, Any]) -> None:
-        self._apply(values, "flag", nested=False)
+        self._layer("flag", "flag", values)
 
     def env(self, env: Mapping[str, str]) -> None:
-        from dynaconf.utils.parse_conf import boolean_fix, parse_conf_data
-
-        data: dict[str, Any] = {}
         self.layers["env"] = {}
         for variable, text in env.items():
-            if not variable.startswith(ENV_PREFIX) or variable in META_ENV:
-                continue
-            rest = variable[len(ENV_PREFIX) :].lower()
-            section, sep, name = rest.partition("__")
-            key = f"{section}.{name.partition('__')[0]}" if sep else rest
-            if not self._known(key, f"env {variable}"):
-                continue
-            opt = self._option(key)
-            if opt is not None and opt.kind == "str":
-                value: Any = f"@str {text}"  # text settings get the text as typed, never TOML's
-            else:
-                try:
-                    value = parse_conf_data(boolean_fix(text), tomlfy=True, box_settings=self.conf)
-                except Exception:  # a malformed @marker: keep the text, the cast reports it
-                    value = f"@str {text}"
-            data[rest.upper()] = value
-            given = text if opt and opt.kind == "str" else value
-            self.layers["env"][key] = (f"env {variable}", given)
-            self.typed[key] = text
-        self.data["env"] = data
+            if variable.startswith(ENV_PREFIX) and variable not in META_ENV:
+                section, nested, name = variable[len(ENV_PREFIX) :].lower().partition("__")
+                key = f"{section}.{name}" if nested else section
+                if self._known(key, f"env {variable}"):
+                    self.layers["env"][key] = (f"env {variable}", text)
 
-    def _apply(self, values: Mapping[str, Any], kind: str, *, nested: bool) -> None:
-        flat = self._record(values, kind, kind, nested=nested)
-        self.data[kind] = {k.upper(): _keep_text(v) for k, v in flat.items()}
-
-    def _record(
-        self, values: Mapping[str, Any], kind: str, source: str, *, nested: bool
-    ) -> dict[str, Any]:
-        """These values as the `kind` layer (replacing what it held), noting where each came
-        from; returns them with flat keys."""
+    def _layer(self, kind: str, source: str, values: Mapping[str, Any]) -> None:
+        """These values (a plugin's section as a table, or "section.name" keys) as the `kind`
+        layer, replacing what it held."""
         flat: dict[str, Any] = {}
         for top, value in values.items():
             top = str(top).lower()
             if top.startswith("dynaconf"):  # dynaconf's own file keys (dynaconf_merge, ...)
                 continue
-            if CORE.option(top) is None and nested and isinstance(value, Mapping):
-                for name, inner in value.items():
-                    key = f"{top}.{str(name).lower()}"
-                    if self._known(key, source):
-                        flat[key] = inner
-            elif self._known(top, source):
+            if CORE.option(top) is None and isinstance(value, Mapping):
+                flat.update((f"{top}.{str(name).lower()}", inner) for name, inner in value.items())
+            else:
                 flat[top] = value
-        self.layers[kind] = {key: (source, value) for key, value in flat.items()}
-        return flat
+        self.layers[kind] = {k: (source, v) for k, v in flat.items() if self._known(k, source)}
 
-    # -- declarations ----------------------------------------------------------------------------
     def _declared(self, name: str, where: str) -> Section | None:
         """The installed section called `name`, loaded once; None (and a warning) if none is."""
-        if name in self.sections:
-            return self.sections[name]
-        if name in self.missing:
-            return None
-        section = self.extra.get(name)
-        if section is None:
-            from millpond.config import plugins
-
-            section = plugins.settings_section(name)
+        if name not in self.sections and name not in self.missing:
+            section = self.extra.get(name) or plugins.settings_section(name)
             if section is not None and section.name != name:
                 raise ConfigurationError(
                     f"[{name}] ({where}) is not a settings section: the {name} plugin reads "
                     f"[{section.name}]; use [{section.name}] / "
                     f"{ENV_PREFIX}{(section.name or '').upper()}__<NAME>"
                 )
-        if section is None:
-            from millpond.config import plugins
-
-            self.missing.add(name)
-            names = sorted({*plugins.installed(plugins.SETTINGS), *self.extra})
-            self.warnings.append(
-                f"no installed plugin reads a [{name}] section ({where}){suggest(name, names)}; "
-                f"its settings are ignored (installed sections: {', '.join(names) or 'none'})"
-            )
-            return None
-        self.sections[name] = section
-        return section
+            if section is None:
+                self.missing.add(name)
+                names = sorted({*plugins.installed(plugins.SETTINGS), *self.extra})
+                self.warnings.append(
+                    f"no installed plugin reads a [{name}] section ({where}){suggest(name, names)};"
+                    f" its settings are ignored (installed sections: {', '.join(names) or 'none'})"
+                )
+            else:
+                self.sections[name] = section
+        return self.sections.get(name)
 
     def _known(self, key: str, where: str) -> bool:
         """Whether `key` is a declared setting; an unknown one raises, or warns and is dropped
         when it came from the environment (which may hold variables for other installs)."""
         section_name, dot, name = key.partition(".")
-        if not dot:
-            if CORE.option(key) is not None:
-                return True
+        if dot:
+            section = self._declared(section_name, where)
+            if section is not None and section.option(name) is None:
+                raise section.unknown(name, where)
+            return section is not None
+        if CORE.option(key) is None:
             error = CORE.unknown(key, where)
-            if where.startswith("env ") and key not in MOVED:
-                self.warnings.append(f"{error}; ignored")
-                return False
-            raise error
-        section = self._declared(section_name, where)
-        if section is None:
-            return False
-        if section.option(name) is None:
-            raise section.unknown(name, where)
-        return True
+            if not where.startswith("env ") or key in MOVED:
+                raise error
+            self.warnings.append(f"{error}; ignored")
+        return CORE.option(key) is not None
 
-    def _option(self, key: str) -> Option | None:
-        section_name, dot, name = key.partition(".")
-        if not dot:
-            return CORE.option(key)
-        section = self.sections.get(section_name)
-        return section.option(name) if section else None
-
-    # -- validation ------------------------------------------------------------------------------
     def settings(self, code: Mapping[str, Any] | None = None) -> Settings:
-        """Validate every given value with dynaconf validators derived from the declarations,
-        then freeze the result; `code` adds what was given to `Millpond(...)` first."""
+        """Merge, validate and freeze; `code` adds what was given to `Millpond(...)` first."""
         from dynaconf import ValidationError, Validator
-        from dynaconf.loaders.base import SourceMetadata
 
         if code:
             self.code(code)
-        for kind, data in self.data.items():  # lowest first: a later layer wins
-            if data:
-                self.conf.update(data, loader_identifier=SourceMetadata(kind, "millpond", "global"))
-        self.given = {key: held for layer in self.layers.values() for key, held in layer.items()}
-
+        given = {key: held for layer in self.layers.values() for key, held in layer.items()}
+        chosen = [
+            (section, opt, section.key(opt.name))
+            for section in (CORE, *self.sections.values())
+            for opt in section.options
+            if section.key(opt.name) in given
+        ]
+        self.conf.update(
+            {key.upper(): _stored(opt, *given[key], self.conf) for _s, opt, key in chosen},
+            loader_identifier="millpond",
+        )
         cast: dict[str, Any] = {}
 
-        def validator(section: Section, opt: Option) -> Validator:
-            key = section.key(opt.name)
+        def validator(section: Section, opt: Option, key: str) -> Validator:
+            source, typed = given[key]
 
             def check(value: Any) -> Any:
-                source, given = self.given.get(key, ("file", value))
-                # text settings take the value as given, never as TOML or a dynaconf marker read it
-                typed = self.typed.get(key) if source.startswith("env ") else None
                 try:
-                    cast[key] = section.cast(
-                        opt, given if opt.kind == "str" else value, source, typed=typed
-                    )
+                    cast[key] = section.cast(opt, value, source, typed=typed)
                 except ConfigurationError as exc:
                     raise ValidationError(str(exc)) from None
-                return _keep_text(cast[key])
+                return _keep_text(cast[key])  # dynaconf stores what a cast returns
 
             return Validator(key, cast=check, description=opt.help)
 
-        chosen = [(CORE, opt) for opt in CORE.options if opt.name in self.given]
-        for section in self.sections.values():
-            chosen += [(section, o) for o in section.options if section.key(o.name) in self.given]
         self.conf.validators.clear()  # a second call validates everything given, once
-        self.conf.validators.register(*(validator(s, o) for s, o in chosen))
+        self.conf.validators.register(*(validator(*chosen_) for chosen_ in chosen))
         try:
             self.conf.validators.validate_all()
         except ValidationError as exc:
@@ -510,23 +431,21 @@ class SettingsReader:
             raise ConfigurationError(
                 f"{len(problems)} settings are invalid:\n  " + "\n  ".join(problems)
             ) from None
-        return self._freeze(cast)
+        core = {opt.name: _frozen(cast.get(opt.name, opt.default)) for opt in CORE.options}
 
-    def _freeze(self, cast: Mapping[str, Any]) -> Settings:
-        core: dict[str, Any] = {}
-        for opt in CORE.options:
-            value = cast.get(opt.name, opt.default)
-            core[opt.name] = tuple(value) if isinstance(value, list) else value
+        def source(key: str) -> str:
+            return given.get(key, ("default",))[0]
+
         if not core["queues"]:
             raise ConfigurationError(
-                f"setting 'queues' ({self._source('queues')}) is empty: name at least one "
-                "queue to consume"
+                f"setting 'queues' ({source('queues')}) is empty: name at least one queue to "
+                "consume"
             )
         soft, hard = core["soft_time_limit"], core["time_limit"]
         if soft is not None and hard is not None and soft >= hard:
             raise ConfigurationError(
-                f"soft_time_limit ({soft:g}s, {self._source('soft_time_limit')}) must be shorter "
-                f"than time_limit ({hard:g}s, {self._source('time_limit')})"
+                f"soft_time_limit ({soft:g}s, {source('soft_time_limit')}) must be shorter "
+                f"than time_limit ({hard:g}s, {source('time_limit')})"
             )
         sections = {
             name: MappingProxyType(
@@ -534,17 +453,13 @@ class SettingsReader:
             )
             for name, section in self.sections.items()
         }
-        sources = {opt.name: "default" for opt in CORE.options}
-        sources.update((key, source) for key, (source, _given) in self.given.items())
+        sources = {**dict.fromkeys(core, "default"), **{k: s for k, (s, _v) in given.items()}}
         return Settings(
             **core,
             sections=MappingProxyType(sections),
             sources=MappingProxyType(sources),
             warnings=tuple(self.warnings),
         )
-
-    def _source(self, key: str) -> str:
-        return self.given.get(key, ("default", None))[0]
 
 
 def read_settings(
@@ -561,8 +476,7 @@ def read_settings(
     declarations that are not installed (tests, embedding). Call `.settings(code)` for the result.
     """
     env = os.environ if env is None else env
-    path = Path(file) if file is not None else settings_file(env)
-    reader = SettingsReader(path, sections)
+    reader = SettingsReader(Path(file) if file is not None else settings_file(env), sections)
     reader.env(env)
     reader.flags({k: v for k, v in (flags or {}).items() if v is not None})
     return reader
@@ -591,43 +505,34 @@ def describe(
 
     The broker's section shows the values the broker gets, its URL's query parameters included.
     """
-    from millpond.config import plugins
-    from millpond.contracts.broker import mask_url
 
-    rows: list[tuple[str, str, str, str]] = []
-    for opt in CORE.options:
-        value = getattr(settings, opt.name)
-        shown = value
-        if opt.secret and isinstance(value, str) and value:
+    def shown(opt: Option, value: Any) -> str:
+        if opt.secret and value not in (None, "", {}):
             # a URL keeps its host visible (only the password goes); any other secret goes whole
-            shown = mask_url(value) if "://" in value else "***"
-        if isinstance(shown, tuple):
-            shown = ",".join(shown)
-        rows.append(
-            (
-                opt.name,
-                opt.env_name(None),
-                "" if shown is None else str(shown),
-                settings.sources.get(opt.name, "default"),
-            )
+            return mask_url(value) if isinstance(value, str) and "://" in value else "***"
+        return ",".join(value) if isinstance(value, tuple) else "" if value is None else str(value)
+
+    rows = [
+        (
+            o.name,
+            o.env_name(None),
+            shown(o, getattr(settings, o.name)),
+            settings.sources.get(o.name, "default"),
         )
-    broker = plugins.scheme_of(settings.broker_url) if settings.broker_url else "sqlite"
-    broker_section = plugins.settings_section(broker)
+        for o in CORE.options
+    ]
+    scheme = plugins.scheme_of(settings.broker_url) if settings.broker_url else "sqlite"
+    broker = plugins.settings_section(scheme)
     for section in sections:
-        assert section.name
-        url_setting = (
-            "broker_url" if broker_section and broker_section.name == section.name else None
-        )
+        url_setting = "broker_url" if broker and broker.name == section.name else None
         values, sources = settings._weighed(section, url_setting)
-        for opt in section.options:
-            value = values[opt.name]
-            shown = "***" if opt.secret and value not in (None, "", {}) else value
-            rows.append(
-                (
-                    section.key(opt.name),
-                    opt.env_name(section.name),
-                    "" if shown is None else str(shown),
-                    sources[opt.name],
-                )
+        rows += [
+            (
+                section.key(o.name),
+                o.env_name(section.name),
+                shown(o, values[o.name]),
+                sources[o.name],
             )
+            for o in section.options
+        ]
     return rows
