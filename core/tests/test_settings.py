@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 
 from millpond.config.options import Option, Section, declared, setting
-from millpond.config.settings import CORE, Settings, describe, load_settings
+from millpond.config.settings import CORE, Settings, load_settings
 from millpond.exceptions import ConfigurationError
 from millpond_broker_amqp.settings import parse as parse_amqp
 from millpond_broker_embedded.sqlite import SETTINGS as SQLITE
 from millpond_broker_embedded.sqlite import parse_url
 from millpond_broker_redis.config import parse as parse_redis
+from millpond_cli.settings_docs import describe
 from millpond_pool_prefork.settings import SECTION as PREFORK
 
 

@@ -1,20 +1,16 @@
 """Settings: declared once, read once through dynaconf, validated, frozen.
 
-Where a value comes from, lowest first: the declared default < the settings file (`millpond.toml`
-in the working directory, or the file `MILLPOND_SETTINGS_FILE` names) < values given to
-`Millpond(...)` in code < `MILLPOND_*` environment variables (`MILLPOND_REDIS__LEASE_TIMEOUT` is
-`lease_timeout` of the [redis] section) < command-line flags. One Dynaconf instance reads the
-file, merges every source into it (parsing environment values as TOML) and runs one `Validator`
-per given setting, which casts it through its declaration. The hot path reads the frozen
-`Settings`, never dynaconf.
+Lowest first: the declared default < the settings file (`millpond.toml`, or the file
+`MILLPOND_SETTINGS_FILE` names) < `Millpond(...)` keywords < `MILLPOND_*` environment variables
+(`MILLPOND_REDIS__LEASE_TIMEOUT` is [redis] lease_timeout) < command-line flags. One Dynaconf
+instance reads the file, holds every source merged and runs one `Validator` per given setting,
+casting it through its declaration. The hot path reads the frozen `Settings`, never dynaconf.
 
-A core setting is a field of `Settings` made with `setting(...)`: its annotation is its type (so
-`settings.pool` is typed) and `CORE`, the `Section` of those fields, is what validation, `millpond
-config` and docs/settings.md read. A plugin publishes its own `Section` under the
-`millpond.settings` entry-point group, named after the plugin it configures (a pool's name, or
-each URL scheme a broker serves), and gets its validated values (`Settings.plugin_options`); a
-broker's URL query is cast by the same declarations (`Section.query`), one boolean vocabulary
-included.
+A core setting is a field of `Settings` made with `setting(...)`, so `settings.pool` is typed;
+`CORE`, their `Section`, is what validation, `millpond config` and docs/settings.md read. A plugin
+publishes its `Section` under the `millpond.settings` entry-point group, named after the plugin it
+configures (a pool's name, or each URL scheme a broker serves), and gets its validated values
+(`Settings.plugin_options`), its URL's query cast by the same declarations.
 """
 
 from __future__ import annotations
@@ -38,7 +34,6 @@ from millpond.config.options import (
     setting,
     suggest,
 )
-from millpond.contracts.broker import mask_url
 from millpond.exceptions import ConfigurationError
 
 
@@ -200,18 +195,15 @@ class Settings:
         return MappingProxyType(declaration.defaults()) if values is None else values
 
     def plugin_options(self, plugin: str, url_setting: str | None = None) -> dict[str, Any]:
-        """What the core hands the plugin named `plugin` (a pool's name or a URL scheme): the
-        validated values of the section it publishes under that name, or {} if it has none.
-
-        With `url_setting` ("broker_url", "result_backend") the URL's query parameters count too,
-        as given where the URL was given: `MILLPOND_BROKER_URL=redis://h/0?lease_timeout=5` beats
-        `lease_timeout` in the file's [redis] section, `MILLPOND_REDIS__LEASE_TIMEOUT` beats a
-        query in the file's `broker_url`, and at the same level the URL (more specific) wins.
-        """
+        """The validated values of the section the plugin named `plugin` (a pool, a URL scheme)
+        publishes, or {}. With `url_setting` ("broker_url", "result_backend") the URL's query
+        counts as given where the URL was: `MILLPOND_BROKER_URL=redis://h/0?lease_timeout=5` beats
+        [redis] lease_timeout in the file, `MILLPOND_REDIS__LEASE_TIMEOUT` beats a query in the
+        file's `broker_url`, and from the same place the URL (more specific) wins."""
         declaration = plugins.settings_section(plugin)
-        return self._weighed(declaration, url_setting)[0] if declaration else {}
+        return self.weighed(declaration, url_setting)[0] if declaration else {}
 
-    def _weighed(
+    def weighed(
         self, declaration: Section, url_setting: str | None
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """(values, sources) of a section, with the URL's query weighed in (`plugin_options`)."""
@@ -283,15 +275,13 @@ def _keep_text(value: Any) -> Any:
 
 
 class SettingsReader:
-    """Every source read once; `settings()` merges them in one Dynaconf instance, validates and
-    freezes.
+    """Every source read once, as a layer of flat keys ("name", "section.name") -> (source,
+    value as given); `settings()` merges them in one Dynaconf instance, validates and freezes.
 
-    Each source is kept as a layer of flat keys ("name", "section.name") -> (source, value as
-    given), so the layers may be filled in any order: the command line reads the file, the
-    environment and the flags first (they name the app) and adds the app's `Millpond(...)`
-    settings once it is imported. dynaconf's own history cannot say which source gave which
-    option: it records a nested key set from the environment as its whole merged table.
-    """
+    Layers may come in any order: the command line reads file, environment and flags first (they
+    name the app), then adds the app's `Millpond(...)` keywords. They are kept apart because
+    dynaconf's history records a nested key from the environment as its whole merged table,
+    which cannot say which source gave which option."""
 
     def __init__(self, path: Path | None, extra: Iterable[Section]) -> None:
         from dynaconf import Dynaconf
@@ -302,8 +292,8 @@ class SettingsReader:
         }
         self.warnings: list[str] = []
         self.extra = {s.name: s for s in extra if s.name}
-        self.sections: dict[str, Section] = {}
-        self.missing: set[str] = set()
+        #: the plugin sections values were given for; None where no installed plugin reads one
+        self.sections: dict[str, Section | None] = {}
         try:
             # the environment is read by `env()` from the mapping it is given, not by dynaconf's
             # env loader (which reads os.environ only)
@@ -354,7 +344,7 @@ class SettingsReader:
 
     def _declared(self, name: str, where: str) -> Section | None:
         """The installed section called `name`, loaded once; None (and a warning) if none is."""
-        if name not in self.sections and name not in self.missing:
+        if name not in self.sections:
             section = self.extra.get(name) or plugins.settings_section(name)
             if section is not None and section.name != name:
                 raise ConfigurationError(
@@ -363,15 +353,13 @@ class SettingsReader:
                     f"{ENV_PREFIX}{(section.name or '').upper()}__<NAME>"
                 )
             if section is None:
-                self.missing.add(name)
                 names = sorted({*plugins.installed(plugins.SETTINGS), *self.extra})
                 self.warnings.append(
                     f"no installed plugin reads a [{name}] section ({where}){suggest(name, names)};"
                     f" its settings are ignored (installed sections: {', '.join(names) or 'none'})"
                 )
-            else:
-                self.sections[name] = section
-        return self.sections.get(name)
+            self.sections[name] = section
+        return self.sections[name]
 
     def _known(self, key: str, where: str) -> bool:
         """Whether `key` is a declared setting; an unknown one raises, or warns and is dropped
@@ -398,7 +386,7 @@ class SettingsReader:
         given = {key: held for layer in self.layers.values() for key, held in layer.items()}
         chosen = [
             (section, opt, section.key(opt.name))
-            for section in (CORE, *self.sections.values())
+            for section in (CORE, *filter(None, self.sections.values()))
             for opt in section.options
             if section.key(opt.name) in given
         ]
@@ -452,6 +440,7 @@ class SettingsReader:
                 {o.name: cast.get(section.key(o.name), o.default) for o in section.options}
             )
             for name, section in self.sections.items()
+            if section
         }
         sources = {**dict.fromkeys(core, "default"), **{k: s for k, (s, _v) in given.items()}}
         return Settings(
@@ -469,12 +458,9 @@ def read_settings(
     file: Path | str | None = None,
     sections: Iterable[Section] = (),
 ) -> SettingsReader:
-    """Read the settings file, the environment and the flags (None values are not given).
-
-    `env` defaults to os.environ, `file` to `settings_file(env)`. A plugin section is found through
-    the `millpond.settings` entry points when a value is given for it; `sections` adds
-    declarations that are not installed (tests, embedding). Call `.settings(code)` for the result.
-    """
+    """Read the settings file, the environment (os.environ by default) and the flags (a None
+    value is not given); `sections` adds declarations not installed as `millpond.settings` entry
+    points (tests, embedding). Call `.settings(code)` for the result."""
     env = os.environ if env is None else env
     reader = SettingsReader(Path(file) if file is not None else settings_file(env), sections)
     reader.env(env)
@@ -491,48 +477,6 @@ def load_settings(
     sections: Iterable[Section] = (),
 ) -> Settings:
     """Read, merge and validate every source; raises ConfigurationError naming the bad setting.
-
-    `code` holds what was given to `Millpond(...)`: core settings, and a plugin's section as a
-    mapping (`Millpond("shop", redis={"lease_timeout": 10})`). See `read_settings` for the rest.
-    """
+    `code` is what `Millpond(...)` was given, a plugin's section as a mapping
+    (`Millpond("shop", redis={"lease_timeout": 10})`)."""
     return read_settings(flags, env=env, file=file, sections=sections).settings(code)
-
-
-def describe(
-    settings: Settings, sections: Iterable[Section] = ()
-) -> list[tuple[str, str, str, str]]:
-    """(name, env variable, effective value, source) rows for `millpond config`; secrets masked.
-
-    The broker's section shows the values the broker gets, its URL's query parameters included.
-    """
-
-    def shown(opt: Option, value: Any) -> str:
-        if opt.secret and value not in (None, "", {}):
-            # a URL keeps its host visible (only the password goes); any other secret goes whole
-            return mask_url(value) if isinstance(value, str) and "://" in value else "***"
-        return ",".join(value) if isinstance(value, tuple) else "" if value is None else str(value)
-
-    rows = [
-        (
-            o.name,
-            o.env_name(None),
-            shown(o, getattr(settings, o.name)),
-            settings.sources.get(o.name, "default"),
-        )
-        for o in CORE.options
-    ]
-    scheme = plugins.scheme_of(settings.broker_url) if settings.broker_url else "sqlite"
-    broker = plugins.settings_section(scheme)
-    for section in sections:
-        url_setting = "broker_url" if broker and broker.name == section.name else None
-        values, sources = settings._weighed(section, url_setting)
-        rows += [
-            (
-                section.key(o.name),
-                o.env_name(section.name),
-                shown(o, values[o.name]),
-                sources[o.name],
-            )
-            for o in section.options
-        ]
-    return rows
