@@ -21,10 +21,6 @@ from millpond.contracts.broker import mask_url
 from millpond.exceptions import ConfigurationError
 
 ENV_PREFIX = "MILLPOND_"
-#: environment variables with the prefix that are not settings
-META_ENV = frozenset(
-    ENV_PREFIX + name for name in ("SETTINGS_FILE", "HOME", "PATCHED", "PURE_PYTHON", "SKIP_LINT")
-)
 #: the one boolean vocabulary, for every source: file, environment, code, flags and URL queries
 TRUE = frozenset({"true", "yes", "on", "1"})
 FALSE = frozenset({"false", "no", "off", "0"})
@@ -40,14 +36,6 @@ _WORDS: dict[str, tuple[str, str]] = {
     "list": ("a list of plain values", "a list (a TOML array, or comma-separated text)"),
     "table": ("a table", "a table (a TOML table, e.g. {password = 'x'})"),
 }
-
-#: how sources outrank each other; a source is named "<kind> <where>", e.g. "env MILLPOND_POOL"
-_RANK = {"default": 0, "file": 1, "code": 2, "env": 3, "flag": 4}
-
-
-def rank(source: str) -> int:
-    """The precedence of a source such as "env MILLPOND_POOL": a higher one wins."""
-    return _RANK[source.split(" ", 1)[0]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,16 +163,9 @@ def setting(default: Any, help: str, **details: Any) -> Any:
     return field(default=default, metadata=metadata)
 
 
-_KINDS: dict[Any, Kind] = {
-    str: "str",
-    int: "int",
-    float: "float",
-    bool: "bool",
-    tuple: "list",
-    list: "list",
-    dict: "table",
-    Mapping: "table",
-}
+#: a field's type -> its kind: `tuple[str, ...]` (or a list) is a list, a mapping a table
+_KINDS: dict[Any, Kind] = {str: "str", int: "int", float: "float", bool: "bool", tuple: "list"}
+_KINDS.update({list: "list", dict: "table", Mapping: "table"})
 
 
 def declared(cls: type) -> tuple[Option, ...]:

@@ -24,16 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from millpond.config import plugins
-from millpond.config.options import (
-    ENV_PREFIX,
-    META_ENV,
-    Option,
-    Section,
-    declared,
-    rank,
-    setting,
-    suggest,
-)
+from millpond.config.options import ENV_PREFIX, Option, Section, declared, setting, suggest
 from millpond.exceptions import ConfigurationError
 
 
@@ -239,6 +230,17 @@ MOVED = {
 }
 
 CORE = Section(None, "Core", declared(Settings), hints=MOVED)
+#: environment variables with the prefix that are not settings
+META_ENV = frozenset(
+    ENV_PREFIX + name for name in ("SETTINGS_FILE", "HOME", "PATCHED", "PURE_PYTHON", "SKIP_LINT")
+)
+#: how sources outrank each other; a source is named "<kind> <where>", e.g. "env MILLPOND_POOL"
+_RANK = {"default": 0, "file": 1, "code": 2, "env": 3, "flag": 4}
+
+
+def rank(source: str) -> int:
+    """The precedence of a source such as "env MILLPOND_POOL": a higher one wins."""
+    return _RANK[source.split(" ", 1)[0]]
 
 
 def _frozen(value: Any) -> Any:
