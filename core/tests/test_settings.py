@@ -162,6 +162,15 @@ def test_env_values_are_typed_explicitly() -> None:
     assert s.time_limit == 30.0
 
 
+def test_a_deeper_env_key_sets_one_key_of_a_table(tmp_path: Path) -> None:
+    """`__` nests as in dynaconf: the variable adds a key to the table the file gives."""
+    path = write(tmp_path, "[kombu]\ntransport_options = {a = 1}\n")
+    env = {"MILLPOND_SETTINGS_FILE": str(path), "MILLPOND_KOMBU__TRANSPORT_OPTIONS__B": "2"}
+    s = load_settings(env=env)
+    assert s.sections["kombu"]["transport_options"] == {"a": 1, "b": 2}
+    assert s.sources["kombu.transport_options"] == "env MILLPOND_KOMBU__TRANSPORT_OPTIONS__B"
+
+
 @pytest.mark.parametrize(
     ("env", "needle"),
     [

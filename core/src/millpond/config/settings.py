@@ -289,7 +289,8 @@ class SettingsReader:
         from dynaconf import Dynaconf
         from dynaconf.utils.inspect import get_history
 
-        self.layers: dict[str, dict[str, tuple[str, Any]]] = {
+        #: per source, lowest first: the key dynaconf sets -> (setting, source, value as given)
+        self.layers: dict[str, dict[str, tuple[str, str, Any]]] = {
             kind: {} for kind in ("file", "code", "env", "flag")
         }
         self.warnings: list[str] = []
@@ -325,10 +326,12 @@ class SettingsReader:
         self.layers["env"] = {}
         for variable, text in env.items():
             if variable.startswith(ENV_PREFIX) and variable not in META_ENV:
-                section, nested, name = variable[len(ENV_PREFIX) :].lower().partition("__")
-                key = f"{section}.{name}" if nested else section
+                # dynaconf nests at each `__`: MILLPOND_KOMBU__TRANSPORT_OPTIONS__REGION sets one
+                # key of the kombu.transport_options table
+                rest = variable[len(ENV_PREFIX) :]
+                key = ".".join(rest.lower().split("__")[:2])
                 if self._known(key, f"env {variable}"):
-                    self.layers["env"][key] = (f"env {variable}", text)
+                    self.layers["env"][rest] = (key, f"env {variable}", text)
 
     def _layer(self, kind: str, source: str, values: Mapping[str, Any]) -> None:
         """These values (a plugin's section as a table, or "section.name" keys) as the `kind`
@@ -342,7 +345,7 @@ class SettingsReader:
                 flat.update((f"{top}.{str(name).lower()}", inner) for name, inner in value.items())
             else:
                 flat[top] = value
-        self.layers[kind] = {k: (source, v) for k, v in flat.items() if self._known(k, source)}
+        self.layers[kind] = {k: (k, source, v) for k, v in flat.items() if self._known(k, source)}
 
     def _declared(self, name: str, where: str) -> Section | None:
         """The installed section called `name`, loaded once; None (and a warning) if none is."""
@@ -385,17 +388,19 @@ class SettingsReader:
 
         if code:
             self.code(code)
-        given = {key: held for layer in self.layers.values() for key, held in layer.items()}
+        given = {key: (src, v) for layer in self.layers.values() for key, src, v in layer.values()}
         chosen = [
             (section, opt, section.key(opt.name))
             for section in (CORE, *filter(None, self.sections.values()))
             for opt in section.options
             if section.key(opt.name) in given
         ]
-        self.conf.update(
-            {key.upper(): _stored(opt, *given[key], self.conf) for _s, opt, key in chosen},
-            loader_identifier="millpond",
-        )
+        options = {key: opt for _section, opt, key in chosen}
+        for kind, layer in self.layers.items():  # lowest first: a later source wins
+            self.conf.update(
+                {p.upper(): _stored(options[k], s, v, self.conf) for p, (k, s, v) in layer.items()},
+                loader_identifier=kind,
+            )
         cast: dict[str, Any] = {}
 
         def validator(section: Section, opt: Option, key: str) -> Validator:
