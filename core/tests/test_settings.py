@@ -409,6 +409,8 @@ def test_replace_checks_each_change() -> None:
         s.replace(concurrency=0)
     with pytest.raises(ConfigurationError, match="did you mean 'concurrency'"):
         s.replace(concurency=3)
+    with pytest.raises(ConfigurationError, match=r"soft_time_limit \(20s, flag\) must be shorter"):
+        s.replace(time_limit=10, soft_time_limit=20)  # the rules across settings hold here too
 
 
 def test_accept_content_names_only_what_millpond_decodes() -> None:

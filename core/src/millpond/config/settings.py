@@ -179,6 +179,24 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        """The rules across settings, checked wherever settings are made (`replace` too)."""
+        if not self.queues:
+            raise ConfigurationError(
+                f"setting 'queues' ({self.source('queues')}) is empty: name at "
+                "least one queue to consume"
+            )
+        soft, hard = self.soft_time_limit, self.time_limit
+        if soft is not None and hard is not None and soft >= hard:
+            raise ConfigurationError(
+                f"soft_time_limit ({soft:g}s, {self.source('soft_time_limit')}) "
+                f"must be shorter than time_limit ({hard:g}s, {self.source('time_limit')})"
+            )
+
+    def source(self, key: str) -> str:
+        """Where the setting `key` ("name", "section.name") came from."""
+        return self.sources.get(key, "default")
+
     def section(self, declaration: Section) -> Mapping[str, Any]:
         """A plugin section's validated values: what was given, defaults for the rest."""
         assert declaration.name, "the core's settings are the fields themselves"
@@ -199,10 +217,10 @@ class Settings:
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """(values, sources) of a section, with the URL's query weighed in (`plugin_options`)."""
         values = dict(self.section(declaration))
-        sources = {name: self.sources.get(declaration.key(name), "default") for name in values}
+        sources = {name: self.source(declaration.key(name)) for name in values}
         url = getattr(self, url_setting) if url_setting else None
         if url_setting and url:
-            url_source = self.sources.get(url_setting, "default")
+            url_source = self.source(url_setting)
             for name, value in declaration.query(url).items():
                 if rank(url_source) >= rank(sources[name]):
                     values[name], sources[name] = value, f"{url_source} (query)"
@@ -427,21 +445,6 @@ class SettingsReader:
                 f"{len(problems)} settings are invalid:\n  " + "\n  ".join(problems)
             ) from None
         core = {opt.name: _frozen(cast.get(opt.name, opt.default)) for opt in CORE.options}
-
-        def source(key: str) -> str:
-            return given.get(key, ("default",))[0]
-
-        if not core["queues"]:
-            raise ConfigurationError(
-                f"setting 'queues' ({source('queues')}) is empty: name at least one queue to "
-                "consume"
-            )
-        soft, hard = core["soft_time_limit"], core["time_limit"]
-        if soft is not None and hard is not None and soft >= hard:
-            raise ConfigurationError(
-                f"soft_time_limit ({soft:g}s, {source('soft_time_limit')}) must be shorter "
-                f"than time_limit ({hard:g}s, {source('time_limit')})"
-            )
         sections = {
             name: MappingProxyType(
                 {o.name: cast.get(section.key(o.name), o.default) for o in section.options}

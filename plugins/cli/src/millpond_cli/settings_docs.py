@@ -190,12 +190,7 @@ def describe(
         return ",".join(value) if isinstance(value, tuple) else "" if value is None else str(value)
 
     rows = [
-        (
-            o.name,
-            o.env_name(None),
-            shown(o, getattr(settings, o.name)),
-            settings.sources.get(o.name, "default"),
-        )
+        (o.name, o.env_name(None), shown(o, getattr(settings, o.name)), settings.source(o.name))
         for o in CORE.options
     ]
     scheme = plugins.scheme_of(settings.broker_url) if settings.broker_url else "sqlite"
