@@ -248,6 +248,16 @@ class Section:
                 f"setting {self.key(opt.name)!r} ({where}) has a bad value {shown}: {exc}"
             ) from None
 
+    def cast_all(self, given: Iterable[tuple[str, Any]], where: str) -> dict[str, Any]:
+        """Each (name, value) cast through its option; a name not declared is an error."""
+        values: dict[str, Any] = {}
+        for name, value in given:
+            opt = self.option(name)
+            if opt is None:
+                raise self.unknown(name, where)
+            values[name] = self.cast(opt, value, where)
+        return values
+
     def query(
         self, url: str, *, masked: str | None = None, query: str | None = None
     ) -> dict[str, Any]:
@@ -260,13 +270,7 @@ class Section:
         where = f"in the query of {masked if masked is not None else mask_url(url)}"
         if query is None:
             query = "&".join(q for q in (urlsplit(m).query for m in url.split(";")) if q)
-        values: dict[str, Any] = {}
-        for name, given in parse_qsl(query, keep_blank_values=True):
-            opt = self.option(name)
-            if opt is None:
-                raise self.unknown(name, where)
-            values[name] = self.cast(opt, given, where)
-        return values
+        return self.cast_all(parse_qsl(query, keep_blank_values=True), where)
 
     def resolve(
         self,
@@ -284,9 +288,4 @@ class Section:
         values = self.defaults()
         if url:
             values.update(self.query(url, masked=masked, query=query))
-        for name, value in (options or {}).items():
-            opt = self.option(name)
-            if opt is None:
-                raise self.unknown(name, "options")
-            values[name] = self.cast(opt, value, "options")
-        return values
+        return values | self.cast_all((options or {}).items(), "options")

@@ -229,12 +229,7 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with these core settings changed (flags given to an in-process `Worker`),
         each checked against its declaration."""
-        values: dict[str, Any] = {}
-        for name, value in changes.items():
-            opt = CORE.option(name)
-            if opt is None:
-                raise CORE.unknown(name, "flag")
-            values[name] = _frozen(CORE.cast(opt, value, "flag"))
+        values = {k: _frozen(v) for k, v in CORE.cast_all(changes.items(), "flag").items()}
         sources = MappingProxyType({**self.sources, **dict.fromkeys(values, "flag")})
         return dataclasses.replace(self, **values, sources=sources)
 
