@@ -290,20 +290,20 @@ def _keep_text(value: Any) -> Any:
 
 
 class SettingsReader:
-    """Every source read once, as a layer of flat keys ("name", "section.name") -> (source,
-    value as given); `settings()` merges them in one Dynaconf instance, validates and freezes.
+    """Every source read once into a layer; `settings()` merges the layers into one Dynaconf
+    instance, lowest first, validates and freezes.
 
     Layers may come in any order: the command line reads file, environment and flags first (they
-    name the app), then adds the app's `Millpond(...)` keywords. They are kept apart because
-    dynaconf's history records a nested key from the environment as its whole merged table,
-    which cannot say which source gave which option."""
+    name the app), then adds the app's `Millpond(...)` keywords. Each keeps which setting a value
+    is for, its source and the value as written, since dynaconf's history records a nested key
+    from the environment as its whole merged table, which cannot say which source gave what."""
 
     def __init__(self, path: Path | None, extra: Iterable[Section]) -> None:
         from dynaconf import Dynaconf
         from dynaconf.utils.inspect import get_history
 
-        #: per source, lowest first: the key dynaconf sets -> (setting, source, value as given)
-        self.layers: dict[str, dict[str, tuple[str, str, Any]]] = {
+        #: per source, lowest first: dynaconf's key -> (section, option, source, value as written)
+        self.layers: dict[str, dict[str, tuple[Section, Option, str, Any]]] = {
             kind: {} for kind in ("file", "code", "env", "flag")
         }
         self.warnings: list[str] = []
@@ -343,8 +343,8 @@ class SettingsReader:
                 # key of the kombu.transport_options table
                 rest = variable[len(ENV_PREFIX) :]
                 key = ".".join(rest.lower().split("__")[:2])
-                if self._known(key, f"env {variable}"):
-                    self.layers["env"][rest] = (key, f"env {variable}", text)
+                if declared := self._declaration(key, f"env {variable}"):
+                    self.layers["env"][rest] = (*declared, f"env {variable}", text)
 
     def _layer(self, kind: str, source: str, values: Mapping[str, Any]) -> None:
         """These values (a plugin's section as a table, or "section.name" keys) as the `kind`
@@ -358,7 +358,11 @@ class SettingsReader:
                 flat.update((f"{top}.{str(name).lower()}", inner) for name, inner in value.items())
             else:
                 flat[top] = value
-        self.layers[kind] = {k: (k, source, v) for k, v in flat.items() if self._known(k, source)}
+        self.layers[kind] = {
+            k: (*declared, source, v)
+            for k, v in flat.items()
+            if (declared := self._declaration(k, source))
+        }
 
     def _declared(self, name: str, where: str) -> Section | None:
         """The installed section called `name`, loaded once; None (and a warning) if none is."""
@@ -379,21 +383,20 @@ class SettingsReader:
             self.sections[name] = section
         return self.sections[name]
 
-    def _known(self, key: str, where: str) -> bool:
-        """Whether `key` is a declared setting; an unknown one raises, or warns and is dropped
-        when it came from the environment (which may hold variables for other installs)."""
+    def _declaration(self, key: str, where: str) -> tuple[Section, Option] | None:
+        """The section and option `key` names; an unknown core name from the environment (which
+        may hold variables for other installs) is a warning and None, any other unknown raises."""
         section_name, dot, name = key.partition(".")
-        if dot:
-            section = self._declared(section_name, where)
-            if section is not None and section.option(name) is None:
-                raise section.unknown(name, where)
-            return section is not None
-        if CORE.option(key) is None:
-            error = CORE.unknown(key, where)
-            if not where.startswith("env ") or key in MOVED:
-                raise error
-            self.warnings.append(f"{error}; ignored")
-        return CORE.option(key) is not None
+        section = self._declared(section_name, where) if dot else CORE
+        name = name if dot else key
+        if section is None:
+            return None
+        if (opt := section.option(name)) is not None:
+            return section, opt
+        if dot or not where.startswith("env ") or key in MOVED:
+            raise section.unknown(name, where)
+        self.warnings.append(f"{section.unknown(name, where)}; ignored")
+        return None
 
     def settings(self, code: Mapping[str, Any] | None = None) -> Settings:
         """Merge, validate and freeze; `code` adds what was given to `Millpond(...)` first."""
@@ -401,23 +404,18 @@ class SettingsReader:
 
         if code:
             self.code(code)
-        given = {key: (src, v) for layer in self.layers.values() for key, src, v in layer.values()}
-        chosen = [
-            (section, opt, section.key(opt.name))
-            for section in (CORE, *filter(None, self.sections.values()))
-            for opt in section.options
-            if section.key(opt.name) in given
-        ]
-        options = {key: opt for _section, opt, key in chosen}
+        given: dict[str, tuple[Section, Option, str, Any]] = {}  # each setting's winning value
+        for layer in self.layers.values():
+            given.update((s.key(o.name), (s, o, src, v)) for s, o, src, v in layer.values())
         for kind, layer in self.layers.items():  # lowest first: a later source wins
             self.conf.update(
-                {p.upper(): _stored(options[k], s, v, self.conf) for p, (k, s, v) in layer.items()},
+                {p.upper(): _stored(o, src, v, self.conf) for p, (_s, o, src, v) in layer.items()},
                 loader_identifier=kind,
             )
         cast: dict[str, Any] = {}
 
-        def validator(section: Section, opt: Option, key: str) -> Validator:
-            source, typed = given[key]
+        def validator(section: Section, opt: Option, source: str, typed: Any) -> Validator:
+            key = section.key(opt.name)
 
             def check(value: Any) -> Any:
                 try:
@@ -429,7 +427,7 @@ class SettingsReader:
             return Validator(key, cast=check, description=opt.help)
 
         self.conf.validators.clear()  # a second call validates everything given, once
-        self.conf.validators.register(*(validator(*chosen_) for chosen_ in chosen))
+        self.conf.validators.register(*(validator(*held) for held in given.values()))
         try:
             self.conf.validators.validate_all()
         except ValidationError as exc:
@@ -447,7 +445,7 @@ class SettingsReader:
             for name, section in self.sections.items()
             if section
         }
-        sources = {**dict.fromkeys(core, "default"), **{k: s for k, (s, _v) in given.items()}}
+        sources = {**dict.fromkeys(core, "default"), **{k: held[2] for k, held in given.items()}}
         return Settings(
             **core,
             sections=MappingProxyType(sections),
