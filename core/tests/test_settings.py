@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 
 from millpond.config.options import Option, Section, declared, setting
-from millpond.config.settings import CORE, Settings, describe, load_settings
+from millpond.config.settings import CORE, Settings, load_settings
 from millpond.exceptions import ConfigurationError
 from millpond_broker_amqp.settings import parse as parse_amqp
 from millpond_broker_embedded.sqlite import SETTINGS as SQLITE
 from millpond_broker_embedded.sqlite import parse_url
 from millpond_broker_redis.config import parse as parse_redis
+from millpond_cli.settings_docs import describe
 from millpond_pool_prefork.settings import SECTION as PREFORK
 
 
@@ -159,6 +160,15 @@ def test_env_values_are_typed_explicitly() -> None:
     assert s.acks_late is False
     assert s.queues == ("high", "low")
     assert s.time_limit == 30.0
+
+
+def test_a_deeper_env_key_sets_one_key_of_a_table(tmp_path: Path) -> None:
+    """`__` nests as in dynaconf: the variable adds a key to the table the file gives."""
+    path = write(tmp_path, "[kombu]\ntransport_options = {a = 1}\n")
+    env = {"MILLPOND_SETTINGS_FILE": str(path), "MILLPOND_KOMBU__TRANSPORT_OPTIONS__B": "2"}
+    s = load_settings(env=env)
+    assert s.sections["kombu"]["transport_options"] == {"a": 1, "b": 2}
+    assert s.sources["kombu.transport_options"] == "env MILLPOND_KOMBU__TRANSPORT_OPTIONS__B"
 
 
 @pytest.mark.parametrize(
@@ -399,6 +409,8 @@ def test_replace_checks_each_change() -> None:
         s.replace(concurrency=0)
     with pytest.raises(ConfigurationError, match="did you mean 'concurrency'"):
         s.replace(concurency=3)
+    with pytest.raises(ConfigurationError, match=r"soft_time_limit \(20s, flag\) must be shorter"):
+        s.replace(time_limit=10, soft_time_limit=20)  # the rules across settings hold here too
 
 
 def test_accept_content_names_only_what_millpond_decodes() -> None:

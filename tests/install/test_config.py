@@ -12,9 +12,9 @@ import pytest
 
 from millpond.config import plugins
 from millpond.config.options import Option, Section
-from millpond.config.settings import CORE, describe, load_settings
+from millpond.config.settings import CORE, load_settings
 from millpond.exceptions import ConfigurationError
-from millpond_cli.settings_docs import REGENERATE, main, render
+from millpond_cli.settings_docs import REGENERATE, describe, main, render
 from tests.install.venvs import ROOT, clean_env
 
 DOCS = ROOT / "docs" / "settings.md"

@@ -1,14 +1,14 @@
-"""Declared settings. Every setting, the core's and each plugin's, is declared once, as a field
-of a frozen dataclass made with `setting(default, help, ...)`; `declared(cls)` turns the fields
-into `Option`s (a setting's name, kind, default and meaning), and a `Section` groups a
-component's options and casts raw values through them, with the one boolean vocabulary.
+"""Setting declarations: a frozen-dataclass field made with `setting(...)` becomes an `Option`
+(name, kind, default, meaning), and a `Section` groups a component's options and casts raw values
+from every source through them, with the one boolean vocabulary.
 
-It sits below both the settings reader and the plugin loader, which both describe settings in
-these terms: the loader hands each plugin its validated `Section`.
+It sits below both the settings reader and the plugin loader, which hands each plugin its section.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 import math
 import types
 from collections.abc import Iterable, Mapping
@@ -17,41 +17,25 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import parse_qsl, urlsplit
 
+from millpond.contracts.broker import mask_url
 from millpond.exceptions import ConfigurationError
 
 ENV_PREFIX = "MILLPOND_"
-#: environment variables with the prefix that are not settings
-META_ENV = frozenset(
-    {
-        "MILLPOND_SETTINGS_FILE",
-        "MILLPOND_HOME",
-        "MILLPOND_PATCHED",
-        "MILLPOND_PURE_PYTHON",
-        "MILLPOND_SKIP_LINT",
-    }
-)
 #: the one boolean vocabulary, for every source: file, environment, code, flags and URL queries
 TRUE = frozenset({"true", "yes", "on", "1"})
 FALSE = frozenset({"false", "no", "off", "0"})
 
 Kind = Literal["str", "int", "float", "bool", "list", "table"]
 
-_ALLOWED: dict[str, str] = {
-    "str": "text",
-    "int": "a whole number",
-    "float": "a number",
-    "bool": "true or false (also yes/no, on/off, 1/0)",
-    "list": "a list (a TOML array, or comma-separated text)",
-    "table": "a table (a TOML table, e.g. {password = 'x'})",
+#: per kind: what a wrong value is not, and what is allowed
+_WORDS: dict[str, tuple[str, str]] = {
+    "str": ("text", "text"),
+    "int": ("a whole number", "a whole number"),
+    "float": ("a number", "a number"),
+    "bool": ("a boolean", "true or false (also yes/no, on/off, 1/0)"),
+    "list": ("a list of plain values", "a list (a TOML array, or comma-separated text)"),
+    "table": ("a table", "a table (a TOML table, e.g. {password = 'x'})"),
 }
-
-#: how sources outrank each other; a source is named "<kind> <where>", e.g. "env MILLPOND_POOL"
-_RANK = {"default": 0, "file": 1, "code": 2, "env": 3, "flag": 4}
-
-
-def rank(source: str) -> int:
-    """The precedence of a source such as "env MILLPOND_POOL": a higher one wins."""
-    return _RANK[source.split(" ", 1)[0]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,18 +57,15 @@ class Option:
     keep_case: bool = False
 
     def env_name(self, section: str | None) -> str:
-        if section:
-            return f"{ENV_PREFIX}{section.upper()}__{self.name.upper()}"
-        return f"{ENV_PREFIX}{self.name.upper()}"
+        prefix = f"{ENV_PREFIX}{section.upper()}__" if section else ENV_PREFIX
+        return prefix + self.name.upper()
 
     def allowed(self) -> str:
         if self.choices:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
         else:
-            text = _ALLOWED[self.kind] + self.bounds()
-        if self.nullable:
-            text += ", or empty for none"
-        return text
+            text = _WORDS[self.kind][1] + self.bounds()
+        return text + (", or empty for none" if self.nullable else "")
 
     def bounds(self, at_least: str = ">=", at_most: str = "<=") -> str:
         """The range a number must fall in, as error messages and the settings reference say it."""
@@ -99,9 +80,8 @@ class Option:
     def cast(self, value: Any) -> Any:
         """The value as this option's type, from any source (TOML, text, Python).
 
-        Raises ValueError saying what is wrong and what is allowed, without repeating the value
-        (the caller shows it, masked when the option is a secret).
-        """
+        Raises ValueError saying what is wrong and what is allowed, without the value (the caller
+        shows it, masked when the option is a secret)."""
         if value is None or (self.nullable and isinstance(value, str) and value.strip() == ""):
             if self.nullable:
                 return None
@@ -109,18 +89,15 @@ class Option:
         try:
             out = _as(self.kind, value)
             if out is None:
-                raise ValueError(f"not {_NOT[self.kind]}")
+                raise ValueError(f"not {_WORDS[self.kind][0]}")
         except ValueError as exc:
             raise ValueError(f"{exc}; expected {self.allowed()}") from None
         if isinstance(out, dict) and not self.keep_case:
             out = {str(k).lower(): v for k, v in out.items()}
         if self.choices is not None:
             if isinstance(out, list):
-                return [
-                    self._choose(item, f"{item!r} is not allowed; each item must be")
-                    for item in out
-                ]
-            out = self._choose(out, "not allowed; expected")
+                return [self._choose(v, f"{v!r} is not allowed; each item must be") for v in out]
+            return self._choose(out, "not allowed; expected")
         if isinstance(out, int | float) and not isinstance(out, bool):
             if self.minimum is not None and out < self.minimum:
                 raise ValueError(f"too small; expected {self.allowed()}")
@@ -136,16 +113,6 @@ class Option:
         if probe not in folded:
             raise ValueError(f"{problem} {self.allowed()}")
         return self.choices[folded.index(probe)]
-
-
-_NOT = {
-    "str": "text",
-    "int": "a whole number",
-    "float": "a number",
-    "bool": "a boolean",
-    "list": "a list of plain values",
-    "table": "a table",
-}
 
 
 def _as(kind: Kind, value: Any) -> Any:
@@ -188,25 +155,17 @@ def _as(kind: Kind, value: Any) -> Any:
 
 def setting(default: Any, help: str, **details: Any) -> Any:
     """A setting, declared as a field of a frozen dataclass (the core's `Settings`, a plugin's
-    section): the field gives its name, its type annotation its kind (`X | None` makes it
-    nullable, a tuple or list of text is a list, a dict a table), the rest is as in `Option`.
-    `declared(cls)` turns the fields into the `Option`s a `Section` holds."""
+    section): the field gives its name, its annotation its kind (`X | None` makes it nullable, a
+    tuple or list of text is a list, a dict a table), the rest is as in `Option`."""
     metadata = {"help": help, **details}
     if isinstance(default, list | dict):  # a dataclass takes a mutable default only as a factory
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+        return field(default_factory=lambda: copy.copy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-_KINDS: dict[Any, Kind] = {
-    str: "str",
-    int: "int",
-    float: "float",
-    bool: "bool",
-    tuple: "list",
-    list: "list",
-    dict: "table",
-    Mapping: "table",
-}
+#: a field's type -> its kind: `tuple[str, ...]` (or a list) is a list, a mapping a table
+_KINDS: dict[Any, Kind] = {str: "str", int: "int", float: "float", bool: "bool", tuple: "list"}
+_KINDS.update({list: "list", dict: "table", Mapping: "table"})
 
 
 def declared(cls: type) -> tuple[Option, ...]:
@@ -220,32 +179,21 @@ def declared(cls: type) -> tuple[Option, ...]:
         if isinstance(kind, types.UnionType):
             nullable = type(None) in get_args(kind)
             (kind,) = (arg for arg in get_args(kind) if arg is not type(None))
-        default: Any = f.default
-        if default is MISSING:
-            default = f.default_factory()  # type: ignore[operator]
-        default = list(default) if isinstance(default, tuple) else default
+        default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[operator]
         base = get_origin(kind) or kind
         if base not in _KINDS:
             raise TypeError(
                 f"setting {cls.__name__}.{f.name} is a {kind}: declare a str, int, float, bool, "
                 "tuple[str, ...] or Mapping[str, Any], optionally `| None`"
             )
+        default = list(default) if isinstance(default, tuple) else default
         options.append(Option(f.name, _KINDS[base], default, nullable=nullable, **f.metadata))
     return tuple(options)
 
 
 def suggest(name: str, candidates: Iterable[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(name, list(candidates), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _shown(opt: Option, value: Any) -> str:
-    """A value for an error message or `millpond config`: secrets never show."""
-    if opt.secret and value not in (None, ""):
-        return "***"
-    return repr(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,32 +203,20 @@ class Section:
     name: str | None
     title: str
     options: tuple[Option, ...]
-    #: names people copy from kombu or Celery that mean something else here: refused with a
-    #: pointed explanation instead of a generic "unknown setting"
+    #: names that moved, or that people copy from kombu or Celery and mean something else here:
+    #: refused with a pointed explanation instead of a generic "unknown setting"
     hints: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def option(self, name: str) -> Option | None:
-        for opt in self.options:
-            if opt.name == name:
-                return opt
-        return None
+        return next((opt for opt in self.options if opt.name == name), None)
 
     def key(self, name: str) -> str:
         """The setting's full name: `lease_timeout` in the [redis] section is `redis.lease_timeout`."""
         return f"{self.name}.{name}" if self.name else name
 
     def defaults(self) -> dict[str, Any]:
-        """Each option's default (a copy of a list or table: the declaration stays as it is)."""
-        return {
-            opt.name: (
-                list(opt.default)
-                if isinstance(opt.default, list)
-                else dict(opt.default)
-                if isinstance(opt.default, dict)
-                else opt.default
-            )
-            for opt in self.options
-        }
+        """Each option's default (a list or table copied: the declaration stays as it is)."""
+        return {opt.name: copy.copy(opt.default) for opt in self.options}
 
     def unknown(self, name: str, where: str) -> ConfigurationError:
         """The error for a name this section does not declare, with a hint or a suggestion."""
@@ -288,56 +224,53 @@ class Section:
             return ConfigurationError(
                 f"setting {self.key(name)!r} ({where}) is not supported: {self.hints[name]}"
             )
-        known = ", ".join(o.name for o in self.options)
-        suggestion = suggest(name, [o.name for o in self.options])
+        names = [opt.name for opt in self.options]
         if self.name is None:
             return ConfigurationError(
-                f"unknown setting {name!r} ({where}){suggestion}; "
+                f"unknown setting {name!r} ({where}){suggest(name, names)}; "
                 "run `millpond config` to list settings"
             )
         return ConfigurationError(
-            f"unknown setting {self.key(name)!r} ({where}){suggestion}; "
-            f"the [{self.name}] section has: {known}"
+            f"unknown setting {self.key(name)!r} ({where}){suggest(name, names)}; "
+            f"the [{self.name}] section has: {', '.join(names)}"
         )
 
     def cast(self, opt: Option, value: Any, where: str, *, typed: Any = None) -> Any:
-        """`opt.cast(value)`, failing with a ConfigurationError that names the setting, where the
-        value came from, the value (`typed`, if given: the text as typed; masked for secrets) and
-        what is allowed."""
+        """`opt.cast(value)`, or a ConfigurationError naming the setting, where the value came
+        from, the value (`typed` if given: as the user wrote it; masked for secrets) and what is
+        allowed."""
         try:
             return opt.cast(value)
         except ValueError as exc:
-            shown = _shown(opt, value if typed is None else typed)
+            shown = value if typed is None else typed
+            shown = "***" if opt.secret and shown not in (None, "") else repr(shown)
             raise ConfigurationError(
                 f"setting {self.key(opt.name)!r} ({where}) has a bad value {shown}: {exc}"
             ) from None
 
-    def query(
-        self, url: str, *, masked: str | None = None, query: str | None = None
-    ) -> dict[str, Any]:
-        """The URL's query parameters, each cast through its declaration; an unknown name is an
-        error. This is how every broker reads `redis://h/0?lease_timeout=10`.
-
-        `masked` is the URL as error messages may show it (the core's `mask_url` by default);
-        `query` is the query text, for URL forms that `urlsplit` cannot take apart; by default a
-        ';'-joined list (kombu's failover and sentinel forms) gives the queries of all its members.
-        """
-        from millpond.contracts.broker import mask_url
-
-        where = f"in the query of {masked if masked is not None else mask_url(url)}"
-        if query is not None:
-            text = query
-        elif ";" in url:  # a ';'-joined list (failover nodes, sentinels): every member's query
-            text = "&".join(q for q in (urlsplit(m).query for m in url.split(";")) if q)
-        else:
-            text = urlsplit(url).query
+    def cast_all(self, given: Iterable[tuple[str, Any]], where: str) -> dict[str, Any]:
+        """Each (name, value) cast through its option; a name not declared is an error."""
         values: dict[str, Any] = {}
-        for name, given in parse_qsl(text, keep_blank_values=True):
+        for name, value in given:
             opt = self.option(name)
             if opt is None:
                 raise self.unknown(name, where)
-            values[name] = self.cast(opt, given, where)
+            values[name] = self.cast(opt, value, where)
         return values
+
+    def query(
+        self, url: str, *, masked: str | None = None, query: str | None = None
+    ) -> dict[str, Any]:
+        """The URL's query parameters (how every broker reads `redis://h/0?lease_timeout=10`),
+        each cast through its declaration; an unknown name is an error.
+
+        `masked` is the URL as errors may show it (`mask_url`'s by default); `query` the query
+        text, for URL forms `urlsplit` cannot take apart; a ';'-joined list (kombu's failover and
+        sentinel forms) gives the queries of all its members."""
+        where = f"in the query of {masked if masked is not None else mask_url(url)}"
+        if query is None:
+            query = "&".join(q for q in (urlsplit(m).query for m in url.split(";")) if q)
+        return self.cast_all(parse_qsl(query, keep_blank_values=True), where)
 
     def resolve(
         self,
@@ -349,17 +282,10 @@ class Section:
     ) -> dict[str, Any]:
         """Every option's value: its default, then the URL's query parameters, then `options`.
 
-        A plugin calls this with what it was handed: the core passes its validated settings, with
-        the URL's parameters already weighed against them by where each came from (see
-        `Settings.plugin_options`), so `options` win; a test or an embedding program may pass
-        plain values, which are checked the same way. `masked` and `query` are as in `query`.
-        """
+        The core hands a plugin values already weighed against its URL's query by where each came
+        from (`Settings.plugin_options`), so `options` win; a test or an embedding program may
+        pass plain values, checked the same way. `masked` and `query` are as in `query`."""
         values = self.defaults()
         if url:
             values.update(self.query(url, masked=masked, query=query))
-        for name, value in (options or {}).items():
-            opt = self.option(name)
-            if opt is None:
-                raise self.unknown(name, "options")
-            values[name] = self.cast(opt, value, "options")
-        return values
+        return values | self.cast_all((options or {}).items(), "options")

@@ -1,20 +1,16 @@
 """Settings: declared once, read once through dynaconf, validated, frozen.
 
-Where a value comes from, lowest first: the declared default < the settings file (`millpond.toml`
-in the working directory, or the file `MILLPOND_SETTINGS_FILE` names) < values given to
-`Millpond(...)` in code < `MILLPOND_*` environment variables < command-line flags. One Dynaconf
-instance holds them all: it reads the TOML file, parses environment values as TOML, nests
-`MILLPOND_REDIS__LEASE_TIMEOUT` under `redis`, and runs one dynaconf `Validator` per declared option
-that was given a value. The hot path reads the frozen `Settings` dataclass, never dynaconf.
+Lowest first: the declared default < the settings file (`millpond.toml`, or the file
+`MILLPOND_SETTINGS_FILE` names) < `Millpond(...)` keywords < `MILLPOND_*` environment variables
+(`MILLPOND_REDIS__LEASE_TIMEOUT` is [redis] lease_timeout) < command-line flags. One Dynaconf
+instance reads the file, holds every source merged and runs one `Validator` per given setting,
+casting it through its declaration. The hot path reads the frozen `Settings`, never dynaconf.
 
-Each setting is declared once. A core setting is a field of the frozen `Settings` dataclass,
-declared with `setting(default, help, ...)`: its annotation is its type (so `settings.pool` is
-typed), and `CORE`, the `Section` derived from those fields, is what validation, `millpond config`
-and docs/settings.md read. A plugin publishes its own `Section` of `Option`s under the
-`millpond.settings` entry-point group, named after the plugin it configures (a pool's name, or
-each URL scheme a broker serves), and the core hands the plugin its validated values
-(`Settings.plugin_options`). A broker's URL query parameters are cast by the same declarations
-(`Section.resolve`), so every source shares one set of rules, one boolean vocabulary included.
+A core setting is a field of `Settings` made with `setting(...)`, so `settings.pool` is typed;
+`CORE`, their `Section`, is what validation, `millpond config` and docs/settings.md read. A plugin
+publishes its `Section` under the `millpond.settings` entry-point group, named after the plugin it
+configures (a pool's name, or each URL scheme a broker serves), and gets its validated values
+(`Settings.plugin_options`), its URL's query cast by the same declarations.
 """
 
 from __future__ import annotations
@@ -25,23 +21,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from millpond.config import plugins
+from millpond.config.options import ENV_PREFIX, Option, Section, declared, setting, suggest
 from millpond.exceptions import ConfigurationError
-
-if TYPE_CHECKING:
-    from dynaconf import Dynaconf
-
-from millpond.config.options import (
-    ENV_PREFIX,
-    META_ENV,
-    Option,
-    Section,
-    declared,
-    rank,
-    setting,
-    suggest,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +65,7 @@ class Settings:
         "so both can share queues).",
     )
     prefetch_multiplier: int = setting(
-        4,
-        "Unacknowledged messages held per unit of concurrency.",
-        minimum=1,
+        4, "Unacknowledged messages held per unit of concurrency.", minimum=1
     )
     acks_late: bool = setting(
         True,
@@ -97,14 +79,10 @@ class Settings:
         minimum=1,
     )
     time_limit: float | None = setting(
-        None,
-        "Default hard time limit of a task, in seconds.",
-        minimum=0,
+        None, "Default hard time limit of a task, in seconds.", minimum=0
     )
     soft_time_limit: float | None = setting(
-        None,
-        "Default soft time limit of a task, in seconds.",
-        minimum=0,
+        None, "Default soft time limit of a task, in seconds.", minimum=0
     )
     unsupported_options: str = setting(
         "warn",
@@ -145,9 +123,7 @@ class Settings:
         minimum=1,
     )
     shutdown_timeout: float = setting(
-        30.0,
-        "Seconds a warm shutdown waits for running tasks before it turns cold.",
-        minimum=0,
+        30.0, "Seconds a warm shutdown waits for running tasks before it turns cold.", minimum=0
     )
     ignore_result: bool = setting(False, "Do not store task results by default.")
     result_expires: float = setting(86400.0, "Seconds a stored result is kept.", minimum=1)
@@ -170,9 +146,7 @@ class Settings:
         secret=True,
     )
     log_level: str = setting(
-        "INFO",
-        "Log level.",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        "INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     )
     log_format: str = setting(
         "auto",
@@ -196,8 +170,7 @@ class Settings:
         "or a list of names.",
     )
     worker_name: str | None = setting(
-        None,
-        "Name of this worker in logs and spans; default pid@hostname.",
+        None, "Name of this worker in logs and spans; default pid@hostname."
     )
     #: validated values (defaults included) of every plugin section that was given a value
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -206,55 +179,57 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        """The rules across settings, checked wherever settings are made (`replace` too)."""
+        if not self.queues:
+            raise ConfigurationError(
+                f"setting 'queues' ({self.source('queues')}) is empty: name at "
+                "least one queue to consume"
+            )
+        soft, hard = self.soft_time_limit, self.time_limit
+        if soft is not None and hard is not None and soft >= hard:
+            raise ConfigurationError(
+                f"soft_time_limit ({soft:g}s, {self.source('soft_time_limit')}) "
+                f"must be shorter than time_limit ({hard:g}s, {self.source('time_limit')})"
+            )
+
+    def source(self, key: str) -> str:
+        """Where the setting `key` ("name", "section.name") came from."""
+        return self.sources.get(key, "default")
+
     def section(self, declaration: Section) -> Mapping[str, Any]:
         """A plugin section's validated values: what was given, defaults for the rest."""
         assert declaration.name, "the core's settings are the fields themselves"
         values = self.sections.get(declaration.name)
-        if values is not None:
-            return values
-        return MappingProxyType(declaration.defaults())
+        return MappingProxyType(declaration.defaults()) if values is None else values
 
     def plugin_options(self, plugin: str, url_setting: str | None = None) -> dict[str, Any]:
-        """What the core hands the plugin named `plugin` (a pool's name or a URL scheme): the
-        validated values of the section it publishes under that name, or {} if it has none.
-
-        With `url_setting` ("broker_url", "result_backend") the URL's query parameters count too,
-        as given where the URL was given: `MILLPOND_BROKER_URL=redis://h/0?lease_timeout=5` beats
-        `lease_timeout` in the file's [redis] section, `MILLPOND_REDIS__LEASE_TIMEOUT` beats a
-        query in the file's `broker_url`, and at the same level the URL (more specific) wins.
-        """
-        from millpond.config import plugins
-
+        """The validated values of the section the plugin named `plugin` (a pool, a URL scheme)
+        publishes, or {}. With `url_setting` ("broker_url", "result_backend") the URL's query
+        counts as given where the URL was: `MILLPOND_BROKER_URL=redis://h/0?lease_timeout=5` beats
+        [redis] lease_timeout in the file, `MILLPOND_REDIS__LEASE_TIMEOUT` beats a query in the
+        file's `broker_url`, and from the same place the URL (more specific) wins."""
         declaration = plugins.settings_section(plugin)
-        if declaration is None:
-            return {}
-        return self._weighed(declaration, url_setting)[0]
+        return self.weighed(declaration, url_setting)[0] if declaration else {}
 
-    def _weighed(
+    def weighed(
         self, declaration: Section, url_setting: str | None
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """(values, sources) of a section, with the URL's query weighed in (`plugin_options`)."""
         values = dict(self.section(declaration))
-        sources = {name: self.sources.get(declaration.key(name), "default") for name in values}
+        sources = {name: self.source(declaration.key(name)) for name in values}
         url = getattr(self, url_setting) if url_setting else None
-        if url:
-            url_source = self.sources.get(url_setting or "", "default")
+        if url_setting and url:
+            url_source = self.source(url_setting)
             for name, value in declaration.query(url).items():
                 if rank(url_source) >= rank(sources[name]):
-                    values[name] = value
-                    sources[name] = f"{url_source} (query)"
+                    values[name], sources[name] = value, f"{url_source} (query)"
         return values, sources
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with these core settings changed (flags given to an in-process `Worker`),
         each checked against its declaration."""
-        values: dict[str, Any] = {}
-        for name, value in changes.items():
-            opt = CORE.option(name)
-            if opt is None:
-                raise CORE.unknown(name, "flag")
-            cast = CORE.cast(opt, value, "flag")
-            values[name] = tuple(cast) if isinstance(cast, list) else cast
+        values = {k: _frozen(v) for k, v in CORE.cast_all(changes.items(), "flag").items()}
         sources = MappingProxyType({**self.sources, **dict.fromkeys(values, "flag")})
         return dataclasses.replace(self, **values, sources=sources)
 
@@ -268,68 +243,77 @@ MOVED = {
 }
 
 CORE = Section(None, "Core", declared(Settings), hints=MOVED)
+#: environment variables with the prefix that are not settings
+META_ENV = frozenset(
+    ENV_PREFIX + name for name in ("SETTINGS_FILE", "HOME", "PATCHED", "PURE_PYTHON", "SKIP_LINT")
+)
+#: how sources outrank each other; a source is named "<kind> <where>", e.g. "env MILLPOND_POOL"
+_RANK = {"default": 0, "file": 1, "code": 2, "env": 3, "flag": 4}
 
-# -- loading ---------------------------------------------------------------------------------------
+
+def rank(source: str) -> int:
+    """The precedence of a source such as "env MILLPOND_POOL": a higher one wins."""
+    return _RANK[source.split(" ", 1)[0]]
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def settings_file(env: Mapping[str, str]) -> Path | None:
     named = env.get("MILLPOND_SETTINGS_FILE")
-    if named:
-        path = Path(named)
-        if not path.is_file():
-            raise ConfigurationError(
-                f"MILLPOND_SETTINGS_FILE names {named!r}, which is not a readable file; "
-                "fix the path or unset it"
-            )
-        return path
-    local = Path("millpond.toml")
-    return local if local.is_file() else None
+    if named and not Path(named).is_file():
+        raise ConfigurationError(
+            f"MILLPOND_SETTINGS_FILE names {named!r}, which is not a readable file; "
+            "fix the path or unset it"
+        )
+    path = Path(named or "millpond.toml")
+    return path if named or path.is_file() else None
+
+
+def _stored(opt: Option, source: str, given: Any, conf: Any) -> Any:
+    """A given value as dynaconf must store it: environment text parsed as TOML (as dynaconf's
+    env loader does), except for a text setting, which gets it as typed; any other text starting
+    with `@` goes in behind `@str`, or dynaconf would read it as a marker (`@json`, `@format`)."""
+    if source.startswith("env ") and opt.kind != "str":
+        from dynaconf.utils.parse_conf import boolean_fix, parse_conf_data
+
+        try:
+            return parse_conf_data(boolean_fix(given), tomlfy=True, box_settings=conf)
+        except Exception:  # a malformed @marker: keep the text, the cast reports it
+            pass
+    return _keep_text(given)
 
 
 def _keep_text(value: Any) -> Any:
-    """The value as dynaconf must store it to keep it exactly: text starting with `@` would be
-    read as one of dynaconf's markers (`@json`, `@format`, ...), so it goes in behind `@str`."""
-    if isinstance(value, str) and value.startswith("@"):
-        return f"@str {value}"
-    return value
+    return f"@str {value}" if isinstance(value, str) and value.startswith("@") else value
 
 
 class SettingsReader:
-    """Every source read once; `settings()` merges them in one Dynaconf instance, validates and
-    freezes.
+    """Every source read once into a layer; `settings()` merges the layers into one Dynaconf
+    instance, lowest first, validates and freezes.
 
-    Dynaconf reads the file; each other source is kept as a layer of what it adds to the instance,
-    and `settings()` applies the layers lowest first (code, environment, flags) over the file, so
-    they may be read in any order: the command line reads the file, the environment and the flags
-    first (they name the app), and adds the app's own `Millpond(...)` settings once it is imported.
-    Beside each layer the reader keeps where each value came from and the value as given (flat
-    keys: "name" or "section.name"): dynaconf's own history records a nested key set from the
-    environment as its whole merged table, which cannot say which source gave which option.
-    """
+    Layers may come in any order: the command line reads file, environment and flags first (they
+    name the app), then adds the app's `Millpond(...)` keywords. Each keeps which setting a value
+    is for, its source and the value as written, since dynaconf's history records a nested key
+    from the environment as its whole merged table, which cannot say which source gave what."""
 
     def __init__(self, path: Path | None, extra: Iterable[Section]) -> None:
         from dynaconf import Dynaconf
+        from dynaconf.utils.inspect import get_history
 
-        self.path = path
-        #: per layer, lowest first: flat key -> (source, value as given)
-        self.layers: dict[str, dict[str, tuple[str, Any]]] = {
+        #: per source, lowest first: dynaconf's key -> (section, option, source, value as written)
+        self.layers: dict[str, dict[str, tuple[Section, Option, str, Any]]] = {
             kind: {} for kind in ("file", "code", "env", "flag")
         }
-        #: per layer above the file: what it adds to the Dynaconf instance
-        self.data: dict[str, dict[str, Any]] = {"code": {}, "env": {}, "flag": {}}
-        #: the winning (source, value as given) of each setting given a value
-        self.given: dict[str, tuple[str, Any]] = {}
-        #: environment values as typed, for error messages
-        self.typed: dict[str, str] = {}
         self.warnings: list[str] = []
         self.extra = {s.name: s for s in extra if s.name}
-        self.sections: dict[str, Section] = {}
-        self.missing: set[str] = set()
+        #: the plugin sections values were given for; None where no installed plugin reads one
+        self.sections: dict[str, Section | None] = {}
         try:
-            # the environment is not read by dynaconf's env loader, which reads os.environ only:
-            # `env()` below adds it from the mapping load_settings was given, through dynaconf's
-            # own TOML parsing and nested-key handling
-            self.conf: Dynaconf = Dynaconf(
+            # the environment is read by `env()` from the mapping it is given, not by dynaconf's
+            # env loader (which reads os.environ only)
+            self.conf = Dynaconf(
                 settings_files=[str(path.resolve())] if path else [],
                 core_loaders=["TOML"],
                 environments=False,
@@ -342,165 +326,108 @@ class SettingsReader:
             self.conf.as_dict()  # dynaconf loads lazily: read the file now, inside this `try`
         except Exception as exc:
             raise ConfigurationError(f"cannot read settings file {path}: {exc}") from exc
-        if path is not None:
-            from dynaconf.utils.inspect import get_history
+        for entry in get_history(self.conf, filter_callable=lambda s: s.loader == "toml"):
+            self._layer("file", f"file {path}", entry["value"])  # as written, before any marker
 
-            for entry in get_history(self.conf, filter_callable=lambda s: s.loader == "toml"):
-                self._record(entry["value"], "file", f"file {path}", nested=True)
-
-    # -- the layers ------------------------------------------------------------------------------
     def code(self, values: Mapping[str, Any]) -> None:
-        self._apply(values, "code", nested=True)
+        self._layer("code", "code", values)
 
     def flags(self, values: Mapping[str, Any]) -> None:
-        self._apply(values, "flag", nested=False)
+        self._layer("flag", "flag", values)
 
     def env(self, env: Mapping[str, str]) -> None:
-        from dynaconf.utils.parse_conf import boolean_fix, parse_conf_data
-
-        data: dict[str, Any] = {}
         self.layers["env"] = {}
         for variable, text in env.items():
-            if not variable.startswith(ENV_PREFIX) or variable in META_ENV:
-                continue
-            rest = variable[len(ENV_PREFIX) :].lower()
-            section, sep, name = rest.partition("__")
-            key = f"{section}.{name.partition('__')[0]}" if sep else rest
-            if not self._known(key, f"env {variable}"):
-                continue
-            opt = self._option(key)
-            if opt is not None and opt.kind == "str":
-                value: Any = f"@str {text}"  # text settings get the text as typed, never TOML's
-            else:
-                try:
-                    value = parse_conf_data(boolean_fix(text), tomlfy=True, box_settings=self.conf)
-                except Exception:  # a malformed @marker: keep the text, the cast reports it
-                    value = f"@str {text}"
-            data[rest.upper()] = value
-            given = text if opt and opt.kind == "str" else value
-            self.layers["env"][key] = (f"env {variable}", given)
-            self.typed[key] = text
-        self.data["env"] = data
+            if variable.startswith(ENV_PREFIX) and variable not in META_ENV:
+                # dynaconf nests at each `__`: MILLPOND_KOMBU__TRANSPORT_OPTIONS__REGION sets one
+                # key of the kombu.transport_options table
+                rest = variable[len(ENV_PREFIX) :]
+                key = ".".join(rest.lower().split("__")[:2])
+                if declared := self._declaration(key, f"env {variable}"):
+                    self.layers["env"][rest] = (*declared, f"env {variable}", text)
 
-    def _apply(self, values: Mapping[str, Any], kind: str, *, nested: bool) -> None:
-        flat = self._record(values, kind, kind, nested=nested)
-        self.data[kind] = {k.upper(): _keep_text(v) for k, v in flat.items()}
-
-    def _record(
-        self, values: Mapping[str, Any], kind: str, source: str, *, nested: bool
-    ) -> dict[str, Any]:
-        """These values as the `kind` layer (replacing what it held), noting where each came
-        from; returns them with flat keys."""
+    def _layer(self, kind: str, source: str, values: Mapping[str, Any]) -> None:
+        """These values (a plugin's section as a table, or "section.name" keys) as the `kind`
+        layer, replacing what it held."""
         flat: dict[str, Any] = {}
         for top, value in values.items():
             top = str(top).lower()
             if top.startswith("dynaconf"):  # dynaconf's own file keys (dynaconf_merge, ...)
                 continue
-            if CORE.option(top) is None and nested and isinstance(value, Mapping):
-                for name, inner in value.items():
-                    key = f"{top}.{str(name).lower()}"
-                    if self._known(key, source):
-                        flat[key] = inner
-            elif self._known(top, source):
+            if CORE.option(top) is None and isinstance(value, Mapping):
+                flat.update((f"{top}.{str(name).lower()}", inner) for name, inner in value.items())
+            else:
                 flat[top] = value
-        self.layers[kind] = {key: (source, value) for key, value in flat.items()}
-        return flat
+        self.layers[kind] = {
+            k: (*declared, source, v)
+            for k, v in flat.items()
+            if (declared := self._declaration(k, source))
+        }
 
-    # -- declarations ----------------------------------------------------------------------------
     def _declared(self, name: str, where: str) -> Section | None:
         """The installed section called `name`, loaded once; None (and a warning) if none is."""
-        if name in self.sections:
-            return self.sections[name]
-        if name in self.missing:
-            return None
-        section = self.extra.get(name)
-        if section is None:
-            from millpond.config import plugins
-
-            section = plugins.settings_section(name)
+        if name not in self.sections:
+            section = self.extra.get(name) or plugins.settings_section(name)
             if section is not None and section.name != name:
                 raise ConfigurationError(
                     f"[{name}] ({where}) is not a settings section: the {name} plugin reads "
                     f"[{section.name}]; use [{section.name}] / "
                     f"{ENV_PREFIX}{(section.name or '').upper()}__<NAME>"
                 )
-        if section is None:
-            from millpond.config import plugins
+            if section is None:
+                names = sorted({*plugins.installed(plugins.SETTINGS), *self.extra})
+                self.warnings.append(
+                    f"no installed plugin reads a [{name}] section ({where}){suggest(name, names)};"
+                    f" its settings are ignored (installed sections: {', '.join(names) or 'none'})"
+                )
+            self.sections[name] = section
+        return self.sections[name]
 
-            self.missing.add(name)
-            names = sorted({*plugins.installed(plugins.SETTINGS), *self.extra})
-            self.warnings.append(
-                f"no installed plugin reads a [{name}] section ({where}){suggest(name, names)}; "
-                f"its settings are ignored (installed sections: {', '.join(names) or 'none'})"
-            )
+    def _declaration(self, key: str, where: str) -> tuple[Section, Option] | None:
+        """The section and option `key` names; an unknown core name from the environment (which
+        may hold variables for other installs) is a warning and None, any other unknown raises."""
+        section_name, dot, name = key.partition(".")
+        section = self._declared(section_name, where) if dot else CORE
+        name = name if dot else key
+        if section is None:
             return None
-        self.sections[name] = section
-        return section
-
-    def _known(self, key: str, where: str) -> bool:
-        """Whether `key` is a declared setting; an unknown one raises, or warns and is dropped
-        when it came from the environment (which may hold variables for other installs)."""
-        section_name, dot, name = key.partition(".")
-        if not dot:
-            if CORE.option(key) is not None:
-                return True
-            error = CORE.unknown(key, where)
-            if where.startswith("env ") and key not in MOVED:
-                self.warnings.append(f"{error}; ignored")
-                return False
-            raise error
-        section = self._declared(section_name, where)
-        if section is None:
-            return False
-        if section.option(name) is None:
+        if (opt := section.option(name)) is not None:
+            return section, opt
+        if dot or not where.startswith("env ") or key in MOVED:
             raise section.unknown(name, where)
-        return True
+        self.warnings.append(f"{section.unknown(name, where)}; ignored")
+        return None
 
-    def _option(self, key: str) -> Option | None:
-        section_name, dot, name = key.partition(".")
-        if not dot:
-            return CORE.option(key)
-        section = self.sections.get(section_name)
-        return section.option(name) if section else None
-
-    # -- validation ------------------------------------------------------------------------------
     def settings(self, code: Mapping[str, Any] | None = None) -> Settings:
-        """Validate every given value with dynaconf validators derived from the declarations,
-        then freeze the result; `code` adds what was given to `Millpond(...)` first."""
+        """Merge, validate and freeze; `code` adds what was given to `Millpond(...)` first."""
         from dynaconf import ValidationError, Validator
-        from dynaconf.loaders.base import SourceMetadata
 
         if code:
             self.code(code)
-        for kind, data in self.data.items():  # lowest first: a later layer wins
-            if data:
-                self.conf.update(data, loader_identifier=SourceMetadata(kind, "millpond", "global"))
-        self.given = {key: held for layer in self.layers.values() for key, held in layer.items()}
-
+        given: dict[str, tuple[Section, Option, str, Any]] = {}  # each setting's winning value
+        for layer in self.layers.values():
+            given.update((s.key(o.name), (s, o, src, v)) for s, o, src, v in layer.values())
+        for kind, layer in self.layers.items():  # lowest first: a later source wins
+            self.conf.update(
+                {p.upper(): _stored(o, src, v, self.conf) for p, (_s, o, src, v) in layer.items()},
+                loader_identifier=kind,
+            )
         cast: dict[str, Any] = {}
 
-        def validator(section: Section, opt: Option) -> Validator:
+        def validator(section: Section, opt: Option, source: str, typed: Any) -> Validator:
             key = section.key(opt.name)
 
             def check(value: Any) -> Any:
-                source, given = self.given.get(key, ("file", value))
-                # text settings take the value as given, never as TOML or a dynaconf marker read it
-                typed = self.typed.get(key) if source.startswith("env ") else None
                 try:
-                    cast[key] = section.cast(
-                        opt, given if opt.kind == "str" else value, source, typed=typed
-                    )
+                    cast[key] = section.cast(opt, value, source, typed=typed)
                 except ConfigurationError as exc:
                     raise ValidationError(str(exc)) from None
-                return _keep_text(cast[key])
+                return _keep_text(cast[key])  # dynaconf stores what a cast returns
 
             return Validator(key, cast=check, description=opt.help)
 
-        chosen = [(CORE, opt) for opt in CORE.options if opt.name in self.given]
-        for section in self.sections.values():
-            chosen += [(section, o) for o in section.options if section.key(o.name) in self.given]
         self.conf.validators.clear()  # a second call validates everything given, once
-        self.conf.validators.register(*(validator(s, o) for s, o in chosen))
+        self.conf.validators.register(*(validator(*held) for held in given.values()))
         try:
             self.conf.validators.validate_all()
         except ValidationError as exc:
@@ -510,41 +437,21 @@ class SettingsReader:
             raise ConfigurationError(
                 f"{len(problems)} settings are invalid:\n  " + "\n  ".join(problems)
             ) from None
-        return self._freeze(cast)
-
-    def _freeze(self, cast: Mapping[str, Any]) -> Settings:
-        core: dict[str, Any] = {}
-        for opt in CORE.options:
-            value = cast.get(opt.name, opt.default)
-            core[opt.name] = tuple(value) if isinstance(value, list) else value
-        if not core["queues"]:
-            raise ConfigurationError(
-                f"setting 'queues' ({self._source('queues')}) is empty: name at least one "
-                "queue to consume"
-            )
-        soft, hard = core["soft_time_limit"], core["time_limit"]
-        if soft is not None and hard is not None and soft >= hard:
-            raise ConfigurationError(
-                f"soft_time_limit ({soft:g}s, {self._source('soft_time_limit')}) must be shorter "
-                f"than time_limit ({hard:g}s, {self._source('time_limit')})"
-            )
+        core = {opt.name: _frozen(cast.get(opt.name, opt.default)) for opt in CORE.options}
         sections = {
             name: MappingProxyType(
                 {o.name: cast.get(section.key(o.name), o.default) for o in section.options}
             )
             for name, section in self.sections.items()
+            if section
         }
-        sources = {opt.name: "default" for opt in CORE.options}
-        sources.update((key, source) for key, (source, _given) in self.given.items())
+        sources = {**dict.fromkeys(core, "default"), **{k: held[2] for k, held in given.items()}}
         return Settings(
             **core,
             sections=MappingProxyType(sections),
             sources=MappingProxyType(sources),
             warnings=tuple(self.warnings),
         )
-
-    def _source(self, key: str) -> str:
-        return self.given.get(key, ("default", None))[0]
 
 
 def read_settings(
@@ -554,15 +461,11 @@ def read_settings(
     file: Path | str | None = None,
     sections: Iterable[Section] = (),
 ) -> SettingsReader:
-    """Read the settings file, the environment and the flags (None values are not given).
-
-    `env` defaults to os.environ, `file` to `settings_file(env)`. A plugin section is found through
-    the `millpond.settings` entry points when a value is given for it; `sections` adds
-    declarations that are not installed (tests, embedding). Call `.settings(code)` for the result.
-    """
+    """Read the settings file, the environment (os.environ by default) and the flags (a None
+    value is not given); `sections` adds declarations not installed as `millpond.settings` entry
+    points (tests, embedding). Call `.settings(code)` for the result."""
     env = os.environ if env is None else env
-    path = Path(file) if file is not None else settings_file(env)
-    reader = SettingsReader(path, sections)
+    reader = SettingsReader(Path(file) if file is not None else settings_file(env), sections)
     reader.env(env)
     reader.flags({k: v for k, v in (flags or {}).items() if v is not None})
     return reader
@@ -577,57 +480,6 @@ def load_settings(
     sections: Iterable[Section] = (),
 ) -> Settings:
     """Read, merge and validate every source; raises ConfigurationError naming the bad setting.
-
-    `code` holds what was given to `Millpond(...)`: core settings, and a plugin's section as a
-    mapping (`Millpond("shop", redis={"lease_timeout": 10})`). See `read_settings` for the rest.
-    """
+    `code` is what `Millpond(...)` was given, a plugin's section as a mapping
+    (`Millpond("shop", redis={"lease_timeout": 10})`)."""
     return read_settings(flags, env=env, file=file, sections=sections).settings(code)
-
-
-def describe(
-    settings: Settings, sections: Iterable[Section] = ()
-) -> list[tuple[str, str, str, str]]:
-    """(name, env variable, effective value, source) rows for `millpond config`; secrets masked.
-
-    The broker's section shows the values the broker gets, its URL's query parameters included.
-    """
-    from millpond.config import plugins
-    from millpond.contracts.broker import mask_url
-
-    rows: list[tuple[str, str, str, str]] = []
-    for opt in CORE.options:
-        value = getattr(settings, opt.name)
-        shown = value
-        if opt.secret and isinstance(value, str) and value:
-            # a URL keeps its host visible (only the password goes); any other secret goes whole
-            shown = mask_url(value) if "://" in value else "***"
-        if isinstance(shown, tuple):
-            shown = ",".join(shown)
-        rows.append(
-            (
-                opt.name,
-                opt.env_name(None),
-                "" if shown is None else str(shown),
-                settings.sources.get(opt.name, "default"),
-            )
-        )
-    broker = plugins.scheme_of(settings.broker_url) if settings.broker_url else "sqlite"
-    broker_section = plugins.settings_section(broker)
-    for section in sections:
-        assert section.name
-        url_setting = (
-            "broker_url" if broker_section and broker_section.name == section.name else None
-        )
-        values, sources = settings._weighed(section, url_setting)
-        for opt in section.options:
-            value = values[opt.name]
-            shown = "***" if opt.secret and value not in (None, "", {}) else value
-            rows.append(
-                (
-                    section.key(opt.name),
-                    opt.env_name(section.name),
-                    "" if shown is None else str(shown),
-                    sources[opt.name],
-                )
-            )
-    return rows

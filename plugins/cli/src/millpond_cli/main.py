@@ -435,7 +435,7 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
 
 def cmd_config(ns: argparse.Namespace) -> int:
     from millpond.config import plugins
-    from millpond.config.settings import describe
+    from millpond_cli.settings_docs import describe
 
     if ns.docs:
         from millpond_cli.settings_docs import render

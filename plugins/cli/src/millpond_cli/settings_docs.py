@@ -1,4 +1,4 @@
-"""docs/settings.md, generated from the one declaration of every setting.
+"""docs/settings.md and the rows of `millpond config`, from the one declaration of every setting.
 
 The core's `CORE` section and each plugin's `Section` (entry-point group `millpond.settings`) are
 the only place a setting is described; validation and `millpond config` read the same objects, so
@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from millpond.config import plugins
 from millpond.config.options import ENV_PREFIX, Option, Section
-from millpond.config.settings import CORE
+from millpond.config.settings import CORE, Settings
+from millpond.contracts.broker import mask_url
 from millpond_cli.parser import build_parser
 
 REGENERATE = "python -m millpond_cli.settings_docs --write docs/settings.md"
@@ -172,6 +173,41 @@ def render(sections: Sequence[Documented] | None = None) -> str:
     for doc in docs:
         parts.append(render_section(doc, flags))
     return "\n".join(parts)
+
+
+def describe(
+    settings: Settings, sections: Iterable[Section] = ()
+) -> list[tuple[str, str, str, str]]:
+    """(name, env variable, effective value, source) rows for `millpond config`; secrets masked.
+
+    The broker's section shows the values the broker gets, its URL's query parameters included.
+    """
+
+    def shown(opt: Option, value: Any) -> str:
+        if opt.secret and value not in (None, "", {}):
+            # a URL keeps its host visible (only the password goes); any other secret goes whole
+            return mask_url(value) if isinstance(value, str) and "://" in value else "***"
+        return ",".join(value) if isinstance(value, tuple) else "" if value is None else str(value)
+
+    rows = [
+        (o.name, o.env_name(None), shown(o, getattr(settings, o.name)), settings.source(o.name))
+        for o in CORE.options
+    ]
+    scheme = plugins.scheme_of(settings.broker_url) if settings.broker_url else "sqlite"
+    broker = plugins.settings_section(scheme)
+    for section in sections:
+        url_setting = "broker_url" if broker and broker.name == section.name else None
+        values, sources = settings.weighed(section, url_setting)
+        rows += [
+            (
+                section.key(o.name),
+                o.env_name(section.name),
+                shown(o, values[o.name]),
+                sources[o.name],
+            )
+            for o in section.options
+        ]
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
