@@ -1,12 +1,11 @@
 """The lease keeper brokers share: a thread that proves a consumer is alive and gives back the
 messages of consumers that are not.
 
-Brokers without a connection-bound acknowledgement (Redis, PostgreSQL) hold a fetched message under
-a consumer lease that must be renewed while the worker lives. The renewal runs in a thread of its
-own, beside the consumer loop and on its own connection, so a task running inline in the loop
-thread (the solo pool) for hours never lets the lease lapse. What one beat does is the broker's
-(one Redis script, one SQL statement); when to beat, what to log and when to stay quiet is the
-same everywhere, and lives here.
+Brokers without a connection-bound acknowledgement (Redis, PostgreSQL, Zookeeper) hold a fetched
+message under a consumer lease renewed while the worker lives, from a thread and connection of its
+own, so a task running inline in the loop thread (the solo pool) for hours never lets it lapse.
+What one beat does is the broker's (a Redis script, a SQL statement); when to beat and what to log
+is the same everywhere, and lives here.
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class BeatResult:
-    """What one beat found: the lease had lapsed before it (a new one was taken), and how many
-    messages of consumers whose lease expired it gave back to their queues."""
+    """What one beat found: whether the lease had lapsed (a new one was taken), and how many
+    messages of consumers whose lease expired it gave back."""
 
     lapsed: bool
     restored: int
@@ -28,9 +27,8 @@ class BeatResult:
 
 @dataclass(frozen=True, slots=True)
 class LeaseServer:
-    """Who the keeper talks to, for its log lines: `broker` prefixes them ("redis"), `server`
-    names the other end ("Redis", "the server"); `transient` are the errors a later beat may
-    cure (logged once, then quiet until it works again)."""
+    """For the keeper's log lines: `broker` prefixes them ("redis"), `server` names the other end
+    ("Redis", "the server"); `transient` errors are logged once, then quiet until a beat works."""
 
     broker: str
     server: str
@@ -53,9 +51,8 @@ class LeaseKeeper(threading.Thread):
         self._beaten = False  # the first beat creates the lease: "lapsed" is expected then
 
     def beat_once(self, *, strict: tuple[type[BaseException], ...] = ()) -> None:
-        """One beat. Errors in `strict` are raised (the consumer's first beat raises a refusal of
-        the credentials, so a worker that may not use the broker stops at start-up); any other
-        error is logged and the next beat tries again."""
+        """One beat. Errors in `strict` are raised (a consumer's first beat, so refused credentials
+        stop the worker at start-up); others are logged and the next beat tries again."""
         s = self._server
         try:
             result = self._beat()

@@ -1,11 +1,7 @@
-"""A consumer's broker outage: whether its connection is failing, how long to wait before the
-next attempt, and saying so once.
-
-Brokers whose consumer owns its own round trips (Redis, PostgreSQL) share this instead of each
-keeping a failing flag, a doubling pause and the same three log lines: one warning (or error,
-when retrying will not help) when an outage begins, one line when the server is back, and an
-error for a single refusal that is given up on. The pause waits on the loop's `Waker`, so a
-completion still interrupts it and its acknowledgement is kept for the next round trip.
+"""A consumer's broker outage, said once: whether its connection is failing, and a doubling pause
+before the next attempt that waits on the loop's `Waker` (a completion still interrupts it; its
+ack is kept for the next round trip). Shared by the consumers that own their round trips (Redis,
+PostgreSQL).
 """
 
 from __future__ import annotations
@@ -17,8 +13,8 @@ from millpond.contracts.waking import Waker
 
 
 class Outage:
-    """Connection trouble of one consumer, named `name` (e.g. "redis") talking to `where` (the
-    masked URL); waits double from `first` to `most` seconds while it lasts."""
+    """Connection trouble of consumer `name` ("redis") with `where` (the masked URL); pauses
+    double from `first` to `most` seconds while it lasts."""
 
     def __init__(
         self, log: logging.Logger, name: str, where: str, first: float = 0.05, most: float = 2.0
@@ -32,32 +28,31 @@ class Outage:
     def began(self, what: str, exc: BaseException, *, lasting: bool = False) -> None:
         """A round trip failed; `lasting` when retrying will not clear it up by itself."""
         if not self.failing:
+            said = f"{type(exc).__name__}: {str(exc).strip()}"
             if lasting:
                 self._log.error(
-                    "%s: %s failed: %s said %s: %s; retrying, but this will not clear up by "
-                    "itself: check the server (credentials, ACLs, configuration)",
+                    "%s: %s failed: %s said %s; retrying, but this will not clear up by itself: "
+                    "check the server (credentials, ACLs, configuration)",
                     self._name,
                     what,
                     self._where,
-                    type(exc).__name__,
-                    str(exc).strip(),
+                    said,
                 )
             else:
                 self._log.warning(
-                    "%s: %s failed (%s: %s); consuming continues once %s answers again "
+                    "%s: %s failed (%s); consuming continues once %s answers again "
                     "(acknowledgements are kept and sent then)",
                     self._name,
                     what,
-                    type(exc).__name__,
-                    str(exc).strip(),
+                    said,
                     self._where,
                 )
         self.failing = True
 
     def refused(self, what: str, exc: BaseException) -> None:
-        """A refusal of one ack or reject that is not about the connection: the consumer drops it
-        rather than block every later one. Nothing is lost: the message stays reserved and goes
-        back to its queue when the consumer closes or its lease expires (so it may run again)."""
+        """One ack or reject refused, not for the connection: dropped rather than block the later
+        ones. Nothing is lost: the message stays reserved and returns to its queue when the
+        consumer closes or its lease expires (so it may run again)."""
         self._log.error(
             "%s: %s refused by %s (%s: %s); the message(s) stay reserved and return to "
             "their queue when this consumer closes",
