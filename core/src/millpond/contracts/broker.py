@@ -2,16 +2,14 @@
 
 Threading rules (they are the contract, not advice):
 
-* `Broker.publish`, `Broker.declare`, `Broker.purge` and the `ResultBackend` methods are safe to call
-  from any thread, and after `os.fork()` (an implementation reconnects when it sees a new pid). Task
-  code publishes through them (nested `.delay()`), from pool threads, greenlets and child processes.
-* A `Consumer` belongs to the worker's consumer loop: `fetch`, `ack`, `reject` and `close` are only
-  ever called from that one thread. Completions from the pool reach the loop through an `Inbox`,
-  whose `Waker` the consumer must watch while it blocks in `fetch`, so an ack is never held back
-  until the next poll timeout.
-* A consumer keeps its own liveness (AMQP heartbeats, Redis and embedded-broker leases) even while the
-  loop thread is busy running a task inline (the solo pool): use a helper thread with its own
-  connection, or a lock around the shared one.
+* `Broker.publish`, `declare`, `purge` and the `ResultBackend` methods are safe from any thread and
+  after `os.fork()` (reconnect on a new pid): task code publishes from pool threads, greenlets and
+  child processes.
+* A `Consumer` belongs to the consumer loop: `fetch`, `ack`, `reject` and `close` come from that one
+  thread. Completions reach the loop through an `Inbox`, whose `Waker` the consumer watches while
+  it blocks in `fetch`, so an ack never waits for the next poll timeout.
+* A consumer keeps its own liveness (AMQP heartbeats, leases) while the loop thread runs a task
+  inline (the solo pool): a helper thread with its own connection, or a lock around the shared one.
 """
 
 from __future__ import annotations
