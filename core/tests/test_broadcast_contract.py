@@ -1,4 +1,4 @@
-"""The broadcast contract's pure parts: AMQP routing rules, and what a broker without it says."""
+"""The broadcast contract's pure parts: what it refuses, and what a broker without it says."""
 
 from __future__ import annotations
 
@@ -6,37 +6,9 @@ from typing import Any
 
 import pytest
 
-from millpond.contracts.broadcast import Exchange, Listen, routes_to
+from millpond.contracts.broadcast import Exchange, Listen
 from millpond.contracts.broker import Broker
 from millpond.exceptions import NotSupported
-
-
-@pytest.mark.parametrize(
-    ("binding", "key", "expected"),
-    [
-        ("worker.#", "worker.heartbeat", True),
-        ("worker.#", "worker", True),
-        ("worker.#", "task.succeeded", False),
-        ("#", "anything.at.all", True),
-        ("#", "", True),
-        ("*.succeeded", "task.succeeded", True),
-        ("*.succeeded", "task.x.succeeded", False),
-        ("#.succeeded", "succeeded", True),
-        ("#.succeeded", "a.b.succeeded", True),
-        ("task.*", "task", False),
-        ("a.#.z", "a.z", True),
-        ("a.#.z", "a.b.c.z", True),
-        ("a.#.z", "a.b.c", False),
-    ],
-)
-def test_topic_routing_follows_amqp(binding: str, key: str, expected: bool) -> None:
-    assert routes_to("topic", binding, key) is expected
-
-
-def test_direct_and_fanout_routing() -> None:
-    assert routes_to("direct", "oid", "oid")
-    assert not routes_to("direct", "oid", "other")
-    assert routes_to("fanout", "", "whatever")
 
 
 def test_exchange_and_listen_refuse_nonsense() -> None:

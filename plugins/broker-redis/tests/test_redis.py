@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from millpond.contracts.backend import ResultMeta
-from millpond.contracts.broker import mask_url
+from millpond.contracts.broker import QueueStats, mask_url
 from millpond.contracts.waking import Waker
 from millpond.exceptions import AccessDenied, BackendError, ConfigurationError, PublishError
 from millpond.states import TaskState
@@ -338,9 +338,7 @@ def test_queue_stats_count_ready_delayed_reserved_and_consumers(
             broker.publish(queue, encode_task("stats", (i,), priority=i * 2))
         broker.publish(other, encode_task("stats", ()))
         broker.publish(queue, encode_task("stats", ()), eta=time.time() + 600)
-        assert broker.queue_stats(queue).as_dict() == {
-            "queue": queue, "ready": 5, "delayed": 1, "reserved": 0, "consumers": 0,
-        }  # fmt: skip
+        assert broker.queue_stats(queue) == QueueStats(queue, 5, delayed=1, reserved=0, consumers=0)
         consumer = broker.consumer([queue, other], 8)
         try:
             got = fetch_until(consumer, 3, 5.0, max_count=3)

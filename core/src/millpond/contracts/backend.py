@@ -2,21 +2,6 @@
 
 The stored layout is Celery's (`celery-task-meta-<id>` as JSON), so Celery clients read millpond's
 results and the other way round.
-
-Most backends keep results where any process can read them by task id. A backend may instead
-route each result back to the process that sent the task, as Celery's `rpc://` does (a reply
-queue per caller); it says so with `replies_to_caller = True`, and then:
-
-* the app hands it its broker once, with `bind_broker`, right after creating it (the results
-  travel over the broker's connection);
-* the producer calls `reply_to(task_id)` before it sends a task whose result is kept, and sets
-  the answer as the message's `reply_to` property (Celery's place for it, which Celery workers
-  read too); retries and the canvas steps a worker sends for that task carry it on;
-* the worker passes the message's `reply_to` to `store` in `ResultMeta.reply_to`, where the
-  backend finds the caller to send the result to.
-
-Backends that store by task id ignore all three (`ResultMeta.reply_to` is not part of the stored
-layout).
 """
 
 from __future__ import annotations
@@ -35,12 +20,9 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class ResultMeta:
-    """A task's stored outcome, in Celery's result layout (`celery-task-meta-<id>` as JSON).
-
-    For failures `result` is `{"exc_type", "exc_message", "exc_module"}` like Celery stores it.
-    `reply_to` is not stored: the worker sets it to the task message's `reply_to` property, for
-    a backend that sends results to their caller (see the module docstring).
-    """
+    """A task's stored outcome; a failure's `result` is `{"exc_type", "exc_message",
+    "exc_module"}` as Celery stores it. `reply_to` is not stored: the worker sets it from the
+    task message's `reply_to` property, for a backend with `replies_to_caller`."""
 
     task_id: str
     status: TaskState | str
@@ -91,11 +73,9 @@ class ResultBackend(ABC):
 
     @abstractmethod
     def get(self, task_id: str, timeout: float | None) -> ResultMeta | None:
-        """Wait until the task is in a ready state or `timeout` passes (None: forever).
-
-        Returns the newest stored meta (ready or not), or None when nothing is stored. Waiting
-        must wake on completion (pub/sub, blocking pop, condition), not poll once a second.
-        """
+        """Wait until the task is ready or `timeout` passes (None: forever); the newest stored
+        meta, ready or not, or None when nothing is stored. The wait must wake on completion
+        (pub/sub, blocking pop, condition), not poll once a second."""
 
     @abstractmethod
     def peek(self, task_id: str) -> ResultMeta | None:
@@ -107,20 +87,22 @@ class ResultBackend(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
-    # -- results routed to the caller (optional; see the module docstring) ----------------------
-    #: whether each result goes to the process that sent the task (its `reply_to`), as with
-    #: Celery's rpc://, rather than into a store any process reads by task id
+    # -- results routed to the caller (optional) -------------------------------------------------
+    #: whether each result goes back to the process that sent the task, over the broker (a reply
+    #: queue per caller, Celery's rpc://), rather than into a store any process reads by task id.
+    #: Then the app calls `bind_broker` once, the producer `reply_to` before each send, and the
+    #: worker passes the message's `reply_to` on in `ResultMeta.reply_to`.
     replies_to_caller: ClassVar[bool] = False
 
     def bind_broker(self, broker: Broker) -> None:  # noqa: B027 - optional hook
-        """The app's broker, handed over once right after the backend is created, when
-        `replies_to_caller` is set: the results travel over it."""
+        """The app's broker, handed over right after the backend is created: results travel
+        over it."""
 
     def reply_to(self, task_id: str) -> str | None:
-        """Producer side, when `replies_to_caller` is set: called before a task whose result is
-        kept is sent. Returns the address the worker is to send its result to (the message's
-        `reply_to` property), having made sure it exists and is being listened to; None leaves
-        the property unset."""
+        """Before a task whose result is kept is sent: the address the worker is to send its
+        result to, set as the message's `reply_to` property (where Celery workers read it too;
+        retries and canvas steps carry it on), made sure to exist and be listened to. None
+        leaves the property unset."""
         return None
 
     # -- chords and groups (optional) -------------------------------------------------------------
@@ -128,9 +110,8 @@ class ResultBackend(ABC):
     supports_chords: ClassVar[bool] = False
 
     def set_chord_size(self, group_id: str, size: int) -> None:
-        """Before a chord's header is sent: how many header results the join waits for.
-
-        Called again for the same group id (a chord sent again), it starts a new join."""
+        """Before a chord's header is sent: how many header results the join waits for. Called
+        again for the same group id (the chord sent again), it starts a new join."""
         raise NotSupported(f"{type(self).__name__} cannot join chords")
 
     def chord_part_return(
@@ -138,11 +119,11 @@ class ResultBackend(ABC):
     ) -> list[ChordPart] | None:
         """Record one header task's outcome (`result`: its value, or Celery's exception dict).
 
-        When this part completes the chord, return every part in header order, to exactly one
-        caller: the join is claimed atomically, and the claim lasts `claim_ttl` seconds unless
-        `chord_done` ends it. The same part returned twice (a redelivered header task) counts
-        once. A claim that lapses (its worker died before sending the body) passes to the next
-        caller for that group, such as the redelivered header task. Everyone else gets None.
+        The part that completes the chord gets every part in header order, and exactly one
+        caller does: the join is claimed atomically for `CHORD_CLAIM_TTL` unless `chord_done`
+        ends it, and a lapsed claim (its worker died before sending the body) passes to the next
+        caller, such as the redelivered header task. A part returned twice counts once.
+        Everyone else gets None.
         """
         raise NotSupported(f"{type(self).__name__} cannot join chords")
 
@@ -151,8 +132,8 @@ class ResultBackend(ABC):
         raise NotSupported(f"{type(self).__name__} cannot join chords")
 
     def chord_claim_expires(self, group_id: str) -> float | None:
-        """When the join is complete, not done, and claimed: the epoch time the claim lapses;
-        else None. A redelivered header task that finds the join claimed (its own worker may have
+        """The epoch time the claim lapses when the join is complete, not done, and claimed;
+        else None. A redelivered header task that finds it claimed (its own worker may have
         died holding it) waits until then and returns its part again."""
         raise NotSupported(f"{type(self).__name__} cannot join chords")
 

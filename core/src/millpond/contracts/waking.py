@@ -10,17 +10,15 @@ from __future__ import annotations
 import select
 import socket
 from collections import deque
-from typing import Any, Generic, TypeVar
+from contextlib import suppress
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class Waker:
-    """A self-pipe a blocked consumer can `select()` on next to its broker socket.
-
-    `wake()` may be called from any thread (and from a signal handler); it is idempotent until
-    `clear()`. The socket pair works with gevent's and eventlet's patched `select` too.
-    """
+    """`wake()` may be called from any thread (and from a signal handler); it is idempotent until
+    `clear()`. The socket pair works with gevent's and eventlet's patched `select` too."""
 
     def __init__(self) -> None:
         self._r, self._w = socket.socketpair()
@@ -66,10 +64,8 @@ class Waker:
 
     def close(self) -> None:
         for sock in (self._r, self._w):
-            try:
+            with suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
 
 class Inbox(Generic[T]):
@@ -88,29 +84,9 @@ class Inbox(Generic[T]):
         self._items.append(item)
 
     def drain(self) -> list[T]:
-        self.waker.clear()
+        self.waker.clear()  # what is put from here on wakes the loop again
         items = self._items
-        out: list[T] = []
-        while items:
-            out.append(items.popleft())
-        return out
+        return [items.popleft() for _ in range(len(items))]
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-def socket_wait(sock: Any, waker: Waker | None, timeout: float) -> bool:
-    """Wait until `sock` is readable or `waker` fires; returns True when the socket is readable.
-
-    A helper for socket-based consumers (`sock` is anything with `fileno()`).
-    """
-    fds: list[Any] = [sock]
-    if waker is not None:
-        if waker.is_set:
-            return False
-        fds.append(waker)
-    try:
-        ready, _, _ = select.select(fds, [], [], timeout)
-    except (OSError, ValueError):
-        return False
-    return any(r is sock for r in ready)

@@ -205,7 +205,6 @@ class AmqpSubscription(Subscription):
                 from_properties(message.properties, body),
                 str(info.get("exchange") or self.spec.exchange.name),
                 str(info.get("routing_key") or ""),
-                time.monotonic(),
             )
         )
 

@@ -47,10 +47,8 @@ _REPLAY_BATCH = 100
 class AmqpBroker(Broker):
     """RabbitMQ broker: `amqp://user:pass@host:5672/vhost?option=value` (see docs/rabbitmq.md)."""
 
-    schemes: ClassVar[tuple[str, ...]] = ("amqp", "amqps", "pyamqp")
     system: ClassVar[str] = "rabbitmq"
     supports_delay: ClassVar[bool] = True
-    supports_priority: ClassVar[bool] = False  # only with the max_priority option
     #: real exchanges: remote control (pidbox) and events (celeryev)
     supports_broadcast: ClassVar[bool] = True
 

@@ -27,6 +27,7 @@ milliseconds whose proof was still on its way).
 from __future__ import annotations
 
 import logging
+import select
 import ssl
 import threading
 import time
@@ -39,7 +40,7 @@ import amqp
 from amqp import spec
 
 from millpond.contracts.broker import Consumer, Delivery, dead_letter_queue
-from millpond.contracts.waking import Waker, socket_wait
+from millpond.contracts.waking import Waker
 from millpond.exceptions import BrokerError, PublishError
 from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message
 from millpond_broker_amqp import frames, native_delay
@@ -427,7 +428,7 @@ class AmqpConsumer(Consumer):
                     return []
                 due = self._probe_due()  # nothing to read: wake for the next probe, if needed
                 wait = remaining if due < 0 else min(remaining, due)
-                if not socket_wait(self._sock, waker, wait):
+                if not _socket_wait(self._sock, waker, wait):
                     if wait < remaining and not (waker is not None and waker.is_set):
                         continue
                     return []
@@ -672,3 +673,17 @@ def _copy_headers(message: Message, updates: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in message.headers.items() if k not in BROKER_HEADERS}
     out.update(updates)
     return out
+
+
+def _socket_wait(sock: Any, waker: Waker | None, timeout: float) -> bool:
+    """Wait until `sock` is readable or `waker` fires; returns True when the socket is readable."""
+    fds: list[Any] = [sock]
+    if waker is not None:
+        if waker.is_set:
+            return False
+        fds.append(waker)
+    try:
+        ready, _, _ = select.select(fds, [], [], timeout)
+    except (OSError, ValueError):
+        return False
+    return any(r is sock for r in ready)

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from millpond.contracts.broadcast import Exchange, Listen, Received, Subscription, routes_to
+from millpond.contracts.broadcast import Exchange, ExchangeKind, Listen, Received, Subscription
 from millpond.exceptions import BrokerError, MalformedMessage, PublishError
 from millpond.wire import envelope
 from millpond.wire.protocol import Message
@@ -55,6 +55,28 @@ CREATE TABLE IF NOT EXISTS broadcasts (
 );
 CREATE INDEX IF NOT EXISTS broadcasts_queue ON broadcasts (queue, id);
 """
+
+
+def _topic_match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
+    """AMQP topic matching: words split on `.`, `*` is one word, `#` is zero or more."""
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_topic_match(rest, words[i:]) for i in range(len(words) + 1))
+    if not words:
+        return False
+    return (head in ("*", words[0])) and _topic_match(rest, words[1:])
+
+
+def routes_to(kind: ExchangeKind, binding_key: str, routing_key: str) -> bool:
+    """Whether a message published with `routing_key` reaches a queue bound with `binding_key`,
+    by AMQP's rules for the exchange kind."""
+    if kind == "fanout":
+        return True
+    if kind == "direct":
+        return binding_key == routing_key
+    return _topic_match(tuple(binding_key.split(".")), tuple(routing_key.split(".")))
 
 
 def _ttl(spec_ttl: float | None, message_ttl: float | None) -> float:
@@ -134,7 +156,7 @@ class MemorySubscription(Subscription):
                 while items and len(out) < _BATCH:
                     expires, exchange, routing_key, text = items.popleft()
                     if expires > now:
-                        out.append(Received(envelope.loads(text), exchange, routing_key, now))
+                        out.append(Received(envelope.loads(text), exchange, routing_key))
                 if out or now >= deadline:
                     break
                 cond.wait(deadline - now)
@@ -257,12 +279,11 @@ class SqliteSubscription(Subscription):
                     (self.spec.queue, _BATCH),
                 ).fetchall()
         out: list[Received] = []
-        mono = time.monotonic()
         for _id, exchange, routing_key, expires, text in sorted(rows):
             if expires <= now:
                 continue
             try:
-                out.append(Received(envelope.loads(text), exchange, routing_key, mono))
+                out.append(Received(envelope.loads(text), exchange, routing_key))
             except MalformedMessage:
                 continue
         return out

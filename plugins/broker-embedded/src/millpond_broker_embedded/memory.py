@@ -173,7 +173,6 @@ def _check_queue(queue: Any) -> str:
 class MemoryBroker(Broker):
     """In-process queues shared by every `MemoryBroker` with the same URL in this process."""
 
-    schemes: ClassVar[tuple[str, ...]] = ("memory",)
     system: ClassVar[str] = "memory"
     #: exchanges within this process (remote control and events of in-process workers)
     supports_broadcast: ClassVar[bool] = True

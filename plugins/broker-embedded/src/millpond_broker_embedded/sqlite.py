@@ -357,7 +357,6 @@ def _check_queue(queue: Any) -> str:
 class SqliteBroker(Broker):
     """Queues in one SQLite file, shared by every process on this machine that opens it."""
 
-    schemes: ClassVar[tuple[str, ...]] = (SCHEME,)
     system: ClassVar[str] = "sqlite"
     #: exchanges between the processes of this machine (remote control and events)
     supports_broadcast: ClassVar[bool] = True

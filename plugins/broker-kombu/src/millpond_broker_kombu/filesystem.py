@@ -151,10 +151,8 @@ class FilesystemBroker(Broker):
     """`filesystem:///abs/dir`, `filesystem://relative/dir`, or `filesystem://` with the
     `data_folder` setting."""
 
-    schemes: ClassVar[tuple[str, ...]] = ("filesystem",)
     system: ClassVar[str] = "filesystem"
     supports_delay: ClassVar[bool] = True
-    supports_priority: ClassVar[bool] = False
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)

@@ -66,13 +66,8 @@ def _counted(message: Message, change: Mapping[str, Any]) -> Message:
 class KombuBroker(Broker):
     """A kombu virtual transport chosen by the URL's scheme (kombu's own URL forms)."""
 
-    schemes: ClassVar[tuple[str, ...]] = (
-        "mongodb", "consul", "etcd", "azureservicebus", "azurestoragequeues",
-        "gcpubsub", "sqla+sqlite", "sqla+postgresql", "sqla+mysql",
-    )  # fmt: skip
     system: ClassVar[str] = "kombu"
     supports_delay: ClassVar[bool] = False
-    supports_priority: ClassVar[bool] = False
     redelivers_lost_deliveries: ClassVar[bool] = False
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:

@@ -96,10 +96,8 @@ class Held:
 class SqsBroker(Broker):
     """`sqs://[key:secret@][host[:port]]` (kombu's URL: no host means AWS's own endpoint)."""
 
-    schemes: ClassVar[tuple[str, ...]] = ("sqs",)
     system: ClassVar[str] = "aws_sqs"
     supports_delay: ClassVar[bool] = True
-    supports_priority: ClassVar[bool] = False
     #: the longest delay SQS holds a message (its DelaySeconds limit); longer ones hop
     max_delay: ClassVar[int] = SQS_MAX_DELAY
 

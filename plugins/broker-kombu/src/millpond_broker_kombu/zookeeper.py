@@ -98,7 +98,6 @@ def _delayed_prefix(name: str) -> str:
 class ZookeeperBroker(KombuBroker):
     """`zookeeper://host:port[,host:port...]/vhost`: kombu's transport, at-least-once."""
 
-    schemes: ClassVar[tuple[str, ...]] = ("zookeeper",)
     system: ClassVar[str] = "zookeeper"
     redelivers_lost_deliveries: ClassVar[bool] = True
     supports_delay: ClassVar[bool] = True

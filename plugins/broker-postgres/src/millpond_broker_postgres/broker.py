@@ -52,11 +52,8 @@ def _first(cursor: psycopg.Cursor[tuple[Any, ...]]) -> int:
 
 
 class PostgresBroker(Broker):
-    schemes: ClassVar[tuple[str, ...]] = ("postgresql", "postgres")
     system: ClassVar[str] = "postgresql"
     supports_delay: ClassVar[bool] = True
-    #: messages are served oldest first; a priority is not honoured (said once, see publish)
-    supports_priority: ClassVar[bool] = False
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)

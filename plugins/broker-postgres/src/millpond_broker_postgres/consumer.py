@@ -37,8 +37,7 @@ import psycopg
 from psycopg import sql
 
 from millpond.contracts.broker import Consumer, Delivery, dead_letter_queue
-from millpond.contracts.lease import BeatResult, LeaseKeeper, LeaseServer
-from millpond.contracts.outage import Outage
+from millpond.contracts.lease import BeatResult, LeaseKeeper, LeaseServer, Outage
 from millpond.contracts.waking import Waker
 from millpond_broker_postgres import schema
 from millpond_broker_postgres.connection import RETRYABLE, close_quietly, connect

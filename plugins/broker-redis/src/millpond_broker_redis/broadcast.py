@@ -255,7 +255,7 @@ class RedisSubscription(Subscription):
                 exc,
             )
             return None
-        return Received(message, exchange, routing_key, time.monotonic())
+        return Received(message, exchange, routing_key)
 
     # -- closing ---------------------------------------------------------------------------------
     def close(self) -> None:

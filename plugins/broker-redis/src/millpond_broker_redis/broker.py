@@ -77,17 +77,8 @@ class Scripts:
 
 
 class RedisBroker(Broker):
-    schemes: ClassVar[tuple[str, ...]] = (
-        "redis",
-        "rediss",
-        "redis+sentinel",
-        "redis-cluster",
-        "rediss-cluster",
-    )
     system: ClassVar[str] = "redis"
     supports_delay: ClassVar[bool] = True
-    #: kombu's emulation: priorities 0..9 in four lists; LOWER numbers are served first
-    supports_priority: ClassVar[bool] = True
     #: kombu's virtual exchanges (pub/sub, binding sets): remote control and events
     supports_broadcast: ClassVar[bool] = True
 

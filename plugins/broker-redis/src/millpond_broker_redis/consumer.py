@@ -36,8 +36,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from millpond.contracts.broker import Consumer, Delivery
-from millpond.contracts.lease import BeatResult, LeaseKeeper, LeaseServer
-from millpond.contracts.outage import Outage
+from millpond.contracts.lease import BeatResult, LeaseKeeper, LeaseServer, Outage
 from millpond.contracts.waking import Waker
 from millpond.exceptions import AccessDenied, MalformedMessage
 from millpond.wire import envelope

@@ -10,6 +10,7 @@ what to do).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -340,7 +341,7 @@ def cmd_queue_stats(ns: argparse.Namespace) -> int:
     try:
         for queue in queues:
             try:
-                stats = app.broker.queue_stats(queue).as_dict()
+                stats = dataclasses.asdict(app.broker.queue_stats(queue))
             except NotImplementedError as exc:
                 raise ConfigurationError(
                     f"queue-stats: {exc}; this broker plugin cannot report queue sizes"
