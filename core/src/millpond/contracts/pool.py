@@ -1,17 +1,11 @@
-"""The execution-pool contract: what a pool plugin implements and what the core guarantees it.
+"""The execution-pool contract (docs/writing-a-pool.md walks through writing one).
 
 A pool runs each `Job` in its execution unit (the calling thread, a thread, a child process, a
-greenlet) through `self.execution.run(job)` (`await self.execution.run_async(job)` on an event
-loop), which never raises and returns an `Outcome`. The core owns everything around the task body
-(fresh context, hooks, exception capture, retries), so a pool only moves jobs and outcomes and never
-imports the task; it reports each end with `self.complete(job, outcome)` from any thread, and the
-worker's loop, woken at once, does the ack, the result store and any retry.
-
-A plugin subclasses `BasePool`, sets `name` and `capabilities`, and implements `on_start`,
-`on_apply`, `on_stop` (warm) and `on_terminate` (cold), never `apply_async` or `complete`: they
-are the template that calls the `started` and `finished` hooks. A pool with child processes calls
-`execution.process_started()` in each child before its first job, `process_exiting()` before it
-leaves.
+greenlet) through `self.execution.run(job)` (`run_async` on an event loop), which never raises and
+returns an `Outcome`. The core owns everything around the task body (fresh context, hooks,
+exception capture, retries), so a pool only moves jobs and outcomes and never imports the task; it
+reports each end with `self.complete(job, outcome)` from any thread, and the worker's loop, woken
+at once, does the ack, the result store and any retry.
 """
 
 from __future__ import annotations
@@ -158,18 +152,19 @@ class Execution(Protocol):
 
     def job_started(self, job: Job) -> None: ...
     def job_finished(self, job: Job, outcome: Outcome) -> None: ...
+    #: a pool with child processes calls these in each child, before its first job and last exit
     def process_started(self) -> None: ...
     def process_exiting(self) -> None: ...
 
 
 class BasePool(ABC):
-    """Base class of every execution pool (entry-point group `millpond.pools`)."""
+    """Base class of every execution pool (entry-point group `millpond.pools`): a plugin sets
+    `name` and `capabilities` and implements the `on_*` methods, never `apply_async` or
+    `complete` (the template that calls the `started` and `finished` hooks)."""
 
     #: the name users type after `--pool`
     name: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities] = Capabilities()
-    #: True for pools whose plugin monkey-patches the interpreter (gevent, eventlet)
-    needs_patching: ClassVar[bool] = False
     #: the prefetch multiplier when the user sets none (None: the setting's default); solo raises
     #: it, as with one job at a time a window of 4 costs a broker round trip per 4 tasks
     default_prefetch_multiplier: ClassVar[int | None] = None
