@@ -17,13 +17,16 @@ import traceback as traceback_module
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, final
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, final
 
 from millpond.exceptions import NotSupported, TaskRevokedError, TimeLimitExceeded
 from millpond.states import TaskState
 
 # the decoded message is the job a pool runs; re-exported: this is where the contract names it
 from millpond.wire.protocol import Job as Job  # noqa: PLC0414
+
+if TYPE_CHECKING:
+    from millpond.consume.execute import Executor
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,24 +140,12 @@ Guard = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
 CompletionCallback = Callable[[Job, Outcome], None]
 
 
-class Execution(Protocol):
-    """What the core hands every pool, bound to the worker's app and hooks (a forked child
-    inherits it): how to run a job in the calling execution unit."""
-
-    def run(self, job: Job) -> Outcome:
-        """Run the task in a fresh context with every hook around it; never raises."""
-
-    def run_async(self, job: Job, guard: Guard | None = None) -> Coroutine[Any, Any, Outcome]:
-        """`run` for a running event loop: an `async def` task is awaited in its own asyncio task."""
-
-    def is_async(self, job: Job) -> bool:
-        """Whether the job's task is `async def` (False for an unknown task: `run` reports it)."""
-
-    def job_started(self, job: Job) -> None: ...
-    def job_finished(self, job: Job, outcome: Outcome) -> None: ...
-    #: a pool with child processes calls these in each child, before its first job and last exit
-    def process_started(self) -> None: ...
-    def process_exiting(self) -> None: ...
+#: what the core hands every pool, bound to the worker's app and hooks (a forked child inherits
+#: it): `run(job)` runs the task in the calling execution unit, in a fresh context with every hook
+#: around it, and never raises; `run_async` is that on a running event loop; `is_async` whether
+#: the task is `async def`. A pool with child processes calls `process_started()` in each child
+#: before its first job and `process_exiting()` before it leaves.
+Execution: TypeAlias = "Executor"
 
 
 class BasePool(ABC):
