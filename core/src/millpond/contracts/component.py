@@ -1,10 +1,8 @@
 """The worker-component contract: a part of the worker a plugin provides (the control plane of
 millpond-control, the rate limits of millpond-ratelimit).
 
-The worker builds every installed `millpond.components` entry point with itself, starts them once
-the pool started and before the first fetch, asks each whether a task must be discarded, lets one
-hold a task back until it may start, and stops them first at shutdown: the core imports none of
-them and pays nothing for one not installed.
+The worker builds every installed `millpond.components` entry point with itself: the core imports
+none of them and pays nothing for one not installed.
 
 Holding back (`holds_tasks = True`): `hold` may take a received job instead of the worker's
 buffer, and `release` gives it back once it may start and the pool has a free slot (before what is

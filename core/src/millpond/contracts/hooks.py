@@ -4,19 +4,8 @@ flow of a task without the flow knowing them.
 A hooks implementation subclasses `Hooks` and overrides what it needs (every method is a no-op).
 They are found through the `millpond.hooks` entry-point group or added with `app.add_hooks(...)`;
 the producer, the worker loop, the pool template and the execution unit call them through a
-`HookChain`, and none of those imports tracing or metrics code. Where each method runs decides
-what it may do:
-
-* `before_publish` / `after_publish`: every publish, in the publishing thread (tasks publish too).
-* `received`, `started`: the worker loop's thread. `finished`: whatever thread the pool completes
-  on (the loop's, for a job that never reached the pool).
-* `enter_task` / `exit_task`: the execution unit (a thread, a child process, a greenlet, an
-  asyncio task), inside the task's fresh `contextvars.Context`: what they set there (a current
-  span, log context) is seen by the task body and thrown away with the context, so needs no undo.
-* `process_starting`: a millpond command owns the process, before it imports the app or publishes
-  (tracing installs its provider from `OTEL_*` here). `worker_*`: the worker's main thread.
-  `process_started` / `process_exiting`: each pool child (prefork); `process_exiting` also when
-  `millpond send` or `beat` ends.
+`HookChain`, and none of those imports tracing or metrics code. Each method's docstring says in
+which thread or process it runs, which decides what it may do.
 
 `Job.carrier` hands data from `started` (worker process) to `enter_task` (maybe another process):
 a small picklable dict of text, like W3C trace headers. `Job.span` stays in the worker process.
@@ -31,13 +20,18 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
+    from millpond.consume.worker import Worker
     from millpond.contracts.pool import Job, Outcome
     from millpond.wire.protocol import Message
 
 _log = logging.getLogger("millpond.hooks")
+
+#: what worker lifecycle hooks are handed: the worker itself, as components are (a forward
+#: reference, so the name imports at run time while the contract never imports the worker)
+WorkerView: TypeAlias = "Worker"
 
 #: the carrier of the run on whose behalf the worker publishes (a chain's next step, a callback):
 #: `Millpond.publish` hands it to the publish hooks as `Publication.parent`
@@ -80,31 +74,6 @@ class Publication:
     eta: float | None = None
 
 
-class WorkerView(Protocol):
-    """What worker lifecycle hooks may read of the worker."""
-
-    name: str
-    settings: Any
-    app: Any
-    pool: Any
-    ready: Any
-    last_turn: float
-
-    @property
-    def processed(self) -> int: ...
-    @property
-    def prefetched(self) -> int: ...
-    @property
-    def accepting(self) -> bool: ...
-    @property
-    def broker_connected(self) -> bool: ...
-    @property
-    def running_inline(self) -> bool: ...
-
-    def busy_by_queue(self) -> dict[str, tuple[int, int]]:
-        """Per consumed queue: (messages waiting in the worker's buffer, jobs in the pool)."""
-
-
 class Hooks:
     """Base class of hook implementations; override what you need, leave the rest."""
 
@@ -116,7 +85,8 @@ class Hooks:
     order: int = 50
 
     def before_publish(self, publication: Publication) -> Any:
-        """Before the message goes to the broker; the return value is handed to `after_publish`."""
+        """Before the message goes to the broker, in the publishing thread (tasks publish too);
+        the return value is handed to `after_publish`."""
 
     def after_publish(
         self, publication: Publication, token: Any, error: BaseException | None
@@ -124,30 +94,35 @@ class Hooks:
         """After the broker took the message (`error` None) or refused it."""
 
     def received(self, job: Job) -> None:
-        """A message became a valid job (it may still wait for a free slot)."""
+        """In the worker loop's thread: a message became a valid job (it may wait for a slot)."""
 
     def started(self, job: Job) -> None:
-        """The job is being handed to the pool (`BasePool.apply_async`, before `on_apply`)."""
+        """In the worker loop's thread: the job goes to the pool (before `on_apply`)."""
 
     def finished(self, job: Job, outcome: Outcome) -> None:
-        """The job ended: ran, failed, was lost, or never ran (expired); once per job."""
+        """Once per job, in the thread the pool completes on (the loop's for a job that never
+        reached the pool): it ran, failed, was lost, or never ran (expired)."""
 
     def enter_task(self, job: Job) -> Any:
-        """Just before the task body, in its fresh context; the return value goes to `exit_task`."""
+        """Just before the task body, in the execution unit and the task's fresh
+        `contextvars.Context`: what it sets there (a current span, log context) is seen by the
+        body and thrown away with the context, so needs no undo. Returns `exit_task`'s token."""
 
     def exit_task(self, job: Job, token: Any, outcome: Outcome) -> None:
         """Just after the task body, in the same context, with how it ended."""
 
     def process_starting(self, service_name: str) -> None:
         """A millpond command owns this process as `service_name` (`millpond-worker`,
-        `millpond-send`, `millpond-beat`); a worker has not imported the app yet."""
+        `millpond-send`, `millpond-beat`), before it imports the app or publishes (tracing
+        installs its provider from `OTEL_*` here)."""
 
     def describe_worker(self, worker: WorkerView) -> str:
         """A line for the worker's start-up banner (where an endpoint listens), or ""."""
         return ""
 
     def worker_starting(self, worker: WorkerView) -> None:
-        """Settings read and app imported; before the pool starts (a prefork pool forks after)."""
+        """In the worker's main thread, as are the other `worker_*`: settings read, app imported,
+        the pool not started yet (a prefork pool forks after)."""
 
     def worker_ready(self, worker: WorkerView) -> None:
         """The pool started and the worker consumes (threads may be started now)."""
@@ -233,22 +208,23 @@ def _overrides(hook: Hooks, name: str) -> bool:
 
 def _fan_out(fns: Sequence[Callable[..., Any]], name: str) -> Callable[..., None]:
     """One call for every implementation of method `name`, in order."""
-    strict = name in _STRICT
     if not fns:
         return _nothing
+    each = _strict if name in _STRICT else _guarded
 
     def call(*args: Any) -> None:
         for fn in fns:
-            if strict:
-                fn(*args)
-            else:
-                _guarded(fn, *args)
+            each(fn, *args)
 
     return call
 
 
 def _nothing(*args: Any) -> None:
     """What a method no hook implements costs: one empty call."""
+
+
+def _strict(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
 
 
 def _pairs(hooks: Iterable[Hooks], first: str, second: str) -> _Pairs:

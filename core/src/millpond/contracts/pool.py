@@ -1,17 +1,11 @@
-"""The execution-pool contract: what a pool plugin implements and what the core guarantees it.
+"""The execution-pool contract (docs/writing-a-pool.md walks through writing one).
 
 A pool runs each `Job` in its execution unit (the calling thread, a thread, a child process, a
-greenlet) through `self.execution.run(job)` (`await self.execution.run_async(job)` on an event
-loop), which never raises and returns an `Outcome`. The core owns everything around the task body
-(fresh context, hooks, exception capture, retries), so a pool only moves jobs and outcomes and never
-imports the task; it reports each end with `self.complete(job, outcome)` from any thread, and the
-worker's loop, woken at once, does the ack, the result store and any retry.
-
-A plugin subclasses `BasePool`, sets `name` and `capabilities`, and implements `on_start`,
-`on_apply`, `on_stop` (warm) and `on_terminate` (cold), never `apply_async` or `complete`: they
-are the template that calls the `started` and `finished` hooks. A pool with child processes calls
-`execution.process_started()` in each child before its first job, `process_exiting()` before it
-leaves.
+greenlet) through `self.execution.run(job)` (`run_async` on an event loop), which never raises and
+returns an `Outcome`. The core owns everything around the task body (fresh context, hooks,
+exception capture, retries), so a pool only moves jobs and outcomes and never imports the task; it
+reports each end with `self.complete(job, outcome)` from any thread, and the worker's loop, woken
+at once, does the ack, the result store and any retry.
 """
 
 from __future__ import annotations
@@ -23,13 +17,16 @@ import traceback as traceback_module
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, final
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, final
 
 from millpond.exceptions import NotSupported, TaskRevokedError, TimeLimitExceeded
 from millpond.states import TaskState
 
 # the decoded message is the job a pool runs; re-exported: this is where the contract names it
 from millpond.wire.protocol import Job as Job  # noqa: PLC0414
+
+if TYPE_CHECKING:
+    from millpond.consume.execute import Executor
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,33 +140,22 @@ Guard = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
 CompletionCallback = Callable[[Job, Outcome], None]
 
 
-class Execution(Protocol):
-    """What the core hands every pool, bound to the worker's app and hooks (a forked child
-    inherits it): how to run a job in the calling execution unit."""
-
-    def run(self, job: Job) -> Outcome:
-        """Run the task in a fresh context with every hook around it; never raises."""
-
-    def run_async(self, job: Job, guard: Guard | None = None) -> Coroutine[Any, Any, Outcome]:
-        """`run` for a running event loop: an `async def` task is awaited in its own asyncio task."""
-
-    def is_async(self, job: Job) -> bool:
-        """Whether the job's task is `async def` (False for an unknown task: `run` reports it)."""
-
-    def job_started(self, job: Job) -> None: ...
-    def job_finished(self, job: Job, outcome: Outcome) -> None: ...
-    def process_started(self) -> None: ...
-    def process_exiting(self) -> None: ...
+#: what the core hands every pool, bound to the worker's app and hooks (a forked child inherits
+#: it): `run(job)` runs the task in the calling execution unit, in a fresh context with every hook
+#: around it, and never raises; `run_async` is that on a running event loop; `is_async` whether
+#: the task is `async def`. A pool with child processes calls `process_started()` in each child
+#: before its first job and `process_exiting()` before it leaves.
+Execution: TypeAlias = "Executor"
 
 
 class BasePool(ABC):
-    """Base class of every execution pool (entry-point group `millpond.pools`)."""
+    """Base class of every execution pool (entry-point group `millpond.pools`): a plugin sets
+    `name` and `capabilities` and implements the `on_*` methods, never `apply_async` or
+    `complete` (the template that calls the `started` and `finished` hooks)."""
 
     #: the name users type after `--pool`
     name: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities] = Capabilities()
-    #: True for pools whose plugin monkey-patches the interpreter (gevent, eventlet)
-    needs_patching: ClassVar[bool] = False
     #: the prefetch multiplier when the user sets none (None: the setting's default); solo raises
     #: it, as with one job at a time a window of 4 costs a broker round trip per 4 tasks
     default_prefetch_multiplier: ClassVar[int | None] = None

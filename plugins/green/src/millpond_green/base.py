@@ -100,7 +100,6 @@ class GreenPool(BasePool):
         terminate_job=True,
         resize=True,
     )
-    needs_patching = True
     #: what a user calls to patch by hand, for the refusal of an unpatched process
     patch_call: ClassVar[str] = ""
     #: the exception class of the library's timeouts (`gevent.Timeout`, `eventlet.Timeout`)

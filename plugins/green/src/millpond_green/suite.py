@@ -178,7 +178,6 @@ Worker(app, pool={self.pool!r}).run()
         assert not caps.max_memory_per_child
         assert caps.concurrent
         assert self.pool_class.default_concurrency() == 100
-        assert self.pool_class.needs_patching
 
     @pytest.mark.e2e
     def test_sigterm_lets_running_tasks_finish(self, tmp_path: Path) -> None:
