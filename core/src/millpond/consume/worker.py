@@ -28,7 +28,7 @@ from millpond.config.settings import Settings, load_settings
 from millpond.consume.execute import Executor
 from millpond.consume.receive import Receiver
 from millpond.consume.settle import Acks, Settler
-from millpond.contracts.broker import Consumer, mask_url
+from millpond.contracts.broker import Consumer
 from millpond.contracts.component import WorkerComponent
 from millpond.contracts.pool import BasePool, Job, Outcome
 from millpond.contracts.waking import Inbox
@@ -250,27 +250,6 @@ class Worker:
             signal.signal(signal.SIGQUIT, cold)
 
     # -- start-up --------------------------------------------------------------------------------
-    def banner(self) -> str:
-        tasks = sorted(self.app.tasks)
-        results = mask_url(self.settings.result_backend) or (
-            "(kept by the broker)"
-            if self.app.backend is not None
-            else "(none: this broker keeps no results; set result_backend to store them)"
-        )
-        lines = [
-            f"millpond {plugins.core_version()} worker {self.name}",
-            f"  app:         {self.app.name}",
-            f"  broker:      {mask_url(self.app.broker_url)}",
-            f"  results:     {results}",
-            f"  pool:        {self.settings.pool} (concurrency {self.concurrency}, "
-            f"prefetch {self.prefetch})",
-            f"  queues:      {', '.join(self.queues)}",
-        ]
-        lines += [f"  {line}" for hook in self.hooks.hooks if (line := hook.describe_worker(self))]
-        lines.append(f"  tasks ({len(tasks)}):")
-        lines += [f"    . {n}{''.join(h.describe_task(n) for h in self._holders)}" for n in tasks]
-        return "\n".join(lines)
-
     def _check_capabilities(self) -> None:
         caps = self.pool_cls.capabilities
         problems: list[str] = []
