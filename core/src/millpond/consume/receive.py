@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from millpond.consume.settle import Acks, redelivered
+from millpond.consume.settle import Acks, ids, redelivered
 from millpond.contracts.backend import ResultMeta
 from millpond.contracts.broker import Delivery
 from millpond.contracts.canvas import MISSING, Canvas
 from millpond.contracts.pool import Capabilities, Job
-from millpond.exceptions import MalformedMessage, MessageError, UnknownTask
+from millpond.exceptions import MalformedMessage, MessageError, MillpondError, UnknownTask
 from millpond.states import READY_STATES
 from millpond.wire.protocol import decode_task
 from millpond.wire.signing import verify
@@ -110,13 +110,12 @@ class Receiver:
             delivery,
         )
         self._time_limits(task, job)
-        ids = {"task_id": job.task_id, "task_name": job.task_name}
         if delivery.delivery_count > settings.max_deliveries:
             acks.dead_letter(
                 delivery,
                 f"delivered {delivery.delivery_count} times, over max_deliveries="
                 f"{settings.max_deliveries}: the task keeps being lost (it may kill its worker)",
-                **ids,
+                **ids(job),
             )
             return None
         finished = self._finished(job) if redelivered(job) else None
@@ -140,7 +139,7 @@ class Receiver:
                     delivery,
                     f"could not hand the message back to the broker to hold until its eta "
                     f"({type(exc).__name__}: {str(exc)[:200]}); replay it when the broker is well",
-                    **ids,
+                    **ids(job),
                 )
             else:
                 acks.ack_later([delivery])
@@ -175,32 +174,58 @@ class Receiver:
         log.warning(
             "redelivered message of a task that already finished; acknowledged without "
             "running it again",
-            task_id=job.task_id,
-            task_name=job.task_name,
+            **ids(job),
             state=meta.status,
         )
         return meta
 
+    def check_time_limits(self) -> None:
+        """At start-up: the limits the tasks' options and the settings set that the pool cannot
+        enforce, an error with `unsupported_options = error`, else one warning."""
+        settings = self.settings
+        problems = [
+            f"{task.name}: {option}={limit:g}s"
+            for task in self.app.tasks.values()
+            for option, limit in self._unenforced(
+                task.options.time_limit or settings.time_limit,
+                task.options.soft_time_limit or settings.soft_time_limit,
+            )
+        ]
+        if not problems:
+            return
+        message = (
+            f"the {self.pool_name} pool cannot enforce: {'; '.join(problems)}. "
+            "Use a pool that can (prefork enforces both), or drop the option"
+        )
+        if settings.unsupported_options == "error":
+            raise MillpondError(message + " (unsupported_options = error)")
+        log.warning(message + "; these tasks will run without that limit")
+
     def _time_limits(self, task: Task[..., Any], job: Job) -> None:
-        """The limits the task's options and the settings give a message that sets none; a pool
-        that cannot enforce one is told once per task and option."""
+        """The limits the task's options and the settings give a message that sets none; one
+        the pool cannot enforce is told once per task and option."""
         opts, settings = task.options, self.settings
         job.time_limit = job.time_limit or opts.time_limit or settings.time_limit
         job.soft_time_limit = (
             job.soft_time_limit or opts.soft_time_limit or settings.soft_time_limit
         )
-        caps = self.capabilities
-        for option, limit, enforced in (
-            ("time_limit", job.time_limit, caps.hard_time_limit),
-            ("soft_time_limit", job.soft_time_limit, caps.soft_time_limit),
-        ):
-            if limit and not enforced and (task.name, option) not in self._warned:
+        if not (job.time_limit or job.soft_time_limit):
+            return
+        for option, _ in self._unenforced(job.time_limit, job.soft_time_limit):
+            if (task.name, option) not in self._warned:
                 self._warned.add((task.name, option))
                 log.warning(
                     f"the {self.pool_name} pool cannot enforce {option}; "
                     f"{task.name} runs without it",
                     task_name=task.name,
                 )
+
+    def _unenforced(self, hard: float | None, soft: float | None) -> Iterator[tuple[str, float]]:
+        """Those of these limits the pool cannot enforce, by option name."""
+        if hard and not self.capabilities.hard_time_limit:
+            yield "time_limit", hard
+        if soft and not self.capabilities.soft_time_limit:
+            yield "soft_time_limit", soft
 
     def _check_arguments(self, task: Task[..., Any], job: Job) -> None:
         """`Signature.bind`, or for plain positional parameters and no keyword arguments a count

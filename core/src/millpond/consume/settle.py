@@ -40,6 +40,11 @@ def redelivered(job: Job) -> bool:
     )
 
 
+def ids(job: Job) -> dict[str, str]:
+    """The job's ids, for log lines."""
+    return {"task_id": job.task_id, "task_name": job.task_name}
+
+
 class Acks:
     """What the worker holds unacknowledged, and the one writer of acks and rejections. A broker
     call that fails is logged: what the broker never saw acknowledged is redelivered."""
@@ -124,7 +129,7 @@ class Settler:
         """Store the outcome and settle the message: acknowledged at the next flush, or put back
         when what must follow the task (its retry, a canvas step) could not be sent."""
         self.processed += 1
-        state, ids = outcome.state, {"task_id": job.task_id, "task_name": job.task_name}
+        state = outcome.state
         if state == TaskState.SUCCESS:
             sent = self._succeeded(job, outcome)
         elif state == TaskState.RETRY:
@@ -134,7 +139,9 @@ class Settler:
             sent = True
         elif state == TaskState.REJECTED:
             reason = outcome.exc_message
-            log.warning("task rejected its message", **ids, reason=reason, requeue=outcome.requeue)
+            log.warning(
+                "task rejected its message", **ids(job), reason=reason, requeue=outcome.requeue
+            )
             self._put_back(job, outcome.requeue, f"rejected by the task: {reason}")
             return
         elif state == TaskState.LOST:
@@ -146,17 +153,17 @@ class Settler:
             self._store(job, TaskState.REVOKED, error)
             sent = not job.embed or self._chord_part(job, TaskState.REVOKED, error, again=False)
         elif state == TaskState.TIMEOUT:
-            log.error("task over its hard time limit", **ids, time_limit=job.time_limit)
+            log.error("task over its hard time limit", **ids(job), time_limit=job.time_limit)
             self._failed(job, outcome, TimeLimitExceeded.__name__)
             sent = True  # its canvas was told of the failure where it could be: not run again
         else:  # FAILURE, or anything a third-party pool invents
             why = f"{outcome.exc_type}: {outcome.exc_message}"
-            log.error("task failed", **ids, error=why, traceback=outcome.traceback)
+            log.error("task failed", **ids(job), error=why, traceback=outcome.traceback)
             sent = self._failed(job, outcome, outcome.exc_type or "TaskError")
         if not sent:
             # never acknowledged with its next steps lost: it runs again, and the canvas goes on
             log.error(
-                "the task's canvas could not go on; its message goes back to the queue", **ids
+                "the task's canvas could not go on; its message goes back to the queue", **ids(job)
             )
             self._put_back(job, True, "a canvas step could not be sent")
         elif job.delivery is not None:
@@ -187,8 +194,7 @@ class Settler:
         cap, count = self.settings.max_deliveries, job.delivery_count
         log.error(
             "task lost its execution unit",
-            task_id=job.task_id,
-            task_name=job.task_name,
+            **ids(job),
             reason=outcome.exc_message,
             requeue=requeue and count < cap,
             delivery_count=count,
@@ -203,7 +209,7 @@ class Settler:
             self.acks.ack_later([delivery])
         elif delivery is not None:
             reason = f"lost {count} times (max_deliveries={cap}): {outcome.exc_message}"
-            self.acks.dead_letter(delivery, reason, task_id=job.task_id, task_name=job.task_name)
+            self.acks.dead_letter(delivery, reason, **ids(job))
 
     # -- results ----------------------------------------------------------------------------------
     def _store(self, job: Job, status: TaskState, result: Any, **extra: Any) -> None:
@@ -232,8 +238,7 @@ class Settler:
             except (TypeError, ValueError) as exc:
                 log.error(
                     "task result cannot be stored as JSON",
-                    task_id=job.task_id,
-                    task_name=job.task_name,
+                    **ids(job),
                     error=str(exc),
                 )
                 meta.status, meta.traceback, meta.retries = TaskState.FAILURE, None, 0
@@ -294,8 +299,7 @@ class Settler:
         except Exception as exc:
             log.error(
                 f"could not {what} the task's canvas",
-                task_id=job.task_id,
-                task_name=job.task_name,
+                **ids(job),
                 error=f"{type(exc).__name__}: {exc}",
             )
             return False, None
@@ -331,8 +335,7 @@ class Settler:
         )
         log.info(
             "task will retry",
-            task_id=job.task_id,
-            task_name=job.task_name,
+            **ids(job),
             retries=retries,
             countdown=round(eta - now, 3),
             reason=f"{outcome.exc_type}: {outcome.exc_message}",

@@ -27,12 +27,12 @@ from millpond.config import plugins
 from millpond.config.settings import Settings, load_settings
 from millpond.consume.execute import Executor
 from millpond.consume.receive import Receiver
-from millpond.consume.settle import Acks, Settler
+from millpond.consume.settle import Acks, Settler, ids
 from millpond.contracts.broker import Consumer
 from millpond.contracts.component import WorkerComponent
 from millpond.contracts.pool import BasePool, Job, Outcome
 from millpond.contracts.waking import Inbox
-from millpond.exceptions import AccessDenied, ConfigurationError, MillpondError
+from millpond.exceptions import AccessDenied, ConfigurationError
 from millpond.observe.throttle import Throttled
 from millpond.states import TaskState
 from millpond.wire.protocol import PICKLE
@@ -250,26 +250,6 @@ class Worker:
             signal.signal(signal.SIGQUIT, cold)
 
     # -- start-up --------------------------------------------------------------------------------
-    def _check_capabilities(self) -> None:
-        caps = self.pool_cls.capabilities
-        problems: list[str] = []
-        for task in self.app.tasks.values():
-            hard = task.options.time_limit or self.settings.time_limit
-            soft = task.options.soft_time_limit or self.settings.soft_time_limit
-            if hard and not caps.hard_time_limit:
-                problems.append(f"{task.name}: time_limit={hard:g}s")
-            if soft and not caps.soft_time_limit:
-                problems.append(f"{task.name}: soft_time_limit={soft:g}s")
-        if not problems:
-            return
-        message = (
-            f"the {self.settings.pool} pool cannot enforce: {'; '.join(problems)}. "
-            "Use a pool that can (prefork enforces both), or drop the option"
-        )
-        if self.settings.unsupported_options == "error":
-            raise MillpondError(message + " (unsupported_options = error)")
-        log.warning(message + "; these tasks will run without that limit")
-
     def run(self) -> int:
         """Run until stopped; returns the exit code (0 after a warm shutdown)."""
         if PICKLE in self.settings.accept_content:
@@ -277,7 +257,7 @@ class Worker:
                 "accept_content allows pickle: any producer that can reach the broker can "
                 "run code in this worker; allow it only if every producer is trusted"
             )
-        self._check_capabilities()
+        self.receiver.check_time_limits()
         broker = self.app.broker
         self.hooks.lifecycle("worker_starting", self)
         self.hooks = self.hooks.active()  # without the hooks that switched themselves off
@@ -458,14 +438,13 @@ class Worker:
         """Whether the job was ended without the pool, REVOKED (revoked, or `expired`)."""
         why = self.discard(job.task_id, job.headers)
         if why is not None:
-            log.info("discarding a revoked task", task_id=job.task_id, task_name=job.task_name)
+            log.info("discarding a revoked task", **ids(job))
         elif job.expires is not None and time.time() > job.expires:
             why = expired
             self._told.log(
                 "expired",
                 "task not run: " + why,
-                task_id=job.task_id,
-                task_name=job.task_name,
+                **ids(job),
                 expires=job.expires,
                 state=TaskState.REVOKED.value,
             )
@@ -522,8 +501,7 @@ class Worker:
                     "not starting a buffered message: the broker may have given it to another "
                     "worker while this one was stalled (lease lapsed or connection lost); it "
                     "goes back",
-                    task_id=job.task_id,
-                    task_name=job.task_name,
+                    **ids(job),
                 )
                 self.acks.reject(job.delivery, requeue=True, reason="stale after a stall")
                 continue

@@ -222,7 +222,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         stop_beat = plugins.load(plugins.COMMANDS, "beat").embed(app, settings)
     worker = Worker(app, settings=settings)
     if not ns.no_banner:
-        print(_banner(worker), flush=True)
+        print(banner(worker), flush=True)
     _freeze_start_up_objects()
     try:
         return worker.run()
@@ -231,7 +231,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
             stop_beat()
 
 
-def _banner(worker: Worker) -> str:
+def banner(worker: Worker) -> str:
     """What the worker runs, from where and how, printed as it starts."""
     from millpond.config import plugins
     from millpond.contracts.broker import mask_url
