@@ -5,7 +5,8 @@ body that does not decode, an unknown task, arguments the function cannot take, 
 deliveries (a poison message that keeps killing its worker), canvas fields on a worker without the
 canvas plugin. Each is dead-lettered with a reason and one log line, never retried nor dropped
 silently, and no decoder bug takes the worker down. A message whose eta is ahead goes back to the
-broker to hold (delays live in the broker, never in worker memory).
+broker to hold (delays live in the broker, never in worker memory); one that expired before it
+arrived is answered REVOKED.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class Receiver:
 
     def receive(self, delivery: Delivery) -> Job | None:
         """The job to run (the worker answers a revoked or expired one without running it), or
-        None when the delivery was settled here. Never raises."""
+        None when the delivery was settled here (dead-lettered, acknowledged as already done, or
+        handed back to wait for its eta). Never raises."""
         acks, settings = self.acks, self.settings
         acks.held += 1
         try:
@@ -104,11 +106,8 @@ class Receiver:
             message = delivery.message
             acks.dead_letter(delivery, reason, task_id=message.task_id, task_name=message.task_name)
             return None
-        job.queue, job.delivery_count, job.delivery = (
-            delivery.queue,
-            delivery.delivery_count,
-            delivery,
-        )
+        job.queue, job.delivery = delivery.queue, delivery
+        job.delivery_count = delivery.delivery_count
         self._time_limits(task, job)
         if delivery.delivery_count > settings.max_deliveries:
             acks.dead_letter(
