@@ -3,7 +3,7 @@ next steps, and settle its message (ack, requeue, or dead-letter).
 
 Everything here runs in the consumer loop's thread, the one owner of the broker connection. Acks
 wait for the loop's next flush (before it fetches or waits), so a burst of completions costs one
-round trip. A retry is a new message published through `Millpond.publish` (hooks, signing,
+round trip. A retry is a new message sent through the producer's `send_task` (hooks, signing,
 broker); when it, or a canvas step (`millpond.contracts.canvas`), cannot be sent, the original
 message goes back to its queue, so nothing is lost.
 """
@@ -19,11 +19,12 @@ import structlog
 
 from millpond.contracts.backend import ResultMeta
 from millpond.contracts.broker import Consumer, Delivery
+from millpond.contracts.hooks import publishing_for
 from millpond.contracts.pool import Job, Outcome
 from millpond.exceptions import TimeLimitExceeded, WorkerLostError
 from millpond.produce.result import error_info
 from millpond.states import TaskState
-from millpond.wire.protocol import REJOIN, encode_task
+from millpond.wire.protocol import REJOIN
 
 if TYPE_CHECKING:
     from millpond.config.settings import Settings
@@ -306,33 +307,11 @@ class Settler:
 
     # -- retries ----------------------------------------------------------------------------------
     def _publish_retry(self, job: Job, outcome: Outcome) -> bool:
+        """Send the task again through `send_task`, as the same step of the same canvas, on
+        behalf of the run that asks (its trace context)."""
         now = time.time()
         eta = outcome.eta if outcome.eta is not None else now + (outcome.countdown or 0.0)
         embed, retries = job.embed or {}, job.retries + 1
-        message = encode_task(
-            job.task_name,
-            job.args,
-            job.kwargs,
-            task_id=job.task_id,
-            retries=retries,
-            eta=eta,
-            expires=job.expires,
-            time_limit=job.time_limit,
-            soft_time_limit=job.soft_time_limit,
-            root_id=job.root_id,
-            parent_id=job.parent_id,
-            origin=self.app.origin,
-            sent_at=now,
-            headers={k: v for k, v in job.headers.items() if k == "ignore_result"},
-            # the same step of the same canvas: it carries what comes after it
-            callbacks=embed.get("callbacks"),
-            errbacks=embed.get("errbacks"),
-            chain=embed.get("chain"),
-            chord=embed.get("chord"),
-            group_id=job.group_id,
-            group_index=job.group_index,
-            reply_to=job.reply_to,  # the caller still waits for the result
-        )
         log.info(
             "task will retry",
             **ids(job),
@@ -341,8 +320,29 @@ class Settler:
             reason=f"{outcome.exc_type}: {outcome.exc_message}",
         )
         try:
-            ahead = eta if eta > now else None
-            self.app.publish(job.queue, message, eta=ahead, retries=retries, parent=job.carrier)
+            with publishing_for(job.carrier):
+                self.app.send_task(
+                    job.task_name,
+                    job.args,
+                    job.kwargs,
+                    queue=job.queue,
+                    task_id=job.task_id,
+                    retries=retries,
+                    eta=eta,
+                    expires=job.expires,
+                    time_limit=job.time_limit,
+                    soft_time_limit=job.soft_time_limit,
+                    root_id=job.root_id,
+                    parent_id=job.parent_id,
+                    ignore_result=job.headers.get("ignore_result", False),
+                    link=embed.get("callbacks"),
+                    link_error=embed.get("errbacks"),
+                    chain=embed.get("chain"),
+                    chord=embed.get("chord"),
+                    group_id=job.group_id,
+                    group_index=job.group_index,
+                    reply_to=job.reply_to or "",  # the caller still waits ("": none does)
+                )
         except Exception as exc:
             log.error(
                 "cannot publish the retry; the message goes back to the queue",
