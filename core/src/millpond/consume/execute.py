@@ -51,7 +51,8 @@ class Executor:
         return contextvars.Context().run(self._run, job)
 
     async def run_async(self, job: Job, guard: Guard | None = None) -> Outcome:
-        """`run` for a running event loop, in a new asyncio task with a fresh context.
+        """`run` for a running event loop, in a new asyncio task with a fresh context (concurrent
+        coroutines never see each other's trace or log context).
 
         Cancelling the caller cancels the task (the pool decides whether that was a time limit or
         a terminate). A plain `def` task is called inline on the loop (a pool that wants it off
