@@ -13,6 +13,7 @@ from millpond import Millpond
 from millpond.consume.worker import Worker
 from millpond.contracts.component import WorkerComponent
 from millpond.contracts.pool import Job
+from millpond_cli.main import banner
 
 
 @pytest.fixture(autouse=True)
@@ -167,7 +168,7 @@ def test_a_component_holds_jobs_back_beside_the_window_and_releases_them(
     holder = HoldBack(worker, "comp.held")
     worker.components["hold"] = holder
     worker._holders = [holder]
-    assert "[held back]" in worker.banner()
+    assert "[held back]" in banner(worker)
     running.start()
     try:
         assert [r.get(timeout=30) for r in others] == list(range(6))

@@ -336,6 +336,7 @@ def test_the_banner_carries_the_lines_hooks_describe(memory_app: Millpond) -> No
     from millpond.config.settings import load_settings
     from millpond.consume.worker import Worker
     from millpond.contracts.hooks import Hooks, WorkerView
+    from millpond_cli.main import banner
 
     class Serving(Hooks):
         def describe_worker(self, worker: WorkerView) -> str:
@@ -343,4 +344,4 @@ def test_the_banner_carries_the_lines_hooks_describe(memory_app: Millpond) -> No
 
     memory_app.add_hooks(Serving())
     worker = Worker(memory_app, settings=load_settings({"pool": "solo"}, env={}))
-    assert f"\n  serving:     {worker.name} on port 1\n" in worker.banner()
+    assert f"\n  serving:     {worker.name} on port 1\n" in banner(worker)

@@ -15,6 +15,7 @@ from millpond import Millpond
 from millpond.config.settings import load_settings
 from millpond.consume.worker import Worker
 from millpond.exceptions import ConfigurationError
+from millpond_cli.main import banner
 from millpond_health import server
 from millpond_health.hooks import HealthHooks
 from millpond_health.settings import SECTION
@@ -58,12 +59,12 @@ def test_a_bad_port_is_refused() -> None:
 
 def test_the_banner_shows_where_the_health_endpoint_listens(memory_app: Millpond) -> None:
     quiet = Worker(memory_app, settings=load_settings({"pool": "solo"}, env={}))
-    assert "health:" not in quiet.banner()
+    assert "health:" not in banner(quiet)
     probed = Worker(
         memory_app,
         settings=load_settings({"pool": "solo"}, env={"MILLPOND_HEALTH__PORT": "8080"}),
     )
-    assert "  health:      http://0.0.0.0:8080/livez, /readyz" in probed.banner()
+    assert "  health:      http://0.0.0.0:8080/livez, /readyz" in banner(probed)
 
 
 def test_the_hooks_serve_the_probes_of_a_worker_and_stop_them(memory_app: Millpond) -> None:

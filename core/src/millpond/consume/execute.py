@@ -1,17 +1,11 @@
 """Execute: what happens around a task body, whatever pool runs it (the `Execution` every pool is
-handed).
+handed, bound to one app and one hook chain; a forked child inherits both, no module global).
 
-`Executor.run` is the only thing an execution unit calls. It runs the task in a brand-new
-`contextvars.Context`, so nothing of task N (trace context, log context, request) can leak into task
-N+1 on a reused thread, and a greenlet's empty context gets exactly what the task needs. Inside it
-sets the request, calls the `enter_task` hooks (tracing makes the job's span current, log context
-binds the task's ids), calls the function, turns whatever happened into an `Outcome`, and calls the
-`exit_task` hooks. It never raises. `Executor.run_async` is the same on an event loop (the asyncio
-pool): the coroutine is awaited in its own asyncio task, so sync and async tasks get identical
-retries, rejections and hooks.
-
-The executor is bound to one app (its task registry) and one hook chain, and handed to the pool
-when the worker creates it: a forked child inherits both; nothing is looked up in a module global.
+`Executor.run` runs the task in a brand-new `contextvars.Context`, so nothing of task N (trace or
+log context, request) leaks into task N+1 on a reused thread, and a greenlet's empty context gets
+what the task needs: the request, the `enter_task` hooks, the call, an `Outcome` of whatever
+happened, the `exit_task` hooks. It never raises. `run_async` is the same on an event loop, so sync
+and async tasks get identical retries, rejections and hooks.
 """
 
 from __future__ import annotations
@@ -33,11 +27,10 @@ if TYPE_CHECKING:
 
 
 class Executor:
-    """Runs the jobs of one app in whatever execution unit calls it (see the module docstring)."""
+    """Runs the jobs of one app in whatever execution unit calls it."""
 
     def __init__(self, app: Millpond, hooks: HookChain | None = None) -> None:
-        # built here, before the pool starts (and forks): it registers the built-in tasks
-        # Celery's canvas sends, which every execution unit and the receiver must know
+        # built before the pool forks: it registers the built-in tasks Celery's canvas sends
         self.canvas = app.canvas
         self.tasks = app.tasks
         self.hooks = hooks = hooks if hooks is not None else app.hooks
@@ -50,7 +43,6 @@ class Executor:
     def process_exiting(self) -> None:
         self.hooks.lifecycle("process_exiting")
 
-    # -- running ----------------------------------------------------------------------------------
     def is_async(self, job: Job) -> bool:
         task = self.tasks.get(job.task_name)
         return task is not None and inspect.iscoroutinefunction(task.fn)
@@ -59,13 +51,12 @@ class Executor:
         return contextvars.Context().run(self._run, job)
 
     async def run_async(self, job: Job, guard: Guard | None = None) -> Outcome:
-        """`run` for a running event loop: an `async def` task is awaited, never called blindly.
+        """`run` for a running event loop, in a new asyncio task with a fresh context (concurrent
+        coroutines never see each other's trace or log context).
 
-        The task runs in a new asyncio task created with a fresh `contextvars.Context`, so
-        concurrent coroutines never see each other's trace or log context. Cancelling the caller
-        cancels the task (the CancelledError propagates: the pool decides whether that was a time
-        limit or a terminate). A plain `def` task is called inline on the loop; a pool that wants
-        it off the loop checks `is_async` first. `guard`, if given, wraps the task's coroutine.
+        Cancelling the caller cancels the task (the pool decides whether that was a time limit or
+        a terminate). A plain `def` task is called inline on the loop (a pool that wants it off
+        the loop checks `is_async` first). `guard`, if given, wraps the task's coroutine.
         """
         loop = asyncio.get_running_loop()
         return await loop.create_task(self._run_async(job, guard), context=contextvars.Context())
@@ -73,17 +64,15 @@ class Executor:
     def _run(self, job: Job) -> Outcome:
         started = time.perf_counter()
         task = self.tasks.get(job.task_name)
-        if task is None:
-            return _unknown(job, started)
-        if inspect.iscoroutinefunction(task.fn):
-            return _async_in_sync_pool(job, started)
+        if task is None or inspect.iscoroutinefunction(task.fn):
+            return _refused(job, task, started)
         request = _begin(job)
         tokens = self.hooks.enter_task(job)
         try:
             result: Any = task(*job.args, **job.kwargs)
             if inspect.iscoroutine(result):  # a plain def that returned a coroutine
                 result.close()
-                outcome = _async_in_sync_pool(job, started)
+                outcome = _refused(job, task, started)
             else:
                 outcome = Outcome(TaskState.SUCCESS, result, runtime=time.perf_counter() - started)
         except (Exception, SystemExit) as exc:
@@ -94,7 +83,7 @@ class Executor:
         started = time.perf_counter()
         task = self.tasks.get(job.task_name)
         if task is None:
-            return _unknown(job, started)
+            return _refused(job, task, started)
         request = _begin(job)
         tokens = self.hooks.enter_task(job)
         try:
@@ -142,13 +131,12 @@ def _failure(exc: BaseException, started: float) -> Outcome:
     return Outcome.from_exception(exc, runtime=time.perf_counter() - started)
 
 
-def _unknown(job: Job, started: float) -> Outcome:
-    return _failure(
-        UnknownTask(f"task {job.task_name!r} is not registered in this worker"), started
-    )
-
-
-def _async_in_sync_pool(job: Job, started: float) -> Outcome:
+def _refused(job: Job, task: Task[..., Any] | None, started: float) -> Outcome:
+    """A task this unit cannot run: not registered here, or `async def` in a sync pool."""
+    if task is None:
+        return _failure(
+            UnknownTask(f"task {job.task_name!r} is not registered in this worker"), started
+        )
     outcome = _failure(
         TypeError(
             f"task {job.task_name} is async def: run it with the asyncio pool "

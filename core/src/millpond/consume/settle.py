@@ -1,16 +1,11 @@
-"""Settle: the last step of a task's trip through the worker. Store its outcome, publish its
-retry, send its canvas's next steps, and settle its message (ack, requeue, or dead-letter).
+"""Settle: the last step of a task's trip. Store its outcome, publish its retry, send its canvas's
+next steps, and settle its message (ack, requeue, or dead-letter).
 
-`Acks` is the ledger of what the worker holds unacknowledged, and the only writer of acks and
-rejections: the consumer loop owns the broker connection, so everything here runs in its thread.
-Acks are batched: they wait for the loop's next flush (before it fetches or waits on the broker),
-so a burst of completions costs one round trip, and no ack waits on anything but the current turn.
-
-`Settler.finish` decides what an `Outcome` means for the message and the result store. A retry is a
-new message published through the app's one publish path (`Millpond.publish`: hooks, signing,
-broker); if that publish fails the original message goes back to its queue, so nothing is lost.
-A task with canvas fields has its next steps sent through the canvas plugin
-(`millpond.contracts.canvas`); a step that cannot be sent puts the message back the same way.
+Everything here runs in the consumer loop's thread, the one owner of the broker connection. Acks
+wait for the loop's next flush (before it fetches or waits), so a burst of completions costs one
+round trip. A retry is a new message sent through the producer's `send_task` (hooks, signing,
+broker); when it, or a canvas step (`millpond.contracts.canvas`), cannot be sent, the original
+message goes back to its queue, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -24,12 +19,12 @@ import structlog
 
 from millpond.contracts.backend import ResultMeta
 from millpond.contracts.broker import Consumer, Delivery
-from millpond.contracts.canvas import ClaimedElsewhere
+from millpond.contracts.hooks import publishing_for
 from millpond.contracts.pool import Job, Outcome
 from millpond.exceptions import TimeLimitExceeded, WorkerLostError
 from millpond.produce.result import error_info
 from millpond.states import TaskState
-from millpond.wire.protocol import REJOIN, Message, encode_task
+from millpond.wire.protocol import REJOIN
 
 if TYPE_CHECKING:
     from millpond.config.settings import Settings
@@ -41,20 +36,21 @@ log = structlog.get_logger("millpond.worker")
 def redelivered(job: Job) -> bool:
     """Whether the job's message came before (its task may have run, or returned its part)."""
     delivery = job.delivery
-    return bool(
-        job.delivery_count > 1
-        or (delivery is not None and delivery.redelivered)
-        or REJOIN in job.headers
+    return (
+        job.delivery_count > 1 or bool(delivery and delivery.redelivered) or REJOIN in job.headers
     )
 
 
+def ids(job: Job) -> dict[str, str]:
+    """The job's ids, for log lines."""
+    return {"task_id": job.task_id, "task_name": job.task_name}
+
+
 class Acks:
-    """The deliveries this worker holds unacknowledged, and the acks waiting for the next flush.
+    """What the worker holds unacknowledged, and the one writer of acks and rejections. A broker
+    call that fails is logged: what the broker never saw acknowledged is redelivered."""
 
-    A broker call that fails is logged and retried by the broker itself: what it never saw
-    acknowledged is redelivered (at least once)."""
-
-    #: the consumer loop's one consumer (set again when it reopens one on other queues)
+    #: the loop's consumer (set again when it reopens one on other queues)
     consumer: Consumer
 
     def __init__(self, consumer: Consumer | None = None) -> None:
@@ -80,13 +76,12 @@ class Acks:
             self._call("ack", self.consumer.ack, pending)
 
     def reject(self, delivery: Delivery, *, requeue: bool, reason: str) -> None:
-        """Requeue or dead-letter a delivery (counted as no longer held)."""
         self.held -= 1
         self._call("reject", self.consumer.reject, delivery, requeue=requeue, reason=reason)
 
     def release(self, deliveries: Sequence[Delivery]) -> int:
-        """Give unstarted deliveries back to the broker at once (warm shutdown); how many went.
-        Still unacknowledged if that fails: they come back when the consumer closes."""
+        """Give unstarted deliveries back at once (warm shutdown); how many. If that fails they
+        come back when the consumer closes."""
         if deliveries:
             self.held -= len(deliveries)
             self._call("release", self.consumer.release, deliveries)
@@ -127,13 +122,13 @@ class Settler:
         self.app = app
         self.settings = settings
         self.acks = acks
-        #: the canvas plugin (millpond.contracts.canvas): called only for tasks with canvas fields
+        #: the canvas plugin: called only for tasks with canvas fields
         self.canvas = app.canvas
         self.processed = 0
 
     def finish(self, job: Job, outcome: Outcome) -> None:
-        """Store the outcome and settle the message: acknowledged at the loop's next flush, or
-        put back to its queue when what must follow the task (a retry, a canvas step) failed."""
+        """Store the outcome and settle the message: acknowledged at the next flush, or put back
+        when what must follow the task (its retry, a canvas step) could not be sent."""
         self.processed += 1
         state = outcome.state
         if state == TaskState.SUCCESS:
@@ -144,55 +139,32 @@ class Settler:
                 return
             sent = True
         elif state == TaskState.REJECTED:
+            reason = outcome.exc_message
             log.warning(
-                "task rejected its message",
-                task_id=job.task_id,
-                task_name=job.task_name,
-                reason=outcome.exc_message,
-                requeue=outcome.requeue,
+                "task rejected its message", **ids(job), reason=reason, requeue=outcome.requeue
             )
-            self._put_back(job, outcome.requeue, f"rejected by the task: {outcome.exc_message}")
+            self._put_back(job, outcome.requeue, f"rejected by the task: {reason}")
             return
         elif state == TaskState.LOST:
             self._lost(job, outcome)
             return
         elif state == TaskState.REVOKED:
-            error = error_info(
-                "TaskRevokedError", "celery.exceptions", [outcome.exc_message or "revoked"]
-            )
+            revoked = [outcome.exc_message or "revoked"]
+            error = error_info("TaskRevokedError", "celery.exceptions", revoked)
             self._store(job, TaskState.REVOKED, error)
-            sent = (
-                not job.embed
-                or self._canvas_step(
-                    "return its chord part for",
-                    lambda: self.canvas.chord_part(job, TaskState.REVOKED, error),
-                    job,
-                )[0]
-            )
+            sent = not job.embed or self._chord_part(job, TaskState.REVOKED, error, again=False)
         elif state == TaskState.TIMEOUT:
-            log.error(
-                "task over its hard time limit",
-                task_id=job.task_id,
-                task_name=job.task_name,
-                time_limit=job.time_limit,
-            )
-            self._store_error(job, outcome, TimeLimitExceeded.__name__)
+            log.error("task over its hard time limit", **ids(job), time_limit=job.time_limit)
+            self._failed(job, outcome, TimeLimitExceeded.__name__)
             sent = True  # its canvas was told of the failure where it could be: not run again
         else:  # FAILURE, or anything a third-party pool invents
-            log.error(
-                "task failed",
-                task_id=job.task_id,
-                task_name=job.task_name,
-                error=f"{outcome.exc_type}: {outcome.exc_message}",
-                traceback=outcome.traceback,
-            )
-            sent = self._store_error(job, outcome, outcome.exc_type or "TaskError")
+            why = f"{outcome.exc_type}: {outcome.exc_message}"
+            log.error("task failed", **ids(job), error=why, traceback=outcome.traceback)
+            sent = self._failed(job, outcome, outcome.exc_type or "TaskError")
         if not sent:
             # never acknowledged with its next steps lost: it runs again, and the canvas goes on
             log.error(
-                "the task's canvas could not go on; its message goes back to the queue",
-                task_id=job.task_id,
-                task_name=job.task_name,
+                "the task's canvas could not go on; its message goes back to the queue", **ids(job)
             )
             self._put_back(job, True, "a canvas step could not be sent")
         elif job.delivery is not None:
@@ -220,39 +192,29 @@ class Settler:
         """The execution unit died: requeue (counted, capped) or fail, per the task's policy."""
         task = self.app.tasks.get(job.task_name)
         requeue = task is None or task.options.reject_on_worker_lost
-        cap = self.settings.max_deliveries
-        capped = job.delivery_count >= cap
+        cap, count = self.settings.max_deliveries, job.delivery_count
         log.error(
             "task lost its execution unit",
-            task_id=job.task_id,
-            task_name=job.task_name,
+            **ids(job),
             reason=outcome.exc_message,
-            requeue=requeue and not capped,
-            delivery_count=job.delivery_count,
+            requeue=requeue and count < cap,
+            delivery_count=count,
         )
         delivery = job.delivery
-        if requeue and delivery is not None and not capped:
+        if requeue and delivery is not None and count < cap:
             self._put_back(job, True, outcome.exc_message)
             return
         # failed (a final FAILURE also answers a caller waiting on the result after the cap)
-        self._store_error(job, outcome, WorkerLostError.__name__)
+        self._failed(job, outcome, WorkerLostError.__name__)
         if delivery is not None and not requeue:
             self.acks.ack_later([delivery])
         elif delivery is not None:
-            reason = (
-                f"lost {job.delivery_count} times (max_deliveries={cap}): {outcome.exc_message}"
-            )
-            self.acks.dead_letter(delivery, reason, task_id=job.task_id, task_name=job.task_name)
+            reason = f"lost {count} times (max_deliveries={cap}): {outcome.exc_message}"
+            self.acks.dead_letter(delivery, reason, **ids(job))
 
     # -- results ----------------------------------------------------------------------------------
-    def _store(
-        self,
-        job: Job,
-        status: TaskState,
-        result: Any,
-        traceback: str | None = None,
-        children: list[Any] | None = None,
-    ) -> None:
+    def _store(self, job: Job, status: TaskState, result: Any, **extra: Any) -> None:
+        """Store a result (`extra`: traceback, children); a failure to store is logged only."""
         backend = self.app.backend
         if backend is None:
             return
@@ -265,12 +227,11 @@ class Settler:
             task_id=job.task_id,
             status=status,
             result=result,
-            traceback=traceback,
             date_done=datetime.now(UTC).isoformat(),
             name=job.task_name,
             retries=job.retries,
-            children=children or [],
             reply_to=job.reply_to,
+            **extra,
         )
         try:
             try:
@@ -278,19 +239,13 @@ class Settler:
             except (TypeError, ValueError) as exc:
                 log.error(
                     "task result cannot be stored as JSON",
-                    task_id=job.task_id,
-                    task_name=job.task_name,
+                    **ids(job),
                     error=str(exc),
                 )
-                meta.status, meta.traceback, meta.retries, meta.children = (
-                    TaskState.FAILURE,
-                    None,
-                    0,
-                    [],
-                )
-                meta.result = error_info(
-                    "TypeError", "builtins", [f"result is not JSON serializable: {exc}"]
-                )
+                meta.status, meta.traceback, meta.retries = TaskState.FAILURE, None, 0
+                meta.children = []
+                why = [f"result is not JSON serializable: {exc}"]
+                meta.result = error_info("TypeError", "builtins", why)
                 backend.store(meta)
         except Exception as exc:
             log.error(
@@ -299,131 +254,95 @@ class Settler:
                 error=f"{type(exc).__name__}: {exc}",
             )
 
-    def _store_error(self, job: Job, outcome: Outcome, exc_type: str) -> bool:
-        """Store a failure; then what Celery does after one: the chord's part, the chain's later
-        steps, the errbacks. Returns False when a canvas step could not be sent."""
+    def _failed(self, job: Job, outcome: Outcome, exc_type: str) -> bool:
+        """Store a failure, then what Celery does after one: the chord's part, the chain's later
+        steps, the errbacks. False when a canvas step could not be sent."""
         info = error_info(outcome.exc_type or exc_type, outcome.exc_module, outcome.stored_args)
-        self._store(job, TaskState.FAILURE, info, outcome.traceback)
+        self._store(job, TaskState.FAILURE, info, traceback=outcome.traceback)
         if not job.embed:
             return True
-        joined, _ = self._canvas_step(
-            "return its chord part for",
-            lambda: self.canvas.chord_part(job, TaskState.FAILURE, info, again=redelivered(job)),
-            job,
-        )
+        joined = self._chord_part(job, TaskState.FAILURE, info, again=redelivered(job))
         failed, _ = self._canvas_step(
             "fail the rest of", lambda: self.canvas.after_failure(job, outcome, info), job
         )
         return joined and failed
 
     def _succeeded(self, job: Job, outcome: Outcome) -> bool:
-        """Callbacks and the next chain step go out before the result is stored (so its
-        `children` name them, as Celery's do), then the chord's part is returned. Returns False
-        when a canvas step could not be sent."""
-        if not job.embed:
-            self._store(job, TaskState.SUCCESS, outcome.result, children=outcome.children)
-            return True
-        ok, sent = self._canvas_step(
-            "send the next steps of", lambda: self.canvas.after_success(job, outcome.result), job
-        )
-        if not ok:
-            return False
-        children = [*outcome.children, *(sent or [])]
+        """Callbacks and the next chain step go out before the result is stored (its `children`
+        name them, as Celery's do), then the chord's part. False when a step could not be sent."""
+        children = outcome.children
+        if job.embed:
+            ok, sent = self._canvas_step(
+                "send the next steps of",
+                lambda: self.canvas.after_success(job, outcome.result),
+                job,
+            )
+            if not ok:
+                return False
+            children = [*children, *(sent or [])]
         self._store(job, TaskState.SUCCESS, outcome.result, children=children)
+        return not job.embed or self._chord_part(
+            job, TaskState.SUCCESS, outcome.result, again=redelivered(job)
+        )
+
+    def _chord_part(self, job: Job, state: TaskState, stored: Any, *, again: bool) -> bool:
         return self._canvas_step(
             "return its chord part for",
-            lambda: self.canvas.chord_part(
-                job, TaskState.SUCCESS, outcome.result, again=redelivered(job)
-            ),
+            lambda: self.canvas.chord_part(job, state, stored, again=again),
             job,
         )[0]
 
     def _canvas_step(self, what: str, step: Callable[[], Any], job: Job) -> tuple[bool, Any]:
-        """Run a canvas step; one that raises (a broker away past its retries, a backend that
-        cannot join) is logged with the task and reported as (False, None). A chord claimed by
-        another worker, which may have died, has the message wait in the broker until the
-        claim lapses, marked so the worker that gets it returns the part again."""
+        """Run a canvas step: (True, what it returned), or (False, None) when it raised (a broker
+        away past its retries, a backend that cannot join), logged with the task."""
         try:
             return True, step()
-        except ClaimedElsewhere as claimed:
-            if job.delivery is None:
-                return True, None  # acknowledged before it ran (acks_late off): nothing to hold
-            message = job.delivery.message
-            held = Message(
-                body=message.body,
-                headers={**message.headers, REJOIN: 1},
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                properties=dict(message.properties),
-            )
-            log.warning(
-                "the chord this task completed is claimed by another worker, which may have "
-                "died; its message waits for the claim to lapse and returns its part again",
-                task_id=job.task_id,
-                group_id=job.group_id,
-                wait=round(max(0.0, claimed.expires - time.time()), 3),
-            )
-            try:
-                self.app.broker.publish(job.queue, held, eta=claimed.expires + 0.25)
-            except Exception as exc:
-                log.error("could not hold the message for its chord", error=repr(exc))
-                return False, None
-            return True, None
         except Exception as exc:
             log.error(
                 f"could not {what} the task's canvas",
-                task_id=job.task_id,
-                task_name=job.task_name,
+                **ids(job),
                 error=f"{type(exc).__name__}: {exc}",
             )
             return False, None
 
     # -- retries ----------------------------------------------------------------------------------
     def _publish_retry(self, job: Job, outcome: Outcome) -> bool:
+        """Send the task again through `send_task`, as the same step of the same canvas, on
+        behalf of the run that asks (its trace context)."""
         now = time.time()
         eta = outcome.eta if outcome.eta is not None else now + (outcome.countdown or 0.0)
-        embed = job.embed or {}
-        headers = {k: v for k, v in job.headers.items() if k == "ignore_result"}
-        message = encode_task(
-            job.task_name,
-            job.args,
-            job.kwargs,
-            task_id=job.task_id,
-            retries=job.retries + 1,
-            eta=eta,
-            expires=job.expires,
-            time_limit=job.time_limit,
-            soft_time_limit=job.soft_time_limit,
-            root_id=job.root_id,
-            parent_id=job.parent_id,
-            origin=self.app.origin,
-            sent_at=now,
-            headers=headers,
-            # the retry is the same step of the same canvas: it carries what comes after it
-            callbacks=embed.get("callbacks"),
-            errbacks=embed.get("errbacks"),
-            chain=embed.get("chain"),
-            chord=embed.get("chord"),
-            group_id=job.group_id,
-            group_index=job.group_index,
-            reply_to=job.reply_to,  # the caller still waits for the result
-        )
+        embed, retries = job.embed or {}, job.retries + 1
         log.info(
             "task will retry",
-            task_id=job.task_id,
-            task_name=job.task_name,
-            retries=job.retries + 1,
+            **ids(job),
+            retries=retries,
             countdown=round(eta - now, 3),
             reason=f"{outcome.exc_type}: {outcome.exc_message}",
         )
         try:
-            self.app.publish(
-                job.queue,
-                message,
-                eta=eta if eta > now else None,
-                retries=job.retries + 1,
-                parent=job.carrier,
-            )
+            with publishing_for(job.carrier):
+                self.app.send_task(
+                    job.task_name,
+                    job.args,
+                    job.kwargs,
+                    queue=job.queue,
+                    task_id=job.task_id,
+                    retries=retries,
+                    eta=eta,
+                    expires=job.expires,
+                    time_limit=job.time_limit,
+                    soft_time_limit=job.soft_time_limit,
+                    root_id=job.root_id,
+                    parent_id=job.parent_id,
+                    ignore_result=job.headers.get("ignore_result", False),
+                    link=embed.get("callbacks"),
+                    link_error=embed.get("errbacks"),
+                    chain=embed.get("chain"),
+                    chord=embed.get("chord"),
+                    group_id=job.group_id,
+                    group_index=job.group_index,
+                    reply_to=job.reply_to or "",  # the caller still waits ("": none does)
+                )
         except Exception as exc:
             log.error(
                 "cannot publish the retry; the message goes back to the queue",

@@ -10,8 +10,7 @@ The worker's settler calls it in the consumer loop's thread, only for a task wit
 succeeded: `after_success` (before the result is stored: its `children` are what this returns),
 then `chord_part`; failed: `chord_part` with FAILURE, then `after_failure`; revoked: `chord_part`
 with REVOKED; redelivered after it finished: `chord_part(..., again=True)`. A call that raises
-leaves the message unacknowledged, so the task runs again and the canvas goes on (at least once);
-`ClaimedElsewhere` instead leaves the message waiting in the broker until the claim lapses.
+leaves the message unacknowledged, so the task runs again and the canvas goes on (at least once).
 """
 
 from __future__ import annotations
@@ -31,16 +30,6 @@ MISSING = (
     "chains, groups, chords and callbacks need the canvas plugin, and none is installed; "
     "install it with: pip install millpond-canvas"
 )
-
-
-class ClaimedElsewhere(Exception):
-    """A redelivered chord header task found its chord's join complete and claimed: the worker
-    holding the claim may be the one that died. Its message waits until `expires`, then returns
-    its part again (and completes the join if the claim lapsed)."""
-
-    def __init__(self, expires: float) -> None:
-        super().__init__(f"the chord's join is claimed until {expires:.3f}")
-        self.expires = expires
 
 
 class Canvas:
@@ -90,7 +79,7 @@ class Canvas:
     def chord_part(self, job: Job, state: TaskState, stored: Any, *, again: bool = False) -> Any:
         """Return a chord header task's part, and send (or fail) the body if that completed the
         join: then the body's result tuple. `again`: from a redelivered message (a join another
-        worker claimed raises `ClaimedElsewhere`)."""
+        worker claimed is the plugin's to wait for)."""
         raise PluginNotFound(MISSING)
 
     def inline_errbacks(self, request: Request, outcome: Outcome) -> None:

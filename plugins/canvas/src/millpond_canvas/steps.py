@@ -20,12 +20,14 @@ When a step cannot be sent (the broker stays away past its publish retries), it 
 task's message goes back to its queue instead of being acknowledged (the core's `Settler`), so the
 task runs again and the canvas goes on: at least once, as everywhere else; a chord's claim is
 released first, so the redelivered header task can complete the join. A redelivered header task
-that finds the join claimed by another worker raises `ClaimedElsewhere`, and its message waits.
+that finds the join claimed by another worker (which may have died with its claim) has its message
+wait in the broker until the claim lapses, marked to return its part again.
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -33,12 +35,13 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from millpond.contracts.backend import ChordPart, ResultMeta
-from millpond.contracts.canvas import Canvas, ClaimedElsewhere
+from millpond.contracts.canvas import Canvas
 from millpond.contracts.hooks import publishing_for
 from millpond.contracts.pool import Job, Outcome
 from millpond.produce.result import error_info, rebuild_exception
 from millpond.produce.task import Request
 from millpond.states import TaskState
+from millpond.wire.protocol import REJOIN, Message
 from millpond_canvas.signatures import Signature, chord, chord_backend, group
 
 if TYPE_CHECKING:
@@ -48,6 +51,14 @@ log = structlog.get_logger("millpond.canvas")
 
 #: header states that fail a chord (Celery's PROPAGATE_STATES)
 _FAILING = frozenset({TaskState.FAILURE, TaskState.REVOKED})
+
+
+class _ClaimedElsewhere(Exception):
+    """A redelivered header task found its chord's join complete and claimed until `expires`."""
+
+    def __init__(self, expires: float) -> None:
+        super().__init__(f"the chord's join is claimed until {expires:.3f}")
+        self.expires = expires
 
 
 def _errback_called_in_place(app: Millpond, sig: Signature[Any]) -> bool:
@@ -174,15 +185,42 @@ class CanvasSteps(Canvas):
         Returns the body's result tuple when this call sent it, for the task's children.
 
         `again`: the part is returned by a redelivered message. If the join is complete but
-        claimed, raises `ClaimedElsewhere`: the claimant may have died with its claim."""
+        claimed, the claimant may have died with its claim: the message waits (`_wait_for_claim`)."""
         embed = job.embed or {}
         if not embed.get("chord") or not job.group_id:
             return None
-        with publishing_for(job.carrier):
-            return self._return_part(
-                job.group_id, job.task_id, job.group_index,
-                state=state, stored=stored, body_data=embed["chord"], by=job.task_id, again=again,
-            )  # fmt: skip
+        try:
+            with publishing_for(job.carrier):
+                return self._return_part(
+                    job.group_id, job.task_id, job.group_index, state=state, stored=stored,
+                    body_data=embed["chord"], by=job.task_id, again=again,
+                )  # fmt: skip
+        except _ClaimedElsewhere as claimed:
+            self._wait_for_claim(job, claimed.expires)
+            return None
+
+    def _wait_for_claim(self, job: Job, expires: float) -> None:
+        """Publish a copy of the message due when the claim lapses, marked (`REJOIN`) so the
+        worker that gets it returns the part again; the worker then acks the original. Raises if
+        the copy cannot be published: the original goes back to its queue instead."""
+        if job.delivery is None:
+            return  # acknowledged before it ran (acks_late off): nothing to hold
+        message = job.delivery.message
+        held = Message(
+            body=message.body,
+            headers={**message.headers, REJOIN: 1},
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            properties=dict(message.properties),
+        )
+        log.warning(
+            "the chord this task completed is claimed by another worker, which may have "
+            "died; its message waits for the claim to lapse and returns its part again",
+            task_id=job.task_id,
+            group_id=job.group_id,
+            wait=round(max(0.0, expires - time.time()), 3),
+        )
+        self.app.broker.publish(job.queue, held, eta=expires + 0.25)
 
     def _return_part(
         self, group_id: str, task_id: str, index: int | None, *, state: TaskState, stored: Any,
@@ -196,7 +234,7 @@ class CanvasSteps(Canvas):
         if parts is None:
             expires = backend.chord_claim_expires(group_id) if again else None
             if expires is not None:
-                raise ClaimedElsewhere(expires)
+                raise _ClaimedElsewhere(expires)
             return None
         body = Signature.from_dict(body_data, self.app)
         try:

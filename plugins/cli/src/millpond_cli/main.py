@@ -23,6 +23,7 @@ from millpond_cli.parser import build_parser
 
 if TYPE_CHECKING:
     from millpond.config.settings import Settings
+    from millpond.consume.worker import Worker
     from millpond.produce.app import Millpond
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -222,13 +223,40 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         stop_beat = plugins.load(plugins.COMMANDS, "beat").embed(app, settings)
     worker = Worker(app, settings=settings)
     if not ns.no_banner:
-        print(worker.banner(), flush=True)
+        print(banner(worker), flush=True)
     _freeze_start_up_objects()
     try:
         return worker.run()
     finally:
         if stop_beat is not None:
             stop_beat()
+
+
+def banner(worker: Worker) -> str:
+    """What the worker runs, from where and how, printed as it starts."""
+    from millpond.config import plugins
+    from millpond.contracts.broker import mask_url
+
+    app, settings, tasks = worker.app, worker.settings, sorted(worker.app.tasks)
+    results = mask_url(settings.result_backend) or (
+        "(kept by the broker)"
+        if app.backend is not None
+        else "(none: this broker keeps no results; set result_backend to store them)"
+    )
+    lines = [
+        f"millpond {plugins.core_version()} worker {worker.name}",
+        f"  app:         {app.name}",
+        f"  broker:      {mask_url(app.broker_url)}",
+        f"  results:     {results}",
+        f"  pool:        {settings.pool} (concurrency {worker.concurrency}, "
+        f"prefetch {worker.prefetch})",
+        f"  queues:      {', '.join(worker.queues)}",
+    ]
+    lines += [f"  {line}" for hook in worker.hooks.hooks if (line := hook.describe_worker(worker))]
+    lines.append(f"  tasks ({len(tasks)}):")
+    notes = worker.components.values()  # a rate limit, for instance
+    lines += [f"    . {name}{''.join(c.describe_task(name) for c in notes)}" for name in tasks]
+    return "\n".join(lines)
 
 
 def _freeze_start_up_objects() -> None:
