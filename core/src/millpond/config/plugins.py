@@ -287,9 +287,9 @@ def load_hooks(names: Sequence[str]) -> list[Hooks]:
     return [cls() for _name, cls in load_all(HOOKS, None if "*" in names else names)]
 
 
-def canvas_class() -> Any:
-    """The installed `Canvas` subclass, or None when none is installed."""
-    return load(CANVAS, "canvas") if "canvas" in installed(CANVAS) else None
+def canvas_class() -> type[Canvas]:
+    """The installed `Canvas` subclass, else the base one, whose methods say to install it."""
+    return load(CANVAS, "canvas") if "canvas" in installed(CANVAS) else Canvas
 
 
 @functools.cache

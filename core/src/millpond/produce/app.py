@@ -491,10 +491,7 @@ class Millpond:
     def canvas(self) -> Canvas:
         """The app's canvas (`millpond.contracts.canvas`), built once from the installed
         `millpond.canvas` plugin (millpond-canvas); registers Celery's built-in canvas tasks."""
-        made: Canvas = self._lazy(
-            "canvas", lambda: (plugins.canvas_class() or Canvas)(self), kept=True
-        )
-        return made
+        return self._lazy("canvas", lambda: plugins.canvas_class()(self), kept=True)
 
     def queue_for(self, name: str) -> str:
         """The queue a call that names none sends the task to: the task's own `queue` option if
