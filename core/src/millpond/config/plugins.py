@@ -28,7 +28,6 @@ from millpond.config.options import Section
 from millpond.contracts.backend import ResultBackend
 from millpond.contracts.broker import Broker
 from millpond.contracts.canvas import Canvas
-from millpond.contracts.command import Command
 from millpond.contracts.component import WorkerComponent
 from millpond.contracts.hooks import Hooks
 from millpond.contracts.pool import BasePool
@@ -221,8 +220,6 @@ def _verify(group: str, name: str, obj: Any) -> None:
             what = f"does not name a {base.__name__} subclass"
     elif group == SETTINGS and not (isinstance(obj, Section) and obj.name):
         what = "does not name a millpond Section with a name"
-    elif group == COMMANDS and not isinstance(obj, Command):
-        what = "does not name a millpond Command instance"
     elif group in (PATCHES, CLIENTS) and not callable(obj):
         what = "is not callable"
     if what:

@@ -327,13 +327,7 @@ class SettingsReader:
         except Exception as exc:
             raise ConfigurationError(f"cannot read settings file {path}: {exc}") from exc
         for entry in get_history(self.conf, filter_callable=lambda s: s.loader == "toml"):
-            self._layer("file", f"file {path}", entry["value"])  # as written, before any marker
-
-    def code(self, values: Mapping[str, Any]) -> None:
-        self._layer("code", "code", values)
-
-    def flags(self, values: Mapping[str, Any]) -> None:
-        self._layer("flag", "flag", values)
+            self.layer("file", f"file {path}", entry["value"])  # as written, before any marker
 
     def env(self, env: Mapping[str, str]) -> None:
         self.layers["env"] = {}
@@ -346,7 +340,7 @@ class SettingsReader:
                 if declared := self._declaration(key, f"env {variable}"):
                     self.layers["env"][rest] = (*declared, f"env {variable}", text)
 
-    def _layer(self, kind: str, source: str, values: Mapping[str, Any]) -> None:
+    def layer(self, kind: str, source: str, values: Mapping[str, Any]) -> None:
         """These values (a plugin's section as a table, or "section.name" keys) as the `kind`
         layer, replacing what it held."""
         flat: dict[str, Any] = {}
@@ -403,7 +397,7 @@ class SettingsReader:
         from dynaconf import ValidationError, Validator
 
         if code:
-            self.code(code)
+            self.layer("code", "code", code)
         given: dict[str, tuple[Section, Option, str, Any]] = {}  # each setting's winning value
         for layer in self.layers.values():
             given.update((s.key(o.name), (s, o, src, v)) for s, o, src, v in layer.values())
@@ -467,7 +461,7 @@ def read_settings(
     env = os.environ if env is None else env
     reader = SettingsReader(Path(file) if file is not None else settings_file(env), sections)
     reader.env(env)
-    reader.flags({k: v for k, v in (flags or {}).items() if v is not None})
+    reader.layer("flag", "flag", {k: v for k, v in (flags or {}).items() if v is not None})
     return reader
 
 

@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from millpond.contracts.command import Command
 from millpond.contracts.hooks import Hooks, WorkerView
 from millpond.exceptions import ConfigurationError
 from millpond_beat import entries as entries_mod
@@ -28,6 +27,7 @@ from millpond_beat.scheduler import LEADER_FIELD, Beat, BeatConfig
 from millpond_beat.schedules import every
 from millpond_beat.settings import SECTION
 from millpond_beat.sources import ScheduleSource, load_source
+from millpond_cli.command import Command
 
 if TYPE_CHECKING:
     from millpond.config.settings import Settings

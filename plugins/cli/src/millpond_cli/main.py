@@ -17,8 +17,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from millpond.contracts.command import json_object
 from millpond.exceptions import ConfigurationError, MillpondError, PluginLoadError, PluginNotFound
+from millpond_cli.command import Command, json_object
 from millpond_cli.parser import build_parser
 
 if TYPE_CHECKING:
@@ -82,12 +82,23 @@ def load_from_args(ns: argparse.Namespace) -> tuple[Settings, Millpond | None]:
     return _load(ns)
 
 
-def _run_plugin(name: str, argv: list[str]) -> int:
-    """Parse the arguments again with the plugin command's full parser, then run it."""
+def _load_command(name: str) -> Command:
+    """The installed command `name`, refused with a clear error when it is not a `Command`."""
     from millpond.config import plugins
-    from millpond_cli.parser import add_common
 
     command = plugins.load(plugins.COMMANDS, name)
+    if not isinstance(command, Command):
+        raise PluginLoadError(
+            f"the command {name!r} does not name a millpond_cli Command instance: {command!r}"
+        )
+    return command
+
+
+def _run_plugin(name: str, argv: list[str]) -> int:
+    """Parse the arguments again with the plugin command's full parser, then run it."""
+    from millpond_cli.parser import add_common
+
+    command = _load_command(name)
     parser = argparse.ArgumentParser(prog=f"millpond {name}", description=command.help)
     add_common(parser)
     command.add_arguments(parser)
@@ -220,7 +231,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
 
     stop_beat = None
     if ns.beat:  # before the worker reads the app's hooks: the scheduler starts once it is ready
-        stop_beat = plugins.load(plugins.COMMANDS, "beat").embed(app, settings)
+        stop_beat = _load_command("beat").embed(app, settings)
     worker = Worker(app, settings=settings)
     if not ns.no_banner:
         print(banner(worker), flush=True)

@@ -17,9 +17,9 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from millpond.contracts.command import Command as CoreCommand
-from millpond.contracts.command import json_object
 from millpond.exceptions import ConfigurationError
+from millpond_cli.command import Command as CoreCommand
+from millpond_cli.command import json_object
 from millpond_control import commands as _builtin  # noqa: F401 - registers them
 from millpond_control import ratelimit as _rate_limit  # noqa: F401 - registers it
 from millpond_control.registry import COMMANDS, Command

@@ -1,7 +1,8 @@
 """The contract of a `millpond` subcommand a plugin adds (`millpond beat` is one): an instance
 under the `millpond.commands` entry-point group, named after the subcommand. `millpond --help`
 lists it from metadata; only the command run is imported, its parser already holding the common
-flags (-A/--app, -b/--broker, --result-backend).
+flags (-A/--app, -b/--broker, --result-backend). It lives with the CLI, its only caller: the core
+only lists the group (`millpond plugins`, pip hints).
 """
 
 from __future__ import annotations

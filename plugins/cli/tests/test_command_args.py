@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from millpond.contracts.command import json_object
 from millpond.exceptions import ConfigurationError
+from millpond_cli.command import json_object
 
 
 def test_a_json_object_is_returned_as_given() -> None:
