@@ -1,10 +1,14 @@
 """How the threads and prefork pools scale, measured at the pool itself (no broker in the way).
 
-    .venv/bin/python benchmarks/pools_scaling.py [--rounds 3] [--cpu-tasks 24] [--io-tasks 200]
+    .venv/bin/python benchmarks/pools_scaling.py [--rounds 3] [--cpu-tasks 20] [--io-tasks 200]
+                                                 [--noop-tasks 2000] [--timeout 300]
 
-Each scenario feeds a started pool the way the worker does (a job only while a unit is free) and
-times the wall clock from the first hand-over to the last outcome; rounds are interleaved so
-machine noise hits every configuration alike, and the median is printed.
+Each scenario feeds a started pool the way the worker does (a job only while a unit is free, the
+pool kit's `Runner`) and times the wall clock from the first hand-over to the last outcome; rounds
+are interleaved so machine noise hits every configuration alike, and the median is printed. Each
+pool is built as the worker builds it (`pool_class(concurrency, on_complete, execution=...)`),
+handed the pool kit's `Executor` for this script's app (`kit_executor`: the tracing and
+log-context hooks, what a pool runs with when no worker is around).
 
 * ceiling: the same CPU work split over 1 and 2 bare forked processes, no pool: on a shared
   machine this says how much of a second core was really there during the run;
@@ -22,21 +26,23 @@ import statistics
 import time
 from collections.abc import Callable
 
-from millpond.consume import execute as execution
-from millpond.contracts.pool import BasePool
+from millpond.consume.execute import Executor
+from millpond.contracts.pool import BasePool, Outcome
+from millpond.produce.app import Millpond
 from millpond.states import TaskState
 from millpond.testing import tasks
-from millpond.testing.pool_kit import Outcomes, Runner, make_job
+from millpond.testing.pool_kit import Outcomes, Runner, kit_executor, make_job
 from millpond_pool_prefork import PreforkPool
 from millpond_pool_threads import ThreadPool
 
+#: the kit's tasks (`kit.work`, `kit.add`) and `bench.io`; no broker: jobs go straight to a pool
+app = tasks.register(Millpond("millpond-pools-bench"))
 
+
+@app.task(name="bench.io")  # registered before any fork: prefork's children have it
 def io_wait(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
-
-
-tasks.app.task(name="bench.io")(io_wait)  # registered before any fork: children have it
 
 
 def calibrate(target: float) -> int:
@@ -50,23 +56,32 @@ def calibrate(target: float) -> int:
     return max(1, int(target / (best / n)))
 
 
+def check(results: list[Outcome]) -> None:
+    bad = [o for o in results if o.state != TaskState.SUCCESS]
+    if bad:
+        raise RuntimeError(f"{len(bad)} jobs failed, e.g. {bad[0]}")
+
+
 def timed(
-    make: Callable[[Outcomes], BasePool], name: str, args: tuple[object, ...], count: int
+    make: Callable[[Outcomes], BasePool],
+    name: str,
+    args: tuple[object, ...],
+    count: int,
+    timeout: float,
 ) -> float:
     """Seconds to run `count` jobs of `name` through a fresh pool (start/stop not timed)."""
     outcomes = Outcomes()
     pool = make(outcomes)
     pool.start()
     try:
-        runner = Runner(pool, outcomes, 120)
-        runner.run_all([make_job(name, 0) for _ in range(2 * pool.concurrency)])  # warm up
+        runner = Runner(pool, outcomes, timeout)
+        # every unit up and through one job first (cheap ones, so the warm-up costs no time)
+        check(runner.run_all([make_job("kit.add", 0, 0) for _ in range(2 * pool.concurrency)]))
         jobs = [make_job(name, *args) for _ in range(count)]
         started = time.perf_counter()
-        results = runner.run_all(jobs, timeout=300)
+        results = runner.run_all(jobs)
         elapsed = time.perf_counter() - started
-        bad = [o for o in results if o.state != TaskState.SUCCESS]
-        if bad:
-            raise RuntimeError(f"{len(bad)} jobs failed, e.g. {bad[0]}")
+        check(results)
         return elapsed
     finally:
         pool.stop(30)
@@ -91,21 +106,24 @@ def bare(processes: int, iterations: int, count: int) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cpu-tasks", type=int, default=20)
     parser.add_argument("--io-tasks", type=int, default=200)
     parser.add_argument("--noop-tasks", type=int, default=2000)
-    ns = parser.parse_args()
-    execution.set_worker_app(tasks.app)
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds one scenario's jobs may take"
+    )
+    ns = parser.parse_args(argv)
     iterations = calibrate(0.100)
+    execution: Executor = kit_executor(app)
 
     def prefork(n: int) -> Callable[[Outcomes], BasePool]:
-        return lambda outcomes: PreforkPool(n, outcomes)
+        return lambda outcomes: PreforkPool(n, outcomes, execution=execution)
 
     def threads(n: int) -> Callable[[Outcomes], BasePool]:
-        return lambda outcomes: ThreadPool(n, outcomes)
+        return lambda outcomes: ThreadPool(n, outcomes, execution=execution)
 
     scenarios: list[
         tuple[str, str, Callable[[Outcomes], BasePool], str, tuple[object, ...], int]
@@ -125,7 +143,7 @@ def main() -> None:
         for n, runs in ceiling.items():
             runs.append(bare(n, iterations, ns.cpu_tasks))
         for kind, label, make, name, args, count in scenarios:
-            times[(kind, label)].append(timed(make, name, args, count))
+            times[(kind, label)].append(timed(make, name, args, count, ns.timeout))
     print(f"median of {ns.rounds} rounds; cpu task = {iterations} iterations (~100 ms)")
     print(f"{'scenario':<10} {'pool':<15} {'tasks':>6} {'seconds':>8} {'tasks/s':>9}  note")
     base: dict[str, float] = {}
