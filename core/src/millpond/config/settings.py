@@ -220,7 +220,7 @@ class Settings:
         if url_setting and (url := getattr(self, url_setting)):
             url_source = self.source(url_setting)
             for name, value in declaration.query(url).items():
-                if rank(url_source) >= rank(sources[name]):
+                if _RANK[url_source.split()[0]] >= _RANK[sources[name].split()[0]]:
                     values[name], sources[name] = value, f"{url_source} (query)"
         return values, sources
 
@@ -245,16 +245,10 @@ CORE = Section(None, "Core", declared(Settings), hints=MOVED)
 META_ENV = frozenset(
     ENV_PREFIX + name for name in ("SETTINGS_FILE", "HOME", "PATCHED", "SKIP_LINT")
 )
-#: how sources outrank each other, lowest first; a source is named "<kind> <where>", e.g.
-#: "env MILLPOND_POOL"
+#: how sources outrank each other, by the kind a source's name starts with ("env MILLPOND_POOL")
 _RANK = {"default": 0, "file": 1, "code": 2, "env": 3, "flag": 4}
 #: a given value: its section and option, its source and the value as written
 Given = tuple[Section, Option, str, Any]
-
-
-def rank(source: str) -> int:
-    """The precedence of a source such as "env MILLPOND_POOL": a higher one wins."""
-    return _RANK[source.split(" ", 1)[0]]
 
 
 def _frozen(value: Any) -> Any:
