@@ -56,10 +56,6 @@ class Option:
     #: other tables' keys are option names, folded to lower case
     keep_case: bool = False
 
-    def env_name(self, section: str | None) -> str:
-        prefix = f"{ENV_PREFIX}{section.upper()}__" if section else ENV_PREFIX
-        return prefix + self.name.upper()
-
     def allowed(self) -> str:
         if self.choices:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
