@@ -140,8 +140,8 @@ def _load(ns: argparse.Namespace) -> tuple[Settings, Millpond | None]:
     """(settings, app) for the commands that take -A; the app is None when none is given.
 
     Values given to `Millpond(...)` in the app's code rank between the file and the environment,
-    so they are known only once the app is imported: then they are added to what was read, and the
-    app is configured with the result.
+    so they are known only once the app is imported: then every source is read again with them,
+    and the app is configured with the result.
     """
     from millpond.config.settings import load_settings
 
