@@ -122,10 +122,8 @@ def test_precedence_holds_for_plugin_sections(tmp_path: Path) -> None:
 
 
 def test_code_added_after_the_rest_keeps_its_rank(tmp_path: Path) -> None:
-    """The command line reads file, environment and flags first (they name the app) and adds the
-    app's code settings once it is imported: the result is the same as reading all at once."""
-    from millpond.config.settings import read_settings
-
+    """The command line reads file, environment and flags first (they name the app) and reads
+    them again with the app's code settings once it is imported: code still ranks between them."""
     path = write(tmp_path, "concurrency = 3\nprefetch_multiplier = 7\n[prefork]\nkill_grace = 2\n")
     env = {"MILLPOND_SETTINGS_FILE": str(path), "MILLPOND_CONCURRENCY": "5"}
     flags = {"pool": "solo"}
@@ -136,12 +134,9 @@ def test_code_added_after_the_rest_keeps_its_rank(tmp_path: Path) -> None:
         "default_queue": "q",
         "prefork": {"kill_grace": 3},
     }
-    reader = read_settings(flags, env=env)
-    first = reader.settings()
+    first = load_settings(flags, env=env)
     assert (first.prefetch_multiplier, first.default_queue) == (7, "celery")
-    late = reader.settings(code)
-    at_once = load_settings(flags, env=env, code=code)
-    assert late == at_once
+    late = load_settings(flags, env=env, code=code)
     assert (late.pool, late.concurrency, late.prefetch_multiplier) == ("solo", 5, 9)
     assert late.section(PREFORK)["kill_grace"] == 3.0
     assert late.sources["prefork.kill_grace"] == "code"

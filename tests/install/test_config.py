@@ -14,7 +14,7 @@ from millpond.config import plugins
 from millpond.config.options import Option, Section
 from millpond.config.settings import CORE, load_settings
 from millpond.exceptions import ConfigurationError
-from millpond_cli.settings_docs import REGENERATE, describe, main, render
+from millpond_cli.settings_docs import REGENERATE, describe, env_name, main, render
 from tests.install.venvs import ROOT, clean_env
 
 DOCS = ROOT / "docs" / "settings.md"
@@ -32,7 +32,7 @@ def test_docs_describe_every_declared_setting() -> None:
     text = render()
     for section in [CORE, *(s for s, _dist in plugins.installed_sections())]:
         for opt in section.options:
-            assert f"`{opt.env_name(section.name)}`" in text, opt.name
+            assert f"`{env_name(section.key(opt.name))}`" in text, opt.name
         if section.name:
             assert f"(`[{section.name}]`)" in text
 

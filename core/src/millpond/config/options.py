@@ -56,10 +56,6 @@ class Option:
     #: other tables' keys are option names, folded to lower case
     keep_case: bool = False
 
-    def env_name(self, section: str | None) -> str:
-        prefix = f"{ENV_PREFIX}{section.upper()}__" if section else ENV_PREFIX
-        return prefix + self.name.upper()
-
     def allowed(self) -> str:
         if self.choices:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
@@ -225,14 +221,10 @@ class Section:
                 f"setting {self.key(name)!r} ({where}) is not supported: {self.hints[name]}"
             )
         names = [opt.name for opt in self.options]
-        if self.name is None:
-            return ConfigurationError(
-                f"unknown setting {name!r} ({where}){suggest(name, names)}; "
-                "run `millpond config` to list settings"
-            )
+        listed = f"the [{self.name}] section has: {', '.join(names)}" if self.name else None
         return ConfigurationError(
             f"unknown setting {self.key(name)!r} ({where}){suggest(name, names)}; "
-            f"the [{self.name}] section has: {', '.join(names)}"
+            f"{listed or 'run `millpond config` to list settings'}"
         )
 
     def cast(self, opt: Option, value: Any, where: str, *, typed: Any = None) -> Any:

@@ -1,4 +1,4 @@
-"""Settings: declared once, read once through dynaconf, validated, frozen.
+"""Settings: declared once, read through dynaconf, validated, frozen.
 
 Lowest first: the declared default < the settings file (`millpond.toml`, or the file
 `MILLPOND_SETTINGS_FILE` names) < `Millpond(...)` keywords < `MILLPOND_*` environment variables
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -200,8 +200,7 @@ class Settings:
     def section(self, declaration: Section) -> Mapping[str, Any]:
         """A plugin section's validated values: what was given, defaults for the rest."""
         assert declaration.name, "the core's settings are the fields themselves"
-        values = self.sections.get(declaration.name)
-        return MappingProxyType(declaration.defaults()) if values is None else values
+        return self.sections.get(declaration.name) or MappingProxyType(declaration.defaults())
 
     def plugin_options(self, plugin: str, url_setting: str | None = None) -> dict[str, Any]:
         """The validated values of the section the plugin named `plugin` (a pool, a URL scheme)
@@ -218,11 +217,10 @@ class Settings:
         """(values, sources) of a section, with the URL's query weighed in (`plugin_options`)."""
         values = dict(self.section(declaration))
         sources = {name: self.source(declaration.key(name)) for name in values}
-        url = getattr(self, url_setting) if url_setting else None
-        if url_setting and url:
+        if url_setting and (url := getattr(self, url_setting)):
             url_source = self.source(url_setting)
             for name, value in declaration.query(url).items():
-                if rank(url_source) >= rank(sources[name]):
+                if _RANK[url_source.split()[0]] >= _RANK[sources[name].split()[0]]:
                     values[name], sources[name] = value, f"{url_source} (query)"
         return values, sources
 
@@ -245,15 +243,12 @@ MOVED = {
 CORE = Section(None, "Core", declared(Settings), hints=MOVED)
 #: environment variables with the prefix that are not settings
 META_ENV = frozenset(
-    ENV_PREFIX + name for name in ("SETTINGS_FILE", "HOME", "PATCHED", "PURE_PYTHON", "SKIP_LINT")
+    ENV_PREFIX + name for name in ("SETTINGS_FILE", "HOME", "PATCHED", "SKIP_LINT")
 )
-#: how sources outrank each other; a source is named "<kind> <where>", e.g. "env MILLPOND_POOL"
+#: how sources outrank each other, by the kind a source's name starts with ("env MILLPOND_POOL")
 _RANK = {"default": 0, "file": 1, "code": 2, "env": 3, "flag": 4}
-
-
-def rank(source: str) -> int:
-    """The precedence of a source such as "env MILLPOND_POOL": a higher one wins."""
-    return _RANK[source.split(" ", 1)[0]]
+#: a given value: its section and option, its source and the value as written
+Given = tuple[Section, Option, str, Any]
 
 
 def _frozen(value: Any) -> Any:
@@ -289,77 +284,31 @@ def _keep_text(value: Any) -> Any:
     return f"@str {value}" if isinstance(value, str) and value.startswith("@") else value
 
 
-class SettingsReader:
-    """Every source read once into a layer; `settings()` merges the layers into one Dynaconf
-    instance, lowest first, validates and freezes.
+def _flat(values: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(key, value) of file, code or flag values: a plugin's section, given as a table, as its
+    "section.name" keys; dynaconf's own file keys (dynaconf_merge, ...) left out."""
+    for top, value in values.items():
+        top = str(top).lower()
+        if top.startswith("dynaconf"):
+            continue
+        if CORE.option(top) is None and isinstance(value, Mapping):
+            yield from ((f"{top}.{str(name).lower()}", inner) for name, inner in value.items())
+        else:
+            yield top, value
 
-    Layers may come in any order: the command line reads file, environment and flags first (they
-    name the app), then adds the app's `Millpond(...)` keywords. Each keeps which setting a value
-    is for, its source and the value as written, since dynaconf's history records a nested key
-    from the environment as its whole merged table, which cannot say which source gave what."""
 
-    def __init__(self, path: Path | None, extra: Iterable[Section]) -> None:
-        from dynaconf import Dynaconf
-        from dynaconf.utils.inspect import get_history
+class _Declarations:
+    """The section and option each given name is for, each plugin's section loaded once, and the
+    warnings about names that are ignored."""
 
-        #: per source, lowest first: dynaconf's key -> (section, option, source, value as written)
-        self.layers: dict[str, dict[str, tuple[Section, Option, str, Any]]] = {
-            kind: {} for kind in ("file", "code", "env", "flag")
-        }
-        self.warnings: list[str] = []
+    def __init__(self, extra: Iterable[Section]) -> None:
         self.extra = {s.name: s for s in extra if s.name}
         #: the plugin sections values were given for; None where no installed plugin reads one
         self.sections: dict[str, Section | None] = {}
-        try:
-            # the environment is read by `env()` from the mapping it is given, not by dynaconf's
-            # env loader (which reads os.environ only)
-            self.conf = Dynaconf(
-                settings_files=[str(path.resolve())] if path else [],
-                core_loaders=["TOML"],
-                environments=False,
-                load_dotenv=False,
-                envvar_prefix=False,
-                loaders=[],
-                includes=[],
-                preload=[],
-            )
-            self.conf.as_dict()  # dynaconf loads lazily: read the file now, inside this `try`
-        except Exception as exc:
-            raise ConfigurationError(f"cannot read settings file {path}: {exc}") from exc
-        for entry in get_history(self.conf, filter_callable=lambda s: s.loader == "toml"):
-            self.layer("file", f"file {path}", entry["value"])  # as written, before any marker
+        self.warnings: list[str] = []
 
-    def env(self, env: Mapping[str, str]) -> None:
-        self.layers["env"] = {}
-        for variable, text in env.items():
-            if variable.startswith(ENV_PREFIX) and variable not in META_ENV:
-                # dynaconf nests at each `__`: MILLPOND_KOMBU__TRANSPORT_OPTIONS__REGION sets one
-                # key of the kombu.transport_options table
-                rest = variable[len(ENV_PREFIX) :]
-                key = ".".join(rest.lower().split("__")[:2])
-                if declared := self._declaration(key, f"env {variable}"):
-                    self.layers["env"][rest] = (*declared, f"env {variable}", text)
-
-    def layer(self, kind: str, source: str, values: Mapping[str, Any]) -> None:
-        """These values (a plugin's section as a table, or "section.name" keys) as the `kind`
-        layer, replacing what it held."""
-        flat: dict[str, Any] = {}
-        for top, value in values.items():
-            top = str(top).lower()
-            if top.startswith("dynaconf"):  # dynaconf's own file keys (dynaconf_merge, ...)
-                continue
-            if CORE.option(top) is None and isinstance(value, Mapping):
-                flat.update((f"{top}.{str(name).lower()}", inner) for name, inner in value.items())
-            else:
-                flat[top] = value
-        self.layers[kind] = {
-            k: (*declared, source, v)
-            for k, v in flat.items()
-            if (declared := self._declaration(k, source))
-        }
-
-    def _declared(self, name: str, where: str) -> Section | None:
-        """The installed section called `name`, loaded once; None (and a warning) if none is."""
+    def section(self, name: str, where: str) -> Section | None:
+        """The installed section called `name`; None (and a warning) if none is."""
         if name not in self.sections:
             section = self.extra.get(name) or plugins.settings_section(name)
             if section is not None and section.name != name:
@@ -377,92 +326,26 @@ class SettingsReader:
             self.sections[name] = section
         return self.sections[name]
 
-    def _declaration(self, key: str, where: str) -> tuple[Section, Option] | None:
-        """The section and option `key` names; an unknown core name from the environment (which
-        may hold variables for other installs) is a warning and None, any other unknown raises."""
-        section_name, dot, name = key.partition(".")
-        section = self._declared(section_name, where) if dot else CORE
-        name = name if dot else key
-        if section is None:
-            return None
-        if (opt := section.option(name)) is not None:
-            return section, opt
-        if dot or not where.startswith("env ") or key in MOVED:
-            raise section.unknown(name, where)
-        self.warnings.append(f"{section.unknown(name, where)}; ignored")
-        return None
-
-    def settings(self, code: Mapping[str, Any] | None = None) -> Settings:
-        """Merge, validate and freeze; `code` adds what was given to `Millpond(...)` first."""
-        from dynaconf import ValidationError, Validator
-
-        if code:
-            self.layer("code", "code", code)
-        given: dict[str, tuple[Section, Option, str, Any]] = {}  # each setting's winning value
-        for layer in self.layers.values():
-            given.update((s.key(o.name), (s, o, src, v)) for s, o, src, v in layer.values())
-        for kind, layer in self.layers.items():  # lowest first: a later source wins
-            self.conf.update(
-                {p.upper(): _stored(o, src, v, self.conf) for p, (_s, o, src, v) in layer.items()},
-                loader_identifier=kind,
-            )
-        cast: dict[str, Any] = {}
-
-        def validator(section: Section, opt: Option, source: str, typed: Any) -> Validator:
-            key = section.key(opt.name)
-
-            def check(value: Any) -> Any:
-                try:
-                    cast[key] = section.cast(opt, value, source, typed=typed)
-                except ConfigurationError as exc:
-                    raise ValidationError(str(exc)) from None
-                return _keep_text(cast[key])  # dynaconf stores what a cast returns
-
-            return Validator(key, cast=check, description=opt.help)
-
-        self.conf.validators.clear()  # a second call validates everything given, once
-        self.conf.validators.register(*(validator(*held) for held in given.values()))
-        try:
-            self.conf.validators.validate_all()
-        except ValidationError as exc:
-            problems = [message for _validator, message in exc.details] or [str(exc)]
-            if len(problems) == 1:
-                raise ConfigurationError(problems[0]) from None
-            raise ConfigurationError(
-                f"{len(problems)} settings are invalid:\n  " + "\n  ".join(problems)
-            ) from None
-        core = {opt.name: _frozen(cast.get(opt.name, opt.default)) for opt in CORE.options}
-        sections = {
-            name: MappingProxyType(
-                {o.name: cast.get(section.key(o.name), o.default) for o in section.options}
-            )
-            for name, section in self.sections.items()
-            if section
-        }
-        sources = {**dict.fromkeys(core, "default"), **{k: held[2] for k, held in given.items()}}
-        return Settings(
-            **core,
-            sections=MappingProxyType(sections),
-            sources=MappingProxyType(sources),
-            warnings=tuple(self.warnings),
-        )
-
-
-def read_settings(
-    flags: Mapping[str, Any] | None = None,
-    *,
-    env: Mapping[str, str] | None = None,
-    file: Path | str | None = None,
-    sections: Iterable[Section] = (),
-) -> SettingsReader:
-    """Read the settings file, the environment (os.environ by default) and the flags (a None
-    value is not given); `sections` adds declarations not installed as `millpond.settings` entry
-    points (tests, embedding). Call `.settings(code)` for the result."""
-    env = os.environ if env is None else env
-    reader = SettingsReader(Path(file) if file is not None else settings_file(env), sections)
-    reader.env(env)
-    reader.layer("flag", "flag", {k: v for k, v in (flags or {}).items() if v is not None})
-    return reader
+    def layer(self, given: Iterable[tuple[str, str, Any]]) -> dict[str, Given]:
+        """Each (dynaconf key, source, value) with its declaration, by dynaconf key. A key names
+        "name" or "section.name", any deeper part one key of a table (dynaconf nests at each `__`:
+        MILLPOND_KOMBU__TRANSPORT_OPTIONS__REGION sets one key of kombu.transport_options). An
+        unknown core name from the environment (which may hold variables for other installs) is
+        a warning, any other unknown name an error."""
+        found: dict[str, Given] = {}
+        for path, source, value in given:
+            section_name, dot, name = path.lower().replace("__", ".").partition(".")
+            section = self.section(section_name, source) if dot else CORE
+            name = name.partition(".")[0] if dot else section_name
+            if section is None:
+                continue
+            if (opt := section.option(name)) is not None:
+                found[path] = (section, opt, source, value)
+            elif dot or not source.startswith("env ") or name in MOVED:
+                raise section.unknown(name, source)
+            else:
+                self.warnings.append(f"{section.unknown(name, source)}; ignored")
+        return found
 
 
 def load_settings(
@@ -474,6 +357,88 @@ def load_settings(
     sections: Iterable[Section] = (),
 ) -> Settings:
     """Read, merge and validate every source; raises ConfigurationError naming the bad setting.
-    `code` is what `Millpond(...)` was given, a plugin's section as a mapping
-    (`Millpond("shop", redis={"lease_timeout": 10})`)."""
-    return read_settings(flags, env=env, file=file, sections=sections).settings(code)
+
+    `env` is os.environ by default; a None flag is not given; `code` is what `Millpond(...)` was
+    given, a plugin's section as a mapping (`Millpond("shop", redis={"lease_timeout": 10})`);
+    `sections` adds declarations not installed as `millpond.settings` entry points (tests,
+    embedding). Each source's layer keeps the value as written and where it came from: dynaconf's
+    history records a nested key from the environment as its whole merged table."""
+    from dynaconf import Dynaconf, ValidationError, Validator
+    from dynaconf.utils.inspect import get_history
+
+    env = os.environ if env is None else env
+    path = Path(file) if file is not None else settings_file(env)
+    try:
+        # the environment is read from the mapping given, not by dynaconf's env loader (which
+        # reads os.environ only)
+        conf = Dynaconf(
+            settings_files=[str(path.resolve())] if path else [],
+            core_loaders=["TOML"],
+            environments=False,
+            load_dotenv=False,
+            envvar_prefix=False,
+            loaders=[],
+            includes=[],
+            preload=[],
+        )
+        conf.as_dict()  # dynaconf loads lazily: read the file now, inside this `try`
+    except Exception as exc:
+        raise ConfigurationError(f"cannot read settings file {path}: {exc}") from exc
+    found = _Declarations(sections)
+    file_values = [
+        e["value"] for e in get_history(conf, filter_callable=lambda s: s.loader == "toml")
+    ]
+    layers = {
+        "file": found.layer((k, f"file {path}", v) for e in file_values for k, v in _flat(e)),
+        "code": found.layer((k, "code", v) for k, v in _flat(code or {})),
+        "env": found.layer(
+            (variable[len(ENV_PREFIX) :], f"env {variable}", text)
+            for variable, text in env.items()
+            if variable.startswith(ENV_PREFIX) and variable not in META_ENV
+        ),
+        "flag": found.layer((k, "flag", v) for k, v in _flat(flags or {}) if v is not None),
+    }
+    given: dict[str, Given] = {}  # each setting's winning value
+    for kind, layer in layers.items():  # lowest first: a later source wins
+        given.update((s.key(o.name), (s, o, src, v)) for s, o, src, v in layer.values())
+        conf.update(
+            {p.upper(): _stored(o, src, v, conf) for p, (_s, o, src, v) in layer.items()},
+            loader_identifier=kind,
+        )
+    cast: dict[str, Any] = {}
+
+    def validator(section: Section, opt: Option, source: str, typed: Any) -> Validator:
+        key = section.key(opt.name)
+
+        def check(value: Any) -> Any:
+            try:
+                cast[key] = section.cast(opt, value, source, typed=typed)
+            except ConfigurationError as exc:
+                raise ValidationError(str(exc)) from None
+            return _keep_text(cast[key])  # dynaconf stores what a cast returns
+
+        return Validator(key, cast=check, description=opt.help)
+
+    conf.validators.register(*(validator(*held) for held in given.values()))
+    try:
+        conf.validators.validate_all()
+    except ValidationError as exc:
+        problems = [message for _validator, message in exc.details] or [str(exc)]
+        if len(problems) == 1:
+            raise ConfigurationError(problems[0]) from None
+        raise ConfigurationError(
+            f"{len(problems)} settings are invalid:\n  " + "\n  ".join(problems)
+        ) from None
+    core = {opt.name: _frozen(cast.get(opt.name, opt.default)) for opt in CORE.options}
+    values = {
+        name: MappingProxyType({o.name: cast.get(s.key(o.name), o.default) for o in s.options})
+        for name, s in found.sections.items()
+        if s
+    }
+    sources = {**dict.fromkeys(core, "default"), **{k: held[2] for k, held in given.items()}}
+    return Settings(
+        **core,
+        sections=MappingProxyType(values),
+        sources=MappingProxyType(sources),
+        warnings=tuple(found.warnings),
+    )

@@ -98,9 +98,9 @@ class SettingsWatch:
         if stamp == self.seen and version == self.version:
             return None
         self.seen, self.version = stamp, version
-        from millpond.config.settings import read_settings
+        from millpond.config.settings import load_settings
 
-        settings = read_settings(self.flags).settings(self.app.code_config)
+        settings = load_settings(self.flags, code=self.app.code_config)
         return build_entries(self.app, settings, self.source)
 
 

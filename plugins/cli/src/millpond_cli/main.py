@@ -140,18 +140,18 @@ def _load(ns: argparse.Namespace) -> tuple[Settings, Millpond | None]:
     """(settings, app) for the commands that take -A; the app is None when none is given.
 
     Values given to `Millpond(...)` in the app's code rank between the file and the environment,
-    so they are known only once the app is imported: then they are added to what was read, and the
-    app is configured with the result.
+    so they are known only once the app is imported: then every source is read again with them,
+    and the app is configured with the result.
     """
-    from millpond.config.settings import read_settings
+    from millpond.config.settings import load_settings
 
-    reader = read_settings(_flags(ns, "app", "broker_url", "result_backend"))
-    settings = reader.settings()
+    flags = _flags(ns, "app", "broker_url", "result_backend")
+    settings = load_settings(flags)
     if not settings.app:
         return settings, None
     app = load_app(settings.app)
     if app.code_config:
-        settings = reader.settings(app.code_config)
+        settings = load_settings(flags, code=app.code_config)
     app.configure(settings)
     return settings, app
 
@@ -183,7 +183,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     import structlog
 
     from millpond.config import plugins
-    from millpond.config.settings import read_settings
+    from millpond.config.settings import load_settings
     from millpond.contracts.hooks import HookChain
     from millpond_cli import logs
 
@@ -208,8 +208,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         flags["queues"] = ns.queues
     if ns.task_events:
         flags["events.tasks"] = True
-    reader = read_settings(flags)
-    settings = reader.settings()
+    settings = load_settings(flags)
     # the root logger is adopted only after the app is imported: one the app configured stays its
     logs.configure(settings.log_level, settings.log_format, stdlib=False)
     # before the app is imported: the tracing hooks install a provider from OTEL_* here, so the
@@ -219,7 +218,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     app = load_app(settings.app)
     if app.code_config:
         # the app's own settings rank between the file and the environment
-        settings = reader.settings(app.code_config)
+        settings = load_settings(flags, code=app.code_config)
     if settings.hooks == chosen:  # the app's own settings did not choose other hooks
         app.adopt_hooks(installed)
     logs.configure(settings.log_level, settings.log_format, stdlib=settings.log_stdlib)

@@ -97,6 +97,12 @@ def worker_flags() -> dict[str, list[str]]:
     return flags
 
 
+def env_name(key: str) -> str:
+    """The environment variable of a setting: `redis.lease_timeout` is
+    MILLPOND_REDIS__LEASE_TIMEOUT."""
+    return ENV_PREFIX + key.upper().replace(".", "__")
+
+
 def _toml(value: Any) -> str:
     if value is None:
         return "*unset*"
@@ -159,7 +165,7 @@ def render_section(doc: Documented, flags: dict[str, list[str]]) -> str:
         flag = ", ".join(f"`{f}`" for f in flags.get(key, []))
         description = opt.help + (" Secret: masked in `millpond config`." if opt.secret else "")
         lines.append(
-            f"| `{key}` | {_kind(opt)} | {_toml(opt.default)} | `{opt.env_name(section.name)}` "
+            f"| `{key}` | {_kind(opt)} | {_toml(opt.default)} | `{env_name(key)}` "
             f"| {flag} | {_cell(description)} |"
         )
     return "\n".join(lines) + "\n"
@@ -190,7 +196,7 @@ def describe(
         return ",".join(value) if isinstance(value, tuple) else "" if value is None else str(value)
 
     rows = [
-        (o.name, o.env_name(None), shown(o, getattr(settings, o.name)), settings.source(o.name))
+        (o.name, env_name(o.name), shown(o, getattr(settings, o.name)), settings.source(o.name))
         for o in CORE.options
     ]
     scheme = plugins.scheme_of(settings.broker_url) if settings.broker_url else "sqlite"
@@ -201,7 +207,7 @@ def describe(
         rows += [
             (
                 section.key(o.name),
-                o.env_name(section.name),
+                env_name(section.key(o.name)),
                 shown(o, values[o.name]),
                 sources[o.name],
             )

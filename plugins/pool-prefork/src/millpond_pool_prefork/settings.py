@@ -9,9 +9,10 @@ from typing import Any
 from millpond.config.options import Section, declared, setting
 
 
-@dataclass(frozen=True)
-class PreforkSettings:
-    """The [prefork] section: each field declares one setting (`SECTION` is derived from them)."""
+@dataclass(frozen=True, slots=True)
+class PreforkConfig:
+    """The [prefork] section: each field declares one setting (`SECTION` is derived from them);
+    the validated values, read by the parent and inherited by every child."""
 
     max_tasks_per_child: int | None = setting(
         None,
@@ -56,19 +57,7 @@ class PreforkSettings:
     )
 
 
-SECTION = Section("prefork", "Prefork pool", declared(PreforkSettings))
-
-
-@dataclass(frozen=True, slots=True)
-class PreforkConfig:
-    """The validated `[prefork]` options: read by the parent and inherited by every child."""
-
-    max_tasks_per_child: int | None = None
-    max_memory_per_child: int | None = None
-    prefetch_per_child: int = 4
-    reserve_per_child: int = 4
-    kill_grace: float = 1.0
-    start_timeout: float = 30.0
+SECTION = Section("prefork", "Prefork pool", declared(PreforkConfig))
 
 
 def resolve(options: Mapping[str, Any]) -> PreforkConfig:

@@ -9,9 +9,10 @@ from typing import Any
 from millpond.config.options import Section, declared, setting
 
 
-@dataclass(frozen=True)
-class ThreadsSettings:
-    """The [threads] section: each field declares one setting (`SECTION` is derived from them)."""
+@dataclass(frozen=True, slots=True)
+class ThreadsConfig:
+    """The [threads] section: each field declares one setting (`SECTION` is derived from them);
+    the validated values, frozen for the pool's hot path."""
 
     stack_size: int | None = setting(
         None,
@@ -22,14 +23,7 @@ class ThreadsSettings:
     )
 
 
-SECTION = Section("threads", "Threads pool", declared(ThreadsSettings))
-
-
-@dataclass(frozen=True, slots=True)
-class ThreadsConfig:
-    """The validated `[threads]` options, frozen for the pool's hot path."""
-
-    stack_size: int | None = None
+SECTION = Section("threads", "Threads pool", declared(ThreadsConfig))
 
 
 def resolve(options: Mapping[str, Any]) -> ThreadsConfig:
