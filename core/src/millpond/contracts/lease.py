@@ -34,8 +34,9 @@ class BeatResult:
     restored: int
 
 
-#: what a consumer's outage means while it lasts
+#: what a consumer's outage means while it lasts, and an outage that will not end by itself
 _ACKS_WAIT = "consuming continues once it answers (acknowledgements are kept and sent then)"
+_LASTING = "retrying, but it will not clear up by itself: check credentials, ACLs, configuration"
 
 
 class Outage:
@@ -53,23 +54,14 @@ class Outage:
     def began(
         self, what: str, exc: BaseException, *, lasting: bool = False, then: str = _ACKS_WAIT
     ) -> None:
-        """A round trip failed; `lasting` when retrying will not clear it up by itself, `then`
-        what it means meanwhile."""
+        """A round trip failed; `then` says what that means meanwhile, unless `lasting` (retrying
+        will not clear it up by itself), logged as an error."""
         if not self.failing:
+            level, then = (logging.ERROR, _LASTING) if lasting else (logging.WARNING, then)
             said = f"{type(exc).__name__}: {str(exc).strip()}"
-            if lasting:
-                self.log.error(
-                    "%s: %s failed: %s said %s; retrying, but this will not clear up by itself: "
-                    "check the server (credentials, ACLs, configuration)",
-                    self.name,
-                    what,
-                    self.where,
-                    said,
-                )
-            else:
-                self.log.warning(
-                    "%s: %s on %s failed (%s); %s", self.name, what, self.where, said, then
-                )
+            self.log.log(
+                level, "%s: %s failed on %s (%s); %s", self.name, what, self.where, said, then
+            )
         self.failing = True
 
     def refused(self, what: str, exc: BaseException) -> None:
