@@ -235,7 +235,7 @@ class Broker(ABC):
         """Leases and a little state held by this broker, for replicated schedulers."""
         raise NotSupported(
             f"{type(self).__name__} cannot hold claims (needed by `millpond beat`); use the "
-            "redis:// or the embedded sqlite:// broker"
+            "redis://, amqp:// or the embedded sqlite:// broker"
         )
 
     def default_backend(self) -> ResultBackend | None:
