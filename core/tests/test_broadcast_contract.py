@@ -1,4 +1,5 @@
-"""The broadcast contract's pure parts: what it refuses, and what a broker without it says."""
+"""The broker contract's pure parts: what it refuses, and what a broker without an optional part
+says."""
 
 from __future__ import annotations
 
@@ -33,3 +34,12 @@ def test_a_broker_without_exchanges_says_what_to_use() -> None:
     assert broker.supports_broadcast is False
     with pytest.raises(NotSupported, match="remote control and events are not available"):
         broker.listen(Listen("q", Exchange("x")))
+    # every other optional part says "cannot" the same way, naming the broker
+    with pytest.raises(NotSupported, match="Plain cannot count a queue"):
+        broker.queue_stats("q")
+    with pytest.raises(NotSupported, match="Plain cannot list dead letters"):
+        broker.dead_letters("q")
+    with pytest.raises(NotSupported, match="Plain cannot replay dead letters"):
+        broker.replay_dead_letters("q")
+    with pytest.raises(NotSupported, match=r"cannot hold claims.*redis://"):
+        broker.claims()

@@ -128,7 +128,7 @@ class TaskRevokedError(MillpondError):
 
 
 class NotSupported(MillpondError):
-    """The pool does not have the capability that was asked of it."""
+    """The broker, result backend or pool does not have the capability that was asked of it."""
 
 
 class ChordError(MillpondError):

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from millpond.contracts.broker import Broker
 
 
+#: what is stored of a `ResultMeta`, in Celery's order
+_STORED = ("status", "result", "traceback", "children", "date_done", "task_id", "name", "retries")
+
+
 @dataclass(slots=True)
 class ResultMeta:
     """A task's stored outcome; a failure's `result` is `{"exc_type", "exc_message",
@@ -35,16 +39,7 @@ class ResultMeta:
     reply_to: str | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "result": self.result,
-            "traceback": self.traceback,
-            "children": self.children,
-            "date_done": self.date_done,
-            "task_id": self.task_id,
-            "name": self.name,
-            "retries": self.retries,
-        }
+        return {key: getattr(self, key) for key in _STORED}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ResultMeta:
@@ -88,21 +83,17 @@ class ResultBackend(ABC):
         pass
 
     # -- results routed to the caller (optional) -------------------------------------------------
-    #: whether each result goes back to the process that sent the task, over the broker (a reply
-    #: queue per caller, Celery's rpc://), rather than into a store any process reads by task id.
-    #: Then the app calls `bind_broker` once, the producer `reply_to` before each send, and the
-    #: worker passes the message's `reply_to` on in `ResultMeta.reply_to`.
+    #: whether each result goes back over the broker to the process that sent the task (Celery's
+    #: rpc://), not into a store any process reads: the app calls `bind_broker` once, the producer
+    #: `reply_to` before each send, and the worker passes it on in `ResultMeta.reply_to`.
     replies_to_caller: ClassVar[bool] = False
 
     def bind_broker(self, broker: Broker) -> None:  # noqa: B027 - optional hook
-        """The app's broker, handed over right after the backend is created: results travel
-        over it."""
+        """The app's broker, which results travel over, right after the backend is created."""
 
     def reply_to(self, task_id: str) -> str | None:
-        """Before a task whose result is kept is sent: the address the worker is to send its
-        result to, set as the message's `reply_to` property (where Celery workers read it too;
-        retries and canvas steps carry it on), made sure to exist and be listened to. None
-        leaves the property unset."""
+        """Before a task whose result is kept is sent: where the worker is to send the result
+        (the message's `reply_to`, as Celery reads it), declared and listened to; None: unset."""
         return None
 
     # -- chords and groups (optional) -------------------------------------------------------------
@@ -110,21 +101,18 @@ class ResultBackend(ABC):
     supports_chords: ClassVar[bool] = False
 
     def set_chord_size(self, group_id: str, size: int) -> None:
-        """Before a chord's header is sent: how many header results the join waits for. Called
-        again for the same group id (the chord sent again), it starts a new join."""
+        """Before a chord's header is sent: how many results the join waits for; again for the
+        same group id (the chord sent again), a new join."""
         raise NotSupported(f"{type(self).__name__} cannot join chords")
 
     def chord_part_return(
         self, group_id: str, task_id: str, index: int | None, state: str, result: Any
     ) -> list[ChordPart] | None:
-        """Record one header task's outcome (`result`: its value, or Celery's exception dict).
-
-        The part that completes the chord gets every part in header order, and exactly one
-        caller does: the join is claimed atomically for `CHORD_CLAIM_TTL` unless `chord_done`
-        ends it, and a lapsed claim (its worker died before sending the body) passes to the next
-        caller, such as the redelivered header task. A part returned twice counts once.
-        Everyone else gets None.
-        """
+        """Record one header task's outcome (its value, or Celery's exception dict). Exactly one
+        caller, the one completing the chord, gets every part in header order, everyone else
+        None: the join is claimed atomically for `CHORD_CLAIM_TTL` unless `chord_done` ends it,
+        and a lapsed claim (its worker died before sending the body) passes to the next caller,
+        such as the redelivered header task. A part returned twice counts once."""
         raise NotSupported(f"{type(self).__name__} cannot join chords")
 
     def chord_done(self, group_id: str) -> None:
@@ -132,14 +120,13 @@ class ResultBackend(ABC):
         raise NotSupported(f"{type(self).__name__} cannot join chords")
 
     def chord_claim_expires(self, group_id: str) -> float | None:
-        """The epoch time the claim lapses when the join is complete, not done, and claimed;
-        else None. A redelivered header task that finds it claimed (its own worker may have
-        died holding it) waits until then and returns its part again."""
+        """When (epoch) the claim of a complete, claimed, not done join lapses, else None: a
+        redelivered header task that finds it claimed waits until then and returns its part."""
         raise NotSupported(f"{type(self).__name__} cannot join chords")
 
     def chord_release(self, group_id: str) -> None:
-        """The claimant could not send the body: end its claim now, so the next return of a
-        part (its redelivered header task) completes the join again."""
+        """The claimant could not send the body: end its claim, so the next part returned (its
+        redelivered header task) completes the join again."""
         raise NotSupported(f"{type(self).__name__} cannot join chords")
 
     def save_group(self, group_id: str, value: Any) -> None:

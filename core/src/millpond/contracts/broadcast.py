@@ -1,16 +1,13 @@
 """What a broker offers besides task queues: exchanges, for remote control and events.
 
-Celery's control plane (kombu's pidbox) and its events (`celeryev`) publish to named exchanges
-and listen on queues bound to them. A broker that can carry them sets `Broker.supports_broadcast`
-and implements `Broker.broadcast` and `Broker.listen` in exactly the layout kombu uses on that
-broker (each plugin's `broadcast` module describes it), so a Celery client and a millpond worker
-(or the reverse) meet on the same wire.
+Celery's control plane (kombu's pidbox) and events (`celeryev`) publish to named exchanges and
+listen on queues bound to them. A broker that carries them sets `Broker.supports_broadcast` and
+implements `broadcast` and `listen` in kombu's layout on that broker (each plugin's `broadcast`
+module describes it), so Celery and millpond meet on the same wire.
 
-Threading: `broadcast` is safe from any thread, like `publish`. A `Subscription` is used by the
-one thread that opened it (`receive` then `close`); it owns its connection, so a listener never
-competes with the consumer loop for one. A subscription survives a broker restart on its own: while
-the broker is away `receive` returns nothing (after waiting its timeout) and reconnects, declaring
-its queue and binding again.
+Threading: `broadcast` is safe from any thread, like `publish`. A `Subscription` belongs to the
+thread that opened it and owns its connection, so a listener never competes with the consumer
+loop; it rides out a broker restart itself (`receive` returns nothing, then reconnects and binds).
 """
 
 from __future__ import annotations
@@ -27,8 +24,8 @@ ExchangeKind = Literal["fanout", "topic", "direct"]
 @dataclass(frozen=True, slots=True)
 class Exchange:
     """A named exchange. `durable`/`auto_delete` matter on RabbitMQ only, where they must equal
-    what Celery declares (`celery.pidbox`: fanout, not durable; `reply.celery.pidbox`: direct,
-    not durable; `celeryev`: topic, durable): a mismatch is a `PRECONDITION_FAILED`."""
+    what Celery declares (`celery.pidbox` and `reply.celery.pidbox` are not durable, `celeryev`
+    is), or it refuses with `PRECONDITION_FAILED`."""
 
     name: str
     kind: ExchangeKind = "fanout"
@@ -45,12 +42,9 @@ class Exchange:
 
 @dataclass(frozen=True, slots=True)
 class Listen:
-    """A queue bound to an exchange, to listen on.
-
-    `message_ttl` and `expires` (seconds) become `x-message-ttl` and `x-expires` on RabbitMQ; on
-    Redis a direct-bound queue's list gets `expires` as its key TTL, refreshed while it is read,
-    and pub/sub keeps nothing to expire.
-    """
+    """A queue bound to an exchange, to listen on. `message_ttl` and `expires` (seconds) become
+    `x-message-ttl` and `x-expires` on RabbitMQ; on Redis `expires` is a direct-bound queue's key
+    TTL, refreshed while it is read (pub/sub keeps nothing to expire)."""
 
     queue: str
     exchange: Exchange
@@ -82,10 +76,8 @@ class Subscription(ABC):
 
     @abstractmethod
     def receive(self, timeout: float) -> list[Received]:
-        """The messages that arrived, waiting at most `timeout` seconds for the first one.
-
-        Never raises for a lost connection: it logs, reconnects on a later call and returns [].
-        """
+        """The messages that arrived, waiting at most `timeout` seconds for the first one; for a
+        lost connection it logs, returns [] and reconnects on a later call, never raises."""
 
     @abstractmethod
     def close(self) -> None:

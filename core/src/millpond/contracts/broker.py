@@ -1,5 +1,8 @@
 """The broker contract every transport plugin implements: publish, consume, acknowledge.
 
+What a broker cannot do it says one way: the optional method raises `NotSupported`, naming the
+broker and what to use instead (or a `supports_*` flag is False, where callers ask first).
+
 Threading rules (they are the contract, not advice):
 
 * `Broker.publish`, `declare`, `purge` and the `ResultBackend` methods are safe from any thread and
@@ -58,11 +61,8 @@ def dead_letter_queue(queue: str) -> str:
 
 @dataclass(slots=True)
 class Delivery:
-    """One message handed to a consumer, not yet acknowledged.
-
-    `delivery_count` is 1 on the first delivery and counts every later one (a requeue, the holding
-    consumer's death); a broker that cannot count exactly gives a lower bound (2 if redelivered).
-    """
+    """One message handed to a consumer, not yet acknowledged. `delivery_count` is 1 at first and
+    counts each redelivery (a requeue, the holder's death), else a lower bound (2 if redelivered)."""
 
     message: Message
     queue: str
@@ -73,9 +73,8 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
-    """What a broker can tell about a queue without consuming (`millpond queue-stats`, autoscaling
-    gauges). `None` means it cannot tell, never zero. `reserved` counts fetched, unacknowledged
-    messages (buffered in a worker or running): `ready + reserved` is the whole backlog."""
+    """What a broker can tell about a queue without consuming (`millpond queue-stats`, gauges);
+    `None` where it cannot tell. `ready + reserved` (fetched, unacknowledged) is the backlog."""
 
     queue: str
     ready: int
@@ -98,10 +97,9 @@ class Consumer(ABC):
 
     @abstractmethod
     def fetch(self, max_count: int, timeout: float, waker: Waker | None = None) -> list[Delivery]:
-        """1..max_count deliveries as soon as any is available, blocking at most `timeout`
-        seconds; return early (possibly empty) when `waker` becomes readable. Never more than
-        `max_count`: that keeps the prefetch limit. `AccessDenied` (credentials or a permission
-        refused) stops the worker, saying why; anything else raised is logged and retried."""
+        """1..max_count (never more: the prefetch limit) deliveries as soon as any is available,
+        blocking at most `timeout` seconds, early (maybe empty) when `waker` is readable.
+        `AccessDenied` stops the worker, saying why; anything else is logged and retried."""
 
     @abstractmethod
     def ack(self, deliveries: Sequence[Delivery]) -> None:
@@ -118,29 +116,22 @@ class Consumer(ABC):
         """Stop consuming. Unacknowledged deliveries go back to their queues (cold shutdown)."""
 
     def release(self, deliveries: Sequence[Delivery]) -> None:
-        """At a warm shutdown, give back at once the deliveries fetched but never started (the
-        prefetch buffer), so another consumer gets them now, not when a lease or visibility
-        timeout lapses, while this one still holds (and later acks) those still running.
-
-        The worker fetches nothing after this, only acks, then closes: a pushing broker (AMQP)
-        stops its subscription here so the slots are not refilled. A delivery the broker took
-        back already (a lapsed lease) is skipped without error. By default one
-        `reject(requeue=True)` each; a broker may give back a batch in one round trip.
-        """
+        """At a warm shutdown, give back the fetched but unstarted deliveries at once, so another
+        consumer gets them now, not when a lease lapses; the running ones are still acked later.
+        Only acks follow, so a pushing broker (AMQP) stops its subscription here. A delivery the
+        broker took back already is skipped; a broker may give back a batch in one round trip."""
         for delivery in deliveries:
             self.reject(delivery, requeue=True, reason="given back unstarted at a warm shutdown")
 
     def stale(self, delivery: Delivery) -> bool:
-        """Whether the broker may have given this delivery to another consumer since the fetch
-        (a lapsed lease, a closed channel); asked, cheaply and without blocking, just before a
-        buffered delivery starts. If so the worker gives it back (`reject(requeue=True)`)
-        instead of running it. A false negative runs a task twice, a false positive only sends
-        it round the queue again; say True when certain or nearly (stalled past the lease)."""
+        """Whether another consumer may have this delivery by now (a lapsed lease, a closed
+        channel); asked cheaply just before a buffered delivery starts, which is then requeued,
+        not run. A false negative runs a task twice, a false positive only requeues it."""
         return False
 
     def resize(self, prefetch: int) -> bool:
-        """Change the prefetch limit while consuming (the worker widens it by what rate-limited
-        tasks hold waiting); False when this consumer cannot, and the limit stays."""
+        """Change the prefetch limit while consuming (by what rate-limited tasks hold waiting);
+        False when this consumer cannot, and the limit stays."""
         return False
 
     @property
@@ -165,9 +156,8 @@ class Broker(ABC):
     supports_delay: ClassVar[bool] = True
     #: exchanges for remote control and events (`broadcast`, `listen`); see contracts.broadcast
     supports_broadcast: ClassVar[bool] = False
-    #: whether a consumer that dies without closing (SIGKILL, a lost machine) gives its messages
-    #: back; False where a fetch deletes the message: the kit skips its killed-consumer test, and
-    #: such a broker refuses to consume unless told the loss is accepted
+    #: whether a dead consumer's messages come back (False where a fetch deletes the message: the
+    #: kit skips that test, and the broker refuses to consume unless told the loss is accepted)
     redelivers_lost_deliveries: ClassVar[bool] = True
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
@@ -187,14 +177,12 @@ class Broker(ABC):
     @abstractmethod
     def publish(self, queue: str, message: Message, *, eta: float | None = None) -> None:
         """Return once the broker has the message (publisher confirms), or raise `PublishError`
-        after bounded retries. `eta` (epoch seconds) has the broker hold it until then: delays
-        live in the broker, never in a worker's memory."""
+        after bounded retries. The broker holds it until `eta` (epoch seconds), never a worker."""
 
     def publish_many(self, batch: Sequence[Outbound]) -> None:
-        """`publish` for several messages (a group, a chord's header). When some were not taken,
-        a broker that knows which sets the `PublishError`'s `not_sent` to their task ids, so the
-        rest are reported as sent. By default one `publish` after another; RabbitMQ sends all,
-        then waits for their confirms together."""
+        """`publish` for several messages (a group, a chord's header); RabbitMQ waits for their
+        confirms together. A broker that knows which were not taken sets the `PublishError`'s
+        `not_sent` to their task ids, so the rest are reported as sent."""
         for item in batch:
             self.publish(item.queue, item.message, eta=item.eta)
 
@@ -207,8 +195,8 @@ class Broker(ABC):
         """Remove every ready message from a queue; return how many."""
 
     def queue_length(self, queue: str) -> int:
-        """Ready messages in a queue (for autoscaling and tests); optional."""
-        raise NotImplementedError(f"{type(self).__name__} cannot count a queue")
+        """Ready messages in a queue (for autoscaling and tests)."""
+        raise NotSupported(f"{type(self).__name__} cannot count a queue")
 
     def queue_stats(self, queue: str) -> QueueStats:
         """What this broker can tell of a queue (safe from any thread: metrics collectors call
@@ -216,12 +204,12 @@ class Broker(ABC):
         return QueueStats(queue, self.queue_length(queue))
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[Message]:
-        """Messages in the queue's dead-letter destination, oldest first; optional."""
-        raise NotImplementedError(f"{type(self).__name__} cannot list dead letters")
+        """Messages in the queue's dead-letter destination, oldest first."""
+        raise NotSupported(f"{type(self).__name__} cannot list dead letters")
 
     def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
-        """Move dead-lettered messages back to their queue; return how many; optional."""
-        raise NotImplementedError(f"{type(self).__name__} cannot replay dead letters")
+        """Move dead-lettered messages back to their queue; return how many."""
+        raise NotSupported(f"{type(self).__name__} cannot replay dead letters")
 
     def broadcast(
         self,
@@ -231,15 +219,11 @@ class Broker(ABC):
         *,
         ttl: float | None = None,
     ) -> int | None:
-        """Publish to an exchange in kombu's layout for this broker (see contracts.broadcast);
-        safe from any thread, raises `PublishError`. Nobody listening is not an error. `ttl`
-        (seconds) bounds the wait: AMQP's `expiration`, the key TTL of a Redis list.
-
-        Returns how many listeners it reached where the broker learns that for free (Redis
-        PUBLISH, an embedded broker's bound queues), else None: a caller waiting for replies
-        stops after that many, and waits for nobody at 0 (a lone worker skips mingle's quiet
-        window). Never an undercount, or a listener not counted may go unheard.
-        """
+        """Publish to an exchange in kombu's layout for this broker (contracts.broadcast); from
+        any thread, raises `PublishError`, nobody listening is fine. `ttl` (seconds) bounds the
+        wait: AMQP's `expiration`, a Redis list's key TTL. Returns how many listeners it reached
+        where the broker learns that for free, else None: a caller stops waiting for replies
+        after that many (none at 0). Never an undercount, or a listener may go unheard."""
         raise NotSupported(unavailable(self))
 
     def listen(self, spec: Listen) -> Subscription:
@@ -248,10 +232,10 @@ class Broker(ABC):
         raise NotSupported(unavailable(self))
 
     def claims(self) -> Claims:
-        """Leases and a little state held by this broker, for replicated schedulers; optional."""
-        raise NotImplementedError(
+        """Leases and a little state held by this broker, for replicated schedulers."""
+        raise NotSupported(
             f"{type(self).__name__} cannot hold claims (needed by `millpond beat`); use the "
-            "redis:// or the embedded sqlite:// broker"
+            "redis://, amqp:// or the embedded sqlite:// broker"
         )
 
     def default_backend(self) -> ResultBackend | None:

@@ -1,19 +1,16 @@
 """Claims: short-lived, named locks and a little state, held by the broker the app already has.
 
-A scheduler on several replicas (`millpond beat`) must agree on who publishes each tick and
-remember what it published, with nothing but the app's own infrastructure: Redis `SET NX PX`, a
-row in the embedded sqlite file. A broker plugin that can hold claims returns them from
-`Broker.claims()`, keeping these semantics:
+Replicas of a scheduler (`millpond beat`) agree on who publishes each tick, and remember what was
+published, with the app's own infrastructure (Redis `SET NX PX`, a row in the sqlite file). A
+broker that can hold claims returns them from `Broker.claims()`, keeping these semantics, from any
+thread and after `os.fork()` like `Broker.publish`:
 
 * `acquire(key, owner, ttl)` is atomic: it succeeds when nobody holds `key` (or the holder's time
-  ran out), or when `owner` holds it already (extended to `ttl` from now). Two owners never both
-  hold one key at once, as the server's clock counts.
-* A claim is forgotten `ttl` seconds after its last successful `acquire`, whatever happens to the
+  ran out) or `owner` does (extended to `ttl` from now); two owners never hold one key at once.
+* A claim is forgotten `ttl` seconds after its last successful `acquire`, whatever becomes of the
   holder (a SIGKILLed holder's claims run out).
-* `state` is a small string map per namespace, kept until overwritten (each periodic entry's last
-  tick). It is no transaction with the claims: callers write it after the claim that guards it.
-
-Every method is safe from any thread and after `os.fork()`, like `Broker.publish`.
+* `state` is a small string map per namespace, kept until overwritten; no transaction with the
+  claims: callers write it after the claim that guards it.
 """
 
 from __future__ import annotations

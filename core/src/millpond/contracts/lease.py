@@ -6,9 +6,12 @@ that a task running inline in the loop thread (the solo pool) for hours never le
 beat also gives back the messages of consumers whose lease expired. What one beat does is the
 broker's (a Redis script, a SQL statement); when to beat and what to log lives here.
 
-`Outage` is a consumer's broker outage, said once (Redis, PostgreSQL): whether its connection is
-failing, and a doubling pause before the next attempt that waits on the loop's `Waker` (a
-completion still interrupts it; its ack is kept for the next round trip).
+`Outage` is a consumer's broker outage, said once (Redis, PostgreSQL), and a doubling pause before
+the next attempt that waits on the loop's `Waker` (a completion still interrupts it; its ack is
+kept for the next round trip).
+
+Both log to `millpond.broker.<name>`, prefix their lines with `name` ("redis") and name the other
+end by `where` (the masked URL).
 """
 
 from __future__ import annotations
@@ -24,136 +27,53 @@ from millpond.contracts.waking import Waker
 
 @dataclass(frozen=True, slots=True)
 class BeatResult:
-    """What one beat found: whether the lease had lapsed (a new one was taken), and how many
-    messages of consumers whose lease expired it gave back."""
+    """Whether the lease had lapsed (a new one was taken), and how many messages of consumers
+    whose lease expired the beat gave back."""
 
     lapsed: bool
     restored: int
 
 
-@dataclass(frozen=True, slots=True)
-class LeaseServer:
-    """For the keeper's log lines: `broker` prefixes them ("redis"), `server` names the other end
-    ("Redis", "the server"); `transient` errors are logged once, then quiet until a beat works."""
-
-    broker: str
-    server: str
-    transient: tuple[type[BaseException], ...]
-    log: logging.Logger
-
-
-class LeaseKeeper(threading.Thread):
-    """Beats every `interval` seconds until `stop()`; errors are logged, never raised."""
-
-    def __init__(
-        self, beat: Callable[[], BeatResult], interval: float, server: LeaseServer, name: str
-    ) -> None:
-        super().__init__(name=name, daemon=True)
-        self._beat = beat
-        self._interval = interval
-        self._server = server
-        self._stop_event = threading.Event()
-        self._failing = False
-        self._beaten = False  # the first beat creates the lease: "lapsed" is expected then
-
-    def beat_once(self, *, strict: tuple[type[BaseException], ...] = ()) -> None:
-        """One beat. Errors in `strict` are raised (a consumer's first beat, so refused credentials
-        stop the worker at start-up); others are logged and the next beat tries again."""
-        s = self._server
-        try:
-            result = self._beat()
-        except strict:
-            raise
-        except s.transient as exc:
-            if not self._failing:
-                s.log.warning(
-                    "%s: heartbeat failed (%s); retrying every %.1f s. If %s stays unreachable "
-                    "past lease_timeout, this consumer's messages may be redelivered",
-                    s.broker,
-                    str(exc).strip(),
-                    self._interval,
-                    s.server,
-                )
-            self._failing = True
-            return
-        except Exception:  # a bug must not kill the lease silently
-            s.log.exception("%s: heartbeat raised unexpectedly", s.broker)
-            return
-        if self._failing:
-            s.log.info("%s: heartbeat reaches %s again", s.broker, s.server)
-            self._failing = False
-        if result.lapsed and self._beaten:
-            s.log.warning(
-                "%s: this consumer's lease had lapsed (no heartbeat reached %s within "
-                "lease_timeout); messages it held may have been given to other consumers",
-                s.broker,
-                s.server,
-            )
-        self._beaten = True
-        if result.restored > 0:
-            s.log.warning(
-                "%s: gave back %d message(s) held by consumer(s) whose lease expired",
-                s.broker,
-                result.restored,
-            )
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self._interval):
-            self.beat_once()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=10)
+#: what a consumer's outage means while it lasts, and an outage that will not end by itself
+_ACKS_WAIT = "consuming continues once it answers (acknowledgements are kept and sent then)"
+_LASTING = "retrying, but it will not clear up by itself: check credentials, ACLs, configuration"
 
 
 class Outage:
-    """Connection trouble of consumer `name` ("redis") with `where` (the masked URL); pauses
-    double from `first` to `most` seconds while it lasts."""
+    """Connection trouble of consumer `name` with `where`, said once; pauses double from `first`
+    to `most` seconds while it lasts."""
 
-    def __init__(
-        self, log: logging.Logger, name: str, where: str, first: float = 0.05, most: float = 2.0
-    ) -> None:
-        self._log, self._name, self._where = log, name, where
+    def __init__(self, name: str, where: str, first: float = 0.05, most: float = 2.0) -> None:
+        self.log = logging.getLogger(f"millpond.broker.{name}")
+        self.name, self.where = name, where
         self._first, self._most = first, most
         self._delay = first
         #: from a failed round trip until the next one succeeds (the readiness probe reads it)
         self.failing = False
 
-    def began(self, what: str, exc: BaseException, *, lasting: bool = False) -> None:
-        """A round trip failed; `lasting` when retrying will not clear it up by itself."""
+    def began(
+        self, what: str, exc: BaseException, *, lasting: bool = False, then: str = _ACKS_WAIT
+    ) -> None:
+        """A round trip failed; `then` says what that means meanwhile, unless `lasting` (retrying
+        will not clear it up by itself), logged as an error."""
         if not self.failing:
+            level, then = (logging.ERROR, _LASTING) if lasting else (logging.WARNING, then)
             said = f"{type(exc).__name__}: {str(exc).strip()}"
-            if lasting:
-                self._log.error(
-                    "%s: %s failed: %s said %s; retrying, but this will not clear up by itself: "
-                    "check the server (credentials, ACLs, configuration)",
-                    self._name,
-                    what,
-                    self._where,
-                    said,
-                )
-            else:
-                self._log.warning(
-                    "%s: %s failed (%s); consuming continues once %s answers again "
-                    "(acknowledgements are kept and sent then)",
-                    self._name,
-                    what,
-                    said,
-                    self._where,
-                )
+            self.log.log(
+                level, "%s: %s failed on %s (%s); %s", self.name, what, self.where, said, then
+            )
         self.failing = True
 
     def refused(self, what: str, exc: BaseException) -> None:
         """One ack or reject refused, not for the connection: dropped rather than block the later
         ones. Nothing is lost: the message stays reserved and returns to its queue when the
         consumer closes or its lease expires (so it may run again)."""
-        self._log.error(
+        self.log.error(
             "%s: %s refused by %s (%s: %s); the message(s) stay reserved and return to "
             "their queue when this consumer closes",
-            self._name,
+            self.name,
             what,
-            self._where,
+            self.where,
             type(exc).__name__,
             str(exc).strip(),
         )
@@ -161,7 +81,7 @@ class Outage:
     def over(self) -> None:
         """A round trip succeeded."""
         if self.failing:
-            self._log.info("%s: connection to %s is back", self._name, self._where)
+            self.log.info("%s: connection to %s is back", self.name, self.where)
         self.failing = False
         self._delay = self._first
 
@@ -174,3 +94,62 @@ class Outage:
                 waker.wait(delay)
             else:
                 time.sleep(delay)
+
+
+class LeaseKeeper(threading.Thread):
+    """Beats every `interval` seconds until `stop()`; errors are logged, never raised, and
+    `transient` ones as an `Outage` of its own."""
+
+    def __init__(
+        self,
+        beat: Callable[[], BeatResult],
+        interval: float,
+        name: str,
+        where: str,
+        transient: tuple[type[BaseException], ...],
+    ) -> None:
+        super().__init__(name=f"millpond-{name}-lease", daemon=True)
+        self._beat, self._interval, self._transient = beat, interval, transient
+        self._outage = Outage(name, where)
+        self._stop_event = threading.Event()
+        self._beaten = False  # the first beat creates the lease: "lapsed" is expected then
+
+    def beat_once(self, *, strict: tuple[type[BaseException], ...] = ()) -> None:
+        """One beat. Errors in `strict` are raised (a consumer's first beat, so refused credentials
+        stop the worker at start-up); others are logged and the next beat tries again."""
+        said = self._outage
+        try:
+            result = self._beat()
+        except strict:
+            raise
+        except self._transient as exc:
+            then = f"retrying every {self._interval:.1f} s; past lease_timeout this consumer's "
+            said.began("heartbeat", exc, then=then + "messages may be redelivered")
+            return
+        except Exception:  # a bug must not kill the lease silently
+            said.log.exception("%s: heartbeat raised unexpectedly", said.name)
+            return
+        said.over()
+        if result.lapsed and self._beaten:
+            said.log.warning(
+                "%s: this consumer's lease had lapsed (no heartbeat reached %s within "
+                "lease_timeout); messages it held may have been given to other consumers",
+                said.name,
+                said.where,
+            )
+        self._beaten = True
+        if result.restored > 0:
+            said.log.warning(
+                "%s: gave back %d message(s) held by consumer(s) whose lease expired",
+                said.name,
+                result.restored,
+            )
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._interval):
+            self.beat_once()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=10)

@@ -33,20 +33,16 @@ class Waker:
         if self._set:
             return
         self._set = True
-        try:
+        with suppress(OSError):  # already full of wake-ups (BlockingIOError), or closed
             self._w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already full of wake-ups, or closed at shutdown
 
     def clear(self) -> None:
         if not self._set:
             return  # nothing was written since the last clear: skip the recv() syscall
         self._set = False
-        try:
+        with suppress(OSError):  # BlockingIOError: drained
             while self._r.recv(4096):
                 pass
-        except (BlockingIOError, OSError):
-            pass
 
     @property
     def is_set(self) -> bool:

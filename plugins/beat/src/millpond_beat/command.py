@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from millpond.contracts.hooks import Hooks, WorkerView
-from millpond.exceptions import ConfigurationError
+from millpond.exceptions import ConfigurationError, NotSupported
 from millpond_beat import entries as entries_mod
 from millpond_beat.entries import Entry
 from millpond_beat.scheduler import LEADER_FIELD, Beat, BeatConfig
@@ -115,7 +115,7 @@ def make_beat(
     config = BeatConfig.from_section(beat_values(settings))
     try:
         claims = app.broker.claims()
-    except NotImplementedError as exc:
+    except NotSupported as exc:
         raise ConfigurationError(str(exc)) from None
     reload = SettingsWatch(app, flags or {}, source) if config.reload_interval else None
     published = source.published if source is not None else None

@@ -51,7 +51,7 @@ from typing import Any, ClassVar
 from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError, NotEmptyError
 
 from millpond.contracts.broker import Consumer, Delivery, QueueStats, dead_letter_queue
-from millpond.contracts.lease import BeatResult, LeaseKeeper, LeaseServer
+from millpond.contracts.lease import BeatResult, LeaseKeeper
 from millpond.contracts.waking import Waker
 from millpond.exceptions import MalformedMessage, PublishError
 from millpond.wire import envelope
@@ -165,8 +165,9 @@ class ZookeeperConsumer(Consumer):
         self.keeper = LeaseKeeper(
             self._beat,
             float(broker.settings["recover_interval"]),
-            LeaseServer("zookeeper", "Zookeeper", _TRANSIENT, log),
-            name=f"millpond-zookeeper-lease-{self.id[:8]}",
+            "zookeeper",
+            broker.safe_url,
+            _TRANSIENT,
         )
         try:
             self.keeper.beat_once(strict=(Exception,))  # the lease exists before the first claim

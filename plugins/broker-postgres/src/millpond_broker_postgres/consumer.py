@@ -37,7 +37,7 @@ import psycopg
 from psycopg import sql
 
 from millpond.contracts.broker import Consumer, Delivery, dead_letter_queue
-from millpond.contracts.lease import BeatResult, LeaseKeeper, LeaseServer, Outage
+from millpond.contracts.lease import BeatResult, LeaseKeeper, Outage
 from millpond.contracts.waking import Waker
 from millpond_broker_postgres import schema
 from millpond_broker_postgres.connection import RETRYABLE, close_quietly, connect
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from millpond_broker_postgres.broker import PostgresBroker
 
 log = logging.getLogger("millpond.broker.postgres")
-_LEASE_SERVER = LeaseServer("postgres", "the server", (psycopg.Error,), log)
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 #: an ack kept for the next fetch is sent on its own by an `ack` call this much later
@@ -78,7 +77,7 @@ class PostgresConsumer(Consumer):
         self._acks_since = 0.0
         self._pending: list[tuple[str, Callable[[Conn], Any]]] = []
         self._uncertain = False
-        self._outage = Outage(log, "postgres", self._cfg.masked_url)
+        self._outage = Outage("postgres", self._cfg.masked_url)
         self._closed = False
         self._conn: Conn | None = None
         #: a notification arrived (read by psycopg during a statement, or by `_drain`)
@@ -87,8 +86,9 @@ class PostgresConsumer(Consumer):
         self._heartbeat = LeaseKeeper(
             self._beat,
             self._cfg.heartbeat_interval,
-            _LEASE_SERVER,
-            name=f"millpond-postgres-lease-{self.id}",
+            "postgres",
+            self._cfg.masked_url,
+            (psycopg.Error,),
         )
         self._heartbeat.beat_once()  # the lease exists before the first message is reserved
         self._heartbeat.start()

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from millpond.contracts.broker import Consumer, Delivery
-from millpond.contracts.lease import BeatResult, LeaseKeeper, LeaseServer, Outage
+from millpond.contracts.lease import BeatResult, LeaseKeeper, Outage
 from millpond.contracts.waking import Waker
 from millpond.exceptions import AccessDenied, MalformedMessage
 from millpond.wire import envelope
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from millpond_broker_redis.broker import RedisBroker
 
 log = logging.getLogger("millpond.broker.redis")
-_LEASE_SERVER = LeaseServer("redis", "Redis", (redis.RedisError,), log)
 
 #: the most messages one fetch reserves (keeps the script's reply and Lua's stack bounded)
 MAX_BATCH = 1000
@@ -127,7 +126,7 @@ class RedisConsumer(Consumer):
         self._pending: list[tuple[str, Callable[[redis.Redis], Any]]] = []
         #: part index -> tags whose reservation may have happened unseen (a lost reply)
         self._uncertain: dict[int, list[int]] = {}
-        self._outage = Outage(log, "redis", self._cfg.masked_url)
+        self._outage = Outage("redis", self._cfg.masked_url)
         #: set by connection trouble: after it, the hash may hold entries already settled
         self._reconcile_due = False
         self._closed = False
@@ -139,10 +138,7 @@ class RedisConsumer(Consumer):
         broker.served.update(self.queues)  # a Counter: several consumers may share a queue
         self._beaten = False
         self._heartbeat = LeaseKeeper(
-            self._beat,
-            cfg.heartbeat_interval,
-            _LEASE_SERVER,
-            name=f"millpond-redis-lease-{self.id}",
+            self._beat, cfg.heartbeat_interval, "redis", cfg.masked_url, (redis.RedisError,)
         )
         try:  # the lease exists before the first message is reserved
             self._heartbeat.beat_once(strict=ACCESS_ERRORS)

@@ -17,7 +17,13 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from millpond.exceptions import ConfigurationError, MillpondError, PluginLoadError, PluginNotFound
+from millpond.exceptions import (
+    ConfigurationError,
+    MillpondError,
+    NotSupported,
+    PluginLoadError,
+    PluginNotFound,
+)
 from millpond_cli.command import Command, json_object
 from millpond_cli.parser import build_parser
 
@@ -380,10 +386,8 @@ def cmd_queue_stats(ns: argparse.Namespace) -> int:
         for queue in queues:
             try:
                 stats = dataclasses.asdict(app.broker.queue_stats(queue))
-            except NotImplementedError as exc:
-                raise ConfigurationError(
-                    f"queue-stats: {exc}; this broker plugin cannot report queue sizes"
-                ) from None
+            except NotSupported as exc:
+                raise ConfigurationError(f"queue-stats: {exc}") from None
             if ns.slots is not None:
                 backlog = stats["ready"] + (stats["reserved"] or 0)
                 stats["load"] = round(backlog / ns.slots, 3)

@@ -58,6 +58,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from millpond import __version__
+from millpond.exceptions import NotSupported
 from millpond.states import FAILED_STATES, TaskState
 
 if TYPE_CHECKING:
@@ -337,7 +338,7 @@ def _ready_count(worker: Worker, queue: str) -> int | None:
         return cached[0]
     try:
         ready = int(worker.app.broker.queue_stats(queue).ready)
-    except NotImplementedError:
+    except NotSupported:
         return None
     except Exception as exc:  # a collection must never fail: the gauge misses one reading
         import structlog
