@@ -447,7 +447,7 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
     lines: list[tuple[str, ...]] = [("NAME", "DISTRIBUTION", "VERSION", "CORE VERSIONS")]
     failed = 0
     for group in plugins.GROUPS:
-        lines.append((f"{plugins.NAMES[group][1]}:",))
+        lines.append((f"{plugins.GROUPS[group].title}:",))
         mine = [r for r in rows if r.group == group]
         if not mine:
             hint = (
