@@ -1,2 +1,2 @@
-"""Cross-cutting concerns the core keeps: log context as hooks, throttled log lines (tracing,
-metrics, health probes and the process's logging set-up are plugins' and the CLI's)."""
+"""Throttled log lines, what the core keeps of observability (tracing, metrics, health probes,
+the log context and the process's logging set-up are plugins': tracing, metrics, health, cli)."""
