@@ -32,7 +32,7 @@ from millpond.contracts.canvas import Canvas
 from millpond.contracts.component import WorkerComponent
 from millpond.contracts.hooks import Hooks
 from millpond.contracts.pool import BasePool
-from millpond.exceptions import MillpondError, PluginLoadError, PluginNotFound
+from millpond.exceptions import PluginLoadError, PluginNotFound
 
 POOLS = "millpond.pools"
 BROKERS = "millpond.brokers"
@@ -301,14 +301,3 @@ def installed_sections() -> list[tuple[Section, str]]:
 def describe_installed(groups: Iterable[str] = GROUPS) -> list[PluginInfo]:
     """Every installed plugin with its distribution, version and core range; imports none."""
     return [describe(ep) for group in groups for ep in entry_points(group)]
-
-
-def check(info: PluginInfo) -> str | None:
-    """Import one plugin and check it: None when it loads, else why it does not."""
-    try:
-        load(info.group, info.name)
-    except MillpondError as exc:
-        return str(exc)
-    except Exception as exc:  # stevedore lets an AssertionError raised on import through
-        return f"{type(exc).__name__}: {exc}"
-    return None
