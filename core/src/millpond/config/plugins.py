@@ -295,9 +295,6 @@ def installed_sections() -> list[tuple[Section, str]]:
     return [found[name] for name in sorted(found)]
 
 
-# -- `millpond plugins` ----------------------------------------------------------------------------
-
-
 def describe_installed(groups: Iterable[str] = GROUPS) -> list[PluginInfo]:
     """Every installed plugin with its distribution, version and core range; imports none."""
     return [describe(ep) for group in groups for ep in entry_points(group)]

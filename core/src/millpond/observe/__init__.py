@@ -1,2 +1,2 @@
-"""Throttled log lines, what the core keeps of observability (tracing, metrics, health probes,
-the log context and the process's logging set-up are plugins': tracing, metrics, health, cli)."""
+"""What the core keeps of observability, throttled log lines: spans, metrics, health probes, the
+log context and the logging set-up are millpond-tracing's, -metrics', -health's and -cli's."""
