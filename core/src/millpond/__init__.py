@@ -30,8 +30,9 @@ _EXPORTS = {
         "millpond.produce.app": "Millpond",
         "millpond.produce.result": "AsyncResult",
         "millpond.produce.task": "Request SendOptions Task TaskDecoratorOptions",
-        "millpond.exceptions": "ChordError MaxRetriesExceededError MillpondError Reject Retry "
-        "SoftTimeLimitExceeded TaskError TimeLimitExceeded WorkerLostError",
+        "millpond.exceptions": "ChordError MalformedMessage MaxRetriesExceededError MessageError "
+        "MessageTooLarge MillpondError Reject Retry SignatureError SoftTimeLimitExceeded "
+        "TaskError TimeLimitExceeded UnsupportedContentType WorkerLostError",
         "millpond_canvas": "GroupResult Signature chain chord chunks group signature xmap xstarmap",
     }.items()
     for name in names.split()
@@ -40,13 +41,18 @@ __all__ = [*_EXPORTS, "__version__"]  # noqa: PLE0604 (all strings: the keys of 
 
 if TYPE_CHECKING:
     from millpond.exceptions import ChordError as ChordError
+    from millpond.exceptions import MalformedMessage as MalformedMessage
     from millpond.exceptions import MaxRetriesExceededError as MaxRetriesExceededError
+    from millpond.exceptions import MessageError as MessageError
+    from millpond.exceptions import MessageTooLarge as MessageTooLarge
     from millpond.exceptions import MillpondError as MillpondError
     from millpond.exceptions import Reject as Reject
     from millpond.exceptions import Retry as Retry
+    from millpond.exceptions import SignatureError as SignatureError
     from millpond.exceptions import SoftTimeLimitExceeded as SoftTimeLimitExceeded
     from millpond.exceptions import TaskError as TaskError
     from millpond.exceptions import TimeLimitExceeded as TimeLimitExceeded
+    from millpond.exceptions import UnsupportedContentType as UnsupportedContentType
     from millpond.exceptions import WorkerLostError as WorkerLostError
     from millpond.produce.app import Millpond as Millpond
     from millpond.produce.result import AsyncResult as AsyncResult

@@ -7,11 +7,9 @@ import sys
 from importlib.metadata import PackageNotFoundError, distribution
 
 try:
-    scripts = list(
-        distribution("millpond-cli").entry_points.select(group="console_scripts", name="millpond")
+    (script,) = distribution("millpond-cli").entry_points.select(
+        group="console_scripts", name="millpond"
     )
-except PackageNotFoundError:
-    scripts = []
-if not scripts:
+except (PackageNotFoundError, ValueError):  # ValueError: it declares no such script
     sys.exit("millpond: the `millpond` command is not installed: pip install millpond-cli")
-scripts[0].load()()
+script.load()()

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import Distribution, EntryPoint, PackageNotFoundError, version
-from typing import Any, cast
+from importlib.metadata import Distribution, EntryPoint, PackageNotFoundError
+from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit
 
 from packaging.requirements import InvalidRequirement, Requirement
@@ -24,6 +24,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from stevedore import NamedExtensionManager
 
+from millpond import __version__
 from millpond.config.options import Section
 from millpond.contracts.backend import ResultBackend
 from millpond.contracts.broker import Broker
@@ -31,7 +32,7 @@ from millpond.contracts.canvas import Canvas
 from millpond.contracts.component import WorkerComponent
 from millpond.contracts.hooks import Hooks
 from millpond.contracts.pool import BasePool
-from millpond.exceptions import MillpondError, PluginLoadError, PluginNotFound
+from millpond.exceptions import PluginLoadError, PluginNotFound
 
 POOLS = "millpond.pools"
 BROKERS = "millpond.brokers"
@@ -39,32 +40,38 @@ BACKENDS = "millpond.backends"
 PATCHES = "millpond.patches"
 HOOKS = "millpond.hooks"
 SETTINGS = "millpond.settings"
-LIMITERS = "millpond.limiters"  # shared rate limiters by URL scheme, for millpond-ratelimit
+LIMITERS = "millpond.limiters"
 COMMANDS = "millpond.commands"
-COMPONENTS = "millpond.components"  # parts of the worker (contracts.component)
+COMPONENTS = "millpond.components"
 CLIENTS = "millpond.clients"  # app attributes (`app.control`): factories called with the app
 CANVAS = "millpond.canvas"  # chains, groups, chords (contracts.canvas), the one name `canvas`
-#: each group's word for one of its plugins (in messages) and its title in `millpond plugins`,
-#: in the order `millpond plugins` lists them
-NAMES = {
-    POOLS: ("pool", "pools"),
-    BROKERS: ("broker", "brokers"),
-    BACKENDS: ("result backend", "result backends"),
-    LIMITERS: ("shared rate limiter", "shared rate limiters"),
-    HOOKS: ("hooks", "hooks"),
-    SETTINGS: ("settings section", "settings sections"),
-    PATCHES: ("early patch", "early patches"),
-    COMMANDS: ("command", "commands"),
-    COMPONENTS: ("worker component", "worker components"),
-    CLIENTS: ("app client", "app clients"),
-    CANVAS: ("canvas", "canvas"),
+
+
+class Group(NamedTuple):
+    kind: str  # the word for one of its plugins, in messages
+    title: str  # its heading in `millpond plugins`
+    base: type | None = None  # the class its entry points must name a subclass of
+
+
+#: every plugin group, in the order `millpond plugins` lists them
+GROUPS = {
+    POOLS: Group("pool", "pools", BasePool),
+    BROKERS: Group("broker", "brokers", Broker),
+    BACKENDS: Group("result backend", "result backends", ResultBackend),
+    LIMITERS: Group("shared rate limiter", "shared rate limiters"),
+    HOOKS: Group("hooks", "hooks", Hooks),
+    SETTINGS: Group("settings section", "settings sections"),
+    PATCHES: Group("early patch", "early patches"),
+    COMMANDS: Group("command", "commands"),
+    COMPONENTS: Group("worker component", "worker components", WorkerComponent),
+    CLIENTS: Group("app client", "app clients"),
+    CANVAS: Group("canvas", "canvas", Canvas),
 }
-KIND = {group: one for group, (one, _title) in NAMES.items()}
-GROUPS = tuple(NAMES)
 
 _POOL_NAMES = "solo threads prefork gevent eventlet asyncio"
 _REDIS = "redis rediss redis+sentinel redis-cluster rediss-cluster"
-#: the first-party package for each well-known name, for "pip install ..." hints
+#: the first-party distribution of each name a user may ask for while it is not installed, for
+#: "pip install ..." hints
 FIRST_PARTY = {
     (group, name): package
     for group, package, names in [
@@ -78,12 +85,8 @@ FIRST_PARTY = {
         (BACKENDS, "millpond-broker-amqp", "rpc"),
         (BACKENDS, "millpond-broker-postgres", "postgresql postgres"),
         (LIMITERS, "millpond-broker-redis", _REDIS),
-        (COMMANDS, "millpond-beat", "beat"),
-        (COMMANDS, "millpond-control", "inspect control events"),
-        (COMPONENTS, "millpond-control", "control"),
-        (COMPONENTS, "millpond-ratelimit", "ratelimit"),
+        (COMMANDS, "millpond-beat", "beat"),  # `millpond worker -B`
         (CLIENTS, "millpond-control", "control"),
-        (CANVAS, "millpond-canvas", "canvas"),
         (HOOKS, "millpond-tracing", "tracing"),
         (HOOKS, "millpond-health", "health"),
         (HOOKS, "millpond-metrics", "metrics"),
@@ -93,15 +96,8 @@ FIRST_PARTY = {
 }
 
 
-#: the class each group's entry points name a subclass of
-_BASES: dict[str, type] = {
-    POOLS: BasePool,
-    BROKERS: Broker,
-    BACKENDS: ResultBackend,
-    HOOKS: Hooks,
-    COMPONENTS: WorkerComponent,
-    CANVAS: Canvas,
-}
+def _group(group: str) -> Group:
+    return GROUPS.get(group) or Group(group, group)  # a group some plugin loads through `load`
 
 
 # -- what is installed (nothing imported) ----------------------------------------------------------
@@ -109,9 +105,7 @@ _BASES: dict[str, type] = {
 
 def entry_points(group: str) -> list[EntryPoint]:
     """The group's installed entry points, sorted by name, read from stevedore's cache."""
-    lister: NamedExtensionManager[Any] = NamedExtensionManager(
-        group, names=[], on_missing_entrypoints_callback=None
-    )
+    lister: NamedExtensionManager[Any] = NamedExtensionManager(group, names=[])
     return sorted(lister.list_entry_points(), key=lambda ep: ep.name)
 
 
@@ -125,7 +119,6 @@ class PluginInfo:
 
     group: str
     name: str
-    target: str
     distribution: str
     version: str
     core_range: str  # the core versions it requires (">=0.1,<0.2"), "" for none
@@ -137,16 +130,16 @@ def describe(ep: EntryPoint) -> PluginInfo:
     named like its top-level package (as every first-party plugin and the scaffold's are), since
     scanning every installed one costs milliseconds at each worker start."""
     try:
-        dist = importlib.metadata.distribution(ep.value.partition(":")[0].partition(".")[0])
+        dist = importlib.metadata.distribution(ep.module.partition(".")[0])
     except (PackageNotFoundError, ValueError):
         dist = None
     if dist is None or ep not in dist.entry_points:
         found = importlib.metadata.entry_points(group=ep.group, name=ep.name, value=ep.value)
         dist = next((e.dist for e in found if e.dist is not None), None)
     if dist is None:
-        return PluginInfo(ep.group, ep.name, ep.value, "?", "?", "")
+        return PluginInfo(ep.group, ep.name, "?", "?", "")
     name = dist.metadata["Name"] or "?"
-    return PluginInfo(ep.group, ep.name, ep.value, name, dist.version, _core_range(dist))
+    return PluginInfo(ep.group, ep.name, name, dist.version, _core_range(dist))
 
 
 def _core_range(dist: Distribution) -> str:
@@ -166,17 +159,14 @@ def _core_range(dist: Distribution) -> str:
 
 
 def core_version() -> str:
-    try:
-        return version("millpond")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "0+unknown"
+    return __version__
 
 
 def _check_core_version(ep: EntryPoint) -> None:
     info, core = describe(ep), core_version()
     if info.core_range and not SpecifierSet(info.core_range).contains(core, prereleases=True):
         raise PluginLoadError(
-            f"{KIND.get(ep.group, ep.group)} {ep.name!r} from {info.distribution} {info.version} "
+            f"{_group(ep.group).kind} {ep.name!r} from {info.distribution} {info.version} "
             f"needs millpond{info.core_range}, but millpond {core} is installed; upgrade one of "
             "them so they match"
         )
@@ -195,12 +185,9 @@ def load_all(group: str, names: Sequence[str] | None = None) -> list[tuple[str, 
 
     Each is checked against its core range and its group's contract; a missing name, one that
     cannot be imported or one two distributions declare raises, naming it."""
-    wanted = list(names) if names is not None else installed(group)
-    if not wanted:
-        return []
     manager: NamedExtensionManager[Any] = NamedExtensionManager(
         group,
-        names=wanted,
+        names=list(names) if names is not None else installed(group),
         name_order=True,
         on_load_failure_callback=_raise_load_failure,
         on_missing_entrypoints_callback=lambda missing: _raise_missing(group, sorted(missing)),
@@ -215,7 +202,7 @@ def load_all(group: str, names: Sequence[str] | None = None) -> list[tuple[str, 
 def _verify(group: str, name: str, obj: Any) -> None:
     """Refuse an entry point whose object is not what its group promises."""
     what = ""
-    if base := _BASES.get(group):
+    if base := _group(group).base:
         if not (isinstance(obj, type) and issubclass(obj, base)):
             what = f"does not name a {base.__name__} subclass"
     elif group == SETTINGS and not (isinstance(obj, Section) and obj.name):
@@ -223,7 +210,7 @@ def _verify(group: str, name: str, obj: Any) -> None:
     elif group in (PATCHES, CLIENTS) and not callable(obj):
         what = "is not callable"
     if what:
-        raise PluginLoadError(f"the {KIND.get(group, group)} {name!r} {what}: {obj!r}")
+        raise PluginLoadError(f"the {_group(group).kind} {name!r} {what}: {obj!r}")
 
 
 def _raise_missing(group: str, names: list[str]) -> None:
@@ -234,7 +221,7 @@ def _raise_missing(group: str, names: list[str]) -> None:
         hint = f"{hint}, or fix the hooks setting" if package else "; fix the hooks setting"
     shown = ", ".join(repr(n) for n in names)
     raise PluginNotFound(
-        f"no {KIND.get(group, group)} named {shown} is installed (installed: {have}){hint}"
+        f"no {_group(group).kind} named {shown} is installed (installed: {have}){hint}"
     )
 
 
@@ -244,14 +231,14 @@ def _raise_load_failure(_manager: Any, ep: EntryPoint, err: BaseException) -> No
     detail = f"{type(err).__name__}: {err}"
     if isinstance(err, ImportError) and module:
         detail = f"{module} is not installed or cannot be imported ({err})"
-    kind = KIND.get(ep.group, "plugin")
+    kind = _group(ep.group).kind
     raise PluginLoadError(f"the {kind} plugin {ep.name!r} cannot be loaded: {detail}") from err
 
 
 def _raise_conflict(group: str, name: str, extensions: list[Any]) -> Any:
     owners = ", ".join(sorted(describe(e.entry_point).distribution for e in extensions))
     raise PluginLoadError(
-        f"several installed distributions declare a {KIND.get(group, group)} named {name!r} "
+        f"several installed distributions declare a {_group(group).kind} named {name!r} "
         f"({owners}); uninstall all but one"
     )
 
@@ -308,20 +295,6 @@ def installed_sections() -> list[tuple[Section, str]]:
     return [found[name] for name in sorted(found)]
 
 
-# -- `millpond plugins` ----------------------------------------------------------------------------
-
-
-def describe_installed(groups: Sequence[str] = GROUPS) -> list[PluginInfo]:
+def describe_installed(groups: Iterable[str] = GROUPS) -> list[PluginInfo]:
     """Every installed plugin with its distribution, version and core range; imports none."""
     return [describe(ep) for group in groups for ep in entry_points(group)]
-
-
-def check(info: PluginInfo) -> str | None:
-    """Import one plugin and check it: None when it loads, else why it does not."""
-    try:
-        load(info.group, info.name)
-    except MillpondError as exc:
-        return str(exc)
-    except Exception as exc:  # stevedore lets an AssertionError raised on import through
-        return f"{type(exc).__name__}: {exc}"
-    return None

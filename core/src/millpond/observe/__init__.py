@@ -1,2 +1,2 @@
-"""Cross-cutting concerns the core keeps: log context as hooks, throttled log lines (tracing,
-metrics, health probes and the process's logging set-up are plugins' and the CLI's)."""
+"""What the core keeps of observability, throttled log lines: spans, metrics, health probes, the
+log context and the logging set-up are millpond-tracing's, -metrics', -health's and -cli's."""

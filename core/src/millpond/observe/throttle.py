@@ -11,35 +11,31 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 
+@dataclass
 class Throttled:
     """`log(kind, event, **fields)` logs through `emit` at most once per `interval` per kind."""
 
-    def __init__(
-        self,
-        emit: Callable[..., Any],
-        interval: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._emit = emit
-        self._interval = interval
-        self._clock = clock
-        self._lock = threading.Lock()
-        #: kind -> (when it was last logged, how many were held back since)
-        self._kinds: dict[str, tuple[float, int]] = {}
+    emit: Callable[..., Any]
+    interval: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    #: kind -> (when it was last logged, how many were held back since)
+    _kinds: dict[str, tuple[float, int]] = field(default_factory=dict, init=False)
 
     def log(self, kind: str, event: str, **fields: Any) -> bool:
         """Log it now, or count it for the next line of its kind; returns whether it was logged."""
-        now = self._clock()
+        now = self.clock()
         with self._lock:
             last, held = self._kinds.get(kind, (float("-inf"), 0))
-            if now - last < self._interval:
+            if now - last < self.interval:
                 self._kinds[kind] = (last, held + 1)
                 return False
             self._kinds[kind] = (now, 0)
         if held:
             fields["and_before"] = held
-        self._emit(event, **fields)
+        self.emit(event, **fields)
         return True

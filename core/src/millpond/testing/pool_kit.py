@@ -50,10 +50,10 @@ from millpond.consume.execute import Executor
 from millpond.contracts.hooks import HookChain
 from millpond.contracts.pool import BasePool, Capabilities, Job, Outcome
 from millpond.exceptions import NotSupported
-from millpond.observe.logs import LogContextHooks
 from millpond.produce.app import Millpond
 from millpond.states import TaskState
 from millpond.testing import tasks
+from millpond_cli.logs import LogContextHooks
 from millpond_tracing.hooks import TracingHooks
 
 __all__ = [

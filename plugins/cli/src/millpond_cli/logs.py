@@ -1,8 +1,11 @@
 """structlog set-up of the processes the CLI owns (`millpond worker`, `millpond beat`): JSON lines
-in production, readable lines on a terminal.
+in production, readable lines on a terminal; and the log context, the `logs` hooks.
 
-Every line carries what the log context hook bound (`task_id`, `task_name`, `retries`) and the
-ids of whatever span is current when it is written (the task's `process` span, or one the task
+`LogContextHooks` puts a task's `task_id`, `task_name`, `retries` and, under a span, `trace_id`
+and `span_id` in structlog's context while it runs, for any set-up that merges contextvars
+(this one, or the application's). It binds in the task's own fresh context, so nothing leaks to
+the next task on a reused thread or greenlet. Every line this set-up writes also carries the ids
+of whatever span is current when it is written (the task's `process` span, or one the task
 opened itself), so a log line leads straight to its span.
 
 The standard `logging` module: records of millpond's own loggers (`millpond.*`, which the broker
@@ -19,13 +22,38 @@ import functools
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
+from opentelemetry import trace
+from structlog.contextvars import bind_contextvars
 
-from millpond.observe.logs import current_ids
+from millpond.contracts.hooks import Hooks
+
+if TYPE_CHECKING:
+    from millpond.contracts.pool import Job
 
 HANDLER_NAME = "millpond"
+
+
+def current_ids() -> tuple[str, str] | None:
+    """(trace id, span id) in hex of the current span, whoever traces, or None outside one."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+
+
+class LogContextHooks(Hooks):
+    """Runs after the tracing hook (`order`), so the task's `process` span is current."""
+
+    order = 20
+
+    def enter_task(self, job: Job) -> None:
+        bind_contextvars(task_id=job.task_id, task_name=job.task_name, retries=job.retries)
+        ids = current_ids()
+        if ids is not None:
+            bind_contextvars(trace_id=ids[0], span_id=ids[1])
 
 
 def use_json(fmt: str, stream: TextIO) -> bool:

@@ -450,7 +450,7 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
     lines: list[tuple[str, ...]] = [("NAME", "DISTRIBUTION", "VERSION", "CORE VERSIONS")]
     failed = 0
     for group in plugins.GROUPS:
-        lines.append((f"{plugins.NAMES[group][1]}:",))
+        lines.append((f"{plugins.GROUPS[group].title}:",))
         mine = [r for r in rows if r.group == group]
         if not mine:
             hint = (
@@ -462,7 +462,7 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
         for r in mine:
             cells: tuple[str, ...] = (f"  {r.name}", r.distribution, r.version, r.core_range or "-")
             if ns.check:
-                error = plugins.check(r)
+                error = _load_error(r.group, r.name)
                 failed += error is not None
                 cells += ("ok" if error is None else f"FAILS TO LOAD: {error}",)
             lines.append(cells)
@@ -474,6 +474,19 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
             padded = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
             print("  ".join([*padded, *line[4:]]).rstrip())
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _load_error(group: str, name: str) -> str | None:
+    """Import one plugin and check it: None when it loads, else why it does not."""
+    from millpond.config import plugins
+
+    try:
+        plugins.load(group, name)
+    except MillpondError as exc:
+        return str(exc)
+    except Exception as exc:  # stevedore lets an AssertionError raised on import through
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def cmd_config(ns: argparse.Namespace) -> int:

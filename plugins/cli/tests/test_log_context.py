@@ -7,8 +7,8 @@ import contextvars
 import structlog
 from opentelemetry import trace
 
-from millpond.observe.logs import LogContextHooks
 from millpond.testing.pool_kit import make_job
+from millpond_cli.logs import LogContextHooks
 
 SPAN = trace.NonRecordingSpan(
     trace.SpanContext(
