@@ -11,13 +11,14 @@ SIGTERM and the first Ctrl-C start a warm shutdown (finish running tasks, exit 0
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,6 @@ Discard = Callable[[str, Mapping[str, Any]], str | None]
 #: worker exit codes
 EXIT_OK = 0
 EXIT_COLD = 1
-EXIT_ERROR = 2
 
 
 def _copied(copy: Callable[[], list[Job]]) -> list[Job]:
@@ -57,6 +57,12 @@ def _copied(copy: Callable[[], list[Job]]) -> list[Job]:
         except RuntimeError:
             continue
     return []
+
+
+def _first_reason(
+    checks: Sequence[Discard], task_id: str, headers: Mapping[str, Any]
+) -> str | None:
+    return next((why for check in checks if (why := check(task_id, headers)) is not None), None)
 
 
 def _in_main_thread() -> bool:
@@ -98,7 +104,8 @@ class Worker:
         self._cold = False
         self._stop_deadline = 0.0
         self._given_back = False
-        self._inline = False
+        #: whether the loop's own thread is running a task now (the solo pool)
+        self.running_inline = False
         self.hooks = app.hooks
         #: monotonic time of the loop's last turn (the /livez probe)
         self.last_turn = 0.0
@@ -107,7 +114,7 @@ class Worker:
         self.started_at = time.time()
         #: the plugins' parts (`millpond.components`), built now so a bad setting stops the start
         self.components: dict[str, WorkerComponent] = {
-            name: cls(self) for name, cls in plugins.components()
+            name: cls(self) for name, cls in plugins.load_all(plugins.COMPONENTS)
         }
         #: the components that may hold a task back until it may start (rate limits)
         self._holders = [c for c in self.components.values() if c.holds_tasks]
@@ -137,14 +144,7 @@ class Worker:
         """The one filtering component's own method on the hot path (the usual case), all of
         them in name order when there are several."""
         checks = [c.discard for c in self.components.values() if c.filters_tasks]
-        if len(checks) == 1:
-            return checks[0]
-
-        def discard(task_id: str, headers: Mapping[str, Any]) -> str | None:
-            reasons = (check(task_id, headers) for check in checks)
-            return next((why for why in reasons if why is not None), None)
-
-        return discard
+        return checks[0] if len(checks) == 1 else functools.partial(_first_reason, checks)
 
     # -- what hooks and probes read (`millpond.contracts.hooks.WorkerView`) -----------------------
     @property
@@ -174,11 +174,6 @@ class Worker:
     @property
     def broker_connected(self) -> bool:
         return bool(self.consumer is not None and self.consumer.connected)
-
-    @property
-    def running_inline(self) -> bool:
-        """Whether the loop's own thread is running a task now (the solo pool)."""
-        return self._inline
 
     # -- what remote control reads and asks (millpond_control.commands) -------------------------
     def buffered_jobs(self) -> list[Job]:
@@ -241,7 +236,7 @@ class Worker:
         def cold(signum: int, _frame: FrameType | None) -> None:
             log.warning("cold shutdown requested", signal=signal.Signals(signum).name)
             self.stop(cold=True)
-            if self._inline:  # the solo pool runs the task in this thread: interrupt it
+            if self.running_inline:  # the solo pool runs the task in this thread: interrupt it
                 raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, warm)
@@ -509,18 +504,18 @@ class Worker:
                 continue
             job.started = time.monotonic()
             self.totals[job.task_name] += 1
-            inline = self._inline = not pool.capabilities.concurrent  # solo: here, now
+            inline = self.running_inline = not pool.capabilities.concurrent  # solo: here, now
             try:
                 pool.apply_async(job)
             finally:
-                self._inline = False
+                self.running_inline = False
             if inline and len(self.inbox):
                 self._complete_batch()
 
     # -- completions -----------------------------------------------------------------------------
     def _on_complete(self, job: Job, outcome: Outcome) -> None:
         """Called by the pool, from any thread: hand over to the loop (no wake-up for solo's)."""
-        if self._inline:
+        if self.running_inline:
             self.inbox.put_quiet((job, outcome))
         else:
             self.inbox.put((job, outcome))
