@@ -88,11 +88,11 @@ class Worker:
         self.settings = settings
         app.configure(settings)
         self.pool_cls: type[BasePool] = plugins.pool_class(settings.pool)
+        #: the pool's size (remote control may resize it: the prefetch count follows)
         self.concurrency = settings.concurrency or self.pool_cls.default_concurrency()
-        multiplier = settings.prefetch_multiplier
+        self.multiplier = settings.prefetch_multiplier
         if settings.sources.get("prefetch_multiplier", "default") == "default":
-            multiplier = self.pool_cls.default_prefetch_multiplier or multiplier
-        self.prefetch = max(1, self.concurrency * multiplier)
+            self.multiplier = self.pool_cls.default_prefetch_multiplier or self.multiplier
         self.queues = tuple(settings.queues)
         self.name = settings.worker_name or f"{os.getpid()}@{socket.gethostname()}"
         self.inbox: Inbox[tuple[Job, Outcome]] = Inbox()
@@ -148,6 +148,11 @@ class Worker:
 
     # -- what hooks and probes read (`millpond.contracts.hooks.WorkerView`) -----------------------
     @property
+    def prefetch(self) -> int:
+        """Messages held unacknowledged at most (holders keep theirs beside it)."""
+        return max(1, self.concurrency * self.multiplier)
+
+    @property
     def processed(self) -> int:
         return self.settler.processed
 
@@ -188,12 +193,6 @@ class Worker:
     def wake(self) -> None:
         """Make the loop look at its buffer again (a revoke arrived)."""
         self.inbox.waker.wake()
-
-    def resized(self, concurrency: int) -> None:
-        """The pool was resized at run time: the prefetch window follows."""
-        multiplier = max(1, self.prefetch // max(1, self.concurrency))
-        self.concurrency = concurrency
-        self.prefetch = max(1, concurrency * multiplier)
 
     def change_queues(self, *, add: str | None = None, remove: str | None = None) -> None:
         """Consume from one more queue, or one fewer (the loop's thread only). The consumer is

@@ -483,7 +483,7 @@ def _resize(ctx: ControlContext, delta: int) -> Any:
     if size < 1:
         return nok(f"cannot shrink below 1 process (now {pool.concurrency})")
     pool.resize(size)
-    worker.resized(size)
+    worker.concurrency = size  # the prefetch count follows
     return ok("pool will grow" if delta > 0 else "pool will shrink")
 
 
@@ -512,7 +512,7 @@ def autoscale(ctx: ControlContext, max: Any = None, min: Any = None, **_: Any) -
     if target < 1:
         return nok("max must be at least 1")
     pool.resize(target)
-    worker.resized(target)
+    worker.concurrency = target
     low = int(min) if min is not None else target
     return ok(f"autoscale now max={target} min={low} (millpond keeps a fixed size: max)")
 
