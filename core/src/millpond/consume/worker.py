@@ -99,6 +99,9 @@ class Worker:
         self.ready = threading.Event()
         self.pool: BasePool | None = None
         self.consumer: Consumer | None = None
+        #: the consumer is to close (the queues change): nothing is fetched and holders give
+        #: back what they hold, until `open_consumer` opens the next one
+        self.closing = False
         self._buffer: deque[Job] = deque()
         self._stop = threading.Event()
         self._cold = False
@@ -122,8 +125,6 @@ class Worker:
         self.discard: Discard = self._discarder()
         #: what other threads ask the loop to run on its next turn (`call_soon`)
         self._calls: deque[Callable[[], None]] = deque()
-        #: the queues to consume once what the current consumer delivered is settled
-        self._next_queues: tuple[str, ...] | None = None
         #: the broker's prefetch window: the prefetch count plus the room the holders want
         self._window = self.prefetch
         self._resizable = True
@@ -194,18 +195,15 @@ class Worker:
         """Make the loop look at its buffer again (a revoke arrived)."""
         self.inbox.waker.wake()
 
-    def change_queues(self, *, add: str | None = None, remove: str | None = None) -> None:
-        """Consume from one more queue, or one fewer (the loop's thread only). The consumer is
-        reopened once what it delivered is settled: every ack goes to the consumer that
-        delivered the message."""
-        queues = list(self._next_queues or self.queues)
-        if add and add not in queues:
-            self.app.broker.declare([add])
-            queues.append(add)
-        if remove and remove in queues and len(queues) > 1:
-            queues.remove(remove)
-        if tuple(queues) != self.queues:
-            self._next_queues = tuple(queues)
+    def open_consumer(self, queues: tuple[str, ...]) -> None:
+        """Consume from `queues`, closing the current consumer (the loop's thread, once nothing
+        it delivered is held: every ack goes to the consumer that delivered the message). The
+        window opens with all the room the holders may want, narrowed where it can resize."""
+        if self.consumer is not None:
+            self.consumer.close()
+        self.queues, self.closing, self._resizable = queues, False, True
+        self._window = self.prefetch + sum(h.window_room(opening=True) for h in self._holders)
+        self.consumer = self.acks.consumer = self.app.broker.consumer(queues, self._window)
 
     def stop(self, cold: bool = False) -> None:
         """Ask the worker to shut down (warm by default); safe from any thread."""
@@ -275,7 +273,7 @@ class Worker:
         # before the first fetch: a task revoked before this worker started never runs here
         for component in self.components.values():
             component.start()
-        self.consumer = self.acks.consumer = broker.consumer(self.queues, self._open_window())
+        self.open_consumer(self.queues)
         try:
             self.hooks.lifecycle("worker_ready", self)  # metrics, probes: after the pool forked
             self.ready.set()
@@ -337,20 +335,14 @@ class Worker:
     def _fetch(self) -> bool:
         """Fetch what the window has room for and receive it; False: no room, the loop waits."""
         acks, holders = self.acks, self._holders
-        closing = self._next_queues is not None
-        if closing:
-            self._maybe_swap_consumer()
-            closing = self._next_queues is not None
-        beside = extra = 0
-        for holder in holders:
-            holder.tend(closing=closing)
-            beside += holder.beside_window()
-            extra += holder.window_room()
-        if self.prefetch + extra != self._window:
-            self._resize_window(self.prefetch + extra)
+        for component in self.components.values():
+            component.tend()
+        window = self.prefetch + sum(holder.window_room() for holder in holders)
+        if window != self._window:
+            self._resize_window(window)
         # held messages (rate-limited ones) wait beside the window, not in it
-        room = 0 if closing else self.prefetch - (acks.held - beside)
-        if room <= 0:
+        room = self.prefetch - acks.held + sum(holder.beside_window() for holder in holders)
+        if self.closing or room <= 0:
             return False
         acks.flush()
         assert self.consumer is not None
@@ -372,27 +364,6 @@ class Worker:
         if deliveries:
             self._dispatch_buffered()
         return True
-
-    def _maybe_swap_consumer(self) -> None:
-        """The queue change, once nothing fetched from the old consumer is held."""
-        assert self.consumer is not None
-        assert self._next_queues is not None
-        self.acks.flush()
-        if self.acks.held > 0 or self._buffer:
-            return
-        old, self.queues, self._next_queues = self.consumer, self._next_queues, None
-        old.close()
-        self.consumer = self.acks.consumer = self.app.broker.consumer(
-            self.queues, self._open_window()
-        )
-        log.info("consuming from new queues", queues=list(self.queues))
-
-    def _open_window(self) -> int:
-        """A new consumer's window: the prefetch count and all the room holders may want,
-        narrowed on the next turn where the consumer can resize."""
-        self._resizable = True
-        self._window = self.prefetch + sum(h.window_room(opening=True) for h in self._holders)
-        return self._window
 
     def _resize_window(self, window: int) -> None:
         """A consumer that cannot resize (a quorum queue's) keeps the window it opened with."""

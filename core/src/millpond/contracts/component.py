@@ -2,7 +2,9 @@
 millpond-control, the rate limits of millpond-ratelimit).
 
 The worker builds every installed `millpond.components` entry point with itself: the core imports
-none of them and pays nothing for one not installed.
+none of them and pays nothing for one not installed. What a component changes in the loop it
+changes on the loop's thread (`tend`, `Worker.call_soon`): `Worker.open_consumer` and `closing`
+are the control plane's queue change, `concurrency` its pool resize.
 
 Holding back (`holds_tasks = True`): `hold` may take a received job instead of the worker's
 buffer, and `release` gives it back once it may start and the pool has a free slot (before what is
@@ -41,6 +43,10 @@ class WorkerComponent:
     def stop(self) -> None:
         """Stop it; called once at shutdown, also when `start` never ran or failed."""
 
+    def tend(self) -> None:
+        """Once a loop turn, before the fetch: look after what the component keeps. While the
+        worker is `closing`, a holder gives every held message back to the broker."""
+
     def discard(self, task_id: str, headers: Mapping[str, Any]) -> str | None:
         """Why the task must not run (it is answered as revoked with this reason), or None.
         Called on receipt and again before it starts: keep it cheap."""
@@ -63,10 +69,6 @@ class WorkerComponent:
     def next_release(self) -> float | None:
         """Seconds until `release` may give a job (None: nothing held): the loop wakes for it."""
         return None
-
-    def tend(self, *, closing: bool) -> None:
-        """Once a loop turn: look after what is held. `closing`: the consumer that delivered the
-        held messages is about to close (the queues change): give every one back to the broker."""
 
     def held(self) -> Iterable[Job]:
         """Every job held now (inspection lists them as reserved); may be called from any thread."""

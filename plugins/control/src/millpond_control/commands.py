@@ -524,7 +524,7 @@ def add_consumer(ctx: ControlContext, queue: str = "", **_: Any) -> Any:
         return nok("add_consumer needs a queue name")
     if queue in ctx.worker.queues:
         return ok(f"already consuming from {queue}")
-    ctx.worker.call_soon(lambda: ctx.worker.change_queues(add=queue))
+    ctx.worker.call_soon(lambda: plane(ctx.worker).change_queues(add=queue))
     return ok(f"add consumer {queue}")
 
 
@@ -535,7 +535,7 @@ def cancel_consumer(ctx: ControlContext, queue: str = "", **_: Any) -> Any:
         return nok(f"not consuming from {queue}")
     if len(ctx.worker.queues) == 1:
         return nok(f"{queue} is the worker's only queue; stop the worker instead (shutdown)")
-    ctx.worker.call_soon(lambda: ctx.worker.change_queues(remove=queue))
+    ctx.worker.call_soon(lambda: plane(ctx.worker).change_queues(remove=queue))
     return ok(f"no longer consuming from {queue}")
 
 

@@ -169,13 +169,13 @@ class RateLimits(WorkerComponent):
     def next_release(self) -> float | None:
         return 0.0 if self._freed else self.gate.next_due()
 
-    def tend(self, *, closing: bool) -> None:
+    def tend(self) -> None:
         """Once a second: messages that waited `rate_limit_max_hold` go back to the broker (all
         of them while the consumer waits to be swapped for another queue set: it can only be
         closed once nothing it delivered is held)."""
         if not self.gate.lanes:
             return
-        now = time.monotonic()
+        now, closing = time.monotonic(), self.worker.closing
         if now - self._stale_check < _TEND_EVERY and not closing:
             return
         self._stale_check = now
