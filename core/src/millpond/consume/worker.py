@@ -49,16 +49,6 @@ EXIT_OK = 0
 EXIT_COLD = 1
 
 
-def _copied(copy: Callable[[], list[Job]]) -> list[Job]:
-    """A copy of what the loop keeps, from another thread: retried while the loop changes it."""
-    for _ in range(10):
-        try:
-            return copy()
-        except RuntimeError:
-            continue
-    return []
-
-
 def _first_reason(
     checks: Sequence[Discard], task_id: str, headers: Mapping[str, Any]
 ) -> str | None:
@@ -147,7 +137,10 @@ class Worker:
         checks = [c.discard for c in self.components.values() if c.filters_tasks]
         return checks[0] if len(checks) == 1 else functools.partial(_first_reason, checks)
 
-    # -- what hooks and probes read (`millpond.contracts.hooks.WorkerView`) -----------------------
+    def _may_hold(self, task_name: str) -> bool:
+        return any(holder.may_hold(task_name) for holder in self._holders)
+
+    # -- what hooks, probes and components read and ask -----------------------------------------
     @property
     def prefetch(self) -> int:
         """Messages held unacknowledged at most (holders keep theirs beside it)."""
@@ -164,14 +157,10 @@ class Worker:
 
     def busy_by_queue(self) -> dict[str, tuple[int, int]]:
         """Per consumed queue: (messages in the buffer, jobs in the pool); safe from any thread."""
-        out = dict.fromkeys(self.queues, (0, 0))
-        for job in _copied(lambda: list(self._buffer)):
-            held, busy = out.get(job.queue, (0, 0))
-            out[job.queue] = (held + 1, busy)
-        for job in self.pool.active_jobs() if self.pool is not None else []:
-            held, busy = out.get(job.queue, (0, 0))
-            out[job.queue] = (held, busy + 1)
-        return out
+        # list(deque) is one C call: the loop cannot change the buffer while it copies
+        held = Counter(job.queue for job in list(self._buffer))
+        busy = Counter(job.queue for job in (self.pool.active_jobs() if self.pool else []))
+        return {q: (held[q], busy[q]) for q in dict.fromkeys([*self.queues, *held, *busy])}
 
     @property
     def accepting(self) -> bool:
@@ -181,10 +170,9 @@ class Worker:
     def broker_connected(self) -> bool:
         return bool(self.consumer is not None and self.consumer.connected)
 
-    # -- what remote control reads and asks (millpond_control.commands) -------------------------
     def buffered_jobs(self) -> list[Job]:
-        """Jobs waiting for a pool slot or a rate limit's token (Celery's reserved); any thread."""
-        return _copied(lambda: [j for h in self._holders for j in h.held()] + list(self._buffer))
+        """Jobs waiting for a pool slot or a holder's release (Celery's reserved); any thread."""
+        return [job for holder in self._holders for job in holder.held()] + list(self._buffer)
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the consumer loop's thread at its next turn; safe from any thread."""
@@ -214,9 +202,6 @@ class Worker:
         if self.pool is not None and not self.pool.started:
             self.pool.start_cancelled.set()  # still starting: stop that first
         self.inbox.waker.wake()
-
-    def _may_hold(self, task_name: str) -> bool:
-        return any(holder.may_hold(task_name) for holder in self._holders)
 
     def _install_signals(self) -> None:
         if not _in_main_thread():
@@ -443,18 +428,13 @@ class Worker:
 
     def _dispatch_buffered(self) -> None:
         """Start buffered jobs while the pool has room; once stopping, only those the warm stop
-        kept to run (after the give-back)."""
+        kept to run (after the give-back). A held job that may start goes first: it was received
+        before the buffer's."""
         pool, buffer, consumer = self.pool, self._buffer, self.consumer
         assert pool is not None
         while pool.active < pool.capacity and (self._given_back or not self._stop.is_set()):
-            # a held job that may start goes first: it was received before the buffer's
             job = next((j for h in self._holders if (j := h.release()) is not None), None)
-            if job is not None and job.delivery is not None:
-                # an early ack waits until a held job starts: meanwhile it may go back
-                if self.receiver.acks_early(self.app.tasks.get(job.task_name)):
-                    self.acks.ack_now([job.delivery])
-                    job.delivery = None
-            elif job is None:
+            if job is None:
                 if not buffer:
                     return
                 job = buffer.popleft()

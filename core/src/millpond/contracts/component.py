@@ -15,7 +15,7 @@ the unheld tasks behind them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from millpond.contracts.pool import Job
@@ -52,10 +52,14 @@ class WorkerComponent:
         Called on receipt and again before it starts: keep it cheap."""
         return None
 
+    def describe_task(self, task_name: str) -> str:
+        """A note on the task for the worker's start-up banner (its limit), or ""."""
+        return ""
+
     # -- holding tasks back (holds_tasks = True) -------------------------------------------------
     def may_hold(self, task_name: str) -> bool:
         """Whether `hold` may take tasks of this name: their early ack (acks_late off) is then
-        made when the job starts, not on receipt, so a held message can go back to the broker."""
+        `release`'s to make, not the receipt's, so a held message can go back to the broker."""
         return False
 
     def hold(self, job: Job) -> bool:
@@ -70,9 +74,9 @@ class WorkerComponent:
         """Seconds until `release` may give a job (None: nothing held): the loop wakes for it."""
         return None
 
-    def held(self) -> Iterable[Job]:
-        """Every job held now (inspection lists them as reserved); may be called from any thread."""
-        return ()
+    def held(self) -> list[Job]:
+        """A copy of every job held now (inspection lists them as reserved), from any thread."""
+        return []
 
     def drain(self) -> list[Job]:
         """Let go of every held job (warm shutdown: the worker gives them back to the broker)."""
@@ -86,7 +90,3 @@ class WorkerComponent:
     def beside_window(self) -> int:
         """Of the held messages, those that do not count against the prefetch count."""
         return 0
-
-    def describe_task(self, task_name: str) -> str:
-        """A note on the task for the worker's start-up banner (its limit), or ""."""
-        return ""
