@@ -371,11 +371,8 @@ class Worker:
         pool = self.pool
         if not self._holders or pool is None or pool.active >= pool.capacity:
             return longest
-        for holder in self._holders:
-            due = holder.next_release()
-            if due is not None:
-                longest = min(longest, max(due, 0.001))
-        return longest
+        dues = (holder.next_release() for holder in self._holders)
+        return min([longest, *(max(due, 0.001) for due in dues if due is not None)])
 
     def _received(self, job: Job) -> None:
         self.hooks.received(job)

@@ -6,11 +6,9 @@ none of them and pays nothing for one not installed. What a component changes in
 changes on the loop's thread (`tend`, `Worker.call_soon`): `Worker.open_consumer` and `closing`
 are the control plane's queue change, `concurrency` its pool resize.
 
-Holding back (`holds_tasks = True`): `hold` may take a received job instead of the worker's
-buffer, and `release` gives it back once it may start and the pool has a free slot (before what is
-buffered: it came first). A held job stays unacknowledged (an early ack waits until it starts, see
-`may_hold`), and `window_room` widens the broker's prefetch window so that held jobs never stall
-the unheld tasks behind them.
+Holding back (`holds_tasks = True`, the rate limits): a held job waits unacknowledged beside the
+prefetch window (`window_room` widens the broker's), so it never stalls the unheld tasks behind
+it, and starts before what is buffered: it came first.
 """
 
 from __future__ import annotations
