@@ -147,10 +147,6 @@ class Worker:
         return max(1, self.concurrency * self.multiplier)
 
     @property
-    def processed(self) -> int:
-        return self.settler.processed
-
-    @property
     def prefetched(self) -> int:
         """Messages fetched and waiting in the worker's buffer for a free pool slot."""
         return len(self._buffer)
@@ -508,7 +504,7 @@ class Worker:
         log.info(
             "worker stopped",
             worker=self.name,
-            processed=self.processed,
+            processed=self.settler.processed,
             shutdown="cold" if cold else "warm",
         )
         return EXIT_COLD if cold else EXIT_OK
