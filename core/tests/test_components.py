@@ -122,7 +122,13 @@ class HoldBack(WorkerComponent):
         return True
 
     def release(self) -> Job | None:
-        return self.jobs.pop(0) if self.jobs and self.opened.is_set() else None
+        if not (self.jobs and self.opened.is_set()):
+            return None
+        job = self.jobs.pop(0)
+        if job.delivery is not None:  # acks_late off: the early ack may_hold deferred is made now
+            self.worker.acks.ack_now([job.delivery])
+            job.delivery = None
+        return job
 
     def next_release(self) -> float | None:
         return 0.0 if self.jobs and self.opened.is_set() else None

@@ -198,7 +198,7 @@ def test_liveness_and_readiness_logic() -> None:
     ok, details = probes.liveness(worker, 5)
     assert not ok
     assert details["loop_age_seconds"] >= 30
-    worker._inline = True
+    worker.running_inline = True
     assert probes.liveness(worker, 5) == (
         True,
         {**probes.liveness(worker, 5)[1], "running_inline": True},

@@ -262,10 +262,6 @@ def backend_for_url(url: str, options: dict[str, Any] | None = None) -> ResultBa
     return cast(ResultBackend, load(BACKENDS, scheme_of(url))(url, options))
 
 
-def components() -> list[tuple[str, Any]]:
-    return load_all(COMPONENTS)
-
-
 def load_hooks(names: Sequence[str]) -> list[Hooks]:
     """The hooks implementations `names` asks for (`*`: every installed one), built, in order."""
     return [cls() for _name, cls in load_all(HOOKS, None if "*" in names else names)]

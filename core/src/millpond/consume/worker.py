@@ -11,13 +11,14 @@ SIGTERM and the first Ctrl-C start a warm shutdown (finish running tasks, exit 0
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -46,17 +47,12 @@ Discard = Callable[[str, Mapping[str, Any]], str | None]
 #: worker exit codes
 EXIT_OK = 0
 EXIT_COLD = 1
-EXIT_ERROR = 2
 
 
-def _copied(copy: Callable[[], list[Job]]) -> list[Job]:
-    """A copy of what the loop keeps, from another thread: retried while the loop changes it."""
-    for _ in range(10):
-        try:
-            return copy()
-        except RuntimeError:
-            continue
-    return []
+def _first_reason(
+    checks: Sequence[Discard], task_id: str, headers: Mapping[str, Any]
+) -> str | None:
+    return next((why for check in checks if (why := check(task_id, headers)) is not None), None)
 
 
 def _in_main_thread() -> bool:
@@ -82,23 +78,27 @@ class Worker:
         self.settings = settings
         app.configure(settings)
         self.pool_cls: type[BasePool] = plugins.pool_class(settings.pool)
+        #: the pool's size (remote control may resize it: the prefetch count follows)
         self.concurrency = settings.concurrency or self.pool_cls.default_concurrency()
-        multiplier = settings.prefetch_multiplier
+        self.multiplier = settings.prefetch_multiplier
         if settings.sources.get("prefetch_multiplier", "default") == "default":
-            multiplier = self.pool_cls.default_prefetch_multiplier or multiplier
-        self.prefetch = max(1, self.concurrency * multiplier)
+            self.multiplier = self.pool_cls.default_prefetch_multiplier or self.multiplier
         self.queues = tuple(settings.queues)
         self.name = settings.worker_name or f"{os.getpid()}@{socket.gethostname()}"
         self.inbox: Inbox[tuple[Job, Outcome]] = Inbox()
         self.ready = threading.Event()
         self.pool: BasePool | None = None
         self.consumer: Consumer | None = None
+        #: the consumer is to close (the queues change): nothing is fetched and holders give
+        #: back what they hold, until `open_consumer` opens the next one
+        self.closing = False
         self._buffer: deque[Job] = deque()
         self._stop = threading.Event()
         self._cold = False
         self._stop_deadline = 0.0
         self._given_back = False
-        self._inline = False
+        #: whether the loop's own thread is running a task now (the solo pool)
+        self.running_inline = False
         self.hooks = app.hooks
         #: monotonic time of the loop's last turn (the /livez probe)
         self.last_turn = 0.0
@@ -107,7 +107,7 @@ class Worker:
         self.started_at = time.time()
         #: the plugins' parts (`millpond.components`), built now so a bad setting stops the start
         self.components: dict[str, WorkerComponent] = {
-            name: cls(self) for name, cls in plugins.components()
+            name: cls(self) for name, cls in plugins.load_all(plugins.COMPONENTS)
         }
         #: the components that may hold a task back until it may start (rate limits)
         self._holders = [c for c in self.components.values() if c.holds_tasks]
@@ -115,8 +115,6 @@ class Worker:
         self.discard: Discard = self._discarder()
         #: what other threads ask the loop to run on its next turn (`call_soon`)
         self._calls: deque[Callable[[], None]] = deque()
-        #: the queues to consume once what the current consumer delivered is settled
-        self._next_queues: tuple[str, ...] | None = None
         #: the broker's prefetch window: the prefetch count plus the room the holders want
         self._window = self.prefetch
         self._resizable = True
@@ -137,19 +135,16 @@ class Worker:
         """The one filtering component's own method on the hot path (the usual case), all of
         them in name order when there are several."""
         checks = [c.discard for c in self.components.values() if c.filters_tasks]
-        if len(checks) == 1:
-            return checks[0]
+        return checks[0] if len(checks) == 1 else functools.partial(_first_reason, checks)
 
-        def discard(task_id: str, headers: Mapping[str, Any]) -> str | None:
-            reasons = (check(task_id, headers) for check in checks)
-            return next((why for why in reasons if why is not None), None)
+    def _may_hold(self, task_name: str) -> bool:
+        return any(holder.may_hold(task_name) for holder in self._holders)
 
-        return discard
-
-    # -- what hooks and probes read (`millpond.contracts.hooks.WorkerView`) -----------------------
+    # -- what hooks, probes and components read and ask -----------------------------------------
     @property
-    def processed(self) -> int:
-        return self.settler.processed
+    def prefetch(self) -> int:
+        """Messages held unacknowledged at most (holders keep theirs beside it)."""
+        return max(1, self.concurrency * self.multiplier)
 
     @property
     def prefetched(self) -> int:
@@ -158,14 +153,10 @@ class Worker:
 
     def busy_by_queue(self) -> dict[str, tuple[int, int]]:
         """Per consumed queue: (messages in the buffer, jobs in the pool); safe from any thread."""
-        out = dict.fromkeys(self.queues, (0, 0))
-        for job in _copied(lambda: list(self._buffer)):
-            held, busy = out.get(job.queue, (0, 0))
-            out[job.queue] = (held + 1, busy)
-        for job in self.pool.active_jobs() if self.pool is not None else []:
-            held, busy = out.get(job.queue, (0, 0))
-            out[job.queue] = (held, busy + 1)
-        return out
+        # list(deque) is one C call: the loop cannot change the buffer while it copies
+        held = Counter(job.queue for job in list(self._buffer))
+        busy = Counter(job.queue for job in (self.pool.active_jobs() if self.pool else []))
+        return {q: (held[q], busy[q]) for q in dict.fromkeys([*self.queues, *held, *busy])}
 
     @property
     def accepting(self) -> bool:
@@ -175,15 +166,9 @@ class Worker:
     def broker_connected(self) -> bool:
         return bool(self.consumer is not None and self.consumer.connected)
 
-    @property
-    def running_inline(self) -> bool:
-        """Whether the loop's own thread is running a task now (the solo pool)."""
-        return self._inline
-
-    # -- what remote control reads and asks (millpond_control.commands) -------------------------
     def buffered_jobs(self) -> list[Job]:
-        """Jobs waiting for a pool slot or a rate limit's token (Celery's reserved); any thread."""
-        return _copied(lambda: [j for h in self._holders for j in h.held()] + list(self._buffer))
+        """Jobs waiting for a pool slot or a holder's release (Celery's reserved); any thread."""
+        return [job for holder in self._holders for job in holder.held()] + list(self._buffer)
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the consumer loop's thread at its next turn; safe from any thread."""
@@ -194,24 +179,15 @@ class Worker:
         """Make the loop look at its buffer again (a revoke arrived)."""
         self.inbox.waker.wake()
 
-    def resized(self, concurrency: int) -> None:
-        """The pool was resized at run time: the prefetch window follows."""
-        multiplier = max(1, self.prefetch // max(1, self.concurrency))
-        self.concurrency = concurrency
-        self.prefetch = max(1, concurrency * multiplier)
-
-    def change_queues(self, *, add: str | None = None, remove: str | None = None) -> None:
-        """Consume from one more queue, or one fewer (the loop's thread only). The consumer is
-        reopened once what it delivered is settled: every ack goes to the consumer that
-        delivered the message."""
-        queues = list(self._next_queues or self.queues)
-        if add and add not in queues:
-            self.app.broker.declare([add])
-            queues.append(add)
-        if remove and remove in queues and len(queues) > 1:
-            queues.remove(remove)
-        if tuple(queues) != self.queues:
-            self._next_queues = tuple(queues)
+    def open_consumer(self, queues: tuple[str, ...]) -> None:
+        """Consume from `queues`, closing the current consumer (the loop's thread, once nothing
+        it delivered is held: every ack goes to the consumer that delivered the message). The
+        window opens with all the room the holders may want, narrowed where it can resize."""
+        if self.consumer is not None:
+            self.consumer.close()
+        self.queues, self.closing, self._resizable = queues, False, True
+        self._window = self.prefetch + sum(h.window_room(opening=True) for h in self._holders)
+        self.consumer = self.acks.consumer = self.app.broker.consumer(queues, self._window)
 
     def stop(self, cold: bool = False) -> None:
         """Ask the worker to shut down (warm by default); safe from any thread."""
@@ -222,9 +198,6 @@ class Worker:
         if self.pool is not None and not self.pool.started:
             self.pool.start_cancelled.set()  # still starting: stop that first
         self.inbox.waker.wake()
-
-    def _may_hold(self, task_name: str) -> bool:
-        return any(holder.may_hold(task_name) for holder in self._holders)
 
     def _install_signals(self) -> None:
         if not _in_main_thread():
@@ -241,7 +214,7 @@ class Worker:
         def cold(signum: int, _frame: FrameType | None) -> None:
             log.warning("cold shutdown requested", signal=signal.Signals(signum).name)
             self.stop(cold=True)
-            if self._inline:  # the solo pool runs the task in this thread: interrupt it
+            if self.running_inline:  # the solo pool runs the task in this thread: interrupt it
                 raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, warm)
@@ -281,7 +254,7 @@ class Worker:
         # before the first fetch: a task revoked before this worker started never runs here
         for component in self.components.values():
             component.start()
-        self.consumer = self.acks.consumer = broker.consumer(self.queues, self._open_window())
+        self.open_consumer(self.queues)
         try:
             self.hooks.lifecycle("worker_ready", self)  # metrics, probes: after the pool forked
             self.ready.set()
@@ -343,20 +316,14 @@ class Worker:
     def _fetch(self) -> bool:
         """Fetch what the window has room for and receive it; False: no room, the loop waits."""
         acks, holders = self.acks, self._holders
-        closing = self._next_queues is not None
-        if closing:
-            self._maybe_swap_consumer()
-            closing = self._next_queues is not None
-        beside = extra = 0
-        for holder in holders:
-            holder.tend(closing=closing)
-            beside += holder.beside_window()
-            extra += holder.window_room()
-        if self.prefetch + extra != self._window:
-            self._resize_window(self.prefetch + extra)
+        for component in self.components.values():
+            component.tend()
+        window = self.prefetch + sum(holder.window_room() for holder in holders)
+        if window != self._window:
+            self._resize_window(window)
         # held messages (rate-limited ones) wait beside the window, not in it
-        room = 0 if closing else self.prefetch - (acks.held - beside)
-        if room <= 0:
+        room = self.prefetch - acks.held + sum(holder.beside_window() for holder in holders)
+        if self.closing or room <= 0:
             return False
         acks.flush()
         assert self.consumer is not None
@@ -379,27 +346,6 @@ class Worker:
             self._dispatch_buffered()
         return True
 
-    def _maybe_swap_consumer(self) -> None:
-        """The queue change, once nothing fetched from the old consumer is held."""
-        assert self.consumer is not None
-        assert self._next_queues is not None
-        self.acks.flush()
-        if self.acks.held > 0 or self._buffer:
-            return
-        old, self.queues, self._next_queues = self.consumer, self._next_queues, None
-        old.close()
-        self.consumer = self.acks.consumer = self.app.broker.consumer(
-            self.queues, self._open_window()
-        )
-        log.info("consuming from new queues", queues=list(self.queues))
-
-    def _open_window(self) -> int:
-        """A new consumer's window: the prefetch count and all the room holders may want,
-        narrowed on the next turn where the consumer can resize."""
-        self._resizable = True
-        self._window = self.prefetch + sum(h.window_room(opening=True) for h in self._holders)
-        return self._window
-
     def _resize_window(self, window: int) -> None:
         """A consumer that cannot resize (a quorum queue's) keeps the window it opened with."""
         if self.consumer is None or not self._resizable:
@@ -421,11 +367,8 @@ class Worker:
         pool = self.pool
         if not self._holders or pool is None or pool.active >= pool.capacity:
             return longest
-        for holder in self._holders:
-            due = holder.next_release()
-            if due is not None:
-                longest = min(longest, max(due, 0.001))
-        return longest
+        dues = (holder.next_release() for holder in self._holders)
+        return min([longest, *(max(due, 0.001) for due in dues if due is not None)])
 
     def _received(self, job: Job) -> None:
         self.hooks.received(job)
@@ -478,18 +421,13 @@ class Worker:
 
     def _dispatch_buffered(self) -> None:
         """Start buffered jobs while the pool has room; once stopping, only those the warm stop
-        kept to run (after the give-back)."""
+        kept to run (after the give-back). A held job that may start goes first: it was received
+        before the buffer's."""
         pool, buffer, consumer = self.pool, self._buffer, self.consumer
         assert pool is not None
         while pool.active < pool.capacity and (self._given_back or not self._stop.is_set()):
-            # a held job that may start goes first: it was received before the buffer's
             job = next((j for h in self._holders if (j := h.release()) is not None), None)
-            if job is not None and job.delivery is not None:
-                # an early ack waits until a held job starts: meanwhile it may go back
-                if self.receiver.acks_early(self.app.tasks.get(job.task_name)):
-                    self.acks.ack_now([job.delivery])
-                    job.delivery = None
-            elif job is None:
+            if job is None:
                 if not buffer:
                     return
                 job = buffer.popleft()
@@ -509,18 +447,18 @@ class Worker:
                 continue
             job.started = time.monotonic()
             self.totals[job.task_name] += 1
-            inline = self._inline = not pool.capabilities.concurrent  # solo: here, now
+            inline = self.running_inline = not pool.capabilities.concurrent  # solo: here, now
             try:
                 pool.apply_async(job)
             finally:
-                self._inline = False
+                self.running_inline = False
             if inline and len(self.inbox):
                 self._complete_batch()
 
     # -- completions -----------------------------------------------------------------------------
     def _on_complete(self, job: Job, outcome: Outcome) -> None:
         """Called by the pool, from any thread: hand over to the loop (no wake-up for solo's)."""
-        if self._inline:
+        if self.running_inline:
             self.inbox.put_quiet((job, outcome))
         else:
             self.inbox.put((job, outcome))
@@ -566,7 +504,7 @@ class Worker:
         log.info(
             "worker stopped",
             worker=self.name,
-            processed=self.processed,
+            processed=self.settler.processed,
             shutdown="cold" if cold else "warm",
         )
         return EXIT_COLD if cold else EXIT_OK

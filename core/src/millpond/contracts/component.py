@@ -2,18 +2,18 @@
 millpond-control, the rate limits of millpond-ratelimit).
 
 The worker builds every installed `millpond.components` entry point with itself: the core imports
-none of them and pays nothing for one not installed.
+none of them and pays nothing for one not installed. What a component changes in the loop it
+changes on the loop's thread (`tend`, `Worker.call_soon`): `Worker.open_consumer` and `closing`
+are the control plane's queue change, `concurrency` its pool resize.
 
-Holding back (`holds_tasks = True`): `hold` may take a received job instead of the worker's
-buffer, and `release` gives it back once it may start and the pool has a free slot (before what is
-buffered: it came first). A held job stays unacknowledged (an early ack waits until it starts, see
-`may_hold`), and `window_room` widens the broker's prefetch window so that held jobs never stall
-the unheld tasks behind them.
+Holding back (`holds_tasks = True`, the rate limits): a held job waits unacknowledged beside the
+prefetch window (`window_room` widens the broker's), so it never stalls the unheld tasks behind
+it, and starts before what is buffered: it came first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from millpond.contracts.pool import Job
@@ -41,15 +41,23 @@ class WorkerComponent:
     def stop(self) -> None:
         """Stop it; called once at shutdown, also when `start` never ran or failed."""
 
+    def tend(self) -> None:
+        """Once a loop turn, before the fetch: look after what the component keeps. While the
+        worker is `closing`, a holder gives every held message back to the broker."""
+
     def discard(self, task_id: str, headers: Mapping[str, Any]) -> str | None:
         """Why the task must not run (it is answered as revoked with this reason), or None.
         Called on receipt and again before it starts: keep it cheap."""
         return None
 
+    def describe_task(self, task_name: str) -> str:
+        """A note on the task for the worker's start-up banner (its limit), or ""."""
+        return ""
+
     # -- holding tasks back (holds_tasks = True) -------------------------------------------------
     def may_hold(self, task_name: str) -> bool:
         """Whether `hold` may take tasks of this name: their early ack (acks_late off) is then
-        made when the job starts, not on receipt, so a held message can go back to the broker."""
+        `release`'s to make, not the receipt's, so a held message can go back to the broker."""
         return False
 
     def hold(self, job: Job) -> bool:
@@ -64,13 +72,9 @@ class WorkerComponent:
         """Seconds until `release` may give a job (None: nothing held): the loop wakes for it."""
         return None
 
-    def tend(self, *, closing: bool) -> None:
-        """Once a loop turn: look after what is held. `closing`: the consumer that delivered the
-        held messages is about to close (the queues change): give every one back to the broker."""
-
-    def held(self) -> Iterable[Job]:
-        """Every job held now (inspection lists them as reserved); may be called from any thread."""
-        return ()
+    def held(self) -> list[Job]:
+        """A copy of every job held now (inspection lists them as reserved), from any thread."""
+        return []
 
     def drain(self) -> list[Job]:
         """Let go of every held job (warm shutdown: the worker gives them back to the broker)."""
@@ -84,7 +88,3 @@ class WorkerComponent:
     def beside_window(self) -> int:
         """Of the held messages, those that do not count against the prefetch count."""
         return 0
-
-    def describe_task(self, task_name: str) -> str:
-        """A note on the task for the worker's start-up banner (its limit), or ""."""
-        return ""

@@ -483,7 +483,7 @@ def _resize(ctx: ControlContext, delta: int) -> Any:
     if size < 1:
         return nok(f"cannot shrink below 1 process (now {pool.concurrency})")
     pool.resize(size)
-    worker.resized(size)
+    worker.concurrency = size  # the prefetch count follows
     return ok("pool will grow" if delta > 0 else "pool will shrink")
 
 
@@ -512,7 +512,7 @@ def autoscale(ctx: ControlContext, max: Any = None, min: Any = None, **_: Any) -
     if target < 1:
         return nok("max must be at least 1")
     pool.resize(target)
-    worker.resized(target)
+    worker.concurrency = target
     low = int(min) if min is not None else target
     return ok(f"autoscale now max={target} min={low} (millpond keeps a fixed size: max)")
 
@@ -524,7 +524,7 @@ def add_consumer(ctx: ControlContext, queue: str = "", **_: Any) -> Any:
         return nok("add_consumer needs a queue name")
     if queue in ctx.worker.queues:
         return ok(f"already consuming from {queue}")
-    ctx.worker.call_soon(lambda: ctx.worker.change_queues(add=queue))
+    ctx.worker.call_soon(lambda: plane(ctx.worker).change_queues(add=queue))
     return ok(f"add consumer {queue}")
 
 
@@ -535,7 +535,7 @@ def cancel_consumer(ctx: ControlContext, queue: str = "", **_: Any) -> Any:
         return nok(f"not consuming from {queue}")
     if len(ctx.worker.queues) == 1:
         return nok(f"{queue} is the worker's only queue; stop the worker instead (shutdown)")
-    ctx.worker.call_soon(lambda: ctx.worker.change_queues(remove=queue))
+    ctx.worker.call_soon(lambda: plane(ctx.worker).change_queues(remove=queue))
     return ok(f"no longer consuming from {queue}")
 
 

@@ -3,7 +3,8 @@
 The core worker builds it with every other installed component (see
 `millpond.contracts.component`): it reads the `[control]` section and the revoked file when the
 worker is built, learns the running workers' revokes (mingle) and starts the pidbox node before
-the first fetch, tells the worker which tasks are revoked, and stops the node first at shutdown.
+the first fetch, tells the worker which tasks are revoked, swaps the worker's consumer when
+`add_consumer`/`cancel_consumer` change its queues, and stops the node first at shutdown.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class ControlPlane(WorkerComponent):
             self.settings.revokes_max, self.settings.revoke_expires, self._revokes_path()
         )
         self.node: ControlNode | None = None
+        #: the queues to consume once what the current consumer delivered is settled
+        self.next_queues: tuple[str, ...] | None = None
 
     def _revokes_path(self) -> Path | None:
         given = self.settings.revokes_file
@@ -68,3 +71,30 @@ class ControlPlane(WorkerComponent):
 
     def discard(self, task_id: str, headers: Mapping[str, Any]) -> str | None:
         return self.revoked.matches(task_id, headers)
+
+    def change_queues(self, *, add: str | None = None, remove: str | None = None) -> None:
+        """Consume from one more queue, or one fewer (on the loop's thread, `call_soon`). The
+        worker stops fetching until `tend` can swap the consumer."""
+        worker = self.worker
+        queues = list(self.next_queues or worker.queues)
+        if add and add not in queues:
+            worker.app.broker.declare([add])
+            queues.append(add)
+        if remove and remove in queues and len(queues) > 1:
+            queues.remove(remove)
+        wanted = tuple(queues)
+        self.next_queues = wanted if wanted != worker.queues else None
+        worker.closing = self.next_queues is not None
+
+    def tend(self) -> None:
+        """The queue change, once nothing the old consumer delivered is held (every ack goes to
+        the consumer that delivered the message; holders give theirs back while it closes)."""
+        worker, queues = self.worker, self.next_queues
+        if queues is None:
+            return
+        worker.acks.flush()
+        if worker.acks.held > 0 or worker.prefetched:
+            return
+        self.next_queues = None
+        worker.open_consumer(queues)
+        log.info("consuming from new queues", queues=list(queues))

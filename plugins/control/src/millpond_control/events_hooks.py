@@ -126,7 +126,7 @@ class EventsHooks(Hooks):
                 event_type,
                 freq=freq,
                 active=pool.active if pool is not None else 0,
-                processed=worker.processed,
+                processed=worker.settler.processed,
                 software=software,
             )
 

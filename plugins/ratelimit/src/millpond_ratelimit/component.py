@@ -16,7 +16,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import structlog
@@ -161,21 +160,30 @@ class RateLimits(WorkerComponent):
         return self.gate.admit(job)
 
     def release(self) -> Job | None:
+        """A job whose token is there; an early ack (acks_late off) deferred by `may_hold` is
+        made now that it starts."""
         if self._freed:
-            return self._freed.popleft()
-        gate = self.gate
-        return gate.take() if gate.lanes else None
+            job: Job | None = self._freed.popleft()
+        else:
+            job = self.gate.take() if self.gate.lanes else None
+        worker = self.worker
+        if job is None or job.delivery is None:
+            return job
+        if worker.receiver.acks_early(worker.app.tasks.get(job.task_name)):
+            worker.acks.ack_now([job.delivery])
+            job.delivery = None
+        return job
 
     def next_release(self) -> float | None:
         return 0.0 if self._freed else self.gate.next_due()
 
-    def tend(self, *, closing: bool) -> None:
+    def tend(self) -> None:
         """Once a second: messages that waited `rate_limit_max_hold` go back to the broker (all
         of them while the consumer waits to be swapped for another queue set: it can only be
         closed once nothing it delivered is held)."""
         if not self.gate.lanes:
             return
-        now = time.monotonic()
+        now, closing = time.monotonic(), self.worker.closing
         if now - self._stale_check < _TEND_EVERY and not closing:
             return
         self._stale_check = now
@@ -187,9 +195,14 @@ class RateLimits(WorkerComponent):
                 max_hold=self.settings.rate_limit_max_hold,
             )
 
-    def held(self) -> Iterator[Job]:
-        yield from self._freed
-        yield from self.gate.jobs()
+    def held(self) -> list[Job]:
+        """A copy, from any thread: taken again while the loop changes the lanes under it."""
+        for _ in range(10):
+            try:
+                return [*self._freed, *self.gate.jobs()]
+            except RuntimeError:
+                continue
+        return []
 
     def drain(self) -> list[Job]:
         jobs = list(self._freed)
