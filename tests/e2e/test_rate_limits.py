@@ -35,19 +35,22 @@ def most_within(times: list[float], window: float) -> int:
     return most
 
 
-def task_ids(tmp_path: Path, kind: str) -> list[str]:
+def logged(tmp_path: Path) -> list[str]:
+    """The complete lines of runs.log: a task may be writing its line while the test reads."""
     path = tmp_path / "runs.log"
     if not path.exists():
         return []
-    return [line.split()[3] for line in path.read_text().splitlines() if line.split()[0] == kind]
+    text = path.read_text()
+    return text[: text.rfind("\n") + 1].splitlines()
+
+
+def task_ids(tmp_path: Path, kind: str) -> list[str]:
+    return [line.split()[3] for line in logged(tmp_path) if line.split()[0] == kind]
 
 
 def runs(tmp_path: Path, kind: str) -> list[tuple[float, int]]:
-    path = tmp_path / "runs.log"
-    if not path.exists():
-        return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in logged(tmp_path):
         name, started, pid, _ = line.split()
         if name == kind:
             out.append((float(started), int(pid)))
