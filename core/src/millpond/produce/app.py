@@ -247,17 +247,15 @@ class Millpond:
             if "hooks" in self._kept:
                 self._kept["hooks"] = self._kept["hooks"] + hooks
 
-    def adopt_hooks(self, installed: Iterable[Hooks]) -> None:
-        """Use hooks already made from the `hooks` setting, before the ones added with `add_hooks`:
-        `millpond worker` makes them before it imports the app (their `process_starting` sets up
-        tracing the app module may build on), and one object per hook is kept for the process."""
+    def use_hooks(self, hooks: Iterable[Hooks]) -> None:
+        """Use these hooks, already made, then those added with `add_hooks` that are not among
+        them: `millpond worker` makes the installed ones before it imports the app (their
+        `process_starting` sets up tracing the app module may build on) and hands back those
+        still on after start-up, so one object per hook is kept for the process."""
+        made = tuple(hooks)
         with self._lock:
-            self._kept["hooks"] = HookChain([*installed, *self._added_hooks])
-
-    def use_hooks(self, chain: HookChain) -> None:
-        """Replace the hook chain (the worker hands back the one left after start-up)."""
-        with self._lock:
-            self._kept["hooks"] = chain
+            own = [h for h in self._added_hooks if all(h is not m for m in made)]
+            self._kept["hooks"] = HookChain([*made, *own])
 
     # -- connections (per process) ---------------------------------------------------------------
     def _reset(self) -> None:
@@ -401,17 +399,10 @@ class Millpond:
         return result
 
     def publish(
-        self,
-        queue: str,
-        message: Message,
-        *,
-        eta: float | None = None,
-        retries: int = 0,
-        parent: Mapping[str, str] | None = None,
+        self, queue: str, message: Message, *, eta: float | None = None, retries: int = 0
     ) -> None:
-        """The one way a task message leaves a process (`send_task` and the worker's retries):
-        publish hooks, signing, the broker. `parent` is the propagation carrier of the run that
-        asks (a retry's), when it is not the caller's current context."""
+        """The one way a task message leaves a process (`send_task`, so the worker's retries
+        too): publish hooks, signing, the broker."""
         publication = Publication(
             queue=queue,
             message=message,
@@ -419,7 +410,7 @@ class Millpond:
             task_name=message.headers["task"],
             retries=retries,
             system=self.broker.system,
-            parent=parent if parent is not None else publishing_parent(),
+            parent=publishing_parent(),  # a retry's run, set by the worker around its send
             eta=eta,
         )
         tokens = self.hooks.before_publish(publication)
