@@ -34,35 +34,57 @@ from typing import (
 
 from millpond.exceptions import Retry
 from millpond.produce.rates import RATE_LIMIT_SCOPES, InvalidRateLimit, parse_rate
+from millpond.wire.protocol import Job
 
 if TYPE_CHECKING:
     from millpond.produce.app import Millpond
     from millpond.produce.result import AsyncResult
     from millpond_canvas import Signature, chunks, xmap, xstarmap
 
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+T = TypeVar("T")
+
+
+class _JobField(Generic[T]):
+    """A field of the request's job, read under Celery's name and typed for the checker."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, request: Request, owner: object = None) -> T:
+        return cast(T, getattr(request.job, self.name))
+
 
 @dataclass(slots=True, frozen=True)
 class Request:
-    """What a running task knows about its own message (`self.request` in a bound task)."""
+    """What a running task knows about its own message (`self.request` in a bound task): its
+    job, read in place rather than copied field by field for every task that runs."""
 
-    id: str
-    task: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    retries: int = 0
-    queue: str = ""
-    root_id: str | None = None
-    parent_id: str | None = None
-    origin: str | None = None
-    time_limit: float | None = None
-    soft_time_limit: float | None = None
-    delivery_count: int = 1
-    group: str | None = None
-    group_index: int | None = None
-    #: the canvas fields of the message (`callbacks`, `errbacks`, `chain`, `chord`)
-    embed: Mapping[str, Any] = field(default_factory=dict)
+    job: Job
     #: results of the tasks sent from inside this one (filled as it sends them)
     children: list[Any] = field(default_factory=list)
+
+    id = _JobField[str]("task_id")
+    task = _JobField[str]("task_name")
+    args = _JobField[tuple[Any, ...]]("args")
+    kwargs = _JobField[dict[str, Any]]("kwargs")
+    retries = _JobField[int]("retries")
+    queue = _JobField[str]("queue")
+    root_id = _JobField[str | None]("root_id")
+    parent_id = _JobField[str | None]("parent_id")
+    origin = _JobField[str | None]("origin")
+    time_limit = _JobField[float | None]("time_limit")
+    soft_time_limit = _JobField[float | None]("soft_time_limit")
+    delivery_count = _JobField[int]("delivery_count")
+    group = _JobField[str | None]("group_id")
+    group_index = _JobField[int | None]("group_index")
+
+    @property
+    def embed(self) -> Mapping[str, Any]:
+        """The canvas fields of the message (`callbacks`, `errbacks`, `chain`, `chord`)."""
+        return self.job.embed or {}
 
     callbacks = property(lambda self: self.embed.get("callbacks"))
     errbacks = property(lambda self: self.embed.get("errbacks"))
@@ -197,10 +219,6 @@ def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOpti
     return TaskOptions(**opts)
 
 
-P = ParamSpec("P")
-R = TypeVar("R")
-R_co = TypeVar("R_co", covariant=True)
-T = TypeVar("T")
 _Args = Sequence[Any] | None
 _Kwargs = Mapping[str, Any] | None
 
