@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 from datetime import datetime
 from typing import (
     TYPE_CHECKING,
@@ -42,6 +41,7 @@ from millpond.produce.task import (
     TaskDecorator,
     current_request,
     make_options,
+    reject_unknown,
 )
 from millpond.produce.task import (
     TaskDecoratorOptions as _Options,
@@ -79,8 +79,7 @@ def _defaulted(
     return out or None
 
 
-# the methods `Millpond.AsyncResult` and `Millpond.GroupResult` (Celery's names) hide the classes
-# inside the class body
+# the method `Millpond.AsyncResult` (Celery's name) hides the class inside the class body
 _AsyncResult = AsyncResult
 
 #: the URL used when no broker is configured: the embedded, zero-server broker
@@ -91,13 +90,8 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    """A publish on its way to the broker: the hooks' view of it and their tokens."""
-
-    publication: Publication
-    tokens: Any
-    outbound: Outbound
+#: a publish on its way to the broker: the hooks' view of it and their tokens
+_Pending = tuple[Publication, Any]
 
 
 class Millpond:
@@ -122,9 +116,8 @@ class Millpond:
         self.periodic_tasks: list[dict[str, Any]] = []
         urls = {"broker_url": broker_url, "result_backend": result_backend}
         #: the settings given in code (`Millpond(...)` keywords), weighed in by `load_settings`
-        self.code_config: Mapping[str, Any] = {
-            **config,
-            **{key: url for key, url in urls.items() if url is not None},
+        self.code_config: Mapping[str, Any] = config | {
+            k: v for k, v in urls.items() if v is not None
         }
         self._lock = threading.RLock()
         #: this process's broker, result backend and `app.control`, by name, made on first use
@@ -186,19 +179,15 @@ class Millpond:
         self, fn: Callable[..., Any] | None = None, /, **options: Any
     ) -> Task[..., Any] | Callable[[Callable[..., Any]], Task[..., Any]]:
         """Register a function as a task; options are checked now (see TaskOptions)."""
-
-        def register(func: Callable[..., Any]) -> Task[..., Any]:
-            task: Task[..., Any] = self.task_cls(self, func, make_options(func, options))
-            existing = self.tasks.get(task.name)
-            if existing is not None and existing.fn is not func:
-                qualname = getattr(existing.fn, "__qualname__", existing.fn)
-                raise ValueError(f"a task named {task.name!r} is already registered ({qualname})")
-            self.tasks[task.name] = task
-            return task
-
-        if fn is not None:
-            return register(fn)
-        return register
+        if fn is None:
+            return lambda func: self.task(func, **options)
+        task: Task[..., Any] = self.task_cls(self, fn, make_options(fn, options))
+        existing = self.tasks.get(task.name)
+        if existing is not None and existing.fn is not fn:
+            qualname = getattr(existing.fn, "__qualname__", existing.fn)
+            raise ValueError(f"a task named {task.name!r} is already registered ({qualname})")
+        self.tasks[task.name] = task
+        return task
 
     # -- periodic tasks --------------------------------------------------------------------------
     def add_periodic_task(
@@ -327,21 +316,9 @@ class Millpond:
         **options: Unpack[SendOptions],
     ) -> AsyncResult[Any]:
         """Send a task by name (it need not be registered here); returns its result handle.
-
-        `countdown` (seconds) or `eta` (datetime or epoch seconds) delay it in the broker;
-        `expires` (datetime, epoch seconds, or seconds from now below a year) drops it if a worker
-        gets it too late. `link`/`link_error`: signatures sent when it succeeds or fails; the
-        canvas sets `chain`, `chord`, `group_id`, `group_index`, `root_id`, `parent_id`.
-        `reply_to`: where a backend that replies to the caller (rpc://) sends the result, by
-        default its reply queue for this process (`""`: none). An unknown option is a type error,
-        and a TypeError naming the valid ones for callers the type checker does not see.
-        """
-        unknown = set(options) - SEND_OPTIONS
-        if unknown:
-            raise TypeError(
-                f"unknown option(s) {', '.join(sorted(unknown))} sending {name}; "
-                f"valid options: {', '.join(sorted(SEND_OPTIONS))}"
-            )
+        The options are `SendOptions`: an unknown one is a type error, and a TypeError naming the
+        valid ones for callers the type checker does not see."""
+        reject_unknown(options, SEND_OPTIONS, "option(s)", f"sending {name}")
         now = time.time()
         countdown, expires = options.get("countdown"), options.get("expires")
         eta = now + float(countdown) if countdown is not None else _epoch(options.get("eta"))
@@ -416,12 +393,13 @@ class Millpond:
         tokens = self.hooks.before_publish(publication)
         if self.settings.signing_key:
             sign(message, self.settings.signing_key)
-        pending = _Pending(publication, tokens, Outbound(queue, message, eta))
         batch = self._batch.get()
         if batch is not None:
-            batch.append(pending)
+            batch.append((publication, tokens))
         else:
-            self._hand_over([pending], lambda: self.broker.publish(queue, message, eta=eta))
+            self._hand_over(
+                [(publication, tokens)], lambda: self.broker.publish(queue, message, eta=eta)
+            )
 
     @contextmanager
     def publishing_together(self) -> Iterator[None]:
@@ -439,9 +417,8 @@ class Millpond:
         finally:
             self._batch.reset(token)
             if pending:
-                self._hand_over(
-                    pending, lambda: self.broker.publish_many([p.outbound for p in pending])
-                )
+                outbound = [Outbound(p.queue, p.message, p.eta) for p, _ in pending]
+                self._hand_over(pending, lambda: self.broker.publish_many(outbound))
 
     def _hand_over(self, pending: list[_Pending], send: Callable[[], None]) -> None:
         """`send` the publishes to the broker, then tell the hooks how each went."""
@@ -452,12 +429,12 @@ class Millpond:
             # a broker that says which messages it did not take has stored the others: those
             # are reported sent (their tasks will run), only the rest as failed
             not_sent = exc.not_sent if isinstance(exc, PublishError) else None
-            for p in pending:
-                failed = not_sent is None or p.publication.task_id in not_sent
-                hooks.after_publish(p.publication, p.tokens, exc if failed else None)
+            for publication, tokens in pending:
+                failed = not_sent is None or publication.task_id in not_sent
+                hooks.after_publish(publication, tokens, exc if failed else None)
             raise
-        for p in pending:
-            hooks.after_publish(p.publication, p.tokens, None)
+        for publication, tokens in pending:
+            hooks.after_publish(publication, tokens, None)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
         """A handle on the task with this id (untyped: nothing says which task it was)."""

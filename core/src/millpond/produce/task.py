@@ -156,7 +156,15 @@ class TaskDecoratorOptions(TypedDict, total=False):
 class SendOptions(TypedDict, total=False):
     """The keyword options of `apply_async` and `Millpond.send_task`: a TypedDict, not parameters,
     so that an option left out stays out (the task's own default applies only then, and an
-    explicit `None` overrides it, but for `expires`)."""
+    explicit `None` overrides it, but for `expires`).
+
+    `countdown` (seconds) or `eta` (datetime or epoch seconds) delay the task in the broker;
+    `expires` (datetime, epoch seconds, or seconds from now below a year) drops it if a worker gets
+    it too late. `link`/`link_error`: signatures sent when it succeeds or fails; the canvas sets
+    `chain`, `chord`, `group_id`, `group_index`, `root_id`, `parent_id`. `reply_to`: where a
+    backend that replies to the caller (rpc://) sends the result, by default its reply queue for
+    this process (`""`: none).
+    """
 
     queue: str | None
     countdown: float | None
@@ -169,7 +177,6 @@ class SendOptions(TypedDict, total=False):
     ignore_result: bool | None
     priority: int | None
     retries: int
-    #: canvas: callbacks on success and on failure (signatures), and what a canvas sets itself
     link: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
     link_error: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
     chain: Sequence[Mapping[str, Any]] | None
@@ -178,7 +185,6 @@ class SendOptions(TypedDict, total=False):
     group_index: int | None
     root_id: str | None
     parent_id: str | None
-    #: where the result goes with a backend that replies to the caller (rpc://)
     reply_to: str | None
 
 
@@ -186,13 +192,16 @@ TASK_OPTIONS = frozenset(TaskOptions.__dataclass_fields__)
 SEND_OPTIONS = frozenset(SendOptions.__annotations__)
 
 
-def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOptions:
-    unknown = set(options) - TASK_OPTIONS
+def reject_unknown(given: Iterable[str], valid: frozenset[str], what: str, where: str) -> None:
+    unknown = sorted(set(given) - valid)
     if unknown:
         raise TypeError(
-            f"unknown task option(s) {', '.join(sorted(unknown))} on {fn.__qualname__}; "
-            f"valid options: {', '.join(sorted(TASK_OPTIONS))}"
+            f"unknown {what} {', '.join(unknown)} {where}; valid options: {', '.join(sorted(valid))}"
         )
+
+
+def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOptions:
+    reject_unknown(options, TASK_OPTIONS, "task option(s)", f"on {fn.__qualname__}")
     opts = {"name": f"{fn.__module__}.{fn.__qualname__}", **options}
     for key in ("time_limit", "soft_time_limit", "expires", "default_retry_delay"):
         value = opts.get(key)
