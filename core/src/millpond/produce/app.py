@@ -50,9 +50,9 @@ from millpond.wire.protocol import Message, encode_task, new_id
 from millpond.wire.signing import sign
 
 if TYPE_CHECKING:
-    from millpond.contracts.clients import ControlClient
     from millpond_canvas import GroupResult as _GroupResult
     from millpond_canvas import Signature
+    from millpond_control.client import Control
 
 
 def _epoch(when: datetime | float | None) -> float | None:
@@ -291,10 +291,11 @@ class Millpond:
         return backend
 
     @property
-    def control(self) -> ControlClient:
+    def control(self) -> Control:
         """Remote control, as Celery's `app.control` (docs/control.md), from the `control` entry
-        point of `millpond.clients` (millpond-control), typed as that package's `Control`."""
-        made: ControlClient = self._lazy(
+        point of `millpond.clients` (millpond-control): the core names that package's `Control`
+        for the type checker alone, as it does millpond-canvas's `Signature`."""
+        made: Control = self._lazy(
             "control", lambda: plugins.load(plugins.CLIENTS, "control")(self)
         )
         return made

@@ -4,9 +4,6 @@ fails at import, not at 3 a.m. in production; `apply_async` refuses unknown keyw
 The same mistakes are type errors: `Task[P, R]` carries the function's parameters (a `ParamSpec`)
 and return type, so `add.delay("a", [1])` or `x: str = add(1, 2)` fail under mypy; the keyword
 options are declared once, as TypedDicts, for the type checker and the runtime check alike.
-
-For an `async def` task `R` is the coroutine its call returns; the worker stores the awaited
-value, so `delay()` and `apply_async()` are overloaded to return an `AsyncResult` of that.
 """
 
 from __future__ import annotations
@@ -255,8 +252,8 @@ class Task(Generic[P, R_co]):
         return self.fn(*args, **kwargs)
 
     # -- sending ---------------------------------------------------------------------------------
-    # The overloads differ only in the result: an async def task's `R` is a coroutine whose value
-    # the worker stores. mypy takes the first that matches, so the coroutine one comes first.
+    # The overloads differ only in the result: an async def task's `R` is a coroutine, the worker
+    # stores its awaited value; mypy takes the first that matches, so that one comes first.
     # `apply_async`'s `args`/`kwargs` cannot be checked against `P` (a ParamSpec's parts exist
     # only as a function's `*args`/`**kwargs`); `delay` checks them.
     @overload
