@@ -64,9 +64,8 @@ def _defaulted(
     defaults: Mapping[str, str | Callable[[str], str]],
 ) -> list[Mapping[str, Any]] | None:
     """Signatures with each of `defaults` (a value, or one of the task's name) in their options
-    unless they name their own. The worker sends them later: a callback must go to the queue
-    this producer would send it to, not the worker's own, and reply to this caller (rpc://),
-    where Celery's `freeze` puts `reply_to`."""
+    unless they name their own. The worker sends them later, and a callback must go to the queue
+    this producer would send it to and reply to this caller (rpc://, as Celery's `freeze` does)."""
     out: list[Mapping[str, Any]] = []
     for sig in [sigs] if isinstance(sigs, Mapping) else sigs or ():
         options = sig.get("options") or {}
@@ -404,10 +403,9 @@ class Millpond:
 
     @contextmanager
     def publishing_together(self) -> Iterator[None]:
-        """Hand every message published inside the block to the broker together when it ends,
-        returning once the broker has them all: a broker whose confirms cost a round trip each
-        (RabbitMQ) waits once, not once per message. Groups and chords send their tasks this
-        way; nested blocks join the outer one."""
+        """Hand every message published inside the block to the broker together when it ends: a
+        broker whose confirms cost a round trip each (RabbitMQ) waits once, not once per message.
+        Groups and chords send their tasks this way; nested blocks join the outer one."""
         if self._batch.get() is not None:
             yield
             return
@@ -463,7 +461,6 @@ class Millpond:
         return self._lazy("canvas", lambda: plugins.canvas_class()(self), kept=True)
 
     def queue_for(self, name: str) -> str:
-        """The queue a call that names none sends the task to: the task's own `queue` option if
-        it is registered here, else the `default_queue` setting."""
+        """The queue a call that names none sends the task to (its own, else the default)."""
         task = self.tasks.get(name)
         return task.options.queue if task and task.options.queue else self.settings.default_queue
