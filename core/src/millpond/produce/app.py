@@ -46,7 +46,7 @@ from millpond.produce.task import (
 from millpond.produce.task import (
     TaskDecoratorOptions as _Options,
 )
-from millpond.wire.protocol import Message, encode_task, new_id
+from millpond.wire.protocol import encode_task, new_id
 from millpond.wire.signing import sign
 
 if TYPE_CHECKING:
@@ -368,38 +368,37 @@ class Millpond:
             group_index=options.get("group_index"),
             reply_to=reply_to,
         )
-        queue = options.get("queue") or self.settings.default_queue
-        self.publish(queue, message, eta=eta if eta and eta > now else None, retries=retries)
+        self.publish(
+            Publication(
+                queue=options.get("queue") or self.settings.default_queue,
+                message=message,
+                task_id=task_id,
+                task_name=name,
+                retries=retries,
+                system=self.broker.system,
+                parent=publishing_parent(),  # a retry's run, set by the worker around its send
+                eta=eta if eta and eta > now else None,
+            )
+        )
         result: AsyncResult[Any] = AsyncResult(task_id, self)
         if parent is not None:
             parent.children.append(result.as_tuple())
         return result
 
-    def publish(
-        self, queue: str, message: Message, *, eta: float | None = None, retries: int = 0
-    ) -> None:
-        """The one way a task message leaves a process (`send_task`, so the worker's retries
+    def publish(self, publication: Publication) -> None:
+        """The one way a task message leaves a process (from `send_task`, so the worker's retries
         too): publish hooks, signing, the broker."""
-        publication = Publication(
-            queue=queue,
-            message=message,
-            task_id=message.headers["id"],
-            task_name=message.headers["task"],
-            retries=retries,
-            system=self.broker.system,
-            parent=publishing_parent(),  # a retry's run, set by the worker around its send
-            eta=eta,
-        )
         tokens = self.hooks.before_publish(publication)
         if self.settings.signing_key:
-            sign(message, self.settings.signing_key)
+            sign(publication.message, self.settings.signing_key)
         batch = self._batch.get()
         if batch is not None:
             batch.append((publication, tokens))
-        else:
-            self._hand_over(
-                [(publication, tokens)], lambda: self.broker.publish(queue, message, eta=eta)
-            )
+            return
+        queue, message, eta = publication.queue, publication.message, publication.eta
+        self._hand_over(
+            [(publication, tokens)], lambda: self.broker.publish(queue, message, eta=eta)
+        )
 
     @contextmanager
     def publishing_together(self) -> Iterator[None]:
