@@ -93,10 +93,8 @@ _current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVa
     "millpond_request", default=None
 )
 
-
-def current_request() -> Request | None:
-    """The request of the task running in this context, if any."""
-    return _current_request.get()
+#: the request of the task running in this context, if any
+current_request = _current_request.get
 
 
 @dataclass(slots=True, frozen=True)
