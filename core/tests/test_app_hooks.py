@@ -11,14 +11,17 @@ class Recording(Hooks):
     """A hooks implementation that only needs to be told apart by identity."""
 
 
-def test_adopted_hooks_are_kept_as_made_with_added_ones_after_them() -> None:
+def test_hooks_in_use_are_kept_as_made_with_added_ones_after_them() -> None:
     app = Millpond("adopt", broker_url="memory://adopt-hooks")
     own, installed = Recording(), Recording()
     app.add_hooks(own)  # as an app module does while it is imported
-    app.adopt_hooks([installed])
+    app.use_hooks([installed])
     assert [h for h in app.hooks.hooks if isinstance(h, Recording)] == [installed, own]
     later = Recording()
     app.add_hooks(later)  # added after the chain was made: still called
     assert later in app.hooks.hooks
     assert installed in app.hooks.hooks
+    chain = app.hooks.hooks
+    app.use_hooks(chain)  # as the worker hands back its chain: each hook is kept once
+    assert app.hooks.hooks == chain
     app.close()

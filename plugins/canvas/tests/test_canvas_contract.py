@@ -59,5 +59,5 @@ def test_without_a_canvas_plugin_every_canvas_call_names_the_package(
         with pytest.raises(PluginNotFound, match="pip install millpond-canvas"):
             call()
     # in the execution unit it never raises: after_failure reports what it cannot run
-    request = Request(id="t1", task="c.add", args=(), kwargs={}, embed={"errbacks": [{}]})
-    assert stand_in.inline_errbacks(request, outcome) is None
+    failed = Job(task_id="t1", task_name="c.add", args=(), kwargs={}, embed={"errbacks": [{}]})
+    assert stand_in.inline_errbacks(Request(failed), outcome) is None

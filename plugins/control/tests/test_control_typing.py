@@ -1,5 +1,5 @@
-"""`app.control` is typed as millpond-control's `Control` (the core's name for it is
-`ControlClient`), so `mypy --strict` checks remote-control calls like any typed call.
+"""`app.control` is typed as millpond-control's `Control`, so `mypy --strict` checks
+remote-control calls like any typed call.
 
 Like core/tests/test_typing.py: two samples, one strict mypy run with a config of its own; the
 good one must pass clean, the bad one must give exactly the errors its `# E:` markers say.
@@ -20,16 +20,15 @@ CONTROL_OK = textwrap.dedent('''\
     from typing import Any, assert_type
 
     from millpond import Millpond
-    from millpond.contracts.clients import ControlClient, InspectClient
-    from millpond_control.client import Control, open_control
+    from millpond_control.client import Control, Inspect, open_control
 
     app = Millpond("typing-control", broker_url="memory://typing-control")
 
 
     def check() -> None:  # type-checked, never run: it would wait for workers
-        assert_type(app.control, ControlClient)
-        mine: ControlClient = open_control(app)  # the core's name is the plugin's class
-        inspector: InspectClient = mine.inspect(timeout=0.5)
+        assert_type(app.control, Control)
+        mine: Control = open_control(app)
+        inspector: Inspect = mine.inspect(timeout=0.5)
         assert_type(inspector.active(), dict[str, Any] | None)
         replies = app.control.revoke("a-task-id", terminate=True, reply=True)
         assert_type(replies, list[dict[str, Any]] | None)
@@ -80,10 +79,8 @@ def test_wrong_calls_on_app_control_are_reported_where_marked(
 def test_app_control_is_the_plugins_class(tmp_path: Path) -> None:
     """What mypy is told is what runs: `app.control` is a `Control`."""
     from millpond import Millpond
-    from millpond.contracts.clients import ControlClient, InspectClient
-    from millpond_control.client import Control, Inspect
+    from millpond_control.client import Control
 
-    assert (ControlClient, InspectClient) == (Control, Inspect)  # importable at run time too
     app = Millpond("typing-control-runtime", broker_url="memory://typing-control-runtime")
     try:
         assert isinstance(app.control, Control)

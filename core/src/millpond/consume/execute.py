@@ -106,23 +106,7 @@ class Executor:
 
 def _begin(job: Job) -> Request:
     """The task's `self.request`, set in the fresh context."""
-    request = Request(
-        id=job.task_id,
-        task=job.task_name,
-        args=job.args,
-        kwargs=job.kwargs,
-        retries=job.retries,
-        queue=job.queue,
-        root_id=job.root_id,
-        parent_id=job.parent_id,
-        origin=job.origin,
-        time_limit=job.time_limit,
-        soft_time_limit=job.soft_time_limit,
-        delivery_count=job.delivery_count,
-        group=job.group_id,
-        group_index=job.group_index,
-        embed=job.embed or {},
-    )
+    request = Request(job)
     _current_request.set(request)
     return request
 

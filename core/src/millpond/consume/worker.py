@@ -234,7 +234,7 @@ class Worker:
         broker = self.app.broker
         self.hooks.lifecycle("worker_starting", self)
         self.hooks = self.hooks.active()  # without the hooks that switched themselves off
-        self.app.use_hooks(self.hooks)
+        self.app.use_hooks(self.hooks.hooks)
         broker.connect()
         broker.declare(self.queues)
         _ = self.app.backend  # resolve it now: a bad backend URL fails at start-up

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 from datetime import datetime
 from typing import (
     TYPE_CHECKING,
@@ -42,17 +41,18 @@ from millpond.produce.task import (
     TaskDecorator,
     current_request,
     make_options,
+    reject_unknown,
 )
 from millpond.produce.task import (
     TaskDecoratorOptions as _Options,
 )
-from millpond.wire.protocol import Message, encode_task, new_id
+from millpond.wire.protocol import encode_task, new_id
 from millpond.wire.signing import sign
 
 if TYPE_CHECKING:
-    from millpond.contracts.clients import ControlClient
     from millpond_canvas import GroupResult as _GroupResult
     from millpond_canvas import Signature
+    from millpond_control.client import Control
 
 
 def _epoch(when: datetime | float | None) -> float | None:
@@ -64,9 +64,8 @@ def _defaulted(
     defaults: Mapping[str, str | Callable[[str], str]],
 ) -> list[Mapping[str, Any]] | None:
     """Signatures with each of `defaults` (a value, or one of the task's name) in their options
-    unless they name their own. The worker sends them later: a callback must go to the queue
-    this producer would send it to, not the worker's own, and reply to this caller (rpc://),
-    where Celery's `freeze` puts `reply_to`."""
+    unless they name their own. The worker sends them later, and a callback must go to the queue
+    this producer would send it to and reply to this caller (rpc://, as Celery's `freeze` does)."""
     out: list[Mapping[str, Any]] = []
     for sig in [sigs] if isinstance(sigs, Mapping) else sigs or ():
         options = sig.get("options") or {}
@@ -79,8 +78,7 @@ def _defaulted(
     return out or None
 
 
-# the methods `Millpond.AsyncResult` and `Millpond.GroupResult` (Celery's names) hide the classes
-# inside the class body
+# the method `Millpond.AsyncResult` (Celery's name) hides the class inside the class body
 _AsyncResult = AsyncResult
 
 #: the URL used when no broker is configured: the embedded, zero-server broker
@@ -91,13 +89,8 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    """A publish on its way to the broker: the hooks' view of it and their tokens."""
-
-    publication: Publication
-    tokens: Any
-    outbound: Outbound
+#: a publish on its way to the broker: the hooks' view of it and their tokens
+_Pending = tuple[Publication, Any]
 
 
 class Millpond:
@@ -122,9 +115,8 @@ class Millpond:
         self.periodic_tasks: list[dict[str, Any]] = []
         urls = {"broker_url": broker_url, "result_backend": result_backend}
         #: the settings given in code (`Millpond(...)` keywords), weighed in by `load_settings`
-        self.code_config: Mapping[str, Any] = {
-            **config,
-            **{key: url for key, url in urls.items() if url is not None},
+        self.code_config: Mapping[str, Any] = config | {
+            k: v for k, v in urls.items() if v is not None
         }
         self._lock = threading.RLock()
         #: this process's broker, result backend and `app.control`, by name, made on first use
@@ -186,19 +178,15 @@ class Millpond:
         self, fn: Callable[..., Any] | None = None, /, **options: Any
     ) -> Task[..., Any] | Callable[[Callable[..., Any]], Task[..., Any]]:
         """Register a function as a task; options are checked now (see TaskOptions)."""
-
-        def register(func: Callable[..., Any]) -> Task[..., Any]:
-            task: Task[..., Any] = self.task_cls(self, func, make_options(func, options))
-            existing = self.tasks.get(task.name)
-            if existing is not None and existing.fn is not func:
-                qualname = getattr(existing.fn, "__qualname__", existing.fn)
-                raise ValueError(f"a task named {task.name!r} is already registered ({qualname})")
-            self.tasks[task.name] = task
-            return task
-
-        if fn is not None:
-            return register(fn)
-        return register
+        if fn is None:
+            return lambda func: self.task(func, **options)
+        task: Task[..., Any] = self.task_cls(self, fn, make_options(fn, options))
+        existing = self.tasks.get(task.name)
+        if existing is not None and existing.fn is not fn:
+            qualname = getattr(existing.fn, "__qualname__", existing.fn)
+            raise ValueError(f"a task named {task.name!r} is already registered ({qualname})")
+        self.tasks[task.name] = task
+        return task
 
     # -- periodic tasks --------------------------------------------------------------------------
     def add_periodic_task(
@@ -247,17 +235,15 @@ class Millpond:
             if "hooks" in self._kept:
                 self._kept["hooks"] = self._kept["hooks"] + hooks
 
-    def adopt_hooks(self, installed: Iterable[Hooks]) -> None:
-        """Use hooks already made from the `hooks` setting, before the ones added with `add_hooks`:
-        `millpond worker` makes them before it imports the app (their `process_starting` sets up
-        tracing the app module may build on), and one object per hook is kept for the process."""
+    def use_hooks(self, hooks: Iterable[Hooks]) -> None:
+        """Use these hooks, already made, then those added with `add_hooks` that are not among
+        them: `millpond worker` makes the installed ones before it imports the app (their
+        `process_starting` sets up tracing the app module may build on) and hands back those
+        still on after start-up, so one object per hook is kept for the process."""
+        made = tuple(hooks)
         with self._lock:
-            self._kept["hooks"] = HookChain([*installed, *self._added_hooks])
-
-    def use_hooks(self, chain: HookChain) -> None:
-        """Replace the hook chain (the worker hands back the one left after start-up)."""
-        with self._lock:
-            self._kept["hooks"] = chain
+            own = [h for h in self._added_hooks if all(h is not m for m in made)]
+            self._kept["hooks"] = HookChain([*made, *own])
 
     # -- connections (per process) ---------------------------------------------------------------
     def _reset(self) -> None:
@@ -304,10 +290,11 @@ class Millpond:
         return backend
 
     @property
-    def control(self) -> ControlClient:
+    def control(self) -> Control:
         """Remote control, as Celery's `app.control` (docs/control.md), from the `control` entry
-        point of `millpond.clients` (millpond-control), typed as that package's `Control`."""
-        made: ControlClient = self._lazy(
+        point of `millpond.clients` (millpond-control): the core names that package's `Control`
+        for the type checker alone, as it does millpond-canvas's `Signature`."""
+        made: Control = self._lazy(
             "control", lambda: plugins.load(plugins.CLIENTS, "control")(self)
         )
         return made
@@ -329,21 +316,9 @@ class Millpond:
         **options: Unpack[SendOptions],
     ) -> AsyncResult[Any]:
         """Send a task by name (it need not be registered here); returns its result handle.
-
-        `countdown` (seconds) or `eta` (datetime or epoch seconds) delay it in the broker;
-        `expires` (datetime, epoch seconds, or seconds from now below a year) drops it if a worker
-        gets it too late. `link`/`link_error`: signatures sent when it succeeds or fails; the
-        canvas sets `chain`, `chord`, `group_id`, `group_index`, `root_id`, `parent_id`.
-        `reply_to`: where a backend that replies to the caller (rpc://) sends the result, by
-        default its reply queue for this process (`""`: none). An unknown option is a type error,
-        and a TypeError naming the valid ones for callers the type checker does not see.
-        """
-        unknown = set(options) - SEND_OPTIONS
-        if unknown:
-            raise TypeError(
-                f"unknown option(s) {', '.join(sorted(unknown))} sending {name}; "
-                f"valid options: {', '.join(sorted(SEND_OPTIONS))}"
-            )
+        The options are `SendOptions`: an unknown one is a type error, and a TypeError naming the
+        valid ones for callers the type checker does not see."""
+        reject_unknown(options, SEND_OPTIONS, "option(s)", f"sending {name}")
         now = time.time()
         countdown, expires = options.get("countdown"), options.get("expires")
         eta = now + float(countdown) if countdown is not None else _epoch(options.get("eta"))
@@ -393,51 +368,43 @@ class Millpond:
             group_index=options.get("group_index"),
             reply_to=reply_to,
         )
-        queue = options.get("queue") or self.settings.default_queue
-        self.publish(queue, message, eta=eta if eta and eta > now else None, retries=retries)
+        self.publish(
+            Publication(
+                queue=options.get("queue") or self.settings.default_queue,
+                message=message,
+                task_id=task_id,
+                task_name=name,
+                retries=retries,
+                system=self.broker.system,
+                parent=publishing_parent(),  # a retry's run, set by the worker around its send
+                eta=eta if eta and eta > now else None,
+            )
+        )
         result: AsyncResult[Any] = AsyncResult(task_id, self)
         if parent is not None:
             parent.children.append(result.as_tuple())
         return result
 
-    def publish(
-        self,
-        queue: str,
-        message: Message,
-        *,
-        eta: float | None = None,
-        retries: int = 0,
-        parent: Mapping[str, str] | None = None,
-    ) -> None:
-        """The one way a task message leaves a process (`send_task` and the worker's retries):
-        publish hooks, signing, the broker. `parent` is the propagation carrier of the run that
-        asks (a retry's), when it is not the caller's current context."""
-        publication = Publication(
-            queue=queue,
-            message=message,
-            task_id=message.headers["id"],
-            task_name=message.headers["task"],
-            retries=retries,
-            system=self.broker.system,
-            parent=parent if parent is not None else publishing_parent(),
-            eta=eta,
-        )
+    def publish(self, publication: Publication) -> None:
+        """The one way a task message leaves a process (from `send_task`, so the worker's retries
+        too): publish hooks, signing, the broker."""
         tokens = self.hooks.before_publish(publication)
         if self.settings.signing_key:
-            sign(message, self.settings.signing_key)
-        pending = _Pending(publication, tokens, Outbound(queue, message, eta))
+            sign(publication.message, self.settings.signing_key)
         batch = self._batch.get()
         if batch is not None:
-            batch.append(pending)
-        else:
-            self._hand_over([pending], lambda: self.broker.publish(queue, message, eta=eta))
+            batch.append((publication, tokens))
+            return
+        queue, message, eta = publication.queue, publication.message, publication.eta
+        self._hand_over(
+            [(publication, tokens)], lambda: self.broker.publish(queue, message, eta=eta)
+        )
 
     @contextmanager
     def publishing_together(self) -> Iterator[None]:
-        """Hand every message published inside the block to the broker together when it ends,
-        returning once the broker has them all: a broker whose confirms cost a round trip each
-        (RabbitMQ) waits once, not once per message. Groups and chords send their tasks this
-        way; nested blocks join the outer one."""
+        """Hand every message published inside the block to the broker together when it ends: a
+        broker whose confirms cost a round trip each (RabbitMQ) waits once, not once per message.
+        Groups and chords send their tasks this way; nested blocks join the outer one."""
         if self._batch.get() is not None:
             yield
             return
@@ -448,9 +415,8 @@ class Millpond:
         finally:
             self._batch.reset(token)
             if pending:
-                self._hand_over(
-                    pending, lambda: self.broker.publish_many([p.outbound for p in pending])
-                )
+                outbound = [Outbound(p.queue, p.message, p.eta) for p, _ in pending]
+                self._hand_over(pending, lambda: self.broker.publish_many(outbound))
 
     def _hand_over(self, pending: list[_Pending], send: Callable[[], None]) -> None:
         """`send` the publishes to the broker, then tell the hooks how each went."""
@@ -461,12 +427,12 @@ class Millpond:
             # a broker that says which messages it did not take has stored the others: those
             # are reported sent (their tasks will run), only the rest as failed
             not_sent = exc.not_sent if isinstance(exc, PublishError) else None
-            for p in pending:
-                failed = not_sent is None or p.publication.task_id in not_sent
-                hooks.after_publish(p.publication, p.tokens, exc if failed else None)
+            for publication, tokens in pending:
+                failed = not_sent is None or publication.task_id in not_sent
+                hooks.after_publish(publication, tokens, exc if failed else None)
             raise
-        for p in pending:
-            hooks.after_publish(p.publication, p.tokens, None)
+        for publication, tokens in pending:
+            hooks.after_publish(publication, tokens, None)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
         """A handle on the task with this id (untyped: nothing says which task it was)."""
@@ -494,7 +460,6 @@ class Millpond:
         return self._lazy("canvas", lambda: plugins.canvas_class()(self), kept=True)
 
     def queue_for(self, name: str) -> str:
-        """The queue a call that names none sends the task to: the task's own `queue` option if
-        it is registered here, else the `default_queue` setting."""
+        """The queue a call that names none sends the task to (its own, else the default)."""
         task = self.tasks.get(name)
         return task.options.queue if task and task.options.queue else self.settings.default_queue

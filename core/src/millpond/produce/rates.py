@@ -24,17 +24,14 @@ def parse_rate(value: str | float | None) -> float | None:
     """Tokens per second for what Celery accepts (`"10/m"` -> 0.1667; `N/s`, `N/m`, `N/h`, N
     maybe a fraction, or a number per second), None for no limit (`None`, `""`, `0`); anything
     else raises `InvalidRateLimit` saying what is allowed."""
-    if value is None:
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise InvalidRateLimit(
             f"rate limit {value!r} is not a rate: use 'N/s', 'N/m', 'N/h' or a number per second"
         )
     if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return None
-        amount, _, unit = text.partition("/")
+        amount, _, unit = value.partition("/")
         unit = unit.strip().lower() or "s"
         if unit not in _UNITS:
             raise InvalidRateLimit(

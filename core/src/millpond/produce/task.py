@@ -4,9 +4,6 @@ fails at import, not at 3 a.m. in production; `apply_async` refuses unknown keyw
 The same mistakes are type errors: `Task[P, R]` carries the function's parameters (a `ParamSpec`)
 and return type, so `add.delay("a", [1])` or `x: str = add(1, 2)` fail under mypy; the keyword
 options are declared once, as TypedDicts, for the type checker and the runtime check alike.
-
-For an `async def` task `R` is the coroutine its call returns; the worker stores the awaited
-value, so `delay()` and `apply_async()` are overloaded to return an `AsyncResult` of that.
 """
 
 from __future__ import annotations
@@ -34,35 +31,57 @@ from typing import (
 
 from millpond.exceptions import Retry
 from millpond.produce.rates import RATE_LIMIT_SCOPES, InvalidRateLimit, parse_rate
+from millpond.wire.protocol import Job
 
 if TYPE_CHECKING:
     from millpond.produce.app import Millpond
     from millpond.produce.result import AsyncResult
     from millpond_canvas import Signature, chunks, xmap, xstarmap
 
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+T = TypeVar("T")
+
+
+class _JobField(Generic[T]):
+    """A field of the request's job, read under Celery's name and typed for the checker."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, request: Request, owner: object = None) -> T:
+        return cast(T, getattr(request.job, self.name))
+
 
 @dataclass(slots=True, frozen=True)
 class Request:
-    """What a running task knows about its own message (`self.request` in a bound task)."""
+    """What a running task knows about its own message (`self.request` in a bound task): its
+    job, read in place rather than copied field by field for every task that runs."""
 
-    id: str
-    task: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    retries: int = 0
-    queue: str = ""
-    root_id: str | None = None
-    parent_id: str | None = None
-    origin: str | None = None
-    time_limit: float | None = None
-    soft_time_limit: float | None = None
-    delivery_count: int = 1
-    group: str | None = None
-    group_index: int | None = None
-    #: the canvas fields of the message (`callbacks`, `errbacks`, `chain`, `chord`)
-    embed: Mapping[str, Any] = field(default_factory=dict)
+    job: Job
     #: results of the tasks sent from inside this one (filled as it sends them)
     children: list[Any] = field(default_factory=list)
+
+    id = _JobField[str]("task_id")
+    task = _JobField[str]("task_name")
+    args = _JobField[tuple[Any, ...]]("args")
+    kwargs = _JobField[dict[str, Any]]("kwargs")
+    retries = _JobField[int]("retries")
+    queue = _JobField[str]("queue")
+    root_id = _JobField[str | None]("root_id")
+    parent_id = _JobField[str | None]("parent_id")
+    origin = _JobField[str | None]("origin")
+    time_limit = _JobField[float | None]("time_limit")
+    soft_time_limit = _JobField[float | None]("soft_time_limit")
+    delivery_count = _JobField[int]("delivery_count")
+    group = _JobField[str | None]("group_id")
+    group_index = _JobField[int | None]("group_index")
+
+    @property
+    def embed(self) -> Mapping[str, Any]:
+        """The canvas fields of the message (`callbacks`, `errbacks`, `chain`, `chord`)."""
+        return self.job.embed or {}
 
     callbacks = property(lambda self: self.embed.get("callbacks"))
     errbacks = property(lambda self: self.embed.get("errbacks"))
@@ -74,10 +93,8 @@ _current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVa
     "millpond_request", default=None
 )
 
-
-def current_request() -> Request | None:
-    """The request of the task running in this context, if any."""
-    return _current_request.get()
+#: the request of the task running in this context, if any
+current_request = _current_request.get
 
 
 @dataclass(slots=True, frozen=True)
@@ -134,7 +151,15 @@ class TaskDecoratorOptions(TypedDict, total=False):
 class SendOptions(TypedDict, total=False):
     """The keyword options of `apply_async` and `Millpond.send_task`: a TypedDict, not parameters,
     so that an option left out stays out (the task's own default applies only then, and an
-    explicit `None` overrides it, but for `expires`)."""
+    explicit `None` overrides it, but for `expires`).
+
+    `countdown` (seconds) or `eta` (datetime or epoch seconds) delay the task in the broker;
+    `expires` (datetime, epoch seconds, or seconds from now below a year) drops it if a worker gets
+    it too late. `link`/`link_error`: signatures sent when it succeeds or fails; the canvas sets
+    `chain`, `chord`, `group_id`, `group_index`, `root_id`, `parent_id`. `reply_to`: where a
+    backend that replies to the caller (rpc://) sends the result, by default its reply queue for
+    this process (`""`: none).
+    """
 
     queue: str | None
     countdown: float | None
@@ -147,7 +172,6 @@ class SendOptions(TypedDict, total=False):
     ignore_result: bool | None
     priority: int | None
     retries: int
-    #: canvas: callbacks on success and on failure (signatures), and what a canvas sets itself
     link: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
     link_error: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
     chain: Sequence[Mapping[str, Any]] | None
@@ -156,7 +180,6 @@ class SendOptions(TypedDict, total=False):
     group_index: int | None
     root_id: str | None
     parent_id: str | None
-    #: where the result goes with a backend that replies to the caller (rpc://)
     reply_to: str | None
 
 
@@ -164,13 +187,16 @@ TASK_OPTIONS = frozenset(TaskOptions.__dataclass_fields__)
 SEND_OPTIONS = frozenset(SendOptions.__annotations__)
 
 
-def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOptions:
-    unknown = set(options) - TASK_OPTIONS
+def reject_unknown(given: Iterable[str], valid: frozenset[str], what: str, where: str) -> None:
+    unknown = sorted(set(given) - valid)
     if unknown:
         raise TypeError(
-            f"unknown task option(s) {', '.join(sorted(unknown))} on {fn.__qualname__}; "
-            f"valid options: {', '.join(sorted(TASK_OPTIONS))}"
+            f"unknown {what} {', '.join(unknown)} {where}; valid options: {', '.join(sorted(valid))}"
         )
+
+
+def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOptions:
+    reject_unknown(options, TASK_OPTIONS, "task option(s)", f"on {fn.__qualname__}")
     opts = {"name": f"{fn.__module__}.{fn.__qualname__}", **options}
     for key in ("time_limit", "soft_time_limit", "expires", "default_retry_delay"):
         value = opts.get(key)
@@ -197,10 +223,6 @@ def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOpti
     return TaskOptions(**opts)
 
 
-P = ParamSpec("P")
-R = TypeVar("R")
-R_co = TypeVar("R_co", covariant=True)
-T = TypeVar("T")
 _Args = Sequence[Any] | None
 _Kwargs = Mapping[str, Any] | None
 
@@ -228,8 +250,8 @@ class Task(Generic[P, R_co]):
         return self.fn(*args, **kwargs)
 
     # -- sending ---------------------------------------------------------------------------------
-    # The overloads differ only in the result: an async def task's `R` is a coroutine whose value
-    # the worker stores. mypy takes the first that matches, so the coroutine one comes first.
+    # The overloads differ only in the result: an async def task's `R` is a coroutine, the worker
+    # stores its awaited value; mypy takes the first that matches, so that one comes first.
     # `apply_async`'s `args`/`kwargs` cannot be checked against `P` (a ParamSpec's parts exist
     # only as a function's `*args`/`**kwargs`); `delay` checks them.
     @overload

@@ -281,9 +281,9 @@ class CanvasSteps(Canvas):
         body_id = body.options.get("task_id")
         if errbacks:
             message = error.get("exc_message")
-            request = Request(
-                id=body_id or "",
-                task=body.name,
+            job = Job(
+                task_id=body_id or "",
+                task_name=body.name,
                 args=tuple(body.args),
                 kwargs=dict(body.kwargs),
                 embed={"errbacks": errbacks},
@@ -295,7 +295,7 @@ class CanvasSteps(Canvas):
                 exc_message=" ".join(map(str, message)) if isinstance(message, list) else "",
                 exc_args=list(message) if isinstance(message, list) else None,
             )
-            run_inline_errbacks(self.app, request, failure)
+            run_inline_errbacks(self.app, Request(job), failure)
             for item in errbacks:
                 sig = Signature.from_dict(item, self.app)
                 if not _errback_called_in_place(self.app, sig):

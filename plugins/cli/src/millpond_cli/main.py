@@ -226,7 +226,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         # the app's own settings rank between the file and the environment
         settings = load_settings(flags, code=app.code_config)
     if settings.hooks == chosen:  # the app's own settings did not choose other hooks
-        app.adopt_hooks(installed)
+        app.use_hooks(installed)
     logs.configure(settings.log_level, settings.log_format, stdlib=settings.log_stdlib)
     _check_early_patch(settings, ns.patched)
     log = structlog.get_logger("millpond.worker")
