@@ -81,14 +81,14 @@ from millpond.contracts.hooks import HookChain
 from millpond.exceptions import ConfigurationError
 chain = HookChain(plugins.load_hooks(["tracing"]))
 try:
-    chain.lifecycle("process_starting", "svc-under-test")
+    chain.process_starting("svc-under-test")
 except ConfigurationError as exc:
     print(json.dumps({"error": str(exc)}), flush=True)
     os._exit(0)
 provider = trace.get_tracer_provider()
 with trace.get_tracer("t").start_as_current_span("inside"):
     pass
-chain.lifecycle("process_exiting")
+chain.process_exiting()
 sys.stdout.flush()
 print(json.dumps({"provider": type(provider).__name__}), flush=True)
 os._exit(0)

@@ -34,14 +34,10 @@ class Executor:
         self.canvas = app.canvas
         self.tasks = app.tasks
         self.hooks = hooks = hooks if hooks is not None else app.hooks
-        #: the pool template's hooks (worker process): the chain's own, no call in between
+        #: what pools call (the template in the worker process, children in theirs): the chain's
+        #: own, no call in between
         self.job_started, self.job_finished = hooks.started, hooks.finished
-
-    def process_started(self) -> None:
-        self.hooks.lifecycle("process_started")
-
-    def process_exiting(self) -> None:
-        self.hooks.lifecycle("process_exiting")
+        self.process_started, self.process_exiting = hooks.process_started, hooks.process_exiting
 
     def is_async(self, job: Job) -> bool:
         task = self.tasks.get(job.task_name)

@@ -232,7 +232,7 @@ class Worker:
             )
         self.receiver.check_time_limits()
         broker = self.app.broker
-        self.hooks.lifecycle("worker_starting", self)
+        self.hooks.worker_starting(self)
         self.hooks = self.hooks.active()  # without the hooks that switched themselves off
         self.app.use_hooks(self.hooks.hooks)
         broker.connect()
@@ -256,7 +256,7 @@ class Worker:
             component.start()
         self.open_consumer(self.queues)
         try:
-            self.hooks.lifecycle("worker_ready", self)  # metrics, probes: after the pool forked
+            self.hooks.worker_ready(self)  # metrics, probes: after the pool forked
             self.ready.set()
             log.info(
                 "worker ready",
@@ -498,7 +498,7 @@ class Worker:
                 )
             self._buffer.clear()
             # before the app's connections close: a hook may still send (events' worker-offline)
-            self.hooks.lifecycle("worker_stopped", self)
+            self.hooks.worker_stopped(self)
             self.app.close()
             self.inbox.waker.close()
         log.info(

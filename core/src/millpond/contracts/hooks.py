@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
@@ -33,8 +34,7 @@ _log = logging.getLogger("millpond.hooks")
 #: reference, so the name imports at run time while the contract never imports the worker)
 WorkerView: TypeAlias = "Worker"
 
-#: the carrier of the run on whose behalf the worker publishes (a chain's next step, a callback):
-#: `Millpond.publish` hands it to the publish hooks as `Publication.parent`
+#: what `Millpond.publish` hands the publish hooks as `Publication.parent`
 _publishing_for: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
     "millpond_publishing_for", default=None
 )
@@ -42,7 +42,8 @@ _publishing_for: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.
 
 @contextmanager
 def publishing_for(carrier: Mapping[str, str] | None) -> Iterator[None]:
-    """Publish, within this block, on behalf of the job whose carrier this is."""
+    """Publish, within this block, on behalf of the job whose carrier this is (the worker's
+    retries, a chain's next step, a callback): their `publish` spans are that job's children."""
     token = _publishing_for.set(carrier)
     try:
         yield
@@ -59,8 +60,8 @@ class Publication:
     """One message on its way to the broker, as publish hooks see it.
 
     `before_publish` may add to `message.headers` (it runs before signing). `parent` is the carrier
-    (W3C `traceparent`...) of the run that asked for this publish when that is not the caller's
-    current context: the worker sets it for a retry.
+    (W3C `traceparent`...) given to `publishing_for`, when the run that asked for this publish is
+    not the caller's current context.
     """
 
     queue: str
@@ -139,7 +140,7 @@ class Hooks:
         `beat` after their work): flush what is buffered."""
 
 
-#: the methods called one by one (the paired ones hand a token from their first half to the second)
+#: the methods called one by one, every hook's in turn
 _SINGLE = (
     *("received", "started", "finished", "process_starting", "worker_starting"),
     *("worker_ready", "worker_stopped", "process_started", "process_exiting"),
@@ -147,31 +148,31 @@ _SINGLE = (
 #: not guarded: a hook that cannot start (a bad setting, a port in use) stops the worker (or
 #: `millpond send`) with its error, as any other start-up problem does
 _STRICT = frozenset({"process_starting", "worker_starting", "worker_ready"})
+#: the paired methods: each hook's token from the first half reaches its own second half
+_PAIRED = {"before_publish": "after_publish", "enter_task": "exit_task"}
+_Pairs = list[tuple[Callable[..., Any], Callable[..., Any]]]
 
-_Pairs = tuple[tuple[Callable[..., Any], Callable[..., Any]], ...]
 
-
-class HookChain:
-    """The hooks of one app, each method's implementations found once: a method no hook overrides
-    costs an empty call, so a worker with no tracing and no metrics pays next to nothing."""
-
-    received: Callable[[Job], None]
-    started: Callable[[Job], None]
-    finished: Callable[[Job, Outcome], None]
+class HookChain(Hooks):
+    """The hooks of one app, called as one (`chain.started(job)` calls every hook's `started`, in
+    `order`; a paired method's token is the list of each hook's). Each method's implementations
+    are found once: one no hook overrides costs an empty call, so a worker with no tracing and no
+    metrics pays next to nothing."""
 
     def __init__(self, hooks: Iterable[Hooks] = ()) -> None:
         self.hooks: tuple[Hooks, ...] = tuple(sorted(hooks, key=lambda h: h.order))
         active = [h for h in self.hooks if h.enabled]
-        self._calls = {
-            name: _fan_out([getattr(h, name) for h in active if _overrides(h, name)], name)
-            for name in _SINGLE
-        }
-        self.received, self.started, self.finished = (
-            self._calls[name] for name in ("received", "started", "finished")
-        )
-        # kept per hook, so each hook's token reaches its own second half
-        self._publish = _pairs(active, "before_publish", "after_publish")
-        self._task = _pairs(active, "enter_task", "exit_task")
+        for name in _SINGLE:
+            fns = [getattr(h, name) for h in active if _overrides(h, name)]
+            setattr(self, name, _fan_out(fns, _strict if name in _STRICT else _guarded))
+        for first, second in _PAIRED.items():
+            pairs = [
+                (getattr(h, first), getattr(h, second))
+                for h in active
+                if _overrides(h, first) or _overrides(h, second)
+            ]
+            setattr(self, first, partial(_open, pairs) if pairs else _nothing)
+            setattr(self, second, partial(_close, pairs) if pairs else _nothing)
 
     def __repr__(self) -> str:
         return f"<HookChain {[type(h).__name__ for h in self.hooks]}>"
@@ -183,34 +184,14 @@ class HookChain:
     def __add__(self, more: Iterable[Hooks]) -> HookChain:
         return HookChain((*self.hooks, *more))
 
-    def lifecycle(self, name: str, *args: Any) -> None:
-        """Call a lifecycle method (`process_starting`, `worker_starting`, ...) on every hook."""
-        self._calls[name](*args)
-
-    def before_publish(self, publication: Publication) -> list[Any] | None:
-        return _open(self._publish, publication)
-
-    def after_publish(
-        self, publication: Publication, tokens: list[Any] | None, error: BaseException | None
-    ) -> None:
-        _close(self._publish, publication, tokens, error)
-
-    def enter_task(self, job: Job) -> list[Any] | None:
-        return _open(self._task, job)
-
-    def exit_task(self, job: Job, tokens: list[Any] | None, outcome: Outcome) -> None:
-        _close(self._task, job, tokens, outcome)
-
 
 def _overrides(hook: Hooks, name: str) -> bool:
     return getattr(type(hook), name, None) is not getattr(Hooks, name)
 
 
-def _fan_out(fns: Sequence[Callable[..., Any]], name: str) -> Callable[..., None]:
-    """One call for every implementation of method `name`, in order."""
+def _fan_out(fns: Sequence[Callable[..., Any]], each: Callable[..., Any]) -> Callable[..., None]:
     if not fns:
         return _nothing
-    each = _strict if name in _STRICT else _guarded
 
     def call(*args: Any) -> None:
         for fn in fns:
@@ -219,30 +200,22 @@ def _fan_out(fns: Sequence[Callable[..., Any]], name: str) -> Callable[..., None
     return call
 
 
-def _nothing(*args: Any) -> None:
-    """What a method no hook implements costs: one empty call."""
-
-
-def _strict(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
-
-
-def _pairs(hooks: Iterable[Hooks], first: str, second: str) -> _Pairs:
-    return tuple(
-        (getattr(h, first), getattr(h, second))
-        for h in hooks
-        if _overrides(h, first) or _overrides(h, second)
-    )
-
-
-def _open(pairs: _Pairs, subject: Any) -> list[Any] | None:
-    return [_guarded(first, subject) for first, _ in pairs] if pairs else None
+def _open(pairs: _Pairs, subject: Any) -> list[Any]:
+    return [_guarded(first, subject) for first, _ in pairs]
 
 
 def _close(pairs: _Pairs, subject: Any, tokens: list[Any] | None, detail: Any) -> None:
     if tokens is not None:
         for (_, second), token in zip(pairs, tokens, strict=True):
             _guarded(second, subject, token, detail)
+
+
+def _nothing(*args: Any) -> None:
+    """What a method no hook implements costs: one empty call."""
+
+
+def _strict(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
 
 
 def _guarded(fn: Callable[..., Any], *args: Any) -> Any:

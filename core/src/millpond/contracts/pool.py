@@ -1,11 +1,10 @@
 """The execution-pool contract (docs/writing-a-pool.md walks through writing one).
 
 A pool runs each `Job` in its execution unit (the calling thread, a thread, a child process, a
-greenlet) through `self.execution.run(job)` (`run_async` on an event loop), which never raises and
-returns an `Outcome`. The core owns everything around the task body (fresh context, hooks,
-exception capture, retries), so a pool only moves jobs and outcomes and never imports the task; it
-reports each end with `self.complete(job, outcome)` from any thread, and the worker's loop, woken
-at once, does the ack, the result store and any retry.
+greenlet) through `self.execution.run(job)`, which owns everything around the task body (fresh
+context, hooks, exception capture, retries) and never raises; so a pool only moves jobs and
+outcomes, reporting each end with `self.complete(job, outcome)` from any thread. The worker's loop,
+woken at once, does the ack, the result store and any retry.
 """
 
 from __future__ import annotations
@@ -37,8 +36,6 @@ class Capabilities:
     hard_time_limit: bool = False
     terminate_job: bool = False
     resize: bool = False
-    max_tasks_per_child: bool = False
-    max_memory_per_child: bool = False
     #: False for pools that run one job at a time in the consumer loop's own thread (solo)
     concurrent: bool = True
 
@@ -141,10 +138,8 @@ CompletionCallback = Callable[[Job, Outcome], None]
 
 
 #: what the core hands every pool, bound to the worker's app and hooks (a forked child inherits
-#: it): `run(job)` runs the task in the calling execution unit, in a fresh context with every hook
-#: around it, and never raises; `run_async` is that on a running event loop; `is_async` whether
-#: the task is `async def`. A pool with child processes calls `process_started()` in each child
-#: before its first job and `process_exiting()` before it leaves.
+#: it): `run(job)`, `run_async(job)` on an event loop, `is_async(job)`; a pool with child processes
+#: calls `process_started()` in each child before its first job and `process_exiting()` at its end.
 Execution: TypeAlias = "Executor"
 
 

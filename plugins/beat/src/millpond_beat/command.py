@@ -164,13 +164,13 @@ class BeatCommand(Command):
             return 0
         logs.configure(settings.log_level, settings.log_format, stdlib=settings.log_stdlib)
         meters = start_metrics()
-        app.hooks.lifecycle("process_starting", "millpond-beat")
+        app.hooks.process_starting("millpond-beat")
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: beat.stop())
         try:
             beat.run()
         finally:
-            app.hooks.lifecycle("process_exiting")  # the last publish spans out
+            app.hooks.process_exiting()  # the last publish spans out
             if meters is not None:  # the last counts out before the process ends
                 meters.force_flush(5000)
                 meters.shutdown()

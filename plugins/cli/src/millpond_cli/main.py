@@ -220,7 +220,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     # before the app is imported: the tracing hooks install a provider from OTEL_* here, so the
     # app module can add span processors to it; with no OTEL_* set the app may install its own
     chosen, installed = settings.hooks, plugins.load_hooks(settings.hooks)
-    HookChain(installed).lifecycle("process_starting", "millpond-worker")
+    HookChain(installed).process_starting("millpond-worker")
     app = load_app(settings.app)
     if app.code_config:
         # the app's own settings rank between the file and the environment
@@ -299,7 +299,7 @@ def cmd_send(ns: argparse.Namespace) -> int:
         app = Millpond("cli", settings=settings)
     kwargs = json_object("--kwargs", ns.kwargs, '{"x": 1}')
     hooks = app.hooks
-    hooks.lifecycle("process_starting", "millpond-send")  # a `publish` span when OTEL_* ask
+    hooks.process_starting("millpond-send")  # a `publish` span when OTEL_* ask
     try:
         result = app.send_task(
             ns.task,
@@ -311,7 +311,7 @@ def cmd_send(ns: argparse.Namespace) -> int:
             reply_to=None if ns.wait else "",
         )
     finally:
-        hooks.lifecycle("process_exiting")  # the `publish` span out before the process ends
+        hooks.process_exiting()  # the `publish` span out before the process ends
     print(result.id, flush=True)
     if not ns.wait:
         return EXIT_OK

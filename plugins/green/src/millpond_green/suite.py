@@ -174,8 +174,6 @@ Worker(app, pool={self.pool!r}).run()
         assert caps.soft_time_limit
         assert caps.terminate_job
         assert caps.resize
-        assert not caps.max_tasks_per_child
-        assert not caps.max_memory_per_child
         assert caps.concurrent
         assert self.pool_class.default_concurrency() == 100
 

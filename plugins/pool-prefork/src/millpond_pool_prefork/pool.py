@@ -168,12 +168,7 @@ def loss_hint(status: int | None) -> str:
 class PreforkPool(BasePool):
     name = "prefork"
     capabilities = Capabilities(
-        soft_time_limit=True,
-        hard_time_limit=True,
-        terminate_job=True,
-        resize=True,
-        max_tasks_per_child=True,
-        max_memory_per_child=True,
+        soft_time_limit=True, hard_time_limit=True, terminate_job=True, resize=True
     )
     #: the worker's window must cover every child's queue (`capacity`, 4 jobs per child by
     #: default) with room to spare, or the children wait for the broker instead of the pool
