@@ -38,6 +38,8 @@ DELIVERY_COUNT: Final = "x-millpond-delivery-count"
 #: gets it treats it as a redelivery (returns its part again, does not run it twice)
 REJOIN: Final = "x-millpond-rejoin"
 
+#: the body's canvas fields (its embed), in the order Celery writes them
+EMBED_KEYS: Final = ("callbacks", "errbacks", "chain", "chord")
 _MAX_ID_LENGTH: Final = 255
 #: headers that are text or null (hooks read the trace context from the headers the job keeps)
 _TEXT_HEADERS: Final = ("root_id", "parent_id", "group", "origin", "traceparent", "tracestate")
@@ -184,41 +186,27 @@ def encode_task(
     kwargs: Mapping[str, Any] | None = None,
     *,
     task_id: str | None = None,
-    retries: int = 0,
     eta: float | None = None,
     expires: float | None = None,
     time_limit: float | None = None,
     soft_time_limit: float | None = None,
-    root_id: str | None = None,
-    parent_id: str | None = None,
-    origin: str | None = None,
-    ignore_result: bool = False,
-    reply_to: str | None = None,
-    sent_at: float | None = None,
     headers: Mapping[str, Any] | None = None,
+    embed: Mapping[str, Any] | None = None,
+    reply_to: str | None = None,
     priority: int | None = None,
-    callbacks: Sequence[Mapping[str, Any]] | None = None,
-    errbacks: Sequence[Mapping[str, Any]] | None = None,
-    chain: Sequence[Mapping[str, Any]] | None = None,
-    chord: Mapping[str, Any] | None = None,
-    group_id: str | None = None,
-    group_index: int | None = None,
 ) -> Message:
     """Build a protocol v2 message with a JSON body; raises `TypeError` for arguments JSON can't hold.
 
-    `callbacks`, `errbacks`, `chain` (the remaining steps, reversed) and `chord` (the body) are
-    signature dicts for the body's embed, the canvas fields Celery's workers read.
+    `headers` set or override headers by their wire names (`retries`, `root_id`, `parent_id`,
+    `origin`, `ignore_result`, `group`, `group_index`, `millpond_sent_at`, ...). `embed` holds the
+    canvas fields Celery's workers read, signature dicts: `callbacks`, `errbacks`, `chain` (the
+    remaining steps, reversed) and `chord` (the body).
     """
     task_id = task_id or new_id()
     kwargs = dict(kwargs or {})
-    embed = {
-        "callbacks": list(callbacks) if callbacks else None,
-        "errbacks": list(errbacks) if errbacks else None,
-        "chain": list(chain) if chain else None,
-        "chord": chord,
-    }
+    canvas = {key: (embed or {}).get(key) or None for key in EMBED_KEYS}
     try:
-        body = json.dumps([list(args), kwargs, embed], separators=(",", ":")).encode()
+        body = json.dumps([list(args), kwargs, canvas], separators=(",", ":")).encode()
     except (TypeError, ValueError) as exc:
         raise TypeError(f"arguments of task {task!r} cannot be sent as JSON: {exc}") from exc
     out: dict[str, Any] = {
@@ -228,20 +216,19 @@ def encode_task(
         "shadow": None,
         "eta": _iso(eta),
         "expires": _iso(expires),
-        "group": group_id,
-        "group_index": group_index,
-        "retries": retries,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
         "timelimit": [time_limit, soft_time_limit],
-        "root_id": root_id or task_id,
-        "parent_id": parent_id,
+        "root_id": task_id,
+        "parent_id": None,
         "argsrepr": _short_repr(args),
         "kwargsrepr": _short_repr(kwargs),
-        "origin": origin,
-        "ignore_result": ignore_result,
-        SENT_AT: sent_at,
+        "origin": None,
+        "ignore_result": False,
+        SENT_AT: None,
+        **(headers or {}),
     }
-    if headers:
-        out.update(headers)
     props: dict[str, Any] = {"correlation_id": task_id, "delivery_mode": 2}
     if reply_to:
         props["reply_to"] = reply_to
