@@ -12,7 +12,7 @@ import json
 import math
 import pickle
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -40,9 +40,6 @@ REJOIN: Final = "x-millpond-rejoin"
 
 #: the body's canvas fields (its embed), in the order Celery writes them
 EMBED_KEYS: Final = ("callbacks", "errbacks", "chain", "chord")
-_MAX_ID_LENGTH: Final = 255
-#: headers that are text or null (hooks read the trace context from the headers the job keeps)
-_TEXT_HEADERS: Final = ("root_id", "parent_id", "group", "origin", "traceparent", "tracestate")
 
 
 @dataclass(slots=True)
@@ -128,8 +125,20 @@ def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+_Rule = tuple[Callable[[Any], bool], str]
+#: what the headers the worker reads must be (a count or a text may be null)
+_ID: Final[_Rule] = (
+    lambda v: isinstance(v, str) and 0 < len(v) <= 255,
+    "a non-empty string of at most 255 characters",
+)
+_COUNT: Final[_Rule] = (
+    lambda v: v is None or (type(v) is int and v >= 0),
+    "a non-negative integer",
+)
+_TEXT: Final[_Rule] = (lambda v: v is None or isinstance(v, str), "a string")
+_TEXT_HEADERS: Final = ("root_id", "parent_id", "group", "origin", "traceparent", "tracestate")
+_HEADERS: Final = {"id": _ID, "task": _ID, "retries": _COUNT, "group_index": _COUNT}
+_HEADERS.update(dict.fromkeys(_TEXT_HEADERS, _TEXT))
 
 
 def _finite(value: int | float) -> float | None:
@@ -275,29 +284,14 @@ def decode_task(
         )
 
     get = headers.get
-    for name in ("id", "task"):
-        value = get(name)
-        if not isinstance(value, str) or not value or len(value) > _MAX_ID_LENGTH:
-            raise MalformedMessage(
-                f"header {name!r} must be a non-empty string of at most 255 characters"
-            )
-    retries = get("retries")
-    if retries is None:
-        retries = 0
-    elif not _is_count(retries):
-        raise MalformedMessage("header 'retries' must be a non-negative integer")
+    for name, (valid, what) in _HEADERS.items():
+        if not valid(value := get(name)):
+            raise MalformedMessage(f"header {name!r} must be {what}, got {type(value).__name__}")
     timelimit = get("timelimit") or [None, None]
     if not isinstance(timelimit, list | tuple) or len(timelimit) != 2:
         raise MalformedMessage("header 'timelimit' must be [hard, soft]")
     hard, soft = _limit("hard", timelimit[0]), _limit("soft", timelimit[1])
     args, kwargs, embed = _decode_body(message.body, content_type, message.content_encoding)
-    for name in _TEXT_HEADERS:
-        value = get(name)
-        if value is not None and not isinstance(value, str):
-            raise MalformedMessage(f"header {name!r} must be a string, got {type(value).__name__}")
-    group_index = get("group_index")
-    if group_index is not None and not _is_count(group_index):
-        raise MalformedMessage("header 'group_index' must be a non-negative integer or null")
     reply_to = message.properties.get("reply_to") if isinstance(message.properties, dict) else None
     sent_at = get(SENT_AT)  # informational only: a bad value is ignored, not fatal
     return Job(
@@ -305,7 +299,7 @@ def decode_task(
         task_name=headers["task"],
         args=args,
         kwargs=kwargs,
-        retries=retries,
+        retries=get("retries") or 0,
         time_limit=hard,
         soft_time_limit=soft,
         root_id=get("root_id"),
@@ -317,7 +311,7 @@ def decode_task(
         # the canvas fields that are set; None for a plain task
         embed={k: v for k, v in embed.items() if v} or None,
         group_id=get("group"),
-        group_index=group_index,
+        group_index=get("group_index"),
         reply_to=reply_to if isinstance(reply_to, str) else None,
         headers=headers,
     )
