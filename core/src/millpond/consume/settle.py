@@ -130,27 +130,22 @@ class Settler:
         """Store the outcome and settle the message: acknowledged at the next flush, or put back
         when what must follow the task (its retry, a canvas step) could not be sent."""
         self.processed += 1
-        state = outcome.state
-        if state == TaskState.SUCCESS:
-            sent = self._succeeded(job, outcome)
-        elif state == TaskState.RETRY:
-            if not self._publish_retry(job, outcome):
-                self._put_back(job, True, "retry could not be published")
-                return
-            sent = True
-        elif state == TaskState.REJECTED:
-            reason = outcome.exc_message
+        state, reason = outcome.state, outcome.exc_message
+        if state == TaskState.LOST:
+            self._lost(job, outcome)
+            return
+        if state == TaskState.REJECTED:
             log.warning(
                 "task rejected its message", **ids(job), reason=reason, requeue=outcome.requeue
             )
             self._put_back(job, outcome.requeue, f"rejected by the task: {reason}")
             return
-        elif state == TaskState.LOST:
-            self._lost(job, outcome)
-            return
+        if state == TaskState.SUCCESS:
+            sent = self._succeeded(job, outcome)
+        elif state == TaskState.RETRY:
+            sent = self._publish_retry(job, outcome)
         elif state == TaskState.REVOKED:
-            revoked = [outcome.exc_message or "revoked"]
-            error = error_info("TaskRevokedError", "celery.exceptions", revoked)
+            error = error_info("TaskRevokedError", "celery.exceptions", [reason or "revoked"])
             self._store(job, TaskState.REVOKED, error)
             sent = not job.embed or self._chord_part(job, TaskState.REVOKED, error, again=False)
         elif state == TaskState.TIMEOUT:
@@ -158,17 +153,20 @@ class Settler:
             self._failed(job, outcome, TimeLimitExceeded.__name__)
             sent = True  # its canvas was told of the failure where it could be: not run again
         else:  # FAILURE, or anything a third-party pool invents
-            why = f"{outcome.exc_type}: {outcome.exc_message}"
-            log.error("task failed", **ids(job), error=why, traceback=outcome.traceback)
+            failure = f"{outcome.exc_type}: {reason}"
+            log.error("task failed", **ids(job), error=failure, traceback=outcome.traceback)
             sent = self._failed(job, outcome, outcome.exc_type or "TaskError")
-        if not sent:
+        if sent:
+            if job.delivery is not None:
+                self.acks.ack_later([job.delivery])
+        elif state == TaskState.RETRY:
+            self._put_back(job, True, "retry could not be published")
+        else:
             # never acknowledged with its next steps lost: it runs again, and the canvas goes on
             log.error(
                 "the task's canvas could not go on; its message goes back to the queue", **ids(job)
             )
             self._put_back(job, True, "a canvas step could not be sent")
-        elif job.delivery is not None:
-            self.acks.ack_later([job.delivery])
 
     def rejoin(self, job: Job, meta: ResultMeta) -> None:
         """A redelivered chord header task that already finished: return its part again (the
@@ -177,11 +175,7 @@ class Settler:
             state = TaskState(meta.status)
         except ValueError:
             state = TaskState.FAILURE
-        self._canvas_step(
-            "return again the chord part of",
-            lambda: self.canvas.chord_part(job, state, meta.result, again=True),
-            job,
-        )
+        self._chord_part(job, state, meta.result, again=True)
 
     def _put_back(self, job: Job, requeue: bool, reason: str) -> None:
         """Requeue or dead-letter the message (nothing to do if it was acked on receipt)."""
@@ -312,6 +306,7 @@ class Settler:
         now = time.time()
         eta = outcome.eta if outcome.eta is not None else now + (outcome.countdown or 0.0)
         embed, retries = job.embed or {}, job.retries + 1
+        same = ("queue", "task_id", "expires", "time_limit", "soft_time_limit", "root_id")
         log.info(
             "task will retry",
             **ids(job),
@@ -325,14 +320,9 @@ class Settler:
                     job.task_name,
                     job.args,
                     job.kwargs,
-                    queue=job.queue,
-                    task_id=job.task_id,
+                    **{name: getattr(job, name) for name in same},
                     retries=retries,
                     eta=eta,
-                    expires=job.expires,
-                    time_limit=job.time_limit,
-                    soft_time_limit=job.soft_time_limit,
-                    root_id=job.root_id,
                     parent_id=job.parent_id,
                     ignore_result=job.headers.get("ignore_result", False),
                     link=embed.get("callbacks"),
