@@ -66,8 +66,7 @@ class Executor:
         task = self.tasks.get(job.task_name)
         if task is None or inspect.iscoroutinefunction(task.fn):
             return _refused(job, task, started)
-        request = _begin(job)
-        tokens = self.hooks.enter_task(job)
+        request, tokens = _begin(job), self.hooks.enter_task(job)
         try:
             result: Any = task(*job.args, **job.kwargs)
             if inspect.iscoroutine(result):  # a plain def that returned a coroutine
@@ -84,8 +83,7 @@ class Executor:
         task = self.tasks.get(job.task_name)
         if task is None:
             return _refused(job, task, started)
-        request = _begin(job)
-        tokens = self.hooks.enter_task(job)
+        request, tokens = _begin(job), self.hooks.enter_task(job)
         try:
             result: Any = task(*job.args, **job.kwargs)
             if inspect.iscoroutine(result):
@@ -173,14 +171,8 @@ def _outcome_of(job: Job, task: Task[..., Any], exc: BaseException, started: flo
         if countdown is None and exc.eta is None:
             countdown = task.options.default_retry_delay
         reason = exc.exc
-        outcome = Outcome(
-            state=TaskState.RETRY,
-            exc_type=type(reason).__name__ if reason else "Retry",
-            exc_module=type(reason).__module__ if reason else "millpond.exceptions",
-            exc_message=str(reason) if reason else str(exc),
-            exc_args=json_args(reason.args) if reason else None,
-            countdown=countdown,
-            eta=exc.eta,
-        )
+        outcome = Outcome.error(TaskState.RETRY, type(reason or exc), str(reason or exc))
+        outcome.exc_args = json_args(reason.args) if reason else None
+        outcome.countdown, outcome.eta = countdown, exc.eta
     outcome.runtime = time.perf_counter() - started
     return outcome

@@ -231,15 +231,13 @@ class Settler:
             try:
                 backend.store(meta)
             except (TypeError, ValueError) as exc:
-                log.error(
-                    "task result cannot be stored as JSON",
-                    **ids(job),
-                    error=str(exc),
-                )
-                meta.status, meta.traceback, meta.retries = TaskState.FAILURE, None, 0
-                meta.children = []
+                log.error("task result cannot be stored as JSON", **ids(job), error=str(exc))
                 why = [f"result is not JSON serializable: {exc}"]
-                meta.result = error_info("TypeError", "builtins", why)
+                meta.status, meta.result = (
+                    TaskState.FAILURE,
+                    error_info("TypeError", "builtins", why),
+                )
+                meta.traceback, meta.retries, meta.children = None, 0, []
                 backend.store(meta)
         except Exception as exc:
             log.error(
@@ -257,7 +255,7 @@ class Settler:
             return True
         joined = self._chord_part(job, TaskState.FAILURE, info, again=redelivered(job))
         failed, _ = self._canvas_step(
-            "fail the rest of", lambda: self.canvas.after_failure(job, outcome, info), job
+            "fail the rest of", job, self.canvas.after_failure, outcome, info
         )
         return joined and failed
 
@@ -267,9 +265,7 @@ class Settler:
         children = outcome.children
         if job.embed:
             ok, sent = self._canvas_step(
-                "send the next steps of",
-                lambda: self.canvas.after_success(job, outcome.result),
-                job,
+                "send the next steps of", job, self.canvas.after_success, outcome.result
             )
             if not ok:
                 return False
@@ -280,17 +276,18 @@ class Settler:
         )
 
     def _chord_part(self, job: Job, state: TaskState, stored: Any, *, again: bool) -> bool:
+        step = self.canvas.chord_part
         return self._canvas_step(
-            "return its chord part for",
-            lambda: self.canvas.chord_part(job, state, stored, again=again),
-            job,
+            "return its chord part for", job, step, state, stored, again=again
         )[0]
 
-    def _canvas_step(self, what: str, step: Callable[[], Any], job: Job) -> tuple[bool, Any]:
-        """Run a canvas step: (True, what it returned), or (False, None) when it raised (a broker
+    def _canvas_step(
+        self, what: str, job: Job, step: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> tuple[bool, Any]:
+        """`step(job, ...)`: (True, what it returned), or (False, None) when it raised (a broker
         away past its retries, a backend that cannot join), logged with the task."""
         try:
-            return True, step()
+            return True, step(job, *args, **kwargs)
         except Exception as exc:
             log.error(
                 f"could not {what} the task's canvas",
