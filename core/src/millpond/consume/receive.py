@@ -229,22 +229,16 @@ class Receiver:
     def _check_arguments(self, task: Task[..., Any], job: Job) -> None:
         """`Signature.bind`, or for plain positional parameters and no keyword arguments a count
         (a tenth of the receive step's time for a no-op)."""
-        name = task.name
-        known = self._signatures.get(name)
-        if known is None:
-            known = self._signatures[name] = _signature(task)
+        if (known := self._signatures.get(task.name)) is None:
+            known = self._signatures[task.name] = _signature(task)
         sig, span = known
-        if not job.kwargs and span is not None and span[0] <= len(job.args) <= span[1]:
-            return
-        if sig is None:
+        if sig is None or (not job.kwargs and span and span[0] <= len(job.args) <= span[1]):
             return
         try:
-            if task.options.bind:
-                sig.bind(None, *job.args, **job.kwargs)
-            else:
-                sig.bind(*job.args, **job.kwargs)
+            self_arg = (None,) if task.options.bind else ()  # bind=True: the task comes first
+            sig.bind(*self_arg, *job.args, **job.kwargs)
         except TypeError as exc:
-            raise MalformedMessage(f"wrong arguments for task {name}: {exc}") from None
+            raise MalformedMessage(f"wrong arguments for task {task.name}: {exc}") from None
 
 
 def _signature(task: Task[..., Any]) -> tuple[inspect.Signature | None, tuple[int, int] | None]:

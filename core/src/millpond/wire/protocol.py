@@ -154,9 +154,7 @@ def _finite(value: int | float) -> float | None:
 def _parse_time(name: str, value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise MalformedMessage(f"header {name!r} must be an ISO 8601 date-time, got a boolean")
-    if isinstance(value, int | float):
+    if _is_number(value):
         if (seconds := _finite(value)) is None:
             raise MalformedMessage(f"header {name!r} is not a finite number of seconds")
         return seconds
