@@ -93,6 +93,11 @@ class Receiver:
                     f"task {job.task_name!r} carries canvas fields ({', '.join(job.embed)}): "
                     f"{MISSING}; then replay the dead letters"
                 )
+            if delivery.delivery_count > settings.max_deliveries:
+                raise MessageError(
+                    f"delivered {delivery.delivery_count} times, over max_deliveries="
+                    f"{settings.max_deliveries}: the task keeps being lost (it may kill its worker)"
+                )
         except Exception as exc:
             reason = str(exc)
             if not isinstance(exc, MessageError):
@@ -109,14 +114,6 @@ class Receiver:
         job.queue, job.delivery = delivery.queue, delivery
         job.delivery_count = delivery.delivery_count
         self._time_limits(task, job)
-        if delivery.delivery_count > settings.max_deliveries:
-            acks.dead_letter(
-                delivery,
-                f"delivered {delivery.delivery_count} times, over max_deliveries="
-                f"{settings.max_deliveries}: the task keeps being lost (it may kill its worker)",
-                **ids(job),
-            )
-            return None
         finished = self._finished(job) if redelivered(job) else None
         if finished is not None:
             if self.rejoin is not None and job.embed and job.embed.get("chord"):

@@ -22,8 +22,6 @@ from millpond.exceptions import MalformedMessage, MessageTooLarge, UnsupportedCo
 
 JSON: Final = "application/json"
 PICKLE: Final = "application/x-python-serialize"
-DEFAULT_ACCEPT: Final = frozenset({JSON})
-DEFAULT_MAX_SIZE: Final = 10 * 1024 * 1024
 
 # millpond's own headers (Celery ignores unknown ones), and Celery beat's
 #: the producer's wall-clock time of publishing (epoch seconds), for the queue-wait measurement
@@ -252,8 +250,8 @@ def _short_repr(value: Any, limit: int = 1024) -> str:
 def decode_task(
     message: Message,
     *,
-    accept: frozenset[str] = DEFAULT_ACCEPT,
-    max_size: int = DEFAULT_MAX_SIZE,
+    accept: frozenset[str] = frozenset({JSON}),
+    max_size: int = 10 * 1024 * 1024,
 ) -> Job:
     """Validate a message and decode its body; every problem raises a `MessageError` subclass."""
     if not isinstance(message.body, bytes | bytearray | memoryview):
