@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from millpond.produce.app import Millpond
 
 log = structlog.get_logger("millpond.worker")
+#: the job's fields a retry sends unchanged (the same step of the same canvas), by their names
+_KEPT = ("queue", "task_id", "expires", "time_limit", "soft_time_limit", "root_id", "parent_id")
 
 
 def redelivered(job: Job) -> bool:
@@ -303,7 +305,6 @@ class Settler:
         now = time.time()
         eta = outcome.eta if outcome.eta is not None else now + (outcome.countdown or 0.0)
         embed, retries = job.embed or {}, job.retries + 1
-        same = ("queue", "task_id", "expires", "time_limit", "soft_time_limit", "root_id")
         log.info(
             "task will retry",
             **ids(job),
@@ -317,10 +318,9 @@ class Settler:
                     job.task_name,
                     job.args,
                     job.kwargs,
-                    **{name: getattr(job, name) for name in same},
+                    **{name: getattr(job, name) for name in _KEPT},
                     retries=retries,
                     eta=eta,
-                    parent_id=job.parent_id,
                     ignore_result=job.headers.get("ignore_result", False),
                     link=embed.get("callbacks"),
                     link_error=embed.get("errbacks"),
@@ -337,10 +337,6 @@ class Settler:
                 error=f"{type(exc).__name__}: {exc}",
             )
             return False
-        reason = {
-            "exc_type": outcome.exc_type,
-            "exc_module": outcome.exc_module,
-            "exc_message": outcome.stored_args,
-        }
+        reason = error_info(outcome.exc_type or "Retry", outcome.exc_module, outcome.stored_args)
         self._store(job, TaskState.RETRY, reason)
         return True
