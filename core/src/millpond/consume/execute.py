@@ -31,8 +31,7 @@ class Executor:
 
     def __init__(self, app: Millpond, hooks: HookChain | None = None) -> None:
         # built before the pool forks: it registers the built-in tasks Celery's canvas sends
-        self.canvas = app.canvas
-        self.tasks = app.tasks
+        self.canvas, self.tasks = app.canvas, app.tasks
         self.hooks = hooks = hooks if hooks is not None else app.hooks
         #: the pool template's hooks (worker process): the chain's own, no call in between
         self.job_started, self.job_finished = hooks.started, hooks.finished

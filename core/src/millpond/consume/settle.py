@@ -121,9 +121,7 @@ class Settler:
     """Turns outcomes into stored results, retries and settled messages."""
 
     def __init__(self, app: Millpond, settings: Settings, acks: Acks) -> None:
-        self.app = app
-        self.settings = settings
-        self.acks = acks
+        self.app, self.settings, self.acks = app, settings, acks
         #: the canvas plugin: called only for tasks with canvas fields
         self.canvas = app.canvas
         self.processed = 0

@@ -267,13 +267,12 @@ def decode_task(
     raw_type = message.content_type
     content_type = _media_type(raw_type) if isinstance(raw_type, str) else ""
     if content_type not in accept:
-        if content_type == PICKLE:
-            why = "pickle is refused unless the accept_content setting allows it"
-        else:
-            why = (
-                "millpond decodes JSON (and pickle, when allowed) only: send JSON "
-                "(Celery: task_serializer = 'json')"
-            )
+        why = (
+            "pickle is refused unless the accept_content setting allows it"
+            if content_type == PICKLE
+            else "millpond decodes JSON (and pickle, when allowed) only: send JSON "
+            "(Celery: task_serializer = 'json')"
+        )
         raise UnsupportedContentType(
             f"content type {content_type or '(none)'!r} is not accepted "
             f"(accepted: {', '.join(sorted(accept))}); {why}"
