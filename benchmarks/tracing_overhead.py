@@ -166,7 +166,7 @@ def _environment(
 
 def _prefill(url: str, queue: str, tasks: int, start_key: str, end_key: str) -> None:
     from millpond import Millpond
-    from millpond.wire.protocol import encode_task
+    from millpond.wire.protocol import SENT_AT, encode_task
 
     app = Millpond("bench-producer", broker_url=url, default_queue=queue, ignore_result=True)
     try:
@@ -176,8 +176,8 @@ def _prefill(url: str, queue: str, tasks: int, start_key: str, end_key: str) -> 
         def message(name: str, args: tuple[Any, ...] = ()) -> Any:
             traceparent = TRACEPARENT.format(uuid.uuid4().hex, uuid.uuid4().hex[:16])
             return encode_task(
-                name, args, {}, ignore_result=True, sent_at=time.time(),
-                headers={"traceparent": traceparent},
+                name, args, {},
+                headers={"ignore_result": True, SENT_AT: time.time(), "traceparent": traceparent},
             )  # fmt: skip
 
         broker.publish(queue, message("bench.cpu_mark", (start_key, False)))

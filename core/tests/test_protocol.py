@@ -24,15 +24,17 @@ def test_round_trip_keeps_every_header() -> None:
         "shop.add",
         (2, 3),
         {"z": 1},
-        retries=2,
         eta=1_700_000_000.5,
         expires=1_700_000_100.0,
         time_limit=30,
         soft_time_limit=20,
-        root_id="r",
-        parent_id="p",
-        origin="me@host",
-        headers={"traceparent": "00-ab"},
+        headers={
+            "retries": 2,
+            "root_id": "r",
+            "parent_id": "p",
+            "origin": "me@host",
+            "traceparent": "00-ab",
+        },
     )
     decoded = decode_task(msg)
     assert decoded.task_name == "shop.add"

@@ -61,9 +61,9 @@ def _run_kill_restart(
     now = time.time()
     # 50 ms each: 8 threads run 160 a second, so the kill lands with most of the load left
     timed = 100 if delays else 0
-    plain = [encode_task(NAP, (0.05,), ignore_result=False) for _ in range(TASKS - timed)]
-    retried = [encode_task(RETRY_ONCE, (), ignore_result=False) for _ in range(timed // 2)]
-    delayed = [encode_task(NOOP, (), eta=now + 2, ignore_result=False) for _ in range(timed // 2)]
+    plain = [encode_task(NAP, (0.05,)) for _ in range(TASKS - timed)]
+    retried = [encode_task(RETRY_ONCE, ()) for _ in range(timed // 2)]
+    delayed = [encode_task(NOOP, (), eta=now + 2) for _ in range(timed // 2)]
     broker = rig.broker
     for m in plain + retried:
         broker.publish(rig.queue, m)

@@ -159,7 +159,7 @@ keywords = st.dictionaries(
 def test_what_a_producer_encodes_decodes_the_same_through_the_envelope(
     args: list[Any], kwargs: dict[str, Any], task: str, retries: int
 ) -> None:
-    sent = encode_task(task, args, kwargs, retries=retries, eta=1.7e9, expires=1.8e9)
+    sent = encode_task(task, args, kwargs, eta=1.7e9, expires=1.8e9, headers={"retries": retries})
     signing.sign(sent, "k")
     received = envelope.loads(envelope.dumps(sent, queue="q"))
     signing.verify(received, "k")

@@ -31,8 +31,7 @@ class Executor:
 
     def __init__(self, app: Millpond, hooks: HookChain | None = None) -> None:
         # built before the pool forks: it registers the built-in tasks Celery's canvas sends
-        self.canvas = app.canvas
-        self.tasks = app.tasks
+        self.canvas, self.tasks = app.canvas, app.tasks
         self.hooks = hooks = hooks if hooks is not None else app.hooks
         #: what pools call (the template in the worker process, children in theirs): the chain's
         #: own, no call in between
@@ -62,8 +61,7 @@ class Executor:
         task = self.tasks.get(job.task_name)
         if task is None or inspect.iscoroutinefunction(task.fn):
             return _refused(job, task, started)
-        request = _begin(job)
-        tokens = self.hooks.enter_task(job)
+        request, tokens = _begin(job), self.hooks.enter_task(job)
         try:
             result: Any = task(*job.args, **job.kwargs)
             if inspect.iscoroutine(result):  # a plain def that returned a coroutine
@@ -80,8 +78,7 @@ class Executor:
         task = self.tasks.get(job.task_name)
         if task is None:
             return _refused(job, task, started)
-        request = _begin(job)
-        tokens = self.hooks.enter_task(job)
+        request, tokens = _begin(job), self.hooks.enter_task(job)
         try:
             result: Any = task(*job.args, **job.kwargs)
             if inspect.iscoroutine(result):
@@ -153,14 +150,8 @@ def _outcome_of(job: Job, task: Task[..., Any], exc: BaseException, started: flo
         if countdown is None and exc.eta is None:
             countdown = task.options.default_retry_delay
         reason = exc.exc
-        outcome = Outcome(
-            state=TaskState.RETRY,
-            exc_type=type(reason).__name__ if reason else "Retry",
-            exc_module=type(reason).__module__ if reason else "millpond.exceptions",
-            exc_message=str(reason) if reason else str(exc),
-            exc_args=json_args(reason.args) if reason else None,
-            countdown=countdown,
-            eta=exc.eta,
-        )
+        outcome = Outcome.error(TaskState.RETRY, type(reason or exc), str(reason or exc))
+        outcome.exc_args = json_args(reason.args) if reason else None
+        outcome.countdown, outcome.eta = countdown, exc.eta
     outcome.runtime = time.perf_counter() - started
     return outcome

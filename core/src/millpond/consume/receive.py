@@ -93,6 +93,11 @@ class Receiver:
                     f"task {job.task_name!r} carries canvas fields ({', '.join(job.embed)}): "
                     f"{MISSING}; then replay the dead letters"
                 )
+            if delivery.delivery_count > settings.max_deliveries:
+                raise MessageError(
+                    f"delivered {delivery.delivery_count} times, over max_deliveries="
+                    f"{settings.max_deliveries}: the task keeps being lost (it may kill its worker)"
+                )
         except Exception as exc:
             reason = str(exc)
             if not isinstance(exc, MessageError):
@@ -109,14 +114,6 @@ class Receiver:
         job.queue, job.delivery = delivery.queue, delivery
         job.delivery_count = delivery.delivery_count
         self._time_limits(task, job)
-        if delivery.delivery_count > settings.max_deliveries:
-            acks.dead_letter(
-                delivery,
-                f"delivered {delivery.delivery_count} times, over max_deliveries="
-                f"{settings.max_deliveries}: the task keeps being lost (it may kill its worker)",
-                **ids(job),
-            )
-            return None
         finished = self._finished(job) if redelivered(job) else None
         if finished is not None:
             if self.rejoin is not None and job.embed and job.embed.get("chord"):
@@ -229,22 +226,16 @@ class Receiver:
     def _check_arguments(self, task: Task[..., Any], job: Job) -> None:
         """`Signature.bind`, or for plain positional parameters and no keyword arguments a count
         (a tenth of the receive step's time for a no-op)."""
-        name = task.name
-        known = self._signatures.get(name)
-        if known is None:
-            known = self._signatures[name] = _signature(task)
+        if (known := self._signatures.get(task.name)) is None:
+            known = self._signatures[task.name] = _signature(task)
         sig, span = known
-        if not job.kwargs and span is not None and span[0] <= len(job.args) <= span[1]:
-            return
-        if sig is None:
+        if sig is None or (not job.kwargs and span and span[0] <= len(job.args) <= span[1]):
             return
         try:
-            if task.options.bind:
-                sig.bind(None, *job.args, **job.kwargs)
-            else:
-                sig.bind(*job.args, **job.kwargs)
+            self_arg = (None,) if task.options.bind else ()  # bind=True: the task comes first
+            sig.bind(*self_arg, *job.args, **job.kwargs)
         except TypeError as exc:
-            raise MalformedMessage(f"wrong arguments for task {name}: {exc}") from None
+            raise MalformedMessage(f"wrong arguments for task {task.name}: {exc}") from None
 
 
 def _signature(task: Task[..., Any]) -> tuple[inspect.Signature | None, tuple[int, int] | None]:

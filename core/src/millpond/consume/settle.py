@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from millpond.produce.app import Millpond
 
 log = structlog.get_logger("millpond.worker")
+#: the job's fields a retry sends unchanged (the same step of the same canvas), by their names
+_KEPT = ("queue", "task_id", "expires", "time_limit", "soft_time_limit", "root_id", "parent_id")
 
 
 def redelivered(job: Job) -> bool:
@@ -119,9 +121,7 @@ class Settler:
     """Turns outcomes into stored results, retries and settled messages."""
 
     def __init__(self, app: Millpond, settings: Settings, acks: Acks) -> None:
-        self.app = app
-        self.settings = settings
-        self.acks = acks
+        self.app, self.settings, self.acks = app, settings, acks
         #: the canvas plugin: called only for tasks with canvas fields
         self.canvas = app.canvas
         self.processed = 0
@@ -130,27 +130,22 @@ class Settler:
         """Store the outcome and settle the message: acknowledged at the next flush, or put back
         when what must follow the task (its retry, a canvas step) could not be sent."""
         self.processed += 1
-        state = outcome.state
-        if state == TaskState.SUCCESS:
-            sent = self._succeeded(job, outcome)
-        elif state == TaskState.RETRY:
-            if not self._publish_retry(job, outcome):
-                self._put_back(job, True, "retry could not be published")
-                return
-            sent = True
-        elif state == TaskState.REJECTED:
-            reason = outcome.exc_message
+        state, reason = outcome.state, outcome.exc_message
+        if state == TaskState.LOST:
+            self._lost(job, outcome)
+            return
+        if state == TaskState.REJECTED:
             log.warning(
                 "task rejected its message", **ids(job), reason=reason, requeue=outcome.requeue
             )
             self._put_back(job, outcome.requeue, f"rejected by the task: {reason}")
             return
-        elif state == TaskState.LOST:
-            self._lost(job, outcome)
-            return
+        if state == TaskState.SUCCESS:
+            sent = self._succeeded(job, outcome)
+        elif state == TaskState.RETRY:
+            sent = self._publish_retry(job, outcome)
         elif state == TaskState.REVOKED:
-            revoked = [outcome.exc_message or "revoked"]
-            error = error_info("TaskRevokedError", "celery.exceptions", revoked)
+            error = error_info("TaskRevokedError", "celery.exceptions", [reason or "revoked"])
             self._store(job, TaskState.REVOKED, error)
             sent = not job.embed or self._chord_part(job, TaskState.REVOKED, error, again=False)
         elif state == TaskState.TIMEOUT:
@@ -158,17 +153,20 @@ class Settler:
             self._failed(job, outcome, TimeLimitExceeded.__name__)
             sent = True  # its canvas was told of the failure where it could be: not run again
         else:  # FAILURE, or anything a third-party pool invents
-            why = f"{outcome.exc_type}: {outcome.exc_message}"
-            log.error("task failed", **ids(job), error=why, traceback=outcome.traceback)
+            failure = f"{outcome.exc_type}: {reason}"
+            log.error("task failed", **ids(job), error=failure, traceback=outcome.traceback)
             sent = self._failed(job, outcome, outcome.exc_type or "TaskError")
-        if not sent:
+        if sent:
+            if job.delivery is not None:
+                self.acks.ack_later([job.delivery])
+        elif state == TaskState.RETRY:
+            self._put_back(job, True, "retry could not be published")
+        else:
             # never acknowledged with its next steps lost: it runs again, and the canvas goes on
             log.error(
                 "the task's canvas could not go on; its message goes back to the queue", **ids(job)
             )
             self._put_back(job, True, "a canvas step could not be sent")
-        elif job.delivery is not None:
-            self.acks.ack_later([job.delivery])
 
     def rejoin(self, job: Job, meta: ResultMeta) -> None:
         """A redelivered chord header task that already finished: return its part again (the
@@ -177,11 +175,7 @@ class Settler:
             state = TaskState(meta.status)
         except ValueError:
             state = TaskState.FAILURE
-        self._canvas_step(
-            "return again the chord part of",
-            lambda: self.canvas.chord_part(job, state, meta.result, again=True),
-            job,
-        )
+        self._chord_part(job, state, meta.result, again=True)
 
     def _put_back(self, job: Job, requeue: bool, reason: str) -> None:
         """Requeue or dead-letter the message (nothing to do if it was acked on receipt)."""
@@ -237,15 +231,13 @@ class Settler:
             try:
                 backend.store(meta)
             except (TypeError, ValueError) as exc:
-                log.error(
-                    "task result cannot be stored as JSON",
-                    **ids(job),
-                    error=str(exc),
-                )
-                meta.status, meta.traceback, meta.retries = TaskState.FAILURE, None, 0
-                meta.children = []
+                log.error("task result cannot be stored as JSON", **ids(job), error=str(exc))
                 why = [f"result is not JSON serializable: {exc}"]
-                meta.result = error_info("TypeError", "builtins", why)
+                meta.status, meta.result = (
+                    TaskState.FAILURE,
+                    error_info("TypeError", "builtins", why),
+                )
+                meta.traceback, meta.retries, meta.children = None, 0, []
                 backend.store(meta)
         except Exception as exc:
             log.error(
@@ -263,7 +255,7 @@ class Settler:
             return True
         joined = self._chord_part(job, TaskState.FAILURE, info, again=redelivered(job))
         failed, _ = self._canvas_step(
-            "fail the rest of", lambda: self.canvas.after_failure(job, outcome, info), job
+            "fail the rest of", job, self.canvas.after_failure, outcome, info
         )
         return joined and failed
 
@@ -273,9 +265,7 @@ class Settler:
         children = outcome.children
         if job.embed:
             ok, sent = self._canvas_step(
-                "send the next steps of",
-                lambda: self.canvas.after_success(job, outcome.result),
-                job,
+                "send the next steps of", job, self.canvas.after_success, outcome.result
             )
             if not ok:
                 return False
@@ -286,17 +276,18 @@ class Settler:
         )
 
     def _chord_part(self, job: Job, state: TaskState, stored: Any, *, again: bool) -> bool:
+        step = self.canvas.chord_part
         return self._canvas_step(
-            "return its chord part for",
-            lambda: self.canvas.chord_part(job, state, stored, again=again),
-            job,
+            "return its chord part for", job, step, state, stored, again=again
         )[0]
 
-    def _canvas_step(self, what: str, step: Callable[[], Any], job: Job) -> tuple[bool, Any]:
-        """Run a canvas step: (True, what it returned), or (False, None) when it raised (a broker
+    def _canvas_step(
+        self, what: str, job: Job, step: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> tuple[bool, Any]:
+        """`step(job, ...)`: (True, what it returned), or (False, None) when it raised (a broker
         away past its retries, a backend that cannot join), logged with the task."""
         try:
-            return True, step()
+            return True, step(job, *args, **kwargs)
         except Exception as exc:
             log.error(
                 f"could not {what} the task's canvas",
@@ -325,15 +316,9 @@ class Settler:
                     job.task_name,
                     job.args,
                     job.kwargs,
-                    queue=job.queue,
-                    task_id=job.task_id,
+                    **{name: getattr(job, name) for name in _KEPT},
                     retries=retries,
                     eta=eta,
-                    expires=job.expires,
-                    time_limit=job.time_limit,
-                    soft_time_limit=job.soft_time_limit,
-                    root_id=job.root_id,
-                    parent_id=job.parent_id,
                     ignore_result=job.headers.get("ignore_result", False),
                     link=embed.get("callbacks"),
                     link_error=embed.get("errbacks"),
@@ -350,10 +335,6 @@ class Settler:
                 error=f"{type(exc).__name__}: {exc}",
             )
             return False
-        reason = {
-            "exc_type": outcome.exc_type,
-            "exc_module": outcome.exc_module,
-            "exc_message": outcome.stored_args,
-        }
+        reason = error_info(outcome.exc_type or "Retry", outcome.exc_module, outcome.stored_args)
         self._store(job, TaskState.RETRY, reason)
         return True

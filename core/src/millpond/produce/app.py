@@ -46,7 +46,7 @@ from millpond.produce.task import (
 from millpond.produce.task import (
     TaskDecoratorOptions as _Options,
 )
-from millpond.wire.protocol import encode_task, new_id
+from millpond.wire.protocol import SENT_AT, encode_task, new_id
 from millpond.wire.signing import sign
 
 if TYPE_CHECKING:
@@ -348,25 +348,29 @@ class Millpond:
             args,
             kwargs,
             task_id=task_id,
-            retries=retries,
             eta=eta,
             expires=expires_at,
             time_limit=options.get("time_limit"),
             soft_time_limit=options.get("soft_time_limit"),
-            root_id=root_id,
-            parent_id=parent_id,
-            origin=self.origin,
-            ignore_result=ignore_result,
-            sent_at=now,
-            headers=options.get("headers"),
-            priority=options.get("priority"),
-            callbacks=_defaulted(options.get("link"), sends),
-            errbacks=_defaulted(options.get("link_error"), sends),
-            chain=_defaulted(options.get("chain"), later),
-            chord=chord[0] if chord else None,
-            group_id=options.get("group_id"),
-            group_index=options.get("group_index"),
+            headers={
+                "group": options.get("group_id"),
+                "group_index": options.get("group_index"),
+                "retries": retries,
+                "root_id": root_id or task_id,
+                "parent_id": parent_id,
+                "origin": self.origin,
+                "ignore_result": ignore_result,
+                SENT_AT: now,
+                **(options.get("headers") or {}),
+            },
+            embed={
+                "callbacks": _defaulted(options.get("link"), sends),
+                "errbacks": _defaulted(options.get("link_error"), sends),
+                "chain": _defaulted(options.get("chain"), later),
+                "chord": chord[0] if chord else None,
+            },
             reply_to=reply_to,
+            priority=options.get("priority"),
         )
         self.publish(
             Publication(

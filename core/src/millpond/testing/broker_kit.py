@@ -63,7 +63,7 @@ from millpond.contracts.broadcast import Exchange, Listen, Received, Subscriptio
 from millpond.contracts.broker import Broker, Consumer, Delivery, Outbound, dead_letter_queue
 from millpond.contracts.waking import Waker
 from millpond.states import READY_STATES, TaskState
-from millpond.wire.protocol import DEATH_REASON, Message, decode_task, encode_task
+from millpond.wire.protocol import DEATH_REASON, SENT_AT, Message, decode_task, encode_task
 
 __all__ = ["BrokerContract", "ConsumerTracker", "fetch_until", "sample_message"]
 
@@ -374,7 +374,9 @@ class BrokerContract:
     def test_encoded_task_decodes(
         self, broker: Broker, queue: str, consumers: ConsumerTracker
     ) -> None:
-        sent = encode_task("kit.add", (2, 3), {"scale": 1.5, "label": "ü"}, sent_at=time.time())
+        sent = encode_task(
+            "kit.add", (2, 3), {"scale": 1.5, "label": "ü"}, headers={SENT_AT: time.time()}
+        )
         broker.publish(queue, sent)
         consumer = consumers.open(broker, [queue], 1)
         got = fetch_until(consumer, 1, 5.0)

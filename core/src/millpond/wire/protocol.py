@@ -12,7 +12,7 @@ import json
 import math
 import pickle
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -22,8 +22,6 @@ from millpond.exceptions import MalformedMessage, MessageTooLarge, UnsupportedCo
 
 JSON: Final = "application/json"
 PICKLE: Final = "application/x-python-serialize"
-DEFAULT_ACCEPT: Final = frozenset({JSON})
-DEFAULT_MAX_SIZE: Final = 10 * 1024 * 1024
 
 # millpond's own headers (Celery ignores unknown ones), and Celery beat's
 #: the producer's wall-clock time of publishing (epoch seconds), for the queue-wait measurement
@@ -38,9 +36,8 @@ DELIVERY_COUNT: Final = "x-millpond-delivery-count"
 #: gets it treats it as a redelivery (returns its part again, does not run it twice)
 REJOIN: Final = "x-millpond-rejoin"
 
-_MAX_ID_LENGTH: Final = 255
-#: headers that are text or null (hooks read the trace context from the headers the job keeps)
-_TEXT_HEADERS: Final = ("root_id", "parent_id", "group", "origin", "traceparent", "tracestate")
+#: the body's canvas fields (its embed), in the order Celery writes them
+EMBED_KEYS: Final = ("callbacks", "errbacks", "chain", "chord")
 
 
 @dataclass(slots=True)
@@ -126,8 +123,20 @@ def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+_Rule = tuple[Callable[[Any], bool], str]
+#: what the headers the worker reads must be (a count or a text may be null)
+_ID: Final[_Rule] = (
+    lambda v: isinstance(v, str) and 0 < len(v) <= 255,
+    "a non-empty string of at most 255 characters",
+)
+_COUNT: Final[_Rule] = (
+    lambda v: v is None or (type(v) is int and v >= 0),
+    "a non-negative integer",
+)
+_TEXT: Final[_Rule] = (lambda v: v is None or isinstance(v, str), "a string")
+_TEXT_HEADERS: Final = ("root_id", "parent_id", "group", "origin", "traceparent", "tracestate")
+_HEADERS: Final = {"id": _ID, "task": _ID, "retries": _COUNT, "group_index": _COUNT}
+_HEADERS.update(dict.fromkeys(_TEXT_HEADERS, _TEXT))
 
 
 def _finite(value: int | float) -> float | None:
@@ -143,9 +152,7 @@ def _finite(value: int | float) -> float | None:
 def _parse_time(name: str, value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise MalformedMessage(f"header {name!r} must be an ISO 8601 date-time, got a boolean")
-    if isinstance(value, int | float):
+    if _is_number(value):
         if (seconds := _finite(value)) is None:
             raise MalformedMessage(f"header {name!r} is not a finite number of seconds")
         return seconds
@@ -184,41 +191,27 @@ def encode_task(
     kwargs: Mapping[str, Any] | None = None,
     *,
     task_id: str | None = None,
-    retries: int = 0,
     eta: float | None = None,
     expires: float | None = None,
     time_limit: float | None = None,
     soft_time_limit: float | None = None,
-    root_id: str | None = None,
-    parent_id: str | None = None,
-    origin: str | None = None,
-    ignore_result: bool = False,
-    reply_to: str | None = None,
-    sent_at: float | None = None,
     headers: Mapping[str, Any] | None = None,
+    embed: Mapping[str, Any] | None = None,
+    reply_to: str | None = None,
     priority: int | None = None,
-    callbacks: Sequence[Mapping[str, Any]] | None = None,
-    errbacks: Sequence[Mapping[str, Any]] | None = None,
-    chain: Sequence[Mapping[str, Any]] | None = None,
-    chord: Mapping[str, Any] | None = None,
-    group_id: str | None = None,
-    group_index: int | None = None,
 ) -> Message:
     """Build a protocol v2 message with a JSON body; raises `TypeError` for arguments JSON can't hold.
 
-    `callbacks`, `errbacks`, `chain` (the remaining steps, reversed) and `chord` (the body) are
-    signature dicts for the body's embed, the canvas fields Celery's workers read.
+    `headers` set or override headers by their wire names (`retries`, `root_id`, `parent_id`,
+    `origin`, `ignore_result`, `group`, `group_index`, `millpond_sent_at`, ...). `embed` holds the
+    canvas fields Celery's workers read, signature dicts: `callbacks`, `errbacks`, `chain` (the
+    remaining steps, reversed) and `chord` (the body).
     """
     task_id = task_id or new_id()
     kwargs = dict(kwargs or {})
-    embed = {
-        "callbacks": list(callbacks) if callbacks else None,
-        "errbacks": list(errbacks) if errbacks else None,
-        "chain": list(chain) if chain else None,
-        "chord": chord,
-    }
+    canvas = {key: (embed or {}).get(key) or None for key in EMBED_KEYS}
     try:
-        body = json.dumps([list(args), kwargs, embed], separators=(",", ":")).encode()
+        body = json.dumps([list(args), kwargs, canvas], separators=(",", ":")).encode()
     except (TypeError, ValueError) as exc:
         raise TypeError(f"arguments of task {task!r} cannot be sent as JSON: {exc}") from exc
     out: dict[str, Any] = {
@@ -228,20 +221,19 @@ def encode_task(
         "shadow": None,
         "eta": _iso(eta),
         "expires": _iso(expires),
-        "group": group_id,
-        "group_index": group_index,
-        "retries": retries,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
         "timelimit": [time_limit, soft_time_limit],
-        "root_id": root_id or task_id,
-        "parent_id": parent_id,
+        "root_id": task_id,
+        "parent_id": None,
         "argsrepr": _short_repr(args),
         "kwargsrepr": _short_repr(kwargs),
-        "origin": origin,
-        "ignore_result": ignore_result,
-        SENT_AT: sent_at,
+        "origin": None,
+        "ignore_result": False,
+        SENT_AT: None,
+        **(headers or {}),
     }
-    if headers:
-        out.update(headers)
     props: dict[str, Any] = {"correlation_id": task_id, "delivery_mode": 2}
     if reply_to:
         props["reply_to"] = reply_to
@@ -258,8 +250,8 @@ def _short_repr(value: Any, limit: int = 1024) -> str:
 def decode_task(
     message: Message,
     *,
-    accept: frozenset[str] = DEFAULT_ACCEPT,
-    max_size: int = DEFAULT_MAX_SIZE,
+    accept: frozenset[str] = frozenset({JSON}),
+    max_size: int = 10 * 1024 * 1024,
 ) -> Job:
     """Validate a message and decode its body; every problem raises a `MessageError` subclass."""
     if not isinstance(message.body, bytes | bytearray | memoryview):
@@ -275,42 +267,26 @@ def decode_task(
     raw_type = message.content_type
     content_type = _media_type(raw_type) if isinstance(raw_type, str) else ""
     if content_type not in accept:
-        if content_type == PICKLE:
-            why = "pickle is refused unless the accept_content setting allows it"
-        else:
-            why = (
-                "millpond decodes JSON (and pickle, when allowed) only: send JSON "
-                "(Celery: task_serializer = 'json')"
-            )
+        why = (
+            "pickle is refused unless the accept_content setting allows it"
+            if content_type == PICKLE
+            else "millpond decodes JSON (and pickle, when allowed) only: send JSON "
+            "(Celery: task_serializer = 'json')"
+        )
         raise UnsupportedContentType(
             f"content type {content_type or '(none)'!r} is not accepted "
             f"(accepted: {', '.join(sorted(accept))}); {why}"
         )
 
     get = headers.get
-    for name in ("id", "task"):
-        value = get(name)
-        if not isinstance(value, str) or not value or len(value) > _MAX_ID_LENGTH:
-            raise MalformedMessage(
-                f"header {name!r} must be a non-empty string of at most 255 characters"
-            )
-    retries = get("retries")
-    if retries is None:
-        retries = 0
-    elif not _is_count(retries):
-        raise MalformedMessage("header 'retries' must be a non-negative integer")
+    for name, (valid, what) in _HEADERS.items():
+        if not valid(value := get(name)):
+            raise MalformedMessage(f"header {name!r} must be {what}, got {type(value).__name__}")
     timelimit = get("timelimit") or [None, None]
     if not isinstance(timelimit, list | tuple) or len(timelimit) != 2:
         raise MalformedMessage("header 'timelimit' must be [hard, soft]")
     hard, soft = _limit("hard", timelimit[0]), _limit("soft", timelimit[1])
     args, kwargs, embed = _decode_body(message.body, content_type, message.content_encoding)
-    for name in _TEXT_HEADERS:
-        value = get(name)
-        if value is not None and not isinstance(value, str):
-            raise MalformedMessage(f"header {name!r} must be a string, got {type(value).__name__}")
-    group_index = get("group_index")
-    if group_index is not None and not _is_count(group_index):
-        raise MalformedMessage("header 'group_index' must be a non-negative integer or null")
     reply_to = message.properties.get("reply_to") if isinstance(message.properties, dict) else None
     sent_at = get(SENT_AT)  # informational only: a bad value is ignored, not fatal
     return Job(
@@ -318,7 +294,7 @@ def decode_task(
         task_name=headers["task"],
         args=args,
         kwargs=kwargs,
-        retries=retries,
+        retries=get("retries") or 0,
         time_limit=hard,
         soft_time_limit=soft,
         root_id=get("root_id"),
@@ -330,7 +306,7 @@ def decode_task(
         # the canvas fields that are set; None for a plain task
         embed={k: v for k, v in embed.items() if v} or None,
         group_id=get("group"),
-        group_index=group_index,
+        group_index=get("group_index"),
         reply_to=reply_to if isinstance(reply_to, str) else None,
         headers=headers,
     )
