@@ -3,8 +3,10 @@ to do when a plugin is missing or does not fit."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,14 @@ from millpond.exceptions import PluginLoadError, PluginNotFound
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(code: str) -> subprocess.CompletedProcess[str]:
+def run(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -103,3 +110,40 @@ def test_an_entry_point_naming_the_wrong_kind_of_object_is_refused() -> None:
         plugins._verify(plugins.COMPONENTS, "odd", object)
     with pytest.raises(PluginLoadError, match="app client 'odd' is not callable"):
         plugins._verify(plugins.CLIENTS, "odd", 42)
+
+
+def test_a_plugin_for_another_core_is_refused_before_its_module_is_imported(
+    tmp_path: Path,
+) -> None:
+    """Its import-time code may not run against a core it was not built for: the range comes from
+    its installed metadata, and the module, if imported, ends the process."""
+    dist = tmp_path / "millpond_pool_future-3.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: millpond-pool-future\nVersion: 3.0\n"
+        "Requires-Dist: millpond>=9,<10\n"
+    )
+    (dist / "entry_points.txt").write_text("[millpond.pools]\nfuture = millpond_pool_future:Pool\n")
+    (tmp_path / "millpond_pool_future.py").write_text(
+        "import os, sys\nsys.stderr.write('millpond_pool_future was imported')\nos._exit(3)\n"
+    )
+    code = textwrap.dedent("""
+        import sys
+        from millpond.config import plugins
+        from millpond.exceptions import PluginLoadError
+        for names in (["solo", "future"], None):
+            try:
+                plugins.load_all(plugins.POOLS, names)
+            except PluginLoadError as err:
+                print(err)
+        print("millpond_pool_future" in sys.modules)
+    """)
+    proc = run(
+        code, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    )
+    assert proc.returncode == 0, proc.stderr
+    refusal = (
+        "pool 'future' from millpond-pool-future 3.0 needs millpond>=9,<10, but millpond "
+        f"{plugins.core_version()} is installed; upgrade one of them so they match"
+    )
+    assert proc.stdout.splitlines() == [refusal, refusal, "False"]

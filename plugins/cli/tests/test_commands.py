@@ -117,7 +117,7 @@ def test_plugins_imports_no_plugin() -> None:
 @pytest.fixture
 def broken_plugins(tmp_path: Path) -> Path:
     """Two third-party distributions: a pool whose dependency is missing, and a broker built for
-    another core version."""
+    another core version, which must not be imported."""
     site = tmp_path / "site"
     for name, requires, entry in [
         ("brokenpool", "millpond>=0.1,<0.2", "[millpond.pools]\nbroken = brokenpool_impl:Pool\n"),
@@ -130,9 +130,8 @@ def broken_plugins(tmp_path: Path) -> Path:
         )
         (dist / "entry_points.txt").write_text(entry)
     (site / "brokenpool_impl.py").write_text("import no_such_dependency_xyz\n")
-    (site / "futurebroker_impl.py").write_text(
-        "from millpond_broker_embedded.memory import MemoryBroker as Broker\n"
-    )
+    # refused from its metadata: imported, it would end the process
+    (site / "futurebroker_impl.py").write_text("import os\nos._exit(3)\n")
     return site
 
 

@@ -3,10 +3,10 @@
 stevedore lists a group from its cache without importing anything and imports only the names
 asked for: importing every plugin would import gevent into a threads worker. Its entry points
 carry no distribution, so the one that declares a plugin (name, version, `Requires-Dist:
-millpond ...` range) comes from `importlib.metadata`, and the range is checked with `packaging`
-when the plugin is loaded: one built for another core says so instead of failing later with an
-AttributeError. `millpond_cli.bootstrap` reads `millpond.patches` with the standard library
-alone, as it runs before stevedore (or logging) may be imported.
+millpond ...` range) comes from `importlib.metadata`; `packaging` checks the range before the
+module is imported, so one built for another core says so instead of running its import-time code
+against a core it does not know or failing later with an AttributeError. `millpond_cli.bootstrap`
+reads `millpond.patches` with the standard library alone: it runs before stevedore may be imported.
 """
 
 from __future__ import annotations
@@ -183,18 +183,21 @@ def load(group: str, name: str) -> Any:
 def load_all(group: str, names: Sequence[str] | None = None) -> list[tuple[str, Any]]:
     """(name, object) for every installed extension of a group, or for `names` in that order.
 
-    Each is checked against its core range and its group's contract; a missing name, one that
-    cannot be imported or one two distributions declare raises, naming it."""
+    Each is checked against its core range before it is imported, then against its group's
+    contract; a missing name, one that cannot be imported or one two distributions declare raises."""
+    wanted = list(names) if names is not None else installed(group)
+    for ep in entry_points(group):
+        if ep.name in wanted:
+            _check_core_version(ep)
     manager: NamedExtensionManager[Any] = NamedExtensionManager(
         group,
-        names=list(names) if names is not None else installed(group),
+        names=wanted,
         name_order=True,
         on_load_failure_callback=_raise_load_failure,
         on_missing_entrypoints_callback=lambda missing: _raise_missing(group, sorted(missing)),
         conflict_resolver=_raise_conflict,
     )
     for ext in manager.extensions:
-        _check_core_version(ext.entry_point)
         _verify(group, ext.name, ext.plugin)
     return [(ext.name, ext.plugin) for ext in manager.extensions]
 
@@ -226,7 +229,6 @@ def _raise_missing(group: str, names: list[str]) -> None:
 
 
 def _raise_load_failure(_manager: Any, ep: EntryPoint, err: BaseException) -> None:
-    _check_core_version(ep)  # a plugin for another core: that is why, whatever the import says
     module = getattr(err, "name", None)
     detail = f"{type(err).__name__}: {err}"
     if isinstance(err, ImportError) and module:
