@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from millpond import Millpond
+from millpond.testing.harness import wait_until
 from millpond_control.registry import COMMANDS, ControlContext, Request
 
 
@@ -42,3 +43,27 @@ def test_the_rate_limit_control_command_answers_as_celery_does(
     assert call(task_name="rl.nope", rate_limit="1/s") == {"error": "unknown task"}
     reply = call(task_name="rl.free", rate_limit="5/week")
     assert reply["error"].startswith("Invalid rate limit string: InvalidRateLimit(")
+
+
+def test_reserved_lists_the_jobs_a_rate_limit_holds_back(
+    memory_app: Millpond, start_worker: Any
+) -> None:
+    """Held jobs wait beside the buffer, in a holder: `inspect reserved` lists them too."""
+
+    @memory_app.task(name="rl.slow", rate_limit="4/m")
+    def slow(n: int) -> int:
+        return n
+
+    first, *waiting = [slow.delay(n) for n in range(3)]
+    worker = start_worker(memory_app, pool="threads").worker
+    assert first.get(timeout=10) == 0  # the bucket's one token; the next in 15 s, 30 s
+    cmd = COMMANDS.get("reserved")
+    assert cmd is not None
+
+    def listed() -> set[str]:
+        ctx = ControlContext(worker, worker.name, Request("reserved", {}))
+        return {job["id"] for job in cmd.handler(ctx)}
+
+    wait_until(lambda: listed() == {r.id for r in waiting}, 10, "the held jobs to be listed")
+    held = [job for holder in worker.holders for job in holder.held()]
+    assert {job.task_id for job in held} == {r.id for r in waiting}

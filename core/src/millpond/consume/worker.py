@@ -44,9 +44,6 @@ log = structlog.get_logger("millpond.worker")
 
 #: a component's `discard`: why a task must not run (revoked), or None
 Discard = Callable[[str, Mapping[str, Any]], str | None]
-#: worker exit codes
-EXIT_OK = 0
-EXIT_COLD = 1
 
 
 def _first_reason(
@@ -92,8 +89,10 @@ class Worker:
         #: the consumer is to close (the queues change): nothing is fetched and holders give
         #: back what they hold, until `open_consumer` opens the next one
         self.closing = False
-        self._buffer: deque[Job] = deque()
-        self._stop = threading.Event()
+        #: fetched jobs waiting for a free pool slot (a copy is one C call, safe from any thread)
+        self.buffer: deque[Job] = deque()
+        #: set once a shutdown was asked for: the worker takes no new work
+        self.stopping = threading.Event()
         self._cold = False
         self._stop_deadline = 0.0
         self._given_back = False
@@ -110,7 +109,7 @@ class Worker:
             name: cls(self) for name, cls in plugins.load_all(plugins.COMPONENTS)
         }
         #: the components that may hold a task back until it may start (rate limits)
-        self._holders = [c for c in self.components.values() if c.holds_tasks]
+        self.holders = [c for c in self.components.values() if c.holds_tasks]
         #: why a task must not run (revoked), or None
         self.discard: Discard = self._discarder()
         #: what other threads ask the loop to run on its next turn (`call_soon`)
@@ -128,7 +127,7 @@ class Worker:
             self.pool_cls.capabilities,
             rejoin=self.settler.rejoin,
             revoked=self.discard,
-            defer_early_ack=self._may_hold if self._holders else None,
+            defer_early_ack=self._may_hold if self.holders else None,
         )
 
     def _discarder(self) -> Discard:
@@ -138,7 +137,7 @@ class Worker:
         return checks[0] if len(checks) == 1 else functools.partial(_first_reason, checks)
 
     def _may_hold(self, task_name: str) -> bool:
-        return any(holder.may_hold(task_name) for holder in self._holders)
+        return any(holder.may_hold(task_name) for holder in self.holders)
 
     # -- what hooks, probes and components read and ask -----------------------------------------
     @property
@@ -146,37 +145,9 @@ class Worker:
         """Messages held unacknowledged at most (holders keep theirs beside it)."""
         return max(1, self.concurrency * self.multiplier)
 
-    @property
-    def prefetched(self) -> int:
-        """Messages fetched and waiting in the worker's buffer for a free pool slot."""
-        return len(self._buffer)
-
-    def busy_by_queue(self) -> dict[str, tuple[int, int]]:
-        """Per consumed queue: (messages in the buffer, jobs in the pool); safe from any thread."""
-        # list(deque) is one C call: the loop cannot change the buffer while it copies
-        held = Counter(job.queue for job in list(self._buffer))
-        busy = Counter(job.queue for job in (self.pool.active_jobs() if self.pool else []))
-        return {q: (held[q], busy[q]) for q in dict.fromkeys([*self.queues, *held, *busy])}
-
-    @property
-    def accepting(self) -> bool:
-        return not self._stop.is_set()
-
-    @property
-    def broker_connected(self) -> bool:
-        return bool(self.consumer is not None and self.consumer.connected)
-
-    def buffered_jobs(self) -> list[Job]:
-        """Jobs waiting for a pool slot or a holder's release (Celery's reserved); any thread."""
-        return [job for holder in self._holders for job in holder.held()] + list(self._buffer)
-
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the consumer loop's thread at its next turn; safe from any thread."""
         self._calls.append(fn)
-        self.inbox.waker.wake()
-
-    def wake(self) -> None:
-        """Make the loop look at its buffer again (a revoke arrived)."""
         self.inbox.waker.wake()
 
     def open_consumer(self, queues: tuple[str, ...]) -> None:
@@ -186,15 +157,15 @@ class Worker:
         if self.consumer is not None:
             self.consumer.close()
         self.queues, self.closing, self._resizable = queues, False, True
-        self._window = self.prefetch + sum(h.window_room(opening=True) for h in self._holders)
+        self._window = self.prefetch + sum(h.window_room(opening=True) for h in self.holders)
         self.consumer = self.acks.consumer = self.app.broker.consumer(queues, self._window)
 
     def stop(self, cold: bool = False) -> None:
         """Ask the worker to shut down (warm by default); safe from any thread."""
         self._cold = self._cold or cold
-        if not self._stop.is_set():
+        if not self.stopping.is_set():
             self._stop_deadline = time.monotonic() + self.settings.shutdown_timeout
-            self._stop.set()
+            self.stopping.set()
         if self.pool is not None and not self.pool.started:
             self.pool.start_cancelled.set()  # still starting: stop that first
         self.inbox.waker.wake()
@@ -204,7 +175,7 @@ class Worker:
             return
 
         def warm(signum: int, frame: FrameType | None) -> None:
-            if self._stop.is_set() and signum == signal.SIGINT:
+            if self.stopping.is_set() and signum == signal.SIGINT:
                 cold(signum, frame)
                 return
             running = self.pool.active if self.pool else 0
@@ -249,7 +220,7 @@ class Worker:
             raise ConfigurationError(str(exc)) from exc
         self._install_signals()
         self.pool.start()  # prefork forks here: after the app import, before consumer threads
-        if self._stop.is_set():  # told to stop while the pool started: consume nothing
+        if self.stopping.is_set():  # told to stop while the pool started: consume nothing
             return self._shutdown()
         # before the first fetch: a task revoked before this worker started never runs here
         for component in self.components.values():
@@ -285,7 +256,7 @@ class Worker:
                     log.exception("a remote-control action failed on the worker loop")
             if len(inbox):
                 self._complete_batch()
-            if not self._stop.is_set():
+            if not self.stopping.is_set():
                 self._dispatch_buffered()
                 if self._fetch():
                     continue
@@ -294,7 +265,7 @@ class Worker:
                     if not self._given_back:
                         self._give_back_buffered()
                     self._dispatch_buffered()  # what was acked on receipt is ours to run
-                if self._cold or not (pool.active or self._buffer):
+                if self._cold or not (pool.active or self.buffer):
                     return
                 if time.monotonic() > self._stop_deadline:
                     log.warning(
@@ -315,7 +286,7 @@ class Worker:
 
     def _fetch(self) -> bool:
         """Fetch what the window has room for and receive it; False: no room, the loop waits."""
-        acks, holders = self.acks, self._holders
+        acks, holders = self.acks, self.holders
         for component in self.components.values():
             component.tend()
         window = self.prefetch + sum(holder.window_room() for holder in holders)
@@ -354,7 +325,7 @@ class Worker:
             self._window = window
             return
         self._resizable = False
-        if self._window < self.prefetch + sum(h.window_room(opening=True) for h in self._holders):
+        if self._window < self.prefetch + sum(h.window_room(opening=True) for h in self.holders):
             log.warning(
                 "this broker's consumer cannot widen its prefetch window at run time: "
                 "messages held back (rate-limited ones waiting for a token) take room from "
@@ -365,17 +336,17 @@ class Worker:
         """How long the loop may block: less when a held job may start and the pool has a slot
         (with the pool full, a completion wakes the loop anyway)."""
         pool = self.pool
-        if not self._holders or pool is None or pool.active >= pool.capacity:
+        if not self.holders or pool is None or pool.active >= pool.capacity:
             return longest
-        dues = (holder.next_release() for holder in self._holders)
+        dues = (holder.next_release() for holder in self.holders)
         return min([longest, *(max(due, 0.001) for due in dues if due is not None)])
 
     def _received(self, job: Job) -> None:
         self.hooks.received(job)
         if self._answered(job, "expired before a worker received it"):
             return
-        if not any(holder.hold(job) for holder in self._holders):
-            self._buffer.append(job)
+        if not any(holder.hold(job) for holder in self.holders):
+            self.buffer.append(job)
 
     def _answered(self, job: Job, expired: str) -> bool:
         """Whether the job was ended without the pool, REVOKED (revoked, or `expired`)."""
@@ -402,14 +373,14 @@ class Worker:
         """Warm shutdown: unstarted messages go back to the broker now, so another worker runs
         them (rather than after the close, or their lease or visibility timeout)."""
         self._given_back = True
-        jobs = list(self._buffer)
-        self._buffer.clear()
-        for holder in self._holders:
+        jobs = list(self.buffer)
+        self.buffer.clear()
+        for holder in self.holders:
             jobs += holder.drain()
         self.acks.flush()  # finished tasks' acks first: the release must not overtake them
         # acknowledged on receipt (acks_late off): the broker has them no more, they run here
         owned = [job for job in jobs if job.delivery is None]
-        self._buffer.extend(owned)
+        self.buffer.extend(owned)
         count = self.acks.release([job.delivery for job in jobs if job.delivery is not None])
         if count or owned:
             log.info(
@@ -423,10 +394,10 @@ class Worker:
         """Start buffered jobs while the pool has room; once stopping, only those the warm stop
         kept to run (after the give-back). A held job that may start goes first: it was received
         before the buffer's."""
-        pool, buffer, consumer = self.pool, self._buffer, self.consumer
+        pool, buffer, consumer = self.pool, self.buffer, self.consumer
         assert pool is not None
-        while pool.active < pool.capacity and (self._given_back or not self._stop.is_set()):
-            job = next((j for h in self._holders if (j := h.release()) is not None), None)
+        while pool.active < pool.capacity and (self._given_back or not self.stopping.is_set()):
+            job = next((j for h in self.holders if (j := h.release()) is not None), None)
             if job is None:
                 if not buffer:
                     return
@@ -458,10 +429,8 @@ class Worker:
     # -- completions -----------------------------------------------------------------------------
     def _on_complete(self, job: Job, outcome: Outcome) -> None:
         """Called by the pool, from any thread: hand over to the loop (no wake-up for solo's)."""
-        if self.running_inline:
-            self.inbox.put_quiet((job, outcome))
-        else:
-            self.inbox.put((job, outcome))
+        put = self.inbox.put_quiet if self.running_inline else self.inbox.put
+        put((job, outcome))
 
     def _complete_batch(self) -> None:
         for job, outcome in self.inbox.drain():
@@ -489,14 +458,14 @@ class Worker:
             if consumer is not None:
                 self.acks.flush()  # finished tasks are acknowledged before the rest goes back
                 consumer.close()  # unacked (buffered, abandoned) messages return to the broker
-            lost = [job for job in self._buffer if job.delivery is None]
+            lost = [job for job in self.buffer if job.delivery is None]
             if lost:  # a cold stop (or a warm one cut short) before they could run
                 log.warning(
                     "tasks acknowledged on receipt (acks_late off) were not run: at-most-once",
                     count=len(lost),
                     task_ids=[job.task_id for job in lost[:20]],
                 )
-            self._buffer.clear()
+            self.buffer.clear()
             # before the app's connections close: a hook may still send (events' worker-offline)
             self.hooks.worker_stopped(self)
             self.app.close()
@@ -507,4 +476,4 @@ class Worker:
             processed=self.settler.processed,
             shutdown="cold" if cold else "warm",
         )
-        return EXIT_COLD if cold else EXIT_OK
+        return 1 if cold else 0

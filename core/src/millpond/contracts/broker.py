@@ -26,7 +26,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from millpond.contracts.backend import ResultBackend
 from millpond.contracts.broadcast import Exchange, Listen, Subscription, unavailable
-from millpond.contracts.claims import Claims
 from millpond.contracts.waking import Waker
 from millpond.exceptions import NotSupported
 from millpond.wire.protocol import Message
@@ -145,6 +144,55 @@ class Consumer(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds a claim, and for how many more seconds (as the claims store counts)."""
+
+    owner: str
+    remaining: float
+
+
+class Claims(ABC):
+    """Short-lived named locks and a string map per namespace, held by the app's own broker (Redis
+    `SET NX PX`, a row in the sqlite file): replicas of `millpond beat` agree on who publishes
+    each tick and remember what was published. From any thread and after `os.fork()`:
+
+    * `acquire(key, owner, ttl)` is atomic: it succeeds when nobody holds `key` (or the holder's
+      time ran out) or `owner` does (extended to `ttl` from now); two owners never hold one key.
+    * A claim is forgotten `ttl` seconds after its last successful `acquire`, whatever becomes of
+      the holder (a SIGKILLed holder's claims run out).
+    * `state` is kept until overwritten; no transaction with the claims: callers write it after
+      the claim that guards it.
+    """
+
+    #: False where a claim ends with its holder's connection (RabbitMQ's exclusive queues), not
+    #: at its ttl: callers need not keep claims that only fence against that holder
+    outlives_holder: ClassVar[bool] = True
+
+    @abstractmethod
+    def acquire(self, key: str, owner: str, ttl: float) -> bool:
+        """Take `key` for `owner` for `ttl` seconds, or extend it; whether `owner` holds it now.
+        Raises `BrokerError` when the store cannot be reached (then assume nothing is held)."""
+
+    @abstractmethod
+    def release(self, key: str, owner: str) -> None:
+        """Give `key` up if `owner` holds it (a no-op otherwise), so a successor need not wait."""
+
+    @abstractmethod
+    def holder(self, key: str) -> Holder | None: ...
+
+    @abstractmethod
+    def load_state(self, namespace: str) -> dict[str, str]:
+        """Every field stored under `namespace` (empty when none)."""
+
+    @abstractmethod
+    def save_state(self, namespace: str, values: Mapping[str, str]) -> None:
+        """Store these fields under `namespace`, keeping the others."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections this object opened itself (the broker's own are the broker's)."""
 
 
 class Broker(ABC):

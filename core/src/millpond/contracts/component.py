@@ -1,9 +1,7 @@
-"""The worker-component contract: a part of the worker a plugin provides (the control plane of
-millpond-control, the rate limits of millpond-ratelimit).
-
-The worker builds every installed `millpond.components` entry point with itself: the core imports
-none of them and pays nothing for one not installed. What a component changes in the loop it
-changes on the loop's thread (`tend`, `Worker.call_soon`): `Worker.open_consumer` and `closing`
+"""The worker-component contract: a part of the worker a plugin provides (millpond-control's
+control plane, millpond-ratelimit's limits), one per installed `millpond.components` entry point:
+the core imports none and pays nothing for one not installed. What a component changes in the loop
+it changes on the loop's thread (`tend`, `Worker.call_soon`): `Worker.open_consumer` and `closing`
 are the control plane's queue change, `concurrency` its pool resize.
 
 Holding back (`holds_tasks = True`, the rate limits): a held job waits unacknowledged beside the

@@ -25,8 +25,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from millpond.contracts.broker import Broker
-from millpond.contracts.claims import Claims
+from millpond.contracts.broker import Broker, Claims
 
 
 class ClaimsContract:

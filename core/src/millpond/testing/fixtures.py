@@ -260,7 +260,7 @@ def _drain(app: Millpond, running: RunningWorker, timeout: float) -> None:
             raise running.error
         waiting = {q: app.broker.queue_length(q) for q in queues}
         held = worker.acks.held if worker.acks is not None else 0
-        if any(waiting.values()) or held or worker._buffer:
+        if any(waiting.values()) or held or worker.buffer:
             idle_since = None
         elif idle_since is None:
             idle_since = time.monotonic()

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from millpond.contracts.claims import Claims
+from millpond.contracts.broker import Claims
 from millpond.exceptions import ConfigurationError, MillpondError
 from millpond.wire.protocol import PERIODIC_TASK_NAME
 from millpond_beat import metrics

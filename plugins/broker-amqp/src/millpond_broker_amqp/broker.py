@@ -20,8 +20,7 @@ from amqp import exceptions as amqp_exc
 
 from millpond.contracts.backend import ResultBackend
 from millpond.contracts.broadcast import Exchange, Listen
-from millpond.contracts.broker import Broker, Outbound, QueueStats, dead_letter_queue
-from millpond.contracts.claims import Claims
+from millpond.contracts.broker import Broker, Claims, Outbound, QueueStats, dead_letter_queue
 from millpond.exceptions import PublishError
 from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message
 from millpond_broker_amqp import broadcast as exchanges

@@ -1,5 +1,5 @@
-"""Claims on RabbitMQ (`millpond.contracts.claims`): exclusive queues as locks, a last-value queue
-as state.
+"""Claims on RabbitMQ (`millpond.contracts.broker.Claims`): exclusive queues as locks, a
+last-value queue as state.
 
 RabbitMQ has no `SET NX`, but it has the exclusive queue: only the connection that declared it may
 use it, and a second connection's declare is refused with RESOURCE_LOCKED. So a claim is an
@@ -33,7 +33,7 @@ from typing import Any, ClassVar, TypeVar
 import amqp
 from amqp import exceptions as amqp_exc
 
-from millpond.contracts.claims import Claims, Holder
+from millpond.contracts.broker import Claims, Holder
 from millpond.exceptions import BrokerError
 from millpond_broker_amqp.connection import TRANSIENT, abandon, bounded, describe, open_connection
 from millpond_broker_amqp.settings import AmqpConfig

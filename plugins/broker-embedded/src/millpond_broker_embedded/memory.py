@@ -24,8 +24,7 @@ from typing import Any, ClassVar
 
 from millpond.contracts.backend import CHORD_CLAIM_TTL, ChordPart, ResultBackend, ResultMeta
 from millpond.contracts.broadcast import Exchange, Listen
-from millpond.contracts.broker import Broker, Consumer, Delivery, dead_letter_queue
-from millpond.contracts.claims import Claims, Holder
+from millpond.contracts.broker import Broker, Claims, Consumer, Delivery, Holder, dead_letter_queue
 from millpond.contracts.waking import Waker
 from millpond.exceptions import BackendError, ConfigurationError, PublishError
 from millpond.exceptions import TimeoutError as MillpondTimeoutError

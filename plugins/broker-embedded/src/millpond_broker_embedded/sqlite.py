@@ -42,8 +42,7 @@ from millpond.config.options import Section, declared, setting
 from millpond.config.paths import millpond_home as core_home
 from millpond.contracts.backend import CHORD_CLAIM_TTL, ChordPart, ResultBackend, ResultMeta
 from millpond.contracts.broadcast import Exchange, Listen
-from millpond.contracts.broker import Broker, Consumer, Delivery, dead_letter_queue
-from millpond.contracts.claims import Claims, Holder
+from millpond.contracts.broker import Broker, Claims, Consumer, Delivery, Holder, dead_letter_queue
 from millpond.contracts.waking import Waker
 from millpond.exceptions import (
     BackendError,
@@ -480,7 +479,7 @@ class SqliteBroker(Broker):
         return len(rows)
 
     def claims(self) -> SqliteClaims:
-        """Leases and state in this file (see `millpond.contracts.claims`)."""
+        """Leases and state in this file (see `millpond.contracts.broker.Claims`)."""
         return SqliteClaims(self.db)
 
     def default_backend(self) -> SqliteResultBackend:

@@ -19,8 +19,7 @@ import redis
 from redis.commands.core import Script
 
 from millpond.contracts.broadcast import Exchange, Listen
-from millpond.contracts.broker import Broker, Outbound, QueueStats
-from millpond.contracts.claims import Claims
+from millpond.contracts.broker import Broker, Claims, Outbound, QueueStats
 from millpond.exceptions import (
     AccessDenied,
     BrokerError,

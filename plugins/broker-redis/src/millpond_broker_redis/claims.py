@@ -1,4 +1,4 @@
-"""Claims on Redis (`millpond.contracts.claims`): `SET NX PX` leases and a hash of state.
+"""Claims on Redis (`millpond.contracts.broker.Claims`): `SET NX PX` leases and a hash of state.
 
 A claim is one string key holding its owner, with a millisecond expiry Redis keeps: `SET key owner
 NX PX ttl` takes it when it is free, and the owner extends it with `PEXPIRE` (both in one script,
@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import redis
 from redis.commands.core import Script
 
-from millpond.contracts.claims import Claims, Holder
+from millpond.contracts.broker import Claims, Holder
 from millpond.exceptions import BrokerError
 from millpond_broker_redis.connection import SCRIPT_ENCODER, Pools
 

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from millpond.config import plugins
@@ -30,6 +30,9 @@ from millpond.contracts.pool import Job
 from millpond.produce.result import error_info
 from millpond.states import TaskState
 from millpond_control.registry import ControlContext, command, nok, ok, plane
+
+if TYPE_CHECKING:
+    from millpond.consume.worker import Worker
 
 log = logging.getLogger("millpond.control")
 
@@ -45,6 +48,11 @@ def _ids(value: Any) -> list[str]:
     if isinstance(value, Iterable):
         return [str(v) for v in value]
     return [str(value)]
+
+
+def _reserved(worker: Worker) -> list[Job]:
+    """Jobs waiting for a pool slot or a holder's release (Celery's reserved); any thread."""
+    return [job for holder in worker.holders for job in holder.held()] + list(worker.buffer)
 
 
 def job_info(ctx: ControlContext, job: Job, *, started: bool) -> dict[str, Any]:
@@ -168,7 +176,7 @@ def active(ctx: ControlContext, safe: bool = False, **_: Any) -> Any:
 @command(kind="inspect")
 def reserved(ctx: ControlContext, **_: Any) -> Any:
     """Tasks received and waiting for a free slot in the pool (prefetched)."""
-    return [job_info(ctx, job, started=False) for job in ctx.worker.buffered_jobs()]
+    return [job_info(ctx, job, started=False) for job in _reserved(ctx.worker)]
 
 
 @command(kind="inspect")
@@ -283,7 +291,7 @@ def query_task(ctx: ControlContext, ids: Any = None, **_: Any) -> Any:
     for job in pool.active_jobs() if pool is not None else []:
         if job.task_id in wanted:
             out[job.task_id] = ["active", job_info(ctx, job, started=True)]
-    for job in ctx.worker.buffered_jobs():
+    for job in _reserved(ctx.worker):
         if job.task_id in wanted and job.task_id not in out:
             out[job.task_id] = ["reserved", job_info(ctx, job, started=False)]
     return out
@@ -400,7 +408,7 @@ def revoke(
     pool = ctx.worker.pool
     running = {job.task_id for job in pool.active_jobs()} if pool is not None else set()
     _mark_revoked(ctx, ids, running)
-    ctx.worker.wake()
+    ctx.worker.inbox.waker.wake()  # the loop looks at its buffer again
     log.info("tasks flagged as revoked: %s", ", ".join(ids))
     if terminate:
         return _terminate(ctx, ids, signal)
@@ -417,7 +425,7 @@ def revoke_by_stamped_headers(
     if not isinstance(headers, dict) or not headers:
         return nok("headers must be a mapping of stamp name to value(s), e.g. {'mystamp': 'x'}")
     plane(ctx.worker).revoked.add_stamps(headers)
-    ctx.worker.wake()
+    ctx.worker.inbox.waker.wake()  # the loop looks at its buffer again
     if not terminate:
         return ok(f"headers {headers} flagged as revoked, but not terminated")
     pool = ctx.worker.pool

@@ -93,7 +93,7 @@ class ControlPlane(WorkerComponent):
         if queues is None:
             return
         worker.acks.flush()
-        if worker.acks.held > 0 or worker.prefetched:
+        if worker.acks.held > 0 or worker.buffer:
             return
         self.next_queues = None
         worker.open_consumer(queues)

@@ -41,11 +41,11 @@ def readiness(worker: WorkerView, timeout: float) -> tuple[bool, dict[str, Any]]
     """Whether the worker is started, consuming, connected, live, and not shutting down."""
     checks: dict[str, bool] = {}
     checks["started"] = worker.ready.is_set()
-    checks["accepting"] = worker.accepting
-    pool = worker.pool
+    checks["accepting"] = not worker.stopping.is_set()
+    pool, consumer = worker.pool, worker.consumer
     checks["pool"] = bool(pool is not None and pool.started)
     try:
-        connected = worker.broker_connected
+        connected = bool(consumer is not None and consumer.connected)
     except Exception:
         connected = False  # a probe never raises: a consumer that cannot say is not ready
     checks["broker"] = connected

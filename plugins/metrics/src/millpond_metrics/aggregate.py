@@ -54,6 +54,7 @@ import threading
 import time
 import weakref
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -255,7 +256,7 @@ def install(provider: Any = None, *, aggregate_histograms: bool = False) -> bool
     )
     meter.create_observable_gauge(
         "millpond.task.prefetched",
-        [_gauge_callback(lambda w, p: w.prefetched)],
+        [_gauge_callback(lambda w, p: len(w.buffer))],
         "{task}",
         "Messages fetched and held by the worker, waiting for a free pool slot.",
     )
@@ -351,6 +352,13 @@ def _ready_count(worker: Worker, queue: str) -> int | None:
     return ready
 
 
+def _busy_by_queue(worker: Worker, pool: Any) -> dict[str, tuple[int, int]]:
+    """Per consumed queue: (messages in the worker's buffer, jobs in its pool)."""
+    held = Counter(job.queue for job in list(worker.buffer))  # one C call: safe from this thread
+    busy = Counter(job.queue for job in pool.active_jobs())
+    return {q: (held[q], busy[q]) for q in dict.fromkeys([*worker.queues, *held, *busy])}
+
+
 def _queue_callback(read: Any) -> Any:
     """Observations per (worker, queue) of `read(ready, reserved, running, slots)`."""
 
@@ -363,7 +371,7 @@ def _queue_callback(read: Any) -> Any:
             if pool is None:
                 continue
             slots = max(1, int(pool.concurrency))
-            for queue, (reserved, running) in worker.busy_by_queue().items():
+            for queue, (reserved, running) in _busy_by_queue(worker, pool).items():
                 value = read(lambda q=queue, w=worker: _ready_count(w, q), reserved, running, slots)
                 if value is not None:
                     out.append(Observation(value, {QUEUE: queue}))
