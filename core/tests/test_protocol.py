@@ -6,7 +6,7 @@ import json
 import pickle
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from millpond.exceptions import (
@@ -160,6 +160,7 @@ def test_unserialisable_arguments_fail_at_send() -> None:
         encode_task("t", [object()])
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # a loaded CI machine
 @given(
     st.binary(max_size=512),
     st.dictionaries(
@@ -174,6 +175,7 @@ def test_decoder_never_crashes_on_arbitrary_input(body: bytes, headers: dict) ->
         pass
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # a loaded CI machine
 @given(st.binary(max_size=512))
 def test_envelope_never_crashes_on_arbitrary_input(raw: bytes) -> None:
     try:
