@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import WorkerProcess
+from millpond.testing.harness import WorkerProcess
+from tests.e2e.harness import ROOT
 
 
 @pytest.fixture
@@ -28,14 +29,19 @@ def spawn_worker(tmp_path: Path, e2e_env: dict[str, str]) -> Iterator[Any]:
     started: list[WorkerProcess] = []
 
     def spawn(*args: str, env: dict[str, str] | None = None, name: str = "worker") -> WorkerProcess:
-        log = tmp_path / f"{name}-{len(started)}.log"
-        worker = WorkerProcess(["-A", "tests.e2e.app:app", *args], {**e2e_env, **(env or {})}, log)
+        worker = WorkerProcess(
+            ["-A", "tests.e2e.app:app", *args],
+            {**e2e_env, **(env or {})},
+            tmp_path,
+            name=f"{name}-{len(started)}",
+            cwd=ROOT,
+        )
         started.append(worker)
         return worker
 
     yield spawn
     for worker in started:
-        worker.stop()
+        worker.kill()
 
 
 @pytest.fixture

@@ -31,13 +31,14 @@ from millpond.contracts.broker import dead_letter_queue
 from millpond.exceptions import ConfigurationError, NotSupported
 from millpond.exceptions import TimeoutError as ResultTimeout
 from millpond.states import TaskState
+from millpond.testing.harness import WorkerProcess, wait_until
 from millpond.testing.proxy import Proxy
 from millpond.wire.protocol import DELIVERY_COUNT, decode_task
 from millpond_broker_amqp import AmqpBroker, rpc
 from millpond_broker_amqp.codec import from_properties
 from millpond_canvas import CanvasError
 from tests.e2e.docs_runner import DOCS, clean_env, run_guide
-from tests.e2e.harness import ROOT, WorkerProcess, wait_until
+from tests.e2e.harness import ROOT
 from tests.e2e.rpc_app import declare_gate, open_gate
 
 pytestmark = [pytest.mark.amqp, pytest.mark.e2e]
@@ -126,14 +127,15 @@ def spawn(tmp_path: Path, queue: str) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
     def start(*args: str) -> WorkerProcess:
-        log = tmp_path / f"worker-{len(started)}.log"
-        worker = WorkerProcess(["-A", APP, *args], worker_env(queue), log)
+        worker = WorkerProcess(
+            ["-A", APP, *args], worker_env(queue), tmp_path, name=f"worker-{len(started)}", cwd=ROOT
+        )
         started.append(worker)
         return worker.wait_ready()
 
     yield start
     for worker in started:
-        worker.stop()
+        worker.kill()
 
 
 @pytest.fixture
@@ -161,12 +163,16 @@ def shared_worker(
     tasks but checks nothing of the worker's own start-up, shutdown or flags: what those tests
     prove is what reaches the producer (each has a producer, so a reply queue, of its own).
     Started once instead of once per test; killed by PID after the module's last test."""
-    log = tmp_path_factory.mktemp("rpc-served") / "worker.log"
-    worker = WorkerProcess(["-A", APP, "-P", "threads", "-c", "4"], worker_env(served_queue), log)
+    worker = WorkerProcess(
+        ["-A", APP, "-P", "threads", "-c", "4"],
+        worker_env(served_queue),
+        tmp_path_factory.mktemp("rpc-served"),
+        cwd=ROOT,
+    )
     try:
         yield worker.wait_ready()
     finally:
-        worker.stop()
+        worker.kill()
 
 
 @pytest.fixture
@@ -570,10 +576,10 @@ def test_the_rpc_example_of_the_rabbitmq_guide_runs(queue: str, tmp_path: Path) 
     )
     guide = DOCS / "rabbitmq.md"
     assert re.search(r"```python\n", guide.read_text()[guide.read_text().index("### rpc://") :])
-    worker = WorkerProcess(["-A", "examples.shop:app", "-P", "threads"], env, tmp_path / "w.log")
+    worker = WorkerProcess(["-A", "examples.shop:app", "-P", "threads"], env, tmp_path, cwd=ROOT)
     try:
         worker.wait_ready()
-        printed = run_guide(guide, env, start="### rpc://", worker_log=worker.log_path)
+        printed = run_guide(guide, env, start="### rpc://", worker_log=worker.stderr_path)
         assert "refund failed: order o-1 was never charged" in printed
     finally:
-        worker.stop()
+        worker.kill()

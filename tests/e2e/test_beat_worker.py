@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import ROOT, lines_of, wait_until
+from millpond.testing.harness import wait_until
+from tests.e2e.harness import ROOT, lines_of
 
 pytestmark = [pytest.mark.e2e]
 

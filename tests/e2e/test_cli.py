@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from millpond.testing.harness import run_command
-from tests.e2e.harness import ROOT, WorkerProcess, wait_until
+from millpond.testing.harness import WorkerProcess, run_command, wait_until
+from tests.e2e.harness import ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -85,7 +85,7 @@ def test_early_patch_runs_before_anything_is_imported(
         env["MILLPOND_POOL"] = "fake"
     else:
         (tmp_path / "millpond.toml").write_text('pool = "fake"\n')
-    worker = WorkerProcess(args, env, tmp_path / "worker.log", cwd=cwd)
+    worker = WorkerProcess(args, env, tmp_path, cwd=cwd)
     try:
         worker.wait_ready()
         before = json.loads(mark.read_text())["imported_before_patch"]
@@ -94,7 +94,7 @@ def test_early_patch_runs_before_anything_is_imported(
         worker.signal(signal.SIGTERM)
         assert worker.wait() == 0
     finally:
-        worker.stop()
+        worker.kill()
 
 
 def test_send_wait_and_result(spawn_worker: Any, e2e_env: dict[str, str]) -> None:

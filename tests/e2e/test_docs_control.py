@@ -3,14 +3,14 @@ against a `millpond worker` of the example shop on Redis, in a control namespace
 
 from __future__ import annotations
 
-import signal
 import uuid
 from pathlib import Path
 
 import pytest
 
+from millpond.testing.harness import WorkerProcess
 from tests.e2e.docs_runner import DOCS, clean_env, forget_redis_queue, run_guide
-from tests.e2e.harness import WorkerProcess
+from tests.e2e.harness import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
@@ -34,14 +34,11 @@ def test_the_control_guide_runs_against_a_millpond_worker(tmp_path: Path) -> Non
         "MILLPOND_DEFAULT_QUEUE": queue,
     }
     worker = WorkerProcess(
-        ["-A", "examples.shop:app", "-P", "threads"], worker_env, tmp_path / "worker.log"
+        ["-A", "examples.shop:app", "-P", "threads"], worker_env, tmp_path, cwd=ROOT
     )
     try:
         worker.wait_ready(60)
-        run_guide(DOCS / "control.md", env, worker_log=worker.log_path)
+        run_guide(DOCS / "control.md", env, worker_log=worker.stderr_path)
     finally:
-        if worker.proc.poll() is None:
-            worker.signal(signal.SIGTERM)
-            worker.wait(30)
         worker.stop()
         forget_redis_queue(REDIS_URL, queue)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from millpond.config import plugins
-from tests.e2e.harness import WorkerProcess, wait_until
+from millpond.testing.harness import WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
@@ -56,7 +56,7 @@ def test_the_warm_shutdown_example_gives_the_short_naps_to_the_second_worker(
         }
     )
     broker = plugins.broker_for_url(REDIS_URL)
-    first = WorkerProcess(first_cmd[2:], env, tmp_path / "first.log", cwd=tmp_path)
+    first = WorkerProcess(first_cmd[2:], env, tmp_path, name="first", cwd=tmp_path)
     second: WorkerProcess | None = None
     try:
         first.wait_ready()
@@ -65,7 +65,7 @@ def test_the_warm_shutdown_example_gives_the_short_naps_to_the_second_worker(
         )
         # the 30 s nap runs, the four short ones wait in the first worker's buffer
         wait_until(lambda: broker.queue_length(queue) == 0, 20, "the first worker to prefetch")
-        second = WorkerProcess(second_cmd[2:], env, tmp_path / "second.log", cwd=tmp_path)
+        second = WorkerProcess(second_cmd[2:], env, tmp_path, name="second", cwd=tmp_path)
         second.wait_ready()
         first.signal(signal.SIGTERM)
         given = wait_until(
@@ -90,6 +90,6 @@ def test_the_warm_shutdown_example_gives_the_short_naps_to_the_second_worker(
                 worker.signal(signal.SIGQUIT)  # cold: the 30 s nap goes back now, then is purged
                 worker.proc.wait(30)
             if worker is not None:
-                worker.stop()
+                worker.kill()
         broker.purge(queue)
         broker.close()

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from millpond.testing.harness import forget_queue
-from tests.e2e.harness import WorkerProcess, wait_until
+from millpond.testing.harness import WorkerProcess, forget_queue, wait_until
+from tests.e2e.harness import ROOT
 
 REDIS = "redis://127.0.0.1:6379/0"
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
@@ -85,14 +85,16 @@ def workers(tmp_path: Path) -> Iterator[Any]:
                 "E2E_DIR": str(tmp_path),
                 **env,
             },
-            tmp_path / f"worker-{len(started)}.log",
+            tmp_path,
+            name=f"worker-{len(started)}",
+            cwd=ROOT,
         )
         started.append(worker)
         return worker
 
     yield spawn
     for worker in started:
-        worker.stop()
+        worker.kill()
 
 
 def celery_producer(broker: str, queue: str) -> Any:

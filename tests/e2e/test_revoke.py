@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from millpond import Millpond
-from tests.e2e.harness import ROOT, WorkerProcess, lines_of, wait_until
+from millpond.testing.harness import WorkerProcess, wait_until
+from tests.e2e.harness import ROOT, lines_of
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +54,9 @@ def _spawn(env: dict[str, str], tmp: Path, name: str, **extra: str) -> WorkerPro
     worker = WorkerProcess(
         ["-A", "tests.e2e.app:app", "-P", "threads", "-c", "2"],
         {**env, "MILLPOND_HOME": str(home), "MILLPOND_WORKER_NAME": f"{name}@e2e", **extra},
-        tmp / f"{name}.log",
+        tmp,
+        name=name,
+        cwd=ROOT,
     )
     return worker.wait_ready(WAIT)
 
@@ -123,7 +126,7 @@ def test_revoked_task_runs_on_no_worker_including_one_started_later(
     finally:
         app.close()
         for worker in workers:
-            worker.stop()
+            worker.kill()
 
 
 def test_revoke_survives_a_restart(env: dict[str, str], tmp_path: Path) -> None:
@@ -149,4 +152,4 @@ def test_revoke_survives_a_restart(env: dict[str, str], tmp_path: Path) -> None:
     finally:
         app.close()
         if worker is not None:
-            worker.stop()
+            worker.kill()

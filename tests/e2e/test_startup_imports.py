@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import ROOT, WorkerProcess, wait_until
+from millpond.testing.harness import WorkerProcess, wait_until
+from tests.e2e.harness import ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -115,7 +116,7 @@ def _first_task_modules(tmp_path: Path, e2e_env: dict[str, str], otel: dict[str,
         "MODULES_OUT": str(out),
         "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
     }
-    worker = WorkerProcess(["-A", "startup_app:app", "-P", "solo"], env, tmp_path / "w.log")
+    worker = WorkerProcess(["-A", "startup_app:app", "-P", "solo"], env, tmp_path, cwd=ROOT)
     try:
         worker.wait_ready()
         sent = subprocess.run(
@@ -130,7 +131,7 @@ def _first_task_modules(tmp_path: Path, e2e_env: dict[str, str], otel: dict[str,
         wait_until(out.exists, 20, f"the first task to run; worker log:\n{worker.text()}")
         return list(json.loads(out.read_text()))
     finally:
-        worker.stop()
+        worker.kill()
 
 
 def test_worker_with_tracing_off_imports_no_sdk_no_exporter(

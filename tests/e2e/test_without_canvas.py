@@ -9,16 +9,15 @@ naming the package, instead of running and going back to the queue on every deli
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 from typing import Any
 
+from millpond.testing.harness import WorkerProcess, wait_until
 from millpond.wire.protocol import DEATH_REASON
-from tests.e2e.harness import ROOT, WorkerProcess, wait_until
+from tests.e2e.harness import ROOT
 
 _RUN = (
     "import runpy, site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = 'millpond'; "
@@ -38,18 +37,14 @@ def _site_without_canvas(directory: Path) -> Path:
 
 
 class _CanvaslessWorker(WorkerProcess):
-    def __init__(self, view: Path, env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        full_env = {**os.environ, **env, "MILLPOND_LOG_FORMAT": "json"}
-        args = ["worker", "--no-banner", "-A", "tests.e2e.app:app", "--pool", "solo"]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-S", "-c", _RUN, str(view), *args],
-            cwd=ROOT,
-            env=full_env,
-            stdout=self._log,
-            stderr=self._log,
-        )
+    """A solo worker whose interpreter sees `view` instead of the real site-packages."""
+
+    def __init__(self, view: Path, env: dict[str, str], directory: Path) -> None:
+        self.view = view
+        super().__init__(["-A", "tests.e2e.app:app", "--pool", "solo"], env, directory, cwd=ROOT)
+
+    def command(self, args: list[str]) -> list[str]:
+        return [sys.executable, "-S", "-c", _RUN, str(self.view), "worker", "--no-banner", *args]
 
 
 def test_canvas_fields_without_the_canvas_plugin_are_dead_lettered_naming_the_package(
@@ -70,7 +65,7 @@ def test_canvas_fields_without_the_canvas_plugin_are_dead_lettered_naming_the_pa
 
     queue = e2e_env["MILLPOND_QUEUES"]
     linked = add.apply_async((1, 2), link=add.s(10))  # a callback: a canvas field
-    worker = _CanvaslessWorker(view, {**e2e_env, "MILLPOND_MAX_DELIVERIES": "3"}, tmp_path / "w")
+    worker = _CanvaslessWorker(view, {**e2e_env, "MILLPOND_MAX_DELIVERIES": "3"}, tmp_path)
     try:
         worker.wait_ready(30)
         plain = add.delay(2, 3)
@@ -90,7 +85,4 @@ def test_canvas_fields_without_the_canvas_plugin_are_dead_lettered_naming_the_pa
         ]
         assert [line.get("task_id") for line in refused] == [linked.id]
     finally:
-        if worker.proc.poll() is None:
-            worker.signal(signal.SIGTERM)
-            worker.wait(30)
         worker.stop()

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from millpond.testing.harness import wait_until
 from millpond.wire.protocol import DEATH_REASON, Message, encode_task
-from tests.e2e.harness import lines_of, wait_until
+from tests.e2e.harness import lines_of
 
 pytestmark = pytest.mark.e2e
 

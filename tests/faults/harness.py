@@ -1,10 +1,10 @@
 """What the fault-injection tests share: a rig per test (broker, queue, ledger, workers), the
 ledger that counts executions per task id and process-tree helpers.
 
-Workers are real `millpond worker` subprocesses started through `tests.e2e.harness.WorkerProcess`
-(the same class the end-to-end tests use); the producer is an app in the test process. Nothing
-here sleeps to synchronise: every wait polls a condition against a deadline and fails with what
-it was waiting for and what it saw.
+Workers are real `millpond worker` subprocesses started through
+`millpond.testing.harness.WorkerProcess` (the same class the end-to-end and plugin tests use); the
+producer is an app in the test process. Nothing here sleeps to synchronise: every wait polls a
+condition against a deadline and fails with what it was waiting for and what it saw.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import psutil
 from millpond.config import plugins
 from millpond.contracts.broker import Broker, dead_letter_queue
 from millpond.produce.app import Millpond
+from millpond.testing.harness import WorkerProcess, wait_until
 from millpond.wire.protocol import Message, encode_task
-from tests.e2e.harness import WorkerProcess, wait_until
+from tests.e2e.harness import ROOT
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -217,9 +218,12 @@ class Rig:
     def spawn(
         self, pool: str, concurrency: int, *args: str, env: dict[str, str] | None = None
     ) -> WorkerProcess:
-        log = self.directory / f"worker-{len(self.workers)}-{pool}.log"
         worker = WorkerProcess(
-            ["-A", APP, "-P", pool, "-c", str(concurrency), *args], {**self.env, **(env or {})}, log
+            ["-A", APP, "-P", pool, "-c", str(concurrency), *args],
+            {**self.env, **(env or {})},
+            self.directory,
+            name=f"worker-{len(self.workers)}-{pool}",
+            cwd=ROOT,
         )
         self.workers.append(worker)
         return worker
@@ -321,7 +325,7 @@ class Rig:
     def close(self) -> None:
         for worker in self.workers:
             kill_tree(worker.pid)
-            worker.stop()
+            worker.kill()
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 self._cleanup_queues()

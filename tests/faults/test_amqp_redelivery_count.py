@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import pytest
 
+from millpond.testing.harness import wait_until
 from millpond.testing.proxy import Proxy
-from tests.e2e.harness import wait_until
 from tests.faults.harness import Rig
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.amqp]

@@ -25,7 +25,8 @@ import pytest
 
 from millpond.config import plugins
 from millpond.contracts.broker import Broker
-from tests.e2e.harness import ROOT, wait_until
+from millpond.testing.harness import wait_until
+from tests.e2e.harness import ROOT
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.slow]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from millpond.testing.harness import WorkerProcess, wait_until
 from millpond.testing.proxy import Proxy
-from tests.e2e.harness import WorkerProcess, wait_until
 from tests.faults.harness import NAP, Rig, since
 
 #: what the worker logs when it gives up a link, per broker

@@ -24,10 +24,10 @@ import pytest
 
 from millpond.config import plugins
 from millpond.exceptions import PublishError
+from millpond.testing.harness import WorkerProcess, wait_until
 from millpond.testing.proxy import Proxy
 from millpond.testing.servers import RabbitServer, RedisServer
 from millpond.wire.protocol import encode_task
-from tests.e2e.harness import WorkerProcess, wait_until
 from tests.faults.harness import NAP, Rig, since
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e]

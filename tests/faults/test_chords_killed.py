@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from millpond import Millpond, chord
-from tests.e2e.harness import wait_until
+from millpond.testing.harness import wait_until
 from tests.faults.harness import Rig
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.slow]

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from millpond import Millpond
+from millpond.testing.harness import wait_until
 from millpond.wire.protocol import encode_task
-from tests.e2e.harness import wait_until
 from tests.faults.harness import NAP, NOOP, Rig
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.slow]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from millpond.testing.harness import wait_until
 from millpond.testing.proxy import Proxy
 from millpond.testing.servers import make_certs
-from tests.e2e.harness import wait_until
 
 pytestmark = pytest.mark.fault
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from millpond.testing.harness import wait_until
 from millpond.testing.servers import RabbitCluster
-from tests.e2e.harness import wait_until
 from tests.faults.harness import Rig
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.slow]

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from millpond.testing.harness import wait_until
 from millpond.testing.servers import SentinelGroup
 from millpond.wire.protocol import encode_task
-from tests.e2e.harness import wait_until
 from tests.faults.harness import NOOP, Rig
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.slow]

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import psutil
 import pytest
 
+from millpond.testing.harness import WorkerProcess, wait_until
 from millpond.testing.proxy import Proxy
-from tests.e2e.harness import WorkerProcess, wait_until
 from tests.faults.harness import NAP, Rig, process_tree, since
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e]

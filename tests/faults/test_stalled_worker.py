@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.harness import wait_until
+from millpond.testing.harness import wait_until
 from tests.faults.harness import NAP, Rig, since
 
 TASKS = 400

@@ -10,8 +10,8 @@ from collections.abc import Callable
 import pytest
 
 from millpond.states import TaskState
+from millpond.testing.harness import wait_until
 from millpond.wire.protocol import encode_task
-from tests.e2e.harness import wait_until
 from tests.faults.harness import NAP, Rig, prefork_children
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.redis]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.harness import wait_until
+from millpond.testing.harness import wait_until
 from tests.faults.conftest import BROKERS
 from tests.faults.harness import NAP, Rig, since
 

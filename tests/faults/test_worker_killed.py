@@ -16,8 +16,8 @@ from collections.abc import Callable
 import pytest
 
 from millpond.config import plugins
+from millpond.testing.harness import WorkerProcess, wait_until
 from millpond.wire.protocol import DEATH_REASON
-from tests.e2e.harness import WorkerProcess, wait_until
 from tests.faults.conftest import BROKERS
 from tests.faults.harness import NAP, SUICIDE, Rig, prefork_children, process_tree, since
 

@@ -21,8 +21,9 @@ import redis
 
 from millpond import Millpond
 from millpond.exceptions import AccessDenied, PublishAccessDenied, PublishError
+from millpond.testing.harness import WorkerProcess
 from millpond.testing.servers import RabbitServer, RedisServer
-from tests.e2e.harness import WorkerProcess
+from tests.e2e.harness import ROOT
 from tests.faults.harness import APP, NOOP
 
 pytestmark = [pytest.mark.e2e]
@@ -160,11 +161,11 @@ def test_worker_stops_at_once_and_says_why(
         "FAULTS_DIR": str(tmp_path),
     }
     started = time.monotonic()
-    worker = WorkerProcess(["-A", APP, "-P", "threads", "-c", "2"], env, tmp_path / "worker.log")
+    worker = WorkerProcess(["-A", APP, "-P", "threads", "-c", "2"], env, tmp_path, cwd=ROOT)
     try:
         code = worker.proc.wait(FAST + 10)
     except Exception:
-        worker.stop()
+        worker.kill()
         pytest.fail(f"the worker was still running after {FAST + 10:g} s:\n{worker.text()[-3000:]}")
     took = time.monotonic() - started
     text = worker.text()

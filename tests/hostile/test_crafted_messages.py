@@ -14,9 +14,9 @@ import amqp
 import pytest
 import redis
 
+from millpond.testing.harness import wait_until
 from millpond.wire import envelope
 from millpond.wire.protocol import DEATH_REASON, Message
-from tests.e2e.harness import wait_until
 from tests.faults.harness import SINK, Rig
 from tests.hostile.crafted import MAX_SIZE, Case, for_broker, marker_path
 

@@ -352,6 +352,6 @@ def test_a_message_the_broker_will_not_hold_until_its_eta_is_dead_lettered(
 
 
 def wait_until_dead(app: Millpond, queue: str) -> list[Message]:
-    from tests.e2e.harness import wait_until
+    from millpond.testing.harness import wait_until
 
     return list(wait_until(lambda: app.broker.dead_letters(queue), 10, "a dead letter"))

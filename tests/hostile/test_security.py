@@ -22,11 +22,12 @@ from pathlib import Path
 import pytest
 
 from millpond import Millpond
+from millpond.testing.harness import wait_until
 from millpond.testing.proxy import Proxy
 from millpond.testing.servers import RabbitServer, RedisServer, make_certs
 from millpond.wire import signing
 from millpond.wire.protocol import DEATH_REASON, PICKLE, Message, encode_task
-from tests.e2e.harness import ROOT, wait_until
+from tests.e2e.harness import ROOT
 from tests.faults.harness import APP, SINK, Rig, env_without_millpond
 from tests.hostile.crafted import PickleBomb
 

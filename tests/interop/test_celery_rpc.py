@@ -22,7 +22,8 @@ from millpond import Millpond, chain
 from millpond.contracts.broker import dead_letter_queue
 from millpond.exceptions import TimeoutError as ResultTimeout
 from millpond.states import TaskState
-from tests.e2e.harness import ROOT, WorkerProcess, wait_until
+from millpond.testing.harness import WorkerProcess, wait_until
+from tests.e2e.harness import ROOT
 from tests.e2e.rpc_app import declare_gate, open_gate
 
 pytestmark = [pytest.mark.amqp, pytest.mark.e2e, pytest.mark.slow]
@@ -89,7 +90,7 @@ def test_celery_producer_gets_results_from_a_millpond_worker(
         "MILLPOND_DEFAULT_QUEUE": queue,
     }
     worker = WorkerProcess(
-        ["-A", "tests.e2e.rpc_app:app", "-P", "threads", "-c", "4"], env, tmp_path / "w.log"
+        ["-A", "tests.e2e.rpc_app:app", "-P", "threads", "-c", "4"], env, tmp_path, cwd=ROOT
     )
     try:
         worker.wait_ready()
@@ -109,7 +110,7 @@ def test_celery_producer_gets_results_from_a_millpond_worker(
         assert done.returncode == 0, f"{done.stderr}\n--- worker ---\n{worker.text()}"
         out = json.loads(done.stdout.strip().splitlines()[-1])
     finally:
-        worker.stop()
+        worker.kill()
     assert out["add"] == 5
     # Celery rebuilds the failure as the builtin type millpond stored
     assert out["fail"] == ["builtins", "ValueError", "bad input", "FAILURE"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import WorkerProcess
+from millpond.testing.harness import WorkerProcess
 from tests.interop import sink
 from tests.interop.conftest import BROKERS, REDIS, ROOT, WAIT, wait_until
 
@@ -83,7 +83,9 @@ def fleet(
             workers[node] = WorkerProcess(
                 ["-A", "tests.interop.millpond_app:app", "-P", pool, "-c", "2"],
                 {**base, "MILLPOND_WORKER_NAME": node},
-                home / f"{pool}.log",
+                home,
+                name=pool,
+                cwd=ROOT,
             )
         env = {
             "INTEROP_BROKER": broker,
@@ -122,7 +124,7 @@ def fleet(
     finally:
         app.close()
         for worker in workers.values():
-            worker.stop()
+            worker.kill()
         if "celery_worker" in locals():
             celery_worker.terminate()
             try:

@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 
-from millpond.testing.harness import forget_queue
-from tests.e2e.harness import WorkerProcess
+from millpond.testing.harness import WorkerProcess, forget_queue
 from tests.interop.conftest import BROKERS, REDIS, ROOT, WAIT, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e]
@@ -88,7 +87,8 @@ def node(
             "MILLPOND_HOME": str(home),
             "E2E_DIR": str(home),
         },
-        home / "worker.log",
+        home,
+        cwd=ROOT,
     )
     app = make_app(broker, REDIS, queue, control_exchange=namespace)
     env = {
@@ -102,7 +102,7 @@ def node(
         yield Node(request.param, name, queue, home, worker, app, env)
     finally:
         app.close()
-        worker.stop()
+        worker.kill()
         forget_queue(broker, queue)
 
 

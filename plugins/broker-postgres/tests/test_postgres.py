@@ -21,7 +21,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from tests.e2e.harness import WorkerProcess, wait_until
 from tests.faults.harness import NAP, Rig, kill_tree
 
 from millpond.contracts.backend import ResultMeta
@@ -29,6 +28,7 @@ from millpond.contracts.broker import Outbound, dead_letter_queue
 from millpond.exceptions import ConfigurationError, PublishError
 from millpond.states import TaskState
 from millpond.testing.broker_kit import fetch_until, sample_message
+from millpond.testing.harness import WorkerProcess, wait_until
 from millpond.testing.servers import PostgresServer
 from millpond.wire.protocol import Message, encode_task
 from millpond_broker_postgres import PostgresBroker, PostgresResultBackend, parse

@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tests.e2e.harness import wait_until
 from tests.faults.harness import SUICIDE, Rig, kill_tree, since
 
 from millpond import Millpond, chord, group
 from millpond.config import plugins
 from millpond.contracts.broker import dead_letter_queue
+from millpond.testing.harness import wait_until
 from millpond.wire.protocol import DEATH_REASON
 
 pytestmark = [pytest.mark.e2e]

@@ -84,9 +84,11 @@ def sqlite_url(directory: Path) -> str:
 
 
 class WorkerProcess:
-    """A `millpond worker` subprocess; stderr (the JSON log) and stdout go to files.
+    """A `millpond worker` subprocess; stderr (the JSON log) and stdout go to files in `directory`.
 
-    `stop()` sends SIGTERM and waits (a warm shutdown); `kill()` is the fixture's last resort.
+    The worker sees this process's environment without its `MILLPOND_*` and `OTEL_*` variables
+    (a developer's own settings must not leak into a test), plus `env`. `stop()` sends SIGTERM
+    and waits (a warm shutdown); `kill()` is the fixture's last resort. Both act on the PID.
     """
 
     def __init__(
@@ -105,12 +107,17 @@ class WorkerProcess:
         full_env.update(env)
         with open(self.stderr_path, "wb") as err, open(self.stdout_path, "wb") as out:
             self.proc = subprocess.Popen(
-                [str(MILLPOND), "worker", "--no-banner", *args],
+                self.command(args),
                 cwd=cwd or directory,
                 env=full_env,
                 stdout=out,
                 stderr=err,
             )
+
+    def command(self, args: list[str]) -> list[str]:
+        """The real console script, the way a user starts a worker; a subclass may start it
+        another way (in a trimmed interpreter, say)."""
+        return [str(MILLPOND), "worker", "--no-banner", *args]
 
     @property
     def pid(self) -> int:
@@ -118,6 +125,10 @@ class WorkerProcess:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
+
+    def text(self) -> str:
+        """Everything the worker wrote: its log (stderr), then what its tasks printed (stdout)."""
+        return self.stderr() + self.stdout_path.read_text(errors="replace")
 
     def lines(self) -> list[dict[str, Any]]:
         """Every stderr line as JSON; a line that is not JSON becomes {"raw": line}."""
@@ -145,17 +156,24 @@ class WorkerProcess:
         wait_until(ready, timeout, "the worker to log 'worker ready'", interval=0.05)
         return self
 
-    def stop(self, timeout: float = 30) -> int:
-        """Warm shutdown (SIGTERM); returns the exit code."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
+    def signal(self, signum: int) -> None:
+        os.kill(self.proc.pid, signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        """The exit code; fails with the log's tail if the worker is still running after
+        `timeout` seconds."""
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(
-                f"worker {self.pid} did not exit within {timeout:g}s of SIGTERM:\n"
-                f"{self.stderr()[-4000:]}"
+                f"worker {self.pid} did not exit within {timeout:g}s:\n{self.stderr()[-4000:]}"
             ) from None
+
+    def stop(self, timeout: float = 30) -> int:
+        """Warm shutdown (SIGTERM); returns the exit code."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait(timeout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
