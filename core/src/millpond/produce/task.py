@@ -311,8 +311,7 @@ class Task(Generic[P, R_co]):
         self, args: Sequence[Any] = (), kwargs: _Kwargs = None, **options: Unpack[SendOptions]
     ) -> Signature[R_co]:
         """A signature with options: `add.signature((2, 2), countdown=10)`."""
-        sig = self.app.canvas.signature(self, args, kwargs, dict(options))
-        return cast("Signature[R_co]", sig)
+        return cast("Signature[R_co]", self.app.canvas.signature(self, args, kwargs, dict(options)))
 
     def map(self, it: Iterable[Any]) -> xmap:
         """One task message that calls this task on each item (`celery.map`)."""
