@@ -15,6 +15,7 @@ import builtins
 import functools
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, cast, overload
 
 from millpond import exceptions
@@ -90,27 +91,21 @@ def require_backend(app: Millpond) -> ResultBackend:
     return backend
 
 
+@dataclass(unsafe_hash=True)  # equal and hashed by `id` alone
 class AsyncResult(Generic[R_co]):
     """A handle on a sent task: its `id`, its state, and its outcome once ready.
 
     `R` is what `get()` returns, the task's result type (covariant: it is only returned).
     """
 
-    def __init__(self, id: str, app: Millpond, parent: ResultNode | None = None) -> None:
-        self.id = id
-        self.app = app
-        #: the result of the step before this one in a chain (or a chord's header), when known
-        self.parent = parent
-        self._meta: ResultMeta | None = None
+    id: str
+    app: Millpond = field(compare=False)
+    #: the result of the step before this one in a chain (or a chord's header), when known
+    parent: ResultNode | None = field(default=None, compare=False)
+    _meta: ResultMeta | None = field(default=None, init=False, compare=False)
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id}>"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AsyncResult) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
 
     def as_tuple(self) -> list[Any]:
         """Celery's serialised form of a result (`[[id, parent], None]`), as stored in `children`."""
