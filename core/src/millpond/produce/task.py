@@ -78,15 +78,11 @@ class Request:
     group = _JobField[str | None]("group_id")
     group_index = _JobField[int | None]("group_index")
 
-    @property
-    def embed(self) -> Mapping[str, Any]:
-        """The canvas fields of the message (`callbacks`, `errbacks`, `chain`, `chord`)."""
-        return self.job.embed or {}
-
-    callbacks = property(lambda self: self.embed.get("callbacks"))
-    errbacks = property(lambda self: self.embed.get("errbacks"))
-    chain = property(lambda self: self.embed.get("chain"))
-    chord = property(lambda self: self.embed.get("chord"))
+    #: the canvas fields of the message (signature dicts), None where it has none
+    callbacks = property(lambda self: (self.job.embed or {}).get("callbacks"))
+    errbacks = property(lambda self: (self.job.embed or {}).get("errbacks"))
+    chain = property(lambda self: (self.job.embed or {}).get("chain"))
+    chord = property(lambda self: (self.job.embed or {}).get("chord"))
 
 
 _current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
