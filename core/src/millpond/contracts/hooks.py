@@ -19,7 +19,7 @@ import contextvars
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -34,7 +34,7 @@ _log = logging.getLogger("millpond.hooks")
 #: reference, so the name imports at run time while the contract never imports the worker)
 WorkerView: TypeAlias = "Worker"
 
-#: what `Millpond.publish` hands the publish hooks as `Publication.parent`
+#: the carrier `Publication.parent` reads when it is made
 _publishing_for: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
     "millpond_publishing_for", default=None
 )
@@ -51,17 +51,13 @@ def publishing_for(carrier: Mapping[str, str] | None) -> Iterator[None]:
         _publishing_for.reset(token)
 
 
-def publishing_parent() -> Mapping[str, str] | None:
-    return _publishing_for.get()
-
-
 @dataclass(slots=True)
 class Publication:
     """One message on its way to the broker, as publish hooks see it.
 
     `before_publish` may add to `message.headers` (it runs before signing). `parent` is the carrier
-    (W3C `traceparent`...) given to `publishing_for`, when the run that asked for this publish is
-    not the caller's current context.
+    (W3C `traceparent`...) of the enclosing `publishing_for` block, when the run that asked for this
+    publish (a retry's, a chain step's) is not the caller's current context.
     """
 
     queue: str
@@ -71,7 +67,7 @@ class Publication:
     retries: int = 0
     #: `messaging.system` of the broker (redis, rabbitmq, sqlite, ...)
     system: str = "millpond"
-    parent: Mapping[str, str] | None = None
+    parent: Mapping[str, str] | None = field(default_factory=_publishing_for.get)
     eta: float | None = None
 
 

@@ -30,7 +30,7 @@ from millpond.config.settings import Settings, load_settings
 from millpond.contracts.backend import ResultBackend
 from millpond.contracts.broker import Broker, Outbound
 from millpond.contracts.canvas import Canvas
-from millpond.contracts.hooks import HookChain, Hooks, Publication, publishing_parent
+from millpond.contracts.hooks import HookChain, Hooks, Publication
 from millpond.exceptions import PublishError
 from millpond.produce.result import AsyncResult
 from millpond.produce.task import (
@@ -380,7 +380,6 @@ class Millpond:
                 task_name=name,
                 retries=retries,
                 system=self.broker.system,
-                parent=publishing_parent(),  # a retry's run, set by the worker around its send
                 eta=eta if eta and eta > now else None,
             )
         )

@@ -14,8 +14,8 @@ from __future__ import annotations
 import builtins
 import functools
 import sys
-import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, cast, overload
 
 from millpond import exceptions
@@ -44,8 +44,7 @@ CELERY_MODULES = {
 
 
 def error_info(exc_type: str, exc_module: str | None, message: list[Any]) -> dict[str, Any]:
-    """A failure as the result store keeps it, with millpond's own exceptions under Celery's
-    module names where Celery has the same one."""
+    """A failure as stored: millpond's own exceptions under Celery's module where it has them."""
     module = exc_module or "millpond.exceptions"
     if module == "millpond.exceptions" and exc_type in CELERY_MODULES:
         module = CELERY_MODULES[exc_type]
@@ -92,27 +91,21 @@ def require_backend(app: Millpond) -> ResultBackend:
     return backend
 
 
+@dataclass(unsafe_hash=True)  # equal and hashed by `id` alone
 class AsyncResult(Generic[R_co]):
     """A handle on a sent task: its `id`, its state, and its outcome once ready.
 
     `R` is what `get()` returns, the task's result type (covariant: it is only returned).
     """
 
-    def __init__(self, id: str, app: Millpond, parent: ResultNode | None = None) -> None:
-        self.id = id
-        self.app = app
-        #: the result of the step before this one in a chain (or a chord's header), when known
-        self.parent = parent
-        self._meta: ResultMeta | None = None
+    id: str
+    app: Millpond = field(compare=False)
+    #: the result of the step before this one in a chain (or a chord's header), when known
+    parent: ResultNode | None = field(default=None, compare=False)
+    _meta: ResultMeta | None = field(default=None, init=False, compare=False)
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id}>"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AsyncResult) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
 
     def as_tuple(self) -> list[Any]:
         """Celery's serialised form of a result (`[[id, parent], None]`), as stored in `children`."""
@@ -122,9 +115,7 @@ class AsyncResult(Generic[R_co]):
     def children(self) -> list[ResultNode]:
         """The tasks this one sent while it ran and after (callbacks, the next chain step), as
         the worker stored them with its result; empty until it is ready."""
-        meta = self._fetch()
-        stored = meta.children if meta is not None else None
-        return [result_from_tuple(item, self.app) for item in stored or []]
+        return [result_from_tuple(item, self.app) for item in self._fetch().children or []]
 
     def collect(self, timeout: float | None = None) -> Iterator[tuple[ResultNode, Any]]:
         """This result and every one it led to (its children, theirs, ...), depth first, each
@@ -136,16 +127,16 @@ class AsyncResult(Generic[R_co]):
             if isinstance(node, AsyncResult):
                 stack.extend(reversed(node.children))
 
-    def _fetch(self) -> ResultMeta | None:
-        """The stored outcome, asked of the backend again until it is final."""
+    def _fetch(self) -> ResultMeta:
+        """The stored outcome (PENDING while none is), asked of the backend again until final."""
         if self._meta is None or self._meta.status not in READY_STATES:
-            self._meta = require_backend(self.app).peek(self.id)
+            stored = require_backend(self.app).peek(self.id)
+            self._meta = stored or ResultMeta(self.id, TaskState.PENDING)
         return self._meta
 
     @property
     def status(self) -> str:
-        meta = self._fetch()
-        return meta.status if meta else TaskState.PENDING
+        return self._fetch().status
 
     state = status
 
@@ -166,14 +157,11 @@ class AsyncResult(Generic[R_co]):
         the error while a retry is on its way, the reason once revoked). `get()` is the typed way.
         """
         meta = self._fetch()
-        if meta is not None and meta.status == TaskState.FAILURE:
-            return rebuild_exception(meta.result)
-        return meta.result if meta else None
+        return rebuild_exception(meta.result) if meta.status == TaskState.FAILURE else meta.result
 
     @property
     def traceback(self) -> str | None:
-        meta = self._fetch()
-        return meta.traceback if meta else None
+        return self._fetch().traceback
 
     @overload
     def get(self, timeout: float | None = None, propagate: Literal[True] = True) -> R_co: ...
@@ -187,23 +175,17 @@ class AsyncResult(Generic[R_co]):
 
         Raises `millpond.exceptions.TimeoutError` when it is not ready within `timeout` seconds.
         """
-        backend = require_backend(self.app)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        meta = self._meta if self._meta and self._meta.status in READY_STATES else None
-        while meta is None:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            got = backend.get(self.id, left)
-            if got is not None and got.status in READY_STATES:
-                meta = got
-            elif deadline is not None and time.monotonic() >= deadline:
-                state = got.status if got else TaskState.PENDING
+        meta = self._meta
+        if meta is None or meta.status not in READY_STATES:
+            meta = require_backend(self.app).get(self.id, timeout)  # waits: ready or timeout
+            if meta is None or meta.status not in READY_STATES:
+                state = meta.status if meta else TaskState.PENDING
                 raise MillpondTimeoutError(
                     f"task {self.id} is not ready after {timeout}s (state {state})"
                 )
-        self._meta = meta
+            self._meta = meta
         if meta.status == TaskState.SUCCESS:
-            value: R_co = meta.result  # the task's return value, as the serializer gave it back
-            return value
+            return cast(R_co, meta.result)  # the return value, as the serializer gave it back
         if meta.status == TaskState.REVOKED and not isinstance(meta.result, dict):
             err: BaseException = TaskRevokedError(str(meta.result or f"task {self.id} was revoked"))
         else:

@@ -78,15 +78,11 @@ class Request:
     group = _JobField[str | None]("group_id")
     group_index = _JobField[int | None]("group_index")
 
-    @property
-    def embed(self) -> Mapping[str, Any]:
-        """The canvas fields of the message (`callbacks`, `errbacks`, `chain`, `chord`)."""
-        return self.job.embed or {}
-
-    callbacks = property(lambda self: self.embed.get("callbacks"))
-    errbacks = property(lambda self: self.embed.get("errbacks"))
-    chain = property(lambda self: self.embed.get("chain"))
-    chord = property(lambda self: self.embed.get("chord"))
+    #: the canvas fields of the message (signature dicts), None where it has none
+    callbacks = property(lambda self: (self.job.embed or {}).get("callbacks"))
+    errbacks = property(lambda self: (self.job.embed or {}).get("errbacks"))
+    chain = property(lambda self: (self.job.embed or {}).get("chain"))
+    chord = property(lambda self: (self.job.embed or {}).get("chord"))
 
 
 _current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
@@ -311,8 +307,7 @@ class Task(Generic[P, R_co]):
         self, args: Sequence[Any] = (), kwargs: _Kwargs = None, **options: Unpack[SendOptions]
     ) -> Signature[R_co]:
         """A signature with options: `add.signature((2, 2), countdown=10)`."""
-        sig = self.app.canvas.signature(self, args, kwargs, dict(options))
-        return cast("Signature[R_co]", sig)
+        return cast("Signature[R_co]", self.app.canvas.signature(self, args, kwargs, dict(options)))
 
     def map(self, it: Iterable[Any]) -> xmap:
         """One task message that calls this task on each item (`celery.map`)."""
