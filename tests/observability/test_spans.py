@@ -14,6 +14,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from millpond import Millpond
 from millpond.contracts.pool import Job, Outcome
+from millpond.exceptions import WorkerLostError
 from millpond.states import TaskState
 from millpond.testing.fixtures import unique
 from millpond.wire.protocol import encode_task
@@ -168,9 +169,8 @@ def test_lost_job_records_the_pool_error_on_the_process_span(span_exporter: Any)
     hooks.started(job)
     assert job.carrier is not None
     assert job.carrier["traceparent"].startswith("00-")
-    hooks.finished(
-        job, Outcome.error(TaskState.LOST, "WorkerLostError", "child 123 killed by SIGKILL")
-    )
+    lost = WorkerLostError("child 123 killed by SIGKILL")
+    hooks.finished(job, Outcome.of(lost, TaskState.LOST))
     (span,) = [
         s
         for s in span_exporter.get_finished_spans()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from millpond.contracts.pool import Job, Outcome
+from millpond.exceptions import TaskRevokedError, WorkerLostError
 from millpond.states import TaskState
 from millpond_control import events
 from millpond_control.client import Clock as LamportClock
@@ -77,11 +78,14 @@ def test_finished_maps_each_outcome_to_its_event() -> None:
         "task-succeeded",
         {"uuid": "id-1", "result": "{'total': 5}", "runtime": 0.25},
     )
-    failed = Outcome.from_exception(ValueError("boom"), runtime=0.5)
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        failed = Outcome.of(exc, runtime=0.5)
     kind, fields = own(events.finished(job(), failed))
     assert kind == "task-failed"
     assert fields["exception"] == "ValueError('boom')"
-    assert "Traceback" in fields["traceback"] or fields["traceback"].startswith("ValueError")
+    assert "Traceback" in fields["traceback"] and "ValueError: boom" in fields["traceback"]
     assert fields["runtime"] == 0.5
     retry = Outcome(TaskState.RETRY, exc_type="Retry", exc_message="again", countdown=1)
     assert events.finished(job(), retry)["type"] == "task-retried"
@@ -91,18 +95,20 @@ def test_finished_maps_each_outcome_to_its_event() -> None:
         "task-rejected",
         {"uuid": "id-1", "requeue": True},
     )
-    lost = Outcome.error(TaskState.LOST, "WorkerLostError", "the child died")
+    lost = Outcome.of(WorkerLostError("the child died"), TaskState.LOST)
     assert events.finished(job(), lost)["exception"] == "WorkerLostError('the child died')"
 
 
 def test_revoked_says_whether_it_expired_or_was_stopped() -> None:
     expired = job(expires=time.time() - 1)
-    assert own(events.finished(expired, Outcome.revoked("expired")))[1] == {
+    revoked = Outcome.of(TaskRevokedError("expired"), TaskState.REVOKED)
+    assert own(events.finished(expired, revoked))[1] == {
         "uuid": "id-1", "terminated": False, "signum": None, "expired": True,
     }  # fmt: skip
     running = job()
     running.started = time.monotonic()
-    assert events.finished(running, Outcome.revoked("terminated"))["terminated"] is True
+    terminated = Outcome.of(TaskRevokedError("terminated"), TaskState.REVOKED)
+    assert events.finished(running, terminated)["terminated"] is True
 
 
 def test_result_repr_is_cut_and_never_raises() -> None:

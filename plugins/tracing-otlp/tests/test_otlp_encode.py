@@ -284,7 +284,7 @@ def test_millpond_process_spans(
         outcome = (
             Outcome(state=state)
             if state == TaskState.SUCCESS
-            else Outcome.error(state, "ConnectionError", "db away")
+            else Outcome.of(ConnectionError("db away"), state)
         )
         hooks.finished(job, outcome)
     spans = exporter.get_finished_spans()

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from millpond.contracts.hooks import HookChain
-from millpond.contracts.pool import Guard, Job, Outcome, json_args
+from millpond.contracts.pool import Guard, Job, Outcome
 from millpond.exceptions import MaxRetriesExceededError, Reject, Retry, UnknownTask
 from millpond.produce.task import Request, Task, _current_request
 from millpond.states import TaskState
@@ -104,54 +104,41 @@ def _begin(job: Job) -> Request:
     return request
 
 
-def _failure(exc: BaseException, started: float) -> Outcome:
-    return Outcome.from_exception(exc, runtime=time.perf_counter() - started)
-
-
 def _refused(job: Job, task: Task[..., Any] | None, started: float) -> Outcome:
     """A task this unit cannot run: not registered here, or `async def` in a sync pool."""
     if task is None:
-        return _failure(
-            UnknownTask(f"task {job.task_name!r} is not registered in this worker"), started
-        )
-    outcome = _failure(
-        TypeError(
+        exc: Exception = UnknownTask(f"task {job.task_name!r} is not registered in this worker")
+    else:
+        exc = TypeError(
             f"task {job.task_name} is async def: run it with the asyncio pool "
             "(pip install millpond-pool-asyncio, then --pool asyncio), or make it a plain def"
-        ),
-        started,
-    )
-    outcome.traceback = ""
-    return outcome
+        )
+    return Outcome.of(exc, runtime=time.perf_counter() - started)
 
 
 def _outcome_of(job: Job, task: Task[..., Any], exc: BaseException, started: float) -> Outcome:
-    """What an exception out of the task body means: a retry, a rejection, or a failure."""
+    """What an exception out of the task body means: a retry, a rejection, or a failure (a task
+    calling sys.exit() fails too, not the worker)."""
     autoretry = task.options.autoretry_for
     retried = isinstance(exc, Exception) and not isinstance(exc, Retry | Reject)
     if autoretry and retried and isinstance(exc, autoretry):
         exc = Retry(exc=exc, countdown=task.backoff(job.retries))
+    runtime = time.perf_counter() - started
     if isinstance(exc, Reject):
-        outcome = Outcome.error(TaskState.REJECTED, Reject, exc.reason, requeue=exc.requeue)
-    elif not isinstance(exc, Retry):
-        # anything else fails the task; a task calling sys.exit() fails too, not the worker
-        return _failure(exc, started)
-    else:
-        limit = exc.max_retries if exc.max_retries is not None else task.options.max_retries
-        if limit is not None and job.retries >= limit:
-            return _failure(
-                exc.exc
-                or MaxRetriesExceededError(
-                    f"task {job.task_name}[{job.task_id}] retried {job.retries} times, its limit"
-                ),
-                started,
-            )
-        countdown = exc.countdown
-        if countdown is None and exc.eta is None:
-            countdown = task.options.default_retry_delay
-        reason = exc.exc
-        outcome = Outcome.error(TaskState.RETRY, type(reason or exc), str(reason or exc))
-        outcome.exc_args = json_args(reason.args) if reason else None
-        outcome.countdown, outcome.eta = countdown, exc.eta
-    outcome.runtime = time.perf_counter() - started
+        return Outcome.of(exc, TaskState.REJECTED, requeue=exc.requeue, runtime=runtime)
+    if not isinstance(exc, Retry):
+        return Outcome.of(exc, runtime=runtime)
+    limit = exc.max_retries if exc.max_retries is not None else task.options.max_retries
+    if limit is not None and job.retries >= limit:
+        return Outcome.of(
+            exc.exc
+            or MaxRetriesExceededError(
+                f"task {job.task_name}[{job.task_id}] retried {job.retries} times, its limit"
+            ),
+            runtime=runtime,
+        )
+    outcome = Outcome.of(exc.exc or exc, TaskState.RETRY, runtime=runtime)
+    outcome.countdown, outcome.eta = exc.countdown, exc.eta
+    if exc.countdown is None and exc.eta is None:
+        outcome.countdown = task.options.default_retry_delay
     return outcome

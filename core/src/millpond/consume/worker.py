@@ -33,7 +33,7 @@ from millpond.contracts.broker import Consumer
 from millpond.contracts.component import WorkerComponent
 from millpond.contracts.pool import BasePool, Job, Outcome
 from millpond.contracts.waking import Inbox
-from millpond.exceptions import AccessDenied, ConfigurationError
+from millpond.exceptions import AccessDenied, ConfigurationError, TaskRevokedError
 from millpond.observe.throttle import Throttled
 from millpond.states import TaskState
 from millpond.wire.protocol import PICKLE
@@ -364,7 +364,7 @@ class Worker:
             )
         else:
             return False
-        outcome = Outcome.revoked(why)
+        outcome = Outcome.of(TaskRevokedError(why), TaskState.REVOKED)
         self.hooks.finished(job, outcome)
         self.settler.finish(job, outcome)
         return True

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, final
 
-from millpond.exceptions import NotSupported, TaskRevokedError, TimeLimitExceeded
+from millpond.exceptions import NotSupported
 from millpond.states import TaskState
 
 # the decoded message is the job a pool runs; re-exported: this is where the contract names it
@@ -82,54 +82,29 @@ class Outcome:
         return [self.exc_message] if self.exc_message else []
 
     @classmethod
-    def error(
+    def of(
         cls,
-        state: TaskState,
-        exc_type: type[BaseException] | str,
-        message: str,
+        exc: BaseException,
+        state: TaskState = TaskState.FAILURE,
         *,
-        traceback: str | None = None,
+        message: str | None = None,
         requeue: bool = False,
+        runtime: float = 0.0,
     ) -> Outcome:
-        """An outcome the pool itself decides (lost, timeout, revoked), named by exception type."""
-        if isinstance(exc_type, str):
-            name, module = exc_type, "millpond.exceptions"
-        else:
-            name, module = exc_type.__name__, exc_type.__module__
+        """How `exc` ended a job (a FAILURE unless `state` says otherwise, such as a pool's LOST,
+        TIMEOUT or REVOKED): its type, module, args, and the traceback where it was raised;
+        `message` replaces its text when the pool adds what it was doing."""
+        raised = exc.__traceback__ is not None
         return cls(
             state=state,
-            exc_type=name,
-            exc_module=module,
-            exc_message=message,
-            traceback=traceback,
+            exc_type=type(exc).__name__,
+            exc_module=type(exc).__module__,
+            exc_message=str(exc) if message is None else message,
+            exc_args=json_args(exc.args) if message is None else None,
+            traceback="".join(traceback_module.format_exception(exc)) if raised else None,
             requeue=requeue,
+            runtime=runtime,
         )
-
-    @classmethod
-    def from_exception(cls, exc: BaseException, *, runtime: float = 0.0) -> Outcome:
-        """A FAILURE carrying the exception's type, module, message, args and traceback text."""
-        traceback = "".join(traceback_module.format_exception(exc))
-        outcome = cls.error(TaskState.FAILURE, type(exc), str(exc), traceback=traceback)
-        outcome.exc_args, outcome.runtime = json_args(exc.args), runtime
-        return outcome
-
-    @classmethod
-    def hard_timeout(
-        cls, job: Job, how: str = "was stopped", *, traceback: str | None = None
-    ) -> Outcome:
-        """The TIMEOUT a pool reports when it stopped a job at its hard time limit."""
-        return cls.error(
-            TaskState.TIMEOUT,
-            TimeLimitExceeded,
-            f"task {job.task_name}[{job.task_id}] ran past its hard time limit of "
-            f"{job.time_limit or 0:g}s and {how}",
-            traceback=traceback,
-        )
-
-    @classmethod
-    def revoked(cls, message: str) -> Outcome:
-        """A REVOKED outcome (terminated on request, or expired)."""
-        return cls.error(TaskState.REVOKED, TaskRevokedError, message)
 
 
 #: wraps an async task's coroutine before it is awaited (the asyncio pool's soft time limit)
@@ -212,8 +187,9 @@ class BasePool(ABC):
             self.on_apply(job)
         except BaseException as exc:
             # The pool could not take the job at all: report it, never lose the message silently.
-            outcome = Outcome.error(TaskState.LOST, type(exc), f"pool refused the job: {exc}")
-            self.complete(job, outcome)
+            self.complete(
+                job, Outcome.of(exc, TaskState.LOST, message=f"pool refused the job: {exc}")
+            )
 
     @final
     def complete(self, job: Job, outcome: Outcome) -> None:

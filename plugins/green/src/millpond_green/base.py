@@ -33,7 +33,6 @@ prefork child, the FIFO's jobs still run on a warm stop, and go back to the brok
 from __future__ import annotations
 
 import time
-import traceback
 from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -51,7 +50,12 @@ from millpond.contracts.pool import (
     Job,
     Outcome,
 )
-from millpond.exceptions import ConfigurationError, SoftTimeLimitExceeded
+from millpond.exceptions import (
+    ConfigurationError,
+    SoftTimeLimitExceeded,
+    TaskRevokedError,
+    TimeLimitExceeded,
+)
 from millpond.states import TaskState
 
 __all__ = ["GreenEvent", "GreenPool", "Unit"]
@@ -225,7 +229,7 @@ class GreenPool(BasePool):
         for job in self._waiting:
             if job.task_id == task_id:
                 self._waiting.remove(job)
-                self._report(job, Outcome.revoked("terminated on request before it started"))
+                self._report(job, _revoked("terminated on request before it started"))
                 self._check_idle()
                 return True
         unit = self._units.get(task_id)
@@ -263,7 +267,7 @@ class GreenPool(BasePool):
         if unit.abandoned:
             outcome = None
         elif unit.revoked:
-            outcome = Outcome.revoked("terminated on request before it started")
+            outcome = _revoked("terminated on request before it started")
         else:
             outcome = self._run(job)
         if self._units.get(job.task_id) is unit:
@@ -299,16 +303,21 @@ class GreenPool(BasePool):
         except Abandoned:
             return None
         except Terminated:
-            outcome = Outcome.revoked("terminated on request while it was running")
+            outcome = _revoked("terminated on request while it was running")
         except self.timeout_error as exc:
             if exc is not hard:  # the task's own library Timeout escaped: the task failed
-                outcome = Outcome.from_exception(exc)
+                outcome = Outcome.of(exc)
             else:
-                outcome = Outcome.hard_timeout(job, traceback=traceback.format_exc())
+                message = (
+                    f"task {job.task_name}[{job.task_id}] ran past its hard time limit of "
+                    f"{job.time_limit or 0:g}s and was stopped"
+                )
+                stopped = TimeLimitExceeded(message).with_traceback(exc.__traceback__)
+                outcome = Outcome.of(stopped, TaskState.TIMEOUT)
         except GreenletExit:
             return None  # killed by someone else (interpreter shutdown): leave the message be
         except BaseException as exc:  # job.run() never raises; this is a throw outside the task
-            outcome = Outcome.from_exception(exc)
+            outcome = Outcome.of(exc)
         elapsed = time.perf_counter() - started
         if outcome.runtime == 0.0:
             outcome.runtime = elapsed
@@ -328,3 +337,7 @@ class GreenPool(BasePool):
             self.complete(job, outcome)
         except Exception:
             self._log.exception("cannot report a finished task", task_id=job.task_id)
+
+
+def _revoked(message: str) -> Outcome:
+    return Outcome.of(TaskRevokedError(message), TaskState.REVOKED)

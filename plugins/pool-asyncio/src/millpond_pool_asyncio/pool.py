@@ -266,12 +266,8 @@ class AsyncioPool(BasePool):
                 outcome = _refused(job)
         except asyncio.CancelledError:
             outcome = None  # a limit or terminate_job already reported it, or we are terminating
-        except (
-            Exception
-        ) as exc:  # the pool's own failure, never the task's (execution.run catches those)
-            outcome = Outcome.error(
-                TaskState.FAILURE, type(exc), f"the asyncio pool failed the job: {exc}"
-            )
+        except Exception as exc:  # the pool's own failure (execution.run catches the task's)
+            outcome = _pool_failed(exc)
         finally:
             for timer in timers:
                 timer.cancel()
@@ -298,12 +294,7 @@ class AsyncioPool(BasePool):
         try:
             self._executor.submit(self._run_sync, running)
         except RuntimeError as exc:  # the executor is shut down: the pool is stopping
-            self.complete(
-                job,
-                Outcome.error(
-                    TaskState.FAILURE, type(exc), f"the asyncio pool failed the job: {exc}"
-                ),
-            )
+            self.complete(job, _pool_failed(exc))
             self._release(job)
 
     def _run_sync(self, running: _Running) -> None:
@@ -315,9 +306,7 @@ class AsyncioPool(BasePool):
             try:
                 outcome = _run_in_thread(self.execution, job, running.thread)
             except Exception as exc:  # the pool's own failure (execution.run catches the task's)
-                outcome = Outcome.error(
-                    TaskState.FAILURE, type(exc), f"the asyncio pool failed the job: {exc}"
-                )
+                outcome = _pool_failed(exc)
             if not self._terminating:
                 self.complete(job, outcome)  # idempotent: a time limit may have reported it
         finally:  # whatever happened, the slot goes back
@@ -351,10 +340,11 @@ class AsyncioPool(BasePool):
 
     def _hard_limit(self, running: _Running) -> None:
         job = running.job
-        self.complete(
-            job,
-            Outcome.hard_timeout(job, "was cancelled"),
+        message = (
+            f"task {job.task_name}[{job.task_id}] ran past its hard time limit of "
+            f"{job.time_limit or 0:g}s and was cancelled"
         )
+        self.complete(job, Outcome.of(TimeLimitExceeded(message), TaskState.TIMEOUT))
         self._stop_job(running, TimeLimitExceeded)
 
     def _stop_job(self, running: _Running, exc_type: type[BaseException]) -> None:
@@ -382,14 +372,8 @@ class AsyncioPool(BasePool):
             job = self._active.get(task_id)
         if job is None:
             return False
-        self.complete(
-            job,
-            Outcome.error(
-                TaskState.REVOKED,
-                TaskRevokedError,
-                f"task {job.task_name}[{task_id}] was terminated",
-            ),
-        )
+        revoked = TaskRevokedError(f"task {job.task_name}[{task_id}] was terminated")
+        self.complete(job, Outcome.of(revoked, TaskState.REVOKED))
         loop.call_soon_threadsafe(self._revoke, task_id)
         return True
 
@@ -446,16 +430,18 @@ def _run_in_thread(execution: Execution, job: Job, slot: ThreadSlot) -> Outcome:
             # Landed outside the task body (run_job catches everything inside it): the job is
             # over either way; report the interruption if there is no outcome yet, then disarm.
             if outcome is None:
-                outcome = Outcome.error(
-                    TaskState.FAILURE, type(exc), str(exc) or type(exc).__name__
-                )
+                outcome = Outcome.of(exc, message=str(exc) or type(exc).__name__)
+
+
+def _pool_failed(exc: Exception) -> Outcome:
+    return Outcome.of(exc, message=f"the asyncio pool failed the job: {exc}")
 
 
 def _refused(job: Job) -> Outcome:
-    return Outcome.error(
-        TaskState.FAILURE,
-        NotSupported,
-        f"task {job.task_name} is a plain def, and this asyncio pool refuses those "
-        "(asyncio.sync_tasks = refuse): make it async def, or set "
-        "MILLPOND_ASYNCIO__SYNC_TASKS=thread to run it in a thread",
+    return Outcome.of(
+        NotSupported(
+            f"task {job.task_name} is a plain def, and this asyncio pool refuses those "
+            "(asyncio.sync_tasks = refuse): make it async def, or set "
+            "MILLPOND_ASYNCIO__SYNC_TASKS=thread to run it in a thread"
+        )
     )

@@ -39,7 +39,6 @@ from typing import Any, NoReturn
 
 from millpond.contracts.pool import Execution, Job, Outcome
 from millpond.exceptions import SoftTimeLimitExceeded, TaskRevokedError, TimeLimitExceeded
-from millpond.states import TaskState
 from millpond_pool_prefork import wire
 from millpond_pool_prefork.settings import PreforkConfig
 
@@ -151,7 +150,7 @@ def _run(job: Job, execution: Execution) -> Outcome | None:
         outcome = execution.run(job)
     except SoftTimeLimitExceeded as exc:
         # landed after the task body returned, inside execution.run's own bookkeeping
-        outcome = Outcome.error(TaskState.FAILURE, type(exc), str(exc))
+        outcome = Outcome.of(exc)
     except (TimeLimitExceeded, TaskRevokedError, _Stop):
         outcome = None  # likewise outside the task body: the parent reports why it stopped us
     finally:
@@ -171,14 +170,10 @@ def _done_frame(job: Job, outcome: Outcome, leaving: str | None) -> bytes:
             (
                 "done",
                 job.task_id,
-                Outcome(
-                    state=TaskState.FAILURE,
-                    exc_type=type(exc).__name__,
-                    exc_module=type(exc).__module__,
-                    exc_message=(
-                        f"the result of task {job.task_name} cannot be sent back from the child "
-                        f"process ({exc}); return plain data (JSON-compatible values)"
-                    ),
+                Outcome.of(
+                    exc,
+                    message=f"the result of task {job.task_name} cannot be sent back from the "
+                    f"child process ({exc}); return plain data (JSON-compatible values)",
                     runtime=outcome.runtime,
                 ),
                 leaving,

@@ -103,8 +103,8 @@ class _Child:
     queue: deque[Job] = field(default_factory=deque)
     #: monotonic time the running job passes its hard limit
     hard_deadline: float | None = None
-    #: (state, exception type, message) reported for the job when the child is gone
-    kill_reason: tuple[TaskState, type[BaseException], str] | None = None
+    #: what is reported for the job when the child is gone
+    kill_reason: Outcome | None = None
     kill_at: float | None = None
     #: leave after the current job (the pool shrank, or is stopping)
     retire: bool = False
@@ -128,13 +128,15 @@ class _Child:
 
 
 def _not_started(timeout: float | None) -> Outcome:
-    return Outcome.error(
-        TaskState.LOST,
-        WorkerLostError,
+    message = (
         f"the warm stop timed out after {timeout:g}s before the task started; it goes back to "
-        "the broker",
-        requeue=True,
+        "the broker"
     )
+    return Outcome.of(WorkerLostError(message), TaskState.LOST, requeue=True)
+
+
+def _revoked(message: str) -> Outcome:
+    return Outcome.of(TaskRevokedError(message), TaskState.REVOKED)
 
 
 def describe_status(status: int | None) -> str:
@@ -282,11 +284,10 @@ class PreforkPool(BasePool):
         except Exception as exc:
             self.complete(
                 job,
-                Outcome.error(
-                    TaskState.FAILURE,
-                    type(exc),
-                    f"task {job.task_name}[{job.task_id}] cannot be sent to a child process: its "
-                    f"arguments cannot be pickled ({exc})",
+                Outcome.of(
+                    exc,
+                    message=f"task {job.task_name}[{job.task_id}] cannot be sent to a child "
+                    f"process: its arguments cannot be pickled ({exc})",
                 ),
             )
             return
@@ -320,7 +321,7 @@ class PreforkPool(BasePool):
                 )
                 for child in self._children.values():
                     if child.job is not None and child.kill_reason is None:
-                        child.kill_reason = (TaskState.LOST, WorkerLostError, reason)
+                        child.kill_reason = Outcome.of(WorkerLostError(reason), TaskState.LOST)
                     while len(child.queue) > 1:  # never started: back to the broker
                         completions.append((child.queue.pop(), _not_started(timeout)))
                     self._signal(child, signal.SIGKILL)
@@ -380,10 +381,8 @@ class PreforkPool(BasePool):
                     completions.append(
                         (
                             job,
-                            Outcome.error(
-                                TaskState.REVOKED,
-                                TaskRevokedError,
-                                f"task {job.task_name}[{task_id}] was terminated before it started",
+                            _revoked(
+                                f"task {job.task_name}[{task_id}] was terminated before it started"
                             ),
                         )
                     )
@@ -396,11 +395,9 @@ class PreforkPool(BasePool):
                         completions.append(
                             (
                                 queued,
-                                Outcome.error(
-                                    TaskState.REVOKED,
-                                    TaskRevokedError,
+                                _revoked(
                                     f"task {queued.task_name}[{task_id}] was terminated before "
-                                    "it started",
+                                    "it started"
                                 ),
                             )
                         )
@@ -413,11 +410,9 @@ class PreforkPool(BasePool):
                     self._begin_kill(
                         child,
                         STOP_SIGNAL if signum is None else signum,
-                        (
-                            TaskState.REVOKED,
-                            TaskRevokedError,
+                        _revoked(
                             f"task {running.task_name}[{task_id}] was terminated on request; child "
-                            f"process {child.pid} was stopped",
+                            f"process {child.pid} was stopped"
                         ),
                     )
         self._flush()
@@ -549,9 +544,7 @@ class PreforkPool(BasePool):
                 except OSError:
                     pass  # the child died: its end of stream is seen and handled by the supervisor
 
-    def _begin_kill(
-        self, child: _Child, signum: int, reason: tuple[TaskState, type[BaseException], str]
-    ) -> None:
+    def _begin_kill(self, child: _Child, signum: int, reason: Outcome) -> None:
         child.state = KILLING
         child.kill_reason = reason
         child.hard_deadline = None
@@ -598,17 +591,15 @@ class PreforkPool(BasePool):
         child.queue.clear()
         if job is not None:
             if child.kill_reason is not None:
-                state, exc_type, message = child.kill_reason
-                completions.append((job, Outcome.error(state, exc_type, message)))
+                completions.append((job, child.kill_reason))
             else:
                 message = (
                     f"child process {child.pid} {describe_status(child.status)} while "
                     f"running task {job.task_name}[{job.task_id}]"
                     f"{loss_hint(child.status)}"
                 )
-                completions.append(
-                    (job, Outcome.error(TaskState.LOST, WorkerLostError, message, requeue=True))
-                )
+                lost = Outcome.of(WorkerLostError(message), TaskState.LOST, requeue=True)
+                completions.append((job, lost))
         elif child.state not in (EXITING, KILLING) and not self._stopping:
             log.warning(
                 "a prefork child exited while idle; replacing it",
@@ -801,11 +792,12 @@ class PreforkPool(BasePool):
                 self._begin_kill(
                     child,
                     HARD_LIMIT_SIGNAL,
-                    (
+                    Outcome.of(
+                        TimeLimitExceeded(
+                            f"task {job.task_name}[{job.task_id}] ran past its hard time limit of "
+                            f"{job.time_limit:g}s; child process {child.pid} was stopped"
+                        ),
                         TaskState.TIMEOUT,
-                        TimeLimitExceeded,
-                        f"task {job.task_name}[{job.task_id}] ran past its hard time limit of "
-                        f"{job.time_limit:g}s; child process {child.pid} was stopped",
                     ),
                 )
             if child.kill_at is not None and now >= child.kill_at:

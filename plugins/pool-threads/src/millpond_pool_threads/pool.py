@@ -33,7 +33,6 @@ from millpond.contracts.pool import (
     Outcome,
 )
 from millpond.exceptions import SoftTimeLimitExceeded
-from millpond.states import TaskState
 from millpond_pool_threads import softlimit
 from millpond_pool_threads.settings import resolve
 
@@ -171,6 +170,6 @@ class ThreadPool(BasePool):
             # slot was cleared: the outcome stands if there is one.
             slot.end()
             if outcome is None:
-                outcome = Outcome.error(TaskState.FAILURE, type(exc), str(exc))
+                outcome = Outcome.of(exc)
         if not self._abandoned:
             self.complete(job, outcome)
