@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, final
 
-from millpond.exceptions import NotSupported
+from millpond.exceptions import NotSupported, TaskRevokedError, TimeLimitExceeded
 from millpond.states import TaskState
 
 # the decoded message is the job a pool runs; re-exported: this is where the contract names it
@@ -105,6 +105,21 @@ class Outcome:
             requeue=requeue,
             runtime=runtime,
         )
+
+    @classmethod
+    def hard_timeout(cls, job: Job, how: str, where: BaseException | None = None) -> Outcome:
+        """The TIMEOUT of a job its pool stopped at its hard time limit, worded alike in every
+        pool; `where` lends its traceback (the timer that fired, for a green pool)."""
+        limit = f"{job.time_limit or 0:g}s"
+        exc = TimeLimitExceeded(
+            f"task {job.task_name}[{job.task_id}] ran past its hard time limit of {limit} and {how}"
+        )
+        return cls.of(exc.with_traceback(where.__traceback__) if where else exc, TaskState.TIMEOUT)
+
+    @classmethod
+    def revoked(cls, message: str) -> Outcome:
+        """A REVOKED outcome (terminated on request, or expired)."""
+        return cls.of(TaskRevokedError(message), TaskState.REVOKED)
 
 
 #: wraps an async task's coroutine before it is awaited (the asyncio pool's soft time limit)

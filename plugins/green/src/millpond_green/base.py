@@ -53,8 +53,6 @@ from millpond.contracts.pool import (
 from millpond.exceptions import (
     ConfigurationError,
     SoftTimeLimitExceeded,
-    TaskRevokedError,
-    TimeLimitExceeded,
 )
 from millpond.states import TaskState
 
@@ -229,7 +227,7 @@ class GreenPool(BasePool):
         for job in self._waiting:
             if job.task_id == task_id:
                 self._waiting.remove(job)
-                self._report(job, _revoked("terminated on request before it started"))
+                self._report(job, Outcome.revoked("terminated on request before it started"))
                 self._check_idle()
                 return True
         unit = self._units.get(task_id)
@@ -267,7 +265,7 @@ class GreenPool(BasePool):
         if unit.abandoned:
             outcome = None
         elif unit.revoked:
-            outcome = _revoked("terminated on request before it started")
+            outcome = Outcome.revoked("terminated on request before it started")
         else:
             outcome = self._run(job)
         if self._units.get(job.task_id) is unit:
@@ -303,17 +301,12 @@ class GreenPool(BasePool):
         except Abandoned:
             return None
         except Terminated:
-            outcome = _revoked("terminated on request while it was running")
+            outcome = Outcome.revoked("terminated on request while it was running")
         except self.timeout_error as exc:
             if exc is not hard:  # the task's own library Timeout escaped: the task failed
                 outcome = Outcome.of(exc)
             else:
-                message = (
-                    f"task {job.task_name}[{job.task_id}] ran past its hard time limit of "
-                    f"{job.time_limit or 0:g}s and was stopped"
-                )
-                stopped = TimeLimitExceeded(message).with_traceback(exc.__traceback__)
-                outcome = Outcome.of(stopped, TaskState.TIMEOUT)
+                outcome = Outcome.hard_timeout(job, "was stopped", where=exc)
         except GreenletExit:
             return None  # killed by someone else (interpreter shutdown): leave the message be
         except BaseException as exc:  # job.run() never raises; this is a throw outside the task
@@ -337,7 +330,3 @@ class GreenPool(BasePool):
             self.complete(job, outcome)
         except Exception:
             self._log.exception("cannot report a finished task", task_id=job.task_id)
-
-
-def _revoked(message: str) -> Outcome:
-    return Outcome.of(TaskRevokedError(message), TaskState.REVOKED)

@@ -340,11 +340,7 @@ class AsyncioPool(BasePool):
 
     def _hard_limit(self, running: _Running) -> None:
         job = running.job
-        message = (
-            f"task {job.task_name}[{job.task_id}] ran past its hard time limit of "
-            f"{job.time_limit or 0:g}s and was cancelled"
-        )
-        self.complete(job, Outcome.of(TimeLimitExceeded(message), TaskState.TIMEOUT))
+        self.complete(job, Outcome.hard_timeout(job, "was cancelled"))
         self._stop_job(running, TimeLimitExceeded)
 
     def _stop_job(self, running: _Running, exc_type: type[BaseException]) -> None:

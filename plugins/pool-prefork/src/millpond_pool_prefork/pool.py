@@ -65,7 +65,7 @@ from millpond.contracts.pool import (
     Job,
     Outcome,
 )
-from millpond.exceptions import TaskRevokedError, TimeLimitExceeded, WorkerLostError
+from millpond.exceptions import WorkerLostError
 from millpond.observe.throttle import Throttled
 from millpond.states import TaskState
 from millpond_pool_prefork import wire
@@ -133,10 +133,6 @@ def _not_started(timeout: float | None) -> Outcome:
         "the broker"
     )
     return Outcome.of(WorkerLostError(message), TaskState.LOST, requeue=True)
-
-
-def _revoked(message: str) -> Outcome:
-    return Outcome.of(TaskRevokedError(message), TaskState.REVOKED)
 
 
 def describe_status(status: int | None) -> str:
@@ -381,7 +377,7 @@ class PreforkPool(BasePool):
                     completions.append(
                         (
                             job,
-                            _revoked(
+                            Outcome.revoked(
                                 f"task {job.task_name}[{task_id}] was terminated before it started"
                             ),
                         )
@@ -395,7 +391,7 @@ class PreforkPool(BasePool):
                         completions.append(
                             (
                                 queued,
-                                _revoked(
+                                Outcome.revoked(
                                     f"task {queued.task_name}[{task_id}] was terminated before "
                                     "it started"
                                 ),
@@ -410,7 +406,7 @@ class PreforkPool(BasePool):
                     self._begin_kill(
                         child,
                         STOP_SIGNAL if signum is None else signum,
-                        _revoked(
+                        Outcome.revoked(
                             f"task {running.task_name}[{task_id}] was terminated on request; child "
                             f"process {child.pid} was stopped"
                         ),
@@ -792,13 +788,7 @@ class PreforkPool(BasePool):
                 self._begin_kill(
                     child,
                     HARD_LIMIT_SIGNAL,
-                    Outcome.of(
-                        TimeLimitExceeded(
-                            f"task {job.task_name}[{job.task_id}] ran past its hard time limit of "
-                            f"{job.time_limit:g}s; child process {child.pid} was stopped"
-                        ),
-                        TaskState.TIMEOUT,
-                    ),
+                    Outcome.hard_timeout(job, f"its child process {child.pid} was stopped"),
                 )
             if child.kill_at is not None and now >= child.kill_at:
                 child.kill_at = None
