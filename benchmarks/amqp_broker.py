@@ -28,7 +28,9 @@ import uuid
 from collections.abc import Callable
 
 import amqp
-from kombu import Connection, Consumer, Queue
+from kombu.connection import Connection
+from kombu.entity import Queue
+from kombu.messaging import Consumer
 
 from millpond.wire.protocol import decode_task, encode_task
 from millpond_broker_amqp import AmqpBroker

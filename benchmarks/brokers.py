@@ -153,7 +153,7 @@ def _postgres_sql(url: str, statement: str, queue: str) -> int:
     import psycopg
 
     with psycopg.connect(url, autocommit=True, connect_timeout=3) as conn:
-        cur = conn.execute(statement, [[queue, f"{queue}.dead"]])  # type: ignore[call-overload]
+        cur = conn.execute(statement, [[queue, f"{queue}.dead"]])
         row = cur.fetchone() if cur.description else None
         return int(row[0]) if row else cur.rowcount
 

@@ -107,8 +107,8 @@ def _summary(records: list[Record]) -> str:
         if good:
             medians[(setup, framework)] = good[len(good) // 2]
     for (setup, framework), rs in sorted(by.items()):
-        good = [r for r in rs if r.ok and r.value]
-        cpu = [1000 * r.metrics["cpu_s"] / r.metrics["n"] for r in good if r.metrics.get("cpu_s")]
+        runs = [r for r in rs if r.ok and r.value]
+        cpu = [1000 * r.metrics["cpu_s"] / r.metrics["n"] for r in runs if r.metrics.get("cpu_s")]
         median = medians.get((setup, framework))
         ratio = ""
         if framework == MILLPOND and (setup, CELERY) in medians and median:

@@ -120,6 +120,7 @@ def main() -> int:
     if args.amqp_url:
         return run_amqp(args)
 
+    import redis
     from celery import Celery
 
     from millpond.testing.servers import RedisServer
@@ -132,7 +133,7 @@ def main() -> int:
     server.start()
     assert server.proc is not None
     url = f"redis://127.0.0.1:{server.port}/0"
-    client = server.client()
+    client = redis.Redis(port=server.port, decode_responses=True)
     base_mem = int(client.info("memory")["used_memory"])
     base_rss = _rss_kib(server.proc.pid)
 

@@ -97,7 +97,7 @@ def _declare() -> Any:
     dramatiq.set_broker(broker)
     queue = os.environ.get(QUEUE_ENV, "bench")
     for name, fn in BODIES.items():
-        dramatiq.actor(fn, actor_name=name, queue_name=queue, max_retries=0)
+        dramatiq.actor(actor_name=name, queue_name=queue, max_retries=0)(fn)
     return broker
 
 

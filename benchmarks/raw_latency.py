@@ -43,7 +43,7 @@ def _amqp_connection(url: str) -> Any:
     return conn
 
 
-def _report(body: bytes) -> None:
+def _report(body: bytes | str) -> None:
     from benchmarks.tasks import side
 
     key, sent_at = json.loads(body)

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 
 import redis
-from kombu import Connection
+from kombu.connection import Connection
 
 from millpond.wire import envelope
 from millpond.wire.protocol import encode_task

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -415,7 +415,7 @@ THREE = ((MILLPOND, "millpond"), (CELERY, "Celery"), (DRAMATIQ, "Dramatiq"))
 def _three(
     records: list[Record],
     scenario: str,
-    cols: list[tuple[Callable[[Record], Any], str, str]],
+    cols: Sequence[tuple[Callable[[Record], Any], str, str]],
     ratio_of: Callable[[Record], Any],
     higher_better: bool,
     frameworks: tuple[tuple[str, str], ...] = THREE,
@@ -466,7 +466,10 @@ def three_sleep_table(records: list[Record]) -> list[str]:
 
 
 def three_latency_table(records: list[Record]) -> list[str]:
-    cols = [(_value, "p50 ms", ".2f"), (partial(_metric_of, "p99_ms"), "p99 ms", ".2f")]
+    cols: list[tuple[Callable[[Record], Any], str, str]] = [
+        (_value, "p50 ms", ".2f"),
+        (partial(_metric_of, "p99_ms"), "p99 ms", ".2f"),
+    ]
     frameworks = (*THREE, ("raw", "no-framework"))
     return _three(records, "latency", cols, _value, False, frameworks)
 

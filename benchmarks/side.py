@@ -71,7 +71,8 @@ class SideChannel:
                 raise RunFailed(f"timed out waiting for {what}")
             item = self.client.blpop([key], timeout=min(0.5, max(remaining, 0.01)))
             if item is not None:
-                return bytes(item[1])
+                value = item[1]
+                return value.encode() if isinstance(value, str) else value
             problem = alive()
             if problem is not None:
                 raise RunFailed(f"{problem} while waiting for {what}")

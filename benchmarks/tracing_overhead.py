@@ -257,30 +257,29 @@ def run_drain(
 
 def _check_spans(drain: Drain, tasks: int) -> None:
     """One span per task run (the two marks included), all from the configuration's exporter."""
+    spans = drain.spans or 0
     redelivered = (
         " (more spans than messages: some were delivered twice, as after a broker connection "
         "reset; at-least-once, but this drain's figures are not clean)"
     )
     if drain.config == "spans":
         # the end mark counted what was exported before its own span ended
-        if drain.spans != tasks + 1:
-            why = redelivered if drain.spans > tasks + 1 else ""
-            raise RunFailed(f"spans: {drain.spans} spans dropped for {tasks + 1} tasks{why}")
+        if spans != tasks + 1:
+            why = redelivered if spans > tasks + 1 else ""
+            raise RunFailed(f"spans: {spans} spans dropped for {tasks + 1} tasks{why}")
         return
     if drain.config not in EXPORTERS:
-        if drain.spans:
-            raise RunFailed(f"{drain.config}: the sink got {drain.spans} spans from {drain.agents}")
+        if spans:
+            raise RunFailed(f"{drain.config}: the sink got {spans} spans from {drain.agents}")
         return
     expected = tasks + 2
     prefix = EXPORTERS[drain.config][1]
     wrong = {agent: n for agent, n in drain.agents.items() if not agent.startswith(prefix)}
     if wrong:
         raise RunFailed(f"{drain.config}: spans from another exporter than {prefix}*: {wrong}")
-    if drain.spans != expected:
-        why = redelivered if drain.spans > expected else ""
-        raise RunFailed(
-            f"{drain.config}: the sink got {drain.spans} spans for {expected} tasks{why}"
-        )
+    if spans != expected:
+        why = redelivered if spans > expected else ""
+        raise RunFailed(f"{drain.config}: the sink got {spans} spans for {expected} tasks{why}")
 
 
 # -- the report ------------------------------------------------------------------------------------
