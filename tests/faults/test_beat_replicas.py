@@ -9,11 +9,7 @@ slot it was published for (`x-millpond-beat-tick`), so a duplicate cannot hide.
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,7 +21,7 @@ import pytest
 
 from millpond.config import plugins
 from millpond.contracts.broker import Broker
-from millpond.testing.harness import wait_until
+from millpond.testing.harness import MILLPOND, WorkerProcess, wait_until
 from tests.e2e.harness import ROOT
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.slow]
@@ -40,37 +36,14 @@ TICK_HEADER = "x-millpond-beat-tick"
 HALF = 6
 #: the run covers at least this many seconds of tick slots
 RUN = 2 * HALF
+APP = "tests.faults.beat_app:app"
 
 
-class Replica:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "millpond", "beat", "-A", "tests.faults.beat_app:app"],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=self._log,
-            stderr=self._log,
-        )
+class Replica(WorkerProcess):
+    """A `millpond beat` replica, in the harness's process wrapper (JSON log, stopped by PID)."""
 
-    def lines(self) -> list[dict[str, Any]]:
-        out = []
-        for raw in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(raw))
-            except ValueError:
-                out.append({"event": raw})
-        return out
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [line for line in self.lines() if line.get("event") == name]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self._log.close()
+    def command(self, args: list[str]) -> list[str]:
+        return [str(MILLPOND), "beat", *args]
 
 
 @pytest.fixture
@@ -78,7 +51,7 @@ def replicas() -> Iterator[list[Replica]]:
     started: list[Replica] = []
     yield started
     for replica in started:
-        replica.stop()
+        replica.kill()
 
 
 def _drain(broker: Broker, queue: str) -> list[dict[str, Any]]:
@@ -128,7 +101,8 @@ def test_three_replicas_leader_killed_each_tick_once(
     claims = broker.claims()
     try:
         for i in range(3):
-            replicas.append(Replica(env, tmp_path / f"beat-{i}.log"))
+            replica = Replica(["-A", APP], env, tmp_path, name=f"beat-{i}", cwd=ROOT)
+            replicas.append(replica)
         by_pid = {r.proc.pid: r for r in replicas}
 
         def leader() -> Replica | None:
@@ -160,7 +134,7 @@ def test_three_replicas_leader_killed_each_tick_once(
             if r.proc.poll() is None:
                 r.proc.send_signal(signal.SIGTERM)
         for r in replicas:
-            assert r.proc.wait(20) in (0, -signal.SIGKILL), r.log_path.read_text()[-2000:]
+            assert r.wait(20) in (0, -signal.SIGKILL), r.stderr()[-2000:]
         messages = _drain(broker, queue)
     finally:
         if kind == "amqp":  # the shared server keeps nothing of this run

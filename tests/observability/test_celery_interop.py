@@ -61,7 +61,7 @@ def test_celery_instrumented_producer_continues_into_a_millpond_worker(
             return f"process {queue}" in names and any(s.name == "add body" for s in spans)
 
         spans = receiver.wait_for(tree, timeout=30, what="the worker's spans of the Celery task")
-        assert worker.terminate() == 0
+        assert worker.stop() == 0
 
     (celery_publish,) = [s for s in spans if s.service_name == "celery-producer"]
     assert celery_publish.kind == "PRODUCER"

@@ -77,7 +77,7 @@ def test_publish_process_body_tree_on_every_pool(
             )
 
         spans = receiver.wait_for(complete, timeout=30, what=f"every span on the {pool} pool")
-        assert worker.terminate() == 0
+        assert worker.stop() == 0
 
     # -- the successful task: publish (producer) -> process (worker) -> add body (the task)
     add_name = "tests.observability.obs_app." + ("add_async" if pool == "asyncio" else "add")
@@ -159,7 +159,7 @@ def test_trace_link_starts_a_linked_trace(
             timeout=30,
             what="the linked trace",
         )
-        assert worker.terminate() == 0
+        assert worker.stop() == 0
     add = _by_message(spans, ids["add"])
     publish = _one(add, name=f"publish {queue}")
     process = _one(add, name=f"process {queue}")
@@ -190,7 +190,7 @@ def test_a_span_processor_added_in_the_app_module_sees_the_workers_spans(
             timeout=30,
             what="the worker's spans",
         )
-        assert worker.terminate() == 0
+        assert worker.stop() == 0
     process = _one(_by_message(spans, ids["add"]), service_name="obs-processor")
     body = _one(spans, name="add body")
     assert process.attributes["obs.tagged_by"] == "user processor"

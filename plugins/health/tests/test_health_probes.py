@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.observability.conftest import POOLS, Proc, run_python, wait_until
+from tests.observability.conftest import POOLS, Proc, run_python
 
 from millpond import Millpond
 from millpond.config.settings import load_settings
 from millpond.consume.worker import Worker
+from millpond.testing.harness import wait_until
 from millpond_health import probes
 
 PROBES = {"MILLPOND_HEALTH__PORT": "0", "MILLPOND_HEALTH__HOST": "127.0.0.1"}
@@ -111,7 +112,7 @@ def test_probes_and_scrape_on_every_pool(
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     assert f'millpond_pool_size{{millpond_pool="{pool}"}} ' in text
-    assert worker.terminate() == 0
+    assert worker.stop() == 0
 
 
 @pytest.mark.e2e
@@ -149,7 +150,7 @@ def test_readiness_follows_the_broker_and_liveness_does_not(
         blocker.execute("ROLLBACK")
         blocker.close()
     wait_probe(port, "/readyz", 200, timeout=5)
-    assert worker.terminate() == 0
+    assert worker.stop() == 0
 
 
 @pytest.mark.e2e
@@ -169,7 +170,7 @@ def test_a_long_task_on_solo_is_alive_not_stuck(
 
     body = wait_until(inline_past_the_timeout, 10, "the loop to run the nap inline for > 1 s")
     assert body["status"] == "ok"
-    assert worker.terminate() == 0
+    assert worker.stop() == 0
 
 
 @pytest.mark.e2e
@@ -181,7 +182,7 @@ def test_health_port_in_use_is_a_clear_start_up_error(
     second = spawn("-P", "solo", env={**PROBES, "MILLPOND_HEALTH__PORT": str(port)})
     assert second.wait(30) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in second.text()
-    assert first.terminate() == 0
+    assert first.stop() == 0
 
 
 def test_liveness_and_readiness_logic() -> None:

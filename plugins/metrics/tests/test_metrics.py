@@ -112,7 +112,7 @@ def test_worker_metrics_over_otlp_and_prometheus(
         assert "millpond_task_duration_seconds_bucket{" in text
         assert 'le="+Inf"} ' in text
         assert 'millpond_pool_size{millpond_pool="threads"} 2' in text
-        assert worker.terminate() == 0
+        assert worker.stop() == 0
 
 
 @pytest.mark.e2e
@@ -136,7 +136,7 @@ def test_metrics_and_probes_share_one_port(
     assert 'millpond_pool_size{millpond_pool="solo"} 1' in text
     assert re.search(r'^target_info\{.*service_name="millpond-worker".*\} 1$', text, re.M)
     assert _get(f"http://127.0.0.1:{port}/livez")[0] == 200
-    assert worker.terminate() == 0
+    assert worker.stop() == 0
 
 
 @pytest.fixture
@@ -359,4 +359,4 @@ def test_the_autoscaling_signal_on_prometheus_and_queue_stats(
         obs_env,
     )
     assert stats["queue"] == queue and stats["ready"] == 8 and stats["load"] >= 4.0, stats
-    assert worker.terminate() == 0
+    assert worker.stop() == 0

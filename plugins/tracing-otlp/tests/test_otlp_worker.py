@@ -58,7 +58,7 @@ def _run(
             return len(mine) == 6
 
         spans = receiver.wait_for(complete, timeout=30, what=f"the worker's spans ({exporter})")
-        assert worker.terminate() == 0
+        assert worker.stop() == 0
         assert not receiver.rejected
     return [s for s in spans if s.service_name == "otlp-worker"], ids
 

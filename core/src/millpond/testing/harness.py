@@ -144,6 +144,24 @@ class WorkerProcess:
     def events(self, event: str) -> list[dict[str, Any]]:
         return [line for line in self.lines() if line.get("event") == event]
 
+    def wait_line(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float = 30, what: str = "a log line"
+    ) -> dict[str, Any]:
+        """The first stderr line (as `lines()` reads it) that `match` accepts, waiting up to
+        `timeout` seconds; fails with the log's tail if the worker exits or time runs out."""
+
+        def found() -> dict[str, Any] | None:
+            line = next((line for line in self.lines() if match(line)), None)
+            if line is None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"the worker exited with {self.proc.returncode} while waiting for {what}:\n"
+                    f"{self.stderr()[-4000:]}"
+                )
+            return line
+
+        line: dict[str, Any] = wait_until(found, timeout, what)
+        return line
+
     def wait_ready(self, timeout: float = 30) -> WorkerProcess:
         def ready() -> bool:
             if self.proc.poll() is not None:
