@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from millpond.testing.harness import wait_until
 from tests.interop import sink
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,19 +34,6 @@ AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 BROKERS = {"redis": REDIS, "amqp": AMQP}
 #: how long any one outcome may take before a test fails (a loaded shared machine, not a sleep)
 WAIT = 60.0
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: Callable[[], str] | str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout} s waiting for {what() if callable(what) else what}"
-            )
-        time.sleep(0.02)
 
 
 class Worker:

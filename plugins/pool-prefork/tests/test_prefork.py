@@ -20,6 +20,7 @@ from millpond.config.settings import load_settings
 from millpond.exceptions import ConfigurationError
 from millpond.states import TaskState
 from millpond.testing import tasks
+from millpond.testing.harness import wait_until
 from millpond.testing.pool_kit import Gate, Outcomes, Runner, kit_executor, make_job
 from millpond_pool_prefork import SECTION, PreforkPool
 
@@ -45,17 +46,6 @@ def parent_of(pid: int) -> int | None:
             return int(fh.read().rsplit(")", 1)[1].split()[1])
     except FileNotFoundError:
         return None
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.01)
 
 
 class Rig:

@@ -41,16 +41,21 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 
 def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str | Callable[[], str],
+    interval: float = 0.02,
 ) -> Any:
-    """Poll `predicate` until it is truthy; fail with `what` after `timeout` seconds."""
+    """Poll `predicate` until it is truthy; fail with `what` after `timeout` seconds (a callable
+    `what` is asked only then, so it can describe the state at the failure)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {said}")
         time.sleep(interval)
 
 
