@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from millpond import __version__
 from millpond.config import plugins
 from millpond.config.options import Section
 from millpond.contracts.pool import BasePool
@@ -32,7 +33,7 @@ def run(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedPro
 
 def test_the_loader_does_not_import_the_cli() -> None:
     proc = run(
-        "import sys, millpond.config.plugins as p; p.installed(p.POOLS); p.pool_class('solo');"
+        "import sys, millpond.config.plugins as p; p.installed(p.POOLS); p.load(p.POOLS, 'solo');"
         "print(sorted(m for m in sys.modules if m.startswith('millpond_cli')))"
     )
     assert proc.returncode == 0, proc.stderr
@@ -144,6 +145,6 @@ def test_a_plugin_for_another_core_is_refused_before_its_module_is_imported(
     assert proc.returncode == 0, proc.stderr
     refusal = (
         "pool 'future' from millpond-pool-future 3.0 needs millpond>=9,<10, but millpond "
-        f"{plugins.core_version()} is installed; upgrade one of them so they match"
+        f"{__version__} is installed; upgrade one of them so they match"
     )
     assert proc.stdout.splitlines() == [refusal, refusal, "False"]

@@ -17,6 +17,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from millpond import __version__
 from millpond.exceptions import (
     ConfigurationError,
     MillpondError,
@@ -121,9 +122,7 @@ def main(argv: list[str] | None = None, *, patched: str | None = None) -> int:
         ns = parser.parse_args(argv)  # the core's commands: unknown arguments are errors
     ns.patched = patched
     if ns.version:
-        from millpond.config.plugins import core_version
-
-        print(f"millpond {core_version()}")
+        print(f"millpond {__version__}")
         return EXIT_OK
     if not ns.command:
         parser.print_help()
@@ -250,7 +249,6 @@ def cmd_worker(ns: argparse.Namespace) -> int:
 
 def banner(worker: Worker) -> str:
     """What the worker runs, from where and how, printed as it starts."""
-    from millpond.config import plugins
     from millpond.contracts.broker import mask_url
 
     app, settings, tasks = worker.app, worker.settings, sorted(worker.app.tasks)
@@ -260,7 +258,7 @@ def banner(worker: Worker) -> str:
         else "(none: this broker keeps no results; set result_backend to store them)"
     )
     lines = [
-        f"millpond {plugins.core_version()} worker {worker.name}",
+        f"millpond {__version__} worker {worker.name}",
         f"  app:         {app.name}",
         f"  broker:      {mask_url(app.broker_url)}",
         f"  results:     {results}",
