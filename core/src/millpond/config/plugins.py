@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from importlib.metadata import Distribution, EntryPoint, PackageNotFoundError
 from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit
@@ -251,18 +251,3 @@ def settings_section(name: str) -> Section | None:
     """The settings section published under `name` (a pool's name, or a URL scheme its broker
     serves); None when no installed plugin publishes one."""
     return load(SETTINGS, name) if name in installed(SETTINGS) else None
-
-
-def installed_sections() -> list[tuple[Section, str]]:
-    """(section, distribution name) of every installed plugin section, sorted by name, once each
-    (a broker's section is published once per URL scheme)."""
-    sections = dict(load_all(SETTINGS))  # _verify checked that each has a name
-    found: dict[str, tuple[Section, str]] = {}
-    for ep in entry_points(SETTINGS):
-        found.setdefault(sections[ep.name].name, (sections[ep.name], describe(ep).distribution))
-    return [found[name] for name in sorted(found)]
-
-
-def describe_installed(groups: Iterable[str] = GROUPS) -> list[PluginInfo]:
-    """Every installed plugin with its distribution, version and core range; imports none."""
-    return [describe(ep) for group in groups for ep in entry_points(group)]

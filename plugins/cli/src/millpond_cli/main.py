@@ -444,12 +444,11 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
     is 1 when one fails."""
     from millpond.config import plugins
 
-    rows = plugins.describe_installed()
     lines: list[tuple[str, ...]] = [("NAME", "DISTRIBUTION", "VERSION", "CORE VERSIONS")]
     failed = 0
     for group in plugins.GROUPS:
         lines.append((f"{plugins.GROUPS[group].title}:",))
-        mine = [r for r in rows if r.group == group]
+        mine = [plugins.describe(ep) for ep in plugins.entry_points(group)]
         if not mine:
             hint = (
                 " (pip install millpond-pool-threads, for example)"
@@ -488,16 +487,13 @@ def _load_error(group: str, name: str) -> str | None:
 
 
 def cmd_config(ns: argparse.Namespace) -> int:
-    from millpond.config import plugins
-    from millpond_cli.settings_docs import describe
+    from millpond_cli.settings_docs import describe, installed_sections, render
 
     if ns.docs:
-        from millpond_cli.settings_docs import render
-
         sys.stdout.write(render())
         return EXIT_OK
     settings, _app = _load(ns)
-    rows = describe(settings, [section for section, _dist in plugins.installed_sections()])
+    rows = describe(settings, [d.section for d in installed_sections() if d.section.name])
     width = max(len(r[0]) for r in rows)
     for name, env, value, source in rows:
         print(f"{name:<{width}}  {value!s:<30}  {source:<32}  {env}")
