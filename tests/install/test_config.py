@@ -10,11 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from millpond.config import plugins
 from millpond.config.options import Option, Section
-from millpond.config.settings import CORE, load_settings
+from millpond.config.settings import load_settings
 from millpond.exceptions import ConfigurationError
-from millpond_cli.settings_docs import REGENERATE, describe, env_name, main, render
+from millpond_cli.settings_docs import (
+    REGENERATE,
+    describe,
+    env_name,
+    installed_sections,
+    main,
+    render,
+)
 from tests.install.venvs import ROOT, clean_env
 
 DOCS = ROOT / "docs" / "settings.md"
@@ -28,9 +34,18 @@ def test_docs_settings_md_is_up_to_date() -> None:
     )
 
 
+def test_each_section_is_listed_once_under_its_own_name_with_its_distribution() -> None:
+    listed = [(doc.section.name, doc.distribution) for doc in installed_sections()]
+    assert listed[0] == (None, "millpond")  # the core's first
+    names = [name for name, _dist in listed]
+    assert len(names) == len(set(names))  # a broker's is published once per URL scheme
+    assert dict(listed)["redis"] == "millpond-broker-redis"
+    assert dict(listed)["sqlite"] == "millpond-broker-embedded"
+
+
 def test_docs_describe_every_declared_setting() -> None:
     text = render()
-    for section in [CORE, *(s for s, _dist in plugins.installed_sections())]:
+    for section in (doc.section for doc in installed_sections()):
         for opt in section.options:
             assert f"`{env_name(section.key(opt.name))}`" in text, opt.name
         if section.name:

@@ -75,7 +75,7 @@ def test_sigkill_the_worker_under_load_then_restart_loses_nothing(
     )
     assert not report.missing
     # the window the worker holds unacknowledged: the pool's own default multiplier, else 4
-    prefetch = concurrency * (plugins.pool_class(pool).default_prefetch_multiplier or 4)
+    prefetch = concurrency * (plugins.load(plugins.POOLS, pool).default_prefetch_multiplier or 4)
     assert len(report.duplicates) <= prefetch, (
         f"more duplicates than the killed worker could hold unacknowledged ({prefetch})"
     )

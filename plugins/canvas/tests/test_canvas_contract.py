@@ -20,7 +20,8 @@ BUILTINS = {"celery.map", "celery.starmap", "celery.chunks", "celery.accumulate"
 
 def test_the_entry_point_names_the_canvas_and_its_package() -> None:
     assert plugins.canvas_class() is CeleryCanvas
-    listed = [i for i in plugins.describe_installed([plugins.CANVAS]) if i.name == "canvas"]
+    eps = [ep for ep in plugins.entry_points(plugins.CANVAS) if ep.name == "canvas"]
+    listed = [plugins.describe(ep) for ep in eps]
     assert [(i.distribution, i.core_range) for i in listed] == [("millpond-canvas", ">=0.1,<0.2")]
 
 

@@ -23,7 +23,8 @@ from millpond_tracing.hooks import TracingHooks
 def test_the_entry_point_names_the_hooks_and_their_package() -> None:
     (hook,) = plugins.load_hooks(["tracing"])
     assert type(hook) is TracingHooks
-    listed = [i for i in plugins.describe_installed([plugins.HOOKS]) if i.name == "tracing"]
+    eps = [ep for ep in plugins.entry_points(plugins.HOOKS) if ep.name == "tracing"]
+    listed = [plugins.describe(ep) for ep in eps]
     assert [(i.distribution, i.core_range) for i in listed] == [("millpond-tracing", ">=0.1,<0.2")]
 
 

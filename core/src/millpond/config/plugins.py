@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from importlib.metadata import Distribution, EntryPoint, PackageNotFoundError
 from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit
@@ -96,13 +95,6 @@ FIRST_PARTY = {
 }
 
 
-def _group(group: str) -> Group:
-    return GROUPS.get(group) or Group(group, group)  # a group some plugin loads through `load`
-
-
-# -- what is installed (nothing imported) ----------------------------------------------------------
-
-
 def entry_points(group: str) -> list[EntryPoint]:
     """The group's installed entry points, sorted by name, read from stevedore's cache."""
     lister: NamedExtensionManager[Any] = NamedExtensionManager(group, names=[])
@@ -113,8 +105,7 @@ def installed(group: str) -> list[str]:
     return sorted({ep.name for ep in entry_points(group)})
 
 
-@dataclass(frozen=True, slots=True)
-class PluginInfo:
+class PluginInfo(NamedTuple):
     """One installed entry point and the distribution that declares it, from metadata alone."""
 
     group: str
@@ -158,37 +149,23 @@ def _core_range(dist: Distribution) -> str:
     return ""
 
 
-def core_version() -> str:
-    return __version__
-
-
-def _check_core_version(ep: EntryPoint) -> None:
-    info, core = describe(ep), core_version()
-    if info.core_range and not SpecifierSet(info.core_range).contains(core, prereleases=True):
-        raise PluginLoadError(
-            f"{_group(ep.group).kind} {ep.name!r} from {info.distribution} {info.version} "
-            f"needs millpond{info.core_range}, but millpond {core} is installed; upgrade one of "
-            "them so they match"
-        )
-
-
-# -- loading ---------------------------------------------------------------------------------------
-
-
 def load(group: str, name: str) -> Any:
     """The object an installed entry point names, imported through stevedore and checked."""
     return load_all(group, [name])[0][1]
 
 
 def load_all(group: str, names: Sequence[str] | None = None) -> list[tuple[str, Any]]:
-    """(name, object) for every installed extension of a group, or for `names` in that order.
-
-    Each is checked against its core range before it is imported, then against its group's
-    contract; a missing name, one that cannot be imported or one two distributions declare raises."""
+    """(name, object) for every installed extension of a group, or for `names` in that order,
+    each checked against its core range before it is imported, then against its group's contract;
+    a missing name, one that cannot be imported or one two distributions declare raises."""
     wanted = list(names) if names is not None else installed(group)
-    for ep in entry_points(group):
-        if ep.name in wanted:
-            _check_core_version(ep)
+    for info in (describe(ep) for ep in entry_points(group) if ep.name in wanted):
+        if not SpecifierSet(info.core_range).contains(__version__, prereleases=True):
+            raise PluginLoadError(
+                f"{GROUPS[group].kind} {info.name!r} from {info.distribution} {info.version} "
+                f"needs millpond{info.core_range}, but millpond {__version__} is installed; "
+                "upgrade one of them so they match"
+            )
     manager: NamedExtensionManager[Any] = NamedExtensionManager(
         group,
         names=wanted,
@@ -205,7 +182,7 @@ def load_all(group: str, names: Sequence[str] | None = None) -> list[tuple[str, 
 def _verify(group: str, name: str, obj: Any) -> None:
     """Refuse an entry point whose object is not what its group promises."""
     what = ""
-    if base := _group(group).base:
+    if base := GROUPS[group].base:
         if not (isinstance(obj, type) and issubclass(obj, base)):
             what = f"does not name a {base.__name__} subclass"
     elif group == SETTINGS and not (isinstance(obj, Section) and obj.name):
@@ -213,7 +190,7 @@ def _verify(group: str, name: str, obj: Any) -> None:
     elif group in (PATCHES, CLIENTS) and not callable(obj):
         what = "is not callable"
     if what:
-        raise PluginLoadError(f"the {_group(group).kind} {name!r} {what}: {obj!r}")
+        raise PluginLoadError(f"the {GROUPS[group].kind} {name!r} {what}: {obj!r}")
 
 
 def _raise_missing(group: str, names: list[str]) -> None:
@@ -224,23 +201,22 @@ def _raise_missing(group: str, names: list[str]) -> None:
         hint = f"{hint}, or fix the hooks setting" if package else "; fix the hooks setting"
     shown = ", ".join(repr(n) for n in names)
     raise PluginNotFound(
-        f"no {_group(group).kind} named {shown} is installed (installed: {have}){hint}"
+        f"no {GROUPS[group].kind} named {shown} is installed (installed: {have}){hint}"
     )
 
 
 def _raise_load_failure(_manager: Any, ep: EntryPoint, err: BaseException) -> None:
-    module = getattr(err, "name", None)
     detail = f"{type(err).__name__}: {err}"
-    if isinstance(err, ImportError) and module:
-        detail = f"{module} is not installed or cannot be imported ({err})"
-    kind = _group(ep.group).kind
+    if isinstance(err, ImportError) and err.name:
+        detail = f"{err.name} is not installed or cannot be imported ({err})"
+    kind = GROUPS[ep.group].kind
     raise PluginLoadError(f"the {kind} plugin {ep.name!r} cannot be loaded: {detail}") from err
 
 
 def _raise_conflict(group: str, name: str, extensions: list[Any]) -> Any:
     owners = ", ".join(sorted(describe(e.entry_point).distribution for e in extensions))
     raise PluginLoadError(
-        f"several installed distributions declare a {_group(group).kind} named {name!r} "
+        f"several installed distributions declare a {GROUPS[group].kind} named {name!r} "
         f"({owners}); uninstall all but one"
     )
 
@@ -250,10 +226,6 @@ def scheme_of(url: str) -> str:
     if not scheme:
         raise PluginNotFound(f"{url!r} is not a URL: expected scheme://..., e.g. redis://localhost")
     return scheme
-
-
-def pool_class(name: str) -> Any:
-    return load(POOLS, name)
 
 
 def broker_for_url(url: str, options: dict[str, Any] | None = None) -> Broker:
@@ -279,20 +251,3 @@ def settings_section(name: str) -> Section | None:
     """The settings section published under `name` (a pool's name, or a URL scheme its broker
     serves); None when no installed plugin publishes one."""
     return load(SETTINGS, name) if name in installed(SETTINGS) else None
-
-
-def installed_sections() -> list[tuple[Section, str]]:
-    """(section, distribution name) of every installed plugin section, sorted by name, once each
-    (a broker's section is published once per URL scheme)."""
-    found: dict[str, tuple[Section, str]] = {}
-    for ep in entry_points(SETTINGS):
-        section = settings_section(ep.name)
-        assert section is not None  # it is installed, and _verify checked it has a name
-        assert section.name
-        found.setdefault(section.name, (section, describe(ep).distribution))
-    return [found[name] for name in sorted(found)]
-
-
-def describe_installed(groups: Iterable[str] = GROUPS) -> list[PluginInfo]:
-    """Every installed plugin with its distribution, version and core range; imports none."""
-    return [describe(ep) for group in groups for ep in entry_points(group)]

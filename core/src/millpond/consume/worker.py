@@ -74,7 +74,7 @@ class Worker:
             settings = settings.replace(**{k: v for k, v in flags.items() if v is not None})
         self.settings = settings
         app.configure(settings)
-        self.pool_cls: type[BasePool] = plugins.pool_class(settings.pool)
+        self.pool_cls: type[BasePool] = plugins.load(plugins.POOLS, settings.pool)
         #: the pool's size (remote control may resize it: the prefetch count follows)
         self.concurrency = settings.concurrency or self.pool_cls.default_concurrency()
         self.multiplier = settings.prefetch_multiplier

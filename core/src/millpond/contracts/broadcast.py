@@ -5,9 +5,8 @@ listen on queues bound to them. A broker that carries them sets `Broker.supports
 implements `broadcast` and `listen` in kombu's layout on that broker (each plugin's `broadcast`
 module describes it), so Celery and millpond meet on the same wire.
 
-Threading: `broadcast` is safe from any thread, like `publish`. A `Subscription` belongs to the
-thread that opened it and owns its connection, so a listener never competes with the consumer
-loop; it rides out a broker restart itself (`receive` returns nothing, then reconnects and binds).
+`broadcast` is safe from any thread, like `publish`. A `Subscription` belongs to the thread that
+opened it and owns its connection, so a listener never competes with the consumer loop.
 """
 
 from __future__ import annotations
@@ -82,11 +81,6 @@ class Subscription(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop listening; an auto-delete queue goes with it. Idempotent."""
-
-    @property
-    def connected(self) -> bool:
-        """Whether the last receive reached the broker (cheap, never blocks)."""
-        return True
 
 
 def unavailable(broker: object) -> str:

@@ -424,7 +424,7 @@ class PoolContract:
 
     @pytest.fixture
     def pool_class(self, pool_name: str) -> type[BasePool]:
-        cls: type[BasePool] = plugins.pool_class(pool_name)
+        cls: type[BasePool] = plugins.load(plugins.POOLS, pool_name)
         return cls
 
     @pytest.fixture

@@ -142,10 +142,6 @@ class AmqpSubscription(Subscription):
         self._ok = True
         self._backoff = 0.1
 
-    @property
-    def connected(self) -> bool:
-        return self._ok
-
     def _lost(self, exc: BaseException) -> None:
         if self._ok and not self._closed:
             log.warning(

@@ -175,10 +175,6 @@ class RedisSubscription(Subscription):
                 except Exception:
                     log.debug("redis: closing a listener connection failed", exc_info=True)
 
-    @property
-    def connected(self) -> bool:
-        return self._ok
-
     # -- receiving -------------------------------------------------------------------------------
     def receive(self, timeout: float) -> list[Received]:
         if self._closed:

@@ -17,6 +17,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from millpond import __version__
 from millpond.exceptions import (
     ConfigurationError,
     MillpondError,
@@ -121,9 +122,7 @@ def main(argv: list[str] | None = None, *, patched: str | None = None) -> int:
         ns = parser.parse_args(argv)  # the core's commands: unknown arguments are errors
     ns.patched = patched
     if ns.version:
-        from millpond.config.plugins import core_version
-
-        print(f"millpond {core_version()}")
+        print(f"millpond {__version__}")
         return EXIT_OK
     if not ns.command:
         parser.print_help()
@@ -250,7 +249,6 @@ def cmd_worker(ns: argparse.Namespace) -> int:
 
 def banner(worker: Worker) -> str:
     """What the worker runs, from where and how, printed as it starts."""
-    from millpond.config import plugins
     from millpond.contracts.broker import mask_url
 
     app, settings, tasks = worker.app, worker.settings, sorted(worker.app.tasks)
@@ -260,7 +258,7 @@ def banner(worker: Worker) -> str:
         else "(none: this broker keeps no results; set result_backend to store them)"
     )
     lines = [
-        f"millpond {plugins.core_version()} worker {worker.name}",
+        f"millpond {__version__} worker {worker.name}",
         f"  app:         {app.name}",
         f"  broker:      {mask_url(app.broker_url)}",
         f"  results:     {results}",
@@ -446,12 +444,11 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
     is 1 when one fails."""
     from millpond.config import plugins
 
-    rows = plugins.describe_installed()
     lines: list[tuple[str, ...]] = [("NAME", "DISTRIBUTION", "VERSION", "CORE VERSIONS")]
     failed = 0
     for group in plugins.GROUPS:
         lines.append((f"{plugins.GROUPS[group].title}:",))
-        mine = [r for r in rows if r.group == group]
+        mine = [plugins.describe(ep) for ep in plugins.entry_points(group)]
         if not mine:
             hint = (
                 " (pip install millpond-pool-threads, for example)"
@@ -490,16 +487,13 @@ def _load_error(group: str, name: str) -> str | None:
 
 
 def cmd_config(ns: argparse.Namespace) -> int:
-    from millpond.config import plugins
-    from millpond_cli.settings_docs import describe
+    from millpond_cli.settings_docs import describe, installed_sections, render
 
     if ns.docs:
-        from millpond_cli.settings_docs import render
-
         sys.stdout.write(render())
         return EXIT_OK
     settings, _app = _load(ns)
-    rows = describe(settings, [section for section, _dist in plugins.installed_sections()])
+    rows = describe(settings, [d.section for d in installed_sections() if d.section.name])
     width = max(len(r[0]) for r in rows)
     for name, env, value, source in rows:
         print(f"{name:<{width}}  {value!s:<30}  {source:<32}  {env}")

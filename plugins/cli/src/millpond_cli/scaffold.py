@@ -18,7 +18,8 @@ from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from millpond.config.plugins import FIRST_PARTY, POOLS, core_version
+from millpond import __version__
+from millpond.config.plugins import FIRST_PARTY, POOLS
 from millpond.exceptions import ConfigurationError
 
 NAME = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
@@ -75,7 +76,7 @@ def names(pool: str) -> dict[str, str]:
         "dist": "millpond-pool-" + "-".join(words),
         "module": "millpond_pool_" + "_".join(words),
         "class": "".join(w.capitalize() for w in words) + "Pool",
-        "core_range": core_range(core_version()),
+        "core_range": core_range(__version__),
     }
 
 

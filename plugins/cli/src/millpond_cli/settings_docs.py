@@ -77,11 +77,14 @@ class Documented:
 
 
 def installed_sections() -> list[Documented]:
-    """The core section, then every installed plugin's, sorted by section name."""
-    return [
-        Documented(CORE, "millpond"),
-        *(Documented(section, dist) for section, dist in plugins.installed_sections()),
-    ]
+    """The core section, then every installed plugin's, sorted by section name, once each (a
+    broker's section is published once per URL scheme)."""
+    sections = dict(plugins.load_all(plugins.SETTINGS))  # each has a name: the loader checked
+    found = {"": Documented(CORE, "millpond")}  # "" sorts first
+    for ep in plugins.entry_points(plugins.SETTINGS):
+        section = sections[ep.name]
+        found.setdefault(section.name, Documented(section, plugins.describe(ep).distribution))
+    return [found[name] for name in sorted(found)]
 
 
 def worker_flags() -> dict[str, list[str]]:

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from millpond.config import plugins
+from millpond import __version__
 from millpond.contracts.backend import ResultMeta
 from millpond.contracts.broker import mask_url
 from millpond.contracts.pool import Job
@@ -138,7 +138,7 @@ def stats(ctx: ControlContext, **_: Any) -> Any:
             "nivcsw": usage.ru_nivcsw,
         },
         "sw_ident": "millpond",
-        "sw_ver": plugins.core_version(),
+        "sw_ver": __version__,
         "sw_sys": platform.system(),
     }
 
@@ -302,7 +302,7 @@ def report(ctx: ControlContext, **_: Any) -> Any:
     """A report of the software and settings, for bug reports."""
     worker = ctx.worker
     lines = [
-        f"software -> millpond:{plugins.core_version()} python:{sys.version.split()[0]} "
+        f"software -> millpond:{__version__} python:{sys.version.split()[0]} "
         f"({platform.python_implementation()})",
         f"platform -> system:{platform.system()} arch:{platform.machine()}",
         f"pool -> {worker.settings.pool} (concurrency {worker.concurrency})",

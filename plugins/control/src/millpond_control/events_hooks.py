@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from millpond import __version__
 from millpond.config.options import Section, declared, setting
 from millpond.contracts.broadcast import Exchange, unavailable
 from millpond.contracts.hooks import Hooks, WorkerView
@@ -115,9 +116,7 @@ class EventsHooks(Hooks):
         if publish is None:
             self.tasks = False
             return
-        from millpond.config.plugins import core_version
-
-        software = events.software_info(core_version())
+        software = events.software_info(__version__)
         freq = float(self._options["heartbeat_interval"])
 
         def worker_event(event_type: str) -> events.Pending:
