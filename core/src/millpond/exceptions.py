@@ -84,10 +84,7 @@ class Retry(MillpondError):
         max_retries: int | None = None,
     ) -> None:
         super().__init__(message or (f"Retry in {countdown}s: {exc!r}" if exc else "Retry"))
-        self.exc = exc
-        self.countdown = countdown
-        self.eta = eta
-        self.max_retries = max_retries
+        self.exc, self.countdown, self.eta, self.max_retries = exc, countdown, eta, max_retries
 
 
 class Reject(MillpondError):
@@ -95,8 +92,7 @@ class Reject(MillpondError):
 
     def __init__(self, reason: str = "", requeue: bool = False) -> None:
         super().__init__(reason)
-        self.reason = reason
-        self.requeue = requeue
+        self.reason, self.requeue = reason, requeue
 
 
 class MaxRetriesExceededError(MillpondError):

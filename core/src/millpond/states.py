@@ -5,8 +5,6 @@ The values are Celery's state names, so a state written by either side reads the
 died) and `TIMEOUT` (stopped at its hard time limit) are recorded as FAILURE with their exception.
 """
 
-from __future__ import annotations
-
 from enum import StrEnum
 
 
