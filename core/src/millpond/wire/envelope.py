@@ -58,11 +58,10 @@ def loads(raw: str | bytes) -> Message:
             raw_body = base64.b64decode(body, validate=True)
         except ValueError as exc:  # binascii.Error is one
             raise MalformedMessage(f"envelope body is not valid base64: {exc}")
-    keep = {k: v for k, v in props.items() if k not in ("body_encoding", "delivery_info")}
     return Message(
         body=raw_body,
         headers=headers,
         content_type=str(data.get("content-type") or ""),
         content_encoding=str(data.get("content-encoding") or "utf-8"),
-        properties=keep,
+        properties={k: v for k, v in props.items() if k not in ("body_encoding", "delivery_info")},
     )

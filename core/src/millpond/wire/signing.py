@@ -44,8 +44,7 @@ def _digest(message: Message, key: bytes) -> str:
         separators=(",", ":"),
         default=str,
     ).encode()
-    mac = hmac.new(key, preamble, hashlib.sha256)
-    mac.update(b"\n")
+    mac = hmac.new(key, preamble + b"\n", hashlib.sha256)
     mac.update(bytes(message.body))
     return VERSION + mac.hexdigest()
 
