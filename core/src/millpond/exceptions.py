@@ -56,8 +56,7 @@ class PublishError(BrokerError):
 
 class AccessDenied(BrokerError):
     """The broker refused the credentials, virtual host or a permission (Redis WRONGPASS, NOAUTH,
-    NOPERM; AMQP ACCESS_REFUSED, NOT_ALLOWED). Waiting cannot cure it, so it is never retried:
-    the worker stops with it, a publish fails at once."""
+    NOPERM; AMQP ACCESS_REFUSED, NOT_ALLOWED): waiting cannot cure it, so it is never retried."""
 
 
 class PublishAccessDenied(AccessDenied, PublishError):
