@@ -56,8 +56,7 @@ class PublishError(BrokerError):
 
 class AccessDenied(BrokerError):
     """The broker refused the credentials, virtual host or a permission (Redis WRONGPASS, NOAUTH,
-    NOPERM; AMQP ACCESS_REFUSED, NOT_ALLOWED). Waiting cannot cure it, so it is never retried:
-    the worker stops with it, a publish fails at once."""
+    NOPERM; AMQP ACCESS_REFUSED, NOT_ALLOWED): waiting cannot cure it, so it is never retried."""
 
 
 class PublishAccessDenied(AccessDenied, PublishError):
@@ -84,10 +83,7 @@ class Retry(MillpondError):
         max_retries: int | None = None,
     ) -> None:
         super().__init__(message or (f"Retry in {countdown}s: {exc!r}" if exc else "Retry"))
-        self.exc = exc
-        self.countdown = countdown
-        self.eta = eta
-        self.max_retries = max_retries
+        self.exc, self.countdown, self.eta, self.max_retries = exc, countdown, eta, max_retries
 
 
 class Reject(MillpondError):
@@ -95,8 +91,7 @@ class Reject(MillpondError):
 
     def __init__(self, reason: str = "", requeue: bool = False) -> None:
         super().__init__(reason)
-        self.reason = reason
-        self.requeue = requeue
+        self.reason, self.requeue = reason, requeue
 
 
 class MaxRetriesExceededError(MillpondError):

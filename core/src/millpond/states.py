@@ -1,11 +1,7 @@
-"""Task states: one `StrEnum` for what a result store records and how a job ended.
-
-The values are Celery's state names, so a state written by either side reads the same on the other
-(a `TaskState` is a `str`). Two members are outcomes only, never stored: `LOST` (the execution unit
-died) and `TIMEOUT` (stopped at its hard time limit) are recorded as FAILURE with their exception.
+"""Task states: one `StrEnum` for what a result store records and how a job ended. The values are
+Celery's state names, so a state written by either side reads the same on the other. The two
+outcome-only members are never stored: they are recorded as FAILURE with their exception.
 """
-
-from __future__ import annotations
 
 from enum import StrEnum
 

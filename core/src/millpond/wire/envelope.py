@@ -6,7 +6,6 @@ other pushed.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import uuid
 from typing import Any
@@ -41,7 +40,7 @@ def loads(raw: str | bytes) -> Message:
         data = json.loads(raw)
     except RecursionError:
         raise MalformedMessage("envelope JSON is nested too deeply")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # UnicodeDecodeError is one
         raise MalformedMessage(f"envelope is not valid JSON: {exc}")
     if not isinstance(data, dict):
         raise MalformedMessage("envelope is not a JSON object")
@@ -57,13 +56,12 @@ def loads(raw: str | bytes) -> Message:
     else:
         try:
             raw_body = base64.b64decode(body, validate=True)
-        except (binascii.Error, ValueError) as exc:
+        except ValueError as exc:  # binascii.Error is one
             raise MalformedMessage(f"envelope body is not valid base64: {exc}")
-    keep = {k: v for k, v in props.items() if k not in ("body_encoding", "delivery_info")}
     return Message(
         body=raw_body,
         headers=headers,
         content_type=str(data.get("content-type") or ""),
         content_encoding=str(data.get("content-encoding") or "utf-8"),
-        properties=keep,
+        properties={k: v for k, v in props.items() if k not in ("body_encoding", "delivery_info")},
     )

@@ -2,8 +2,7 @@
 
 `encode_task` builds a `Message` (what a broker carries) from a task call; `decode_task` turns one
 back into a validated `Job`, or raises a `MessageError` subclass saying exactly what is wrong, so
-the worker dead-letters the message with a reason instead of crashing. Only JSON is accepted unless
-the `accept_content` setting says otherwise; pickle is refused unless explicitly allowed.
+the worker dead-letters the message with a reason instead of crashing.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any, Final, TypeGuard
 
 from millpond.exceptions import MalformedMessage, MessageTooLarge, UnsupportedContentType
@@ -36,15 +34,11 @@ DELIVERY_COUNT: Final = "x-millpond-delivery-count"
 #: gets it treats it as a redelivery (returns its part again, does not run it twice)
 REJOIN: Final = "x-millpond-rejoin"
 
-#: the body's canvas fields (its embed), in the order Celery writes them
-EMBED_KEYS: Final = ("callbacks", "errbacks", "chain", "chord")
-
 
 @dataclass(slots=True)
 class Message:
-    """One message as a broker carries it: opaque body bytes, headers, and the AMQP-style
-    `properties` Celery sets (`correlation_id`: the task id, `reply_to`, `delivery_mode`,
-    `priority`)."""
+    """One message as a broker carries it: opaque body bytes, headers, and the AMQP properties
+    Celery sets (`correlation_id`: the task id, `reply_to`, `delivery_mode`, `priority`)."""
 
     body: bytes
     headers: dict[str, Any]
@@ -68,10 +62,9 @@ class Message:
 
 @dataclass(slots=True, eq=False)
 class Job:
-    """A decoded, validated task message: what the worker runs, from decode to settle (the pool
-    contract's job). `decode_task` fills the message's fields; the worker adds the delivery's
-    (queue, delivery_count, delivery) and the resolved time limits. All but the worker-only
-    fields pickle and cross to a pool's children."""
+    """A decoded, validated task message, what the worker runs from decode to settle (the pool
+    contract's job). `decode_task` fills the message's fields, the worker the delivery's and the
+    resolved time limits. All but the worker-only fields pickle and cross to a pool's children."""
 
     task_id: str
     task_name: str
@@ -125,15 +118,12 @@ def _is_number(value: object) -> TypeGuard[int | float]:
 
 _Rule = tuple[Callable[[Any], bool], str]
 #: what the headers the worker reads must be (a count or a text may be null)
-_ID: Final[_Rule] = (
+_ID: _Rule = (
     lambda v: isinstance(v, str) and 0 < len(v) <= 255,
     "a non-empty string of at most 255 characters",
 )
-_COUNT: Final[_Rule] = (
-    lambda v: v is None or (type(v) is int and v >= 0),
-    "a non-negative integer",
-)
-_TEXT: Final[_Rule] = (lambda v: v is None or isinstance(v, str), "a string")
+_COUNT: _Rule = (lambda v: v is None or (type(v) is int and v >= 0), "a non-negative integer")
+_TEXT: _Rule = (lambda v: v is None or isinstance(v, str), "a string")
 _TEXT_HEADERS: Final = ("root_id", "parent_id", "group", "origin", "traceparent", "tracestate")
 _HEADERS: Final = {"id": _ID, "task": _ID, "retries": _COUNT, "group_index": _COUNT}
 _HEADERS.update(dict.fromkeys(_TEXT_HEADERS, _TEXT))
@@ -172,17 +162,9 @@ def _limit(name: str, value: Any) -> float | None:
         return None
     if not _is_number(value):
         raise MalformedMessage(f"timelimit {name} must be a number or null")
-    seconds = _finite(value)
-    if seconds is None or seconds <= 0:
+    if (seconds := _finite(value)) is None or seconds <= 0:
         raise MalformedMessage(f"timelimit {name} must be a positive number, got {value!r:.64}")
     return seconds
-
-
-@lru_cache(maxsize=64)
-def _media_type(content_type: str) -> str:
-    """`Application/JSON; charset=utf-8` -> `application/json` (a worker sees a few, again and
-    again)."""
-    return content_type.partition(";")[0].strip().lower()
 
 
 def encode_task(
@@ -201,15 +183,13 @@ def encode_task(
     priority: int | None = None,
 ) -> Message:
     """Build a protocol v2 message with a JSON body; raises `TypeError` for arguments JSON can't hold.
-
-    `headers` set or override headers by their wire names (`retries`, `root_id`, `parent_id`,
-    `origin`, `ignore_result`, `group`, `group_index`, `millpond_sent_at`, ...). `embed` holds the
-    canvas fields Celery's workers read, signature dicts: `callbacks`, `errbacks`, `chain` (the
-    remaining steps, reversed) and `chord` (the body).
-    """
+    `headers` set or override headers by their wire names. `embed` holds the canvas fields Celery's
+    workers read, signature dicts: `callbacks`, `errbacks`, `chain` (the remaining steps, reversed)
+    and `chord` (the body)."""
     task_id = task_id or new_id()
     kwargs = dict(kwargs or {})
-    canvas = {key: (embed or {}).get(key) or None for key in EMBED_KEYS}
+    # the body's canvas fields (its embed), in the order Celery writes them
+    canvas = {k: (embed or {}).get(k) or None for k in ("callbacks", "errbacks", "chain", "chord")}
     try:
         body = json.dumps([list(args), kwargs, canvas], separators=(",", ":")).encode()
     except (TypeError, ValueError) as exc:
@@ -264,8 +244,9 @@ def decode_task(
     headers = message.headers
     if not isinstance(headers, dict):
         raise MalformedMessage("message headers are not a mapping")
-    raw_type = message.content_type
-    content_type = _media_type(raw_type) if isinstance(raw_type, str) else ""
+    content_type = message.content_type if isinstance(message.content_type, str) else ""
+    if content_type not in accept:  # `Application/JSON; charset=utf-8` is JSON too
+        content_type = content_type.partition(";")[0].strip().lower()
     if content_type not in accept:
         why = (
             "pickle is refused unless the accept_content setting allows it"
@@ -286,47 +267,18 @@ def decode_task(
     if not isinstance(timelimit, list | tuple) or len(timelimit) != 2:
         raise MalformedMessage("header 'timelimit' must be [hard, soft]")
     hard, soft = _limit("hard", timelimit[0]), _limit("soft", timelimit[1])
-    args, kwargs, embed = _decode_body(message.body, content_type, message.content_encoding)
-    reply_to = message.properties.get("reply_to") if isinstance(message.properties, dict) else None
-    sent_at = get(SENT_AT)  # informational only: a bad value is ignored, not fatal
-    return Job(
-        task_id=headers["id"],
-        task_name=headers["task"],
-        args=args,
-        kwargs=kwargs,
-        retries=get("retries") or 0,
-        time_limit=hard,
-        soft_time_limit=soft,
-        root_id=get("root_id"),
-        parent_id=get("parent_id"),
-        origin=get("origin"),
-        eta=_parse_time("eta", get("eta")),
-        expires=_parse_time("expires", get("expires")),
-        sent_at=_finite(sent_at) if _is_number(sent_at) else None,
-        # the canvas fields that are set; None for a plain task
-        embed={k: v for k, v in embed.items() if v} or None,
-        group_id=get("group"),
-        group_index=get("group_index"),
-        reply_to=reply_to if isinstance(reply_to, str) else None,
-        headers=headers,
-    )
 
-
-def _decode_body(
-    body: bytes | bytearray | memoryview, content_type: str, encoding: str | None
-) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]:
     if content_type == PICKLE:
         try:
-            payload = pickle.loads(bytes(body))  # noqa: S301 - only when accept_content allows it
+            payload = pickle.loads(bytes(message.body))  # noqa: S301 - accept_content allows it
         except Exception as exc:
             raise MalformedMessage(f"pickle body cannot be loaded: {exc}")
     else:
+        encoding = message.content_encoding or "utf-8"
         try:
-            text = bytes(body).decode(encoding or "utf-8")
+            payload = json.loads(bytes(message.body).decode(encoding))
         except (UnicodeDecodeError, LookupError, TypeError) as exc:
-            raise MalformedMessage(f"body is not valid {encoding or 'utf-8'!s:.64} text: {exc}")
-        try:
-            payload = json.loads(text)
+            raise MalformedMessage(f"body is not valid {encoding!s:.64} text: {exc}")
         except RecursionError:
             raise MalformedMessage("body JSON is nested too deeply")
         except ValueError as exc:
@@ -338,13 +290,33 @@ def _decode_body(
         raise MalformedMessage(f"body args must be an array, got {type(args).__name__}")
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise MalformedMessage("body kwargs must be an object with string keys")
-    if embed is None:
-        embed = {}
-    elif not isinstance(embed, dict):
+    if embed is not None and not isinstance(embed, dict):
         raise MalformedMessage("body embed must be an object or null")
-    elif embed:
+    if embed:
         _check_embed(embed)
-    return tuple(args), kwargs, embed
+    reply_to = message.properties.get("reply_to") if isinstance(message.properties, dict) else None
+    sent_at = get(SENT_AT)  # informational only: a bad value is ignored, not fatal
+    return Job(
+        task_id=headers["id"],
+        task_name=headers["task"],
+        args=tuple(args),
+        kwargs=kwargs,
+        retries=get("retries") or 0,
+        time_limit=hard,
+        soft_time_limit=soft,
+        root_id=get("root_id"),
+        parent_id=get("parent_id"),
+        origin=get("origin"),
+        eta=_parse_time("eta", get("eta")),
+        expires=_parse_time("expires", get("expires")),
+        sent_at=_finite(sent_at) if _is_number(sent_at) else None,
+        # the canvas fields that are set; None for a plain task
+        embed={k: v for k, v in (embed or {}).items() if v} or None,
+        group_id=get("group"),
+        group_index=get("group_index"),
+        reply_to=reply_to if isinstance(reply_to, str) else None,
+        headers=headers,
+    )
 
 
 def _check_signature(where: str, value: Any) -> None:
@@ -357,12 +329,11 @@ def _check_signature(where: str, value: Any) -> None:
 
 def _check_embed(embed: dict[str, Any]) -> None:
     """The canvas fields must be signatures, so a worker never fails half-way through a chain: a
-    bad one dead-letters the message, with the reason, before the task runs. A chain's next step
-    (its last element), the callbacks, errbacks and chord body are checked whole; later steps
-    only for being signatures (each is checked whole by the worker that runs it next)."""
+    bad one dead-letters the message, with the reason, before the task runs. The chain's next step
+    (its last element), callbacks, errbacks and chord body are checked whole; later steps only for
+    being signatures (the worker that runs each checks it whole)."""
     for key in ("callbacks", "errbacks", "chain"):
-        items = embed.get(key)
-        if items is None:
+        if (items := embed.get(key)) is None:
             continue
         if not isinstance(items, list):
             raise MalformedMessage(f"body embed {key!r} must be a list of signatures or null")

@@ -1,14 +1,12 @@
 """Optional message signing: an HMAC-SHA256 over the body, the headers that decide what runs or what
-operators are shown, and the properties that decide where results go.
+operators are shown, and the properties that decide where results go. With a `signing_key` set,
+producers sign every message and workers dead-letter unsigned or altered ones before parsing their
+body. It proves a message came from someone holding the key, unaltered; it does not encrypt (TLS).
 
-With a `signing_key` set, producers sign every message and workers refuse (dead-letter) messages that
-are unsigned or whose signature does not match, before their body is parsed. It proves a message came
-from someone holding the key and was not altered; it does not encrypt (use TLS for that).
-
-Left out on purpose: headers a broker adds or rewrites in transit (every `x-*` header: RabbitMQ's
-`x-death` and `x-delivery-count`, millpond's own dead-letter reason), the trace context
-(`traceparent`, `tracestate`: it changes which trace spans join, not what runs) and the `priority`
-and delivery properties (scheduling hints a broker may normalise). docs/guarantees.md lists them.
+Left out on purpose (docs/guarantees.md lists them): headers a broker adds or rewrites in transit
+(every `x-*` header: RabbitMQ's `x-death` and `x-delivery-count`, millpond's dead-letter reason),
+the trace context (`traceparent`, `tracestate`: it changes which trace spans join, not what runs)
+and the `priority` and delivery properties (scheduling hints a broker may normalise).
 """
 
 from __future__ import annotations
@@ -46,8 +44,7 @@ def _digest(message: Message, key: bytes) -> str:
         separators=(",", ":"),
         default=str,
     ).encode()
-    mac = hmac.new(key, preamble, hashlib.sha256)
-    mac.update(b"\n")
+    mac = hmac.new(key, preamble + b"\n", hashlib.sha256)
     mac.update(bytes(message.body))
     return VERSION + mac.hexdigest()
 
