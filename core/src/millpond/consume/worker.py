@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -46,9 +46,7 @@ log = structlog.get_logger("millpond.worker")
 Discard = Callable[[str, Mapping[str, Any]], str | None]
 
 
-def _first_reason(
-    checks: Sequence[Discard], task_id: str, headers: Mapping[str, Any]
-) -> str | None:
+def _first_reason(checks: list[Discard], task_id: str, headers: Mapping[str, Any]) -> str | None:
     return next((why for check in checks if (why := check(task_id, headers)) is not None), None)
 
 
@@ -121,7 +119,7 @@ class Worker:
     def _discarder(self) -> Discard:
         """The one filtering component's own method on the hot path (the usual case), all of
         them in name order when there are several."""
-        checks = [c.discard for c in self.components.values() if c.filters_tasks]
+        checks: list[Discard] = [c.discard for c in self.components.values() if c.filters_tasks]
         return checks[0] if len(checks) == 1 else functools.partial(_first_reason, checks)
 
     def _may_hold(self, task_name: str) -> bool:
