@@ -185,3 +185,39 @@ def test_a_component_holds_jobs_back_beside_the_window_and_releases_them(
     finally:
         assert running.stop() == 0
     assert worker.acks is not None and worker.acks.held == 0  # every one was acknowledged
+
+
+def test_a_consumer_that_cannot_resize_keeps_its_window_and_warns_when_it_is_too_narrow(
+    memory_app: Millpond, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quorum queue's consumer cannot change its prefetch: the window opened with the holders'
+    room stays, asked once; when it is already narrower than they want, the operator is told."""
+    import structlog
+
+    from millpond_broker_embedded.memory import MemoryConsumer
+
+    asked: list[int] = []
+
+    def refuse(self: MemoryConsumer, prefetch: int) -> bool:
+        asked.append(prefetch)
+        return False
+
+    monkeypatch.setattr(MemoryConsumer, "resize", refuse)
+    worker = Worker(memory_app, pool="threads", concurrency=1, prefetch_multiplier=1)
+    holder = HoldBack(worker, "comp.held")
+    worker.components, worker.holders = {"hold": holder}, [holder]
+    memory_app.broker.connect()
+    worker.open_consumer(worker.queues)  # opens with 1 + the holder's 4
+    worker.concurrency = 8  # a pool resize: the window wants 8 now, the consumer keeps 5
+    worker.closing = True  # the window is looked after, then nothing is fetched
+    with structlog.testing.capture_logs() as logged:
+        assert not worker._fetch()
+        assert not worker._fetch()
+    assert asked == [8]  # asked once: a consumer that refused is not asked again
+    assert [line["event"] for line in logged if line["log_level"] == "warning"] == [
+        "this broker's consumer cannot widen its prefetch window at run time: messages held "
+        "back (rate-limited ones waiting for a token) take room from other tasks until the "
+        "worker restarts"
+    ]
+    assert worker.consumer is not None
+    worker.consumer.close()

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -46,19 +46,8 @@ log = structlog.get_logger("millpond.worker")
 Discard = Callable[[str, Mapping[str, Any]], str | None]
 
 
-def _first_reason(
-    checks: Sequence[Discard], task_id: str, headers: Mapping[str, Any]
-) -> str | None:
+def _first_reason(checks: list[Discard], task_id: str, headers: Mapping[str, Any]) -> str | None:
     return next((why for check in checks if (why := check(task_id, headers)) is not None), None)
-
-
-def _in_main_thread() -> bool:
-    """Whether this thread may install signal handlers. eventlet's main greenthread is a new
-    `_MainThread` object, so an identity check alone would leave it without a SIGTERM handler."""
-    current, main = threading.current_thread(), threading.main_thread()
-    if current is main:
-        return True
-    return current.name == main.name and type(current).__name__ == type(main).__name__
 
 
 class Worker:
@@ -66,8 +55,7 @@ class Worker:
 
     def __init__(self, app: Millpond, *, settings: Settings | None = None, **flags: Any) -> None:
         self.app = app
-        #: expired and stale messages are told at INFO, at most one line per 10 s
-        self._told = Throttled(log.info)
+        self._told = Throttled(log.info)  # expired and stale messages
         if settings is None:
             settings = load_settings(flags, code=app.code_config)
         elif flags:
@@ -110,9 +98,7 @@ class Worker:
         }
         #: the components that may hold a task back until it may start (rate limits)
         self.holders = [c for c in self.components.values() if c.holds_tasks]
-        #: why a task must not run (revoked), or None
         self.discard: Discard = self._discarder()
-        #: what other threads ask the loop to run on its next turn (`call_soon`)
         self._calls: deque[Callable[[], None]] = deque()
         #: the broker's prefetch window: the prefetch count plus the room the holders want
         self._window = self.prefetch
@@ -133,7 +119,7 @@ class Worker:
     def _discarder(self) -> Discard:
         """The one filtering component's own method on the hot path (the usual case), all of
         them in name order when there are several."""
-        checks = [c.discard for c in self.components.values() if c.filters_tasks]
+        checks: list[Discard] = [c.discard for c in self.components.values() if c.filters_tasks]
         return checks[0] if len(checks) == 1 else functools.partial(_first_reason, checks)
 
     def _may_hold(self, task_name: str) -> bool:
@@ -171,29 +157,28 @@ class Worker:
         self.inbox.waker.wake()
 
     def _install_signals(self) -> None:
-        if not _in_main_thread():
+        current, main = threading.current_thread(), threading.main_thread()
+        # by name and type, not identity: eventlet's main greenthread is a new `_MainThread`
+        # object, and only the main thread may install signal handlers
+        if (current.name, type(current).__name__) != (main.name, type(main).__name__):
             return
 
-        def warm(signum: int, frame: FrameType | None) -> None:
-            if self.stopping.is_set() and signum == signal.SIGINT:
-                cold(signum, frame)
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            name = signal.Signals(signum).name
+            if name == "SIGQUIT" or (name == "SIGINT" and self.stopping.is_set()):
+                log.warning("cold shutdown requested", signal=name)
+                self.stop(cold=True)
+                if self.running_inline:  # the solo pool runs the task in this thread: interrupt it
+                    raise KeyboardInterrupt
                 return
             running = self.pool.active if self.pool else 0
-            log.info("warm shutdown requested", signal=signal.Signals(signum).name, running=running)
+            log.info("warm shutdown requested", signal=name, running=running)
             self.stop()
 
-        def cold(signum: int, _frame: FrameType | None) -> None:
-            log.warning("cold shutdown requested", signal=signal.Signals(signum).name)
-            self.stop(cold=True)
-            if self.running_inline:  # the solo pool runs the task in this thread: interrupt it
-                raise KeyboardInterrupt
+        for name in ("SIGTERM", "SIGINT", "SIGQUIT"):  # Windows has no SIGQUIT
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), on_signal)
 
-        signal.signal(signal.SIGTERM, warm)
-        signal.signal(signal.SIGINT, warm)
-        if hasattr(signal, "SIGQUIT"):
-            signal.signal(signal.SIGQUIT, cold)
-
-    # -- start-up --------------------------------------------------------------------------------
     def run(self) -> int:
         """Run until stopped; returns the exit code (0 after a warm shutdown)."""
         if PICKLE in self.settings.accept_content:
@@ -202,12 +187,11 @@ class Worker:
                 "run code in this worker; allow it only if every producer is trusted"
             )
         self.receiver.check_time_limits()
-        broker = self.app.broker
         self.hooks.worker_starting(self)
         self.hooks = self.hooks.active()  # without the hooks that switched themselves off
         self.app.use_hooks(self.hooks.hooks)
-        broker.connect()
-        broker.declare(self.queues)
+        self.app.broker.connect()
+        self.app.broker.declare(self.queues)
         _ = self.app.backend  # resolve it now: a bad backend URL fails at start-up
         try:
             self.pool = self.pool_cls(
@@ -260,12 +244,13 @@ class Worker:
                 self._dispatch_buffered()
                 if self._fetch():
                     continue
+            elif self._cold:
+                return
             else:
-                if not self._cold:
-                    if not self._given_back:
-                        self._give_back_buffered()
-                    self._dispatch_buffered()  # what was acked on receipt is ours to run
-                if self._cold or not (pool.active or self.buffer):
+                if not self._given_back:
+                    self._give_back_buffered()
+                self._dispatch_buffered()  # what was acked on receipt is ours to run
+                if not (pool.active or self.buffer):
                     return
                 if time.monotonic() > self._stop_deadline:
                     log.warning(
@@ -286,20 +271,29 @@ class Worker:
 
     def _fetch(self) -> bool:
         """Fetch what the window has room for and receive it; False: no room, the loop waits."""
-        acks, holders = self.acks, self.holders
         for component in self.components.values():
-            component.tend()
+            component.tend()  # the control plane's may open another consumer
+        acks, holders, consumer = self.acks, self.holders, self.consumer
+        assert consumer is not None
         window = self.prefetch + sum(holder.window_room() for holder in holders)
-        if window != self._window:
-            self._resize_window(window)
+        # a consumer that cannot resize (a quorum queue's) keeps the window it opened with
+        if window != self._window and self._resizable:
+            self._resizable = consumer.resize(window)
+            if self._resizable:
+                self._window = window
+            elif self._window < self.prefetch + sum(h.window_room(opening=True) for h in holders):
+                log.warning(
+                    "this broker's consumer cannot widen its prefetch window at run time: "
+                    "messages held back (rate-limited ones waiting for a token) take room from "
+                    "other tasks until the worker restarts"
+                )
         # held messages (rate-limited ones) wait beside the window, not in it
         room = self.prefetch - acks.held + sum(holder.beside_window() for holder in holders)
         if self.closing or room <= 0:
             return False
         acks.flush()
-        assert self.consumer is not None
         try:
-            deliveries = self.consumer.fetch(room, self._wait(1.0), self.inbox.waker)
+            deliveries = consumer.fetch(room, self._wait(1.0), self.inbox.waker)
         except AccessDenied:
             raise  # credentials or permissions: no retry cures it; stop and say so
         except Exception as exc:
@@ -310,27 +304,14 @@ class Worker:
             return True
         acks.backoff = 0.1
         for delivery in deliveries:
-            job = self.receiver.receive(delivery)
-            if job is not None:
-                self._received(job)
-        if deliveries:
-            self._dispatch_buffered()
+            if (job := self.receiver.receive(delivery)) is None:
+                continue
+            self.hooks.received(job)
+            if self._answered(job, "expired before a worker received it"):
+                continue
+            if not any(holder.hold(job) for holder in holders):
+                self.buffer.append(job)
         return True
-
-    def _resize_window(self, window: int) -> None:
-        """A consumer that cannot resize (a quorum queue's) keeps the window it opened with."""
-        if self.consumer is None or not self._resizable:
-            return
-        if self.consumer.resize(window):
-            self._window = window
-            return
-        self._resizable = False
-        if self._window < self.prefetch + sum(h.window_room(opening=True) for h in self.holders):
-            log.warning(
-                "this broker's consumer cannot widen its prefetch window at run time: "
-                "messages held back (rate-limited ones waiting for a token) take room from "
-                "other tasks until the worker restarts"
-            )
 
     def _wait(self, longest: float) -> float:
         """How long the loop may block: less when a held job may start and the pool has a slot
@@ -340,13 +321,6 @@ class Worker:
             return longest
         dues = (holder.next_release() for holder in self.holders)
         return min([longest, *(max(due, 0.001) for due in dues if due is not None)])
-
-    def _received(self, job: Job) -> None:
-        self.hooks.received(job)
-        if self._answered(job, "expired before a worker received it"):
-            return
-        if not any(holder.hold(job) for holder in self.holders):
-            self.buffer.append(job)
 
     def _answered(self, job: Job, expired: str) -> bool:
         """Whether the job was ended without the pool, REVOKED (revoked, or `expired`)."""
@@ -373,10 +347,8 @@ class Worker:
         """Warm shutdown: unstarted messages go back to the broker now, so another worker runs
         them (rather than after the close, or their lease or visibility timeout)."""
         self._given_back = True
-        jobs = list(self.buffer)
+        jobs = [*self.buffer, *(job for holder in self.holders for job in holder.drain())]
         self.buffer.clear()
-        for holder in self.holders:
-            jobs += holder.drain()
         self.acks.flush()  # finished tasks' acks first: the release must not overtake them
         # acknowledged on receipt (acks_late off): the broker has them no more, they run here
         owned = [job for job in jobs if job.delivery is None]
@@ -403,8 +375,7 @@ class Worker:
                     return
                 job = buffer.popleft()
             if consumer is not None and job.delivery is not None and consumer.stale(job.delivery):
-                # the broker may have handed it to another worker while this one was stalled:
-                # never started (only tasks already running may run twice); it goes back
+                # never started: only a task already running may run twice
                 self._told.log(
                     "stale",
                     "not starting a buffered message: the broker may have given it to another "
@@ -436,7 +407,6 @@ class Worker:
         for job, outcome in self.inbox.drain():
             self.settler.finish(job, outcome)
 
-    # -- shutdown --------------------------------------------------------------------------------
     def _shutdown(self) -> int:
         pool, consumer, cold = self.pool, self.consumer, self._cold
         for component in self.components.values():

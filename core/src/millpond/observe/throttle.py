@@ -1,10 +1,7 @@
-"""Log lines that can repeat per message, at most once per interval per kind.
-
-An operator must hear that tasks expired unrun or that children are recycled for memory, but a
-flood of expired messages must not become a flood of lines: the first of a kind is logged at
-once, later ones within `interval` seconds are counted into the next line of that kind
-(`and_before`).
-"""
+"""Log lines that can repeat per message (tasks expired unrun, children recycled for memory): an
+operator must hear of them, but a flood of messages must not become a flood of lines. The first of
+a kind is logged at once; later ones within `interval` seconds are counted into the next line of
+that kind (`and_before`)."""
 
 from __future__ import annotations
 
