@@ -79,24 +79,20 @@ class ResultBackend(ABC):
     @abstractmethod
     def forget(self, task_id: str) -> None: ...
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        pass
+    def close(self) -> None: ...  # noqa: B027 - optional hook
 
-    # -- results routed to the caller (optional) -------------------------------------------------
     #: whether each result goes back over the broker to the process that sent the task (Celery's
-    #: rpc://), not into a store any process reads: the app calls `bind_broker` once, the producer
-    #: `reply_to` before each send, and the worker passes it on in `ResultMeta.reply_to`.
+    #: rpc://), not into a store any process reads: `bind_broker` and `reply_to` set that up
     replies_to_caller: ClassVar[bool] = False
 
     def bind_broker(self, broker: Broker) -> None:  # noqa: B027 - optional hook
         """The app's broker, which results travel over, right after the backend is created."""
 
     def reply_to(self, task_id: str) -> str | None:
-        """Before a task whose result is kept is sent: where the worker is to send the result
-        (the message's `reply_to`, as Celery reads it), declared and listened to; None: unset."""
+        """Where the worker is to send a kept result (the message's `reply_to`, as Celery reads it),
+        declared and listened to before the task is sent; None: unset."""
         return None
 
-    # -- chords and groups (optional) -------------------------------------------------------------
     #: whether this backend joins chord headers itself (`set_chord_size`, `chord_part_return`)
     supports_chords: ClassVar[bool] = False
 
@@ -108,11 +104,10 @@ class ResultBackend(ABC):
     def chord_part_return(
         self, group_id: str, task_id: str, index: int | None, state: str, result: Any
     ) -> list[ChordPart] | None:
-        """Record one header task's outcome (its value, or Celery's exception dict). Exactly one
-        caller, the one completing the chord, gets every part in header order, everyone else
-        None: the join is claimed atomically for `CHORD_CLAIM_TTL` unless `chord_done` ends it,
-        and a lapsed claim (its worker died before sending the body) passes to the next caller,
-        such as the redelivered header task. A part returned twice counts once."""
+        """Record one header task's outcome (its value, or Celery's exception dict), once however
+        often returned. The one caller completing the chord gets every part in header order (others
+        None), claiming the join atomically for `CHORD_CLAIM_TTL` unless `chord_done` ends it; a
+        lapsed claim (its worker died before sending the body) passes to the next caller."""
         raise NotSupported(f"{type(self).__name__} cannot join chords")
 
     def chord_done(self, group_id: str) -> None:
