@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 import threading
-import traceback as traceback_module
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from traceback import format_exception
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, final
 
 from millpond.exceptions import NotSupported, TaskRevokedError, TimeLimitExceeded
@@ -86,17 +86,15 @@ class Outcome:
         requeue: bool = False,
         runtime: float = 0.0,
     ) -> Outcome:
-        """How `exc` ended a job (a FAILURE unless `state` says otherwise, such as a pool's LOST,
-        TIMEOUT or REVOKED): its type, module, args, and the traceback where it was raised;
-        `message` replaces its text when the pool adds what it was doing."""
-        raised = exc.__traceback__ is not None
+        """How `exc` ended a job (a FAILURE unless `state` says otherwise), with the traceback where
+        it was raised; `message` replaces its text when the pool adds what it was doing."""
         return cls(
             state=state,
             exc_type=type(exc).__name__,
             exc_module=type(exc).__module__,
             exc_message=str(exc) if message is None else message,
             exc_args=[_json_safe(arg) for arg in exc.args] if message is None else None,
-            traceback="".join(traceback_module.format_exception(exc)) if raised else None,
+            traceback="".join(format_exception(exc)) if exc.__traceback__ else None,
             requeue=requeue,
             runtime=runtime,
         )
@@ -122,9 +120,8 @@ Guard = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
 CompletionCallback = Callable[[Job, Outcome], None]
 
 
-#: what the core hands every pool, bound to the worker's app and hooks (a forked child inherits it);
-#: a pool with child processes calls its `process_started()` in each before the first job and
-#: `process_exiting()` at the end
+#: what the core hands every pool, bound to the worker's app and hooks (a forked child inherits
+#: it); a child process calls its `process_started()` before its first job, `process_exiting()` last
 Execution: TypeAlias = "Executor"
 
 
@@ -191,11 +188,9 @@ class BasePool(ABC):
             self._active[job.task_id] = job
         try:
             self.on_apply(job)
-        except BaseException as exc:
-            # The pool could not take the job at all: report it, never lose the message silently.
-            self.complete(
-                job, Outcome.of(exc, TaskState.LOST, message=f"pool refused the job: {exc}")
-            )
+        except BaseException as exc:  # the pool could not take it: never lose the message silently
+            refused = Outcome.of(exc, TaskState.LOST, message=f"pool refused the job: {exc}")
+            self.complete(job, refused)
 
     @final
     def complete(self, job: Job, outcome: Outcome) -> None:
