@@ -24,9 +24,8 @@ _STORED = ("status", "result", "traceback", "children", "date_done", "task_id", 
 
 @dataclass(slots=True)
 class ResultMeta:
-    """A task's stored outcome; a failure's `result` is `{"exc_type", "exc_message",
-    "exc_module"}` as Celery stores it. `reply_to` is not stored: the worker sets it from the
-    task message's `reply_to` property, for a backend with `replies_to_caller`."""
+    """A task's stored outcome (a failure's `result` is Celery's `{"exc_type", "exc_message",
+    "exc_module"}`); `reply_to`, not stored, is the message's, for a `replies_to_caller` backend."""
 
     task_id: str
     status: TaskState | str
@@ -68,9 +67,8 @@ class ResultBackend(ABC):
 
     @abstractmethod
     def get(self, task_id: str, timeout: float | None) -> ResultMeta | None:
-        """Wait until the task is ready or `timeout` passes (None: forever); the newest stored
-        meta, ready or not, or None when nothing is stored. The wait must wake on completion
-        (pub/sub, blocking pop, condition), not poll once a second."""
+        """Wait until the task is ready or `timeout` passes (None: forever), woken by its completion
+        (pub/sub, blocking pop), not polling; the newest meta, ready or not (None: none stored)."""
 
     @abstractmethod
     def peek(self, task_id: str) -> ResultMeta | None:

@@ -72,8 +72,7 @@ class Hooks:
 
     #: a hook may turn this off in `worker_starting` (metrics, no exporter): left out from then on
     enabled: bool = True
-    #: lowest first (ties keep their order: installed hooks by name): tracing makes the span
-    #: current before log context reads its ids
+    #: lowest first, ties in order (installed by name): tracing sets its span before logs read it
     order: int = 50
 
     def before_publish(self, publication: Publication) -> Any:

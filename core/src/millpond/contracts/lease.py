@@ -85,11 +85,10 @@ class Outage:
 
 
 class LeaseKeeper(threading.Thread):
-    """Renews a consumer's lease every `interval` seconds until `stop()`, from a thread and
-    connection of its own, so a task running inline in the loop thread (solo) for hours never lets
-    it lapse; a beat also gives back the messages of consumers whose lease expired. What a beat
-    does is the broker's (a Redis script, a SQL statement); when, and what is logged, is here.
-    Errors are logged, never raised, and `transient` ones as an `Outage` of its own."""
+    """Renews a consumer's lease every `interval` seconds until `stop()`, on a thread and connection
+    of its own, so a task running inline in the loop thread (solo) for hours never lets it lapse; a
+    beat (the broker's: a Redis script, a SQL statement) also gives back the messages of consumers
+    whose lease expired. Errors are logged, never raised (`transient` ones as an `Outage`)."""
 
     def __init__(
         self,
