@@ -1,7 +1,5 @@
-"""The result-backend contract: where task outcomes are stored and waited for.
-
-The stored layout is Celery's (`celery-task-meta-<id>` as JSON), so Celery clients read millpond's
-results and the other way round.
+"""The result-backend contract: where task outcomes are stored and waited for, in Celery's layout
+(`celery-task-meta-<id>` as JSON), so Celery clients and millpond read each other's results.
 """
 
 from __future__ import annotations
