@@ -151,8 +151,8 @@ class Claims(ABC):
     """Short-lived named locks and a string map per namespace, held by the app's own broker (Redis
     `SET NX PX`, a sqlite row) from any thread and after `os.fork()`: replicas of `millpond beat`
     agree on who publishes each tick and remember what was published. A claim is forgotten `ttl`
-    seconds after its last `acquire`, whatever becomes of its holder (SIGKILLed, say). State is kept
-    until overwritten, outside the claims' transactions: write it after the claim that guards it."""
+    seconds after its last successful `acquire`, whatever becomes of its holder (SIGKILLed, say).
+    State stays until overwritten, apart from the claims: write it after the claim guarding it."""
 
     #: False where a claim ends with its holder's connection (RabbitMQ's exclusive queues), not
     #: at its ttl: callers need not keep claims that only fence against that holder

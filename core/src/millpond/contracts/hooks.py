@@ -4,7 +4,7 @@ flow of a task without the flow knowing them.
 An implementation subclasses `Hooks`, overriding what it needs (every method is a no-op), and is
 found through the `millpond.hooks` entry-point group or added with `app.add_hooks(...)`; the
 producer, the worker loop, the pool template and the execution unit call hooks through a
-`HookChain`, importing no tracing or metrics code. Each method says in which thread it runs.
+`HookChain`, importing no tracing or metrics code. Each method says where it runs.
 `Job.carrier` hands data from `started` (worker process) to `enter_task` (maybe another process): a
 small picklable dict of text, like W3C trace headers; `Job.span` stays in the worker process. A hook
 raising as a task goes through is logged and skipped, never failing the task or the worker; one
@@ -133,7 +133,7 @@ _SINGLE = (
     *("received", "started", "finished", "process_starting", "worker_starting"),
     *("worker_ready", "worker_stopped", "process_started", "process_exiting"),
 )
-#: not guarded: a hook that cannot start (a bad setting, a port in use) stops the command with it
+#: not guarded: a hook unable to start (a bad setting, a port in use) stops the command, saying why
 _STRICT = frozenset({"process_starting", "worker_starting", "worker_ready"})
 #: the paired methods: each hook's token from the first half reaches its own second half
 _PAIRED = {"before_publish": "after_publish", "enter_task": "exit_task"}
