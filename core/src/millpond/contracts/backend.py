@@ -1,7 +1,5 @@
-"""The result-backend contract: where task outcomes are stored and waited for.
-
-The stored layout is Celery's (`celery-task-meta-<id>` as JSON), so Celery clients read millpond's
-results and the other way round.
+"""The result-backend contract: where task outcomes are stored and waited for, in Celery's layout
+(`celery-task-meta-<id>` as JSON), so Celery clients and millpond read each other's results.
 """
 
 from __future__ import annotations
@@ -24,9 +22,8 @@ _STORED = ("status", "result", "traceback", "children", "date_done", "task_id", 
 
 @dataclass(slots=True)
 class ResultMeta:
-    """A task's stored outcome; a failure's `result` is `{"exc_type", "exc_message",
-    "exc_module"}` as Celery stores it. `reply_to` is not stored: the worker sets it from the
-    task message's `reply_to` property, for a backend with `replies_to_caller`."""
+    """A task's stored outcome (a failure's `result` is Celery's `{"exc_type", "exc_message",
+    "exc_module"}`); `reply_to`, not stored, is the message's, for a `replies_to_caller` backend."""
 
     task_id: str
     status: TaskState | str
@@ -68,9 +65,8 @@ class ResultBackend(ABC):
 
     @abstractmethod
     def get(self, task_id: str, timeout: float | None) -> ResultMeta | None:
-        """Wait until the task is ready or `timeout` passes (None: forever); the newest stored
-        meta, ready or not, or None when nothing is stored. The wait must wake on completion
-        (pub/sub, blocking pop, condition), not poll once a second."""
+        """Wait until the task is ready or `timeout` passes (None: forever), woken by its completion
+        (pub/sub, blocking pop), not polling; the newest meta, ready or not (None: none stored)."""
 
     @abstractmethod
     def peek(self, task_id: str) -> ResultMeta | None:
@@ -79,24 +75,20 @@ class ResultBackend(ABC):
     @abstractmethod
     def forget(self, task_id: str) -> None: ...
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        pass
+    def close(self) -> None: ...  # noqa: B027 - optional hook
 
-    # -- results routed to the caller (optional) -------------------------------------------------
     #: whether each result goes back over the broker to the process that sent the task (Celery's
-    #: rpc://), not into a store any process reads: the app calls `bind_broker` once, the producer
-    #: `reply_to` before each send, and the worker passes it on in `ResultMeta.reply_to`.
+    #: rpc://), not into a store any process reads: `bind_broker` and `reply_to` set that up
     replies_to_caller: ClassVar[bool] = False
 
     def bind_broker(self, broker: Broker) -> None:  # noqa: B027 - optional hook
         """The app's broker, which results travel over, right after the backend is created."""
 
     def reply_to(self, task_id: str) -> str | None:
-        """Before a task whose result is kept is sent: where the worker is to send the result
-        (the message's `reply_to`, as Celery reads it), declared and listened to; None: unset."""
+        """Where the worker is to send a kept result (the message's `reply_to`, as Celery reads it),
+        declared and listened to before the task is sent; None: unset."""
         return None
 
-    # -- chords and groups (optional) -------------------------------------------------------------
     #: whether this backend joins chord headers itself (`set_chord_size`, `chord_part_return`)
     supports_chords: ClassVar[bool] = False
 
@@ -108,11 +100,10 @@ class ResultBackend(ABC):
     def chord_part_return(
         self, group_id: str, task_id: str, index: int | None, state: str, result: Any
     ) -> list[ChordPart] | None:
-        """Record one header task's outcome (its value, or Celery's exception dict). Exactly one
-        caller, the one completing the chord, gets every part in header order, everyone else
-        None: the join is claimed atomically for `CHORD_CLAIM_TTL` unless `chord_done` ends it,
-        and a lapsed claim (its worker died before sending the body) passes to the next caller,
-        such as the redelivered header task. A part returned twice counts once."""
+        """Record one header task's outcome (its value, or Celery's exception dict), once however
+        often returned. The one caller completing the chord gets every part in header order (others
+        None), claiming the join atomically for `CHORD_CLAIM_TTL` unless `chord_done` ends it; a
+        lapsed claim (its worker died before sending the body) passes to the next caller."""
         raise NotSupported(f"{type(self).__name__} cannot join chords")
 
     def chord_done(self, group_id: str) -> None:

@@ -1,18 +1,14 @@
 """The broker contract every transport plugin implements: publish, consume, acknowledge.
 
 What a broker cannot do it says one way: the optional method raises `NotSupported`, naming the
-broker and what to use instead (or a `supports_*` flag is False, where callers ask first).
+broker and what to use instead (or a `supports_*` flag, which callers ask first, is False).
 
-Threading rules (they are the contract, not advice):
-
-* `Broker.publish`, `declare`, `purge` and the `ResultBackend` methods are safe from any thread and
-  after `os.fork()` (reconnect on a new pid): task code publishes from pool threads, greenlets and
-  child processes.
-* A `Consumer` belongs to the consumer loop: `fetch`, `ack`, `reject` and `close` come from that one
-  thread. Completions reach the loop through an `Inbox`, whose `Waker` the consumer watches while
-  it blocks in `fetch`, so an ack never waits for the next poll timeout.
-* A consumer keeps its own liveness (AMQP heartbeats, leases) while the loop thread runs a task
-  inline (the solo pool): a helper thread with its own connection, or a lock around the shared one.
+Threading (the contract, not advice): `Broker.publish`, `declare`, `purge` and the `ResultBackend`
+methods are safe from any thread and after `os.fork()` (reconnect on a new pid), as tasks publish
+from pool threads, greenlets and child processes. A `Consumer` belongs to the consumer loop's one
+thread; it watches the `Waker` of the loop's `Inbox` while it blocks in `fetch`, so a completion's
+ack never waits for the poll timeout, and keeps its own liveness (AMQP heartbeats, leases) while
+that thread runs a task inline (solo): a helper thread with its own connection, or a lock.
 """
 
 from __future__ import annotations
@@ -106,26 +102,23 @@ class Consumer(ABC):
 
     @abstractmethod
     def reject(self, delivery: Delivery, *, requeue: bool, reason: str = "") -> None:
-        """Give a delivery back: to its queue (`requeue`, counting the delivery) or to the
-        dead-letter destination `dead_letter_queue(queue)` with `reason` in the header
-        `x-millpond-death-reason`."""
+        """Give a delivery back to its queue (`requeue`, counting the delivery), else to
+        `dead_letter_queue(queue)` with `reason` in the header `x-millpond-death-reason`."""
 
     @abstractmethod
     def close(self) -> None:
         """Stop consuming. Unacknowledged deliveries go back to their queues (cold shutdown)."""
 
     def release(self, deliveries: Sequence[Delivery]) -> None:
-        """At a warm shutdown, give back the fetched but unstarted deliveries at once, so another
-        consumer gets them now, not when a lease lapses; the running ones are still acked later.
-        Only acks follow, so a pushing broker (AMQP) stops its subscription here. A delivery the
-        broker took back already is skipped; a broker may give back a batch in one round trip."""
+        """At a warm shutdown, give back the fetched, unstarted deliveries now, not when a lease
+        lapses; only the running ones' acks follow, so a pushing broker (AMQP) stops its
+        subscription here. Skip any the broker took back; one round trip where it can."""
         for delivery in deliveries:
             self.reject(delivery, requeue=True, reason="given back unstarted at a warm shutdown")
 
     def stale(self, delivery: Delivery) -> bool:
-        """Whether another consumer may have this delivery by now (a lapsed lease, a closed
-        channel); asked cheaply just before a buffered delivery starts, which is then requeued,
-        not run. A false negative runs a task twice, a false positive only requeues it."""
+        """Whether another consumer may hold this buffered delivery by now (its lease lapsed, its
+        channel closed), asked cheaply as it starts: yes requeues it, a wrong no runs it twice."""
         return False
 
     def resize(self, prefetch: int) -> bool:
@@ -156,16 +149,10 @@ class Holder:
 
 class Claims(ABC):
     """Short-lived named locks and a string map per namespace, held by the app's own broker (Redis
-    `SET NX PX`, a row in the sqlite file): replicas of `millpond beat` agree on who publishes
-    each tick and remember what was published. From any thread and after `os.fork()`:
-
-    * `acquire(key, owner, ttl)` is atomic: it succeeds when nobody holds `key` (or the holder's
-      time ran out) or `owner` does (extended to `ttl` from now); two owners never hold one key.
-    * A claim is forgotten `ttl` seconds after its last successful `acquire`, whatever becomes of
-      the holder (a SIGKILLed holder's claims run out).
-    * `state` is kept until overwritten; no transaction with the claims: callers write it after
-      the claim that guards it.
-    """
+    `SET NX PX`, a sqlite row) from any thread and after `os.fork()`: replicas of `millpond beat`
+    agree on who publishes each tick and remember what was published. A claim is forgotten `ttl`
+    seconds after its last successful `acquire`, whatever becomes of its holder (SIGKILLed, say).
+    State stays until overwritten, apart from the claims: write it after the claim guarding it."""
 
     #: False where a claim ends with its holder's connection (RabbitMQ's exclusive queues), not
     #: at its ttl: callers need not keep claims that only fence against that holder
@@ -173,8 +160,9 @@ class Claims(ABC):
 
     @abstractmethod
     def acquire(self, key: str, owner: str, ttl: float) -> bool:
-        """Take `key` for `owner` for `ttl` seconds, or extend it; whether `owner` holds it now.
-        Raises `BrokerError` when the store cannot be reached (then assume nothing is held)."""
+        """Atomically take `key` for `owner` for `ttl` seconds (when free or its holder's time ran
+        out) or extend `owner`'s; whether `owner` holds it now (two owners never do). Raises
+        `BrokerError` when the store cannot be reached (then assume nothing is held)."""
 
     @abstractmethod
     def release(self, key: str, owner: str) -> None:
@@ -228,9 +216,8 @@ class Broker(ABC):
         after bounded retries. The broker holds it until `eta` (epoch seconds), never a worker."""
 
     def publish_many(self, batch: Sequence[Outbound]) -> None:
-        """`publish` for several messages (a group, a chord's header); RabbitMQ waits for their
-        confirms together. A broker that knows which were not taken sets the `PublishError`'s
-        `not_sent` to their task ids, so the rest are reported as sent."""
+        """`publish` for several (a group, a chord's header; RabbitMQ confirms them together).
+        Where known, `PublishError.not_sent` lists the task ids not taken: the rest were sent."""
         for item in batch:
             self.publish(item.queue, item.message, eta=item.eta)
 
@@ -247,8 +234,7 @@ class Broker(ABC):
         raise NotSupported(f"{type(self).__name__} cannot count a queue")
 
     def queue_stats(self, queue: str) -> QueueStats:
-        """What this broker can tell of a queue (safe from any thread: metrics collectors call
-        it); by default the ready count only."""
+        """What it can tell of a queue, safe from any thread (metrics collectors call it)."""
         return QueueStats(queue, self.queue_length(queue))
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[Message]:
@@ -267,11 +253,10 @@ class Broker(ABC):
         *,
         ttl: float | None = None,
     ) -> int | None:
-        """Publish to an exchange in kombu's layout for this broker (contracts.broadcast); from
-        any thread, raises `PublishError`, nobody listening is fine. `ttl` (seconds) bounds the
-        wait: AMQP's `expiration`, a Redis list's key TTL. Returns how many listeners it reached
-        where the broker learns that for free, else None: a caller stops waiting for replies
-        after that many (none at 0). Never an undercount, or a listener may go unheard."""
+        """Publish to an exchange in kombu's layout (contracts.broadcast), from any thread; raises
+        `PublishError`, nobody listening is fine. `ttl` seconds bound the wait (AMQP `expiration`,
+        a Redis key TTL). How many listeners it reached where the broker learns that for free,
+        else None: a caller awaits that many replies, so never undercount (none at 0)."""
         raise NotSupported(unavailable(self))
 
     def listen(self, spec: Listen) -> Subscription:

@@ -1,22 +1,21 @@
 """The hooks contract: how cross-cutting concerns (tracing, metrics, log context, events) reach the
 flow of a task without the flow knowing them.
 
-A hooks implementation subclasses `Hooks` and overrides what it needs (every method is a no-op).
-They are found through the `millpond.hooks` entry-point group or added with `app.add_hooks(...)`;
-the producer, the worker loop, the pool template and the execution unit call them through a
-`HookChain`, and none of those imports tracing or metrics code. Each method's docstring says in
-which thread or process it runs, which decides what it may do.
-
-`Job.carrier` hands data from `started` (worker process) to `enter_task` (maybe another process):
-a small picklable dict of text, like W3C trace headers. `Job.span` stays in the worker process.
-A hook that raises while a task goes through is logged and skipped, never failing the task or
-the worker; one that raises while the worker starts stops it with that error.
+An implementation subclasses `Hooks`, overriding what it needs (every method is a no-op), and is
+found through the `millpond.hooks` entry-point group or added with `app.add_hooks(...)`; the
+producer, the worker loop, the pool template and the execution unit call hooks through a
+`HookChain`, importing no tracing or metrics code. Each method says where it runs.
+`Job.carrier` hands data from `started` (worker process) to `enter_task` (maybe another process): a
+small picklable dict of text, like W3C trace headers; `Job.span` stays in the worker process. A hook
+raising as a task goes through is logged and skipped, never failing the task or the worker; one
+raising as the worker starts stops it with its error.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,8 +29,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("millpond.hooks")
 
-#: what worker lifecycle hooks are handed: the worker itself, as components are (a forward
-#: reference, so the name imports at run time while the contract never imports the worker)
+#: what worker lifecycle hooks are handed: the worker, as components are (named, not imported)
 WorkerView: TypeAlias = "Worker"
 
 #: the carrier `Publication.parent` reads when it is made
@@ -53,12 +51,10 @@ def publishing_for(carrier: Mapping[str, str] | None) -> Iterator[None]:
 
 @dataclass(slots=True)
 class Publication:
-    """One message on its way to the broker, as publish hooks see it.
-
-    `before_publish` may add to `message.headers` (it runs before signing). `parent` is the carrier
-    (W3C `traceparent`...) of the enclosing `publishing_for` block, when the run that asked for this
-    publish (a retry's, a chain step's) is not the caller's current context.
-    """
+    """One message on its way to the broker, as publish hooks see it; `before_publish` may add to
+    `message.headers` (it runs before signing). `parent` is the carrier (W3C `traceparent`...) of
+    the enclosing `publishing_for` block: the run this publish is for (a retry's, a chain step's)
+    when that is not the caller's current context."""
 
     queue: str
     message: Message
@@ -74,11 +70,9 @@ class Publication:
 class Hooks:
     """Base class of hook implementations; override what you need, leave the rest."""
 
-    #: a hook may switch itself off in `worker_starting` (metrics with no exporter configured):
-    #: the worker then leaves it out of every call for its whole life
+    #: a hook may turn this off in `worker_starting` (metrics, no exporter): left out from then on
     enabled: bool = True
-    #: lowest first (ties keep their order: installed hooks by name): tracing makes the span
-    #: current before log context reads its ids
+    #: lowest first, ties in order (installed by name): tracing sets its span before logs read it
     order: int = 50
 
     def before_publish(self, publication: Publication) -> Any:
@@ -109,9 +103,8 @@ class Hooks:
         """Just after the task body, in the same context, with how it ended."""
 
     def process_starting(self, service_name: str) -> None:
-        """A millpond command owns this process as `service_name` (`millpond-worker`,
-        `millpond-send`, `millpond-beat`), before it imports the app or publishes (tracing
-        installs its provider from `OTEL_*` here)."""
+        """A millpond command owns this process as `service_name` (`millpond-worker`, `-send`,
+        `-beat`), before importing the app or publishing (tracing sets up its `OTEL_*` provider)."""
 
     def describe_worker(self, worker: WorkerView) -> str:
         """A line for the worker's start-up banner (where an endpoint listens), or ""."""
@@ -125,8 +118,7 @@ class Hooks:
         """The pool started and the worker consumes (threads may be started now)."""
 
     def worker_stopped(self, worker: WorkerView) -> None:
-        """Consuming and the pool stopped; the app's broker and backend are still open (closed
-        right after), so a hook may send a last message."""
+        """Consuming and the pool stopped; the broker and backend stay open for a last message."""
 
     def process_started(self) -> None:
         """A new execution process (a prefork child) is about to run its first job."""
@@ -141,8 +133,7 @@ _SINGLE = (
     *("received", "started", "finished", "process_starting", "worker_starting"),
     *("worker_ready", "worker_stopped", "process_started", "process_exiting"),
 )
-#: not guarded: a hook that cannot start (a bad setting, a port in use) stops the worker (or
-#: `millpond send`) with its error, as any other start-up problem does
+#: not guarded: a hook unable to start (a bad setting, a port in use) stops the command, saying why
 _STRICT = frozenset({"process_starting", "worker_starting", "worker_ready"})
 #: the paired methods: each hook's token from the first half reaches its own second half
 _PAIRED = {"before_publish": "after_publish", "enter_task": "exit_task"}
@@ -150,23 +141,20 @@ _Pairs = list[tuple[Callable[..., Any], Callable[..., Any]]]
 
 
 class HookChain(Hooks):
-    """The hooks of one app, called as one (`chain.started(job)` calls every hook's `started`, in
-    `order`; a paired method's token is the list of each hook's). Each method's implementations
-    are found once: one no hook overrides costs an empty call, so a worker with no tracing and no
-    metrics pays next to nothing."""
+    """The hooks of one app, called as one (`chain.started(job)` calls each hook's `started` in
+    `order`; a paired method's token lists each hook's). A method's implementations are found once,
+    so one no hook overrides costs an empty call: no tracing and no metrics cost next to nothing."""
 
     def __init__(self, hooks: Iterable[Hooks] = ()) -> None:
         self.hooks: tuple[Hooks, ...] = tuple(sorted(hooks, key=lambda h: h.order))
         active = [h for h in self.hooks if h.enabled]
         for name in _SINGLE:
             fns = [getattr(h, name) for h in active if _overrides(h, name)]
-            setattr(self, name, _fan_out(fns, _strict if name in _STRICT else _guarded))
+            each = operator.call if name in _STRICT else _guarded
+            setattr(self, name, partial(_each, fns, each) if fns else _nothing)
         for first, second in _PAIRED.items():
-            pairs = [
-                (getattr(h, first), getattr(h, second))
-                for h in active
-                if _overrides(h, first) or _overrides(h, second)
-            ]
+            users = [h for h in active if _overrides(h, first, second)]
+            pairs = [(getattr(h, first), getattr(h, second)) for h in users]
             setattr(self, first, partial(_open, pairs) if pairs else _nothing)
             setattr(self, second, partial(_close, pairs) if pairs else _nothing)
 
@@ -181,19 +169,13 @@ class HookChain(Hooks):
         return HookChain((*self.hooks, *more))
 
 
-def _overrides(hook: Hooks, name: str) -> bool:
-    return getattr(type(hook), name, None) is not getattr(Hooks, name)
+def _overrides(hook: Hooks, *names: str) -> bool:
+    return any(getattr(type(hook), name, None) is not getattr(Hooks, name) for name in names)
 
 
-def _fan_out(fns: Sequence[Callable[..., Any]], each: Callable[..., Any]) -> Callable[..., None]:
-    if not fns:
-        return _nothing
-
-    def call(*args: Any) -> None:
-        for fn in fns:
-            each(fn, *args)
-
-    return call
+def _each(fns: Sequence[Callable[..., Any]], each: Callable[..., Any], *args: Any) -> None:
+    for fn in fns:
+        each(fn, *args)
 
 
 def _open(pairs: _Pairs, subject: Any) -> list[Any]:
@@ -208,10 +190,6 @@ def _close(pairs: _Pairs, subject: Any, tokens: list[Any] | None, detail: Any) -
 
 def _nothing(*args: Any) -> None:
     """What a method no hook implements costs: one empty call."""
-
-
-def _strict(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
 
 
 def _guarded(fn: Callable[..., Any], *args: Any) -> Any:

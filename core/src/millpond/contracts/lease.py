@@ -1,17 +1,6 @@
-"""What consumers that own their round trips share: keeping their lease, riding out an outage.
-
-`LeaseKeeper`: brokers without a connection-bound acknowledgement (Redis, PostgreSQL, Zookeeper)
-hold a fetched message under a consumer lease, renewed from a thread and connection of its own so
-that a task running inline in the loop thread (the solo pool) for hours never lets it lapse; a
-beat also gives back the messages of consumers whose lease expired. What one beat does is the
-broker's (a Redis script, a SQL statement); when to beat and what to log lives here.
-
-`Outage` is a consumer's broker outage, said once (Redis, PostgreSQL), and a doubling pause before
-the next attempt that waits on the loop's `Waker` (a completion still interrupts it; its ack is
-kept for the next round trip).
-
-Both log to `millpond.broker.<name>`, prefix their lines with `name` ("redis") and name the other
-end by `where` (the masked URL).
+"""What consumers that own their round trips, with no connection-bound acknowledgement (Redis,
+PostgreSQL, Zookeeper), share: keeping their lease and riding out an outage. Both log to
+`millpond.broker.<name>` as `name` ("redis"), naming the other end by `where` (the masked URL).
 """
 
 from __future__ import annotations
@@ -41,13 +30,13 @@ _LASTING = "retrying, but it will not clear up by itself: check credentials, ACL
 
 class Outage:
     """Connection trouble of consumer `name` with `where`, said once; pauses double from `first`
-    to `most` seconds while it lasts."""
+    to `most` seconds while it lasts, waiting on the loop's `Waker` (a completion still
+    interrupts one; its ack is kept for the next round trip)."""
 
     def __init__(self, name: str, where: str, first: float = 0.05, most: float = 2.0) -> None:
         self.log = logging.getLogger(f"millpond.broker.{name}")
         self.name, self.where = name, where
-        self._first, self._most = first, most
-        self._delay = first
+        self._first, self._most, self._delay = first, most, first
         #: from a failed round trip until the next one succeeds (the readiness probe reads it)
         self.failing = False
 
@@ -65,9 +54,8 @@ class Outage:
         self.failing = True
 
     def refused(self, what: str, exc: BaseException) -> None:
-        """One ack or reject refused, not for the connection: dropped rather than block the later
-        ones. Nothing is lost: the message stays reserved and returns to its queue when the
-        consumer closes or its lease expires (so it may run again)."""
+        """One ack or reject refused, not for the connection: dropped rather than block later ones;
+        the message stays reserved until the consumer closes or its lease lapses (may run again)."""
         self.log.error(
             "%s: %s refused by %s (%s: %s); the message(s) stay reserved and return to "
             "their queue when this consumer closes",
@@ -97,8 +85,10 @@ class Outage:
 
 
 class LeaseKeeper(threading.Thread):
-    """Beats every `interval` seconds until `stop()`; errors are logged, never raised, and
-    `transient` ones as an `Outage` of its own."""
+    """Renews a consumer's lease every `interval` seconds until `stop()`, on a thread and connection
+    of its own, so a task running inline in the loop thread (solo) for hours never lets it lapse; a
+    beat (the broker's: a Redis script, a SQL statement) also gives back the messages of consumers
+    whose lease expired. Errors are logged, never raised (`transient` ones as an `Outage`)."""
 
     def __init__(
         self,

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 import threading
-import traceback as traceback_module
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from traceback import format_exception
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, final
 
 from millpond.exceptions import NotSupported, TaskRevokedError, TimeLimitExceeded
@@ -40,18 +40,13 @@ class Capabilities:
     concurrent: bool = True
 
 
-def json_args(args: tuple[Any, ...]) -> list[Any]:
-    """An exception's args as JSON can carry them: each one as it is if it encodes, else its
-    repr (Celery stores a failure's args the same way)."""
-    out: list[Any] = []
-    for arg in args:
-        try:
-            json.dumps(arg)
-        except (TypeError, ValueError):
-            out.append(repr(arg))
-        else:
-            out.append(arg)
-    return out
+def _json_safe(arg: Any) -> Any:
+    """An exception's arg as it is if JSON encodes it, else its repr (as Celery stores them)."""
+    try:
+        json.dumps(arg)
+    except (TypeError, ValueError):
+        return repr(arg)
+    return arg
 
 
 @dataclass(slots=True)
@@ -91,17 +86,15 @@ class Outcome:
         requeue: bool = False,
         runtime: float = 0.0,
     ) -> Outcome:
-        """How `exc` ended a job (a FAILURE unless `state` says otherwise, such as a pool's LOST,
-        TIMEOUT or REVOKED): its type, module, args, and the traceback where it was raised;
-        `message` replaces its text when the pool adds what it was doing."""
-        raised = exc.__traceback__ is not None
+        """How `exc` ended a job (a FAILURE unless `state` says otherwise), with the traceback where
+        it was raised; `message` replaces its text when the pool adds what it was doing."""
         return cls(
             state=state,
             exc_type=type(exc).__name__,
             exc_module=type(exc).__module__,
             exc_message=str(exc) if message is None else message,
-            exc_args=json_args(exc.args) if message is None else None,
-            traceback="".join(traceback_module.format_exception(exc)) if raised else None,
+            exc_args=[_json_safe(arg) for arg in exc.args] if message is None else None,
+            traceback="".join(format_exception(exc)) if exc.__traceback__ else None,
             requeue=requeue,
             runtime=runtime,
         )
@@ -128,15 +121,13 @@ CompletionCallback = Callable[[Job, Outcome], None]
 
 
 #: what the core hands every pool, bound to the worker's app and hooks (a forked child inherits
-#: it): `run(job)`, `run_async(job)` on an event loop, `is_async(job)`; a pool with child processes
-#: calls `process_started()` in each child before its first job and `process_exiting()` at its end.
+#: it); a child process calls its `process_started()` before its first job, `process_exiting()` last
 Execution: TypeAlias = "Executor"
 
 
 class BasePool(ABC):
-    """Base class of every execution pool (entry-point group `millpond.pools`): a plugin sets
-    `name` and `capabilities` and implements the `on_*` methods, never `apply_async` or
-    `complete` (the template that calls the `started` and `finished` hooks)."""
+    """Base of every execution pool (entry-point group `millpond.pools`): a plugin sets `name` and
+    `capabilities` and implements `on_*`; the final `apply_async` and `complete` call the hooks."""
 
     #: the name users type after `--pool`
     name: ClassVar[str] = ""
@@ -155,16 +146,14 @@ class BasePool(ABC):
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-        self.concurrency = concurrency
-        self.execution = execution
+        self.concurrency, self.execution = concurrency, execution
         self.options: Mapping[str, Any] = dict(options or {})
         self._on_complete = on_complete
         self._active: dict[str, Job] = {}
         self._lock = threading.Lock()
         self.started = False
-        #: set when the worker is told to stop during `on_start`: a pool whose start can take long
-        #: (prefork waits for its children) undoes what it started and returns, so a SIGTERM during
-        #: start-up is obeyed at once
+        #: set when the worker is told to stop during `on_start`: a slow start (prefork awaiting its
+        #: children) undoes itself and returns, so a SIGTERM in start-up is obeyed at once
         self.start_cancelled = threading.Event()
 
     @classmethod
@@ -173,8 +162,7 @@ class BasePool(ABC):
 
     @classmethod  # noqa: B027 - an optional hook, empty on purpose
     def check_environment(cls) -> None:
-        """Raise `RuntimeError` with instructions when the process is not fit for this pool
-        (a green pool started without monkey-patching, for instance)."""
+        """Raise `RuntimeError` with the fix if the process is unfit (a green pool unpatched)."""
 
     def start(self) -> None:
         type(self).check_environment()
@@ -200,11 +188,9 @@ class BasePool(ABC):
             self._active[job.task_id] = job
         try:
             self.on_apply(job)
-        except BaseException as exc:
-            # The pool could not take the job at all: report it, never lose the message silently.
-            self.complete(
-                job, Outcome.of(exc, TaskState.LOST, message=f"pool refused the job: {exc}")
-            )
+        except BaseException as exc:  # the pool could not take it: never lose the message silently
+            refused = Outcome.of(exc, TaskState.LOST, message=f"pool refused the job: {exc}")
+            self.complete(job, refused)
 
     @final
     def complete(self, job: Job, outcome: Outcome) -> None:

@@ -30,19 +30,17 @@ class Waker:
         return self._r.fileno()
 
     def wake(self) -> None:
-        if self._set:
-            return
-        self._set = True
-        with suppress(OSError):  # already full of wake-ups (BlockingIOError), or closed
-            self._w.send(b"\0")
+        if not self._set:
+            self._set = True
+            with suppress(OSError):  # already full of wake-ups (BlockingIOError), or closed
+                self._w.send(b"\0")
 
     def clear(self) -> None:
-        if not self._set:
-            return  # nothing was written since the last clear: skip the recv() syscall
-        self._set = False
-        with suppress(OSError):  # BlockingIOError: drained
-            while self._r.recv(4096):
-                pass
+        if self._set:  # else nothing was written since the last clear: no recv() syscall
+            self._set = False
+            with suppress(OSError):  # BlockingIOError: drained
+                while self._r.recv(4096):
+                    pass
 
     @property
     def is_set(self) -> bool:

@@ -173,10 +173,6 @@ class PreforkPool(BasePool):
     default_prefetch_multiplier = 16
 
     @classmethod
-    def default_concurrency(cls) -> int:
-        return os.cpu_count() or 1
-
-    @classmethod
     def check_environment(cls) -> None:
         if not hasattr(os, "fork"):
             raise RuntimeError(
