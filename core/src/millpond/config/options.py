@@ -90,9 +90,9 @@ class Option:
             raise ValueError(f"{exc}; expected {self.allowed()}") from None
         if isinstance(out, dict) and not self.keep_case:
             out = {str(k).lower(): v for k, v in out.items()}
+        if self.choices is not None and isinstance(out, tuple):
+            return tuple(self._choose(v, f"{v!r} is not allowed; each item must be") for v in out)
         if self.choices is not None:
-            if isinstance(out, list):
-                return [self._choose(v, f"{v!r} is not allowed; each item must be") for v in out]
             return self._choose(out, "not allowed; expected")
         if isinstance(out, int | float) and not isinstance(out, bool):
             if self.minimum is not None and out < self.minimum:
@@ -141,27 +141,27 @@ def _as(kind: Kind, value: Any) -> Any:
         if isinstance(value, str):
             if value.lstrip().startswith("["):
                 raise ValueError('not a TOML array (quote its items, e.g. ["a", "b"])')
-            return [part.strip() for part in value.split(",") if part.strip()]
+            return tuple(part.strip() for part in value.split(",") if part.strip())
         plain = isinstance(value, list | tuple) and all(
             isinstance(v, str | int | float) and not isinstance(v, bool) for v in value
         )
-        return [str(v) for v in value] if plain else None
+        return tuple(str(v) for v in value) if plain else None
     return dict(value) if isinstance(value, Mapping) else None
 
 
 def setting(default: Any, help: str, **details: Any) -> Any:
     """A setting, declared as a field of a frozen dataclass (the core's `Settings`, a plugin's
     section): the field gives its name, its annotation its kind (`X | None` makes it nullable, a
-    tuple or list of text is a list, a dict a table), the rest is as in `Option`."""
+    tuple of text is a list, a dict a table), the rest is as in `Option`."""
     metadata = {"help": help, **details}
-    if isinstance(default, list | dict):  # a dataclass takes a mutable default only as a factory
+    if isinstance(default, dict):  # a dataclass takes a mutable default only as a factory
         return field(default_factory=lambda: copy.copy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-#: a field's type -> its kind: `tuple[str, ...]` (or a list) is a list, a mapping a table
+#: a field's type -> its kind: `tuple[str, ...]` is a list (kept a tuple), a mapping a table
 _KINDS: dict[Any, Kind] = {str: "str", int: "int", float: "float", bool: "bool", tuple: "list"}
-_KINDS.update({list: "list", dict: "table", Mapping: "table"})
+_KINDS.update({dict: "table", Mapping: "table"})
 
 
 def declared(cls: type) -> tuple[Option, ...]:
@@ -182,7 +182,6 @@ def declared(cls: type) -> tuple[Option, ...]:
                 f"setting {cls.__name__}.{f.name} is a {kind}: declare a str, int, float, bool, "
                 "tuple[str, ...] or Mapping[str, Any], optionally `| None`"
             )
-        default = list(default) if isinstance(default, tuple) else default
         options.append(Option(f.name, _KINDS[base], default, nullable=nullable, **f.metadata))
     return tuple(options)
 
@@ -211,7 +210,7 @@ class Section:
         return f"{self.name}.{name}" if self.name else name
 
     def defaults(self) -> dict[str, Any]:
-        """Each option's default (a list or table copied: the declaration stays as it is)."""
+        """Each option's default (a table copied: the declaration stays as it is)."""
         return {opt.name: copy.copy(opt.default) for opt in self.options}
 
     def unknown(self, name: str, where: str) -> ConfigurationError:

@@ -227,7 +227,7 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with these core settings changed (flags given to an in-process `Worker`),
         each checked against its declaration."""
-        values = {k: _frozen(v) for k, v in CORE.cast_all(changes.items(), "flag").items()}
+        values = CORE.cast_all(changes.items(), "flag")
         sources = MappingProxyType({**self.sources, **dict.fromkeys(values, "flag")})
         return dataclasses.replace(self, **values, sources=sources)
 
@@ -249,10 +249,6 @@ META_ENV = frozenset(
 _RANK = {"default": 0, "file": 1, "code": 2, "env": 3, "flag": 4}
 #: a given value: its section and option, its source and the value as written
 Given = tuple[Section, Option, str, Any]
-
-
-def _frozen(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
 
 
 def settings_file(env: Mapping[str, str]) -> Path | None:
@@ -429,7 +425,7 @@ def load_settings(
         raise ConfigurationError(
             f"{len(problems)} settings are invalid:\n  " + "\n  ".join(problems)
         ) from None
-    core = {opt.name: _frozen(cast.get(opt.name, opt.default)) for opt in CORE.options}
+    core = {opt.name: cast.get(opt.name, opt.default) for opt in CORE.options}
     values = {
         name: MappingProxyType({o.name: cast.get(s.key(o.name), o.default) for o in s.options})
         for name, s in found.sections.items()
