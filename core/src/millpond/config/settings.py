@@ -37,57 +37,40 @@ class Settings:
 
     app: str | None = setting(None, "The app to run, as module:attribute (the -A flag).")
     broker_url: str | None = setting(
-        None,
-        "Broker URL; unset means the embedded sqlite:// broker (zero servers, one machine).",
-        secret=True,
+        None, "Broker URL; unset is the embedded sqlite:// broker (one machine only).", secret=True
     )
     result_backend: str | None = setting(
-        None,
-        "Result backend URL; unset means the broker's own store (sqlite, redis; none for amqp).",
-        secret=True,
+        None, "Result backend URL; unset is the broker's own store (amqp has none).", secret=True
     )
     pool: str = setting(
         "threads",
-        "Execution pool plugin: solo, threads, prefork, gevent, eventlet, asyncio, or any "
-        "installed third-party pool. A pool that monkey-patches (gevent, eventlet) must be chosen"
-        " by flag, environment or file, not in code.",
+        "Execution pool: solo, threads, prefork, gevent, eventlet, asyncio or an installed plugin; "
+        "gevent and eventlet monkey-patch, so set them by flag, environment or file, not in code.",
     )
     concurrency: int | None = setting(
         None,
-        "Jobs run at once; unset means the pool's default (CPU count for threads and prefork, 100"
-        " for green pools).",
+        "Tasks run at once; unset is the pool's default (prefork: CPU count, threads: CPU count + 4"
+        " up to 32, green and asyncio: 100).",
         minimum=1,
     )
     queues: tuple[str, ...] = setting(("celery",), "Queues the worker consumes, in priority order.")
     default_queue: str = setting(
-        "celery",
-        "Queue a task is sent to when neither the task nor the call names one (Celery's default, "
-        "so both can share queues).",
+        "celery", "Queue used when neither the task nor the call names one (Celery's default too)."
     )
     prefetch_multiplier: int = setting(
         4, "Unacknowledged messages held per unit of concurrency.", minimum=1
     )
     acks_late: bool = setting(
-        True,
-        "Acknowledge after the task finished (at-least-once); false acknowledges before it runs "
-        "(at-most-once).",
+        True, "Ack after the task ran (at-least-once); false acks before it runs (at-most-once)."
     )
     max_deliveries: int = setting(
-        5,
-        "Deliveries of one message before it is dead-lettered instead of run again (the "
-        "redelivery cap for poison messages).",
-        minimum=1,
+        5, "Deliveries of a message before it is dead-lettered (caps poison messages).", minimum=1
     )
-    time_limit: float | None = setting(
-        None, "Default hard time limit of a task, in seconds.", minimum=0
-    )
-    soft_time_limit: float | None = setting(
-        None, "Default soft time limit of a task, in seconds.", minimum=0
-    )
+    time_limit: float | None = setting(None, "Default hard time limit (seconds).", minimum=0)
+    soft_time_limit: float | None = setting(None, "Default soft time limit (seconds).", minimum=0)
     unsupported_options: str = setting(
         "warn",
-        "What to do when a task asks for something the pool cannot do (a time limit on solo): "
-        "warn, or error (fail the task).",
+        "Options a pool cannot honour (a time limit on solo): warn, or error (fail the task).",
         choices=("warn", "error"),
     )
     disable_rate_limits: bool = setting(
@@ -97,29 +80,25 @@ class Settings:
     )
     rate_limit_scope: str = setting(
         "worker",
-        "Where a task's rate_limit is kept unless the task says (rate_limit_scope=...): worker "
-        "(each worker process allows that rate, Celery's meaning), or global (one bucket in "
-        "rate_limit_store shared by every worker).",
+        "Default rate_limit_scope of a task: worker (each worker process allows the rate, as in "
+        "Celery) or global (one bucket in rate_limit_store, shared by every worker).",
         choices=("worker", "global"),
     )
     rate_limit_store: str | None = setting(
         None,
-        "URL of the store global rate limits share (redis://...); unset means the broker URL, "
-        "when it is one a limiter plugin serves.",
+        "Global rate limits' store URL; unset: the broker URL, if a limiter plugin serves it.",
         secret=True,
     )
     rate_limit_parking: int | None = setting(
         None,
-        "Messages of each rate-limited task the worker holds waiting for a token, beside the "
-        "prefetch window; unset means the prefetch count. More go back to the broker as delayed "
-        "messages.",
+        "Messages per rate-limited task held for a token beside the prefetch window (unset: the "
+        "prefetch count); more go back to the broker as delayed messages.",
         minimum=1,
     )
     rate_limit_max_hold: float = setting(
         60.0,
-        "Longest a rate-limited message waits in the worker, unacknowledged, for its token; one "
-        "that would wait longer goes back to the broker as a delayed message, due when its token "
-        "is expected. Keep it well under RabbitMQ's consumer_timeout.",
+        "Seconds a rate-limited message may wait, unacknowledged, in the worker for its token; a "
+        "longer one goes back to the broker, delayed; keep well under RabbitMQ's consumer_timeout.",
         minimum=1,
     )
     shutdown_timeout: float = setting(
@@ -129,20 +108,16 @@ class Settings:
     result_expires: float = setting(86400.0, "Seconds a stored result is kept.", minimum=1)
     accept_content: tuple[str, ...] = setting(
         ("application/json",),
-        "Content types the worker accepts; add application/x-python-serialize only if every "
-        "producer is trusted. millpond decodes JSON and pickle only: YAML and msgpack producers "
-        "must switch to JSON (Celery: task_serializer = 'json').",
+        "Content types accepted; pickle (application/x-python-serialize) only if all producers "
+        "are trusted. No YAML or msgpack: set task_serializer = 'json' on Celery producers.",
         choices=("application/json", "application/x-python-serialize"),
     )
     max_message_size: int = setting(
-        10 * 1024 * 1024,
-        "Largest message body accepted, in bytes; larger messages are dead-lettered.",
-        minimum=1,
+        10 * 1024 * 1024, "Largest message body (bytes); larger ones are dead-lettered.", minimum=1
     )
     signing_key: str | None = setting(
         None,
-        "Shared secret: producers sign every message (HMAC-SHA256) and workers dead-letter "
-        "unsigned or altered ones.",
+        "Shared HMAC-SHA256 key: producers sign, workers dead-letter unsigned or altered messages.",
         secret=True,
     )
     log_level: str = setting(
@@ -150,28 +125,21 @@ class Settings:
     )
     log_format: str = setting(
         "auto",
-        "auto (console on a terminal, JSON otherwise), json, or console.",
+        "auto: console on a terminal, JSON otherwise.",
         choices=("auto", "json", "console"),
     )
     log_stdlib: bool = setting(
         True,
-        "Give the standard logging module's root logger millpond's format when `millpond worker` "
-        "runs and the root logger has no handlers of its own (so logging inside tasks carries "
-        "task and trace ids); false never touches the root logger.",
+        "Under `millpond worker`, format a root logger with no handlers like millpond's logs (so "
+        "logging in tasks carries task and trace ids); false never touches the root logger.",
     )
     trace_link: bool = setting(
-        False,
-        "Start each task's process span as a new trace linked to the producer's, instead of "
-        "continuing the producer's trace.",
+        False, "Start each task's process span in a new trace linked to the producer's, not in it."
     )
     hooks: tuple[str, ...] = setting(
-        ("*",),
-        "Hooks plugins to use (tracing, logs, health, metrics, ...): * for every installed one, "
-        "or a list of names.",
+        ("*",), "Hooks plugins to run (tracing, logs, health, metrics...): * for all, or names."
     )
-    worker_name: str | None = setting(
-        None, "Name of this worker in logs and spans; default pid@hostname."
-    )
+    worker_name: str | None = setting(None, "Worker name in logs and spans; unset: pid@hostname.")
     #: validated values (defaults included) of every plugin section that was given a value
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: where each value came from ("name" or "section.name"): "default", "file <path>", "code",
