@@ -1,8 +1,7 @@
 """Setting declarations: a frozen-dataclass field made with `setting(...)` becomes an `Option`
-(name, kind, default, meaning), and a `Section` groups a component's options and casts raw values
-from every source through them, with the one boolean vocabulary.
-
-It sits below both the settings reader and the plugin loader, which hands each plugin its section.
+(name, kind, default, meaning); a `Section` groups a component's options and casts raw values from
+every source through them, with one boolean vocabulary. Below the settings reader and the plugin
+loader, which hands each plugin its section.
 """
 
 from __future__ import annotations
@@ -65,19 +64,16 @@ class Option:
 
     def bounds(self, at_least: str = ">=", at_most: str = "<=") -> str:
         """The range a number must fall in, as error messages and the settings reference say it."""
-        if self.minimum is not None and self.maximum is not None:
-            return f" from {self.minimum:g} to {self.maximum:g}"
-        if self.minimum is not None:
-            return f" {at_least} {self.minimum:g}"
-        if self.maximum is not None:
-            return f" {at_most} {self.maximum:g}"
-        return ""
+        low, high = self.minimum, self.maximum
+        if low is not None and high is not None:
+            return f" from {low:g} to {high:g}"
+        if low is not None:
+            return f" {at_least} {low:g}"
+        return f" {at_most} {high:g}" if high is not None else ""
 
     def cast(self, value: Any) -> Any:
-        """The value as this option's type, from any source (TOML, text, Python).
-
-        Raises ValueError saying what is wrong and what is allowed, without the value (the caller
-        shows it, masked when the option is a secret)."""
+        """The value as this option's type, from any source (TOML, text, Python); a ValueError
+        says what is wrong and what is allowed, not the value (the caller shows it, masked)."""
         if value is None or (self.nullable and isinstance(value, str) and value.strip() == ""):
             if self.nullable:
                 return None
@@ -113,10 +109,8 @@ class Option:
 
 def _as(kind: Kind, value: Any) -> Any:
     """`value` (not None) as `kind`, or None when it is not one; ValueError for a pointed reason."""
-    if kind == "bool":
-        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
-            return bool(value)
-        text = value.strip().lower() if isinstance(value, str) else None
+    if kind == "bool":  # True, 1 and "yes" alike: every source says it in one vocabulary
+        text = str(value).strip().lower()
         return True if text in TRUE else False if text in FALSE else None
     if isinstance(value, bool):  # a boolean is text "true"/"false", and nothing else
         return str(value).lower() if kind == "str" else None
@@ -198,8 +192,7 @@ class Section:
     name: str | None
     title: str
     options: tuple[Option, ...]
-    #: names that moved, or that people copy from kombu or Celery and mean something else here:
-    #: refused with a pointed explanation instead of a generic "unknown setting"
+    #: moved names, or kombu/Celery names that mean something else here: refused with an explanation
     hints: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def option(self, name: str) -> Option | None:
@@ -227,9 +220,8 @@ class Section:
         )
 
     def cast(self, opt: Option, value: Any, where: str, *, typed: Any = None) -> Any:
-        """`opt.cast(value)`, or a ConfigurationError naming the setting, where the value came
-        from, the value (`typed` if given: as the user wrote it; masked for secrets) and what is
-        allowed."""
+        """`opt.cast(value)`, or a ConfigurationError naming the setting, its source, the value
+        (`typed` if given: as the user wrote it; masked for secrets) and what is allowed."""
         try:
             return opt.cast(value)
         except ValueError as exc:
@@ -243,8 +235,7 @@ class Section:
         """Each (name, value) cast through its option; a name not declared is an error."""
         values: dict[str, Any] = {}
         for name, value in given:
-            opt = self.option(name)
-            if opt is None:
+            if (opt := self.option(name)) is None:
                 raise self.unknown(name, where)
             values[name] = self.cast(opt, value, where)
         return values
@@ -253,11 +244,10 @@ class Section:
         self, url: str, *, masked: str | None = None, query: str | None = None
     ) -> dict[str, Any]:
         """The URL's query parameters (how every broker reads `redis://h/0?lease_timeout=10`),
-        each cast through its declaration; an unknown name is an error.
-
-        `masked` is the URL as errors may show it (`mask_url`'s by default); `query` the query
-        text, for URL forms `urlsplit` cannot take apart; a ';'-joined list (kombu's failover and
-        sentinel forms) gives the queries of all its members."""
+        each cast through its declaration; an unknown name is an error. `masked` is the URL as
+        errors show it (`mask_url`'s by default); `query` the query text, for URL forms `urlsplit`
+        cannot take apart; a ';'-joined list (kombu's failover and sentinel forms) gives the
+        queries of all its members."""
         where = f"in the query of {masked if masked is not None else mask_url(url)}"
         if query is None:
             query = "&".join(q for q in (urlsplit(m).query for m in url.split(";")) if q)
@@ -271,12 +261,9 @@ class Section:
         masked: str | None = None,
         query: str | None = None,
     ) -> dict[str, Any]:
-        """Every option's value: its default, then the URL's query parameters, then `options`.
-
-        The core hands a plugin values already weighed against its URL's query by where each came
-        from (`Settings.plugin_options`), so `options` win; a test or an embedding program may
-        pass plain values, checked the same way. `masked` and `query` are as in `query`."""
-        values = self.defaults()
-        if url:
-            values.update(self.query(url, masked=masked, query=query))
-        return values | self.cast_all((options or {}).items(), "options")
+        """Every option's value: its default, then the URL's query parameters, then `options`
+        (`masked` and `query` as in `query`). The core's `Settings.plugin_options` already weighed
+        the URL's query by where each value came from, so `options` win; a test or an embedding
+        program may pass plain values, checked the same way."""
+        given = self.query(url, masked=masked, query=query) if url else {}
+        return self.defaults() | given | self.cast_all((options or {}).items(), "options")

@@ -9,9 +9,7 @@ from pathlib import Path
 from millpond.exceptions import ConfigurationError
 
 
-def millpond_home(
-    env: Mapping[str, str] | None = None, *, purpose: str = "millpond's files"
-) -> Path:
+def millpond_home(env: Mapping[str, str] | None = None, *, purpose: str) -> Path:
     """`$MILLPOND_HOME`, else `$XDG_DATA_HOME/millpond`, else `~/.local/share/millpond`."""
     env = os.environ if env is None else env
     if env.get("MILLPOND_HOME"):
