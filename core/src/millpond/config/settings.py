@@ -222,6 +222,22 @@ def settings_file(env: Mapping[str, str]) -> Path | None:
     return path if named or path.is_file() else None
 
 
+def millpond_home(env: Mapping[str, str] | None = None, *, purpose: str) -> Path:
+    """Where millpond keeps files of its own on this machine (the sqlite:// broker, revoked ids):
+    `$MILLPOND_HOME`, else `$XDG_DATA_HOME/millpond`, else `~/.local/share/millpond`."""
+    env = os.environ if env is None else env
+    if env.get("MILLPOND_HOME"):
+        return Path(env["MILLPOND_HOME"]).expanduser()
+    if env.get("XDG_DATA_HOME"):
+        return Path(env["XDG_DATA_HOME"]).expanduser() / "millpond"
+    try:
+        return Path.home() / ".local" / "share" / "millpond"
+    except RuntimeError as exc:
+        raise ConfigurationError(
+            f"cannot find a home directory for {purpose} ({exc}); set MILLPOND_HOME"
+        ) from exc
+
+
 def _stored(opt: Option, source: str, given: Any, conf: Any) -> Any:
     """A given value as dynaconf must store it: environment text parsed as TOML (as dynaconf's
     env loader does), except for a text setting, which gets it as typed; any other text starting
