@@ -1,8 +1,7 @@
 """Setting declarations: a frozen-dataclass field made with `setting(...)` becomes an `Option`
-(name, kind, default, meaning), and a `Section` groups a component's options and casts raw values
-from every source through them, with the one boolean vocabulary.
-
-It sits below both the settings reader and the plugin loader, which hands each plugin its section.
+(name, kind, default, meaning); a `Section` groups a component's options and casts raw values from
+every source through them, with one boolean vocabulary. Below the settings reader and the plugin
+loader, which hands each plugin its section.
 """
 
 from __future__ import annotations
@@ -65,19 +64,16 @@ class Option:
 
     def bounds(self, at_least: str = ">=", at_most: str = "<=") -> str:
         """The range a number must fall in, as error messages and the settings reference say it."""
-        if self.minimum is not None and self.maximum is not None:
-            return f" from {self.minimum:g} to {self.maximum:g}"
-        if self.minimum is not None:
-            return f" {at_least} {self.minimum:g}"
-        if self.maximum is not None:
-            return f" {at_most} {self.maximum:g}"
-        return ""
+        low, high = self.minimum, self.maximum
+        if low is not None and high is not None:
+            return f" from {low:g} to {high:g}"
+        if low is not None:
+            return f" {at_least} {low:g}"
+        return f" {at_most} {high:g}" if high is not None else ""
 
     def cast(self, value: Any) -> Any:
-        """The value as this option's type, from any source (TOML, text, Python).
-
-        Raises ValueError saying what is wrong and what is allowed, without the value (the caller
-        shows it, masked when the option is a secret)."""
+        """The value as this option's type, from any source (TOML, text, Python); a ValueError
+        says what is wrong and what is allowed, not the value (the caller shows it, masked)."""
         if value is None or (self.nullable and isinstance(value, str) and value.strip() == ""):
             if self.nullable:
                 return None
@@ -90,9 +86,9 @@ class Option:
             raise ValueError(f"{exc}; expected {self.allowed()}") from None
         if isinstance(out, dict) and not self.keep_case:
             out = {str(k).lower(): v for k, v in out.items()}
+        if self.choices is not None and isinstance(out, tuple):
+            return tuple(self._choose(v, f"{v!r} is not allowed; each item must be") for v in out)
         if self.choices is not None:
-            if isinstance(out, list):
-                return [self._choose(v, f"{v!r} is not allowed; each item must be") for v in out]
             return self._choose(out, "not allowed; expected")
         if isinstance(out, int | float) and not isinstance(out, bool):
             if self.minimum is not None and out < self.minimum:
@@ -113,10 +109,8 @@ class Option:
 
 def _as(kind: Kind, value: Any) -> Any:
     """`value` (not None) as `kind`, or None when it is not one; ValueError for a pointed reason."""
-    if kind == "bool":
-        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
-            return bool(value)
-        text = value.strip().lower() if isinstance(value, str) else None
+    if kind == "bool":  # True, 1 and "yes" alike: every source says it in one vocabulary
+        text = str(value).strip().lower()
         return True if text in TRUE else False if text in FALSE else None
     if isinstance(value, bool):  # a boolean is text "true"/"false", and nothing else
         return str(value).lower() if kind == "str" else None
@@ -141,27 +135,27 @@ def _as(kind: Kind, value: Any) -> Any:
         if isinstance(value, str):
             if value.lstrip().startswith("["):
                 raise ValueError('not a TOML array (quote its items, e.g. ["a", "b"])')
-            return [part.strip() for part in value.split(",") if part.strip()]
+            return tuple(part.strip() for part in value.split(",") if part.strip())
         plain = isinstance(value, list | tuple) and all(
             isinstance(v, str | int | float) and not isinstance(v, bool) for v in value
         )
-        return [str(v) for v in value] if plain else None
+        return tuple(str(v) for v in value) if plain else None
     return dict(value) if isinstance(value, Mapping) else None
 
 
 def setting(default: Any, help: str, **details: Any) -> Any:
     """A setting, declared as a field of a frozen dataclass (the core's `Settings`, a plugin's
     section): the field gives its name, its annotation its kind (`X | None` makes it nullable, a
-    tuple or list of text is a list, a dict a table), the rest is as in `Option`."""
+    tuple of text is a list, a dict a table), the rest is as in `Option`."""
     metadata = {"help": help, **details}
-    if isinstance(default, list | dict):  # a dataclass takes a mutable default only as a factory
+    if isinstance(default, dict):  # a dataclass takes a mutable default only as a factory
         return field(default_factory=lambda: copy.copy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-#: a field's type -> its kind: `tuple[str, ...]` (or a list) is a list, a mapping a table
+#: a field's type -> its kind: `tuple[str, ...]` is a list (kept a tuple), a mapping a table
 _KINDS: dict[Any, Kind] = {str: "str", int: "int", float: "float", bool: "bool", tuple: "list"}
-_KINDS.update({list: "list", dict: "table", Mapping: "table"})
+_KINDS.update({dict: "table", Mapping: "table"})
 
 
 def declared(cls: type) -> tuple[Option, ...]:
@@ -182,7 +176,6 @@ def declared(cls: type) -> tuple[Option, ...]:
                 f"setting {cls.__name__}.{f.name} is a {kind}: declare a str, int, float, bool, "
                 "tuple[str, ...] or Mapping[str, Any], optionally `| None`"
             )
-        default = list(default) if isinstance(default, tuple) else default
         options.append(Option(f.name, _KINDS[base], default, nullable=nullable, **f.metadata))
     return tuple(options)
 
@@ -199,8 +192,7 @@ class Section:
     name: str | None
     title: str
     options: tuple[Option, ...]
-    #: names that moved, or that people copy from kombu or Celery and mean something else here:
-    #: refused with a pointed explanation instead of a generic "unknown setting"
+    #: moved names, or kombu/Celery names that mean something else here: refused with an explanation
     hints: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def option(self, name: str) -> Option | None:
@@ -211,7 +203,7 @@ class Section:
         return f"{self.name}.{name}" if self.name else name
 
     def defaults(self) -> dict[str, Any]:
-        """Each option's default (a list or table copied: the declaration stays as it is)."""
+        """Each option's default (a table copied: the declaration stays as it is)."""
         return {opt.name: copy.copy(opt.default) for opt in self.options}
 
     def unknown(self, name: str, where: str) -> ConfigurationError:
@@ -228,9 +220,8 @@ class Section:
         )
 
     def cast(self, opt: Option, value: Any, where: str, *, typed: Any = None) -> Any:
-        """`opt.cast(value)`, or a ConfigurationError naming the setting, where the value came
-        from, the value (`typed` if given: as the user wrote it; masked for secrets) and what is
-        allowed."""
+        """`opt.cast(value)`, or a ConfigurationError naming the setting, its source, the value
+        (`typed` if given: as the user wrote it; masked for secrets) and what is allowed."""
         try:
             return opt.cast(value)
         except ValueError as exc:
@@ -244,8 +235,7 @@ class Section:
         """Each (name, value) cast through its option; a name not declared is an error."""
         values: dict[str, Any] = {}
         for name, value in given:
-            opt = self.option(name)
-            if opt is None:
+            if (opt := self.option(name)) is None:
                 raise self.unknown(name, where)
             values[name] = self.cast(opt, value, where)
         return values
@@ -254,11 +244,10 @@ class Section:
         self, url: str, *, masked: str | None = None, query: str | None = None
     ) -> dict[str, Any]:
         """The URL's query parameters (how every broker reads `redis://h/0?lease_timeout=10`),
-        each cast through its declaration; an unknown name is an error.
-
-        `masked` is the URL as errors may show it (`mask_url`'s by default); `query` the query
-        text, for URL forms `urlsplit` cannot take apart; a ';'-joined list (kombu's failover and
-        sentinel forms) gives the queries of all its members."""
+        each cast through its declaration; an unknown name is an error. `masked` is the URL as
+        errors show it (`mask_url`'s by default); `query` the query text, for URL forms `urlsplit`
+        cannot take apart; a ';'-joined list (kombu's failover and sentinel forms) gives the
+        queries of all its members."""
         where = f"in the query of {masked if masked is not None else mask_url(url)}"
         if query is None:
             query = "&".join(q for q in (urlsplit(m).query for m in url.split(";")) if q)
@@ -272,12 +261,9 @@ class Section:
         masked: str | None = None,
         query: str | None = None,
     ) -> dict[str, Any]:
-        """Every option's value: its default, then the URL's query parameters, then `options`.
-
-        The core hands a plugin values already weighed against its URL's query by where each came
-        from (`Settings.plugin_options`), so `options` win; a test or an embedding program may
-        pass plain values, checked the same way. `masked` and `query` are as in `query`."""
-        values = self.defaults()
-        if url:
-            values.update(self.query(url, masked=masked, query=query))
-        return values | self.cast_all((options or {}).items(), "options")
+        """Every option's value: its default, then the URL's query parameters, then `options`
+        (`masked` and `query` as in `query`). The core's `Settings.plugin_options` already weighed
+        the URL's query by where each value came from, so `options` win; a test or an embedding
+        program may pass plain values, checked the same way."""
+        given = self.query(url, masked=masked, query=query) if url else {}
+        return self.defaults() | given | self.cast_all((options or {}).items(), "options")

@@ -1,16 +1,14 @@
 """Settings: declared once, read through dynaconf, validated, frozen.
 
-Lowest first: the declared default < the settings file (`millpond.toml`, or the file
-`MILLPOND_SETTINGS_FILE` names) < `Millpond(...)` keywords < `MILLPOND_*` environment variables
-(`MILLPOND_REDIS__LEASE_TIMEOUT` is [redis] lease_timeout) < command-line flags. One Dynaconf
-instance reads the file, holds every source merged and runs one `Validator` per given setting,
-casting it through its declaration. The hot path reads the frozen `Settings`, never dynaconf.
+Lowest first: defaults < the settings file (`millpond.toml`, or `$MILLPOND_SETTINGS_FILE`) <
+`Millpond(...)` keywords < `MILLPOND_*` variables (`MILLPOND_REDIS__LEASE_TIMEOUT` is [redis]
+lease_timeout) < flags. One Dynaconf instance merges every source and runs one `Validator` per
+given setting, casting it through its declaration; the hot path reads the frozen `Settings`.
 
-A core setting is a field of `Settings` made with `setting(...)`, so `settings.pool` is typed;
-`CORE`, their `Section`, is what validation, `millpond config` and docs/settings.md read. A plugin
-publishes its `Section` under the `millpond.settings` entry-point group, named after the plugin it
-configures (a pool's name, or each URL scheme a broker serves), and gets its validated values
-(`Settings.plugin_options`), its URL's query cast by the same declarations.
+The core's settings are the `setting(...)` fields of `Settings` (typed: `settings.pool`), `CORE`
+their `Section`. A plugin publishes its `Section` as a `millpond.settings` entry point named after
+the plugin (a pool, each URL scheme a broker serves) and gets its validated values, its URL's query
+cast by the same declarations, from `Settings.plugin_options`.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -30,64 +29,45 @@ from millpond.exceptions import ConfigurationError
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """The validated, frozen settings the worker and the app read on the hot path.
-
-    The fields made with `setting(...)` are the core's declaration (see `CORE`); the last three
-    are what was read with them."""
+    """The validated, frozen settings the worker and the app read on the hot path: the
+    `setting(...)` fields are the core's declaration (`CORE`), the last three what was read."""
 
     app: str | None = setting(None, "The app to run, as module:attribute (the -A flag).")
     broker_url: str | None = setting(
-        None,
-        "Broker URL; unset means the embedded sqlite:// broker (zero servers, one machine).",
-        secret=True,
+        None, "Broker URL; unset is the embedded sqlite:// broker (one machine only).", secret=True
     )
     result_backend: str | None = setting(
-        None,
-        "Result backend URL; unset means the broker's own store (sqlite, redis; none for amqp).",
-        secret=True,
+        None, "Result backend URL; unset is the broker's own store (amqp has none).", secret=True
     )
     pool: str = setting(
         "threads",
-        "Execution pool plugin: solo, threads, prefork, gevent, eventlet, asyncio, or any "
-        "installed third-party pool. A pool that monkey-patches (gevent, eventlet) must be chosen"
-        " by flag, environment or file, not in code.",
+        "Execution pool: solo, threads, prefork, gevent, eventlet, asyncio or an installed plugin; "
+        "gevent and eventlet monkey-patch, so set them by flag, environment or file, not in code.",
     )
     concurrency: int | None = setting(
         None,
-        "Jobs run at once; unset means the pool's default (CPU count for threads and prefork, 100"
-        " for green pools).",
+        "Tasks run at once; unset is the pool's default (prefork: CPU count, threads: CPU count + 4"
+        " up to 32, green and asyncio: 100).",
         minimum=1,
     )
     queues: tuple[str, ...] = setting(("celery",), "Queues the worker consumes, in priority order.")
     default_queue: str = setting(
-        "celery",
-        "Queue a task is sent to when neither the task nor the call names one (Celery's default, "
-        "so both can share queues).",
+        "celery", "Queue used when neither the task nor the call names one (Celery's default too)."
     )
     prefetch_multiplier: int = setting(
         4, "Unacknowledged messages held per unit of concurrency.", minimum=1
     )
     acks_late: bool = setting(
-        True,
-        "Acknowledge after the task finished (at-least-once); false acknowledges before it runs "
-        "(at-most-once).",
+        True, "Ack after the task ran (at-least-once); false acks before it runs (at-most-once)."
     )
     max_deliveries: int = setting(
-        5,
-        "Deliveries of one message before it is dead-lettered instead of run again (the "
-        "redelivery cap for poison messages).",
-        minimum=1,
+        5, "Deliveries of a message before it is dead-lettered (caps poison messages).", minimum=1
     )
-    time_limit: float | None = setting(
-        None, "Default hard time limit of a task, in seconds.", minimum=0
-    )
-    soft_time_limit: float | None = setting(
-        None, "Default soft time limit of a task, in seconds.", minimum=0
-    )
+    time_limit: float | None = setting(None, "Default hard time limit (seconds).", minimum=0)
+    soft_time_limit: float | None = setting(None, "Default soft time limit (seconds).", minimum=0)
     unsupported_options: str = setting(
         "warn",
-        "What to do when a task asks for something the pool cannot do (a time limit on solo): "
-        "warn, or error (fail the task).",
+        "Options a pool cannot honour (a time limit on solo): warn, or error (fail the task).",
         choices=("warn", "error"),
     )
     disable_rate_limits: bool = setting(
@@ -97,29 +77,25 @@ class Settings:
     )
     rate_limit_scope: str = setting(
         "worker",
-        "Where a task's rate_limit is kept unless the task says (rate_limit_scope=...): worker "
-        "(each worker process allows that rate, Celery's meaning), or global (one bucket in "
-        "rate_limit_store shared by every worker).",
+        "Default rate_limit_scope of a task: worker (each worker process allows the rate, as in "
+        "Celery) or global (one bucket in rate_limit_store, shared by every worker).",
         choices=("worker", "global"),
     )
     rate_limit_store: str | None = setting(
         None,
-        "URL of the store global rate limits share (redis://...); unset means the broker URL, "
-        "when it is one a limiter plugin serves.",
+        "Global rate limits' store URL; unset: the broker URL, if a limiter plugin serves it.",
         secret=True,
     )
     rate_limit_parking: int | None = setting(
         None,
-        "Messages of each rate-limited task the worker holds waiting for a token, beside the "
-        "prefetch window; unset means the prefetch count. More go back to the broker as delayed "
-        "messages.",
+        "Messages per rate-limited task held for a token beside the prefetch window (unset: the "
+        "prefetch count); more go back to the broker as delayed messages.",
         minimum=1,
     )
     rate_limit_max_hold: float = setting(
         60.0,
-        "Longest a rate-limited message waits in the worker, unacknowledged, for its token; one "
-        "that would wait longer goes back to the broker as a delayed message, due when its token "
-        "is expected. Keep it well under RabbitMQ's consumer_timeout.",
+        "Seconds a rate-limited message may wait, unacknowledged, in the worker for its token; a "
+        "longer one goes back to the broker, delayed; keep well under RabbitMQ's consumer_timeout.",
         minimum=1,
     )
     shutdown_timeout: float = setting(
@@ -129,20 +105,16 @@ class Settings:
     result_expires: float = setting(86400.0, "Seconds a stored result is kept.", minimum=1)
     accept_content: tuple[str, ...] = setting(
         ("application/json",),
-        "Content types the worker accepts; add application/x-python-serialize only if every "
-        "producer is trusted. millpond decodes JSON and pickle only: YAML and msgpack producers "
-        "must switch to JSON (Celery: task_serializer = 'json').",
+        "Content types accepted; pickle (application/x-python-serialize) only if all producers "
+        "are trusted. No YAML or msgpack: set task_serializer = 'json' on Celery producers.",
         choices=("application/json", "application/x-python-serialize"),
     )
     max_message_size: int = setting(
-        10 * 1024 * 1024,
-        "Largest message body accepted, in bytes; larger messages are dead-lettered.",
-        minimum=1,
+        10 * 1024 * 1024, "Largest message body (bytes); larger ones are dead-lettered.", minimum=1
     )
     signing_key: str | None = setting(
         None,
-        "Shared secret: producers sign every message (HMAC-SHA256) and workers dead-letter "
-        "unsigned or altered ones.",
+        "Shared HMAC-SHA256 key: producers sign, workers dead-letter unsigned or altered messages.",
         secret=True,
     )
     log_level: str = setting(
@@ -150,32 +122,24 @@ class Settings:
     )
     log_format: str = setting(
         "auto",
-        "auto (console on a terminal, JSON otherwise), json, or console.",
+        "auto: console on a terminal, JSON otherwise.",
         choices=("auto", "json", "console"),
     )
     log_stdlib: bool = setting(
         True,
-        "Give the standard logging module's root logger millpond's format when `millpond worker` "
-        "runs and the root logger has no handlers of its own (so logging inside tasks carries "
-        "task and trace ids); false never touches the root logger.",
+        "Under `millpond worker`, format a root logger with no handlers like millpond's logs (so "
+        "logging in tasks carries task and trace ids); false never touches the root logger.",
     )
     trace_link: bool = setting(
-        False,
-        "Start each task's process span as a new trace linked to the producer's, instead of "
-        "continuing the producer's trace.",
+        False, "Start each task's process span in a new trace linked to the producer's, not in it."
     )
     hooks: tuple[str, ...] = setting(
-        ("*",),
-        "Hooks plugins to use (tracing, logs, health, metrics, ...): * for every installed one, "
-        "or a list of names.",
+        ("*",), "Hooks plugins to run (tracing, logs, health, metrics...): * for all, or names."
     )
-    worker_name: str | None = setting(
-        None, "Name of this worker in logs and spans; default pid@hostname."
-    )
+    worker_name: str | None = setting(None, "Worker name in logs and spans; unset: pid@hostname.")
     #: validated values (defaults included) of every plugin section that was given a value
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    #: where each value came from ("name" or "section.name"): "default", "file <path>", "code",
-    #: "env <variable>" or "flag"
+    #: where each "name" or "section.name" came from: default, file <path>, code, env <var>, flag
     sources: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
@@ -203,11 +167,10 @@ class Settings:
         return self.sections.get(declaration.name) or MappingProxyType(declaration.defaults())
 
     def plugin_options(self, plugin: str, url_setting: str | None = None) -> dict[str, Any]:
-        """The validated values of the section the plugin named `plugin` (a pool, a URL scheme)
-        publishes, or {}. With `url_setting` ("broker_url", "result_backend") the URL's query
-        counts as given where the URL was: `MILLPOND_BROKER_URL=redis://h/0?lease_timeout=5` beats
-        [redis] lease_timeout in the file, `MILLPOND_REDIS__LEASE_TIMEOUT` beats a query in the
-        file's `broker_url`, and from the same place the URL (more specific) wins."""
+        """The validated values of the plugin `plugin`'s section (a pool, a URL scheme), or {}.
+        With `url_setting` ("broker_url", ...) the URL's query counts as given where the URL was,
+        so `MILLPOND_BROKER_URL=...?lease_timeout=5` beats the file's [redis] lease_timeout and
+        `MILLPOND_REDIS__LEASE_TIMEOUT` a query in the file's URL; from one place the URL wins."""
         declaration = plugins.settings_section(plugin)
         return self.weighed(declaration, url_setting)[0] if declaration else {}
 
@@ -225,9 +188,8 @@ class Settings:
         return values, sources
 
     def replace(self, **changes: Any) -> Settings:
-        """A copy with these core settings changed (flags given to an in-process `Worker`),
-        each checked against its declaration."""
-        values = {k: _frozen(v) for k, v in CORE.cast_all(changes.items(), "flag").items()}
+        """A copy with these core settings (an in-process `Worker`'s flags) checked and changed."""
+        values = CORE.cast_all(changes.items(), "flag")
         sources = MappingProxyType({**self.sources, **dict.fromkeys(values, "flag")})
         return dataclasses.replace(self, **values, sources=sources)
 
@@ -242,17 +204,11 @@ MOVED = {
 
 CORE = Section(None, "Core", declared(Settings), hints=MOVED)
 #: environment variables with the prefix that are not settings
-META_ENV = frozenset(
-    ENV_PREFIX + name for name in ("SETTINGS_FILE", "HOME", "PATCHED", "SKIP_LINT")
-)
+META_ENV = frozenset(ENV_PREFIX + n for n in ("SETTINGS_FILE", "HOME", "PATCHED", "SKIP_LINT"))
 #: how sources outrank each other, by the kind a source's name starts with ("env MILLPOND_POOL")
 _RANK = {"default": 0, "file": 1, "code": 2, "env": 3, "flag": 4}
 #: a given value: its section and option, its source and the value as written
 Given = tuple[Section, Option, str, Any]
-
-
-def _frozen(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
 
 
 def settings_file(env: Mapping[str, str]) -> Path | None:
@@ -266,6 +222,22 @@ def settings_file(env: Mapping[str, str]) -> Path | None:
     return path if named or path.is_file() else None
 
 
+def millpond_home(env: Mapping[str, str] | None = None, *, purpose: str) -> Path:
+    """Where millpond keeps files of its own on this machine (the sqlite:// broker, revoked ids):
+    `$MILLPOND_HOME`, else `$XDG_DATA_HOME/millpond`, else `~/.local/share/millpond`."""
+    env = os.environ if env is None else env
+    if env.get("MILLPOND_HOME"):
+        return Path(env["MILLPOND_HOME"]).expanduser()
+    if env.get("XDG_DATA_HOME"):
+        return Path(env["XDG_DATA_HOME"]).expanduser() / "millpond"
+    try:
+        return Path.home() / ".local" / "share" / "millpond"
+    except RuntimeError as exc:
+        raise ConfigurationError(
+            f"cannot find a home directory for {purpose} ({exc}); set MILLPOND_HOME"
+        ) from exc
+
+
 def _stored(opt: Option, source: str, given: Any, conf: Any) -> Any:
     """A given value as dynaconf must store it: environment text parsed as TOML (as dynaconf's
     env loader does), except for a text setting, which gets it as typed; any other text starting
@@ -273,10 +245,8 @@ def _stored(opt: Option, source: str, given: Any, conf: Any) -> Any:
     if source.startswith("env ") and opt.kind != "str":
         from dynaconf.utils.parse_conf import boolean_fix, parse_conf_data
 
-        try:
+        with suppress(Exception):  # a malformed @marker: keep the text, the cast reports it
             return parse_conf_data(boolean_fix(given), tomlfy=True, box_settings=conf)
-        except Exception:  # a malformed @marker: keep the text, the cast reports it
-            pass
     return _keep_text(given)
 
 
@@ -298,8 +268,7 @@ def _flat(values: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
 
 
 class _Declarations:
-    """The section and option each given name is for, each plugin's section loaded once, and the
-    warnings about names that are ignored."""
+    """The declaration of each given name, each plugin section loaded once; ignored names warned."""
 
     def __init__(self, extra: Iterable[Section]) -> None:
         self.extra = {s.name: s for s in extra if s.name}
@@ -327,11 +296,10 @@ class _Declarations:
         return self.sections[name]
 
     def layer(self, given: Iterable[tuple[str, str, Any]]) -> dict[str, Given]:
-        """Each (dynaconf key, source, value) with its declaration, by dynaconf key. A key names
-        "name" or "section.name", any deeper part one key of a table (dynaconf nests at each `__`:
-        MILLPOND_KOMBU__TRANSPORT_OPTIONS__REGION sets one key of kombu.transport_options). An
-        unknown core name from the environment (which may hold variables for other installs) is
-        a warning, any other unknown name an error."""
+        """Each (dynaconf key, source, value) with its declaration, by key: "name", "section.name",
+        any deeper part one key of a table (MILLPOND_KOMBU__TRANSPORT_OPTIONS__REGION is one key of
+        kombu.transport_options). An unknown core name from the environment (shared with other
+        installs) is a warning, any other unknown name an error."""
         found: dict[str, Given] = {}
         for path, source, value in given:
             section_name, dot, name = path.lower().replace("__", ".").partition(".")
@@ -359,18 +327,16 @@ def load_settings(
     """Read, merge and validate every source; raises ConfigurationError naming the bad setting.
 
     `env` is os.environ by default; a None flag is not given; `code` is what `Millpond(...)` was
-    given, a plugin's section as a mapping (`Millpond("shop", redis={"lease_timeout": 10})`);
-    `sections` adds declarations not installed as `millpond.settings` entry points (tests,
-    embedding). Each source's layer keeps the value as written and where it came from: dynaconf's
-    history records a nested key from the environment as its whole merged table."""
+    given, a plugin's section as a mapping (`redis={"lease_timeout": 10}`); `sections` adds
+    declarations not installed as entry points (tests, embedding). Each layer keeps the value as
+    written and its source: dynaconf's history has a nested env key as its whole merged table."""
     from dynaconf import Dynaconf, ValidationError, Validator
     from dynaconf.utils.inspect import get_history
 
     env = os.environ if env is None else env
     path = Path(file) if file is not None else settings_file(env)
     try:
-        # the environment is read from the mapping given, not by dynaconf's env loader (which
-        # reads os.environ only)
+        # the environment comes from `env`, not from dynaconf's loader (it reads os.environ only)
         conf = Dynaconf(
             settings_files=[str(path.resolve())] if path else [],
             core_loaders=["TOML"],
@@ -385,11 +351,9 @@ def load_settings(
     except Exception as exc:
         raise ConfigurationError(f"cannot read settings file {path}: {exc}") from exc
     found = _Declarations(sections)
-    file_values = [
-        e["value"] for e in get_history(conf, filter_callable=lambda s: s.loader == "toml")
-    ]
+    read = get_history(conf, filter_callable=lambda s: s.loader == "toml")
     layers = {
-        "file": found.layer((k, f"file {path}", v) for e in file_values for k, v in _flat(e)),
+        "file": found.layer((k, f"file {path}", v) for e in read for k, v in _flat(e["value"])),
         "code": found.layer((k, "code", v) for k, v in _flat(code or {})),
         "env": found.layer(
             (variable[len(ENV_PREFIX) :], f"env {variable}", text)
@@ -407,9 +371,7 @@ def load_settings(
         )
     cast: dict[str, Any] = {}
 
-    def validator(section: Section, opt: Option, source: str, typed: Any) -> Validator:
-        key = section.key(opt.name)
-
+    def validator(key: str, section: Section, opt: Option, source: str, typed: Any) -> Validator:
         def check(value: Any) -> Any:
             try:
                 cast[key] = section.cast(opt, value, source, typed=typed)
@@ -419,17 +381,14 @@ def load_settings(
 
         return Validator(key, cast=check, description=opt.help)
 
-    conf.validators.register(*(validator(*held) for held in given.values()))
+    conf.validators.register(*(validator(key, *held) for key, held in given.items()))
     try:
         conf.validators.validate_all()
     except ValidationError as exc:
         problems = [message for _validator, message in exc.details] or [str(exc)]
-        if len(problems) == 1:
-            raise ConfigurationError(problems[0]) from None
-        raise ConfigurationError(
-            f"{len(problems)} settings are invalid:\n  " + "\n  ".join(problems)
-        ) from None
-    core = {opt.name: _frozen(cast.get(opt.name, opt.default)) for opt in CORE.options}
+        many = f"{len(problems)} settings are invalid:\n  " if len(problems) > 1 else ""
+        raise ConfigurationError(many + "\n  ".join(problems)) from None
+    core = {opt.name: cast.get(opt.name, opt.default) for opt in CORE.options}
     values = {
         name: MappingProxyType({o.name: cast.get(s.key(o.name), o.default) for o in s.options})
         for name, s in found.sections.items()

@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 from urllib.parse import unquote
 
 from millpond.config.options import Section, declared, setting
-from millpond.config.paths import millpond_home as core_home
+from millpond.config.settings import millpond_home as core_home
 from millpond.contracts.backend import CHORD_CLAIM_TTL, ChordPart, ResultBackend, ResultMeta
 from millpond.contracts.broadcast import Exchange, Listen
 from millpond.contracts.broker import Broker, Claims, Consumer, Delivery, Holder, dead_letter_queue

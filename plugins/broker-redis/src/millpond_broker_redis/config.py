@@ -36,7 +36,7 @@ def mask(url: str) -> str:
     return _SECRET_QUERY.sub(r"\1***", _MASK.sub(r"\1:***@", url))
 
 
-def _as_steps(value: list[str]) -> tuple[int, ...]:
+def _as_steps(value: tuple[str, ...]) -> tuple[int, ...]:
     """The priority steps as sorted whole numbers; they must start at 0 and stay within 0..9."""
     try:
         steps = tuple(sorted({int(x) for x in value}))
@@ -207,7 +207,6 @@ def parse(url: str, options: Mapping[str, Any] | None = None) -> RedisConfig:
 
     values = SECTION.resolve(options, url=url, masked=mask(url), query=pieces.query)
     steps = _as_steps(values["priority_steps"])
-    values["priority_steps"] = tuple(values["priority_steps"])
     cfg = RedisConfig(
         url=url,
         kind=kind,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from millpond.config.paths import millpond_home
+from millpond.config.settings import millpond_home
 from millpond.contracts.component import WorkerComponent
 from millpond_control import ratelimit as _rate_limit_command  # noqa: F401 - registers it
 from millpond_control.node import ControlNode

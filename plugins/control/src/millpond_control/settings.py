@@ -112,10 +112,7 @@ class ControlSettings:
 
     @classmethod
     def from_section(cls, values: Mapping[str, Any]) -> ControlSettings:
-        given = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
-        if "deny" in given:
-            given["deny"] = tuple(given["deny"] or ())
-        return cls(**given)
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
 
 SECTION = Section("control", "Remote control and revoke", declared(ControlSettings))
