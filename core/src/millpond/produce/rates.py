@@ -30,22 +30,18 @@ def parse_rate(value: str | float | None) -> float | None:
         raise InvalidRateLimit(
             f"rate limit {value!r} is not a rate: use 'N/s', 'N/m', 'N/h' or a number per second"
         )
-    if isinstance(value, str):
-        amount, _, unit = value.partition("/")
-        unit = unit.strip().lower() or "s"
-        if unit not in _UNITS:
-            raise InvalidRateLimit(
-                f"rate limit {value!r} has the unit {unit!r}: use s, m or h ('10/m')"
-            )
-        try:
-            count = float(amount.strip())
-        except ValueError:
-            raise InvalidRateLimit(
-                f"rate limit {value!r} does not start with a number: use 'N/s', 'N/m' or 'N/h'"
-            ) from None
-        per_second = count / _UNITS[unit]
-    else:
-        per_second = float(value)
+    amount, _, unit = str(value).partition("/")  # a number: per second
+    unit = unit.strip().lower() or "s"
+    if unit not in _UNITS:
+        raise InvalidRateLimit(
+            f"rate limit {value!r} has the unit {unit!r}: use s, m or h ('10/m')"
+        )
+    try:
+        per_second = float(amount) / _UNITS[unit]
+    except ValueError:
+        raise InvalidRateLimit(
+            f"rate limit {value!r} does not start with a number: use 'N/s', 'N/m' or 'N/h'"
+        ) from None
     if not math.isfinite(per_second):
         raise InvalidRateLimit(f"rate limit {value!r} is not a finite number")
     if per_second < 0:
