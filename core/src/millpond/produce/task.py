@@ -353,17 +353,10 @@ class Task(Generic[P, R_co]):
         return delay
 
 
-class TaskDecorator(Protocol):
-    """What `@app.task(...)` returns: registers a plain function (def or async def) as a task."""
-
-    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
-
-
 class BoundTaskDecorator(Protocol):
-    """What `@app.task(bind=True, ...)` returns: the function's first parameter is the task.
-
-    That parameter is matched as `Task[P, Any]`: with `Task[P, R]`, annotating it
-    `self: Task[Any, Any]` would make mypy take `R` from the annotation and lose the result type.
-    """
+    """What `@app.task(bind=True, ...)` returns: the function's first parameter is the task,
+    matched as `Task[P, Any]` (with `Task[P, R]`, annotating it `self: Task[Any, Any]` would make
+    mypy take `R` from the annotation). A Protocol, not a `Callable`, so that options from an
+    untyped dict make an untyped decorator (a strict error), not a guessed unbound task."""
 
     def __call__(self, fn: Callable[Concatenate[Task[P, Any], P], R], /) -> Task[P, R]: ...
