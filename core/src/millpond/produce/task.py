@@ -1,9 +1,7 @@
 """Tasks: a function registered under a name, with options checked when it is declared (a typo
-fails at import, not at 3 a.m. in production; `apply_async` refuses unknown keywords).
-
-The same mistakes are type errors: `Task[P, R]` carries the function's parameters (a `ParamSpec`)
-and return type, so `add.delay("a", [1])` or `x: str = add(1, 2)` fail under mypy; the keyword
-options are declared once, as TypedDicts, for the type checker and the runtime check alike.
+fails at import, not at 3 a.m. in production; `apply_async` refuses unknown keywords). The same
+mistakes are type errors: `Task[P, R]` carries the function's parameters (a `ParamSpec`) and
+return type, so `add.delay("a", [1])` or `x: str = add(1, 2)` fail under mypy.
 """
 
 from __future__ import annotations
@@ -146,16 +144,13 @@ class TaskDecoratorOptions(TypedDict, total=False):
 
 class SendOptions(TypedDict, total=False):
     """The keyword options of `apply_async` and `Millpond.send_task`: a TypedDict, not parameters,
-    so that an option left out stays out (the task's own default applies only then, and an
-    explicit `None` overrides it, but for `expires`).
-
-    `countdown` (seconds) or `eta` (datetime or epoch seconds) delay the task in the broker;
-    `expires` (datetime, epoch seconds, or seconds from now below a year) drops it if a worker gets
-    it too late. `link`/`link_error`: signatures sent when it succeeds or fails; the canvas sets
-    `chain`, `chord`, `group_id`, `group_index`, `root_id`, `parent_id`. `reply_to`: where a
-    backend that replies to the caller (rpc://) sends the result, by default its reply queue for
-    this process (`""`: none).
-    """
+    so an option left out stays out (only then does the task's own default apply; an explicit
+    `None` overrides it, but for `expires`). `countdown` (seconds) or `eta` (datetime or epoch
+    seconds) delay the task in the broker; `expires` (datetime, epoch seconds, or seconds from now
+    below a year) drops it if a worker gets it too late. `link`/`link_error`: signatures sent when
+    it succeeds or fails; the canvas sets `chain`, `chord`, `group_id`, `group_index`, `root_id`,
+    `parent_id`. `reply_to`: where a backend that replies to the caller (rpc://) sends the result,
+    by default its reply queue for this process (`""`: none)."""
 
     queue: str | None
     countdown: float | None
@@ -224,11 +219,9 @@ _Kwargs = Mapping[str, Any] | None
 
 
 class Task(Generic[P, R_co]):
-    """A registered task. Calling it runs the function here; `delay` sends it to a worker.
-
-    `P` is the function's parameters (without the task itself for `bind=True`), `R` what calling
-    it returns; covariant, so a `Task[[int], bool]` passes where a `Task[[int], object]` is wanted.
-    """
+    """A registered task: calling it runs the function here, `delay` sends it to a worker. `P` is
+    the function's parameters (without the task itself for `bind=True`), `R` what calling it
+    returns; covariant, so a `Task[[int], bool]` passes where a `Task[[int], object]` is wanted."""
 
     def __init__(self, app: Millpond, fn: Callable[..., R_co], options: TaskOptions) -> None:
         functools.update_wrapper(self, fn)  # its name, docstring, module, `__wrapped__`
@@ -247,9 +240,8 @@ class Task(Generic[P, R_co]):
 
     # -- sending ---------------------------------------------------------------------------------
     # The overloads differ only in the result: an async def task's `R` is a coroutine, the worker
-    # stores its awaited value; mypy takes the first that matches, so that one comes first.
-    # `apply_async`'s `args`/`kwargs` cannot be checked against `P` (a ParamSpec's parts exist
-    # only as a function's `*args`/`**kwargs`); `delay` checks them.
+    # stores its awaited value (mypy takes the first overload that matches). Only `delay` checks
+    # the arguments against `P`: a ParamSpec exists only as a function's `*args`/`**kwargs`.
     @overload
     def delay(
         self: Task[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
