@@ -270,17 +270,10 @@ class Task(Generic[P, R_co]):
     ) -> AsyncResult[Any]:
         """Send the task (options: `SendOptions`); the task's own queue, time limits,
         ignore_result, priority and expiry apply to what the call leaves out."""
-        opts = self.options
-        sent: SendOptions = {
-            "queue": opts.queue,
-            "time_limit": opts.time_limit,
-            "soft_time_limit": opts.soft_time_limit,
-            "ignore_result": opts.ignore_result,
-            "priority": opts.priority,
-            **options,
-        }
-        if sent.get("expires") is None and opts.expires is not None:
-            sent["expires"] = opts.expires
+        own = ("queue", "time_limit", "soft_time_limit", "ignore_result", "priority")
+        sent: dict[str, Any] = {key: getattr(self.options, key) for key in own} | dict(options)
+        if sent.get("expires") is None:
+            sent["expires"] = self.options.expires
         return self.app.send_task(self.name, args or (), kwargs or {}, **sent)
 
     # -- canvas ----------------------------------------------------------------------------------
