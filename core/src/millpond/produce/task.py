@@ -83,9 +83,7 @@ class Request:
     chord = property(lambda self: (self.job.embed or {}).get("chord"))
 
 
-_current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
-    "millpond_request", default=None
-)
+_current_request = contextvars.ContextVar[Request | None]("millpond_request", default=None)
 
 #: the request of the task running in this context, if any
 current_request = _current_request.get
@@ -112,10 +110,8 @@ class TaskOptions:
     reject_on_worker_lost: bool = True
     max_deliveries: int | None = None  # None: the max_deliveries setting decides
     priority: int | None = None
-    #: Celery's `rate_limit`: "10/s", "10/m", "10/h" or a number per second; per worker unless
-    #: `rate_limit_scope` (or the setting of that name) is "global"
-    rate_limit: str | float | None = None
-    rate_limit_scope: str | None = None  # None: the rate_limit_scope setting decides
+    rate_limit: str | float | None = None  # Celery's: "10/s", "10/m", "10/h" or N per second
+    rate_limit_scope: str | None = None  # "worker" or "global"; None: the setting of that name
 
 
 class TaskDecoratorOptions(TypedDict, total=False):
@@ -242,8 +238,7 @@ def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOpti
         parse_rate(opts.get("rate_limit"))
     except InvalidRateLimit as exc:
         raise TypeError(f"task option 'rate_limit' of {fn.__qualname__}: {exc}") from None
-    scope = opts.get("rate_limit_scope")
-    if scope is not None and scope not in RATE_LIMIT_SCOPES:
+    if (scope := opts.get("rate_limit_scope")) not in (None, *RATE_LIMIT_SCOPES):
         raise TypeError(
             f"task option 'rate_limit_scope' must be one of {', '.join(RATE_LIMIT_SCOPES)} "
             f"or None (the rate_limit_scope setting), got {scope!r}"
@@ -308,8 +303,7 @@ class Task(Generic[P, R_co]):
     def apply_async(
         self, args: _Args = None, kwargs: _Kwargs = None, **options: Unpack[SendOptions]
     ) -> AsyncResult[Any]:
-        """Send the task (options: `SendOptions`); the task's own queue, time limits,
-        ignore_result, priority and expiry apply to what the call leaves out."""
+        """Send the task (`SendOptions`); the task's own options apply where the call has none."""
         own = ("queue", "time_limit", "soft_time_limit", "ignore_result", "priority")
         sent: dict[str, Any] = {key: getattr(self.options, key) for key in own} | dict(options)
         if sent.get("expires") is None:
@@ -349,8 +343,7 @@ class Task(Generic[P, R_co]):
     # -- inside a running task -------------------------------------------------------------------
     @property
     def request(self) -> Request:
-        req = _current_request.get()
-        if req is None:
+        if (req := _current_request.get()) is None:
             raise RuntimeError(f"{self.name}.request is only available while the task runs")
         return req
 
@@ -371,8 +364,7 @@ class Task(Generic[P, R_co]):
         opts = self.options
         if opts.retry_backoff is False:
             return opts.default_retry_delay
-        base = 1.0 if opts.retry_backoff is True else float(opts.retry_backoff)
-        delay: float = min(opts.retry_backoff_max, base * (2**retries))
+        delay: float = min(opts.retry_backoff_max, float(opts.retry_backoff) * 2**retries)
         if opts.retry_jitter:
             delay = random.uniform(0, delay)  # full jitter spreads a thundering herd
         return delay
