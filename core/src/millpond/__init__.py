@@ -71,8 +71,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if (module := _EXPORTS.get(name)) is None:
         raise AttributeError(f"module 'millpond' has no attribute {name!r}")
     value = globals()[name] = getattr(import_module(module), name)  # looked up once
     return value

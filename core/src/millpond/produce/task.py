@@ -42,11 +42,11 @@ R_co = TypeVar("R_co", covariant=True)
 T = TypeVar("T")
 
 
+@dataclass(slots=True)
 class _JobField(Generic[T]):
     """A field of the request's job, read under Celery's name and typed for the checker."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    name: str
 
     def __get__(self, request: Request, owner: object = None) -> T:
         return cast(T, getattr(request.job, self.name))
@@ -140,13 +140,12 @@ class TaskDecoratorOptions(TypedDict, total=False):
 
 class SendOptions(TypedDict, total=False):
     """The keyword options of `apply_async` and `Millpond.send_task`: a TypedDict, not parameters,
-    so an option left out stays out (only then does the task's own default apply; an explicit
-    `None` overrides it, but for `expires`). `countdown` (seconds) or `eta` (datetime or epoch
-    seconds) delay the task in the broker; `expires` (datetime, epoch seconds, or seconds from now
-    below a year) drops it if a worker gets it too late. `link`/`link_error`: signatures sent when
-    it succeeds or fails; the canvas sets `chain`, `chord`, `group_id`, `group_index`, `root_id`,
-    `parent_id`. `reply_to`: where a backend that replies to the caller (rpc://) sends the result,
-    by default its reply queue for this process (`""`: none)."""
+    so an option left out stays out (only then does the task's default apply; an explicit `None`
+    overrides it, but for `expires`). `countdown` (seconds) or `eta` (datetime, epoch seconds)
+    delay the task in the broker; `expires` (datetime, epoch seconds, or seconds from now below a
+    year) drops it if a worker gets it too late. `link`/`link_error`: signatures sent on success
+    or failure; the canvas sets `chain`, `chord`, `group_id`, `group_index`, `root_id`, `parent_id`.
+    `reply_to`: where an rpc:// backend replies (default: this process's queue; `""`: none)."""
 
     queue: str | None
     countdown: float | None
@@ -175,8 +174,7 @@ SEND_OPTIONS = frozenset(SendOptions.__annotations__)
 
 
 def reject_unknown(given: Iterable[str], valid: frozenset[str], what: str, where: str) -> None:
-    unknown = sorted(set(given) - valid)
-    if unknown:
+    if unknown := sorted(set(given) - valid):
         raise TypeError(
             f"unknown {what} {', '.join(unknown)} {where}; valid options: {', '.join(sorted(valid))}"
         )
@@ -269,9 +267,7 @@ class Task(Generic[P, R_co]):
         return f"<task {self.name}>"
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co:
-        if self.options.bind:
-            return self.fn(self, *args, **kwargs)
-        return self.fn(*args, **kwargs)
+        return self.fn(self, *args, **kwargs) if self.options.bind else self.fn(*args, **kwargs)
 
     # -- sending ---------------------------------------------------------------------------------
     # The overloads differ only in the result: an async def task's `R` is a coroutine, the worker
