@@ -11,10 +11,9 @@
     add.delay(2, 3).get(timeout=10)  # an int to the type checker; add.delay("2") is a type error
 
 `SendOptions` and `TaskDecoratorOptions` type the keywords of `apply_async` and `@app.task`, for
-code that passes them on. The canvas (`Signature`, `chain`, `group`, `GroupResult`, ...) is
-millpond-canvas's, re-exported here. Each name is imported on first use, so importing millpond
-opens, starts and imports nothing: the `millpond` command must be able to monkey-patch (gevent)
-before anything loads.
+code that passes them on; the canvas (`Signature`, `chain`, `group`, ...) is millpond-canvas's,
+re-exported. Each name is imported on first use, so importing millpond imports nothing: the
+`millpond` command must be able to monkey-patch (gevent) before anything loads.
 """
 
 from __future__ import annotations
@@ -72,9 +71,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if (module := _EXPORTS.get(name)) is None:
         raise AttributeError(f"module 'millpond' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
+    value = globals()[name] = getattr(import_module(module), name)  # looked up once
     return value

@@ -38,7 +38,6 @@ from millpond.produce.task import (
     BoundTaskDecorator,
     SendOptions,
     Task,
-    TaskDecorator,
     current_request,
     make_options,
     reject_unknown,
@@ -162,7 +161,7 @@ class Millpond:
     @overload
     def task(
         self, fn: None = None, /, *, bind: Literal[False] = False, **options: Unpack[_Options]
-    ) -> TaskDecorator: ...
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     @overload
     def task(

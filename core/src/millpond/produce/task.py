@@ -1,15 +1,14 @@
 """Tasks: a function registered under a name, with options checked when it is declared (a typo
-fails at import, not at 3 a.m. in production; `apply_async` refuses unknown keywords).
-
-The same mistakes are type errors: `Task[P, R]` carries the function's parameters (a `ParamSpec`)
-and return type, so `add.delay("a", [1])` or `x: str = add(1, 2)` fail under mypy; the keyword
-options are declared once, as TypedDicts, for the type checker and the runtime check alike.
+fails at import, not at 3 a.m. in production; `apply_async` refuses unknown keywords). The same
+mistakes are type errors: `Task[P, R]` carries the function's parameters (a `ParamSpec`) and
+return type, so `add.delay("a", [1])` or `x: str = add(1, 2)` fail under mypy.
 """
 
 from __future__ import annotations
 
 import contextvars
 import functools
+import math
 import random
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +28,7 @@ from typing import (
     overload,
 )
 
-from millpond.exceptions import Retry
-from millpond.produce.rates import RATE_LIMIT_SCOPES, InvalidRateLimit, parse_rate
+from millpond.exceptions import ConfigurationError, Retry
 from millpond.wire.protocol import Job
 
 if TYPE_CHECKING:
@@ -44,11 +42,11 @@ R_co = TypeVar("R_co", covariant=True)
 T = TypeVar("T")
 
 
+@dataclass(slots=True)
 class _JobField(Generic[T]):
     """A field of the request's job, read under Celery's name and typed for the checker."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    name: str
 
     def __get__(self, request: Request, owner: object = None) -> T:
         return cast(T, getattr(request.job, self.name))
@@ -85,9 +83,7 @@ class Request:
     chord = property(lambda self: (self.job.embed or {}).get("chord"))
 
 
-_current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
-    "millpond_request", default=None
-)
+_current_request = contextvars.ContextVar[Request | None]("millpond_request", default=None)
 
 #: the request of the task running in this context, if any
 current_request = _current_request.get
@@ -114,10 +110,8 @@ class TaskOptions:
     reject_on_worker_lost: bool = True
     max_deliveries: int | None = None  # None: the max_deliveries setting decides
     priority: int | None = None
-    #: Celery's `rate_limit`: "10/s", "10/m", "10/h" or a number per second; per worker unless
-    #: `rate_limit_scope` (or the setting of that name) is "global"
-    rate_limit: str | float | None = None
-    rate_limit_scope: str | None = None  # None: the rate_limit_scope setting decides
+    rate_limit: str | float | None = None  # Celery's: "10/s", "10/m", "10/h" or N per second
+    rate_limit_scope: str | None = None  # "worker" or "global"; None: the setting of that name
 
 
 class TaskDecoratorOptions(TypedDict, total=False):
@@ -146,16 +140,12 @@ class TaskDecoratorOptions(TypedDict, total=False):
 
 class SendOptions(TypedDict, total=False):
     """The keyword options of `apply_async` and `Millpond.send_task`: a TypedDict, not parameters,
-    so that an option left out stays out (the task's own default applies only then, and an
-    explicit `None` overrides it, but for `expires`).
-
-    `countdown` (seconds) or `eta` (datetime or epoch seconds) delay the task in the broker;
-    `expires` (datetime, epoch seconds, or seconds from now below a year) drops it if a worker gets
-    it too late. `link`/`link_error`: signatures sent when it succeeds or fails; the canvas sets
-    `chain`, `chord`, `group_id`, `group_index`, `root_id`, `parent_id`. `reply_to`: where a
-    backend that replies to the caller (rpc://) sends the result, by default its reply queue for
-    this process (`""`: none).
-    """
+    so an option left out stays out (only then does the task's default apply; an explicit `None`
+    overrides it, but for `expires`). `countdown` (seconds) or `eta` (datetime, epoch seconds)
+    delay the task in the broker; `expires` (datetime, epoch seconds, or seconds from now below a
+    year) drops it if a worker gets it too late. `link`/`link_error`: signatures sent on success
+    or failure; the canvas sets `chain`, `chord`, `group_id`, `group_index`, `root_id`, `parent_id`.
+    `reply_to`: where an rpc:// backend replies (default: this process's queue; `""`: none)."""
 
     queue: str | None
     countdown: float | None
@@ -184,11 +174,50 @@ SEND_OPTIONS = frozenset(SendOptions.__annotations__)
 
 
 def reject_unknown(given: Iterable[str], valid: frozenset[str], what: str, where: str) -> None:
-    unknown = sorted(set(given) - valid)
-    if unknown:
+    if unknown := sorted(set(given) - valid):
         raise TypeError(
             f"unknown {what} {', '.join(unknown)} {where}; valid options: {', '.join(sorted(valid))}"
         )
+
+
+#: where a task's limit is kept: in each worker (Celery's meaning) or one bucket for the fleet
+RATE_LIMIT_SCOPES = ("worker", "global")
+#: seconds per unit of a Celery rate string
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class InvalidRateLimit(ConfigurationError, ValueError):
+    """A rate limit that is not Celery's `N`, `N/s`, `N/m` or `N/h`."""
+
+
+def parse_rate(value: str | float | None) -> float | None:
+    """Tokens per second for Celery's `rate_limit` (`"10/m"` -> 0.1667; `N/s`, `N/m`, `N/h`, N
+    maybe a fraction, or a number per second), None for no limit (`None`, `""`, `0`), else
+    `InvalidRateLimit` saying what is allowed. Checked when a task is declared or a limit is
+    changed, so a typo fails at import or in the control command's reply, not in the worker loop."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise InvalidRateLimit(
+            f"rate limit {value!r} is not a rate: use 'N/s', 'N/m', 'N/h' or a number per second"
+        )
+    amount, _, unit = str(value).partition("/")  # a number: per second
+    unit = unit.strip().lower() or "s"
+    if unit not in _UNITS:
+        raise InvalidRateLimit(
+            f"rate limit {value!r} has the unit {unit!r}: use s, m or h ('10/m')"
+        )
+    try:
+        per_second = float(amount) / _UNITS[unit]
+    except ValueError:
+        raise InvalidRateLimit(
+            f"rate limit {value!r} does not start with a number: use 'N/s', 'N/m' or 'N/h'"
+        ) from None
+    if not math.isfinite(per_second):
+        raise InvalidRateLimit(f"rate limit {value!r} is not a finite number")
+    if per_second < 0:
+        raise InvalidRateLimit(f"rate limit {value!r} is negative; use 0 or None for no limit")
+    return per_second or None
 
 
 def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOptions:
@@ -207,8 +236,7 @@ def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOpti
         parse_rate(opts.get("rate_limit"))
     except InvalidRateLimit as exc:
         raise TypeError(f"task option 'rate_limit' of {fn.__qualname__}: {exc}") from None
-    scope = opts.get("rate_limit_scope")
-    if scope is not None and scope not in RATE_LIMIT_SCOPES:
+    if (scope := opts.get("rate_limit_scope")) not in (None, *RATE_LIMIT_SCOPES):
         raise TypeError(
             f"task option 'rate_limit_scope' must be one of {', '.join(RATE_LIMIT_SCOPES)} "
             f"or None (the rate_limit_scope setting), got {scope!r}"
@@ -224,11 +252,9 @@ _Kwargs = Mapping[str, Any] | None
 
 
 class Task(Generic[P, R_co]):
-    """A registered task. Calling it runs the function here; `delay` sends it to a worker.
-
-    `P` is the function's parameters (without the task itself for `bind=True`), `R` what calling
-    it returns; covariant, so a `Task[[int], bool]` passes where a `Task[[int], object]` is wanted.
-    """
+    """A registered task: calling it runs the function here, `delay` sends it to a worker. `P` is
+    the function's parameters (without the task itself for `bind=True`), `R` what calling it
+    returns; covariant, so a `Task[[int], bool]` passes where a `Task[[int], object]` is wanted."""
 
     def __init__(self, app: Millpond, fn: Callable[..., R_co], options: TaskOptions) -> None:
         functools.update_wrapper(self, fn)  # its name, docstring, module, `__wrapped__`
@@ -241,15 +267,12 @@ class Task(Generic[P, R_co]):
         return f"<task {self.name}>"
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co:
-        if self.options.bind:
-            return self.fn(self, *args, **kwargs)
-        return self.fn(*args, **kwargs)
+        return self.fn(self, *args, **kwargs) if self.options.bind else self.fn(*args, **kwargs)
 
     # -- sending ---------------------------------------------------------------------------------
     # The overloads differ only in the result: an async def task's `R` is a coroutine, the worker
-    # stores its awaited value; mypy takes the first that matches, so that one comes first.
-    # `apply_async`'s `args`/`kwargs` cannot be checked against `P` (a ParamSpec's parts exist
-    # only as a function's `*args`/`**kwargs`); `delay` checks them.
+    # stores its awaited value (mypy takes the first overload that matches). Only `delay` checks
+    # the arguments against `P`: a ParamSpec exists only as a function's `*args`/`**kwargs`.
     @overload
     def delay(
         self: Task[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
@@ -276,19 +299,11 @@ class Task(Generic[P, R_co]):
     def apply_async(
         self, args: _Args = None, kwargs: _Kwargs = None, **options: Unpack[SendOptions]
     ) -> AsyncResult[Any]:
-        """Send the task (options: `SendOptions`); the task's own queue, time limits,
-        ignore_result, priority and expiry apply to what the call leaves out."""
-        opts = self.options
-        sent: SendOptions = {
-            "queue": opts.queue,
-            "time_limit": opts.time_limit,
-            "soft_time_limit": opts.soft_time_limit,
-            "ignore_result": opts.ignore_result,
-            "priority": opts.priority,
-            **options,
-        }
-        if sent.get("expires") is None and opts.expires is not None:
-            sent["expires"] = opts.expires
+        """Send the task (`SendOptions`); the task's own options apply where the call has none."""
+        own = ("queue", "time_limit", "soft_time_limit", "ignore_result", "priority")
+        sent: dict[str, Any] = {key: getattr(self.options, key) for key in own} | dict(options)
+        if sent.get("expires") is None:
+            sent["expires"] = self.options.expires
         return self.app.send_task(self.name, args or (), kwargs or {}, **sent)
 
     # -- canvas ----------------------------------------------------------------------------------
@@ -324,8 +339,7 @@ class Task(Generic[P, R_co]):
     # -- inside a running task -------------------------------------------------------------------
     @property
     def request(self) -> Request:
-        req = _current_request.get()
-        if req is None:
+        if (req := _current_request.get()) is None:
             raise RuntimeError(f"{self.name}.request is only available while the task runs")
         return req
 
@@ -346,24 +360,16 @@ class Task(Generic[P, R_co]):
         opts = self.options
         if opts.retry_backoff is False:
             return opts.default_retry_delay
-        base = 1.0 if opts.retry_backoff is True else float(opts.retry_backoff)
-        delay: float = min(opts.retry_backoff_max, base * (2**retries))
+        delay: float = min(opts.retry_backoff_max, float(opts.retry_backoff) * 2**retries)
         if opts.retry_jitter:
             delay = random.uniform(0, delay)  # full jitter spreads a thundering herd
         return delay
 
 
-class TaskDecorator(Protocol):
-    """What `@app.task(...)` returns: registers a plain function (def or async def) as a task."""
-
-    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
-
-
 class BoundTaskDecorator(Protocol):
-    """What `@app.task(bind=True, ...)` returns: the function's first parameter is the task.
-
-    That parameter is matched as `Task[P, Any]`: with `Task[P, R]`, annotating it
-    `self: Task[Any, Any]` would make mypy take `R` from the annotation and lose the result type.
-    """
+    """What `@app.task(bind=True, ...)` returns: the function's first parameter is the task,
+    matched as `Task[P, Any]` (with `Task[P, R]`, annotating it `self: Task[Any, Any]` would make
+    mypy take `R` from the annotation). A Protocol, not a `Callable`, so that options from an
+    untyped dict make an untyped decorator (a strict error), not a guessed unbound task."""
 
     def __call__(self, fn: Callable[Concatenate[Task[P, Any], P], R], /) -> Task[P, R]: ...

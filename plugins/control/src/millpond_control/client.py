@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from millpond.contracts.broadcast import Exchange, Listen, Subscription
 from millpond.contracts.broker import Broker
-from millpond.produce.rates import parse_rate
+from millpond.produce.task import parse_rate
 from millpond.wire import signing
 from millpond.wire.protocol import JSON, Message
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import structlog
 
 from millpond.exceptions import ConfigurationError, UnknownTask
-from millpond.produce.rates import InvalidRateLimit, parse_rate
+from millpond.produce.task import InvalidRateLimit, parse_rate
 from millpond_control.registry import ControlContext, Reply, command, nok, ok
 
 log = structlog.get_logger("millpond.worker")

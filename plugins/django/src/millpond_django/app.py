@@ -17,7 +17,7 @@ from millpond import Millpond
 from millpond.exceptions import ConfigurationError
 from millpond.produce.task import Task, TaskDecoratorOptions
 from millpond_django.connections import DjangoConnectionHooks
-from millpond_django.task import BoundDjangoTaskDecorator, DjangoTask, DjangoTaskDecorator
+from millpond_django.task import BoundDjangoTaskDecorator, DjangoTask
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -92,7 +92,7 @@ class DjangoMillpond(Millpond):
         *,
         bind: Literal[False] = False,
         **options: Unpack[TaskDecoratorOptions],
-    ) -> DjangoTaskDecorator: ...
+    ) -> Callable[[Callable[P, R]], DjangoTask[P, R]]: ...
 
     @overload
     def task(

@@ -53,14 +53,8 @@ class DjangoTask(Task[P, R_co]):
         transaction.on_commit(send, using=using)
 
 
-class DjangoTaskDecorator(Protocol):
-    """What `@app.task(...)` of a `DjangoMillpond` returns."""
-
-    def __call__(self, fn: Callable[P, R], /) -> DjangoTask[P, R]: ...
-
-
 class BoundDjangoTaskDecorator(Protocol):
     """What `@app.task(bind=True, ...)` of a `DjangoMillpond` returns (see `BoundTaskDecorator`
-    for why the first parameter is matched as `Task[P, Any]`)."""
+    for why it is a Protocol and the first parameter is matched as `Task[P, Any]`)."""
 
     def __call__(self, fn: Callable[Concatenate[Task[P, Any], P], R], /) -> DjangoTask[P, R]: ...

@@ -8,7 +8,7 @@ prefetch window, never in it, so other tasks keep flowing; `celery control rate_
 the `millpond.components` entry point `ratelimit` (see `millpond.contracts.component`).
 """
 
-from millpond.produce.rates import InvalidRateLimit, parse_rate
+from millpond.produce.task import InvalidRateLimit, parse_rate
 from millpond_ratelimit.component import RateLimits
 from millpond_ratelimit.gate import Gate, TokenBucket
 from millpond_ratelimit.limiter import SharedLimiter, describe_rate, limiter_for_url

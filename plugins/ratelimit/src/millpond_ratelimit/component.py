@@ -24,7 +24,7 @@ from millpond.config import plugins
 from millpond.contracts.component import WorkerComponent
 from millpond.contracts.pool import Job
 from millpond.exceptions import ConfigurationError, MillpondError, UnknownTask
-from millpond.produce.rates import parse_rate
+from millpond.produce.task import parse_rate
 from millpond_ratelimit.gate import Gate
 from millpond_ratelimit.limiter import SharedLimiter, describe_rate, limiter_for_url
 
