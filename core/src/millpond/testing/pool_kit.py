@@ -765,7 +765,12 @@ class PoolContract:
         recorder = _LogRecorder()
         monkeypatch.setattr(worker_module, "log", recorder)
         monkeypatch.setattr(receive_module, "log", recorder)
-        monkeypatch.setattr(plugins, "pool_class", lambda _name: pool_class)
+        load = plugins.load
+        monkeypatch.setattr(
+            plugins,
+            "load",
+            lambda group, name: pool_class if group == plugins.POOLS else load(group, name),
+        )
         settings = load_settings(
             {"pool": pool_class.name or "kit", "concurrency": concurrency},
             env={},
