@@ -43,9 +43,7 @@ from millpond.produce.task import (
     make_options,
     reject_unknown,
 )
-from millpond.produce.task import (
-    TaskDecoratorOptions as _Options,
-)
+from millpond.produce.task import TaskDecoratorOptions as _Options
 from millpond.wire.protocol import SENT_AT, encode_task, new_id
 from millpond.wire.signing import sign
 
@@ -77,12 +75,6 @@ def _defaulted(
         out.append({**sig, "options": {**options, **missing}} if missing else sig)
     return out or None
 
-
-# the method `Millpond.AsyncResult` (Celery's name) hides the class inside the class body
-_AsyncResult = AsyncResult
-
-#: the URL used when no broker is configured: the embedded, zero-server broker
-DEFAULT_BROKER_URL = "sqlite://"
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -198,9 +190,8 @@ class Millpond:
         name: str | None = None,
         **options: Any,
     ) -> None:
-        """Run `sig` (a signature, a task or a task name) on `schedule` under `millpond beat`,
-        as Celery's `add_periodic_task` (docs/beat.md). Only recorded here: millpond-beat names,
-        reads and checks the entry when it starts."""
+        """Run `sig` (a signature, a task or a task name) on `schedule` under `millpond beat`, as
+        Celery's (docs/beat.md). Only recorded here: millpond-beat names and checks it at start."""
         call = {"sig": sig, "args": args, "kwargs": kwargs, "name": name, "options": options}
         self.periodic_tasks.append({"schedule": schedule, **call})
 
@@ -220,8 +211,7 @@ class Millpond:
     # -- hooks -------------------------------------------------------------------------------------
     @property
     def hooks(self) -> HookChain:
-        """The installed hooks the `hooks` setting names (all, by default), then the ones added
-        with `add_hooks`; made on first use."""
+        """The installed hooks the `hooks` setting names (default: all), then `add_hooks`' ones."""
         return self._lazy(
             "hooks",
             lambda: HookChain([*plugins.load_hooks(self.settings.hooks), *self._added_hooks]),
@@ -264,7 +254,7 @@ class Millpond:
 
     @property
     def broker_url(self) -> str:
-        return self.settings.broker_url or DEFAULT_BROKER_URL
+        return self.settings.broker_url or "sqlite://"  # none set: the embedded, zero-server one
 
     @property
     def broker(self) -> Broker:
@@ -291,13 +281,11 @@ class Millpond:
 
     @property
     def control(self) -> Control:
-        """Remote control, as Celery's `app.control` (docs/control.md), from the `control` entry
-        point of `millpond.clients` (millpond-control): the core names that package's `Control`
-        for the type checker alone, as it does millpond-canvas's `Signature`."""
-        made: Control = self._lazy(
-            "control", lambda: plugins.load(plugins.CLIENTS, "control")(self)
+        """Remote control, as Celery's `app.control` (docs/control.md): the `control` entry point
+        of `millpond.clients` (millpond-control), whose `Control` the core names only for typing."""
+        return cast(
+            "Control", self._lazy("control", lambda: plugins.load(plugins.CLIENTS, "control")(self))
         )
-        return made
 
     def close(self) -> None:
         with self._lock:
@@ -325,11 +313,9 @@ class Millpond:
         expires_at = _epoch(expires)
         if expires_at is not None and not isinstance(expires, datetime) and expires_at < 31_536_000:
             expires_at += now  # below a year: seconds from now
-        root_id, parent_id = options.get("root_id"), options.get("parent_id")
         parent = current_request()
-        if parent is not None:
-            root_id = root_id or parent.root_id or parent.id
-            parent_id = parent_id or parent.id
+        root_id = options.get("root_id") or (parent.root_id or parent.id if parent else None)
+        parent_id = options.get("parent_id") or (parent.id if parent else None)
         ignore_result = options.get("ignore_result")
         if ignore_result is None:
             ignore_result = self.settings.ignore_result
@@ -398,10 +384,8 @@ class Millpond:
         if batch is not None:
             batch.append((publication, tokens))
             return
-        queue, message, eta = publication.queue, publication.message, publication.eta
-        self._hand_over(
-            [(publication, tokens)], lambda: self.broker.publish(queue, message, eta=eta)
-        )
+        p = publication
+        self._hand_over([(p, tokens)], lambda: self.broker.publish(p.queue, p.message, eta=p.eta))
 
     @contextmanager
     def publishing_together(self) -> Iterator[None]:
@@ -427,8 +411,7 @@ class Millpond:
         try:
             send()
         except BaseException as exc:
-            # a broker that says which messages it did not take has stored the others: those
-            # are reported sent (their tasks will run), only the rest as failed
+            # a PublishError's `not_sent` were not taken: the others were, and their tasks will run
             not_sent = exc.not_sent if isinstance(exc, PublishError) else None
             for publication, tokens in pending:
                 failed = not_sent is None or publication.task_id in not_sent
@@ -437,12 +420,12 @@ class Millpond:
         for publication, tokens in pending:
             hooks.after_publish(publication, tokens, None)
 
+    def GroupResult(self, group_id: str, results: Sequence[AsyncResult[Any]]) -> _GroupResult:
+        return cast("_GroupResult", self.canvas.group_result(group_id, results))
+
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
         """A handle on the task with this id (untyped: nothing says which task it was)."""
         return AsyncResult(task_id, self)
-
-    def GroupResult(self, group_id: str, results: Sequence[_AsyncResult[Any]]) -> _GroupResult:
-        return cast("_GroupResult", self.canvas.group_result(group_id, results))
 
     def signature(
         self,
