@@ -111,8 +111,9 @@ class Millpond:
             k: v for k, v in urls.items() if v is not None
         }
         self._lock = threading.RLock()
-        #: this process's broker, result backend and `app.control`, by name, made on first use
-        self._conns: dict[str, Any] = {}
+        #: each process's broker, result backend and `app.control`, by pid then name, made on
+        #: first use: a forked child makes its own and never touches (or closes) its parent's
+        self._conns: dict[int, dict[str, Any]] = {}
         #: the settings, the hook chain and the canvas, made on first use, kept across a fork
         self._kept: dict[str, Any] = {} if settings is None else {"settings": settings}
         #: the publishes `publishing_together` is collecting in this context, if it is
@@ -120,7 +121,6 @@ class Millpond:
             f"millpond-batch-{id(self)}", default=None
         )
         self._added_hooks: list[Hooks] = []
-        self._pid = os.getpid()
         self.origin = f"{os.getpid()}@{socket.gethostname()}"
 
     def __repr__(self) -> str:
@@ -135,7 +135,7 @@ class Millpond:
         """Use these settings (the worker passes its fully merged ones); drops open connections."""
         with self._lock:
             self._kept["settings"] = settings
-            self._reset()
+            self._conns = {}
 
     # -- registry --------------------------------------------------------------------------------
     # The overloads give the type checker the function's parameters, return type and every option
@@ -236,16 +236,10 @@ class Millpond:
             self._kept["hooks"] = HookChain([*made, *own])
 
     # -- connections (per process) ---------------------------------------------------------------
-    def _reset(self) -> None:
-        self._conns = {}
-        self._pid = os.getpid()
-
     def _lazy(self, key: str, make: Callable[[], T], *, kept: bool = False) -> T:
         """`key`, made once on first use, under the lock (threads may ask at once); a forked
         child makes its own connections but keeps what is `kept`."""
-        if not kept and self._pid != os.getpid():
-            self._reset()
-        made = self._kept if kept else self._conns
+        made = self._kept if kept else self._conns.setdefault(os.getpid(), {})
         if key not in made:
             with self._lock:
                 if key not in made:
@@ -289,8 +283,7 @@ class Millpond:
 
     def close(self) -> None:
         with self._lock:
-            conns = self._conns
-            self._reset()
+            conns = self._conns.pop(os.getpid(), {})
         for key in ("control", "broker", "backend"):  # the control client uses the broker
             if conns.get(key) is not None:
                 conns[key].close()
