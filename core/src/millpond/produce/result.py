@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 R_co = TypeVar("R_co", covariant=True)
 
-#: millpond's exceptions that Celery has too, by the module Celery stores them under: a failure
-#: stored so rebuilds as Celery's own exception in a Celery client, as millpond's in millpond
+#: millpond's exceptions that Celery has too, by the module Celery stores them under: stored so,
+#: a failure rebuilds as Celery's own exception in a Celery client and as millpond's here
 CELERY_MODULES = {
     name: module
     for module, names in [
@@ -58,11 +58,9 @@ def rebuild_exception(info: Any) -> BaseException:
     raw_args = info.get("exc_message")
     args: list[Any] = list(raw_args) if isinstance(raw_args, list | tuple) else [raw_args]
     message = " ".join(str(a) for a in args)
-    cls: Any = None
-    if CELERY_MODULES.get(name) == module or module == "millpond.exceptions":
-        cls = getattr(exceptions, name, None)  # Celery's revoke, time limit, ...: millpond's own
-    elif module in sys.modules:  # builtins among them
-        cls = getattr(sys.modules[module], name, None)
+    # Celery's revoke, time limit, ...: millpond's own; else from a module imported (builtins too)
+    own = CELERY_MODULES.get(name) == module or module == "millpond.exceptions"
+    cls = getattr(exceptions if own else sys.modules.get(module), name, None)
     if isinstance(cls, type) and issubclass(cls, Exception):
         try:
             return cls(*args)
