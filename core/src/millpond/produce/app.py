@@ -59,19 +59,17 @@ def _epoch(when: datetime | float | None) -> float | None:
 
 def _defaulted(
     sigs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
-    defaults: Mapping[str, str | Callable[[str], str]],
+    reply_to: str | None,
+    queue_for: Callable[[str], str] | None = None,
 ) -> list[Mapping[str, Any]] | None:
-    """Signatures with each of `defaults` (a value, or one of the task's name) in their options
-    unless they name their own. The worker sends them later, and a callback must go to the queue
-    this producer would send it to and reply to this caller (rpc://, as Celery's `freeze` does)."""
+    """Signatures with `reply_to` and the queue `queue_for` names in their options unless they
+    name their own. The worker sends them later, and a callback must go to the queue this
+    producer would send it to and reply to this caller (rpc://, as Celery's `freeze` does)."""
     out: list[Mapping[str, Any]] = []
     for sig in [sigs] if isinstance(sigs, Mapping) else sigs or ():
         options = sig.get("options") or {}
-        missing = {
-            key: value if isinstance(value, str) else value(sig["task"])
-            for key, value in defaults.items()
-            if not options.get(key)
-        }
+        given = {"queue": queue_for(sig["task"]) if queue_for else None, "reply_to": reply_to}
+        missing = {key: value for key, value in given.items() if value and not options.get(key)}
         out.append({**sig, "options": {**options, **missing}} if missing else sig)
     return out or None
 
@@ -318,9 +316,7 @@ class Millpond:
         if backend is not None and backend.replies_to_caller:
             reply_to = backend.reply_to(task_id)
         # what the worker sends next for this task (callbacks, chain, chord) replies here too
-        later = {"reply_to": reply_to} if reply_to else {}
-        sends: dict[str, str | Callable[[str], str]] = {"queue": self.queue_for, **later}
-        chord = _defaulted(options.get("chord"), later)
+        chord = _defaulted(options.get("chord"), reply_to)
         retries = options.get("retries", 0)
         message = encode_task(
             name,
@@ -343,9 +339,9 @@ class Millpond:
                 **(options.get("headers") or {}),
             },
             embed={
-                "callbacks": _defaulted(options.get("link"), sends),
-                "errbacks": _defaulted(options.get("link_error"), sends),
-                "chain": _defaulted(options.get("chain"), later),
+                "callbacks": _defaulted(options.get("link"), reply_to, self.queue_for),
+                "errbacks": _defaulted(options.get("link_error"), reply_to, self.queue_for),
+                "chain": _defaulted(options.get("chain"), reply_to),
                 "chord": chord[0] if chord else None,
             },
             reply_to=reply_to,
