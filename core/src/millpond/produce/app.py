@@ -224,10 +224,9 @@ class Millpond:
                 self._kept["hooks"] = self._kept["hooks"] + hooks
 
     def use_hooks(self, hooks: Iterable[Hooks]) -> None:
-        """Use these hooks, already made, then those added with `add_hooks` that are not among
-        them: `millpond worker` makes the installed ones before it imports the app (their
-        `process_starting` sets up tracing the app module may build on) and hands back those
-        still on after start-up, so one object per hook is kept for the process."""
+        """These hooks, already made, then the others added with `add_hooks`: `millpond worker`
+        makes the installed ones before importing the app (their `process_starting` sets up the
+        tracing it may build on), hands back those still on, and the process keeps one per hook."""
         made = tuple(hooks)
         with self._lock:
             own = [h for h in self._added_hooks if all(h is not m for m in made)]
@@ -280,7 +279,7 @@ class Millpond:
         )
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock:  # not while a connection is being made, or it would be left open
             conns = self._conns.pop(os.getpid(), {})
         for key in ("control", "broker", "backend"):  # the control client uses the broker
             if conns.get(key) is not None:
@@ -294,9 +293,8 @@ class Millpond:
         kwargs: Mapping[str, Any] | None = None,
         **options: Unpack[SendOptions],
     ) -> AsyncResult[Any]:
-        """Send a task by name (it need not be registered here); returns its result handle.
-        The options are `SendOptions`: an unknown one is a type error, and a TypeError naming the
-        valid ones for callers the type checker does not see."""
+        """Send a task by name (it need not be registered here); returns its result handle. An
+        option not in `SendOptions` is a type error, and a TypeError (naming them) at run time."""
         reject_unknown(options, SEND_OPTIONS, "option(s)", f"sending {name}")
         now = time.time()
         countdown, expires = options.get("countdown"), options.get("expires")
@@ -306,7 +304,6 @@ class Millpond:
             expires_at += now  # below a year: seconds from now
         parent = current_request()
         root_id = options.get("root_id") or (parent.root_id or parent.id if parent else None)
-        parent_id = options.get("parent_id") or (parent.id if parent else None)
         ignore_result = options.get("ignore_result")
         if ignore_result is None:
             ignore_result = self.settings.ignore_result
@@ -332,7 +329,7 @@ class Millpond:
                 "group_index": options.get("group_index"),
                 "retries": retries,
                 "root_id": root_id or task_id,
-                "parent_id": parent_id,
+                "parent_id": options.get("parent_id") or (parent.id if parent else None),
                 "origin": self.origin,
                 "ignore_result": ignore_result,
                 SENT_AT: now,

@@ -1,12 +1,11 @@
-"""Result handles, and how a task's error comes back to the caller as the same exception type.
+"""Result handles, and how a task's error comes back to the caller as the same exception type:
+rebuilt from its stored type name and module only when that type is a builtin or already imported
+(nothing is imported because a message says so), else as a `TaskError` subclass named after the
+remote type, so `except TaskError` catches all.
 
-An exception is rebuilt from its stored type name and module only when that type is a builtin or
-already imported here: nothing is imported because a message says so. Anything else becomes a
-`TaskError` subclass named after the remote type, so `except TaskError` catches all.
-
-`AsyncResult[R]` promises what the task's declaration returns; it is not a check of what comes back
-through the serializer (JSON turns a tuple into a list), and a result of `send_task` or
-`app.AsyncResult(id)`, which know no task, is `AsyncResult[Any]`.
+`AsyncResult[R]` promises what the task's declaration returns, unchecked against what comes back
+through the serializer (JSON turns a tuple into a list); the results of `send_task` and
+`app.AsyncResult(id)`, which know no task, are `AsyncResult[Any]`.
 """
 
 from __future__ import annotations
