@@ -13,17 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Concatenate,
-    Literal,
-    ParamSpec,
-    TypeVar,
-    Unpack,
-    cast,
-    overload,
-)
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, Unpack, cast, overload
 
 from millpond.config import plugins
 from millpond.config.settings import Settings, load_settings
@@ -36,7 +26,10 @@ from millpond.produce.result import AsyncResult
 from millpond.produce.task import (
     SEND_OPTIONS,
     BoundTaskDecorator,
+    P,
+    R,
     SendOptions,
+    T,
     Task,
     TaskDecorator,
     current_request,
@@ -72,11 +65,6 @@ def _defaulted(
         missing = {key: value for key, value in given.items() if value and not options.get(key)}
         out.append({**sig, "options": {**options, **missing}} if missing else sig)
     return out or None
-
-
-P = ParamSpec("P")
-R = TypeVar("R")
-T = TypeVar("T")
 
 
 #: a publish on its way to the broker: the hooks' view of it and their tokens
