@@ -41,8 +41,7 @@ from millpond.wire.protocol import SENT_AT, encode_task, new_id
 from millpond.wire.signing import sign
 
 if TYPE_CHECKING:
-    from millpond_canvas import GroupResult as _GroupResult
-    from millpond_canvas import Signature
+    from millpond_canvas import GroupResult, Signature
     from millpond_control.client import Control
 
 
@@ -394,8 +393,8 @@ class Millpond:
         for publication, tokens in pending:
             hooks.after_publish(publication, tokens, None)
 
-    def GroupResult(self, group_id: str, results: Sequence[AsyncResult[Any]]) -> _GroupResult:
-        return cast("_GroupResult", self.canvas.group_result(group_id, results))
+    def GroupResult(self, group_id: str, results: Sequence[AsyncResult[Any]]) -> GroupResult:
+        return cast("GroupResult", self.canvas.group_result(group_id, results))
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
         """A handle on the task with this id (untyped: nothing says which task it was)."""

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, cas
 from millpond import exceptions
 from millpond.contracts.backend import ResultBackend, ResultMeta
 from millpond.exceptions import BackendError, TaskError, TaskRevokedError
-from millpond.exceptions import TimeoutError as MillpondTimeoutError
 from millpond.states import READY_STATES, TaskState
 
 if TYPE_CHECKING:
@@ -166,7 +165,7 @@ class AsyncResult(Generic[R_co]):
         (hence the union unless `propagate` is literally True)."""
         meta = self._fetch(wait=True, timeout=timeout)
         if meta.status not in READY_STATES:
-            raise MillpondTimeoutError(
+            raise exceptions.TimeoutError(
                 f"task {self.id} is not ready after {timeout}s (state {meta.status})"
             )
         if meta.status == TaskState.SUCCESS:
