@@ -384,7 +384,7 @@ class Millpond:
         try:
             send()
         except BaseException as exc:
-            # a PublishError's `not_sent` were not taken: the others were, and their tasks will run
+            # only a PublishError's `not_sent` failed: the broker stored the others (they will run)
             not_sent = exc.not_sent if isinstance(exc, PublishError) else None
             for publication, tokens in pending:
                 failed = not_sent is None or publication.task_id in not_sent

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
 R_co = TypeVar("R_co", covariant=True)
 
-#: millpond's exceptions that Celery has too, by the module Celery stores them under: stored so,
-#: a failure rebuilds as Celery's own exception in a Celery client and as millpond's here
+#: millpond's exceptions that Celery has too, by the module Celery stores them under, so that a
+#: stored failure rebuilds as Celery's own exception in a Celery client, as millpond's here
 CELERY_MODULES = {
     name: module
     for module, names in [
@@ -56,7 +56,7 @@ def rebuild_exception(info: Any) -> BaseException:
     raw_args = info.get("exc_message")
     args: list[Any] = list(raw_args) if isinstance(raw_args, list | tuple) else [raw_args]
     message = " ".join(str(a) for a in args)
-    # Celery's revoke, time limit, ...: millpond's own; else from a module imported (builtins too)
+    # Celery's revoke, time limit, ...: millpond's own; else only an imported module's (builtins)
     own = CELERY_MODULES.get(name) == module or module == "millpond.exceptions"
     cls = getattr(exceptions if own else sys.modules.get(module), name, None)
     if isinstance(cls, type) and issubclass(cls, Exception):
@@ -119,7 +119,7 @@ class AsyncResult(Generic[R_co]):
 
     def _fetch(self, wait: bool = False, timeout: float | None = None) -> ResultMeta:
         """The stored outcome (PENDING while none is), asked of the backend again until final;
-        with `wait`, the backend waits up to `timeout` seconds for it to be."""
+        with `wait`, the backend waits up to `timeout` seconds for it to be final."""
         if self._meta is None or self._meta.status not in READY_STATES:
             backend = require_backend(self.app)
             stored = backend.get(self.id, timeout) if wait else backend.peek(self.id)
