@@ -41,9 +41,8 @@ CELERY_MODULES = {
 
 def error_info(exc_type: str, exc_module: str | None, message: list[Any]) -> dict[str, Any]:
     """A failure as stored: millpond's own exceptions under Celery's module where it has them."""
-    module = exc_module or "millpond.exceptions"
-    if module == "millpond.exceptions" and exc_type in CELERY_MODULES:
-        module = CELERY_MODULES[exc_type]
+    own = not exc_module or exc_module == "millpond.exceptions"
+    module = CELERY_MODULES.get(exc_type, "millpond.exceptions") if own else exc_module
     return {"exc_type": exc_type, "exc_module": module, "exc_message": message}
 
 
