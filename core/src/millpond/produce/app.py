@@ -96,8 +96,7 @@ class Millpond:
             k: v for k, v in urls.items() if v is not None
         }
         self._lock = threading.RLock()
-        #: each process's broker, result backend and `app.control`, by pid then name, made on
-        #: first use: a forked child makes its own and never touches (or closes) its parent's
+        #: the broker, backend and `app.control` by pid: a forked child never uses its parent's
         self._conns: dict[int, dict[str, Any]] = {}
         #: the settings, the hook chain and the canvas, made on first use, kept across a fork
         self._kept: dict[str, Any] = {} if settings is None else {"settings": settings}
