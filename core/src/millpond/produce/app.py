@@ -13,17 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Concatenate,
-    Literal,
-    ParamSpec,
-    TypeVar,
-    Unpack,
-    cast,
-    overload,
-)
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, Unpack, cast, overload
 
 from millpond.config import plugins
 from millpond.config.settings import Settings, load_settings
@@ -36,21 +26,21 @@ from millpond.produce.result import AsyncResult
 from millpond.produce.task import (
     SEND_OPTIONS,
     BoundTaskDecorator,
+    P,
+    R,
     SendOptions,
+    T,
     Task,
     current_request,
     make_options,
     reject_unknown,
 )
-from millpond.produce.task import (
-    TaskDecoratorOptions as _Options,
-)
+from millpond.produce.task import TaskDecoratorOptions as _Options
 from millpond.wire.protocol import SENT_AT, encode_task, new_id
 from millpond.wire.signing import sign
 
 if TYPE_CHECKING:
-    from millpond_canvas import GroupResult as _GroupResult
-    from millpond_canvas import Signature
+    from millpond_canvas import GroupResult, Signature
     from millpond_control.client import Control
 
 
@@ -60,32 +50,19 @@ def _epoch(when: datetime | float | None) -> float | None:
 
 def _defaulted(
     sigs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
-    defaults: Mapping[str, str | Callable[[str], str]],
+    reply_to: str | None,
+    queue_for: Callable[[str], str] | None = None,
 ) -> list[Mapping[str, Any]] | None:
-    """Signatures with each of `defaults` (a value, or one of the task's name) in their options
-    unless they name their own. The worker sends them later, and a callback must go to the queue
-    this producer would send it to and reply to this caller (rpc://, as Celery's `freeze` does)."""
+    """Signatures with `reply_to` and the queue `queue_for` names in their options unless they
+    name their own. The worker sends them later, and a callback must go to the queue this
+    producer would send it to and reply to this caller (rpc://, as Celery's `freeze` does)."""
     out: list[Mapping[str, Any]] = []
     for sig in [sigs] if isinstance(sigs, Mapping) else sigs or ():
         options = sig.get("options") or {}
-        missing = {
-            key: value if isinstance(value, str) else value(sig["task"])
-            for key, value in defaults.items()
-            if not options.get(key)
-        }
+        given = {"queue": queue_for(sig["task"]) if queue_for else None, "reply_to": reply_to}
+        missing = {key: value for key, value in given.items() if value and not options.get(key)}
         out.append({**sig, "options": {**options, **missing}} if missing else sig)
     return out or None
-
-
-# the method `Millpond.AsyncResult` (Celery's name) hides the class inside the class body
-_AsyncResult = AsyncResult
-
-#: the URL used when no broker is configured: the embedded, zero-server broker
-DEFAULT_BROKER_URL = "sqlite://"
-
-P = ParamSpec("P")
-R = TypeVar("R")
-T = TypeVar("T")
 
 
 #: a publish on its way to the broker: the hooks' view of it and their tokens
@@ -118,8 +95,8 @@ class Millpond:
             k: v for k, v in urls.items() if v is not None
         }
         self._lock = threading.RLock()
-        #: this process's broker, result backend and `app.control`, by name, made on first use
-        self._conns: dict[str, Any] = {}
+        #: the broker, backend and `app.control` by pid: a forked child never uses its parent's
+        self._conns: dict[int, dict[str, Any]] = {}
         #: the settings, the hook chain and the canvas, made on first use, kept across a fork
         self._kept: dict[str, Any] = {} if settings is None else {"settings": settings}
         #: the publishes `publishing_together` is collecting in this context, if it is
@@ -127,7 +104,6 @@ class Millpond:
             f"millpond-batch-{id(self)}", default=None
         )
         self._added_hooks: list[Hooks] = []
-        self._pid = os.getpid()
         self.origin = f"{os.getpid()}@{socket.gethostname()}"
 
     def __repr__(self) -> str:
@@ -142,7 +118,7 @@ class Millpond:
         """Use these settings (the worker passes its fully merged ones); drops open connections."""
         with self._lock:
             self._kept["settings"] = settings
-            self._reset()
+            self._conns = {}
 
     # -- registry --------------------------------------------------------------------------------
     # The overloads give the type checker the function's parameters, return type and every option
@@ -197,9 +173,8 @@ class Millpond:
         name: str | None = None,
         **options: Any,
     ) -> None:
-        """Run `sig` (a signature, a task or a task name) on `schedule` under `millpond beat`,
-        as Celery's `add_periodic_task` (docs/beat.md). Only recorded here: millpond-beat names,
-        reads and checks the entry when it starts."""
+        """Run `sig` (a signature, a task or a task name) on `schedule` under `millpond beat`, as
+        Celery's (docs/beat.md). Only recorded here: millpond-beat names and checks it at start."""
         call = {"sig": sig, "args": args, "kwargs": kwargs, "name": name, "options": options}
         self.periodic_tasks.append({"schedule": schedule, **call})
 
@@ -219,8 +194,7 @@ class Millpond:
     # -- hooks -------------------------------------------------------------------------------------
     @property
     def hooks(self) -> HookChain:
-        """The installed hooks the `hooks` setting names (all, by default), then the ones added
-        with `add_hooks`; made on first use."""
+        """The installed hooks the `hooks` setting names (default: all), then `add_hooks`' ones."""
         return self._lazy(
             "hooks",
             lambda: HookChain([*plugins.load_hooks(self.settings.hooks), *self._added_hooks]),
@@ -235,26 +209,19 @@ class Millpond:
                 self._kept["hooks"] = self._kept["hooks"] + hooks
 
     def use_hooks(self, hooks: Iterable[Hooks]) -> None:
-        """Use these hooks, already made, then those added with `add_hooks` that are not among
-        them: `millpond worker` makes the installed ones before it imports the app (their
-        `process_starting` sets up tracing the app module may build on) and hands back those
-        still on after start-up, so one object per hook is kept for the process."""
+        """These hooks, already made, then the others added with `add_hooks`: `millpond worker`
+        makes the installed ones before importing the app (their `process_starting` sets up the
+        tracing it may build on), hands back those still on, and the process keeps one per hook."""
         made = tuple(hooks)
         with self._lock:
             own = [h for h in self._added_hooks if all(h is not m for m in made)]
             self._kept["hooks"] = HookChain([*made, *own])
 
     # -- connections (per process) ---------------------------------------------------------------
-    def _reset(self) -> None:
-        self._conns = {}
-        self._pid = os.getpid()
-
     def _lazy(self, key: str, make: Callable[[], T], *, kept: bool = False) -> T:
         """`key`, made once on first use, under the lock (threads may ask at once); a forked
         child makes its own connections but keeps what is `kept`."""
-        if not kept and self._pid != os.getpid():
-            self._reset()
-        made = self._kept if kept else self._conns
+        made = self._kept if kept else self._conns.setdefault(os.getpid(), {})
         if key not in made:
             with self._lock:
                 if key not in made:
@@ -263,7 +230,7 @@ class Millpond:
 
     @property
     def broker_url(self) -> str:
-        return self.settings.broker_url or DEFAULT_BROKER_URL
+        return self.settings.broker_url or "sqlite://"  # none set: the embedded, zero-server one
 
     @property
     def broker(self) -> Broker:
@@ -290,18 +257,15 @@ class Millpond:
 
     @property
     def control(self) -> Control:
-        """Remote control, as Celery's `app.control` (docs/control.md), from the `control` entry
-        point of `millpond.clients` (millpond-control): the core names that package's `Control`
-        for the type checker alone, as it does millpond-canvas's `Signature`."""
-        made: Control = self._lazy(
-            "control", lambda: plugins.load(plugins.CLIENTS, "control")(self)
+        """Remote control, as Celery's `app.control` (docs/control.md): the `control` entry point
+        of `millpond.clients` (millpond-control), whose `Control` the core names only for typing."""
+        return cast(
+            "Control", self._lazy("control", lambda: plugins.load(plugins.CLIENTS, "control")(self))
         )
-        return made
 
     def close(self) -> None:
-        with self._lock:
-            conns = self._conns
-            self._reset()
+        with self._lock:  # not while a connection is being made, or it would be left open
+            conns = self._conns.pop(os.getpid(), {})
         for key in ("control", "broker", "backend"):  # the control client uses the broker
             if conns.get(key) is not None:
                 conns[key].close()
@@ -314,9 +278,8 @@ class Millpond:
         kwargs: Mapping[str, Any] | None = None,
         **options: Unpack[SendOptions],
     ) -> AsyncResult[Any]:
-        """Send a task by name (it need not be registered here); returns its result handle.
-        The options are `SendOptions`: an unknown one is a type error, and a TypeError naming the
-        valid ones for callers the type checker does not see."""
+        """Send a task by name (it need not be registered here); returns its result handle. An
+        option not in `SendOptions` is a type error, and a TypeError (naming them) at run time."""
         reject_unknown(options, SEND_OPTIONS, "option(s)", f"sending {name}")
         now = time.time()
         countdown, expires = options.get("countdown"), options.get("expires")
@@ -324,11 +287,8 @@ class Millpond:
         expires_at = _epoch(expires)
         if expires_at is not None and not isinstance(expires, datetime) and expires_at < 31_536_000:
             expires_at += now  # below a year: seconds from now
-        root_id, parent_id = options.get("root_id"), options.get("parent_id")
         parent = current_request()
-        if parent is not None:
-            root_id = root_id or parent.root_id or parent.id
-            parent_id = parent_id or parent.id
+        root_id = options.get("root_id") or (parent.root_id or parent.id if parent else None)
         ignore_result = options.get("ignore_result")
         if ignore_result is None:
             ignore_result = self.settings.ignore_result
@@ -338,9 +298,7 @@ class Millpond:
         if backend is not None and backend.replies_to_caller:
             reply_to = backend.reply_to(task_id)
         # what the worker sends next for this task (callbacks, chain, chord) replies here too
-        later = {"reply_to": reply_to} if reply_to else {}
-        sends: dict[str, str | Callable[[str], str]] = {"queue": self.queue_for, **later}
-        chord = _defaulted(options.get("chord"), later)
+        chord = _defaulted(options.get("chord"), reply_to)
         retries = options.get("retries", 0)
         message = encode_task(
             name,
@@ -356,16 +314,16 @@ class Millpond:
                 "group_index": options.get("group_index"),
                 "retries": retries,
                 "root_id": root_id or task_id,
-                "parent_id": parent_id,
+                "parent_id": options.get("parent_id") or (parent.id if parent else None),
                 "origin": self.origin,
                 "ignore_result": ignore_result,
                 SENT_AT: now,
                 **(options.get("headers") or {}),
             },
             embed={
-                "callbacks": _defaulted(options.get("link"), sends),
-                "errbacks": _defaulted(options.get("link_error"), sends),
-                "chain": _defaulted(options.get("chain"), later),
+                "callbacks": _defaulted(options.get("link"), reply_to, self.queue_for),
+                "errbacks": _defaulted(options.get("link_error"), reply_to, self.queue_for),
+                "chain": _defaulted(options.get("chain"), reply_to),
                 "chord": chord[0] if chord else None,
             },
             reply_to=reply_to,
@@ -397,10 +355,8 @@ class Millpond:
         if batch is not None:
             batch.append((publication, tokens))
             return
-        queue, message, eta = publication.queue, publication.message, publication.eta
-        self._hand_over(
-            [(publication, tokens)], lambda: self.broker.publish(queue, message, eta=eta)
-        )
+        p = publication
+        self._hand_over([(p, tokens)], lambda: self.broker.publish(p.queue, p.message, eta=p.eta))
 
     @contextmanager
     def publishing_together(self) -> Iterator[None]:
@@ -426,8 +382,7 @@ class Millpond:
         try:
             send()
         except BaseException as exc:
-            # a broker that says which messages it did not take has stored the others: those
-            # are reported sent (their tasks will run), only the rest as failed
+            # only a PublishError's `not_sent` failed: the broker stored the others (they will run)
             not_sent = exc.not_sent if isinstance(exc, PublishError) else None
             for publication, tokens in pending:
                 failed = not_sent is None or publication.task_id in not_sent
@@ -436,12 +391,12 @@ class Millpond:
         for publication, tokens in pending:
             hooks.after_publish(publication, tokens, None)
 
+    def GroupResult(self, group_id: str, results: Sequence[AsyncResult[Any]]) -> GroupResult:
+        return cast("GroupResult", self.canvas.group_result(group_id, results))
+
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
         """A handle on the task with this id (untyped: nothing says which task it was)."""
         return AsyncResult(task_id, self)
-
-    def GroupResult(self, group_id: str, results: Sequence[_AsyncResult[Any]]) -> _GroupResult:
-        return cast("_GroupResult", self.canvas.group_result(group_id, results))
 
     def signature(
         self,

@@ -1,17 +1,15 @@
-"""Result handles, and how a task's error comes back to the caller as the same exception type.
+"""Result handles, and how a task's error comes back to the caller as the same exception type:
+rebuilt from its stored type name and module only when that type is a builtin or already imported
+(nothing is imported because a message says so), else as a `TaskError` subclass named after the
+remote type, so `except TaskError` catches all.
 
-An exception is rebuilt from its stored type name and module only when that type is a builtin or
-already imported here: nothing is imported because a message says so. Anything else becomes a
-`TaskError` subclass named after the remote type, so `except TaskError` catches all.
-
-`AsyncResult[R]` promises what the task's declaration returns; it is not a check of what comes back
-through the serializer (JSON turns a tuple into a list), and a result of `send_task` or
-`app.AsyncResult(id)`, which know no task, is `AsyncResult[Any]`.
+`AsyncResult[R]` promises what the task's declaration returns, unchecked against what comes back
+through the serializer (JSON turns a tuple into a list); the results of `send_task` and
+`app.AsyncResult(id)`, which know no task, are `AsyncResult[Any]`.
 """
 
 from __future__ import annotations
 
-import builtins
 import functools
 import sys
 from collections.abc import Iterator
@@ -21,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, cas
 from millpond import exceptions
 from millpond.contracts.backend import ResultBackend, ResultMeta
 from millpond.exceptions import BackendError, TaskError, TaskRevokedError
-from millpond.exceptions import TimeoutError as MillpondTimeoutError
 from millpond.states import READY_STATES, TaskState
 
 if TYPE_CHECKING:
@@ -30,9 +27,8 @@ if TYPE_CHECKING:
 
 R_co = TypeVar("R_co", covariant=True)
 
-#: millpond's exceptions that Celery has too, and the module Celery's are stored under: a
-#: failure is stored under Celery's name so a Celery client rebuilds its own exception from it,
-#: and rebuilt as millpond's when millpond reads it
+#: millpond's exceptions that Celery has too, by the module Celery stores them under, so that a
+#: stored failure rebuilds as Celery's own exception in a Celery client, as millpond's here
 CELERY_MODULES = {
     name: module
     for module, names in [
@@ -45,9 +41,8 @@ CELERY_MODULES = {
 
 def error_info(exc_type: str, exc_module: str | None, message: list[Any]) -> dict[str, Any]:
     """A failure as stored: millpond's own exceptions under Celery's module where it has them."""
-    module = exc_module or "millpond.exceptions"
-    if module == "millpond.exceptions" and exc_type in CELERY_MODULES:
-        module = CELERY_MODULES[exc_type]
+    own = not exc_module or exc_module == "millpond.exceptions"
+    module = CELERY_MODULES.get(exc_type, "millpond.exceptions") if own else exc_module
     return {"exc_type": exc_type, "exc_module": module, "exc_message": message}
 
 
@@ -60,13 +55,9 @@ def rebuild_exception(info: Any) -> BaseException:
     raw_args = info.get("exc_message")
     args: list[Any] = list(raw_args) if isinstance(raw_args, list | tuple) else [raw_args]
     message = " ".join(str(a) for a in args)
-    cls: Any = None
-    if CELERY_MODULES.get(name) == module or module == "millpond.exceptions":
-        cls = getattr(exceptions, name, None)  # Celery's revoke, time limit, ...: millpond's own
-    elif module == "builtins":
-        cls = getattr(builtins, name, None)
-    elif module in sys.modules:
-        cls = getattr(sys.modules[module], name, None)
+    # Celery's revoke, time limit, ...: millpond's own; else only an imported module's (builtins)
+    own = CELERY_MODULES.get(name) == module or module == "millpond.exceptions"
+    cls = getattr(exceptions if own else sys.modules.get(module), name, None)
     if isinstance(cls, type) and issubclass(cls, Exception):
         try:
             return cls(*args)
@@ -93,10 +84,8 @@ def require_backend(app: Millpond) -> ResultBackend:
 
 @dataclass(unsafe_hash=True)  # equal and hashed by `id` alone
 class AsyncResult(Generic[R_co]):
-    """A handle on a sent task: its `id`, its state, and its outcome once ready.
-
-    `R` is what `get()` returns, the task's result type (covariant: it is only returned).
-    """
+    """A handle on a sent task: its `id`, its state, and its outcome once ready. `R` is what
+    `get()` returns, the task's result type (covariant: it is only returned)."""
 
     id: str
     app: Millpond = field(compare=False)
@@ -127,10 +116,12 @@ class AsyncResult(Generic[R_co]):
             if isinstance(node, AsyncResult):
                 stack.extend(reversed(node.children))
 
-    def _fetch(self) -> ResultMeta:
-        """The stored outcome (PENDING while none is), asked of the backend again until final."""
+    def _fetch(self, wait: bool = False, timeout: float | None = None) -> ResultMeta:
+        """The stored outcome (PENDING while none is), asked of the backend again until final;
+        with `wait`, the backend waits up to `timeout` seconds for it to be final."""
         if self._meta is None or self._meta.status not in READY_STATES:
-            stored = require_backend(self.app).peek(self.id)
+            backend = require_backend(self.app)
+            stored = backend.get(self.id, timeout) if wait else backend.peek(self.id)
             self._meta = stored or ResultMeta(self.id, TaskState.PENDING)
         return self._meta
 
@@ -151,11 +142,9 @@ class AsyncResult(Generic[R_co]):
 
     @property
     def result(self) -> Any:
-        """The return value, or the exception of a failed task (not raised).
-
-        `Any`, not `R`: in the other states it is what the store holds (nothing while pending,
-        the error while a retry is on its way, the reason once revoked). `get()` is the typed way.
-        """
+        """The return value, or a failed task's exception (not raised). `Any`, not `R`: in other
+        states it is what the store holds (nothing while pending, the error while a retry is on
+        its way, the reason once revoked); `get()` is the typed way."""
         meta = self._fetch()
         return rebuild_exception(meta.result) if meta.status == TaskState.FAILURE else meta.result
 
@@ -170,20 +159,14 @@ class AsyncResult(Generic[R_co]):
     def get(self, timeout: float | None = None, propagate: bool = True) -> R_co | BaseException: ...
 
     def get(self, timeout: float | None = None, propagate: bool = True) -> R_co | BaseException:
-        """Wait for the outcome; a failed task re-raises its error (type and message), or returns
-        it with `propagate=False` (hence the union unless `propagate` is literally True).
-
-        Raises `millpond.exceptions.TimeoutError` when it is not ready within `timeout` seconds.
-        """
-        meta = self._meta
-        if meta is None or meta.status not in READY_STATES:
-            meta = require_backend(self.app).get(self.id, timeout)  # waits: ready or timeout
-            if meta is None or meta.status not in READY_STATES:
-                state = meta.status if meta else TaskState.PENDING
-                raise MillpondTimeoutError(
-                    f"task {self.id} is not ready after {timeout}s (state {state})"
-                )
-            self._meta = meta
+        """Wait up to `timeout` seconds for the outcome (else `millpond.exceptions.TimeoutError`);
+        a failed task re-raises its error (type and message), or returns it with `propagate=False`
+        (hence the union unless `propagate` is literally True)."""
+        meta = self._fetch(wait=True, timeout=timeout)
+        if meta.status not in READY_STATES:
+            raise exceptions.TimeoutError(
+                f"task {self.id} is not ready after {timeout}s (state {meta.status})"
+            )
         if meta.status == TaskState.SUCCESS:
             return cast(R_co, meta.result)  # the return value, as the serializer gave it back
         if meta.status == TaskState.REVOKED and not isinstance(meta.result, dict):
