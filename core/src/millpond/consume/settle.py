@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     from millpond.produce.app import Millpond
 
 log = structlog.get_logger("millpond.worker")
-#: the job's fields a retry sends unchanged (the same step of the same canvas), by their names
-_KEPT = ("queue", "task_id", "expires", "time_limit", "soft_time_limit", "root_id", "parent_id")
 
 
 def redelivered(job: Job) -> bool:
@@ -316,7 +314,13 @@ class Settler:
                     job.task_name,
                     job.args,
                     job.kwargs,
-                    **{name: getattr(job, name) for name in _KEPT},
+                    queue=job.queue,
+                    task_id=job.task_id,
+                    expires=job.expires,
+                    time_limit=job.time_limit,
+                    soft_time_limit=job.soft_time_limit,
+                    root_id=job.root_id,
+                    parent_id=job.parent_id,
                     retries=retries,
                     eta=eta,
                     ignore_result=job.headers.get("ignore_result", False),
