@@ -1,12 +1,11 @@
 """Receive: a broker delivery becomes a `Job` (built by `decode_task`), or is refused with a reason.
 
-Everything a message can get wrong is found here, before any task code runs: a bad signature, a
-body that does not decode, an unknown task, arguments the function cannot take, too many
-deliveries (a poison message that keeps killing its worker), canvas fields on a worker without the
-canvas plugin. Each is dead-lettered with a reason and one log line, never retried nor dropped
-silently, and no decoder bug takes the worker down. A message whose eta is ahead goes back to the
-broker to hold (delays live in the broker, never in worker memory); one that expired before it
-arrived is answered REVOKED.
+Whatever a message can get wrong is found before any task code runs (a bad signature, a body that
+does not decode, an unknown task, arguments the function cannot take, too many deliveries: a poison
+that keeps killing its worker, canvas fields without the canvas plugin) and dead-lettered with a
+reason and one log line, never retried nor dropped silently; no decoder bug takes the worker down.
+A message whose eta is ahead goes back to the broker to hold (delays live in the broker, never in
+worker memory); one that expired before it arrived is answered REVOKED.
 """
 
 from __future__ import annotations
@@ -38,12 +37,10 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 
 
 class Receiver:
-    """Decodes and validates deliveries for one worker.
-
-    `rejoin` returns a redelivered, already finished chord header task's part again; `revoked`
-    says why a task must not run (it is answered, never held back); `defer_early_ack` names the
-    tasks whose early ack waits until they start (a rate limit may hand them back meanwhile).
-    """
+    """Decodes and validates deliveries for one worker. `rejoin` returns a redelivered, finished
+    chord header task's part again; `revoked` says why a task must not run (it is answered, never
+    held back); `defer_early_ack` names the tasks whose early ack waits until they start (a rate
+    limit may hand them back meanwhile)."""
 
     def __init__(
         self,
@@ -114,12 +111,9 @@ class Receiver:
         job.queue, job.delivery = delivery.queue, delivery
         job.delivery_count = delivery.delivery_count
         self._time_limits(task, job)
-        finished = self._finished(job) if redelivered(job) else None
-        if finished is not None:
+        if redelivered(job) and (finished := self._finished(job)) is not None:
             if self.rejoin is not None and job.embed and job.embed.get("chord"):
-                # its worker may have died between storing the result and returning the chord's
-                # part: returned again (a part counts once)
-                self.rejoin(job, finished)
+                self.rejoin(job, finished)  # its worker may have died before it returned its part
             acks.ack_later([delivery])
             return None
         now = time.time()
