@@ -1,11 +1,9 @@
-"""Settle: the last step of a task's trip. Store its outcome, publish its retry, send its canvas's
-next steps, and settle its message (ack, requeue, or dead-letter).
+"""Settle, a task's last step: store its outcome, send its retry (a new message, through the
+producer's `send_task`) or its canvas's next steps, and ack, requeue or dead-letter its message.
 
-Everything here runs in the consumer loop's thread, the one owner of the broker connection. Acks
-wait for the loop's next flush (before it fetches or waits), so a burst of completions costs one
-round trip. A retry is a new message sent through the producer's `send_task` (hooks, signing,
-broker); when it, or a canvas step (`millpond.contracts.canvas`), cannot be sent, the original
-message goes back to its queue, so nothing is lost.
+All of it runs in the consumer loop's thread, the one owner of the broker connection. Acks wait
+for the loop's next flush (before it fetches or waits): a burst of completions costs one round
+trip. A retry or canvas step that cannot be sent puts the message back on its queue: none is lost.
 """
 
 from __future__ import annotations
@@ -153,7 +151,7 @@ class Settler:
         else:  # FAILURE, or anything a third-party pool invents
             failure = f"{outcome.exc_type}: {reason}"
             log.error("task failed", **ids(job), error=failure, traceback=outcome.traceback)
-            sent = self._failed(job, outcome, outcome.exc_type or "TaskError")
+            sent = self._failed(job, outcome, "TaskError")
         if sent:
             if job.delivery is not None:
                 self.acks.ack_later([job.delivery])
@@ -167,13 +165,9 @@ class Settler:
             self._put_back(job, True, "a canvas step could not be sent")
 
     def rejoin(self, job: Job, meta: ResultMeta) -> None:
-        """A redelivered chord header task that already finished: return its part again (the
-        backend counts it once), in case its worker died before it did."""
-        try:
-            state = TaskState(meta.status)
-        except ValueError:
-            state = TaskState.FAILURE
-        self._chord_part(job, state, meta.result, again=True)
+        """A redelivered chord header task already finished (`meta` is in READY_STATES): return its
+        part again (the backend counts it once), in case its worker died before it did."""
+        self._chord_part(job, TaskState(meta.status), meta.result, again=True)
 
     def _put_back(self, job: Job, requeue: bool, reason: str) -> None:
         """Requeue or dead-letter the message (nothing to do if it was acked on receipt)."""
@@ -231,10 +225,8 @@ class Settler:
             except (TypeError, ValueError) as exc:
                 log.error("task result cannot be stored as JSON", **ids(job), error=str(exc))
                 why = [f"result is not JSON serializable: {exc}"]
-                meta.status, meta.result = (
-                    TaskState.FAILURE,
-                    error_info("TypeError", "builtins", why),
-                )
+                meta.status = TaskState.FAILURE
+                meta.result = error_info("TypeError", "builtins", why)
                 meta.traceback, meta.retries, meta.children = None, 0, []
                 backend.store(meta)
         except Exception as exc:
@@ -252,10 +244,8 @@ class Settler:
         if not job.embed:
             return True
         joined = self._chord_part(job, TaskState.FAILURE, info, again=redelivered(job))
-        failed, _ = self._canvas_step(
-            "fail the rest of", job, self.canvas.after_failure, outcome, info
-        )
-        return joined and failed
+        rest = self._canvas_step("fail the rest of", job, self.canvas.after_failure, outcome, info)
+        return joined and rest[0]
 
     def _succeeded(self, job: Job, outcome: Outcome) -> bool:
         """Callbacks and the next chain step go out before the result is stored (its `children`
