@@ -84,7 +84,6 @@ class Executor:
         return self._end(job, request, tokens, outcome)
 
     def _end(self, job: Job, request: Request, tokens: Any, outcome: Outcome) -> Outcome:
-        """The `exit_task` hooks; the children the task sent; errbacks called in place."""
         self.hooks.exit_task(job, tokens, outcome)
         outcome.children = request.children
         if outcome.state == TaskState.FAILURE and request.errbacks:

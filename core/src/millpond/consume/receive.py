@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from millpond.produce.task import Task
 
 log = structlog.get_logger("millpond.worker")
-_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_PLAIN = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
 
 class Receiver:
@@ -105,8 +105,7 @@ class Receiver:
                     f"the message could not be decoded ({type(exc).__name__}: {reason[:200]}); "
                     "this is a bug in millpond, please report it with the dead letter"
                 )
-            message = delivery.message
-            acks.dead_letter(delivery, reason, task_id=message.task_id, task_name=message.task_name)
+            acks.dead_letter(delivery, reason, **ids(delivery.message))
             return None
         job.queue, job.delivery = delivery.queue, delivery
         job.delivery_count = delivery.delivery_count
@@ -211,7 +210,6 @@ class Receiver:
                 )
 
     def _unenforced(self, hard: float | None, soft: float | None) -> Iterator[tuple[str, float]]:
-        """Those of these limits the pool cannot enforce, by option name."""
         if hard and not self.capabilities.hard_time_limit:
             yield "time_limit", hard
         if soft and not self.capabilities.soft_time_limit:
@@ -234,17 +232,14 @@ class Receiver:
 
 def _signature(task: Task[..., Any]) -> tuple[inspect.Signature | None, tuple[int, int] | None]:
     """The task's signature, and how many positional arguments it takes (fewest, most) when its
-    parameters are all plain positional-or-keyword ones."""
+    parameters are all plain positional-or-keyword ones (else `bind` judges every call)."""
     try:
         sig = inspect.signature(task.fn)
     except (TypeError, ValueError):
         return None, None  # a builtin or C function: nothing to check against
     params = list(sig.parameters.values())
-    if task.options.bind:
-        if not params or params[0].kind not in _POSITIONAL:
-            return sig, None  # nowhere for the task itself to go: bind says so, every call
-        params = params[1:]
-    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+    own = 1 if task.options.bind else 0  # bind=True: the task itself comes first
+    if len(params) < own or any(p.kind is not _PLAIN for p in params):
         return sig, None
-    required = sum(1 for p in params if p.default is inspect.Parameter.empty)
-    return sig, (required, len(params))
+    required = sum(1 for p in params[own:] if p.default is inspect.Parameter.empty)
+    return sig, (required, len(params) - own)

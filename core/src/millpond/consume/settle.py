@@ -22,7 +22,7 @@ from millpond.contracts.pool import Job, Outcome
 from millpond.exceptions import TimeLimitExceeded, WorkerLostError
 from millpond.produce.result import error_info
 from millpond.states import TaskState
-from millpond.wire.protocol import REJOIN
+from millpond.wire.protocol import REJOIN, Message
 
 if TYPE_CHECKING:
     from millpond.config.settings import Settings
@@ -39,8 +39,8 @@ def redelivered(job: Job) -> bool:
     )
 
 
-def ids(job: Job) -> dict[str, str]:
-    """The job's ids, for log lines."""
+def ids(job: Job | Message) -> dict[str, str | None]:
+    """The ids of a job, or of a message that did not decode, for log lines."""
     return {"task_id": job.task_id, "task_name": job.task_name}
 
 
@@ -178,7 +178,7 @@ class Settler:
         """The execution unit died: requeue (counted, capped) or fail, per the task's policy."""
         task = self.app.tasks.get(job.task_name)
         requeue = task is None or task.options.reject_on_worker_lost
-        cap, count = self.settings.max_deliveries, job.delivery_count
+        cap, count, delivery = self.settings.max_deliveries, job.delivery_count, job.delivery
         log.error(
             "task lost its execution unit",
             **ids(job),
@@ -186,7 +186,6 @@ class Settler:
             requeue=requeue and count < cap,
             delivery_count=count,
         )
-        delivery = job.delivery
         if requeue and delivery is not None and count < cap:
             self._put_back(job, True, outcome.exc_message)
             return
@@ -252,9 +251,8 @@ class Settler:
         name them, as Celery's do), then the chord's part. False when a step could not be sent."""
         children = outcome.children
         if job.embed:
-            ok, sent = self._canvas_step(
-                "send the next steps of", job, self.canvas.after_success, outcome.result
-            )
+            step = self.canvas.after_success
+            ok, sent = self._canvas_step("send the next steps of", job, step, outcome.result)
             if not ok:
                 return False
             children = [*children, *(sent or [])]
