@@ -44,6 +44,11 @@ def ids(job: Job | Message) -> dict[str, str | None]:
     return {"task_id": job.task_id, "task_name": job.task_name}
 
 
+def _failed_to(message: str, job: Job, exc: Exception) -> None:
+    """The error line of a step that raised, with the task and the exception."""
+    log.error(message, **ids(job), error=f"{type(exc).__name__}: {exc}")
+
+
 class Acks:
     """What the worker holds unacknowledged, and the one writer of acks and rejections. A broker
     call that fails is logged: what the broker never saw acknowledged is redelivered."""
@@ -229,10 +234,8 @@ class Settler:
                 meta.traceback, meta.retries, meta.children = None, 0, []
                 backend.store(meta)
         except Exception as exc:
-            log.error(
-                "cannot store task result; the task ran and its message is acknowledged",
-                task_id=job.task_id,
-                error=f"{type(exc).__name__}: {exc}",
+            _failed_to(
+                "cannot store task result; the task ran and its message is acknowledged", job, exc
             )
 
     def _failed(self, job: Job, outcome: Outcome, exc_type: str) -> bool:
@@ -275,11 +278,7 @@ class Settler:
         try:
             return True, step(job, *args, **kwargs)
         except Exception as exc:
-            log.error(
-                f"could not {what} the task's canvas",
-                **ids(job),
-                error=f"{type(exc).__name__}: {exc}",
-            )
+            _failed_to(f"could not {what} the task's canvas", job, exc)
             return False, None
 
     # -- retries ----------------------------------------------------------------------------------
@@ -321,11 +320,7 @@ class Settler:
                     reply_to=job.reply_to or "",  # the caller still waits ("": none does)
                 )
         except Exception as exc:
-            log.error(
-                "cannot publish the retry; the message goes back to the queue",
-                task_id=job.task_id,
-                error=f"{type(exc).__name__}: {exc}",
-            )
+            _failed_to("cannot publish the retry; the message goes back to the queue", job, exc)
             return False
         reason = error_info(outcome.exc_type or "Retry", outcome.exc_module, outcome.stored_args)
         self._store(job, TaskState.RETRY, reason)
