@@ -105,7 +105,7 @@ class Receiver:
                     f"the message could not be decoded ({type(exc).__name__}: {reason[:200]}); "
                     "this is a bug in millpond, please report it with the dead letter"
                 )
-            acks.dead_letter(delivery, reason, **ids(delivery.message))
+            acks.dead_letter(delivery, reason, delivery.message)
             return None
         job.queue, job.delivery = delivery.queue, delivery
         job.delivery_count = delivery.delivery_count
@@ -128,7 +128,7 @@ class Receiver:
                     delivery,
                     f"could not hand the message back to the broker to hold until its eta "
                     f"({type(exc).__name__}: {str(exc)[:200]}); replay it when the broker is well",
-                    **ids(job),
+                    job,
                 )
             else:
                 acks.ack_later([delivery])

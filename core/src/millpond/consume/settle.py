@@ -90,15 +90,12 @@ class Acks:
             self._call("release", self.consumer.release, deliveries)
         return len(deliveries)
 
-    def dead_letter(
-        self, delivery: Delivery, reason: str, *, task_id: str | None, task_name: str | None
-    ) -> None:
+    def dead_letter(self, delivery: Delivery, reason: str, job: Job | Message) -> None:
         """Reject to the dead-letter destination, with the one log line every dead letter gets."""
         log.error(
             "message rejected to the dead-letter queue",
+            **ids(job),
             reason=reason,
-            task_id=task_id,
-            task_name=task_name,
             queue=delivery.queue,
         )
         self.reject(delivery, requeue=False, reason=reason)
@@ -200,7 +197,7 @@ class Settler:
             self.acks.ack_later([delivery])
         elif delivery is not None:
             reason = f"lost {count} times (max_deliveries={cap}): {outcome.exc_message}"
-            self.acks.dead_letter(delivery, reason, **ids(job))
+            self.acks.dead_letter(delivery, reason, job)
 
     # -- results ----------------------------------------------------------------------------------
     def _store(self, job: Job, status: TaskState, result: Any, **extra: Any) -> None:
