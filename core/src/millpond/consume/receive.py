@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from millpond.consume.settle import Acks, ids, redelivered
+from millpond.consume.settle import Settler, ids, redelivered
 from millpond.contracts.backend import ResultMeta
 from millpond.contracts.broker import Delivery
 from millpond.contracts.canvas import MISSING, Canvas
@@ -28,8 +28,6 @@ from millpond.wire.protocol import decode_task
 from millpond.wire.signing import verify
 
 if TYPE_CHECKING:
-    from millpond.config.settings import Settings
-    from millpond.produce.app import Millpond
     from millpond.produce.task import Task
 
 log = structlog.get_logger("millpond.worker")
@@ -37,33 +35,30 @@ _PLAIN = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
 
 class Receiver:
-    """Decodes and validates deliveries for one worker. `rejoin` returns a redelivered, finished
-    chord header task's part again; `revoked` says why a task must not run (it is answered, never
+    """Decodes and validates deliveries for one worker, settling what it refuses or finds done
+    through the worker's `settler`. `revoked` says why a task must not run (it is answered, never
     held back); `defer_early_ack` names the tasks whose early ack waits until they start (a rate
     limit may hand them back meanwhile)."""
 
     def __init__(
         self,
-        app: Millpond,
-        settings: Settings,
-        acks: Acks,
+        settler: Settler,
         pool_name: str,
         capabilities: Capabilities,
         *,
-        rejoin: Callable[[Job, ResultMeta], None] | None = None,
         revoked: Callable[[str, Mapping[str, Any]], str | None] | None = None,
         defer_early_ack: Callable[[str], bool] | None = None,
     ) -> None:
-        self.app, self.settings, self.acks = app, settings, acks
-        self.pool_name, self.capabilities = pool_name, capabilities
-        self.rejoin, self.revoked, self.defer_early_ack = rejoin, revoked, defer_early_ack
-        self._accept = frozenset(settings.accept_content)
+        self.app, self.settings, self.acks = settler.app, settler.settings, settler.acks
+        self.settler, self.pool_name, self.capabilities = settler, pool_name, capabilities
+        self.revoked, self.defer_early_ack = revoked, defer_early_ack
+        self._accept = frozenset(self.settings.accept_content)
         #: task name -> (its signature, (fewest, most) positional arguments if all are plain)
         self._signatures: dict[str, tuple[inspect.Signature | None, tuple[int, int] | None]] = {}
         self._warned: set[tuple[str, str]] = set()
         #: no canvas plugin: a message with canvas fields would fail its canvas step and go back
         #: to the queue on every delivery
-        self._no_canvas = type(app.canvas) is Canvas
+        self._no_canvas = type(settler.canvas) is Canvas
 
     def receive(self, delivery: Delivery) -> Job | None:
         """The job to run (the worker answers a revoked or expired one without running it), or
@@ -111,8 +106,8 @@ class Receiver:
         job.delivery_count = delivery.delivery_count
         self._time_limits(task, job)
         if redelivered(job) and (finished := self._finished(job)) is not None:
-            if self.rejoin is not None and job.embed and job.embed.get("chord"):
-                self.rejoin(job, finished)  # its worker may have died before it returned its part
+            if job.embed and job.embed.get("chord"):
+                self.settler.rejoin(job, finished)  # its worker may have died before it did
             acks.ack_later([delivery])
             return None
         now = time.time()

@@ -56,9 +56,7 @@ class Acks:
     #: the loop's consumer (set again when it reopens one on other queues)
     consumer: Consumer
 
-    def __init__(self, consumer: Consumer | None = None) -> None:
-        if consumer is not None:
-            self.consumer = consumer
+    def __init__(self) -> None:
         #: deliveries held: buffered, running, or finished with their ack pending
         self.held = 0
         #: how long the loop waits after a broker call failed (doubles to 5 s, reset on success)
