@@ -56,7 +56,7 @@ class Executor:
         task = self.tasks.get(job.task_name)
         if task is None or inspect.iscoroutinefunction(task.fn):
             return _refused(job, task, started)
-        request, tokens = _begin(job), self.hooks.enter_task(job)
+        request, tokens = self._begin(job)
         try:
             result: Any = task(*job.args, **job.kwargs)
             if inspect.iscoroutine(result):  # a plain def that returned a coroutine
@@ -73,7 +73,7 @@ class Executor:
         task = self.tasks.get(job.task_name)
         if task is None:
             return _refused(job, task, started)
-        request, tokens = _begin(job), self.hooks.enter_task(job)
+        request, tokens = self._begin(job)
         try:
             result: Any = task(*job.args, **job.kwargs)
             if inspect.iscoroutine(result):
@@ -83,19 +83,17 @@ class Executor:
             outcome = _outcome_of(job, task, exc, started)
         return self._end(job, request, tokens, outcome)
 
+    def _begin(self, job: Job) -> tuple[Request, Any]:
+        """The task's `self.request`, set in the fresh context, then the `enter_task` hooks."""
+        _current_request.set(request := Request(job))
+        return request, self.hooks.enter_task(job)
+
     def _end(self, job: Job, request: Request, tokens: Any, outcome: Outcome) -> Outcome:
         self.hooks.exit_task(job, tokens, outcome)
         outcome.children = request.children
         if outcome.state == TaskState.FAILURE and request.errbacks:
             self.canvas.inline_errbacks(request, outcome)
         return outcome
-
-
-def _begin(job: Job) -> Request:
-    """The task's `self.request`, set in the fresh context."""
-    request = Request(job)
-    _current_request.set(request)
-    return request
 
 
 def _refused(job: Job, task: Task[..., Any] | None, started: float) -> Outcome:
