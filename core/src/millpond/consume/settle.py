@@ -45,7 +45,6 @@ def ids(job: Job | Message) -> dict[str, str | None]:
 
 
 def _failed_to(message: str, job: Job, exc: Exception) -> None:
-    """The error line of a step that raised, with the task and the exception."""
     log.error(message, **ids(job), error=f"{type(exc).__name__}: {exc}")
 
 
