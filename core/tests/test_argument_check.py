@@ -14,16 +14,15 @@ import pytest
 from millpond import Millpond
 from millpond.config.settings import load_settings
 from millpond.consume.receive import Receiver
-from millpond.consume.settle import Acks
+from millpond.consume.settle import Acks, Settler
 from millpond.contracts.pool import Capabilities
 from millpond.exceptions import MalformedMessage
 from millpond.wire.protocol import decode_task, encode_task
 
 
 def _receiver(app: Millpond) -> Receiver:
-    consumer = app.broker.consumer(list(app.settings.queues), 1)
     settings = load_settings({}, env={})
-    return Receiver(app, settings, Acks(consumer), "solo", Capabilities())
+    return Receiver(Settler(app, settings, Acks()), "solo", Capabilities())
 
 
 def _tasks(app: Millpond) -> dict[str, Any]:

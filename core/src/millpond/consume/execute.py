@@ -1,11 +1,10 @@
 """Execute: what happens around a task body, whatever pool runs it (the `Execution` every pool is
 handed, bound to one app and one hook chain; a forked child inherits both, no module global).
 
-`Executor.run` runs the task in a brand-new `contextvars.Context`, so nothing of task N (trace or
-log context, request) leaks into task N+1 on a reused thread, and a greenlet's empty context gets
-what the task needs: the request, the `enter_task` hooks, the call, an `Outcome` of whatever
-happened, the `exit_task` hooks. It never raises. `run_async` is the same on an event loop, so sync
-and async tasks get identical retries, rejections and hooks.
+`Executor.run` never raises, and runs each task in a brand-new `contextvars.Context`: nothing of
+task N (trace or log context, request) leaks into task N+1 on a reused thread, and a greenlet's
+empty context gets what the task needs. `run_async` is the same on an event loop, so sync and async
+tasks get identical retries, rejections and hooks.
 """
 
 from __future__ import annotations
@@ -33,8 +32,7 @@ class Executor:
         # built before the pool forks: it registers the built-in tasks Celery's canvas sends
         self.canvas, self.tasks = app.canvas, app.tasks
         self.hooks = hooks = hooks if hooks is not None else app.hooks
-        #: what pools call (the template in the worker process, children in theirs): the chain's
-        #: own, no call in between
+        #: what pools call (the worker's template, children in theirs): the chain's own, no wrapper
         self.job_started, self.job_finished = hooks.started, hooks.finished
         self.process_started, self.process_exiting = hooks.process_started, hooks.process_exiting
 
@@ -47,12 +45,9 @@ class Executor:
 
     async def run_async(self, job: Job, guard: Guard | None = None) -> Outcome:
         """`run` for a running event loop, in a new asyncio task with a fresh context (concurrent
-        coroutines never see each other's trace or log context).
-
-        Cancelling the caller cancels the task (the pool decides whether that was a time limit or
-        a terminate). A plain `def` task is called inline on the loop (a pool that wants it off
-        the loop checks `is_async` first). `guard`, if given, wraps the task's coroutine.
-        """
+        coroutines never see each other's trace or log context). Cancelling the caller cancels it
+        (the pool tells a time limit from a terminate). A plain `def` task is called inline on the
+        loop (a pool that wants it off the loop checks `is_async`); `guard` wraps its coroutine."""
         loop = asyncio.get_running_loop()
         return await loop.create_task(self._run_async(job, guard), context=contextvars.Context())
 
@@ -61,7 +56,7 @@ class Executor:
         task = self.tasks.get(job.task_name)
         if task is None or inspect.iscoroutinefunction(task.fn):
             return _refused(job, task, started)
-        request, tokens = _begin(job), self.hooks.enter_task(job)
+        request, tokens = self._begin(job)
         try:
             result: Any = task(*job.args, **job.kwargs)
             if inspect.iscoroutine(result):  # a plain def that returned a coroutine
@@ -78,7 +73,7 @@ class Executor:
         task = self.tasks.get(job.task_name)
         if task is None:
             return _refused(job, task, started)
-        request, tokens = _begin(job), self.hooks.enter_task(job)
+        request, tokens = self._begin(job)
         try:
             result: Any = task(*job.args, **job.kwargs)
             if inspect.iscoroutine(result):
@@ -88,20 +83,17 @@ class Executor:
             outcome = _outcome_of(job, task, exc, started)
         return self._end(job, request, tokens, outcome)
 
+    def _begin(self, job: Job) -> tuple[Request, Any]:
+        """The task's `self.request`, set in the fresh context, then the `enter_task` hooks."""
+        _current_request.set(request := Request(job))
+        return request, self.hooks.enter_task(job)
+
     def _end(self, job: Job, request: Request, tokens: Any, outcome: Outcome) -> Outcome:
-        """The `exit_task` hooks; the children the task sent; errbacks called in place."""
         self.hooks.exit_task(job, tokens, outcome)
         outcome.children = request.children
         if outcome.state == TaskState.FAILURE and request.errbacks:
             self.canvas.inline_errbacks(request, outcome)
         return outcome
-
-
-def _begin(job: Job) -> Request:
-    """The task's `self.request`, set in the fresh context."""
-    request = Request(job)
-    _current_request.set(request)
-    return request
 
 
 def _refused(job: Job, task: Task[..., Any] | None, started: float) -> Outcome:
@@ -119,9 +111,8 @@ def _refused(job: Job, task: Task[..., Any] | None, started: float) -> Outcome:
 def _outcome_of(job: Job, task: Task[..., Any], exc: BaseException, started: float) -> Outcome:
     """What an exception out of the task body means: a retry, a rejection, or a failure (a task
     calling sys.exit() fails too, not the worker)."""
-    autoretry = task.options.autoretry_for
     retried = isinstance(exc, Exception) and not isinstance(exc, Retry | Reject)
-    if autoretry and retried and isinstance(exc, autoretry):
+    if retried and isinstance(exc, task.options.autoretry_for):
         exc = Retry(exc=exc, countdown=task.backoff(job.retries))
     runtime = time.perf_counter() - started
     if isinstance(exc, Reject):
@@ -130,13 +121,8 @@ def _outcome_of(job: Job, task: Task[..., Any], exc: BaseException, started: flo
         return Outcome.of(exc, runtime=runtime)
     limit = exc.max_retries if exc.max_retries is not None else task.options.max_retries
     if limit is not None and job.retries >= limit:
-        return Outcome.of(
-            exc.exc
-            or MaxRetriesExceededError(
-                f"task {job.task_name}[{job.task_id}] retried {job.retries} times, its limit"
-            ),
-            runtime=runtime,
-        )
+        why = f"task {job.task_name}[{job.task_id}] retried {job.retries} times, its limit"
+        return Outcome.of(exc.exc or MaxRetriesExceededError(why), runtime=runtime)
     outcome = Outcome.of(exc.exc or exc, TaskState.RETRY, runtime=runtime)
     outcome.countdown, outcome.eta = exc.countdown, exc.eta
     if exc.countdown is None and exc.eta is None:

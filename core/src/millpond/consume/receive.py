@@ -1,12 +1,11 @@
 """Receive: a broker delivery becomes a `Job` (built by `decode_task`), or is refused with a reason.
 
-Everything a message can get wrong is found here, before any task code runs: a bad signature, a
-body that does not decode, an unknown task, arguments the function cannot take, too many
-deliveries (a poison message that keeps killing its worker), canvas fields on a worker without the
-canvas plugin. Each is dead-lettered with a reason and one log line, never retried nor dropped
-silently, and no decoder bug takes the worker down. A message whose eta is ahead goes back to the
-broker to hold (delays live in the broker, never in worker memory); one that expired before it
-arrived is answered REVOKED.
+Whatever a message can get wrong is found before any task code runs (a bad signature, a body that
+does not decode, an unknown task, arguments the function cannot take, too many deliveries: a poison
+that keeps killing its worker, canvas fields without the canvas plugin) and dead-lettered with a
+reason and one log line, never retried nor dropped silently; no decoder bug takes the worker down.
+A message whose eta is ahead goes back to the broker to hold (delays live in the broker, never in
+worker memory); one that expired before it arrived is answered REVOKED.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from millpond.consume.settle import Acks, ids, redelivered
+from millpond.consume.settle import Settler, ids, redelivered
 from millpond.contracts.backend import ResultMeta
 from millpond.contracts.broker import Delivery
 from millpond.contracts.canvas import MISSING, Canvas
@@ -29,44 +28,37 @@ from millpond.wire.protocol import decode_task
 from millpond.wire.signing import verify
 
 if TYPE_CHECKING:
-    from millpond.config.settings import Settings
-    from millpond.produce.app import Millpond
     from millpond.produce.task import Task
 
 log = structlog.get_logger("millpond.worker")
-_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_PLAIN = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
 
 class Receiver:
-    """Decodes and validates deliveries for one worker.
-
-    `rejoin` returns a redelivered, already finished chord header task's part again; `revoked`
-    says why a task must not run (it is answered, never held back); `defer_early_ack` names the
-    tasks whose early ack waits until they start (a rate limit may hand them back meanwhile).
-    """
+    """Decodes and validates deliveries for one worker, settling what it refuses or finds done
+    through the worker's `settler`. `revoked` says why a task must not run (it is answered, never
+    held back); `defer_early_ack` names the tasks whose early ack waits until they start (a rate
+    limit may hand them back meanwhile)."""
 
     def __init__(
         self,
-        app: Millpond,
-        settings: Settings,
-        acks: Acks,
+        settler: Settler,
         pool_name: str,
         capabilities: Capabilities,
         *,
-        rejoin: Callable[[Job, ResultMeta], None] | None = None,
         revoked: Callable[[str, Mapping[str, Any]], str | None] | None = None,
         defer_early_ack: Callable[[str], bool] | None = None,
     ) -> None:
-        self.app, self.settings, self.acks = app, settings, acks
-        self.pool_name, self.capabilities = pool_name, capabilities
-        self.rejoin, self.revoked, self.defer_early_ack = rejoin, revoked, defer_early_ack
-        self._accept = frozenset(settings.accept_content)
+        self.app, self.settings, self.acks = settler.app, settler.settings, settler.acks
+        self.settler, self.pool_name, self.capabilities = settler, pool_name, capabilities
+        self.revoked, self.defer_early_ack = revoked, defer_early_ack
+        self._accept = frozenset(self.settings.accept_content)
         #: task name -> (its signature, (fewest, most) positional arguments if all are plain)
         self._signatures: dict[str, tuple[inspect.Signature | None, tuple[int, int] | None]] = {}
         self._warned: set[tuple[str, str]] = set()
         #: no canvas plugin: a message with canvas fields would fail its canvas step and go back
         #: to the queue on every delivery
-        self._no_canvas = type(app.canvas) is Canvas
+        self._no_canvas = type(settler.canvas) is Canvas
 
     def receive(self, delivery: Delivery) -> Job | None:
         """The job to run (the worker answers a revoked or expired one without running it), or
@@ -108,18 +100,14 @@ class Receiver:
                     f"the message could not be decoded ({type(exc).__name__}: {reason[:200]}); "
                     "this is a bug in millpond, please report it with the dead letter"
                 )
-            message = delivery.message
-            acks.dead_letter(delivery, reason, task_id=message.task_id, task_name=message.task_name)
+            acks.dead_letter(delivery, reason, delivery.message)
             return None
         job.queue, job.delivery = delivery.queue, delivery
         job.delivery_count = delivery.delivery_count
         self._time_limits(task, job)
-        finished = self._finished(job) if redelivered(job) else None
-        if finished is not None:
-            if self.rejoin is not None and job.embed and job.embed.get("chord"):
-                # its worker may have died between storing the result and returning the chord's
-                # part: returned again (a part counts once)
-                self.rejoin(job, finished)
+        if redelivered(job) and (finished := self._finished(job)) is not None:
+            if job.embed and job.embed.get("chord"):
+                self.settler.rejoin(job, finished)  # its worker may have died before it did
             acks.ack_later([delivery])
             return None
         now = time.time()
@@ -135,7 +123,7 @@ class Receiver:
                     delivery,
                     f"could not hand the message back to the broker to hold until its eta "
                     f"({type(exc).__name__}: {str(exc)[:200]}); replay it when the broker is well",
-                    **ids(job),
+                    job,
                 )
             else:
                 acks.ack_later([delivery])
@@ -217,7 +205,6 @@ class Receiver:
                 )
 
     def _unenforced(self, hard: float | None, soft: float | None) -> Iterator[tuple[str, float]]:
-        """Those of these limits the pool cannot enforce, by option name."""
         if hard and not self.capabilities.hard_time_limit:
             yield "time_limit", hard
         if soft and not self.capabilities.soft_time_limit:
@@ -240,17 +227,14 @@ class Receiver:
 
 def _signature(task: Task[..., Any]) -> tuple[inspect.Signature | None, tuple[int, int] | None]:
     """The task's signature, and how many positional arguments it takes (fewest, most) when its
-    parameters are all plain positional-or-keyword ones."""
+    parameters are all plain positional-or-keyword ones (else `bind` judges every call)."""
     try:
         sig = inspect.signature(task.fn)
     except (TypeError, ValueError):
         return None, None  # a builtin or C function: nothing to check against
     params = list(sig.parameters.values())
-    if task.options.bind:
-        if not params or params[0].kind not in _POSITIONAL:
-            return sig, None  # nowhere for the task itself to go: bind says so, every call
-        params = params[1:]
-    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+    own = 1 if task.options.bind else 0  # bind=True: the task itself comes first
+    if len(params) < own or any(p.kind is not _PLAIN for p in params):
         return sig, None
-    required = sum(1 for p in params if p.default is inspect.Parameter.empty)
-    return sig, (required, len(params))
+    required = sum(1 for p in params[own:] if p.default is inspect.Parameter.empty)
+    return sig, (required, len(params) - own)

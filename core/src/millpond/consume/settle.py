@@ -1,11 +1,9 @@
-"""Settle: the last step of a task's trip. Store its outcome, publish its retry, send its canvas's
-next steps, and settle its message (ack, requeue, or dead-letter).
+"""Settle, a task's last step: store its outcome, send its retry (a new message, through the
+producer's `send_task`) or its canvas's next steps, and ack, requeue or dead-letter its message.
 
-Everything here runs in the consumer loop's thread, the one owner of the broker connection. Acks
-wait for the loop's next flush (before it fetches or waits), so a burst of completions costs one
-round trip. A retry is a new message sent through the producer's `send_task` (hooks, signing,
-broker); when it, or a canvas step (`millpond.contracts.canvas`), cannot be sent, the original
-message goes back to its queue, so nothing is lost.
+All of it runs in the consumer loop's thread, the one owner of the broker connection. Acks wait
+for the loop's next flush (before it fetches or waits): a burst of completions costs one round
+trip. A retry or canvas step that cannot be sent puts the message back on its queue: none is lost.
 """
 
 from __future__ import annotations
@@ -24,15 +22,13 @@ from millpond.contracts.pool import Job, Outcome
 from millpond.exceptions import TimeLimitExceeded, WorkerLostError
 from millpond.produce.result import error_info
 from millpond.states import TaskState
-from millpond.wire.protocol import REJOIN
+from millpond.wire.protocol import REJOIN, Message
 
 if TYPE_CHECKING:
     from millpond.config.settings import Settings
     from millpond.produce.app import Millpond
 
 log = structlog.get_logger("millpond.worker")
-#: the job's fields a retry sends unchanged (the same step of the same canvas), by their names
-_KEPT = ("queue", "task_id", "expires", "time_limit", "soft_time_limit", "root_id", "parent_id")
 
 
 def redelivered(job: Job) -> bool:
@@ -43,9 +39,13 @@ def redelivered(job: Job) -> bool:
     )
 
 
-def ids(job: Job) -> dict[str, str]:
-    """The job's ids, for log lines."""
+def ids(job: Job | Message) -> dict[str, str | None]:
+    """The ids of a job, or of a message that did not decode, for log lines."""
     return {"task_id": job.task_id, "task_name": job.task_name}
+
+
+def _failed_to(message: str, job: Job, exc: Exception) -> None:
+    log.error(message, **ids(job), error=f"{type(exc).__name__}: {exc}")
 
 
 class Acks:
@@ -55,9 +55,7 @@ class Acks:
     #: the loop's consumer (set again when it reopens one on other queues)
     consumer: Consumer
 
-    def __init__(self, consumer: Consumer | None = None) -> None:
-        if consumer is not None:
-            self.consumer = consumer
+    def __init__(self) -> None:
         #: deliveries held: buffered, running, or finished with their ack pending
         self.held = 0
         #: how long the loop waits after a broker call failed (doubles to 5 s, reset on success)
@@ -89,15 +87,12 @@ class Acks:
             self._call("release", self.consumer.release, deliveries)
         return len(deliveries)
 
-    def dead_letter(
-        self, delivery: Delivery, reason: str, *, task_id: str | None, task_name: str | None
-    ) -> None:
+    def dead_letter(self, delivery: Delivery, reason: str, job: Job | Message) -> None:
         """Reject to the dead-letter destination, with the one log line every dead letter gets."""
         log.error(
             "message rejected to the dead-letter queue",
+            **ids(job),
             reason=reason,
-            task_id=task_id,
-            task_name=task_name,
             queue=delivery.queue,
         )
         self.reject(delivery, requeue=False, reason=reason)
@@ -155,7 +150,7 @@ class Settler:
         else:  # FAILURE, or anything a third-party pool invents
             failure = f"{outcome.exc_type}: {reason}"
             log.error("task failed", **ids(job), error=failure, traceback=outcome.traceback)
-            sent = self._failed(job, outcome, outcome.exc_type or "TaskError")
+            sent = self._failed(job, outcome, "TaskError")
         if sent:
             if job.delivery is not None:
                 self.acks.ack_later([job.delivery])
@@ -169,13 +164,9 @@ class Settler:
             self._put_back(job, True, "a canvas step could not be sent")
 
     def rejoin(self, job: Job, meta: ResultMeta) -> None:
-        """A redelivered chord header task that already finished: return its part again (the
-        backend counts it once), in case its worker died before it did."""
-        try:
-            state = TaskState(meta.status)
-        except ValueError:
-            state = TaskState.FAILURE
-        self._chord_part(job, state, meta.result, again=True)
+        """A redelivered chord header task already finished (`meta` is in READY_STATES): return its
+        part again (the backend counts it once), in case its worker died before it did."""
+        self._chord_part(job, TaskState(meta.status), meta.result, again=True)
 
     def _put_back(self, job: Job, requeue: bool, reason: str) -> None:
         """Requeue or dead-letter the message (nothing to do if it was acked on receipt)."""
@@ -186,7 +177,7 @@ class Settler:
         """The execution unit died: requeue (counted, capped) or fail, per the task's policy."""
         task = self.app.tasks.get(job.task_name)
         requeue = task is None or task.options.reject_on_worker_lost
-        cap, count = self.settings.max_deliveries, job.delivery_count
+        cap, count, delivery = self.settings.max_deliveries, job.delivery_count, job.delivery
         log.error(
             "task lost its execution unit",
             **ids(job),
@@ -194,7 +185,6 @@ class Settler:
             requeue=requeue and count < cap,
             delivery_count=count,
         )
-        delivery = job.delivery
         if requeue and delivery is not None and count < cap:
             self._put_back(job, True, outcome.exc_message)
             return
@@ -204,7 +194,7 @@ class Settler:
             self.acks.ack_later([delivery])
         elif delivery is not None:
             reason = f"lost {count} times (max_deliveries={cap}): {outcome.exc_message}"
-            self.acks.dead_letter(delivery, reason, **ids(job))
+            self.acks.dead_letter(delivery, reason, job)
 
     # -- results ----------------------------------------------------------------------------------
     def _store(self, job: Job, status: TaskState, result: Any, **extra: Any) -> None:
@@ -233,17 +223,13 @@ class Settler:
             except (TypeError, ValueError) as exc:
                 log.error("task result cannot be stored as JSON", **ids(job), error=str(exc))
                 why = [f"result is not JSON serializable: {exc}"]
-                meta.status, meta.result = (
-                    TaskState.FAILURE,
-                    error_info("TypeError", "builtins", why),
-                )
+                meta.status = TaskState.FAILURE
+                meta.result = error_info("TypeError", "builtins", why)
                 meta.traceback, meta.retries, meta.children = None, 0, []
                 backend.store(meta)
         except Exception as exc:
-            log.error(
-                "cannot store task result; the task ran and its message is acknowledged",
-                task_id=job.task_id,
-                error=f"{type(exc).__name__}: {exc}",
+            _failed_to(
+                "cannot store task result; the task ran and its message is acknowledged", job, exc
             )
 
     def _failed(self, job: Job, outcome: Outcome, exc_type: str) -> bool:
@@ -254,19 +240,16 @@ class Settler:
         if not job.embed:
             return True
         joined = self._chord_part(job, TaskState.FAILURE, info, again=redelivered(job))
-        failed, _ = self._canvas_step(
-            "fail the rest of", job, self.canvas.after_failure, outcome, info
-        )
-        return joined and failed
+        rest = self._canvas_step("fail the rest of", job, self.canvas.after_failure, outcome, info)
+        return joined and rest[0]
 
     def _succeeded(self, job: Job, outcome: Outcome) -> bool:
         """Callbacks and the next chain step go out before the result is stored (its `children`
         name them, as Celery's do), then the chord's part. False when a step could not be sent."""
         children = outcome.children
         if job.embed:
-            ok, sent = self._canvas_step(
-                "send the next steps of", job, self.canvas.after_success, outcome.result
-            )
+            step = self.canvas.after_success
+            ok, sent = self._canvas_step("send the next steps of", job, step, outcome.result)
             if not ok:
                 return False
             children = [*children, *(sent or [])]
@@ -289,11 +272,7 @@ class Settler:
         try:
             return True, step(job, *args, **kwargs)
         except Exception as exc:
-            log.error(
-                f"could not {what} the task's canvas",
-                **ids(job),
-                error=f"{type(exc).__name__}: {exc}",
-            )
+            _failed_to(f"could not {what} the task's canvas", job, exc)
             return False, None
 
     # -- retries ----------------------------------------------------------------------------------
@@ -316,7 +295,13 @@ class Settler:
                     job.task_name,
                     job.args,
                     job.kwargs,
-                    **{name: getattr(job, name) for name in _KEPT},
+                    queue=job.queue,
+                    task_id=job.task_id,
+                    expires=job.expires,
+                    time_limit=job.time_limit,
+                    soft_time_limit=job.soft_time_limit,
+                    root_id=job.root_id,
+                    parent_id=job.parent_id,
                     retries=retries,
                     eta=eta,
                     ignore_result=job.headers.get("ignore_result", False),
@@ -329,11 +314,7 @@ class Settler:
                     reply_to=job.reply_to or "",  # the caller still waits ("": none does)
                 )
         except Exception as exc:
-            log.error(
-                "cannot publish the retry; the message goes back to the queue",
-                task_id=job.task_id,
-                error=f"{type(exc).__name__}: {exc}",
-            )
+            _failed_to("cannot publish the retry; the message goes back to the queue", job, exc)
             return False
         reason = error_info(outcome.exc_type or "Retry", outcome.exc_module, outcome.stored_args)
         self._store(job, TaskState.RETRY, reason)

@@ -106,12 +106,9 @@ class Worker:
         self.acks = Acks()  # its consumer is set when the loop opens one
         self.settler = Settler(app, settings, self.acks)
         self.receiver = Receiver(
-            app,
-            settings,
-            self.acks,
+            self.settler,
             settings.pool,
             self.pool_cls.capabilities,
-            rejoin=self.settler.rejoin,
             revoked=self.discard,
             defer_early_ack=self._may_hold if self.holders else None,
         )
