@@ -334,3 +334,31 @@ def test_every_package_is_type_checked_and_ships_py_typed() -> None:
         assert packages, f"no package under {src}"
         for package in packages:
             assert (package / "py.typed").is_file(), f"{package} has no py.typed"
+
+
+def test_the_type_checkers_exports_are_the_lazy_exports() -> None:
+    """`millpond/__init__.py` names each export twice: in `_EXPORTS` (what `__getattr__` imports
+    on first use) and under `TYPE_CHECKING` (what mypy sees). A name in one list only would be
+    a type error that runs, or a name mypy knows that fails at run time."""
+    import ast
+
+    import millpond
+
+    tree = ast.parse(Path(millpond.__file__).read_text())
+    guard = next(
+        node
+        for node in tree.body
+        if isinstance(node, ast.If)
+        and isinstance(node.test, ast.Name)
+        and node.test.id == "TYPE_CHECKING"
+    )
+    typed = {
+        alias.asname: node.module
+        for node in guard.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+        if alias.asname == alias.name
+    }
+    assert typed == millpond._EXPORTS
+    for name in millpond._EXPORTS:
+        assert getattr(millpond, name) is not None
