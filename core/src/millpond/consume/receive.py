@@ -85,10 +85,10 @@ class Receiver:
                     f"task {job.task_name!r} carries canvas fields ({', '.join(job.embed)}): "
                     f"{MISSING}; then replay the dead letters"
                 )
-            if delivery.delivery_count > settings.max_deliveries:
+            if delivery.delivery_count > (cap := self.settler.max_deliveries(task)):
                 raise MessageError(
-                    f"delivered {delivery.delivery_count} times, over max_deliveries="
-                    f"{settings.max_deliveries}: the task keeps being lost (it may kill its worker)"
+                    f"delivered {delivery.delivery_count} times, over max_deliveries={cap}: "
+                    "the task keeps being lost (it may kill its worker)"
                 )
         except Exception as exc:
             reason = str(exc)

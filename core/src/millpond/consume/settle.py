@@ -27,6 +27,7 @@ from millpond.wire.protocol import REJOIN, Message
 if TYPE_CHECKING:
     from millpond.config.settings import Settings
     from millpond.produce.app import Millpond
+    from millpond.produce.task import Task
 
 log = structlog.get_logger("millpond.worker")
 
@@ -121,6 +122,12 @@ class Settler:
         self.canvas = app.canvas
         self.processed = 0
 
+    def max_deliveries(self, task: Task[..., Any] | None) -> int:
+        """How often a message of `task` may be handed out: the task's own option, else the
+        setting (an unknown task has only the setting)."""
+        own = task.options.max_deliveries if task is not None else None
+        return self.settings.max_deliveries if own is None else own
+
     def finish(self, job: Job, outcome: Outcome) -> None:
         """Store the outcome and settle the message: acknowledged at the next flush, or put back
         when what must follow the task (its retry, a canvas step) could not be sent."""
@@ -177,7 +184,7 @@ class Settler:
         """The execution unit died: requeue (counted, capped) or fail, per the task's policy."""
         task = self.app.tasks.get(job.task_name)
         requeue = task is None or task.options.reject_on_worker_lost
-        cap, count, delivery = self.settings.max_deliveries, job.delivery_count, job.delivery
+        cap, count, delivery = self.max_deliveries(task), job.delivery_count, job.delivery
         log.error(
             "task lost its execution unit",
             **ids(job),

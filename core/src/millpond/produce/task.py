@@ -241,6 +241,12 @@ def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOpti
             f"task option 'rate_limit_scope' must be one of {', '.join(RATE_LIMIT_SCOPES)} "
             f"or None (the rate_limit_scope setting), got {scope!r}"
         )
+    cap = opts.get("max_deliveries")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise TypeError(
+            "task option 'max_deliveries' must be an integer >= 1 or None (the setting), "
+            f"got {cap!r}"
+        )
     max_retries = opts.get("max_retries")
     if isinstance(max_retries, bool) or not isinstance(max_retries, int | None):
         raise TypeError("task option 'max_retries' must be an integer or None (unlimited)")
