@@ -111,9 +111,7 @@ class Receiver:
             acks.ack_later([delivery])
             return None
         now = time.time()
-        if self.revoked is not None and self.revoked(job.task_id, job.headers) is not None:
-            return job
-        if job.eta is not None and job.eta > now + 0.05:
+        if job.eta is not None and job.eta > now + 0.05 and not self._revoked(job):
             # not due (a producer that does not use broker delays): back to the broker to hold
             try:
                 self.app.broker.publish(delivery.queue, delivery.message, eta=job.eta)
@@ -142,6 +140,11 @@ class Receiver:
             return False
         hold = self.defer_early_ack
         return not (receiving and hold is not None and task is not None and hold(task.name))
+
+    def _revoked(self, job: Job) -> bool:
+        """Asked only of a job not due yet: a revoked one is answered now, not handed back to
+        wait for its eta (the worker asks every job as it receives and as it starts it)."""
+        return self.revoked is not None and self.revoked(job.task_id, job.headers) is not None
 
     def _finished(self, job: Job) -> ResultMeta | None:
         """The final result of a redelivered task, if stored: it ran to the end and its worker
