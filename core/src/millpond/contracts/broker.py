@@ -152,7 +152,7 @@ class Claims(ABC):
     `SET NX PX`, a sqlite row) from any thread and after `os.fork()`: replicas of `millpond beat`
     agree on who publishes each tick and remember what was published. A claim is forgotten `ttl`
     seconds after its last successful `acquire`, whatever becomes of its holder (SIGKILLed, say).
-    State stays until overwritten, apart from the claims: write it after the claim guarding it."""
+    Saved state stays until overwritten, in no transaction with a claim: save it after its claim."""
 
     #: False where a claim ends with its holder's connection (RabbitMQ's exclusive queues), not
     #: at its ttl: callers need not keep claims that only fence against that holder
