@@ -247,8 +247,10 @@ class Settler:
         if not job.embed:
             return True
         joined = self._chord_part(job, TaskState.FAILURE, info, again=redelivered(job))
-        rest = self._canvas_step("fail the rest of", job, self.canvas.after_failure, outcome, info)
-        return joined and rest[0]
+        failed, _ = self._canvas_step(
+            "fail the rest of", job, self.canvas.after_failure, outcome, info
+        )
+        return joined and failed
 
     def _succeeded(self, job: Job, outcome: Outcome) -> bool:
         """Callbacks and the next chain step go out before the result is stored (its `children`

@@ -355,8 +355,10 @@ class Millpond:
         if batch is not None:
             batch.append((publication, tokens))
             return
-        p = publication
-        self._hand_over([(p, tokens)], lambda: self.broker.publish(p.queue, p.message, eta=p.eta))
+        queue, message, eta = publication.queue, publication.message, publication.eta
+        self._hand_over(
+            [(publication, tokens)], lambda: self.broker.publish(queue, message, eta=eta)
+        )
 
     @contextmanager
     def publishing_together(self) -> Iterator[None]:

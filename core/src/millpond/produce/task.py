@@ -306,10 +306,17 @@ class Task(Generic[P, R_co]):
         self, args: _Args = None, kwargs: _Kwargs = None, **options: Unpack[SendOptions]
     ) -> AsyncResult[Any]:
         """Send the task (`SendOptions`); the task's own options apply where the call has none."""
-        own = ("queue", "time_limit", "soft_time_limit", "ignore_result", "priority")
-        sent: dict[str, Any] = {key: getattr(self.options, key) for key in own} | dict(options)
-        if sent.get("expires") is None:
-            sent["expires"] = self.options.expires
+        opts = self.options
+        sent: SendOptions = {
+            "queue": opts.queue,
+            "time_limit": opts.time_limit,
+            "soft_time_limit": opts.soft_time_limit,
+            "ignore_result": opts.ignore_result,
+            "priority": opts.priority,
+            **options,
+        }
+        if sent.get("expires") is None and opts.expires is not None:
+            sent["expires"] = opts.expires
         return self.app.send_task(self.name, args or (), kwargs or {}, **sent)
 
     # -- canvas ----------------------------------------------------------------------------------
