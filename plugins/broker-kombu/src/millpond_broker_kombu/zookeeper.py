@@ -226,11 +226,16 @@ class ZookeeperConsumer(Consumer):
             raw, stat = self.client.get(src)
         except NoNodeError:
             return False
+        return self._swap(src, stat.version, raw, queue, prefix)
+
+    def _swap(self, src: str, version: int, raw: bytes, queue: str, prefix: str) -> bool:
+        """`raw` as a new znode `prefix<seq>` of `queue` and `src` (at `version`) deleted, in one
+        transaction; False when another consumer took `src` first."""
         dst = posixpath.join(self.channel._get_path(queue), prefix)
         for attempt in (1, 2):
             tx = self.client.transaction()
             tx.create(dst, raw, sequence=True)
-            tx.delete(src, version=stat.version)
+            tx.delete(src, version=version)
             results = tx.commit()
             if not any(isinstance(r, Exception) for r in results):
                 return True
@@ -307,19 +312,7 @@ class ZookeeperConsumer(Consumer):
                 raw = bump_count(raw)
         except ValueError:
             pass  # not kombu's envelope: hand it back as it is, the worker dead-letters it
-        dst = posixpath.join(self.channel._get_path(target), _entry_prefix(name))
-        for attempt in (1, 2):
-            tx = self.client.transaction()
-            tx.create(dst, raw, sequence=True)
-            tx.delete(src, version=stat.version)
-            results = tx.commit()
-            if not any(isinstance(r, Exception) for r in results):
-                return True
-            if isinstance(results[0], NoNodeError) and attempt == 1:
-                self.channel.queue_declare(queue=target)  # the queue znode was deleted: remake it
-                continue
-            return False
-        return False
+        return self._swap(src, stat.version, raw, target, _entry_prefix(name))
 
     # -- the consumer contract -------------------------------------------------------------------
     def _claim(self, queue: str) -> Delivery | None:
