@@ -11,6 +11,24 @@ from millpond.contracts.broker import Delivery
 from millpond.contracts.waking import Waker
 
 
+def take_in_turn(
+    queues: list[str], turn: int, want: int, take: Callable[[str], Delivery | None]
+) -> tuple[list[Delivery], int]:
+    """Up to `want` deliveries, `take`n from `queues` in turn starting at `turn`, until every queue
+    in a row gave none; and the turn to start at next time (so no queue starves the others)."""
+    out: list[Delivery] = []
+    empty = 0
+    while len(out) < want and empty < len(queues):
+        got = take(queues[turn % len(queues)])
+        turn += 1
+        if got is None:
+            empty += 1
+        else:
+            empty = 0
+            out.append(got)
+    return out, turn
+
+
 def poll_fetch(
     look: Callable[[], list[Delivery]],
     timeout: float,

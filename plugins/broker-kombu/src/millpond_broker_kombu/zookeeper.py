@@ -58,7 +58,7 @@ from millpond.wire import envelope
 from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message
 from millpond_broker_kombu.generic import KombuBroker
 from millpond_broker_kombu.link import release
-from millpond_broker_kombu.polling import poll_fetch
+from millpond_broker_kombu.polling import poll_fetch, take_in_turn
 from millpond_broker_kombu.stored import bump_count, rewrite_headers
 
 log = logging.getLogger("millpond.broker.zookeeper")
@@ -360,17 +360,7 @@ class ZookeeperConsumer(Consumer):
         return delivery
 
     def _get(self, want: int) -> list[Delivery]:
-        out: list[Delivery] = []
-        empty = 0
-        while len(out) < want and empty < len(self.queues):
-            queue = self.queues[self._turn % len(self.queues)]
-            self._turn += 1
-            got = self._claim(queue)
-            if got is None:
-                empty += 1
-                continue
-            empty = 0
-            out.append(got)
+        out, self._turn = take_in_turn(self.queues, self._turn, want, self._claim)
         return out
 
     def fetch(self, max_count: int, timeout: float, waker: Waker | None = None) -> list[Delivery]:
