@@ -31,7 +31,7 @@ from millpond.contracts.waking import Waker
 from millpond.exceptions import ConfigurationError, PublishError
 from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message
 from millpond_broker_kombu.link import Link, release
-from millpond_broker_kombu.polling import poll_fetch, take_in_turn
+from millpond_broker_kombu.polling import delivered, poll_fetch, take_in_turn
 from millpond_broker_kombu.section import KOMBU
 
 log = logging.getLogger("millpond.broker.kombu")
@@ -202,12 +202,8 @@ class KombuConsumer(Consumer):
         if got is None:
             return None
         message = to_message(got)
-        count = message.headers.get(DELIVERY_COUNT, 1)
-        count = count if isinstance(count, int) and count > 0 else 1
-        tag = next(self._tags)
-        delivery = Delivery(message=message, queue=queue, tag=tag, redelivered=count > 1,
-                            delivery_count=count)  # fmt: skip
-        self._held[tag] = delivery
+        delivery = delivered(message, queue, next(self._tags))
+        self._held[delivery.tag] = delivery
         return delivery
 
     def _get(self, want: int) -> list[Delivery]:

@@ -55,10 +55,10 @@ from millpond.contracts.lease import BeatResult, LeaseKeeper
 from millpond.contracts.waking import Waker
 from millpond.exceptions import MalformedMessage, PublishError
 from millpond.wire import envelope
-from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message
+from millpond.wire.protocol import DEATH_REASON, Message
 from millpond_broker_kombu.generic import KombuBroker
 from millpond_broker_kombu.link import release
-from millpond_broker_kombu.polling import poll_fetch, take_in_turn
+from millpond_broker_kombu.polling import delivered, poll_fetch, take_in_turn
 from millpond_broker_kombu.stored import bump_count, rewrite_headers
 
 log = logging.getLogger("millpond.broker.zookeeper")
@@ -352,10 +352,7 @@ class ZookeeperConsumer(Consumer):
             self.broker.link.publish(dead_letter_queue(queue), bad)
             self._delete(path)
             return None
-        count = message.headers.get(DELIVERY_COUNT, 1)
-        count = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 1
-        delivery = Delivery(message=message, queue=queue, tag=path, redelivered=count > 1,
-                            delivery_count=count)  # fmt: skip
+        delivery = delivered(message, queue, path)
         self._held[path] = delivery
         return delivery
 
