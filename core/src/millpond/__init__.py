@@ -70,8 +70,14 @@ if TYPE_CHECKING:
     from millpond_canvas import xstarmap as xstarmap
 
 
-def __getattr__(name: str) -> Any:
-    if (module := _EXPORTS.get(name)) is None:
-        raise AttributeError(f"module 'millpond' has no attribute {name!r}")
-    value = globals()[name] = getattr(import_module(module), name)  # looked up once
+def lazy_export(namespace: dict[str, Any], homes: dict[str, str], name: str) -> Any:
+    """A package's `__getattr__` (PEP 562; the core's, the broker plugins'): `name` imported from
+    its module in `homes` on first use and kept in `namespace`, the package's `globals()`."""
+    if (module := homes.get(name)) is None:
+        raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
+    value = namespace[name] = getattr(import_module(module), name)
     return value
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_export(globals(), _EXPORTS, name)

@@ -8,8 +8,9 @@ The public names are imported on first use (PEP 562), so the core can read the s
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from millpond import lazy_export
 
 if TYPE_CHECKING:
     from millpond_broker_amqp.broker import AmqpBroker
@@ -28,9 +29,4 @@ _HOMES = {
 
 
 def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+    return lazy_export(globals(), _HOMES, name)

@@ -35,6 +35,7 @@ DEFAULT_TTL: Final = 300.0
 BINDING_LEASE: Final = 30.0
 _BATCH: Final = 100
 
+
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS bindings (
     queue TEXT NOT NULL,
@@ -55,6 +56,13 @@ CREATE TABLE IF NOT EXISTS broadcasts (
 );
 CREATE INDEX IF NOT EXISTS broadcasts_queue ON broadcasts (queue, id);
 """
+
+
+def check_queue(queue: object) -> str:
+    """A queue name of either embedded broker, checked."""
+    if not isinstance(queue, str) or not queue:
+        raise ValueError(f"a queue name must be a non-empty string, got {queue!r}")
+    return queue
 
 
 def _topic_match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:

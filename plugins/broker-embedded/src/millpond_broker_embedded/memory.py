@@ -18,9 +18,9 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from millpond.contracts.backend import CHORD_CLAIM_TTL, ChordPart, ResultBackend, ResultMeta
 from millpond.contracts.broadcast import Exchange, Listen
@@ -30,9 +30,10 @@ from millpond.exceptions import BackendError, ConfigurationError, PublishError
 from millpond.exceptions import TimeoutError as MillpondTimeoutError
 from millpond.states import READY_STATES, TaskState
 from millpond.wire.protocol import DEATH_REASON, Message
-from millpond_broker_embedded.exchanges import MemoryExchanges, MemorySubscription
+from millpond_broker_embedded.exchanges import MemoryExchanges, MemorySubscription, check_queue
 
 _registry_lock = threading.Lock()
+T = TypeVar("T")
 #: how many stored failures a backend remembers for `MemoryBroker.join(fail_fast=True)`
 _FAILURE_MEMORY = 1000
 
@@ -139,34 +140,13 @@ _exchanges: dict[str, MemoryExchanges] = {}
 _results: dict[str, _Results] = {}
 
 
-def _queues_named(name: str) -> _Queues:
+def _named(registry: dict[str, T], name: str, make: Callable[[], T]) -> T:
+    """The state of memory:// URL `name` in `registry`, made on first use, shared in-process."""
     with _registry_lock:
-        found = _queues.get(name)
+        found = registry.get(name)
         if found is None:
-            found = _queues[name] = _Queues()
+            found = registry[name] = make()
         return found
-
-
-def _exchanges_named(name: str) -> MemoryExchanges:
-    with _registry_lock:
-        found = _exchanges.get(name)
-        if found is None:
-            found = _exchanges[name] = MemoryExchanges()
-        return found
-
-
-def _results_named(name: str) -> _Results:
-    with _registry_lock:
-        found = _results.get(name)
-        if found is None:
-            found = _results[name] = _Results()
-        return found
-
-
-def _check_queue(queue: Any) -> str:
-    if not isinstance(queue, str) or not queue:
-        raise ValueError(f"a queue name must be a non-empty string, got {queue!r}")
-    return queue
 
 
 class MemoryBroker(Broker):
@@ -183,9 +163,9 @@ class MemoryBroker(Broker):
                 f"the memory broker takes no options, got {sorted(self.options)}; remove them"
             )
         self.name = state_name(url)
-        self._state = _queues_named(self.name)
-        self._exchanges = _exchanges_named(self.name)
-        self._failure_mark = _results_named(self.name).failure_seq
+        self._state = _named(_queues, self.name, _Queues)
+        self._exchanges = _named(_exchanges, self.name, MemoryExchanges)
+        self._failure_mark = _named(_results, self.name, _Results).failure_seq
 
     def close(self) -> None:
         """Nothing to release: the queues belong to the process, not to this object."""
@@ -193,11 +173,11 @@ class MemoryBroker(Broker):
     def declare(self, queues: Iterable[str]) -> None:
         with self._state.cond:
             for queue in queues:
-                self._state.queue(_check_queue(queue))
+                self._state.queue(check_queue(queue))
                 self._state.queue(dead_letter_queue(queue))
 
     def publish(self, queue: str, message: Message, *, eta: float | None = None) -> None:
-        _check_queue(queue)
+        check_queue(queue)
         entry = _Entry(_clone_message(message))
         state = self._state
         with state.cond:
@@ -222,7 +202,7 @@ class MemoryBroker(Broker):
         return self._exchanges.listen(spec)
 
     def consumer(self, queues: Sequence[str], prefetch: int) -> MemoryConsumer:
-        return MemoryConsumer(self._state, [_check_queue(q) for q in queues], prefetch)
+        return MemoryConsumer(self._state, [check_queue(q) for q in queues], prefetch)
 
     def purge(self, queue: str) -> int:
         """Drop the queue's ready and delayed messages (not the ones consumers hold)."""
@@ -270,7 +250,7 @@ class MemoryBroker(Broker):
 
     def claims(self) -> MemoryClaims:
         """Leases and state shared by every memory broker with this URL in this process."""
-        return _claims_named(self.name)
+        return _named(_claims, self.name, MemoryClaims)
 
     def default_backend(self) -> MemoryResultBackend:
         return MemoryResultBackend(f"memory://{self.name}")
@@ -282,7 +262,7 @@ class MemoryBroker(Broker):
         created (or since the last `join`) is raised here, rebuilt from its type and message, so
         a test fails with the task's own error instead of a timeout.
         """
-        results = _results_named(self.name)
+        results = _named(_results, self.name, _Results)
         state = self._state
         deadline = time.monotonic() + timeout
         while True:
@@ -474,7 +454,7 @@ class MemoryResultBackend(ResultBackend):
     def __init__(self, url: str = "memory://", options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)
         self.name = state_name(url)
-        self._state = _results_named(self.name)
+        self._state = _named(_results, self.name, _Results)
 
     def store(self, meta: ResultMeta) -> None:
         copy = _clone_meta(meta)
@@ -611,11 +591,3 @@ class MemoryClaims(Claims):
 
 
 _claims: dict[str, MemoryClaims] = {}
-
-
-def _claims_named(name: str) -> MemoryClaims:
-    with _registry_lock:
-        found = _claims.get(name)
-        if found is None:
-            found = _claims[name] = MemoryClaims()
-        return found

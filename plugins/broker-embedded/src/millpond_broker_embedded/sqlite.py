@@ -344,12 +344,6 @@ def _marks(count: int) -> str:
     return ",".join("?" * count)
 
 
-def _check_queue(queue: Any) -> str:
-    if not isinstance(queue, str) or not queue:
-        raise ValueError(f"a queue name must be a non-empty string, got {queue!r}")
-    return queue
-
-
 # -- the broker ------------------------------------------------------------------------------------
 
 
@@ -383,7 +377,7 @@ class SqliteBroker(Broker):
     def declare(self, queues: Iterable[str]) -> None:
         """Queues are implicit in SQLite; this checks the names and opens the file."""
         for queue in queues:
-            _check_queue(queue)
+            exchanges.check_queue(queue)
         self.connect()
 
     def broadcast(
@@ -400,7 +394,7 @@ class SqliteBroker(Broker):
         return exchanges.SqliteSubscription(self, spec)
 
     def publish(self, queue: str, message: Message, *, eta: float | None = None) -> None:
-        _check_queue(queue)
+        exchanges.check_queue(queue)
         try:
             text = envelope.dumps(message, queue=queue)
         except (TypeError, ValueError) as exc:
@@ -422,7 +416,7 @@ class SqliteBroker(Broker):
         self.maybe_reap()
 
     def consumer(self, queues: Sequence[str], prefetch: int) -> SqliteConsumer:
-        consumer = SqliteConsumer(self, [_check_queue(q) for q in queues], prefetch)
+        consumer = SqliteConsumer(self, [exchanges.check_queue(q) for q in queues], prefetch)
         self._consumers.add(consumer)
         return consumer
 

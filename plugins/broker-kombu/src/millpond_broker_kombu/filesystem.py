@@ -41,7 +41,7 @@ from millpond.exceptions import ConfigurationError, MalformedMessage
 from millpond.wire import envelope
 from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message
 from millpond_broker_kombu.link import Link, warn_unused_priority
-from millpond_broker_kombu.polling import poll_fetch
+from millpond_broker_kombu.polling import delivered, poll_fetch
 from millpond_broker_kombu.section import FILESYSTEM
 from millpond_broker_kombu.stored import delivery_count, rewrite_headers
 
@@ -398,11 +398,9 @@ class FilesystemConsumer(Consumer):
             _write_atomically(dead, payload, self.folders.scratch)
             path.unlink(missing_ok=True)
             return None
-        count = message.headers.get(DELIVERY_COUNT, 1)
-        count = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 1
-        self._held[name] = (queue, count)
-        return Delivery(message=message, queue=queue, tag=name, redelivered=count > 1,
-                        delivery_count=count)  # fmt: skip
+        delivery = delivered(message, queue, name)
+        self._held[name] = (queue, delivery.delivery_count)
+        return delivery
 
     def fetch(self, max_count: int, timeout: float, waker: Waker | None = None) -> list[Delivery]:
         def look() -> list[Delivery]:

@@ -31,7 +31,7 @@ from millpond.contracts.waking import Waker
 from millpond.exceptions import ConfigurationError, PublishError
 from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message
 from millpond_broker_kombu.link import Link, release
-from millpond_broker_kombu.polling import poll_fetch
+from millpond_broker_kombu.polling import delivered, poll_fetch, take_in_turn
 from millpond_broker_kombu.section import KOMBU
 
 log = logging.getLogger("millpond.broker.kombu")
@@ -197,25 +197,17 @@ class KombuConsumer(Consumer):
     def connected(self) -> bool:
         return not self._closed
 
+    def _take(self, queue: str) -> Delivery | None:
+        got = self.channel.basic_get(queue=queue, no_ack=True)
+        if got is None:
+            return None
+        message = to_message(got)
+        delivery = delivered(message, queue, next(self._tags))
+        self._held[delivery.tag] = delivery
+        return delivery
+
     def _get(self, want: int) -> list[Delivery]:
-        out: list[Delivery] = []
-        empty = 0
-        while len(out) < want and empty < len(self.queues):
-            queue = self.queues[self._turn % len(self.queues)]
-            self._turn += 1
-            got = self.channel.basic_get(queue=queue, no_ack=True)
-            if got is None:
-                empty += 1
-                continue
-            empty = 0
-            message = to_message(got)
-            count = message.headers.get(DELIVERY_COUNT, 1)
-            count = count if isinstance(count, int) and count > 0 else 1
-            tag = next(self._tags)
-            delivery = Delivery(message=message, queue=queue, tag=tag, redelivered=count > 1,
-                                delivery_count=count)  # fmt: skip
-            self._held[tag] = delivery
-            out.append(delivery)
+        out, self._turn = take_in_turn(self.queues, self._turn, want, self._take)
         return out
 
     def fetch(self, max_count: int, timeout: float, waker: Waker | None = None) -> list[Delivery]:

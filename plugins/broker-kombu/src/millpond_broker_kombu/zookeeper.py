@@ -55,10 +55,10 @@ from millpond.contracts.lease import BeatResult, LeaseKeeper
 from millpond.contracts.waking import Waker
 from millpond.exceptions import MalformedMessage, PublishError
 from millpond.wire import envelope
-from millpond.wire.protocol import DEATH_REASON, DELIVERY_COUNT, Message
+from millpond.wire.protocol import DEATH_REASON, Message
 from millpond_broker_kombu.generic import KombuBroker
 from millpond_broker_kombu.link import release
-from millpond_broker_kombu.polling import poll_fetch
+from millpond_broker_kombu.polling import delivered, poll_fetch, take_in_turn
 from millpond_broker_kombu.stored import bump_count, rewrite_headers
 
 log = logging.getLogger("millpond.broker.zookeeper")
@@ -226,11 +226,16 @@ class ZookeeperConsumer(Consumer):
             raw, stat = self.client.get(src)
         except NoNodeError:
             return False
+        return self._swap(src, stat.version, raw, queue, prefix)
+
+    def _swap(self, src: str, version: int, raw: bytes, queue: str, prefix: str) -> bool:
+        """`raw` as a new znode `prefix<seq>` of `queue` and `src` (at `version`) deleted, in one
+        transaction; False when another consumer took `src` first."""
         dst = posixpath.join(self.channel._get_path(queue), prefix)
         for attempt in (1, 2):
             tx = self.client.transaction()
             tx.create(dst, raw, sequence=True)
-            tx.delete(src, version=stat.version)
+            tx.delete(src, version=version)
             results = tx.commit()
             if not any(isinstance(r, Exception) for r in results):
                 return True
@@ -307,19 +312,7 @@ class ZookeeperConsumer(Consumer):
                 raw = bump_count(raw)
         except ValueError:
             pass  # not kombu's envelope: hand it back as it is, the worker dead-letters it
-        dst = posixpath.join(self.channel._get_path(target), _entry_prefix(name))
-        for attempt in (1, 2):
-            tx = self.client.transaction()
-            tx.create(dst, raw, sequence=True)
-            tx.delete(src, version=stat.version)
-            results = tx.commit()
-            if not any(isinstance(r, Exception) for r in results):
-                return True
-            if isinstance(results[0], NoNodeError) and attempt == 1:
-                self.channel.queue_declare(queue=target)  # the queue znode was deleted: remake it
-                continue
-            return False
-        return False
+        return self._swap(src, stat.version, raw, target, _entry_prefix(name))
 
     # -- the consumer contract -------------------------------------------------------------------
     def _claim(self, queue: str) -> Delivery | None:
@@ -359,25 +352,12 @@ class ZookeeperConsumer(Consumer):
             self.broker.link.publish(dead_letter_queue(queue), bad)
             self._delete(path)
             return None
-        count = message.headers.get(DELIVERY_COUNT, 1)
-        count = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 1
-        delivery = Delivery(message=message, queue=queue, tag=path, redelivered=count > 1,
-                            delivery_count=count)  # fmt: skip
+        delivery = delivered(message, queue, path)
         self._held[path] = delivery
         return delivery
 
     def _get(self, want: int) -> list[Delivery]:
-        out: list[Delivery] = []
-        empty = 0
-        while len(out) < want and empty < len(self.queues):
-            queue = self.queues[self._turn % len(self.queues)]
-            self._turn += 1
-            got = self._claim(queue)
-            if got is None:
-                empty += 1
-                continue
-            empty = 0
-            out.append(got)
+        out, self._turn = take_in_turn(self.queues, self._turn, want, self._claim)
         return out
 
     def fetch(self, max_count: int, timeout: float, waker: Waker | None = None) -> list[Delivery]:

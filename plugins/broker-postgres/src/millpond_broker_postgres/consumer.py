@@ -153,7 +153,8 @@ class PostgresConsumer(Consumer):
             raise RuntimeError("fetch() on a closed consumer; create a new one")
         deadline = time.monotonic() + max(timeout, 0.0)
         if not self._settle():
-            return self._pause(deadline, waker)
+            self._outage.pause(deadline, waker)
+            return []
         while True:
             room = self._room(max_count)
             if room <= 0:  # prefetch window full: only a completion (the waker) helps
@@ -171,7 +172,8 @@ class PostgresConsumer(Consumer):
                 deliveries, due = self._reserve(room)
             except psycopg.Error as exc:  # never crash the worker loop: report, wait, retry
                 self._trouble("fetch", exc)
-                return self._pause(deadline, waker)
+                self._outage.pause(deadline, waker)
+                return []
             try:
                 # a notification read during those statements, or buffered behind their replies,
                 # may announce a message committed after the fetch's snapshot: fetch again
@@ -180,8 +182,9 @@ class PostgresConsumer(Consumer):
                 self._trouble("fetch", exc)
                 if deliveries:  # reserved and held: the worker must get them, or they would
                     return deliveries  # stay leased to this live consumer and never run
-                return self._pause(deadline, waker)
-            self._recovered()
+                self._outage.pause(deadline, waker)
+                return []
+            self._outage.over()
             if deliveries:
                 return deliveries
             remaining = deadline - time.monotonic()
@@ -318,9 +321,9 @@ class PostgresConsumer(Consumer):
             self._pending.append((what, op))
             self._trouble(what, exc)
         except psycopg.Error as exc:
-            self._give_up(what, exc)
+            self._outage.refused(what, exc)
         else:
-            self._recovered()
+            self._outage.over()
 
     def _settle(self) -> bool:
         """Send what is owed (kept acks, rejects, lost reservations); False if the server is away."""
@@ -333,7 +336,7 @@ class PostgresConsumer(Consumer):
                 except RETRYABLE:
                     raise
                 except psycopg.Error as exc:
-                    self._give_up(what, exc)
+                    self._outage.refused(what, exc)
                 self._pending.pop(0)
             if self._uncertain:
                 # what this consumer holds or has acknowledged without the ack reaching the
@@ -344,24 +347,12 @@ class PostgresConsumer(Consumer):
         except RETRYABLE as exc:
             self._trouble("reconnect", exc)
             return False
-        self._recovered()
+        self._outage.over()
         return True
 
     def _trouble(self, what: str, exc: BaseException) -> None:
         self._drop()
         self._outage.began(what, exc)
-
-    def _give_up(self, what: str, exc: BaseException) -> None:
-        """One ack/reject refused for good: dropped, the message stays reserved (see Outage)."""
-        self._outage.refused(what, exc)
-
-    def _recovered(self) -> None:
-        self._outage.over()
-
-    def _pause(self, deadline: float, waker: Waker | None) -> list[Delivery]:
-        """After a failure: wait a growing while (bounded by the deadline), then return nothing."""
-        self._outage.pause(deadline, waker)
-        return []
 
     # -- shutdown --------------------------------------------------------------------------------
     def close(self) -> None:

@@ -240,13 +240,15 @@ class RedisConsumer(Consumer):
             raise RuntimeError("fetch() on a closed consumer; create a new one")
         deadline = time.monotonic() + max(timeout, 0.0)
         if not self._settle():
-            return self._pause(deadline, waker)
+            self._outage.pause(deadline, waker)
+            return []
         if self._reconcile_due:
             try:
                 self._reconcile()
             except redis.RedisError as exc:
                 self._trouble("reconciling reservations", exc)
-                return self._pause(deadline, waker)
+                self._outage.pause(deadline, waker)
+                return []
         while True:
             room = self._room(max_count)
             if room <= 0:  # prefetch window full: only a completion (the waker) helps
@@ -265,8 +267,9 @@ class RedisConsumer(Consumer):
                 raise  # fetch() says what to check
             except redis.RedisError as exc:  # never crash the worker loop: report, wait, retry
                 self._trouble("fetch", exc)
-                return self._pause(deadline, waker)
-            self._recovered()
+                self._outage.pause(deadline, waker)
+                return []
+            self._outage.over()
             if deliveries:
                 return deliveries
             remaining = deadline - time.monotonic()
@@ -435,9 +438,9 @@ class RedisConsumer(Consumer):
                 self._pending.append((what, op))
                 self._trouble(what, exc)
             else:
-                self._give_up(what, exc)
+                self._outage.refused(what, exc)
         else:
-            self._recovered()
+            self._outage.over()
 
     def _settle(self) -> bool:
         """Send what is owed (kept acks, rejects, lost reservations); False if Redis is away."""
@@ -457,12 +460,12 @@ class RedisConsumer(Consumer):
                 except redis.RedisError as exc:
                     if is_transient(exc):
                         raise
-                    self._give_up(what, exc)
+                    self._outage.refused(what, exc)
                 self._pending.pop(0)
         except redis.RedisError as exc:
             self._trouble("reconnect", exc)
             return False
-        self._recovered()
+        self._outage.over()
         return True
 
     def _reconcile(self) -> None:
@@ -503,18 +506,6 @@ class RedisConsumer(Consumer):
         if self._bells is not None:
             self._bells.reset()
         self._outage.began(what, exc, lasting=not is_transient(exc))
-
-    def _give_up(self, what: str, exc: BaseException) -> None:
-        """One ack/reject refused for good: dropped, the message stays reserved (see Outage)."""
-        self._outage.refused(what, exc)
-
-    def _recovered(self) -> None:
-        self._outage.over()
-
-    def _pause(self, deadline: float, waker: Waker | None) -> list[Delivery]:
-        """After a failure: wait a growing while (bounded by the deadline), then return nothing."""
-        self._outage.pause(deadline, waker)
-        return []
 
     # -- shutdown --------------------------------------------------------------------------------
     def close(self) -> None:
