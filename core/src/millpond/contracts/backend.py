@@ -61,7 +61,8 @@ class ResultBackend(ABC):
 
     @abstractmethod
     def store(self, meta: ResultMeta) -> None:
-        """Save an outcome (replacing an earlier state of the same task) and wake its waiters."""
+        """Save an outcome (replacing an earlier state of the same task) and wake its waiters. A
+        result it cannot encode raises TypeError or ValueError (the worker stores why instead)."""
 
     @abstractmethod
     def get(self, task_id: str, timeout: float | None) -> ResultMeta | None:

@@ -754,6 +754,22 @@ class BrokerContract:
         finally:
             result_backend.forget(task_id)
 
+    def test_result_that_is_not_json_is_refused_as_a_type_error(
+        self, result_backend: ResultBackend
+    ) -> None:
+        """A result the backend cannot encode raises TypeError or ValueError and stores nothing:
+        that is how the worker knows to store a FAILURE (TypeError) in its place, so the caller
+        hears why instead of waiting for a result that never comes."""
+        task_id = str(uuid.uuid4())
+        try:
+            with pytest.raises((TypeError, ValueError)):
+                result_backend.store(
+                    ResultMeta(task_id=task_id, status=TaskState.SUCCESS, result=object())
+                )
+            assert result_backend.peek(task_id) is None
+        finally:
+            result_backend.forget(task_id)
+
     def test_result_get_times_out(self, result_backend: ResultBackend) -> None:
         unknown, started = str(uuid.uuid4()), str(uuid.uuid4())
         try:

@@ -834,13 +834,7 @@ class SqliteResultBackend(ResultBackend):
         self._next_sweep = 0.0
 
     def store(self, meta: ResultMeta) -> None:
-        try:
-            text = json.dumps(meta.to_json(), separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
-            raise BackendError(
-                f"the result of task {meta.task_id} cannot be stored ({exc}); return "
-                "JSON-compatible values from the task"
-            ) from exc
+        text = json.dumps(meta.to_json(), separators=(",", ":"))  # not JSON: TypeError (contract)
         now = time.time()
         with _translate(f"store the result of {meta.task_id}", self.path, BackendError):
             conn = self.db.conn()

@@ -86,13 +86,7 @@ class PostgresResultBackend(ResultBackend):
         return self.store_.pool.run(what, lambda c: c.execute(statement, params), BackendError)
 
     def store(self, meta: ResultMeta) -> None:
-        try:
-            data = json.dumps(meta.to_json(), separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
-            raise BackendError(
-                f"result of task {meta.task_id} cannot be stored as JSON: {exc}; "
-                "return JSON-serialisable values from tasks"
-            ) from exc
+        data = json.dumps(meta.to_json(), separators=(",", ":"))  # not JSON: TypeError (contract)
         params = {
             "id": meta.task_id,
             "meta": data,

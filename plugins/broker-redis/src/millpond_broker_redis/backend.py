@@ -110,13 +110,7 @@ class RedisResultBackend(ResultBackend):
                 raise BackendError(f"{what} failed: Redis said: {exc}") from exc
 
     def store(self, meta: ResultMeta) -> None:
-        try:
-            data = json.dumps(meta.to_json(), separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
-            raise BackendError(
-                f"result of task {meta.task_id} cannot be stored as JSON: {exc}; "
-                "return JSON-serialisable values from tasks"
-            ) from exc
+        data = json.dumps(meta.to_json(), separators=(",", ":"))  # not JSON: TypeError (contract)
         key = keys.result_key(meta.task_id)
         expires = self.cfg.result_expires
 

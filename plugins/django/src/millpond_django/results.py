@@ -134,13 +134,7 @@ class DjangoResultBackend(ResultBackend):
     # -- the contract ----------------------------------------------------------------------------
     def store(self, meta: ResultMeta) -> None:
         model = self._model()
-        try:
-            json.dumps([meta.result, meta.children])
-        except (TypeError, ValueError) as exc:
-            raise BackendError(
-                f"result of task {meta.task_id} cannot be stored as JSON: {exc}; "
-                "return JSON-serialisable values from tasks"
-            ) from exc
+        json.dumps([meta.result, meta.children])  # not JSON: TypeError, before the database sees it
         status = str(meta.status)
         fields = {
             "task_name": meta.name,
