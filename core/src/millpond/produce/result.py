@@ -1,11 +1,8 @@
-"""Result handles, and how a task's error comes back to the caller as the same exception type:
-rebuilt from its stored type name and module only when that type is a builtin or already imported
-(nothing is imported because a message says so), else as a `TaskError` subclass named after the
-remote type, so `except TaskError` catches all.
-
-`AsyncResult[R]` promises what the task's declaration returns, unchecked against what comes back
-through the serializer (JSON turns a tuple into a list); the results of `send_task` and
-`app.AsyncResult(id)`, which know no task, are `AsyncResult[Any]`.
+"""Result handles, and a task's error rebuilt for the caller as the same type only when that type
+is a builtin or already imported (a message never makes us import a module), else as a `TaskError`
+subclass named after it, so `except TaskError` catches all. `AsyncResult[R]` promises the task's
+declared return type, unchecked against what the serializer gives back (JSON turns a tuple into a
+list); `send_task` and `app.AsyncResult(id)`, which know no task, give `AsyncResult[Any]`.
 """
 
 from __future__ import annotations
