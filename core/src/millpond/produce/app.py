@@ -50,9 +50,8 @@ def _defaulted(
     reply_to: str | None,
     queue_for: Callable[[str], str] | None = None,
 ) -> list[Mapping[str, Any]] | None:
-    """Signatures with `reply_to` and the queue `queue_for` names in their options unless they
-    name their own. The worker sends them later, and a callback must go to the queue this
-    producer would send it to and reply to this caller (rpc://, as Celery's `freeze` does)."""
+    """Signatures given `reply_to` and `queue_for`'s queue unless they name their own: the worker
+    sends them later, to the queue this producer would and replying here (rpc://, as `freeze`)."""
     out: list[Mapping[str, Any]] = []
     for sig in [sigs] if isinstance(sigs, Mapping) else sigs or ():
         options = sig.get("options") or {}
@@ -97,9 +96,7 @@ class Millpond:
         #: the settings, the hook chain and the canvas, made on first use, kept across a fork
         self._kept: dict[str, Any] = {} if settings is None else {"settings": settings}
         #: the publishes `publishing_together` is collecting in this context, if it is
-        self._batch: ContextVar[list[_Pending] | None] = ContextVar(
-            f"millpond-batch-{id(self)}", default=None
-        )
+        self._batch = ContextVar[list[_Pending] | None](f"millpond-batch-{id(self)}", default=None)
         self._added_hooks: list[Hooks] = []
         self.origin = f"{os.getpid()}@{socket.gethostname()}"
 
@@ -272,7 +269,7 @@ class Millpond:
         kwargs: Mapping[str, Any] | None = None,
         **options: Unpack[SendOptions],
     ) -> AsyncResult[Any]:
-        """Send a task by name (it need not be registered here); an unknown option is a TypeError."""
+        """Send a task by name (registered here or not); an unknown option is a TypeError."""
         reject_unknown(options, SEND_OPTIONS, "option(s)", f"sending {name}")
         now = time.time()
         countdown, expires = options.get("countdown"), options.get("expires")
@@ -289,7 +286,6 @@ class Millpond:
         backend = self.backend if reply_to is None and not ignore_result else None
         if backend is not None and backend.replies_to_caller:
             reply_to = backend.reply_to(task_id)
-        # what the worker sends next for this task (callbacks, chain, chord) replies here too
         chord = _defaulted(options.get("chord"), reply_to)
         retries = options.get("retries", 0)
         message = encode_task(

@@ -145,9 +145,9 @@ class SendOptions(TypedDict, total=False):
     """The options of `apply_async` and `send_task`: a TypedDict, so an option left out stays out
     (only then does the task's default apply; an explicit `None` overrides it, but for `expires`).
     `countdown` (seconds) or `eta` (datetime, epoch seconds) delay the task in the broker;
-    `expires` (datetime, epoch seconds, or seconds from now below a year) drops it if a worker gets
-    it too late. `link`/`link_error`: signatures sent on success or failure; the canvas sets the
-    rest. `reply_to`: where an rpc:// backend replies (default: this process's queue; `""`: none)."""
+    `expires` (datetime, epoch seconds, or seconds from now below a year) drops it if a worker
+    gets it too late. `link`/`link_error`: signatures sent on success or failure; the canvas sets
+    the rest. `reply_to`: where an rpc:// backend replies (default: this process's; `""`: none)."""
 
     queue: str | None
     countdown: float | None
@@ -378,9 +378,8 @@ class Task(Generic[P, R_co]):
 
 
 class BoundTaskDecorator(Protocol):
-    """What `@app.task(bind=True, ...)` returns: the function's first parameter is the task,
-    matched as `Task[P, Any]` (with `Task[P, R]`, annotating it `self: Task[Any, Any]` would make
-    mypy take `R` from the annotation). A Protocol, not a `Callable`, so that options from an
-    untyped dict make an untyped decorator (a strict error), not a guessed unbound task."""
+    """What `@app.task(bind=True, ...)` returns: the first parameter is matched as `Task[P, Any]`
+    (as `Task[P, R]`, a `self: Task[Any, Any]` annotation would give mypy `R`). A Protocol, not a
+    `Callable`: untyped options give an untyped decorator (a strict error), not an unbound task."""
 
     def __call__(self, fn: Callable[Concatenate[Task[P, Any], P], R], /) -> Task[P, R]: ...
