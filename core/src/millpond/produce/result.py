@@ -157,8 +157,7 @@ class AsyncResult(Generic[R_co]):
 
     def get(self, timeout: float | None = None, propagate: bool = True) -> R_co | BaseException:
         """Wait up to `timeout` seconds for the outcome (else `millpond.exceptions.TimeoutError`);
-        a failed task re-raises its error (type and message), or returns it with `propagate=False`
-        (hence the union unless `propagate` is literally True)."""
+        a failure raises its error (type, message), or returns it unless `propagate` is True."""
         meta = self._fetch(wait=True, timeout=timeout)
         if meta.status not in READY_STATES:
             raise exceptions.TimeoutError(
