@@ -315,9 +315,8 @@ class Task(Generic[P, R_co]):
             "ignore_result": opts.ignore_result,
             "priority": opts.priority,
             **options,
+            "expires": opts.expires if (expires := options.get("expires")) is None else expires,
         }
-        if sent.get("expires") is None and opts.expires is not None:
-            sent["expires"] = opts.expires
         return self.app.send_task(self.name, args or (), kwargs or {}, **sent)
 
     # -- canvas ----------------------------------------------------------------------------------
