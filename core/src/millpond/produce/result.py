@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, cast, overload
 
@@ -56,10 +57,8 @@ def rebuild_exception(info: Any) -> BaseException:
     own = CELERY_MODULES.get(name) == module or module == "millpond.exceptions"
     cls = getattr(exceptions if own else sys.modules.get(module), name, None)
     if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
+        with suppress(Exception):  # its constructor takes other arguments: a TaskError below
             return cls(*args)
-        except Exception:
-            pass
     return _remote_error(module, name)(f"{module}.{name}: {message}" if module else message)
 
 
