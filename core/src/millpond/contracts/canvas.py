@@ -1,10 +1,10 @@
 """The canvas contract: chains, groups, chords and callbacks come from a plugin (millpond-canvas).
 
 The core knows of the canvas only the message's canvas fields (`callbacks`, `errbacks`, `chain`,
-`chord` in the body's embed, `millpond.wire.protocol`) and this class. `Millpond.canvas` builds the
-`canvas` entry point of `millpond.canvas` once per app (the worker before its pool starts, so
-Celery's built-in canvas tasks are registered in every execution unit); without the plugin this
-base stands in: plain tasks run, and what needs the canvas fails naming the package to install.
+`chord` in the body's embed) and this class. `Millpond.canvas` builds the `millpond.canvas` entry
+point once per app (the worker before its pool starts, so Celery's canvas tasks are registered in
+every execution unit); without it this base stands in: plain tasks run, the canvas fails naming
+the package to install.
 
 The worker's settler calls it in the consumer loop's thread, only for a task with canvas fields:
 succeeded: `after_success` (before the result is stored: its `children` are what this returns),
@@ -33,9 +33,8 @@ MISSING = (
 
 
 class Canvas:
-    """The canvas of one app; every method but `inline_errbacks` fails until a plugin overrides
-    it. The first four serve `Task.s()`, `app.signature()`, `task.map()`, ..., which annotate
-    what they return as millpond_canvas's `Signature` (or one of its kinds)."""
+    """The canvas of one app; every method but `inline_errbacks` fails until a plugin overrides it.
+    The first four serve `Task.s()`, `app.signature()`, `task.map()`, ... (typed there)."""
 
     def __init__(self, app: Millpond) -> None:
         self.app = app
@@ -49,7 +48,6 @@ class Canvas:
         *,
         immutable: bool = False,
     ) -> Mapping[str, Any]:
-        """A signature of `task` bound to the app."""
         raise PluginNotFound(MISSING)
 
     def from_dict(self, data: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -61,7 +59,6 @@ class Canvas:
         raise PluginNotFound(MISSING)
 
     def chunks(self, task: Task[..., Any], it: Iterable[Any], n: int) -> Mapping[str, Any]:
-        """The items in chunks of `n`, one `celery.starmap` task per chunk, as a group."""
         raise PluginNotFound(MISSING)
 
     def group_result(self, group_id: str, results: Sequence[Any], parent: Any = None) -> Any:

@@ -32,6 +32,7 @@ from millpond.produce.task import (
     T,
     Task,
     current_request,
+    epoch,
     make_options,
     reject_unknown,
 )
@@ -44,18 +45,13 @@ if TYPE_CHECKING:
     from millpond_control.client import Control
 
 
-def _epoch(when: datetime | float | None) -> float | None:
-    return when.timestamp() if isinstance(when, datetime) else None if when is None else float(when)
-
-
 def _defaulted(
     sigs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
     reply_to: str | None,
     queue_for: Callable[[str], str] | None = None,
 ) -> list[Mapping[str, Any]] | None:
-    """Signatures with `reply_to` and the queue `queue_for` names in their options unless they
-    name their own. The worker sends them later, and a callback must go to the queue this
-    producer would send it to and reply to this caller (rpc://, as Celery's `freeze` does)."""
+    """Signatures given `reply_to` and `queue_for`'s queue unless they name their own: the worker
+    sends them later, to the queue this producer would and replying here (rpc://, as `freeze`)."""
     out: list[Mapping[str, Any]] = []
     for sig in [sigs] if isinstance(sigs, Mapping) else sigs or ():
         options = sig.get("options") or {}
@@ -100,9 +96,7 @@ class Millpond:
         #: the settings, the hook chain and the canvas, made on first use, kept across a fork
         self._kept: dict[str, Any] = {} if settings is None else {"settings": settings}
         #: the publishes `publishing_together` is collecting in this context, if it is
-        self._batch: ContextVar[list[_Pending] | None] = ContextVar(
-            f"millpond-batch-{id(self)}", default=None
-        )
+        self._batch = ContextVar[list[_Pending] | None](f"millpond-batch-{id(self)}", default=None)
         self._added_hooks: list[Hooks] = []
         self.origin = f"{os.getpid()}@{socket.gethostname()}"
 
@@ -156,8 +150,7 @@ class Millpond:
         if fn is None:
             return lambda func: self.task(func, **options)
         task: Task[..., Any] = self.task_cls(self, fn, make_options(fn, options))
-        existing = self.tasks.get(task.name)
-        if existing is not None and existing.fn is not fn:
+        if (existing := self.tasks.get(task.name)) is not None and existing.fn is not fn:
             qualname = getattr(existing.fn, "__qualname__", existing.fn)
             raise ValueError(f"a task named {task.name!r} is already registered ({qualname})")
         self.tasks[task.name] = task
@@ -181,8 +174,7 @@ class Millpond:
     def periodic_task(
         self, schedule: Any, *, name: str | None = None, **options: Any
     ) -> Callable[[Callable[P, R]], Task[P, R]]:
-        """`@app.task` (unless given a task) that also runs it on `schedule`, with no arguments;
-        `options` as in `add_periodic_task`."""
+        """`@app.task` (unless given a task), also run on `schedule` with no arguments."""
 
         def decorate(fn: Callable[P, R]) -> Task[P, R]:
             task: Task[P, R] = fn if isinstance(fn, Task) else self.task(fn)
@@ -247,8 +239,7 @@ class Millpond:
         return self._lazy("backend", self._make_backend)
 
     def _make_backend(self) -> ResultBackend | None:
-        url = self.settings.result_backend
-        if not url:
+        if not (url := self.settings.result_backend):
             return self.broker.default_backend()
         backend = plugins.backend_for_url(url, {"result_expires": self.settings.result_expires})
         if backend.replies_to_caller:  # rpc://: results travel over the broker
@@ -278,26 +269,23 @@ class Millpond:
         kwargs: Mapping[str, Any] | None = None,
         **options: Unpack[SendOptions],
     ) -> AsyncResult[Any]:
-        """Send a task by name (it need not be registered here); returns its result handle. An
-        option not in `SendOptions` is a type error, and a TypeError (naming them) at run time."""
+        """Send a task by name (registered here or not); an unknown option is a TypeError."""
         reject_unknown(options, SEND_OPTIONS, "option(s)", f"sending {name}")
         now = time.time()
         countdown, expires = options.get("countdown"), options.get("expires")
-        eta = now + float(countdown) if countdown is not None else _epoch(options.get("eta"))
-        expires_at = _epoch(expires)
+        eta = now + float(countdown) if countdown is not None else epoch(options.get("eta"))
+        expires_at = epoch(expires)
         if expires_at is not None and not isinstance(expires, datetime) and expires_at < 31_536_000:
             expires_at += now  # below a year: seconds from now
         parent = current_request()
         root_id = options.get("root_id") or (parent.root_id or parent.id if parent else None)
-        ignore_result = options.get("ignore_result")
-        if ignore_result is None:
+        if (ignore_result := options.get("ignore_result")) is None:
             ignore_result = self.settings.ignore_result
         task_id = options.get("task_id") or new_id()
         reply_to = options.get("reply_to")
         backend = self.backend if reply_to is None and not ignore_result else None
         if backend is not None and backend.replies_to_caller:
             reply_to = backend.reply_to(task_id)
-        # what the worker sends next for this task (callbacks, chain, chord) replies here too
         chord = _defaulted(options.get("chord"), reply_to)
         retries = options.get("retries", 0)
         message = encode_task(
@@ -351,8 +339,7 @@ class Millpond:
         tokens = self.hooks.before_publish(publication)
         if self.settings.signing_key:
             sign(publication.message, self.settings.signing_key)
-        batch = self._batch.get()
-        if batch is not None:
+        if (batch := self._batch.get()) is not None:
             batch.append((publication, tokens))
             return
         queue, message, eta = publication.queue, publication.message, publication.eta

@@ -1,11 +1,8 @@
-"""Result handles, and how a task's error comes back to the caller as the same exception type:
-rebuilt from its stored type name and module only when that type is a builtin or already imported
-(nothing is imported because a message says so), else as a `TaskError` subclass named after the
-remote type, so `except TaskError` catches all.
-
-`AsyncResult[R]` promises what the task's declaration returns, unchecked against what comes back
-through the serializer (JSON turns a tuple into a list); the results of `send_task` and
-`app.AsyncResult(id)`, which know no task, are `AsyncResult[Any]`.
+"""Result handles, and a task's error rebuilt for the caller as the same type only when that type
+is a builtin or already imported (a message never makes us import a module), else as a `TaskError`
+subclass named after it, so `except TaskError` catches all. `AsyncResult[R]` promises the task's
+declared return type, unchecked against what the serializer gives back (JSON turns a tuple into a
+list); `send_task` and `app.AsyncResult(id)`, which know no task, give `AsyncResult[Any]`.
 """
 
 from __future__ import annotations
@@ -13,6 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, cast, overload
 
@@ -59,10 +57,8 @@ def rebuild_exception(info: Any) -> BaseException:
     own = CELERY_MODULES.get(name) == module or module == "millpond.exceptions"
     cls = getattr(exceptions if own else sys.modules.get(module), name, None)
     if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
+        with suppress(Exception):  # its constructor takes other arguments: a TaskError below
             return cls(*args)
-        except Exception:
-            pass
     return _remote_error(module, name)(f"{module}.{name}: {message}" if module else message)
 
 
@@ -160,8 +156,7 @@ class AsyncResult(Generic[R_co]):
 
     def get(self, timeout: float | None = None, propagate: bool = True) -> R_co | BaseException:
         """Wait up to `timeout` seconds for the outcome (else `millpond.exceptions.TimeoutError`);
-        a failed task re-raises its error (type and message), or returns it with `propagate=False`
-        (hence the union unless `propagate` is literally True)."""
+        a failure raises its error (type, message), or returns it unless `propagate` is True."""
         meta = self._fetch(wait=True, timeout=timeout)
         if meta.status not in READY_STATES:
             raise exceptions.TimeoutError(

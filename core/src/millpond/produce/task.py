@@ -1,7 +1,6 @@
-"""Tasks: a function registered under a name, with options checked when it is declared (a typo
-fails at import, not at 3 a.m. in production; `apply_async` refuses unknown keywords). The same
-mistakes are type errors: `Task[P, R]` carries the function's parameters (a `ParamSpec`) and
-return type, so `add.delay("a", [1])` or `x: str = add(1, 2)` fail under mypy.
+"""Tasks: functions registered under a name, options checked at declaration (a typo fails at
+import, not at 3 a.m. in production; `apply_async` refuses unknown keywords). `Task[P, R]` keeps
+the function's parameters (a `ParamSpec`) and return type, so `add.delay("a", [1])` fails mypy.
 """
 
 from __future__ import annotations
@@ -40,6 +39,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 T = TypeVar("T")
+
+
+def epoch(when: datetime | float | None) -> float | None:
+    return when.timestamp() if isinstance(when, datetime) else None if when is None else float(when)
 
 
 @dataclass(slots=True)
@@ -139,13 +142,12 @@ class TaskDecoratorOptions(TypedDict, total=False):
 
 
 class SendOptions(TypedDict, total=False):
-    """The keyword options of `apply_async` and `Millpond.send_task`: a TypedDict, not parameters,
-    so an option left out stays out (only then does the task's default apply; an explicit `None`
-    overrides it, but for `expires`). `countdown` (seconds) or `eta` (datetime, epoch seconds)
-    delay the task in the broker; `expires` (datetime, epoch seconds, or seconds from now below a
-    year) drops it if a worker gets it too late. `link`/`link_error`: signatures sent on success
-    or failure; the canvas sets `chain`, `chord`, `group_id`, `group_index`, `root_id`, `parent_id`.
-    `reply_to`: where an rpc:// backend replies (default: this process's queue; `""`: none)."""
+    """The options of `apply_async` and `send_task`: a TypedDict, so an option left out stays out
+    (only then does the task's default apply; an explicit `None` overrides it, but for `expires`).
+    `countdown` (seconds) or `eta` (datetime, epoch seconds) delay the task in the broker;
+    `expires` (datetime, epoch seconds, or seconds from now below a year) drops it if a worker
+    gets it too late. `link`/`link_error`: signatures sent on success or failure; the canvas sets
+    the rest. `reply_to`: where an rpc:// backend replies (default: this process's; `""`: none)."""
 
     queue: str | None
     countdown: float | None
@@ -191,10 +193,9 @@ class InvalidRateLimit(ConfigurationError, ValueError):
 
 
 def parse_rate(value: str | float | None) -> float | None:
-    """Tokens per second for Celery's `rate_limit` (`"10/m"` -> 0.1667; `N/s`, `N/m`, `N/h`, N
-    maybe a fraction, or a number per second), None for no limit (`None`, `""`, `0`), else
-    `InvalidRateLimit` saying what is allowed. Checked when a task is declared or a limit is
-    changed, so a typo fails at import or in the control command's reply, not in the worker loop."""
+    """Tokens per second for Celery's `rate_limit` (`"10/m"` -> 0.1667), None for no limit (`None`,
+    `""`, `0`). Checked when a task is declared or a limit is changed, so a typo fails at import or
+    in the control command's reply, not in the worker loop."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, bool) or not isinstance(value, str | int | float):
@@ -314,9 +315,8 @@ class Task(Generic[P, R_co]):
             "ignore_result": opts.ignore_result,
             "priority": opts.priority,
             **options,
+            "expires": opts.expires if (expires := options.get("expires")) is None else expires,
         }
-        if sent.get("expires") is None and opts.expires is not None:
-            sent["expires"] = opts.expires
         return self.app.send_task(self.name, args or (), kwargs or {}, **sent)
 
     # -- canvas ----------------------------------------------------------------------------------
@@ -365,8 +365,7 @@ class Task(Generic[P, R_co]):
     ) -> NoReturn:
         """Run this task again later: raises `Retry` (so `raise self.retry()` reads well); once
         the retry budget is spent, `exc` instead (or `MaxRetriesExceededError`), and it fails."""
-        eta_ts = eta.timestamp() if isinstance(eta, datetime) else eta
-        raise Retry(exc=exc, countdown=countdown, eta=eta_ts, max_retries=max_retries)
+        raise Retry(exc=exc, countdown=countdown, eta=epoch(eta), max_retries=max_retries)
 
     def backoff(self, retries: int) -> float:
         """Seconds to wait before retry number `retries + 1` under `autoretry_for`."""
@@ -374,15 +373,12 @@ class Task(Generic[P, R_co]):
         if opts.retry_backoff is False:
             return opts.default_retry_delay
         delay: float = min(opts.retry_backoff_max, float(opts.retry_backoff) * 2**retries)
-        if opts.retry_jitter:
-            delay = random.uniform(0, delay)  # full jitter spreads a thundering herd
-        return delay
+        return random.uniform(0, delay) if opts.retry_jitter else delay  # full jitter: no herd
 
 
 class BoundTaskDecorator(Protocol):
-    """What `@app.task(bind=True, ...)` returns: the function's first parameter is the task,
-    matched as `Task[P, Any]` (with `Task[P, R]`, annotating it `self: Task[Any, Any]` would make
-    mypy take `R` from the annotation). A Protocol, not a `Callable`, so that options from an
-    untyped dict make an untyped decorator (a strict error), not a guessed unbound task."""
+    """What `@app.task(bind=True, ...)` returns: the first parameter is matched as `Task[P, Any]`
+    (as `Task[P, R]`, a `self: Task[Any, Any]` annotation would give mypy `R`). A Protocol, not a
+    `Callable`: untyped options give an untyped decorator (a strict error), not an unbound task."""
 
     def __call__(self, fn: Callable[Concatenate[Task[P, Any], P], R], /) -> Task[P, R]: ...
