@@ -42,6 +42,7 @@ T = TypeVar("T")
 
 
 def epoch(when: datetime | float | None) -> float | None:
+    """Epoch seconds of an eta or expiry given as a datetime or a number (None stays None)."""
     return when.timestamp() if isinstance(when, datetime) else None if when is None else float(when)
 
 
@@ -315,8 +316,9 @@ class Task(Generic[P, R_co]):
             "ignore_result": opts.ignore_result,
             "priority": opts.priority,
             **options,
-            "expires": opts.expires if (expires := options.get("expires")) is None else expires,
         }
+        if sent.get("expires") is None and opts.expires is not None:
+            sent["expires"] = opts.expires
         return self.app.send_task(self.name, args or (), kwargs or {}, **sent)
 
     # -- canvas ----------------------------------------------------------------------------------
