@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("millpond.worker")
 _PLAIN = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
+#: a component's `discard`: why a task must not run (revoked), or None
+Discard = Callable[[str, Mapping[str, Any]], str | None]
+
 
 class Receiver:
     """Decodes and validates deliveries for one worker, settling what it refuses or finds done
@@ -46,7 +49,7 @@ class Receiver:
         pool_name: str,
         capabilities: Capabilities,
         *,
-        revoked: Callable[[str, Mapping[str, Any]], str | None] | None = None,
+        revoked: Discard | None = None,
         defer_early_ack: Callable[[str], bool] | None = None,
     ) -> None:
         self.app, self.settings, self.acks = settler.app, settler.settings, settler.acks

@@ -27,7 +27,7 @@ import structlog
 from millpond.config import plugins
 from millpond.config.settings import Settings, load_settings
 from millpond.consume.execute import Executor
-from millpond.consume.receive import Receiver
+from millpond.consume.receive import Discard, Receiver
 from millpond.consume.settle import Acks, Settler, ids
 from millpond.contracts.broker import Consumer
 from millpond.contracts.component import WorkerComponent
@@ -41,9 +41,6 @@ from millpond.wire.protocol import PICKLE
 if TYPE_CHECKING:
     from millpond.produce.app import Millpond
 log = structlog.get_logger("millpond.worker")
-
-#: a component's `discard`: why a task must not run (revoked), or None
-Discard = Callable[[str, Mapping[str, Any]], str | None]
 
 
 def _first_reason(checks: list[Discard], task_id: str, headers: Mapping[str, Any]) -> str | None:
@@ -115,7 +112,7 @@ class Worker:
 
     def _discarder(self) -> Discard:
         """The one filtering component's own method on the hot path (the usual case), all of
-        them in name order when there are several."""
+        them in name order when there are several (tests rebuild it after swapping components)."""
         checks: list[Discard] = [c.discard for c in self.components.values() if c.filters_tasks]
         return checks[0] if len(checks) == 1 else functools.partial(_first_reason, checks)
 
