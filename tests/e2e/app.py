@@ -35,6 +35,12 @@ def fail(message: str) -> None:
     raise ValueError(message)
 
 
+@app.task
+def shapeless() -> object:
+    """Returns what no result backend can store as JSON."""
+    return {1, 2}
+
+
 @app.task(bind=True)
 def slow(self, seconds: float) -> float:  # type: ignore[no-untyped-def]
     _record("started", self.request.id)

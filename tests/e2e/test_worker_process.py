@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from millpond.testing.harness import wait_until
+from millpond.testing.harness import REDIS_URL, wait_until
 from millpond.wire.protocol import DEATH_REASON, Message, encode_task
 from tests.e2e.harness import lines_of
 
@@ -25,6 +25,37 @@ def test_tasks_sent_from_another_process_run(spawn_worker: Any, producer: Any) -
         fail.delay("kaputt").get(timeout=20)
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def test_a_result_that_is_not_json_fails_the_task_for_its_caller(
+    spawn_worker: Any, e2e_env: dict[str, str], backend: str
+) -> None:
+    """The backend refuses the set; the worker stores a TypeError FAILURE in its place, so the
+    caller hears why at once (it used to wait for a result that never came) and nothing is lost."""
+    from millpond import Millpond
+
+    env = {"MILLPOND_RESULT_BACKEND": REDIS_URL} if backend == "redis" else {}
+    producer = Millpond(
+        "p",
+        broker_url=e2e_env["MILLPOND_BROKER_URL"],
+        default_queue=e2e_env["MILLPOND_DEFAULT_QUEUE"],
+        **({"result_backend": REDIS_URL} if env else {}),
+    )
+    worker = spawn_worker("-P", "threads", env=env).wait_ready()
+    sent = [producer.send_task("tests.e2e.app.shapeless")]
+    try:
+        with pytest.raises(TypeError, match="result is not JSON serializable"):
+            sent[0].get(timeout=20)
+        sent.append(producer.send_task("tests.e2e.app.add", [2, 3]))
+        assert sent[1].get(timeout=20) == 5
+    finally:
+        for result in sent:
+            result.forget()
+        producer.close()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    assert worker.events("task result cannot be stored as JSON"), worker.stderr()[-3000:]
 
 
 def test_sigterm_finishes_the_task_in_flight_and_acks_it(
