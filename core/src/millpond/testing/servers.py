@@ -542,7 +542,21 @@ class RedisClusterGroup:
                 raise AssertionError(f"replica {replica.port} was not promoted in {timeout:g}s")
             time.sleep(0.05)
         self.wait_ok(max(1.0, deadline - time.monotonic()))
+        # gossip reaches the nodes one by one: until every node names the new primary, a node
+        # asked for a slot's owner may still answer with the old one
+        while any(replica.port not in self._primaries(s.port) for s in self.running()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not every node names {replica.port} a primary yet")
+            time.sleep(0.05)
         return replica.port
+
+    @staticmethod
+    def _primaries(port: int) -> set[int]:
+        """The primaries' ports the node at `port` lists in CLUSTER SLOTS."""
+        ranges = resp(port, "CLUSTER", "SLOTS")
+        return (
+            {int(primary[1]) for _, _, primary, *_ in ranges} if isinstance(ranges, list) else set()
+        )
 
     def stop(self) -> None:
         for server in self.servers:
