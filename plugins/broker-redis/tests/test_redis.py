@@ -1009,6 +1009,8 @@ def test_passwords_never_show() -> None:
     for url in urls:
         assert "hunter2" not in mask(url), mask(url)
         assert "hunter2" not in mask_url(url.split(";")[0]), mask_url(url)
+    # an unescaped `@` inside the password: the host is after the last one (as redis-py reads it)
+    assert mask("redis://:hun@ter2@h:6379/0") == "redis://:***@h:6379/0"
     options = {"master_name": "m", "sentinel_password": "hunter2"}
     cfg = parse(urls[2], options)
     assert "hunter2" not in repr(cfg)

@@ -14,26 +14,21 @@ Passwords live only in fields excluded from `repr`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from millpond.contracts.broker import mask_url
 from millpond.exceptions import ConfigurationError
 from millpond_broker_redis.settings import SECTION, RedisSettings
 
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 
-_MASK = re.compile(r"(//[^:/@;]*):[^@/;]*@")
-_SECRET_QUERY = re.compile(r"([?&][^=&#]*(?:password|passwd|secret|token)[^=&#]*=)[^&#;]*", re.I)
-
-
-def mask(url: str) -> str:
-    """The URL with every password replaced by `***` (also in multi-host sentinel URLs, and in
-    query parameters such as `sentinel_password=`)."""
-    return _SECRET_QUERY.sub(r"\1***", _MASK.sub(r"\1:***@", url))
+#: the URL as errors and logs show it: the core's masking (every member of a sentinel list, an
+#: unescaped `@` in a password, secret query parameters), exported under this package's name
+mask = mask_url
 
 
 def _as_steps(value: tuple[str, ...]) -> tuple[int, ...]:
@@ -205,7 +200,7 @@ def parse(url: str, options: Mapping[str, Any] | None = None) -> RedisConfig:
         )
     hosts = tuple(_split_host(h.strip(), default_port, url) for h in host_items)
 
-    values = SECTION.resolve(options, url=url, masked=mask(url), query=pieces.query)
+    values = SECTION.resolve(options, url=url, query=pieces.query)
     steps = _as_steps(values["priority_steps"])
     cfg = RedisConfig(
         url=url,
