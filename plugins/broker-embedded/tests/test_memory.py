@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from contextlib import closing
 
 import pytest
 
@@ -50,7 +51,7 @@ def test_brokers_with_the_same_url_share_queues(url: str) -> None:
     producer.publish("q", encode_task("t", task_id="shared"))
     assert worker.queue_length("q") == 1
     assert MemoryBroker(f"{url}-other").queue_length("q") == 0
-    with worker.consumer(["q"], 1) as consumer:
+    with closing(worker.consumer(["q"], 1)) as consumer:
         got = consumer.fetch(1, 1.0)
         assert [d.message.task_id for d in got] == ["shared"]
         consumer.ack(got)
@@ -73,7 +74,7 @@ def test_join_waits_for_ready_delayed_and_unacked_messages(url: str) -> None:
     done = threading.Event()
 
     def work() -> None:
-        with MemoryBroker(url).consumer(["q"], 1) as consumer:
+        with closing(MemoryBroker(url).consumer(["q"], 1)) as consumer:
             handled = 0
             while handled < 2:
                 for delivery in consumer.fetch(1, 1.0):
@@ -163,7 +164,7 @@ def test_published_message_is_a_copy(url: str) -> None:
     message = encode_task("t", task_id="copy")
     broker.publish("q", message)
     message.headers["task"] = "changed"
-    with broker.consumer(["q"], 1) as consumer:
+    with closing(broker.consumer(["q"], 1)) as consumer:
         (delivery,) = consumer.fetch(1, 1.0)
         assert delivery.message.task_name == "t"
         consumer.ack([delivery])

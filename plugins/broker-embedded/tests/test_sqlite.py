@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def test_messages_dead_letters_and_results_survive_a_restart(url: str) -> None:
         meta = second.default_backend().peek("r")
         assert meta is not None
         assert meta.result == [1, "ü"]
-        with second.consumer(["jobs"], 5) as again:
+        with closing(second.consumer(["jobs"], 5)) as again:
             back = fetch_until(again, 2, 5.0, max_count=5)
             assert {d.message.task_id for d in back} == {got[1].message.task_id, "later"}
             again.ack(back)
@@ -140,13 +141,14 @@ def test_two_processes_share_one_file(url: str, make: Callable[..., SqliteBroker
     broker = make()
     child = r"""
 import sys
+from contextlib import closing
 from millpond_broker_embedded.sqlite import SqliteBroker
 from millpond.contracts.backend import ResultMeta
 from millpond.wire.protocol import encode_task, decode_task
 broker = SqliteBroker(sys.argv[1], {"lease_timeout": 1.0, "heartbeat_interval": 0.2})
 for i in range(50):
     broker.publish("from-child", encode_task("t", (i,), task_id=f"c{i}"))
-with broker.consumer(["to-child"], 1) as consumer:
+with closing(broker.consumer(["to-child"], 1)) as consumer:
     got = []
     while not got:
         got = consumer.fetch(1, 0.25)
@@ -163,7 +165,7 @@ print("done", flush=True)
     assert meta is not None
     assert (meta.status, meta.result) == (TaskState.SUCCESS, 5)
     assert broker.queue_length("to-child") == 0
-    with broker.consumer(["from-child"], 64) as consumer:
+    with closing(broker.consumer(["from-child"], 64)) as consumer:
         got = fetch_until(consumer, 50, 10.0, max_count=64)
         assert sorted(d.message.task_id or "" for d in got) == sorted(f"c{i}" for i in range(50))
         consumer.ack(got)
@@ -208,7 +210,7 @@ def test_an_unreadable_stored_message_is_dead_lettered_not_lost(
         conn.execute(
             "INSERT INTO messages (queue, eta, envelope) VALUES ('bad', 0, 'not an envelope')"
         )
-    with broker.consumer(["bad"], 1) as consumer:
+    with closing(broker.consumer(["bad"], 1)) as consumer:
         assert consumer.fetch(1, 0.2) == []
     (dead,) = broker.dead_letters("bad")
     assert dead.body == b"not an envelope"
@@ -245,7 +247,7 @@ def test_busy_worker_keeps_its_message_until_killed(
     )
     try:
         assert read_line(proc, 20.0) == "held long-task"
-        with broker.consumer(["long"], 1) as rival:
+        with closing(broker.consumer(["long"], 1)) as rival:
             # 2.5 leases with the holder's loop thread asleep: its heartbeat thread keeps the lease
             assert fetch_until(rival, 1, 2.5) == [], "a busy live worker's message was stolen"
             os.kill(proc.pid, signal.SIGKILL)
@@ -417,13 +419,13 @@ def test_unwritable_location_is_a_clear_publish_error(tmp_path: Path) -> None:
 def test_dead_letter_queue_is_a_plain_queue(make: Callable[..., SqliteBroker]) -> None:
     broker = make()
     broker.publish("q", encode_task("t", task_id="dl"))
-    with broker.consumer(["q"], 1) as consumer:
+    with closing(broker.consumer(["q"], 1)) as consumer:
         (delivery,) = fetch_until(consumer, 1, 5.0)
         consumer.reject(delivery, requeue=False, reason="poison")
     assert broker.queue_length(dead_letter_queue("q")) == 1
     assert broker.replay_dead_letters("q", limit=0) == 0
     assert broker.replay_dead_letters("q") == 1
-    with broker.consumer(["q"], 1) as consumer:
+    with closing(broker.consumer(["q"], 1)) as consumer:
         (again,) = fetch_until(consumer, 1, 5.0)
         assert DEATH_REASON not in again.message.headers
         assert again.delivery_count == 1

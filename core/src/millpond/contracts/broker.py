@@ -132,12 +132,6 @@ class Consumer(ABC):
         thread by the readiness probe (`/readyz`), so cheap and never blocking."""
         return True
 
-    def __enter__(self) -> Consumer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 @dataclass(frozen=True, slots=True)
 class Holder:

@@ -1,14 +1,13 @@
 """The hooks contract: how cross-cutting concerns (tracing, metrics, log context, events) reach the
 flow of a task without the flow knowing them.
 
-An implementation subclasses `Hooks`, overriding what it needs (every method is a no-op), and is
-found through the `millpond.hooks` entry-point group or added with `app.add_hooks(...)`; the
-producer, the worker loop, the pool template and the execution unit call hooks through a
-`HookChain`, importing no tracing or metrics code. Each method says where it runs.
-`Job.carrier` hands data from `started` (worker process) to `enter_task` (maybe another process): a
-small picklable dict of text, like W3C trace headers; `Job.span` stays in the worker process. A hook
-raising as a task goes through is logged and skipped, never failing the task or the worker; one
-raising as the worker starts stops it with its error.
+An implementation subclasses `Hooks` and is found through the `millpond.hooks` entry-point group or
+added with `app.add_hooks(...)`; the producer, the worker loop, the pool template and the execution
+unit call hooks through a `HookChain`, importing no tracing or metrics code. Each method says where
+it runs. `Job.carrier` hands data from `started` (worker process) to `enter_task` (maybe another
+process): a small picklable dict of text, like W3C trace headers; `Job.span` stays in the worker
+process. A hook raising as a task goes through is logged and skipped, never failing the task or the
+worker; one raising as the worker starts stops it with its error.
 """
 
 from __future__ import annotations
@@ -52,9 +51,8 @@ def publishing_for(carrier: Mapping[str, str] | None) -> Iterator[None]:
 @dataclass(slots=True)
 class Publication:
     """One message on its way to the broker, as publish hooks see it; `before_publish` may add to
-    `message.headers` (it runs before signing). `parent` is the carrier (W3C `traceparent`...) of
-    the enclosing `publishing_for` block: the run this publish is for (a retry's, a chain step's)
-    when that is not the caller's current context."""
+    `message.headers` (it runs before signing). `parent`: the carrier of the `publishing_for` block
+    around it, the run this publish is for when that is not the caller's current context."""
 
     queue: str
     message: Message
@@ -68,7 +66,7 @@ class Publication:
 
 
 class Hooks:
-    """Base class of hook implementations; override what you need, leave the rest."""
+    """Base class of hook implementations: every method is a no-op; override what you need."""
 
     #: a hook may turn this off in `worker_starting` (metrics, no exporter): left out from then on
     enabled: bool = True
@@ -137,7 +135,7 @@ _SINGLE = (
 _STRICT = frozenset({"process_starting", "worker_starting", "worker_ready"})
 #: the paired methods: each hook's token from the first half reaches its own second half
 _PAIRED = {"before_publish": "after_publish", "enter_task": "exit_task"}
-_Pairs = list[tuple[Callable[..., Any], Callable[..., Any]]]
+_Calls = Sequence[Callable[..., Any]]
 
 
 class HookChain(Hooks):
@@ -146,24 +144,23 @@ class HookChain(Hooks):
     so one no hook overrides costs an empty call: no tracing and no metrics cost next to nothing."""
 
     def __init__(self, hooks: Iterable[Hooks] = ()) -> None:
-        self.hooks: tuple[Hooks, ...] = tuple(sorted(hooks, key=lambda h: h.order))
-        active = [h for h in self.hooks if h.enabled]
+        self.hooks = tuple(sorted((h for h in hooks if h.enabled), key=lambda h: h.order))
         for name in _SINGLE:
-            fns = [getattr(h, name) for h in active if _overrides(h, name)]
+            fns = [getattr(h, name) for h in self.hooks if _overrides(h, name)]
             each = operator.call if name in _STRICT else _guarded
             setattr(self, name, partial(_each, fns, each) if fns else _nothing)
         for first, second in _PAIRED.items():
-            users = [h for h in active if _overrides(h, first, second)]
-            pairs = [(getattr(h, first), getattr(h, second)) for h in users]
-            setattr(self, first, partial(_open, pairs) if pairs else _nothing)
-            setattr(self, second, partial(_close, pairs) if pairs else _nothing)
+            users = [h for h in self.hooks if _overrides(h, first, second)]
+            for name, half in ((first, _open), (second, _close)):
+                fns = [getattr(h, name) for h in users]
+                setattr(self, name, partial(half, fns) if fns else _nothing)
 
     def __repr__(self) -> str:
         return f"<HookChain {[type(h).__name__ for h in self.hooks]}>"
 
     def active(self) -> HookChain:
         """This chain without the hooks that switched themselves off since it was made."""
-        return HookChain(h for h in self.hooks if h.enabled)
+        return HookChain(self.hooks)
 
     def __add__(self, more: Iterable[Hooks]) -> HookChain:
         return HookChain((*self.hooks, *more))
@@ -173,27 +170,25 @@ def _overrides(hook: Hooks, *names: str) -> bool:
     return any(getattr(type(hook), name, None) is not getattr(Hooks, name) for name in names)
 
 
-def _each(fns: Sequence[Callable[..., Any]], each: Callable[..., Any], *args: Any) -> None:
+def _each(fns: _Calls, each: Callable[..., Any], *args: Any) -> None:
     for fn in fns:
         each(fn, *args)
 
 
-def _open(pairs: _Pairs, subject: Any) -> list[Any]:
-    return [_guarded(first, subject) for first, _ in pairs]
+def _open(fns: _Calls, subject: Any) -> list[Any]:
+    return [_guarded(fn, subject) for fn in fns]
 
 
-def _close(pairs: _Pairs, subject: Any, tokens: list[Any] | None, detail: Any) -> None:
+def _close(fns: _Calls, subject: Any, tokens: list[Any] | None, detail: Any) -> None:
     if tokens is not None:
-        for (_, second), token in zip(pairs, tokens, strict=True):
-            _guarded(second, subject, token, detail)
+        for fn, token in zip(fns, tokens, strict=True):
+            _guarded(fn, subject, token, detail)
 
 
-def _nothing(*args: Any) -> None:
-    """What a method no hook implements costs: one empty call."""
+def _nothing(*args: Any) -> None: ...
 
 
 def _guarded(fn: Callable[..., Any], *args: Any) -> Any:
-    """Call one hook; one that raises is logged and skipped, never the task's or loop's problem."""
     try:
         return fn(*args)
     except Exception as exc:
