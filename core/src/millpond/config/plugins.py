@@ -117,8 +117,8 @@ class PluginInfo(NamedTuple):
 
 @functools.cache
 def describe(ep: EntryPoint) -> PluginInfo:
-    """`ep` with its distribution: first the one named like its top-level package (every
-    first-party plugin's and the scaffold's are), as scanning all costs milliseconds per start."""
+    """`ep` with its distribution: first the one named like its top-level package (as every
+    first-party plugin's and the scaffold's is), since scanning all costs ms per worker start."""
     try:
         dist = importlib.metadata.distribution(ep.module.partition(".")[0])
     except (PackageNotFoundError, ValueError):
