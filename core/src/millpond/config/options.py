@@ -98,13 +98,11 @@ class Option:
         return out
 
     def _choose(self, value: Any, problem: str) -> Any:
-        """The declared choice `value` names (compared without case)."""
-        assert self.choices is not None
-        folded = [c.lower() if isinstance(c, str) else c for c in self.choices]
-        probe = value.lower() if isinstance(value, str) else value
-        if probe not in folded:
+        """The declared choice `value` names (compared as text, without case)."""
+        named = {str(c).lower(): c for c in self.choices or ()}
+        if (choice := named.get(str(value).lower())) is None:
             raise ValueError(f"{problem} {self.allowed()}")
-        return self.choices[folded.index(probe)]
+        return choice
 
 
 def _as(kind: Kind, value: Any) -> Any:

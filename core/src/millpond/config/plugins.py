@@ -117,9 +117,8 @@ class PluginInfo(NamedTuple):
 
 @functools.cache
 def describe(ep: EntryPoint) -> PluginInfo:
-    """`ep` with its distribution, which stevedore's cache does not record. Tried first: the one
-    named like its top-level package (as every first-party plugin and the scaffold's are), since
-    scanning every installed one costs milliseconds at each worker start."""
+    """`ep` with its distribution: first the one named like its top-level package (as every
+    first-party plugin's and the scaffold's is), since scanning all costs ms per worker start."""
     try:
         dist = importlib.metadata.distribution(ep.module.partition(".")[0])
     except (PackageNotFoundError, ValueError):

@@ -29,8 +29,7 @@ from millpond.exceptions import ConfigurationError
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """The validated, frozen settings the worker and the app read on the hot path: the
-    `setting(...)` fields are the core's declaration (`CORE`), the last three what was read."""
+    """The validated, frozen settings read on the hot path; the last three fields: what was read."""
 
     app: str | None = setting(None, "The app to run, as module:attribute (the -A flag).")
     broker_url: str | None = setting(
