@@ -433,3 +433,19 @@ def test_a_failover_list_is_masked_and_read_member_by_member() -> None:
         parse_amqp(settings.broker_url, settings.plugin_options("amqp", "broker_url")).heartbeat
         == 7.0
     )
+
+
+def test_a_table_left_unset_is_a_copy_of_its_default_not_the_declaration_itself() -> None:
+    declared_default = {"region": "eu"}
+    section = Section(
+        "tbl",
+        "Tables",
+        (Option("options", "table", declared_default, "."), Option("n", "int", 0, ".")),
+    )
+    first = load_settings(env={"MILLPOND_TBL__N": "1"}, sections=[section])
+    assert first.sections["tbl"]["options"] == {"region": "eu"}
+    assert first.sections["tbl"]["options"] is not declared_default
+    first.sections["tbl"]["options"]["region"] = "us"  # a plugin changing its own copy
+    assert declared_default == {"region": "eu"}
+    again = load_settings(env={"MILLPOND_TBL__N": "2"}, sections=[section])
+    assert again.sections["tbl"]["options"] == {"region": "eu"}

@@ -13,6 +13,7 @@ cast by the same declarations, from `Settings.plugin_options`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -389,7 +390,9 @@ def load_settings(
         raise ConfigurationError(many + "\n  ".join(problems)) from None
     core = {opt.name: cast.get(opt.name, opt.default) for opt in CORE.options}
     values = {
-        name: MappingProxyType({o.name: cast.get(s.key(o.name), o.default) for o in s.options})
+        name: MappingProxyType(
+            {o.name: cast.get(s.key(o.name), copy.copy(o.default)) for o in s.options}
+        )
         for name, s in found.sections.items()
         if s
     }
