@@ -199,6 +199,15 @@ def test_unknown_options_fail_early(memory_app: Millpond) -> None:
         t["add"].apply_async((1, 2), countdonw=3)
 
 
+@pytest.mark.parametrize("key", ["time_limit", "soft_time_limit", "expires", "default_retry_delay"])
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), "5", True])
+def test_a_time_option_that_is_not_a_finite_number_fails_at_declaration(
+    memory_app: Millpond, key: str, value: Any
+) -> None:
+    with pytest.raises(TypeError, match=f"task option '{key}' must be a finite number >= 0"):
+        memory_app.task(**{key: value})(lambda: None)
+
+
 def test_join_reraises_task_errors(memory_app: Millpond, start_worker: Any) -> None:
     t = register(memory_app)
     start_worker(memory_app, pool="solo")

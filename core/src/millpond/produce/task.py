@@ -227,9 +227,9 @@ def make_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> TaskOpti
     opts = {"name": f"{fn.__module__}.{fn.__qualname__}", **options}
     for key in ("time_limit", "soft_time_limit", "expires", "default_retry_delay"):
         value = opts.get(key)
-        bad = isinstance(value, bool) or not isinstance(value, int | float) or value < 0
-        if value is not None and bad:
-            raise TypeError(f"task option {key!r} must be a non-negative number, got {value!r}")
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value is not None and not (number and 0 <= value < math.inf):
+            raise TypeError(f"task option {key!r} must be a finite number >= 0, got {value!r}")
     autoretry = opts.get("autoretry_for", ())
     opts["autoretry_for"] = (autoretry,) if isinstance(autoretry, type) else tuple(autoretry)
     if not all(isinstance(t, type) and issubclass(t, BaseException) for t in opts["autoretry_for"]):
