@@ -33,8 +33,7 @@ MISSING = (
 
 
 class Canvas:
-    """The canvas of one app; every method but `inline_errbacks` fails until a plugin overrides it.
-    The first four serve `Task.s()`, `app.signature()`, `task.map()`, ... (typed there)."""
+    """An app's canvas; its first four methods serve `Task.s()`, `task.map()`, ... (typed there)."""
 
     def __init__(self, app: Millpond) -> None:
         self.app = app

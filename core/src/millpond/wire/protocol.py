@@ -233,7 +233,6 @@ def decode_task(
     accept: frozenset[str] = frozenset({JSON}),
     max_size: int = 10 * 1024 * 1024,
 ) -> Job:
-    """Validate a message and decode its body; every problem raises a `MessageError` subclass."""
     if not isinstance(message.body, bytes | bytearray | memoryview):
         raise MalformedMessage("message body is not bytes")
     if len(message.body) > max_size:
