@@ -1,10 +1,9 @@
 """The canvas contract: chains, groups, chords and callbacks come from a plugin (millpond-canvas).
 
-The core knows of the canvas only the message's canvas fields (`callbacks`, `errbacks`, `chain`,
-`chord` in the body's embed) and this class. `Millpond.canvas` builds the `millpond.canvas` entry
-point once per app (the worker before its pool starts, so Celery's canvas tasks are registered in
-every execution unit); without it this base stands in: plain tasks run, the canvas fails naming
-the package to install.
+The core knows of the canvas only the message's canvas fields (`Job.embed`) and this class.
+`Millpond.canvas` builds the `millpond.canvas` entry point once per app (the worker before its
+pool starts, so Celery's canvas tasks are registered in every execution unit); without it this
+base stands in: plain tasks run, the canvas fails naming the package to install.
 
 The worker's settler calls it in the consumer loop's thread, only for a task with canvas fields:
 succeeded: `after_success` (before the result is stored: its `children` are what this returns),
@@ -33,8 +32,7 @@ MISSING = (
 
 
 class Canvas:
-    """The canvas of one app; every method but `inline_errbacks` fails until a plugin overrides it.
-    The first four serve `Task.s()`, `app.signature()`, `task.map()`, ... (typed there)."""
+    """An app's canvas; its first four methods serve `Task.s()`, `task.map()`, ... (typed there)."""
 
     def __init__(self, app: Millpond) -> None:
         self.app = app

@@ -80,11 +80,10 @@ class Job:
     eta: float | None = None
     expires: float | None = None
     delivery_count: int = 1
-    #: the producer's wall-clock publish time (header `millpond_sent_at`), for the queue wait
-    sent_at: float | None = None
+    sent_at: float | None = None  #: the producer's publish time (header SENT_AT)
     #: propagation fields hooks hand from the worker to the execution unit (W3C trace context)
     carrier: dict[str, str] | None = None
-    #: the canvas: the message's `callbacks`, `errbacks`, `chain` and `chord` (signature dicts)
+    #: the message's canvas fields that are set (`callbacks`, `errbacks`, `chain`, `chord`), or None
     embed: dict[str, Any] | None = None
     group_id: str | None = None
     group_index: int | None = None
@@ -233,7 +232,6 @@ def decode_task(
     accept: frozenset[str] = frozenset({JSON}),
     max_size: int = 10 * 1024 * 1024,
 ) -> Job:
-    """Validate a message and decode its body; every problem raises a `MessageError` subclass."""
     if not isinstance(message.body, bytes | bytearray | memoryview):
         raise MalformedMessage("message body is not bytes")
     if len(message.body) > max_size:
@@ -310,7 +308,6 @@ def decode_task(
         eta=_parse_time("eta", get("eta")),
         expires=_parse_time("expires", get("expires")),
         sent_at=_finite(sent_at) if _is_number(sent_at) else None,
-        # the canvas fields that are set; None for a plain task
         embed={k: v for k, v in (embed or {}).items() if v} or None,
         group_id=get("group"),
         group_index=get("group_index"),
