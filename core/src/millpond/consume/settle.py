@@ -237,8 +237,7 @@ class Settler:
             )
 
     def _failed(self, job: Job, outcome: Outcome, exc_type: str) -> bool:
-        """Store a failure, then what Celery does after one: the chord's part, the chain's later
-        steps, the errbacks. False when a canvas step could not be sent."""
+        """Store a failure, then its canvas steps as Celery does them; False if one failed."""
         info = error_info(outcome.exc_type or exc_type, outcome.exc_module, outcome.stored_args)
         self._store(job, TaskState.FAILURE, info, traceback=outcome.traceback)
         if not job.embed:
