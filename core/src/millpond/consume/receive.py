@@ -88,7 +88,7 @@ class Receiver:
                     f"task {job.task_name!r} carries canvas fields ({', '.join(job.embed)}): "
                     f"{MISSING}; then replay the dead letters"
                 )
-            if delivery.delivery_count > (cap := self.settler.max_deliveries(task)):
+            if delivery.delivery_count > (cap := self.settler.option(task, "max_deliveries")):
                 raise MessageError(
                     f"delivered {delivery.delivery_count} times, over max_deliveries={cap}: "
                     "the task keeps being lost (it may kill its worker)"
@@ -138,8 +138,7 @@ class Receiver:
     def acks_early(self, task: Task[..., Any] | None, *, receiving: bool = False) -> bool:
         """Whether the task's message is acknowledged before it runs (acks_late off): as it is
         received, unless a component may hold it back (a rate limit), else as it starts."""
-        late = task.options.acks_late if task is not None else None
-        if late if late is not None else self.settings.acks_late:
+        if self.settler.option(task, "acks_late"):
             return False
         hold = self.defer_early_ack
         return not (receiving and hold is not None and task is not None and hold(task.name))
@@ -199,8 +198,6 @@ class Receiver:
         job.soft_time_limit = (
             job.soft_time_limit or opts.soft_time_limit or settings.soft_time_limit
         )
-        if not (job.time_limit or job.soft_time_limit):
-            return
         for option, _ in self._unenforced(job.time_limit, job.soft_time_limit):
             if (task.name, option) not in self._warned:
                 self._warned.add((task.name, option))

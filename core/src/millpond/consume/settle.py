@@ -122,15 +122,14 @@ class Settler:
         self.canvas = app.canvas
         self.processed = 0
 
-    def max_deliveries(self, task: Task[..., Any] | None) -> int:
-        """How often a message of `task` may be handed out: the task's own option, else the
-        setting (an unknown task has only the setting)."""
-        own = task.options.max_deliveries if task is not None else None
-        return self.settings.max_deliveries if own is None else own
+    def option(self, task: Task[..., Any] | None, name: str) -> Any:
+        """The task's own option `name` (`max_deliveries`, `acks_late`, ...), else the setting of
+        that name (an unknown task has only the setting)."""
+        own = getattr(task.options, name) if task is not None else None
+        return getattr(self.settings, name) if own is None else own
 
     def finish(self, job: Job, outcome: Outcome) -> None:
-        """Store the outcome and settle the message: acknowledged at the next flush, or put back
-        when what must follow the task (its retry, a canvas step) could not be sent."""
+        """Store the outcome, then ack or put back the message (as the module docstring says)."""
         self.processed += 1
         state, reason = outcome.state, outcome.exc_message
         if state == TaskState.LOST:
@@ -184,7 +183,7 @@ class Settler:
         """The execution unit died: requeue (counted, capped) or fail, per the task's policy."""
         task = self.app.tasks.get(job.task_name)
         requeue = task is None or task.options.reject_on_worker_lost
-        cap, count, delivery = self.max_deliveries(task), job.delivery_count, job.delivery
+        cap, count, delivery = self.option(task, "max_deliveries"), job.delivery_count, job.delivery
         log.error(
             "task lost its execution unit",
             **ids(job),
@@ -209,11 +208,9 @@ class Settler:
         backend = self.app.backend
         if backend is None:
             return
-        if status == TaskState.SUCCESS:
-            task = self.app.tasks.get(job.task_name)
-            ignore = task.options.ignore_result if task is not None else None
-            if ignore if ignore is not None else self.settings.ignore_result:
-                return
+        task = self.app.tasks.get(job.task_name)
+        if status == TaskState.SUCCESS and self.option(task, "ignore_result"):
+            return
         meta = ResultMeta(
             task_id=job.task_id,
             status=status,
@@ -240,8 +237,7 @@ class Settler:
             )
 
     def _failed(self, job: Job, outcome: Outcome, exc_type: str) -> bool:
-        """Store a failure, then what Celery does after one: the chord's part, the chain's later
-        steps, the errbacks. False when a canvas step could not be sent."""
+        """Store a failure, then its canvas steps as Celery does them; False if one failed."""
         info = error_info(outcome.exc_type or exc_type, outcome.exc_module, outcome.stored_args)
         self._store(job, TaskState.FAILURE, info, traceback=outcome.traceback)
         if not job.embed:
