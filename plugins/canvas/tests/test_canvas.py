@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -277,6 +278,45 @@ def test_later_steps_go_to_the_queue_their_producer_meant(memory_app: Millpond) 
     elsewhere = report.s().set(queue="elsewhere")
     elsewhere.freeze()
     assert elsewhere.options["queue"] == "elsewhere"
+
+
+def test_a_signature_is_sent_with_its_tasks_own_options(memory_app: Millpond) -> None:
+    """`task.s().apply_async()`, `.delay()`, a group's members and a chain's or chord's first
+    tasks carry the task's declared options, as `task.apply_async()` does (Celery's too)."""
+    app = memory_app
+    reports = unique("reports")
+    report = app.task(
+        name="o.report", queue=reports, time_limit=5, soft_time_limit=2, priority=3, expires=600
+    )(lambda *values: values)
+    sent = [
+        report.s(1).apply_async(),
+        report.s(2).delay(),
+        *group(report.s(3), report.s(4)).apply_async().results,
+        chain(report.s(5), report.s()).apply_async().parent,
+    ]
+    chord([report.s(6)], report.s())()
+    report.apply_async((7,))
+    consumer = app.broker.consumer([reports], 10)
+    try:
+        deliveries = consumer.fetch(10, 2.0)
+    finally:
+        consumer.close()
+    assert app.broker.queue_length(app.settings.default_queue) == 0, "sent to the default queue"
+    assert len(deliveries) == 7
+    messages = [decode_task(d.message) for d in deliveries]
+    assert {m.task_id for m in messages} >= {r.id for r in sent}
+    for d, m in zip(deliveries, messages, strict=True):
+        assert (m.time_limit, m.soft_time_limit) == (5, 2), m.args
+        assert d.message.properties.get("priority") == 3, m.args
+        assert m.expires is not None and m.expires > time.time() + 500, m.args
+    # what the call says still wins over the task's option
+    report.s(8).apply_async(queue=app.settings.default_queue, time_limit=9)
+    consumer = app.broker.consumer([app.settings.default_queue], 10)
+    try:
+        (override,) = [decode_task(d.message) for d in consumer.fetch(10, 2.0)]
+    finally:
+        consumer.close()
+    assert (override.args, override.time_limit, override.soft_time_limit) == ((8,), 9, 2)
 
 
 def test_signatures_round_trip_and_refuse_what_they_cannot_do(memory_app: Millpond) -> None:

@@ -272,10 +272,14 @@ class Signature(dict[str, Any], Generic[R]):
     def apply_async(
         self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
     ) -> AsyncResult[R]:
-        """Send the task: `args` prepended, `kwargs` and `options` merged over the stored ones."""
+        """Send the task: `args` prepended, `kwargs` and `options` merged over the stored ones; a
+        task this app declares is sent by its own `apply_async`, so its options (queue, time
+        limits, priority, expiry) apply where the signature has none, as in Celery."""
         merged_args, merged_kwargs, merged_options = self._merge(args, kwargs, options)
         app = self._app()
         send = _send_options(self.name, merged_options, app)
+        if (task := app.tasks.get(self.name)) is not None:
+            return task.apply_async(merged_args, merged_kwargs, **send)
         return app.send_task(self.name, merged_args, merged_kwargs, **send)
 
     def _app(self) -> Millpond:
