@@ -224,16 +224,18 @@ class Worker:
     # -- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
         assert self.pool is not None
-        pool, inbox, waker = self.pool, self.inbox, self.inbox.waker
+        pool, waker = self.pool, self.inbox.waker
         while True:
             self.last_turn = time.monotonic()
+            # first, as it clears the waker: what comes from here on (a completion, a call, a stop)
+            # ends the wait below, and a wake-up already acted on cannot spin the loop (hammering
+            # the broker, starving a green pool's tasks)
+            self._complete_batch()
             while self._calls:
                 try:
                     self._calls.popleft()()
                 except Exception:
                     log.exception("a remote-control action failed on the worker loop")
-            if len(inbox):
-                self._complete_batch()
             if not self.stopping.is_set():
                 self._dispatch_buffered()
                 if self._fetch():
@@ -254,12 +256,6 @@ class Worker:
                     )
                     self._cold = True
                     return
-            if waker.is_set and not len(inbox):
-                # stop()'s wake-up, already acted on: cleared, or the wait returns at once and
-                # the loop spins (starving a green pool's tasks, so a warm stop never finishes)
-                waker.clear()
-                if len(inbox):
-                    continue
             self.acks.flush()
             waker.wait(self._wait(0.5))
 
@@ -388,7 +384,7 @@ class Worker:
                 pool.apply_async(job)
             finally:
                 self.running_inline = False
-            if inline and len(self.inbox):
+            if inline:
                 self._complete_batch()
 
     # -- completions -----------------------------------------------------------------------------

@@ -81,6 +81,3 @@ class Inbox(Generic[T]):
         self.waker.clear()  # what is put from here on wakes the loop again
         items = self._items
         return [items.popleft() for _ in range(len(items))]
-
-    def __len__(self) -> int:
-        return len(self._items)
