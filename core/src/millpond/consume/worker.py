@@ -277,7 +277,6 @@ class Worker:
                     "messages held back (rate-limited ones waiting for a token) take room from "
                     "other tasks until the worker restarts"
                 )
-        # held messages (rate-limited ones) wait beside the window, not in it
         room = self.prefetch - acks.held + sum(holder.beside_window() for holder in holders)
         if self.closing or room <= 0:
             return False
@@ -353,9 +352,8 @@ class Worker:
             )
 
     def _dispatch_buffered(self) -> None:
-        """Start buffered jobs while the pool has room; once stopping, only those the warm stop
-        kept to run (after the give-back). A held job that may start goes first: it was received
-        before the buffer's."""
+        """Start jobs while the pool has room, one a holder releases first; once stopping, only
+        those the warm stop kept to run (after the give-back)."""
         pool, buffer, consumer = self.pool, self.buffer, self.consumer
         assert pool is not None
         while pool.active < pool.capacity and (self._given_back or not self.stopping.is_set()):
