@@ -24,31 +24,28 @@ class Waker:
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
         self._w.setblocking(False)
-        self._set = False
+        #: woken since the last `clear()` (consumers read it; only `wake` and `clear` set it)
+        self.is_set = False
 
     def fileno(self) -> int:
         return self._r.fileno()
 
     def wake(self) -> None:
-        if not self._set:
-            self._set = True
+        if not self.is_set:
+            self.is_set = True
             with suppress(OSError):  # already full of wake-ups (BlockingIOError), or closed
                 self._w.send(b"\0")
 
     def clear(self) -> None:
-        if self._set:  # else nothing was written since the last clear: no recv() syscall
-            self._set = False
+        if self.is_set:  # else nothing was written since the last clear: no recv() syscall
+            self.is_set = False
             with suppress(OSError):  # BlockingIOError: drained
                 while self._r.recv(4096):
                     pass
 
-    @property
-    def is_set(self) -> bool:
-        return self._set
-
     def wait(self, timeout: float | None) -> bool:
         """Block until woken or `timeout` seconds pass; returns whether it was woken."""
-        if self._set:
+        if self.is_set:
             return True
         try:
             ready, _, _ = select.select([self._r], [], [], timeout)
