@@ -388,8 +388,7 @@ class Worker:
     # -- completions -----------------------------------------------------------------------------
     def _on_complete(self, job: Job, outcome: Outcome) -> None:
         """Called by the pool, from any thread: hand over to the loop (no wake-up for solo's)."""
-        put = self.inbox.put_quiet if self.running_inline else self.inbox.put
-        put((job, outcome))
+        self.inbox.put((job, outcome), wake=not self.running_inline)
 
     def _complete_batch(self) -> None:
         for job, outcome in self.inbox.drain():

@@ -66,13 +66,11 @@ class Inbox(Generic[T]):
         self._items: deque[T] = deque()
         self.waker = Waker()
 
-    def put(self, item: T) -> None:
+    def put(self, item: T, *, wake: bool = True) -> None:
+        """`wake=False` from the loop's own thread, which drains before it next waits."""
         self._items.append(item)
-        self.waker.wake()
-
-    def put_quiet(self, item: T) -> None:
-        """Add without waking: for the loop's own thread, which drains before it next waits."""
-        self._items.append(item)
+        if wake:
+            self.waker.wake()
 
     def drain(self) -> list[T]:
         self.waker.clear()  # what is put from here on wakes the loop again
