@@ -354,3 +354,28 @@ def test_the_banner_carries_the_lines_hooks_describe(memory_app: Millpond) -> No
     memory_app.add_hooks(Serving())
     worker = Worker(memory_app, settings=load_settings({"pool": "solo"}, env={}))
     assert f"\n  serving:     {worker.name} on port 1\n" in banner(worker)
+
+
+def test_an_idle_worker_woken_with_nothing_to_do_goes_back_to_waiting(
+    memory_app: Millpond, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote-control call (or any wake-up) with no completion behind it is acted on, then the
+    loop waits again: it does not keep fetching in a busy loop until the next task finishes."""
+    from millpond_broker_embedded.memory import MemoryConsumer
+
+    fetches = {"count": 0}
+    real_fetch = MemoryConsumer.fetch
+
+    def counted(self: MemoryConsumer, *args: Any, **kwargs: Any) -> Any:
+        fetches["count"] += 1
+        return real_fetch(self, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryConsumer, "fetch", counted)
+    running = start_worker(memory_app, pool="threads", concurrency=2)
+    called: list[bool] = []
+    running.worker.call_soon(lambda: called.append(True))
+    running.worker.inbox.waker.wake()  # as a control command that changed the buffer does
+    time.sleep(0.5)
+    assert called == [True]
+    assert fetches["count"] < 20  # a spinning loop fetches thousands of times in that while
+    assert running.stop() == 0

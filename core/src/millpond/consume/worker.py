@@ -224,16 +224,18 @@ class Worker:
     # -- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
         assert self.pool is not None
-        pool, inbox, waker = self.pool, self.inbox, self.inbox.waker
+        pool, waker = self.pool, self.inbox.waker
         while True:
             self.last_turn = time.monotonic()
+            # first, as it clears the waker: what comes from here on (a completion, a call, a stop)
+            # ends the wait below, and a wake-up already acted on cannot spin the loop (hammering
+            # the broker, starving a green pool's tasks)
+            self._complete_batch()
             while self._calls:
                 try:
                     self._calls.popleft()()
                 except Exception:
                     log.exception("a remote-control action failed on the worker loop")
-            if len(inbox):
-                self._complete_batch()
             if not self.stopping.is_set():
                 self._dispatch_buffered()
                 if self._fetch():
@@ -254,12 +256,6 @@ class Worker:
                     )
                     self._cold = True
                     return
-            if waker.is_set and not len(inbox):
-                # stop()'s wake-up, already acted on: cleared, or the wait returns at once and
-                # the loop spins (starving a green pool's tasks, so a warm stop never finishes)
-                waker.clear()
-                if len(inbox):
-                    continue
             self.acks.flush()
             waker.wait(self._wait(0.5))
 
@@ -281,7 +277,6 @@ class Worker:
                     "messages held back (rate-limited ones waiting for a token) take room from "
                     "other tasks until the worker restarts"
                 )
-        # held messages (rate-limited ones) wait beside the window, not in it
         room = self.prefetch - acks.held + sum(holder.beside_window() for holder in holders)
         if self.closing or room <= 0:
             return False
@@ -357,9 +352,8 @@ class Worker:
             )
 
     def _dispatch_buffered(self) -> None:
-        """Start buffered jobs while the pool has room; once stopping, only those the warm stop
-        kept to run (after the give-back). A held job that may start goes first: it was received
-        before the buffer's."""
+        """Start jobs while the pool has room, one a holder releases first; once stopping, only
+        those the warm stop kept to run (after the give-back)."""
         pool, buffer, consumer = self.pool, self.buffer, self.consumer
         assert pool is not None
         while pool.active < pool.capacity and (self._given_back or not self.stopping.is_set()):
@@ -388,14 +382,13 @@ class Worker:
                 pool.apply_async(job)
             finally:
                 self.running_inline = False
-            if inline and len(self.inbox):
+            if inline:
                 self._complete_batch()
 
     # -- completions -----------------------------------------------------------------------------
     def _on_complete(self, job: Job, outcome: Outcome) -> None:
         """Called by the pool, from any thread: hand over to the loop (no wake-up for solo's)."""
-        put = self.inbox.put_quiet if self.running_inline else self.inbox.put
-        put((job, outcome))
+        self.inbox.put((job, outcome), wake=not self.running_inline)
 
     def _complete_batch(self) -> None:
         for job, outcome in self.inbox.drain():

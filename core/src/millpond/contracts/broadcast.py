@@ -4,9 +4,6 @@ Celery's control plane (kombu's pidbox) and events (`celeryev`) publish to named
 listen on queues bound to them. A broker that carries them sets `Broker.supports_broadcast` and
 implements `broadcast` and `listen` in kombu's layout on that broker (each plugin's `broadcast`
 module describes it), so Celery and millpond meet on the same wire.
-
-`broadcast` is safe from any thread, like `publish`. A `Subscription` belongs to the thread that
-opened it and owns its connection, so a listener never competes with the consumer loop.
 """
 
 from __future__ import annotations
@@ -71,7 +68,8 @@ class Received:
 
 
 class Subscription(ABC):
-    """A listening queue (or pub/sub subscription) with its own connection, used by one thread."""
+    """A listening queue (or pub/sub subscription) on a connection of its own, used by the thread
+    that opened it: a listener never competes with the consumer loop."""
 
     @abstractmethod
     def receive(self, timeout: float) -> list[Received]:

@@ -24,31 +24,28 @@ class Waker:
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
         self._w.setblocking(False)
-        self._set = False
+        #: woken since the last `clear()` (consumers read it; only `wake` and `clear` set it)
+        self.is_set = False
 
     def fileno(self) -> int:
         return self._r.fileno()
 
     def wake(self) -> None:
-        if not self._set:
-            self._set = True
+        if not self.is_set:
+            self.is_set = True
             with suppress(OSError):  # already full of wake-ups (BlockingIOError), or closed
                 self._w.send(b"\0")
 
     def clear(self) -> None:
-        if self._set:  # else nothing was written since the last clear: no recv() syscall
-            self._set = False
+        if self.is_set:  # else nothing was written since the last clear: no recv() syscall
+            self.is_set = False
             with suppress(OSError):  # BlockingIOError: drained
                 while self._r.recv(4096):
                     pass
 
-    @property
-    def is_set(self) -> bool:
-        return self._set
-
     def wait(self, timeout: float | None) -> bool:
         """Block until woken or `timeout` seconds pass; returns whether it was woken."""
-        if self._set:
+        if self.is_set:
             return True
         try:
             ready, _, _ = select.select([self._r], [], [], timeout)
@@ -69,18 +66,13 @@ class Inbox(Generic[T]):
         self._items: deque[T] = deque()
         self.waker = Waker()
 
-    def put(self, item: T) -> None:
+    def put(self, item: T, *, wake: bool = True) -> None:
+        """`wake=False` from the loop's own thread, which drains before it next waits."""
         self._items.append(item)
-        self.waker.wake()
-
-    def put_quiet(self, item: T) -> None:
-        """Add without waking: for the loop's own thread, which drains before it next waits."""
-        self._items.append(item)
+        if wake:
+            self.waker.wake()
 
     def drain(self) -> list[T]:
         self.waker.clear()  # what is put from here on wakes the loop again
         items = self._items
         return [items.popleft() for _ in range(len(items))]
-
-    def __len__(self) -> int:
-        return len(self._items)

@@ -23,16 +23,15 @@ class Throttled:
     #: kind -> (when it was last logged, how many were held back since)
     _kinds: dict[str, tuple[float, int]] = field(default_factory=dict, init=False)
 
-    def log(self, kind: str, event: str, **fields: Any) -> bool:
-        """Log it now, or count it for the next line of its kind; returns whether it was logged."""
+    def log(self, kind: str, event: str, **fields: Any) -> None:
+        """Log it now, or count it for the next line of its kind."""
         now = self.clock()
         with self._lock:
             last, held = self._kinds.get(kind, (float("-inf"), 0))
             if now - last < self.interval:
                 self._kinds[kind] = (last, held + 1)
-                return False
+                return
             self._kinds[kind] = (now, 0)
         if held:
             fields["and_before"] = held
         self.emit(event, **fields)
-        return True
