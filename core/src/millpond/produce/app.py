@@ -211,8 +211,7 @@ class Millpond:
 
     # -- connections (per process) ---------------------------------------------------------------
     def _lazy(self, key: str, make: Callable[[], T], *, kept: bool = False) -> T:
-        """`key`, made once on first use, under the lock (threads may ask at once); a forked
-        child makes its own connections but keeps what is `kept`."""
+        """`key`, made once on first use, under the lock (threads may ask at once)."""
         made = self._kept if kept else self._conns.setdefault(os.getpid(), {})
         if key not in made:
             with self._lock:
