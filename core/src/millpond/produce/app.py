@@ -282,9 +282,8 @@ class Millpond:
             ignore_result = self.settings.ignore_result
         task_id = options.get("task_id") or new_id()
         reply_to = options.get("reply_to")
-        backend = self.backend if reply_to is None and not ignore_result else None
-        if backend is not None and backend.replies_to_caller:
-            reply_to = backend.reply_to(task_id)
+        if reply_to is None and not ignore_result and self.backend is not None:
+            reply_to = self.backend.reply_to(task_id)  # only an rpc:// backend names one
         chord = _defaulted(options.get("chord"), reply_to)
         retries = options.get("retries", 0)
         message = encode_task(
