@@ -1,7 +1,5 @@
 """Task states: one `StrEnum` for what a result store records and how a job ended. The values are
-Celery's state names, so a state written by either side reads the same on the other. The two
-outcome-only members are never stored: they are recorded as FAILURE with their exception.
-"""
+Celery's state names, so a state written by either side reads the same on the other."""
 
 from enum import StrEnum
 
@@ -27,5 +25,5 @@ class TaskState(StrEnum):
 
 #: states after which a task's result will not change
 READY_STATES = frozenset({TaskState.SUCCESS, TaskState.FAILURE, TaskState.REVOKED})
-#: outcomes that count as the task failing (stored as FAILURE)
+#: outcomes that count as the task failing, all stored as FAILURE with their exception
 FAILED_STATES = frozenset({TaskState.FAILURE, TaskState.LOST, TaskState.TIMEOUT})

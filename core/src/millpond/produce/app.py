@@ -211,8 +211,7 @@ class Millpond:
 
     # -- connections (per process) ---------------------------------------------------------------
     def _lazy(self, key: str, make: Callable[[], T], *, kept: bool = False) -> T:
-        """`key`, made once on first use, under the lock (threads may ask at once); a forked
-        child makes its own connections but keeps what is `kept`."""
+        """`key`, made once on first use, under the lock (threads may ask at once)."""
         made = self._kept if kept else self._conns.setdefault(os.getpid(), {})
         if key not in made:
             with self._lock:
@@ -283,9 +282,8 @@ class Millpond:
             ignore_result = self.settings.ignore_result
         task_id = options.get("task_id") or new_id()
         reply_to = options.get("reply_to")
-        backend = self.backend if reply_to is None and not ignore_result else None
-        if backend is not None and backend.replies_to_caller:
-            reply_to = backend.reply_to(task_id)
+        if reply_to is None and not ignore_result and self.backend is not None:
+            reply_to = self.backend.reply_to(task_id)  # only an rpc:// backend names one
         chord = _defaulted(options.get("chord"), reply_to)
         retries = options.get("retries", 0)
         message = encode_task(
