@@ -3,8 +3,11 @@ the app keeps (one object per hook for the process's life), with the app's own h
 
 from __future__ import annotations
 
+from typing import Any
+
 from millpond import Millpond
-from millpond.contracts.hooks import Hooks
+from millpond.contracts.hooks import Hooks, Publication
+from millpond.testing.fixtures import unique
 
 
 class Recording(Hooks):
@@ -24,4 +27,40 @@ def test_hooks_in_use_are_kept_as_made_with_added_ones_after_them() -> None:
     chain = app.hooks.hooks
     app.use_hooks(chain)  # as the worker hands back its chain: each hook is kept once
     assert app.hooks.hooks == chain
+    app.close()
+
+
+class PublishLog(Hooks):
+    """Which publishes it saw begin and end, with the token it gave each."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.seen = name, []
+
+    def before_publish(self, publication: Publication) -> Any:
+        self.seen.append(("before", publication.task_id))
+        return self.name
+
+    def after_publish(
+        self, publication: Publication, token: Any, error: BaseException | None
+    ) -> None:
+        assert token == self.name, "a token reached another hook's second half"
+        self.seen.append(("after", publication.task_id))
+
+
+def test_hooks_added_while_a_publish_is_under_way_do_not_break_it() -> None:
+    """The chain that saw a publish begin sees it end: a hook added meanwhile (from another
+    thread, inside a `publishing_together` block) gets neither half, and the sender gets no error
+    for a message the broker already took."""
+    queue = unique("late-hooks")
+    app = Millpond("late", broker_url=f"memory://{queue}", default_queue=queue)
+    first, late = PublishLog("first"), PublishLog("late")
+    app.add_hooks(first)
+    with app.publishing_together():
+        sent = app.send_task("t.a")
+        app.add_hooks(late)
+    assert app.broker.queue_length(queue) == 1
+    assert first.seen == [("before", sent.id), ("after", sent.id)]
+    assert late.seen == []
+    again = app.send_task("t.b")  # from now on the late hook sees publishes too
+    assert late.seen == [("before", again.id), ("after", again.id)]
     app.close()

@@ -61,8 +61,9 @@ def _defaulted(
     return out or None
 
 
-#: a publish on its way to the broker: the hooks' view of it and their tokens
-_Pending = tuple[Publication, Any]
+#: a publish on its way to the broker: the hooks' view of it, the chain that saw it begin (hooks
+#: added meanwhile did not) and its tokens
+_Pending = tuple[Publication, HookChain, Any]
 
 
 class Millpond:
@@ -334,15 +335,16 @@ class Millpond:
     def publish(self, publication: Publication) -> None:
         """The one way a task message leaves a process (from `send_task`, so the worker's retries
         too): publish hooks, signing, the broker."""
-        tokens = self.hooks.before_publish(publication)
+        hooks = self.hooks
+        tokens = hooks.before_publish(publication)
         if self.settings.signing_key:
             sign(publication.message, self.settings.signing_key)
         if (batch := self._batch.get()) is not None:
-            batch.append((publication, tokens))
+            batch.append((publication, hooks, tokens))
             return
         queue, message, eta = publication.queue, publication.message, publication.eta
         self._hand_over(
-            [(publication, tokens)], lambda: self.broker.publish(queue, message, eta=eta)
+            [(publication, hooks, tokens)], lambda: self.broker.publish(queue, message, eta=eta)
         )
 
     @contextmanager
@@ -360,22 +362,21 @@ class Millpond:
         finally:
             self._batch.reset(token)
             if pending:
-                outbound = [Outbound(p.queue, p.message, p.eta) for p, _ in pending]
+                outbound = [Outbound(p.queue, p.message, p.eta) for p, _, _ in pending]
                 self._hand_over(pending, lambda: self.broker.publish_many(outbound))
 
     def _hand_over(self, pending: list[_Pending], send: Callable[[], None]) -> None:
         """`send` the publishes to the broker, then tell the hooks how each went."""
-        hooks = self.hooks
         try:
             send()
         except BaseException as exc:
             # only a PublishError's `not_sent` failed: the broker stored the others (they will run)
             not_sent = exc.not_sent if isinstance(exc, PublishError) else None
-            for publication, tokens in pending:
+            for publication, hooks, tokens in pending:
                 failed = not_sent is None or publication.task_id in not_sent
                 hooks.after_publish(publication, tokens, exc if failed else None)
             raise
-        for publication, tokens in pending:
+        for publication, hooks, tokens in pending:
             hooks.after_publish(publication, tokens, None)
 
     def GroupResult(self, group_id: str, results: Sequence[AsyncResult[Any]]) -> GroupResult:
