@@ -15,6 +15,7 @@ from millpond.contracts.broker import dead_letter_queue
 from millpond.exceptions import MaxRetriesExceededError, TaskRevokedError
 from millpond.exceptions import TimeoutError as MillpondTimeout
 from millpond.produce.result import rebuild_exception
+from millpond.testing.harness import wait_until
 from millpond.wire.protocol import DEATH_REASON, Message, encode_task
 
 
@@ -356,26 +357,64 @@ def test_the_banner_carries_the_lines_hooks_describe(memory_app: Millpond) -> No
     assert f"\n  serving:     {worker.name} on port 1\n" in banner(worker)
 
 
+class FetchSpy:
+    """Whether the loop's waker was set as each fetch began: a fetch that starts with it set
+    returns at once (a loop that keeps doing so spins; one that starts with it cleared waits out
+    its timeout though the loop had something to do)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from millpond_broker_embedded.memory import MemoryConsumer
+
+        self.woken: list[bool] = []
+        real_fetch = MemoryConsumer.fetch
+
+        def spied(consumer: MemoryConsumer, room: int, timeout: float, waker: Any) -> Any:
+            self.woken.append(waker is not None and waker.is_set)
+            return real_fetch(consumer, room, timeout, waker)
+
+        monkeypatch.setattr(MemoryConsumer, "fetch", spied)
+
+
 def test_an_idle_worker_woken_with_nothing_to_do_goes_back_to_waiting(
     memory_app: Millpond, start_worker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A remote-control call (or any wake-up) with no completion behind it is acted on, then the
     loop waits again: it does not keep fetching in a busy loop until the next task finishes."""
-    from millpond_broker_embedded.memory import MemoryConsumer
-
-    fetches = {"count": 0}
-    real_fetch = MemoryConsumer.fetch
-
-    def counted(self: MemoryConsumer, *args: Any, **kwargs: Any) -> Any:
-        fetches["count"] += 1
-        return real_fetch(self, *args, **kwargs)
-
-    monkeypatch.setattr(MemoryConsumer, "fetch", counted)
+    spy = FetchSpy(monkeypatch)
     running = start_worker(memory_app, pool="threads", concurrency=2)
+    called: list[int] = []
+    running.worker.call_soon(lambda: called.append(len(spy.woken)))
+    running.worker.inbox.waker.wake()  # as a control command that changed the buffer does
+    wait_until(lambda: called, 10, "the call to run on the loop")
+    wait_until(lambda: len(spy.woken) >= called[0] + 2, 10, "two more fetches")
+    assert spy.woken[called[0] : called[0] + 2] == [False, False], spy.woken  # they wait
+    assert running.stop() == 0
+
+
+def test_a_call_made_while_a_solo_task_runs_is_not_left_for_the_next_fetch_timeout(
+    memory_app: Millpond, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Solo runs the task on the loop's thread and settles it mid-turn; a call (or a stop) that
+    woke the loop meanwhile must still end the fetch that follows, not wait out its timeout."""
+    import threading
+
+    spy = FetchSpy(monkeypatch)
+    release, finished = threading.Event(), threading.Event()
+
+    @memory_app.task(name="solo.hold")
+    def hold() -> None:
+        assert release.wait(10)
+        finished.set()
+
+    running = start_worker(memory_app, pool="solo")
+    hold.delay()
+    wait_until(lambda: running.worker.pool.active, 10, "the task to start")
     called: list[bool] = []
     running.worker.call_soon(lambda: called.append(True))
-    running.worker.inbox.waker.wake()  # as a control command that changed the buffer does
-    time.sleep(0.5)
-    assert called == [True]
-    assert fetches["count"] < 20  # a spinning loop fetches thousands of times in that while
+    fetches_before = len(spy.woken)
+    release.set()
+    wait_until(lambda: called, 10, "the call to run on the loop")
+    assert finished.is_set()
+    first_after = spy.woken[fetches_before:][:1]
+    assert first_after in ([], [True]), spy.woken  # none, or one that returned at once
     assert running.stop() == 0

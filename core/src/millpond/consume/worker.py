@@ -227,9 +227,10 @@ class Worker:
         pool, waker = self.pool, self.inbox.waker
         while True:
             self.last_turn = time.monotonic()
-            # first, as it clears the waker: what comes from here on (a completion, a call, a stop)
-            # ends the wait below, and a wake-up already acted on cannot spin the loop (hammering
-            # the broker, starving a green pool's tasks)
+            # first: what comes from here on (a completion, a call, a stop) ends the wait below,
+            # and a wake-up already acted on cannot spin the loop (hammering the broker, starving
+            # a green pool's tasks); a solo task's mid-turn settle leaves the waker alone
+            waker.clear()
             self._complete_batch()
             while self._calls:
                 try:

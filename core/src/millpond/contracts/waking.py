@@ -73,6 +73,6 @@ class Inbox(Generic[T]):
             self.waker.wake()
 
     def drain(self) -> list[T]:
-        self.waker.clear()  # what is put from here on wakes the loop again
+        """What was put so far; the loop clears the waker before (a put after that wakes it)."""
         items = self._items
         return [items.popleft() for _ in range(len(items))]
