@@ -418,3 +418,25 @@ def test_a_call_made_while_a_solo_task_runs_is_not_left_for_the_next_fetch_timeo
     first_after = spy.woken[fetches_before:][:1]
     assert first_after in ([], [True]), spy.woken  # none, or one that returned at once
     assert running.stop() == 0
+
+
+def test_retry_past_its_budget_raises_in_the_task_as_celerys_does(
+    memory_app: Millpond, start_worker: Any
+) -> None:
+    """Celery's `self.retry()` raises `MaxRetriesExceededError` (or the `exc` it was given) inside
+    the task once the budget is spent, so the task can catch it and give up its own way."""
+
+    @memory_app.task(bind=True, max_retries=1)
+    def give_up(self, with_exc: bool, limit: int | None = None) -> str:  # type: ignore[no-untyped-def]
+        try:
+            self.retry(exc=ShopError("down") if with_exc else None, countdown=0, max_retries=limit)
+        except MaxRetriesExceededError:
+            return f"gave up after {self.request.retries}"
+        except ShopError:
+            return f"gave up on the error after {self.request.retries}"
+        return "not reached"
+
+    start_worker(memory_app, pool="solo")
+    assert give_up.delay(False).get(timeout=10) == "gave up after 1"
+    assert give_up.delay(True).get(timeout=10) == "gave up on the error after 1"
+    assert give_up.delay(False, 2).get(timeout=10) == "gave up after 2"  # the call's limit wins
