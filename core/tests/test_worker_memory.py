@@ -440,3 +440,24 @@ def test_retry_past_its_budget_raises_in_the_task_as_celerys_does(
     assert give_up.delay(False).get(timeout=10) == "gave up after 1"
     assert give_up.delay(True).get(timeout=10) == "gave up on the error after 1"
     assert give_up.delay(False, 2).get(timeout=10) == "gave up after 2"  # the call's limit wins
+
+
+def test_result_of_a_retrying_or_revoked_task_is_its_exception(
+    memory_app: Millpond, start_worker: Any
+) -> None:
+    """As Celery's: `.result` (and `.info`) in RETRY and REVOKED hold the exception, not its
+    stored form."""
+
+    @memory_app.task(bind=True)
+    def later(self) -> None:  # type: ignore[no-untyped-def]
+        self.retry(exc=ShopError("not yet"), countdown=60)
+
+    t = register(memory_app)
+    expired = t["add"].apply_async((1, 1), expires=time.time() - 1)
+    start_worker(memory_app, pool="solo")
+    retrying = later.delay()
+    wait_until(lambda: retrying.state == "RETRY", 10, "the task to be in RETRY")
+    assert isinstance(retrying.result, ShopError) and retrying.result.args == ("not yet",)
+    assert isinstance(retrying.info, ShopError)
+    assert isinstance(expired.get(timeout=10, propagate=False), TaskRevokedError)
+    assert isinstance(expired.result, TaskRevokedError) and "expired" in str(expired.result)

@@ -138,11 +138,13 @@ class AsyncResult(Generic[R_co]):
 
     @property
     def result(self) -> Any:
-        """The return value, or a failed task's exception (not raised). `Any`, not `R`: in other
-        states it is what the store holds (nothing while pending, the error while a retry is on
-        its way, the reason once revoked); `get()` is the typed way."""
+        """The return value, or (as Celery's) the exception, not raised, of a task that failed, was
+        revoked or will retry (None if none is stored). `Any`, not `R`: `get()` is the typed way."""
         meta = self._fetch()
-        return rebuild_exception(meta.result) if meta.status == TaskState.FAILURE else meta.result
+        exc = meta.status in (TaskState.FAILURE, TaskState.RETRY, TaskState.REVOKED)
+        return rebuild_exception(meta.result) if exc and meta.result else meta.result
+
+    info = result
 
     @property
     def traceback(self) -> str | None:
