@@ -461,3 +461,14 @@ def test_result_of_a_retrying_or_revoked_task_is_its_exception(
     assert isinstance(retrying.info, ShopError)
     assert isinstance(expired.get(timeout=10, propagate=False), TaskRevokedError)
     assert isinstance(expired.result, TaskRevokedError) and "expired" in str(expired.result)
+
+
+def test_a_forgotten_result_reads_pending_as_celerys_does(
+    memory_app: Millpond, start_worker: Any
+) -> None:
+    t = register(memory_app)
+    start_worker(memory_app, pool="solo")
+    result = t["add"].delay(1, 2)
+    assert result.get(timeout=10) == 3 and result.state == "SUCCESS"
+    result.forget()
+    assert result.state == "PENDING" and result.result is None and not result.ready()

@@ -175,6 +175,7 @@ class AsyncResult(Generic[R_co]):
         return err
 
     def forget(self) -> None:
+        self._meta = None  # as Celery's: PENDING from now on, not the outcome read before
         if self.app.backend is not None:
             self.app.backend.forget(self.id)
 
