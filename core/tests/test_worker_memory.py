@@ -472,3 +472,27 @@ def test_a_forgotten_result_reads_pending_as_celerys_does(
     assert result.get(timeout=10) == 3 and result.state == "SUCCESS"
     result.forget()
     assert result.state == "PENDING" and result.result is None and not result.ready()
+
+
+def test_a_retry_keeps_the_priority_it_was_sent_with(
+    memory_app: Millpond, start_worker: Any
+) -> None:
+    """As Celery's `signature_from_request`: the retry goes out with the message's priority."""
+    from millpond.contracts.hooks import Hooks, Publication
+
+    seen: list[tuple[int, Any]] = []
+
+    class Seen(Hooks):
+        def before_publish(self, publication: Publication) -> None:
+            seen.append((publication.retries, publication.message.properties.get("priority")))
+
+    @memory_app.task(bind=True)
+    def urgent(self) -> int:  # type: ignore[no-untyped-def]
+        if self.request.retries < 1:
+            self.retry(countdown=0)
+        return self.request.retries
+
+    memory_app.add_hooks(Seen())
+    start_worker(memory_app, pool="solo")
+    assert urgent.apply_async(priority=7).get(timeout=10) == 1
+    assert seen == [(0, 7), (1, 7)]
