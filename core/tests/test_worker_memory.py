@@ -496,3 +496,11 @@ def test_a_retry_keeps_the_priority_it_was_sent_with(
     start_worker(memory_app, pool="solo")
     assert urgent.apply_async(priority=7).get(timeout=10) == 1
     assert seen == [(0, 7), (1, 7)]
+
+
+def test_str_of_a_result_is_its_task_id_as_celerys_is(memory_app: Millpond) -> None:
+    """Celery code stores `str(result)` as the task id (a row, a JSON reply): it must be the id."""
+    t = register(memory_app)
+    result = t["add"].delay(1, 2)  # no worker needed
+    assert str(result) == f"{result}" == result.id
+    assert repr(result) == f"<AsyncResult {result.id}>"

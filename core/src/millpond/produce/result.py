@@ -92,6 +92,9 @@ class AsyncResult(Generic[R_co]):
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id}>"
 
+    def __str__(self) -> str:
+        return self.id  # as Celery's: code stores str(result) as the task id
+
     def as_tuple(self) -> list[Any]:
         """Celery's serialised form of a result (`[[id, parent], None]`), as stored in `children`."""
         return [[self.id, self.parent.as_tuple() if self.parent is not None else None], None]
