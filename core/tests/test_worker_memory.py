@@ -418,3 +418,89 @@ def test_a_call_made_while_a_solo_task_runs_is_not_left_for_the_next_fetch_timeo
     first_after = spy.woken[fetches_before:][:1]
     assert first_after in ([], [True]), spy.woken  # none, or one that returned at once
     assert running.stop() == 0
+
+
+def test_retry_past_its_budget_raises_in_the_task_as_celerys_does(
+    memory_app: Millpond, start_worker: Any
+) -> None:
+    """Celery's `self.retry()` raises `MaxRetriesExceededError` (or the `exc` it was given) inside
+    the task once the budget is spent, so the task can catch it and give up its own way."""
+
+    @memory_app.task(bind=True, max_retries=1)
+    def give_up(self, with_exc: bool, limit: int | None = None) -> str:  # type: ignore[no-untyped-def]
+        try:
+            self.retry(exc=ShopError("down") if with_exc else None, countdown=0, max_retries=limit)
+        except MaxRetriesExceededError:
+            return f"gave up after {self.request.retries}"
+        except ShopError:
+            return f"gave up on the error after {self.request.retries}"
+        return "not reached"
+
+    start_worker(memory_app, pool="solo")
+    assert give_up.delay(False).get(timeout=10) == "gave up after 1"
+    assert give_up.delay(True).get(timeout=10) == "gave up on the error after 1"
+    assert give_up.delay(False, 2).get(timeout=10) == "gave up after 2"  # the call's limit wins
+
+
+def test_result_of_a_retrying_or_revoked_task_is_its_exception(
+    memory_app: Millpond, start_worker: Any
+) -> None:
+    """As Celery's: `.result` (and `.info`) in RETRY and REVOKED hold the exception, not its
+    stored form."""
+
+    @memory_app.task(bind=True)
+    def later(self) -> None:  # type: ignore[no-untyped-def]
+        self.retry(exc=ShopError("not yet"), countdown=60)
+
+    t = register(memory_app)
+    expired = t["add"].apply_async((1, 1), expires=time.time() - 1)
+    start_worker(memory_app, pool="solo")
+    retrying = later.delay()
+    wait_until(lambda: retrying.state == "RETRY", 10, "the task to be in RETRY")
+    assert isinstance(retrying.result, ShopError) and retrying.result.args == ("not yet",)
+    assert isinstance(retrying.info, ShopError)
+    assert isinstance(expired.get(timeout=10, propagate=False), TaskRevokedError)
+    assert isinstance(expired.result, TaskRevokedError) and "expired" in str(expired.result)
+
+
+def test_a_forgotten_result_reads_pending_as_celerys_does(
+    memory_app: Millpond, start_worker: Any
+) -> None:
+    t = register(memory_app)
+    start_worker(memory_app, pool="solo")
+    result = t["add"].delay(1, 2)
+    assert result.get(timeout=10) == 3 and result.state == "SUCCESS"
+    result.forget()
+    assert result.state == "PENDING" and result.result is None and not result.ready()
+
+
+def test_a_retry_keeps_the_priority_it_was_sent_with(
+    memory_app: Millpond, start_worker: Any
+) -> None:
+    """As Celery's `signature_from_request`: the retry goes out with the message's priority."""
+    from millpond.contracts.hooks import Hooks, Publication
+
+    seen: list[tuple[int, Any]] = []
+
+    class Seen(Hooks):
+        def before_publish(self, publication: Publication) -> None:
+            seen.append((publication.retries, publication.message.properties.get("priority")))
+
+    @memory_app.task(bind=True)
+    def urgent(self) -> int:  # type: ignore[no-untyped-def]
+        if self.request.retries < 1:
+            self.retry(countdown=0)
+        return self.request.retries
+
+    memory_app.add_hooks(Seen())
+    start_worker(memory_app, pool="solo")
+    assert urgent.apply_async(priority=7).get(timeout=10) == 1
+    assert seen == [(0, 7), (1, 7)]
+
+
+def test_str_of_a_result_is_its_task_id_as_celerys_is(memory_app: Millpond) -> None:
+    """Celery code stores `str(result)` as the task id (a row, a JSON reply): it must be the id."""
+    t = register(memory_app)
+    result = t["add"].delay(1, 2)  # no worker needed
+    assert str(result) == f"{result}" == result.id
+    assert repr(result) == f"<AsyncResult {result.id}>"

@@ -316,6 +316,7 @@ class Settler:
                     chord=embed.get("chord"),
                     group_id=job.group_id,
                     group_index=job.group_index,
+                    priority=job.delivery and job.delivery.message.properties.get("priority"),
                     reply_to=job.reply_to or "",  # the caller still waits ("": none does)
                 )
         except Exception as exc:

@@ -92,6 +92,9 @@ class AsyncResult(Generic[R_co]):
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id}>"
 
+    def __str__(self) -> str:
+        return self.id  # as Celery's: code stores str(result) as the task id
+
     def as_tuple(self) -> list[Any]:
         """Celery's serialised form of a result (`[[id, parent], None]`), as stored in `children`."""
         return [[self.id, self.parent.as_tuple() if self.parent is not None else None], None]
@@ -138,11 +141,13 @@ class AsyncResult(Generic[R_co]):
 
     @property
     def result(self) -> Any:
-        """The return value, or a failed task's exception (not raised). `Any`, not `R`: in other
-        states it is what the store holds (nothing while pending, the error while a retry is on
-        its way, the reason once revoked); `get()` is the typed way."""
+        """The return value, or (as Celery's) the exception, not raised, of a task that failed, was
+        revoked or will retry (None if none is stored). `Any`, not `R`: `get()` is the typed way."""
         meta = self._fetch()
-        return rebuild_exception(meta.result) if meta.status == TaskState.FAILURE else meta.result
+        exc = meta.status in (TaskState.FAILURE, TaskState.RETRY, TaskState.REVOKED)
+        return rebuild_exception(meta.result) if exc and meta.result else meta.result
+
+    info = result
 
     @property
     def traceback(self) -> str | None:
@@ -173,6 +178,7 @@ class AsyncResult(Generic[R_co]):
         return err
 
     def forget(self) -> None:
+        self._meta = None  # as Celery's: PENDING from now on, not the outcome read before
         if self.app.backend is not None:
             self.app.backend.forget(self.id)
 

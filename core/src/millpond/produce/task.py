@@ -27,7 +27,7 @@ from typing import (
     overload,
 )
 
-from millpond.exceptions import ConfigurationError, Retry
+from millpond.exceptions import ConfigurationError, MaxRetriesExceededError, Retry
 from millpond.wire.protocol import Job
 
 if TYPE_CHECKING:
@@ -365,8 +365,11 @@ class Task(Generic[P, R_co]):
         eta: datetime | float | None = None,
         max_retries: int | None = None,
     ) -> NoReturn:
-        """Run this task again later: raises `Retry` (so `raise self.retry()` reads well); once
-        the retry budget is spent, `exc` instead (or `MaxRetriesExceededError`), and it fails."""
+        """Run this task again later: raises `Retry` (so `raise self.retry()` reads well); past its
+        budget, `exc` (or `MaxRetriesExceededError`), as Celery's: the task may catch it, or fail."""
+        limit = self.options.max_retries if max_retries is None else max_retries
+        if (req := _current_request.get()) and limit is not None and req.retries >= limit:
+            raise exc or MaxRetriesExceededError(f"{self.name}[{req.id}] spent its {limit} retries")
         raise Retry(exc=exc, countdown=countdown, eta=epoch(eta), max_retries=max_retries)
 
     def backoff(self, retries: int) -> float:
