@@ -598,3 +598,33 @@ def test_a_chord_refuses_a_header_chain_that_ends_in_a_group(
     # a chain whose group is followed by a task is a chord itself, and fine in a header
     fine = [chain(add.s(1, 1), group(add.s(10), add.s(20)), tsum.s()), add.s(100, 100)]
     assert chord(fine, tsum.s())().get(timeout=10) == 34 + 200
+
+
+def test_options_given_to_a_chord_reach_its_body(start_worker: Any) -> None:
+    """`chord(...).apply_async(queue=..., priority=...)` sends the body with them too, as Celery's
+    `chord.run` does (`body.options.update(options)`); `countdown` delays the header only. The
+    body used to go to the app's default queue, where a worker of the named queue never saw it."""
+    home, elsewhere = unique("home"), unique("elsewhere")
+    app = Millpond("opts", broker_url=f"memory://{unique('mem')}", default_queue=home)
+    add = app.task(name="c.add")(lambda x, y: x + y)
+    tsum = app.task(name="c.tsum")(sum)
+    # on the wire: the body the header carries has the chord's options, not its countdown
+    chord([add.s(1, 1)], tsum.s()).apply_async(
+        queue=elsewhere, priority=4, time_limit=7, countdown=0.01
+    )
+    consumer = app.broker.consumer([elsewhere], 10)
+    try:
+        (header,) = [decode_task(d.message) for d in consumer.fetch(10, 2.0)]
+    finally:
+        consumer.close()
+    body = header.embed["chord"]["options"]
+    assert (body["queue"], body["priority"], body["time_limit"]) == (elsewhere, 4, 7)
+    assert "countdown" not in body
+    # and on a worker that consumes only the named queue, the chord completes
+    running = start_worker(app, pool="threads", concurrency=2, queues=(elsewhere,))
+    try:
+        result = chord([add.s(1, 1), add.s(2, 2)], tsum.s()).apply_async(queue=elsewhere)
+        assert result.get(timeout=5) == 6
+    finally:
+        running.stop()
+        app.close()

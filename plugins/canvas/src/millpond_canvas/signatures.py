@@ -709,6 +709,9 @@ class chord(Signature[Any]):
                 body.options[key] = options.pop(key)
         body_id = options.pop("task_id", None)
         root_id = options.pop("root_id", None)
+        # the rest (queue, priority, time limits, ...) is for the body too, as Celery's
+        # `chord.run` has it; a countdown or eta delays the header only
+        body.options.update({k: v for k, v in options.items() if k not in ("countdown", "eta")})
         body_result = body.freeze(_id=body_id, root_id=root_id)
         header = self.header.clone(args, kwargs)
         if not header.tasks:  # nothing to wait for: the body runs now, with no results
