@@ -124,6 +124,27 @@ def test_an_immutable_step_ignores_the_previous_result(
     assert chain(add.s(1, 1), add.si(5, 5), add.s(1))().get(timeout=10) == 11
 
 
+def test_an_immutable_group_or_chord_ignores_the_previous_result(
+    app_and_ledger: tuple[Millpond, Ledger],
+) -> None:
+    """`group(...).set(immutable=True)` (or `set_immutable(True)`) makes every member immutable,
+    and a chord's the same of its header, and an immutable chain takes no partial arguments, as
+    in Celery: the flag was kept on the group (or chain) alone, so the members got the previous
+    result prepended (add(2, 2, 2): wrong arguments, the message dead-lettered)."""
+    app, _ = app_and_ledger
+    add, tsum = app.tasks["t.add"], app.tasks["t.tsum"]
+    grouped = group(add.s(2, 2), add.s(3, 3)).set(immutable=True)
+    assert chain(add.s(1, 1), grouped)().get(timeout=10) == [4, 6]
+    joined = chord([add.s(2, 2), add.s(3, 3)], tsum.s())
+    joined.set_immutable(True)
+    assert chain(add.s(1, 1), joined)().get(timeout=10) == 10
+    # an immutable chain (a callback here) gives its first step no partial arguments either
+    then = chain(add.s(5, 5), add.s(1)).set(immutable=True)
+    then_result = then.freeze()
+    add.apply_async((1, 1), link=then)
+    assert then_result.get(timeout=10) == 11
+
+
 def test_a_group_runs_in_parallel_and_its_result_can_be_saved_and_restored(
     app_and_ledger: tuple[Millpond, Ledger],
 ) -> None:

@@ -202,7 +202,7 @@ class Signature(dict[str, Any], Generic[R]):
     def set(self, *, immutable: bool | None = None, **options: Any) -> Signature[R]:
         """Set options (queue, countdown, ...) in place; returns the signature for chaining."""
         if immutable is not None:
-            self["immutable"] = immutable
+            self.set_immutable(immutable)
         self.options.update(options)
         return self
 
@@ -384,7 +384,8 @@ class chain(_Composite[Any]):
         made = chain(
             [t.clone() for t in self.tasks], app=self.app, **_copy_options(self.options), **options
         )
-        if args or kwargs:
+        made["immutable"] = self.immutable
+        if (args or kwargs) and not self.immutable:
             made.kwargs["tasks"][0] = made.tasks[0].clone(args, kwargs)
         return made
 
@@ -413,6 +414,8 @@ class chain(_Composite[Any]):
         """Send the first step with the rest of the chain; returns the last step's result, whose
         `parent` is the step before it, and so on."""
         options = {**self.options, **options}
+        if self.immutable:  # takes no partial arguments (a parent's result), as in Celery
+            args, kwargs = (), None
         link, link_error = options.pop("link", None), options.pop("link_error", None)
         continuation = list(options.pop("chain", None) or [])
         task_id = options.pop("task_id", None)
@@ -509,6 +512,11 @@ class group(_Composite[list[Any]]):
     ) -> group:
         members = [t.clone(args, kwargs) for t in self.tasks]
         return group(members, app=self.app, **_copy_options(self.options), **options)
+
+    def set_immutable(self, immutable: bool) -> None:
+        """Make every member immutable (or not), as Celery's `group.set_immutable` does."""
+        for member in self.tasks:
+            member.set_immutable(immutable)
 
     def link(self, callback: Signature[Any]) -> Signature[Any]:
         raise CanvasError(
@@ -638,6 +646,10 @@ class chord(Signature[Any]):
         made["immutable"] = bool(data.get("immutable"))
         return made
 
+    def set_immutable(self, immutable: bool) -> None:
+        """Make the header's tasks immutable (or not), not the body, as Celery's does."""
+        self.header.set_immutable(immutable)
+
     @property
     def header(self) -> group:
         return self.kwargs["header"]  # type: ignore[no-any-return]
@@ -651,13 +663,15 @@ class chord(Signature[Any]):
         self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
     ) -> chord:
         body = self.body
-        return chord(
-            self.header.clone(args, kwargs),
+        made = chord(
+            self.header.clone() if self.immutable else self.header.clone(args, kwargs),
             body.clone() if body is not None else None,
             app=self.app,
             **_copy_options(self.options),
             **options,
         )
+        made["immutable"] = self.immutable
+        return made
 
     def __call__(self, body: Signature[Any] | None = None, **options: Any) -> AsyncResult[Any]:
         """`chord(header)(body)`, as Celery has it."""
@@ -698,6 +712,8 @@ class chord(Signature[Any]):
         """Send the header with the body attached; returns the body's result (whose `parent`
         is the header's `GroupResult`)."""
         options = {**self.options, **options}
+        if self.immutable:  # takes no partial arguments (a parent's result), as in Celery
+            args, kwargs = (), None
         body = self._body().clone()
         # what the caller meant for "the chord" belongs to its body: its id, callbacks, and the
         # rest of a chain it is a step of
