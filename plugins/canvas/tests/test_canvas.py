@@ -242,6 +242,18 @@ def test_a_chord_inside_a_chain_and_a_group_upgraded_to_a_chord(
     assert upgraded.get(timeout=10) == 10
 
 
+def test_a_chord_with_a_group_body_in_a_chord_header(
+    app_and_ledger: tuple[Millpond, Ledger],
+) -> None:
+    """Each task of the inner chord's group body is a part of the outer join, as Celery counts
+    it: the body's group was sent with two group ids (a TypeError in the worker that completed
+    the inner join, its message requeued again and again, the outer chord PENDING for ever)."""
+    app, _ = app_and_ledger
+    add, tsum = app.tasks["t.add"], app.tasks["t.tsum"]
+    inner = chord([add.s(1, 1), add.s(2, 2)], group(tsum.s(), tsum.s()))
+    assert chord([inner, add.s(3, 3)], tsum.s())().get(timeout=10) == 18
+
+
 def test_a_retried_step_keeps_the_rest_of_its_chain(
     app_and_ledger: tuple[Millpond, Ledger],
 ) -> None:

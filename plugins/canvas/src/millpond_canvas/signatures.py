@@ -562,10 +562,13 @@ class group(_Composite[list[Any]]):
         options = {**self.options, **options}
         if options.pop("link", None):
             raise CanvasError("cannot link a callback to a group: use chord(group, callback)")
-        group_id = options.pop("task_id", None) or options.pop("group_id", None)
-        group_id = group_id or str(uuid.uuid4())
-        options.pop("group_index", None)
+        join_id = options.pop("group_id", None)
+        group_id = options.pop("task_id", None) or join_id or str(uuid.uuid4())
+        join_index = options.pop("group_index", None)
         chord_body = options.pop("chord", None)
+        # the body of a chord in an outer chord's header: its tasks return their parts to the
+        # outer join (which counted them), at the inner chord's place there, as Celery's do
+        outer = chord_body is not None and join_id is not None and join_id != group_id
         app = self._app()
         members = [m.clone(args, kwargs) for m in self._members()]
         if chord_body is not None:
@@ -576,13 +579,17 @@ class group(_Composite[list[Any]]):
                         "(its group's results would never reach the chord): end the chain with "
                         "a task, or put the group's tasks in the header themselves"
                     )
-            chord_backend(app).set_chord_size(group_id, sum(map(_header_size, members)))
+            if not outer:
+                chord_backend(app).set_chord_size(group_id, sum(map(_header_size, members)))
         results: list[AsyncResult[Any]] = []
         with app.publishing_together():
             for index, member in enumerate(members):
                 results.append(
                     member.apply_async(
-                        group_id=group_id, group_index=index, chord=chord_body, **options
+                        group_id=join_id if outer else group_id,
+                        group_index=join_index if outer else index,
+                        chord=chord_body,
+                        **options,
                     )
                 )
         return GroupResult(group_id, results, app)
@@ -602,6 +609,9 @@ def _header_size(sig: Signature[Any]) -> int:
         return sum(_header_size(m) for m in sig._members())
     if isinstance(sig, chain):
         return 1 if sig.tasks else 0
+    if isinstance(sig, chord):
+        body = sig.body
+        return _header_size(body) if body is not None else 0
     return 1
 
 
