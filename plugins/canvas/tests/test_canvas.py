@@ -254,6 +254,24 @@ def test_a_chord_with_a_group_body_in_a_chord_header(
     assert chord([inner, add.s(3, 3)], tsum.s())().get(timeout=10) == 18
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["task body", "group body"])
+def test_a_failed_chord_in_a_chord_header_fails_the_outer_chord(
+    app_and_ledger: tuple[Millpond, Ledger], grouped: bool
+) -> None:
+    """A chord in an outer chord's header whose own header fails returns its body's parts to
+    the outer join as failed: the outer body is stored FAILURE with a ChordError naming the
+    inner body. It used to wait for them for ever (PENDING), as a failed chain in a header
+    would without its failed part."""
+    app, _ = app_and_ledger
+    add, tsum, boom = app.tasks["t.add"], app.tasks["t.tsum"], app.tasks["t.boom"]
+    body = group(tsum.s(), tsum.s()) if grouped else tsum.s()
+    inner = chord([boom.s(1), add.s(2, 2)], body)
+    result = chord([inner, add.s(3, 3)], tsum.s())()
+    with pytest.raises(ChordError, match=r"Dependency .* raised ChordError"):
+        result.get(timeout=10)
+    assert result.state == "FAILURE"
+
+
 def test_a_retried_step_keeps_the_rest_of_its_chain(
     app_and_ledger: tuple[Millpond, Ledger],
 ) -> None:

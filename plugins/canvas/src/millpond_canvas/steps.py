@@ -273,6 +273,17 @@ class CanvasSteps(Canvas):
         else:
             self._fail_body(body, error, list(body.options.get("link_error") or []))
         self._fail_chain(body.options.get("chain") or [], error, None, by)
+        join_id, outer_body = body.options.get("group_id"), body.options.get("chord")
+        if join_id and outer_body:
+            # this chord is in an outer chord's header: its body's parts fail there too, or the
+            # outer chord would wait for them for ever
+            index = body.options.get("group_index")
+            for part in body._members() if isinstance(body, group) else [body]:
+                if part_id := part.options.get("task_id"):
+                    self._return_part(
+                        join_id, part_id, index,
+                        state=TaskState.FAILURE, stored=error, body_data=outer_body, by=by,
+                    )  # fmt: skip
         return None
 
     def _fail_body(self, body: Signature[Any], error: dict[str, Any], errbacks: list[Any]) -> None:
