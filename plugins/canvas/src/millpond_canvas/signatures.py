@@ -584,15 +584,18 @@ class group(_Composite[list[Any]]):
         results: list[AsyncResult[Any]] = []
         with app.publishing_together():
             for index, member in enumerate(members):
-                results.append(
-                    member.apply_async(
-                        group_id=join_id if outer else group_id,
-                        group_index=join_index if outer else index,
-                        chord=chord_body,
-                        **options,
+                place: dict[str, Any] = {"group_id": group_id, "group_index": index}
+                if outer:  # Celery's tasks carry their place in the outer join themselves
+                    place = (
+                        {} if _joined(member) else {"group_id": join_id, "group_index": join_index}
                     )
-                )
+                results.append(member.apply_async(**{"chord": chord_body, **place}, **options))
         return GroupResult(group_id, results, app)
+
+
+def _joined(sig: Signature[Any]) -> bool:
+    """Whether a signature carries its place in a chord's join (its group id and the body)."""
+    return bool(sig.options.get("group_id")) and sig.options.get("chord") is not None
 
 
 def _ends_in_group(sig: Signature[Any]) -> bool:
@@ -738,6 +741,12 @@ class chord(Signature[Any]):
         # the rest (queue, priority, time limits, ...) is for the body too, as Celery's
         # `chord.run` has it; a countdown or eta delays the header only
         body.options.update({k: v for k, v in options.items() if k not in ("countdown", "eta")})
+        if isinstance(body, group) and _joined(body):
+            # in an outer chord's header: each task of the group body carries its place in the
+            # outer join, as Celery's do (so a Celery worker sending the body sends it there too)
+            place = {k: body.options.get(k) for k in ("group_id", "group_index", "chord")}
+            for member in body._members():
+                member.options.update(place)
         body_result = body.freeze(_id=body_id, root_id=root_id)
         header = self.header.clone(args, kwargs)
         if not header.tasks:  # nothing to wait for: the body runs now, with no results
