@@ -215,6 +215,13 @@ NESTED: dict[str, tuple[Callable[[Any, Any, Any], Any], Any]] = {
         ),
         12,
     ),
+    "chord with a group body, in a chord header": (
+        lambda p, add, tsum: p.chord(
+            [p.chord([add.s(1, 1), add.s(2, 2)], p.group(tsum.s(), tsum.s())), add.s(3, 3)],
+            tsum.s(),
+        ),
+        18,
+    ),
     "chain ending in a chord, in a chord header": (
         lambda p, add, tsum: p.chord(
             [add.s(1, 1) | p.group(add.s(10), add.s(20)) | tsum.s(), add.s(100, 100)], tsum.s()

@@ -124,6 +124,27 @@ def test_an_immutable_step_ignores_the_previous_result(
     assert chain(add.s(1, 1), add.si(5, 5), add.s(1))().get(timeout=10) == 11
 
 
+def test_an_immutable_group_or_chord_ignores_the_previous_result(
+    app_and_ledger: tuple[Millpond, Ledger],
+) -> None:
+    """`group(...).set(immutable=True)` (or `set_immutable(True)`) makes every member immutable,
+    and a chord's the same of its header, and an immutable chain takes no partial arguments, as
+    in Celery: the flag was kept on the group (or chain) alone, so the members got the previous
+    result prepended (add(2, 2, 2): wrong arguments, the message dead-lettered)."""
+    app, _ = app_and_ledger
+    add, tsum = app.tasks["t.add"], app.tasks["t.tsum"]
+    grouped = group(add.s(2, 2), add.s(3, 3)).set(immutable=True)
+    assert chain(add.s(1, 1), grouped)().get(timeout=10) == [4, 6]
+    joined = chord([add.s(2, 2), add.s(3, 3)], tsum.s())
+    joined.set_immutable(True)
+    assert chain(add.s(1, 1), joined)().get(timeout=10) == 10
+    # an immutable chain (a callback here) gives its first step no partial arguments either
+    then = chain(add.s(5, 5), add.s(1)).set(immutable=True)
+    then_result = then.freeze()
+    add.apply_async((1, 1), link=then)
+    assert then_result.get(timeout=10) == 11
+
+
 def test_a_group_runs_in_parallel_and_its_result_can_be_saved_and_restored(
     app_and_ledger: tuple[Millpond, Ledger],
 ) -> None:
@@ -219,6 +240,36 @@ def test_a_chord_inside_a_chain_and_a_group_upgraded_to_a_chord(
     assert nested.get(timeout=10) == 1006
     upgraded = (group(add.si(i, 1) for i in range(4)) | tsum.s())()  # Celery's group | s = chord
     assert upgraded.get(timeout=10) == 10
+
+
+def test_a_chord_with_a_group_body_in_a_chord_header(
+    app_and_ledger: tuple[Millpond, Ledger],
+) -> None:
+    """Each task of the inner chord's group body is a part of the outer join, as Celery counts
+    it: the body's group was sent with two group ids (a TypeError in the worker that completed
+    the inner join, its message requeued again and again, the outer chord PENDING for ever)."""
+    app, _ = app_and_ledger
+    add, tsum = app.tasks["t.add"], app.tasks["t.tsum"]
+    inner = chord([add.s(1, 1), add.s(2, 2)], group(tsum.s(), tsum.s()))
+    assert chord([inner, add.s(3, 3)], tsum.s())().get(timeout=10) == 18
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["task body", "group body"])
+def test_a_failed_chord_in_a_chord_header_fails_the_outer_chord(
+    app_and_ledger: tuple[Millpond, Ledger], grouped: bool
+) -> None:
+    """A chord in an outer chord's header whose own header fails returns its body's parts to
+    the outer join as failed: the outer body is stored FAILURE with a ChordError naming the
+    inner body. It used to wait for them for ever (PENDING), as a failed chain in a header
+    would without its failed part."""
+    app, _ = app_and_ledger
+    add, tsum, boom = app.tasks["t.add"], app.tasks["t.tsum"], app.tasks["t.boom"]
+    body = group(tsum.s(), tsum.s()) if grouped else tsum.s()
+    inner = chord([boom.s(1), add.s(2, 2)], body)
+    result = chord([inner, add.s(3, 3)], tsum.s())()
+    with pytest.raises(ChordError, match=r"Dependency .* raised ChordError"):
+        result.get(timeout=10)
+    assert result.state == "FAILURE"
 
 
 def test_a_retried_step_keeps_the_rest_of_its_chain(
@@ -598,3 +649,33 @@ def test_a_chord_refuses_a_header_chain_that_ends_in_a_group(
     # a chain whose group is followed by a task is a chord itself, and fine in a header
     fine = [chain(add.s(1, 1), group(add.s(10), add.s(20)), tsum.s()), add.s(100, 100)]
     assert chord(fine, tsum.s())().get(timeout=10) == 34 + 200
+
+
+def test_options_given_to_a_chord_reach_its_body(start_worker: Any) -> None:
+    """`chord(...).apply_async(queue=..., priority=...)` sends the body with them too, as Celery's
+    `chord.run` does (`body.options.update(options)`); `countdown` delays the header only. The
+    body used to go to the app's default queue, where a worker of the named queue never saw it."""
+    home, elsewhere = unique("home"), unique("elsewhere")
+    app = Millpond("opts", broker_url=f"memory://{unique('mem')}", default_queue=home)
+    add = app.task(name="c.add")(lambda x, y: x + y)
+    tsum = app.task(name="c.tsum")(sum)
+    # on the wire: the body the header carries has the chord's options, not its countdown
+    chord([add.s(1, 1)], tsum.s()).apply_async(
+        queue=elsewhere, priority=4, time_limit=7, countdown=0.01
+    )
+    consumer = app.broker.consumer([elsewhere], 10)
+    try:
+        (header,) = [decode_task(d.message) for d in consumer.fetch(10, 2.0)]
+    finally:
+        consumer.close()
+    body = header.embed["chord"]["options"]
+    assert (body["queue"], body["priority"], body["time_limit"]) == (elsewhere, 4, 7)
+    assert "countdown" not in body
+    # and on a worker that consumes only the named queue, the chord completes
+    running = start_worker(app, pool="threads", concurrency=2, queues=(elsewhere,))
+    try:
+        result = chord([add.s(1, 1), add.s(2, 2)], tsum.s()).apply_async(queue=elsewhere)
+        assert result.get(timeout=5) == 6
+    finally:
+        running.stop()
+        app.close()

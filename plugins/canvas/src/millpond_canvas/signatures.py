@@ -202,7 +202,7 @@ class Signature(dict[str, Any], Generic[R]):
     def set(self, *, immutable: bool | None = None, **options: Any) -> Signature[R]:
         """Set options (queue, countdown, ...) in place; returns the signature for chaining."""
         if immutable is not None:
-            self["immutable"] = immutable
+            self.set_immutable(immutable)
         self.options.update(options)
         return self
 
@@ -384,7 +384,8 @@ class chain(_Composite[Any]):
         made = chain(
             [t.clone() for t in self.tasks], app=self.app, **_copy_options(self.options), **options
         )
-        if args or kwargs:
+        made["immutable"] = self.immutable
+        if (args or kwargs) and not self.immutable:
             made.kwargs["tasks"][0] = made.tasks[0].clone(args, kwargs)
         return made
 
@@ -413,6 +414,8 @@ class chain(_Composite[Any]):
         """Send the first step with the rest of the chain; returns the last step's result, whose
         `parent` is the step before it, and so on."""
         options = {**self.options, **options}
+        if self.immutable:  # takes no partial arguments (a parent's result), as in Celery
+            args, kwargs = (), None
         link, link_error = options.pop("link", None), options.pop("link_error", None)
         continuation = list(options.pop("chain", None) or [])
         task_id = options.pop("task_id", None)
@@ -510,6 +513,11 @@ class group(_Composite[list[Any]]):
         members = [t.clone(args, kwargs) for t in self.tasks]
         return group(members, app=self.app, **_copy_options(self.options), **options)
 
+    def set_immutable(self, immutable: bool) -> None:
+        """Make every member immutable (or not), as Celery's `group.set_immutable` does."""
+        for member in self.tasks:
+            member.set_immutable(immutable)
+
     def link(self, callback: Signature[Any]) -> Signature[Any]:
         raise CanvasError(
             "a group has no single result to link a callback to: use a chord, "
@@ -554,10 +562,13 @@ class group(_Composite[list[Any]]):
         options = {**self.options, **options}
         if options.pop("link", None):
             raise CanvasError("cannot link a callback to a group: use chord(group, callback)")
-        group_id = options.pop("task_id", None) or options.pop("group_id", None)
-        group_id = group_id or str(uuid.uuid4())
-        options.pop("group_index", None)
+        join_id = options.pop("group_id", None)
+        group_id = options.pop("task_id", None) or join_id or str(uuid.uuid4())
+        join_index = options.pop("group_index", None)
         chord_body = options.pop("chord", None)
+        # the body of a chord in an outer chord's header: its tasks return their parts to the
+        # outer join (which counted them), at the inner chord's place there, as Celery's do
+        outer = chord_body is not None and join_id is not None and join_id != group_id
         app = self._app()
         members = [m.clone(args, kwargs) for m in self._members()]
         if chord_body is not None:
@@ -568,16 +579,23 @@ class group(_Composite[list[Any]]):
                         "(its group's results would never reach the chord): end the chain with "
                         "a task, or put the group's tasks in the header themselves"
                     )
-            chord_backend(app).set_chord_size(group_id, sum(map(_header_size, members)))
+            if not outer:
+                chord_backend(app).set_chord_size(group_id, sum(map(_header_size, members)))
         results: list[AsyncResult[Any]] = []
         with app.publishing_together():
             for index, member in enumerate(members):
-                results.append(
-                    member.apply_async(
-                        group_id=group_id, group_index=index, chord=chord_body, **options
+                place: dict[str, Any] = {"group_id": group_id, "group_index": index}
+                if outer:  # Celery's tasks carry their place in the outer join themselves
+                    place = (
+                        {} if _joined(member) else {"group_id": join_id, "group_index": join_index}
                     )
-                )
+                results.append(member.apply_async(**{"chord": chord_body, **place}, **options))
         return GroupResult(group_id, results, app)
+
+
+def _joined(sig: Signature[Any]) -> bool:
+    """Whether a signature carries its place in a chord's join (its group id and the body)."""
+    return bool(sig.options.get("group_id")) and sig.options.get("chord") is not None
 
 
 def _ends_in_group(sig: Signature[Any]) -> bool:
@@ -594,6 +612,9 @@ def _header_size(sig: Signature[Any]) -> int:
         return sum(_header_size(m) for m in sig._members())
     if isinstance(sig, chain):
         return 1 if sig.tasks else 0
+    if isinstance(sig, chord):
+        body = sig.body
+        return _header_size(body) if body is not None else 0
     return 1
 
 
@@ -638,6 +659,10 @@ class chord(Signature[Any]):
         made["immutable"] = bool(data.get("immutable"))
         return made
 
+    def set_immutable(self, immutable: bool) -> None:
+        """Make the header's tasks immutable (or not), not the body, as Celery's does."""
+        self.header.set_immutable(immutable)
+
     @property
     def header(self) -> group:
         return self.kwargs["header"]  # type: ignore[no-any-return]
@@ -651,13 +676,15 @@ class chord(Signature[Any]):
         self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
     ) -> chord:
         body = self.body
-        return chord(
-            self.header.clone(args, kwargs),
+        made = chord(
+            self.header.clone() if self.immutable else self.header.clone(args, kwargs),
             body.clone() if body is not None else None,
             app=self.app,
             **_copy_options(self.options),
             **options,
         )
+        made["immutable"] = self.immutable
+        return made
 
     def __call__(self, body: Signature[Any] | None = None, **options: Any) -> AsyncResult[Any]:
         """`chord(header)(body)`, as Celery has it."""
@@ -698,6 +725,8 @@ class chord(Signature[Any]):
         """Send the header with the body attached; returns the body's result (whose `parent`
         is the header's `GroupResult`)."""
         options = {**self.options, **options}
+        if self.immutable:  # takes no partial arguments (a parent's result), as in Celery
+            args, kwargs = (), None
         body = self._body().clone()
         # what the caller meant for "the chord" belongs to its body: its id, callbacks, and the
         # rest of a chain it is a step of
@@ -709,6 +738,15 @@ class chord(Signature[Any]):
                 body.options[key] = options.pop(key)
         body_id = options.pop("task_id", None)
         root_id = options.pop("root_id", None)
+        # the rest (queue, priority, time limits, ...) is for the body too, as Celery's
+        # `chord.run` has it; a countdown or eta delays the header only
+        body.options.update({k: v for k, v in options.items() if k not in ("countdown", "eta")})
+        if isinstance(body, group) and _joined(body):
+            # in an outer chord's header: each task of the group body carries its place in the
+            # outer join, as Celery's do (so a Celery worker sending the body sends it there too)
+            place = {k: body.options.get(k) for k in ("group_id", "group_index", "chord")}
+            for member in body._members():
+                member.options.update(place)
         body_result = body.freeze(_id=body_id, root_id=root_id)
         header = self.header.clone(args, kwargs)
         if not header.tasks:  # nothing to wait for: the body runs now, with no results

@@ -42,7 +42,7 @@ from millpond.produce.result import error_info, rebuild_exception
 from millpond.produce.task import Request
 from millpond.states import TaskState
 from millpond.wire.protocol import REJOIN, Message
-from millpond_canvas.signatures import Signature, chord, chord_backend, group
+from millpond_canvas.signatures import Signature, _joined, chord, chord_backend, group
 
 if TYPE_CHECKING:
     from millpond.produce.app import Millpond
@@ -273,6 +273,18 @@ class CanvasSteps(Canvas):
         else:
             self._fail_body(body, error, list(body.options.get("link_error") or []))
         self._fail_chain(body.options.get("chain") or [], error, None, by)
+        if _joined(body):
+            # this chord is in an outer chord's header: its body's parts fail there too, or the
+            # outer chord would wait for them for ever (each task of a group body where it says,
+            # as Celery's do, else where the group says)
+            for part in body._members() if isinstance(body, group) else [body]:
+                place = part if _joined(part) else body
+                if part_id := part.options.get("task_id"):
+                    self._return_part(
+                        place.options["group_id"], part_id, place.options.get("group_index"),
+                        state=TaskState.FAILURE, stored=error, by=by,
+                        body_data=place.options["chord"],
+                    )  # fmt: skip
         return None
 
     def _fail_body(self, body: Signature[Any], error: dict[str, Any], errbacks: list[Any]) -> None:
