@@ -125,6 +125,21 @@ def test_purge(e2e_env: dict[str, str], producer: Any) -> None:
     assert done.returncode == 0 and "3 messages purged" in done.stdout
 
 
+def test_purge_with_an_empty_or_bad_queue_list_purges_nothing(
+    e2e_env: dict[str, str], producer: Any
+) -> None:
+    """`-Q ""` (an unset variable in a script) is not "the configured queues", and a list with an
+    empty name is refused before any queue is purged."""
+    queue = e2e_env["MILLPOND_QUEUES"]
+    for _ in range(2):
+        producer.send_task("tests.e2e.app.add", (1, 1))
+    for given in ("", f"{queue},,other", f"{queue}, "):
+        out = millpond("purge", "-Q", given, "--force", env=e2e_env)
+        assert out.returncode == 2, (given, out.stdout, out.stderr)
+        assert "empty queue name" in out.stderr and "purged" not in out.stdout
+    assert producer.broker.queue_length(queue) == 2
+
+
 def test_worker_without_app_says_what_to_do(e2e_env: dict[str, str]) -> None:
     out = millpond("worker", "-P", "solo", env=e2e_env)
     assert out.returncode == 2

@@ -346,8 +346,20 @@ def cmd_result(ns: argparse.Namespace) -> int:
 
 
 def _queues(ns: argparse.Namespace, settings: Settings) -> list[str]:
-    """The queues a queue command works on: `--queues a,b`, else the ones the worker consumes."""
-    return [q.strip() for q in ns.queues.split(",")] if ns.queues else list(settings.queues)
+    """The queues a queue command works on: `--queues a,b`, else the ones the worker consumes.
+
+    A `-Q` given empty (an unset variable in a script) is not "the configured queues", and every
+    name is checked before the command touches any queue (`purge` deletes).
+    """
+    if ns.queues is None:
+        return list(settings.queues)
+    queues = [q.strip() for q in ns.queues.split(",")]
+    if not all(queues):
+        raise ConfigurationError(
+            f"-Q {ns.queues!r} has an empty queue name: pass comma-separated names, e.g. "
+            "-Q emails,images, or leave -Q out for the configured queues"
+        )
+    return queues
 
 
 def cmd_purge(ns: argparse.Namespace) -> int:
