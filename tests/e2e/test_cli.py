@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -463,3 +464,61 @@ def test_queue_stats_reports_what_redis_holds_for_scripts() -> None:
         if found:
             client.delete(*found)
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "wanted"),
+    [
+        (
+            ["worker", "--autoscale", "10,3"],
+            "--autoscale is a Celery option millpond does not take",
+        ),
+        (["worker", "-D"], "-D is a Celery option millpond does not take: millpond worker runs"),
+        (["worker", "--pidfile=/tmp/w.pid"], "--pidfile is a Celery option"),
+        (["worker", "-f", "w.log"], "millpond logs to stderr: redirect it (2>>FILE)"),
+        (["worker", "--purge"], "run `millpond purge -Q QUEUES --force` before"),
+        (["worker", "-X", "slow"], "name the queues to consume with -Q"),
+        (["worker", "--without-heartbeat"], "--heartbeat-interval SECONDS"),
+        (["worker", "--uid", "app"], "systemd's User="),
+        (["--workdir", "/srv", "worker"], "--workdir is a Celery option"),
+        (["worker", "-P", "threads", "--max-tasks-per-child", "10"], "the 'threads' pool has none"),
+        (["worker", "-P", "solo", "--max-memory-per-child", "1000"], "run it with -P prefork"),
+    ],
+)
+def test_celery_worker_options_without_an_equivalent_are_refused_with_what_to_use(
+    args: list[str], wanted: str, e2e_env: dict[str, str]
+) -> None:
+    """A Celery deploy script's options either work or stop the worker with what to use instead
+    (argparse alone said only "unrecognized arguments")."""
+    out = millpond(*args, env={**e2e_env, "MILLPOND_APP": "tests.e2e.app:app"})
+    assert out.returncode == 2, out.stderr
+    assert wanted in out.stderr and "Traceback" not in out.stderr
+
+
+def test_celery_worker_options_with_an_equivalent_are_honoured(
+    spawn_worker: Any, producer: Any
+) -> None:
+    """`-n w1@%h` names the worker as Celery would (a remote control `-d w1@host` reaches it); the
+    other options map to millpond settings and the worker runs."""
+    worker = spawn_worker(
+        "-P", "threads", "-c", "2", "-n", "w1@%h", "-O", "fair", "--without-gossip",
+        "--without-mingle", "--heartbeat-interval", "5", "--events", "-l", "info",
+    )  # fmt: skip
+    ready = worker.wait_line(lambda line: line.get("event") == "worker ready")
+    assert ready["worker"] == f"w1@{socket.gethostname()}"
+    assert producer.send_task("tests.e2e.app.add", (2, 3)).get(timeout=20) == 5
+
+
+def test_celery_global_options_before_the_command(
+    spawn_worker: Any, e2e_env: dict[str, str]
+) -> None:
+    """`millpond -A proj -b URL send ...`, Celery's order (`celery -A proj worker`)."""
+    spawn_worker("-P", "solo").wait_ready()
+    env = {k: v for k, v in e2e_env.items() if k != "MILLPOND_BROKER_URL"}
+    url = e2e_env["MILLPOND_BROKER_URL"]
+    sent = millpond(
+        "-A", "tests.e2e.app:app", "-b", url, "send", "tests.e2e.app.add", "2", "3", "--wait",
+        "--timeout", "20", env={**env, "MILLPOND_BROKER_URL": ""},
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout.split()[1] == "5"

@@ -25,6 +25,7 @@ from millpond.exceptions import (
     PluginLoadError,
     PluginNotFound,
 )
+from millpond_cli import celery_compat
 from millpond_cli.command import Command, json_object
 from millpond_cli.parser import build_parser
 
@@ -117,7 +118,14 @@ def main(argv: list[str] | None = None, *, patched: str | None = None) -> int:
     """Run one command; `patched` is the pool whose monkey-patch the bootstrap already ran."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    ns, _extra = parser.parse_known_args(argv)
+    commands = set(_subcommands(parser))
+    try:
+        argv = celery_compat.hoist_global_options(argv, commands)  # Celery's `-A proj worker`
+        ns, extra = parser.parse_known_args(argv)
+        celery_compat.refuse_celery_flags(ns.command, extra)
+    except ConfigurationError as exc:
+        print(f"millpond: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if getattr(ns, "plugin_command", None) is None:
         ns = parser.parse_args(argv)  # the core's commands: unknown arguments are errors
     ns.patched = patched
@@ -139,6 +147,14 @@ def main(argv: list[str] | None = None, *, patched: str | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
+    """Every subcommand's name, the plugins' included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices)
+    return []
 
 
 def _load(ns: argparse.Namespace) -> tuple[Settings, Millpond | None]:
@@ -184,14 +200,8 @@ def _check_early_patch(settings: Settings, patched: str | None) -> None:
     )
 
 
-def cmd_worker(ns: argparse.Namespace) -> int:
-    import structlog
-
-    from millpond.config import plugins
-    from millpond.config.settings import load_settings
-    from millpond.contracts.hooks import HookChain
-    from millpond_cli import logs
-
+def worker_flags(ns: argparse.Namespace) -> dict[str, Any]:
+    """The settings `millpond worker`'s flags give, Celery's flags translated."""
     flags = _flags(
         ns,
         "app",
@@ -208,11 +218,53 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         "shutdown_timeout",
         "max_deliveries",
         "health.port",
+        "prefork.max_tasks_per_child",
+        "control.mingle",
+        "events.heartbeat_interval",
     )
     if ns.queues:
         flags["queues"] = ns.queues
     if ns.task_events:
         flags["events.tasks"] = True
+    if ns.worker_name is not None:
+        flags["worker_name"] = celery_compat.expand_hostname(ns.worker_name, flag=True)
+    if ns.max_memory_per_child_kib is not None:  # Celery's KiB, the setting's MiB (rounded up)
+        flags["prefork.max_memory_per_child"] = -(-ns.max_memory_per_child_kib // 1024)
+    if ns.optimization == "fair":
+        flags["prefork.prefetch_per_child"] = 1
+    return flags
+
+
+def _check_worker_flags(ns: argparse.Namespace, settings: Settings) -> Settings:
+    """Refuse the Celery flags the chosen pool cannot honour; expand %h in a worker name given
+    elsewhere than the flag."""
+    if settings.pool != "prefork":
+        for given, flag in (
+            (getattr(ns, "prefork.max_tasks_per_child"), "--max-tasks-per-child"),
+            (ns.max_memory_per_child_kib, "--max-memory-per-child"),
+        ):
+            if given is not None:
+                raise ConfigurationError(
+                    f"{flag} replaces prefork child processes, and the {settings.pool!r} pool has "
+                    "none: run it with -P prefork, or drop the flag"
+                )
+    name = settings.worker_name
+    if name and "%" in name and settings.source("worker_name") != "flag":
+        settings = dataclasses.replace(
+            settings, worker_name=celery_compat.expand_hostname(name, flag=False)
+        )
+    return settings
+
+
+def cmd_worker(ns: argparse.Namespace) -> int:
+    import structlog
+
+    from millpond.config import plugins
+    from millpond.config.settings import load_settings
+    from millpond.contracts.hooks import HookChain
+    from millpond_cli import logs
+
+    flags = worker_flags(ns)
     settings = load_settings(flags)
     # the root logger is adopted only after the app is imported: one the app configured stays its
     logs.configure(settings.log_level, settings.log_format, stdlib=False)
@@ -228,6 +280,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         app.use_hooks(installed)
     logs.configure(settings.log_level, settings.log_format, stdlib=settings.log_stdlib)
     _check_early_patch(settings, ns.patched)
+    settings = _check_worker_flags(ns, settings)
     log = structlog.get_logger("millpond.worker")
     for warning in settings.warnings:
         log.warning(warning)

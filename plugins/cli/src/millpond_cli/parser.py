@@ -17,6 +17,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-backend", help="result backend URL (MILLPOND_RESULT_BACKEND)")
 
 
+def _log_level(text: str) -> str:
+    """A log level as the setting takes it: upper case, Celery's FATAL as CRITICAL."""
+    level = text.upper()
+    return "CRITICAL" if level == "FATAL" else level
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="millpond", description="millpond task worker")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -30,11 +36,63 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("-c", "--concurrency", type=int, help="jobs run at once")
     w.add_argument("-Q", "--queues", help="comma-separated queues to consume")
     w.add_argument(
-        "-l", "--loglevel", dest="log_level", type=str.upper, help="DEBUG, INFO, WARNING, ERROR"
+        "-l",
+        "--loglevel",
+        dest="log_level",
+        type=_log_level,
+        help="DEBUG, INFO, WARNING, ERROR, CRITICAL (Celery's FATAL is CRITICAL)",
     )
     w.add_argument("--log-format", choices=("auto", "json", "console"))
-    w.add_argument("-n", "--name", dest="worker_name", help="worker name in logs and spans")
+    w.add_argument(
+        "-n",
+        "--name",
+        "--hostname",
+        dest="worker_name",
+        help="worker name in logs, spans and remote control; as Celery's: %%h, %%n and %%d are "
+        "the host name, its first label and its domain, and a name without @ gets celery@",
+    )
     w.add_argument("--prefetch-multiplier", type=int)
+    w.add_argument(
+        "-O",
+        "--optimization",
+        choices=("default", "fair"),
+        help="fair: a prefork child is sent a job only when idle (prefork.prefetch_per_child = "
+        "1); the other pools take jobs only into free slots already",
+    )
+    w.add_argument(
+        "--max-tasks-per-child",
+        dest="prefork.max_tasks_per_child",
+        metavar="N",
+        type=int,
+        help="replace a prefork child after N tasks (MILLPOND_PREFORK__MAX_TASKS_PER_CHILD)",
+    )
+    w.add_argument(
+        "--max-memory-per-child",
+        dest="max_memory_per_child_kib",
+        metavar="KIB",
+        type=int,
+        help="replace a prefork child past this resident memory, in KiB as Celery's flag "
+        "(the setting prefork.max_memory_per_child is in MiB)",
+    )
+    w.add_argument(
+        "--without-mingle",
+        dest="control.mingle",
+        action="store_false",
+        default=None,
+        help="do not ask running workers for their revoked ids at start (MILLPOND_CONTROL__MINGLE)",
+    )
+    w.add_argument(
+        "--without-gossip",
+        action="store_true",
+        help="accepted from Celery's command lines: millpond workers do not gossip",
+    )
+    w.add_argument(
+        "--heartbeat-interval",
+        dest="events.heartbeat_interval",
+        metavar="SECONDS",
+        type=float,
+        help="seconds between worker-heartbeat events (MILLPOND_EVENTS__HEARTBEAT_INTERVAL)",
+    )
     w.add_argument("--time-limit", type=float, help="default hard time limit (seconds)")
     w.add_argument("--soft-time-limit", type=float, help="default soft time limit (seconds)")
     w.add_argument("--shutdown-timeout", type=float, help="seconds a warm shutdown may take")
@@ -49,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "-E",
         "--task-events",
+        "--events",
         action="store_true",
         default=None,
         help="send task events for monitors such as Flower from the start (MILLPOND_EVENTS__TASKS)",

@@ -1,0 +1,132 @@
+"""What a Celery deploy script passes to `celery -A proj worker ...` that millpond has no flag for:
+each is refused with what to use instead, never ignored; the global options Celery takes before
+the command (`celery -A proj worker`) are moved after it; Celery's `-n` placeholders (%h, %n,
+%d) are expanded.
+
+The flags millpond maps (-n/--hostname, -E/--events, -O, --max-tasks-per-child,
+--max-memory-per-child, --without-gossip, --without-mingle, --heartbeat-interval) are declared
+in `parser`; this module holds only what the parser cannot say.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from millpond.exceptions import ConfigurationError
+
+_FOREGROUND = (
+    "millpond worker runs in the foreground: run it under systemd, supervisord or a container "
+    "(docs/deploy.md)"
+)
+_MANAGER = "set it in the process manager that starts the worker (systemd's User=, Group=, UMask=)"
+
+#: `celery worker` options with no millpond flag -> what to do instead
+WORKER_FLAGS: dict[str, str] = {
+    "-D": _FOREGROUND,
+    "--detach": _FOREGROUND,
+    "--pidfile": f"{_FOREGROUND}, which knows its pid",
+    "-f": "millpond logs to stderr: redirect it (2>>FILE) or let the process manager collect it",
+    "--logfile": "millpond logs to stderr: redirect it (2>>FILE) or let the process manager "
+    "collect it",
+    "--uid": _MANAGER,
+    "--gid": _MANAGER,
+    "--umask": _MANAGER,
+    "--executable": "start the worker with the interpreter you want (python -m millpond worker)",
+    "-S": "revoked ids are kept in millpond-control's revoked file (control.revokes_file, "
+    "MILLPOND_CONTROL__REVOKES_FILE)",
+    "--statedb": "revoked ids are kept in millpond-control's revoked file "
+    "(control.revokes_file, MILLPOND_CONTROL__REVOKES_FILE)",
+    "--disable-prefetch": "use --prefetch-multiplier 1 (and -O fair with -P prefork)",
+    "--pool-start-method": "the prefork pool always forks: drop it",
+    "--purge": "run `millpond purge -Q QUEUES --force` before starting the worker",
+    "--discard": "run `millpond purge -Q QUEUES --force` before starting the worker",
+    "-X": "name the queues to consume with -Q",
+    "--exclude-queues": "name the queues to consume with -Q",
+    "-I": "import those modules from the app's module (-A)",
+    "--include": "import those modules from the app's module (-A)",
+    "--without-heartbeat": "send heartbeats less often with --heartbeat-interval SECONDS, or no "
+    "worker events at all with MILLPOND_EVENTS__ENABLED=false",
+    "--autoscale": "a worker's concurrency is fixed (-c N): scale the number of workers instead "
+    "(`millpond queue-stats --slots` gives an autoscaler the load), or grow and shrink a running "
+    "pool with `celery control pool_grow`/`pool_shrink`",
+    "-s": "millpond beat keeps its state in the broker, not a schedule file: drop it "
+    "(docs/beat.md)",
+    "--schedule": "millpond beat keeps its state in the broker, not a schedule file: drop it "
+    "(docs/beat.md)",
+    "--schedule-filename": "millpond beat keeps its state in the broker, not a schedule file: "
+    "drop it (docs/beat.md)",
+    "--scheduler": "millpond beat has one scheduler, reading beat_schedule: drop it (docs/beat.md)",
+}
+
+_SETTINGS = "millpond reads millpond.toml (MILLPOND_SETTINGS_FILE), MILLPOND_* variables and flags"
+#: `celery` global options with no millpond flag (any command) -> what to do instead
+GLOBAL_FLAGS: dict[str, str] = {
+    "--workdir": "cd to that directory before running millpond",
+    "--loader": f"{_SETTINGS}; drop it",
+    "--config": f"{_SETTINGS}, not a Celery config module",
+    "-C": "use --log-format json for logs without colours",
+    "--no-color": "use --log-format json for logs without colours",
+    "-q": "use --no-banner (worker) and -l WARNING",
+    "--quiet": "use --no-banner (worker) and -l WARNING",
+    "--skip-checks": "drop it",
+}
+
+#: the options `add_common` gives every command: Celery takes them before the command name
+_GLOBAL_WITH_VALUE = ("-A", "--app", "-b", "--broker", "--result-backend")
+
+
+def hoist_global_options(argv: list[str], commands: set[str]) -> list[str]:
+    """`-A proj worker ...` (Celery's order) as `worker -A proj ...`: the common options given
+    before the command name are moved after it; Celery's other global options are refused with
+    what to use instead; anything else is left for argparse to judge."""
+    moved: list[str] = []
+    i = 0
+    while i < len(argv) and argv[i] not in commands:
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if name in _GLOBAL_WITH_VALUE and "=" in arg:
+            moved.append(arg)
+            i += 1
+        elif arg in _GLOBAL_WITH_VALUE and i + 1 < len(argv):
+            moved += argv[i : i + 2]
+            i += 2
+        elif arg[:2] in ("-A", "-b") and len(arg) > 2:
+            moved.append(arg)  # -Aproj
+            i += 1
+        else:
+            refuse_celery_flags(None, [arg])  # Celery's --workdir, --config, ...
+            return argv  # not Celery's global options: argparse says what is wrong
+    if not moved or i == len(argv):
+        return argv
+    return [argv[i], *moved, *argv[i + 1 :]]
+
+
+def refuse_celery_flags(command: str | None, extra: list[str]) -> None:
+    """Refuse a Celery option argparse did not know, with what to use instead."""
+    known = {**GLOBAL_FLAGS, **(WORKER_FLAGS if command == "worker" else {})}
+    for arg in extra:
+        if not arg.startswith("-"):
+            continue
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2]
+        if name in known:
+            raise ConfigurationError(
+                f"{name} is a Celery option millpond does not take: {known[name]}"
+            )
+
+
+def expand_hostname(name: str, *, flag: bool) -> str:
+    """Celery's -n placeholders: %h the host name, %n its first label, %d the rest (the
+    domain), %% a percent sign. Given by `flag` (-n/--hostname), a name without `@` is a host, as
+    in Celery: `celery@` goes first (`celery inspect -d celery@w1` reaches `-n w1`)."""
+    host = socket.gethostname()
+    short, _, domain = host.partition(".")
+    out, i = [], 0
+    while i < len(name):
+        if name[i] == "%" and i + 1 < len(name) and name[i + 1] in "hnd%":
+            out.append({"h": host, "n": short, "d": domain, "%": "%"}[name[i + 1]])
+            i += 2
+        else:
+            out.append(name[i])
+            i += 1
+    expanded = "".join(out)
+    return expanded if "@" in expanded or not flag else f"celery@{expanded}"
