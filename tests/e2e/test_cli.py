@@ -522,3 +522,28 @@ def test_celery_global_options_before_the_command(
     )  # fmt: skip
     assert sent.returncode == 0, sent.stderr
     assert sent.stdout.split()[1] == "5"
+
+
+def test_celery_environment_variables_millpond_would_not_use_are_refused(
+    e2e_env: dict[str, str], producer: Any
+) -> None:
+    """CELERY_BROKER_URL pointing elsewhere than millpond's broker_url: the deploy expects it to
+    count, so the command stops instead of using another broker; one that agrees is fine."""
+    queue = e2e_env["MILLPOND_QUEUES"]
+    elsewhere = {**e2e_env, "CELERY_BROKER_URL": "redis://user:secret@celery-host:6379/0"}
+    for args in (["send", "tests.e2e.app.add", "1", "2"], ["worker", "-A", "tests.e2e.app:app"]):
+        out = millpond(*args, env=elsewhere)
+        assert out.returncode == 2, out.stderr
+        assert "CELERY_BROKER_URL is set (redis://user:***@celery-host:6379/0) but millpond" in (
+            out.stderr
+        )
+        assert "set MILLPOND_BROKER_URL=" in out.stderr and "secret" not in out.stderr
+    assert producer.broker.queue_length(queue) == 0
+    backend = millpond(
+        "send", "tests.e2e.app.add", "1", "2",
+        env={**e2e_env, "CELERY_RESULT_BACKEND": "redis://celery-host:6379/1"},
+    )  # fmt: skip
+    assert backend.returncode == 2 and "MILLPOND_RESULT_BACKEND" in backend.stderr
+    agrees = {**e2e_env, "CELERY_BROKER_URL": e2e_env["MILLPOND_BROKER_URL"]}
+    assert millpond("send", "tests.e2e.app.add", "1", "2", env=agrees).returncode == 0
+    assert producer.broker.queue_length(queue) == 1

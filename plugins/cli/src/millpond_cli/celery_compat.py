@@ -1,7 +1,7 @@
 """What a Celery deploy script passes to `celery -A proj worker ...` that millpond has no flag for:
 each is refused with what to use instead, never ignored; the global options Celery takes before
 the command (`celery -A proj worker`) are moved after it; Celery's `-n` placeholders (%h, %n,
-%d) are expanded.
+%d) are expanded; the environment variables Celery reads are checked against millpond's settings.
 
 The flags millpond maps (-n/--hostname, -E/--events, -O, --max-tasks-per-child,
 --max-memory-per-child, --without-gossip, --without-mingle, --heartbeat-interval) are declared
@@ -10,9 +10,15 @@ in `parser`; this module holds only what the parser cannot say.
 
 from __future__ import annotations
 
+import os
 import socket
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from millpond.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from millpond.config.settings import Settings
 
 _FOREGROUND = (
     "millpond worker runs in the foreground: run it under systemd, supervisord or a container "
@@ -130,3 +136,41 @@ def expand_hostname(name: str, *, flag: bool) -> str:
             i += 1
     expanded = "".join(out)
     return expanded if "@" in expanded or not flag else f"celery@{expanded}"
+
+
+#: Celery's environment variables -> (the millpond setting they would set, its flag)
+_ENV = {
+    "CELERY_BROKER_URL": ("broker_url", "-b"),
+    "CELERY_BROKER_READ_URL": ("broker_url", "-b"),
+    "CELERY_BROKER_WRITE_URL": ("broker_url", "-b"),
+    "CELERY_RESULT_BACKEND": ("result_backend", "--result-backend"),
+}
+
+
+def check_celery_env(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a Celery variable (CELERY_BROKER_URL, ...) whose value millpond would not use: the
+    deploy that sets it expects it to count, and millpond reads MILLPOND_* only. One that agrees
+    with millpond's setting (both sides configured alike) is fine."""
+    from millpond.contracts.broker import mask_url
+
+    env = os.environ if environ is None else environ
+    for var, (name, flag) in _ENV.items():
+        given = env.get(var)
+        if not given:
+            continue
+        used = getattr(settings, name)
+        if given == used:
+            continue
+        upper = f"MILLPOND_{name.upper()}"
+        where = settings.source(name)
+        now = f"{mask_url(used)} ({where})" if used else f"unset ({where})"
+        raise ConfigurationError(
+            f"{var} is set ({mask_url(given)}) but millpond does not read it: its {name} is {now}; "
+            f"set {upper}={mask_url(given)} (or pass {flag}), or unset {var}"
+        )
+    for var in ("CELERY_CONFIG_MODULE", "CELERY_LOADER"):
+        if env.get(var):
+            raise ConfigurationError(
+                f"{var} is set ({env[var]}) but millpond does not read Celery config modules: "
+                f"{_SETTINGS} (`millpond config` shows them); unset {var} for millpond"
+            )

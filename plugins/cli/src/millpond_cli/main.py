@@ -169,10 +169,14 @@ def _load(ns: argparse.Namespace) -> tuple[Settings, Millpond | None]:
     flags = _flags(ns, "app", "broker_url", "result_backend")
     settings = load_settings(flags)
     if not settings.app:
+        if ns.command != "config":
+            celery_compat.check_celery_env(settings)
         return settings, None
     app = load_app(settings.app)
     if app.code_config:
         settings = load_settings(flags, code=app.code_config)
+    if ns.command != "config":  # `config` shows the mismatch, it does not refuse it
+        celery_compat.check_celery_env(settings)
     app.configure(settings)
     return settings, app
 
@@ -280,6 +284,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         app.use_hooks(installed)
     logs.configure(settings.log_level, settings.log_format, stdlib=settings.log_stdlib)
     _check_early_patch(settings, ns.patched)
+    celery_compat.check_celery_env(settings)
     settings = _check_worker_flags(ns, settings)
     log = structlog.get_logger("millpond.worker")
     for warning in settings.warnings:
@@ -564,6 +569,10 @@ def cmd_config(ns: argparse.Namespace) -> int:
         print(f"{name:<{width}}  {value!s:<30}  {source:<32}  {env}")
     for warning in settings.warnings:  # what the worker would log at start-up
         print(f"millpond: warning: {warning}", file=sys.stderr)
+    try:
+        celery_compat.check_celery_env(settings)
+    except ConfigurationError as exc:  # what other commands refuse
+        print(f"millpond: warning: {exc}", file=sys.stderr)
     return EXIT_OK
 
 
