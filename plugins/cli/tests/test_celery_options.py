@@ -30,12 +30,22 @@ def flags(*args: str) -> dict[str, object]:
         (["--without-gossip"], {}),
         (["--heartbeat-interval", "10"], {"events.heartbeat_interval": 10.0}),
         (["--events"], {"events.tasks": True}),
+        (["-P", "processes"], {"pool": "prefork"}),
         (["--hostname", "w1"], {"worker_name": "celery@w1"}),
         (["-n", "w1@%h"], {"worker_name": f"w1@{socket.gethostname()}"}),
     ],
 )
 def test_celery_worker_options_map_to_settings(args: list[str], wanted: dict[str, object]) -> None:
     assert flags(*args) == wanted
+
+
+def test_celerys_concurrency_auto_is_refused_with_what_to_use(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        flags("-c", "auto")
+    assert exited.value.code == 2
+    assert "leave -c out for the pool's default" in capsys.readouterr().err
 
 
 def test_hostname_placeholders_are_celerys() -> None:

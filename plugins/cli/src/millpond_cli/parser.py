@@ -23,6 +23,25 @@ def _log_level(text: str) -> str:
     return "CRITICAL" if level == "FATAL" else level
 
 
+def _pool(text: str) -> str:
+    """A pool's name; Celery's alias `processes` is `prefork`."""
+    return "prefork" if text == "processes" else text
+
+
+def _concurrency(text: str) -> int:
+    """A whole number; Celery's `auto` is refused with what to use."""
+    try:
+        return int(text)
+    except ValueError:
+        hint = (
+            "Celery's -c auto is not taken: leave -c out for the pool's default (prefork: the "
+            "CPU count) or give a number"
+            if text == "auto"
+            else "give a whole number"
+        )
+        raise argparse.ArgumentTypeError(f"{text!r}: {hint}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="millpond", description="millpond task worker")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -32,8 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run a worker")
     common(w)
-    w.add_argument("-P", "--pool", help="execution pool: solo, threads, prefork, gevent, ...")
-    w.add_argument("-c", "--concurrency", type=int, help="jobs run at once")
+    w.add_argument(
+        "-P",
+        "--pool",
+        type=_pool,
+        help="execution pool: solo, threads, prefork (Celery's processes), gevent, ...",
+    )
+    w.add_argument("-c", "--concurrency", type=_concurrency, help="jobs run at once")
     w.add_argument("-Q", "--queues", help="comma-separated queues to consume")
     w.add_argument(
         "-l",
