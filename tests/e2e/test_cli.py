@@ -531,7 +531,11 @@ def test_celery_environment_variables_millpond_would_not_use_are_refused(
     count, so the command stops instead of using another broker; one that agrees is fine."""
     queue = e2e_env["MILLPOND_QUEUES"]
     elsewhere = {**e2e_env, "CELERY_BROKER_URL": "redis://user:secret@celery-host:6379/0"}
-    for args in (["send", "tests.e2e.app.add", "1", "2"], ["worker", "-A", "tests.e2e.app:app"]):
+    for args in (
+        ["send", "tests.e2e.app.add", "1", "2"],
+        ["worker", "-A", "tests.e2e.app:app"],
+        ["inspect", "ping", "--timeout", "0.1"],  # a plugin's command
+    ):
         out = millpond(*args, env=elsewhere)
         assert out.returncode == 2, out.stderr
         assert "CELERY_BROKER_URL is set (redis://user:***@celery-host:6379/0) but millpond" in (

@@ -168,14 +168,15 @@ def _load(ns: argparse.Namespace) -> tuple[Settings, Millpond | None]:
 
     flags = _flags(ns, "app", "broker_url", "result_backend")
     settings = load_settings(flags)
+    check_env = getattr(ns, "command", None) != "config"  # `config` shows a mismatch
     if not settings.app:
-        if ns.command != "config":
+        if check_env:
             celery_compat.check_celery_env(settings)
         return settings, None
     app = load_app(settings.app)
     if app.code_config:
         settings = load_settings(flags, code=app.code_config)
-    if ns.command != "config":  # `config` shows the mismatch, it does not refuse it
+    if check_env:
         celery_compat.check_celery_env(settings)
     app.configure(settings)
     return settings, app
