@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -551,3 +552,25 @@ def test_celery_environment_variables_millpond_would_not_use_are_refused(
     agrees = {**e2e_env, "CELERY_BROKER_URL": e2e_env["MILLPOND_BROKER_URL"]}
     assert millpond("send", "tests.e2e.app.add", "1", "2", env=agrees).returncode == 0
     assert producer.broker.queue_length(queue) == 1
+
+
+def test_send_takes_celery_calls_options(spawn_worker: Any, e2e_env: dict[str, str]) -> None:
+    """`celery call`'s --args/-k, --eta and --expires, as a script written for it passes them."""
+    spawn_worker("-P", "solo").wait_ready()
+    send = partial(millpond, "send", "tests.e2e.app.add", env=e2e_env)
+    sent = send("--args", "[2, 40]", "--wait", "--timeout", "20")
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout.split()[1] == "42"
+    soon = (datetime.now(UTC) + timedelta(seconds=0.5)).replace(tzinfo=None).isoformat()
+    later = send("-k", '{"x": 1, "y": 2}', "--eta", soon, "--wait", "--timeout", "20")
+    assert later.returncode == 0 and later.stdout.split()[1] == "3", later.stderr
+    expired = send("--args", "[1, 1]", "--expires", "2000-01-01T00:00:00", "--wait")
+    assert expired.returncode == 1 and "expired" in expired.stderr.lower(), expired.stderr
+    for args, wanted in [
+        (["1", "--args", "[1]"], "positionally or as --args, not both"),
+        (["--args", "{}"], "--args must be a JSON array"),
+        (["--eta", "tomorrow"], "--eta 'tomorrow' is not an ISO 8601 time"),
+        (["--routing-key", "x"], "millpond routes by queue: send with -Q QUEUE"),
+    ]:
+        bad = send(*args)
+        assert bad.returncode == 2 and wanted in bad.stderr, (args, bad.stderr)

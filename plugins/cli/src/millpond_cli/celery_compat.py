@@ -77,6 +77,13 @@ GLOBAL_FLAGS: dict[str, str] = {
     "--skip-checks": "drop it",
 }
 
+#: `celery call` options `millpond send` has no flag for -> what to do instead
+SEND_FLAGS: dict[str, str] = {
+    "--serializer": "millpond sends JSON (the Celery default): drop it",
+    "--exchange": "millpond routes by queue: send with -Q QUEUE",
+    "--routing-key": "millpond routes by queue: send with -Q QUEUE",
+}
+
 #: the options `add_common` gives every command: Celery takes them before the command name
 _GLOBAL_WITH_VALUE = ("-A", "--app", "-b", "--broker", "--result-backend")
 
@@ -109,7 +116,8 @@ def hoist_global_options(argv: list[str], commands: set[str]) -> list[str]:
 
 def refuse_celery_flags(command: str | None, extra: list[str]) -> None:
     """Refuse a Celery option argparse did not know, with what to use instead."""
-    known = {**GLOBAL_FLAGS, **(WORKER_FLAGS if command == "worker" else {})}
+    own = {"worker": WORKER_FLAGS, "send": SEND_FLAGS}.get(command or "", {})
+    known = {**GLOBAL_FLAGS, **own}
     for arg in extra:
         if not arg.startswith("-"):
             continue

@@ -15,6 +15,7 @@ import importlib
 import json
 import os
 import sys
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from millpond import __version__
@@ -83,6 +84,27 @@ def _parse_arg(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _json_array(flag: str, text: str) -> list[Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{flag} is not valid JSON: {exc}") from None
+    if not isinstance(value, list):
+        raise ConfigurationError(f"{flag} must be a JSON array, e.g. '[1, 2]'")
+    return value
+
+
+def _time(flag: str, text: str) -> datetime:
+    """An ISO 8601 time; without an offset it is UTC (Celery's default timezone)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigurationError(
+            f"{flag} {text!r} is not an ISO 8601 time, e.g. 2030-01-31T12:00:00+00:00"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def load_from_args(ns: argparse.Namespace) -> tuple[Settings, Millpond | None]:
@@ -355,15 +377,31 @@ def cmd_send(ns: argparse.Namespace) -> int:
     if app is None:
         app = Millpond("cli", settings=settings)
     kwargs = json_object("--kwargs", ns.kwargs, '{"x": 1}')
+    args = [_parse_arg(a) for a in ns.args]
+    if ns.json_args is not None:
+        if args:
+            raise ConfigurationError("give the arguments positionally or as --args, not both")
+        args = _json_array("--args", ns.json_args)
+    when: dict[str, Any] = {}
+    if ns.eta is not None:
+        if ns.countdown is not None:
+            raise ConfigurationError("give --countdown or --eta, not both")
+        when["eta"] = _time("--eta", ns.eta)
+    if ns.expires is not None:
+        try:
+            when["expires"] = float(ns.expires)
+        except ValueError:
+            when["expires"] = _time("--expires", ns.expires)
     hooks = app.hooks
     hooks.process_starting("millpond-send")  # a `publish` span when OTEL_* ask
     try:
         result = app.send_task(
             ns.task,
-            [_parse_arg(a) for a in ns.args],
+            args,
             kwargs,
             queue=ns.queue,
             countdown=ns.countdown,
+            **when,
             # rpc://: only this process could read the result, and without --wait it is gone
             reply_to=None if ns.wait else "",
         )

@@ -148,9 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     common(s)
     s.add_argument("task", help="the task's registered name")
     s.add_argument("args", nargs="*", help="positional arguments (JSON values, else strings)")
-    s.add_argument("--kwargs", default="{}", help="keyword arguments as a JSON object")
+    s.add_argument(
+        "-a",
+        "--args",
+        dest="json_args",
+        metavar="JSON",
+        help="positional arguments as a JSON array, as `celery call --args` takes them",
+    )
+    s.add_argument("-k", "--kwargs", default="{}", help="keyword arguments as a JSON object")
     s.add_argument("-Q", "--queue", help="queue to send to")
     s.add_argument("--countdown", type=float, help="run no sooner than N seconds from now")
+    s.add_argument(
+        "--eta", metavar="ISO8601", help="run no sooner than this time (UTC when it has no offset)"
+    )
+    s.add_argument(
+        "--expires",
+        metavar="SECONDS|ISO8601",
+        help="discard the task if it has not started by then (seconds from now, or a time)",
+    )
     s.add_argument("--wait", action="store_true", help="wait for the result and print it")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits")
 
