@@ -549,6 +549,16 @@ def test_celery_environment_variables_millpond_would_not_use_are_refused(
         env={**e2e_env, "CELERY_RESULT_BACKEND": "redis://celery-host:6379/1"},
     )  # fmt: skip
     assert backend.returncode == 2 and "MILLPOND_RESULT_BACKEND" in backend.stderr
+    app = millpond("send", "tests.e2e.app.add", "1", env={**e2e_env, "CELERY_APP": "tests.e2e"})
+    assert app.returncode == 2 and "set MILLPOND_APP" in app.stderr  # else: no task routes
+    for var, value, wanted in [
+        ("CELERY_WORKER_QUEUES", "emails", "use MILLPOND_QUEUES or -Q"),
+        ("CELERY_WORKER_CONCURRENCY", "8", "use MILLPOND_CONCURRENCY or -c"),
+        ("CELERY_WORKER_AUTOSCALE", "10,3", "scale the number of workers"),
+    ]:
+        out = millpond("worker", "-A", "tests.e2e.app:app", env={**e2e_env, var: value})
+        assert out.returncode == 2 and f"{var} is set ({value})" in out.stderr, out.stderr
+        assert wanted in out.stderr
     agrees = {**e2e_env, "CELERY_BROKER_URL": e2e_env["MILLPOND_BROKER_URL"]}
     assert millpond("send", "tests.e2e.app.add", "1", "2", env=agrees).returncode == 0
     assert producer.broker.queue_length(queue) == 1

@@ -155,13 +155,54 @@ _ENV = {
 }
 
 
-def check_celery_env(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+#: `celery worker`'s options read from CELERY_WORKER_<OPTION> (click's automatic variables) ->
+#: what sets the same in millpond
+_WORKER_ENV = {
+    "hostname": "MILLPOND_WORKER_NAME or -n",
+    "loglevel": "MILLPOND_LOG_LEVEL or -l",
+    "prefetch_multiplier": "MILLPOND_PREFETCH_MULTIPLIER or --prefetch-multiplier",
+    "concurrency": "MILLPOND_CONCURRENCY or -c",
+    "pool": "MILLPOND_POOL or -P",
+    "task_events": "MILLPOND_EVENTS__TASKS=true or -E",
+    "time_limit": "MILLPOND_TIME_LIMIT or --time-limit",
+    "soft_time_limit": "MILLPOND_SOFT_TIME_LIMIT or --soft-time-limit",
+    "max_tasks_per_child": "MILLPOND_PREFORK__MAX_TASKS_PER_CHILD or --max-tasks-per-child",
+    "max_memory_per_child": "MILLPOND_PREFORK__MAX_MEMORY_PER_CHILD (MiB) or "
+    "--max-memory-per-child (KiB)",
+    "queues": "MILLPOND_QUEUES or -Q",
+    "optimization": "-O fair or MILLPOND_PREFORK__PREFETCH_PER_CHILD=1",
+    "without_mingle": "MILLPOND_CONTROL__MINGLE=false or --without-mingle",
+    "without_gossip": "nothing: millpond workers do not gossip",
+    "heartbeat_interval": "MILLPOND_EVENTS__HEARTBEAT_INTERVAL or --heartbeat-interval",
+    "beat": "-B",
+}
+
+
+def check_celery_env(
+    settings: Settings, environ: Mapping[str, str] | None = None, *, worker: bool = False
+) -> None:
     """Refuse a Celery variable (CELERY_BROKER_URL, ...) whose value millpond would not use: the
     deploy that sets it expects it to count, and millpond reads MILLPOND_* only. One that agrees
-    with millpond's setting (both sides configured alike) is fine."""
+    with millpond's setting (both sides configured alike) is fine. A `worker` also refuses
+    CELERY_WORKER_<OPTION>, which only `celery worker` reads."""
     from millpond.contracts.broker import mask_url
 
     env = os.environ if environ is None else environ
+    if env.get("CELERY_APP") and not settings.app:
+        raise ConfigurationError(
+            f"CELERY_APP is set ({env['CELERY_APP']}) but millpond does not read it: pass "
+            "-A module:attribute or set MILLPOND_APP (e.g. MILLPOND_APP=shop.tasks:app)"
+        )
+    for var in sorted(env) if worker else ():
+        if not var.startswith("CELERY_WORKER_") or not env[var]:
+            continue
+        option = var.removeprefix("CELERY_WORKER_").lower()
+        refused = WORKER_FLAGS.get("--" + option.replace("_", "-"))
+        use = f"use {_WORKER_ENV[option]}" if option in _WORKER_ENV else refused
+        raise ConfigurationError(
+            f"{var} is set ({env[var]}) but millpond does not read it: "
+            f"{use or 'millpond has no such option'}; unset {var} for millpond"
+        )
     for var, (name, flag) in _ENV.items():
         given = env.get(var)
         if not given:

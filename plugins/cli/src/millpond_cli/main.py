@@ -307,7 +307,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         app.use_hooks(installed)
     logs.configure(settings.log_level, settings.log_format, stdlib=settings.log_stdlib)
     _check_early_patch(settings, ns.patched)
-    celery_compat.check_celery_env(settings)
+    celery_compat.check_celery_env(settings, worker=True)
     settings = _check_worker_flags(ns, settings)
     log = structlog.get_logger("millpond.worker")
     for warning in settings.warnings:
