@@ -39,13 +39,20 @@ def test_celery_worker_options_map_to_settings(args: list[str], wanted: dict[str
     assert flags(*args) == wanted
 
 
-def test_celerys_concurrency_auto_is_refused_with_what_to_use(
-    capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize(
+    ("args", "wanted"),
+    [
+        (["-c", "auto"], "leave -c out for the pool's default"),
+        (["--prefetch-multiplier", "0"], "Celery's 0 (no prefetch limit) is not taken"),
+    ],
+)
+def test_celery_values_millpond_does_not_take_are_refused_with_what_to_use(
+    args: list[str], wanted: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exited:
-        flags("-c", "auto")
+        flags(*args)
     assert exited.value.code == 2
-    assert "leave -c out for the pool's default" in capsys.readouterr().err
+    assert wanted in capsys.readouterr().err
 
 
 def test_hostname_placeholders_are_celerys() -> None:

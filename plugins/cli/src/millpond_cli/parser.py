@@ -42,6 +42,17 @@ def _concurrency(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r}: {hint}") from None
 
 
+def _prefetch_multiplier(text: str) -> int:
+    """A whole number; Celery's 0 (no limit) is refused with what to use."""
+    value = _concurrency(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(
+            "0: Celery's 0 (no prefetch limit) is not taken: a worker holds at most concurrency "
+            "x prefetch_multiplier messages; give a number, e.g. 4 (the default)"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="millpond", description="millpond task worker")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -75,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker name in logs, spans and remote control; as Celery's: %%h, %%n and %%d are "
         "the host name, its first label and its domain, and a name without @ gets celery@",
     )
-    w.add_argument("--prefetch-multiplier", type=int)
+    w.add_argument(
+        "--prefetch-multiplier",
+        type=_prefetch_multiplier,
+        help="messages held per unit of concurrency (at least 1)",
+    )
     w.add_argument(
         "-O",
         "--optimization",
