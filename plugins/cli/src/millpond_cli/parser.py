@@ -44,7 +44,10 @@ def _concurrency(text: str) -> int:
 
 def _prefetch_multiplier(text: str) -> int:
     """A whole number; Celery's 0 (no limit) is refused with what to use."""
-    value = _concurrency(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number") from None
     if value == 0:
         raise argparse.ArgumentTypeError(
             "0: Celery's 0 (no prefetch limit) is not taken: a worker holds at most concurrency "
