@@ -204,6 +204,27 @@ def test_dlq_list_replay_purge(spawn_worker: Any, e2e_env: dict[str, str], produ
     assert "1 messages purged" in purged.stdout
 
 
+def test_dlq_limit_is_refused_where_it_would_not_hold(
+    spawn_worker: Any, e2e_env: dict[str, str], producer: Any
+) -> None:
+    """`dlq purge --limit 1` deleted every dead letter; `--limit 0` listed 20."""
+    from millpond.wire.protocol import encode_task
+
+    queue = e2e_env["MILLPOND_QUEUES"]
+    spawn_worker("-P", "solo").wait_ready()
+    for _ in range(2):
+        producer.broker.publish(queue, encode_task("no.such", [], {}))
+    wait_until(lambda: len(producer.broker.dead_letters(queue)) == 2, 20, "two dead letters")
+    for args, wanted in [
+        (["purge", "--limit", "1", "--force"], "--limit applies to list and replay only"),
+        (["list", "--limit", "0"], "--limit must be at least 1, got 0"),
+        (["replay", "--limit", "-1"], "--limit must be at least 1, got -1"),
+    ]:
+        out = millpond("dlq", *args, env=e2e_env)
+        assert out.returncode == 2 and wanted in out.stderr, (args, out.stdout, out.stderr)
+    assert len(producer.broker.dead_letters(queue)) == 2
+
+
 def test_signed_messages(
     spawn_worker: Any, e2e_env: dict[str, str], producer: Any, monkeypatch: Any
 ) -> None:

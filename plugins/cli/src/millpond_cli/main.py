@@ -517,6 +517,13 @@ def cmd_dlq(ns: argparse.Namespace) -> int:
 
     settings, _app = _load(ns)
     queues = _queues(ns, settings)
+    if ns.limit is not None and ns.limit < 1:
+        raise ConfigurationError(f"--limit must be at least 1, got {ns.limit}")
+    if ns.action == "purge" and ns.limit is not None:
+        raise ConfigurationError(
+            "dlq purge deletes every dead letter of the queue: --limit applies to list and "
+            "replay only; leave it out to purge them all"
+        )
     app = Millpond("cli", settings=settings)
     try:
         for queue in queues:
