@@ -2,7 +2,8 @@
 commands plugins add (`inspect`, `control` and `events` come with millpond-control, `beat` with
 millpond-beat).
 
-Flags mirror the ones Celery users type (-A, -P, -c, -Q, -l). Exit codes: 0 success, 1 a task or
+Flags mirror the ones Celery users type (-A, -P, -c, -Q, -l, -n, -O, ...; `celery_compat` refuses
+the others with what to use instead). Exit codes: 0 success, 1 a task or
 operation failed (or a cold shutdown), 2 a usage, settings or plugin error (with a message that says
 what to do).
 """
