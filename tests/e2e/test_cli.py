@@ -546,6 +546,14 @@ def test_celery_global_options_before_the_command(
     assert sent.stdout.split()[1] == "5"
 
 
+def test_celerys_dotted_app_spec_names_the_attribute(e2e_env: dict[str, str]) -> None:
+    """`-A tests.e2e.app.app`, as Celery reads it (module tests.e2e.app, attribute app)."""
+    out = millpond("send", "-A", "tests.e2e.app.app", "tests.e2e.app.add", "1", "2", env=e2e_env)
+    assert out.returncode == 0, out.stderr
+    missing = millpond("send", "-A", "tests.e2e.nope.app", "x", env=e2e_env)
+    assert missing.returncode == 2 and "No module named 'tests.e2e.nope'" in missing.stderr
+
+
 def test_celery_environment_variables_millpond_would_not_use_are_refused(
     e2e_env: dict[str, str], producer: Any
 ) -> None:

@@ -47,12 +47,15 @@ def load_app(spec: str | None) -> Any:
         raise ConfigurationError(
             "no app given: pass -A module:attribute (or set MILLPOND_APP), e.g. -A shop.tasks:app"
         )
-    module_name, _, attr = spec.partition(":")
+    module_name, colon, attr = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        parent, dot, last = module_name.rpartition(".")
+        if exc.name == module_name and dot and not colon:  # Celery's -A proj.tasks.app
+            return load_app(f"{parent}:{last}")
         if exc.name and module_name.startswith(exc.name):
             raise ConfigurationError(
                 f"cannot import app module {module_name!r}: {exc}; run from the directory that "
