@@ -503,6 +503,7 @@ def test_queue_stats_reports_what_redis_holds_for_scripts() -> None:
         (["worker", "--without-heartbeat"], "--heartbeat-interval SECONDS"),
         (["worker", "--uid", "app"], "systemd's User="),
         (["--workdir", "/srv", "worker"], "--workdir is a Celery option"),
+        (["purge", "-X", "slow", "--force"], "name the queues to purge with -Q"),
         (["worker", "-P", "threads", "--max-tasks-per-child", "10"], "the 'threads' pool has none"),
         (["worker", "-P", "solo", "--max-memory-per-child", "1000"], "run it with -P prefork"),
     ],

@@ -84,6 +84,12 @@ SEND_FLAGS: dict[str, str] = {
     "--routing-key": "millpond routes by queue: send with -Q QUEUE",
 }
 
+#: `celery purge` options `millpond purge` has no flag for -> what to do instead
+PURGE_FLAGS: dict[str, str] = {
+    "-X": "name the queues to purge with -Q",
+    "--exclude-queues": "name the queues to purge with -Q",
+}
+
 #: the options `add_common` gives every command: Celery takes them before the command name
 _GLOBAL_WITH_VALUE = ("-A", "--app", "-b", "--broker", "--result-backend")
 
@@ -116,7 +122,7 @@ def hoist_global_options(argv: list[str], commands: set[str]) -> list[str]:
 
 def refuse_celery_flags(command: str | None, extra: list[str]) -> None:
     """Refuse a Celery option argparse did not know, with what to use instead."""
-    own = {"worker": WORKER_FLAGS, "send": SEND_FLAGS}.get(command or "", {})
+    own = {"worker": WORKER_FLAGS, "send": SEND_FLAGS, "purge": PURGE_FLAGS}.get(command or "", {})
     known = {**GLOBAL_FLAGS, **own}
     for arg in extra:
         if not arg.startswith("-"):
