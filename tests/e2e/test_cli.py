@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import uuid
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,21 @@ def test_purge(e2e_env: dict[str, str], producer: Any) -> None:
     assert done.returncode == 0 and "3 messages purged" in done.stdout
 
 
+def test_purge_with_an_empty_or_bad_queue_list_purges_nothing(
+    e2e_env: dict[str, str], producer: Any
+) -> None:
+    """`-Q ""` (an unset variable in a script) is not "the configured queues", and a list with an
+    empty name is refused before any queue is purged."""
+    queue = e2e_env["MILLPOND_QUEUES"]
+    for _ in range(2):
+        producer.send_task("tests.e2e.app.add", (1, 1))
+    for given in ("", f"{queue},,other", f"{queue}, "):
+        out = millpond("purge", "-Q", given, "--force", env=e2e_env)
+        assert out.returncode == 2, (given, out.stdout, out.stderr)
+        assert "empty queue name" in out.stderr and "purged" not in out.stdout
+    assert producer.broker.queue_length(queue) == 2
+
+
 def test_worker_without_app_says_what_to_do(e2e_env: dict[str, str]) -> None:
     out = millpond("worker", "-P", "solo", env=e2e_env)
     assert out.returncode == 2
@@ -185,6 +202,27 @@ def test_dlq_list_replay_purge(spawn_worker: Any, e2e_env: dict[str, str], produ
     assert millpond("dlq", "purge", env=e2e_env).returncode == 2
     purged = millpond("dlq", "purge", "--force", env=e2e_env)
     assert "1 messages purged" in purged.stdout
+
+
+def test_dlq_limit_is_refused_where_it_would_not_hold(
+    spawn_worker: Any, e2e_env: dict[str, str], producer: Any
+) -> None:
+    """`dlq purge --limit 1` deleted every dead letter; `--limit 0` listed 20."""
+    from millpond.wire.protocol import encode_task
+
+    queue = e2e_env["MILLPOND_QUEUES"]
+    spawn_worker("-P", "solo").wait_ready()
+    for _ in range(2):
+        producer.broker.publish(queue, encode_task("no.such", [], {}))
+    wait_until(lambda: len(producer.broker.dead_letters(queue)) == 2, 20, "two dead letters")
+    for args, wanted in [
+        (["purge", "--limit", "1", "--force"], "--limit applies to list and replay only"),
+        (["list", "--limit", "0"], "--limit must be at least 1, got 0"),
+        (["replay", "--limit", "-1"], "--limit must be at least 1, got -1"),
+    ]:
+        out = millpond("dlq", *args, env=e2e_env)
+        assert out.returncode == 2 and wanted in out.stderr, (args, out.stdout, out.stderr)
+    assert len(producer.broker.dead_letters(queue)) == 2
 
 
 def test_signed_messages(
@@ -448,3 +486,131 @@ def test_queue_stats_reports_what_redis_holds_for_scripts() -> None:
         if found:
             client.delete(*found)
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "wanted"),
+    [
+        (
+            ["worker", "--autoscale", "10,3"],
+            "--autoscale is a Celery option millpond does not take",
+        ),
+        (["worker", "-D"], "-D is a Celery option millpond does not take: millpond worker runs"),
+        (["worker", "--pidfile=/tmp/w.pid"], "--pidfile is a Celery option"),
+        (["worker", "-f", "w.log"], "millpond logs to stderr: redirect it (2>>FILE)"),
+        (["worker", "--purge"], "run `millpond purge -Q QUEUES --force` before"),
+        (["worker", "-X", "slow"], "name the queues to consume with -Q"),
+        (["worker", "--without-heartbeat"], "--heartbeat-interval SECONDS"),
+        (["worker", "--uid", "app"], "systemd's User="),
+        (["--workdir", "/srv", "worker"], "--workdir is a Celery option"),
+        (["purge", "-X", "slow", "--force"], "name the queues to purge with -Q"),
+        (["worker", "-P", "threads", "--max-tasks-per-child", "10"], "the 'threads' pool has none"),
+        (["worker", "-P", "solo", "--max-memory-per-child", "1000"], "run it with -P prefork"),
+    ],
+)
+def test_celery_worker_options_without_an_equivalent_are_refused_with_what_to_use(
+    args: list[str], wanted: str, e2e_env: dict[str, str]
+) -> None:
+    """A Celery deploy script's options either work or stop the worker with what to use instead
+    (argparse alone said only "unrecognized arguments")."""
+    out = millpond(*args, env={**e2e_env, "MILLPOND_APP": "tests.e2e.app:app"})
+    assert out.returncode == 2, out.stderr
+    assert wanted in out.stderr and "Traceback" not in out.stderr
+
+
+def test_celery_worker_options_with_an_equivalent_are_honoured(
+    spawn_worker: Any, producer: Any
+) -> None:
+    """`-n w1@%h` names the worker as Celery would (a remote control `-d w1@host` reaches it); the
+    other options map to millpond settings and the worker runs."""
+    worker = spawn_worker(
+        "-P", "threads", "-c", "2", "-n", "w1@%h", "-O", "fair", "--without-gossip",
+        "--without-mingle", "--heartbeat-interval", "5", "--events", "-l", "info",
+    )  # fmt: skip
+    ready = worker.wait_line(lambda line: line.get("event") == "worker ready")
+    assert ready["worker"] == f"w1@{socket.gethostname()}"
+    assert producer.send_task("tests.e2e.app.add", (2, 3)).get(timeout=20) == 5
+
+
+def test_celery_global_options_before_the_command(
+    spawn_worker: Any, e2e_env: dict[str, str]
+) -> None:
+    """`millpond -A proj -b URL send ...`, Celery's order (`celery -A proj worker`)."""
+    spawn_worker("-P", "solo").wait_ready()
+    env = {k: v for k, v in e2e_env.items() if k != "MILLPOND_BROKER_URL"}
+    url = e2e_env["MILLPOND_BROKER_URL"]
+    sent = millpond(
+        "-A", "tests.e2e.app:app", "-b", url, "send", "tests.e2e.app.add", "2", "3", "--wait",
+        "--timeout", "20", env={**env, "MILLPOND_BROKER_URL": ""},
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout.split()[1] == "5"
+
+
+def test_celerys_dotted_app_spec_names_the_attribute(e2e_env: dict[str, str]) -> None:
+    """`-A tests.e2e.app.app`, as Celery reads it (module tests.e2e.app, attribute app)."""
+    out = millpond("send", "-A", "tests.e2e.app.app", "tests.e2e.app.add", "1", "2", env=e2e_env)
+    assert out.returncode == 0, out.stderr
+    missing = millpond("send", "-A", "tests.e2e.nope.app", "x", env=e2e_env)
+    assert missing.returncode == 2 and "No module named 'tests.e2e.nope'" in missing.stderr
+
+
+def test_celery_environment_variables_millpond_would_not_use_are_refused(
+    e2e_env: dict[str, str], producer: Any
+) -> None:
+    """CELERY_BROKER_URL pointing elsewhere than millpond's broker_url: the deploy expects it to
+    count, so the command stops instead of using another broker; one that agrees is fine."""
+    queue = e2e_env["MILLPOND_QUEUES"]
+    elsewhere = {**e2e_env, "CELERY_BROKER_URL": "redis://user:secret@celery-host:6379/0"}
+    for args in (
+        ["send", "tests.e2e.app.add", "1", "2"],
+        ["worker", "-A", "tests.e2e.app:app"],
+        ["inspect", "ping", "--timeout", "0.1"],  # a plugin's command
+    ):
+        out = millpond(*args, env=elsewhere)
+        assert out.returncode == 2, out.stderr
+        assert "CELERY_BROKER_URL is set (redis://user:***@celery-host:6379/0) but millpond" in (
+            out.stderr
+        )
+        assert "set MILLPOND_BROKER_URL=" in out.stderr and "secret" not in out.stderr
+    assert producer.broker.queue_length(queue) == 0
+    backend = millpond(
+        "send", "tests.e2e.app.add", "1", "2",
+        env={**e2e_env, "CELERY_RESULT_BACKEND": "redis://celery-host:6379/1"},
+    )  # fmt: skip
+    assert backend.returncode == 2 and "MILLPOND_RESULT_BACKEND" in backend.stderr
+    app = millpond("send", "tests.e2e.app.add", "1", env={**e2e_env, "CELERY_APP": "tests.e2e"})
+    assert app.returncode == 2 and "set MILLPOND_APP" in app.stderr  # else: no task routes
+    for var, value, wanted in [
+        ("CELERY_WORKER_QUEUES", "emails", "use MILLPOND_QUEUES or -Q"),
+        ("CELERY_WORKER_CONCURRENCY", "8", "use MILLPOND_CONCURRENCY or -c"),
+        ("CELERY_WORKER_AUTOSCALE", "10,3", "scale the number of workers"),
+    ]:
+        out = millpond("worker", "-A", "tests.e2e.app:app", env={**e2e_env, var: value})
+        assert out.returncode == 2 and f"{var} is set ({value})" in out.stderr, out.stderr
+        assert wanted in out.stderr
+    agrees = {**e2e_env, "CELERY_BROKER_URL": e2e_env["MILLPOND_BROKER_URL"]}
+    assert millpond("send", "tests.e2e.app.add", "1", "2", env=agrees).returncode == 0
+    assert producer.broker.queue_length(queue) == 1
+
+
+def test_send_takes_celery_calls_options(spawn_worker: Any, e2e_env: dict[str, str]) -> None:
+    """`celery call`'s --args/-k, --eta and --expires, as a script written for it passes them."""
+    spawn_worker("-P", "solo").wait_ready()
+    send = partial(millpond, "send", "tests.e2e.app.add", env=e2e_env)
+    sent = send("--args", "[2, 40]", "--wait", "--timeout", "20")
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout.split()[1] == "42"
+    soon = (datetime.now(UTC) + timedelta(seconds=0.5)).replace(tzinfo=None).isoformat()
+    later = send("-k", '{"x": 1, "y": 2}', "--eta", soon, "--wait", "--timeout", "20")
+    assert later.returncode == 0 and later.stdout.split()[1] == "3", later.stderr
+    expired = send("--args", "[1, 1]", "--expires", "2000-01-01T00:00:00", "--wait")
+    assert expired.returncode == 1 and "expired" in expired.stderr.lower(), expired.stderr
+    for args, wanted in [
+        (["1", "--args", "[1]"], "positionally or as --args, not both"),
+        (["--args", "{}"], "--args must be a JSON array"),
+        (["--eta", "tomorrow"], "--eta 'tomorrow' is not an ISO 8601 time"),
+        (["--routing-key", "x"], "millpond routes by queue: send with -Q QUEUE"),
+    ]:
+        bad = send(*args)
+        assert bad.returncode == 2 and wanted in bad.stderr, (args, bad.stderr)

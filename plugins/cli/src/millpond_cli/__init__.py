@@ -5,7 +5,8 @@ it monkey-patches the interpreter for a green pool before anything else is impor
 `main`, the core commands (worker, send, result, purge, queue-stats, dlq, plugins, config,
 new-pool) and the ones plugins add through `millpond.commands` (`main.load_from_args` gives a
 plugin command the settings and app from the common flags). `parser` declares every flag,
-`logs` sets up structlog and stdlib logging for the processes the commands own, `scaffold`
-writes a pool plugin package from `templates/pool`, `settings_docs` generates docs/settings.md.
+`celery_compat` what Celery's command lines and variables need beyond them, `logs` sets up
+structlog and stdlib logging for the processes the commands own, `scaffold` writes a pool plugin
+package from `templates/pool`, `settings_docs` generates docs/settings.md.
 Importing this package imports nothing but itself.
 """

@@ -2,7 +2,8 @@
 commands plugins add (`inspect`, `control` and `events` come with millpond-control, `beat` with
 millpond-beat).
 
-Flags mirror the ones Celery users type (-A, -P, -c, -Q, -l). Exit codes: 0 success, 1 a task or
+Flags mirror the ones Celery users type (-A, -P, -c, -Q, -l, -n, -O, ...; `celery_compat` refuses
+the others with what to use instead). Exit codes: 0 success, 1 a task or
 operation failed (or a cold shutdown), 2 a usage, settings or plugin error (with a message that says
 what to do).
 """
@@ -15,6 +16,7 @@ import importlib
 import json
 import os
 import sys
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from millpond import __version__
@@ -25,6 +27,7 @@ from millpond.exceptions import (
     PluginLoadError,
     PluginNotFound,
 )
+from millpond_cli import celery_compat
 from millpond_cli.command import Command, json_object
 from millpond_cli.parser import build_parser
 
@@ -44,12 +47,15 @@ def load_app(spec: str | None) -> Any:
         raise ConfigurationError(
             "no app given: pass -A module:attribute (or set MILLPOND_APP), e.g. -A shop.tasks:app"
         )
-    module_name, _, attr = spec.partition(":")
+    module_name, colon, attr = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        parent, dot, last = module_name.rpartition(".")
+        if exc.name == module_name and dot and not colon:  # Celery's -A proj.tasks.app
+            return load_app(f"{parent}:{last}")
         if exc.name and module_name.startswith(exc.name):
             raise ConfigurationError(
                 f"cannot import app module {module_name!r}: {exc}; run from the directory that "
@@ -82,6 +88,27 @@ def _parse_arg(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _json_array(flag: str, text: str) -> list[Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{flag} is not valid JSON: {exc}") from None
+    if not isinstance(value, list):
+        raise ConfigurationError(f"{flag} must be a JSON array, e.g. '[1, 2]'")
+    return value
+
+
+def _time(flag: str, text: str) -> datetime:
+    """An ISO 8601 time; without an offset it is UTC (Celery's default timezone)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigurationError(
+            f"{flag} {text!r} is not an ISO 8601 time, e.g. 2030-01-31T12:00:00+00:00"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def load_from_args(ns: argparse.Namespace) -> tuple[Settings, Millpond | None]:
@@ -117,7 +144,14 @@ def main(argv: list[str] | None = None, *, patched: str | None = None) -> int:
     """Run one command; `patched` is the pool whose monkey-patch the bootstrap already ran."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    ns, _extra = parser.parse_known_args(argv)
+    commands = set(_subcommands(parser))
+    try:
+        argv = celery_compat.hoist_global_options(argv, commands)  # Celery's `-A proj worker`
+        ns, extra = parser.parse_known_args(argv)
+        celery_compat.refuse_celery_flags(ns.command, extra)
+    except ConfigurationError as exc:
+        print(f"millpond: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if getattr(ns, "plugin_command", None) is None:
         ns = parser.parse_args(argv)  # the core's commands: unknown arguments are errors
     ns.patched = patched
@@ -141,6 +175,14 @@ def main(argv: list[str] | None = None, *, patched: str | None = None) -> int:
         return 130
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
+    """Every subcommand's name, the plugins' included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices)
+    return []
+
+
 def _load(ns: argparse.Namespace) -> tuple[Settings, Millpond | None]:
     """(settings, app) for the commands that take -A; the app is None when none is given.
 
@@ -152,11 +194,16 @@ def _load(ns: argparse.Namespace) -> tuple[Settings, Millpond | None]:
 
     flags = _flags(ns, "app", "broker_url", "result_backend")
     settings = load_settings(flags)
+    check_env = getattr(ns, "command", None) != "config"  # `config` shows a mismatch
     if not settings.app:
+        if check_env:
+            celery_compat.check_celery_env(settings)
         return settings, None
     app = load_app(settings.app)
     if app.code_config:
         settings = load_settings(flags, code=app.code_config)
+    if check_env:
+        celery_compat.check_celery_env(settings)
     app.configure(settings)
     return settings, app
 
@@ -184,14 +231,8 @@ def _check_early_patch(settings: Settings, patched: str | None) -> None:
     )
 
 
-def cmd_worker(ns: argparse.Namespace) -> int:
-    import structlog
-
-    from millpond.config import plugins
-    from millpond.config.settings import load_settings
-    from millpond.contracts.hooks import HookChain
-    from millpond_cli import logs
-
+def worker_flags(ns: argparse.Namespace) -> dict[str, Any]:
+    """The settings `millpond worker`'s flags give, Celery's flags translated."""
     flags = _flags(
         ns,
         "app",
@@ -208,11 +249,53 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         "shutdown_timeout",
         "max_deliveries",
         "health.port",
+        "prefork.max_tasks_per_child",
+        "control.mingle",
+        "events.heartbeat_interval",
     )
     if ns.queues:
         flags["queues"] = ns.queues
     if ns.task_events:
         flags["events.tasks"] = True
+    if ns.worker_name is not None:
+        flags["worker_name"] = celery_compat.expand_hostname(ns.worker_name, flag=True)
+    if ns.max_memory_per_child_kib is not None:  # Celery's KiB, the setting's MiB (rounded up)
+        flags["prefork.max_memory_per_child"] = -(-ns.max_memory_per_child_kib // 1024)
+    if ns.optimization == "fair":
+        flags["prefork.prefetch_per_child"] = 1
+    return flags
+
+
+def _check_worker_flags(ns: argparse.Namespace, settings: Settings) -> Settings:
+    """Refuse the Celery flags the chosen pool cannot honour; expand %h in a worker name given
+    elsewhere than the flag."""
+    if settings.pool != "prefork":
+        for given, flag in (
+            (getattr(ns, "prefork.max_tasks_per_child"), "--max-tasks-per-child"),
+            (ns.max_memory_per_child_kib, "--max-memory-per-child"),
+        ):
+            if given is not None:
+                raise ConfigurationError(
+                    f"{flag} replaces prefork child processes, and the {settings.pool!r} pool has "
+                    "none: run it with -P prefork, or drop the flag"
+                )
+    name = settings.worker_name
+    if name and "%" in name and settings.source("worker_name") != "flag":
+        settings = dataclasses.replace(
+            settings, worker_name=celery_compat.expand_hostname(name, flag=False)
+        )
+    return settings
+
+
+def cmd_worker(ns: argparse.Namespace) -> int:
+    import structlog
+
+    from millpond.config import plugins
+    from millpond.config.settings import load_settings
+    from millpond.contracts.hooks import HookChain
+    from millpond_cli import logs
+
+    flags = worker_flags(ns)
     settings = load_settings(flags)
     # the root logger is adopted only after the app is imported: one the app configured stays its
     logs.configure(settings.log_level, settings.log_format, stdlib=False)
@@ -228,6 +311,8 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         app.use_hooks(installed)
     logs.configure(settings.log_level, settings.log_format, stdlib=settings.log_stdlib)
     _check_early_patch(settings, ns.patched)
+    celery_compat.check_celery_env(settings, worker=True)
+    settings = _check_worker_flags(ns, settings)
     log = structlog.get_logger("millpond.worker")
     for warning in settings.warnings:
         log.warning(warning)
@@ -296,15 +381,31 @@ def cmd_send(ns: argparse.Namespace) -> int:
     if app is None:
         app = Millpond("cli", settings=settings)
     kwargs = json_object("--kwargs", ns.kwargs, '{"x": 1}')
+    args = [_parse_arg(a) for a in ns.args]
+    if ns.json_args is not None:
+        if args:
+            raise ConfigurationError("give the arguments positionally or as --args, not both")
+        args = _json_array("--args", ns.json_args)
+    when: dict[str, Any] = {}
+    if ns.eta is not None:
+        if ns.countdown is not None:
+            raise ConfigurationError("give --countdown or --eta, not both")
+        when["eta"] = _time("--eta", ns.eta)
+    if ns.expires is not None:
+        try:
+            when["expires"] = float(ns.expires)
+        except ValueError:
+            when["expires"] = _time("--expires", ns.expires)
     hooks = app.hooks
     hooks.process_starting("millpond-send")  # a `publish` span when OTEL_* ask
     try:
         result = app.send_task(
             ns.task,
-            [_parse_arg(a) for a in ns.args],
+            args,
             kwargs,
             queue=ns.queue,
             countdown=ns.countdown,
+            **when,
             # rpc://: only this process could read the result, and without --wait it is gone
             reply_to=None if ns.wait else "",
         )
@@ -346,8 +447,20 @@ def cmd_result(ns: argparse.Namespace) -> int:
 
 
 def _queues(ns: argparse.Namespace, settings: Settings) -> list[str]:
-    """The queues a queue command works on: `--queues a,b`, else the ones the worker consumes."""
-    return [q.strip() for q in ns.queues.split(",")] if ns.queues else list(settings.queues)
+    """The queues a queue command works on: `--queues a,b`, else the ones the worker consumes.
+
+    A `-Q` given empty (an unset variable in a script) is not "the configured queues", and every
+    name is checked before the command touches any queue (`purge` deletes).
+    """
+    if ns.queues is None:
+        return list(settings.queues)
+    queues = [q.strip() for q in ns.queues.split(",")]
+    if not all(queues):
+        raise ConfigurationError(
+            f"-Q {ns.queues!r} has an empty queue name: pass comma-separated names, e.g. "
+            "-Q emails,images, or leave -Q out for the configured queues"
+        )
+    return queues
 
 
 def cmd_purge(ns: argparse.Namespace) -> int:
@@ -408,6 +521,13 @@ def cmd_dlq(ns: argparse.Namespace) -> int:
 
     settings, _app = _load(ns)
     queues = _queues(ns, settings)
+    if ns.limit is not None and ns.limit < 1:
+        raise ConfigurationError(f"--limit must be at least 1, got {ns.limit}")
+    if ns.action == "purge" and ns.limit is not None:
+        raise ConfigurationError(
+            "dlq purge deletes every dead letter of the queue: --limit applies to list and "
+            "replay only; leave it out to purge them all"
+        )
     app = Millpond("cli", settings=settings)
     try:
         for queue in queues:
@@ -499,6 +619,10 @@ def cmd_config(ns: argparse.Namespace) -> int:
         print(f"{name:<{width}}  {value!s:<30}  {source:<32}  {env}")
     for warning in settings.warnings:  # what the worker would log at start-up
         print(f"millpond: warning: {warning}", file=sys.stderr)
+    try:
+        celery_compat.check_celery_env(settings)
+    except ConfigurationError as exc:  # what other commands refuse
+        print(f"millpond: warning: {exc}", file=sys.stderr)
     return EXIT_OK
 
 
