@@ -232,3 +232,14 @@ def test_pool_resize_and_time_limit_where_the_pool_can(node: Any) -> None:
         "time_limit", {"task_name": "ctl.add", "hard": 5.0}, timeout=2.0, limit=1
     )
     assert "cannot enforce a hard time limit" in reply[NODE]["error"]  # threads: soft only
+
+
+def test_inspect_revoked_lists_every_revoked_id_not_a_hellos_worth(node: Any) -> None:
+    # hello_revokes_max caps what a starting worker is sent; `inspect revoked` must not be cut
+    # to it silently (Celery answers the whole set; too large a reply is an error that says so)
+    _app, mailbox, _running = node(hello_revokes_max=2)
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    (reply,) = mailbox.call("revoke", {"task_id": ids}, timeout=2.0, limit=1)
+    assert "ok" in reply[NODE]
+    (reply,) = mailbox.call("revoked", timeout=2.0, limit=1)
+    assert sorted(reply[NODE]) == sorted(ids)

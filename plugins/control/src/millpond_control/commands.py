@@ -187,8 +187,8 @@ def scheduled(ctx: ControlContext, **_: Any) -> Any:
 
 @command(kind="inspect")
 def revoked(ctx: ControlContext, **_: Any) -> Any:
-    """Ids of revoked tasks (at most reply_max_bytes of them)."""
-    return plane(ctx.worker).revoked.ids(plane(ctx.worker).settings.hello_revokes_max)
+    """Ids of revoked tasks, all of them (a reply over reply_max_bytes is an error saying so)."""
+    return plane(ctx.worker).revoked.ids()
 
 
 @command(kind="inspect", variadic="taskinfoitems")
