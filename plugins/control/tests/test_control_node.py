@@ -243,3 +243,27 @@ def test_inspect_revoked_lists_every_revoked_id_not_a_hellos_worth(node: Any) ->
     assert "ok" in reply[NODE]
     (reply,) = mailbox.call("revoked", timeout=2.0, limit=1)
     assert sorted(reply[NODE]) == sorted(ids)
+
+
+def test_add_consumer_refuses_a_binding_it_cannot_make(node: Any) -> None:
+    # Celery's add_consumer declares the queue bound to `exchange` with `routing_key`; a
+    # worker that consumed the queue without that binding would never see those tasks
+    _app, mailbox, running = node()
+    first = running.worker.queues[0]
+    extra = f"{first}-bound"
+    arguments = {
+        "queue": extra,
+        "exchange": "orders",
+        "exchange_type": "topic",
+        "routing_key": "order.*",
+    }
+    (reply,) = mailbox.call("add_consumer", arguments, timeout=2.0, limit=1)
+    error = reply[NODE]["error"]
+    assert "exchange='orders'" in error and "routing_key='order.*'" in error
+    assert "exchange_type='topic'" in error
+    assert running.worker.queues == (first,)
+    assert plane(running.worker).next_queues is None
+    # what Celery's app.control.add_consumer sends by default: the binding millpond makes
+    defaults = {"queue": extra, "exchange": None, "exchange_type": None, "routing_key": None}
+    (reply,) = mailbox.call("add_consumer", defaults, timeout=2.0, limit=1)
+    assert reply == {NODE: {"ok": f"add consumer {extra}"}}

@@ -525,13 +525,39 @@ def autoscale(ctx: ControlContext, max: Any = None, min: Any = None, **_: Any) -
     return ok(f"autoscale now max={target} min={low} (millpond keeps a fixed size: max)")
 
 
-@command(kind="control", args=(("queue", str),))
-def add_consumer(ctx: ControlContext, queue: str = "", **_: Any) -> Any:
-    """Start consuming from a queue."""
+@command(
+    kind="control",
+    args=(("queue", str), ("exchange", str), ("exchange_type", str), ("routing_key", str)),
+)
+def add_consumer(
+    ctx: ControlContext,
+    queue: str = "",
+    exchange: str | None = None,
+    exchange_type: str | None = None,
+    routing_key: str | None = None,
+    **options: Any,
+) -> Any:
+    """Start consuming from a queue (bound as Celery binds a new one by default)."""
     if not queue:
         return nok("add_consumer needs a queue name")
     if queue in ctx.worker.queues:
         return ok(f"already consuming from {queue}")
+    # Celery declares a new queue bound to `exchange` with `routing_key` (and kombu's
+    # `options`); consuming it without that binding would leave those tasks unseen
+    binding = {"exchange": exchange, "exchange_type": exchange_type, "routing_key": routing_key}
+    defaults = {"exchange": queue, "exchange_type": "direct", "routing_key": queue}
+    asked = {
+        name: value
+        for name, value in {**binding, **options}.items()
+        if value not in (None, "", defaults.get(name))
+    }
+    if asked:
+        shown = ", ".join(f"{name}={value!r}" for name, value in asked.items())
+        return nok(
+            f"cannot add consumer {queue} with {shown}: a millpond worker declares a queue "
+            "bound to the direct exchange of its own name only; declare that binding on the "
+            f"broker yourself, then send add_consumer {queue} without them"
+        )
     ctx.worker.call_soon(lambda: plane(ctx.worker).change_queues(add=queue))
     return ok(f"add consumer {queue}")
 
