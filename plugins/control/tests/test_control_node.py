@@ -267,3 +267,19 @@ def test_add_consumer_refuses_a_binding_it_cannot_make(node: Any) -> None:
     defaults = {"queue": extra, "exchange": None, "exchange_type": None, "routing_key": None}
     (reply,) = mailbox.call("add_consumer", defaults, timeout=2.0, limit=1)
     assert reply == {NODE: {"ok": f"add consumer {extra}"}}
+
+
+def test_revoke_by_stamped_headers_honours_destination(node: Any) -> None:
+    app, _mailbox, running = node()
+    replies = app.control.revoke_by_stamped_headers(
+        {"mystamp": "v1"}, destination=["nobody@x"], reply=True, timeout=0.5
+    )
+    assert replies == []
+    assert plane(running.worker).revoked.stamps() == {}
+    replies = app.control.revoke_by_stamped_headers(
+        {"mystamp": "v1"}, destination=[NODE], reply=True, timeout=2.0
+    )
+    assert replies == [
+        {NODE: {"ok": "headers {'mystamp': 'v1'} flagged as revoked, but not terminated"}}
+    ]
+    assert plane(running.worker).revoked.stamps() == {"mystamp": ["v1"]}

@@ -367,11 +367,22 @@ class Control:
         return self.revoke(task_id, terminate=True, signal=signal, **options)
 
     def revoke_by_stamped_headers(
-        self, headers: Mapping[str, Any], **options: Any
+        self,
+        headers: Mapping[str, Any],
+        *,
+        destination: Sequence[str] | None = None,
+        terminate: bool = False,
+        signal: str = "SIGTERM",
+        reply: bool = False,
+        timeout: float = 1.0,
     ) -> list[dict[str, Any]] | None:
-        reply = options.pop("reply", False)
+        """Revoke every task whose stamped header has one of these values (Celery's)."""
         return self.broadcast(
-            "revoke_by_stamped_headers", {"headers": dict(headers), **options}, reply=reply
+            "revoke_by_stamped_headers",
+            {"headers": dict(headers), "terminate": terminate, "signal": signal},
+            destination=destination,
+            reply=reply,
+            timeout=timeout,
         )
 
     def shutdown(
