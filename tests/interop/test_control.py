@@ -204,6 +204,30 @@ def test_active_lists_a_running_task_and_query_task_finds_it(fleet: Fleet) -> No
     assert handle.get(timeout=WAIT) == 7
 
 
+def test_active_safe_shows_the_producers_argsrepr(fleet: Fleet) -> None:
+    # Flower asks `active(safe=True)`; Celery then shows the message's argsrepr/kwargsrepr, which
+    # producers set to keep secrets off dashboards, never the arguments themselves
+    gate = f"interop:gate:{uuid.uuid4().hex}"
+    handle = fleet.celery.send_task(
+        "interop.gate", (gate, 7), queue=fleet.queue, argsrepr="(<gate>, <hidden>)", kwargsrepr="{}"
+    )
+    try:
+
+        def running() -> dict[str, Any] | None:
+            for node in (fleet.prefork, fleet.threads):
+                for info in _inspect(fleet, node).active(safe=True)[node]:
+                    if info["id"] == handle.id:
+                        return dict(info)
+            return None
+
+        found = wait_until(running, WAIT, lambda: f"task {handle.id} in active\n{fleet.logs()}")
+        assert found["args"] == "(<gate>, <hidden>)"
+        assert found["kwargs"] == "{}"
+    finally:
+        sink.client().rpush(gate, "open")
+    assert handle.get(timeout=WAIT) == 7
+
+
 def test_revoke_before_the_countdown_holds(fleet: Fleet) -> None:
     key = f"interop:revoked:{uuid.uuid4().hex}"
     handle = fleet.celery.send_task("interop.record", (1, key), queue=fleet.queue, countdown=3)

@@ -29,6 +29,7 @@ from millpond.contracts.broker import mask_url
 from millpond.contracts.pool import Job
 from millpond.produce.result import error_info
 from millpond.states import TaskState
+from millpond_control.events import short_repr
 from millpond_control.registry import ControlContext, command, nok, ok, plane
 
 if TYPE_CHECKING:
@@ -55,16 +56,23 @@ def _reserved(worker: Worker) -> list[Job]:
     return [job for holder in worker.holders for job in holder.held()] + list(worker.buffer)
 
 
-def job_info(ctx: ControlContext, job: Job, *, started: bool) -> dict[str, Any]:
-    """A job as Celery's `Request.info()` shows a request."""
+def job_info(ctx: ControlContext, job: Job, *, started: bool, safe: bool = False) -> dict[str, Any]:
+    """A job as Celery's `Request.info(safe)` shows a request: with `safe` (what Flower asks
+    for), the producer's argsrepr/kwargsrepr instead of the arguments, which keeps the secrets a
+    producer masked there off the dashboards."""
     time_start = None
     if started and job.started:
         time_start = time.time() - (time.monotonic() - job.started)
+    args: Any = list(job.args)
+    kwargs: Any = dict(job.kwargs)
+    if safe:
+        args = job.headers.get("argsrepr") or short_repr(job.args)
+        kwargs = job.headers.get("kwargsrepr") or short_repr(job.kwargs)
     return {
         "id": job.task_id,
         "name": job.task_name,
-        "args": list(job.args),
-        "kwargs": dict(job.kwargs),
+        "args": args,
+        "kwargs": kwargs,
         "type": job.task_name,
         "hostname": ctx.hostname,
         "time_start": time_start,
@@ -167,10 +175,10 @@ def _broker_info(ctx: ControlContext) -> dict[str, Any]:
 
 @command(kind="inspect")
 def active(ctx: ControlContext, safe: bool = False, **_: Any) -> Any:
-    """Tasks running now."""
+    """Tasks running now (with safe: their argsrepr/kwargsrepr, as Celery answers)."""
     pool = ctx.worker.pool
     jobs = pool.active_jobs() if pool is not None else []
-    return [job_info(ctx, job, started=True) for job in jobs]
+    return [job_info(ctx, job, started=True, safe=bool(safe)) for job in jobs]
 
 
 @command(kind="inspect")
