@@ -283,3 +283,23 @@ def test_revoke_by_stamped_headers_honours_destination(node: Any) -> None:
         {NODE: {"ok": "headers {'mystamp': 'v1'} flagged as revoked, but not terminated"}}
     ]
     assert plane(running.worker).revoked.stamps() == {"mystamp": ["v1"]}
+
+
+def test_pcre_pattern_matches_from_the_start_of_the_name_as_kombus(node: Any) -> None:
+    # kombu's pcre matcher is re.match: `a@test` does not select node-a@test, so a command
+    # broadcast with it (a shutdown) must not run here either
+    _app, mailbox, running = node()
+    assert mailbox.call("ping", pattern="a@test", matcher="pcre", timeout=0.5) == []
+    assert mailbox.call("ping", pattern=r"node-\w@", matcher="pcre", timeout=2.0, limit=1) == [
+        {NODE: {"ok": "pong"}}
+    ]
+    assert plane(running.worker).node is not None
+
+
+def test_an_unknown_matcher_selects_nobody_and_is_logged(
+    node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    _app, mailbox, _running = node()
+    with caplog.at_level(logging.WARNING, logger="millpond.control"):
+        assert mailbox.call("ping", pattern="node-*", matcher="regex", timeout=0.5) == []
+    assert any("matcher 'regex'" in r.getMessage() for r in caplog.records)

@@ -58,15 +58,18 @@ def oid_for(instance: object) -> str:
 
 def matches(hostname: str, body: Mapping[str, Any]) -> bool:
     """Whether a request is for this node: `destination` (a list of names), else `pattern`
-    with `matcher` (glob, the default, or pcre), else everyone."""
+    with `matcher` (glob, the default, or pcre: matched from the name's start, `re.match`, as
+    kombu does), else everyone."""
     destination = body.get("destination")
     if destination:
         return hostname in destination
     pattern, matcher = body.get("pattern"), body.get("matcher")
     if pattern and matcher:
         if matcher == "pcre":
-            return re.search(str(pattern), hostname) is not None
-        return fnmatch(hostname, str(pattern))
+            return re.match(str(pattern), hostname) is not None
+        if matcher == "glob":
+            return fnmatch(hostname, str(pattern))
+        return False  # kombu has no other matcher: its workers refuse the request too
     return True
 
 
