@@ -4,6 +4,7 @@ dropped requests (expired, foreign), bounded replies, revoke in the loop, contro
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ import pytest
 from millpond import Millpond
 from millpond.exceptions import TaskRevokedError
 from millpond.testing.fixtures import RunningWorker
+from millpond.testing.harness import wait_until
 from millpond_control.client import Mailbox, encode, pidbox_exchange
 from millpond_control.registry import plane
 from millpond_control.revoked import Revoked
@@ -37,7 +39,16 @@ def make_app(**control: Any) -> Millpond:
     def add(x: int, y: int) -> int:
         return x + y
 
+    @app.task(name="ctl.wait")
+    def wait(key: str) -> str:
+        GATES[key].wait(10)
+        return key
+
     return app
+
+
+#: what a running `ctl.wait` task waits for, by its key
+GATES: dict[str, threading.Event] = {}
 
 
 @pytest.fixture
@@ -303,3 +314,33 @@ def test_an_unknown_matcher_selects_nobody_and_is_logged(
     with caplog.at_level(logging.WARNING, logger="millpond.control"):
         assert mailbox.call("ping", pattern="node-*", matcher="regex", timeout=0.5) == []
     assert any("matcher 'regex'" in r.getMessage() for r in caplog.records)
+
+
+def test_stamped_terminate_stops_only_the_tasks_of_its_own_headers(node: Any) -> None:
+    # Celery terminates the running tasks that carry the headers of *this* request; a task
+    # whose stamp was revoked earlier without terminate keeps running
+    app, mailbox, running = node()
+    key = uuid.uuid4().hex
+    GATES[key] = threading.Event()
+    try:
+        handle = app.tasks["ctl.wait"].apply_async((key,), headers={"batch": "a"})
+        pool = running.worker.pool
+        assert pool is not None
+        wait_until(
+            lambda: handle.id in {job.task_id for job in pool.active_jobs()},
+            10,
+            "ctl.wait to start",
+        )
+        (reply,) = mailbox.call(
+            "revoke_by_stamped_headers", {"headers": {"batch": "a"}}, timeout=2.0, limit=1
+        )
+        assert "flagged as revoked, but not terminated" in reply[NODE]["ok"]
+        (reply,) = mailbox.call(
+            "revoke_by_stamped_headers",
+            {"headers": {"batch": "b"}, "terminate": True},
+            timeout=2.0,
+            limit=1,
+        )
+        assert reply == {NODE: {"ok": "headers {'batch': 'b'} were not terminated"}}
+    finally:
+        GATES[key].set()

@@ -31,6 +31,7 @@ from millpond.produce.result import error_info
 from millpond.states import TaskState
 from millpond_control.events import short_repr
 from millpond_control.registry import ControlContext, command, nok, ok, plane
+from millpond_control.revoked import Revoked
 
 if TYPE_CHECKING:
     from millpond.consume.worker import Worker
@@ -436,11 +437,15 @@ def revoke_by_stamped_headers(
     ctx.worker.inbox.waker.wake()  # the loop looks at its buffer again
     if not terminate:
         return ok(f"headers {headers} flagged as revoked, but not terminated")
+    # only the running tasks with these headers, as Celery: a stamp revoked earlier without
+    # terminate leaves its tasks running
+    asked = Revoked(1, plane(ctx.worker).revoked.expires)
+    asked.add_stamps(headers)
     pool = ctx.worker.pool
     hit = [
         job.task_id
         for job in (pool.active_jobs() if pool is not None else [])
-        if plane(ctx.worker).revoked.matches("", job.headers)
+        if asked.matches("", job.headers)
     ]
     if not hit:
         return ok(f"headers {headers} were not terminated")
