@@ -26,6 +26,7 @@ NODE = "node-a@test"
 def make_app(**control: Any) -> Millpond:
     name = f"ctl-{uuid.uuid4().hex[:10]}"
     signing_key = control.pop("signing_key", None)
+    sections = control.pop("sections", {})
     app = Millpond(
         "ctl",
         broker_url=f"memory://{name}",
@@ -33,6 +34,7 @@ def make_app(**control: Any) -> Millpond:
         queues=[name],
         signing_key=signing_key,
         control={"revokes_file": "none", **control},
+        **sections,
     )
 
     @app.task(name="ctl.add")
@@ -344,3 +346,13 @@ def test_stamped_terminate_stops_only_the_tasks_of_its_own_headers(node: Any) ->
         assert reply == {NODE: {"ok": "headers {'batch': 'b'} were not terminated"}}
     finally:
         GATES[key].set()
+
+
+def test_conf_masks_secrets_inside_mapping_settings(node: Any) -> None:
+    # Celery's conf censors nested keys too (filter_hidden_settings); Flower shows this reply
+    sentinel = {"password": "hunter2", "socket_timeout": 1, "auth": {"passwd": "hunter3"}}
+    _app, mailbox, _running = node(sections={"redis": {"sentinel_kwargs": sentinel}})
+    (reply,) = mailbox.call("conf", timeout=2.0, limit=1)
+    shown = reply[NODE]["redis.sentinel_kwargs"]
+    assert "hunter" not in str(reply)
+    assert shown == {"password": "********", "socket_timeout": 1, "auth": {"passwd": "********"}}

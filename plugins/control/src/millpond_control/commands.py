@@ -18,7 +18,7 @@ import resource
 import signal as signal_module
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("millpond.control")
 
-#: what `conf` never shows, whatever the key's case
-_SECRET_WORDS = ("password", "secret", "key", "token")
+#: what `conf` never shows, whatever the key's case, at any depth (Celery's HIDDEN_SETTINGS)
+_SECRET_WORDS = ("pass", "secret", "key", "token", "signature")
 
 
 def _ids(value: Any) -> list[str]:
@@ -282,11 +282,13 @@ def _shown(name: str, value: Any) -> Any:
         return None
     if any(word in name.lower() for word in _SECRET_WORDS):
         return "********"
-    if name.endswith("_url") or name == "result_backend":
+    if name.lower().endswith("url") or name == "result_backend":
         return mask_url(str(value))
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, str | int | float | bool | list | dict):
+    if isinstance(value, Mapping):  # kwargs for a client: {"password": ...} inside
+        return {str(k): _shown(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_shown(name, item) for item in value]
+    if isinstance(value, str | int | float | bool):
         return value
     return repr(value)
 
