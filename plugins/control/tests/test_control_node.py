@@ -356,3 +356,24 @@ def test_conf_masks_secrets_inside_mapping_settings(node: Any) -> None:
     shown = reply[NODE]["redis.sentinel_kwargs"]
     assert "hunter" not in str(reply)
     assert shown == {"password": "********", "socket_timeout": 1, "auth": {"passwd": "********"}}
+
+
+def test_registered_shows_celerys_default_fields_and_a_changed_rate_limit(node: Any) -> None:
+    # with no taskinfoitems Celery lists exchange, routing_key and rate_limit where set, and
+    # the rate_limit command changes what it lists
+    _app, mailbox, _running = node()
+    (reply,) = mailbox.call("registered", timeout=2.0, limit=1)
+    assert "ctl.add" in reply[NODE]
+    (reply,) = mailbox.call(
+        "rate_limit", {"task_name": "ctl.add", "rate_limit": "10/m"}, timeout=2.0, limit=1
+    )
+    assert reply == {NODE: {"ok": "new rate limit set successfully"}}
+    (reply,) = mailbox.call("registered", timeout=2.0, limit=1)
+    assert "ctl.add [rate_limit=10/m]" in reply[NODE]
+    (reply,) = mailbox.call("registered", {"taskinfoitems": ["max_retries"]}, timeout=2.0, limit=1)
+    assert "ctl.add [max_retries=3]" in reply[NODE]
+    (reply,) = mailbox.call(
+        "rate_limit", {"task_name": "ctl.add", "rate_limit": ""}, timeout=2.0, limit=1
+    )
+    (reply,) = mailbox.call("registered", timeout=2.0, limit=1)
+    assert "ctl.add" in reply[NODE]

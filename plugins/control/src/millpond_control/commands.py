@@ -42,6 +42,10 @@ log = logging.getLogger("millpond.control")
 _SECRET_WORDS = ("pass", "secret", "key", "token", "signature")
 
 
+#: what `registered` lists of each task when not told (Celery's DEFAULT_TASK_INFO_ITEMS)
+_TASK_INFO_ITEMS = ("exchange", "routing_key", "rate_limit")
+
+
 def _ids(value: Any) -> list[str]:
     if value is None:
         return []
@@ -204,8 +208,9 @@ def revoked(ctx: ControlContext, **_: Any) -> Any:
 def registered(
     ctx: ControlContext, taskinfoitems: Any = None, builtins: bool = False, **_: Any
 ) -> Any:
-    """Tasks registered in the worker's app."""
-    items = [i for i in _ids(taskinfoitems) if not i.startswith("_")]
+    """Tasks registered in the worker's app, with the fields asked for (Celery's default:
+    exchange, routing_key and rate_limit, where set)."""
+    items = [i for i in _ids(taskinfoitems) or _TASK_INFO_ITEMS if not i.startswith("_")]
     out = []
     for name, task in sorted(ctx.worker.app.tasks.items()):
         if not builtins and name.startswith("celery."):
