@@ -343,6 +343,27 @@ def test_control_cli_revoke_and_an_unknown_command(fleet: Fleet) -> None:
     assert "unknown command" in replies[0][fleet.threads]["error"]
 
 
+def test_celery_add_consumer_binds_by_default_and_a_custom_binding_is_refused(fleet: Fleet) -> None:
+    control, node = fleet.celery.control, fleet.prefork
+    extra = f"{fleet.queue}-extra"
+    replies = control.add_consumer(
+        extra, exchange="orders", exchange_type="topic", routing_key="order.*", reply=True,
+        destination=[node], timeout=5.0,
+    )  # fmt: skip
+    assert "exchange='orders'" in replies[0][node]["error"]
+    replies = control.add_consumer(extra, reply=True, destination=[node], timeout=5.0)
+    assert replies == [{node: {"ok": f"add consumer {extra}"}}]
+    handle = fleet.celery.send_task("interop.add", (20, 22), queue=extra)
+    assert handle.get(timeout=WAIT) == 42
+    replies = control.cancel_consumer(extra, reply=True, destination=[node], timeout=5.0)
+    assert replies == [{node: {"ok": f"no longer consuming from {extra}"}}]
+    wait_until(
+        lambda: [q["name"] for q in _inspect(fleet, node).active_queues()[node]] == [fleet.queue],
+        WAIT,
+        lambda: f"{node} to consume {fleet.queue} only again\n{fleet.logs()}",
+    )
+
+
 def test_shutdown_stops_the_worker_warm(fleet: Fleet) -> None:
     """Last in the module: it stops the threads worker."""
     done = fleet.celery_cli("control", "shutdown", "-d", fleet.threads, "--timeout", "5")
