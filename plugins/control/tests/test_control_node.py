@@ -377,3 +377,25 @@ def test_registered_shows_celerys_default_fields_and_a_changed_rate_limit(node: 
     )
     (reply,) = mailbox.call("registered", timeout=2.0, limit=1)
     assert "ctl.add" in reply[NODE]
+
+
+def test_inspect_query_task_takes_a_list_of_ids_as_celerys(node: Any) -> None:
+    # Celery's Inspect.query_task(*ids) takes one list too (its older unary signature)
+    app, _mailbox, running = node()
+    key = uuid.uuid4().hex
+    GATES[key] = threading.Event()
+    try:
+        handle = app.tasks["ctl.wait"].apply_async((key,))
+        pool = running.worker.pool
+        assert pool is not None
+        wait_until(
+            lambda: handle.id in {job.task_id for job in pool.active_jobs()},
+            10,
+            "ctl.wait to start",
+        )
+        inspect = app.control.inspect([NODE], timeout=2.0)
+        for found in (inspect.query_task(handle.id), inspect.query_task([handle.id, "other"])):
+            assert found is not None
+            assert found[NODE][handle.id][0] == "active"
+    finally:
+        GATES[key].set()

@@ -292,7 +292,10 @@ class Inspect:
     def conf(self, with_defaults: bool = False) -> dict[str, Any] | None:
         return self._request("conf", with_defaults=with_defaults)
 
-    def query_task(self, *ids: str) -> dict[str, Any] | None:
+    def query_task(self, *ids: str | Sequence[str]) -> dict[str, Any] | None:
+        """`query_task(id1, id2)`, or `query_task([id1, id2])` (Celery takes both)."""
+        if len(ids) == 1 and not isinstance(ids[0], str):
+            ids = tuple(ids[0])
         return self._request("query_task", ids=list(ids))
 
     def report(self) -> dict[str, Any] | None:
