@@ -399,3 +399,15 @@ def test_inspect_query_task_takes_a_list_of_ids_as_celerys(node: Any) -> None:
             assert found[NODE][handle.id][0] == "active"
     finally:
         GATES[key].set()
+
+
+def test_events_share_the_control_nodes_lamport_clock(node: Any) -> None:
+    # Celery's worker has one app.clock for its events and its remote-control replies
+    from millpond_control.events_hooks import EventsHooks
+
+    _app, _mailbox, running = node()
+    (hook,) = [h for h in running.worker.hooks.hooks if isinstance(h, EventsHooks)]
+    assert hook.emitter is not None
+    control_node = plane(running.worker).node
+    assert control_node is not None
+    assert hook.emitter.clock is control_node.clock
