@@ -204,6 +204,30 @@ def test_active_lists_a_running_task_and_query_task_finds_it(fleet: Fleet) -> No
     assert handle.get(timeout=WAIT) == 7
 
 
+def test_active_safe_shows_the_producers_argsrepr(fleet: Fleet) -> None:
+    # Flower asks `active(safe=True)`; Celery then shows the message's argsrepr/kwargsrepr, which
+    # producers set to keep secrets off dashboards, never the arguments themselves
+    gate = f"interop:gate:{uuid.uuid4().hex}"
+    handle = fleet.celery.send_task(
+        "interop.gate", (gate, 7), queue=fleet.queue, argsrepr="(<gate>, <hidden>)", kwargsrepr="{}"
+    )
+    try:
+
+        def running() -> dict[str, Any] | None:
+            for node in (fleet.prefork, fleet.threads):
+                for info in _inspect(fleet, node).active(safe=True)[node]:
+                    if info["id"] == handle.id:
+                        return dict(info)
+            return None
+
+        found = wait_until(running, WAIT, lambda: f"task {handle.id} in active\n{fleet.logs()}")
+        assert found["args"] == "(<gate>, <hidden>)"
+        assert found["kwargs"] == "{}"
+    finally:
+        sink.client().rpush(gate, "open")
+    assert handle.get(timeout=WAIT) == 7
+
+
 def test_revoke_before_the_countdown_holds(fleet: Fleet) -> None:
     key = f"interop:revoked:{uuid.uuid4().hex}"
     handle = fleet.celery.send_task("interop.record", (1, key), queue=fleet.queue, countdown=3)
@@ -317,6 +341,27 @@ def test_control_cli_revoke_and_an_unknown_command(fleet: Fleet) -> None:
         "no_such_command", reply=True, timeout=5.0, destination=[fleet.threads]
     )
     assert "unknown command" in replies[0][fleet.threads]["error"]
+
+
+def test_celery_add_consumer_binds_by_default_and_a_custom_binding_is_refused(fleet: Fleet) -> None:
+    control, node = fleet.celery.control, fleet.prefork
+    extra = f"{fleet.queue}-extra"
+    replies = control.add_consumer(
+        extra, exchange="orders", exchange_type="topic", routing_key="order.*", reply=True,
+        destination=[node], timeout=5.0,
+    )  # fmt: skip
+    assert "exchange='orders'" in replies[0][node]["error"]
+    replies = control.add_consumer(extra, reply=True, destination=[node], timeout=5.0)
+    assert replies == [{node: {"ok": f"add consumer {extra}"}}]
+    handle = fleet.celery.send_task("interop.add", (20, 22), queue=extra)
+    assert handle.get(timeout=WAIT) == 42
+    replies = control.cancel_consumer(extra, reply=True, destination=[node], timeout=5.0)
+    assert replies == [{node: {"ok": f"no longer consuming from {extra}"}}]
+    wait_until(
+        lambda: [q["name"] for q in _inspect(fleet, node).active_queues()[node]] == [fleet.queue],
+        WAIT,
+        lambda: f"{node} to consume {fleet.queue} only again\n{fleet.logs()}",
+    )
 
 
 def test_shutdown_stops_the_worker_warm(fleet: Fleet) -> None:

@@ -4,6 +4,7 @@ dropped requests (expired, foreign), bounded replies, revoke in the loop, contro
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ import pytest
 from millpond import Millpond
 from millpond.exceptions import TaskRevokedError
 from millpond.testing.fixtures import RunningWorker
+from millpond.testing.harness import wait_until
 from millpond_control.client import Mailbox, encode, pidbox_exchange
 from millpond_control.registry import plane
 from millpond_control.revoked import Revoked
@@ -24,6 +26,7 @@ NODE = "node-a@test"
 def make_app(**control: Any) -> Millpond:
     name = f"ctl-{uuid.uuid4().hex[:10]}"
     signing_key = control.pop("signing_key", None)
+    sections = control.pop("sections", {})
     app = Millpond(
         "ctl",
         broker_url=f"memory://{name}",
@@ -31,13 +34,23 @@ def make_app(**control: Any) -> Millpond:
         queues=[name],
         signing_key=signing_key,
         control={"revokes_file": "none", **control},
+        **sections,
     )
 
     @app.task(name="ctl.add")
     def add(x: int, y: int) -> int:
         return x + y
 
+    @app.task(name="ctl.wait")
+    def wait(key: str) -> str:
+        GATES[key].wait(10)
+        return key
+
     return app
+
+
+#: what a running `ctl.wait` task waits for, by its key
+GATES: dict[str, threading.Event] = {}
 
 
 @pytest.fixture
@@ -232,3 +245,169 @@ def test_pool_resize_and_time_limit_where_the_pool_can(node: Any) -> None:
         "time_limit", {"task_name": "ctl.add", "hard": 5.0}, timeout=2.0, limit=1
     )
     assert "cannot enforce a hard time limit" in reply[NODE]["error"]  # threads: soft only
+
+
+def test_inspect_revoked_lists_every_revoked_id_not_a_hellos_worth(node: Any) -> None:
+    # hello_revokes_max caps what a starting worker is sent; `inspect revoked` must not be cut
+    # to it silently (Celery answers the whole set; too large a reply is an error that says so)
+    _app, mailbox, _running = node(hello_revokes_max=2)
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    (reply,) = mailbox.call("revoke", {"task_id": ids}, timeout=2.0, limit=1)
+    assert "ok" in reply[NODE]
+    (reply,) = mailbox.call("revoked", timeout=2.0, limit=1)
+    assert sorted(reply[NODE]) == sorted(ids)
+
+
+def test_add_consumer_refuses_a_binding_it_cannot_make(node: Any) -> None:
+    # Celery's add_consumer declares the queue bound to `exchange` with `routing_key`; a
+    # worker that consumed the queue without that binding would never see those tasks
+    _app, mailbox, running = node()
+    first = running.worker.queues[0]
+    extra = f"{first}-bound"
+    arguments = {
+        "queue": extra,
+        "exchange": "orders",
+        "exchange_type": "topic",
+        "routing_key": "order.*",
+    }
+    (reply,) = mailbox.call("add_consumer", arguments, timeout=2.0, limit=1)
+    error = reply[NODE]["error"]
+    assert "exchange='orders'" in error and "routing_key='order.*'" in error
+    assert "exchange_type='topic'" in error
+    assert running.worker.queues == (first,)
+    assert plane(running.worker).next_queues is None
+    # what Celery's app.control.add_consumer sends by default: the binding millpond makes
+    defaults = {"queue": extra, "exchange": None, "exchange_type": None, "routing_key": None}
+    (reply,) = mailbox.call("add_consumer", defaults, timeout=2.0, limit=1)
+    assert reply == {NODE: {"ok": f"add consumer {extra}"}}
+
+
+def test_revoke_by_stamped_headers_honours_destination(node: Any) -> None:
+    app, _mailbox, running = node()
+    replies = app.control.revoke_by_stamped_headers(
+        {"mystamp": "v1"}, destination=["nobody@x"], reply=True, timeout=0.5
+    )
+    assert replies == []
+    assert plane(running.worker).revoked.stamps() == {}
+    replies = app.control.revoke_by_stamped_headers(
+        {"mystamp": "v1"}, destination=[NODE], reply=True, timeout=2.0
+    )
+    assert replies == [
+        {NODE: {"ok": "headers {'mystamp': 'v1'} flagged as revoked, but not terminated"}}
+    ]
+    assert plane(running.worker).revoked.stamps() == {"mystamp": ["v1"]}
+
+
+def test_pcre_pattern_matches_from_the_start_of_the_name_as_kombus(node: Any) -> None:
+    # kombu's pcre matcher is re.match: `a@test` does not select node-a@test, so a command
+    # broadcast with it (a shutdown) must not run here either
+    _app, mailbox, running = node()
+    assert mailbox.call("ping", pattern="a@test", matcher="pcre", timeout=0.5) == []
+    assert mailbox.call("ping", pattern=r"node-\w@", matcher="pcre", timeout=2.0, limit=1) == [
+        {NODE: {"ok": "pong"}}
+    ]
+    assert plane(running.worker).node is not None
+
+
+def test_an_unknown_matcher_selects_nobody_and_is_logged(
+    node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    _app, mailbox, _running = node()
+    with caplog.at_level(logging.WARNING, logger="millpond.control"):
+        assert mailbox.call("ping", pattern="node-*", matcher="regex", timeout=0.5) == []
+    assert any("matcher 'regex'" in r.getMessage() for r in caplog.records)
+
+
+def test_stamped_terminate_stops_only_the_tasks_of_its_own_headers(node: Any) -> None:
+    # Celery terminates the running tasks that carry the headers of *this* request; a task
+    # whose stamp was revoked earlier without terminate keeps running
+    app, mailbox, running = node()
+    key = uuid.uuid4().hex
+    GATES[key] = threading.Event()
+    try:
+        handle = app.tasks["ctl.wait"].apply_async((key,), headers={"batch": "a"})
+        pool = running.worker.pool
+        assert pool is not None
+        wait_until(
+            lambda: handle.id in {job.task_id for job in pool.active_jobs()},
+            10,
+            "ctl.wait to start",
+        )
+        (reply,) = mailbox.call(
+            "revoke_by_stamped_headers", {"headers": {"batch": "a"}}, timeout=2.0, limit=1
+        )
+        assert "flagged as revoked, but not terminated" in reply[NODE]["ok"]
+        (reply,) = mailbox.call(
+            "revoke_by_stamped_headers",
+            {"headers": {"batch": "b"}, "terminate": True},
+            timeout=2.0,
+            limit=1,
+        )
+        assert reply == {NODE: {"ok": "headers {'batch': 'b'} were not terminated"}}
+    finally:
+        GATES[key].set()
+
+
+def test_conf_masks_secrets_inside_mapping_settings(node: Any) -> None:
+    # Celery's conf censors nested keys too (filter_hidden_settings); Flower shows this reply
+    sentinel = {"password": "hunter2", "socket_timeout": 1, "auth": {"passwd": "hunter3"}}
+    _app, mailbox, _running = node(sections={"redis": {"sentinel_kwargs": sentinel}})
+    (reply,) = mailbox.call("conf", timeout=2.0, limit=1)
+    shown = reply[NODE]["redis.sentinel_kwargs"]
+    assert "hunter" not in str(reply)
+    assert shown == {"password": "********", "socket_timeout": 1, "auth": {"passwd": "********"}}
+
+
+def test_registered_shows_celerys_default_fields_and_a_changed_rate_limit(node: Any) -> None:
+    # with no taskinfoitems Celery lists exchange, routing_key and rate_limit where set, and
+    # the rate_limit command changes what it lists
+    _app, mailbox, _running = node()
+    (reply,) = mailbox.call("registered", timeout=2.0, limit=1)
+    assert "ctl.add" in reply[NODE]
+    (reply,) = mailbox.call(
+        "rate_limit", {"task_name": "ctl.add", "rate_limit": "10/m"}, timeout=2.0, limit=1
+    )
+    assert reply == {NODE: {"ok": "new rate limit set successfully"}}
+    (reply,) = mailbox.call("registered", timeout=2.0, limit=1)
+    assert "ctl.add [rate_limit=10/m]" in reply[NODE]
+    (reply,) = mailbox.call("registered", {"taskinfoitems": ["max_retries"]}, timeout=2.0, limit=1)
+    assert "ctl.add [max_retries=3]" in reply[NODE]
+    (reply,) = mailbox.call(
+        "rate_limit", {"task_name": "ctl.add", "rate_limit": ""}, timeout=2.0, limit=1
+    )
+    (reply,) = mailbox.call("registered", timeout=2.0, limit=1)
+    assert "ctl.add" in reply[NODE]
+
+
+def test_inspect_query_task_takes_a_list_of_ids_as_celerys(node: Any) -> None:
+    # Celery's Inspect.query_task(*ids) takes one list too (its older unary signature)
+    app, _mailbox, running = node()
+    key = uuid.uuid4().hex
+    GATES[key] = threading.Event()
+    try:
+        handle = app.tasks["ctl.wait"].apply_async((key,))
+        pool = running.worker.pool
+        assert pool is not None
+        wait_until(
+            lambda: handle.id in {job.task_id for job in pool.active_jobs()},
+            10,
+            "ctl.wait to start",
+        )
+        inspect = app.control.inspect([NODE], timeout=2.0)
+        for found in (inspect.query_task(handle.id), inspect.query_task([handle.id, "other"])):
+            assert found is not None
+            assert found[NODE][handle.id][0] == "active"
+    finally:
+        GATES[key].set()
+
+
+def test_events_share_the_control_nodes_lamport_clock(node: Any) -> None:
+    # Celery's worker has one app.clock for its events and its remote-control replies
+    from millpond_control.events_hooks import EventsHooks
+
+    _app, _mailbox, running = node()
+    (hook,) = [h for h in running.worker.hooks.hooks if isinstance(h, EventsHooks)]
+    assert hook.emitter is not None
+    control_node = plane(running.worker).node
+    assert control_node is not None
+    assert hook.emitter.clock is control_node.clock

@@ -58,15 +58,18 @@ def oid_for(instance: object) -> str:
 
 def matches(hostname: str, body: Mapping[str, Any]) -> bool:
     """Whether a request is for this node: `destination` (a list of names), else `pattern`
-    with `matcher` (glob, the default, or pcre), else everyone."""
+    with `matcher` (glob, the default, or pcre: matched from the name's start, `re.match`, as
+    kombu does), else everyone."""
     destination = body.get("destination")
     if destination:
         return hostname in destination
     pattern, matcher = body.get("pattern"), body.get("matcher")
     if pattern and matcher:
         if matcher == "pcre":
-            return re.search(str(pattern), hostname) is not None
-        return fnmatch(hostname, str(pattern))
+            return re.match(str(pattern), hostname) is not None
+        if matcher == "glob":
+            return fnmatch(hostname, str(pattern))
+        return False  # kombu has no other matcher: its workers refuse the request too
     return True
 
 
@@ -289,7 +292,10 @@ class Inspect:
     def conf(self, with_defaults: bool = False) -> dict[str, Any] | None:
         return self._request("conf", with_defaults=with_defaults)
 
-    def query_task(self, *ids: str) -> dict[str, Any] | None:
+    def query_task(self, *ids: str | Sequence[str]) -> dict[str, Any] | None:
+        """`query_task(id1, id2)`, or `query_task([id1, id2])` (Celery takes both)."""
+        if len(ids) == 1 and not isinstance(ids[0], str):
+            ids = tuple(ids[0])
         return self._request("query_task", ids=list(ids))
 
     def report(self) -> dict[str, Any] | None:
@@ -367,11 +373,22 @@ class Control:
         return self.revoke(task_id, terminate=True, signal=signal, **options)
 
     def revoke_by_stamped_headers(
-        self, headers: Mapping[str, Any], **options: Any
+        self,
+        headers: Mapping[str, Any],
+        *,
+        destination: Sequence[str] | None = None,
+        terminate: bool = False,
+        signal: str = "SIGTERM",
+        reply: bool = False,
+        timeout: float = 1.0,
     ) -> list[dict[str, Any]] | None:
-        reply = options.pop("reply", False)
+        """Revoke every task whose stamped header has one of these values (Celery's)."""
         return self.broadcast(
-            "revoke_by_stamped_headers", {"headers": dict(headers), **options}, reply=reply
+            "revoke_by_stamped_headers",
+            {"headers": dict(headers), "terminate": terminate, "signal": signal},
+            destination=destination,
+            reply=reply,
+            timeout=timeout,
         )
 
     def shutdown(

@@ -18,7 +18,7 @@ import resource
 import signal as signal_module
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -29,15 +29,21 @@ from millpond.contracts.broker import mask_url
 from millpond.contracts.pool import Job
 from millpond.produce.result import error_info
 from millpond.states import TaskState
+from millpond_control.events import short_repr
 from millpond_control.registry import ControlContext, command, nok, ok, plane
+from millpond_control.revoked import Revoked
 
 if TYPE_CHECKING:
     from millpond.consume.worker import Worker
 
 log = logging.getLogger("millpond.control")
 
-#: what `conf` never shows, whatever the key's case
-_SECRET_WORDS = ("password", "secret", "key", "token")
+#: what `conf` never shows, whatever the key's case, at any depth (Celery's HIDDEN_SETTINGS)
+_SECRET_WORDS = ("pass", "secret", "key", "token", "signature")
+
+
+#: what `registered` lists of each task when not told (Celery's DEFAULT_TASK_INFO_ITEMS)
+_TASK_INFO_ITEMS = ("exchange", "routing_key", "rate_limit")
 
 
 def _ids(value: Any) -> list[str]:
@@ -55,16 +61,23 @@ def _reserved(worker: Worker) -> list[Job]:
     return [job for holder in worker.holders for job in holder.held()] + list(worker.buffer)
 
 
-def job_info(ctx: ControlContext, job: Job, *, started: bool) -> dict[str, Any]:
-    """A job as Celery's `Request.info()` shows a request."""
+def job_info(ctx: ControlContext, job: Job, *, started: bool, safe: bool = False) -> dict[str, Any]:
+    """A job as Celery's `Request.info(safe)` shows a request: with `safe` (what Flower asks
+    for), the producer's argsrepr/kwargsrepr instead of the arguments, which keeps the secrets a
+    producer masked there off the dashboards."""
     time_start = None
     if started and job.started:
         time_start = time.time() - (time.monotonic() - job.started)
+    args: Any = list(job.args)
+    kwargs: Any = dict(job.kwargs)
+    if safe:
+        args = job.headers.get("argsrepr") or short_repr(job.args)
+        kwargs = job.headers.get("kwargsrepr") or short_repr(job.kwargs)
     return {
         "id": job.task_id,
         "name": job.task_name,
-        "args": list(job.args),
-        "kwargs": dict(job.kwargs),
+        "args": args,
+        "kwargs": kwargs,
         "type": job.task_name,
         "hostname": ctx.hostname,
         "time_start": time_start,
@@ -167,10 +180,10 @@ def _broker_info(ctx: ControlContext) -> dict[str, Any]:
 
 @command(kind="inspect")
 def active(ctx: ControlContext, safe: bool = False, **_: Any) -> Any:
-    """Tasks running now."""
+    """Tasks running now (with safe: their argsrepr/kwargsrepr, as Celery answers)."""
     pool = ctx.worker.pool
     jobs = pool.active_jobs() if pool is not None else []
-    return [job_info(ctx, job, started=True) for job in jobs]
+    return [job_info(ctx, job, started=True, safe=bool(safe)) for job in jobs]
 
 
 @command(kind="inspect")
@@ -187,16 +200,17 @@ def scheduled(ctx: ControlContext, **_: Any) -> Any:
 
 @command(kind="inspect")
 def revoked(ctx: ControlContext, **_: Any) -> Any:
-    """Ids of revoked tasks (at most reply_max_bytes of them)."""
-    return plane(ctx.worker).revoked.ids(plane(ctx.worker).settings.hello_revokes_max)
+    """Ids of revoked tasks, all of them (a reply over reply_max_bytes is an error saying so)."""
+    return plane(ctx.worker).revoked.ids()
 
 
 @command(kind="inspect", variadic="taskinfoitems")
 def registered(
     ctx: ControlContext, taskinfoitems: Any = None, builtins: bool = False, **_: Any
 ) -> Any:
-    """Tasks registered in the worker's app."""
-    items = [i for i in _ids(taskinfoitems) if not i.startswith("_")]
+    """Tasks registered in the worker's app, with the fields asked for (Celery's default:
+    exchange, routing_key and rate_limit, where set)."""
+    items = [i for i in _ids(taskinfoitems) or _TASK_INFO_ITEMS if not i.startswith("_")]
     out = []
     for name, task in sorted(ctx.worker.app.tasks.items()):
         if not builtins and name.startswith("celery."):
@@ -273,11 +287,13 @@ def _shown(name: str, value: Any) -> Any:
         return None
     if any(word in name.lower() for word in _SECRET_WORDS):
         return "********"
-    if name.endswith("_url") or name == "result_backend":
+    if name.lower().endswith("url") or name == "result_backend":
         return mask_url(str(value))
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, str | int | float | bool | list | dict):
+    if isinstance(value, Mapping):  # kwargs for a client: {"password": ...} inside
+        return {str(k): _shown(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_shown(name, item) for item in value]
+    if isinstance(value, str | int | float | bool):
         return value
     return repr(value)
 
@@ -428,11 +444,15 @@ def revoke_by_stamped_headers(
     ctx.worker.inbox.waker.wake()  # the loop looks at its buffer again
     if not terminate:
         return ok(f"headers {headers} flagged as revoked, but not terminated")
+    # only the running tasks with these headers, as Celery: a stamp revoked earlier without
+    # terminate leaves its tasks running
+    asked = Revoked(1, plane(ctx.worker).revoked.expires)
+    asked.add_stamps(headers)
     pool = ctx.worker.pool
     hit = [
         job.task_id
         for job in (pool.active_jobs() if pool is not None else [])
-        if plane(ctx.worker).revoked.matches("", job.headers)
+        if asked.matches("", job.headers)
     ]
     if not hit:
         return ok(f"headers {headers} were not terminated")
@@ -525,13 +545,39 @@ def autoscale(ctx: ControlContext, max: Any = None, min: Any = None, **_: Any) -
     return ok(f"autoscale now max={target} min={low} (millpond keeps a fixed size: max)")
 
 
-@command(kind="control", args=(("queue", str),))
-def add_consumer(ctx: ControlContext, queue: str = "", **_: Any) -> Any:
-    """Start consuming from a queue."""
+@command(
+    kind="control",
+    args=(("queue", str), ("exchange", str), ("exchange_type", str), ("routing_key", str)),
+)
+def add_consumer(
+    ctx: ControlContext,
+    queue: str = "",
+    exchange: str | None = None,
+    exchange_type: str | None = None,
+    routing_key: str | None = None,
+    **options: Any,
+) -> Any:
+    """Start consuming from a queue (bound as Celery binds a new one by default)."""
     if not queue:
         return nok("add_consumer needs a queue name")
     if queue in ctx.worker.queues:
         return ok(f"already consuming from {queue}")
+    # Celery declares a new queue bound to `exchange` with `routing_key` (and kombu's
+    # `options`); consuming it without that binding would leave those tasks unseen
+    binding = {"exchange": exchange, "exchange_type": exchange_type, "routing_key": routing_key}
+    defaults = {"exchange": queue, "exchange_type": "direct", "routing_key": queue}
+    asked = {
+        name: value
+        for name, value in {**binding, **options}.items()
+        if value not in (None, "", defaults.get(name))
+    }
+    if asked:
+        shown = ", ".join(f"{name}={value!r}" for name, value in asked.items())
+        return nok(
+            f"cannot add consumer {queue} with {shown}: a millpond worker declares a queue "
+            "bound to the direct exchange of its own name only; declare that binding on the "
+            f"broker yourself, then send add_consumer {queue} without them"
+        )
     ctx.worker.call_soon(lambda: plane(ctx.worker).change_queues(add=queue))
     return ok(f"add consumer {queue}")
 

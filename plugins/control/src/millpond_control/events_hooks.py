@@ -131,7 +131,7 @@ class EventsHooks(Hooks):
 
         # one Lamport clock per worker: its remote-control node's (which requests adjust), when
         # the worker has one
-        node = getattr(worker, "node", None)
+        node = getattr(worker.components.get("control"), "node", None)
         clock = getattr(node, "clock", None) or self.clock
         self.emitter = Emitter(
             publish,

@@ -158,6 +158,15 @@ class ControlNode:
         if not isinstance(body, dict) or not isinstance(body.get("method"), str):
             self.dropped += 1
             return None
+        if body.get("pattern") and body.get("matcher") not in (None, "", "glob", "pcre"):
+            self.dropped += 1
+            log.warning(
+                "remote control: dropped %r sent with matcher %r; kombu's matchers are glob "
+                "and pcre",
+                body["method"],
+                body.get("matcher"),
+            )
+            return None
         if not matches(self.hostname, body):
             return None
         arguments = body.get("arguments") or {}

@@ -11,6 +11,7 @@ applies to the workers the command reaches, until they restart (as in Celery); t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
@@ -46,6 +47,9 @@ def rate_limit(ctx: ControlContext, task_name: str, rate_limit: Any = None, **_:
         return nok("unknown task")
     except ConfigurationError as exc:  # a global limit with no store to share it in
         return nok(str(exc))
-    if parse_rate(rate_limit) is None:
+    off = parse_rate(rate_limit) is None
+    task = ctx.worker.app.tasks[task_name]  # what `registered` shows, as Celery's task.rate_limit
+    task.options = dataclasses.replace(task.options, rate_limit=None if off else rate_limit)
+    if off:
         return ok("rate limit disabled successfully")
     return ok("new rate limit set successfully")
