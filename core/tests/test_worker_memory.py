@@ -171,6 +171,19 @@ def test_bad_messages_are_dead_lettered_and_the_worker_goes_on(
     assert reason in dead[0].headers[DEATH_REASON]
 
 
+def test_wrong_arguments_fail_the_task_for_its_caller_and_dead_letter_the_message(
+    memory_app: Millpond, start_worker: Any
+) -> None:
+    """As on Celery's worker, the caller's `get()` raises the TypeError at once (it waited for
+    ever); the message is still dead-lettered, to replay once the producer is fixed."""
+    t = register(memory_app)
+    start_worker(memory_app, pool="solo")
+    with pytest.raises(TypeError, match=r"wrong arguments for task .*add"):
+        t["add"].apply_async((1, 2, 3)).get(timeout=10)
+    wait_until(lambda: dead_letters(memory_app), 10, "the message in the dead-letter queue")
+    assert "wrong arguments" in dead_letters(memory_app)[0].headers[DEATH_REASON]
+
+
 def test_early_ack_and_expiry(memory_app: Millpond, start_worker: Any) -> None:
     t = register(memory_app)
     with structlog.testing.capture_logs() as logged:

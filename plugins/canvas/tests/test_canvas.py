@@ -161,6 +161,27 @@ def test_a_group_runs_in_parallel_and_its_result_can_be_saved_and_restored(
     assert restored.get(timeout=10) == [0, 2, 4, 6, 8, 10]
 
 
+def test_a_header_task_sent_wrong_arguments_fails_the_chord_and_runs_the_errback(
+    app_and_ledger: tuple[Millpond, Ledger],
+) -> None:
+    """A task whose arguments do not fit its function fails with a TypeError as on Celery's
+    worker (its message is dead-lettered too): the chord fails with a ChordError and the chain's
+    errback runs, where the chord waited for that part for ever."""
+    app, ledger = app_and_ledger
+    add, record, on_error_id = app.tasks["t.add"], app.tasks["t.record"], app.tasks["t.on_error_id"]
+    bad = add.s(1, 2, 3)
+    result = chord([add.s(1, 1), bad], record.s(label="never")).apply_async()
+    with pytest.raises(ChordError, match="wrong arguments"):
+        result.get(timeout=10)
+    linked = add.s(1, 2, 3).on_error(on_error_id.s()) if hasattr(Signature, "on_error") else None
+    step = add.s(1, 2, 3).set(link_error=on_error_id.s()) if linked is None else linked
+    failed = step.apply_async()
+    with pytest.raises(TypeError, match="wrong arguments"):
+        failed.get(timeout=10)
+    assert ("errback task", failed.id) in ledger.wait(1)
+    assert not [e for e in ledger.events if e[1] == "never"]
+
+
 def test_a_chord_runs_its_body_once_with_every_header_result_in_order(
     app_and_ledger: tuple[Millpond, Ledger],
 ) -> None:

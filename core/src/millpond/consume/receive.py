@@ -21,7 +21,7 @@ from millpond.consume.settle import Settler, ids, redelivered
 from millpond.contracts.backend import ResultMeta
 from millpond.contracts.broker import Delivery
 from millpond.contracts.canvas import MISSING, Canvas
-from millpond.contracts.pool import Capabilities, Job
+from millpond.contracts.pool import Capabilities, Job, Outcome
 from millpond.exceptions import MalformedMessage, MessageError, MillpondError, UnknownTask
 from millpond.states import READY_STATES
 from millpond.wire.protocol import decode_task
@@ -225,7 +225,11 @@ class Receiver:
             self_arg = (None,) if task.options.bind else ()  # bind=True: the task comes first
             sig.bind(*self_arg, *job.args, **job.kwargs)
         except TypeError as exc:
-            raise MalformedMessage(f"wrong arguments for task {task.name}: {exc}") from None
+            error = TypeError(f"wrong arguments for task {task.name}: {exc}")
+            # as on Celery's worker, the caller gets the TypeError as the task's FAILURE, its
+            # errbacks run and its chord fails; the message is still dead-lettered, to replay
+            self.settler.failed(job, Outcome.of(error), "TypeError")
+            raise MalformedMessage(str(error)) from None
 
 
 def _signature(task: Task[..., Any]) -> tuple[inspect.Signature | None, tuple[int, int] | None]:

@@ -151,12 +151,12 @@ class Settler:
             sent = not job.embed or self._chord_part(job, TaskState.REVOKED, error, again=False)
         elif state == TaskState.TIMEOUT:
             log.error("task over its hard time limit", **ids(job), time_limit=job.time_limit)
-            self._failed(job, outcome, TimeLimitExceeded.__name__)
+            self.failed(job, outcome, TimeLimitExceeded.__name__)
             sent = True  # its canvas was told of the failure where it could be: not run again
         else:  # FAILURE, or anything a third-party pool invents
             failure = f"{outcome.exc_type}: {reason}"
             log.error("task failed", **ids(job), error=failure, traceback=outcome.traceback)
-            sent = self._failed(job, outcome, "TaskError")
+            sent = self.failed(job, outcome, "TaskError")
         if sent:
             if job.delivery is not None:
                 self.acks.ack_later([job.delivery])
@@ -195,7 +195,7 @@ class Settler:
             self._put_back(job, True, outcome.exc_message)
             return
         # failed (a final FAILURE also answers a caller waiting on the result after the cap)
-        self._failed(job, outcome, WorkerLostError.__name__)
+        self.failed(job, outcome, WorkerLostError.__name__)
         if delivery is not None and not requeue:
             self.acks.ack_later([delivery])
         elif delivery is not None:
@@ -236,7 +236,7 @@ class Settler:
                 "cannot store task result; the task ran and its message is acknowledged", job, exc
             )
 
-    def _failed(self, job: Job, outcome: Outcome, exc_type: str) -> bool:
+    def failed(self, job: Job, outcome: Outcome, exc_type: str) -> bool:
         """Store a failure, then its canvas steps as Celery does them; False if one failed."""
         info = error_info(outcome.exc_type or exc_type, outcome.exc_module, outcome.stored_args)
         self._store(job, TaskState.FAILURE, info, traceback=outcome.traceback)
