@@ -123,3 +123,12 @@ def test_celery_schedule_objects_are_read() -> None:
     not_built = solar.__new__(solar)  # a real one needs the ephem library
     with pytest.raises(ScheduleError, match="solar"):
         parse(not_built)
+
+
+def test_a_celery_relative_schedule_is_refused_not_read_as_a_plain_interval() -> None:
+    from celery.schedules import schedule as celery_schedule
+
+    # relative=True is refused in an entry's keys; given on Celery's own object it was dropped
+    with pytest.raises(ScheduleError, match="relative=True"):
+        parse(celery_schedule(timedelta(minutes=30), relative=True))
+    assert parse(celery_schedule(timedelta(minutes=30), relative=False)) == every(1800)

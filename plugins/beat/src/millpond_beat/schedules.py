@@ -407,6 +407,12 @@ def from_celery(obj: object) -> Schedule | None:
         }
         return crontab(**fields)
     if kind == "schedule":
+        if getattr(obj, "relative", False):
+            raise ScheduleError(
+                "Celery's schedule(..., relative=True) is not supported: intervals tick at whole "
+                "multiples of their period so that every replica agrees on each tick; remove "
+                "relative=True"
+            )
         run_every = obj.run_every  # type: ignore[attr-defined]
         return every(run_every.total_seconds())
     raise ScheduleError(
