@@ -40,6 +40,24 @@ def test_code_entries_take_celery_shapes(memory_app: Millpond) -> None:
     assert entries[hourly.name].catch_up == "skip"
 
 
+def test_code_entries_take_the_call_s_args_as_partial_arguments_as_celery_does(
+    memory_app: Millpond,
+) -> None:
+    @memory_app.task
+    def scale(x: int, y: int, factor: int = 1, shift: int = 0) -> int:
+        return (x + y) * factor + shift
+
+    # Celery's add_periodic_task clones the signature with the call's args and kwargs: the args
+    # go before the signature's, the kwargs are merged over its; an immutable one keeps its own
+    memory_app.add_periodic_task(10, scale.s(2, factor=3), args=(1,), kwargs={"shift": 4}, name="p")
+    memory_app.add_periodic_task(10, scale.si(2, 5), args=(1,), kwargs={"shift": 4}, name="i")
+    memory_app.add_periodic_task(10, scale, args=(1, 2), name="t")
+    entries = build(memory_app, {})
+    assert (entries["p"].args, dict(entries["p"].kwargs)) == ((1, 2), {"factor": 3, "shift": 4})
+    assert (entries["i"].args, dict(entries["i"].kwargs)) == ((2, 5), {})
+    assert (entries["t"].args, dict(entries["t"].kwargs)) == ((1, 2), {})
+
+
 def test_settings_entries_in_celery_beat_schedule_shape(memory_app: Millpond) -> None:
     table = {
         "Send Report": {

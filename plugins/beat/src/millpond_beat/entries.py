@@ -101,9 +101,11 @@ class Entry:
 def declared(app: Millpond) -> dict[str, dict[str, Any]]:
     """The entries declared in code (`app.add_periodic_task`), by name, in the settings' shape.
 
-    `sig` is a signature (`add.s(2, 3)`), a task or a task name; the call's `args`/`kwargs`
-    override the signature's. An entry's name defaults to the call's repr, as Celery names it; a
-    second declaration under one name replaces the first.
+    `sig` is a signature (`add.s(2, 3)`), a task or a task name; the call's `args`/`kwargs` are
+    partial arguments, as Celery's `sig.clone(args, kwargs)` takes them: the args go before the
+    signature's, the kwargs are merged over its, and an immutable signature (`add.si(...)`)
+    keeps its own. An entry's name defaults to the call's repr, as Celery names it; a second
+    declaration under one name replaces the first.
     """
     entries: dict[str, dict[str, Any]] = {}
     for call in app.periodic_tasks:
@@ -111,8 +113,11 @@ def declared(app: Millpond) -> dict[str, dict[str, Any]]:
         if not isinstance(sig, Mapping):
             sig = {"task": sig if isinstance(sig, str) else sig.name}
         task = str(sig["task"])
-        args = tuple(sig.get("args") or () if args is None else args)
-        kwargs = dict(sig.get("kwargs") or {} if kwargs is None else kwargs)
+        own_args, own_kwargs = tuple(sig.get("args") or ()), dict(sig.get("kwargs") or {})
+        if sig.get("immutable"):
+            args, kwargs = own_args, own_kwargs
+        else:
+            args, kwargs = (*(args or ()), *own_args), {**own_kwargs, **(kwargs or {})}
         if name is None:
             shown = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
             name = f"{task}({', '.join(shown)})"
