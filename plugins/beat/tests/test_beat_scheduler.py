@@ -143,7 +143,7 @@ def test_ticks_go_through_the_producer_path_with_the_entry_options(
     assert memory_app.broker.queue_length("q1") == 3
     consumer = memory_app.broker.consumer(["q1"], 10)
     deliveries = consumer.fetch(10, 1.0)
-    # expires counts from the tick, not from when it was sent
+    # expires counts from when the tick was sent (here: on time, at 00:00:10)
     assert deliveries[0].message.headers["expires"].startswith("2026-01-01T00:00:15")
     consumer.close()
 
@@ -187,6 +187,29 @@ def test_ticks_nobody_published_follow_the_catch_up_policy(
     clock.now = START + 7 * 3600
     second.step()
     assert recorder.of("hourly")[-1] == START + 7 * 3600
+
+
+def test_a_tick_caught_up_late_is_sent_with_its_expiry_still_ahead(
+    memory_app: Millpond, recorder: TickRecorder
+) -> None:
+    # Celery's expires counts from when beat sends the message: the one run a restarted beat
+    # catches up must not arrive already expired (a worker would drop it: a lost run)
+    memory_app.add_hooks(recorder)
+    entry = Entry("hourly", "t", every(3600), UTC, expires=600, options={"queue": "caught"})
+    claims = memory_app.broker.claims()
+    clock = FakeClock(START)
+    config = BeatConfig(lease_timeout=5, reload_interval=0)
+    first = Beat(memory_app, {"hourly": entry}, claims, config, clock=clock, name="a")
+    first.step()
+    first._step_down("test")
+    clock.advance(2 * 3600 + 1800)  # down from 00:00 to 02:30: 01:00 and 02:00 fell due
+    Beat(memory_app, {"hourly": entry}, claims, config, clock=clock, name="b").step()
+    assert recorder.of("hourly") == [START + 2 * 3600]
+    consumer = memory_app.broker.consumer(["caught"], 10)
+    (delivery,) = consumer.fetch(10, 1.0)
+    consumer.close()
+    expires = datetime.fromisoformat(delivery.message.headers["expires"]).timestamp()
+    assert expires == pytest.approx(clock.time() + 600)
 
 
 def test_two_replicas_one_leader_each_tick_once(

@@ -64,7 +64,7 @@ class Entry:
     tz: tzinfo
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
-    #: seconds after the tick after which a worker drops the message (Celery's `expires`)
+    #: seconds after a tick is sent after which a worker drops the message (Celery's `expires`)
     expires: float | None = None
     catch_up: str = "run_once"
     #: send_task options: queue, priority, time limits, headers, ...
@@ -241,7 +241,7 @@ def _entry(
     if expires is not None and (
         isinstance(expires, bool) or not isinstance(expires, int | float) or expires <= 0
     ):
-        raise ValueError(f"expires must be a number of seconds after the tick, got {expires!r}")
+        raise ValueError(f"expires must be a number of seconds, got {expires!r}")
     for key in (*_OPTION_HINTS, *_ROUTING):
         if key in spec:
             options[key] = spec[key]

@@ -284,7 +284,9 @@ class Beat:
             TICK_HEADER: tick,
             "celery_beat_task": True,  # what Celery beat marks its messages with
         }
-        expires = tick + entry.expires if entry.expires is not None else None
+        # as Celery's: counted from when the tick is sent, so a tick caught up late (run_once)
+        # still runs rather than arrive expired
+        expires = self.clock.time() + entry.expires if entry.expires is not None else None
         try:
             result = self.app.send_task(
                 entry.task,
