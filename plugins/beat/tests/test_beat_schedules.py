@@ -132,3 +132,33 @@ def test_a_celery_relative_schedule_is_refused_not_read_as_a_plain_interval() ->
     with pytest.raises(ScheduleError, match="relative=True"):
         parse(celery_schedule(timedelta(minutes=30), relative=True))
     assert parse(celery_schedule(timedelta(minutes=30), relative=False)) == every(1800)
+
+
+@pytest.mark.parametrize("zone_name", ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe"])
+@pytest.mark.parametrize(
+    "spec", ["30 2 * * *", "0,30 2,3 * * *", "15 * * * *", "*/20 1-3 * * 0", "0 0 29 2 *"]
+)
+def test_crontab_due_between_counts_as_stepping_tick_by_tick_does(
+    zone_name: str, spec: str
+) -> None:
+    from millpond_beat.schedules import Schedule
+
+    tz = ZoneInfo(zone_name)
+    schedule = crontab(spec)
+    # spans around each DST change of 2026 (both hemispheres), and ones a few hours long
+    for since, until in [
+        (ts(2026, 3, 1, 1, 7), ts(2026, 4, 20, 3, 1)),
+        (ts(2026, 9, 20), ts(2026, 11, 9, 5, 30)),
+        (ts(2026, 3, 29, 0, 30), ts(2026, 3, 29, 4)),
+        (ts(2028, 2, 28, 12), ts(2028, 3, 1, 12)),
+        (ts(2026, 6, 1, 2, 30), ts(2026, 6, 1, 2, 30)),
+    ]:
+        expected = Schedule.due_between(schedule, since, until, tz)
+        assert schedule.due_between(since, until, tz) == expected, (since, until)
+
+
+def test_a_minutely_crontab_away_100_days_is_caught_up_at_once_exactly() -> None:
+    # stepping tick by tick took over a minute here (and stopped counting at 100,000, handing
+    # the scheduler a tick 69 days old as "the latest", then another, ...)
+    since, until = ts(2026, 1, 1), ts(2026, 4, 11, 0, 0, 30)
+    assert crontab("* * * * *").due_between(since, until, BERLIN) == (ts(2026, 4, 11), 100 * 1440)
