@@ -279,6 +279,48 @@ def test_schedule_changes_are_picked_up_without_restart(
     assert recorder.of("b") == [START + 60, START + 120]
 
 
+@pytest.mark.parametrize("restarted", [True, False])
+def test_an_entry_removed_then_added_back_starts_afresh_as_in_celery(
+    memory_app: Millpond, recorder: TickRecorder, restarted: bool
+) -> None:
+    # Celery beat drops a removed entry from its schedule file, so one added back (or enabled
+    # again) starts afresh; its old last run must not make the next leader "catch up" a tick
+    memory_app.add_hooks(recorder)
+    entry = Entry("hourly", "t", every(3600), UTC)
+    other = Entry("other", "t", every(86400), UTC)
+    claims = memory_app.broker.claims()
+    config = BeatConfig(lease_timeout=5, reload_interval=1)
+    clock = FakeClock(START)
+    entries: dict[str, Entry] = {"hourly": entry, "other": other}
+    beat = Beat(memory_app, entries, claims, config, clock=clock, name="a")
+    beat.step()
+    clock.advance(3600)
+    beat.step()
+    assert recorder.of("hourly") == [START + 3600]
+    if restarted:  # a restart without it (enabled = false), then one with it
+        beat._step_down("restart")
+        beat = Beat(memory_app, {"other": other}, claims, config, clock=clock, name="b")
+        beat.step()
+    else:  # the settings file changes under the running leader
+        beat.reload = lambda: {"other": other}
+        clock.advance(1)
+        beat.step()
+    assert beat.leading
+    beat._step_down("restart")
+    clock.advance(3 * 3600)  # 02:00, 03:00 and 04:00 fall due while it is away
+    for replica in ("c", "d"):  # it is back; and a leader after that one
+        clock.advance(1)
+        back = Beat(memory_app, {"hourly": entry, "other": other}, claims, config, clock=clock,
+                    name=replica)  # fmt: skip
+        back.step()
+        assert back.leading
+        back._step_down("next")
+    assert recorder.of("hourly") == [START + 3600]
+    clock.now = START + 5 * 3600  # and from then on on time
+    back.step()
+    assert recorder.of("hourly") == [START + 3600, START + 5 * 3600]
+
+
 def test_a_first_tick_due_while_the_leader_changes_is_not_lost(
     memory_app: Millpond, recorder: TickRecorder
 ) -> None:

@@ -28,7 +28,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -199,6 +199,9 @@ class Beat:
         self._save(LEADER_FIELD, self.name)
         self._last.clear()
         self._due.clear()
+        self._forget(
+            n for n, v in state.items() if v and n != LEADER_FIELD and n not in self.entries
+        )
         for name, entry in self.entries.items():
             self._start_entry(name, entry, state.get(name), now)
         log.info("beat leads", replica=self.name, entries=len(self.entries))
@@ -212,6 +215,17 @@ class Beat:
             self._save(name, last)
         self._last[name] = last
         self._due[name] = entry.next_after(last)
+
+    def _forget(self, names: Iterable[str]) -> None:
+        """Drop the last ticks of entries no longer scheduled, as Celery beat drops them from its
+        schedule file: one added back (or enabled again) later starts afresh, and its old last
+        tick does not make a leader catch up a run for the time it was gone."""
+        gone = dict.fromkeys(names, "")
+        if gone:
+            try:
+                self.claims.save_state(self.config.state_key, gone)
+            except MillpondError as exc:
+                log.warning("beat cannot store its state", entries=sorted(gone), error=str(exc))
 
     def _step_down(self, why: str) -> None:
         if not self.leading:
@@ -375,6 +389,7 @@ class Beat:
             self._last.pop(name, None)
             self._due.pop(name, None)
         if self.leading:
+            self._forget(removed)
             for name in added:
                 self._start_entry(name, fresh[name], None, now)
             for name in changed:  # a changed entry starts afresh: no catch-up of the old schedule
