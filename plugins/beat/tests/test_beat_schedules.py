@@ -134,6 +134,20 @@ def test_a_celery_relative_schedule_is_refused_not_read_as_a_plain_interval() ->
     assert parse(celery_schedule(timedelta(minutes=30), relative=False)) == every(1800)
 
 
+def test_a_celery_schedule_with_its_own_clock_is_refused_not_read_in_another_zone() -> None:
+    from celery.schedules import crontab as celery_crontab
+    from celery.schedules import schedule as celery_schedule
+
+    # Celery's way to tick a crontab in another zone; read from its fields it ticked in UTC
+    def berlin_now() -> datetime:
+        return datetime.now(BERLIN)
+
+    with pytest.raises(ScheduleError, match="nowfun"):
+        parse(celery_crontab(hour=7, minute=30, nowfun=berlin_now))
+    with pytest.raises(ScheduleError, match="timezone"):
+        parse(celery_schedule(timedelta(seconds=30), nowfun=berlin_now))
+
+
 @pytest.mark.parametrize("zone_name", ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe"])
 @pytest.mark.parametrize(
     "spec", ["30 2 * * *", "0,30 2,3 * * *", "15 * * * *", "*/20 1-3 * * 0", "0 0 29 2 *"]

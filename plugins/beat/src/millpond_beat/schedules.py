@@ -442,6 +442,12 @@ def from_celery(obj: object) -> Schedule | None:
     if not module.startswith("celery."):
         return None
     kind = type(obj).__name__
+    if getattr(obj, "nowfun", None) is not None:
+        raise ScheduleError(
+            f"Celery's {kind}(..., nowfun=...) is not supported by millpond beat (its clock, "
+            "often there to tick in another time zone, would be dropped): remove nowfun and "
+            "give the entry a timezone, e.g. timezone = 'Europe/Berlin'"
+        )
     if kind == "crontab":
         fields = {
             name: getattr(obj, f"_orig_{name}")
