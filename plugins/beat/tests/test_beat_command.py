@@ -268,6 +268,25 @@ def test_at_entries_tick_once(memory_app: Millpond, recorder: TickRecorder) -> N
     assert recorder.of("once") == [START + 30]
 
 
+def test_an_at_entry_already_past_when_first_scheduled_says_it_will_never_run(
+    memory_app: Millpond, recorder: TickRecorder
+) -> None:
+    from datetime import datetime
+
+    from structlog.testing import capture_logs
+
+    memory_app.add_hooks(recorder)
+    when = datetime.fromtimestamp(START - 30, UTC).isoformat()
+    entries = build(memory_app, {"gone": {"task": "t", "at": when}}, check_tasks=False)
+    clock = FakeClock(START)
+    beat = Beat(memory_app, entries, memory_app.broker.claims(), BeatConfig(), clock=clock)
+    with capture_logs() as logs:
+        beat.step()
+    assert recorder.of("gone") == []
+    (warning,) = [e for e in logs if "never run" in e["event"]]
+    assert warning["entry"] == "gone" and warning["log_level"] == "warning"
+
+
 def test_a_changed_settings_file_is_read_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

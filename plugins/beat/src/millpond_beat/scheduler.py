@@ -213,6 +213,10 @@ class Beat:
             # a leader elected after this one still owes that tick (and catches it up)
             last = now
             self._save(name, last)
+            if entry.next_after(now) is None:
+                log.warning("beat entry will never run: its one tick (at) passed before it was "
+                            "scheduled; give it a time to come, or remove it",
+                            entry=name, schedule=entry.schedule.describe())  # fmt: skip
         self._last[name] = last
         self._due[name] = entry.next_after(last)
 
