@@ -92,6 +92,15 @@ def test_settings_entries_in_celery_beat_schedule_shape(memory_app: Millpond) ->
         ({"task": "t", "schedule": 5, "catch_up": "all"}, "catch_up"),
         ({"task": "t", "schedule": 5, "sheduel": 1}, "unknown key 'sheduel'"),
         ({"task": "t", "schedule": 5, "args": [object()]}, "JSON values"),
+        # an option's value is checked at start too: a bad one failed only at each publish (a
+        # bad headers even before the try, failing the round, so later entries never ran)
+        ({"task": "t", "schedule": 5, "options": {"headers": 5}}, "headers must be a table"),
+        ({"task": "t", "schedule": 5, "options": {"headers": "x"}}, "headers must be a table"),
+        ({"task": "t", "schedule": 5, "queue": 5}, "queue must be a queue name"),
+        ({"task": "t", "schedule": 5, "options": {"priority": "high"}}, "priority must be"),
+        ({"task": "t", "schedule": 5, "options": {"countdown": "soon"}}, "countdown must be"),
+        ({"task": "t", "schedule": 5, "options": {"time_limit": -1}}, "time_limit must be"),
+        ({"task": "t", "schedule": 5, "options": {"ignore_result": "no"}}, "ignore_result must"),
     ],
 )
 def test_bad_entries_fail_naming_the_entry(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta, tzinfo
@@ -253,6 +254,7 @@ def _entry(
             raise ValueError(
                 f"unknown option {key!r}; a tick's options are {', '.join(sorted(SEND_OPTIONS))}"
             )
+        _check_option(key, options[key])
     try:
         json.dumps([list(args), dict(kwargs), options.get("headers") or {}])
     except (TypeError, ValueError) as exc:
@@ -272,6 +274,26 @@ def _entry(
         options=options,
         source=source,
     )
+
+
+def _check_option(key: str, value: Any) -> None:
+    """An option's value, checked when the entry is built: a bad one would otherwise fail only
+    when a tick is sent (a bad `headers`, failing the whole round, held up later entries)."""
+    if value is None:
+        return  # Celery's "not given": the task's or app's default
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if key == "headers" and not isinstance(value, Mapping):
+        raise ValueError(f"headers must be a table of header names to values, got {value!r}")
+    if key == "queue" and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"queue must be a queue name, got {value!r}")
+    if key == "priority" and not (isinstance(value, int) and number and 0 <= value <= 255):
+        raise ValueError(f"priority must be a whole number from 0 to 255, got {value!r}")
+    if key in ("countdown", "time_limit", "soft_time_limit") and not (
+        number and math.isfinite(value) and value >= 0
+    ):
+        raise ValueError(f"{key} must be a number of seconds, 0 or more, got {value!r}")
+    if key == "ignore_result" and not isinstance(value, bool):
+        raise ValueError(f"ignore_result must be true or false, got {value!r}")
 
 
 def _route(name: str, options: dict[str, Any]) -> None:
