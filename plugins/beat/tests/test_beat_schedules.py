@@ -55,6 +55,15 @@ def test_crontab_sunday_is_0_and_7() -> None:
     assert crontab("0 0 * * 5-7").day_of_week == {5, 6, 0}
 
 
+def test_crontab_takes_full_day_and_month_names_as_celery_does() -> None:
+    weekdays = crontab(day_of_week="monday-friday")
+    assert weekdays.day_of_week == crontab(day_of_week="mon-fri").day_of_week == {1, 2, 3, 4, 5}
+    named, short = crontab("0 7 * January,march Sunday"), crontab("0 7 * jan,mar sun")
+    assert (named.month_of_year, named.day_of_week) == (short.month_of_year, short.day_of_week)
+    with pytest.raises(ScheduleError, match="'monkey' is not a number or a known name"):
+        crontab(day_of_week="monkey")
+
+
 def test_crontab_day_of_month_and_month() -> None:
     c = crontab("0 12 29 2 *")  # leap days only
     assert c.next_after(ts(2026, 1, 1), UTC) == ts(2028, 2, 29, 12)

@@ -151,6 +151,14 @@ _MONTHS = {
         ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
     )
 }
+#: the full names Celery also takes (it reads a name by its first three letters)
+_FULL_NAMES = frozenset(
+    {
+        *("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"),
+        *("january", "february", "march", "april", "june", "july", "august", "september"),
+        *("october", "november", "december"),
+    }
+)
 _PART = re.compile(r"^(?P<range>\*|[a-z0-9]+(?:-[a-z0-9]+)?)(?:/(?P<step>\d+))?$")
 #: how far apart two offsets of one zone may be; bounds the search around a day's candidates
 _MAX_SHIFT = timedelta(hours=3)
@@ -201,6 +209,8 @@ class _Field:
     def value(self, text: str, spec: object) -> int:
         if text in self.names:
             return self.names[text]
+        if text in _FULL_NAMES and text[:3] in self.names:  # "monday", "january": as Celery
+            return self.names[text[:3]]
         if not text.isdigit():
             raise self.error(spec, f"{text!r} is not a number or a known name")
         number = int(text)
