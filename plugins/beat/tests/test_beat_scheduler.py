@@ -212,6 +212,25 @@ def test_a_tick_caught_up_late_is_sent_with_its_expiry_still_ahead(
     assert expires == pytest.approx(clock.time() + 600)
 
 
+def test_a_minutely_crontab_away_100_days_publishes_its_latest_tick_once(
+    memory_app: Millpond, recorder: TickRecorder
+) -> None:
+    # Celery runs a missed entry once; stepping tick by tick took minutes here, and stopped at
+    # 100,000 ticks, publishing one 69 days old, then more, one per round
+    memory_app.add_hooks(recorder)
+    entry = Entry("minutely", "t", crontab("* * * * *"), ZoneInfo("Europe/Berlin"))
+    claims = memory_app.broker.claims()
+    claims.save_state(BeatConfig().state_key, {"minutely": repr(START - 100 * 86400)})
+    clock = FakeClock(START + 30)
+    beat = Beat(memory_app, {"minutely": entry}, claims, BeatConfig(), clock=clock)
+    beat.step()
+    beat.step()
+    assert recorder.of("minutely") == [START]
+    clock.advance(30)
+    beat.step()
+    assert recorder.of("minutely") == [START, START + 60]
+
+
 def test_two_replicas_one_leader_each_tick_once(
     memory_app: Millpond, recorder: TickRecorder
 ) -> None:
