@@ -284,7 +284,7 @@ def _check_option(key: str, value: Any) -> None:
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if key == "headers" and not isinstance(value, Mapping):
         raise ValueError(f"headers must be a table of header names to values, got {value!r}")
-    if key == "queue" and (not isinstance(value, str) or not value.strip()):
+    if key == "queue" and not isinstance(value, str):  # "" is the task's own, as before
         raise ValueError(f"queue must be a queue name, got {value!r}")
     if key == "priority" and not (isinstance(value, int) and number and 0 <= value <= 255):
         raise ValueError(f"priority must be a whole number from 0 to 255, got {value!r}")
