@@ -40,6 +40,24 @@ def test_code_entries_take_celery_shapes(memory_app: Millpond) -> None:
     assert entries[hourly.name].catch_up == "skip"
 
 
+def test_code_entries_take_the_call_s_args_as_partial_arguments_as_celery_does(
+    memory_app: Millpond,
+) -> None:
+    @memory_app.task
+    def scale(x: int, y: int, factor: int = 1, shift: int = 0) -> int:
+        return (x + y) * factor + shift
+
+    # Celery's add_periodic_task clones the signature with the call's args and kwargs: the args
+    # go before the signature's, the kwargs are merged over its; an immutable one keeps its own
+    memory_app.add_periodic_task(10, scale.s(2, factor=3), args=(1,), kwargs={"shift": 4}, name="p")
+    memory_app.add_periodic_task(10, scale.si(2, 5), args=(1,), kwargs={"shift": 4}, name="i")
+    memory_app.add_periodic_task(10, scale, args=(1, 2), name="t")
+    entries = build(memory_app, {})
+    assert (entries["p"].args, dict(entries["p"].kwargs)) == ((1, 2), {"factor": 3, "shift": 4})
+    assert (entries["i"].args, dict(entries["i"].kwargs)) == ((2, 5), {})
+    assert (entries["t"].args, dict(entries["t"].kwargs)) == ((1, 2), {})
+
+
 def test_settings_entries_in_celery_beat_schedule_shape(memory_app: Millpond) -> None:
     table = {
         "Send Report": {
@@ -74,6 +92,15 @@ def test_settings_entries_in_celery_beat_schedule_shape(memory_app: Millpond) ->
         ({"task": "t", "schedule": 5, "catch_up": "all"}, "catch_up"),
         ({"task": "t", "schedule": 5, "sheduel": 1}, "unknown key 'sheduel'"),
         ({"task": "t", "schedule": 5, "args": [object()]}, "JSON values"),
+        # an option's value is checked at start too: a bad one failed only at each publish (a
+        # bad headers even before the try, failing the round, so later entries never ran)
+        ({"task": "t", "schedule": 5, "options": {"headers": 5}}, "headers must be a table"),
+        ({"task": "t", "schedule": 5, "options": {"headers": "x"}}, "headers must be a table"),
+        ({"task": "t", "schedule": 5, "queue": 5}, "queue must be a queue name"),
+        ({"task": "t", "schedule": 5, "options": {"priority": "high"}}, "priority must be"),
+        ({"task": "t", "schedule": 5, "options": {"countdown": "soon"}}, "countdown must be"),
+        ({"task": "t", "schedule": 5, "options": {"time_limit": -1}}, "time_limit must be"),
+        ({"task": "t", "schedule": 5, "options": {"ignore_result": "no"}}, "ignore_result must"),
     ],
 )
 def test_bad_entries_fail_naming_the_entry(
@@ -248,6 +275,25 @@ def test_at_entries_tick_once(memory_app: Millpond, recorder: TickRecorder) -> N
     while clock.time() < START + 600:
         clock.advance(max(beat.step(), 0.5))
     assert recorder.of("once") == [START + 30]
+
+
+def test_an_at_entry_already_past_when_first_scheduled_says_it_will_never_run(
+    memory_app: Millpond, recorder: TickRecorder
+) -> None:
+    from datetime import datetime
+
+    from structlog.testing import capture_logs
+
+    memory_app.add_hooks(recorder)
+    when = datetime.fromtimestamp(START - 30, UTC).isoformat()
+    entries = build(memory_app, {"gone": {"task": "t", "at": when}}, check_tasks=False)
+    clock = FakeClock(START)
+    beat = Beat(memory_app, entries, memory_app.broker.claims(), BeatConfig(), clock=clock)
+    with capture_logs() as logs:
+        beat.step()
+    assert recorder.of("gone") == []
+    (warning,) = [e for e in logs if "never run" in e["event"]]
+    assert warning["entry"] == "gone" and warning["log_level"] == "warning"
 
 
 def test_a_changed_settings_file_is_read_again(

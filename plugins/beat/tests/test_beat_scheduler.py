@@ -143,7 +143,7 @@ def test_ticks_go_through_the_producer_path_with_the_entry_options(
     assert memory_app.broker.queue_length("q1") == 3
     consumer = memory_app.broker.consumer(["q1"], 10)
     deliveries = consumer.fetch(10, 1.0)
-    # expires counts from the tick, not from when it was sent
+    # expires counts from when the tick was sent (here: on time, at 00:00:10)
     assert deliveries[0].message.headers["expires"].startswith("2026-01-01T00:00:15")
     consumer.close()
 
@@ -187,6 +187,48 @@ def test_ticks_nobody_published_follow_the_catch_up_policy(
     clock.now = START + 7 * 3600
     second.step()
     assert recorder.of("hourly")[-1] == START + 7 * 3600
+
+
+def test_a_tick_caught_up_late_is_sent_with_its_expiry_still_ahead(
+    memory_app: Millpond, recorder: TickRecorder
+) -> None:
+    # Celery's expires counts from when beat sends the message: the one run a restarted beat
+    # catches up must not arrive already expired (a worker would drop it: a lost run)
+    memory_app.add_hooks(recorder)
+    entry = Entry("hourly", "t", every(3600), UTC, expires=600, options={"queue": "caught"})
+    claims = memory_app.broker.claims()
+    clock = FakeClock(START)
+    config = BeatConfig(lease_timeout=5, reload_interval=0)
+    first = Beat(memory_app, {"hourly": entry}, claims, config, clock=clock, name="a")
+    first.step()
+    first._step_down("test")
+    clock.advance(2 * 3600 + 1800)  # down from 00:00 to 02:30: 01:00 and 02:00 fell due
+    Beat(memory_app, {"hourly": entry}, claims, config, clock=clock, name="b").step()
+    assert recorder.of("hourly") == [START + 2 * 3600]
+    consumer = memory_app.broker.consumer(["caught"], 10)
+    (delivery,) = consumer.fetch(10, 1.0)
+    consumer.close()
+    expires = datetime.fromisoformat(delivery.message.headers["expires"]).timestamp()
+    assert expires == pytest.approx(clock.time() + 600)
+
+
+def test_a_minutely_crontab_away_100_days_publishes_its_latest_tick_once(
+    memory_app: Millpond, recorder: TickRecorder
+) -> None:
+    # Celery runs a missed entry once; stepping tick by tick took minutes here, and stopped at
+    # 100,000 ticks, publishing one 69 days old, then more, one per round
+    memory_app.add_hooks(recorder)
+    entry = Entry("minutely", "t", crontab("* * * * *"), ZoneInfo("Europe/Berlin"))
+    claims = memory_app.broker.claims()
+    claims.save_state(BeatConfig().state_key, {"minutely": repr(START - 100 * 86400)})
+    clock = FakeClock(START + 30)
+    beat = Beat(memory_app, {"minutely": entry}, claims, BeatConfig(), clock=clock)
+    beat.step()
+    beat.step()
+    assert recorder.of("minutely") == [START]
+    clock.advance(30)
+    beat.step()
+    assert recorder.of("minutely") == [START, START + 60]
 
 
 def test_two_replicas_one_leader_each_tick_once(
@@ -254,6 +296,48 @@ def test_schedule_changes_are_picked_up_without_restart(
     # the new period from the change on
     assert recorder.of("a")[:5] == [START + 10, START + 20, START + 30, START + 35, START + 40]
     assert recorder.of("b") == [START + 60, START + 120]
+
+
+@pytest.mark.parametrize("restarted", [True, False])
+def test_an_entry_removed_then_added_back_starts_afresh_as_in_celery(
+    memory_app: Millpond, recorder: TickRecorder, restarted: bool
+) -> None:
+    # Celery beat drops a removed entry from its schedule file, so one added back (or enabled
+    # again) starts afresh; its old last run must not make the next leader "catch up" a tick
+    memory_app.add_hooks(recorder)
+    entry = Entry("hourly", "t", every(3600), UTC)
+    other = Entry("other", "t", every(86400), UTC)
+    claims = memory_app.broker.claims()
+    config = BeatConfig(lease_timeout=5, reload_interval=1)
+    clock = FakeClock(START)
+    entries: dict[str, Entry] = {"hourly": entry, "other": other}
+    beat = Beat(memory_app, entries, claims, config, clock=clock, name="a")
+    beat.step()
+    clock.advance(3600)
+    beat.step()
+    assert recorder.of("hourly") == [START + 3600]
+    if restarted:  # a restart without it (enabled = false), then one with it
+        beat._step_down("restart")
+        beat = Beat(memory_app, {"other": other}, claims, config, clock=clock, name="b")
+        beat.step()
+    else:  # the settings file changes under the running leader
+        beat.reload = lambda: {"other": other}
+        clock.advance(1)
+        beat.step()
+    assert beat.leading
+    beat._step_down("restart")
+    clock.advance(3 * 3600)  # 02:00, 03:00 and 04:00 fall due while it is away
+    for replica in ("c", "d"):  # it is back; and a leader after that one
+        clock.advance(1)
+        back = Beat(memory_app, {"hourly": entry, "other": other}, claims, config, clock=clock,
+                    name=replica)  # fmt: skip
+        back.step()
+        assert back.leading
+        back._step_down("next")
+    assert recorder.of("hourly") == [START + 3600]
+    clock.now = START + 5 * 3600  # and from then on on time
+    back.step()
+    assert recorder.of("hourly") == [START + 3600, START + 5 * 3600]
 
 
 def test_a_first_tick_due_while_the_leader_changes_is_not_lost(

@@ -55,6 +55,15 @@ def test_crontab_sunday_is_0_and_7() -> None:
     assert crontab("0 0 * * 5-7").day_of_week == {5, 6, 0}
 
 
+def test_crontab_takes_full_day_and_month_names_as_celery_does() -> None:
+    weekdays = crontab(day_of_week="monday-friday")
+    assert weekdays.day_of_week == crontab(day_of_week="mon-fri").day_of_week == {1, 2, 3, 4, 5}
+    named, short = crontab("0 7 * January,march Sunday"), crontab("0 7 * jan,mar sun")
+    assert (named.month_of_year, named.day_of_week) == (short.month_of_year, short.day_of_week)
+    with pytest.raises(ScheduleError, match="'monkey' is not a number or a known name"):
+        crontab(day_of_week="monkey")
+
+
 def test_crontab_day_of_month_and_month() -> None:
     c = crontab("0 12 29 2 *")  # leap days only
     assert c.next_after(ts(2026, 1, 1), UTC) == ts(2028, 2, 29, 12)
@@ -123,3 +132,56 @@ def test_celery_schedule_objects_are_read() -> None:
     not_built = solar.__new__(solar)  # a real one needs the ephem library
     with pytest.raises(ScheduleError, match="solar"):
         parse(not_built)
+
+
+def test_a_celery_relative_schedule_is_refused_not_read_as_a_plain_interval() -> None:
+    from celery.schedules import schedule as celery_schedule
+
+    # relative=True is refused in an entry's keys; given on Celery's own object it was dropped
+    with pytest.raises(ScheduleError, match="relative=True"):
+        parse(celery_schedule(timedelta(minutes=30), relative=True))
+    assert parse(celery_schedule(timedelta(minutes=30), relative=False)) == every(1800)
+
+
+def test_a_celery_schedule_with_its_own_clock_is_refused_not_read_in_another_zone() -> None:
+    from celery.schedules import crontab as celery_crontab
+    from celery.schedules import schedule as celery_schedule
+
+    # Celery's way to tick a crontab in another zone; read from its fields it ticked in UTC
+    def berlin_now() -> datetime:
+        return datetime.now(BERLIN)
+
+    with pytest.raises(ScheduleError, match="nowfun"):
+        parse(celery_crontab(hour=7, minute=30, nowfun=berlin_now))
+    with pytest.raises(ScheduleError, match="timezone"):
+        parse(celery_schedule(timedelta(seconds=30), nowfun=berlin_now))
+
+
+@pytest.mark.parametrize("zone_name", ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe"])
+@pytest.mark.parametrize(
+    "spec", ["30 2 * * *", "0,30 2,3 * * *", "15 * * * *", "*/20 1-3 * * 0", "0 0 29 2 *"]
+)
+def test_crontab_due_between_counts_as_stepping_tick_by_tick_does(
+    zone_name: str, spec: str
+) -> None:
+    from millpond_beat.schedules import Schedule
+
+    tz = ZoneInfo(zone_name)
+    schedule = crontab(spec)
+    # spans around each DST change of 2026 (both hemispheres), and ones a few hours long
+    for since, until in [
+        (ts(2026, 3, 1, 1, 7), ts(2026, 4, 20, 3, 1)),
+        (ts(2026, 9, 20), ts(2026, 11, 9, 5, 30)),
+        (ts(2026, 3, 29, 0, 30), ts(2026, 3, 29, 4)),
+        (ts(2028, 2, 28, 12), ts(2028, 3, 1, 12)),
+        (ts(2026, 6, 1, 2, 30), ts(2026, 6, 1, 2, 30)),
+    ]:
+        expected = Schedule.due_between(schedule, since, until, tz)
+        assert schedule.due_between(since, until, tz) == expected, (since, until)
+
+
+def test_a_minutely_crontab_away_100_days_is_caught_up_at_once_exactly() -> None:
+    # stepping tick by tick took over a minute here (and stopped counting at 100,000, handing
+    # the scheduler a tick 69 days old as "the latest", then another, ...)
+    since, until = ts(2026, 1, 1), ts(2026, 4, 11, 0, 0, 30)
+    assert crontab("* * * * *").due_between(since, until, BERLIN) == (ts(2026, 4, 11), 100 * 1440)

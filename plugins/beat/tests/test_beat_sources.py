@@ -66,6 +66,27 @@ def test_source_entries_join_and_reload_only_when_the_version_moves(
     assert watch() is None, "an unreadable source keeps the running schedule"
 
 
+def test_a_change_read_while_the_source_fails_is_read_again_once_it_answers(
+    memory_app: Millpond, source: TableSource
+) -> None:
+    # the version moved, then reading the schedule failed (the database went down in between):
+    # the running schedule is kept, and the change is read at the next look, not lost for good
+    source.table["db-ping"] = {"task": "ping", "schedule": 10}
+    watch = SettingsWatch(memory_app, {}, source)
+    source.table["db-pong"] = {"task": "ping", "schedule": 5}
+    source.counter += 1
+    read = source.schedule
+
+    def down() -> Mapping[str, Mapping[str, Any]]:
+        raise OSError("database is down")
+
+    source.schedule = down  # type: ignore[method-assign]
+    assert watch() is None, "an unreadable source keeps the running schedule"
+    source.schedule = read  # type: ignore[method-assign]
+    fresh = watch()
+    assert fresh is not None and set(fresh) == {"db-ping", "db-pong"}
+
+
 def test_a_bad_or_clashing_source_entry_is_refused_naming_it(
     memory_app: Millpond, source: TableSource
 ) -> None:

@@ -97,11 +97,25 @@ class SettingsWatch:
         version = self._version(self.version)
         if stamp == self.seen and version == self.version:
             return None
-        self.seen, self.version = stamp, version
         from millpond.config.settings import load_settings
 
-        settings = load_settings(self.flags, code=self.app.code_config)
-        return build_entries(self.app, settings, self.source)
+        try:
+            settings = load_settings(self.flags, code=self.app.code_config)
+            found = build_entries(self.app, settings, self.source)
+        except ConfigurationError:  # a bad edit: said (by Beat) once, read again when it changes
+            self.seen, self.version = stamp, version
+            raise
+        except Exception as exc:  # the source failed mid-read: keep the schedule, look again
+            import structlog
+
+            structlog.get_logger("millpond.beat").warning(
+                "beat cannot read its schedule source; keeping the running schedule and "
+                "reading it again in beat.reload_interval",
+                error=str(exc),
+            )
+            return None
+        self.seen, self.version = stamp, version
+        return found
 
 
 def make_beat(

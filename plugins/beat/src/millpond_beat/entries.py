@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta, tzinfo
@@ -64,7 +65,7 @@ class Entry:
     tz: tzinfo
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
-    #: seconds after the tick after which a worker drops the message (Celery's `expires`)
+    #: seconds after a tick is sent after which a worker drops the message (Celery's `expires`)
     expires: float | None = None
     catch_up: str = "run_once"
     #: send_task options: queue, priority, time limits, headers, ...
@@ -101,9 +102,11 @@ class Entry:
 def declared(app: Millpond) -> dict[str, dict[str, Any]]:
     """The entries declared in code (`app.add_periodic_task`), by name, in the settings' shape.
 
-    `sig` is a signature (`add.s(2, 3)`), a task or a task name; the call's `args`/`kwargs`
-    override the signature's. An entry's name defaults to the call's repr, as Celery names it; a
-    second declaration under one name replaces the first.
+    `sig` is a signature (`add.s(2, 3)`), a task or a task name; the call's `args`/`kwargs` are
+    partial arguments, as Celery's `sig.clone(args, kwargs)` takes them: the args go before the
+    signature's, the kwargs are merged over its, and an immutable signature (`add.si(...)`)
+    keeps its own. An entry's name defaults to the call's repr, as Celery names it; a second
+    declaration under one name replaces the first.
     """
     entries: dict[str, dict[str, Any]] = {}
     for call in app.periodic_tasks:
@@ -111,8 +114,11 @@ def declared(app: Millpond) -> dict[str, dict[str, Any]]:
         if not isinstance(sig, Mapping):
             sig = {"task": sig if isinstance(sig, str) else sig.name}
         task = str(sig["task"])
-        args = tuple(sig.get("args") or () if args is None else args)
-        kwargs = dict(sig.get("kwargs") or {} if kwargs is None else kwargs)
+        own_args, own_kwargs = tuple(sig.get("args") or ()), dict(sig.get("kwargs") or {})
+        if sig.get("immutable"):
+            args, kwargs = own_args, own_kwargs
+        else:
+            args, kwargs = (*(args or ()), *own_args), {**own_kwargs, **(kwargs or {})}
         if name is None:
             shown = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
             name = f"{task}({', '.join(shown)})"
@@ -236,7 +242,7 @@ def _entry(
     if expires is not None and (
         isinstance(expires, bool) or not isinstance(expires, int | float) or expires <= 0
     ):
-        raise ValueError(f"expires must be a number of seconds after the tick, got {expires!r}")
+        raise ValueError(f"expires must be a number of seconds, got {expires!r}")
     for key in (*_OPTION_HINTS, *_ROUTING):
         if key in spec:
             options[key] = spec[key]
@@ -248,6 +254,7 @@ def _entry(
             raise ValueError(
                 f"unknown option {key!r}; a tick's options are {', '.join(sorted(SEND_OPTIONS))}"
             )
+        _check_option(key, options[key])
     try:
         json.dumps([list(args), dict(kwargs), options.get("headers") or {}])
     except (TypeError, ValueError) as exc:
@@ -267,6 +274,26 @@ def _entry(
         options=options,
         source=source,
     )
+
+
+def _check_option(key: str, value: Any) -> None:
+    """An option's value, checked when the entry is built: a bad one would otherwise fail only
+    when a tick is sent (a bad `headers`, failing the whole round, held up later entries)."""
+    if value is None:
+        return  # Celery's "not given": the task's or app's default
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if key == "headers" and not isinstance(value, Mapping):
+        raise ValueError(f"headers must be a table of header names to values, got {value!r}")
+    if key == "queue" and not isinstance(value, str):  # "" is the task's own, as before
+        raise ValueError(f"queue must be a queue name, got {value!r}")
+    if key == "priority" and not (isinstance(value, int) and number and 0 <= value <= 255):
+        raise ValueError(f"priority must be a whole number from 0 to 255, got {value!r}")
+    if key in ("countdown", "time_limit", "soft_time_limit") and not (
+        number and math.isfinite(value) and value >= 0
+    ):
+        raise ValueError(f"{key} must be a number of seconds, 0 or more, got {value!r}")
+    if key == "ignore_result" and not isinstance(value, bool):
+        raise ValueError(f"ignore_result must be true or false, got {value!r}")
 
 
 def _route(name: str, options: dict[str, Any]) -> None:

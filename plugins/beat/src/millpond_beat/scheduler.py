@@ -28,7 +28,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -199,6 +199,9 @@ class Beat:
         self._save(LEADER_FIELD, self.name)
         self._last.clear()
         self._due.clear()
+        self._forget(
+            n for n, v in state.items() if v and n != LEADER_FIELD and n not in self.entries
+        )
         for name, entry in self.entries.items():
             self._start_entry(name, entry, state.get(name), now)
         log.info("beat leads", replica=self.name, entries=len(self.entries))
@@ -210,8 +213,23 @@ class Beat:
             # a leader elected after this one still owes that tick (and catches it up)
             last = now
             self._save(name, last)
+            if entry.next_after(now) is None:
+                log.warning("beat entry will never run: its one tick (at) passed before it was "
+                            "scheduled; give it a time to come, or remove it",
+                            entry=name, schedule=entry.schedule.describe())  # fmt: skip
         self._last[name] = last
         self._due[name] = entry.next_after(last)
+
+    def _forget(self, names: Iterable[str]) -> None:
+        """Drop the last ticks of entries no longer scheduled, as Celery beat drops them from its
+        schedule file: one added back (or enabled again) later starts afresh, and its old last
+        tick does not make a leader catch up a run for the time it was gone."""
+        gone = dict.fromkeys(names, "")
+        if gone:
+            try:
+                self.claims.save_state(self.config.state_key, gone)
+            except MillpondError as exc:
+                log.warning("beat cannot store its state", entries=sorted(gone), error=str(exc))
 
     def _step_down(self, why: str) -> None:
         if not self.leading:
@@ -284,7 +302,9 @@ class Beat:
             TICK_HEADER: tick,
             "celery_beat_task": True,  # what Celery beat marks its messages with
         }
-        expires = tick + entry.expires if entry.expires is not None else None
+        # as Celery's: counted from when the tick is sent, so a tick caught up late (run_once)
+        # still runs rather than arrive expired
+        expires = self.clock.time() + entry.expires if entry.expires is not None else None
         try:
             result = self.app.send_task(
                 entry.task,
@@ -373,6 +393,7 @@ class Beat:
             self._last.pop(name, None)
             self._due.pop(name, None)
         if self.leading:
+            self._forget(removed)
             for name in added:
                 self._start_entry(name, fresh[name], None, now)
             for name in changed:  # a changed entry starts afresh: no catch-up of the old schedule

@@ -151,6 +151,14 @@ _MONTHS = {
         ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
     )
 }
+#: the full names Celery also takes (it reads a name by its first three letters)
+_FULL_NAMES = frozenset(
+    {
+        *("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"),
+        *("january", "february", "march", "april", "june", "july", "august", "september"),
+        *("october", "november", "december"),
+    }
+)
 _PART = re.compile(r"^(?P<range>\*|[a-z0-9]+(?:-[a-z0-9]+)?)(?:/(?P<step>\d+))?$")
 #: how far apart two offsets of one zone may be; bounds the search around a day's candidates
 _MAX_SHIFT = timedelta(hours=3)
@@ -201,6 +209,8 @@ class _Field:
     def value(self, text: str, spec: object) -> int:
         if text in self.names:
             return self.names[text]
+        if text in _FULL_NAMES and text[:3] in self.names:  # "monday", "january": as Celery
+            return self.names[text[:3]]
         if not text.isdigit():
             raise self.error(spec, f"{text!r} is not a number or a known name")
         number = int(text)
@@ -299,6 +309,48 @@ class crontab(Schedule):
 
     def describe(self) -> str:
         return f"crontab {self.text}"
+
+    def due_between(self, since: float, until: float, tz: tzinfo) -> tuple[float | None, int]:
+        """As `Schedule.due_between`, exactly and without a cap, day by day: a day whose UTC
+        offset does not change and that lies wholly in the span counts all its walls at once;
+        the others (the span's ends, DST days) are counted wall by wall under the rule of
+        `instants`. A minutely entry away 100 days costs milliseconds, not minutes (stepping
+        `next_after` tick by tick blocked the loop for seconds per day away, past the lease)."""
+        if until <= since:
+            return None, 0
+        real = self.follows_real_clock
+        hours, minutes = sorted(self.hour), sorted(self.minute)
+        per_day, last_wall = len(hours) * len(minutes), hours[-1] * 3600 + minutes[-1] * 60
+        latest: float | None = None
+        count = 0
+        day = datetime.fromtimestamp(since, tz).date() - timedelta(days=1)
+        end = datetime.fromtimestamp(until, tz).date() + timedelta(days=1)
+        while day <= end:
+            if self._day_matches(day):
+                midnight = datetime(day.year, day.month, day.day)
+                low = _naive_utc(midnight, tz)
+                high = _naive_utc(midnight + timedelta(days=1), tz)
+                steady = (
+                    datetime.fromtimestamp(low, tz).utcoffset()
+                    == datetime.fromtimestamp(high, tz).utcoffset()
+                    and high - low == 86400
+                )
+                if steady and since < low and high <= until:
+                    count += per_day
+                    latest = max(latest or low, low + last_wall)
+                else:
+                    seen: set[float] = set()
+                    for h in hours:
+                        for m in minutes:
+                            for instant in instants(midnight.replace(hour=h, minute=m), tz,
+                                                    real_clock=real):  # fmt: skip
+                                if since < instant <= until:
+                                    seen.add(instant)
+                    count += len(seen)
+                    if seen:
+                        latest = max(latest or 0.0, *seen)
+            day += timedelta(days=1)
+        return latest, count
 
     def _day_matches(self, d: date) -> bool:
         return (
@@ -400,6 +452,12 @@ def from_celery(obj: object) -> Schedule | None:
     if not module.startswith("celery."):
         return None
     kind = type(obj).__name__
+    if getattr(obj, "nowfun", None) is not None:
+        raise ScheduleError(
+            f"Celery's {kind}(..., nowfun=...) is not supported by millpond beat (its clock, "
+            "often there to tick in another time zone, would be dropped): remove nowfun and "
+            "give the entry a timezone, e.g. timezone = 'Europe/Berlin'"
+        )
     if kind == "crontab":
         fields = {
             name: getattr(obj, f"_orig_{name}")
@@ -407,6 +465,12 @@ def from_celery(obj: object) -> Schedule | None:
         }
         return crontab(**fields)
     if kind == "schedule":
+        if getattr(obj, "relative", False):
+            raise ScheduleError(
+                "Celery's schedule(..., relative=True) is not supported: intervals tick at whole "
+                "multiples of their period so that every replica agrees on each tick; remove "
+                "relative=True"
+            )
         run_every = obj.run_every  # type: ignore[attr-defined]
         return every(run_every.total_seconds())
     raise ScheduleError(
