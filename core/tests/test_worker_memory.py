@@ -399,8 +399,10 @@ def test_an_idle_worker_woken_with_nothing_to_do_goes_back_to_waiting(
     running.worker.call_soon(lambda: called.append(len(spy.woken)))
     running.worker.inbox.waker.wake()  # as a control command that changed the buffer does
     wait_until(lambda: called, 10, "the call to run on the loop")
-    wait_until(lambda: len(spy.woken) >= called[0] + 2, 10, "two more fetches")
-    assert spy.woken[called[0] : called[0] + 2] == [False, False], spy.woken  # they wait
+    wait_until(lambda: len(spy.woken) >= called[0] + 4, 10, "four more fetches")
+    # each of the two wake-ups may land after the call ran and is then acted on once; a spinning
+    # loop starts every fetch with the waker still set
+    assert spy.woken[called[0] : called[0] + 4].count(True) <= 2, spy.woken
     assert running.stop() == 0
 
 
