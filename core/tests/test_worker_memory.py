@@ -171,6 +171,27 @@ def test_bad_messages_are_dead_lettered_and_the_worker_goes_on(
     assert reason in dead[0].headers[DEATH_REASON]
 
 
+def test_a_retry_carries_the_headers_its_message_came_with(
+    memory_app: Millpond, start_worker: Any
+) -> None:
+    """A producer's own headers (a tenant, a request id) reach every run, as Celery's retry
+    keeps them; the ones a message is built with are the retry's own."""
+    seen: list[tuple[int, Any, Any]] = []
+
+    @memory_app.task(name="mem.tenant_retry", bind=True, default_retry_delay=0)
+    def tenant_retry(self: Any) -> str:
+        headers = self.request.job.headers
+        seen.append((self.request.retries, headers.get("tenant"), headers.get("retries")))
+        if self.request.retries < 1:
+            raise self.retry(countdown=0)
+        return str(headers.get("tenant"))
+
+    start_worker(memory_app, pool="solo")
+    result = tenant_retry.apply_async(headers={"tenant": "acme"})
+    assert result.get(timeout=10) == "acme"
+    assert seen == [(0, "acme", 0), (1, "acme", 1)]
+
+
 def test_wrong_arguments_fail_the_task_for_its_caller_and_dead_letter_the_message(
     memory_app: Millpond, start_worker: Any
 ) -> None:

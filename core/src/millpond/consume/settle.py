@@ -22,7 +22,7 @@ from millpond.contracts.pool import Job, Outcome
 from millpond.exceptions import TimeLimitExceeded, WorkerLostError
 from millpond.produce.result import error_info
 from millpond.states import TaskState
-from millpond.wire.protocol import REJOIN, Message
+from millpond.wire.protocol import REJOIN, Message, encode_task
 
 if TYPE_CHECKING:
     from millpond.config.settings import Settings
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from millpond.produce.task import Task
 
 log = structlog.get_logger("millpond.worker")
+#: the headers a message is built with; a retry carries the others over (a producer's own, beat's
+#: entry name, stamps), as Celery's does, but for what a broker adds (`x-*`)
+_BUILT_HEADERS = frozenset(encode_task("").headers)
 
 
 def redelivered(job: Job) -> bool:
@@ -317,6 +320,11 @@ class Settler:
                     group_id=job.group_id,
                     group_index=job.group_index,
                     priority=job.delivery and job.delivery.message.properties.get("priority"),
+                    headers={
+                        k: v
+                        for k, v in job.headers.items()
+                        if k not in _BUILT_HEADERS and not k.startswith("x-")
+                    },
                     reply_to=job.reply_to or "",  # the caller still waits ("": none does)
                 )
         except Exception as exc:
