@@ -449,3 +449,11 @@ def test_a_table_left_unset_is_a_copy_of_its_default_not_the_declaration_itself(
     assert declared_default == {"region": "eu"}
     again = load_settings(env={"MILLPOND_TBL__N": "2"}, sections=[section])
     assert again.sections["tbl"]["options"] == {"region": "eu"}
+
+
+def test_celerys_timezone_setting_points_to_beats() -> None:
+    for source in ({"code": {"timezone": "Europe/Berlin"}}, {"env": {"MILLPOND_TIMEZONE": "UTC"}}):
+        with pytest.raises(
+            ConfigurationError, match=r"use beat\.timezone .*MILLPOND_BEAT__TIMEZONE"
+        ):
+            load_settings(env=source.get("env", {}), code=source.get("code"))

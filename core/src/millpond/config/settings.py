@@ -194,12 +194,16 @@ class Settings:
         return dataclasses.replace(self, **values, sources=sources)
 
 
-#: core settings that moved to a plugin's section: refused with the new name, from every source
+#: core settings that moved to a plugin's section, and Celery's that live in one: refused with
+#: the name to use, from every source
 #: (the environment too: a deployment that still sets the old name must not lose its probes)
 MOVED = {
     f"health_{name}": f"moved to the [health] section of millpond-health: use health.{name} "
     f"([health] {name} = ... in the file, MILLPOND_HEALTH__{name.upper()} in the environment)"
     for name in ("port", "host", "liveness_timeout")
+} | {
+    "timezone": "Celery's timezone is millpond-beat's: use beat.timezone ([beat] timezone = ... "
+    "in the file, MILLPOND_BEAT__TIMEZONE in the environment, beat={'timezone': ...} in code)"
 }
 
 CORE = Section(None, "Core", declared(Settings), hints=MOVED)
