@@ -977,6 +977,11 @@ def test_url_forms_parse() -> None:
         ),
         ("redis://h/0", {"lease_timout": 3}, r"'redis\.lease_timout' \(options\)"),
         ("redis://h/0", {"visibility_timeout": 3600}, "lease_timeout"),
+        # kombu's separator and fanout options: dropping them as a "typo" would leave Celery's
+        # priority lists (`q:3` with sep=':') unread, so the refusal says what they mean here
+        ("redis://h/0", {"sep": ":"}, r"'redis\.sep' .*not supported.*\\x06\\x16"),
+        ("redis://h/0?fanout_prefix=true", {}, r"'redis\.fanout_prefix' .*not supported"),
+        ("redis://h/0", {"fanout_patterns": True}, r"'redis\.fanout_patterns' .*not supported"),
         ("redis://h:notaport/0", {}, "port 'notaport' is not a number"),
         ("redis://h/zero", {}, "database number"),
         ("redis://h/0", {"lease_timeout": 1, "heartbeat_interval": 1}, "at least twice"),

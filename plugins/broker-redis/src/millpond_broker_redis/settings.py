@@ -33,6 +33,13 @@ KOMBU_HINTS = {
     "global_keyprefix": "key prefixes are not supported: they would break sharing queues with "
     "Celery workers that do not use the same prefix; use a separate database (/db in the URL)",
     "unacked_restore_interval": "restoring is automatic; tune lease_timeout instead",
+    "sep": "millpond reads and writes kombu's default priority separator \\x06\\x16 only; a "
+    "Celery side with another sep writes priority lists millpond never reads: remove sep from "
+    "Celery's broker_transport_options before sharing queues",
+    "fanout_prefix": "broadcasts (remote control, events) use millpond's own pub/sub channels, "
+    "not kombu's fanout exchanges; remove fanout_prefix (see docs/redis.md)",
+    "fanout_patterns": "broadcasts (remote control, events) use millpond's own pub/sub channels, "
+    "not kombu's fanout exchanges; remove fanout_patterns (see docs/redis.md)",
 }
 
 
