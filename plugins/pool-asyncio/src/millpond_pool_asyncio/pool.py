@@ -307,6 +307,11 @@ class AsyncioPool(BasePool):
                 outcome = _run_in_thread(self.execution, job, running.thread)
             except Exception as exc:  # the pool's own failure (execution.run catches the task's)
                 outcome = _pool_failed(exc)
+            except BaseException as exc:
+                # KeyboardInterrupt or a custom BaseException out of the task body (the core
+                # lets it through): the executor thread would swallow it and the job would
+                # never be reported. The task fails with it, as with any other exception.
+                outcome = Outcome.of(exc)
             if not self._terminating:
                 self.complete(job, outcome)  # idempotent: a time limit may have reported it
         finally:  # whatever happened, the slot goes back
