@@ -140,3 +140,8 @@ def plain(x: int) -> dict[str, Any]:
 @app.task(name="aio.sync_interrupt")
 def sync_interrupt() -> None:
     raise KeyboardInterrupt("raised by the plain def itself")
+
+
+@app.task(name="aio.interrupt")
+async def interrupt() -> None:
+    raise KeyboardInterrupt("raised by the coroutine itself")
