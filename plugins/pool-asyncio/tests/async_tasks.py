@@ -135,3 +135,13 @@ async def autoretry() -> None:
 def plain(x: int) -> dict[str, Any]:
     """A plain def task: runs in the executor, with the same context guarantees."""
     return {"value": x * 2, "pid": os.getpid(), **_ids()}
+
+
+@app.task(name="aio.sync_interrupt")
+def sync_interrupt() -> None:
+    raise KeyboardInterrupt("raised by the plain def itself")
+
+
+@app.task(name="aio.interrupt")
+async def interrupt() -> None:
+    raise KeyboardInterrupt("raised by the coroutine itself")

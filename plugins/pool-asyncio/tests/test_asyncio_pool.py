@@ -271,3 +271,28 @@ def test_settings_section_is_declared_and_validated() -> None:
         )
     assert plugins.settings_section("asyncio") is SETTINGS  # found by the pool's name
     assert AsyncioPool.default_concurrency() == 100
+
+
+def test_a_plain_def_raising_keyboard_interrupt_fails_and_the_pool_goes_on(
+    make_pool: Any, outcomes: Outcomes
+) -> None:
+    """A BaseException out of a task body must complete its job: a plain def's used to leave
+    its executor thread uncaught, so the job was never reported (its message held until the
+    worker stopped)."""
+    pool = make_pool(concurrency=1)
+    failed = run(pool, outcomes, job("aio.sync_interrupt"))
+    assert (failed.state, failed.exc_type) == (TaskState.FAILURE, "KeyboardInterrupt"), failed
+    assert "itself" in failed.exc_message
+    assert run(pool, outcomes, job("aio.add", 2, 3)).result == 5
+
+
+def test_a_coroutine_raising_keyboard_interrupt_fails_and_the_loop_goes_on(
+    make_pool: Any, outcomes: Outcomes
+) -> None:
+    """asyncio re-raises a coroutine's KeyboardInterrupt out of the event loop: it used to stop
+    the pool's loop thread, so that job and every later one were never reported."""
+    pool = make_pool(concurrency=1)
+    failed = run(pool, outcomes, job("aio.interrupt"))
+    assert (failed.state, failed.exc_type) == (TaskState.FAILURE, "KeyboardInterrupt"), failed
+    assert "itself" in failed.exc_message
+    assert run(pool, outcomes, job("aio.add", 2, 3)).result == 5

@@ -113,3 +113,24 @@ def test_many_soft_limits_never_fire_into_the_wrong_task(
     # the pool is still healthy and nothing is pending in any thread
     check = [make_job("kit.sleep", 0.05) for _ in range(4)]
     assert [o.state for o in runner.run_all(check)] == [TaskState.SUCCESS] * 4
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt("raised by the task itself")
+
+
+def test_a_task_raising_keyboard_interrupt_fails_and_keeps_its_thread(
+    threads_pool: Callable[..., BasePool],
+) -> None:
+    """A BaseException out of a task body (KeyboardInterrupt, GeneratorExit, a custom one) must
+    complete its job and leave the thread serving: it used to end the thread silently, so the
+    job never completed (its message held until the worker stopped) and the pool lost a unit."""
+    app = tasks.app
+    if "tests.interrupt" not in app.tasks:
+        app.task(name="tests.interrupt")(_interrupt)
+    outcomes = Outcomes()
+    runner = Runner(threads_pool(1, outcomes), outcomes, 5)
+    outcome = runner.run("tests.interrupt")
+    assert (outcome.state, outcome.exc_type) == (TaskState.FAILURE, "KeyboardInterrupt"), outcome
+    assert "raised by the task itself" in outcome.exc_message
+    assert runner.run("add", 1, 2).result == 3, "the pool's only thread is gone"

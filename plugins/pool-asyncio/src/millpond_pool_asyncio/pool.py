@@ -261,7 +261,12 @@ class AsyncioPool(BasePool):
         outcome: Outcome | None = None
         try:
             if self.execution.is_async(job):
-                outcome = await self.execution.run_async(job, self._guard(job))
+                escaped: list[BaseException] = []
+                outcome = await self.execution.run_async(job, _contained(self._guard(job), escaped))
+                if escaped:  # the task's own KeyboardInterrupt (or the like): it fails with it
+                    children = outcome.children
+                    outcome = Outcome.of(escaped[0], runtime=outcome.runtime)
+                    outcome.children = children
             else:  # a plain def, and this pool refuses those (others go to `_submit_sync`)
                 outcome = _refused(job)
         except asyncio.CancelledError:
@@ -307,6 +312,11 @@ class AsyncioPool(BasePool):
                 outcome = _run_in_thread(self.execution, job, running.thread)
             except Exception as exc:  # the pool's own failure (execution.run catches the task's)
                 outcome = _pool_failed(exc)
+            except BaseException as exc:
+                # KeyboardInterrupt or a custom BaseException out of the task body (the core
+                # lets it through): the executor thread would swallow it and the job would
+                # never be reported. The task fails with it, as with any other exception.
+                outcome = Outcome.of(exc)
             if not self._terminating:
                 self.complete(job, outcome)  # idempotent: a time limit may have reported it
         finally:  # whatever happened, the slot goes back
@@ -427,6 +437,25 @@ def _run_in_thread(execution: Execution, job: Job, slot: ThreadSlot) -> Outcome:
             # over either way; report the interruption if there is no outcome yet, then disarm.
             if outcome is None:
                 outcome = Outcome.of(exc, message=str(exc) or type(exc).__name__)
+
+
+class _Escaped(Exception):
+    """Carries a BaseException out of a coroutine task body through the core's `except
+    Exception`: asyncio re-raises KeyboardInterrupt and SystemExit out of the event loop, which
+    would stop the loop thread and lose every running job."""
+
+
+def _contained(inner: Guard | None, escaped: list[BaseException]) -> Guard:
+    async def contain(coro: Coroutine[Any, Any, Any]) -> Any:
+        try:
+            return await (inner(coro) if inner is not None else coro)
+        except (Exception, SystemExit, asyncio.CancelledError, GeneratorExit):
+            raise
+        except BaseException as exc:
+            escaped.append(exc)
+            raise _Escaped(f"{type(exc).__name__}: {exc}") from exc
+
+    return contain
 
 
 def _pool_failed(exc: Exception) -> Outcome:

@@ -171,5 +171,11 @@ class ThreadPool(BasePool):
             slot.end()
             if outcome is None:
                 outcome = Outcome.of(exc)
+        except BaseException as exc:
+            # KeyboardInterrupt, GeneratorExit or a custom BaseException out of the task body:
+            # the core lets it through; ending this thread with it would lose the job (never
+            # completed) and a unit. The task fails with it, as any other exception.
+            slot.end()
+            outcome = Outcome.of(exc)
         if not self._abandoned:
             self.complete(job, outcome)
