@@ -522,3 +522,18 @@ def test_the_window_follows_what_the_lanes_hold_in_steps(memory_app: Millpond) -
     for n in range(3, 8):
         g.admit(job("rl.limited", n))
     assert limits.window_room() == 16  # both lanes full: never past their room (2 x 8)
+
+
+def test_a_raised_rate_does_not_keep_handing_back_at_the_old_spacing() -> None:
+    """Handed-back messages were spaced at the old rate (1/m: minutes apart); after a raise to
+    100/s a message that must go back is due by the new rate, not after the old schedule."""
+    clock = Clock()
+    backs = HandBacks()
+    g = gate(clock, backs, parking=1, max_hold=1000)
+    g.set_rate("limited", 1 / 60)
+    for n in range(4):
+        g.admit(job(n=n))
+    assert [d for _, d in backs.sent] == pytest.approx([60.0, 120.0, 180.0])
+    g.set_rate("limited", 100.0)
+    g.admit(job(n=4))  # the lane (room 1) is full: this one goes back
+    assert backs.sent[-1] == ("limited-4", pytest.approx(0.01))

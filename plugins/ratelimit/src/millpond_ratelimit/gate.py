@@ -164,7 +164,8 @@ class Gate:
             self._lanes[task_name] = Lane(task_name, rate, shared, bucket)
         else:
             lane.rate, lane.shared, lane.bucket = rate, shared, bucket
-            lane.not_before = 0.0
+            # the hand-back schedule was spaced at the old rate: the new one starts afresh
+            lane.not_before = lane.horizon = 0.0
         return []
 
     def limited(self, task_name: str) -> bool:
