@@ -133,3 +133,19 @@ def test_autodiscovery_refuses_a_celery_shared_task(
     _package(tmp_path, monkeypatch, "pkg_celery", body)
     with pytest.raises(ConfigurationError, match=r"pkg_celery\.tasks\.legacy.*@app\.task"):
         app.autodiscover_tasks(["pkg_celery"])
+
+
+def test_celery_settings_without_a_millpond_dict_are_refused(django_project: Path) -> None:
+    """settings.py still holding Celery's CELERY_* settings and no MILLPOND: they were ignored
+    silently (the app ran on millpond's default broker); now refused, naming them."""
+    from django.test import override_settings
+
+    from millpond_django import DjangoMillpond
+
+    with (
+        override_settings(MILLPOND=None, CELERY_BROKER_URL="redis://127.0.0.1:6379/9"),
+        pytest.raises(ConfigurationError, match=r"CELERY_BROKER_URL.*MILLPOND"),
+    ):
+        DjangoMillpond("t-celery-settings")
+    with override_settings(MILLPOND={}, CELERY_BROKER_URL="redis://127.0.0.1:6379/9"):
+        DjangoMillpond("t-both")  # a MILLPOND dict given: the project chose, CELERY_* is Celery's

@@ -38,6 +38,17 @@ def django_config() -> dict[str, Any]:
             f"the millpond app ({exc})"
         ) from exc
     if config is None:
+        celery = sorted(name for name in dir(settings) if name.startswith("CELERY_"))
+        if celery:
+            # Celery's `config_from_object('django.conf:settings', namespace='CELERY')` layout:
+            # millpond does not read it, and running on its defaults instead would be silent
+            raise ConfigurationError(
+                f"settings.py has Celery's settings ({', '.join(celery[:5])}"
+                f"{', ...' if len(celery) > 5 else ''}) but no MILLPOND dict: millpond reads "
+                "only settings.MILLPOND, by the names of docs/settings.md (CELERY_BROKER_URL is "
+                'MILLPOND = {"broker_url": ...}). Add MILLPOND (MILLPOND = {} to run on the '
+                "defaults beside a Celery app that keeps CELERY_*)"
+            )
         return {}
     if not isinstance(config, Mapping):
         raise ConfigurationError(
