@@ -45,10 +45,21 @@ class Command(ABC):
 def json_object(flag: str, text: str, example: str) -> dict[str, Any]:
     """The JSON object a command's flag was given (`--kwargs`, `--args`), or a usage error that
     names the flag and shows an `example` of what it takes."""
+    value: dict[str, Any] = _json_flag(flag, text, dict, f"a JSON object, e.g. '{example}'")
+    return value
+
+
+def json_array(flag: str, text: str, example: str) -> list[Any]:
+    """The JSON array a command's flag was given (`send --args`), as `json_object` reads one."""
+    value: list[Any] = _json_flag(flag, text, list, f"a JSON array, e.g. '{example}'")
+    return value
+
+
+def _json_flag(flag: str, text: str, kind: type, wanted: str) -> Any:
     try:
         value = json.loads(text)
     except ValueError as exc:
         raise ConfigurationError(f"{flag} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ConfigurationError(f"{flag} must be a JSON object, e.g. '{example}'")
+    if not isinstance(value, kind):
+        raise ConfigurationError(f"{flag} must be {wanted}")
     return value

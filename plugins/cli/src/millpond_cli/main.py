@@ -28,7 +28,7 @@ from millpond.exceptions import (
     PluginNotFound,
 )
 from millpond_cli import celery_compat
-from millpond_cli.command import Command, json_object
+from millpond_cli.command import Command, json_array, json_object
 from millpond_cli.parser import build_parser
 
 if TYPE_CHECKING:
@@ -88,16 +88,6 @@ def _parse_arg(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
-
-
-def _json_array(flag: str, text: str) -> list[Any]:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise ConfigurationError(f"{flag} is not valid JSON: {exc}") from None
-    if not isinstance(value, list):
-        raise ConfigurationError(f"{flag} must be a JSON array, e.g. '[1, 2]'")
-    return value
 
 
 def _time(flag: str, text: str) -> datetime:
@@ -385,7 +375,7 @@ def cmd_send(ns: argparse.Namespace) -> int:
     if ns.json_args is not None:
         if args:
             raise ConfigurationError("give the arguments positionally or as --args, not both")
-        args = _json_array("--args", ns.json_args)
+        args = json_array("--args", ns.json_args, "[1, 2]")
     when: dict[str, Any] = {}
     if ns.eta is not None:
         if ns.countdown is not None:
